@@ -1,0 +1,1 @@
+"""flyfn's test suite."""

@@ -1,0 +1,1 @@
+"""A tiny Django app whose views the routing tests mark serverless."""
