@@ -1,0 +1,8 @@
+"""flyfn.machines: the typed async Fly Machines API client, its pydantic models and its errors."""
+
+from __future__ import annotations
+
+from flyfn.machines.models import *  # noqa: F403
+from flyfn.machines.models import __all__ as _models_all
+
+__all__ = sorted(_models_all)
