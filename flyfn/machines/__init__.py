@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from flyfn.machines.errors import *  # noqa: F403
+from flyfn.machines.errors import __all__ as _errors_all
 from flyfn.machines.models import *  # noqa: F403
 from flyfn.machines.models import __all__ as _models_all
 
-__all__ = sorted(_models_all)
+__all__ = sorted([*_errors_all, *_models_all])
