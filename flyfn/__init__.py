@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from flyfn.decorators import fly_serverless
+
+__all__ = ["fly_serverless"]

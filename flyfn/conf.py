@@ -1,0 +1,558 @@
+"""The flyfn settings: ``FLYFN`` and the seed's setting, validated into a typed model.
+
+``get_settings()`` validates ``settings.FLYFN`` (and ``FLY_MACHINES_SERVERLESS_FUNCTIONS``) into a
+frozen pydantic model and caches it until Django's ``setting_changed`` signal
+(``override_settings``) or ``reset_settings()`` says otherwise, so the hot path pays one attribute
+read. Invalid values raise ``SettingsError``, whose message names the exact key and
+the allowed values (never the API token).
+
+Every default, and why it is the default, is documented on the field it belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from flyfn.registry import ServerlessView, normalize_methods, validate_group_name
+from flyfn.replay import ReplayHeaderError, format_duration, parse_duration
+
+__all__ = [
+    "DEFAULT_API_HOSTNAME",
+    "DEFAULT_GROUP",
+    "FLY_REPLAY_BODY_LIMIT",
+    "FlyfnSettings",
+    "GroupSettings",
+    "GuestSettings",
+    "SettingsError",
+    "SettingsIssue",
+    "get_settings",
+    "load_settings",
+    "reset_settings",
+]
+
+DEFAULT_API_HOSTNAME = "https://api.machines.dev"
+DEFAULT_GROUP = "default"
+# Fly Proxy cannot replay a request whose body is larger than 1 MB.
+FLY_REPLAY_BODY_LIMIT = 1_000_000
+# Seconds a signed replay state stays valid beyond the group's replay timeout (clock skew,
+# queueing).
+STATE_VALIDITY_MARGIN = 30.0
+
+SEED_SETTING = "FLY_MACHINES_SERVERLESS_FUNCTIONS"
+_ENV_DEFAULTS = {
+    "APP_NAME": "FLY_APP_NAME",
+    "API_HOSTNAME": "FLY_API_HOSTNAME",
+    "API_TOKEN": "FLY_API_TOKEN",
+    "IMAGE_REF": "FLY_IMAGE_REF",
+}
+_WATCHED_SETTINGS = frozenset({"FLYFN", SEED_SETTING})
+
+Autostop = Literal["stop", "suspend", "off"]
+Strategy = Literal["instance", "app"]
+Fallback = Literal["local", "error"]
+CpuKind = Literal["shared", "performance"]
+
+_APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsIssue:
+    """One invalid setting: where (``FLYFN["GROUPS"]["pdf"]["autostop"]``), what, and its kind.
+
+    ``kind`` is ``"value"`` (a bad value), ``"unknown_key"`` (an option flyfn does not know) or
+    ``"method"`` (an unknown HTTP method); the system checks give each kind its own id.
+    """
+
+    key: str
+    message: str
+    kind: str = "value"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class SettingsError(ImproperlyConfigured):
+    """The flyfn settings are invalid; ``issues`` lists every problem, each naming its key."""
+
+    def __init__(self, issues: Iterable[SettingsIssue]) -> None:
+        self.issues: tuple[SettingsIssue, ...] = tuple(issues)
+        super().__init__("; ".join(str(issue) for issue in self.issues))
+
+
+def _show(value: object) -> str:
+    """A value as it would be written in settings.py, short (JSON quoting for strings)."""
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _custom(kind: str, message: str, **extra: Any) -> PydanticCustomError:
+    # The message goes through the context, so braces in user input are never format fields.
+    return PydanticCustomError(f"flyfn_{kind}", "{msg}", {"msg": message, **extra})
+
+
+def _one_of(choices: tuple[Any, ...]) -> Callable[[Any], Any]:
+    """A before-validator accepting exactly ``choices`` with a message listing them."""
+
+    def check(value: Any) -> Any:
+        if type(value) in {type(c) for c in choices} and value in choices:
+            return value
+        allowed = ", ".join(_show(c) for c in choices)
+        raise _custom("value", f"must be one of {allowed} (got {_show(value)})")
+
+    return check
+
+
+def _autostop(value: Any) -> Any:
+    # fly.toml and older API responses spell autostop as a boolean: false = off, true = stop.
+    if value is True:
+        return "stop"
+    if value is False:
+        return "off"
+    return _one_of(get_args(Autostop))(value)
+
+
+def _duration(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _custom("value", f'must be a duration such as "10s" or "800ms" (got {_show(value)})')
+    try:
+        seconds = float(value) if not isinstance(value, str) else parse_duration(value)
+        return value.strip() if isinstance(value, str) else format_duration(seconds)
+    except ReplayHeaderError:
+        raise _custom(
+            "value", f'must be a duration such as "10s" or "800ms" (got {_show(value)})'
+        ) from None
+
+
+def _match(pattern: re.Pattern[str], what: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and pattern.fullmatch(value)):
+            return value
+        raise _custom("value", f"must be {what} (got {_show(value)})")
+
+    return check
+
+
+def _group_name(value: Any) -> str:
+    try:
+        return validate_group_name(value)
+    except (TypeError, ValueError) as exc:
+        raise _custom("value", str(exc)) from None
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Section(BaseModel):
+    """A settings dict: frozen, and an unknown key is an error that lists the known ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise _custom("value", f"must be a dict (got {type(data).__name__})")
+        allowed = [field.alias or name for name, field in cls.model_fields.items()]
+        for key in data:
+            if key not in allowed:
+                names = ", ".join(_show(a) for a in allowed)
+                raise _custom("unknown_key", f"unknown option; known options: {names}", key=key)
+        return dict(data)
+
+
+class GuestSettings(_Section):
+    """``GROUPS[g]["guest"]``: the function Machines' size (Fly's ``MachineGuest``)."""
+
+    cpu_kind: Annotated[CpuKind, BeforeValidator(_one_of(get_args(CpuKind)))] = "shared"
+    """Default ``"shared"``: the cheapest kind, and what a scale-to-zero view usually needs."""
+
+    cpus: Annotated[int, BeforeValidator(_one_of((1, 2, 4, 8, 16)))] = 1
+    """Default 1: Fly's smallest size; the counts Fly offers are 1, 2, 4, 8 and 16."""
+
+    memory_mb: int = Field(default=256, ge=256, le=262_144, multiple_of=256)
+    """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
+    views."""
+
+
+class GroupSettings(_Section):
+    """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get
+    these."""
+
+    guest: GuestSettings = GuestSettings()
+    """Default shared-cpu-1x with 256 MB: see ``GuestSettings``."""
+
+    machines: int = Field(default=1, ge=1, le=100)
+    """Default 1: Fly Proxy starts a stopped Machine per request, so one serves a trickle; add more
+    (or use the ``app`` strategy) for concurrency."""
+
+    autostop: Annotated[Autostop, BeforeValidator(_autostop)] = "stop"
+    """Default ``"stop"``: works for every Machine size; ``"suspend"`` resumes in a few hundred ms
+    instead of a cold boot but needs ≤ 2 GB memory and no swap; ``"off"`` keeps Machines running.
+    Booleans are accepted as in fly.toml (true = stop, false = off)."""
+
+    internal_port: int = Field(default=8000, ge=1, le=65535)
+    """Default 8000: the port Django/uvicorn/gunicorn setups on Fly conventionally listen on."""
+
+    region: Annotated[
+        str | None, BeforeValidator(_match(_REGION_RE, 'a Fly region code such as "iad"'))
+    ] = None
+    """Default None: the region of the app Machine that creates them (Fly's own default)."""
+
+    env: tuple[str, ...] = ()
+    """Default none: names of environment variables whose values (in the creating process) are
+    copied to the function Machines; fly.toml ``[env]`` is not given to API-created Machines."""
+
+    strategy: Annotated[Strategy, BeforeValidator(_one_of(get_args(Strategy)))] = "instance"
+    """Default ``"instance"``: function Machines live in the same app and replays name one by id,
+    which needs no second Fly app. ``"app"`` puts them in ``app`` and lets Fly Proxy balance
+    them."""
+
+    app: Annotated[
+        str | None, BeforeValidator(_match(_APP_NAME_RE, "a Fly app name (a-z, 0-9, -)"))
+    ] = None
+    """Default None; required by ``strategy: "app"``: the Fly app (same org) of the function
+    Machines."""
+
+    replay_timeout: Annotated[str, BeforeValidator(_duration)] = "10s"
+    """Default ``"10s"``: how long Fly Proxy tries to reach the target, which includes a cold start
+    (about 2 s or more for a Django app), with room to spare before the fallback answers."""
+
+    fallback: Annotated[Fallback, BeforeValidator(_one_of(get_args(Fallback)))] = "local"
+    """Default ``"local"``: when a replay cannot happen, run the view on the app Machine (the user
+    gets an answer); ``"error"`` answers 503 with Retry-After instead (for views too heavy to run
+    there)."""
+
+    fallback_concurrency: int = Field(default=4, ge=1, le=10_000)
+    """Default 4: at most this many local fallbacks run at once per process (beyond that: 503 with
+    Retry-After), so a burst of failed replays of a heavy view cannot starve ordinary traffic."""
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_names(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise _custom(
+                "value", f"must be a list of environment variable names (got {_show(value)})"
+            )
+        names: list[str] = []
+        for name in value:
+            if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+                raise _custom("value", f"must list environment variable names (got {_show(name)})")
+            if name not in names:
+                names.append(name)
+        return tuple(names)
+
+    @model_validator(mode="after")
+    def _app_for_app_strategy(self) -> GroupSettings:
+        if self.strategy == "app" and not self.app:
+            raise _custom("value", 'required when strategy is "app"', key="app")
+        return self
+
+    @property
+    def replay_timeout_seconds(self) -> float:
+        """``replay_timeout`` in seconds."""
+        return parse_duration(self.replay_timeout)
+
+    @property
+    def state_max_age(self) -> float:
+        """Seconds a signed replay state of this group stays valid: the replay timeout plus a
+        margin."""
+        return self.replay_timeout_seconds + STATE_VALIDITY_MARGIN
+
+
+def _views(value: Any) -> dict[str, ServerlessView]:
+    """``FLYFN["VIEWS"]``: ``{"app:url_name": ["GET", ...]}`` or ``{"app:url_name": {"methods":
+    [...],
+    "group": "pdf"}}``."""
+    if not isinstance(value, Mapping):
+        raise _custom(
+            "value", f'must be a dict like {{"app:url_name": ["GET"]}} (got {_show(value)})'
+        )
+    views: dict[str, ServerlessView] = {}
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise _custom("value", f"a view must be named by its url name (got {_show(name)})")
+        group: Any = DEFAULT_GROUP
+        methods: Any = spec
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"methods", "group"}
+            if unknown:
+                raise _custom(
+                    "unknown_key",
+                    'unknown option; known options: "methods", "group"',
+                    key=name,
+                    sub=sorted(map(str, unknown))[0],
+                )
+            methods = spec.get("methods", ("GET",))
+            group = spec.get("group", DEFAULT_GROUP)
+        views[name] = _declared(name, methods, group, key=name)
+    return views
+
+
+def _declared(name: str, methods: Any, group: Any, *, key: Any) -> ServerlessView:
+    try:
+        normalized = normalize_methods(methods)
+    except (TypeError, ValueError) as exc:
+        raise _custom("method", str(exc), key=key) from None
+    try:
+        group_name = validate_group_name(group)
+    except (TypeError, ValueError) as exc:
+        raise _custom("value", str(exc), key=key) from None
+    return ServerlessView(methods=normalized, group=group_name, name=name)
+
+
+def _seed_views(value: Any) -> dict[str, ServerlessView]:
+    """The seed's ``[("app:url_name", ("GET",)), ...]``; a bare ``"app:url_name"`` means GET."""
+    if value is None:
+        return {}
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise _custom(
+            "value", f'must be a list like [("app:url_name", ("GET",))] (got {_show(value)})'
+        )
+    views: dict[str, ServerlessView] = {}
+    for index, entry in enumerate(value):
+        if isinstance(entry, str):
+            name, methods = entry, ("GET",)
+        elif isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], str):
+            name, methods = entry
+        else:
+            raise _custom(
+                "value",
+                f'each entry must be ("app:url_name", ("GET", ...)) (got {_show(entry)})',
+                index=index,
+            )
+        if not name.strip():
+            raise _custom("value", "the url name is empty", index=index)
+        views[name] = _declared(name, methods, DEFAULT_GROUP, key=index)
+    return views
+
+
+class FlyfnSettings(_Section):
+    """``settings.FLYFN``, validated. Attribute names are the keys in lower case."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, populate_by_name=True
+    )
+
+    app_name: Annotated[
+        str | None,
+        BeforeValidator(_match(_APP_NAME_RE, "a Fly app name (a-z, 0-9, -)")),
+    ] = Field(default=None, alias="APP_NAME")
+    """Default: env ``FLY_APP_NAME``, which Fly sets on every Machine; the app the function Machines
+    belong to (``instance`` strategy). Does not decide the role: see ``flyfn.runtime``."""
+
+    api_hostname: str = Field(default=DEFAULT_API_HOSTNAME, alias="API_HOSTNAME")
+    """Default: env ``FLY_API_HOSTNAME``, else ``https://api.machines.dev`` (Fly's public endpoint;
+    ``http://_api.internal:4280`` also works inside Fly's network)."""
+
+    api_token: SecretStr | None = Field(default=None, alias="API_TOKEN")
+    """Default: env ``FLY_API_TOKEN`` (set it with ``fly secrets set``). Never logged or shown."""
+
+    image_ref: str | None = Field(default=None, alias="IMAGE_REF")
+    """Default: env ``FLY_IMAGE_REF``, which Fly sets to the running image: function Machines run
+    the
+    same image as the app Machine that created them."""
+
+    views: Annotated[dict[str, ServerlessView], PlainValidator(_views)] = Field(
+        default_factory=dict, alias="VIEWS"
+    )
+    """Default none: views declared by url name instead of ``@fly_serverless``."""
+
+    replay_body_limit: int = Field(default=FLY_REPLAY_BODY_LIMIT, ge=0, alias="REPLAY_BODY_LIMIT")
+    """Default 1,000,000 bytes: Fly Proxy cannot replay larger bodies; such requests take the
+    fallback."""
+
+    cache_ttl: float = Field(default=30.0, gt=0, le=86_400, alias="CACHE_TTL")
+    """Default 30 (seconds): how long a group's known Machines are used without asking the API
+    again;
+    after it they are still used while one background refresh runs. A vanished Machine leaves the
+    cache
+    at once anyway, so this only bounds how late flyfn notices changes made behind its back."""
+
+    sign_replays: bool = Field(default=True, alias="SIGN_REPLAYS")
+    """Default true: function Machines run serverless views only for requests replayed by an app
+    Machine (HMAC of SECRET_KEY), so a client cannot reach them directly."""
+
+    groups: dict[Annotated[str, BeforeValidator(_group_name)], GroupSettings] = Field(
+        default_factory=dict, alias="GROUPS"
+    )
+    """Default none: every group gets ``GroupSettings()`` defaults until declared here."""
+
+    @field_validator("api_hostname", mode="before")
+    @classmethod
+    def _hostname(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
+            raise _custom(
+                "value",
+                f'must be an http(s) URL such as "{DEFAULT_API_HOSTNAME}" (got {_show(value)})',
+            )
+        return value.rstrip("/")
+
+    @field_validator("image_ref", mode="before")
+    @classmethod
+    def _image(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise _custom("value", f"must be an image reference (got {_show(value)})")
+        return value
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _token(cls, value: Any) -> Any:
+        # Never echo the value: it may be a real token of the wrong type.
+        if value is not None and not isinstance(value, str | SecretStr):
+            raise _custom("value", f"must be a string (got {type(value).__name__})")
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    def group(self, name: str) -> GroupSettings:
+        """The settings of group ``name``; defaults when it is not declared in ``GROUPS``."""
+        found = self.groups.get(name)
+        return found if found is not None else _DEFAULT_GROUP_SETTINGS
+
+    @property
+    def declared_views(self) -> dict[str, ServerlessView]:
+        """Views declared in settings by url name (``VIEWS`` plus the seed setting)."""
+        return self.views
+
+
+_DEFAULT_GROUP_SETTINGS = GroupSettings()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_key(loc: tuple[int | str, ...], from_env: Mapping[str, str]) -> str:
+    if not loc:
+        return "FLYFN"
+    head, *rest = loc
+    if head == SEED_SETTING:
+        text = SEED_SETTING
+    elif rest and rest[0] in from_env:
+        # A value that came from the environment: say so, not FLYFN["..."].
+        return f"env {from_env[str(rest[0])]}"
+    else:
+        text = "FLYFN"
+    for part in rest:
+        text += f"[{part}]" if isinstance(part, int) else f"[{json.dumps(part)}]"
+    return text
+
+
+def _issues(error: ValidationError, from_env: Mapping[str, str]) -> list[SettingsIssue]:
+    issues: list[SettingsIssue] = []
+    for item in error.errors(include_url=False):
+        loc = tuple(p for p in item["loc"] if p != "[key]")
+        # Pydantic's own messages do not show the value; add it, except anywhere near the token.
+        shown = "" if "API_TOKEN" in loc else f" (got {_show(item.get('input'))})"
+        ctx = item.get("ctx") or {}
+        kind = item["type"].removeprefix("flyfn_") if item["type"].startswith("flyfn_") else "value"
+        for extra in ("key", "index", "sub"):
+            if extra in ctx:
+                loc = (*loc, ctx[extra])
+        if item["type"] == "extra_forbidden":
+            kind = "unknown_key"
+        if item["type"].startswith("flyfn_"):
+            message = str(ctx.get("msg", item["msg"]))
+        else:
+            message = item["msg"] + ("" if item["type"] == "extra_forbidden" else shown)
+        issues.append(SettingsIssue(_format_key(loc, from_env), message, kind))
+    return issues
+
+
+class _Root(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    flyfn: FlyfnSettings = Field(alias="FLYFN")
+    seed: Annotated[dict[str, ServerlessView], PlainValidator(_seed_views)] = Field(
+        alias=SEED_SETTING
+    )
+
+
+def load_settings(
+    flyfn: Any = None, seed: Any = None, environ: Mapping[str, str] | None = None
+) -> FlyfnSettings:
+    """Validate raw ``FLYFN`` and ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` values; SettingsError if
+    invalid.
+
+    Keys missing from ``FLYFN`` take their env defaults from ``environ`` (default ``os.environ``).
+    Views declared in ``FLYFN["VIEWS"]`` win over the same url name in the seed setting.
+    """
+    env = os.environ if environ is None else environ
+    raw: Any = {} if flyfn is None else flyfn
+    from_env: dict[str, str] = {}
+    if isinstance(raw, Mapping):
+        raw = dict(raw)
+        for key, var in _ENV_DEFAULTS.items():
+            if key not in raw and env.get(var, "").strip():
+                raw[key] = env[var].strip()
+                from_env[key] = var
+    try:
+        root = _Root.model_validate({"FLYFN": raw, SEED_SETTING: seed})
+    except ValidationError as exc:
+        # `from None`: a pydantic error's text includes input values, which may hold the token.
+        raise SettingsError(_issues(exc, from_env)) from None
+    if not root.seed:
+        return root.flyfn
+    return root.flyfn.model_copy(update={"views": {**root.seed, **root.flyfn.views}})
+
+
+_lock = threading.Lock()
+_cached: FlyfnSettings | None = None
+
+
+def get_settings() -> FlyfnSettings:
+    """The current flyfn settings, validated once and cached until the settings change."""
+    global _cached
+    cached = _cached
+    if cached is not None:
+        return cached
+    with _lock:
+        if _cached is None:
+            _cached = load_settings(
+                getattr(django_settings, "FLYFN", None),
+                getattr(django_settings, SEED_SETTING, None),
+            )
+        return _cached
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (after changing the environment in tests, for instance)."""
+    global _cached
+    with _lock:
+        _cached = None
+
+
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in _WATCHED_SETTINGS:
+        reset_settings()
+
+
+setting_changed.connect(_on_setting_changed, dispatch_uid="flyfn.conf.reset_settings")
