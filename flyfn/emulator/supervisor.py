@@ -1,0 +1,562 @@
+"""Machines as local processes: `ProcessRuntime` runs each emulated Machine as the project's app.
+
+Each Machine is one process (uvicorn serving the project's ASGI application) on a loopback port,
+started in its own process group with Fly's environment variables. The runtime implements the
+`MachineRuntime` seam of `flyfn.emulator.api`: launch waits until the app accepts connections,
+stop is the configured signal then SIGKILL, suspend is SIGSTOP and resume SIGCONT. A watcher per
+process reports an unexpected exit to the emulator (`machine_exited`), so the Machine becomes
+stopped and the proxy starts it again on the next request.
+
+Nothing is left behind: children die with their parent (PR_SET_PDEATHSIG on Linux, a stdin pipe
+that reaches EOF elsewhere), and an atexit hook kills every process group still alive.
+
+The child side is this module's `__main__`:
+`python -m flyfn.emulator.supervisor --app module:attr --fd N --parent-pid P`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from flyfn.machines.models import Machine
+
+__all__ = [
+    "DEFAULT_ASGI_APP",
+    "MachineLaunchError",
+    "ProcessRuntime",
+    "is_function_machine",
+    "machine_label",
+]
+
+#: Served when no ASGI application is named: Django's own, for DJANGO_SETTINGS_MODULE.
+DEFAULT_ASGI_APP = "django"
+DEFAULT_BOOT_TIMEOUT = 30.0
+DEFAULT_STOP_TIMEOUT = 5.0
+_OUTPUT_TAIL = 20
+_READ_LIMIT = 1 << 20
+# Inherited variables that would give a Machine the wrong identity or role.
+_SCRUBBED_ENV_PREFIXES = ("FLY_",)
+_SCRUBBED_ENV = frozenset({"FLYFN_GROUP", "IS_FLY_MACHINE_SERVERLESS", "PRIMARY_REGION"})
+
+
+class MachineLaunchError(RuntimeError):
+    """A Machine's process exited or did not answer before its boot timeout."""
+
+
+class ExitReporter(Protocol):
+    """What the runtime tells when a process dies on its own (the emulator implements it)."""
+
+    async def machine_exited(self, app: str, machine_id: str, *, exit_code: int | None) -> None: ...
+
+
+def is_function_machine(machine: Machine) -> bool:
+    """A flyfn function Machine: its config env sets FLYFN_GROUP (or the seed's variable)."""
+    env = (machine.config.env if machine.config is not None else None) or {}
+    return "FLYFN_GROUP" in env or "IS_FLY_MACHINE_SERVERLESS" in env
+
+
+def machine_label(machine: Machine) -> str:
+    """`main:0e1f` for an app Machine, `fn:9a2c` for a function Machine."""
+    return f"{'fn' if is_function_machine(machine) else 'main'}:{machine.id[:4]}"
+
+
+@dataclass
+class _Child:
+    app: str
+    machine_id: str
+    label: str
+    port: int
+    process: asyncio.subprocess.Process
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=_OUTPUT_TAIL))
+    stopping: bool = False
+    suspended: bool = False
+    ready: bool = False
+    spawned_at: float = field(default_factory=time.monotonic)
+    boot_seconds: float | None = None
+    watcher: asyncio.Task[None] | None = None
+    pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+# Process groups of every live child of every runtime in this process: the atexit net.
+_LIVE_GROUPS: set[int] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _kill_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False when it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def _kill_leftovers() -> None:
+    with _LIVE_LOCK:
+        groups = list(_LIVE_GROUPS)
+        _LIVE_GROUPS.clear()
+    for pgid in groups:
+        _kill_group(pgid, signal.SIGKILL)
+
+
+atexit.register(_kill_leftovers)
+
+
+def _parse_signal(name: str | None) -> signal.Signals:
+    if not name:
+        return signal.SIGTERM
+    text = name.strip().upper()
+    if text.isdigit():
+        return signal.Signals(int(text))
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        return signal.SIGTERM
+
+
+def _exit_code(returncode: int | None) -> int | None:
+    # Like Fly's exit events (and shells): death by signal N is 128 + N.
+    if returncode is None:
+        return None
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class ProcessRuntime:
+    """Runs Machines as processes of this project's ASGI app (implements `MachineRuntime`)."""
+
+    def __init__(
+        self,
+        asgi_app: str = DEFAULT_ASGI_APP,
+        *,
+        api_hostname: str = "",
+        api_token: str = "",
+        region: str = "local",
+        primary_region: str | None = None,
+        cwd: str | Path | None = None,
+        base_env: Mapping[str, str] | None = None,
+        python: str = sys.executable,
+        host: str = "127.0.0.1",
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        output: TextIO | None = None,
+        log_level: str = "warning",
+        reporter: ExitReporter | None = None,
+    ) -> None:
+        self.asgi_app = asgi_app
+        self.api_hostname = api_hostname
+        self._api_token = api_token
+        self.region = region
+        self.primary_region = primary_region or region
+        self.cwd = Path(cwd) if cwd is not None else Path.cwd()
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self.python = python
+        self.host = host
+        self.boot_timeout = boot_timeout
+        self._output = output
+        self.log_level = log_level
+        self._reporter = reporter
+        self._children: dict[str, _Child] = {}
+        self._launching: dict[str, asyncio.Task[None]] = {}
+
+    def __repr__(self) -> str:  # never the token
+        return f"ProcessRuntime(asgi_app={self.asgi_app!r}, machines={len(self._children)})"
+
+    def attach(self, reporter: ExitReporter) -> None:
+        """Tell the runtime whom to report dead processes to (the emulator, built after it)."""
+        self._reporter = reporter
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def address(self, machine_id: str) -> tuple[str, int] | None:
+        """Where a started Machine's app listens, or None when it has no live process."""
+        child = self._children.get(machine_id)
+        if child is None or child.process.returncode is not None or not child.ready:
+            return None
+        return (self.host, child.port)
+
+    def pid(self, machine_id: str) -> int | None:
+        child = self._children.get(machine_id)
+        return child.pid if child is not None else None
+
+    def boot_seconds(self, machine_id: str) -> float | None:
+        """How long the Machine's current process took from spawn to accepting connections."""
+        child = self._children.get(machine_id)
+        return child.boot_seconds if child is not None else None
+
+    def pids(self) -> dict[str, int]:
+        """Machine id -> pid of every process this runtime currently owns."""
+        return {mid: child.pid for mid, child in self._children.items()}
+
+    def is_running(self, machine_id: str) -> bool:
+        child = self._children.get(machine_id)
+        return child is not None and child.process.returncode is None and not child.suspended
+
+    async def reap(self, machine_id: str) -> bool:
+        """True when the Machine's process is gone; its exit is reported before this returns.
+
+        The proxy calls this after a refused connection, so that a killed process is seen at once
+        rather than when the watcher task next runs.
+        """
+        child = self._children.get(machine_id)
+        if child is None:
+            return True
+        if child.process.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(child.process.wait()), 0.2)
+            except TimeoutError:
+                return False
+        if child.watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(child.watcher)
+        return True
+
+    # -- MachineRuntime ------------------------------------------------------------------------
+
+    async def launch(self, app: str, machine: Machine) -> None:
+        """Start the Machine's process; return once its app accepts connections."""
+        running = self._launching.get(machine.id)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        child = self._children.get(machine.id)
+        if child is not None and child.process.returncode is None:
+            if child.suspended:
+                await self.resume(app, machine)
+            return
+        task = asyncio.ensure_future(self._launch(app, machine))
+        self._launching[machine.id] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._launching.pop(machine.id, None)
+
+    async def stop(self, app: str, machine: Machine, signal: str, timeout: float) -> None:  # noqa: ASYNC109
+        child = self._children.get(machine.id)
+        if child is None:
+            return
+        await self._terminate(child, _parse_signal(signal), timeout)
+
+    async def suspend(self, app: str, machine: Machine) -> None:
+        child = self._children.get(machine.id)
+        if child is None or child.process.returncode is not None:
+            return
+        _kill_group(child.pid, signal.SIGSTOP)
+        child.suspended = True
+
+    async def resume(self, app: str, machine: Machine) -> None:
+        child = self._children.get(machine.id)
+        if child is None or child.process.returncode is not None:
+            await self.launch(app, machine)
+            return
+        _kill_group(child.pid, signal.SIGCONT)
+        child.suspended = False
+
+    async def destroy(self, app: str, machine: Machine) -> None:
+        child = self._children.get(machine.id)
+        if child is not None:
+            await self._terminate(child, signal.SIGTERM, DEFAULT_STOP_TIMEOUT)
+
+    async def aclose(self, grace: float = 3.0) -> None:
+        """Stop every process (SIGTERM, SIGKILL after `grace` seconds), concurrently."""
+        for task in list(self._launching.values()):
+            task.cancel()
+        children = list(self._children.values())
+        await asyncio.gather(
+            *(self._terminate(child, signal.SIGTERM, grace) for child in children),
+            return_exceptions=True,
+        )
+
+    def kill_all(self) -> None:
+        """SIGKILL every process group now (synchronous; for signal handlers and finally blocks)."""
+        for child in list(self._children.values()):
+            child.stopping = True
+            _kill_group(child.pid, signal.SIGKILL)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _env(self, app: str, machine: Machine) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in self._base_env.items()
+            if k not in _SCRUBBED_ENV and not k.startswith(_SCRUBBED_ENV_PREFIXES)
+        }
+        config = machine.config
+        image = config.image if config is not None and config.image else ""
+        metadata = (config.metadata if config is not None else None) or {}
+        env.update(
+            {
+                "FLY_APP_NAME": app,
+                "FLY_MACHINE_ID": machine.id,
+                "FLY_ALLOC_ID": machine.id,
+                "FLY_IMAGE_REF": image,
+                "FLY_REGION": machine.region or self.region,
+                "FLY_PRIVATE_IP": machine.private_ip or self.host,
+                "FLY_PUBLIC_IP": self.host,
+                "FLY_PROCESS_GROUP": metadata.get("fly_process_group", "app"),
+                "FLY_API_HOSTNAME": self.api_hostname,
+                "FLY_API_TOKEN": self._api_token,
+                "PRIMARY_REGION": self.primary_region,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if machine.current_version:
+            env["FLY_MACHINE_VERSION"] = machine.current_version
+        guest = config.guest if config is not None else None
+        if guest is not None and guest.memory_mb:
+            env["FLY_VM_MEMORY_MB"] = str(guest.memory_mb)
+        if config is not None and config.env:
+            env.update({k: str(v) for k, v in config.env.items()})
+        # The project must stay importable from the child however the parent was started.
+        paths = [str(self.cwd), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    def _command(self, fd: int) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "flyfn.emulator.supervisor",
+            "--app",
+            self.asgi_app,
+            "--fd",
+            str(fd),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            self.log_level,
+        ]
+
+    async def _spawn(
+        self, sock: socket.socket, app: str, machine: Machine
+    ) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self._command(sock.fileno()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=self.cwd,
+                env=self._env(app, machine),
+                pass_fds=(sock.fileno(),),
+                start_new_session=True,
+                limit=_READ_LIMIT,
+            )
+        except OSError as exc:
+            raise MachineLaunchError(f"Machine {machine.id} could not be spawned: {exc}") from exc
+
+    async def _launch(self, app: str, machine: Machine) -> None:
+        # The runtime binds the port and hands the socket over: no window in which another
+        # process could take the port between choosing it and the child listening on it.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, 0))
+            port = sock.getsockname()[1]
+            process = await self._spawn(sock, app, machine)
+        finally:
+            sock.close()
+        with _LIVE_LOCK:
+            _LIVE_GROUPS.add(process.pid)
+        child = _Child(
+            app=app, machine_id=machine.id, label=machine_label(machine), port=port, process=process
+        )
+        old = self._children.get(machine.id)
+        if old is not None and old.process.returncode is None:
+            await self._terminate(old, signal.SIGKILL, 0)
+        self._children[machine.id] = child
+        child.pump = asyncio.ensure_future(self._pump(child))
+        try:
+            await self._wait_ready(child)
+        except BaseException:
+            child.stopping = True
+            await self._terminate(child, signal.SIGKILL, 0)
+            if child.pump is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(child.pump, 1.0)
+            raise
+        child.ready = True
+        child.boot_seconds = time.monotonic() - child.spawned_at
+        child.watcher = asyncio.ensure_future(self._watch(child))
+
+    async def _wait_ready(self, child: _Child) -> None:
+        deadline = time.monotonic() + self.boot_timeout
+        delay = 0.02
+        while True:
+            if child.process.returncode is not None:
+                # Let the pump print the last words before reporting them.
+                if child.pump is not None:
+                    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(child.pump), 1.0)
+                raise MachineLaunchError(
+                    f"Machine {child.machine_id} exited during boot with code "
+                    f"{_exit_code(child.process.returncode)}{self._tail_text(child)}"
+                )
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, child.port), 1.0
+                )
+            except (OSError, TimeoutError):
+                pass
+            else:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+            if time.monotonic() >= deadline:
+                raise MachineLaunchError(
+                    f"Machine {child.machine_id} did not answer on port {child.port} within "
+                    f"{self.boot_timeout:g}s{self._tail_text(child)}"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+
+    @staticmethod
+    def _tail_text(child: _Child) -> str:
+        if not child.tail:
+            return ""
+        return ":\n" + "\n".join(child.tail)
+
+    async def _pump(self, child: _Child) -> None:
+        stream = child.process.stdout
+        if stream is None:
+            return
+        out = self._output if self._output is not None else sys.stderr
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the limit: take what is there
+                raw = await stream.read(_READ_LIMIT)
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            child.tail.append(line)
+            try:
+                out.write(f"{child.label} | {line}\n")
+                out.flush()
+            except (OSError, ValueError):  # console gone: keep draining so the child never blocks
+                pass
+
+    async def _watch(self, child: _Child) -> None:
+        returncode = await child.process.wait()
+        self._forget(child)
+        if child.stopping:
+            return
+        if self._reporter is not None:
+            await self._reporter.machine_exited(
+                child.app, child.machine_id, exit_code=_exit_code(returncode)
+            )
+
+    def _forget(self, child: _Child) -> None:
+        with _LIVE_LOCK:
+            _LIVE_GROUPS.discard(child.pid)
+        if self._children.get(child.machine_id) is child:
+            del self._children[child.machine_id]
+
+    async def _terminate(self, child: _Child, sig: signal.Signals, grace: float) -> None:
+        child.stopping = True
+        process = child.process
+        if process.returncode is None:
+            if sig != signal.SIGKILL and grace > 0:
+                _kill_group(child.pid, sig)
+                if child.suspended:  # a stopped process only acts on the signal once continued
+                    _kill_group(child.pid, signal.SIGCONT)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(process.wait()), grace)
+            if process.returncode is None:
+                _kill_group(child.pid, signal.SIGKILL)
+                await process.wait()
+        # Whatever the leader left in its group goes too.
+        _kill_group(child.pid, signal.SIGKILL)
+        if child.pump is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(child.pump), 1.0)
+        watcher = child.watcher
+        if watcher is not None and not watcher.done() and watcher is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        self._forget(child)
+
+
+# -- the child side ------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make sure this process never outlives the runtime that started it."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    # Portable fallback: stdin is a pipe from the parent; EOF means the parent is gone.
+    def watch_stdin() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(0, 4096):
+                pass
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(DEFAULT_STOP_TIMEOUT)
+            os._exit(1)
+
+    threading.Thread(target=watch_stdin, name="flyfn-parent-watch", daemon=True).start()
+
+
+def _load_app(spec: str) -> Any:
+    if spec == DEFAULT_ASGI_APP:
+        from django.core.asgi import get_asgi_application
+
+        return get_asgi_application()
+    return spec  # uvicorn imports "module:attr" itself
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flyfn.emulator.supervisor")
+    parser.add_argument("--app", default=DEFAULT_ASGI_APP, help="module:attr, or 'django'")
+    parser.add_argument("--fd", type=int, required=True, help="listening socket to serve on")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+
+    import uvicorn
+
+    sock = socket.socket(fileno=args.fd)
+    config = uvicorn.Config(
+        _load_app(args.app),
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="auto",
+        timeout_graceful_shutdown=int(DEFAULT_STOP_TIMEOUT),
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
