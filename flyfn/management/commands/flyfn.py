@@ -1,0 +1,233 @@
+"""`manage.py flyfn`: status, prepare and gc of the function Machines (and `dev`, the local Fly).
+
+Each subcommand is a parser in `add_arguments` and a `handle_<name>` method; API errors and missing
+settings end in a CommandError (a clear message, a non-zero exit), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
+
+import httpx
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.machines import Machine, MachinesError
+from flyfn.pool import (
+    PoolConfigError,
+    PrepareReport,
+    destroy_orphans,
+    find_orphans,
+    machine_group,
+    machine_image,
+    new_client,
+    prepare_group,
+    spec_for,
+)
+from flyfn.registry import ServerlessView, registry
+
+T = TypeVar("T")
+
+
+class Command(BaseCommand):
+    help = "flyfn: show, prepare and clean up the Fly Machines that run serverless views."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        commands = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+        commands.add_parser(
+            "status", help="registered views, each group's Machines, state and image freshness"
+        )
+        commands.add_parser(
+            "prepare",
+            help="create/update every group's Machines for the current image (idempotent; fit "
+            "for fly.toml's release_command)",
+        )
+        gc = commands.add_parser(
+            "gc", help="destroy function Machines whose image no app Machine runs any more"
+        )
+        gc.add_argument(
+            "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
+        )
+        # More subcommands (`dev`: the local Fly emulator) add a parser here and a handle_<name>.
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        handler: Callable[..., None] = getattr(self, f"handle_{options['subcommand']}")
+        try:
+            handler(**options)
+        except (SettingsError, PoolConfigError) as exc:
+            raise CommandError(str(exc)) from None
+        except MachinesError as exc:  # the message names method and path, never the token
+            raise CommandError(f"Machines API error: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise CommandError(f"Machines API unreachable: {type(exc).__name__}") from None
+
+    # ------------------------------------------------------------------ status
+
+    def handle_status(self, **options: Any) -> None:
+        settings = get_settings()
+        rows = [
+            (route, ",".join(sorted(view.methods)), view.group, view.name)
+            for route, view in serverless_routes()
+        ]
+        self.stdout.write(self.style.MIGRATE_HEADING("Serverless views"))
+        if rows:
+            self._table(("URL", "METHODS", "GROUP", "VIEW"), rows)
+        else:
+            self.stdout.write("  (none: mark views with @fly_serverless or FLYFN['VIEWS'])")
+        groups = all_groups(settings)
+        self.stdout.write(self.style.MIGRATE_HEADING("Groups"))
+        if not settings.app_name:
+            self.stdout.write(
+                "  not on Fly (no FLYFN['APP_NAME'] / FLY_APP_NAME): every view runs locally"
+            )
+            return
+        machines = run(self._group_machines(settings, groups))
+        app_images = machines.pop("", [])
+        live = {machine_image(m) for m in app_images}
+        for group in groups:
+            options_ = settings.group(group)
+            app = options_.app if options_.strategy == "app" and options_.app else settings.app_name
+            found = machines[group]
+            self.stdout.write(
+                f"  {group}: app {app}, strategy {options_.strategy}, "
+                f"{options_.machines} wanted, {len(found)} found"
+            )
+            if found:
+                self._table(
+                    ("ID", "NAME", "STATE", "IMAGE", "FRESHNESS"),
+                    [
+                        (
+                            m.id,
+                            m.name or "",
+                            m.state or "",
+                            machine_image(m) or "",
+                            freshness(machine_image(m), settings.image_ref, live),
+                        )
+                        for m in found
+                    ],
+                    indent=4,
+                )
+
+    async def _group_machines(
+        self, settings: FlyfnSettings, groups: Sequence[str]
+    ) -> dict[str, list[Machine]]:
+        """Each group's Machines, plus the app Machines under the key ""."""
+        async with new_client(settings) as client:
+            result: dict[str, list[Machine]] = {}
+            own = await client.list_machines()
+            result[""] = [m for m in own if machine_group(m) is None]
+            for group in groups:
+                app = _group_app(settings, group)
+                result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
+            return result
+
+    # ------------------------------------------------------------------ prepare
+
+    def handle_prepare(self, **options: Any) -> None:
+        settings = get_settings()
+        specs = [spec_for(settings, group) for group in all_groups(settings)]
+        if not specs:
+            self.stdout.write("No serverless views and no groups declared: nothing to prepare.")
+            return
+
+        async def prepare_all() -> list[PrepareReport]:
+            async with new_client(settings) as client:
+                return [await prepare_group(client, spec) for spec in specs]
+
+        for report in run(prepare_all()):
+            self.stdout.write(
+                self.style.SUCCESS(f"{report.group}: ")
+                + f"{len(report.machines)} Machine(s) in app {report.app} on the current image "
+                f"({_summary(report)})"
+            )
+
+    # ------------------------------------------------------------------ gc
+
+    def handle_gc(self, *, dry_run: bool = False, **options: Any) -> None:
+        settings = get_settings()
+
+        async def collect() -> list[str]:
+            async with new_client(settings) as client:
+                orphans = await find_orphans(client, settings)
+                for orphan in orphans:
+                    verb = "would destroy" if dry_run else "destroying"
+                    self.stdout.write(
+                        f"{verb} {orphan.machine.id} ({orphan.machine.name or '-'}, group "
+                        f"{machine_group(orphan.machine)}, app {orphan.app}, image "
+                        f"{machine_image(orphan.machine)})"
+                    )
+                if dry_run:
+                    return [o.machine.id for o in orphans]
+                return await destroy_orphans(client, orphans)
+
+        ids = run(collect())
+        if not ids:
+            self.stdout.write("No orphaned function Machines.")
+        elif dry_run:
+            self.stdout.write(f"{len(ids)} Machine(s) would be destroyed (dry run).")
+        else:
+            self.stdout.write(self.style.SUCCESS(f"Destroyed {len(ids)} Machine(s)."))
+
+    # ------------------------------------------------------------------ output
+
+    def _table(
+        self, header: Sequence[str], rows: Sequence[Sequence[str]], *, indent: int = 2
+    ) -> None:
+        widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
+        for row in (header, *rows):
+            cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=True)]
+            self.stdout.write(" " * indent + "  ".join(cells).rstrip())
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    """Run API work to completion (management commands run outside any event loop)."""
+    return asyncio.run(work)
+
+
+def serverless_routes(urlconf: str | None = None) -> Iterator[tuple[str, ServerlessView]]:
+    """Every url pattern whose view is serverless, with its full route."""
+
+    def walk(patterns: Sequence[Any], prefix: str, names: str) -> Iterator[tuple[str, Any]]:
+        for pattern in patterns:
+            route = prefix + str(pattern.pattern)
+            if isinstance(pattern, URLResolver):
+                space = f"{pattern.namespace}:" if pattern.namespace else ""
+                yield from walk(pattern.url_patterns, route, names + space)
+            elif isinstance(pattern, URLPattern):
+                url_name = f"{names}{pattern.name}" if pattern.name else None
+                view = registry.lookup(pattern.callback, url_name)
+                if view is not None:
+                    yield "/" + route.lstrip("^").rstrip("$"), view
+
+    yield from walk(get_resolver(urlconf).url_patterns, "", "")
+
+
+def all_groups(settings: FlyfnSettings) -> list[str]:
+    """The groups of registered views and the groups declared in settings."""
+    return sorted(
+        registry.groups() | set(settings.groups) | {v.group for v in settings.views.values()}
+    )
+
+
+def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:
+    """current: this image; in use: an app Machine runs it; stale: gc will destroy it."""
+    if image is not None and image == own:
+        return "current"
+    return "in use" if image in live else "stale"
+
+
+def _group_app(settings: FlyfnSettings, group: str) -> str | None:
+    options = settings.group(group)
+    return options.app if options.strategy == "app" else settings.app_name
+
+
+def _summary(report: PrepareReport) -> str:
+    parts = [
+        f"{len(report.created)} created",
+        f"{len(report.updated)} updated",
+        f"{len(report.destroyed)} destroyed",
+    ]
+    return ", ".join(parts)
