@@ -71,7 +71,8 @@ SETTLED_STATES: frozenset[str] = frozenset(
 WAITABLE_STATES: frozenset[str] = frozenset(
     {"started", "stopped", "suspended", "destroyed", "failed", "settled"}
 )
-_STARTABLE = frozenset({"created", "stopped", "suspended", "failed"})
+# A start during stopping/suspending is queued behind it (the later request wins).
+_STARTABLE = frozenset({"created", "stopped", "suspended", "failed", "stopping", "suspending"})
 _STOPPABLE = frozenset({"starting", "started", "suspending", "suspended", "updating"})
 _DESTROYABLE_UNFORCED = frozenset({"created", "stopped", "suspended", "failed"})
 _GONE = frozenset({"destroying", "destroyed"})
