@@ -1,0 +1,32 @@
+"""Settings of the benchmark project; env BENCH_MIDDLEWARE picks none | flyfn | blog."""
+
+from __future__ import annotations
+
+import os
+
+SECRET_KEY = "flyfn-benchmarks-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "benchmarks.benchsite.urls"
+INSTALLED_APPS = ["flyfn"]
+DATABASES: dict[str, dict[str, str]] = {}
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+LOGGING_CONFIG = None  # benchmarks keep Django's default logging out of the timed path
+
+MIDDLEWARE_SETS: dict[str, list[str]] = {
+    "none": [],
+    "flyfn": ["flyfn.middleware.FlyReplayMiddleware"],
+    "blog": ["benchmarks.baseline_blog.BlogServerlessMiddleware"],
+}
+BENCH_MIDDLEWARE = os.environ.get("BENCH_MIDDLEWARE", "flyfn")
+MIDDLEWARE = MIDDLEWARE_SETS[BENCH_MIDDLEWARE]
+
+# The blog's setting, read by the blog's middleware (flyfn finds the view by its decorator).
+if BENCH_MIDDLEWARE == "blog":
+    FLY_MACHINES_SERVERLESS_FUNCTIONS = [("bench:fn", ("GET",))]
+
+FLYFN = {
+    # One function Machine for the default group, stopped when idle (as the blog's).
+    "GROUPS": {"default": {"machines": 1, "autostop": "stop"}},
+}

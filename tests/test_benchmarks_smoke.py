@@ -1,0 +1,202 @@
+"""The benchmark harness's pure parts: statistics, results schema, targets, API call counting.
+
+No timing is asserted here; `python -m benchmarks` measures, these tests check the arithmetic and
+the shape of what it writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import benchmarks.__main__ as bench_main
+from benchmarks import harness
+from benchmarks.apiserver import CallCounter, Message, Receive, Scope, Send, route_of
+from benchmarks.receipts import CanvasRecorder, replay_on_canvas
+
+
+def test_median_and_percentile() -> None:
+    assert harness.median([3, 1, 2]) == 2
+    assert harness.median([4, 1, 2, 3]) == 2.5
+    data = list(range(1, 101))  # 1..100
+    assert harness.percentile(data, 50) == pytest.approx(50.5)
+    assert harness.percentile(data, 99) == pytest.approx(99.01)
+    assert harness.percentile(data, 0) == 1
+    assert harness.percentile(data, 100) == 100
+    assert harness.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError, match="no values"):
+        harness.median([])
+    with pytest.raises(ValueError, match="within"):
+        harness.percentile([1.0], 101)
+
+
+def test_ratio_and_per_thousand() -> None:
+    assert harness.ratio(103.0, 100.0) == pytest.approx(1.03)
+    assert harness.ratio(None, 1.0) is None
+    assert harness.ratio(1.0, None) is None
+    assert harness.ratio(1.0, 0.0) is None
+    assert harness.per_thousand(300, 300) == 1000
+    assert harness.per_thousand(1, 5000) == 0.2
+    with pytest.raises(ValueError, match="at least one"):
+        harness.per_thousand(1, 0)
+
+
+def test_skipped_areas_keep_every_key_as_null() -> None:
+    results: dict[str, Any] = {"machine": {}, "targets": [], "skipped": {}}
+    for area in harness.AREAS:
+        results[area] = harness.empty_area(area)
+    assert harness.validate_results(results) == []
+    assert set(results["middleware"]) == {
+        "bare_us",
+        "flyfn_passthrough_us",
+        "flyfn_replay_decision_us",
+        "passthrough_overhead_ratio",
+        "decision_vs_bare_ratio",
+    }
+    assert results["blog_baseline"]["requests_per_second"] == {"flyfn": None, "blog": None}
+    assert results["receipts"]["10000"]["canvas_floor_seconds"] is None
+    assert all(t.met is None for t in harness.evaluate_targets(results))
+
+
+def test_merge_area_overlays_measured_values_and_keeps_extras() -> None:
+    merged = harness.merge_area(
+        "blog_baseline", {"requests_per_second": {"flyfn": 900.0}, "note": "x"}
+    )
+    assert merged["requests_per_second"] == {"flyfn": 900.0, "blog": None}
+    assert merged["note"] == "x"
+    assert merged["api_calls_per_1000_requests"] == {"flyfn": None, "blog": None}
+
+
+def test_validate_results_reports_missing_and_mistyped_figures() -> None:
+    results: dict[str, Any] = {"machine": {}, "targets": [], "skipped": {}}
+    for area in harness.AREAS:
+        results[area] = harness.empty_area(area)
+    del results["e2e"]["cold_start_s"]
+    results["middleware"]["bare_us"] = "fast"
+    results["receipts"]["100"] = {"seconds": 1.0}
+    problems = harness.validate_results(results)
+    assert "e2e.cold_start_s: missing" in problems
+    assert "middleware.bare_us: not a number or null" in problems
+    assert "receipts.100.queries: missing" in problems
+    del results["targets"]
+    assert "missing top-level key 'targets'" in harness.validate_results(results)
+
+
+def _measured() -> dict[str, Any]:
+    results: dict[str, Any] = {area: harness.empty_area(area) for area in harness.AREAS}
+    results["middleware"].update(passthrough_overhead_ratio=1.02, decision_vs_bare_ratio=1.1)
+    results["blog_baseline"]["api_calls_per_1000_requests"] = {"flyfn": 0.0, "blog": 1000.0}
+    results["blog_baseline"]["machines_after_50_cold_requests"] = {"flyfn": 1, "blog": 7}
+    results["e2e"].update(direct_p50_ms=2.0, replay_p50_ms=7.0, cold_start_s=1.0, app_boot_s=0.9)
+    for size, queries in (("100", 1), ("1000", 1), ("10000", 3)):
+        results["receipts"][size] = {
+            "seconds": 1.0,
+            "pages_per_second": 100.0,
+            "peak_rss_mb": 50.0,
+            "queries": queries,
+            "canvas_floor_seconds": 0.4,
+        }
+    return results
+
+
+def test_targets_met_and_missed_with_the_margin() -> None:
+    by_name = {t.name: t for t in harness.evaluate_targets(_measured())}
+    assert by_name["middleware passthrough_overhead_ratio"].met is True
+    decision = by_name["middleware decision_vs_bare_ratio"]
+    assert decision.met is False
+    assert "10.0%" in decision.note
+    assert by_name["flyfn API calls per 1000 warm requests"].met is True
+    assert "blog: 1000" in by_name["flyfn API calls per 1000 warm requests"].target
+    assert by_name["flyfn Machines after 50 cold requests"].met is True
+    replay = by_name["e2e replay_p50_ms"]  # bound 2 * 2 + 2 = 6 ms
+    assert replay.met is False
+    assert replay.note == "over by 1 ms"
+    assert by_name["e2e cold_start_s"].met is True  # 1.0 <= 0.9 + 0.5
+    assert by_name["receipts 100 seconds"].met is False  # 1.0 > 2 * 0.4
+    assert by_name["receipts queries 100 vs 10000"].met is False
+
+
+def test_route_of_hides_app_and_machine_ids() -> None:
+    assert route_of("GET", "/v1/apps/a-b/machines") == "GET /v1/apps/{app}/machines"
+    assert (
+        route_of("POST", "/v1/apps/a/machines/9a2c/wait")
+        == "POST /v1/apps/{app}/machines/{id}/wait"
+    )
+    assert route_of("GET", "/v1/apps/a/machines/9a2c") == "GET /v1/apps/{app}/machines/{id}"
+
+
+async def test_call_counter_counts_api_calls_but_not_the_harness_own() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    counter = CallCounter(app)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    def scope(path: str, *headers: tuple[bytes, bytes]) -> Scope:
+        return {"type": "http", "method": "GET", "path": path, "headers": list(headers)}
+
+    await counter(scope("/v1/apps/a/machines"), receive, send)
+    await counter(scope("/v1/apps/a/machines"), receive, send)
+    await counter(scope("/v1/apps/a/machines", (b"x-bench-uncounted", b"1")), receive, send)
+    assert seen == ["/v1/apps/a/machines"] * 3
+    sent.clear()
+    await counter(scope("/_bench/calls"), receive, send)
+    body = json.loads(sent[-1]["body"])
+    assert body == {"total": 2, "by_route": {"GET /v1/apps/{app}/machines": 2}}
+    await counter(scope("/_bench/reset"), receive, send)
+    assert sum(counter.calls.values()) == 0
+
+
+def test_canvas_recorder_replays_the_same_drawing() -> None:
+    recorder = CanvasRecorder(io.BytesIO(), pagesize=(420.0, 595.0), pageCompression=0)
+    recorder.setFont("Helvetica", 10)
+    recorder.drawString(36, 500, "Receipt 000001")
+    recorder.drawRightString(380, 480, "$12.50")
+    recorder.showPage()
+    recorder.save()
+    assert [name for name, _, _ in recorder.calls] == [
+        "setFont",
+        "drawString",
+        "drawRightString",
+        "showPage",
+        "save",
+    ]
+    out = io.BytesIO()
+    replay_on_canvas(recorder, out)
+    pdf = out.getvalue()
+    assert pdf.startswith(b"%PDF")
+    assert b"Receipt 000001" in pdf  # uncompressed, so the text is visible
+
+
+def test_main_writes_a_valid_results_file_when_every_area_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def skipped(area: str, *, quick: bool) -> tuple[dict[str, Any], str | None]:
+        return harness.empty_area(area), "skipped: not here"
+
+    monkeypatch.setattr(bench_main, "run_area", skipped)
+    out = tmp_path / "latest.json"
+    assert bench_main.main(["--quick", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert harness.validate_results(results) == []
+    assert results["quick"] is True
+    assert results["machine"]["cores"] >= 1
+    assert results["machine"]["python"]
+    assert results["skipped"] == dict.fromkeys(harness.AREAS, "skipped: not here")
+    printed = capsys.readouterr().out
+    assert "e2e: skipped: not here" in printed
+    assert "passthrough_overhead_ratio" in printed
