@@ -13,6 +13,9 @@ Retry policy (``DEFAULT_MAX_RETRIES`` extra attempts, overridable per client and
   create a second Machine.
 * ``update_machine`` and ``acquire_lease`` are not idempotent: only the always-safe cases above.
 
+A retried call whose earlier attempt did reach the API can see that attempt's effect: e.g. a destroy
+retried after a broken connection may end in NotFound, a stop in an error about the state.
+
 Backoff is exponential (``BACKOFF_BASE * 2**attempt``, capped at ``BACKOFF_MAX``) with jitter;
 sleeps go through ``client._sleep`` so tests can patch them. The API token is only ever placed in
 the ``Authorization`` header: it is absent from logs, errors and the reprs of the client and config.
