@@ -1,16 +1,64 @@
-"""The fly-replay protocol: header/JSON codec, fly-replay-src / fly-replay-failed parsing, signed
-state."""
+"""The fly-replay protocol: the header/JSON codec, the src/failed headers, and signed replay state.
+
+- ``FlyReplay``: every field Fly documents (instance, prefer_instance, app, region, elsewhere,
+state,
+  timeout, fallback), as a ``fly-replay`` header value or an ``application/vnd.fly.replay+json``
+  body.
+- ``ReplaySource`` / ``ReplayFailed``: the ``fly-replay-src`` and ``fly-replay-failed`` request
+  headers Fly Proxy adds (both ``;`` and ``,`` accepted as separators, as Fly's docs disagree).
+- ``sign_state`` / ``verify_state``: an HMAC-SHA256 state (key derived from ``SECRET_KEY``) bound to
+  method, path and group, with a timestamp for a short validity.
+
+Parsing hostile input raises ``ReplayHeaderError`` (a ValueError) and nothing else. No Django
+settings
+are read here: callers pass the secret.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-__all__ = ["ReplayHeaderError", "format_duration", "parse_duration"]
+from django.utils.crypto import constant_time_compare, salted_hmac
+
+__all__ = [
+    "FALLBACKS",
+    "FLY_REPLAY",
+    "FLY_REPLAY_FAILED",
+    "FLY_REPLAY_SRC",
+    "REPLAY_JSON_CONTENT_TYPE",
+    "FlyReplay",
+    "ReplayFailed",
+    "ReplayHeaderError",
+    "ReplaySource",
+    "StateCheck",
+    "format_duration",
+    "parse_duration",
+    "sign_state",
+    "verify_state",
+]
+
+FLY_REPLAY = "fly-replay"
+FLY_REPLAY_SRC = "fly-replay-src"
+FLY_REPLAY_FAILED = "fly-replay-failed"
+REPLAY_JSON_CONTENT_TYPE = "application/vnd.fly.replay+json"
+FALLBACKS = frozenset({"force_self", "prefer_self"})
+
+# Far above anything Fly or flyfn emits; bounds the work hostile input can cause.
+MAX_HEADER_LENGTH = 8192
+MAX_JSON_LENGTH = 65536
 
 
 class ReplayHeaderError(ValueError):
     """A fly-replay, fly-replay-src or fly-replay-failed value (or a field of one) is invalid."""
 
+
+# --------------------------------------------------------------------------- durations
 
 # Fly reads durations like Go's time.ParseDuration; flyfn only emits the common units.
 _DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)(ms|s|m|h)$")
@@ -20,9 +68,10 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as ``"10s"``, ``"800ms"``, ``"1.5s"`` or ``"2m"``."""
     match = _DURATION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None:
+    if match is None or float(match.group(1)) == 0:
         raise ReplayHeaderError(
-            f"invalid duration {text!r}: expected a number and a unit ms, s, m or h, e.g. '10s'"
+            f"invalid duration {text!r}: expected a positive number and a unit ms, s, m or h, "
+            "e.g. '10s'"
         )
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
@@ -35,3 +84,484 @@ def format_duration(seconds: float) -> str:
     if millis == 0:
         raise ReplayHeaderError(f"a duration must be at least 1ms, got {seconds!r}")
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+# --------------------------------------------------------------------------- field syntax
+
+# A bare value: printable ASCII without space, quote, separators or backslash ('=' is allowed: a
+# field is split at its first '=').
+_TOKEN_RE = re.compile(r"^[!#-+\--:<-\[\]-~]+$")
+_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_REGION_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_INT_RE = re.compile(r"^\d{1,19}$")
+
+
+def _split(value: object, what: str, separators: str) -> list[tuple[str, str]]:
+    """``key=value`` fields of a header value; values may be double-quoted (then may hold
+    commas)."""
+    if not isinstance(value, str):
+        raise ReplayHeaderError(f"{what}: expected a string, got {type(value).__name__}")
+    if len(value) > MAX_HEADER_LENGTH:
+        raise ReplayHeaderError(f"{what}: longer than {MAX_HEADER_LENGTH} characters")
+    segments: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+            current.append(char)
+        elif not quoted and char in separators:
+            segments.append("".join(current))
+            current = []
+        elif (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F or ord(char) > 0x7E:
+            raise ReplayHeaderError(f"{what}: control or non-ASCII character {char!r}")
+        else:
+            current.append(char)
+    if quoted:
+        raise ReplayHeaderError(f"{what}: unterminated quoted value")
+    segments.append("".join(current))
+    fields: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for segment in segments:
+        segment = segment.strip(" \t")
+        if not segment:
+            continue
+        key, eq, raw = segment.partition("=")
+        key = key.strip(" \t").lower()
+        raw = raw.strip(" \t")
+        if not eq or not _KEY_RE.fullmatch(key):
+            raise ReplayHeaderError(f"{what}: {segment[:40]!r} is not a key=value field")
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = raw[1:-1]
+        if '"' in raw:
+            raise ReplayHeaderError(f"{what}: misplaced quote in field {key!r}")
+        if key in seen:
+            raise ReplayHeaderError(f"{what}: field {key!r} given twice")
+        seen.add(key)
+        fields.append((key, raw))
+    if not fields:
+        raise ReplayHeaderError(f"{what}: no fields")
+    return fields
+
+
+def _check(value: str | None, pattern: re.Pattern[str], what: str) -> None:
+    if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
+        raise ReplayHeaderError(f"{what}: invalid value {value!r}")
+
+
+def _quote_if_needed(value: str) -> str:
+    return value if _TOKEN_RE.fullmatch(value) else f'"{value}"'
+
+
+def _join(fields: Iterable[tuple[str, str]]) -> str:
+    return ";".join(f"{key}={value}" for key, value in fields)
+
+
+def _int(value: str, what: str) -> int:
+    if not _INT_RE.fullmatch(value):
+        raise ReplayHeaderError(f"{what}: expected a non-negative integer, got {value[:40]!r}")
+    return int(value)
+
+
+def _extras(extra: Iterable[tuple[str, Any]], known: Iterable[str], what: str) -> None:
+    names = set(known)
+    for key, _value in extra:
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or key.lower() != key:
+            raise ReplayHeaderError(f"{what}: invalid extra field name {key!r}")
+        if key in names:
+            raise ReplayHeaderError(f"{what}: extra field {key!r} duplicates a known field")
+
+
+# --------------------------------------------------------------------------- fly-replay
+
+
+@dataclass(frozen=True, slots=True)
+class FlyReplay:
+    """A ``fly-replay`` instruction. Constructing one validates it; ``to_header()`` / ``to_json()``
+    emit it and ``parse()`` / ``from_json()`` read it back (unknown fields are kept in ``extra``).
+
+    ``region`` is a tuple of region codes in order of preference (several are written as a quoted
+    comma list). ``transform`` (path / header changes) exists only in the JSON form.
+    """
+
+    instance: str | None = None
+    prefer_instance: str | None = None
+    app: str | None = None
+    region: tuple[str, ...] = ()
+    elsewhere: bool = False
+    state: str | None = None
+    timeout: str | None = None
+    fallback: str | None = None
+    transform: Mapping[str, Any] | None = field(default=None, hash=False)
+    extra: tuple[tuple[str, Any], ...] = field(default=(), hash=False)
+
+    KNOWN: ClassVar[tuple[str, ...]] = (
+        "instance",
+        "prefer_instance",
+        "app",
+        "region",
+        "elsewhere",
+        "state",
+        "timeout",
+        "fallback",
+        "transform",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.instance, _NAME_RE, "fly-replay instance")
+        _check(self.prefer_instance, _NAME_RE, "fly-replay prefer_instance")
+        _check(self.app, _NAME_RE, "fly-replay app")
+        if isinstance(self.region, str) or not isinstance(self.region, tuple):
+            raise ReplayHeaderError("fly-replay region: expected a tuple of region codes")
+        for code in self.region:
+            _check(code, _REGION_RE, "fly-replay region")
+        if not isinstance(self.elsewhere, bool):
+            raise ReplayHeaderError("fly-replay elsewhere: expected a bool")
+        if self.state is not None and (
+            not isinstance(self.state, str) or not _TOKEN_RE.fullmatch(self.state)
+        ):
+            raise ReplayHeaderError(
+                "fly-replay state: must be printable ASCII without spaces, quotes, ';', ',' or '\\'"
+            )
+        if self.timeout is not None:
+            try:
+                parse_duration(self.timeout)
+            except ReplayHeaderError as exc:
+                raise ReplayHeaderError(f"fly-replay timeout: {exc}") from None
+        if self.fallback is not None and self.fallback not in FALLBACKS:
+            raise ReplayHeaderError(
+                f"fly-replay fallback: must be force_self or prefer_self, got {self.fallback!r}"
+            )
+        if self.transform is not None and not isinstance(self.transform, Mapping):
+            raise ReplayHeaderError("fly-replay transform: expected a JSON object")
+        _extras(self.extra, self.KNOWN, "fly-replay")
+
+    @property
+    def timeout_seconds(self) -> float | None:
+        """``timeout`` in seconds, or None when absent."""
+        return parse_duration(self.timeout) if self.timeout is not None else None
+
+    @property
+    def has_target(self) -> bool:
+        """Whether it says where to go (instance, prefer_instance, app, region or elsewhere)."""
+        return bool(
+            self.instance or self.prefer_instance or self.app or self.region or self.elsewhere
+        )
+
+    # ------------------------------------------------------------- header form
+
+    def to_header(self) -> str:
+        """The ``fly-replay`` header value, e.g. ``instance=e286de4f711e86;timeout=10s``."""
+        if self.transform is not None:
+            raise ReplayHeaderError("fly-replay transform needs the JSON form (to_json)")
+        fields: list[tuple[str, str]] = []
+        for key in ("instance", "prefer_instance", "app"):
+            value = getattr(self, key)
+            if value is not None:
+                fields.append((key, value))
+        if self.region:
+            joined = ",".join(self.region)
+            fields.append(("region", joined if len(self.region) == 1 else f'"{joined}"'))
+        if self.elsewhere:
+            fields.append(("elsewhere", "true"))
+        for key in ("state", "timeout", "fallback"):
+            value = getattr(self, key)
+            if value is not None:
+                fields.append((key, value))
+        for key, value in self.extra:
+            if not isinstance(value, str) or not value or '"' in value or "\\" in value:
+                raise ReplayHeaderError(f"fly-replay extra field {key!r}: not a header value")
+            fields.append((key, _quote_if_needed(value)))
+        if not fields:
+            raise ReplayHeaderError("fly-replay: no fields to send")
+        return _join(fields)
+
+    @classmethod
+    def parse(cls, header: str) -> FlyReplay:
+        """Read a ``fly-replay`` header value (``;`` or ``,`` between fields)."""
+        values: dict[str, Any] = {}
+        extra: list[tuple[str, Any]] = []
+        for key, raw in _split(header, "fly-replay", ";,"):
+            if key == "region":
+                values["region"] = _regions(raw)
+            elif key == "elsewhere":
+                values["elsewhere"] = _bool(raw, "fly-replay elsewhere")
+            elif key in cls.KNOWN and key != "transform":
+                values[key] = raw
+            else:
+                extra.append((key, raw))
+        return cls(**values, extra=tuple(extra))
+
+    # ------------------------------------------------------------- JSON form
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``application/vnd.fly.replay+json`` body as a dict (``json.dumps`` it)."""
+        body: dict[str, Any] = {}
+        for key in ("instance", "prefer_instance", "app"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        if self.region:
+            body["region"] = ",".join(self.region)
+        if self.elsewhere:
+            body["elsewhere"] = True
+        for key in ("state", "timeout", "fallback"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        if self.transform is not None:
+            body["transform"] = dict(self.transform)
+        body.update(self.extra)
+        return body
+
+    def to_json_bytes(self) -> bytes:
+        """The JSON body, encoded."""
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, body: bytes | str | Mapping[str, Any]) -> FlyReplay:
+        """Read an ``application/vnd.fly.replay+json`` body (bytes, text or an already-parsed
+        dict)."""
+        data: Any = body
+        if isinstance(body, bytes | str):
+            if len(body) > MAX_JSON_LENGTH:
+                raise ReplayHeaderError(f"fly-replay JSON: longer than {MAX_JSON_LENGTH} bytes")
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, deep nesting
+                reason = type(exc).__name__
+                raise ReplayHeaderError(f"fly-replay JSON: not valid JSON ({reason})") from None
+        if not isinstance(data, Mapping):
+            raise ReplayHeaderError("fly-replay JSON: expected an object")
+        values: dict[str, Any] = {}
+        extra: list[tuple[str, Any]] = []
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise ReplayHeaderError("fly-replay JSON: keys must be strings")
+            if key == "region":
+                values["region"] = _json_regions(value)
+            elif key == "elsewhere":
+                values["elsewhere"] = (
+                    value if isinstance(value, bool) else _bool(value, "fly-replay elsewhere")
+                )
+            elif key == "transform":
+                values["transform"] = value
+            elif key in cls.KNOWN:
+                if not isinstance(value, str):
+                    raise ReplayHeaderError(f"fly-replay JSON {key}: expected a string")
+                values[key] = value
+            else:
+                extra.append((key, value))
+        return cls(**values, extra=tuple(extra))
+
+
+def _regions(raw: str) -> tuple[str, ...]:
+    codes = tuple(code.strip(" \t") for code in raw.split(","))
+    if not codes or any(not code for code in codes):
+        raise ReplayHeaderError(f"fly-replay region: invalid list {raw[:40]!r}")
+    return codes
+
+
+def _json_regions(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return _regions(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ReplayHeaderError("fly-replay JSON region: expected a string or a list of strings")
+
+
+def _bool(value: object, what: str) -> bool:
+    if isinstance(value, str) and value.lower() in {"true", "false"}:
+        return value.lower() == "true"
+    raise ReplayHeaderError(f"{what}: expected true or false, got {str(value)[:40]!r}")
+
+
+# --------------------------------------------------------------------------- src / failed
+
+
+def _lenient(value: str | None, what: str) -> None:
+    # Values Fly Proxy writes: any bare token (quotes are removed by the parser).
+    if value is not None and (not isinstance(value, str) or not _TOKEN_RE.fullmatch(value)):
+        raise ReplayHeaderError(f"{what}: invalid value {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySource:
+    """The ``fly-replay-src`` request header of a replayed request.
+
+    ``t`` is the replay time in Unix microseconds; ``state`` is what the sender put in
+    ``fly-replay``.
+    """
+
+    instance: str | None = None
+    region: str | None = None
+    t: int | None = None
+    state: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("instance", "region", "state"):
+            _lenient(getattr(self, key), f"fly-replay-src {key}")
+        if self.t is not None and (not isinstance(self.t, int) or self.t < 0):
+            raise ReplayHeaderError("fly-replay-src t: expected a non-negative integer")
+        _extras(self.extra, ("instance", "region", "t", "state"), "fly-replay-src")
+        for _key, value in self.extra:
+            _lenient(value, "fly-replay-src")
+
+    @classmethod
+    def parse(cls, header: str) -> ReplaySource:
+        """Read a ``fly-replay-src`` value (``;`` or ``,`` between fields)."""
+        values: dict[str, Any] = {}
+        extra: list[tuple[str, str]] = []
+        for key, raw in _split(header, "fly-replay-src", ";,"):
+            if key == "t":
+                values["t"] = _int(raw, "fly-replay-src t")
+            elif key in {"instance", "region", "state"}:
+                values[key] = raw
+            else:
+                extra.append((key, raw))
+        return cls(**values, extra=tuple(extra))
+
+    def to_header(self) -> str:
+        """The header value, ``;``-separated (what the emulator's proxy sends)."""
+        fields = [
+            (key, str(getattr(self, key)))
+            for key in ("instance", "region", "t", "state")
+            if getattr(self, key) is not None
+        ]
+        return _join([*fields, *self.extra]) if fields or self.extra else ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayFailed:
+    """The ``fly-replay-failed`` request header of a fallback request.
+
+    ``reason`` is ``timeout``, ``retries_exhausted`` or ``no_candidate`` (others are kept as given);
+    ``instance`` / ``app`` / ``region`` name the replay target that failed.
+    """
+
+    instance: str | None = None
+    app: str | None = None
+    region: str | None = None
+    replay_source: str | None = None
+    reason: str | None = None
+    elapsed_ms: int | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+
+    REASONS: ClassVar[frozenset[str]] = frozenset({"timeout", "retries_exhausted", "no_candidate"})
+    _STRINGS: ClassVar[tuple[str, ...]] = ("instance", "app", "region", "replay_source", "reason")
+
+    def __post_init__(self) -> None:
+        for key in self._STRINGS:
+            _lenient(getattr(self, key), f"fly-replay-failed {key}")
+        if self.elapsed_ms is not None and (
+            not isinstance(self.elapsed_ms, int) or self.elapsed_ms < 0
+        ):
+            raise ReplayHeaderError("fly-replay-failed elapsed_ms: expected a non-negative integer")
+        _extras(self.extra, (*self._STRINGS, "elapsed_ms"), "fly-replay-failed")
+        for _key, value in self.extra:
+            _lenient(value, "fly-replay-failed")
+
+    @classmethod
+    def parse(cls, header: str) -> ReplayFailed:
+        """Read a ``fly-replay-failed`` value (``;`` or ``,`` between fields)."""
+        values: dict[str, Any] = {}
+        extra: list[tuple[str, str]] = []
+        for key, raw in _split(header, "fly-replay-failed", ";,"):
+            if key == "elapsed_ms":
+                values["elapsed_ms"] = _int(raw, "fly-replay-failed elapsed_ms")
+            elif key in cls._STRINGS:
+                values[key] = raw
+            else:
+                extra.append((key, raw))
+        return cls(**values, extra=tuple(extra))
+
+    def to_header(self) -> str:
+        """The header value, ``;``-separated (what the emulator's proxy sends)."""
+        fields = [
+            (key, str(getattr(self, key)))
+            for key in (*self._STRINGS, "elapsed_ms")
+            if getattr(self, key) is not None
+        ]
+        return _join([*fields, *self.extra]) if fields or self.extra else ""
+
+
+# --------------------------------------------------------------------------- signed state
+
+STATE_PREFIX = "flyfn1"
+_STATE_SALT = "flyfn.replay.state"
+_STATE_RE = re.compile(r"^flyfn1\.(\d{1,12})\.([A-Za-z0-9_-]{43})$")
+# A state issued this far in the future (another Machine's clock) is still accepted.
+MAX_CLOCK_SKEW = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateCheck:
+    """The outcome of ``verify_state``: ``ok``, or why not (``reason``). Truthy when ok."""
+
+    ok: bool
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _mac(secret: str | bytes, issued: int, method: str, path: str, group: str) -> str:
+    # Method and group cannot contain newlines (validated names); the path goes last, so no
+    # two different inputs share a message.
+    message = f"{issued}\n{method.upper()}\n{group}\n{path}"
+    digest = salted_hmac(_STATE_SALT, message, secret=secret, algorithm="sha256").digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def sign_state(
+    secret: str | bytes, method: str, path: str, group: str, now: float | None = None
+) -> str:
+    """A replay ``state`` that proves an app Machine sent this request (method, path, group) now.
+
+    ``secret`` is ``settings.SECRET_KEY``; ``path`` is ``request.path`` (the query string is not
+    bound: the request replayed is the one signed, within seconds).
+    """
+    if not secret:
+        raise ValueError("sign_state needs a non-empty secret (settings.SECRET_KEY)")
+    if "\n" in method or "\n" in group:
+        raise ValueError("sign_state: method and group cannot contain newlines")
+    issued = int(time.time() if now is None else now)
+    return f"{STATE_PREFIX}.{issued}.{_mac(secret, issued, method, path, group)}"
+
+
+def verify_state(
+    state: str | None,
+    secret: str | bytes,
+    method: str,
+    path: str,
+    group: str,
+    *,
+    max_age: float,
+    now: float | None = None,
+    fallback_secrets: Iterable[str | bytes] = (),
+) -> StateCheck:
+    """Check a ``state`` from ``fly-replay-src``: signed with ``secret`` (or one of
+    ``fallback_secrets``, i.e. ``SECRET_KEY_FALLBACKS``) for this method, path and group, issued at
+    most ``max_age`` seconds ago. Never raises for bad input; the reason says what failed.
+    """
+    if not state:
+        return StateCheck(False, "no signed state")
+    if not isinstance(state, str) or len(state) > 128:
+        return StateCheck(False, "malformed state")
+    match = _STATE_RE.fullmatch(state)
+    if match is None:
+        return StateCheck(False, "malformed state")
+    if "\n" in method or "\n" in group:
+        return StateCheck(False, "signature mismatch")
+    issued = int(match.group(1))
+    clock = time.time() if now is None else now
+    if issued > clock + MAX_CLOCK_SKEW:
+        return StateCheck(False, "state issued in the future")
+    if clock - issued > max_age:
+        return StateCheck(False, "state expired")
+    for key in (secret, *fallback_secrets):
+        if key and constant_time_compare(_mac(key, issued, method, path, group), match.group(2)):
+            return StateCheck(True)
+    return StateCheck(False, "signature mismatch")
