@@ -1,0 +1,1 @@
+"""The flyfn demo store: a Django project whose PDF receipts run on serverless Fly Machines."""

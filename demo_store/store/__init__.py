@@ -1,0 +1,1 @@
+"""The store app: products, purchases, and their PDF receipts."""

@@ -1,0 +1,16 @@
+"""URLs of the store app (mounted at /purchases/)."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from store import views
+
+app_name = "store"
+
+urlpatterns = [
+    path("", views.purchase_list, name="purchase_list"),
+    path("receipts.pdf", views.all_receipts, name="all_receipts"),
+    path("<int:pk>/", views.purchase_detail, name="purchase_detail"),
+    path("<int:pk>/receipt.pdf", views.purchase_receipt, name="purchase_receipt"),
+]

@@ -1,0 +1,76 @@
+"""Store pages (purchases list and detail) and the two receipt views that run on Fly functions."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from io import BytesIO
+from tempfile import SpooledTemporaryFile
+
+from django.core.paginator import Paginator
+from django.db.models import DecimalField, F, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.http import require_safe
+
+from store.machine import current_machine
+from store.models import Purchase, purchase_number
+from store.receipts import iter_receipts, write_receipts
+from store.streaming import file_response
+
+PAGE_SIZE = 50
+# The bundle stays in memory up to this size, then spills to a temporary file.
+SPOOL_MAX_BYTES = 8 * 1024 * 1024
+_MONEY = DecimalField(max_digits=14, decimal_places=2)
+
+
+def purchases_with_totals() -> QuerySet[Purchase]:
+    """Purchases annotated with their `total`, summed by the database."""
+    purchases: QuerySet[Purchase] = Purchase.objects.order_by("-created_at", "-id").annotate(
+        total=Coalesce(
+            Sum(F("items__quantity") * F("items__unit_price"), output_field=_MONEY),
+            Value(Decimal("0.00")),
+            output_field=_MONEY,
+        ),
+    )
+    return purchases
+
+
+@require_safe
+def purchase_list(request: HttpRequest) -> HttpResponse:
+    # Two queries whatever the page: the count and the page's rows with their totals.
+    paginator = Paginator(purchases_with_totals(), PAGE_SIZE)
+    page = paginator.get_page(request.GET.get("page"))
+    return render(request, "store/purchase_list.html", {"page": page, "paginator": paginator})
+
+
+@require_safe
+def purchase_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    purchase = get_object_or_404(purchases_with_totals(), pk=pk)
+    items = purchase.items.select_related("product")
+    return render(request, "store/purchase_detail.html", {"purchase": purchase, "items": items})
+
+
+@require_safe
+def purchase_receipt(request: HttpRequest, pk: int) -> HttpResponse:
+    """One purchase's receipt (a few KB, built in memory)."""
+    receipts = list(iter_receipts(Purchase.objects.filter(pk=pk)))
+    if not receipts:
+        raise Http404("No such purchase")
+    buffer = BytesIO()
+    write_receipts(receipts, buffer, machine=current_machine())
+    response = HttpResponse(buffer.getvalue(), content_type="application/pdf")
+    response["Content-Disposition"] = f'inline; filename="receipt-{purchase_number(pk)}.pdf"'
+    return response
+
+
+@require_safe
+def all_receipts(request: HttpRequest) -> FileResponse | StreamingHttpResponse:
+    """Every purchase's receipt in one PDF, one page each: one query, spooled to disk when big."""
+    out = SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES)  # noqa: SIM115 (closed by the response)
+    try:
+        write_receipts(iter_receipts(Purchase.objects.all()), out, machine=current_machine())
+    except BaseException:
+        out.close()
+        raise
+    return file_response(request, out, filename="receipts.pdf", content_type="application/pdf")

@@ -1,0 +1,191 @@
+"""The demo store as a newcomer and Fly meet it: its own tests, the Dockerfile's start command,
+fly.toml, and `scripts/demo` (what `make demo` runs).
+
+The store app's own tests need the demo's settings, not tests.settings, so they run in a
+subprocess from demo_store/ (its pytest.ini; the tests are in demo_store/store/tests/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_loopback_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo_store"
+BIN = Path(sys.executable).parent
+PYTHON = str(BIN / "python")
+
+
+def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a demo process: production-like settings, files under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest's tests.settings must not leak in
+    static_root = tmp_path / "static"
+    static_root.mkdir(exist_ok=True)
+    env.update(
+        SECRET_KEY="demo-tests-secret",
+        DEBUG="false",
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        STATIC_ROOT=str(static_root),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def manage(env: Mapping[str, str], *args: str, timeout: float = 60) -> str:
+    done = subprocess.run(
+        [PYTHON, "manage.py", *args],
+        cwd=DEMO,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"manage.py {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@contextmanager
+def serving(
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], url: str, timeout: float = 60
+) -> Iterator[httpx.Response]:
+    """Run a server in its own process group until `url` answers; kill the group afterwards.
+
+    Its output goes to a file (a pipe nobody reads could fill and stall it), shown on failure.
+    """
+    log_path = Path(env["STATIC_ROOT"]).parent / f"server-{time.monotonic_ns()}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{argv[0]} exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                response = httpx.get(url, timeout=5)
+                if response.status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url} did not answer in {timeout}s:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield response
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_store_app_tests_pass(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=DEMO,  # its pytest.ini: the demo's settings and the store tests
+        env=demo_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert " passed" in done.stdout
+
+
+def dockerfile_start() -> tuple[list[str], Path]:
+    """The Dockerfile's CMD (exec form) and its WORKDIR mapped from /app to this checkout."""
+    workdir, cmd = "/", None
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword == "WORKDIR":
+            workdir = rest.strip()
+        elif keyword == "CMD":
+            cmd = json.loads(rest)
+    assert isinstance(cmd, list), "the Dockerfile needs an exec-form CMD"
+    assert workdir.startswith("/app"), workdir
+    return cmd, ROOT / Path(workdir).relative_to("/app")
+
+
+def test_dockerfile_start_command_serves_the_store(tmp_path: Path) -> None:
+    cmd, cwd = dockerfile_start()
+    assert cmd[:2] == ["uvicorn", "demo_store.asgi:application"]
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--port") + 1] == "8000"
+    # What the image build and the release command do first: static files, schema, some data.
+    env = demo_env(tmp_path)
+    manage(env, "collectstatic", "--noinput", "-v", "0")
+    manage(env, "migrate", "--noinput", "-v", "0")
+    manage(env, "seed_store", "--purchases", "3")
+    port = free_loopback_port()
+    argv = [str(BIN / cmd[0]), *cmd[1:]]
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv[argv.index("--port") + 1] = str(port)
+    base = f"http://127.0.0.1:{port}"
+    with serving(argv, cwd=cwd, env=env, url=f"{base}/") as first:
+        assert first.status_code == 302
+        assert first.headers["location"] == "/purchases/"
+        page = httpx.get(f"{base}/purchases/", timeout=10)
+        assert page.status_code == 200
+        assert "All 3 receipts" in page.text
+        assert 'data-machine="local"' in page.text
+        # Static files come hashed from the collected manifest, served by WhiteNoise.
+        css_path = page.text.split('rel="stylesheet" href="', 1)[1].split('"', 1)[0]
+        assert css_path != "/static/store/style.css"
+        assert "machine-note" in httpx.get(f"{base}{css_path}", timeout=10).text
+        bundle = httpx.get(f"{base}/purchases/receipts.pdf", timeout=30)
+        assert bundle.status_code == 200
+        assert bundle.headers["content-type"] == "application/pdf"
+        assert bundle.content.startswith(b"%PDF-")
+        assert int(bundle.headers["content-length"]) == len(bundle.content)
+
+
+def test_fly_toml_releases_and_serves_what_the_dockerfile_runs() -> None:
+    config = tomllib.loads((ROOT / "fly.toml").read_text())
+    release = shlex.split(config["deploy"]["release_command"])
+    assert release[:2] == ["sh", "-c"]
+    steps = [shlex.split(step) for step in release[2].split("&&")]
+    assert steps == [
+        ["python", "manage.py", "migrate", "--noinput"],
+        ["python", "manage.py", "flyfn", "prepare"],
+    ]
+    service = config["http_service"]
+    cmd, _ = dockerfile_start()
+    assert service["internal_port"] == int(cmd[cmd.index("--port") + 1])
+    assert service["auto_stop_machines"] == "stop"
+    assert service["auto_start_machines"] is True
+    assert service["min_machines_running"] in (0, 1)
+    assert "DEBUG" in config["env"]
+
+
+def test_scripts_demo_migrates_seeds_and_serves(tmp_path: Path) -> None:
+    port = free_loopback_port()
+    env = demo_env(tmp_path, DEBUG="1", DEMO_PURCHASES="7")
+    del env["SECRET_KEY"]  # the demo works without one (DEBUG's dev key)
+    url = f"http://127.0.0.1:{port}/purchases/"
+    with serving([str(ROOT / "scripts" / "demo"), str(port)], cwd=ROOT, env=env, url=url) as page:
+        assert page.status_code == 200
+        assert "All 7 receipts" in page.text
