@@ -130,7 +130,7 @@ FLYFN = {
         "default": {
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024},
             "autostop": "stop",
-            "env": ["DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS"],
+            "env": ["DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "LOG_LEVEL"],
         },
     },
 }

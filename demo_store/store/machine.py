@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
+from flyfn.runtime import current_env
 
 
 def current_machine() -> str:
-    return os.environ.get("FLY_MACHINE_ID") or "local"
+    return current_env().machine_id or "local"

@@ -13,6 +13,7 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse, Stream
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_safe
 
+from flyfn import fly_serverless
 from store.machine import current_machine
 from store.models import Purchase, purchase_number
 from store.receipts import iter_receipts, write_receipts
@@ -51,6 +52,9 @@ def purchase_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "store/purchase_detail.html", {"purchase": purchase, "items": items})
 
 
+# The PDFs are drawn on the default group's function Machines (flyfn replays these two views there
+# from the app Machines); pages and the admin stay on the app Machines.
+@fly_serverless(methods=["GET"])
 @require_safe
 def purchase_receipt(request: HttpRequest, pk: int) -> HttpResponse:
     """One purchase's receipt (a few KB, built in memory)."""
@@ -64,6 +68,7 @@ def purchase_receipt(request: HttpRequest, pk: int) -> HttpResponse:
     return response
 
 
+@fly_serverless(methods=["GET"])
 @require_safe
 def all_receipts(request: HttpRequest) -> FileResponse | StreamingHttpResponse:
     """Every purchase's receipt in one PDF, one page each: one query, spooled to disk when big."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from io import BytesIO
@@ -12,6 +12,7 @@ import pytest
 from pypdf import PdfReader
 from pytest_django.fixtures import Settings
 
+from flyfn import runtime
 from store.models import Product, Purchase, PurchaseItem
 
 MakePurchase = Callable[[str, list[tuple[str, int, str]]], Purchase]
@@ -30,9 +31,25 @@ def _plain_static_files(settings: Settings, tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _off_fly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start every test off Fly; tests that want a Machine id set it."""
-    monkeypatch.delenv("FLY_MACHINE_ID", raising=False)
+def _off_fly(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Start every test off Fly (tests that want a Machine use `on_machine`)."""
+    for name in ("FLY_APP_NAME", "FLY_MACHINE_ID", "FLY_ALLOC_ID", "FLYFN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+    runtime.reset()  # flyfn caches what it read from the environment
+    yield
+    runtime.reset()
+
+
+@pytest.fixture
+def on_machine(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Call with a Machine id to make this process look like that Machine's (as far as pages and
+    receipts tell: flyfn's role stays local, so the views run here)."""
+
+    def set_machine(machine_id: str) -> None:
+        monkeypatch.setenv("FLY_MACHINE_ID", machine_id)
+        runtime.reset()
+
+    return set_machine
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import BytesIO
 
 import pytest
@@ -31,10 +32,10 @@ def read_bundle(client: Client) -> tuple[dict[str, str], bytes]:
 
 
 def test_receipt_names_purchase_items_total_and_machine(
-    client: Client, make_purchase: MakePurchase, monkeypatch: pytest.MonkeyPatch
+    client: Client, make_purchase: MakePurchase, on_machine: Callable[[str], None]
 ) -> None:
     purchase = make_purchase("Ada Lovelace", [("Tea", 3, "2.50"), ("Biscuits", 2, "1.25")])
-    monkeypatch.setenv("FLY_MACHINE_ID", "e286de4f711e86")
+    on_machine("e286de4f711e86")
     response = client.get(f"/purchases/{purchase.pk}/receipt.pdf")
     assert response.status_code == 200
     assert response["Content-Type"] == "application/pdf"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -10,6 +11,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from pytest_django.asserts import assertContains, assertNotContains
 
+from flyfn.registry import registry
+from store import views
 from store.management.commands.seed_store import seed
 from store.models import Purchase
 from store.tests.conftest import MakePurchase
@@ -90,9 +93,9 @@ def test_detail_page_lists_items_and_total(client: Client, make_purchase: MakePu
 
 
 def test_page_names_its_machine_and_says_receipts_run_elsewhere(
-    client: Client, monkeypatch: pytest.MonkeyPatch
+    client: Client, on_machine: Callable[[str], None]
 ) -> None:
-    monkeypatch.setenv("FLY_MACHINE_ID", "3d8d9e1c2e5789")
+    on_machine("3d8d9e1c2e5789")
     response = client.get("/purchases/")
     assertContains(response, 'data-machine="3d8d9e1c2e5789"')
     assertContains(response, "generated on another Machine")
@@ -107,3 +110,14 @@ def test_page_off_fly_says_local(client: Client) -> None:
 def test_pages_only_answer_safe_methods(client: Client) -> None:
     assert client.post("/purchases/").status_code == 405
     assert client.head("/purchases/").status_code == 200
+
+
+def test_receipt_views_and_only_they_are_serverless() -> None:
+    for serverless in (views.purchase_receipt, views.all_receipts):
+        marked = registry.lookup(serverless)
+        assert marked is not None
+        assert marked.group == "default"
+        assert "GET" in marked.methods
+        assert "POST" not in marked.methods
+    for page in (views.purchase_list, views.purchase_detail):
+        assert registry.lookup(page) is None
