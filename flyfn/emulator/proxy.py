@@ -1,0 +1,904 @@
+"""The local Fly Proxy: an ASGI reverse proxy over emulated Machines, honouring fly-replay.
+
+`FlyProxy` load-balances requests over the started app Machines of one app (function Machines,
+those whose config env has FLYFN_GROUP, only get traffic by replay or `fly-force-instance-id`),
+and acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
+elsewhere, state, timeout, fallback, transform) the way Fly Proxy does: it re-delivers the request
+with `fly-replay-src`, falls back with `fly-replay-failed`, refuses to replay bodies over 1 MB and
+chains of more than 10 replays. Stopped or suspended targets are started on demand (through the
+`MachinesEmulator`, so the state machine and events stay right), idle ones are stopped or
+suspended after `idle_stop` seconds per their services' `autostop`.
+
+Bodies stream both ways (only up to 1 MB of a request body is buffered, to be able to replay it).
+Every response carries `Fly-Request-Id` and `X-Flyfn-Machine: <id>` (an emulator-only aid); proxy
+errors are short plain pages with a Fly-style code. A `RequestLog` per request tells its route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import httpx
+
+from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
+from flyfn.emulator.supervisor import is_function_machine, machine_label
+from flyfn.machines.models import Machine
+from flyfn.replay import ReplayHeaderError, parse_duration
+
+__all__ = [
+    "DEFAULT_IDLE_STOP",
+    "DEFAULT_REPLAY_TIMEOUT",
+    "MAX_REPLAYS",
+    "REPLAY_BODY_LIMIT",
+    "FlyProxy",
+    "MachineAddresses",
+    "RequestLog",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+REPLAY_BODY_LIMIT = 1_000_000
+MAX_REPLAYS = 10
+DEFAULT_REPLAY_TIMEOUT = 30.0
+DEFAULT_IDLE_STOP = 60.0
+REPLAY_JSON_TYPE = "application/vnd.fly.replay+json"
+_REPLAY_JSON_LIMIT = 64 * 1024
+_VIA = "1.1 fly.io"
+_MAX_CONNECT_RETRIES = 5
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers only the proxy sets (a client's values are replaced).
+_PROXY_REQUEST_HEADERS = frozenset(
+    {
+        "fly-request-id",
+        "fly-region",
+        "fly-client-ip",
+        "fly-forwarded-port",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-ssl",
+        "fly-preferred-instance-unavailable",
+        "fly-force-instance-id",
+    }
+)
+_REPLAY_REQUEST_HEADERS = frozenset({"fly-replay-src", "fly-replay-failed"})
+_STARTABLE = frozenset({"created", "stopped", "suspended", "failed"})
+_TRANSITIONAL = frozenset(
+    {"starting", "stopping", "suspending", "restarting", "updating", "replacing"}
+)
+
+
+class MachineAddresses(Protocol):
+    """Where Machines listen (implemented by `ProcessRuntime`)."""
+
+    def address(self, machine_id: str) -> tuple[str, int] | None: ...
+
+    def pid(self, machine_id: str) -> int | None: ...
+
+    def boot_seconds(self, machine_id: str) -> float | None: ...
+
+    async def reap(self, machine_id: str) -> bool: ...
+
+
+class ProxyError(Exception):
+    """A request the proxy answers itself, with a Fly-style error code."""
+
+    def __init__(self, code: str, status: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.status = status
+        self.message = message
+
+
+class _Unreachable(Exception):
+    """No connection could be made to a destination (a replay failure: fallback applies)."""
+
+    def __init__(self, reason: str, detail: str, target: str | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason  # timeout | retries_exhausted | no_candidate
+        self.detail = detail
+        self.target = target
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass
+class RequestLog:
+    """The route of one request, printed by `flyfn dev` as one line."""
+
+    method: str
+    path: str
+    hops: list[str] = field(default_factory=list)
+    status: int | None = None
+    size: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    machine_id: str | None = None  # the last Machine that answered
+
+    def __str__(self) -> str:
+        route = " → ".join(self.hops) if self.hops else "proxy"
+        status = str(self.status) if self.status is not None else "---"
+        tail = f" ({self.error})" if self.error else ""
+        return (
+            f"{self.method} {self.path} {route} {status} {_size_text(self.size)} "
+            f"{_seconds_text(self.seconds)}{tail}"
+        )
+
+
+def _size_text(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KB"
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+
+
+# -- fly-replay directives -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Directive:
+    """One fly-replay answer, from the header or the JSON form."""
+
+    instance: str | None = None
+    prefer_instance: str | None = None
+    app: str | None = None
+    regions: tuple[str, ...] = ()
+    elsewhere: bool = False
+    state: str | None = None
+    timeout: float | None = None
+    fallback: str | None = None
+    transform_path: str | None = None
+    set_headers: tuple[tuple[str, str], ...] = ()
+    delete_headers: frozenset[str] = frozenset()
+
+
+_FALLBACKS = frozenset({"force_self", "prefer_self"})
+
+
+def _directive(fields: dict[str, Any]) -> _Directive:
+    """Validate the fields of a fly-replay answer (PA03 when they make no sense)."""
+
+    def text(name: str) -> str | None:
+        value = fields.get(name)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ProxyError("PA03", 502, f"invalid fly-replay: {name} must be a string")
+        return value
+
+    region = fields.get("region")
+    if isinstance(region, str):
+        regions = tuple(r.strip().lower() for r in region.split(",") if r.strip())
+    elif isinstance(region, list) and all(isinstance(r, str) for r in region):
+        regions = tuple(r.strip().lower() for r in region)
+    elif region is None:
+        regions = ()
+    else:
+        raise ProxyError("PA03", 502, "invalid fly-replay: region must be a string")
+    elsewhere = fields.get("elsewhere", False)
+    if isinstance(elsewhere, str):
+        elsewhere = elsewhere.strip().lower() == "true"
+    timeout_text = text("timeout")
+    try:
+        timeout = parse_duration(timeout_text) if timeout_text else None
+    except ReplayHeaderError as exc:
+        raise ProxyError("PA03", 502, f"invalid fly-replay: {exc}") from exc
+    fallback = text("fallback")
+    if fallback is not None and fallback not in _FALLBACKS:
+        raise ProxyError("PA03", 502, f"invalid fly-replay: unknown fallback {fallback!r}")
+    transform = fields.get("transform") or {}
+    if not isinstance(transform, dict):
+        raise ProxyError("PA03", 502, "invalid fly-replay: transform must be an object")
+    set_headers = tuple(
+        (str(h["name"]), str(h["value"]))
+        for h in transform.get("set_headers") or ()
+        if isinstance(h, dict) and "name" in h and "value" in h
+    )
+    delete_headers = frozenset(
+        str(h.get("name") if isinstance(h, dict) else h).lower()
+        for h in transform.get("delete_headers") or ()
+    )
+    path = transform.get("path")
+    return _Directive(
+        instance=text("instance"),
+        prefer_instance=text("prefer_instance"),
+        app=text("app"),
+        regions=regions,
+        elsewhere=bool(elsewhere),
+        state=text("state"),
+        timeout=timeout,
+        fallback=fallback,
+        transform_path=path if isinstance(path, str) and path.startswith("/") else None,
+        set_headers=set_headers,
+        delete_headers=delete_headers,
+    )
+
+
+def _parse_replay_header(value: str) -> _Directive:
+    fields: dict[str, Any] = {}
+    for part in _split_fields(value):
+        name, sep, raw = part.partition("=")
+        if not sep:
+            raise ProxyError("PA03", 502, f"invalid fly-replay field {part!r}")
+        fields[name.strip().lower()] = raw.strip().strip('"')
+    return _directive(fields)
+
+
+def _split_fields(value: str) -> list[str]:
+    # `;` separates fields; a quoted value (region="iad,ord") may contain commas.
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+        if char == ";" and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+
+class _Body:
+    """The request body: buffered when it fits the replay limit, else streamed once."""
+
+    def __init__(self, prefix: bytes, complete: bool, receive: Receive, limit: int) -> None:
+        self.prefix = prefix
+        self.complete = complete
+        self._receive = receive
+        self._limit = limit
+        self.consumed = False
+
+    @classmethod
+    async def read(cls, receive: Receive, limit: int) -> _Body:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if not message.get("more_body", False):
+                return cls(b"".join(chunks), True, receive, limit)
+            if size > limit:
+                return cls(b"".join(chunks), False, receive, limit)
+
+    @property
+    def replayable(self) -> bool:
+        return self.complete and len(self.prefix) <= self._limit
+
+    def content(self) -> bytes | AsyncIterator[bytes]:
+        if self.complete:
+            return self.prefix
+        if self.consumed:
+            raise ProxyError("PA03", 502, "the request body was already streamed")
+        self.consumed = True
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        yield self.prefix
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+# -- routing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Destination:
+    app: str
+    instance: str | None = None
+    prefer_instance: str | None = None
+    regions: tuple[str, ...] = ()
+    exclude: frozenset[str] = frozenset()
+    timeout: float = DEFAULT_REPLAY_TIMEOUT
+    fallback: str | None = None
+    issuer: Machine | None = None  # the Machine that asked for this replay
+    issuer_app: str | None = None
+
+
+@dataclass
+class _Delivery:
+    """What changes between the deliveries of one request."""
+
+    path: bytes
+    headers: list[tuple[str, str]]
+    extra: dict[str, str] = field(default_factory=dict)
+    fallback: bool = False
+
+
+class FlyProxy:
+    """The ASGI app of the local Fly Proxy."""
+
+    def __init__(
+        self,
+        machines: MachinesEmulator,
+        addresses: MachineAddresses,
+        *,
+        app_name: str,
+        region: str = "local",
+        idle_stop: float = DEFAULT_IDLE_STOP,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+        replay_body_limit: int = REPLAY_BODY_LIMIT,
+        on_log: Callable[[RequestLog], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        read_timeout: float = 300.0,
+    ) -> None:
+        self.machines = machines
+        self.addresses = addresses
+        self.app_name = app_name
+        self.region = region
+        self.idle_stop = idle_stop
+        self.replay_timeout = replay_timeout
+        self.replay_body_limit = replay_body_limit
+        self.on_log = on_log
+        self._transport = transport
+        self._read_timeout = read_timeout
+        self._client: httpx.AsyncClient | None = None
+        self._inflight: defaultdict[str, int] = defaultdict(int)
+        self._last_active: dict[str, float] = {}
+        self._seen_pid: dict[str, int] = {}
+        self._starting: dict[str, asyncio.Task[Machine]] = {}
+        self._apps: set[str] = {app_name}
+        self._autostop_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the upstream connection pool and start the autostop loop."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=self._transport,
+                timeout=httpx.Timeout(connect=2.0, read=self._read_timeout, write=60.0, pool=None),
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        if self._autostop_task is None and self.idle_stop > 0:
+            self._autostop_task = asyncio.ensure_future(self._autostop_loop())
+
+    async def aclose(self) -> None:
+        if self._autostop_task is not None:
+            self._autostop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._autostop_task
+            self._autostop_task = None
+        for task in list(self._starting.values()):
+            task.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1011})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- one request ---------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._client is None:
+            await self.start()
+        started = time.monotonic()
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        path = raw_path + (b"?" + query if query else b"")
+        log = RequestLog(scope["method"], scope["path"] + ("?" + query.decode() if query else ""))
+        request_id = f"{new_ulid()}-{self.region}"
+        try:
+            body = await _Body.read(receive, self.replay_body_limit)
+            await self._route(scope, body, path, request_id, log, send)
+        except _ClientGone:
+            log.error = "client went away"
+        except ProxyError as exc:
+            log.status = exc.status
+            log.error = exc.code
+            log.hops.append(exc.code)
+            await self._error_page(send, exc, request_id, log.machine_id)
+        finally:
+            log.seconds = time.monotonic() - started
+            if self.on_log is not None:
+                self.on_log(log)
+
+    async def _route(
+        self, scope: Scope, body: _Body, path: bytes, request_id: str, log: RequestLog, send: Send
+    ) -> None:
+        headers = self._request_headers(scope, request_id)
+        forced = _header(scope, "fly-force-instance-id")
+        dest = _Destination(app=self.app_name, instance=forced, timeout=self.replay_timeout)
+        delivery = _Delivery(path=path, headers=headers)
+        replays = 0
+        while True:
+            begun = time.monotonic()
+            try:
+                machine, response, note = await self._deliver(dest, scope["method"], body, delivery)
+            except _Unreachable as failure:
+                elapsed = time.monotonic() - begun
+                dest, delivery = self._fallback(dest, delivery, failure, elapsed, log)
+                continue
+            log.hops.append(machine_label(machine) + note)
+            log.machine_id = machine.id
+            try:
+                directive = await self._replay_of(response)
+            except BaseException:
+                await response.aclose()
+                self._done(machine)
+                raise
+            if directive is None:
+                await self._respond(send, response, machine, request_id, log)
+                return
+            await response.aclose()
+            self._done(machine)
+            if delivery.fallback:
+                raise ProxyError("PA03", 502, "a fallback request cannot be replayed again")
+            if not body.replayable:
+                raise ProxyError(
+                    "PA03",
+                    502,
+                    f"a request with a body over {self.replay_body_limit} bytes cannot be replayed",
+                )
+            replays += 1
+            if replays > MAX_REPLAYS:
+                raise ProxyError("PA02", 502, f"more than {MAX_REPLAYS} replays for one request")
+            log.hops.append(
+                "elsewhere" if directive.elsewhere and not directive.instance else "replay"
+            )
+            dest, delivery = self._replayed(dest, delivery, directive, machine)
+
+    def _replayed(
+        self, dest: _Destination, delivery: _Delivery, directive: _Directive, machine: Machine
+    ) -> tuple[_Destination, _Delivery]:
+        app = directive.app or dest.app
+        self._apps.add(app)
+        region = machine.region or self.region
+        src = f"instance={machine.id};region={region};t={time.time_ns() // 1000}"
+        if directive.state is not None:
+            src += f";state={directive.state}"
+        headers = [(k, v) for k, v in delivery.headers if k.lower() not in directive.delete_headers]
+        if directive.set_headers:
+            names = {k.lower() for k, _ in directive.set_headers}
+            headers = [(k, v) for k, v in headers if k.lower() not in names]
+            headers.extend(directive.set_headers)
+        path = delivery.path
+        if directive.transform_path is not None:
+            path = directive.transform_path.encode()
+        new_dest = _Destination(
+            app=app,
+            instance=directive.instance,
+            prefer_instance=directive.prefer_instance,
+            regions=directive.regions,
+            exclude=frozenset({machine.id}) if directive.elsewhere else frozenset(),
+            timeout=directive.timeout if directive.timeout is not None else self.replay_timeout,
+            fallback=directive.fallback,
+            issuer=machine,
+            issuer_app=dest.app,
+        )
+        return new_dest, _Delivery(path=path, headers=headers, extra={"fly-replay-src": src})
+
+    def _fallback(
+        self,
+        dest: _Destination,
+        delivery: _Delivery,
+        failure: _Unreachable,
+        elapsed: float,
+        log: RequestLog,
+    ) -> tuple[_Destination, _Delivery]:
+        """Where a failed delivery goes next; raises the proxy error when nowhere."""
+        log.hops.append(f"{self._label(dest.app, failure.target)} ✗ {failure.reason}")
+        issuer = dest.issuer
+        if issuer is None or dest.fallback is None or delivery.fallback:
+            status = 503 if failure.reason == "no_candidate" else 502
+            code = "PR04" if failure.reason == "no_candidate" else "PC01"
+            raise ProxyError(code, status, failure.detail)
+        app = dest.issuer_app or self.app_name
+        failed = (
+            f"instance={failure.target or ''};app={dest.app};region={self.region};"
+            f"replay_source={issuer.id};reason={failure.reason};"
+            f"elapsed_ms={round(elapsed * 1000)}"
+        )
+        log.hops.append("fallback")
+        if dest.fallback == "force_self":
+            new_dest = _Destination(app=app, instance=issuer.id, timeout=self.replay_timeout)
+        else:
+            new_dest = _Destination(app=app, prefer_instance=issuer.id, timeout=self.replay_timeout)
+        return new_dest, replace(delivery, extra={"fly-replay-failed": failed}, fallback=True)
+
+    def _label(self, app: str, machine_id: str | None) -> str:
+        if machine_id is None:
+            return app
+        try:
+            return machine_label(self.machines.get(app, machine_id))
+        except EmulatorError:
+            return machine_id[:4]
+
+    # -- delivering ----------------------------------------------------------------------------
+
+    async def _deliver(
+        self, dest: _Destination, method: str, body: _Body, delivery: _Delivery
+    ) -> tuple[Machine, httpx.Response, str]:
+        """Send the request to a Machine of `dest`; its response once the headers are in."""
+        assert self._client is not None
+        begun = time.monotonic()
+        deadline = begun + dest.timeout
+        attempts = 0
+        while True:
+            machine, note, headers_extra = await self._acquire(dest, deadline)
+            address = self.addresses.address(machine.id)
+            if address is None:  # stopped between the check and now: look again
+                attempts += 1
+                if attempts > _MAX_CONNECT_RETRIES or time.monotonic() >= deadline:
+                    raise _Unreachable(
+                        "retries_exhausted", f"Machine {machine.id} has no process", machine.id
+                    )
+                await asyncio.sleep(0.05)
+                continue
+            host, port = address
+            headers = list(delivery.headers)
+            headers.extend(delivery.extra.items())
+            headers.extend(headers_extra.items())
+            url = httpx.URL(scheme="http", host=host, port=port, raw_path=delivery.path)
+            request = self._client.build_request(
+                method, url, headers=headers, content=body.content()
+            )
+            self._busy(machine)
+            try:
+                response = await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self._done(machine)
+                # Nothing was sent: a process that just died is seen now and started again.
+                await self.addresses.reap(machine.id)
+                attempts += 1
+                if (
+                    attempts > _MAX_CONNECT_RETRIES
+                    or time.monotonic() >= deadline
+                    or not body.complete  # a streamed body cannot be sent twice
+                ):
+                    raise _Unreachable(
+                        "retries_exhausted",
+                        f"Machine {machine.id} refused the connection ({exc})",
+                        machine.id,
+                    ) from exc
+                await asyncio.sleep(0.05 * attempts)
+                continue
+            except httpx.HTTPError as exc:
+                self._done(machine)
+                raise ProxyError(
+                    "PU02", 502, f"failed to complete the request to Machine {machine.id}: {exc}"
+                ) from exc
+            return machine, response, note
+
+    async def _acquire(
+        self, dest: _Destination, deadline: float
+    ) -> tuple[Machine, str, dict[str, str]]:
+        """A started Machine for `dest` (starting one if needed), a log note, extra headers."""
+        unavailable: set[str] = set()
+        while True:
+            candidates = self._candidates(dest, unavailable)
+            if not candidates:
+                target = dest.instance
+                what = f"Machine {target}" if target else f"a Machine of app {dest.app!r}"
+                raise _Unreachable("no_candidate", f"no candidate: {what} is not available", target)
+            machine = candidates[0]
+            extra: dict[str, str] = {}
+            if dest.prefer_instance and machine.id != dest.prefer_instance:
+                extra["fly-preferred-instance-unavailable"] = dest.prefer_instance
+            state = machine.state or ""
+            if state == "started" and self.addresses.address(machine.id) is not None:
+                return machine, self._cold_note(machine, None), extra
+            if state in _TRANSITIONAL or state == "started":
+                if state == "started":  # no process: perhaps it just died; have it noticed
+                    await self.addresses.reap(machine.id)
+                if time.monotonic() >= deadline:
+                    raise _Unreachable(
+                        "timeout", f"Machine {machine.id} did not settle in time", machine.id
+                    )
+                await asyncio.sleep(0.05)
+                continue
+            if state in _STARTABLE and self._autostart(machine):
+                begun = time.monotonic()
+                try:
+                    started = await self._ensure_started(dest.app, machine, deadline)
+                except _Unreachable:
+                    if dest.instance:
+                        raise
+                    unavailable.add(machine.id)  # try another candidate
+                    continue
+                return started, self._cold_note(started, time.monotonic() - begun), extra
+            unavailable.add(machine.id)
+
+    def _candidates(self, dest: _Destination, unavailable: set[str]) -> list[Machine]:
+        machines = self.machines.list(dest.app)
+        if not machines and dest.app != self.app_name:
+            raise ProxyError("PA04", 502, f"replay target app {dest.app!r} not found")
+        if dest.instance:
+            return [m for m in machines if m.id == dest.instance and m.id not in unavailable]
+        # Ordinary traffic goes to app Machines; an app of only function Machines (the `app`
+        # strategy's function app) is balanced over all of them.
+        pool = [m for m in machines if not is_function_machine(m)] or machines
+        pool = [m for m in pool if m.id not in dest.exclude and m.id not in unavailable]
+        if dest.regions and "any" not in dest.regions:
+            pool = [m for m in pool if (m.region or self.region) in dest.regions]
+
+        def rank(m: Machine) -> tuple[int, int, int, float]:
+            preferred = 0 if m.id == dest.prefer_instance else 1
+            ready = 0 if m.state == "started" else 1 if m.state in _TRANSITIONAL else 2
+            return (preferred, ready, self._inflight[m.id], random.random())
+
+        return sorted(pool, key=rank)
+
+    @staticmethod
+    def _autostart(machine: Machine) -> bool:
+        services = machine.config.services if machine.config is not None else None
+        return not services or any(s.autostart is not False for s in services)
+
+    async def _ensure_started(self, app: str, machine: Machine, deadline: float) -> Machine:
+        task = self._starting.get(machine.id)
+        if task is None:
+            # Not bound to this request: a start outlives a request that gives up waiting.
+            task = asyncio.ensure_future(self.machines.start_and_wait(app, machine.id))
+            self._starting[machine.id] = task
+            task.add_done_callback(lambda _: self._starting.pop(machine.id, None))
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError as exc:
+            raise _Unreachable(
+                "timeout", f"Machine {machine.id} did not start in time", machine.id
+            ) from exc
+        except EmulatorError as exc:
+            raise _Unreachable(
+                "retries_exhausted", f"Machine {machine.id} failed to start: {exc}", machine.id
+            ) from exc
+
+    def _cold_note(self, machine: Machine, waited: float | None) -> str:
+        """`(cold 1.8s)` on the first request a Machine's process serves."""
+        pid = self.addresses.pid(machine.id)
+        if pid is None or self._seen_pid.get(machine.id) == pid:
+            return ""
+        self._seen_pid[machine.id] = pid
+        boot = waited if waited is not None else self.addresses.boot_seconds(machine.id)
+        return f" (cold {boot:.1f}s)" if boot is not None else " (cold)"
+
+    async def _replay_of(self, response: httpx.Response) -> _Directive | None:
+        header = response.headers.get("fly-replay")
+        if header is not None:
+            return _parse_replay_header(header)
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != REPLAY_JSON_TYPE:
+            return None
+        raw = b""
+        async for chunk in response.aiter_raw():
+            raw += chunk
+            if len(raw) > _REPLAY_JSON_LIMIT:
+                raise ProxyError("PA03", 502, "fly-replay JSON body too large")
+        try:
+            fields = json.loads(raw)
+        except ValueError as exc:
+            raise ProxyError("PA03", 502, "invalid fly-replay JSON body") from exc
+        if not isinstance(fields, dict):
+            raise ProxyError("PA03", 502, "fly-replay JSON body must be an object")
+        return _directive(fields)
+
+    async def _respond(
+        self,
+        send: Send,
+        response: httpx.Response,
+        machine: Machine,
+        request_id: str,
+        log: RequestLog,
+    ) -> None:
+        try:
+            listed = _connection_tokens(response.headers.get_list("connection"))
+            headers = [
+                (k, v)
+                for k, v in response.headers.raw
+                if k.lower().decode("latin-1") not in HOP_BY_HOP | listed
+                and k.lower() not in (b"fly-request-id", b"x-flyfn-machine")
+            ]
+            headers.append((b"fly-request-id", request_id.encode()))
+            headers.append((b"x-flyfn-machine", machine.id.encode()))
+            headers.append((b"via", _VIA.encode()))
+            log.status = response.status_code
+            await send(
+                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            )
+            try:
+                async for chunk in response.aiter_raw():
+                    log.size += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.HTTPError:
+                # Too late for an error page: leave the response incomplete so the client's
+                # connection is closed rather than a truncated body looking whole.
+                log.error = "PU02 upstream closed mid-response"
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+            self._done(machine)
+
+    async def _error_page(
+        self, send: Send, exc: ProxyError, request_id: str, machine_id: str | None
+    ) -> None:
+        body = f"{exc.code}: {exc.message}\nfly-request-id: {request_id}\n".encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"fly-request-id", request_id.encode()),
+            (b"x-flyfn-proxy-error", exc.code.encode()),
+            (b"via", _VIA.encode()),
+        ]
+        if machine_id is not None:
+            headers.append((b"x-flyfn-machine", machine_id.encode()))
+        with contextlib.suppress(Exception):  # the response may already have started
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    def _request_headers(self, scope: Scope, request_id: str) -> list[tuple[str, str]]:
+        raw: list[tuple[str, str]] = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+        ]
+        listed = _connection_tokens(v for k, v in raw if k.lower() == "connection")
+        drop = HOP_BY_HOP | listed | _PROXY_REQUEST_HEADERS | {"content-length"}
+        client_ip = (scope.get("client") or ("127.0.0.1", 0))[0]
+        server_port = (scope.get("server") or ("127.0.0.1", 80))[1]
+        forwarded_for = [v for k, v in raw if k.lower() == "x-forwarded-for"]
+        via = [v for k, v in raw if k.lower() == "via"]
+        headers = [(k, v) for k, v in raw if k.lower() not in drop | {"x-forwarded-for", "via"}]
+        headers.extend(
+            [
+                ("fly-request-id", request_id),
+                ("fly-region", self.region),
+                ("fly-client-ip", client_ip),
+                ("fly-forwarded-port", str(server_port)),
+                ("x-forwarded-for", ", ".join([*forwarded_for, client_ip])),
+                ("x-forwarded-proto", scope.get("scheme", "http")),
+                ("x-forwarded-port", str(server_port)),
+                ("via", ", ".join([*via, _VIA])),
+            ]
+        )
+        return headers
+
+    # -- load and autostop ---------------------------------------------------------------------
+
+    def _busy(self, machine: Machine) -> None:
+        self._inflight[machine.id] += 1
+        self._last_active[machine.id] = time.monotonic()
+
+    def _done(self, machine: Machine) -> None:
+        self._inflight[machine.id] = max(0, self._inflight[machine.id] - 1)
+        self._last_active[machine.id] = time.monotonic()
+
+    async def _autostop_loop(self) -> None:
+        interval = min(max(self.idle_stop / 4, 0.2), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.autostop_once()
+            except Exception as exc:  # the loop must survive one bad pass
+                if self.on_log is not None:
+                    self.on_log(RequestLog("AUTOSTOP", "-", error=f"failed: {exc}"))
+
+    async def autostop_once(self, now: float | None = None) -> list[str]:
+        """Stop or suspend each started Machine idle for `idle_stop` seconds; their ids."""
+        now = time.monotonic() if now is None else now
+        acted: list[str] = []
+        for app in sorted(self._apps):
+            machines = self.machines.list(app)
+            started = [m for m in machines if m.state == "started"]
+            for machine in started:
+                mode, keep = _autostop_of(machine)
+                last = self._last_active.setdefault(machine.id, now)
+                if mode == "off" or self._inflight[machine.id] or now - last < self.idle_stop:
+                    continue
+                peers = [m for m in started if _role(m) == _role(machine) and m.id not in acted]
+                if len(peers) <= keep:
+                    continue
+                try:
+                    if mode == "suspend":
+                        await self.machines.suspend(app, machine.id)
+                    else:
+                        await self.machines.stop(app, machine.id)
+                except EmulatorError:
+                    continue
+                self._last_active.pop(machine.id, None)
+                acted.append(machine.id)
+                if self.on_log is not None:
+                    verb = "suspended" if mode == "suspend" else "stopped"
+                    self.on_log(
+                        RequestLog(
+                            "AUTOSTOP",
+                            machine_label(machine),
+                            hops=[f"{verb} after {now - last:.0f}s idle"],
+                        )
+                    )
+        return acted
+
+    def inflight(self, machine_id: str) -> int:
+        """Requests the proxy is delivering to the Machine right now."""
+        return self._inflight[machine_id]
+
+
+def _role(machine: Machine) -> str | None:
+    env = machine.config.env if machine.config is not None else None
+    return (env or {}).get("FLYFN_GROUP")
+
+
+def _autostop_of(machine: Machine) -> tuple[str, int]:
+    """The Machine's autostop mode and min_machines_running over its services."""
+    services = (machine.config.services if machine.config is not None else None) or []
+    modes = {str(s.autostop) for s in services if s.autostop is not None}
+    mode = "suspend" if "suspend" in modes else "stop" if "stop" in modes else "off"
+    keep = max((s.min_machines_running or 0 for s in services), default=0)
+    return mode, keep
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    key = name.encode()
+    for k, v in scope["headers"]:
+        if k.lower() == key:
+            return str(v.decode("latin-1"))
+    return None
+
+
+def _connection_tokens(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())

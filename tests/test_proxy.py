@@ -1,0 +1,666 @@
+"""The local Fly Proxy: routing, fly-replay semantics, limits, autostart/autostop.
+
+Most tests run the proxy in-process over a fake fleet: Machines live in a real `MachinesEmulator`
+whose runtime is `FakeFleet`, which also answers the proxy's upstream requests (an httpx
+transport) with per-Machine handlers. Streaming and concurrency run against real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from flyfn.emulator.proxy import FlyProxy, RequestLog
+from flyfn.emulator.state import MachinesEmulator
+from flyfn.emulator.supervisor import ProcessRuntime
+from flyfn.machines.models import (
+    CreateMachineRequest,
+    Machine,
+    MachineConfig,
+    MachineRestart,
+    MachineService,
+)
+
+APP = "web"
+pytestmark = pytest.mark.timeout(60)
+
+Handler = Callable[[str, httpx.Request, bytes], httpx.Response]
+
+
+def echo(machine_id: str, request: httpx.Request, body: bytes) -> httpx.Response:
+    return httpx.Response(
+        200,
+        json={"machine": machine_id, "headers": dict(request.headers), "body_len": len(body)},
+        headers={"connection": "x-secret", "x-secret": "1", "keep-alive": "timeout=5"},
+    )
+
+
+def replay_once(value: str) -> Handler:
+    """Answer `fly-replay: value` unless the request is itself a replay or a fallback."""
+
+    def handler(machine_id: str, request: httpx.Request, body: bytes) -> httpx.Response:
+        if "fly-replay-src" in request.headers or "fly-replay-failed" in request.headers:
+            return echo(machine_id, request, body)
+        return httpx.Response(200, headers={"fly-replay": value})
+
+    return handler
+
+
+def route(log: RequestLog) -> str:
+    """The log line without its cold-start notes."""
+    return re.sub(r" \(cold [^)]*\)", "", str(log))
+
+
+@dataclass
+class Delivery:
+    machine_id: str
+    headers: httpx.Headers
+    body: bytes
+    path: str
+
+
+@dataclass
+class FakeFleet(httpx.AsyncBaseTransport):
+    """MachineRuntime + MachineAddresses + upstream transport for emulated Machines."""
+
+    emulator: MachinesEmulator | None = None
+    running: dict[str, int] = field(default_factory=dict)  # machine id -> pid
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    fail_launch: set[str] = field(default_factory=set)
+    launch_delay: dict[str, float] = field(default_factory=dict)
+    silently_dead: set[str] = field(default_factory=set)
+    deliveries: list[Delivery] = field(default_factory=list)
+    launches: list[str] = field(default_factory=list)
+    _ports: dict[str, int] = field(default_factory=dict)
+    _pids: int = 1000
+
+    # MachineRuntime
+    async def launch(self, app: str, machine: Machine) -> None:
+        self.launches.append(machine.id)
+        await asyncio.sleep(self.launch_delay.get(machine.id, 0))
+        if machine.id in self.fail_launch:
+            raise RuntimeError("the command failed")
+        self._pids += 1
+        self.running[machine.id] = self._pids
+
+    async def stop(self, app: str, machine: Machine, signal: str, timeout: float) -> None:
+        self.running.pop(machine.id, None)
+
+    async def suspend(self, app: str, machine: Machine) -> None:
+        self.running.pop(machine.id, None)
+
+    async def resume(self, app: str, machine: Machine) -> None:
+        await self.launch(app, machine)
+
+    async def destroy(self, app: str, machine: Machine) -> None:
+        self.running.pop(machine.id, None)
+
+    # MachineAddresses
+    def address(self, machine_id: str) -> tuple[str, int] | None:
+        if machine_id not in self.running:
+            return None
+        port = self._ports.setdefault(machine_id, 20000 + len(self._ports))
+        return ("127.0.0.1", port)
+
+    def pid(self, machine_id: str) -> int | None:
+        return self.running.get(machine_id)
+
+    def boot_seconds(self, machine_id: str) -> float | None:
+        return 0.5 if machine_id in self.running else None
+
+    async def reap(self, machine_id: str) -> bool:
+        if machine_id not in self.silently_dead:
+            return machine_id not in self.running
+        self.silently_dead.discard(machine_id)
+        self.running.pop(machine_id, None)
+        assert self.emulator is not None
+        for app in (APP, "fnapp"):
+            await self.emulator.machine_exited(app, machine_id, exit_code=137)
+        return True
+
+    # upstream transport
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        machine_id = next(m for m, p in self._ports.items() if p == request.url.port)
+        if machine_id not in self.running or machine_id in self.silently_dead:
+            raise httpx.ConnectError("connection refused", request=request)
+        body = await request.aread()
+        self.deliveries.append(
+            Delivery(machine_id, request.headers, body, request.url.raw_path.decode())
+        )
+        answer = self.handlers.get(machine_id, echo)(machine_id, request, body)
+        # Like a real transport: a body still to be streamed, not one already read.
+        return httpx.Response(
+            answer.status_code, headers=answer.headers, stream=httpx.ByteStream(answer.content)
+        )
+
+
+@dataclass
+class Stack:
+    emulator: MachinesEmulator
+    fleet: FakeFleet
+    proxy: FlyProxy
+    client: httpx.AsyncClient
+    logs: list[RequestLog]
+
+    async def machine(
+        self,
+        *,
+        group: str | None = None,
+        app: str = APP,
+        autostop: str | None = None,
+        min_running: int | None = None,
+        started: bool = True,
+        **config: Any,
+    ) -> Machine:
+        services = [
+            MachineService(
+                protocol="tcp",
+                internal_port=8000,
+                autostart=True,
+                autostop=autostop or "off",
+                min_machines_running=min_running,
+            )
+        ]
+        env = {"FLYFN_GROUP": group} if group else None
+        request = CreateMachineRequest(
+            config=MachineConfig(image="local/p:1", env=env, services=services, **config),
+            skip_launch=not started,
+        )
+        machine = await self.emulator.create(app, request)
+        await self.emulator.settle()
+        return self.emulator.get(app, machine.id)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    fleet = FakeFleet()
+    emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
+    fleet.emulator = emulator
+    logs: list[RequestLog] = []
+    proxy = FlyProxy(
+        emulator, fleet, app_name=APP, idle_stop=0, on_log=logs.append, transport=fleet
+    )
+    transport = httpx.ASGITransport(app=proxy, client=("203.0.113.9", 40000))
+    client = httpx.AsyncClient(transport=transport, base_url="http://myapp.local")
+    try:
+        yield Stack(emulator, fleet, proxy, client, logs)
+    finally:
+        await client.aclose()
+        await proxy.aclose()
+        await emulator.aclose()
+
+
+# -- plain proxying --------------------------------------------------------------------------------
+
+
+async def test_balances_over_started_app_machines_only(stack: Stack) -> None:
+    a = await stack.machine()
+    b = await stack.machine()
+    fn = await stack.machine(group="default")
+    seen = set()
+    for _ in range(30):
+        response = await stack.client.get("/plain/")
+        assert response.status_code == 200
+        assert response.headers["x-flyfn-machine"] == response.json()["machine"]
+        seen.add(response.json()["machine"])
+    assert seen == {a.id, b.id}
+    assert fn.id not in seen
+
+
+async def test_fly_headers_added_and_hop_by_hop_removed(stack: Stack) -> None:
+    machine = await stack.machine()
+    response = await stack.client.get(
+        "/plain/?q=1",
+        headers={
+            "connection": "x-hop",
+            "x-hop": "secret",
+            "te": "trailers",
+            "x-forwarded-for": "198.51.100.1",
+            "fly-client-ip": "spoofed",
+        },
+    )
+    sent = response.json()["headers"]
+    assert sent["host"] == "myapp.local"
+    assert sent["fly-region"] == "local"
+    assert sent["fly-client-ip"] == "203.0.113.9"
+    assert sent["x-forwarded-for"] == "198.51.100.1, 203.0.113.9"
+    assert sent["x-forwarded-proto"] == "http"
+    assert sent["via"] == "1.1 fly.io"
+    assert sent["fly-request-id"] == response.headers["fly-request-id"]
+    assert sent["fly-request-id"].endswith("-local")
+    assert "x-hop" not in sent
+    assert "te" not in sent
+    # The Machine's hop-by-hop answer headers stay between proxy and Machine.
+    assert "x-secret" not in response.headers
+    assert "keep-alive" not in response.headers
+    assert response.headers["x-flyfn-machine"] == machine.id
+    assert stack.fleet.deliveries[-1].path == "/plain/?q=1"
+    # The first request a Machine's process serves is its cold one.
+    pattern = rf"GET /plain/\?q=1 main:{machine.id[:4]} \(cold 0\.5s\) 200 \d+ B \d+ms"
+    assert re.fullmatch(pattern, str(stack.logs[-1]))
+
+
+async def test_no_machine_is_a_short_error_page(stack: Stack) -> None:
+    response = await stack.client.get("/")
+    assert response.status_code == 503
+    assert response.text.startswith("PR04: ")
+    assert response.headers["x-flyfn-proxy-error"] == "PR04"
+    assert "fly-request-id" in response.headers
+
+
+async def test_stopped_app_machine_is_autostarted(stack: Stack) -> None:
+    machine = await stack.machine(started=False)
+    assert machine.state == "created"
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == machine.id
+    assert stack.emulator.get(APP, machine.id).state == "started"
+    assert "(cold" in str(stack.logs[-1])
+
+
+async def test_force_instance_header_reaches_that_machine(stack: Stack) -> None:
+    await stack.machine()
+    fn = await stack.machine(group="default")
+    response = await stack.client.get("/", headers={"fly-force-instance-id": fn.id})
+    assert response.headers["x-flyfn-machine"] == fn.id
+    assert "fly-force-instance-id" not in response.json()["headers"]
+
+
+# -- fly-replay ------------------------------------------------------------------------------------
+
+
+async def test_instance_replay_carries_replay_src(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default")
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};state=s1gned;timeout=5s")
+    response = await stack.client.post("/fn/", content=b"payload")
+    assert response.status_code == 200
+    assert response.headers["x-flyfn-machine"] == fn.id
+    data = response.json()
+    assert data["body_len"] == len(b"payload")
+    src = dict(part.split("=", 1) for part in data["headers"]["fly-replay-src"].split(";"))
+    assert src["instance"] == main.id
+    assert src["region"] == "local"
+    assert src["state"] == "s1gned"
+    assert int(src["t"]) > 1_600_000_000_000_000  # microseconds
+    assert [d.machine_id for d in stack.fleet.deliveries] == [main.id, fn.id]
+    assert f"main:{main.id[:4]} → replay → fn:{fn.id[:4]}" in route(stack.logs[-1])
+
+
+async def test_json_replay_with_transform(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default")
+
+    def handler(machine_id: str, request: httpx.Request, body: bytes) -> httpx.Response:
+        return httpx.Response(
+            200,
+            headers={"content-type": "application/vnd.fly.replay+json"},
+            content=json.dumps(
+                {
+                    "instance": fn.id,
+                    "state": "j",
+                    "transform": {
+                        "path": "/rewritten",
+                        "set_headers": [{"name": "x-added", "value": "yes"}],
+                        "delete_headers": [{"name": "x-drop"}],
+                    },
+                }
+            ),
+        )
+
+    stack.fleet.handlers[main.id] = handler
+    response = await stack.client.get("/orig", headers={"x-drop": "1"})
+    assert response.headers["x-flyfn-machine"] == fn.id
+    last = stack.fleet.deliveries[-1]
+    assert last.path == "/rewritten"
+    assert last.headers["x-added"] == "yes"
+    assert "x-drop" not in last.headers
+    assert "state=j" in last.headers["fly-replay-src"]
+
+
+async def test_elsewhere_bounces_to_another_app_machine(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default")
+    stack.fleet.handlers[fn.id] = replay_once("elsewhere=true")
+    response = await stack.client.get("/plain/", headers={"fly-force-instance-id": fn.id})
+    assert response.headers["x-flyfn-machine"] == main.id
+    assert f"fn:{fn.id[:4]} → elsewhere → main:{main.id[:4]}" in route(stack.logs[-1])
+
+
+async def test_elsewhere_with_nowhere_else_is_an_error(stack: Stack) -> None:
+    main = await stack.machine()
+    stack.fleet.handlers[main.id] = replay_once("elsewhere=true")
+    response = await stack.client.get("/")
+    assert response.status_code == 503
+    assert response.headers["x-flyfn-proxy-error"] == "PR04"
+
+
+async def test_app_replay_balances_over_the_other_app(stack: Stack) -> None:
+    main = await stack.machine()
+    f1 = await stack.machine(group="pdf", app="fnapp")
+    stack.fleet.handlers[main.id] = replay_once("app=fnapp")
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == f1.id
+    stack.fleet.handlers[main.id] = replay_once("app=nosuchapp")
+    response = await stack.client.get("/")
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA04"
+
+
+async def test_prefer_instance_falls_back_to_another_machine(stack: Stack) -> None:
+    main = await stack.machine()
+    good = await stack.machine(group="g", app="fnapp")
+    bad = await stack.machine(group="g", app="fnapp", started=False)
+    stack.fleet.fail_launch.add(bad.id)
+    stack.fleet.handlers[main.id] = replay_once(f"app=fnapp;prefer_instance={bad.id}")
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == good.id
+    assert response.json()["headers"]["fly-preferred-instance-unavailable"] == bad.id
+    # And when the preferred one is fine, it is the one used.
+    stack.fleet.handlers[main.id] = replay_once(f"app=fnapp;prefer_instance={good.id}")
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == good.id
+    assert "fly-preferred-instance-unavailable" not in response.json()["headers"]
+
+
+async def test_region_filter(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="g", app="fnapp")
+    stack.fleet.handlers[main.id] = replay_once('app=fnapp;region="iad,local"')
+    assert (await stack.client.get("/")).headers["x-flyfn-machine"] == fn.id
+    stack.fleet.handlers[main.id] = replay_once("app=fnapp;region=iad;fallback=force_self")
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == main.id
+    failed = response.json()["headers"]["fly-replay-failed"]
+    assert "reason=no_candidate" in failed
+
+
+async def test_stopped_target_is_autostarted_cold(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", started=False)
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == fn.id
+    assert stack.emulator.get(APP, fn.id).state == "started"
+    assert f"fn:{fn.id[:4]} (cold" in str(stack.logs[-1])
+    # The next one is warm.
+    await stack.client.get("/")
+    assert "cold" not in str(stack.logs[-1])
+
+
+async def test_target_that_cannot_start_falls_back_to_the_issuer(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", started=False)
+    stack.fleet.fail_launch.add(fn.id)
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};timeout=5s;fallback=force_self")
+    response = await stack.client.get("/pdf/")
+    assert response.status_code == 200
+    assert response.headers["x-flyfn-machine"] == main.id
+    failed = dict(
+        part.split("=", 1) for part in response.json()["headers"]["fly-replay-failed"].split(";")
+    )
+    assert failed["instance"] == fn.id
+    assert failed["app"] == APP
+    assert failed["replay_source"] == main.id
+    assert failed["reason"] == "retries_exhausted"
+    assert int(failed["elapsed_ms"]) >= 0
+    assert "fly-replay-src" not in response.json()["headers"]
+    assert "fallback" in str(stack.logs[-1])
+
+
+async def test_target_that_cannot_start_without_fallback_is_an_error(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", started=False)
+    stack.fleet.fail_launch.add(fn.id)
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    response = await stack.client.get("/")
+    assert response.status_code == 502
+    assert response.text.startswith("PC01: ")
+
+
+async def test_replay_timeout_triggers_fallback(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", started=False)
+    stack.fleet.launch_delay[fn.id] = 30  # far beyond the replay's timeout
+    stack.fleet.handlers[main.id] = replay_once(
+        f"instance={fn.id};timeout=100ms;fallback=force_self"
+    )
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == main.id
+    assert "reason=timeout" in response.json()["headers"]["fly-replay-failed"]
+
+
+async def test_prefer_self_fallback_may_use_another_app_machine(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", started=False)
+    stack.fleet.fail_launch.add(fn.id)
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};fallback=prefer_self")
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == main.id
+    assert "fly-replay-failed" in response.json()["headers"]
+
+
+async def test_fallback_request_cannot_replay_again(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", started=False)
+    stack.fleet.fail_launch.add(fn.id)
+    stack.fleet.handlers[main.id] = lambda m, r, b: httpx.Response(
+        200, headers={"fly-replay": f"instance={fn.id};fallback=force_self"}
+    )
+    response = await stack.client.get("/")
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA03"
+
+
+async def test_more_than_ten_replays_fail_with_pa02(stack: Stack) -> None:
+    a = await stack.machine()
+    b = await stack.machine()
+    for machine in (a, b):
+        stack.fleet.handlers[machine.id] = lambda m, r, body: httpx.Response(
+            200, headers={"fly-replay": "elsewhere=true"}
+        )
+    response = await stack.client.get("/loop")
+    assert response.status_code == 502
+    assert response.text.startswith("PA02: ")
+    assert len(stack.fleet.deliveries) == 11  # the request, then ten replays
+
+
+async def test_ten_replays_are_allowed(stack: Stack) -> None:
+    a = await stack.machine()
+    b = await stack.machine()
+
+    def bounce(machine_id: str, request: httpx.Request, body: bytes) -> httpx.Response:
+        if len(stack.fleet.deliveries) <= 10:
+            return httpx.Response(200, headers={"fly-replay": "elsewhere=true"})
+        return echo(machine_id, request, body)
+
+    stack.fleet.handlers[a.id] = stack.fleet.handlers[b.id] = bounce
+    response = await stack.client.get("/")
+    assert response.status_code == 200
+    assert len(stack.fleet.deliveries) == 11
+
+
+async def test_invalid_replay_is_pa03(stack: Stack) -> None:
+    main = await stack.machine()
+    stack.fleet.handlers[main.id] = replay_once("instance=x;timeout=soon")
+    response = await stack.client.get("/")
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA03"
+    assert response.headers["x-flyfn-machine"] == main.id
+
+
+async def test_body_up_to_the_limit_is_replayed_whole(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default")
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    body = b"a" * 1_000_000
+    response = await stack.client.post("/upload", content=body)
+    assert response.headers["x-flyfn-machine"] == fn.id
+    assert stack.fleet.deliveries[-1].body == body
+
+
+async def test_body_over_the_limit_is_not_replayed(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default")
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    response = await stack.client.post("/upload", content=b"a" * 1_000_001)
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA03"
+    assert "cannot be replayed" in response.text
+    assert [d.machine_id for d in stack.fleet.deliveries] == [main.id]
+
+
+async def test_large_streamed_upload_without_replay_arrives_whole(stack: Stack) -> None:
+    await stack.machine()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"b" * 65536
+
+    response = await stack.client.post("/upload", content=chunks())
+    assert response.status_code == 200
+    assert response.json()["body_len"] == 40 * 65536
+
+
+async def test_silently_dead_machine_is_noticed_and_restarted(stack: Stack) -> None:
+    machine = await stack.machine(restart=MachineRestart(policy="no"))
+    stack.fleet.silently_dead.add(machine.id)
+    response = await stack.client.get("/")
+    assert response.status_code == 200
+    assert response.headers["x-flyfn-machine"] == machine.id
+    assert stack.fleet.launches.count(machine.id) == 2
+
+
+# -- autostop --------------------------------------------------------------------------------------
+
+
+async def test_autostop_stops_and_suspends_idle_machines(stack: Stack) -> None:
+    stack.proxy.idle_stop = 60
+    main = await stack.machine()  # autostop off
+    stopper = await stack.machine(group="a", autostop="stop")
+    suspender = await stack.machine(group="b", autostop="suspend")
+    kept = await stack.machine(group="c", autostop="stop", min_running=1)
+    assert await stack.proxy.autostop_once(now=1000.0) == []  # first seen: not idle yet
+    assert await stack.proxy.autostop_once(now=1030.0) == []
+    acted = await stack.proxy.autostop_once(now=1061.0)
+    assert sorted(acted) == sorted([stopper.id, suspender.id])
+    await stack.emulator.settle()
+    assert stack.emulator.get(APP, stopper.id).state == "stopped"
+    assert stack.emulator.get(APP, suspender.id).state == "suspended"
+    assert stack.emulator.get(APP, kept.id).state == "started"
+    assert stack.emulator.get(APP, main.id).state == "started"
+    assert any("stopped after" in str(log) for log in stack.logs)
+
+
+async def test_autostop_waits_for_in_flight_requests(stack: Stack) -> None:
+    stack.proxy.idle_stop = 60
+    fn = await stack.machine(group="a", autostop="stop")
+    await stack.proxy.autostop_once(now=1000.0)
+    stack.proxy._busy(fn)  # a request is being served
+    assert await stack.proxy.autostop_once(now=2000.0) == []
+    stack.proxy._done(fn)
+    assert await stack.proxy.autostop_once() == []  # just finished: idle time starts now
+
+
+# -- real processes: streaming and concurrency -----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def real() -> AsyncIterator[tuple[FlyProxy, ProcessRuntime, Machine]]:
+    runtime = ProcessRuntime(
+        "tests.e2e.echo_app:app", cwd=ROOT, output=io.StringIO(), boot_timeout=20
+    )
+    emulator = MachinesEmulator(runtime=runtime, default_app=APP)
+    runtime.attach(emulator)
+    proxy = FlyProxy(emulator, runtime, app_name=APP, idle_stop=0)
+    try:
+        machine = await emulator.create(
+            APP, CreateMachineRequest(config=MachineConfig(image="local/p:1"))
+        )
+        machine = await emulator.wait_for_state(APP, machine.id, "started", timeout=20)
+        yield proxy, runtime, machine
+    finally:
+        await proxy.aclose()
+        await emulator.aclose()
+        await runtime.aclose(grace=1.0)
+
+
+async def test_fifty_megabytes_stream_through_without_buffering(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    proxy, _, _machine = real
+    size = 50 * 1024 * 1024
+    received = 0
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        nonlocal received
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        else:
+            received += len(message.get("body", b""))
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/big",
+        "raw_path": b"/big",
+        "query_string": f"n={size}".encode(),
+        "headers": [(b"host", b"x")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8080),
+        "scheme": "http",
+    }
+    tracemalloc.start()
+    try:
+        await proxy(scope, receive, send)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == [200]
+    assert received == size
+    assert peak < 10 * 1024 * 1024, f"proxy held {peak} bytes at once"
+
+
+async def test_holds_two_hundred_concurrent_connections(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    proxy, _, machine = real
+    config = uvicorn.Config(proxy, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+            async def one() -> dict[str, Any]:
+                response = await client.get(f"http://127.0.0.1:{port}/slow?s=1.5")
+                assert response.status_code == 200
+                data: dict[str, Any] = response.json()
+                return data
+
+            results = await asyncio.gather(*(one() for _ in range(200)))
+        assert all(r["machine"] == machine.id for r in results)
+        # The Machine held all 200 at once: the proxy queued none of them.
+        assert max(r["peak"] for r in results) >= 200
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)

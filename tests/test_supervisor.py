@@ -1,0 +1,275 @@
+"""ProcessRuntime: emulated Machines as real processes (tests/e2e/echo_app.py boots in ~0.3 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flyfn.emulator.state import MachinesEmulator
+from flyfn.emulator.supervisor import ProcessRuntime, is_function_machine, machine_label
+from flyfn.machines.models import (
+    CreateMachineRequest,
+    Machine,
+    MachineConfig,
+    MachineRestart,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = "tests.e2e.echo_app:app"
+APP = "supervised"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _proc_state(pid: int) -> str:
+    # Third field of /proc/<pid>/stat: R, S, T (stopped), Z ...
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def output() -> io.StringIO:
+    return io.StringIO()
+
+
+@pytest.fixture
+async def stack(
+    output: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[MachinesEmulator, ProcessRuntime]]:
+    # Inherited identity must not leak into a Machine.
+    monkeypatch.setenv("FLYFN_GROUP", "leaked")
+    monkeypatch.setenv("FLY_MACHINE_ID", "leaked")
+    runtime = ProcessRuntime(
+        ECHO,
+        api_hostname="http://127.0.0.1:9",
+        api_token="secret-token",
+        cwd=ROOT,
+        output=output,
+        boot_timeout=20,
+    )
+    emulator = MachinesEmulator(runtime=runtime, region="local", default_app=APP)
+    runtime.attach(emulator)
+    try:
+        yield emulator, runtime
+    finally:
+        await emulator.aclose()
+        await runtime.aclose(grace=1.0)
+        assert runtime.pids() == {}
+
+
+async def _create(
+    emulator: MachinesEmulator, env: dict[str, str] | None = None, **config: object
+) -> Machine:
+    request = CreateMachineRequest(
+        config=MachineConfig(image="local/proj:dev-1", env=env, **config)
+    )
+    machine = await emulator.create(APP, request)
+    await emulator.wait_for_state(APP, machine.id, "settled", timeout=20)
+    return emulator.get(APP, machine.id)
+
+
+async def _get(runtime: ProcessRuntime, machine_id: str) -> dict[str, object]:
+    address = runtime.address(machine_id)
+    assert address is not None
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://{address[0]}:{address[1]}/hello")
+    data: dict[str, object] = response.json()
+    return data
+
+
+async def test_machine_runs_with_flys_environment(
+    stack: tuple[MachinesEmulator, ProcessRuntime], output: io.StringIO
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator, env={"FLYFN_GROUP": "pdf", "EXTRA": "1"})
+    assert machine.state == "started"
+    data = await _get(runtime, machine.id)
+    env = data["env"]
+    assert isinstance(env, dict)
+    assert env["FLY_APP_NAME"] == APP
+    assert env["FLY_MACHINE_ID"] == env["FLY_ALLOC_ID"] == machine.id
+    assert env["FLY_IMAGE_REF"] == "local/proj:dev-1"
+    assert env["FLY_REGION"] == env["PRIMARY_REGION"] == "local"
+    assert env["FLY_PRIVATE_IP"] == machine.private_ip
+    assert env["FLY_API_HOSTNAME"] == "http://127.0.0.1:9"
+    assert env["FLY_API_TOKEN"] == "secret-token"
+    assert env["FLYFN_GROUP"] == "pdf"  # the config's env, not the inherited one
+    assert is_function_machine(machine)
+    assert machine_label(machine) == f"fn:{machine.id[:4]}"
+    assert "secret-token" not in repr(runtime)
+
+
+async def test_inherited_identity_is_scrubbed(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator)
+    env = (await _get(runtime, machine.id))["env"]
+    assert isinstance(env, dict)
+    assert "FLYFN_GROUP" not in env
+    assert env["FLY_MACHINE_ID"] == machine.id
+    assert machine_label(machine).startswith("main:")
+
+
+async def test_stop_ends_the_whole_process_group(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator)
+    pid = runtime.pid(machine.id)
+    assert pid is not None
+    assert not _gone(pid)
+    await emulator.stop(APP, machine.id)
+    await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    assert _gone(pid)
+    assert runtime.address(machine.id) is None
+    # Started again: a new process that answers.
+    await emulator.start_and_wait(APP, machine.id, timeout=20)
+    assert runtime.pid(machine.id) not in (None, pid)
+    assert (await _get(runtime, machine.id))["machine"] == machine.id
+
+
+async def test_suspend_freezes_and_resume_thaws(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator)
+    pid = runtime.pid(machine.id)
+    assert pid is not None
+    await emulator.suspend(APP, machine.id)
+    await emulator.wait_for_state(APP, machine.id, "suspended", timeout=10)
+    assert _proc_state(pid) == "T"
+    assert not runtime.is_running(machine.id)
+    await emulator.start_and_wait(APP, machine.id, timeout=10)
+    assert runtime.pid(machine.id) == pid  # the same process, thawed
+    assert _proc_state(pid) != "T"
+    assert (await _get(runtime, machine.id))["machine"] == machine.id
+
+
+async def test_suspended_machine_can_be_stopped(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator)
+    pid = runtime.pid(machine.id)
+    assert pid is not None
+    await emulator.suspend(APP, machine.id)
+    await emulator.wait_for_state(APP, machine.id, "suspended", timeout=10)
+    await emulator.stop(APP, machine.id)
+    await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    assert _gone(pid)
+
+
+async def test_dead_process_is_reported_and_machine_stops(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator, restart=MachineRestart(policy="no"))
+    pid = runtime.pid(machine.id)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    stopped = await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    exits = [e for e in stopped.events or [] if e.type == "exit"]
+    assert exits
+    assert isinstance(exits[0].request, dict)
+    assert exits[0].request["exit_event"]["exit_code"] == 128 + signal.SIGKILL
+    assert runtime.pids() == {}
+
+
+async def test_dead_process_is_restarted_by_default_policy(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator)
+    pid = runtime.pid(machine.id)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert await runtime.reap(machine.id)
+    await emulator.wait_for_state(APP, machine.id, "started", timeout=20)
+    assert runtime.pid(machine.id) not in (None, pid)
+
+
+async def test_failing_command_fails_the_machine_with_its_output(
+    stack: tuple[MachinesEmulator, ProcessRuntime], output: io.StringIO
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator, env={"ECHO_EXIT_ON_BOOT": "3", "FLYFN_GROUP": "x"})
+    assert machine.state == "failed"
+    start_events = [e for e in machine.events or [] if e.status == "failed"]
+    assert start_events
+    assert isinstance(start_events[0].request, dict)
+    assert "exited during boot with code 3" in start_events[0].request["error"]
+    assert f"fn:{machine.id[:4]} | echo app: refusing to boot" in output.getvalue()
+    assert runtime.pids() == {}
+
+
+async def test_concurrent_launches_make_one_process(
+    stack: tuple[MachinesEmulator, ProcessRuntime],
+) -> None:
+    emulator, runtime = stack
+    machine = await _create(emulator)
+    await emulator.stop(APP, machine.id)
+    await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    current = emulator.get(APP, machine.id)
+    await asyncio.gather(*(runtime.launch(APP, current) for _ in range(5)))
+    assert list(runtime.pids()) == [machine.id]
+
+
+CHILD_SCRIPT = """
+import asyncio, sys
+from flyfn.emulator.supervisor import ProcessRuntime
+from flyfn.machines.models import Machine, MachineConfig
+
+async def main():
+    runtime = ProcessRuntime("tests.e2e.echo_app:app", boot_timeout=20)
+    machine = Machine(id="0e1f2a3b4c5d6e", config=MachineConfig(image="x"))
+    await runtime.launch("app", machine)
+    print(runtime.pid(machine.id), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
+    """However the runtime's process ends, no Machine process outlives it."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SCRIPT],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child_pid = None
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        assert not _gone(child_pid)
+        parent.send_signal(sig)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _gone(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child_pid)
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+        if child_pid is not None and not _gone(child_pid):
+            os.killpg(child_pid, signal.SIGKILL)
