@@ -124,6 +124,22 @@ def _kill_leftovers() -> None:
 atexit.register(_kill_leftovers)
 
 
+async def _until_stopped(pid: int, limit: float = 2.0) -> None:
+    """Return once the kernel shows the process stopped (a signal is delivered asynchronously)."""
+    stat = f"/proc/{pid}/stat"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            # procfs reads never block on disk.
+            with open(stat, "rb") as handle:  # noqa: ASYNC230
+                state = handle.read().rsplit(b")", 1)[1].split()[0].decode()
+        except (OSError, IndexError):
+            return  # no procfs (or the process is gone): nothing to wait for
+        if state in ("T", "t", "Z", "X"):
+            return
+        await asyncio.sleep(0.005)
+
+
 def _parse_signal(name: str | None) -> signal.Signals:
     if not name:
         return signal.SIGTERM
@@ -266,6 +282,7 @@ class ProcessRuntime:
             return
         _kill_group(child.pid, signal.SIGSTOP)
         child.suspended = True
+        await _until_stopped(child.pid)
 
     async def resume(self, app: str, machine: Machine) -> None:
         child = self._children.get(machine.id)
