@@ -1,0 +1,224 @@
+"""flyfn's system checks (``manage.py check``): ``flyfn.E0xx`` errors and ``flyfn.W0xx`` warnings.
+
+- flyfn.E001: an invalid ``FLYFN`` or ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` value (key + allowed
+values)
+- flyfn.E002: an unknown ``FLYFN`` key or group option (lists the known ones)
+- flyfn.E003: an unknown HTTP method in a settings-declared view
+- flyfn.E004: a settings-declared url name that does not resolve
+- flyfn.E005: a Fly app name (``FLY_APP_NAME`` / ``FLYFN["APP_NAME"]``) without an API token
+- flyfn.W001: ``flyfn.middleware.FlyReplayMiddleware`` missing from ``MIDDLEWARE``
+- flyfn.W002: the middleware placed after middleware that does per-request I/O
+- flyfn.W003: ``REPLAY_BODY_LIMIT`` above Fly's 1 MB replay limit
+- flyfn.W004: a class-based view marked for a method it has no handler for
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings as django_settings
+from django.core.checks import CheckMessage, Error, Warning, register
+from django.utils.module_loading import import_string
+from django.views import View
+
+from flyfn.conf import (
+    FLY_REPLAY_BODY_LIMIT,
+    SEED_SETTING,
+    FlyfnSettings,
+    SettingsError,
+    get_settings,
+)
+from flyfn.registry import iter_url_names, registry
+
+__all__ = ["IO_MIDDLEWARE", "MIDDLEWARE_PATH"]
+
+MIDDLEWARE_PATH = "flyfn.middleware.FlyReplayMiddleware"
+
+# Middleware whose per-request work (session/user loading, body parsing, cache round trips) a
+# request
+# that is only going to be replayed should not pay for on the app Machine: the function Machine runs
+# the whole stack again anyway. Matched by class, so subclasses count too.
+IO_MIDDLEWARE: dict[str, str] = {
+    "django.contrib.sessions.middleware.SessionMiddleware": "loads the session (store I/O)",
+    "django.contrib.auth.middleware.AuthenticationMiddleware": "loads the user (session + DB)",
+    "django.contrib.auth.middleware.RemoteUserMiddleware": "authenticates every request (DB)",
+    "django.contrib.auth.middleware.PersistentRemoteUserMiddleware": "authenticates (DB)",
+    "django.contrib.auth.middleware.LoginRequiredMiddleware": "loads the user (session + DB)",
+    "django.middleware.csrf.CsrfViewMiddleware": "reads and parses POST bodies",
+    "django.contrib.messages.middleware.MessageMiddleware": "reads and writes message storage",
+    "django.middleware.cache.FetchFromCacheMiddleware": "reads the cache",
+    "django.middleware.cache.CacheMiddleware": "reads the cache",
+}
+
+_HINT_SETTINGS = "See the FLYFN settings table in flyfn's README."
+
+_ISSUE_IDS = {"value": "flyfn.E001", "unknown_key": "flyfn.E002", "method": "flyfn.E003"}
+
+
+def _settings_or_errors() -> tuple[FlyfnSettings | None, list[CheckMessage]]:
+    try:
+        return get_settings(), []
+    except SettingsError as exc:
+        errors: list[CheckMessage] = []
+        for issue in exc.issues:
+            check_id = _ISSUE_IDS.get(issue.kind, "flyfn.E001")
+            hint = _HINT_SETTINGS
+            if issue.kind == "unknown_key":
+                hint = "Check the spelling: FLYFN keys are upper case, group options lower case."
+            elif issue.kind == "method":
+                hint = "Use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS or TRACE."
+            errors.append(Error(str(issue), hint=hint, id=check_id))
+        return None, errors
+
+
+@register("flyfn")
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E001-E003: the settings validate; E005: a token for the app; W003: the body limit."""
+    settings, messages = _settings_or_errors()
+    if settings is None:
+        return messages
+    if settings.app_name and settings.api_token is None:
+        messages.append(
+            Error(
+                f"Fly app {settings.app_name!r} is configured but no Machines API token is set, "
+                "so no function Machine can be created: serverless views fall back.",
+                hint='Set the FLY_API_TOKEN secret: fly secrets set FLY_API_TOKEN="$(fly tokens '
+                "create deploy)\" (or FLYFN['API_TOKEN']).",
+                id="flyfn.E005",
+            )
+        )
+    if settings.replay_body_limit > FLY_REPLAY_BODY_LIMIT:
+        messages.append(
+            Warning(
+                f"FLYFN['REPLAY_BODY_LIMIT'] is {settings.replay_body_limit} bytes, above Fly's "
+                f"replay limit of {FLY_REPLAY_BODY_LIMIT}: larger requests would fail at Fly Proxy "
+                "instead of taking the fallback.",
+                hint=f"Use at most {FLY_REPLAY_BODY_LIMIT} (the default).",
+                id="flyfn.W003",
+            )
+        )
+    return messages
+
+
+@register("flyfn", "urls")
+def check_views(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E004: settings-declared url names resolve; W004: class-based views handle their methods."""
+    messages: list[CheckMessage] = _check_class_views()
+    try:
+        declared = get_settings().declared_views
+    except SettingsError:
+        return messages  # reported by check_settings
+    if not declared:
+        return messages
+    try:
+        known = {name for name, _callback in iter_url_names()}
+    except Exception as exc:  # a broken urlconf: Django's own url checks give the details
+        return [
+            *messages,
+            Error(
+                f"flyfn cannot resolve the url names of its declared views: the urlconf failed "
+                f"to load ({type(exc).__name__}: {exc}).",
+                hint="Fix ROOT_URLCONF first (see the urls.* checks).",
+                id="flyfn.E004",
+            ),
+        ]
+    raw = getattr(django_settings, "FLYFN", None)
+    in_flyfn = raw.get("VIEWS", {}) if isinstance(raw, dict) else {}
+    for name in sorted(declared):
+        if name in known:
+            continue
+        where = 'FLYFN["VIEWS"]' if name in in_flyfn else SEED_SETTING
+        messages.append(
+            Error(
+                f"{where} declares {name!r}, but no url pattern has that name.",
+                hint="Use the name given to path(..., name=...), with its namespace "
+                '("app:url_name"), as for reverse().',
+                id="flyfn.E004",
+            )
+        )
+    return messages
+
+
+def _check_class_views() -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for view, entry in registry.decorated().items():
+        cls = view if isinstance(view, type) else getattr(view, "view_class", None)
+        if not (isinstance(cls, type) and issubclass(cls, View)):
+            continue
+        handled = {m.upper() for m in cls.http_method_names if hasattr(cls, m)}
+        if "GET" in handled:
+            handled.add("HEAD")  # View.setup() answers HEAD with get()
+        missing = sorted(entry.methods - handled)
+        if missing:
+            messages.append(
+                Warning(
+                    f"{entry.name} is marked serverless for {', '.join(missing)} but has no "
+                    "handler for it: those requests are replayed only to be answered 405.",
+                    hint="Drop those methods from @fly_serverless(...) or implement them.",
+                    obj=cls,
+                    id="flyfn.W004",
+                )
+            )
+    return messages
+
+
+def _middleware_class(path: str) -> type | None:
+    try:
+        found = import_string(path)
+    except Exception:  # an unimportable entry: Django reports it when it loads middleware
+        return None
+    return found if isinstance(found, type) else None
+
+
+@register("flyfn")
+def check_middleware(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W001: FlyReplayMiddleware is installed; W002: nothing doing per-request I/O runs before
+    it."""
+    middleware = list(getattr(django_settings, "MIDDLEWARE", None) or [])
+    ours = _middleware_class(MIDDLEWARE_PATH)
+    position = None
+    for index, path in enumerate(middleware):
+        cls = _middleware_class(path) if path != MIDDLEWARE_PATH else ours
+        if path == MIDDLEWARE_PATH or (
+            ours is not None and cls is not None and issubclass(cls, ours)
+        ):
+            position = index
+            break
+    if position is None:
+        return [
+            Warning(
+                f"{MIDDLEWARE_PATH} is not in MIDDLEWARE: serverless views run on this Machine.",
+                hint=f"Add {MIDDLEWARE_PATH!r} near the top of MIDDLEWARE (after "
+                "SecurityMiddleware and WhiteNoise, before sessions and auth).",
+                id="flyfn.W001",
+            )
+        ]
+    io_classes = {p: _middleware_class(p) for p in IO_MIDDLEWARE}
+    before: list[str] = []
+    for path in middleware[:position]:
+        cls = _middleware_class(path)
+        for io_path, io_cls in io_classes.items():
+            if path == io_path or (
+                cls is not None and io_cls is not None and issubclass(cls, io_cls)
+            ):
+                before.append(f"{path} ({IO_MIDDLEWARE[io_path]})")
+                break
+    if not before:
+        return []
+    return [
+        Warning(
+            f"{MIDDLEWARE_PATH} comes after middleware that does per-request I/O: "
+            + "; ".join(before)
+            + ". Requests that are replayed pay for it on the app Machine for nothing.",
+            hint=f"Move {MIDDLEWARE_PATH!r} above them.",
+            id="flyfn.W002",
+        )
+    ]
