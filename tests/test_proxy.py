@@ -283,7 +283,9 @@ async def test_instance_replay_carries_replay_src(stack: Stack) -> None:
     main = await stack.machine()
     fn = await stack.machine(group="default")
     stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};state=s1gned;timeout=5s")
-    response = await stack.client.post("/fn/", content=b"payload")
+    # A client's own fly-replay-src never reaches a replay target next to the proxy's.
+    spoof = {"fly-replay-src": "instance=evil;state=forged"}
+    response = await stack.client.post("/fn/", content=b"payload", headers=spoof)
     assert response.status_code == 200
     assert response.headers["x-flyfn-machine"] == fn.id
     data = response.json()
@@ -294,6 +296,7 @@ async def test_instance_replay_carries_replay_src(stack: Stack) -> None:
     assert src["state"] == "s1gned"
     assert int(src["t"]) > 1_600_000_000_000_000  # microseconds
     assert [d.machine_id for d in stack.fleet.deliveries] == [main.id, fn.id]
+    assert len(stack.fleet.deliveries[-1].headers.get_list("fly-replay-src")) == 1
     assert f"main:{main.id[:4]} → replay → fn:{fn.id[:4]}" in route(stack.logs[-1])
 
 

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass, field, replace
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+)
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
@@ -31,7 +37,12 @@ import httpx
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
 from flyfn.emulator.supervisor import is_function_machine, machine_label
 from flyfn.machines.models import Machine
-from flyfn.replay import ReplayHeaderError, parse_duration
+from flyfn.replay import (
+    REPLAY_JSON_CONTENT_TYPE,
+    FlyReplay,
+    ReplayFailed,
+    ReplayHeaderError,
+)
 
 __all__ = [
     "DEFAULT_IDLE_STOP",
@@ -52,7 +63,6 @@ REPLAY_BODY_LIMIT = 1_000_000
 MAX_REPLAYS = 10
 DEFAULT_REPLAY_TIMEOUT = 30.0
 DEFAULT_IDLE_STOP = 60.0
-REPLAY_JSON_TYPE = "application/vnd.fly.replay+json"
 _REPLAY_JSON_LIMIT = 64 * 1024
 _VIA = "1.1 fly.io"
 _MAX_CONNECT_RETRIES = 5
@@ -183,93 +193,35 @@ class _Directive:
     delete_headers: frozenset[str] = frozenset()
 
 
-_FALLBACKS = frozenset({"force_self", "prefer_self"})
-
-
-def _directive(fields: dict[str, Any]) -> _Directive:
-    """Validate the fields of a fly-replay answer (PA03 when they make no sense)."""
-
-    def text(name: str) -> str | None:
-        value = fields.get(name)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise ProxyError("PA03", 502, f"invalid fly-replay: {name} must be a string")
-        return value
-
-    region = fields.get("region")
-    if isinstance(region, str):
-        regions = tuple(r.strip().lower() for r in region.split(",") if r.strip())
-    elif isinstance(region, list) and all(isinstance(r, str) for r in region):
-        regions = tuple(r.strip().lower() for r in region)
-    elif region is None:
-        regions = ()
-    else:
-        raise ProxyError("PA03", 502, "invalid fly-replay: region must be a string")
-    elsewhere = fields.get("elsewhere", False)
-    if isinstance(elsewhere, str):
-        elsewhere = elsewhere.strip().lower() == "true"
-    timeout_text = text("timeout")
+def _directive(replay: FlyReplay) -> _Directive:
+    """What the proxy does with a parsed fly-replay answer (PA03 when it makes no sense)."""
+    transform = replay.transform or {}
     try:
-        timeout = parse_duration(timeout_text) if timeout_text else None
-    except ReplayHeaderError as exc:
-        raise ProxyError("PA03", 502, f"invalid fly-replay: {exc}") from exc
-    fallback = text("fallback")
-    if fallback is not None and fallback not in _FALLBACKS:
-        raise ProxyError("PA03", 502, f"invalid fly-replay: unknown fallback {fallback!r}")
-    transform = fields.get("transform") or {}
-    if not isinstance(transform, dict):
-        raise ProxyError("PA03", 502, "invalid fly-replay: transform must be an object")
-    set_headers = tuple(
-        (str(h["name"]), str(h["value"]))
-        for h in transform.get("set_headers") or ()
-        if isinstance(h, dict) and "name" in h and "value" in h
-    )
-    delete_headers = frozenset(
-        str(h.get("name") if isinstance(h, dict) else h).lower()
-        for h in transform.get("delete_headers") or ()
-    )
+        set_headers = tuple(
+            (str(h["name"]), str(h["value"])) for h in transform.get("set_headers") or ()
+        )
+        delete_headers = frozenset(
+            str(h["name"] if isinstance(h, Mapping) else h).lower()
+            for h in transform.get("delete_headers") or ()
+        )
+    except (KeyError, TypeError) as exc:
+        raise ProxyError("PA03", 502, "invalid fly-replay transform") from exc
     path = transform.get("path")
+    if path is not None and not (isinstance(path, str) and path.startswith("/")):
+        raise ProxyError("PA03", 502, "invalid fly-replay transform path")
     return _Directive(
-        instance=text("instance"),
-        prefer_instance=text("prefer_instance"),
-        app=text("app"),
-        regions=regions,
-        elsewhere=bool(elsewhere),
-        state=text("state"),
-        timeout=timeout,
-        fallback=fallback,
-        transform_path=path if isinstance(path, str) and path.startswith("/") else None,
+        instance=replay.instance,
+        prefer_instance=replay.prefer_instance,
+        app=replay.app,
+        regions=tuple(r.lower() for r in replay.region),
+        elsewhere=replay.elsewhere,
+        state=replay.state,
+        timeout=replay.timeout_seconds,
+        fallback=replay.fallback,
+        transform_path=path,
         set_headers=set_headers,
         delete_headers=delete_headers,
     )
-
-
-def _parse_replay_header(value: str) -> _Directive:
-    fields: dict[str, Any] = {}
-    for part in _split_fields(value):
-        name, sep, raw = part.partition("=")
-        if not sep:
-            raise ProxyError("PA03", 502, f"invalid fly-replay field {part!r}")
-        fields[name.strip().lower()] = raw.strip().strip('"')
-    return _directive(fields)
-
-
-def _split_fields(value: str) -> list[str]:
-    # `;` separates fields; a quoted value (region="iad,ord") may contain commas.
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in value:
-        if char == '"':
-            quoted = not quoted
-        if char == ";" and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -550,17 +502,23 @@ class FlyProxy:
             code = "PR04" if failure.reason == "no_candidate" else "PC01"
             raise ProxyError(code, status, failure.detail)
         app = dest.issuer_app or self.app_name
-        failed = (
-            f"instance={failure.target or ''};app={dest.app};region={self.region};"
-            f"replay_source={issuer.id};reason={failure.reason};"
-            f"elapsed_ms={round(elapsed * 1000)}"
-        )
+        failed = ReplayFailed(
+            instance=failure.target,
+            app=dest.app,
+            region=self.region,
+            replay_source=issuer.id,
+            reason=failure.reason,
+            elapsed_ms=round(elapsed * 1000),
+        ).to_header()
+        headers = [(k, v) for k, v in delivery.headers if k.lower() not in _REPLAY_REQUEST_HEADERS]
         log.hops.append("fallback")
         if dest.fallback == "force_self":
             new_dest = _Destination(app=app, instance=issuer.id, timeout=self.replay_timeout)
         else:
             new_dest = _Destination(app=app, prefer_instance=issuer.id, timeout=self.replay_timeout)
-        return new_dest, replace(delivery, extra={"fly-replay-failed": failed}, fallback=True)
+        return new_dest, _Delivery(
+            path=delivery.path, headers=headers, extra={"fly-replay-failed": failed}, fallback=True
+        )
 
     def _label(self, app: str, machine_id: str | None) -> str:
         if machine_id is None:
@@ -722,9 +680,12 @@ class FlyProxy:
     async def _replay_of(self, response: httpx.Response) -> _Directive | None:
         header = response.headers.get("fly-replay")
         if header is not None:
-            return _parse_replay_header(header)
+            try:
+                return _directive(FlyReplay.parse(header))
+            except ReplayHeaderError as exc:
+                raise ProxyError("PA03", 502, f"invalid fly-replay: {exc}") from exc
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != REPLAY_JSON_TYPE:
+        if content_type != REPLAY_JSON_CONTENT_TYPE:
             return None
         raw = b""
         async for chunk in response.aiter_raw():
@@ -732,12 +693,9 @@ class FlyProxy:
             if len(raw) > _REPLAY_JSON_LIMIT:
                 raise ProxyError("PA03", 502, "fly-replay JSON body too large")
         try:
-            fields = json.loads(raw)
-        except ValueError as exc:
-            raise ProxyError("PA03", 502, "invalid fly-replay JSON body") from exc
-        if not isinstance(fields, dict):
-            raise ProxyError("PA03", 502, "fly-replay JSON body must be an object")
-        return _directive(fields)
+            return _directive(FlyReplay.from_json(raw))
+        except ReplayHeaderError as exc:
+            raise ProxyError("PA03", 502, f"invalid fly-replay: {exc}") from exc
 
     async def _respond(
         self,
