@@ -40,13 +40,13 @@ from flyfn.machines import (
     NotFound,
     UpdateMachineRequest,
 )
+from flyfn.runtime import GROUP_ENV
 
 logger = logging.getLogger("flyfn.pool")
 
 T = TypeVar("T")
 
 GROUP_METADATA_KEY = "flyfn_group"
-GROUP_ENV = "FLYFN_GROUP"
 # Gone for good: never routed to, never counted.
 GONE_STATES = frozenset({"destroying", "destroyed", "replaced", "migrated"})
 # Still there but unable to serve: not routed to, destroyed when the pool converges.

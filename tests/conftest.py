@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 
 from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
 from flyfn.machines.client import AsyncMachinesClient
+from flyfn.machines.models import Machine
+from flyfn.pool import PoolManager, set_manager
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
 
@@ -72,10 +78,17 @@ def emulator_server() -> Iterator[str]:
 
     The emulator lives in the server thread's event loop: talk to it over HTTP only.
     """
+    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=EMULATOR_TOKEN)
+    with serve_in_thread(app) as url:
+        yield url
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its base URL."""
     import uvicorn
 
     port = free_loopback_port()
-    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=EMULATOR_TOKEN)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="emulator-uvicorn", daemon=True)
@@ -90,3 +103,97 @@ def emulator_server() -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# -- pools, middleware, manage.py flyfn (owner: pool-middleware) ---------------------------------
+
+# Requests carrying this header are the test's own inspection, not counted as API calls.
+_INSPECT_HEADER = "x-flyfn-test-inspect"
+
+
+@dataclass
+class MachinesAPI:
+    """The emulator on loopback, with every API call flyfn made to it (method, path)."""
+
+    url: str
+    calls: list[tuple[str, str]]
+    http: httpx.Client
+
+    def count(self, method: str, pattern: str = r"/v1/apps/[^/]+/machines") -> int:
+        """How many calls with `method` had a path fully matching `pattern`."""
+        regex = re.compile(pattern)
+        return sum(1 for m, path in list(self.calls) if m == method and regex.fullmatch(path))
+
+    @property
+    def list_calls(self) -> int:
+        return self.count("GET")
+
+    @property
+    def create_calls(self) -> int:
+        return self.count("POST")
+
+    def machines(self, app: str = EMULATOR_APP, *, group: str | None = None) -> list[Machine]:
+        """The app's live Machines (optionally one flyfn group's), read without being counted."""
+        params = {"metadata.flyfn_group": group} if group else {}
+        response = self.http.get(f"/v1/apps/{app}/machines", params=params)
+        response.raise_for_status()
+        return [Machine.model_validate(m) for m in response.json()]
+
+    def create(self, app: str = EMULATOR_APP, **body: Any) -> Machine:
+        response = self.http.post(f"/v1/apps/{app}/machines", json=body)
+        response.raise_for_status()
+        return Machine.model_validate(response.json())
+
+    def destroy(self, machine_id: str, app: str = EMULATOR_APP) -> None:
+        self.http.delete(f"/v1/apps/{app}/machines/{machine_id}", params={"force": "true"})
+
+    def flyfn_settings(
+        self, image: str = "registry.fly.io/testapp:deployment-1", **extra: Any
+    ) -> dict[str, Any]:
+        """A FLYFN setting that points flyfn at this emulator."""
+        return {
+            "APP_NAME": EMULATOR_APP,
+            "API_HOSTNAME": self.url,
+            "API_TOKEN": EMULATOR_TOKEN,
+            "IMAGE_REF": image,
+            **extra,
+        }
+
+
+def _recording(app: Any, calls: list[tuple[str, str]]) -> Any:
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            inspect = (_INSPECT_HEADER.encode(), b"1") in scope.get("headers", [])
+            if not inspect:
+                calls.append((scope["method"], scope["path"]))
+        await app(scope, receive, send)
+
+    return recorder
+
+
+@pytest.fixture
+def machines_api() -> Iterator[MachinesAPI]:
+    """A fresh emulator served on loopback (uvicorn thread), counting the calls it receives."""
+    calls: list[tuple[str, str]] = []
+    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=EMULATOR_TOKEN)
+    with (
+        serve_in_thread(_recording(app, calls)) as url,
+        httpx.Client(
+            base_url=url,
+            headers={"Authorization": f"Bearer {EMULATOR_TOKEN}", _INSPECT_HEADER: "1"},
+            timeout=10,
+        ) as http,
+    ):
+        yield MachinesAPI(url, calls, http)
+
+
+@pytest.fixture
+def pool_manager() -> Iterator[PoolManager]:
+    """A fresh process pool manager installed for the test, closed afterwards."""
+    manager = PoolManager()
+    previous = set_manager(manager)
+    try:
+        yield manager
+    finally:
+        set_manager(previous)
+        manager.close()

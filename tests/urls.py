@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import include, path
 
 from tests.testapp import views
 
 urlpatterns = [
     path("plain/", views.plain, name="plain"),
+    path("routing/", include(("tests.testapp.routing", "routing"))),
 ]

@@ -1,0 +1,385 @@
+"""The routing table of DESIGN.md, row by row, in each role, through the WSGI and ASGI clients."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.conf import settings as django_settings
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.test import AsyncClient, Client, override_settings
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from flyfn.middleware import FlyReplayMiddleware
+from flyfn.pool import PoolManager, ReplayTarget, set_manager
+from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource, sign_state, verify_state
+from flyfn.runtime import LOCAL, MAIN, function, override_role
+from tests.conftest import MachinesAPI
+
+Fetch = Callable[..., Awaitable[HttpResponseBase]]
+MIDDLEWARE = "flyfn.middleware.FlyReplayMiddleware"
+PDF_MACHINE = "e286de4f711e86"
+DEFAULT_MACHINE = "9080e6e9c5d987"
+
+
+class FakeManager(PoolManager):
+    """Targets per group without any API; records the Machines the middleware forgets."""
+
+    def __init__(self, targets: dict[str, ReplayTarget]) -> None:
+        super().__init__()
+        self.targets = targets
+        self.forgotten: list[tuple[str, str]] = []
+
+    def get_target(self, group: str) -> ReplayTarget | None:
+        return self.targets.get(group)
+
+    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        return self.targets.get(group)
+
+    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        return self.targets.get(group)
+
+    def forget(self, group: str, machine_id: str) -> bool:
+        self.forgotten.append((group, machine_id))
+        return True
+
+
+@pytest.fixture(autouse=True)
+def middleware(settings: SettingsWrapper) -> None:
+    settings.MIDDLEWARE = [MIDDLEWARE]
+
+
+@pytest.fixture
+def manager() -> Iterator[FakeManager]:
+    fake = FakeManager(
+        {
+            "pdf": ReplayTarget(instance=PDF_MACHINE),
+            "default": ReplayTarget(instance=DEFAULT_MACHINE),
+        }
+    )
+    previous = set_manager(fake)
+    try:
+        yield fake
+    finally:
+        set_manager(previous)
+
+
+@pytest.fixture(params=["wsgi", "asgi"])
+def fetch(request: pytest.FixtureRequest) -> Fetch:
+    """One request through Django's sync test Client (in a thread) or its AsyncClient."""
+    if request.param == "wsgi":
+        client = Client()
+
+        async def sync_fetch(method: str, path: str, data: bytes = b"", **kw: Any) -> Any:
+            call = sync_to_async(client.generic, thread_sensitive=False)
+            return await call(method, path, data, **kw)
+
+        return sync_fetch
+    async_client = AsyncClient()
+
+    async def async_fetch(method: str, path: str, data: bytes = b"", **kw: Any) -> Any:
+        return await async_client.generic(method, path, data, **kw)
+
+    return async_fetch
+
+
+def replay_of(response: HttpResponseBase) -> FlyReplay:
+    assert response.status_code == 200
+    assert response.content == b""  # type: ignore[attr-defined]
+    return FlyReplay.parse(response["fly-replay"])
+
+
+def signed_src(method: str, path: str, group: str, secret: str | None = None) -> str:
+    state = sign_state(secret or django_settings.SECRET_KEY, method, path, group)
+    return ReplaySource(instance="0e1f2a3b4c5d6e", region="iad", t=1, state=state).to_header()
+
+
+def ran_here(response: HttpResponseBase, body: bytes) -> bool:
+    return (
+        response.status_code == 200 and "fly-replay" not in response and response.content == body  # type: ignore[attr-defined]
+    )
+
+
+# ------------------------------------------------------------------------------------ local role
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/routing/pdf/", b"pdf"),
+        ("GET", "/routing/report/", b"report 0"),
+        ("POST", "/routing/upload/", b"upload 0"),
+        ("GET", "/plain/", b"plain"),
+    ],
+)
+async def test_local_role_runs_every_view_here(
+    fetch: Fetch, manager: FakeManager, method: str, path: str, body: bytes
+) -> None:
+    with override_role(LOCAL):
+        response = await fetch(method, path)
+    assert ran_here(response, body)
+
+
+# ------------------------------------------------------------------------------------- main role
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "group", "machine"),
+    [
+        ("GET", "/routing/pdf/", "pdf", PDF_MACHINE),  # sync function view
+        ("HEAD", "/routing/pdf/", "pdf", PDF_MACHINE),  # HEAD follows GET
+        ("POST", "/routing/report/", "default", DEFAULT_MACHINE),  # async function view
+        ("POST", "/routing/upload/", "pdf", PDF_MACHINE),  # class-based view
+    ],
+)
+async def test_main_replays_serverless_views_to_their_group(
+    fetch: Fetch, manager: FakeManager, method: str, path: str, group: str, machine: str
+) -> None:
+    with override_role(MAIN):
+        response = await fetch(method, path)
+    replay = replay_of(response)
+    assert replay.instance == machine
+    assert (replay.timeout, replay.fallback) == ("10s", "force_self")
+    check = verify_state(replay.state, django_settings.SECRET_KEY, method, path, group, max_age=40)
+    assert check, check.reason
+
+
+async def test_main_replay_carries_the_group_timeout(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "800ms"}}}
+    with override_role(MAIN):
+        replay = replay_of(await fetch("GET", "/routing/pdf/"))
+    assert replay.timeout == "800ms"
+
+
+async def test_main_replay_without_signing(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"SIGN_REPLAYS": False}
+    with override_role(MAIN):
+        replay = replay_of(await fetch("GET", "/routing/pdf/"))
+    assert replay.instance == PDF_MACHINE
+    assert replay.state is None
+
+
+async def test_main_app_strategy_replays_to_the_app(fetch: Fetch, manager: FakeManager) -> None:
+    manager.targets["pdf"] = ReplayTarget(app="testapp-pdf")
+    with override_role(MAIN):
+        replay = replay_of(await fetch("GET", "/routing/pdf/"))
+    assert (replay.app, replay.instance) == ("testapp-pdf", None)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/plain/", b"plain"),  # any other view
+        ("GET", "/routing/upload/", b"upload form"),  # serverless view, method not marked
+    ],
+)
+async def test_main_runs_other_views_here(
+    fetch: Fetch, manager: FakeManager, method: str, path: str, body: bytes
+) -> None:
+    with override_role(MAIN):
+        response = await fetch(method, path)
+    assert ran_here(response, body)
+
+
+async def test_main_never_replays_a_failed_replay_again(fetch: Fetch, manager: FakeManager) -> None:
+    failed = ReplayFailed(instance=PDF_MACHINE, reason="timeout", elapsed_ms=10000).to_header()
+    with override_role(MAIN):
+        response = await fetch("GET", "/routing/pdf/", headers={"fly-replay-failed": failed})
+    assert ran_here(response, b"pdf")  # the group's fallback, "local" by default
+    assert manager.forgotten == [("pdf", PDF_MACHINE)]  # the Machine leaves the cache
+
+
+async def test_main_failed_replay_with_error_fallback_is_503(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
+    with override_role(MAIN):
+        response = await fetch(
+            "GET", "/routing/pdf/", headers={"fly-replay-failed": "reason=no_candidate"}
+        )
+    assert response.status_code == 503
+    assert response["Retry-After"].isdigit()
+    assert "fly-replay" not in response
+
+
+async def test_main_failed_header_on_an_ordinary_view_just_runs(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    with override_role(MAIN):
+        response = await fetch("GET", "/plain/", headers={"fly-replay-failed": "reason=timeout"})
+    assert ran_here(response, b"plain")
+
+
+async def test_main_malformed_failed_header_still_falls_back(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    with override_role(MAIN):
+        response = await fetch("GET", "/routing/pdf/", headers={"fly-replay-failed": "==;;\x7f"})
+    assert ran_here(response, b"pdf")
+    assert manager.forgotten == []
+
+
+async def test_main_body_over_the_limit_falls_back(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
+    with override_role(MAIN):
+        small = await fetch("POST", "/routing/upload/", b"x" * 10)
+        large = await fetch("POST", "/routing/upload/", b"x" * 11)
+    assert replay_of(small).instance == PDF_MACHINE
+    assert ran_here(large, b"upload 11")
+
+
+async def test_main_chunked_body_falls_back(fetch: Fetch, manager: FakeManager) -> None:
+    with override_role(MAIN):
+        response = await fetch("POST", "/routing/upload/", headers={"transfer-encoding": "chunked"})
+    assert response.status_code == 200
+    assert "fly-replay" not in response
+
+
+async def test_main_without_a_target_falls_back(fetch: Fetch, manager: FakeManager) -> None:
+    manager.targets.clear()  # what the pool answers when the API is down or too slow
+    with override_role(MAIN):
+        response = await fetch("GET", "/routing/pdf/")
+    assert ran_here(response, b"pdf")
+
+
+# -------------------------------------------------------------------------------- function role
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("GET", "/routing/pdf/", b"pdf"), ("POST", "/routing/upload/", b"upload 0")],
+)
+async def test_function_runs_its_validly_signed_views(
+    fetch: Fetch, manager: FakeManager, method: str, path: str, body: bytes
+) -> None:
+    with override_role(function("pdf")):
+        response = await fetch(
+            method, path, headers={"fly-replay-src": signed_src(method, path, "pdf")}
+        )
+    assert ran_here(response, body)
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        None,  # a client reaching the function Machine directly
+        "instance=0e1f2a3b4c5d6e;region=iad;t=1",  # replayed, but no state
+        "instance=x;state=flyfn1.1.AAAA",  # a forged state
+        "::not a header::",
+    ],
+)
+async def test_function_bounces_unsigned_requests(
+    fetch: Fetch, manager: FakeManager, src: str | None
+) -> None:
+    headers = {"fly-replay-src": src} if src is not None else {}
+    with override_role(function("pdf")):
+        response = await fetch("GET", "/routing/pdf/", headers=headers)
+    assert replay_of(response).elsewhere is True
+
+
+@pytest.mark.parametrize(
+    ("signed_method", "signed_path", "signed_group", "secret"),
+    [
+        ("POST", "/routing/pdf/", "pdf", None),  # another method
+        ("GET", "/routing/report/", "pdf", None),  # another path
+        ("GET", "/routing/pdf/", "default", None),  # another group
+        ("GET", "/routing/pdf/", "pdf", "another-secret-key"),  # another app's key
+    ],
+)
+async def test_function_bounces_states_signed_for_something_else(
+    fetch: Fetch,
+    manager: FakeManager,
+    signed_method: str,
+    signed_path: str,
+    signed_group: str,
+    secret: str | None,
+) -> None:
+    src = signed_src(signed_method, signed_path, signed_group, secret)
+    with override_role(function("pdf")):
+        response = await fetch("GET", "/routing/pdf/", headers={"fly-replay-src": src})
+    assert replay_of(response).elsewhere is True
+
+
+async def test_function_runs_unsigned_requests_when_signing_is_off(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"SIGN_REPLAYS": False}
+    with override_role(function("pdf")):
+        response = await fetch("GET", "/routing/pdf/")
+    assert ran_here(response, b"pdf")
+
+
+async def test_function_replays_another_groups_view_to_its_target(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/")
+    replay = replay_of(response)
+    assert replay.instance == DEFAULT_MACHINE
+    assert verify_state(
+        replay.state,
+        django_settings.SECRET_KEY,
+        "POST",
+        "/routing/report/",
+        "default",
+        max_age=40,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/plain/"),  # any other view
+        ("GET", "/routing/upload/"),  # own group's view, method not marked
+    ],
+)
+async def test_function_bounces_other_views(
+    fetch: Fetch, manager: FakeManager, method: str, path: str
+) -> None:
+    with override_role(function("pdf")):
+        response = await fetch(method, path)
+    assert replay_of(response).elsewhere is True
+
+
+# ------------------------------------------------------------------------------ middleware modes
+
+
+def test_middleware_is_sync_and_async_capable() -> None:
+    def sync_view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    async def async_view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    assert FlyReplayMiddleware.sync_capable
+    assert FlyReplayMiddleware.async_capable
+    sync_mw = FlyReplayMiddleware(sync_view)
+    async_mw = FlyReplayMiddleware(async_view)
+    assert not iscoroutinefunction(sync_mw)
+    assert not iscoroutinefunction(sync_mw.process_view)
+    # The async stack gets a native coroutine process_view (no thread hop per request).
+    assert iscoroutinefunction(async_mw.process_view)
+    assert iscoroutinefunction(async_mw)
+
+
+# --------------------------------------------------------------- warm requests against the API
+
+
+async def test_warm_serverless_requests_make_no_api_call(
+    fetch: Fetch, machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)), override_role(MAIN):
+        first = replay_of(await fetch("GET", "/routing/pdf/")).instance
+        calls = len(machines_api.calls)
+        instances = {replay_of(await fetch("GET", "/routing/pdf/")).instance for _ in range(1000)}
+    assert instances == {first}
+    assert machines_api.list_calls == 2  # the cold convergence's list and re-list, nothing since
+    assert len(machines_api.calls) == calls

@@ -1,0 +1,290 @@
+"""Machine pools against the emulated Machines API on loopback: creation, convergence, caching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.test import override_settings
+
+from flyfn.conf import get_settings
+from flyfn.pool import PoolManager, ReplayTarget, image_hash, spec_for
+from tests.conftest import EMULATOR_APP, EMULATOR_TOKEN, MachinesAPI
+
+IMAGE = "registry.fly.io/testapp:deployment-1"
+NEW_IMAGE = "registry.fly.io/testapp:deployment-2"
+
+
+@pytest.fixture
+def fly(machines_api: MachinesAPI, pool_manager: PoolManager) -> Iterator[MachinesAPI]:
+    """flyfn pointed at the emulator, with long-lived caches (tests decide when they expire)."""
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        yield machines_api
+
+
+def instance(target: ReplayTarget | None) -> str:
+    assert target is not None
+    assert target.instance is not None
+    return target.instance
+
+
+def test_cold_pool_creates_a_machine_as_specified(
+    machines_api: MachinesAPI, pool_manager: PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORWARDED_SECRET", "s3")
+    groups = {
+        "pdf": {
+            "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 1024},
+            "autostop": "suspend",
+            "internal_port": 8080,
+            "env": ["FORWARDED_SECRET", "NOT_SET_ANYWHERE"],
+        }
+    }
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        machine_id = instance(pool_manager.wait_target("pdf", 10))
+
+    [machine] = machines_api.machines(group="pdf")
+    assert machine.id == machine_id
+    assert machine.name == f"flyfn-pdf-{image_hash(IMAGE)}-0"
+    config = machine.config
+    assert config is not None
+    assert config.image == IMAGE
+    assert config.env == {"FLYFN_GROUP": "pdf", "FORWARDED_SECRET": "s3"}
+    assert config.metadata == {"flyfn_group": "pdf"}
+    assert config.guest is not None
+    assert (config.guest.cpu_kind, config.guest.cpus, config.guest.memory_mb) == (
+        "performance",
+        2,
+        1024,
+    )
+    [service] = config.services or []
+    assert service.internal_port == 8080
+    assert service.autostart is True
+    assert service.autostop == "suspend"
+    assert [(p.port, p.handlers) for p in service.ports or []] == [
+        (80, ["http"]),
+        (443, ["tls", "http"]),
+    ]
+    assert config.restart is not None
+    assert config.restart.policy == "on-failure"
+
+
+def test_warm_pool_makes_no_api_call(fly: MachinesAPI, pool_manager: PoolManager) -> None:
+    first = instance(pool_manager.wait_target("default", 10))
+    calls = len(fly.calls)
+    targets = {instance(pool_manager.get_target("default")) for _ in range(1000)}
+    assert targets == {first}
+    assert len(fly.calls) == calls
+
+
+def test_concurrent_misses_share_one_operation(fly: MachinesAPI, pool_manager: PoolManager) -> None:
+    start = threading.Barrier(20)
+    results: list[str] = []
+
+    def request() -> None:
+        start.wait()
+        results.append(instance(pool_manager.wait_target("default", 20)))
+
+    threads = [threading.Thread(target=request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 20
+    assert len(set(results)) == 1
+    # One convergence: list, create, re-list.
+    assert (fly.list_calls, fly.create_calls) == (2, 1)
+
+
+async def test_async_misses_share_one_operation(
+    fly: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    targets = await asyncio.gather(*(pool_manager.aget_target("default", 20) for _ in range(20)))
+    assert len({instance(t) for t in targets}) == 1
+    assert (fly.list_calls, fly.create_calls) == (2, 1)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_twenty_racing_pools_in_threads_converge(machines_api: MachinesAPI, count: int) -> None:
+    managers = [PoolManager() for _ in range(20)]
+    start = threading.Barrier(20)
+    results: list[ReplayTarget | None] = []
+
+    def cold_request(manager: PoolManager) -> None:
+        start.wait()
+        results.append(manager.wait_target("default", 30))
+
+    settings = machines_api.flyfn_settings(GROUPS={"default": {"machines": count}})
+    try:
+        with override_settings(FLYFN=settings):
+            threads = [threading.Thread(target=cold_request, args=(m,)) for m in managers]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+    finally:
+        for manager in managers:
+            manager.close()
+    machines = machines_api.machines(group="default")
+    assert len(machines) == count
+    assert {instance(t) for t in results} <= {m.id for m in machines}
+    assert len(results) == 20
+
+
+RACER = textwrap.dedent(
+    """
+    import sys
+    from flyfn.conf import load_settings
+    from flyfn.pool import PoolManager
+
+    settings = load_settings(
+        {"APP_NAME": sys.argv[1], "API_HOSTNAME": sys.argv[2], "API_TOKEN": sys.argv[3],
+         "IMAGE_REF": sys.argv[4], "GROUPS": {"default": {"machines": int(sys.argv[5])}}},
+        environ={},
+    )
+    manager = PoolManager(settings=lambda: settings)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the start signal: every racer begins at once
+    target = manager.wait_target("default", 30)
+    print(target.instance if target else "none", flush=True)
+    manager.close()
+    """
+)
+
+
+@pytest.mark.parametrize("count", [2])
+def test_twenty_racing_processes_converge(machines_api: MachinesAPI, count: int) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    args = [EMULATOR_APP, machines_api.url, EMULATOR_TOKEN, IMAGE, str(count)]
+    racers: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(20):
+            racers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", RACER, *args],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=root,
+                )
+            )
+        for racer in racers:
+            assert racer.stdout is not None
+            assert racer.stdout.readline().strip() == "ready"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        outputs = [racer.communicate(timeout=60)[0].strip() for racer in racers]
+    finally:
+        for racer in racers:
+            if racer.poll() is None:
+                racer.kill()
+                racer.wait(5)
+    machines = machines_api.machines(group="default")
+    assert len(machines) == count
+    assert set(outputs) <= {m.id for m in machines}
+    assert all(racer.returncode == 0 for racer in racers)
+
+
+def test_extra_machines_are_destroyed_keeping_the_lowest_names(
+    fly: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    spec = spec_for(get_settings(), "default")
+    config = spec.config.model_dump(mode="json", exclude_none=True)
+    made = {fly.create(name=f"{spec.name_prefix}{n}", config=config).name for n in (2, 0, 1)}
+    assert len(made) == 3
+    kept = instance(pool_manager.wait_target("default", 10))
+    [machine] = fly.machines(group="default")
+    assert (machine.id, machine.name) == (kept, f"{spec.name_prefix}0")
+
+
+def test_routes_only_to_machines_of_its_own_image(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(IMAGE, CACHE_TTL=3600)):
+        old = instance(pool_manager.wait_target("default", 10))
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW_IMAGE, CACHE_TTL=3600)):
+        new = instance(pool_manager.wait_target("default", 10))
+    assert new != old
+    images = {m.id: m.config.image for m in machines_api.machines(group="default") if m.config}
+    # The old image's Machine stays: app Machines still on that image route to it (gc removes it).
+    assert images == {old: IMAGE, new: NEW_IMAGE}
+
+
+def test_vanished_machine_leaves_the_cache_and_is_replaced(
+    fly: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    first = instance(pool_manager.wait_target("default", 10))
+    fly.destroy(first)
+    assert pool_manager.forget("default", first)
+    future = pool_manager.pool("default").refresh()
+    assert future is not None
+    future.result(10)
+    second = instance(pool_manager.get_target("default"))
+    assert second != first
+    assert [m.id for m in fly.machines(group="default")] == [second]
+
+
+def test_stale_cache_is_served_while_it_refreshes(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    # A tiny TTL: every read after the first is stale, which is what this test needs.
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=0.001)):
+        first = instance(pool_manager.wait_target("default", 10))
+        machines_api.destroy(first)
+        pool = pool_manager.pool("default")
+        assert instance(pool.target()) == first  # stale: served, and a refresh starts behind it
+        future = pool.refresh()  # join that refresh
+        assert future is not None
+        future.result(10)
+        assert instance(pool_manager.get_target("default")) != first
+
+
+def test_app_strategy_keeps_machines_in_the_group_app(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    groups = {"batch": {"strategy": "app", "app": "testapp-fns", "machines": 2}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        target = pool_manager.wait_target("batch", 10)
+    assert target == ReplayTarget(app="testapp-fns")
+    assert len(machines_api.machines("testapp-fns", group="batch")) == 2
+    assert machines_api.machines(group="batch") == []
+
+
+def test_unreachable_api_gives_no_target_and_logs_once_per_burst(
+    pool_manager: PoolManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = {
+        "APP_NAME": EMULATOR_APP,
+        "API_HOSTNAME": "http://127.0.0.1:9",  # discard port: nothing listens
+        "API_TOKEN": "secret-token-value",
+        "IMAGE_REF": IMAGE,
+    }
+    with override_settings(FLYFN=settings), caplog.at_level(logging.ERROR, "flyfn.pool"):
+        assert pool_manager.wait_target("default", 10) is None
+        # Within the back-off, cold requests fall back at once without calling the API again.
+        assert pool_manager.wait_target("default", 10) is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "secret-token-value" not in caplog.text
+
+
+def test_missing_token_gives_no_target(
+    pool_manager: PoolManager, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLY_API_TOKEN", raising=False)
+    settings = {"APP_NAME": EMULATOR_APP, "API_HOSTNAME": "http://127.0.0.1:9", "IMAGE_REF": IMAGE}
+    with override_settings(FLYFN=settings), caplog.at_level(logging.ERROR, "flyfn.pool"):
+        assert pool_manager.wait_target("default", 5) is None
+    assert "FLY_API_TOKEN" in caplog.text
