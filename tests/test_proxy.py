@@ -282,7 +282,9 @@ async def test_force_instance_header_reaches_that_machine(stack: Stack) -> None:
 async def test_instance_replay_carries_replay_src(stack: Stack) -> None:
     main = await stack.machine()
     fn = await stack.machine(group="default")
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};state=s1gned;timeout=5s")
+    stack.fleet.handlers[main.id] = lambda m, r, b: httpx.Response(
+        200, headers={"fly-replay": f"instance={fn.id};state=s1gned;timeout=5s"}
+    )
     # A client's own fly-replay-src never reaches a replay target next to the proxy's.
     spoof = {"fly-replay-src": "instance=evil;state=forged"}
     response = await stack.client.post("/fn/", content=b"payload", headers=spoof)
