@@ -461,11 +461,14 @@ class FlyProxy:
     ) -> tuple[_Destination, _Delivery]:
         app = directive.app or dest.app
         self._apps.add(app)
-        region = machine.region or self.region
-        src = f"instance={machine.id};region={region};t={time.time_ns() // 1000}"
-        if directive.state is not None:
-            src += f";state={directive.state}"
-        headers = [(k, v) for k, v in delivery.headers if k.lower() not in directive.delete_headers]
+        src = ReplaySource(
+            instance=machine.id,
+            region=machine.region or self.region,
+            t=time.time_ns() // 1000,
+            state=directive.state,
+        ).to_header()
+        drop = directive.delete_headers | _REPLAY_REQUEST_HEADERS
+        headers = [(k, v) for k, v in delivery.headers if k.lower() not in drop]
         if directive.set_headers:
             names = {k.lower() for k, _ in directive.set_headers}
             headers = [(k, v) for k, v in headers if k.lower() not in names]
