@@ -42,6 +42,7 @@ from flyfn.replay import (
     FlyReplay,
     ReplayFailed,
     ReplayHeaderError,
+    ReplaySource,
 )
 
 __all__ = [
