@@ -39,6 +39,7 @@ class RecordingRuntime:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.gate: asyncio.Event | None = None
+        self.stop_gate: asyncio.Event | None = None
         self.fail_launch = False
 
     async def launch(self, app: str, machine: Machine) -> None:
@@ -50,6 +51,8 @@ class RecordingRuntime:
 
     async def stop(self, app: str, machine: Machine, signal: str, timeout: float) -> None:
         self.calls.append(("stop", app, machine.id, signal, timeout))
+        if self.stop_gate is not None:
+            await self.stop_gate.wait()
 
     async def suspend(self, app: str, machine: Machine) -> None:
         self.calls.append(("suspend", app, machine.id))
@@ -293,6 +296,8 @@ async def test_list_paginates_with_fly_next_cursor(emulator_http: httpx.AsyncCli
     bad = await emulator_http.get(MACHINES, params={"limit": 2, "cursor": "garbage!"})
     assert bad.status_code == 400
     assert (await emulator_http.get(MACHINES, params={"limit": "x"})).status_code == 400
+    maybe = await emulator_http.get(MACHINES, params={"include_deleted": "maybe"})
+    assert maybe.status_code == 400
 
 
 # -- start / stop / suspend / wait ---------------------------------------------------------------
@@ -407,6 +412,23 @@ async def test_stop_while_starting_ends_stopped(
     await emu.settle()
     assert emu.get(EMULATOR_APP, machine["id"]).state == "stopped"
     assert runtime.kinds() == ["launch", "stop"]
+
+
+async def test_start_while_stopping_is_queued_and_wins(
+    recorded: tuple[MachinesEmulator, httpx.AsyncClient], runtime: RecordingRuntime
+) -> None:
+    emu, http = recorded
+    machine = await _started(http)
+    runtime.stop_gate = asyncio.Event()
+    await http.post(f"{MACHINES}/{machine['id']}/stop")
+    await asyncio.sleep(0.01)
+    assert emu.get(EMULATOR_APP, machine["id"]).state == "stopping"
+    start = await http.post(f"{MACHINES}/{machine['id']}/start")
+    assert start.json()["previous_state"] == "stopping"
+    runtime.stop_gate.set()
+    await emu.settle()
+    assert emu.get(EMULATOR_APP, machine["id"]).state == "started"
+    assert runtime.kinds() == ["launch", "stop", "launch"]
 
 
 async def test_a_failed_launch_leaves_the_machine_failed(

@@ -132,13 +132,11 @@ class _Request:
 
     def flag(self, name: str) -> bool:
         value = self.param(name)
-        if value is None:
+        lowered = "" if value is None else value.strip().lower()
+        if lowered in ("", "false", "0", "no"):
             return False
-        lowered = value.strip().lower()
-        if lowered in ("", "true", "1", "yes"):
-            return lowered != ""
-        if lowered in ("false", "0", "no"):
-            return False
+        if lowered in ("true", "1", "yes"):
+            return True
         raise EmulatorError(400, f"invalid boolean for {name}: {value!r}")
 
     def json(self) -> Any:
@@ -149,8 +147,10 @@ class _Request:
         except (ValueError, UnicodeDecodeError) as exc:
             raise EmulatorError(400, f"invalid JSON body: {exc}") from exc
 
-    def model(self, model: type[_M], *, required: bool = True) -> _M:
-        data = self.json()
+    def model(self, model: type[_M], *, required: bool = True, data: Any = None) -> _M:
+        """The body as `model` (`data`: the already parsed body); 400 with the reason if not."""
+        if data is None:
+            data = self.json()
         if data is None and not required:
             data = {}
         if not isinstance(data, dict):
@@ -344,7 +344,7 @@ class EmulatorApp:
         data = r.json()
         if isinstance(data, dict) and data.get("config") is None:
             raise EmulatorError(422, "invalid config.image: an image is required")
-        request = r.model(CreateMachineRequest)
+        request = r.model(CreateMachineRequest, data=data)
         return _Response(200, await self.emulator.create(r.app, request))
 
     async def _get_machine(self, r: _Request) -> _Response:
@@ -355,7 +355,7 @@ class EmulatorApp:
         data = r.json()
         if isinstance(data, dict) and data.get("config") is None:
             raise EmulatorError(422, "invalid config.image: an image is required")
-        request = r.model(UpdateMachineRequest)
+        request = r.model(UpdateMachineRequest, data=data)
         machine = await self.emulator.update(
             r.app, _need(r.machine), request, lease_nonce=r.headers.get(LEASE_NONCE_HEADER)
         )

@@ -418,7 +418,7 @@ class MachinesEmulator:
         unless `skip_launch`."""
         rec = self._live_record(app, machine_id)
         self._check_lease(rec, lease_nonce)
-        if request.current_version and request.current_version not in (rec.version,):
+        if request.current_version and request.current_version != rec.version:
             raise EmulatorError(
                 409,
                 f"machine {rec.id} version {rec.version} does not match current_version "
