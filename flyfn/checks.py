@@ -1,7 +1,6 @@
 """flyfn's system checks (``manage.py check``): ``flyfn.E0xx`` errors and ``flyfn.W0xx`` warnings.
 
-- flyfn.E001: an invalid ``FLYFN`` or ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` value (key + allowed
-values)
+- flyfn.E001: an invalid ``FLYFN`` or seed-setting value (names the key and the allowed values)
 - flyfn.E002: an unknown ``FLYFN`` key or group option (lists the known ones)
 - flyfn.E003: an unknown HTTP method in a settings-declared view
 - flyfn.E004: a settings-declared url name that does not resolve
@@ -37,9 +36,8 @@ __all__ = ["IO_MIDDLEWARE", "MIDDLEWARE_PATH"]
 MIDDLEWARE_PATH = "flyfn.middleware.FlyReplayMiddleware"
 
 # Middleware whose per-request work (session/user loading, body parsing, cache round trips) a
-# request
-# that is only going to be replayed should not pay for on the app Machine: the function Machine runs
-# the whole stack again anyway. Matched by class, so subclasses count too.
+# request that is only going to be replayed should not pay for on the app Machine: the function
+# Machine runs the whole stack again anyway. Matched by class, so subclasses count too.
 IO_MIDDLEWARE: dict[str, str] = {
     "django.contrib.sessions.middleware.SessionMiddleware": "loads the session (store I/O)",
     "django.contrib.auth.middleware.AuthenticationMiddleware": "loads the user (session + DB)",

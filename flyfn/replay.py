@@ -97,9 +97,13 @@ _REGION_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _INT_RE = re.compile(r"^\d{1,19}$")
 
 
-def _split(value: object, what: str, separators: str) -> list[tuple[str, str]]:
-    """``key=value`` fields of a header value; values may be double-quoted (then may hold
-    commas)."""
+def _split(
+    value: object, what: str, separators: str, *, list_key: str | None = None
+) -> list[tuple[str, str]]:
+    """``key=value`` fields of a header value; values may be double-quoted (then may hold commas).
+
+    A bare word right after a ``list_key`` field continues its comma list (``region=iad,ord``).
+    """
     if not isinstance(value, str):
         raise ReplayHeaderError(f"{what}: expected a string, got {type(value).__name__}")
     if len(value) > MAX_HEADER_LENGTH:
@@ -128,6 +132,9 @@ def _split(value: object, what: str, separators: str) -> list[tuple[str, str]]:
         if not segment:
             continue
         key, eq, raw = segment.partition("=")
+        if not eq and fields and fields[-1][0] == list_key and _TOKEN_RE.fullmatch(segment):
+            fields[-1] = (fields[-1][0], f"{fields[-1][1]},{segment}")
+            continue
         key = key.strip(" \t").lower()
         raw = raw.strip(" \t")
         if not eq or not _KEY_RE.fullmatch(key):
@@ -282,7 +289,7 @@ class FlyReplay:
         """Read a ``fly-replay`` header value (``;`` or ``,`` between fields)."""
         values: dict[str, Any] = {}
         extra: list[tuple[str, Any]] = []
-        for key, raw in _split(header, "fly-replay", ";,"):
+        for key, raw in _split(header, "fly-replay", ";,", list_key="region"):
             if key == "region":
                 values["region"] = _regions(raw)
             elif key == "elsewhere":
