@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # What clients are told to wait before retrying a request flyfn could not serve.
 RETRY_AFTER_SECONDS = 5
 ELSEWHERE = "elsewhere=true"
+NO_STORE = "private, no-store"
 # The request attribute holding a request's fallback slot, released when its response is made.
 _SLOT_ATTR = "_flyfn_fallback_slot"
 
@@ -90,13 +91,13 @@ def unavailable() -> HttpResponse:
         "Service temporarily unavailable, retry shortly.\n",
         status=503,
         content_type="text/plain; charset=utf-8",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Cache-Control": NO_STORE},
     )
 
 
 def replay_response(value: str) -> HttpResponse:
-    """The empty response Fly Proxy acts on."""
-    return HttpResponse(b"", headers={FLY_REPLAY: value})
+    """The empty response Fly Proxy acts on; never cached (it is per request, not per URL)."""
+    return HttpResponse(b"", headers={FLY_REPLAY: value, "Cache-Control": NO_STORE})
 
 
 def _body_replayable(request: HttpRequest, limit: int) -> bool:

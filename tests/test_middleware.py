@@ -88,6 +88,7 @@ def fetch(request: pytest.FixtureRequest) -> Fetch:
 def replay_of(response: HttpResponseBase) -> FlyReplay:
     assert response.status_code == 200
     assert response.content == b""  # type: ignore[attr-defined]
+    assert "no-store" in response["Cache-Control"]
     return FlyReplay.parse(response["fly-replay"])
 
 

@@ -93,7 +93,7 @@ class Command(BaseCommand):
             found = machines[group]
             self.stdout.write(
                 f"  {group}: app {app}, strategy {options_.strategy}, "
-                f"{options_.machines} wanted, {len(found)} found"
+                f"{options_.machines} per image, {len(found)} found"
             )
             if found:
                 self._table(
@@ -207,9 +207,10 @@ def serverless_routes(urlconf: str | None = None) -> Iterator[tuple[str, Serverl
 
 def all_groups(settings: FlyfnSettings) -> list[str]:
     """The groups of registered views and the groups declared in settings."""
-    return sorted(
-        registry.groups() | set(settings.groups) | {v.group for v in settings.views.values()}
-    )
+    # Walking the urlconf imports the views, which registers the decorated ones.
+    routed = {view.group for _, view in serverless_routes()}
+    declared = {view.group for view in settings.views.values()}
+    return sorted(routed | registry.groups() | declared | set(settings.groups))
 
 
 def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:

@@ -1,0 +1,152 @@
+"""`manage.py flyfn status | prepare | gc` against the emulated Machines API on loopback."""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import override_settings
+
+from flyfn.conf import get_settings
+from flyfn.pool import image_hash, spec_for
+from tests.conftest import EMULATOR_APP, MachinesAPI
+
+OLD = "registry.fly.io/testapp:deployment-1"
+NEW = "registry.fly.io/testapp:deployment-2"
+GROUPS = {"pdf": {"machines": 2}, "batch": {"strategy": "app", "app": "testapp-batch"}}
+
+
+def flyfn(*args: str) -> str:
+    out = StringIO()
+    call_command("flyfn", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def app_machine(api: MachinesAPI, image: str) -> str:
+    """An ordinary app Machine (no flyfn_group metadata) running `image`."""
+    return api.create(config={"image": image}).id
+
+
+def function_images(api: MachinesAPI, app: str = EMULATOR_APP) -> list[tuple[str, str]]:
+    return sorted(
+        (m.config.metadata["flyfn_group"], m.config.image)
+        for m in api.machines(app)
+        if m.config and m.config.metadata and m.config.image
+    )
+
+
+def test_prepare_creates_every_group_and_is_idempotent(machines_api: MachinesAPI) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW, GROUPS=GROUPS)):
+        first = flyfn("prepare")
+        second = flyfn("prepare")
+    # Groups of decorated views (default, pdf) and declared groups (batch, in its own app).
+    assert function_images(machines_api) == [("default", NEW), ("pdf", NEW), ("pdf", NEW)]
+    assert function_images(machines_api, "testapp-batch") == [("batch", NEW)]
+    assert "1 created" in first
+    assert "2 created" in first
+    assert second.count("0 created, 0 updated, 0 destroyed") == 3
+
+
+def test_prepare_updates_machines_whose_config_drifted(machines_api: MachinesAPI) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW)):
+        flyfn("prepare")
+    bigger = {"default": {"guest": {"memory_mb": 1024}}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW, GROUPS=bigger)):
+        out = flyfn("prepare")
+    assert "default: " in out
+    assert "0 created, 1 updated" in out
+    [machine] = machines_api.machines(group="default")
+    assert machine.config is not None
+    assert machine.config.guest is not None
+    assert machine.config.guest.memory_mb == 1024
+
+
+def test_status_shows_views_and_machines_with_freshness(machines_api: MachinesAPI) -> None:
+    app_machine(machines_api, OLD)
+    with override_settings(FLYFN=machines_api.flyfn_settings(OLD)):
+        flyfn("prepare")
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW)):
+        flyfn("prepare")
+        out = flyfn("status")
+    assert "/routing/pdf/" in out
+    assert "GET,HEAD" in out
+    assert "tests.testapp.routing.Upload" in out
+    current = f"flyfn-pdf-{image_hash(NEW)}-0"
+    in_use = f"flyfn-pdf-{image_hash(OLD)}-0"
+    lines = {line.split()[1]: line for line in out.splitlines() if "flyfn-" in line}
+    assert lines[current].rstrip().endswith("current")
+    assert lines[in_use].rstrip().endswith("in use")
+
+
+def test_gc_destroys_functions_of_images_no_app_machine_runs(machines_api: MachinesAPI) -> None:
+    old_app = app_machine(machines_api, OLD)
+    with override_settings(FLYFN=machines_api.flyfn_settings(OLD)):
+        flyfn("prepare")
+    # A deploy: the new image gets its own function Machines; the old ones stay while an app
+    # Machine still runs the old image.
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW)):
+        flyfn("prepare")
+        assert "No orphaned" in flyfn("gc")
+        assert ("pdf", OLD) in function_images(machines_api)
+        machines_api.destroy(old_app)
+        app_machine(machines_api, NEW)
+        dry = flyfn("gc", "--dry-run")
+        assert dry.count("would destroy") == 2
+        assert ("pdf", OLD) in function_images(machines_api)
+        out = flyfn("gc")
+    assert "Destroyed 2 Machine(s)" in out
+    assert function_images(machines_api) == [("default", NEW), ("pdf", NEW)]
+
+
+def test_status_off_fly_lists_views_without_calling_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FLY_APP_NAME", raising=False)
+    with override_settings(FLYFN={}):
+        out = flyfn("status")
+    assert "/routing/pdf/" in out
+    assert "not on Fly" in out
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"APP_NAME": "testapp", "IMAGE_REF": OLD}, "FLY_API_TOKEN"),
+        ({"APP_NAME": "testapp", "API_TOKEN": "t0ken-value"}, "FLY_IMAGE_REF"),
+        (
+            {
+                "APP_NAME": "testapp",
+                "API_TOKEN": "t0ken-value",
+                "IMAGE_REF": OLD,
+                "API_HOSTNAME": "http://127.0.0.1:9",
+            },
+            "Machines API",
+        ),
+    ],
+)
+def test_prepare_fails_clearly(
+    settings: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("FLY_API_TOKEN", "FLY_IMAGE_REF"):
+        monkeypatch.delenv(var, raising=False)
+    with override_settings(FLYFN=settings), pytest.raises(CommandError) as error:
+        flyfn("prepare")
+    assert message in str(error.value)
+    assert "t0ken-value" not in str(error.value)
+
+
+def test_wrong_token_is_a_clear_error(machines_api: MachinesAPI) -> None:
+    settings = {**machines_api.flyfn_settings(NEW), "API_TOKEN": "wrong-t0ken"}
+    with override_settings(FLYFN=settings), pytest.raises(CommandError) as error:
+        flyfn("gc")
+    assert "401" in str(error.value)
+    assert "wrong-t0ken" not in str(error.value)
+
+
+def test_spec_names_are_deterministic_per_group_and_image(machines_api: MachinesAPI) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW)):
+        spec = spec_for(get_settings(), "pdf")
+    assert spec.name_prefix == f"flyfn-pdf-{image_hash(NEW)}-"

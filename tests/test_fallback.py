@@ -1,0 +1,124 @@
+"""Fallbacks: an unreachable API, bounded local fallbacks, and recovery from a vanished Machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+from django.http import HttpResponseBase
+from django.test import AsyncClient, Client, override_settings
+from pytest_django.fixtures import Settings
+
+from flyfn.pool import PoolManager
+from flyfn.replay import FlyReplay, ReplayFailed
+from flyfn.runtime import MAIN, override_role
+from tests.conftest import EMULATOR_APP, MachinesAPI
+from tests.testapp.routing import Hold
+
+TOKEN = "do-not-log-this-token"
+DOWN = {
+    "APP_NAME": EMULATOR_APP,
+    "API_HOSTNAME": "http://127.0.0.1:9",  # the discard port: nothing listens there
+    "API_TOKEN": TOKEN,
+    "IMAGE_REF": "registry.fly.io/testapp:deployment-1",
+}
+
+
+@pytest.fixture(autouse=True)
+def main_role(settings: Settings, pool_manager: PoolManager) -> Iterator[None]:
+    settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
+    Hold.reset()
+    with override_role(MAIN):
+        yield
+    Hold.release.set()  # never leave a held view thread behind
+
+
+def test_unreachable_api_runs_the_view_here_and_logs_once(
+    caplog: pytest.LogCaptureFixture, client: Client
+) -> None:
+    with override_settings(FLYFN=DOWN), caplog.at_level(logging.WARNING, "flyfn"):
+        responses = [client.get("/routing/pdf/") for _ in range(3)]
+    assert [(r.status_code, r.content, "fly-replay" in r) for r in responses] == [
+        (200, b"pdf", False)
+    ] * 3
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    assert TOKEN not in caplog.text
+
+
+async def test_unreachable_api_with_error_fallback_is_503(
+    caplog: pytest.LogCaptureFixture, async_client: AsyncClient
+) -> None:
+    settings = {**DOWN, "GROUPS": {"pdf": {"fallback": "error"}}}
+    with override_settings(FLYFN=settings), caplog.at_level(logging.WARNING, "flyfn"):
+        response = await async_client.get("/routing/pdf/")
+    assert response.status_code == 503
+    assert int(response["Retry-After"]) > 0
+    assert b"Traceback" not in response.content
+    assert TOKEN not in caplog.text
+
+
+def test_local_fallbacks_are_bounded_per_process(client: Client) -> None:
+    settings = {**DOWN, "GROUPS": {"default": {"fallback_concurrency": 1}}}
+    held: list[int] = []
+    with override_settings(FLYFN=settings):
+        holder = threading.Thread(
+            target=lambda: held.append(Client().get("/routing/held/").status_code)
+        )
+        holder.start()
+        try:
+            assert Hold.entered.wait(10)
+            second = client.get("/routing/held/")
+        finally:
+            Hold.release.set()
+            holder.join(10)
+        third = client.get("/routing/held/")  # the slot is free again
+    assert second.status_code == 503
+    assert second["Retry-After"]
+    assert held == [200]
+    assert third.status_code == 200
+
+
+async def test_async_local_fallbacks_are_bounded_per_process(async_client: AsyncClient) -> None:
+    settings = {**DOWN, "GROUPS": {"default": {"fallback_concurrency": 1}}}
+    Hold.async_release = asyncio.Event()
+    with override_settings(FLYFN=settings):
+        first = asyncio.ensure_future(async_client.get("/routing/aheld/"))
+        second = asyncio.ensure_future(async_client.get("/routing/aheld/"))
+        done, _ = await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
+        refused = done.pop().result()
+        Hold.async_release.set()
+        served = [(await t).status_code for t in (first, second)]
+        again = await async_client.get("/routing/aheld/")
+    assert refused.status_code == 503
+    assert sorted(served) == [200, 503]
+    assert again.status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+async def test_machine_destroyed_behind_the_pools_back_recovers(
+    machines_api: MachinesAPI, kind: str
+) -> None:
+    async def get(path: str, **headers: str) -> tuple[int, bytes, str | None]:
+        if kind == "asgi":
+            response: HttpResponseBase = await AsyncClient().get(path, headers=headers)
+        else:
+            response = await asyncio.to_thread(lambda: Client().get(path, headers=headers))
+        return response.status_code, response.content, response.get("fly-replay")  # type: ignore[attr-defined]
+
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        _, _, header = await get("/routing/pdf/")
+        assert header is not None
+        gone = FlyReplay.parse(header).instance
+        assert gone is not None
+        machines_api.destroy(gone)
+        # Fly Proxy could not reach it: the fallback request names it.
+        failed = ReplayFailed(instance=gone, reason="no_candidate").to_header()
+        assert await get("/routing/pdf/", **{"fly-replay-failed": failed}) == (200, b"pdf", None)
+        _, _, header = await get("/routing/pdf/")
+    assert header is not None
+    replacement = FlyReplay.parse(header).instance
+    assert replacement not in (None, gone)
+    assert [m.id for m in machines_api.machines(group="pdf")] == [replacement]
