@@ -7,6 +7,7 @@ path). The routing table is DESIGN.md's, applied in `process_view` from the reso
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Awaitable, Callable
 from enum import Enum
@@ -34,6 +35,8 @@ from flyfn.runtime import current_role
 
 if TYPE_CHECKING:
     from flyfn.registry import ServerlessView
+
+logger = logging.getLogger("flyfn.middleware")
 
 # What clients are told to wait before retrying a request flyfn could not serve.
 RETRY_AFTER_SECONDS = 5
@@ -222,23 +225,26 @@ class FlyReplayMiddleware:
         target: ReplayTarget | None,
         settings: FlyfnSettings,
     ) -> HttpResponseBase | None:
-        if (
-            target is None
-        ):  # the API is down or slow, or the settings lack something: logged by the pool
+        if target is None:
+            # The API is down or slow, or the settings lack something: the pool logged it.
             return self._fallback(request, view.group, settings)
         options = settings.group(view.group)
-        state = None
-        if settings.sign_replays:
-            state = sign_state(
-                django_settings.SECRET_KEY, request.method or "GET", request.path, view.group
+        try:
+            state = None
+            if settings.sign_replays:
+                state = sign_state(
+                    django_settings.SECRET_KEY, request.method or "GET", request.path, view.group
+                )
+            replay = FlyReplay(
+                instance=target.instance,
+                app=target.app,
+                timeout=options.replay_timeout,
+                fallback="force_self",
+                state=state,
             )
-        replay = FlyReplay(
-            instance=target.instance,
-            app=target.app,
-            timeout=options.replay_timeout,
-            fallback="force_self",
-            state=state,
-        )
+        except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
+            logger.error("flyfn: cannot build a replay for group %r: %s", view.group, exc)
+            return self._fallback(request, view.group, settings)
         return replay_response(replay.to_header())
 
     def _fallback(

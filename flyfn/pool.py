@@ -299,7 +299,10 @@ async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareR
         if machine.id in done.created or not is_outdated(machine, spec.config):
             continue
         request = UpdateMachineRequest(name=machine.name, region=spec.region, config=spec.config)
-        await client.update_machine(machine.id, request, app=spec.app)
+        try:
+            await client.update_machine(machine.id, request, app=spec.app)
+        except NotFound:  # destroyed meanwhile (another process converging): nothing to update
+            continue
         updated.append(machine.id)
     return PrepareReport(
         group=spec.group,

@@ -384,3 +384,12 @@ async def test_warm_serverless_requests_make_no_api_call(
     assert instances == {first}
     assert machines_api.list_calls == 2  # the cold convergence's list and re-list, nothing since
     assert len(machines_api.calls) == calls
+
+
+async def test_main_target_the_header_cannot_carry_falls_back(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    manager.targets["pdf"] = ReplayTarget(instance="not;a machine id")
+    with override_role(MAIN):
+        response = await fetch("GET", "/routing/pdf/")
+    assert ran_here(response, b"pdf")
