@@ -152,6 +152,7 @@ class Stack:
     proxy: FlyProxy
     client: httpx.AsyncClient
     logs: list[RequestLog]
+    events: list[str]
 
     async def machine(
         self,
@@ -188,13 +189,20 @@ async def stack() -> AsyncIterator[Stack]:
     emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
     fleet.emulator = emulator
     logs: list[RequestLog] = []
+    events: list[str] = []
     proxy = FlyProxy(
-        emulator, fleet, app_name=APP, idle_stop=0, on_log=logs.append, transport=fleet
+        emulator,
+        fleet,
+        app_name=APP,
+        idle_stop=0,
+        on_log=logs.append,
+        on_event=events.append,
+        transport=fleet,
     )
     transport = httpx.ASGITransport(app=proxy, client=("203.0.113.9", 40000))
     client = httpx.AsyncClient(transport=transport, base_url="http://myapp.local")
     try:
-        yield Stack(emulator, fleet, proxy, client, logs)
+        yield Stack(emulator, fleet, proxy, client, logs, events)
     finally:
         await client.aclose()
         await proxy.aclose()
@@ -564,7 +572,7 @@ async def test_autostop_stops_and_suspends_idle_machines(stack: Stack) -> None:
     assert stack.emulator.get(APP, suspender.id).state == "suspended"
     assert stack.emulator.get(APP, kept.id).state == "started"
     assert stack.emulator.get(APP, main.id).state == "started"
-    assert any("stopped after" in str(log) for log in stack.logs)
+    assert f"autostop: fn:{stopper.id[:4]} stopped after 61s idle" in stack.events
 
 
 async def test_autostop_waits_for_in_flight_requests(stack: Stack) -> None:

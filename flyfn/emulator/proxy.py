@@ -319,6 +319,7 @@ class FlyProxy:
         replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         replay_body_limit: int = REPLAY_BODY_LIMIT,
         on_log: Callable[[RequestLog], None] | None = None,
+        on_event: Callable[[str], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         read_timeout: float = 300.0,
     ) -> None:
@@ -330,6 +331,7 @@ class FlyProxy:
         self.replay_timeout = replay_timeout
         self.replay_body_limit = replay_body_limit
         self.on_log = on_log
+        self.on_event = on_event
         self._transport = transport
         self._read_timeout = read_timeout
         self._client: httpx.AsyncClient | None = None
@@ -797,8 +799,7 @@ class FlyProxy:
             try:
                 await self.autostop_once()
             except Exception as exc:  # the loop must survive one bad pass
-                if self.on_log is not None:
-                    self.on_log(RequestLog("AUTOSTOP", "-", error=f"failed: {exc}"))
+                self._event(f"autostop: pass failed: {exc}")
 
     async def autostop_once(self, now: float | None = None) -> list[str]:
         """Stop or suspend each started Machine idle for `idle_stop` seconds; their ids."""
@@ -824,16 +825,15 @@ class FlyProxy:
                     continue
                 self._last_active.pop(machine.id, None)
                 acted.append(machine.id)
-                if self.on_log is not None:
-                    verb = "suspended" if mode == "suspend" else "stopped"
-                    self.on_log(
-                        RequestLog(
-                            "AUTOSTOP",
-                            machine_label(machine),
-                            hops=[f"{verb} after {now - last:.0f}s idle"],
-                        )
-                    )
+                verb = "suspended" if mode == "suspend" else "stopped"
+                self._event(
+                    f"autostop: {machine_label(machine)} {verb} after {now - last:.0f}s idle"
+                )
         return acted
+
+    def _event(self, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(message)
 
     def inflight(self, machine_id: str) -> int:
         """Requests the proxy is delivering to the Machine right now."""

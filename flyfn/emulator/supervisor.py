@@ -572,7 +572,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         lifespan="auto",
         timeout_graceful_shutdown=int(DEFAULT_STOP_TIMEOUT),
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down for: a clean stop
+        sys.exit(0)
 
 
 if __name__ == "__main__":

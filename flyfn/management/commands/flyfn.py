@@ -51,7 +51,20 @@ class Command(BaseCommand):
         gc.add_argument(
             "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
         )
-        # More subcommands (`dev`: the local Fly emulator) add a parser here and a handle_<name>.
+        dev = commands.add_parser(
+            "dev", help="the local Fly stack: Fly Proxy + Machines API + Machines as processes"
+        )
+        dev.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+        dev.add_argument("--host", default="127.0.0.1", help="proxy address (default 127.0.0.1)")
+        dev.add_argument(
+            "--idle-stop",
+            type=float,
+            default=60.0,
+            help="seconds idle before a Machine is stopped per its autostop (default 60)",
+        )
+        dev.add_argument("--asgi", default=None, help="module:attr of the ASGI app to run")
+        dev.add_argument("--api-port", type=int, default=0, help="Machines API port (default any)")
+        # More subcommands add a parser here and a handle_<name>.
 
     def handle(self, *args: Any, **options: Any) -> None:
         handler: Callable[..., None] = getattr(self, f"handle_{options['subcommand']}")
@@ -143,6 +156,27 @@ class Command(BaseCommand):
                 + f"{len(report.machines)} Machine(s) in app {report.app} on the current image "
                 f"({_summary(report)})"
             )
+
+    # ------------------------------------------------------------------ dev
+
+    def handle_dev(
+        self,
+        *,
+        port: int,
+        host: str,
+        idle_stop: float,
+        asgi: str | None,
+        api_port: int,
+        **options: Any,
+    ) -> None:
+        from flyfn.emulator.dev import DevOptions, run_dev  # uvicorn: the [emulator] extra
+
+        dev_options = DevOptions(
+            port=port, host=host, idle_stop=idle_stop, asgi_app=asgi, api_port=api_port
+        )
+        status = run_dev(dev_options)
+        if status:
+            raise CommandError("flyfn dev stopped with an error (see above)")
 
     # ------------------------------------------------------------------ gc
 

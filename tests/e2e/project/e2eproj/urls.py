@@ -1,0 +1,15 @@
+"""URLs of the end-to-end test project."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("plain/", views.plain, name="plain"),
+    path("square/<int:n>/", views.square, name="square"),
+    path("burst/<int:n>/", views.burst, name="burst"),
+    path("broken/", views.broken, name="broken"),
+    path("big/", views.big, name="big"),
+]

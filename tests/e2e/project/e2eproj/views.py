@@ -1,0 +1,50 @@
+"""Views of the end-to-end test project: each answer says which Machine and group ran it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+
+from flyfn import fly_serverless
+
+_CHUNK = b"x" * 65536
+
+
+def _where() -> dict[str, str | None]:
+    return {"machine": os.environ.get("FLY_MACHINE_ID"), "group": os.environ.get("FLYFN_GROUP")}
+
+
+def plain(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"view": "plain", **_where()})
+
+
+@fly_serverless(methods=["GET"])
+def square(request: HttpRequest, n: int) -> HttpResponse:
+    return JsonResponse({"view": "square", "result": n * n, **_where()})
+
+
+@fly_serverless(methods=["GET"], group="burst")
+def burst(request: HttpRequest, n: int) -> HttpResponse:
+    return JsonResponse({"view": "burst", "result": n + 1, **_where()})
+
+
+@fly_serverless(methods=["GET"], group="broken")
+def broken(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"view": "broken", **_where()})
+
+
+def big(request: HttpRequest) -> StreamingHttpResponse:
+    size = int(request.GET.get("n", "0"))
+
+    def chunks() -> Iterator[bytes]:
+        remaining = size
+        while remaining > 0:
+            chunk = _CHUNK[: min(remaining, len(_CHUNK))]
+            remaining -= len(chunk)
+            yield chunk
+
+    response = StreamingHttpResponse(chunks(), content_type="application/octet-stream")
+    response["Content-Length"] = str(size)
+    return response
