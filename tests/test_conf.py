@@ -1,0 +1,344 @@
+"""flyfn.conf: FLYFN validation, defaults, env fallbacks, error messages, live reading."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from flyfn.conf import (
+    DEFAULT_API_HOSTNAME,
+    FlyfnSettings,
+    GroupSettings,
+    SettingsError,
+    get_settings,
+    load_settings,
+    reset_settings,
+)
+
+NO_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("FLY_APP_NAME", "FLY_API_HOSTNAME", "FLY_API_TOKEN", "FLY_IMAGE_REF"):
+        monkeypatch.delenv(name, raising=False)
+    reset_settings()
+    yield
+    reset_settings()
+
+
+def errors_of(flyfn: Any = None, seed: Any = None, env: dict[str, str] = NO_ENV) -> SettingsError:
+    with pytest.raises(SettingsError) as info:
+        load_settings(flyfn, seed, environ=env)
+    return info.value
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_without_any_setting() -> None:
+    settings = load_settings(environ=NO_ENV)
+    assert settings.app_name is None
+    assert settings.api_hostname == DEFAULT_API_HOSTNAME == "https://api.machines.dev"
+    assert settings.api_token is None
+    assert settings.image_ref is None
+    assert settings.views == {}
+    assert settings.replay_body_limit == 1_000_000
+    assert settings.cache_ttl == 30.0
+    assert settings.sign_replays is True
+    assert settings.groups == {}
+
+
+def test_undeclared_group_gets_the_defaults() -> None:
+    group = load_settings({"GROUPS": {"pdf": {"machines": 3}}}, environ=NO_ENV).group("other")
+    assert group == GroupSettings()
+    assert group.guest.cpu_kind == "shared"
+    assert group.guest.cpus == 1
+    assert group.guest.memory_mb == 256
+    assert group.machines == 1
+    assert group.autostop == "stop"
+    assert group.internal_port == 8000
+    assert group.region is None
+    assert group.env == ()
+    assert group.strategy == "instance"
+    assert group.app is None
+    assert group.replay_timeout == "10s"
+    assert group.replay_timeout_seconds == 10.0
+    assert group.fallback == "local"
+    assert group.fallback_concurrency == 4
+
+
+def test_a_declared_group_keeps_its_values() -> None:
+    settings = load_settings(
+        {
+            "GROUPS": {
+                "pdf": {
+                    "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
+                    "machines": 3,
+                    "autostop": "suspend",
+                    "internal_port": 8080,
+                    "region": "ams",
+                    "env": ["DATABASE_URL", "SENTRY_DSN", "DATABASE_URL"],
+                    "strategy": "app",
+                    "app": "shop-functions",
+                    "replay_timeout": "800ms",
+                    "fallback": "error",
+                    "fallback_concurrency": 1,
+                }
+            }
+        },
+        environ=NO_ENV,
+    )
+    group = settings.group("pdf")
+    assert group.guest.model_dump() == {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096}
+    assert (group.machines, group.autostop, group.internal_port) == (3, "suspend", 8080)
+    assert group.region == "ams"
+    assert group.env == ("DATABASE_URL", "SENTRY_DSN")  # deduplicated, order kept
+    assert (group.strategy, group.app) == ("app", "shop-functions")
+    assert group.replay_timeout_seconds == pytest.approx(0.8)
+    assert group.state_max_age == pytest.approx(30.8)
+    assert (group.fallback, group.fallback_concurrency) == ("error", 1)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(True, "stop"), (False, "off")])
+def test_autostop_accepts_fly_toml_booleans(given: bool, expected: str) -> None:
+    groups = {"g": {"autostop": given}}
+    assert load_settings({"GROUPS": groups}, environ=NO_ENV).group("g").autostop == expected
+
+
+@pytest.mark.parametrize(("given", "expected"), [(2, "2s"), (0.25, "250ms"), (" 5s ", "5s")])
+def test_replay_timeout_accepts_seconds(given: object, expected: str) -> None:
+    groups = {"g": {"replay_timeout": given}}
+    assert load_settings({"GROUPS": groups}, environ=NO_ENV).group("g").replay_timeout == expected
+
+
+# --------------------------------------------------------------------------- env defaults
+
+
+def test_env_supplies_missing_keys() -> None:
+    env = {
+        "FLY_APP_NAME": "shop",
+        "FLY_API_HOSTNAME": "http://_api.internal:4280/",
+        "FLY_API_TOKEN": "FlyV1 fm2_secret",
+        "FLY_IMAGE_REF": "registry.fly.io/shop:deployment-01H",
+    }
+    settings = load_settings(environ=env)
+    assert settings.app_name == "shop"
+    assert settings.api_hostname == "http://_api.internal:4280"
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "FlyV1 fm2_secret"
+    assert settings.image_ref == "registry.fly.io/shop:deployment-01H"
+
+
+def test_flyfn_keys_win_over_env_and_blank_env_is_ignored() -> None:
+    settings = load_settings(
+        {"APP_NAME": "other", "API_TOKEN": "tok"},
+        environ={"FLY_APP_NAME": "shop", "FLY_API_TOKEN": "env-tok", "FLY_IMAGE_REF": "  "},
+    )
+    assert settings.app_name == "other"
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "tok"
+    assert settings.image_ref is None
+
+
+def test_an_invalid_env_value_is_blamed_on_the_env_var() -> None:
+    error = errors_of(env={"FLY_API_HOSTNAME": "api.machines.dev"})
+    assert str(error).startswith("env FLY_API_HOSTNAME: must be an http(s) URL")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_choice_names_the_key_and_the_allowed_values() -> None:
+    error = errors_of({"GROUPS": {"pdf": {"autostop": "sometimes"}}})
+    assert str(error) == (
+        'FLYFN["GROUPS"]["pdf"]["autostop"]: must be one of "stop", "suspend", "off" '
+        '(got "sometimes")'
+    )
+    assert isinstance(error, ImproperlyConfigured)
+    assert [issue.kind for issue in error.issues] == ["value"]
+
+
+@pytest.mark.parametrize(
+    ("flyfn", "key", "fragment"),
+    [
+        ({"GROUPS": {"g": {"strategy": "fast"}}}, '["g"]["strategy"]', '"instance", "app"'),
+        ({"GROUPS": {"g": {"fallback": "retry"}}}, '["g"]["fallback"]', '"local", "error"'),
+        ({"GROUPS": {"g": {"guest": {"cpu_kind": "gpu"}}}}, '["cpu_kind"]', '"shared"'),
+        ({"GROUPS": {"g": {"guest": {"cpus": 3}}}}, '["cpus"]', "1, 2, 4, 8, 16"),
+        ({"GROUPS": {"g": {"guest": {"memory_mb": 300}}}}, '["memory_mb"]', "multiple of 256"),
+        ({"GROUPS": {"g": {"machines": 0}}}, '["g"]["machines"]', "greater than or equal to 1"),
+        ({"GROUPS": {"g": {"internal_port": 70000}}}, '["internal_port"]', "65535"),
+        ({"GROUPS": {"g": {"replay_timeout": "soon"}}}, '["replay_timeout"]', '"10s"'),
+        ({"GROUPS": {"g": {"region": "Amsterdam"}}}, '["g"]["region"]', "region code"),
+        ({"GROUPS": {"g": {"env": "DATABASE_URL"}}}, '["g"]["env"]', "list"),
+        ({"GROUPS": {"g": {"env": ["not valid"]}}}, '["g"]["env"]', "names"),
+        ({"GROUPS": {"g": {"strategy": "app"}}}, '["g"]["app"]', 'required when strategy is "app"'),
+        ({"GROUPS": {"Bad Name": {}}}, '["GROUPS"]["Bad Name"]', "invalid group name"),
+        ({"GROUPS": {"g": "pdf"}}, '["GROUPS"]["g"]', "must be a dict"),
+        ({"APP_NAME": "My App"}, '["APP_NAME"]', "Fly app name"),
+        ({"CACHE_TTL": 0}, '["CACHE_TTL"]', "greater than 0"),
+        ({"REPLAY_BODY_LIMIT": -1}, '["REPLAY_BODY_LIMIT"]', "got -1"),
+        ({"SIGN_REPLAYS": "perhaps"}, '["SIGN_REPLAYS"]', "boolean"),
+        ({"VIEWS": ["shop:receipt"]}, '["VIEWS"]', "must be a dict"),
+    ],
+)
+def test_invalid_values_name_their_key(flyfn: dict[str, Any], key: str, fragment: str) -> None:
+    error = errors_of(flyfn)
+    assert len(error.issues) == 1
+    issue = error.issues[0]
+    assert issue.key.startswith("FLYFN[")
+    assert issue.key.endswith(key)
+    assert fragment in issue.message
+
+
+def test_every_invalid_value_is_reported_at_once() -> None:
+    error = errors_of({"CACHE_TTL": -1, "GROUPS": {"a": {"autostop": "x", "machines": 0}}})
+    assert {issue.key for issue in error.issues} == {
+        'FLYFN["CACHE_TTL"]',
+        'FLYFN["GROUPS"]["a"]["autostop"]',
+        'FLYFN["GROUPS"]["a"]["machines"]',
+    }
+
+
+@pytest.mark.parametrize(
+    ("flyfn", "key", "known"),
+    [
+        ({"GROUP": {}}, 'FLYFN["GROUP"]', '"GROUPS"'),
+        (
+            {"GROUPS": {"pdf": {"autostp": "stop"}}},
+            'FLYFN["GROUPS"]["pdf"]["autostp"]',
+            '"autostop"',
+        ),
+        ({"GROUPS": {"pdf": {"guest": {"ram": 1}}}}, '["guest"]["ram"]', '"memory_mb"'),
+        ({"VIEWS": {"a:b": {"method": ["GET"]}}}, 'FLYFN["VIEWS"]["a:b"]["method"]', '"methods"'),
+    ],
+)
+def test_unknown_keys_list_the_known_ones(flyfn: dict[str, Any], key: str, known: str) -> None:
+    (issue,) = errors_of(flyfn).issues
+    assert issue.kind == "unknown_key"
+    assert issue.key.endswith(key)
+    assert "unknown option" in issue.message
+    assert known in issue.message
+
+
+def test_the_token_never_appears_in_errors_or_reprs() -> None:
+    secret = "fm2_very_secret_token_value"
+    error = errors_of({"API_TOKEN": [secret]})
+    assert secret not in str(error)
+    assert secret not in repr(error.issues)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+    settings = load_settings({"API_TOKEN": secret}, environ=NO_ENV)
+    assert secret not in repr(settings)
+    assert secret not in str(settings)
+    assert secret not in repr(settings.model_dump())
+
+
+def test_a_non_dict_flyfn_is_an_error() -> None:
+    assert str(errors_of(["GROUPS"])) == "FLYFN: must be a dict (got list)"
+
+
+# --------------------------------------------------------------------------- views
+
+
+def test_views_in_list_and_dict_form() -> None:
+    settings = load_settings(
+        {
+            "VIEWS": {
+                "shop:receipt": ["get"],
+                "shop:upload": {"methods": ["POST", "put"], "group": "pdf"},
+                "report": "GET",
+            }
+        },
+        environ=NO_ENV,
+    )
+    receipt = settings.views["shop:receipt"]
+    assert receipt.methods == frozenset({"GET", "HEAD"})
+    assert receipt.group == "default"
+    assert receipt.name == "shop:receipt"
+    upload = settings.views["shop:upload"]
+    assert upload.methods == frozenset({"POST", "PUT"})
+    assert upload.group == "pdf"
+    assert settings.views["report"].methods == frozenset({"GET", "HEAD"})
+    assert settings.declared_views == settings.views
+
+
+def test_unknown_method_in_views_is_a_method_issue() -> None:
+    (issue,) = errors_of({"VIEWS": {"shop:receipt": ["GTE"]}}).issues
+    assert issue.kind == "method"
+    assert issue.key == 'FLYFN["VIEWS"]["shop:receipt"]'
+    assert "'GTE'" in issue.message
+    assert "GET" in issue.message
+
+
+def test_seed_setting_is_honoured_and_views_win() -> None:
+    settings = load_settings(
+        {"VIEWS": {"shop:receipt": {"methods": ["POST"], "group": "pdf"}}},
+        [("shop:receipt", ("GET",)), ("shop:report", ["GET", "POST"]), "shop:bare"],
+        environ=NO_ENV,
+    )
+    assert settings.views["shop:receipt"].group == "pdf"
+    assert settings.views["shop:receipt"].methods == frozenset({"POST"})
+    assert settings.views["shop:report"].methods == frozenset({"GET", "HEAD", "POST"})
+    assert settings.views["shop:report"].group == "default"
+    assert settings.views["shop:bare"].methods == frozenset({"GET", "HEAD"})
+
+
+@pytest.mark.parametrize(
+    ("seed", "key", "kind"),
+    [
+        (
+            [("shop:a", ("GET",)), ("shop:b", ("FETCH",))],
+            "FLY_MACHINES_SERVERLESS_FUNCTIONS[1]",
+            "method",
+        ),
+        ([("shop:a",)], "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]", "value"),
+        ("shop:a", "FLY_MACHINES_SERVERLESS_FUNCTIONS", "value"),
+        ([("", ("GET",))], "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]", "value"),
+    ],
+)
+def test_invalid_seed_entries_name_their_index(seed: Any, key: str, kind: str) -> None:
+    (issue,) = errors_of(None, seed).issues
+    assert (issue.key, issue.kind) == (key, kind)
+
+
+# --------------------------------------------------------------------------- live reading
+
+
+def test_get_settings_is_cached_and_follows_override_settings() -> None:
+    first = get_settings()
+    assert get_settings() is first
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"machines": 2}}}):
+        assert get_settings().group("pdf").machines == 2
+        with override_settings(FLY_MACHINES_SERVERLESS_FUNCTIONS=[("shop:x", ("GET",))]):
+            assert "shop:x" in get_settings().views
+        assert "shop:x" not in get_settings().views
+    assert get_settings().group("pdf").machines == 1
+
+
+def test_get_settings_raises_for_invalid_settings() -> None:
+    with (
+        override_settings(FLYFN={"GROUPS": {"pdf": {"autostop": "never"}}}),
+        pytest.raises(SettingsError, match="autostop"),
+    ):
+        get_settings()
+    assert isinstance(get_settings(), FlyfnSettings)
+
+
+def test_reset_settings_rereads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_settings().app_name is None
+    monkeypatch.setenv("FLY_APP_NAME", "shop")
+    assert get_settings().app_name is None  # cached: read once
+    reset_settings()
+    assert get_settings().app_name == "shop"
+
+
+def test_settings_are_immutable() -> None:
+    settings = load_settings(environ=NO_ENV)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.cache_ttl = 1  # type: ignore[misc]

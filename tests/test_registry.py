@@ -1,0 +1,245 @@
+"""flyfn.registry: registering; lookups by callable, view class, wrapper and url name.
+
+This module is also the urlconf of its own tests (``ROOT_URLCONF="tests.test_registry"``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.http import HttpRequest, HttpResponse
+from django.test import override_settings
+from django.urls import URLPattern, URLResolver, include, path
+from django.views import View
+
+from flyfn.registry import (
+    HTTP_METHODS,
+    Registry,
+    ServerlessView,
+    iter_url_names,
+    normalize_methods,
+    registry,
+    validate_group_name,
+)
+
+
+def receipt(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("receipt")
+
+
+def report(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("report")
+
+
+def unnamed(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("unnamed")
+
+
+class Invoice(View):
+    template_name = "invoice.html"
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("invoice")
+
+
+report_patterns: list[URLPattern | URLResolver] = [path("report/", report, name="report")]
+shop_patterns: list[URLPattern | URLResolver] = [
+    path("receipt/", receipt, name="receipt"),
+    path("invoice/", Invoice.as_view(), name="invoice"),
+    path("deeper/", include((report_patterns, "reports"))),
+]
+
+urlpatterns = [
+    path("shop/", include((shop_patterns, "shop"), namespace="store")),
+    path("top/", report, name="top"),
+    path("unnamed/", unnamed),
+]
+
+
+@pytest.fixture
+def reg() -> Registry:
+    return Registry()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_methods_are_normalised_and_head_follows_get() -> None:
+    assert normalize_methods(["get"]) == frozenset({"GET", "HEAD"})
+    assert normalize_methods("post") == frozenset({"POST"})
+    assert normalize_methods(("PUT", "patch", "put")) == frozenset({"PUT", "PATCH"})
+    assert frozenset({"GET", "POST", "DELETE", "OPTIONS"}) <= HTTP_METHODS
+
+
+@pytest.mark.parametrize("methods", [["GTE"], [], ["GET", 1], ["CONNECT"], [""]])
+def test_bad_methods_are_rejected(methods: list[Any]) -> None:
+    with pytest.raises(ValueError, match="HTTP method"):
+        normalize_methods(methods)
+
+
+@pytest.mark.parametrize("group", ["default", "pdf", "a", "heavy-jobs", "x_2", "a" * 30])
+def test_valid_group_names(group: str) -> None:
+    assert validate_group_name(group) == group
+
+
+@pytest.mark.parametrize("group", ["", "PDF", "-x", "a b", "a" * 31, None, "é"])
+def test_invalid_group_names(group: Any) -> None:
+    with pytest.raises(ValueError, match="invalid group name"):
+        validate_group_name(group)
+
+
+# --------------------------------------------------------------------------- registering
+
+
+def test_register_and_lookup_a_function(reg: Registry) -> None:
+    entry = reg.register(receipt, ["GET"], "pdf")
+    assert entry == ServerlessView(frozenset({"GET", "HEAD"}), "pdf", "tests.test_registry.receipt")
+    assert reg.lookup(receipt) is entry
+    assert reg.lookup(report) is None
+    assert entry.allows("HEAD")
+    assert not entry.allows("POST")
+
+
+def test_a_registered_class_is_found_through_its_as_view_results(reg: Registry) -> None:
+    entry = reg.register(Invoice, ["GET"], "default")
+    assert reg.lookup(Invoice.as_view()) is entry
+    assert reg.lookup(Invoice.as_view(template_name="x")) is entry
+
+    class Subclass(Invoice):
+        pass
+
+    # Only the marked class itself: a subclass is a different view.
+    assert reg.lookup(Subclass.as_view()) is None
+
+
+def test_decorators_stacked_above_are_seen_through(reg: Registry) -> None:
+    entry = reg.register(receipt, ["GET"], "default")
+
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    assert reg.lookup(decorate(decorate(receipt))) is entry
+    assert reg.lookup(decorate(report)) is None
+
+
+def test_registering_again_adds_methods_but_not_another_group(reg: Registry) -> None:
+    reg.register(receipt, ["GET"], "pdf")
+    assert reg.register(receipt, ["POST"], "pdf").methods == frozenset({"GET", "HEAD", "POST"})
+    assert reg.lookup(receipt) is not None
+    assert reg.lookup(receipt).methods == frozenset({"GET", "HEAD", "POST"})  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="already serverless in group 'pdf'"):
+        reg.register(receipt, ["GET"], "default")
+
+
+def test_lookup_results_are_refreshed_after_changes(reg: Registry) -> None:
+    assert reg.lookup(receipt) is None  # memoised miss...
+    entry = reg.register(receipt)
+    assert reg.lookup(receipt) is entry  # ...forgotten on register
+    reg.unregister(receipt)
+    assert reg.lookup(receipt) is None
+
+
+def test_unhashable_callables_are_looked_up_without_error(reg: Registry) -> None:
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, request: HttpRequest) -> HttpResponse:
+            return HttpResponse()
+
+    reg.set_declared({"top": ServerlessView(frozenset({"GET"}), "default", "top")})
+    assert reg.lookup(Unhashable()) is None
+
+
+def test_groups_and_listing(reg: Registry) -> None:
+    reg.register(receipt, ["GET"], "pdf")
+    reg.set_declared({"shop:x": ServerlessView(frozenset({"GET"}), "reports", "shop:x")})
+    assert reg.groups() == {"pdf", "reports"}
+    assert len(reg) == 2
+    assert list(reg.decorated()) == [receipt]
+    assert list(reg.declared()) == ["shop:x"]
+
+
+# --------------------------------------------------------------------------- url names
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_iter_url_names_covers_namespaces() -> None:
+    names = dict(iter_url_names())
+    assert names["store:receipt"] is receipt
+    assert names["shop:receipt"] is receipt  # the application namespace works too
+    assert names["store:reports:report"] is report
+    assert names["shop:reports:report"] is report
+    assert names["top"] is report
+    assert "unnamed" not in {name.rsplit(":", 1)[-1] for name in names}
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_declared_views_match_by_url_name_or_resolved_callback(reg: Registry) -> None:
+    entry = ServerlessView(frozenset({"GET", "HEAD"}), "pdf", "store:receipt")
+    reg.set_declared({"store:receipt": entry})
+    assert reg.lookup(receipt, "store:receipt") is entry
+    assert reg.lookup_url_name("store:receipt") is entry
+    # With a url name, only that name counts: the same callable under another name is ordinary.
+    assert reg.lookup(report, "top") is None
+    # Without one, the declared names are resolved through the urlconf.
+    assert reg.lookup(receipt) is entry
+    assert reg.lookup(report) is None
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_declared_class_based_view_by_name(reg: Registry) -> None:
+    entry = ServerlessView(frozenset({"GET", "HEAD"}), "default", "shop:invoice")
+    reg.set_declared({"shop:invoice": entry})
+    (callback,) = [cb for name, cb in iter_url_names() if name == "shop:invoice"]
+    assert reg.lookup(callback) is entry
+    assert reg.lookup(callback, "store:invoice") is None  # a different name than declared
+
+
+def test_forget_urls_resolves_again(reg: Registry) -> None:
+    entry = ServerlessView(frozenset({"GET"}), "default", "top")
+    reg.set_declared({"top": entry})
+    with override_settings(ROOT_URLCONF="tests.urls"):
+        reg.forget_urls()
+        assert reg.lookup(report) is None  # no "top" in that urlconf
+    with override_settings(ROOT_URLCONF="tests.test_registry"):
+        reg.forget_urls()
+        assert reg.lookup(report) is entry
+
+
+# --------------------------------------------------------------------------- settings → registry
+
+
+@pytest.fixture
+def _urlconf() -> Iterator[None]:
+    with override_settings(ROOT_URLCONF="tests.test_registry"):
+        yield
+
+
+@pytest.mark.usefixtures("_urlconf")
+def test_settings_declared_views_reach_the_process_registry() -> None:
+    assert registry.lookup_url_name("store:receipt") is None
+    with override_settings(
+        FLYFN={"VIEWS": {"store:receipt": ["GET"]}},
+        FLY_MACHINES_SERVERLESS_FUNCTIONS=[("top", ("POST",))],
+    ):
+        found = registry.lookup(receipt, "store:receipt")
+        assert found is not None
+        assert found.methods == frozenset({"GET", "HEAD"})
+        top = registry.lookup_url_name("top")
+        assert top is not None
+        assert top.methods == frozenset({"POST"})
+        assert registry.lookup(report) is top  # by callback, through the urlconf
+    assert registry.lookup_url_name("store:receipt") is None
+    assert registry.lookup_url_name("top") is None
+
+
+def test_invalid_settings_leave_no_declared_views() -> None:
+    with override_settings(FLYFN={"VIEWS": {"store:receipt": ["GTE"]}}):
+        assert registry.lookup_url_name("store:receipt") is None
