@@ -207,9 +207,7 @@ def _at_most(value: float, bound: float) -> bool:
 
 
 def _over_by(value: float, bound: float) -> str:
-    if bound == 0:
-        return f"over by {_fmt(value - bound)}"
-    return f"over by {_fmt(value - bound)} ({(value / bound - 1) * 100:.1f}%)"
+    return f"over by {_fmt(value - bound)}"
 
 
 def evaluate_targets(results: Mapping[str, Any]) -> list[TargetResult]:

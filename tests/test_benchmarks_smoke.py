@@ -108,7 +108,7 @@ def test_targets_met_and_missed_with_the_margin() -> None:
     assert by_name["middleware passthrough_overhead_ratio"].met is True
     decision = by_name["middleware decision_vs_bare_ratio"]
     assert decision.met is False
-    assert "10.0%" in decision.note
+    assert decision.note == "over by 0.1"
     assert by_name["flyfn API calls per 1000 warm requests"].met is True
     assert "blog: 1000" in by_name["flyfn API calls per 1000 warm requests"].target
     assert by_name["flyfn Machines after 50 cold requests"].met is True

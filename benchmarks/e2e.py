@@ -1,0 +1,174 @@
+"""Benchmark area `e2e`: latency through `manage.py flyfn dev` (proxy + Machines as processes).
+
+The benchmark project (benchmarks.benchsite) runs under the local Fly stack on loopback:
+- direct: GET /direct/ answered by the app Machine;
+- replay: GET /fn/ (serverless), answered by the app Machine with fly-replay and re-delivered by
+  the proxy to the warm function Machine;
+- cold_start_s: the same request once the proxy has autostopped the function Machine
+  (`--idle-stop`) and must start its process again (an AUTOSTOP line, then a "(cold" line in the
+  stack's log, prove it);
+- app_boot_s: the project's ASGI app started alone under uvicorn, from spawn to its first answer.
+Requests are sequential over one keep-alive connection; latencies are client-side wall time.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.harness import JSONDict, Skipped, median, percentile, rounded
+from benchmarks.runner import (
+    LOOPBACK,
+    area_main,
+    child_env,
+    free_port,
+    log,
+    require,
+    spawned,
+    wait_http,
+)
+
+IDLE_STOP = 2.0  # seconds idle before the proxy stops the function Machine
+SETTINGS = "benchmarks.benchsite.settings"
+
+
+def project_env() -> dict[str, str]:
+    return child_env({"DJANGO_SETTINGS_MODULE": SETTINGS, "BENCH_MIDDLEWARE": "flyfn"})
+
+
+def app_boot_seconds(log_dir: Path) -> float:
+    """Spawn the project's ASGI app alone; seconds until it first answers GET /fn/ with 200."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "benchmarks.benchsite.asgi:application",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    with (log_dir / "boot.log").open("ab") as out:
+        start = time.perf_counter()
+        with spawned(argv, env=project_env(), log_file=out) as proc:
+            wait_http(
+                f"http://{LOOPBACK}:{port}/fn/",
+                timeout=60,
+                proc=proc,
+                ok=lambda r: r.status_code == 200,
+                interval=0.005,
+            )
+            return time.perf_counter() - start
+
+
+def latencies_ms(client: httpx.Client, path: str, n: int, expect: bytes) -> list[float]:
+    out: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = client.get(path)
+        elapsed = time.perf_counter() - start
+        if response.status_code != 200 or response.content != expect:
+            raise RuntimeError(f"GET {path}: {response.status_code} {response.content[:80]!r}")
+        out.append(elapsed * 1000)
+    return out
+
+
+class DevLog:
+    """The stack's output file, read for its per-request route lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self) -> list[str]:
+        return self.path.read_text(errors="replace").splitlines()
+
+    def wait_for(self, predicate: str, *, after: int, timeout: float, also: str = "") -> int:
+        """Index of the first line after `after` holding predicate (and also); raise on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()
+            for i in range(after, len(lines)):
+                if predicate in lines[i] and also in lines[i]:
+                    return i
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {predicate!r} line in the flyfn dev log")
+            time.sleep(0.05)
+
+
+def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> float:
+    """Wait for the function Machine's autostop, then time the request that starts it again."""
+    mark = len(dev_log.lines())
+    dev_log.wait_for("AUTOSTOP", after=mark, timeout=IDLE_STOP * 4 + 10, also="fn:")
+    time.sleep(0.3)  # let the stopped process exit, so the next request finds it gone
+    mark = len(dev_log.lines())
+    start = time.perf_counter()
+    response = client.get("/fn/")
+    seconds = time.perf_counter() - start
+    if response.status_code != 200 or response.content != b"fn":
+        raise RuntimeError(f"cold GET /fn/: {response.status_code} {response.content[:80]!r}")
+    # The route line must say the function Machine was cold, or this was no cold start.
+    dev_log.wait_for("GET /fn/", after=mark, timeout=5, also="(cold")
+    return seconds
+
+
+def run(quick: bool) -> JSONDict:
+    require("flyfn.emulator.dev", "flyfn.emulator.proxy", "flyfn.middleware", "uvicorn")
+    n, boots, colds = (100, 1, 1) if quick else (1000, 3, 3)
+    with tempfile.TemporaryDirectory(prefix="flyfn-bench-e2e-") as tmp:
+        log_dir = Path(tmp)
+        log(f"e2e: app boot x{boots}")
+        boot = [app_boot_seconds(log_dir) for _ in range(boots)]
+
+        port = free_port()
+        argv = [sys.executable, "-m", "django", "flyfn", "dev"]
+        argv += ["--port", str(port), "--idle-stop", str(IDLE_STOP)]
+        dev_log = DevLog(log_dir / "dev.log")
+        with dev_log.path.open("ab") as out, spawned(argv, env=project_env(), log_file=out) as proc:
+            base = f"http://{LOOPBACK}:{port}"
+            try:
+                wait_http(
+                    f"{base}/direct/", timeout=90, proc=proc, ok=lambda r: r.status_code == 200
+                )
+            except RuntimeError as exc:
+                tail = "\n".join(dev_log.lines()[-5:])
+                if "invalid choice" in tail:
+                    raise Skipped("`manage.py flyfn dev` is not available yet") from exc
+                raise RuntimeError(f"{exc}; flyfn dev said:\n{tail}") from exc
+            with httpx.Client(base_url=base, timeout=60) as client:
+                log(f"e2e: {n} direct requests")
+                latencies_ms(client, "/direct/", 50, b"direct")
+                direct = latencies_ms(client, "/direct/", n, b"direct")
+                log("e2e: first serverless request (creates and boots the function Machine)")
+                first_start = time.perf_counter()
+                latencies_ms(client, "/fn/", 1, b"fn")
+                first_fn = time.perf_counter() - first_start
+                latencies_ms(client, "/fn/", 50, b"fn")
+                log(f"e2e: {n} replayed requests")
+                replay = latencies_ms(client, "/fn/", n, b"fn")
+                log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
+                cold = [cold_start_seconds(client, dev_log) for _ in range(colds)]
+
+    return {
+        "direct_p50_ms": rounded(percentile(direct, 50), 3),
+        "direct_p99_ms": rounded(percentile(direct, 99), 3),
+        "replay_p50_ms": rounded(percentile(replay, 50), 3),
+        "replay_p99_ms": rounded(percentile(replay, 99), 3),
+        "cold_start_s": rounded(median(cold), 3),
+        "app_boot_s": rounded(median(boot), 3),
+        "first_serverless_request_s": rounded(first_fn, 3),
+        "cold_start_samples_s": [rounded(c, 3) for c in cold],
+        "app_boot_samples_s": [rounded(b, 3) for b in boot],
+        "requests": n,
+        "idle_stop_s": IDLE_STOP,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(area_main(run))
