@@ -1,0 +1,198 @@
+"""flyfn.checks: every check id fires on its problem and stays quiet on a correct project."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.contrib.sessions.middleware import SessionMiddleware
+from django.core.checks import CheckMessage
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.http import HttpRequest, HttpResponse
+from django.test import override_settings
+from django.views import View
+
+from flyfn.checks import MIDDLEWARE_PATH, check_middleware, check_settings, check_views
+from flyfn.conf import reset_settings
+from flyfn.registry import registry
+
+SECURITY = "django.middleware.security.SecurityMiddleware"
+SESSIONS = "django.contrib.sessions.middleware.SessionMiddleware"
+AUTH = "django.contrib.auth.middleware.AuthenticationMiddleware"
+CSRF = "django.middleware.csrf.CsrfViewMiddleware"
+COMMON = "django.middleware.common.CommonMiddleware"
+
+
+class CustomSessionMiddleware(SessionMiddleware):
+    """A project's own session middleware: still per-request I/O."""
+
+
+@pytest.fixture(autouse=True)
+def _no_fly_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("FLY_APP_NAME", "FLY_API_HOSTNAME", "FLY_API_TOKEN", "FLY_IMAGE_REF"):
+        monkeypatch.delenv(name, raising=False)
+    reset_settings()
+    yield
+    reset_settings()
+
+
+def ids(messages: list[CheckMessage]) -> list[str]:
+    return [m.id for m in messages if m.id is not None]
+
+
+def run_all() -> list[CheckMessage]:
+    return [*check_settings(), *check_views(), *check_middleware()]
+
+
+# --------------------------------------------------------------------------- a correct project
+
+
+@override_settings(
+    FLYFN={"VIEWS": {"top": ["GET"]}, "APP_NAME": "shop", "API_TOKEN": "tok"},
+    ROOT_URLCONF="tests.test_registry",
+    MIDDLEWARE=[SECURITY, MIDDLEWARE_PATH, SESSIONS, COMMON, CSRF, AUTH],
+)
+def test_a_correct_project_has_no_flyfn_messages() -> None:
+    assert run_all() == []
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_e001_invalid_value() -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"autostop": "sometimes"}}}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E001"
+    assert message.msg == (
+        'FLYFN["GROUPS"]["pdf"]["autostop"]: must be one of "stop", "suspend", "off" '
+        '(got "sometimes")'
+    )
+    assert message.hint
+
+
+def test_e002_unknown_group_option() -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"autostp": "stop"}}}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E002"
+    assert '["autostp"]' in message.msg
+    assert '"autostop"' in message.msg
+
+
+def test_e003_unknown_method() -> None:
+    with override_settings(FLY_MACHINES_SERVERLESS_FUNCTIONS=[("shop:receipt", ("GTE",))]):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E003"
+    assert message.msg.startswith("FLY_MACHINES_SERVERLESS_FUNCTIONS[0]: unknown HTTP method 'GTE'")
+
+
+def test_invalid_settings_fail_manage_py_check() -> None:
+    with (
+        override_settings(FLYFN={"GROUPS": {"pdf": {"autostop": "sometimes"}}}),
+        pytest.raises(SystemCheckError, match=r"flyfn\.E001"),
+    ):
+        call_command("check")
+
+
+def test_e005_app_without_token() -> None:
+    with override_settings(FLYFN={"APP_NAME": "shop"}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E005"
+    assert "'shop'" in message.msg
+    assert "FLY_API_TOKEN" in (message.hint or "")
+    with override_settings(FLYFN={"APP_NAME": "shop", "API_TOKEN": "tok"}):
+        assert check_settings() == []
+
+
+def test_e005_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLY_APP_NAME", "shop")
+    reset_settings()
+    assert ids(check_settings()) == ["flyfn.E005"]
+    monkeypatch.setenv("FLY_API_TOKEN", "FlyV1 secret-token")
+    reset_settings()
+    assert check_settings() == []
+
+
+def test_w003_body_limit_above_fly() -> None:
+    with override_settings(FLYFN={"REPLAY_BODY_LIMIT": 5_000_000}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.W003"
+    with override_settings(FLYFN={"REPLAY_BODY_LIMIT": 1_000_000}):
+        assert check_settings() == []
+
+
+# --------------------------------------------------------------------------- views
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_e004_url_name_that_does_not_resolve() -> None:
+    with override_settings(
+        FLYFN={"VIEWS": {"store:receipt": ["GET"], "store:missing": ["GET"]}},
+        FLY_MACHINES_SERVERLESS_FUNCTIONS=[("shop:receipt", ("GET",)), ("gone", ("GET",))],
+    ):
+        messages = check_views()
+    assert ids(messages) == ["flyfn.E004", "flyfn.E004"]
+    texts = sorted(m.msg for m in messages)
+    assert texts[0].startswith("FLYFN[\"VIEWS\"] declares 'store:missing'")
+    assert texts[1].startswith("FLY_MACHINES_SERVERLESS_FUNCTIONS declares 'gone'")
+
+
+def test_e004_broken_urlconf() -> None:
+    with override_settings(ROOT_URLCONF="tests.no_such_urlconf", FLYFN={"VIEWS": {"top": ["GET"]}}):
+        (message,) = check_views()
+    assert message.id == "flyfn.E004"
+    assert "urlconf failed to load" in message.msg
+
+
+def test_w004_class_based_view_without_a_handler() -> None:
+    class OnlyGet(View):
+        def get(self, request: HttpRequest) -> HttpResponse:
+            return HttpResponse()
+
+    registry.register(OnlyGet, ["GET", "POST"], "default")
+    try:
+        messages = [m for m in check_views() if m.obj is OnlyGet]
+    finally:
+        registry.unregister(OnlyGet)
+    (message,) = messages
+    assert message.id == "flyfn.W004"
+    assert "POST" in message.msg
+    assert "GET" not in message.msg.split("for ", 1)[1].split(" but")[0]
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+@pytest.mark.parametrize(
+    ("middleware", "expected"),
+    [
+        ([SECURITY, SESSIONS, AUTH], ["flyfn.W001"]),
+        ([], ["flyfn.W001"]),
+        ([SECURITY, MIDDLEWARE_PATH, SESSIONS, AUTH], []),
+        ([MIDDLEWARE_PATH], []),
+        ([SECURITY, COMMON, MIDDLEWARE_PATH], []),
+        ([SESSIONS, MIDDLEWARE_PATH], ["flyfn.W002"]),
+        ([SECURITY, CSRF, MIDDLEWARE_PATH], ["flyfn.W002"]),
+        ([f"{__name__}.CustomSessionMiddleware", MIDDLEWARE_PATH], ["flyfn.W002"]),
+        (["no.such.Middleware", MIDDLEWARE_PATH], []),
+    ],
+)
+def test_middleware_presence_and_position(middleware: list[str], expected: list[str]) -> None:
+    with override_settings(MIDDLEWARE=middleware):
+        assert ids(check_middleware()) == expected
+
+
+def test_w002_names_the_middleware_before_it() -> None:
+    with override_settings(MIDDLEWARE=[SESSIONS, AUTH, COMMON, MIDDLEWARE_PATH]):
+        (message,) = check_middleware()
+    assert SESSIONS in message.msg
+    assert AUTH in message.msg
+    assert COMMON not in message.msg
+
+
+def test_checks_are_registered_with_django() -> None:
+    from django.core.checks.registry import registry as check_registry
+
+    registered: set[Any] = set(check_registry.get_checks())
+    assert {check_settings, check_views, check_middleware} <= registered
