@@ -235,8 +235,11 @@ async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
     keep, extras = usable[: spec.count], usable[spec.count :]
     doomed = extras + [m for m in current if not is_usable(m)]
     for machine in doomed:
-        if await _destroy(client, spec.app, machine.id):
-            result.destroyed.append(machine.id)
+        try:
+            if await _destroy(client, spec.app, machine.id):
+                result.destroyed.append(machine.id)
+        except MachinesError as exc:  # best effort: the next convergence tries again
+            logger.warning("flyfn: could not destroy extra Machine %s: %s", machine.id, exc)
     result.machines = keep
     return result
 
@@ -504,7 +507,7 @@ class MachinePool:
         try:
             client = self.manager.client()
             done = await converge(client, spec)
-        except (MachinesError, PoolConfigError, httpx.HTTPError) as exc:
+        except Exception as exc:  # whatever fails, requests get the fallback, never a 500
             self._failed(exc)
             return
         if spec.strategy == "app":
