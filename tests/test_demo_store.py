@@ -8,98 +8,18 @@ subprocess from demo_store/ (its pytest.ini; the tests are in demo_store/store/t
 from __future__ import annotations
 
 import json
-import os
+import re
 import shlex
-import signal
 import subprocess
-import sys
-import time
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import httpx
-import pytest
+from pypdf import PdfReader
 
 from tests.conftest import free_loopback_port
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo_store"
-BIN = Path(sys.executable).parent
-PYTHON = str(BIN / "python")
-
-
-def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a demo process: production-like settings, files under tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
-    env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest's tests.settings must not leak in
-    static_root = tmp_path / "static"
-    static_root.mkdir(exist_ok=True)
-    env.update(
-        SECRET_KEY="demo-tests-secret",
-        DEBUG="false",
-        ALLOWED_HOSTS="127.0.0.1,localhost",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        STATIC_ROOT=str(static_root),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
-
-
-def manage(env: Mapping[str, str], *args: str, timeout: float = 60) -> str:
-    done = subprocess.run(
-        [PYTHON, "manage.py", *args],
-        cwd=DEMO,
-        env=dict(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert done.returncode == 0, f"manage.py {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-@contextmanager
-def serving(
-    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], url: str, timeout: float = 60
-) -> Iterator[httpx.Response]:
-    """Run a server in its own process group until `url` answers; kill the group afterwards.
-
-    Its output goes to a file (a pipe nobody reads could fill and stall it), shown on failure.
-    """
-    log_path = Path(env["STATIC_ROOT"]).parent / f"server-{time.monotonic_ns()}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            list(argv), cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{argv[0]} exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                response = httpx.get(url, timeout=5)
-                if response.status_code < 500:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{url} did not answer in {timeout}s:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield response
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+from tests.demo_support import BIN, DEMO, PYTHON, ROOT, demo_env, manage, serving
 
 
 def test_store_app_tests_pass(tmp_path: Path) -> None:
@@ -181,7 +101,7 @@ def test_fly_toml_releases_and_serves_what_the_dockerfile_runs() -> None:
     assert "DEBUG" in config["env"]
 
 
-def test_scripts_demo_migrates_seeds_and_serves(tmp_path: Path) -> None:
+def test_scripts_demo_serves_pages_and_replays_receipts(tmp_path: Path) -> None:
     port = free_loopback_port()
     env = demo_env(tmp_path, DEBUG="1", DEMO_PURCHASES="7")
     del env["SECRET_KEY"]  # the demo works without one (DEBUG's dev key)
@@ -189,3 +109,14 @@ def test_scripts_demo_migrates_seeds_and_serves(tmp_path: Path) -> None:
     with serving([str(ROOT / "scripts" / "demo"), str(port)], cwd=ROOT, env=env, url=url) as page:
         assert page.status_code == 200
         assert "All 7 receipts" in page.text
+        # On the emulator the page and the receipt come from two different Machines.
+        page_machine = re.search(r'data-machine="([^"]+)"', page.text)
+        assert page_machine is not None
+        assert page_machine.group(1) != "local"
+        receipt = httpx.get(url + "7/receipt.pdf", timeout=60)
+        assert receipt.status_code == 200
+        text = PdfReader(BytesIO(receipt.content)).pages[0].extract_text()
+        assert "Receipt 000007" in text
+        footer = re.search(r"generated on Machine (\S+)", text)
+        assert footer is not None
+        assert footer.group(1) not in ("local", page_machine.group(1))

@@ -142,4 +142,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    # httpx logs every Machines API call at INFO: too chatty next to the route log lines.
+    "loggers": {name: {"level": "WARNING"} for name in ("httpx", "httpcore")},
 }

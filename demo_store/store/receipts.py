@@ -181,9 +181,11 @@ class ReceiptWriter:
         self.pages += 1
 
 
-def write_receipts(receipts: Iterable[Receipt], out: IO[bytes], *, machine: str) -> int:
+def write_receipts(
+    receipts: Iterable[Receipt], out: IO[bytes], *, machine: str, title: str = "Receipts"
+) -> int:
     """Write a PDF of `receipts` (one page each) to `out`; return the number of pages."""
-    writer = ReceiptWriter(out, machine=machine)
+    writer = ReceiptWriter(out, machine=machine, title=title)
     drawn = 0
     for receipt in receipts:
         writer.draw(receipt)

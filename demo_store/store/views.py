@@ -62,7 +62,8 @@ def purchase_receipt(request: HttpRequest, pk: int) -> HttpResponse:
     if not receipts:
         raise Http404("No such purchase")
     buffer = BytesIO()
-    write_receipts(receipts, buffer, machine=current_machine())
+    title = f"Receipt {purchase_number(pk)}"
+    write_receipts(receipts, buffer, machine=current_machine(), title=title)
     response = HttpResponse(buffer.getvalue(), content_type="application/pdf")
     response["Content-Disposition"] = f'inline; filename="receipt-{purchase_number(pk)}.pdf"'
     return response

@@ -9,6 +9,7 @@ import pytest
 from django.db import connection
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
+from pypdf import PdfReader
 
 from store.management.commands.seed_store import seed
 from store.models import Purchase
@@ -41,6 +42,9 @@ def test_receipt_names_purchase_items_total_and_machine(
     assert response["Content-Type"] == "application/pdf"
     assert f'filename="receipt-{purchase.number}.pdf"' in response["Content-Disposition"]
     (text,) = pdf_pages(response.content)
+    metadata = PdfReader(BytesIO(response.content)).metadata
+    assert metadata is not None
+    assert metadata.title == f"Receipt {purchase.number}"
     for expected in (
         f"Receipt {purchase.number}",
         "Date: 2025-03-04 05:06 UTC",
