@@ -1,0 +1,364 @@
+"""End-to-end: `manage.py flyfn dev` on the e2e project, with real Machine processes on loopback.
+
+The tests of this module share one `flyfn dev` (booting is the slow part) and run in file order:
+the first serverless request of a group is the one that creates its function Machine. The last
+tests stop stacks with SIGTERM / SIGINT and check that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = Path(__file__).resolve().parent / "project"
+TOKEN = "e2e-dev-token"
+APP = "e2eproj"
+IDLE_STOP = 3
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def _machine_pid(parent: int, machine_id: str) -> int | None:
+    marker = f"FLY_MACHINE_ID={machine_id}".encode()
+    for pid in _children(parent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and _alive(pid):
+            return pid
+    return None
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _wait(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Dev:
+    """A running `flyfn dev` subprocess and what it printed."""
+
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    api: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def machines(self, **params: str) -> list[dict[str, Any]]:
+        for _ in range(20):
+            response = httpx.get(
+                f"{self.api}/v1/apps/{APP}/machines",
+                params=params,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=10,
+            )
+            if response.status_code != 429:  # the emulated API rate-limits like Fly's
+                break
+            time.sleep(float(response.headers.get("retry-after", "1")))
+        response.raise_for_status()
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+    def app_machine(self) -> dict[str, Any]:
+        (machine,) = [
+            m for m in self.machines() if "FLYFN_GROUP" not in (m["config"].get("env") or {})
+        ]
+        return machine
+
+    def group_machines(self, group: str) -> list[dict[str, Any]]:
+        return self.machines(**{"metadata.flyfn_group": group})
+
+    def log_for(self, path: str, since: int) -> str:
+        """The proxy's log line of a request for `path` printed after line `since`."""
+        return _wait(
+            lambda: next((ln for ln in self.lines[since:] if ln.startswith(f"GET {path} ")), ""),
+            10,
+            f"the log line of {path}",
+        )
+
+    def descendants(self) -> set[int]:
+        return _children(self.process.pid)
+
+    def stop(self, sig: signal.Signals) -> int:
+        self.process.send_signal(sig)  # the command only, not its process group
+        return self.process.wait(timeout=15)
+
+
+def _start(idle_stop: float) -> Dev:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="e2eproj.settings",
+        FLYFN_DEV_TOKEN=TOKEN,
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONUNBUFFERED="1",
+    )
+    command = [sys.executable, "-m", "django", "flyfn", "dev"]
+    command += ["--port", str(port), "--idle-stop", str(idle_stop)]
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a safety net: the test can kill everything by group
+    )
+    dev = Dev(process, port)
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            dev.lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        banner = _wait(
+            lambda: (
+                process.poll() is not None
+                or next((ln for ln in dev.lines if "API " in ln and "http://" in ln), "")
+            ),
+            60,
+            "the flyfn dev banner",
+        )
+        assert process.poll() is None, "flyfn dev exited:\n" + "\n".join(dev.lines)
+        match = re.search(r"http://127\.0\.0\.1:\d+", str(banner))
+        assert match is not None
+        dev.api = match.group(0)
+    except BaseException:
+        _kill(dev)
+        raise
+    return dev
+
+
+def _kill(dev: Dev) -> None:
+    """Last resort: everything the command started, whatever state it is in."""
+    pids = dev.descendants() | {dev.process.pid}
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+    dev.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dev() -> Iterator[Dev]:
+    stack = _start(IDLE_STOP)
+    try:
+        yield stack
+    finally:
+        if stack.process.poll() is None:
+            _kill(stack)
+
+
+def get(dev: Dev, path: str, **kwargs: Any) -> httpx.Response:
+    response = httpx.get(dev.url + path, timeout=60, **kwargs)
+    assert response.status_code == 200, response.text
+    return response
+
+
+# -- routing ---------------------------------------------------------------------------------------
+
+
+def test_plain_view_answers_from_the_app_machine(dev: Dev) -> None:
+    app_machine = dev.app_machine()
+    response = get(dev, "/plain/")
+    assert response.json() == {"view": "plain", "machine": app_machine["id"], "group": None}
+    assert response.headers["x-flyfn-machine"] == app_machine["id"]
+    assert response.headers["fly-request-id"]
+    assert dev.group_machines("default") == []  # nothing serverless happened yet
+
+
+def test_serverless_view_is_replayed_cold_then_warm(dev: Dev) -> None:
+    app_id = dev.app_machine()["id"]
+    mark = len(dev.lines)
+    first = get(dev, "/square/7/")
+    data = first.json()
+    assert data["result"] == 49
+    assert data["group"] == "default"
+    fn_id = first.headers["x-flyfn-machine"]
+    assert fn_id != app_id
+    assert data["machine"] == fn_id
+    (fn,) = dev.group_machines("default")  # created by the first request
+    assert fn["id"] == fn_id
+    assert fn["state"] == "started"
+    assert fn["config"]["image"] == dev.app_machine()["config"]["image"]
+    assert f"main:{app_id[:4]} → replay → fn:{fn_id[:4]} (cold" in dev.log_for("/square/7/", mark)
+
+    mark = len(dev.lines)
+    second = get(dev, "/square/8/")
+    assert second.json()["result"] == 64
+    assert second.headers["x-flyfn-machine"] == fn_id
+    line = dev.log_for("/square/8/", mark)
+    assert f"→ replay → fn:{fn_id[:4]} 200" in line
+    assert "cold" not in line
+
+
+def test_idle_function_machine_stops_then_starts_again(dev: Dev) -> None:
+    get(dev, "/square/2/")
+    (fn,) = dev.group_machines("default")
+    _wait(
+        lambda: dev.group_machines("default")[0]["state"] == "stopped",
+        IDLE_STOP + 20,
+        "the idle function Machine to stop",
+    )
+    assert _machine_pid(dev.process.pid, fn["id"]) is None
+    mark = len(dev.lines)
+    response = get(dev, "/square/3/")
+    assert response.json()["result"] == 9
+    assert response.headers["x-flyfn-machine"] == fn["id"]
+    assert dev.group_machines("default")[0]["state"] == "started"
+    assert f"fn:{fn['id'][:4]} (cold" in dev.log_for("/square/3/", mark)
+
+
+def test_killed_function_process_is_replaced_for_the_next_request(dev: Dev) -> None:
+    get(dev, "/square/4/")
+    (fn,) = dev.group_machines("default")
+    pid = _machine_pid(dev.process.pid, fn["id"])
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not _alive(pid), 10, "the killed process to go")
+    response = get(dev, "/square/5/")
+    assert response.json()["result"] == 25
+    assert response.headers["x-flyfn-machine"] == fn["id"]
+    assert _machine_pid(dev.process.pid, fn["id"]) not in (None, pid)
+
+
+def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) -> None:
+    get(dev, "/square/6/")
+    (fn,) = dev.group_machines("default")
+    app_id = dev.app_machine()["id"]
+    mark = len(dev.lines)
+    response = get(dev, "/plain/", headers={"fly-force-instance-id": fn["id"]})
+    assert response.json() == {"view": "plain", "machine": app_id, "group": None}
+    assert response.headers["x-flyfn-machine"] == app_id
+    assert f"fn:{fn['id'][:4]} → elsewhere → main:{app_id[:4]}" in dev.log_for("/plain/", mark)
+
+
+def test_function_machine_that_cannot_start_falls_back_locally(dev: Dev) -> None:
+    app_id = dev.app_machine()["id"]
+    response = get(dev, "/broken/")
+    assert response.json() == {"view": "broken", "machine": app_id, "group": None}
+    assert response.headers["x-flyfn-machine"] == app_id
+    assert all(m["state"] != "started" for m in dev.group_machines("broken"))
+    assert "refuse to boot" in "\n".join(dev.lines)
+
+
+def test_hundred_concurrent_first_requests_make_one_function_machine(dev: Dev) -> None:
+    assert dev.group_machines("burst") == []
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=dev.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(client.get(f"/burst/{i}/") for i in range(100)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 100
+    assert [r.json()["result"] for r in responses] == [i + 1 for i in range(100)]
+    (fn,) = dev.group_machines("burst")
+    assert {r.headers["x-flyfn-machine"] for r in responses} == {fn["id"]}
+    assert {r.json()["group"] for r in responses} == {"burst"}
+
+
+def test_fifty_megabytes_stream_through_the_proxy(dev: Dev) -> None:
+    size = 50 * 1024 * 1024
+    before = _peak_rss_kb(dev.process.pid)
+    received = 0
+    with httpx.stream("GET", f"{dev.url}/big/?n={size}", timeout=60) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received += len(chunk)
+    assert received == size
+    grown_mb = (_peak_rss_kb(dev.process.pid) - before) / 1024
+    assert grown_mb < 25, f"the proxy's peak memory grew by {grown_mb:.0f} MB"
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+
+
+def _assert_stops_cleanly(dev: Dev, sig: signal.Signals) -> None:
+    machines = dev.descendants()
+    assert len(machines) >= 2  # the app Machine and at least one function Machine
+    assert dev.stop(sig) == 0
+    left = _wait(
+        lambda: not any(_alive(pid) for pid in machines) or None, 10, "the Machines to exit"
+    )
+    assert left
+    assert "flyfn dev: stopping" in "\n".join(dev.lines)
+
+
+def test_sigterm_to_the_command_leaves_nothing_behind(dev: Dev) -> None:
+    get(dev, "/square/9/")  # the function Machine is running too
+    _assert_stops_cleanly(dev, signal.SIGTERM)
+
+
+def test_sigint_to_the_command_leaves_nothing_behind() -> None:
+    stack = _start(60)
+    try:
+        get(stack, "/square/10/")
+        _assert_stops_cleanly(stack, signal.SIGINT)
+    finally:
+        if stack.process.poll() is None:
+            _kill(stack)
