@@ -289,9 +289,8 @@ class GroupSettings(_Section):
 
 
 def _views(value: Any) -> dict[str, ServerlessView]:
-    """``FLYFN["VIEWS"]``: ``{"app:url_name": ["GET", ...]}`` or ``{"app:url_name": {"methods":
-    [...],
-    "group": "pdf"}}``."""
+    """``FLYFN["VIEWS"]``: ``{"app:url_name": ["GET", ...]}`` or
+    ``{"app:url_name": {"methods": [...], "group": "pdf"}}``."""
     if not isinstance(value, Mapping):
         raise _custom(
             "value", f'must be a dict like {{"app:url_name": ["GET"]}} (got {_show(value)})'
@@ -378,8 +377,7 @@ class FlyfnSettings(_Section):
 
     image_ref: str | None = Field(default=None, alias="IMAGE_REF")
     """Default: env ``FLY_IMAGE_REF``, which Fly sets to the running image: function Machines run
-    the
-    same image as the app Machine that created them."""
+    the same image as the app Machine that created them."""
 
     views: Annotated[dict[str, ServerlessView], PlainValidator(_views)] = Field(
         default_factory=dict, alias="VIEWS"
@@ -392,10 +390,9 @@ class FlyfnSettings(_Section):
 
     cache_ttl: float = Field(default=30.0, gt=0, le=86_400, alias="CACHE_TTL")
     """Default 30 (seconds): how long a group's known Machines are used without asking the API
-    again;
-    after it they are still used while one background refresh runs. A vanished Machine leaves the
-    cache
-    at once anyway, so this only bounds how late flyfn notices changes made behind its back."""
+    again; after it they are still used while one background refresh runs. A vanished Machine
+    leaves the cache at once anyway, so this only bounds how late flyfn notices changes made behind
+    its back."""
 
     sign_replays: bool = Field(default=True, alias="SIGN_REPLAYS")
     """Default true: function Machines run serverless views only for requests replayed by an app
@@ -499,8 +496,9 @@ class _Root(BaseModel):
 def load_settings(
     flyfn: Any = None, seed: Any = None, environ: Mapping[str, str] | None = None
 ) -> FlyfnSettings:
-    """Validate raw ``FLYFN`` and ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` values; SettingsError if
-    invalid.
+    """Validate raw ``FLYFN`` and ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` values.
+
+    Raises SettingsError listing every invalid value.
 
     Keys missing from ``FLYFN`` take their env defaults from ``environ`` (default ``os.environ``).
     Views declared in ``FLYFN["VIEWS"]`` win over the same url name in the seed setting.

@@ -66,8 +66,7 @@ def validate_group_name(group: object) -> str:
 @dataclass(frozen=True, slots=True)
 class ServerlessView:
     """A serverless view: the methods that are replayed (HEAD included with GET), its group and a
-    name
-    for humans (the view's dotted path, or the url name it was declared by)."""
+    name for humans (the view's dotted path, or the url name it was declared by)."""
 
     methods: frozenset[str]
     group: str
@@ -91,8 +90,7 @@ def iter_url_names(urlconf: str | None = None) -> Iterator[tuple[str, Callable[.
     """Every named url pattern as ``("namespace:name", callback)``, nested namespaces included.
 
     A pattern inside ``include(..., namespace=...)`` is listed under its instance namespace and,
-    when it
-    differs, its application namespace too (as ``reverse()`` accepts both).
+    when it differs, its application namespace too (as ``reverse()`` accepts both).
     """
     from django.urls import URLPattern, URLResolver, get_resolver
 
@@ -179,8 +177,7 @@ class Registry:
         ``resolver_match.view_name``. Decorated views are found by the callback itself, its
         ``view_class`` (``as_view()`` results) or a ``__wrapped__`` chain (decorators stacked above
         ``@fly_serverless``); settings-declared views by ``url_name``, or without it by resolving
-        the
-        declared names through the urlconf once.
+        the declared names through the urlconf once.
         """
         if url_name is not None:
             declared = self._declared.get(url_name)

@@ -1,8 +1,7 @@
 """The fly-replay protocol: the header/JSON codec, the src/failed headers, and signed replay state.
 
 - ``FlyReplay``: every field Fly documents (instance, prefer_instance, app, region, elsewhere,
-state,
-  timeout, fallback), as a ``fly-replay`` header value or an ``application/vnd.fly.replay+json``
+  state, timeout, fallback), as a ``fly-replay`` header or an ``application/vnd.fly.replay+json``
   body.
 - ``ReplaySource`` / ``ReplayFailed``: the ``fly-replay-src`` and ``fly-replay-failed`` request
   headers Fly Proxy adds (both ``;`` and ``,`` accepted as separators, as Fly's docs disagree).
@@ -10,8 +9,7 @@ state,
   method, path and group, with a timestamp for a short validity.
 
 Parsing hostile input raises ``ReplayHeaderError`` (a ValueError) and nothing else. No Django
-settings
-are read here: callers pass the secret.
+settings are read here: callers pass the secret.
 """
 
 from __future__ import annotations

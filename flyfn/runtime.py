@@ -10,8 +10,7 @@ calling ``reset()``.
 - **local**: neither (``runserver``, tests): every view runs here.
 
 ``FLYFN["APP_NAME"]`` deliberately does not make a process "main": it names the app to manage (e.g.
-for
-``manage.py flyfn prepare`` from a laptop), while the role says where the process itself runs.
+for ``manage.py flyfn prepare`` from a laptop), while the role says where the process itself runs.
 """
 
 from __future__ import annotations
