@@ -55,6 +55,9 @@ BROKEN_STATES = frozenset({"failed", "launch_failed"})
 # instead of queueing on an API that is down.
 FAILURE_BACKOFF = 1.0
 MAX_FAILURE_BACKOFF = 30.0
+# `fly-replay-failed` cannot be authenticated (any client can send one): a pool drops a Machine it
+# names at once, but once per interval at most, so a forged flood costs one list call per interval.
+FORGET_MIN_INTERVAL = 1.0
 
 
 class PoolConfigError(Exception):
@@ -437,6 +440,7 @@ class MachinePool:
         self._inflight: concurrent.futures.Future[None] | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._forgot_at = float("-inf")
 
     @property
     def machine_ids(self) -> tuple[str, ...]:
@@ -496,6 +500,10 @@ class MachinePool:
             kept = tuple(t for t in self._targets if t.instance != machine_id)
             if len(kept) == len(self._targets):
                 return False
+            now = time.monotonic()
+            if now - self._forgot_at < FORGET_MIN_INTERVAL:
+                return False
+            self._forgot_at = now
             self._targets = kept
             self._expires = 0.0
         self.refresh()

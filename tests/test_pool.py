@@ -236,6 +236,22 @@ def test_vanished_machine_leaves_the_cache_and_is_replaced(
     assert [m.id for m in fly.machines(group="default")] == [second]
 
 
+def test_a_flood_of_forged_failures_costs_one_list(
+    fly: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    # `fly-replay-failed` is unauthenticated: the first one naming a Machine drops it at once, the
+    # rest within FORGET_MIN_INTERVAL are ignored (else a forged flood means a list per request).
+    first = instance(pool_manager.wait_target("default", 10))
+    lists = fly.list_calls
+    assert pool_manager.forget("default", first)
+    again = pool_manager.wait_target("default", 10)
+    assert instance(again) == first  # it was alive after all: listed again
+    for _ in range(50):
+        assert not pool_manager.forget("default", first)
+    assert instance(pool_manager.get_target("default")) == first
+    assert fly.list_calls == lists + 1
+
+
 def test_stale_cache_is_served_while_it_refreshes(
     machines_api: MachinesAPI, pool_manager: PoolManager
 ) -> None:
