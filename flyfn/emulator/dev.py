@@ -68,6 +68,9 @@ class DevOptions:
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     api_port: int = 0  # the Machines API's loopback port (0: any free one)
     root: Path | None = None  # the project directory (default: the current one)
+    # Fly's Machines API rate limits, emulated (429 + Retry-After). Off by default: locally they
+    # only add retry pauses to cold starts; turn them on to see how an app copes with them.
+    rate_limits: bool = False
 
 
 def project_asgi_app(settings_module: str) -> str:
@@ -221,7 +224,13 @@ class DevStack:
             runtime=runtime, region=options.region, default_app=self.app_name
         )
         runtime.attach(emulator)
-        api_server = _server(create_app(emulator, token=self._token, rate_limit=RateLimit()))
+        api_server = _server(
+            create_app(
+                emulator,
+                token=self._token,
+                rate_limit=RateLimit() if self.options.rate_limits else None,
+            )
+        )
         proxy = FlyProxy(
             emulator,
             runtime,

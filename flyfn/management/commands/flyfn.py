@@ -64,6 +64,11 @@ class Command(BaseCommand):
         )
         dev.add_argument("--asgi", default=None, help="module:attr of the ASGI app to run")
         dev.add_argument("--api-port", type=int, default=0, help="Machines API port (default any)")
+        dev.add_argument(
+            "--rate-limits",
+            action="store_true",
+            help="emulate the Machines API's rate limits (429 + Retry-After); off by default",
+        )
         # More subcommands add a parser here and a handle_<name>.
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -167,12 +172,18 @@ class Command(BaseCommand):
         idle_stop: float,
         asgi: str | None,
         api_port: int,
+        rate_limits: bool = False,
         **options: Any,
     ) -> None:
         from flyfn.emulator.dev import DevOptions, run_dev  # uvicorn: the [emulator] extra
 
         dev_options = DevOptions(
-            port=port, host=host, idle_stop=idle_stop, asgi_app=asgi, api_port=api_port
+            port=port,
+            host=host,
+            idle_stop=idle_stop,
+            asgi_app=asgi,
+            api_port=api_port,
+            rate_limits=rate_limits,
         )
         status = run_dev(dev_options)
         if status:
