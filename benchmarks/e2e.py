@@ -153,7 +153,11 @@ def run(quick: bool) -> JSONDict:
                 log(f"e2e: {n} replayed requests")
                 replay = latencies_ms(client, "/fn/", n, b"fn")
                 log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
-                cold = [cold_start_seconds(client, dev_log) for _ in range(colds)]
+                try:
+                    cold = [cold_start_seconds(client, dev_log) for _ in range(colds)]
+                except TimeoutError as exc:
+                    tail = "\n".join(dev_log.lines()[-8:])
+                    raise RuntimeError(f"{exc}; the log ends:\n{tail}") from exc
 
     return {
         "direct_p50_ms": rounded(percentile(direct, 50), 3),

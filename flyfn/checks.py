@@ -85,7 +85,7 @@ def check_settings(
                 f"Fly app {settings.app_name!r} is configured but no Machines API token is set, "
                 "so no function Machine can be created: serverless views fall back.",
                 hint='Set the FLY_API_TOKEN secret: fly secrets set FLY_API_TOKEN="$(fly tokens '
-                "create deploy)\" (or FLYFN['API_TOKEN']).",
+                "deploy)\" (or FLYFN['API_TOKEN']).",
                 id="flyfn.E005",
             )
         )
