@@ -252,7 +252,9 @@ class FlyReplayMiddleware:
     ) -> HttpResponseBase | None:
         """The group's fallback: run here (bounded per process) or 503."""
         options = settings.group(group)
-        if options.fallback != "local":
+        # A function Machine only falls back for another group's view (its own group's views run
+        # or bounce before this): it never runs that view, whatever headers a client forges.
+        if options.fallback != "local" or current_role().kind == "function":
             return unavailable()
         slots = fallback_slots(group, options.fallback_concurrency)
         if not slots.acquire():

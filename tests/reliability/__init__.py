@@ -1,0 +1,1 @@
+"""Reliability tests: Machines API faults, a soak through `flyfn dev`, hostile input."""
