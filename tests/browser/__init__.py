@@ -1,0 +1,1 @@
+"""Browser tests: headless Chromium (Debian's) driving the demo store on `flyfn dev`."""

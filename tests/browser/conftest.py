@@ -1,0 +1,63 @@
+"""Fixtures of the browser tests: Chromium, the demo store on `flyfn dev`, a fresh page per test.
+
+Without /usr/bin/chromium the tests skip on a developer's machine but fail on CI (CI=true), whose
+`make test` installs it first (scripts/ensure-chromium): a CI run must never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import BrowserContext, Page, sync_playwright
+
+from tests.browser.support import (
+    CHROMIUM,
+    DemoStack,
+    chromium_context,
+    chromium_missing,
+    demo_stack,
+)
+
+PURCHASES = 3  # seeded purchases: a few rows are enough to pick one that is not the first
+VIEWPORT = {"width": 1000, "height": 720}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    reason = chromium_missing()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI runs the browser tests: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def stack(chromium: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
+    """The seeded demo store on `flyfn dev` (booted only when Chromium is there to use it)."""
+    with demo_stack(tmp_path_factory.mktemp("demo"), purchases=PURCHASES) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser_context(
+    chromium: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrowserContext]:
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with (
+        sync_playwright() as playwright,
+        chromium_context(playwright, profile, viewport=VIEWPORT) as context,
+    ):
+        yield context
+
+
+@pytest.fixture
+def page(browser_context: BrowserContext) -> Iterator[Page]:
+    page = browser_context.new_page()
+    try:
+        yield page
+    finally:
+        page.close()
