@@ -5,7 +5,7 @@ The benchmark project (benchmarks.benchsite) runs under the local Fly stack on l
 - replay: GET /fn/ (serverless), answered by the app Machine with fly-replay and re-delivered by
   the proxy to the warm function Machine;
 - cold_start_s: the same request once the proxy has autostopped the function Machine
-  (`--idle-stop`) and must start its process again (an AUTOSTOP line, then a "(cold" line in the
+  (`--idle-stop`) and must start its process again (an autostop line, then a "(cold" line in the
   stack's log, prove it);
 - app_boot_s: the project's ASGI app started alone under uvicorn, from spawn to its first answer.
 Requests are sequential over one keep-alive connection; latencies are client-side wall time.
@@ -95,17 +95,21 @@ class DevLog:
         while True:
             lines = self.lines()
             for i in range(after, len(lines)):
-                if predicate in lines[i] and also in lines[i]:
+                line = lines[i].lower()  # the wording's case is the stack's to change
+                if predicate.lower() in line and also.lower() in line:
                     return i
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {predicate!r} line in the flyfn dev log")
             time.sleep(0.05)
 
 
-def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> float:
-    """Wait for the function Machine's autostop, then time the request that starts it again."""
+def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> tuple[float, str]:
+    """Wait for the function Machine's autostop, then time the request that starts it again.
+
+    Returns the seconds and the stack's route line for that request.
+    """
     mark = len(dev_log.lines())
-    dev_log.wait_for("AUTOSTOP", after=mark, timeout=IDLE_STOP * 4 + 10, also="fn:")
+    dev_log.wait_for("autostop", after=mark, timeout=IDLE_STOP * 4 + 10, also="fn:")
     time.sleep(0.3)  # let the stopped process exit, so the next request finds it gone
     mark = len(dev_log.lines())
     start = time.perf_counter()
@@ -114,8 +118,8 @@ def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> float:
     if response.status_code != 200 or response.content != b"fn":
         raise RuntimeError(f"cold GET /fn/: {response.status_code} {response.content[:80]!r}")
     # The route line must say the function Machine was cold, or this was no cold start.
-    dev_log.wait_for("GET /fn/", after=mark, timeout=5, also="(cold")
-    return seconds
+    line = dev_log.wait_for("GET /fn/", after=mark, timeout=5, also="(cold")
+    return seconds, dev_log.lines()[line]
 
 
 def run(quick: bool) -> JSONDict:
@@ -154,11 +158,12 @@ def run(quick: bool) -> JSONDict:
                 replay = latencies_ms(client, "/fn/", n, b"fn")
                 log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
                 try:
-                    cold = [cold_start_seconds(client, dev_log) for _ in range(colds)]
+                    cold_runs = [cold_start_seconds(client, dev_log) for _ in range(colds)]
                 except TimeoutError as exc:
                     tail = "\n".join(dev_log.lines()[-8:])
                     raise RuntimeError(f"{exc}; the log ends:\n{tail}") from exc
 
+    cold = [seconds for seconds, _ in cold_runs]
     return {
         "direct_p50_ms": rounded(percentile(direct, 50), 3),
         "direct_p99_ms": rounded(percentile(direct, 99), 3),
@@ -168,6 +173,7 @@ def run(quick: bool) -> JSONDict:
         "app_boot_s": rounded(median(boot), 3),
         "first_serverless_request_s": rounded(first_fn, 3),
         "cold_start_samples_s": [rounded(c, 3) for c in cold],
+        "cold_start_routes": [line for _, line in cold_runs],
         "app_boot_samples_s": [rounded(b, 3) for b in boot],
         "requests": n,
         "idle_stop_s": IDLE_STOP,

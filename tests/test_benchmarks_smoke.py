@@ -16,6 +16,7 @@ import pytest
 import benchmarks.__main__ as bench_main
 from benchmarks import harness
 from benchmarks.apiserver import CallCounter, Message, Receive, Scope, Send, route_of
+from benchmarks.e2e import DevLog
 from benchmarks.receipts import CanvasRecorder, replay_on_canvas
 
 
@@ -200,3 +201,16 @@ def test_main_writes_a_valid_results_file_when_every_area_is_skipped(
     printed = capsys.readouterr().out
     assert "e2e: skipped: not here" in printed
     assert "passthrough_overhead_ratio" in printed
+
+
+def test_dev_log_finds_route_lines_case_insensitively(tmp_path: Path) -> None:
+    log = DevLog(tmp_path / "dev.log")
+    log.path.write_text(
+        "GET /fn/ main:3c03 → replay → fn:3b51 200 2 B 10ms\n"
+        "autostop: fn:3b51 stopped after 2s idle\n"
+        "GET /fn/ main:3c03 → replay → fn:3b51 (cold 1.4s) 200 2 B 1.8s\n"
+    )
+    assert log.wait_for("AUTOSTOP", after=0, timeout=0, also="fn:") == 1
+    assert log.wait_for("GET /fn/", after=2, timeout=0, also="(cold") == 2
+    with pytest.raises(TimeoutError):
+        log.wait_for("autostop", after=2, timeout=0)
