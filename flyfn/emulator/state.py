@@ -636,8 +636,10 @@ class MachinesEmulator:
 
     async def settle(self) -> None:
         """Wait until no transition is running (for tests and orderly shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        # Only the pending ones: on Python >= 3.12 gather() of finished tasks returns without
+        # yielding, so the done callbacks that drop them from _tasks would never get to run.
+        while pending := [task for task in self._tasks if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- internals -------------------------------------------------------------------------------
 
