@@ -1,6 +1,6 @@
 """The Machines API emulator in its own process, counting every API call it answers.
 
-`python -m benchmarks.apiserver --port P --token T` serves flyfn.emulator.api (state only: no
+`FLY_API_TOKEN=T python -m benchmarks.apiserver --port P` serves flyfn.emulator.api (state only: no
 Machine processes) behind a counter. `GET /_bench/calls` returns {"total": n, "by_route": {...}};
 `POST /_bench/reset` zeroes it. Requests carrying `x-bench-uncounted: 1` (the harness's own
 look-ups) are not counted. `ApiServer` is the harness side: start, count, list, stop.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -126,8 +127,9 @@ def api_server(token: str = "bench-token") -> Iterator[ApiServer]:  # noqa: S107
     """Start the counting emulator on a free loopback port; stop it on exit."""
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
-    argv = [sys.executable, "-m", "benchmarks.apiserver", "--port", str(port), "--token", token]
-    with spawned(argv, env=child_env()) as proc:
+    argv = [sys.executable, "-m", "benchmarks.apiserver", "--port", str(port)]
+    # The token goes by environment, never on a command line that `ps` shows.
+    with spawned(argv, env=child_env({"FLY_API_TOKEN": token})) as proc:
         wait_http(f"{url}/_bench/calls", timeout=30, proc=proc)
         server = ApiServer(url, token)
         try:
@@ -139,11 +141,11 @@ def api_server(token: str = "bench-token") -> Iterator[ApiServer]:  # noqa: S107
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--token", required=True)
     args = parser.parse_args()
     import uvicorn
 
-    uvicorn.run(build_app(args.token), host=LOOPBACK, port=args.port, log_level="warning")
+    token = os.environ["FLY_API_TOKEN"]
+    uvicorn.run(build_app(token), host=LOOPBACK, port=args.port, log_level="warning")
     return 0
 
 

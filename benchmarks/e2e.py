@@ -7,12 +7,15 @@ The benchmark project (benchmarks.benchsite) runs under the local Fly stack on l
 - cold_start_s: the same request once the proxy has autostopped the function Machine
   (`--idle-stop`) and must start its process again (an autostop line, then a "(cold" line in the
   stack's log, prove it);
-- app_boot_s: the project's ASGI app started alone under uvicorn, from spawn to its first answer.
+- app_boot_s: the same app process (the stack's supervisor child) started alone, from spawn to
+  its first answer.
 Requests are sequential over one keep-alive connection; latencies are client-side wall time.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -34,6 +37,7 @@ from benchmarks.runner import (
 
 IDLE_STOP = 2.0  # seconds idle before the proxy stops the function Machine
 SETTINGS = "benchmarks.benchsite.settings"
+ASGI_APP = "benchmarks.benchsite.asgi:application"
 
 
 def project_env() -> dict[str, str]:
@@ -41,31 +45,25 @@ def project_env() -> dict[str, str]:
 
 
 def app_boot_seconds(log_dir: Path) -> float:
-    """Spawn the project's ASGI app alone; seconds until it first answers GET /fn/ with 200."""
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "benchmarks.benchsite.asgi:application",
-        "--host",
-        LOOPBACK,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    with (log_dir / "boot.log").open("ab") as out:
-        start = time.perf_counter()
-        with spawned(argv, env=project_env(), log_file=out) as proc:
-            wait_http(
-                f"http://{LOOPBACK}:{port}/fn/",
-                timeout=60,
-                proc=proc,
-                ok=lambda r: r.status_code == 200,
-                interval=0.005,
-            )
-            return time.perf_counter() - start
+    """Start the project's app alone, as the stack starts a Machine's process (the supervisor's
+    child on a listening socket it is handed); seconds from spawn until GET /fn/ answers 200."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        argv = [sys.executable, "-m", "flyfn.emulator.supervisor", "--app", ASGI_APP]
+        argv += ["--fd", str(sock.fileno()), "--parent-pid", str(os.getpid())]
+        with (log_dir / "boot.log").open("ab") as out:
+            start = time.perf_counter()
+            with spawned(argv, env=project_env(), log_file=out, pass_fds=[sock.fileno()]) as proc:
+                wait_http(
+                    f"http://{LOOPBACK}:{port}/fn/",
+                    timeout=60,
+                    proc=proc,
+                    ok=lambda r: r.status_code == 200,
+                    interval=0.005,
+                )
+                return time.perf_counter() - start
 
 
 def latencies_ms(client: httpx.Client, path: str, n: int, expect: bytes) -> list[float]:

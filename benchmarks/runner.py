@@ -103,12 +103,14 @@ def spawned(
     env: Mapping[str, str],
     cwd: Path = REPO_ROOT,
     log_file: IO[bytes] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Any:
     """Start a process in its own session; on exit SIGTERM its group, SIGKILL after 5 s."""
     proc = subprocess.Popen(
         list(argv),
         env=dict(env),
         cwd=cwd,
+        pass_fds=tuple(pass_fds),
         stdout=log_file if log_file is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log_file is not None else subprocess.DEVNULL,
         start_new_session=True,
