@@ -345,11 +345,13 @@ async def test_connection_reset_retried_only_when_idempotent(
 
 async def test_real_read_timeout_on_loopback() -> None:
     """A server that accepts and never answers: the client's read timeout fires."""
+    # Released in the finally below: since Python 3.12.1 wait_closed() waits for open handlers.
+    release = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.read(65536)
-            await asyncio.sleep(30)
+            await asyncio.wait_for(release.wait(), 30)
         finally:
             writer.close()
 
@@ -362,6 +364,7 @@ async def test_real_read_timeout_on_loopback() -> None:
             with pytest.raises(MachinesTimeoutError):
                 await client.get_machine("m1", max_retries=0)
     finally:
+        release.set()
         server.close()
         await server.wait_closed()
 
