@@ -67,6 +67,8 @@ DEFAULT_IDLE_STOP = 60.0
 _REPLAY_JSON_LIMIT = 64 * 1024
 _VIA = "1.1 fly.io"
 _MAX_CONNECT_RETRIES = 5
+# Methods a failed delivery may be sent again for (RFC 9110 safe methods).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 HOP_BY_HOP = frozenset(
     {
@@ -579,6 +581,28 @@ class FlyProxy:
                     raise _Unreachable(
                         "retries_exhausted",
                         f"Machine {machine.id} refused the connection ({exc})",
+                        machine.id,
+                    ) from exc
+                await asyncio.sleep(0.05 * attempts)
+                continue
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                self._done(machine)
+                # The connection died before any response: a keep-alive connection the Machine
+                # closed as it stopped, or a process killed mid-request. As reverse proxies do, a
+                # safe request is sent again (the Machine is restarted or the fallback applies);
+                # any other may already have had effects, so it fails.
+                if method.upper() not in _SAFE_METHODS or not body.complete:
+                    raise ProxyError(
+                        "PU02",
+                        502,
+                        f"failed to complete the request to Machine {machine.id}: {exc}",
+                    ) from exc
+                await self.addresses.reap(machine.id)
+                attempts += 1
+                if attempts > _MAX_CONNECT_RETRIES or time.monotonic() >= deadline:
+                    raise _Unreachable(
+                        "retries_exhausted",
+                        f"Machine {machine.id} closed the connection ({type(exc).__name__})",
                         machine.id,
                     ) from exc
                 await asyncio.sleep(0.05 * attempts)
