@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections.abc import Generator, Iterator
@@ -36,6 +35,7 @@ from flyfn.emulator.supervisor import (
     DEFAULT_ASGI_APP,
     DEFAULT_BOOT_TIMEOUT,
     ProcessRuntime,
+    listening_socket,
     machine_label,
 )
 from flyfn.machines.models import (
@@ -109,18 +109,6 @@ def image_ref(project: str, root: Path) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "app"
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(False)
-    return sock
 
 
 class _Server(uvicorn.Server):
@@ -199,12 +187,12 @@ class DevStack:
     async def _run(self) -> int:
         options = self.options
         try:
-            proxy_sock = _bind(options.host, options.port)
+            proxy_sock = listening_socket(options.host, options.port)
         except OSError as exc:
             self._write(f"flyfn dev: cannot listen on {options.host}:{options.port}: {exc}")
             return 1
         try:
-            api_sock = _bind("127.0.0.1", options.api_port)
+            api_sock = listening_socket("127.0.0.1", options.api_port)
         except OSError as exc:
             proxy_sock.close()
             self._write(f"flyfn dev: cannot listen on 127.0.0.1:{options.api_port}: {exc}")
