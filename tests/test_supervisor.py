@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,12 @@ import httpx
 import pytest
 
 from flyfn.emulator.state import MachinesEmulator
-from flyfn.emulator.supervisor import ProcessRuntime, is_function_machine, machine_label
+from flyfn.emulator.supervisor import (
+    ProcessRuntime,
+    is_function_machine,
+    listening_socket,
+    machine_label,
+)
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -273,3 +279,24 @@ def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
         parent.wait(timeout=10)
         if child_pid is not None and not _gone(child_pid):
             os.killpg(child_pid, signal.SIGKILL)
+
+
+async def test_connections_accepted_on_a_listening_socket_disable_nagle() -> None:
+    # Without TCP_NODELAY every keep-alive response after the first waits ~40 ms (delayed ACK).
+    flags: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = writer.get_extra_info("socket")
+        flags.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    sock = listening_socket("127.0.0.1", 0)
+    server = await asyncio.start_server(handle, sock=sock)
+    async with server:
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        for _ in range(100):
+            if flags:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+    assert flags == [1]
