@@ -48,6 +48,7 @@ __all__ = [
 DEFAULT_ASGI_APP = "django"
 DEFAULT_BOOT_TIMEOUT = 30.0
 DEFAULT_STOP_TIMEOUT = 5.0
+READY_POLL_INTERVAL = 0.01  # seconds between readiness probes of a booting Machine
 _OUTPUT_TAIL = 20
 _READ_LIMIT = 1 << 20
 # Inherited variables that would give a Machine the wrong identity or role.
@@ -436,7 +437,6 @@ class ProcessRuntime:
 
     async def _wait_ready(self, child: _Child) -> None:
         deadline = time.monotonic() + self.boot_timeout
-        delay = 0.02
         while True:
             if child.process.returncode is not None:
                 # Let the pump print the last words before reporting them.
@@ -463,8 +463,9 @@ class ProcessRuntime:
                     f"Machine {child.machine_id} did not answer on port {child.port} within "
                     f"{self.boot_timeout:g}s{self._tail_text(child)}"
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
+            # A refused loopback connect costs microseconds: poll often, so a cold start is not
+            # lengthened by the poll interval.
+            await asyncio.sleep(READY_POLL_INTERVAL)
 
     @staticmethod
     def _tail_text(child: _Child) -> str:
