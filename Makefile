@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install test check demo bench chromium clean
+.PHONY: install test test-dj6 check demo bench chromium clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ chromium:
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
+# The unit and contract tests on Django 6 (Python >= 3.12) in .venv-dj6; skips with a message without one.
+test-dj6:
+	@scripts/test-dj6
+
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -34,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-dj6 .pytest_cache .mypy_cache .ruff_cache build *.egg-info
