@@ -11,6 +11,7 @@ Every default, and why it is the default, is documented on the field it belongs 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -276,12 +277,13 @@ class GroupSettings(_Section):
             raise _custom("value", 'required when strategy is "app"', key="app")
         return self
 
-    @property
+    # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
+    @functools.cached_property
     def replay_timeout_seconds(self) -> float:
         """``replay_timeout`` in seconds."""
         return parse_duration(self.replay_timeout)
 
-    @property
+    @functools.cached_property
     def state_max_age(self) -> float:
         """Seconds a signed replay state of this group stays valid: the replay timeout plus a
         margin."""
