@@ -22,8 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_django.fixtures import Settings
 
+from flyfn import fly_serverless
 from flyfn.conf import FlyfnSettings, SettingsError, load_settings
 from flyfn.pool import FORGET_MIN_INTERVAL, PoolManager, ReplayTarget, set_manager
+from flyfn.registry import registry
 from flyfn.replay import (
     FlyReplay,
     ReplayFailed,
@@ -34,7 +36,7 @@ from flyfn.replay import (
 from flyfn.runtime import MAIN, function, override_role
 from tests.conftest import MachinesAPI
 from tests.reliability.answers import classify
-from tests.reliability.views import Concurrency
+from tests.reliability.views import FLOOD_VIEWS, Concurrency
 
 PDF_MACHINE = "e286de4f711e86"
 DEFAULT_MACHINE = "9080e6e9c5d987"
@@ -313,8 +315,14 @@ FAILED = ReplayFailed(instance=DEFAULT_MACHINE, reason="timeout", elapsed_ms=10_
 def flood_settings() -> Iterator[None]:
     Concurrency.reset()
     groups = {"flood": {"fallback": "local", "fallback_concurrency": BOUND}}
-    with override_settings(FLYFN={"GROUPS": groups}), override_role(MAIN):
-        yield
+    for view in FLOOD_VIEWS:
+        fly_serverless(group="flood")(view)
+    try:
+        with override_settings(FLYFN={"GROUPS": groups}), override_role(MAIN):
+            yield
+    finally:
+        for view in FLOOD_VIEWS:
+            registry.unregister(view)
 
 
 def check_flood(responses: list[HttpResponseBase]) -> None:
