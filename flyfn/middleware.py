@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http.cookie import SimpleCookie
+from django.http.response import ResponseHeaders
 
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.pool import ReplayTarget, get_manager
@@ -31,7 +35,7 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
-from flyfn.runtime import current_role
+from flyfn.runtime import Role, current_role
 
 if TYPE_CHECKING:
     from flyfn.registry import ServerlessView
@@ -44,6 +48,11 @@ ELSEWHERE = "elsewhere=true"
 NO_STORE = "private, no-store"
 # The request attribute holding a request's fallback slot, released when its response is made.
 _SLOT_ATTR = "_flyfn_fallback_slot"
+# Prebuilt replay headers kept per settings object; more distinct targets than this clears them.
+_MAX_PLANS = 1024
+# The META keys of Fly Proxy's request headers (request.headers would build a dict per request).
+_META_REPLAY_SRC = "HTTP_" + FLY_REPLAY_SRC.upper().replace("-", "_")
+_META_REPLAY_FAILED = "HTTP_" + FLY_REPLAY_FAILED.upper().replace("-", "_")
 
 ViewFunc = Callable[..., object]
 
@@ -100,7 +109,94 @@ def unavailable() -> HttpResponse:
 
 def replay_response(value: str) -> HttpResponse:
     """The empty response Fly Proxy acts on; never cached (it is per request, not per URL)."""
+    template = _template or _build_template()
+    if template is not None and value.isascii() and "\n" not in value and "\r" not in value:
+        return template.make(value)
     return HttpResponse(b"", headers={FLY_REPLAY: value, "Cache-Control": NO_STORE})
+
+
+class _Unsupported(Exception):
+    """This Django's HttpResponse has a part `_ReplayTemplate` cannot copy safely."""
+
+
+class _ReplayTemplate:
+    """Copies of one ``HttpResponse(b"", headers={fly-replay, Cache-Control})`` without re-running
+    its constructor (which validates and encodes every header: most of a replay's cost).
+
+    The prototype is made by the public constructor, so the copies have whatever attributes this
+    Django gives a response; each copy gets its own mutable parts (headers, cookies, lists). An
+    attribute of a kind it cannot copy safely makes it refuse (`_Unsupported`): then every replay
+    response is built by the constructor, as before.
+    """
+
+    def __init__(self) -> None:
+        proto = HttpResponse(b"", headers={FLY_REPLAY: "-", "Cache-Control": NO_STORE})
+        self.shared: dict[str, object] = {}
+        self.lists: list[tuple[str, list[object]]] = []
+        for name, value in vars(proto).items():
+            if name in ("headers", "cookies"):
+                continue
+            if type(value) is list:
+                self.lists.append((name, value))
+            elif value is None or type(value) in (bool, int, str, bytes):
+                self.shared[name] = value
+            else:
+                raise _Unsupported(name)
+        store = vars(proto.headers).get("_store")
+        if type(proto.headers) is not ResponseHeaders or type(store) is not dict:
+            raise _Unsupported("headers")
+        if type(proto.cookies) is not SimpleCookie or proto.cookies:
+            raise _Unsupported("cookies")
+        self.store: dict[str, tuple[str, str]] = store
+
+    def make(self, value: str) -> HttpResponse:
+        """A fresh response whose fly-replay header is `value` (ASCII without CR/LF: no encoding
+        or check needed, which is all the constructor would do with it)."""
+        attrs = self.shared.copy()
+        for name, items in self.lists:
+            attrs[name] = items.copy()
+        headers = ResponseHeaders.__new__(ResponseHeaders)
+        vars(headers)["_store"] = {**self.store, FLY_REPLAY: (FLY_REPLAY, value)}
+        attrs["headers"] = headers
+        attrs["cookies"] = SimpleCookie()
+        response = HttpResponse.__new__(HttpResponse)
+        response.__dict__ = attrs
+        return response
+
+
+_template: _ReplayTemplate | None = None
+_template_unsupported = False
+
+
+def _build_template() -> _ReplayTemplate | None:
+    global _template, _template_unsupported
+    if _template_unsupported:
+        return None
+    try:
+        _template = _ReplayTemplate()
+    except _Unsupported as exc:
+        logger.debug("flyfn: replay responses use the HttpResponse constructor (%s)", exc)
+        _template_unsupported = True
+    return _template
+
+
+def _reset_template(*, setting: str, **kwargs: object) -> None:
+    # The prototype's Content-Type carries DEFAULT_CHARSET.
+    global _template
+    if setting == "DEFAULT_CHARSET":
+        _template = None
+
+
+setting_changed.connect(_reset_template, dispatch_uid="flyfn.middleware.reset_template")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A group's replay header to one target, prebuilt: `head + state + tail`, or `unsigned`."""
+
+    head: str
+    tail: str
+    unsigned: str
 
 
 def _body_replayable(request: HttpRequest, limit: int) -> bool:
@@ -126,6 +222,9 @@ class FlyReplayMiddleware:
     ) -> None:
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
+        # Prebuilt replay headers per (group, instance, app), valid for one settings object.
+        self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
+        self._plans = (None, {})
         if self.async_mode:
             markcoroutinefunction(self)
             # Django adapts process_view to the handler's mode; give it the native async one.
@@ -137,13 +236,15 @@ class FlyReplayMiddleware:
         try:
             return self.get_response(request)
         finally:
-            _release_slot(request)
+            if _SLOT_ATTR in request.__dict__:
+                _release_slot(request)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         try:
             return await self.get_response(request)  # type: ignore[no-any-return,misc]
         finally:
-            _release_slot(request)
+            if _SLOT_ATTR in request.__dict__:
+                _release_slot(request)
 
     def process_view(
         self,
@@ -152,13 +253,23 @@ class FlyReplayMiddleware:
         view_args: tuple[object, ...],
         view_kwargs: dict[str, object],
     ) -> HttpResponseBase | None:
+        # The hot path: an ordinary view costs the role check and one registry lookup.
+        role = current_role()
+        if role.kind == "local":
+            return None
+        match = request.resolver_match
+        view = registry.lookup(view_func, None if match is None else match.view_name)
+        if view is None or request.method not in view.methods:
+            return None if role.kind == "main" else replay_response(ELSEWHERE)
         settings = get_settings()
-        decision, view = self._decide(request, view_func, settings)
-        if decision is not _Decision.REPLAY or view is None:
+        decision = self._decide(request, view, role, settings)
+        if decision is not _Decision.REPLAY:
             return self._respond(request, decision, view, settings)
         manager = get_manager()
-        timeout = settings.group(view.group).replay_timeout_seconds
-        target = manager.get_target(view.group) or manager.wait_target(view.group, timeout)
+        group = view.group
+        target = manager.get_target(group) or manager.wait_target(
+            group, settings.group(group).replay_timeout_seconds
+        )
         return self._replay_or_fallback(request, view, target, settings)
 
     async def _aprocess_view(
@@ -168,53 +279,55 @@ class FlyReplayMiddleware:
         view_args: tuple[object, ...],
         view_kwargs: dict[str, object],
     ) -> HttpResponseBase | None:
+        role = current_role()
+        if role.kind == "local":
+            return None
+        match = request.resolver_match
+        view = registry.lookup(view_func, None if match is None else match.view_name)
+        if view is None or request.method not in view.methods:
+            return None if role.kind == "main" else replay_response(ELSEWHERE)
         settings = get_settings()
-        decision, view = self._decide(request, view_func, settings)
-        if decision is not _Decision.REPLAY or view is None:
+        decision = self._decide(request, view, role, settings)
+        if decision is not _Decision.REPLAY:
             return self._respond(request, decision, view, settings)
         manager = get_manager()
-        timeout = settings.group(view.group).replay_timeout_seconds
-        target = manager.get_target(view.group) or await manager.aget_target(view.group, timeout)
+        group = view.group
+        target = manager.get_target(group) or await manager.aget_target(
+            group, settings.group(group).replay_timeout_seconds
+        )
         return self._replay_or_fallback(request, view, target, settings)
 
     # ------------------------------------------------------------ shared sync helpers (no I/O)
 
     def _decide(
-        self, request: HttpRequest, view_func: ViewFunc, settings: FlyfnSettings
-    ) -> tuple[_Decision, ServerlessView | None]:
-        role = current_role()
-        if role.kind == "local":
-            return _Decision.RUN, None
-        match = request.resolver_match
-        view = registry.lookup(view_func, match.view_name if match is not None else None)
-        serverless = view is not None and request.method in view.methods
-        if role.kind == "function":
-            if view is None or not serverless:
-                return _Decision.ELSEWHERE, view
-            if view.group == role.group:
-                signed = self._validly_signed(request, view, settings)
-                return (_Decision.RUN if signed else _Decision.ELSEWHERE), view
-        elif view is None or not serverless:
-            return _Decision.RUN, view
+        self, request: HttpRequest, view: ServerlessView, role: Role, settings: FlyfnSettings
+    ) -> _Decision:
+        """For a serverless view with a replayed method, off the local role."""
+        if role.kind == "function" and view.group == role.group:
+            return (
+                _Decision.RUN
+                if self._validly_signed(request, view, settings)
+                else (_Decision.ELSEWHERE)
+            )
         # A serverless view to replay: from main, or from a function Machine of another group.
-        failed = request.headers.get(FLY_REPLAY_FAILED)
+        failed = request.META.get(_META_REPLAY_FAILED)
         if failed is not None:
             self._forget_failed_target(view.group, failed)
-            return _Decision.FALLBACK, view
+            return _Decision.FALLBACK
         if not _body_replayable(request, settings.replay_body_limit):
-            return _Decision.FALLBACK, view
-        return _Decision.REPLAY, view
+            return _Decision.FALLBACK
+        return _Decision.REPLAY
 
     def _respond(
         self,
         request: HttpRequest,
         decision: _Decision,
-        view: ServerlessView | None,
+        view: ServerlessView,
         settings: FlyfnSettings,
     ) -> HttpResponseBase | None:
         if decision is _Decision.ELSEWHERE:
             return replay_response(ELSEWHERE)
-        if decision is _Decision.FALLBACK and view is not None:
+        if decision is _Decision.FALLBACK:
             return self._fallback(request, view.group, settings)
         return None
 
@@ -228,24 +341,40 @@ class FlyReplayMiddleware:
         if target is None:
             # The API is down or slow, or the settings lack something: the pool logged it.
             return self._fallback(request, view.group, settings)
-        options = settings.group(view.group)
+        group = view.group
         try:
-            state = None
-            if settings.sign_replays:
-                state = sign_state(
-                    django_settings.SECRET_KEY, request.method or "GET", request.path, view.group
-                )
+            plan = self._plan(settings, group, target)
+            if not settings.sign_replays:
+                return replay_response(plan.unsigned)
+            state = sign_state(
+                django_settings.SECRET_KEY, request.method or "GET", request.path, group
+            )
+        except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
+            logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
+            return self._fallback(request, group, settings)
+        return replay_response(plan.head + state + plan.tail)
+
+    def _plan(self, settings: FlyfnSettings, group: str, target: ReplayTarget) -> _Plan:
+        """The replay header to `target` without its state, built (and validated) once."""
+        owner, plans = self._plans
+        if owner is not settings:
+            plans = {}
+            self._plans = (settings, plans)
+        key = (group, target.instance, target.app)
+        plan = plans.get(key)
+        if plan is None:
             replay = FlyReplay(
                 instance=target.instance,
                 app=target.app,
-                timeout=options.replay_timeout,
+                timeout=settings.group(group).replay_timeout,
                 fallback="force_self",
-                state=state,
             )
-        except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
-            logger.error("flyfn: cannot build a replay for group %r: %s", view.group, exc)
-            return self._fallback(request, view.group, settings)
-        return replay_response(replay.to_header())
+            head, tail = replay.to_header_around_state()
+            plan = _Plan(head, tail, replay.to_header())
+            if len(plans) >= _MAX_PLANS:  # Machines come and go: old ids would pile up
+                plans.clear()
+            plans[key] = plan
+        return plan
 
     def _fallback(
         self, request: HttpRequest, group: str, settings: FlyfnSettings
@@ -267,7 +396,7 @@ class FlyReplayMiddleware:
     ) -> bool:
         if not settings.sign_replays:
             return True
-        source = request.headers.get(FLY_REPLAY_SRC)
+        source = request.META.get(_META_REPLAY_SRC)
         if not source:
             return False
         try:
