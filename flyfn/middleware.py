@@ -304,11 +304,8 @@ class FlyReplayMiddleware:
     ) -> _Decision:
         """For a serverless view with a replayed method, off the local role."""
         if role.kind == "function" and view.group == role.group:
-            return (
-                _Decision.RUN
-                if self._validly_signed(request, view, settings)
-                else (_Decision.ELSEWHERE)
-            )
+            signed = self._validly_signed(request, view, settings)
+            return _Decision.RUN if signed else _Decision.ELSEWHERE
         # A serverless view to replay: from main, or from a function Machine of another group.
         failed = request.META.get(_META_REPLAY_FAILED)
         if failed is not None:
