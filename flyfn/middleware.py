@@ -99,12 +99,16 @@ def fallback_slots(group: str, limit: int) -> _Slots:
 
 def unavailable() -> HttpResponse:
     """503 with Retry-After: what a request gets when flyfn can neither replay nor run it."""
-    return HttpResponse(
+    response = HttpResponse(
         "Service temporarily unavailable, retry shortly.\n",
         status=503,
         content_type="text/plain; charset=utf-8",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Cache-Control": NO_STORE},
     )
+    # flyfn logs the cause once per failure burst; without this, django.request would log every
+    # one of these 503s at ERROR (and mail ADMINS per request). Django's own flag for it.
+    response._has_been_logged = True  # type: ignore[attr-defined]
+    return response
 
 
 def replay_response(value: str) -> HttpResponse:

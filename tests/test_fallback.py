@@ -60,6 +60,18 @@ async def test_unreachable_api_with_error_fallback_is_503(
     assert TOKEN not in caplog.text
 
 
+def test_a_burst_of_503s_logs_one_error_line_in_all(
+    caplog: pytest.LogCaptureFixture, client: Client
+) -> None:
+    # Not one django.request ERROR (and ADMINS mail) per 503: flyfn's own line per burst is enough.
+    settings = {**DOWN, "GROUPS": {"pdf": {"fallback": "error"}}}
+    with override_settings(FLYFN=settings), caplog.at_level(logging.WARNING):
+        statuses = [client.get("/routing/pdf/").status_code for _ in range(5)]
+    assert statuses == [503] * 5
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.name.split(".")[0] for r in errors] == ["flyfn"]
+
+
 def test_local_fallbacks_are_bounded_per_process(client: Client) -> None:
     settings = {**DOWN, "GROUPS": {"default": {"fallback_concurrency": 1}}}
     held: list[int] = []
