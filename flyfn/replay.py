@@ -280,7 +280,7 @@ class FlyReplay:
             if value is not None:
                 fields.append((key, value))
         for key, value in self.extra:
-            if not isinstance(value, str) or not value or '"' in value or "\\" in value:
+            if not isinstance(value, str) or '"' in value or "\\" in value:
                 raise ReplayHeaderError(f"fly-replay extra field {key!r}: not a header value")
             fields.append((key, _quote_if_needed(value)))
         if not fields:

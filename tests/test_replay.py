@@ -422,3 +422,9 @@ def test_sign_state_needs_a_secret() -> None:
 def test_token_chars_cover_base64url() -> None:
     # Signed states are base64url: every character must be a bare header token.
     assert set(string.ascii_letters + string.digits + "-_.") <= set(TOKEN_CHARS)
+
+
+def test_an_unknown_field_with_an_empty_value_round_trips() -> None:
+    replay = FlyReplay.parse("a=;instance=e286de4f711e86")
+    assert replay.extra == (("a", ""),)
+    assert FlyReplay.parse(replay.to_header()) == replay
