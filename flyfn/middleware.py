@@ -12,7 +12,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
@@ -55,6 +55,14 @@ _META_REPLAY_SRC = "HTTP_" + FLY_REPLAY_SRC.upper().replace("-", "_")
 _META_REPLAY_FAILED = "HTTP_" + FLY_REPLAY_FAILED.upper().replace("-", "_")
 
 ViewFunc = Callable[..., object]
+
+
+class _Replay(NamedTuple):
+    """A serverless request to replay once its group's target is known (sync or async wait)."""
+
+    view: ServerlessView
+    settings: FlyfnSettings
+    max_wait: float
 
 
 class _Decision(Enum):
@@ -257,6 +265,37 @@ class FlyReplayMiddleware:
         view_args: tuple[object, ...],
         view_kwargs: dict[str, object],
     ) -> HttpResponseBase | None:
+        routed = self._route(request, view_func)
+        if not isinstance(routed, _Replay):
+            return routed
+        manager = get_manager()
+        target = manager.get_target(routed.view.group) or manager.wait_target(
+            routed.view.group, routed.max_wait
+        )
+        return self._replay_or_fallback(request, routed.view, target, routed.settings)
+
+    async def _aprocess_view(
+        self,
+        request: HttpRequest,
+        view_func: ViewFunc,
+        view_args: tuple[object, ...],
+        view_kwargs: dict[str, object],
+    ) -> HttpResponseBase | None:
+        routed = self._route(request, view_func)
+        if not isinstance(routed, _Replay):
+            return routed
+        manager = get_manager()
+        target = manager.get_target(routed.view.group) or await manager.aget_target(
+            routed.view.group, routed.max_wait
+        )
+        return self._replay_or_fallback(request, routed.view, target, routed.settings)
+
+    # ------------------------------------------------------------ shared sync helpers (no I/O)
+
+    def _route(
+        self, request: HttpRequest, view_func: ViewFunc
+    ) -> HttpResponseBase | _Replay | None:
+        """All but waiting for a target: a response, None (run the view) or a replay to make."""
         # The hot path: an ordinary view costs the role check and one registry lookup.
         role = current_role()
         if role.kind == "local":
@@ -269,39 +308,7 @@ class FlyReplayMiddleware:
         decision = self._decide(request, view, role, settings)
         if decision is not _Decision.REPLAY:
             return self._respond(request, decision, view, settings)
-        manager = get_manager()
-        group = view.group
-        target = manager.get_target(group) or manager.wait_target(
-            group, settings.group(group).replay_timeout_seconds
-        )
-        return self._replay_or_fallback(request, view, target, settings)
-
-    async def _aprocess_view(
-        self,
-        request: HttpRequest,
-        view_func: ViewFunc,
-        view_args: tuple[object, ...],
-        view_kwargs: dict[str, object],
-    ) -> HttpResponseBase | None:
-        role = current_role()
-        if role.kind == "local":
-            return None
-        match = request.resolver_match
-        view = registry.lookup(view_func, None if match is None else match.view_name)
-        if view is None or request.method not in view.methods:
-            return None if role.kind == "main" else replay_response(ELSEWHERE)
-        settings = get_settings()
-        decision = self._decide(request, view, role, settings)
-        if decision is not _Decision.REPLAY:
-            return self._respond(request, decision, view, settings)
-        manager = get_manager()
-        group = view.group
-        target = manager.get_target(group) or await manager.aget_target(
-            group, settings.group(group).replay_timeout_seconds
-        )
-        return self._replay_or_fallback(request, view, target, settings)
-
-    # ------------------------------------------------------------ shared sync helpers (no I/O)
+        return _Replay(view, settings, settings.group(view.group).replay_timeout_seconds)
 
     def _decide(
         self, request: HttpRequest, view: ServerlessView, role: Role, settings: FlyfnSettings
