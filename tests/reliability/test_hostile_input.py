@@ -37,6 +37,7 @@ from flyfn.runtime import MAIN, function, override_role
 from tests.conftest import MachinesAPI
 from tests.reliability.answers import classify
 from tests.reliability.views import FLOOD_VIEWS, Concurrency
+from tests.test_middleware import FakeManager
 
 PDF_MACHINE = "e286de4f711e86"
 DEFAULT_MACHINE = "9080e6e9c5d987"
@@ -45,33 +46,11 @@ FUZZ = settings(
 )
 
 
-class StaticManager(PoolManager):
-    """Fixed targets per group, no Machines API; records what the middleware forgets."""
-
-    def __init__(self, targets: dict[str, ReplayTarget]) -> None:
-        super().__init__()
-        self.targets = targets
-        self.forgotten: list[tuple[str, str]] = []
-
-    def get_target(self, group: str) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    def forget(self, group: str, machine_id: str) -> bool:
-        self.forgotten.append((group, machine_id))
-        return True
-
-
 @pytest.fixture(autouse=True)
-def project(settings: Settings) -> Iterator[StaticManager]:
+def project(settings: Settings) -> Iterator[FakeManager]:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     settings.ROOT_URLCONF = "tests.reliability.views"
-    manager = StaticManager(
+    manager = FakeManager(
         {
             "pdf": ReplayTarget(instance=PDF_MACHINE),
             "default": ReplayTarget(instance=DEFAULT_MACHINE),
