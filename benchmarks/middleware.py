@@ -1,20 +1,25 @@
 """Benchmark area `middleware`: flyfn's per-request cost through Django's WSGI handler, in process.
 
-Three handlers of the same project, built in one process and timed in interleaved rounds:
+Handlers of the same project, built in one process and timed in interleaved rounds:
 bare (no middleware, GET /direct/), flyfn passthrough (FlyReplayMiddleware, GET /direct/, a plain
 view) and flyfn replay decision (GET /fn/, a serverless view, on the app Machine with a warm pool:
-the answer is the fly-replay response). Each round times a batch of requests per handler; the
-figures are medians over rounds of the mean per-request time. The pool talks to the Machines API
-emulator in another process (loopback) only to warm up.
+the answer is the fly-replay response), and bare_fn (no middleware, GET /fn/). Each round times
+a batch of requests per handler, in a shuffled order; rounds come from several fresh processes.
+The figures are medians over rounds of the mean per-request time; each ratio is the median over
+rounds of that round's own ratio (paired: a slow spell of a shared machine hits both sides of a
+ratio alike, where a ratio of two medians takes it from one side only). The pool talks to the
+Machines API emulator in another process (loopback) only to warm up.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from benchmarks.harness import JSONDict, median, percentile, ratio, rounded
@@ -75,40 +80,73 @@ def check_answers(handlers: dict[str, tuple[Handler, dict[str, Any]]]) -> None:
         time.sleep(0.2)
 
 
+def measure(api_url: str, token: str, rounds: int, per_round: int, seed: int) -> JSONDict:
+    """One process's samples: {"cpu": {handler: [us]}, "wall": {...}, "api_calls": n}.
+
+    Run in a fresh interpreter each time: how one process happens to lay out its objects moves
+    every figure of that process a little, so the area pools the rounds of several processes.
+    """
+    # The app Machine's environment: role "main", pool aimed at the emulator.
+    os.environ.update(bench_environ(api_url, token, BENCH_APP, "none"))
+    import django
+
+    from benchmarks.apiserver import ApiServer
+
+    django.setup()
+    handlers = build_handlers()
+    check_answers(handlers)
+    for handler, environ in handlers.values():  # warm every code path
+        time_batch(handler, environ, 200)
+    api = ApiServer(api_url, token)
+    api.reset()
+    samples: dict[str, list[float]] = {name: [] for name in handlers}
+    wall: dict[str, list[float]] = {name: [] for name in handlers}
+    order = list(handlers)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)  # interleaved, so drift in machine load hits every handler alike
+        for name in order:
+            cpu_us, wall_us = time_batch(*handlers[name], per_round)
+            samples[name].append(cpu_us)
+            wall[name].append(wall_us)
+    calls = api.calls()
+    api.close()
+    return {"cpu": samples, "wall": wall, "api_calls": calls}
+
+
 def run(quick: bool) -> JSONDict:
     require("flyfn.middleware", "flyfn.pool", "flyfn.emulator.api")
     from benchmarks.apiserver import api_server
 
-    rounds, per_round = (41, 100) if quick else (151, 200)
+    processes, rounds, per_round = (1, 41, 100) if quick else (3, 81, 200)
+    spawn = multiprocessing.get_context("spawn")
+    samples: dict[str, list[float]] = {}
+    wall: dict[str, list[float]] = {}
+    api_calls = 0
+    per_process: list[dict[str, float | None]] = []
     with api_server() as api:
-        # The app Machine's environment: role "main", pool aimed at the emulator.
-        os.environ.update(bench_environ(api.url, api.token, BENCH_APP, "none"))
-        import django
-
-        django.setup()
-        handlers = build_handlers()
-        check_answers(handlers)
-        for handler, environ in handlers.values():  # warm every code path
-            time_batch(handler, environ, 200)
-        api.reset()
-        samples: dict[str, list[float]] = {name: [] for name in handlers}
-        wall: dict[str, list[float]] = {name: [] for name in handlers}
-        order = list(handlers)
-        rng = random.Random(6)
-        log(f"middleware: {rounds} rounds x {per_round} requests x {len(order)} handlers")
-        for _ in range(rounds):
-            rng.shuffle(order)  # interleaved, so drift in machine load hits every handler alike
-            for name in order:
-                cpu_us, wall_us = time_batch(*handlers[name], per_round)
-                samples[name].append(cpu_us)
-                wall[name].append(wall_us)
-        api_calls = api.calls()
+        log(f"middleware: {processes} processes x {rounds} rounds x {per_round} requests")
+        for seed in range(processes):
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                part = pool.submit(measure, api.url, api.token, rounds, per_round, seed).result()
+            for name, values in part["cpu"].items():
+                samples.setdefault(name, []).extend(values)
+            for name, values in part["wall"].items():
+                wall.setdefault(name, []).extend(values)
+            api_calls += part["api_calls"]
+            per_process.append(
+                {
+                    name: rounded(median(_paired(part["cpu"], name)), 4)
+                    for name in ("passthrough", "decision")
+                }
+            )
 
     bare, passthrough, decision = (
         median(samples["bare"]),
         median(samples["passthrough"]),
         median(samples["decision"]),
     )
+    paired = {name: _paired(samples, name) for name in ("passthrough", "decision")}
     spread = {
         name: [rounded(percentile(s, 25), 2), rounded(percentile(s, 75), 2)]
         for name, s in samples.items()
@@ -117,17 +155,33 @@ def run(quick: bool) -> JSONDict:
         "bare_us": rounded(bare, 2),
         "flyfn_passthrough_us": rounded(passthrough, 2),
         "flyfn_replay_decision_us": rounded(decision, 2),
-        "passthrough_overhead_ratio": rounded(ratio(passthrough, bare), 4),
-        "decision_vs_bare_ratio": rounded(ratio(decision, bare), 4),
+        "passthrough_overhead_ratio": rounded(median(paired["passthrough"]), 4),
+        "decision_vs_bare_ratio": rounded(median(paired["decision"]), 4),
+        "ratio_of_medians": {
+            "passthrough": rounded(ratio(passthrough, bare), 4),
+            "decision": rounded(ratio(decision, bare), 4),
+        },
+        "ratio_iqr": {
+            name: [rounded(percentile(r, 25), 4), rounded(percentile(r, 75), 4)]
+            for name, r in paired.items()
+        },
         "bare_fn_us": rounded(median(samples["bare_fn"]), 2),
         "iqr_us": spread,
         "wall_median_us": {name: rounded(median(w), 2) for name, w in wall.items()},
         "clock": "thread CPU time (time.thread_time_ns), median of per-round means",
-        "rounds": rounds,
+        "ratios": "median over rounds of each round's ratio to bare (paired)",
+        "processes": processes,
+        "per_process_ratios": per_process,
+        "rounds": rounds * processes,
         "requests_per_round": per_round,
         "api_calls_during_timing": api_calls,
         "handler": "django.core.handlers.wsgi.WSGIHandler, GET, body read and closed",
     }
+
+
+def _paired(samples: dict[str, list[float]], name: str) -> list[float]:
+    """Each round's time of handler `name` over the same round's bare time."""
+    return [s / b for s, b in zip(samples[name], samples["bare"], strict=True)]
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
@@ -35,7 +35,7 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
-from flyfn.runtime import Role, current_role
+from flyfn.runtime import current_role
 
 if TYPE_CHECKING:
     from flyfn.registry import ServerlessView
@@ -50,11 +50,15 @@ NO_STORE = "private, no-store"
 _SLOT_ATTR = "_flyfn_fallback_slot"
 # Prebuilt replay headers kept per settings object; more distinct targets than this clears them.
 _MAX_PLANS = 1024
+# Replay headers kept for the current second; more distinct requests than this clears them.
+_MAX_HEADERS = 1024
 # The META keys of Fly Proxy's request headers (request.headers would build a dict per request).
 _META_REPLAY_SRC = "HTTP_" + FLY_REPLAY_SRC.upper().replace("-", "_")
 _META_REPLAY_FAILED = "HTTP_" + FLY_REPLAY_FAILED.upper().replace("-", "_")
 
 ViewFunc = Callable[..., object]
+# A replay header's cache key: group, target, method and path.
+_HeaderKey = tuple[str, ReplayTarget, str | None, str]
 
 
 class _Replay(NamedTuple):
@@ -63,13 +67,6 @@ class _Replay(NamedTuple):
     view: ServerlessView
     settings: FlyfnSettings
     max_wait: float
-
-
-class _Decision(Enum):
-    RUN = "run"
-    REPLAY = "replay"
-    ELSEWHERE = "elsewhere"
-    FALLBACK = "fallback"
 
 
 class _Slots:
@@ -164,15 +161,17 @@ class _ReplayTemplate:
     def make(self, value: str) -> HttpResponse:
         """A fresh response whose fly-replay header is `value` (ASCII without CR/LF: no encoding
         or check needed, which is all the constructor would do with it)."""
-        attrs = self.shared.copy()
+        response = HttpResponse.__new__(HttpResponse)
+        attrs = response.__dict__
+        attrs.update(self.shared)
         for name, items in self.lists:
             attrs[name] = items.copy()
+        store = self.store.copy()
+        store[FLY_REPLAY] = (FLY_REPLAY, value)
         headers = ResponseHeaders.__new__(ResponseHeaders)
-        vars(headers)["_store"] = {**self.store, FLY_REPLAY: (FLY_REPLAY, value)}
+        headers._store = store
         attrs["headers"] = headers
         attrs["cookies"] = SimpleCookie()
-        response = HttpResponse.__new__(HttpResponse)
-        response.__dict__ = attrs
         return response
 
 
@@ -192,14 +191,20 @@ def _build_template() -> _ReplayTemplate | None:
     return _template
 
 
-def _reset_template(*, setting: str, **kwargs: object) -> None:
+# Bumped when SECRET_KEY changes, so headers signed with the old key are not served again.
+_secret_epoch = 0
+
+
+def _on_setting_changed(*, setting: str, **kwargs: object) -> None:
     # The prototype's Content-Type carries DEFAULT_CHARSET.
-    global _template
+    global _template, _secret_epoch
     if setting == "DEFAULT_CHARSET":
         _template = None
+    elif setting == "SECRET_KEY":
+        _secret_epoch += 1
 
 
-setting_changed.connect(_reset_template, dispatch_uid="flyfn.middleware.reset_template")
+setting_changed.connect(_on_setting_changed, dispatch_uid="flyfn.middleware.on_setting_changed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,11 +216,12 @@ class _Plan:
     unsigned: str
 
 
-def _body_replayable(request: HttpRequest, limit: int) -> bool:
-    """Whether Fly Proxy can replay this body: a known length within the limit (never chunked)."""
-    length = request.META.get("CONTENT_LENGTH")
+def _body_replayable(meta: Mapping[str, Any], limit: int) -> bool:
+    """Whether Fly Proxy can replay a request's body (from its META): a known length within the
+    limit (never chunked)."""
+    length = meta.get("CONTENT_LENGTH")
     if not length:
-        return "HTTP_TRANSFER_ENCODING" not in request.META
+        return "HTTP_TRANSFER_ENCODING" not in meta
     try:
         return 0 <= int(length) <= limit
     except ValueError:
@@ -237,6 +243,9 @@ class FlyReplayMiddleware:
         # Prebuilt replay headers per (group, instance, app), valid for one settings object.
         self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
         self._plans = (None, {})
+        # This second's replay headers: (settings, second, secret epoch, {request key: header}).
+        self._headers: tuple[FlyfnSettings | None, int, int, dict[_HeaderKey, str]]
+        self._headers = (None, -1, -1, {})
         if self.async_mode:
             markcoroutinefunction(self)
             # Django adapts process_view to the handler's mode; give it the native async one.
@@ -268,10 +277,7 @@ class FlyReplayMiddleware:
         routed = self._route(request, view_func)
         if not isinstance(routed, _Replay):
             return routed
-        manager = get_manager()
-        target = manager.get_target(routed.view.group) or manager.wait_target(
-            routed.view.group, routed.max_wait
-        )
+        target = get_manager().wait_target(routed.view.group, routed.max_wait)
         return self._replay_or_fallback(request, routed.view, target, routed.settings)
 
     async def _aprocess_view(
@@ -284,10 +290,7 @@ class FlyReplayMiddleware:
         routed = self._route(request, view_func)
         if not isinstance(routed, _Replay):
             return routed
-        manager = get_manager()
-        target = manager.get_target(routed.view.group) or await manager.aget_target(
-            routed.view.group, routed.max_wait
-        )
+        target = await get_manager().aget_target(routed.view.group, routed.max_wait)
         return self._replay_or_fallback(request, routed.view, target, routed.settings)
 
     # ------------------------------------------------------------ shared sync helpers (no I/O)
@@ -295,8 +298,12 @@ class FlyReplayMiddleware:
     def _route(
         self, request: HttpRequest, view_func: ViewFunc
     ) -> HttpResponseBase | _Replay | None:
-        """All but waiting for a target: a response, None (run the view) or a replay to make."""
-        # The hot path: an ordinary view costs the role check and one registry lookup.
+        """All but waiting for a target: a response, None (run the view) or a replay to make.
+
+        Flat on purpose: a warm replay from the app Machine is the path the benchmarks hold to
+        costing no more than a trivial view, and each Python call on it is a measurable share.
+        """
+        # An ordinary view costs the role check and one registry lookup.
         role = current_role()
         if role.kind == "local":
             return None
@@ -305,39 +312,25 @@ class FlyReplayMiddleware:
         if view is None or request.method not in view.methods:
             return None if role.kind == "main" else replay_response(ELSEWHERE)
         settings = get_settings()
-        decision = self._decide(request, view, role, settings)
-        if decision is not _Decision.REPLAY:
-            return self._respond(request, decision, view, settings)
-        return _Replay(view, settings, settings.group(view.group).replay_timeout_seconds)
-
-    def _decide(
-        self, request: HttpRequest, view: ServerlessView, role: Role, settings: FlyfnSettings
-    ) -> _Decision:
-        """For a serverless view with a replayed method, off the local role."""
         if role.kind == "function" and view.group == role.group:
-            signed = self._validly_signed(request, view, settings)
-            return _Decision.RUN if signed else _Decision.ELSEWHERE
+            return (
+                None
+                if self._validly_signed(request, view, settings)
+                else replay_response(ELSEWHERE)
+            )
         # A serverless view to replay: from main, or from a function Machine of another group.
-        failed = request.META.get(_META_REPLAY_FAILED)
-        if failed is not None:
+        meta = request.META
+        failed = meta.get(_META_REPLAY_FAILED)
+        if failed is not None:  # Fly Proxy could not deliver the replay
             self._forget_failed_target(view.group, failed)
-            return _Decision.FALLBACK
-        if not _body_replayable(request, settings.replay_body_limit):
-            return _Decision.FALLBACK
-        return _Decision.REPLAY
-
-    def _respond(
-        self,
-        request: HttpRequest,
-        decision: _Decision,
-        view: ServerlessView,
-        settings: FlyfnSettings,
-    ) -> HttpResponseBase | None:
-        if decision is _Decision.ELSEWHERE:
-            return replay_response(ELSEWHERE)
-        if decision is _Decision.FALLBACK:
             return self._fallback(request, view.group, settings)
-        return None
+        has_body = meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta
+        if has_body and not _body_replayable(meta, settings.replay_body_limit):
+            return self._fallback(request, view.group, settings)
+        target = get_manager().get_target(view.group)  # warm: cached, no I/O
+        if target is None:
+            return _Replay(view, settings, settings.group(view.group).replay_timeout_seconds)
+        return self._replay(request, view.group, target, settings)
 
     def _replay_or_fallback(
         self,
@@ -346,21 +339,58 @@ class FlyReplayMiddleware:
         target: ReplayTarget | None,
         settings: FlyfnSettings,
     ) -> HttpResponseBase | None:
+        """After waiting for a cold pool: the replay, or the fallback when no target came."""
         if target is None:
             # The API is down or slow, or the settings lack something: the pool logged it.
             return self._fallback(request, view.group, settings)
-        group = view.group
-        try:
-            plan = self._plan(settings, group, target)
-            if not settings.sign_replays:
-                return replay_response(plan.unsigned)
-            state = sign_state(
-                django_settings.SECRET_KEY, request.method or "GET", request.path, group
-            )
-        except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
-            logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
-            return self._fallback(request, group, settings)
-        return replay_response(plan.head + state + plan.tail)
+        return self._replay(request, view.group, target, settings)
+
+    def _replay(
+        self, request: HttpRequest, group: str, target: ReplayTarget, settings: FlyfnSettings
+    ) -> HttpResponseBase | None:
+        """The fly-replay response sending this request to `target`.
+
+        Headers are kept for the current second: a state is issued with a whole-second time, so
+        every request of one method and path in that second gets the very same state. It is
+        signed once and reused until the second ends: the bytes are the ones signing each request
+        would give, and nothing is trusted for longer.
+        """
+        second = int(time.time())
+        owner, issued, epoch, headers = self._headers
+        if issued != second or owner is not settings or epoch != _secret_epoch:
+            headers = {}
+            self._headers = (settings, second, _secret_epoch, headers)
+        key = (group, target, request.method, request.path)
+        header = headers.get(key)
+        if header is None:
+            try:
+                header = self._header(settings, group, target, request, second)
+            except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
+                logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
+                return self._fallback(request, group, settings)
+            if len(headers) >= _MAX_HEADERS:  # many distinct requests within one second
+                headers.clear()
+            headers[key] = header
+        # Plan-built headers are ASCII without CR/LF: the template needs no check of them.
+        template = _template
+        return template.make(header) if template is not None else replay_response(header)
+
+    def _header(
+        self,
+        settings: FlyfnSettings,
+        group: str,
+        target: ReplayTarget,
+        request: HttpRequest,
+        second: int,
+    ) -> str:
+        """The replay header to `target` for this request, its state (if signed) issued at
+        `second`."""
+        plan = self._plan(settings, group, target)
+        if not settings.sign_replays:
+            return plan.unsigned
+        method = request.method or "GET"
+        secret = django_settings.SECRET_KEY
+        return plan.head + sign_state(secret, method, request.path, group, second) + plan.tail
 
     def _plan(self, settings: FlyfnSettings, group: str, target: ReplayTarget) -> _Plan:
         """The replay header to `target` without its state, built (and validated) once."""

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import httpx
 
@@ -64,9 +64,11 @@ class PoolConfigError(Exception):
     """The settings lack what a pool needs (app name, image, token); the message names the key."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayTarget:
-    """Where a replay goes: one Machine (`instance` strategy) or an app (`app` strategy)."""
+class ReplayTarget(NamedTuple):
+    """Where a replay goes: one Machine (`instance` strategy) or an app (`app` strategy).
+
+    A named tuple: the middleware keys its per-second header cache by it, and a tuple hashes in C.
+    """
 
     instance: str | None = None
     app: str | None = None
@@ -593,7 +595,11 @@ class PoolManager:
         return pool
 
     def get_target(self, group: str) -> ReplayTarget | None:
-        return self.pool(group).target()
+        """The hot path: the group's cached target, or None."""
+        pool = self._pools.get(group)
+        if pool is None or self._settings is not self._get_settings():
+            pool = self.pool(group)
+        return pool.target()
 
     def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
         return self.pool(group).wait_target(max_wait)

@@ -7,13 +7,15 @@ salted_hmac, prebuilt headers equal FlyReplay.to_header(), and each cache follow
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from django.conf import settings as django_settings
 from django.http import BadHeaderError, HttpResponse
-from django.test import Client, override_settings
+from django.test import Client, RequestFactory, override_settings
 from django.utils.crypto import salted_hmac
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware
+from flyfn.conf import get_settings
 from flyfn.middleware import NO_STORE, replay_response
 from flyfn.pool import ReplayTarget, set_manager
 from flyfn.replay import (
@@ -233,3 +236,87 @@ def test_prebuilt_headers_follow_targets_and_settings(
     assert third.state
     assert fourth.state is None
     assert fourth.timeout == "10s"
+
+
+# ------------------------------------------------------------------------------ per-second headers
+
+
+def replay_state(client: Client, path: str = "/routing/pdf/") -> str:
+    state = FlyReplay.parse(client.get(path)[FLY_REPLAY]).state
+    assert state is not None
+    return state
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """time.time() for the middleware and the signer, set by the test."""
+    now = [1_764_302_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
+
+
+@pytest.fixture
+def replaying_client(settings: SettingsWrapper, manager: FakeManager) -> Iterator[Client]:
+    settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
+    with override_role(MAIN):
+        yield Client()
+
+
+def test_a_header_is_reused_within_its_second_only(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    first = replay_state(replaying_client)
+    frozen_clock[0] += 0.7  # same whole second
+    assert replay_state(replaying_client) == first
+    frozen_clock[0] += 0.1  # the next second: issued anew
+    later = replay_state(replaying_client)
+    assert later != first
+    assert later.split(".")[1] == str(int(frozen_clock[0]))
+
+
+def test_reused_headers_are_the_ones_signing_would_give(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    for _ in range(3):
+        state = replay_state(replaying_client)
+        expected = sign_state(
+            django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", frozen_clock[0]
+        )
+        assert state == expected
+
+
+def test_each_path_and_method_gets_its_own_state(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    pdf = replay_state(replaying_client, "/routing/pdf/")
+    pdf_with_query = replay_state(replaying_client, "/routing/pdf/?page=2")
+    head = FlyReplay.parse(replaying_client.head("/routing/pdf/")[FLY_REPLAY]).state
+    assert pdf == pdf_with_query  # the query string is not bound (documented in sign_state)
+    assert head is not None
+    assert head != pdf
+    assert verify_state(head, django_settings.SECRET_KEY, "HEAD", "/routing/pdf/", "pdf", max_age=5)
+
+
+def test_a_new_secret_key_signs_at_once(
+    replaying_client: Client, frozen_clock: list[float], settings: SettingsWrapper
+) -> None:
+    old = replay_state(replaying_client)
+    settings.SECRET_KEY = "rotated-" + "k" * 50
+    new = replay_state(replaying_client)
+    assert new != old
+    assert verify_state(new, settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=5)
+
+
+def test_many_distinct_requests_in_one_second_stay_bounded(
+    frozen_clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "_MAX_HEADERS", 4)
+    mw = middleware.FlyReplayMiddleware(lambda request: HttpResponse())
+    target = ReplayTarget(instance="e286de4f711e86")
+    for n in range(10):
+        path = f"/fn/{n}"
+        response = mw._replay(RequestFactory().get(path), "pdf", target, get_settings())
+        assert response is not None
+        state = FlyReplay.parse(response[FLY_REPLAY]).state
+        assert verify_state(state, django_settings.SECRET_KEY, "GET", path, "pdf", max_age=5)
+        assert len(mw._headers[3]) <= 4
