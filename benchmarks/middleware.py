@@ -5,6 +5,8 @@ bare (no middleware, GET /direct/), flyfn passthrough (FlyReplayMiddleware, GET 
 view) and flyfn replay decision (GET /fn/, a serverless view, on the app Machine with a warm pool:
 the answer is the fly-replay response), and bare_fn (no middleware, GET /fn/). Each round times
 a batch of requests per handler, in a shuffled order; rounds come from several fresh processes.
+Each handler runs under a urlconf whose first pattern is its own path, so none pays for a failed
+match of another's pattern.
 The figures are medians over rounds of the mean per-request time; each ratio is the median over
 rounds of that round's own ratio (paired: a slow spell of a shared machine hits both sides of a
 ratio alike, where a ratio of two medians takes it from one side only). The pool talks to the
@@ -20,7 +22,7 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.harness import JSONDict, median, percentile, ratio, rounded
 from benchmarks.runner import area_main, log, require
@@ -29,12 +31,33 @@ from benchmarks.wsgi import Handler, bench_environ, call, call_quietly, wsgi_env
 BENCH_APP = "bench-middleware"
 
 
-def time_batch(handler: Handler, template: dict[str, Any], n: int) -> tuple[float, float]:
+class Bench(NamedTuple):
+    """One timed handler: the WSGI handler, its request's environ and the urlconf it runs under."""
+
+    handler: Handler
+    environ: dict[str, Any]
+    urlconf: str
+
+
+# Each handler's path is the first pattern of its urlconf (see benchmarks.benchsite.urls).
+URLCONF_FOR_PATH = {
+    "/direct/": "benchmarks.benchsite.urls",
+    "/fn/": "benchmarks.benchsite.urls_fn_first",
+}
+
+
+def time_batch(bench: Bench, n: int) -> tuple[float, float]:
     """(thread CPU, wall) microseconds per request over n requests, GC paused meanwhile.
 
     The warm path does no I/O, so its cost is CPU time; thread CPU time leaves out the time this
     thread spent preempted by the other processes of a shared machine, which wall time cannot.
     """
+    from django.conf import settings
+
+    # Assigned, not overridden: override_settings would clear the URL caches each batch. The
+    # handler reads ROOT_URLCONF per request and each urlconf's resolver stays cached.
+    settings.ROOT_URLCONF = bench.urlconf
+    handler, template = bench.handler, bench.environ
     gc.disable()
     try:
         cpu_start, wall_start = time.thread_time_ns(), time.perf_counter_ns()
@@ -46,11 +69,11 @@ def time_batch(handler: Handler, template: dict[str, Any], n: int) -> tuple[floa
     return cpu / n / 1000, wall / n / 1000
 
 
-def build_handlers() -> dict[str, tuple[Handler, dict[str, Any]]]:
+def build_handlers() -> dict[str, Bench]:
     from django.core.handlers.wsgi import WSGIHandler
     from django.test.utils import override_settings
 
-    handlers: dict[str, tuple[Handler, dict[str, Any]]] = {}
+    handlers: dict[str, Bench] = {}
     for name, middleware, path in (
         ("bare", [], "/direct/"),
         ("passthrough", ["flyfn.middleware.FlyReplayMiddleware"], "/direct/"),
@@ -59,20 +82,20 @@ def build_handlers() -> dict[str, tuple[Handler, dict[str, Any]]]:
     ):
         # The handler builds its middleware chain once, from the setting as it is now.
         with override_settings(MIDDLEWARE=middleware):
-            handlers[name] = (WSGIHandler(), wsgi_environ(path))
+            handlers[name] = Bench(WSGIHandler(), wsgi_environ(path), URLCONF_FOR_PATH[path])
     return handlers
 
 
-def check_answers(handlers: dict[str, tuple[Handler, dict[str, Any]]]) -> None:
+def check_answers(handlers: dict[str, Bench]) -> None:
     """Each handler must do what it stands for, or the timing means nothing."""
     expect = {"bare": b"direct", "passthrough": b"direct", "bare_fn": b"fn"}
     for name, body in expect.items():
-        status, headers, got = call(*handlers[name])
+        status, headers, got = call(handlers[name].handler, handlers[name].environ)
         if status != 200 or got != body or "fly-replay" in headers:
             raise RuntimeError(f"{name}: expected 200 {body!r}, got {status} {got[:80]!r}")
     deadline = time.monotonic() + 30
     while True:  # the first serverless request may wait for the pool to create its Machine
-        status, headers, got = call(*handlers["decision"])
+        status, headers, got = call(handlers["decision"].handler, handlers["decision"].environ)
         if "fly-replay" in headers and "instance=" in headers["fly-replay"]:
             break
         if time.monotonic() > deadline:
@@ -95,8 +118,8 @@ def measure(api_url: str, token: str, rounds: int, per_round: int, seed: int) ->
     django.setup()
     handlers = build_handlers()
     check_answers(handlers)
-    for handler, environ in handlers.values():  # warm every code path
-        time_batch(handler, environ, 200)
+    for bench in handlers.values():  # warm every code path
+        time_batch(bench, 200)
     api = ApiServer(api_url, token)
     api.reset()
     samples: dict[str, list[float]] = {name: [] for name in handlers}
@@ -106,7 +129,7 @@ def measure(api_url: str, token: str, rounds: int, per_round: int, seed: int) ->
     for _ in range(rounds):
         rng.shuffle(order)  # interleaved, so drift in machine load hits every handler alike
         for name in order:
-            cpu_us, wall_us = time_batch(*handlers[name], per_round)
+            cpu_us, wall_us = time_batch(handlers[name], per_round)
             samples[name].append(cpu_us)
             wall[name].append(wall_us)
     calls = api.calls()
