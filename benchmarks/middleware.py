@@ -1,16 +1,19 @@
 """Benchmark area `middleware`: flyfn's per-request cost through Django's WSGI handler, in process.
 
-Handlers of the same project, built in one process and timed in interleaved rounds:
-bare (no middleware, GET /direct/), flyfn passthrough (FlyReplayMiddleware, GET /direct/, a plain
-view) and flyfn replay decision (GET /fn/, a serverless view, on the app Machine with a warm pool:
-the answer is the fly-replay response), and bare_fn (no middleware, GET /fn/). Each round times
-a batch of requests per handler, in a shuffled order; rounds come from several fresh processes.
-Each handler runs under a urlconf whose first pattern is its own path, so none pays for a failed
-match of another's pattern.
-The figures are medians over rounds of the mean per-request time; each ratio is the median over
-rounds of that round's own ratio (paired: a slow spell of a shared machine hits both sides of a
-ratio alike, where a ratio of two medians takes it from one side only). The pool talks to the
-Machines API emulator in another process (loopback) only to warm up.
+Handlers of the same project, built in one process and timed in interleaved rounds: bare (no
+middleware, GET /direct/), flyfn passthrough (FlyReplayMiddleware, GET /direct/, a plain view),
+flyfn replay decision (GET /fn/, a serverless view, on the app Machine with a warm pool: the
+answer is the fly-replay response) and bare_fn (no middleware, GET /fn/); then the decision
+against bare for requests whose paths all differ (/fn/<n>/ and /direct/<n>/), so that every
+replay signs its own state.
+
+Each round times a batch of requests per handler, in a shuffled order; rounds come from several
+fresh processes. Each handler runs under a urlconf whose first pattern is its own, so none pays
+for a failed match of another's. The figures are medians over rounds of the mean per-request
+time; each ratio is the median over rounds of that round's own ratio (paired: a slow spell of a
+shared machine hits both sides of a ratio alike, where a ratio of two medians takes it from one
+side only). The pool talks to the Machines API emulator in another process (loopback) only to
+warm up.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import os
 import random
 import sys
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.harness import JSONDict, median, percentile, ratio, rounded
 from benchmarks.runner import area_main, log, require
@@ -31,19 +36,32 @@ from benchmarks.wsgi import Handler, bench_environ, call, call_quietly, wsgi_env
 BENCH_APP = "bench-middleware"
 
 
-class Bench(NamedTuple):
-    """One timed handler: the WSGI handler, its request's environ and the urlconf it runs under."""
+@dataclass
+class Bench:
+    """One timed handler: the WSGI handler, the environs of its requests (taken in turn, from
+    where the last batch stopped) and the urlconf it runs under."""
 
     handler: Handler
-    environ: dict[str, Any]
-    urlconf: str
+    environs: list[dict[str, Any]]
+    urlconf: types.ModuleType
+    cursor: int = 0
+
+    @property
+    def environ(self) -> dict[str, Any]:
+        return self.environs[0]
 
 
-# Each handler's path is the first pattern of its urlconf (see benchmarks.benchsite.urls).
-URLCONF_FOR_PATH = {
-    "/direct/": "benchmarks.benchsite.urls",
-    "/fn/": "benchmarks.benchsite.urls_fn_first",
-}
+# Distinct item paths per handler: more than it serves in a second, so none repeats within one.
+ITEM_PATHS = 8192
+HANDLERS: tuple[tuple[str, list[str], str, str], ...] = (
+    # name, MIDDLEWARE, first pattern, path ("{n}": the item number)
+    ("bare", [], "direct", "/direct/"),
+    ("passthrough", ["flyfn.middleware.FlyReplayMiddleware"], "direct", "/direct/"),
+    ("decision", ["flyfn.middleware.FlyReplayMiddleware"], "fn", "/fn/"),
+    ("bare_fn", [], "fn", "/fn/"),
+    ("bare_items", [], "direct_item", "/direct/{n}/"),
+    ("decision_items", ["flyfn.middleware.FlyReplayMiddleware"], "fn_item", "/fn/{n}/"),
+)
 
 
 def time_batch(bench: Bench, n: int) -> tuple[float, float]:
@@ -57,15 +75,21 @@ def time_batch(bench: Bench, n: int) -> tuple[float, float]:
     # Assigned, not overridden: override_settings would clear the URL caches each batch. The
     # handler reads ROOT_URLCONF per request and each urlconf's resolver stays cached.
     settings.ROOT_URLCONF = bench.urlconf
-    handler, template = bench.handler, bench.environ
+    handler, environs, count, start = (
+        bench.handler,
+        bench.environs,
+        len(bench.environs),
+        bench.cursor,
+    )
     gc.disable()
     try:
         cpu_start, wall_start = time.thread_time_ns(), time.perf_counter_ns()
-        for _ in range(n):
-            call_quietly(handler, template)
+        for i in range(start, start + n):
+            call_quietly(handler, environs[i % count])
         cpu, wall = time.thread_time_ns() - cpu_start, time.perf_counter_ns() - wall_start
     finally:
         gc.enable()
+    bench.cursor = (start + n) % count
     return cpu / n / 1000, wall / n / 1000
 
 
@@ -73,34 +97,39 @@ def build_handlers() -> dict[str, Bench]:
     from django.core.handlers.wsgi import WSGIHandler
     from django.test.utils import override_settings
 
+    from benchmarks.benchsite.urls import urlconf_first
+
     handlers: dict[str, Bench] = {}
-    for name, middleware, path in (
-        ("bare", [], "/direct/"),
-        ("passthrough", ["flyfn.middleware.FlyReplayMiddleware"], "/direct/"),
-        ("decision", ["flyfn.middleware.FlyReplayMiddleware"], "/fn/"),
-        ("bare_fn", [], "/fn/"),
-    ):
+    for name, middleware, first, path in HANDLERS:
+        paths = [path.format(n=n) for n in range(ITEM_PATHS)] if "{n}" in path else [path]
         # The handler builds its middleware chain once, from the setting as it is now.
         with override_settings(MIDDLEWARE=middleware):
-            handlers[name] = Bench(WSGIHandler(), wsgi_environ(path), URLCONF_FOR_PATH[path])
+            handler = WSGIHandler()
+        handlers[name] = Bench(handler, [wsgi_environ(p) for p in paths], urlconf_first(first))
     return handlers
 
 
 def check_answers(handlers: dict[str, Bench]) -> None:
     """Each handler must do what it stands for, or the timing means nothing."""
-    expect = {"bare": b"direct", "passthrough": b"direct", "bare_fn": b"fn"}
+    expect = {
+        "bare": b"direct",
+        "passthrough": b"direct",
+        "bare_fn": b"fn",
+        "bare_items": b"direct",
+    }
     for name, body in expect.items():
         status, headers, got = call(handlers[name].handler, handlers[name].environ)
         if status != 200 or got != body or "fly-replay" in headers:
             raise RuntimeError(f"{name}: expected 200 {body!r}, got {status} {got[:80]!r}")
     deadline = time.monotonic() + 30
-    while True:  # the first serverless request may wait for the pool to create its Machine
-        status, headers, got = call(handlers["decision"].handler, handlers["decision"].environ)
-        if "fly-replay" in headers and "instance=" in headers["fly-replay"]:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"decision: no fly-replay instance answer ({status} {got[:80]!r})")
-        time.sleep(0.2)
+    for name in ("decision", "decision_items"):
+        while True:  # the first serverless request may wait for the pool to create its Machine
+            status, headers, got = call(handlers[name].handler, handlers[name].environ)
+            if "fly-replay" in headers and "instance=" in headers["fly-replay"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: no fly-replay instance answer ({status} {got[:80]!r})")
+            time.sleep(0.2)
 
 
 def measure(api_url: str, token: str, rounds: int, per_round: int, seed: int) -> JSONDict:
@@ -158,10 +187,7 @@ def run(quick: bool) -> JSONDict:
                 wall.setdefault(name, []).extend(values)
             api_calls += part["api_calls"]
             per_process.append(
-                {
-                    name: rounded(median(_paired(part["cpu"], name)), 4)
-                    for name in ("passthrough", "decision")
-                }
+                {pair: rounded(median(_paired(part["cpu"], pair)), 4) for pair in PAIRS}
             )
 
     bare, passthrough, decision = (
@@ -169,7 +195,7 @@ def run(quick: bool) -> JSONDict:
         median(samples["passthrough"]),
         median(samples["decision"]),
     )
-    paired = {name: _paired(samples, name) for name in ("passthrough", "decision")}
+    paired = {pair: _paired(samples, pair) for pair in PAIRS}
     spread = {
         name: [rounded(percentile(s, 25), 2), rounded(percentile(s, 75), 2)]
         for name, s in samples.items()
@@ -189,6 +215,13 @@ def run(quick: bool) -> JSONDict:
             for name, r in paired.items()
         },
         "bare_fn_us": rounded(median(samples["bare_fn"]), 2),
+        # Every request a path not replayed before in that second (/fn/<n>/ against
+        # /direct/<n>/): each one signs its own state.
+        "distinct_paths": {
+            "bare_us": rounded(median(samples["bare_items"]), 2),
+            "flyfn_replay_decision_us": rounded(median(samples["decision_items"]), 2),
+            "decision_vs_bare_ratio": rounded(median(paired["decision_items"]), 4),
+        },
         "iqr_us": spread,
         "wall_median_us": {name: rounded(median(w), 2) for name, w in wall.items()},
         "clock": "thread CPU time (time.thread_time_ns), median of per-round means",
@@ -202,9 +235,18 @@ def run(quick: bool) -> JSONDict:
     }
 
 
-def _paired(samples: dict[str, list[float]], name: str) -> list[float]:
-    """Each round's time of handler `name` over the same round's bare time."""
-    return [s / b for s, b in zip(samples[name], samples["bare"], strict=True)]
+# Each paired ratio: (handler, the handler it is compared with in the same round).
+PAIRS = {
+    "passthrough": ("passthrough", "bare"),
+    "decision": ("decision", "bare"),
+    "decision_items": ("decision_items", "bare_items"),
+}
+
+
+def _paired(samples: dict[str, list[float]], pair: str) -> list[float]:
+    """Each round's time of the pair's handler over the same round's time of its baseline."""
+    name, base = PAIRS[pair]
+    return [s / b for s, b in zip(samples[name], samples[base], strict=True)]
 
 
 if __name__ == "__main__":

@@ -1,22 +1,37 @@
 """URLs of the benchmark project, namespaced `bench:` (the blog's setting names `app:name`).
 
-Django resolves a path by trying patterns in order, so the second pattern's requests also pay for
-a failed match of the first. `urls_fn_first` lists the same patterns the other way round: the
-middleware benchmark runs each handler under the urlconf whose first pattern is its own path.
+Django resolves a path by trying patterns in order, so a later pattern's requests also pay for the
+failed matches before it. `urlconf_first` builds the same urlconf with one pattern moved first: the
+middleware benchmark runs each handler under the one whose first pattern is its own.
 """
 
 from __future__ import annotations
+
+import types
 
 from django.urls import URLPattern, URLResolver, include, path
 
 from benchmarks.benchsite import views
 
-direct = path("direct/", views.direct, name="direct")
-fn = path("fn/", views.fn, name="fn")
+PATTERNS: dict[str, URLPattern] = {
+    "direct": path("direct/", views.direct, name="direct"),
+    "fn": path("fn/", views.fn, name="fn"),
+    # One path per item: requests whose paths differ, as /receipts/<id>.pdf do.
+    "direct_item": path("direct/<int:n>/", views.direct_item, name="direct_item"),
+    "fn_item": path("fn/<int:n>/", views.fn_item, name="fn_item"),
+}
 
 
 def bench_urls(*patterns: URLPattern) -> list[URLResolver]:
     return [path("", include((list(patterns), "bench")))]
 
 
-urlpatterns = bench_urls(direct, fn)
+def urlconf_first(name: str) -> types.ModuleType:
+    """A urlconf (a module object, as ROOT_URLCONF may be) with pattern `name` first."""
+    module = types.ModuleType(f"{__name__}[{name}]")
+    first = PATTERNS[name]
+    module.urlpatterns = bench_urls(first, *(p for p in PATTERNS.values() if p is not first))  # type: ignore[attr-defined]
+    return module
+
+
+urlpatterns = bench_urls(*PATTERNS.values())

@@ -14,3 +14,12 @@ def direct(request: HttpRequest) -> HttpResponse:
 @fly_serverless(methods=["GET"])
 def fn(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"fn", content_type="text/plain")
+
+
+def direct_item(request: HttpRequest, n: int) -> HttpResponse:
+    return HttpResponse(b"direct", content_type="text/plain")
+
+
+@fly_serverless(methods=["GET"])
+def fn_item(request: HttpRequest, n: int) -> HttpResponse:
+    return HttpResponse(b"fn", content_type="text/plain")
