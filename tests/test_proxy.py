@@ -587,6 +587,36 @@ async def test_autostop_waits_for_in_flight_requests(stack: Stack) -> None:
 
 # -- real processes: streaming and concurrency -----------------------------------------------------
 
+
+async def asgi_get(proxy: FlyProxy, path: str, query: str = "") -> tuple[int, bytes]:
+    """GET `path` straight through the proxy's ASGI interface: (status, body)."""
+    status: list[int] = []
+    body = bytearray()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        else:
+            body.extend(message.get("body", b""))
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "headers": [(b"host", b"x")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8080),
+        "scheme": "http",
+    }
+    await proxy(scope, receive, send)
+    return status[0], bytes(body)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -648,6 +678,34 @@ async def test_fifty_megabytes_stream_through_without_buffering(
     assert status == [200]
     assert received == size
     assert peak < 10 * 1024 * 1024, f"proxy held {peak} bytes at once"
+
+
+def closed_connections_to(port: int) -> int:
+    """Loopback TCP connections to `port` this side closed first (TIME_WAIT; Linux /proc)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "06" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+            count += 1
+    return count
+
+
+async def test_replay_responses_leave_their_connection_open(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    """The proxy reads a replay response's empty body, so the Machine's keep-alive connection is
+    used again rather than closed and opened once per replay."""
+    proxy, runtime, machine = real
+    address = runtime.address(machine.id)
+    assert address is not None
+    before = closed_connections_to(address[1])
+    for _ in range(20):
+        status, body = await asgi_get(proxy, "/replay-self")
+        assert status == 200
+    answer = json.loads(body)
+    assert answer["machine"] == machine.id
+    assert "fly-replay-src" in answer["headers"]
+    assert closed_connections_to(address[1]) - before <= 1
 
 
 async def test_holds_two_hundred_concurrent_connections(

@@ -64,6 +64,8 @@ REPLAY_BODY_LIMIT = 1_000_000
 MAX_REPLAYS = 10
 DEFAULT_REPLAY_TIMEOUT = 30.0
 DEFAULT_IDLE_STOP = 60.0
+# A replay response's ignored body is read (keeping its connection) up to this many bytes.
+_DISCARD_LIMIT = 64 * 1024
 _REPLAY_JSON_LIMIT = 64 * 1024
 _VIA = "1.1 fly.io"
 _MAX_CONNECT_RETRIES = 5
@@ -307,6 +309,22 @@ class _Delivery:
     fallback: bool = False
 
 
+async def _discard(response: httpx.Response) -> None:
+    """Drop a replay response: its body (Fly ignores it) is read when small, so that the Machine's
+    keep-alive connection goes back to the pool instead of being closed and opened again."""
+    read = 0
+    try:
+        if not response.is_stream_consumed:  # the JSON form's body is read already
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > _DISCARD_LIMIT:
+                    break
+    except httpx.HTTPError:
+        pass  # the connection is closed below; the replay goes on
+    finally:
+        await response.aclose()
+
+
 class FlyProxy:
     """The ASGI app of the local Fly Proxy."""
 
@@ -443,7 +461,7 @@ class FlyProxy:
             if directive is None:
                 await self._respond(send, response, machine, request_id, log)
                 return
-            await response.aclose()
+            await _discard(response)
             self._done(machine)
             if delivery.fallback:
                 raise ProxyError("PA03", 502, "a fallback request cannot be replayed again")
@@ -708,6 +726,7 @@ class FlyProxy:
         return f" (cold {boot:.1f}s)" if boot is not None else " (cold)"
 
     async def _replay_of(self, response: httpx.Response) -> _Directive | None:
+        """The replay a Machine's response asks for, or None for an answer to pass on."""
         header = response.headers.get("fly-replay")
         if header is not None:
             try:

@@ -2,8 +2,9 @@
 
 It boots in a fraction of Django's time. `ECHO_EXIT_ON_BOOT=<code>` makes the process exit at
 import (a Machine whose command fails). Paths: `/big?n=<bytes>` streams n bytes, `/slow?s=<secs>`
-answers after a pause, anything else echoes the request as JSON (with `peak`, the most requests
-this process has held at once). Every answer names the Machine it ran on.
+answers after a pause, `/replay-self` answers `fly-replay` to this very Machine unless it is
+already the replay, anything else echoes the request as JSON (with `peak`, the most requests this
+process has held at once). Every answer names the Machine it ran on.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ async def _serve(scope: Scope, receive: Receive, send: Send) -> None:
             chunk = _CHUNK[: min(remaining, len(_CHUNK))]
             remaining -= len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    replayed = any(name == b"fly-replay-src" for name, _ in scope["headers"])
+    if scope["path"] == "/replay-self" and not replayed:
+        # No content-length: chunked, as Django's empty replay responses are under uvicorn.
+        headers = [(b"fly-replay", f"instance={machine}".encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await asyncio.sleep(0.005)  # the end of the body arrives after the headers, as it may
         await send({"type": "http.response.body", "body": b""})
         return
     if scope["path"] == "/slow":
