@@ -273,32 +273,10 @@ class FlyReplayMiddleware:
         view_func: ViewFunc,
         view_args: tuple[object, ...],
         view_kwargs: dict[str, object],
-    ) -> HttpResponseBase | None:
-        routed = self._route(request, view_func)
-        if not isinstance(routed, _Replay):
-            return routed
-        target = get_manager().wait_target(routed.view.group, routed.max_wait)
-        return self._replay_or_fallback(request, routed.view, target, routed.settings)
-
-    async def _aprocess_view(
-        self,
-        request: HttpRequest,
-        view_func: ViewFunc,
-        view_args: tuple[object, ...],
-        view_kwargs: dict[str, object],
-    ) -> HttpResponseBase | None:
-        routed = self._route(request, view_func)
-        if not isinstance(routed, _Replay):
-            return routed
-        target = await get_manager().aget_target(routed.view.group, routed.max_wait)
-        return self._replay_or_fallback(request, routed.view, target, routed.settings)
-
-    # ------------------------------------------------------------ shared sync helpers (no I/O)
-
-    def _route(
-        self, request: HttpRequest, view_func: ViewFunc
     ) -> HttpResponseBase | _Replay | None:
-        """All but waiting for a target: a response, None (run the view) or a replay to make.
+        """Where this request's view runs: a response (a replay, a bounce, a 503), or None to run
+        the view here. Sync mode waits here (blocking) for a cold pool's target; async mode gets
+        a `_Replay` back instead and `_aprocess_view` awaits the target.
 
         Flat on purpose: a warm replay from the app Machine is the path the benchmarks hold to
         costing no more than a trivial view, and each Python call on it is a measurable share.
@@ -328,9 +306,29 @@ class FlyReplayMiddleware:
         if has_body and not _body_replayable(meta, settings.replay_body_limit):
             return self._fallback(request, view.group, settings)
         target = get_manager().get_target(view.group)  # warm: cached, no I/O
-        if target is None:
-            return _Replay(view, settings, settings.group(view.group).replay_timeout_seconds)
-        return self._replay(request, view.group, target, settings)
+        if target is not None:
+            return self._replay(request, view.group, target, settings)
+        max_wait = settings.group(view.group).replay_timeout_seconds
+        if self.async_mode:
+            return _Replay(view, settings, max_wait)
+        target = get_manager().wait_target(view.group, max_wait)
+        return self._replay_or_fallback(request, view, target, settings)
+
+    async def _aprocess_view(
+        self,
+        request: HttpRequest,
+        view_func: ViewFunc,
+        view_args: tuple[object, ...],
+        view_kwargs: dict[str, object],
+    ) -> HttpResponseBase | None:
+        """`process_view` for async mode: a cold pool's target is awaited, never blocked on."""
+        routed = FlyReplayMiddleware.process_view(self, request, view_func, view_args, view_kwargs)
+        if not isinstance(routed, _Replay):
+            return routed
+        target = await get_manager().aget_target(routed.view.group, routed.max_wait)
+        return self._replay_or_fallback(request, routed.view, target, routed.settings)
+
+    # ------------------------------------------------------------ shared sync helpers (no I/O)
 
     def _replay_or_fallback(
         self,
