@@ -33,6 +33,7 @@ from flyfn.machines.models import (
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = "tests.e2e.echo_app:app"
 APP = "supervised"
+Stack = tuple[MachinesEmulator, ProcessRuntime]  # what the `stack` fixture yields
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,9 +57,7 @@ def output() -> io.StringIO:
 
 
 @pytest.fixture
-async def stack(
-    output: io.StringIO, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[MachinesEmulator, ProcessRuntime]]:
+async def stack(output: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Stack]:
     # Inherited identity must not leak into a Machine.
     monkeypatch.setenv("FLYFN_GROUP", "leaked")
     monkeypatch.setenv("FLY_MACHINE_ID", "leaked")
@@ -91,6 +90,26 @@ async def _create(
     return emulator.get(APP, machine.id)
 
 
+async def _running(
+    emulator: MachinesEmulator, runtime: ProcessRuntime, **config: object
+) -> tuple[Machine, int]:
+    """A settled Machine and the pid of its process (which must exist)."""
+    machine = await _create(emulator, None, **config)
+    pid = runtime.pid(machine.id)
+    assert pid is not None
+    return machine, pid
+
+
+async def _stop(emulator: MachinesEmulator, machine_id: str) -> Machine:
+    await emulator.stop(APP, machine_id)
+    return await emulator.wait_for_state(APP, machine_id, "stopped", timeout=10)
+
+
+async def _suspend(emulator: MachinesEmulator, machine_id: str) -> None:
+    await emulator.suspend(APP, machine_id)
+    await emulator.wait_for_state(APP, machine_id, "suspended", timeout=10)
+
+
 async def _get(runtime: ProcessRuntime, machine_id: str) -> dict[str, object]:
     address = runtime.address(machine_id)
     assert address is not None
@@ -100,9 +119,7 @@ async def _get(runtime: ProcessRuntime, machine_id: str) -> dict[str, object]:
     return data
 
 
-async def test_machine_runs_with_flys_environment(
-    stack: tuple[MachinesEmulator, ProcessRuntime], output: io.StringIO
-) -> None:
+async def test_machine_runs_with_flys_environment(stack: Stack, output: io.StringIO) -> None:
     emulator, runtime = stack
     machine = await _create(emulator, env={"FLYFN_GROUP": "pdf", "EXTRA": "1"})
     assert machine.state == "started"
@@ -122,9 +139,7 @@ async def test_machine_runs_with_flys_environment(
     assert "secret-token" not in repr(runtime)
 
 
-async def test_inherited_identity_is_scrubbed(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_inherited_identity_is_scrubbed(stack: Stack) -> None:
     emulator, runtime = stack
     machine = await _create(emulator)
     env = (await _get(runtime, machine.id))["env"]
@@ -134,16 +149,11 @@ async def test_inherited_identity_is_scrubbed(
     assert machine_label(machine).startswith("main:")
 
 
-async def test_stop_ends_the_whole_process_group(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_stop_ends_the_whole_process_group(stack: Stack) -> None:
     emulator, runtime = stack
-    machine = await _create(emulator)
-    pid = runtime.pid(machine.id)
-    assert pid is not None
+    machine, pid = await _running(emulator, runtime)
     assert not _gone(pid)
-    await emulator.stop(APP, machine.id)
-    await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    await _stop(emulator, machine.id)
     assert _gone(pid)
     assert runtime.address(machine.id) is None
     # Started again: a new process that answers.
@@ -152,15 +162,10 @@ async def test_stop_ends_the_whole_process_group(
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 
-async def test_suspend_freezes_and_resume_thaws(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     emulator, runtime = stack
-    machine = await _create(emulator)
-    pid = runtime.pid(machine.id)
-    assert pid is not None
-    await emulator.suspend(APP, machine.id)
-    await emulator.wait_for_state(APP, machine.id, "suspended", timeout=10)
+    machine, pid = await _running(emulator, runtime)
+    await _suspend(emulator, machine.id)
     assert _proc_state(pid) == "T"
     assert not runtime.is_running(machine.id)
     await emulator.start_and_wait(APP, machine.id, timeout=10)
@@ -169,27 +174,17 @@ async def test_suspend_freezes_and_resume_thaws(
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 
-async def test_suspended_machine_can_be_stopped(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_suspended_machine_can_be_stopped(stack: Stack) -> None:
     emulator, runtime = stack
-    machine = await _create(emulator)
-    pid = runtime.pid(machine.id)
-    assert pid is not None
-    await emulator.suspend(APP, machine.id)
-    await emulator.wait_for_state(APP, machine.id, "suspended", timeout=10)
-    await emulator.stop(APP, machine.id)
-    await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    machine, pid = await _running(emulator, runtime)
+    await _suspend(emulator, machine.id)
+    await _stop(emulator, machine.id)
     assert _gone(pid)
 
 
-async def test_dead_process_is_reported_and_machine_stops(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_dead_process_is_reported_and_machine_stops(stack: Stack) -> None:
     emulator, runtime = stack
-    machine = await _create(emulator, restart=MachineRestart(policy="no"))
-    pid = runtime.pid(machine.id)
-    assert pid is not None
+    machine, pid = await _running(emulator, runtime, restart=MachineRestart(policy="no"))
     os.kill(pid, signal.SIGKILL)
     stopped = await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
     exits = [e for e in stopped.events or [] if e.type == "exit"]
@@ -199,13 +194,9 @@ async def test_dead_process_is_reported_and_machine_stops(
     assert runtime.pids() == {}
 
 
-async def test_dead_process_is_restarted_by_default_policy(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_dead_process_is_restarted_by_default_policy(stack: Stack) -> None:
     emulator, runtime = stack
-    machine = await _create(emulator)
-    pid = runtime.pid(machine.id)
-    assert pid is not None
+    machine, pid = await _running(emulator, runtime)
     os.kill(pid, signal.SIGKILL)
     assert await runtime.reap(machine.id)
     await emulator.wait_for_state(APP, machine.id, "started", timeout=20)
@@ -213,7 +204,7 @@ async def test_dead_process_is_restarted_by_default_policy(
 
 
 async def test_failing_command_fails_the_machine_with_its_output(
-    stack: tuple[MachinesEmulator, ProcessRuntime], output: io.StringIO
+    stack: Stack, output: io.StringIO
 ) -> None:
     emulator, runtime = stack
     machine = await _create(emulator, env={"ECHO_EXIT_ON_BOOT": "3", "FLYFN_GROUP": "x"})
@@ -226,14 +217,10 @@ async def test_failing_command_fails_the_machine_with_its_output(
     assert runtime.pids() == {}
 
 
-async def test_concurrent_launches_make_one_process(
-    stack: tuple[MachinesEmulator, ProcessRuntime],
-) -> None:
+async def test_concurrent_launches_make_one_process(stack: Stack) -> None:
     emulator, runtime = stack
     machine = await _create(emulator)
-    await emulator.stop(APP, machine.id)
-    await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
-    current = emulator.get(APP, machine.id)
+    current = await _stop(emulator, machine.id)
     await asyncio.gather(*(runtime.launch(APP, current) for _ in range(5)))
     assert list(runtime.pids()) == [machine.id]
 
