@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -171,16 +171,16 @@ def _recording(app: Any, calls: list[tuple[str, str]]) -> Any:
     return recorder
 
 
-@pytest.fixture
-def machines_api() -> Iterator[MachinesAPI]:
-    """A fresh emulator served on loopback (uvicorn thread), counting the calls it receives."""
+@contextmanager
+def serve_machines_api(token: str = EMULATOR_TOKEN) -> Iterator[MachinesAPI]:
+    """A fresh emulator accepting `token`, served on loopback (uvicorn thread), counting calls."""
     calls: list[tuple[str, str]] = []
-    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=EMULATOR_TOKEN)
+    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=token)
     with (
         serve_in_thread(_recording(app, calls)) as url,
         httpx.Client(
             base_url=url,
-            headers={"Authorization": f"Bearer {EMULATOR_TOKEN}", _INSPECT_HEADER: "1"},
+            headers={"Authorization": f"Bearer {token}", _INSPECT_HEADER: "1"},
             timeout=10,
         ) as http,
     ):
@@ -188,12 +188,31 @@ def machines_api() -> Iterator[MachinesAPI]:
 
 
 @pytest.fixture
-def pool_manager() -> Iterator[PoolManager]:
-    """A fresh process pool manager installed for the test, closed afterwards."""
-    manager = PoolManager()
+def machines_api() -> Iterator[MachinesAPI]:
+    """A fresh emulator served on loopback (uvicorn thread), counting the calls it receives."""
+    with serve_machines_api() as api:
+        yield api
+
+
+Manager = TypeVar("Manager", bound=PoolManager)
+
+
+@contextmanager
+def installed(manager: Manager) -> Iterator[Manager]:
+    """`manager` as flyfn's pool manager inside the block; the previous one again afterwards."""
     previous = set_manager(manager)
     try:
         yield manager
     finally:
         set_manager(previous)
+
+
+@pytest.fixture
+def pool_manager() -> Iterator[PoolManager]:
+    """A fresh process pool manager installed for the test, closed afterwards."""
+    manager = PoolManager()
+    try:
+        with installed(manager):
+            yield manager
+    finally:
         manager.close()

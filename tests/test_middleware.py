@@ -13,10 +13,10 @@ from django.test import AsyncClient, Client, override_settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn.middleware import FlyReplayMiddleware
-from flyfn.pool import PoolManager, ReplayTarget, set_manager
+from flyfn.pool import PoolManager, ReplayTarget
 from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource, sign_state, verify_state
 from flyfn.runtime import LOCAL, MAIN, function, override_role
-from tests.conftest import MachinesAPI
+from tests.conftest import MachinesAPI, installed
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
 MIDDLEWARE = "flyfn.middleware.FlyReplayMiddleware"
@@ -51,19 +51,21 @@ def middleware(settings: SettingsWrapper) -> None:
     settings.MIDDLEWARE = [MIDDLEWARE]
 
 
-@pytest.fixture
-def manager() -> Iterator[FakeManager]:
-    fake = FakeManager(
+def routing_manager(**more: ReplayTarget) -> FakeManager:
+    """The routing tests' targets: a function Machine for `pdf`, one for `default` (and `more`)."""
+    return FakeManager(
         {
             "pdf": ReplayTarget(instance=PDF_MACHINE),
             "default": ReplayTarget(instance=DEFAULT_MACHINE),
+            **more,
         }
     )
-    previous = set_manager(fake)
-    try:
+
+
+@pytest.fixture
+def manager() -> Iterator[FakeManager]:
+    with installed(routing_manager()) as fake:
         yield fake
-    finally:
-        set_manager(previous)
 
 
 @pytest.fixture(params=["wsgi", "asgi"])

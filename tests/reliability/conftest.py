@@ -10,10 +10,9 @@ import pytest
 
 from flyfn import pool
 from flyfn.conf import FlyfnSettings
-from flyfn.emulator.api import MachinesEmulator, create_app
 from flyfn.machines import AsyncMachinesClient
-from flyfn.pool import PoolManager, set_manager
-from tests.conftest import _INSPECT_HEADER, EMULATOR_APP, MachinesAPI, _recording, serve_in_thread
+from flyfn.pool import PoolManager
+from tests.conftest import MachinesAPI, installed, serve_machines_api
 from tests.reliability.faults import FaultTransport
 
 # Distinctive, so a leak into any log line, page or header cannot go unnoticed.
@@ -23,17 +22,8 @@ SENTINEL_TOKEN = "fm2_Reliability-Sentinel-Q7x9Zk"
 @pytest.fixture
 def sentinel_api() -> Iterator[MachinesAPI]:
     """The emulator on loopback, accepting only SENTINEL_TOKEN, counting flyfn's calls."""
-    calls: list[tuple[str, str]] = []
-    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=SENTINEL_TOKEN)
-    with (
-        serve_in_thread(_recording(app, calls)) as url,
-        httpx.Client(
-            base_url=url,
-            headers={"Authorization": f"Bearer {SENTINEL_TOKEN}", _INSPECT_HEADER: "1"},
-            timeout=10,
-        ) as http,
-    ):
-        yield MachinesAPI(url, calls, http)
+    with serve_machines_api(SENTINEL_TOKEN) as api:
+        yield api
 
 
 @pytest.fixture
@@ -61,10 +51,9 @@ def faulty_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PoolManager, 
     monkeypatch.setattr(pool, "new_client", quick_client)
     monkeypatch.setattr(pool, "FAILURE_BACKOFF", 0.01)
     manager = PoolManager(transport=faults)
-    previous = set_manager(manager)
     try:
-        yield manager, faults
+        with installed(manager):
+            yield manager, faults
     finally:
-        set_manager(previous)
         manager.submit(inner.aclose()).result(5)
         manager.close()

@@ -34,13 +34,11 @@ from flyfn.replay import (
     sign_state,
 )
 from flyfn.runtime import MAIN, function, override_role
-from tests.conftest import MachinesAPI
+from tests.conftest import MachinesAPI, installed
 from tests.reliability.answers import classify
 from tests.reliability.views import FLOOD_VIEWS, Concurrency
-from tests.test_middleware import FakeManager
+from tests.test_middleware import DEFAULT_MACHINE, FakeManager, routing_manager
 
-PDF_MACHINE = "e286de4f711e86"
-DEFAULT_MACHINE = "9080e6e9c5d987"
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -50,18 +48,8 @@ FUZZ = settings(
 def project(settings: Settings) -> Iterator[FakeManager]:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     settings.ROOT_URLCONF = "tests.reliability.views"
-    manager = FakeManager(
-        {
-            "pdf": ReplayTarget(instance=PDF_MACHINE),
-            "default": ReplayTarget(instance=DEFAULT_MACHINE),
-            "flood": ReplayTarget(instance=DEFAULT_MACHINE),
-        }
-    )
-    previous = set_manager(manager)
-    try:
+    with installed(routing_manager(flood=ReplayTarget(instance=DEFAULT_MACHINE))) as manager:
         yield manager
-    finally:
-        set_manager(previous)
 
 
 def src(
