@@ -13,6 +13,7 @@ import json
 import re
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,22 @@ class Stack:
         await self.emulator.settle()
         return self.emulator.get(app, machine.id)
 
+    async def replay_pair(
+        self, replay: str = "instance={fn}", *, started: bool = True, launch_fails: bool = False
+    ) -> tuple[Machine, Machine]:
+        """An app Machine whose answer is `fly-replay: <replay>` (`{fn}`: the other's id) unless
+        the request is a replay or fallback, and a `default` function Machine (maybe stopped)."""
+        main = await self.machine()
+        fn = await self.machine(group="default", started=started)
+        if launch_fails:
+            self.fleet.fail_launch.add(fn.id)
+        self.fleet.handlers[main.id] = replay_once(replay.format(fn=fn.id))
+        return main, fn
 
-@pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
+
+@asynccontextmanager
+async def proxy_stack() -> AsyncIterator[Stack]:
+    """The proxy in process over a fake fleet, with a client that reaches it through ASGI."""
     fleet = FakeFleet()
     emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
     fleet.emulator = emulator
@@ -207,6 +221,12 @@ async def stack() -> AsyncIterator[Stack]:
         await client.aclose()
         await proxy.aclose()
         await emulator.aclose()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    async with proxy_stack() as running:
+        yield running
 
 
 # -- plain proxying --------------------------------------------------------------------------------
@@ -399,9 +419,7 @@ async def test_region_filter(stack: Stack) -> None:
 
 
 async def test_stopped_target_is_autostarted_cold(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default", started=False)
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    _, fn = await stack.replay_pair(started=False)
     response = await stack.client.get("/")
     assert response.headers["x-flyfn-machine"] == fn.id
     assert stack.emulator.get(APP, fn.id).state == "started"
@@ -412,10 +430,9 @@ async def test_stopped_target_is_autostarted_cold(stack: Stack) -> None:
 
 
 async def test_target_that_cannot_start_falls_back_to_the_issuer(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default", started=False)
-    stack.fleet.fail_launch.add(fn.id)
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};timeout=5s;fallback=force_self")
+    main, fn = await stack.replay_pair(
+        "instance={fn};timeout=5s;fallback=force_self", started=False, launch_fails=True
+    )
     response = await stack.client.get("/pdf/")
     assert response.status_code == 200
     assert response.headers["x-flyfn-machine"] == main.id
@@ -432,32 +449,26 @@ async def test_target_that_cannot_start_falls_back_to_the_issuer(stack: Stack) -
 
 
 async def test_target_that_cannot_start_without_fallback_is_an_error(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default", started=False)
-    stack.fleet.fail_launch.add(fn.id)
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    await stack.replay_pair(started=False, launch_fails=True)
     response = await stack.client.get("/")
     assert response.status_code == 502
     assert response.text.startswith("PC01: ")
 
 
 async def test_replay_timeout_triggers_fallback(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default", started=False)
-    stack.fleet.launch_delay[fn.id] = 30  # far beyond the replay's timeout
-    stack.fleet.handlers[main.id] = replay_once(
-        f"instance={fn.id};timeout=100ms;fallback=force_self"
+    main, fn = await stack.replay_pair(
+        "instance={fn};timeout=100ms;fallback=force_self", started=False
     )
+    stack.fleet.launch_delay[fn.id] = 30  # far beyond the replay's timeout
     response = await stack.client.get("/")
     assert response.headers["x-flyfn-machine"] == main.id
     assert "reason=timeout" in response.json()["headers"]["fly-replay-failed"]
 
 
 async def test_prefer_self_fallback_may_use_another_app_machine(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default", started=False)
-    stack.fleet.fail_launch.add(fn.id)
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};fallback=prefer_self")
+    main, _ = await stack.replay_pair(
+        "instance={fn};fallback=prefer_self", started=False, launch_fails=True
+    )
     response = await stack.client.get("/")
     assert response.headers["x-flyfn-machine"] == main.id
     assert "fly-replay-failed" in response.json()["headers"]
@@ -513,9 +524,7 @@ async def test_invalid_replay_is_pa03(stack: Stack) -> None:
 
 
 async def test_body_up_to_the_limit_is_replayed_whole(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default")
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    _, fn = await stack.replay_pair()
     body = b"a" * 1_000_000
     response = await stack.client.post("/upload", content=body)
     assert response.headers["x-flyfn-machine"] == fn.id
@@ -523,9 +532,7 @@ async def test_body_up_to_the_limit_is_replayed_whole(stack: Stack) -> None:
 
 
 async def test_body_over_the_limit_is_not_replayed(stack: Stack) -> None:
-    main = await stack.machine()
-    fn = await stack.machine(group="default")
-    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    main, _ = await stack.replay_pair()
     response = await stack.client.post("/upload", content=b"a" * 1_000_001)
     assert response.status_code == 502
     assert response.headers["x-flyfn-proxy-error"] == "PA03"

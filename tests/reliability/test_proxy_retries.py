@@ -10,10 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from flyfn.emulator.proxy import FlyProxy
-from flyfn.emulator.state import MachinesEmulator
-from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, MachineService
-from tests.test_proxy import APP, FakeFleet, Handler, echo
+from tests.test_proxy import Handler, Stack, echo, proxy_stack
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,69 +40,42 @@ def replay_to(target: str) -> Handler:
     return handler
 
 
-class Setup:
-    def __init__(self, emulator: MachinesEmulator, fleet: FakeFleet, client: httpx.AsyncClient):
-        self.emulator = emulator
-        self.fleet = fleet
-        self.client = client
-
-    async def machine(self, group: str | None = None) -> Machine:
-        service = MachineService(protocol="tcp", internal_port=8000, autostart=True, autostop="off")
-        config = MachineConfig(
-            image="local/p:1", env={"FLYFN_GROUP": group} if group else None, services=[service]
-        )
-        created = await self.emulator.create(APP, CreateMachineRequest(config=config))
-        await self.emulator.settle()
-        return self.emulator.get(APP, created.id)
-
-
 @pytest.fixture
-async def setup() -> AsyncIterator[Setup]:
-    fleet = FakeFleet()
-    emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
-    fleet.emulator = emulator
-    proxy = FlyProxy(emulator, fleet, app_name=APP, idle_stop=0, transport=fleet)
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=proxy), base_url="http://myapp.local"
-    )
-    try:
-        yield Setup(emulator, fleet, client)
-    finally:
-        await client.aclose()
-        await proxy.aclose()
-        await emulator.aclose()
+async def stack() -> AsyncIterator[Stack]:
+    async with proxy_stack() as running:
+        yield running
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_a_safe_request_is_sent_again_after_a_dropped_connection(
-    setup: Setup, method: str
+    stack: Stack, method: str
 ) -> None:
-    app = await setup.machine()
-    fn = await setup.machine(group="pdf")
-    setup.fleet.handlers[app.id] = replay_to(fn.id)
-    setup.fleet.handlers[fn.id] = dies_first(2)
-    response = await setup.client.request(method, "/receipt/")
+    app = await stack.machine()
+    fn = await stack.machine(group="pdf")
+    stack.fleet.handlers[app.id] = replay_to(fn.id)
+    stack.fleet.handlers[fn.id] = dies_first(2)
+    response = await stack.client.request(method, "/receipt/")
     assert response.status_code == 200
     assert response.headers["x-flyfn-machine"] == fn.id
 
 
-async def test_a_machine_that_keeps_dropping_connections_gets_the_fallback(setup: Setup) -> None:
-    app = await setup.machine()
-    fn = await setup.machine(group="pdf")
-    setup.fleet.handlers[app.id] = replay_to(fn.id)
-    setup.fleet.handlers[fn.id] = dies_first(1000)
-    response = await setup.client.get("/receipt/")
+async def test_a_machine_that_keeps_dropping_connections_gets_the_fallback(stack: Stack) -> None:
+    app = await stack.machine()
+    fn = await stack.machine(group="pdf")
+    stack.fleet.handlers[app.id] = replay_to(fn.id)
+    stack.fleet.handlers[fn.id] = dies_first(1000)
+    response = await stack.client.get("/receipt/")
     assert response.status_code == 200
     assert response.headers["x-flyfn-machine"] == app.id
     assert "reason=retries_exhausted" in response.json()["fallback"]
 
 
-async def test_an_unsafe_request_is_not_sent_twice(setup: Setup) -> None:
-    app = await setup.machine()
-    fn = await setup.machine(group="pdf")
-    setup.fleet.handlers[app.id] = replay_to(fn.id)
-    setup.fleet.handlers[fn.id] = dies_first(1)
-    response = await setup.client.post("/receipt/", content=b"order")
+async def test_an_unsafe_request_is_not_sent_twice(stack: Stack) -> None:
+    app = await stack.machine()
+    fn = await stack.machine(group="pdf")
+    stack.fleet.handlers[app.id] = replay_to(fn.id)
+    stack.fleet.handlers[fn.id] = dies_first(1)
+    response = await stack.client.post("/receipt/", content=b"order")
     assert response.status_code == 502
     assert response.headers["x-flyfn-proxy-error"] == "PU02"
-    assert [d.machine_id for d in setup.fleet.deliveries].count(fn.id) == 1  # sent once only
+    assert [d.machine_id for d in stack.fleet.deliveries].count(fn.id) == 1  # sent once only
