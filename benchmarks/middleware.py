@@ -5,7 +5,8 @@ middleware, GET /direct/), flyfn passthrough (FlyReplayMiddleware, GET /direct/,
 flyfn replay decision (GET /fn/, a serverless view, on the app Machine with a warm pool: the
 answer is the fly-replay response) and bare_fn (no middleware, GET /fn/); then the decision
 against bare for requests whose paths all differ (/fn/<n>/ and /direct/<n>/), so that every
-replay signs its own state.
+replay signs its own state; and bare_fn's view run on a function Machine, after flyfn has checked
+the request's signed fly-replay-src (function_run).
 
 Each round times a batch of requests per handler, in a shuffled order; rounds come from several
 fresh processes. Each handler runs under a urlconf whose first pattern is its own, so none pays
@@ -25,7 +26,9 @@ import random
 import sys
 import time
 import types
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,7 @@ class Bench:
     handler: Handler
     environs: list[dict[str, Any]]
     urlconf: types.ModuleType
+    on_function_machine: bool = False
     cursor: int = 0
 
     @property
@@ -54,14 +58,43 @@ class Bench:
 # Distinct item paths per handler: more than it serves in a second, so none repeats within one.
 ITEM_PATHS = 8192
 HANDLERS: tuple[tuple[str, list[str], str, str], ...] = (
-    # name, MIDDLEWARE, first pattern, path ("{n}": the item number)
+    # name, MIDDLEWARE, first pattern, path ("{n}": the item number); "function_run" runs as a
+    # function Machine of group "default" and its requests carry a signed fly-replay-src.
     ("bare", [], "direct", "/direct/"),
     ("passthrough", ["flyfn.middleware.FlyReplayMiddleware"], "direct", "/direct/"),
     ("decision", ["flyfn.middleware.FlyReplayMiddleware"], "fn", "/fn/"),
     ("bare_fn", [], "fn", "/fn/"),
     ("bare_items", [], "direct_item", "/direct/{n}/"),
     ("decision_items", ["flyfn.middleware.FlyReplayMiddleware"], "fn_item", "/fn/{n}/"),
+    ("function_run", ["flyfn.middleware.FlyReplayMiddleware"], "fn", "/fn/"),
 )
+
+
+def replay_src(path: str) -> str:
+    """The fly-replay-src Fly Proxy adds to a request the app Machine replayed just now."""
+    from django.conf import settings
+
+    from flyfn.replay import ReplaySource, sign_state
+
+    state = sign_state(settings.SECRET_KEY, "GET", path, "default")
+    machine = bench_environ("", "", BENCH_APP, "none")["FLY_MACHINE_ID"]
+    now_us = time.time_ns() // 1000
+    return ReplaySource(instance=machine, region="local", t=now_us, state=state).to_header()
+
+
+@contextmanager
+def role_of(bench: Bench) -> Iterator[None]:
+    """The role `bench` runs in: the app Machine's, or a function Machine's with a state signed
+    now on each of its requests (a state is only valid for seconds)."""
+    if not bench.on_function_machine:
+        yield
+        return
+    from flyfn.runtime import function, override_role
+
+    for environ in bench.environs:
+        environ["HTTP_FLY_REPLAY_SRC"] = replay_src(environ["PATH_INFO"])
+    with override_role(function("default")):
+        yield
 
 
 def time_batch(bench: Bench, n: int) -> tuple[float, float]:
@@ -81,14 +114,15 @@ def time_batch(bench: Bench, n: int) -> tuple[float, float]:
         len(bench.environs),
         bench.cursor,
     )
-    gc.disable()
-    try:
-        cpu_start, wall_start = time.thread_time_ns(), time.perf_counter_ns()
-        for i in range(start, start + n):
-            call_quietly(handler, environs[i % count])
-        cpu, wall = time.thread_time_ns() - cpu_start, time.perf_counter_ns() - wall_start
-    finally:
-        gc.enable()
+    with role_of(bench):
+        gc.disable()
+        try:
+            cpu_start, wall_start = time.thread_time_ns(), time.perf_counter_ns()
+            for i in range(start, start + n):
+                call_quietly(handler, environs[i % count])
+            cpu, wall = time.thread_time_ns() - cpu_start, time.perf_counter_ns() - wall_start
+        finally:
+            gc.enable()
     bench.cursor = (start + n) % count
     return cpu / n / 1000, wall / n / 1000
 
@@ -105,7 +139,9 @@ def build_handlers() -> dict[str, Bench]:
         # The handler builds its middleware chain once, from the setting as it is now.
         with override_settings(MIDDLEWARE=middleware):
             handler = WSGIHandler()
-        handlers[name] = Bench(handler, [wsgi_environ(p) for p in paths], urlconf_first(first))
+        environs = [wsgi_environ(p) for p in paths]
+        on_function = name == "function_run"
+        handlers[name] = Bench(handler, environs, urlconf_first(first), on_function)
     return handlers
 
 
@@ -215,6 +251,12 @@ def run(quick: bool) -> JSONDict:
             for name, r in paired.items()
         },
         "bare_fn_us": rounded(median(samples["bare_fn"]), 2),
+        # On the function Machine: the same view, run after its fly-replay-src state is checked.
+        "function_machine": {
+            "bare_us": rounded(median(samples["bare_fn"]), 2),
+            "flyfn_run_us": rounded(median(samples["function_run"]), 2),
+            "run_vs_bare_ratio": rounded(median(paired["function_run"]), 4),
+        },
         # Every request a path not replayed before in that second (/fn/<n>/ against
         # /direct/<n>/): each one signs its own state.
         "distinct_paths": {
@@ -240,6 +282,7 @@ PAIRS = {
     "passthrough": ("passthrough", "bare"),
     "decision": ("decision", "bare"),
     "decision_items": ("decision_items", "bare_items"),
+    "function_run": ("function_run", "bare_fn"),
 }
 
 
