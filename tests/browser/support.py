@@ -14,19 +14,18 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from playwright.sync_api import BrowserContext, Download, Locator, Playwright
 
 from tests.conftest import free_loopback_port
 from tests.demo_support import DEMO, PYTHON, ROOT, demo_env, manage
+from tests.support_dev import list_machines, start
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = (
@@ -129,7 +128,7 @@ class DemoStack:
     """A running `manage.py flyfn dev` of the demo store and what its banner said."""
 
     process: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
+    lines: list[str]  # its output so far
     url: str = ""  # the proxy, e.g. http://127.0.0.1:PORT
     api: str = ""  # the emulated Machines API
     app: str = ""
@@ -140,19 +139,7 @@ class DemoStack:
 
     def group_machines(self, group: str = "default") -> list[dict[str, Any]]:
         """The function Machines of `group`, as the emulated Machines API lists them."""
-        for _ in range(20):
-            response = httpx.get(
-                f"{self.api}/v1/apps/{self.app}/machines",
-                params={"metadata.flyfn_group": group},
-                headers={"Authorization": f"Bearer {DEV_TOKEN}"},
-                timeout=10,
-            )
-            if response.status_code != 429:  # the emulated API rate-limits like Fly's
-                break
-            time.sleep(float(response.headers.get("retry-after", "1")))
-        response.raise_for_status()
-        machines: list[dict[str, Any]] = response.json()
-        return machines
+        return list_machines(self.api, self.app, DEV_TOKEN, **{"metadata.flyfn_group": group})
 
 
 _BANNER = {
@@ -199,24 +186,9 @@ def demo_stack(
     manage(env, "seed_store", "--purchases", str(purchases))
     command = [PYTHON, "manage.py", "flyfn", "dev", "--port", str(free_loopback_port())]
     command += ["--idle-stop", str(IDLE_STOP)]
-    process = subprocess.Popen(
-        command,
-        cwd=DEMO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, killed as one in the end
-    )
-    stack = DemoStack(process)
-
-    def read() -> None:  # drained all along: a full pipe would stall the stack
-        assert process.stdout is not None
-        for line in process.stdout:
-            stack.lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=read, name="flyfn-dev-output", daemon=True).start()
+    lines: list[str] = []
+    process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group
+    stack = DemoStack(process, lines)
     try:
         _read_banner(stack, timeout)
         yield stack

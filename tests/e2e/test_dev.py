@@ -10,36 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
+from tests.conftest import free_loopback_port
+from tests.support_dev import DevProcess, banner_api, list_machines, start_project
+
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parents[2]
 PROJECT = Path(__file__).resolve().parent / "project"
 TOKEN = "e2e-dev-token"
 APP = "e2eproj"
 IDLE_STOP = 3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _alive(pid: int) -> bool:
@@ -93,33 +82,11 @@ def _wait(predicate: Callable[[], T], timeout: float, what: str) -> T:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@dataclass
-class Dev:
-    """A running `flyfn dev` subprocess and what it printed."""
-
-    process: subprocess.Popen[str]
-    port: int
-    lines: list[str] = field(default_factory=list)
-    api: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Dev(DevProcess):
+    """A running `flyfn dev` of the e2e project and what it printed."""
 
     def machines(self, **params: str) -> list[dict[str, Any]]:
-        for _ in range(20):
-            response = httpx.get(
-                f"{self.api}/v1/apps/{APP}/machines",
-                params=params,
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                timeout=10,
-            )
-            if response.status_code != 429:  # the emulated API rate-limits like Fly's
-                break
-            time.sleep(float(response.headers.get("retry-after", "1")))
-        response.raise_for_status()
-        result: list[dict[str, Any]] = response.json()
-        return result
+        return list_machines(self.api, APP, TOKEN, **params)
 
     def app_machine(self) -> dict[str, Any]:
         (machine,) = [
@@ -147,49 +114,13 @@ class Dev:
 
 
 def _start(idle_stop: float) -> Dev:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="e2eproj.settings",
-        FLYFN_DEV_TOKEN=TOKEN,
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        PYTHONUNBUFFERED="1",
+    port = free_loopback_port()
+    lines: list[str] = []
+    process = start_project(
+        PROJECT, "e2eproj.settings", TOKEN, port=port, idle_stop=idle_stop, lines=lines
     )
-    command = [sys.executable, "-m", "django", "flyfn", "dev"]
-    command += ["--port", str(port), "--idle-stop", str(idle_stop)]
-    process = subprocess.Popen(
-        command,
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a safety net: the test can kill everything by group
-    )
-    dev = Dev(process, port)
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            dev.lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        banner = _wait(
-            lambda: (
-                process.poll() is not None
-                or next((ln for ln in dev.lines if "API " in ln and "http://" in ln), "")
-            ),
-            60,
-            "the flyfn dev banner",
-        )
-        assert process.poll() is None, "flyfn dev exited:\n" + "\n".join(dev.lines)
-        match = re.search(r"http://127\.0\.0\.1:\d+", str(banner))
-        assert match is not None
-        dev.api = match.group(0)
-    except BaseException:
-        _kill(dev)
-        raise
+    dev = Dev(process, port, lines)
+    dev.api = banner_api(process, lines, cleanup=lambda: _kill(dev))
     return dev
 
 

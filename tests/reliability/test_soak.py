@@ -15,10 +15,7 @@ import json
 import os
 import queue
 import random
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -32,8 +29,8 @@ import pytest
 
 from tests.conftest import free_loopback_port
 from tests.reliability.procs import Proc, alive, descendants, identity, machine_pid
+from tests.support_dev import DevProcess, banner_api, start_project
 
-ROOT = Path(__file__).resolve().parents[2]
 PROJECT = Path(__file__).resolve().parent / "project"
 TOKEN = "soak-dev-token-Vh4qM2"  # distinctive: it must never show up in the output
 APP = "soakproj"
@@ -54,18 +51,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(200)]
 
 
 @dataclass
-class Stack:
+class Stack(DevProcess):
     """A running `flyfn dev` of the soak project: what it printed and every process it had."""
 
-    process: subprocess.Popen[str]
-    port: int
-    api: str = ""
-    lines: list[str] = field(default_factory=list)
     seen: set[Proc] = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def track(self) -> None:
         self.seen |= descendants(self.process.pid)
@@ -73,41 +62,12 @@ class Stack:
 
 def _start() -> Stack:
     port = free_loopback_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="soakproj.settings",
-        FLYFN_DEV_TOKEN=TOKEN,
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        PYTHONUNBUFFERED="1",
+    lines: list[str] = []
+    process = start_project(
+        PROJECT, "soakproj.settings", TOKEN, port=port, idle_stop=3, lines=lines
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "django", "flyfn", "dev", "--port", str(port), "--idle-stop", "3"],
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    stack = Stack(process, port)
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            stack.lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while not stack.api:
-        banner = next((ln for ln in stack.lines if "API " in ln and "http://" in ln), "")
-        match = re.search(r"http://127\.0\.0\.1:\d+", banner)
-        if match:
-            stack.api = match.group(0)
-        elif process.poll() is not None or time.monotonic() > deadline:
-            _kill(stack)
-            raise AssertionError("flyfn dev did not start:\n" + "\n".join(stack.lines[-40:]))
-        else:
-            time.sleep(0.05)
+    stack = Stack(process, port, lines)
+    stack.api = banner_api(process, lines, cleanup=lambda: _kill(stack))
     stack.track()
     return stack
 
