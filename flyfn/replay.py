@@ -111,6 +111,27 @@ def _split(
         raise ReplayHeaderError(f"{what}: expected a string, got {type(value).__name__}")
     if len(value) > MAX_HEADER_LENGTH:
         raise ReplayHeaderError(f"{what}: longer than {MAX_HEADER_LENGTH} characters")
+    if '"' not in value:  # the usual case: no quoting, so one pass of C code splits it
+        bad = _BAD_CHAR_RE.search(value)
+        if bad is not None:
+            raise ReplayHeaderError(f"{what}: control or non-ASCII character {bad.group()!r}")
+        segments = _separators_re(separators).split(value)
+    else:
+        segments = _split_quoted(value, what, separators)
+    return _fields(segments, what, list_key)
+
+
+# A character no header field may hold (tab aside, only printable ASCII is allowed).
+_BAD_CHAR_RE = re.compile(r"[^\t\x20-\x7e]")
+
+
+@functools.lru_cache(maxsize=8)
+def _separators_re(separators: str) -> re.Pattern[str]:
+    return re.compile(f"[{re.escape(separators)}]")
+
+
+def _split_quoted(value: str, what: str, separators: str) -> list[str]:
+    """The segments of a value with double quotes: separators inside quotes are kept."""
     segments: list[str] = []
     current: list[str] = []
     quoted = False
@@ -128,6 +149,11 @@ def _split(
     if quoted:
         raise ReplayHeaderError(f"{what}: unterminated quoted value")
     segments.append("".join(current))
+    return segments
+
+
+def _fields(segments: list[str], what: str, list_key: str | None) -> list[tuple[str, str]]:
+    """The ``key=value`` fields of a header value's segments (see `_split`)."""
     fields: list[tuple[str, str]] = []
     seen: set[str] = set()
     for segment in segments:

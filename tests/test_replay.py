@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import string
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,9 @@ from flyfn.replay import (
     ReplayFailed,
     ReplayHeaderError,
     ReplaySource,
+    _fields,
+    _split,
+    _split_quoted,
     format_duration,
     parse_duration,
     sign_state,
@@ -428,3 +432,29 @@ def test_an_unknown_field_with_an_empty_value_round_trips() -> None:
     replay = FlyReplay.parse("a=;instance=e286de4f711e86")
     assert replay.extra == (("a", ""),)
     assert FlyReplay.parse(replay.to_header()) == replay
+
+
+def _outcome(parse: Callable[[], object]) -> object:
+    try:
+        return parse()
+    except ReplayHeaderError as exc:
+        return ("error", str(exc))
+
+
+_PIECES = [*"abz=;, \t_-.0\x00\x7f", "é", "region=", "state=x", "t=1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.lists(st.sampled_from(_PIECES), max_size=20).map("".join))
+def test_unquoted_values_split_as_the_quote_aware_loop_splits_them(value: str) -> None:
+    """`_split`'s fast path (no quotes: one regex split) gives what the character loop gives,
+    fields and errors alike."""
+    for separators, list_key in ((";,", "region"), (";,", None), (";", None)):
+
+        def fast(seps: str = separators, key: str | None = list_key) -> object:
+            return _split(value, "h", seps, list_key=key)
+
+        def loop(seps: str = separators, key: str | None = list_key) -> object:
+            return _fields(_split_quoted(value, "h", seps), "h", key)
+
+        assert _outcome(fast) == _outcome(loop)
