@@ -302,6 +302,7 @@ class FlyReplayMiddleware:
         if failed is not None:  # Fly Proxy could not deliver the replay
             self._forget_failed_target(view.group, failed)
             return self._fallback(request, view.group, settings)
+        # Most replayed requests (GET) have no body: only one that has is looked at closely.
         has_body = meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta
         if has_body and not _body_replayable(meta, settings.replay_body_limit):
             return self._fallback(request, view.group, settings)
@@ -322,6 +323,7 @@ class FlyReplayMiddleware:
         view_kwargs: dict[str, object],
     ) -> HttpResponseBase | None:
         """`process_view` for async mode: a cold pool's target is awaited, never blocked on."""
+        # Through the class: in async mode the instance's process_view is this very method.
         routed = FlyReplayMiddleware.process_view(self, request, view_func, view_args, view_kwargs)
         if not isinstance(routed, _Replay):
             return routed
