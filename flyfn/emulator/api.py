@@ -17,13 +17,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote
 
 from pydantic import BaseModel, ValidationError
 
+from flyfn.emulator.asgi import ASGIApp, Receive, Scope, Send
 from flyfn.emulator.state import (
     MAX_WAIT_TIMEOUT,
     EmulatorError,
@@ -56,12 +57,6 @@ __all__ = [
     "create_app",
     "main",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
 NEXT_CURSOR_HEADER = "fly-next-cursor"

@@ -21,19 +21,13 @@ import contextlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-    MutableMapping,
-)
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 
+from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
 from flyfn.emulator.supervisor import is_function_machine, machine_label
 from flyfn.machines.models import Machine
@@ -54,11 +48,6 @@ __all__ = [
     "MachineAddresses",
     "RequestLog",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 REPLAY_BODY_LIMIT = 1_000_000
 MAX_REPLAYS = 10
