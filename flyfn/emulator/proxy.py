@@ -314,6 +314,26 @@ async def _discard(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _resend_reason(exc: httpx.HTTPError, machine_id: str, method: str, body: _Body) -> str:
+    """What went wrong with a delivery that may be sent again (for the message once retries run
+    out), or a `ProxyError` (PU02) when it failed in a way that must not be retried."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return f"refused the connection ({exc})"  # nothing was sent
+    # The connection died before any response: a keep-alive connection the Machine closed as it
+    # stopped, or a process killed mid-request. As reverse proxies do, a safe request is sent
+    # again (the Machine is restarted or the fallback applies); any other may already have had
+    # effects, so it fails.
+    if (
+        isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+        and method.upper() in _SAFE_METHODS
+        and body.complete
+    ):
+        return f"closed the connection ({type(exc).__name__})"
+    raise ProxyError(
+        "PU02", 502, f"failed to complete the request to Machine {machine_id}: {exc}"
+    ) from exc
+
+
 class FlyProxy:
     """The ASGI app of the local Fly Proxy."""
 
@@ -575,9 +595,10 @@ class FlyProxy:
             self._busy(machine)
             try:
                 response = await self._client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except httpx.HTTPError as exc:
                 self._done(machine)
-                # Nothing was sent: a process that just died is seen now and started again.
+                failure = _resend_reason(exc, machine.id, method, body)  # or ProxyError
+                # A process that just died is seen now and started again.
                 await self.addresses.reap(machine.id)
                 attempts += 1
                 if (
@@ -586,39 +607,10 @@ class FlyProxy:
                     or not body.complete  # a streamed body cannot be sent twice
                 ):
                     raise _Unreachable(
-                        "retries_exhausted",
-                        f"Machine {machine.id} refused the connection ({exc})",
-                        machine.id,
+                        "retries_exhausted", f"Machine {machine.id} {failure}", machine.id
                     ) from exc
                 await asyncio.sleep(0.05 * attempts)
                 continue
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                self._done(machine)
-                # The connection died before any response: a keep-alive connection the Machine
-                # closed as it stopped, or a process killed mid-request. As reverse proxies do, a
-                # safe request is sent again (the Machine is restarted or the fallback applies);
-                # any other may already have had effects, so it fails.
-                if method.upper() not in _SAFE_METHODS or not body.complete:
-                    raise ProxyError(
-                        "PU02",
-                        502,
-                        f"failed to complete the request to Machine {machine.id}: {exc}",
-                    ) from exc
-                await self.addresses.reap(machine.id)
-                attempts += 1
-                if attempts > _MAX_CONNECT_RETRIES or time.monotonic() >= deadline:
-                    raise _Unreachable(
-                        "retries_exhausted",
-                        f"Machine {machine.id} closed the connection ({type(exc).__name__})",
-                        machine.id,
-                    ) from exc
-                await asyncio.sleep(0.05 * attempts)
-                continue
-            except httpx.HTTPError as exc:
-                self._done(machine)
-                raise ProxyError(
-                    "PU02", 502, f"failed to complete the request to Machine {machine.id}: {exc}"
-                ) from exc
             return machine, response, note
 
     async def _acquire(
