@@ -432,6 +432,53 @@ def _lenient(value: str | None, what: str) -> None:
         raise ReplayHeaderError(f"{what}: invalid value {value!r}")
 
 
+class _Fields:
+    """The fields of a ``fly-replay-src`` / ``fly-replay-failed`` value: bare-token strings, one
+    non-negative integer `number`, extra ones; `order` is how a header value lists them. One per
+    class, so that the key sets and messages are not rebuilt for every request's header."""
+
+    __slots__ = ("known", "number", "number_what", "order", "strings", "what")
+
+    def __init__(self, what: str, order: tuple[str, ...], number: str) -> None:
+        self.what = what
+        self.order = order
+        self.number = number
+        self.number_what = f"{what} {number}"
+        self.strings = tuple(key for key in order if key != number)
+        self.known = frozenset(order)
+
+    def check(self, item: ReplaySource | ReplayFailed) -> None:
+        """Validate a constructed value."""
+        for key in self.strings:
+            _lenient(getattr(item, key), f"{self.what} {key}")
+        value = getattr(item, self.number)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ReplayHeaderError(f"{self.number_what}: expected a non-negative integer")
+        _extras(item.extra, self.known, self.what)
+        for _key, extra_value in item.extra:
+            _lenient(extra_value, self.what)
+
+    def read(self, header: str) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+        """The known fields and the extra ones of a header value (``;`` or ``,`` between)."""
+        values: dict[str, Any] = {}
+        extra: list[tuple[str, str]] = []
+        for key, raw in _split(header, self.what, ";,"):
+            if key == self.number:
+                values[key] = _int(raw, self.number_what)
+            elif key in self.known:
+                values[key] = raw
+            else:
+                extra.append((key, raw))
+        return values, tuple(extra)
+
+    def header(self, item: ReplaySource | ReplayFailed) -> str:
+        """The ``;``-separated value: the fields that are set, in `order`, then the extra ones."""
+        fields = [
+            (key, str(getattr(item, key))) for key in self.order if getattr(item, key) is not None
+        ]
+        return _join([*fields, *item.extra]) if fields or item.extra else ""
+
+
 @dataclass(frozen=True, slots=True)
 class ReplaySource:
     """The ``fly-replay-src`` request header of a replayed request.
@@ -446,37 +493,22 @@ class ReplaySource:
     state: str | None = None
     extra: tuple[tuple[str, str], ...] = ()
 
+    _FIELDS: ClassVar[_Fields] = _Fields(
+        "fly-replay-src", ("instance", "region", "t", "state"), "t"
+    )
+
     def __post_init__(self) -> None:
-        for key in ("instance", "region", "state"):
-            _lenient(getattr(self, key), f"fly-replay-src {key}")
-        if self.t is not None and (not isinstance(self.t, int) or self.t < 0):
-            raise ReplayHeaderError("fly-replay-src t: expected a non-negative integer")
-        _extras(self.extra, ("instance", "region", "t", "state"), "fly-replay-src")
-        for _key, value in self.extra:
-            _lenient(value, "fly-replay-src")
+        self._FIELDS.check(self)
 
     @classmethod
     def parse(cls, header: str) -> ReplaySource:
         """Read a ``fly-replay-src`` value (``;`` or ``,`` between fields)."""
-        values: dict[str, Any] = {}
-        extra: list[tuple[str, str]] = []
-        for key, raw in _split(header, "fly-replay-src", ";,"):
-            if key == "t":
-                values["t"] = _int(raw, "fly-replay-src t")
-            elif key in {"instance", "region", "state"}:
-                values[key] = raw
-            else:
-                extra.append((key, raw))
-        return cls(**values, extra=tuple(extra))
+        values, extra = cls._FIELDS.read(header)
+        return cls(**values, extra=extra)
 
     def to_header(self) -> str:
         """The header value, ``;``-separated (what the emulator's proxy sends)."""
-        fields = [
-            (key, str(getattr(self, key)))
-            for key in ("instance", "region", "t", "state")
-            if getattr(self, key) is not None
-        ]
-        return _join([*fields, *self.extra]) if fields or self.extra else ""
+        return self._FIELDS.header(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,41 +528,24 @@ class ReplayFailed:
     extra: tuple[tuple[str, str], ...] = ()
 
     REASONS: ClassVar[frozenset[str]] = frozenset({"timeout", "retries_exhausted", "no_candidate"})
-    _STRINGS: ClassVar[tuple[str, ...]] = ("instance", "app", "region", "replay_source", "reason")
+    _FIELDS: ClassVar[_Fields] = _Fields(
+        "fly-replay-failed",
+        ("instance", "app", "region", "replay_source", "reason", "elapsed_ms"),
+        "elapsed_ms",
+    )
 
     def __post_init__(self) -> None:
-        for key in self._STRINGS:
-            _lenient(getattr(self, key), f"fly-replay-failed {key}")
-        if self.elapsed_ms is not None and (
-            not isinstance(self.elapsed_ms, int) or self.elapsed_ms < 0
-        ):
-            raise ReplayHeaderError("fly-replay-failed elapsed_ms: expected a non-negative integer")
-        _extras(self.extra, (*self._STRINGS, "elapsed_ms"), "fly-replay-failed")
-        for _key, value in self.extra:
-            _lenient(value, "fly-replay-failed")
+        self._FIELDS.check(self)
 
     @classmethod
     def parse(cls, header: str) -> ReplayFailed:
         """Read a ``fly-replay-failed`` value (``;`` or ``,`` between fields)."""
-        values: dict[str, Any] = {}
-        extra: list[tuple[str, str]] = []
-        for key, raw in _split(header, "fly-replay-failed", ";,"):
-            if key == "elapsed_ms":
-                values["elapsed_ms"] = _int(raw, "fly-replay-failed elapsed_ms")
-            elif key in cls._STRINGS:
-                values[key] = raw
-            else:
-                extra.append((key, raw))
-        return cls(**values, extra=tuple(extra))
+        values, extra = cls._FIELDS.read(header)
+        return cls(**values, extra=extra)
 
     def to_header(self) -> str:
         """The header value, ``;``-separated (what the emulator's proxy sends)."""
-        fields = [
-            (key, str(getattr(self, key)))
-            for key in (*self._STRINGS, "elapsed_ms")
-            if getattr(self, key) is not None
-        ]
-        return _join([*fields, *self.extra]) if fields or self.extra else ""
+        return self._FIELDS.header(self)
 
 
 # --------------------------------------------------------------------------- signed state
