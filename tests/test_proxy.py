@@ -140,10 +140,13 @@ class FakeFleet(httpx.AsyncBaseTransport):
             Delivery(machine_id, request.headers, body, request.url.raw_path.decode())
         )
         answer = self.handlers.get(machine_id, echo)(machine_id, request, body)
-        # Like a real transport: a body still to be streamed, not one already read.
-        return httpx.Response(
-            answer.status_code, headers=answer.headers, stream=httpx.ByteStream(answer.content)
-        )
+        # Like a real transport: a body still to be streamed, not one already read (a handler's
+        # own stream, e.g. one that breaks off, is passed on as it is).
+        try:
+            stream: httpx.AsyncByteStream = httpx.ByteStream(answer.content)
+        except httpx.ResponseNotRead:
+            stream = answer.stream  # type: ignore[assignment]
+        return httpx.Response(answer.status_code, headers=answer.headers, stream=stream)
 
 
 @dataclass
@@ -294,6 +297,51 @@ async def test_stopped_app_machine_is_autostarted(stack: Stack) -> None:
     assert response.headers["x-flyfn-machine"] == machine.id
     assert stack.emulator.get(APP, machine.id).state == "started"
     assert "(cold" in str(stack.logs[-1])
+
+
+class _BrokenBody(httpx.AsyncByteStream):
+    """A body that breaks off after `sent` bytes, as a Machine killed mid-answer leaves it."""
+
+    def __init__(self, sent: bytes) -> None:
+        self.sent = sent
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.sent:
+            yield self.sent
+        raise httpx.ReadError("peer closed connection without sending complete message body")
+
+
+def breaks_off_first(times: int) -> Handler:
+    """Answer with a body that breaks off, `times` times, then echo."""
+    calls: list[int] = []
+
+    def handler(machine_id: str, request: httpx.Request, body: bytes) -> httpx.Response:
+        calls.append(1)
+        if len(calls) <= times:
+            return httpx.Response(200, stream=_BrokenBody(b'{"partial'))
+        return echo(machine_id, request, body)
+
+    return handler
+
+
+async def test_an_answer_broken_off_early_is_sent_again_for_a_safe_request(stack: Stack) -> None:
+    machine = await stack.machine()
+    stack.fleet.handlers[machine.id] = breaks_off_first(2)
+    response = await stack.client.get("/")
+    assert response.status_code == 200
+    assert response.json()["machine"] == machine.id
+    assert str(stack.logs[-1]).count("resent") == 2
+
+
+async def test_an_answer_broken_off_early_is_a_clean_502_for_an_unsafe_request(
+    stack: Stack,
+) -> None:
+    machine = await stack.machine()
+    stack.fleet.handlers[machine.id] = breaks_off_first(1)
+    response = await stack.client.post("/", content=b"x")
+    assert response.status_code == 502
+    assert "PU02" in response.text
+    assert "partial" not in response.text
 
 
 async def test_force_instance_header_reaches_that_machine(stack: Stack) -> None:

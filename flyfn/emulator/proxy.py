@@ -58,6 +58,10 @@ _DISCARD_LIMIT = 64 * 1024
 _REPLAY_JSON_LIMIT = 64 * 1024
 _VIA = "1.1 fly.io"
 _MAX_CONNECT_RETRIES = 5
+# A Machine's answer is read this far ahead (bytes, seconds) before its headers go to the client,
+# so that a Machine dying mid-answer can still be retried (see `_ReadAhead`).
+_READ_AHEAD_BYTES = 64 * 1024
+_READ_AHEAD_SECONDS = 0.05
 # Methods a failed delivery may be sent again for (RFC 9110 safe methods).
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -334,6 +338,59 @@ def _resend_reason(exc: httpx.HTTPError, machine_id: str, method: str, body: _Bo
     ) from exc
 
 
+class _ReadAhead:
+    """A Machine's response body, read by its own task into a small queue.
+
+    The proxy waits for the whole body, `_READ_AHEAD_BYTES`, or `_READ_AHEAD_SECONDS`, whichever
+    comes first, before the client gets the headers: a Machine killed before it finished a short
+    answer is then seen while the request can still be sent again, not as a truncated response.
+    Longer or slower answers stream on from the queue (bounded, so memory stays bounded).
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._queue: asyncio.Queue[bytes | httpx.HTTPError | None] = asyncio.Queue(maxsize=16)
+        self._buffered = 0
+        self._settled = asyncio.Event()  # the body ended, failed, or filled the read-ahead
+        self.error: httpx.HTTPError | None = None
+        self._task = asyncio.ensure_future(self._pump(response))
+
+    async def _pump(self, response: httpx.Response) -> None:
+        try:
+            async for chunk in response.aiter_raw():
+                await self._queue.put(chunk)
+                self._buffered += len(chunk)
+                if self._buffered >= _READ_AHEAD_BYTES:
+                    self._settled.set()
+        except httpx.HTTPError as exc:
+            self.error = exc
+            await self._queue.put(exc)
+        else:
+            await self._queue.put(None)
+        finally:
+            self._settled.set()
+
+    async def settle(self) -> None:
+        """Wait until the body ended or failed, filled the read-ahead, or the wait is over."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), _READ_AHEAD_SECONDS)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks; raises the upstream error where the body broke off."""
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, httpx.HTTPError):
+                raise item
+            yield item
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 class FlyProxy:
     """The ASGI app of the local Fly Proxy."""
 
@@ -450,7 +507,7 @@ class FlyProxy:
         forced = _header(scope, "fly-force-instance-id")
         dest = _Destination(app=self.app_name, instance=forced, timeout=self.replay_timeout)
         delivery = _Delivery(path=path, headers=headers)
-        replays = 0
+        replays = resends = 0
         while True:
             begun = time.monotonic()
             try:
@@ -468,7 +525,27 @@ class FlyProxy:
                 self._done(machine)
                 raise
             if directive is None:
-                await self._respond(send, response, machine, request_id, log)
+                body_ahead = _ReadAhead(response)
+                await body_ahead.settle()
+                if body_ahead.error is not None:
+                    # The Machine's answer broke off before the client saw any of it: as when a
+                    # connection dies before the answer, a safe request is sent again; anything
+                    # else gets a clean error page rather than a truncated answer.
+                    await body_ahead.aclose()
+                    await response.aclose()
+                    self._done(machine)
+                    resendable = scope["method"].upper() in _SAFE_METHODS and body.complete
+                    if not resendable or resends >= _MAX_CONNECT_RETRIES:
+                        raise ProxyError(
+                            "PU02",
+                            502,
+                            f"Machine {machine.id} broke off its answer: {body_ahead.error}",
+                        )
+                    await self.addresses.reap(machine.id)
+                    resends += 1
+                    log.hops.append("resent")
+                    continue
+                await self._respond(send, response, body_ahead, machine, request_id, log)
                 return
             await _discard(response)
             self._done(machine)
@@ -731,6 +808,7 @@ class FlyProxy:
         self,
         send: Send,
         response: httpx.Response,
+        body_ahead: _ReadAhead,
         machine: Machine,
         request_id: str,
         log: RequestLog,
@@ -751,7 +829,7 @@ class FlyProxy:
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in body_ahead.chunks():
                     log.size += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except httpx.HTTPError:
@@ -761,6 +839,7 @@ class FlyProxy:
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            await body_ahead.aclose()
             await response.aclose()
             self._done(machine)
 
