@@ -318,6 +318,12 @@ async def _discard(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _resendable(method: str, body: _Body) -> bool:
+    """Whether a request may be delivered again after its first delivery broke off: safe (it can
+    have had no effects) and fully buffered (a streamed body cannot be sent twice)."""
+    return method.upper() in _SAFE_METHODS and body.complete
+
+
 def _resend_reason(exc: httpx.HTTPError, machine_id: str, method: str, body: _Body) -> str:
     """What went wrong with a delivery that may be sent again (for the message once retries run
     out), or a `ProxyError` (PU02) when it failed in a way that must not be retried."""
@@ -327,11 +333,9 @@ def _resend_reason(exc: httpx.HTTPError, machine_id: str, method: str, body: _Bo
     # stopped, or a process killed mid-request. As reverse proxies do, a safe request is sent
     # again (the Machine is restarted or the fallback applies); any other may already have had
     # effects, so it fails.
-    if (
-        isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
-        and method.upper() in _SAFE_METHODS
-        and body.complete
-    ):
+    if isinstance(
+        exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+    ) and _resendable(method, body):
         return f"closed the connection ({type(exc).__name__})"
     raise ProxyError(
         "PU02", 502, f"failed to complete the request to Machine {machine_id}: {exc}"
@@ -534,8 +538,7 @@ class FlyProxy:
                     await body_ahead.aclose()
                     await response.aclose()
                     self._done(machine)
-                    resendable = scope["method"].upper() in _SAFE_METHODS and body.complete
-                    if not resendable or resends >= _MAX_CONNECT_RETRIES:
+                    if not _resendable(scope["method"], body) or resends >= _MAX_CONNECT_RETRIES:
                         raise ProxyError(
                             "PU02",
                             502,
