@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks.harness import JSONDict, median, percentile, ratio, rounded
 from benchmarks.runner import area_main, log, require
-from benchmarks.wsgi import Handler, bench_environ, call, call_quietly, wsgi_environ
+from benchmarks.wsgi import APP_MACHINE_ID, Handler, bench_environ, call, call_quietly, wsgi_environ
 
 BENCH_APP = "bench-middleware"
 
@@ -77,9 +77,8 @@ def replay_src(path: str) -> str:
     from flyfn.replay import ReplaySource, sign_state
 
     state = sign_state(settings.SECRET_KEY, "GET", path, "default")
-    machine = bench_environ("", "", BENCH_APP, "none")["FLY_MACHINE_ID"]
     now_us = time.time_ns() // 1000
-    return ReplaySource(instance=machine, region="local", t=now_us, state=state).to_header()
+    return ReplaySource(instance=APP_MACHINE_ID, region="local", t=now_us, state=state).to_header()
 
 
 @contextmanager

@@ -65,11 +65,15 @@ def call_quietly(handler: Handler, template: dict[str, Any]) -> None:
     response.close()
 
 
+# The benchmark app Machine's id (what fly-replay-src names as the replaying Machine).
+APP_MACHINE_ID = "0bench0app0001"
+
+
 def bench_environ(api_url: str, token: str, app: str, middleware: str) -> dict[str, str]:
     """The env of an app Machine of the benchmark project (role "main") using the API at api_url."""
     return {
         "FLY_APP_NAME": app,
-        "FLY_MACHINE_ID": "0bench0app0001",
+        "FLY_MACHINE_ID": APP_MACHINE_ID,
         "FLY_IMAGE_REF": "registry.fly.io/bench:deployment-1",
         "FLY_REGION": "local",
         "FLY_API_HOSTNAME": api_url,
