@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -24,6 +25,8 @@ from flyfn.pool import PoolManager, set_manager
 EMULATOR_TOKEN = "emulator-test-token"
 EMULATOR_APP = "testapp"
 EMULATOR_BASE_URL = "http://machines.emulator"
+# Fly's Machines API spec, three versions, part of the repository (see its README).
+FLY_SPEC_DIR = Path(__file__).resolve().parent / "fly_spec"
 
 
 def free_loopback_port() -> int:
@@ -94,7 +97,7 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name="emulator-uvicorn", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a safety bound, not a speed test
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the emulator server did not start")

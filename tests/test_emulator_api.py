@@ -794,7 +794,7 @@ def test_cli_serves_the_api_on_loopback() -> None:
         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        _wait_listening(port, process, time.monotonic() + 20)
+        _wait_listening(port, process, time.monotonic() + 60)
         url = f"http://127.0.0.1:{port}/v1/apps/demo/machines"
         ok = httpx.get(url, headers={"Authorization": "Bearer cli-token"}, timeout=5)
         assert ok.status_code == 200

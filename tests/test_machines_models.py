@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from flyfn.machines import models as m
+from tests.conftest import FLY_SPEC_DIR
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "fly"
-NEWEST_SPEC = SPEC_DIR / "machines-openapi-newest.json"
+NEWEST_SPEC = FLY_SPEC_DIR / "machines-openapi-newest.json"
 
 # A Machine as the newest API returns it (abridged from Fly's docs).
 NEW_MACHINE: dict[str, Any] = {
@@ -281,8 +280,6 @@ SPEC_MODELS: dict[str, type[BaseModel]] = {
 
 @pytest.fixture(scope="module")
 def newest_schemas() -> dict[str, Any]:
-    if not NEWEST_SPEC.exists():
-        pytest.skip(f"spec not found at {NEWEST_SPEC}")
     schemas: dict[str, Any] = json.loads(NEWEST_SPEC.read_text())["components"]["schemas"]
     return schemas
 
@@ -300,9 +297,7 @@ def test_model_declares_every_spec_property(
 
 def test_old_yaml_spec_enum_values_parse_as_autostop() -> None:
     """The OpenAPI 3 YAML reads the `off` enum value as a boolean: that value must parse."""
-    path = SPEC_DIR / "machines-openapi3.yml"
-    if not path.exists():
-        pytest.skip("older spec not present")
+    path = FLY_SPEC_DIR / "machines-openapi3.yml"
     schemas = yaml.safe_load(path.read_text())["components"]["schemas"]
     for value in schemas["fly.MachineService"]["properties"]["autostop"]["enum"]:
         assert m.MachineService.model_validate({"autostop": value}).autostop in m.AUTOSTOP_MODES

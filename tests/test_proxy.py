@@ -34,7 +34,7 @@ from flyfn.machines.models import (
 )
 
 APP = "web"
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 
 Handler = Callable[[str, httpx.Request, bytes], httpx.Response]
 

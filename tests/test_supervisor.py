@@ -35,7 +35,7 @@ ECHO = "tests.e2e.echo_app:app"
 APP = "supervised"
 Stack = tuple[MachinesEmulator, ProcessRuntime]  # what the `stack` fixture yields
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)
 
 
 def _gone(pid: int) -> bool:
@@ -67,7 +67,7 @@ async def stack(output: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
         api_token="secret-token",
         cwd=ROOT,
         output=output,
-        boot_timeout=20,
+        boot_timeout=60,
     )
     emulator = MachinesEmulator(runtime=runtime, region="local", default_app=APP)
     runtime.attach(emulator)
@@ -86,7 +86,7 @@ async def _create(
         config=MachineConfig(image="local/proj:dev-1", env=env, **config)
     )
     machine = await emulator.create(APP, request)
-    await emulator.wait_for_state(APP, machine.id, "settled", timeout=20)
+    await emulator.wait_for_state(APP, machine.id, "settled", timeout=60)
     return emulator.get(APP, machine.id)
 
 
@@ -102,12 +102,12 @@ async def _running(
 
 async def _stop(emulator: MachinesEmulator, machine_id: str) -> Machine:
     await emulator.stop(APP, machine_id)
-    return await emulator.wait_for_state(APP, machine_id, "stopped", timeout=10)
+    return await emulator.wait_for_state(APP, machine_id, "stopped", timeout=60)
 
 
 async def _suspend(emulator: MachinesEmulator, machine_id: str) -> None:
     await emulator.suspend(APP, machine_id)
-    await emulator.wait_for_state(APP, machine_id, "suspended", timeout=10)
+    await emulator.wait_for_state(APP, machine_id, "suspended", timeout=60)
 
 
 async def _get(runtime: ProcessRuntime, machine_id: str) -> dict[str, object]:
@@ -157,7 +157,7 @@ async def test_stop_ends_the_whole_process_group(stack: Stack) -> None:
     assert _gone(pid)
     assert runtime.address(machine.id) is None
     # Started again: a new process that answers.
-    await emulator.start_and_wait(APP, machine.id, timeout=20)
+    await emulator.start_and_wait(APP, machine.id, timeout=60)
     assert runtime.pid(machine.id) not in (None, pid)
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
@@ -168,7 +168,7 @@ async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     await _suspend(emulator, machine.id)
     assert _proc_state(pid) == "T"
     assert not runtime.is_running(machine.id)
-    await emulator.start_and_wait(APP, machine.id, timeout=10)
+    await emulator.start_and_wait(APP, machine.id, timeout=60)
     assert runtime.pid(machine.id) == pid  # the same process, thawed
     assert _proc_state(pid) != "T"
     assert (await _get(runtime, machine.id))["machine"] == machine.id
@@ -186,7 +186,7 @@ async def test_dead_process_is_reported_and_machine_stops(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime, restart=MachineRestart(policy="no"))
     os.kill(pid, signal.SIGKILL)
-    stopped = await emulator.wait_for_state(APP, machine.id, "stopped", timeout=10)
+    stopped = await emulator.wait_for_state(APP, machine.id, "stopped", timeout=60)
     exits = [e for e in stopped.events or [] if e.type == "exit"]
     assert exits
     assert isinstance(exits[0].request, dict)
@@ -199,7 +199,7 @@ async def test_dead_process_is_restarted_by_default_policy(stack: Stack) -> None
     machine, pid = await _running(emulator, runtime)
     os.kill(pid, signal.SIGKILL)
     assert await runtime.reap(machine.id)
-    await emulator.wait_for_state(APP, machine.id, "started", timeout=20)
+    await emulator.wait_for_state(APP, machine.id, "started", timeout=60)
     assert runtime.pid(machine.id) not in (None, pid)
 
 
@@ -231,7 +231,7 @@ from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import Machine, MachineConfig
 
 async def main():
-    runtime = ProcessRuntime("tests.e2e.echo_app:app", boot_timeout=20)
+    runtime = ProcessRuntime("tests.e2e.echo_app:app", boot_timeout=60)
     machine = Machine(id="0e1f2a3b4c5d6e", config=MachineConfig(image="x"))
     await runtime.launch("app", machine)
     print(runtime.pid(machine.id), flush=True)
@@ -256,14 +256,14 @@ def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
         child_pid = int(parent.stdout.readline())
         assert not _gone(child_pid)
         parent.send_signal(sig)
-        parent.wait(timeout=10)
-        deadline = time.monotonic() + 10
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 60  # a safety bound, not a speed test
         while not _gone(child_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _gone(child_pid)
     finally:
         parent.kill()
-        parent.wait(timeout=10)
+        parent.wait(timeout=60)
         if child_pid is not None and not _gone(child_pid):
             os.killpg(child_pid, signal.SIGKILL)
 

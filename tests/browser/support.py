@@ -245,7 +245,7 @@ def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
-    deadline = time.monotonic() + 5  # Machines die with their parent, a moment after it
+    deadline = time.monotonic() + 30  # Machines die with their parent, a moment after it
     while any(_alive(p, s) for p, s in family.items()) and time.monotonic() < deadline:
         time.sleep(0.05)
     survivors = [pid for pid, start in family.items() if _alive(pid, start)]

@@ -17,7 +17,7 @@ from pypdf import PdfReader
 from tests.browser.conftest import PURCHASES
 from tests.browser.support import SHOTS, DemoStack, follow_pdf_link
 
-pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(400)]
 
 RECEIPT_LINK = re.compile(r"^/purchases/(\d+)/receipt\.pdf$")
 

@@ -28,7 +28,7 @@ TOKEN = "e2e-dev-token"
 APP = "e2eproj"
 IDLE_STOP = 3
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 def _alive(pid: int) -> bool:

@@ -89,7 +89,7 @@ async def test_every_request_is_answered_while_the_api_fails(
         during = await fetch_both(3)
         faults.heal()
         # The pool retries after a (patched, tiny) backoff: requests replay again soon.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a safety bound, not a speed test
         after = await fetch_both(1)
         while {classify(r, BODY) for r in after} != {"replay"} and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_proxy import Handler, Stack, echo, proxy_stack
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 
 def dies_first(times: int) -> Handler:

@@ -1,9 +1,11 @@
 """Soak: 5,000 requests at concurrency 50 through `flyfn dev` while function Machines are stopped,
 suspended and killed at random.
 
-Zero lost requests (every answer is the right body, or a clean 503 with Retry-After where the
-group's fallback allows one), exactly the configured number of function Machines at the end, and
-no process left behind once the command is stopped. Randomness is seeded; the whole soak is bounded.
+Every request is sent and every answer checked: zero lost (each answer is the right body, or a
+clean 503 with Retry-After where the group's fallback allows one), exactly the configured number of
+function Machines at the end, and no process left behind once the command is stopped. Randomness is
+seeded. The only time limit is a generous safety bound: hitting it fails as "too slow to finish",
+never as lost requests. The throughput is printed; its target lives in `make bench`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ GROUPS = {"soak": 2, "strict": 1}  # as configured in soakproj/settings.py
 REQUESTS = 5000
 CONCURRENCY = 50
 SEED = 6_2024
-LOAD_DEADLINE = 90.0
+SAFETY_BOUND = 900.0  # seconds for the whole load: "too slow to finish", never a loss
 # Where each view may run: `strict` falls back with an error, so never on the app Machine (None).
 ALLOWED_GROUPS: dict[str, set[str | None]] = {
     "plain": {None},
@@ -47,7 +49,7 @@ ALLOWED_GROUPS: dict[str, set[str | None]] = {
 }
 TRANSITIONAL = {"created", "starting", "stopping", "suspending", "restarting", "destroying"}
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(SAFETY_BOUND + 120)]
 
 
 @dataclass
@@ -140,8 +142,10 @@ def verdict(call: Call, answer: Answer | BaseException) -> str:
     return f"ok:{call.view}@{group or 'app'}"
 
 
-def load(port: int, calls: list[Call], deadline: float) -> list[str]:
+def load(port: int, calls: list[Call], deadline: float) -> list[str | None]:
     """Send every call from CONCURRENCY threads, one keep-alive connection each.
+
+    A call is None when the safety bound came before it was sent: unfinished, not lost.
 
     Plain http.client in threads: a fraction of an async client's CPU, which on 2 cores is CPU
     taken from the stack under test.
@@ -149,7 +153,7 @@ def load(port: int, calls: list[Call], deadline: float) -> list[str]:
     pending: queue.SimpleQueue[tuple[int, Call]] = queue.SimpleQueue()
     for item in enumerate(calls):
         pending.put(item)
-    verdicts = ["lost:never sent"] * len(calls)
+    verdicts: list[str | None] = [None] * len(calls)
 
     def worker() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -219,13 +223,13 @@ async def chaos(stack: Stack, api: httpx.AsyncClient, stop: asyncio.Event) -> Co
     return done
 
 
-async def soak(stack: Stack, calls: list[Call]) -> tuple[list[str], Counter[str]]:
+async def soak(stack: Stack, calls: list[Call]) -> tuple[list[str | None], Counter[str]]:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=stack.api, headers=headers, timeout=10) as api:
         stop = asyncio.Event()
         chaos_task = asyncio.ensure_future(chaos(stack, api, stop))
         try:
-            deadline = time.monotonic() + LOAD_DEADLINE
+            deadline = time.monotonic() + SAFETY_BOUND
             verdicts = await asyncio.to_thread(load, stack.port, calls, deadline)
         finally:
             stop.set()
@@ -233,7 +237,7 @@ async def soak(stack: Stack, calls: list[Call]) -> tuple[list[str], Counter[str]
     return verdicts, actions
 
 
-def settled_machines(stack: Stack, timeout: float = 30) -> dict[str, list[str]]:
+def settled_machines(stack: Stack, timeout: float = 120) -> dict[str, list[str]]:
     """Each group's Machines (id:state) once none is in a transitional state."""
     deadline = time.monotonic() + timeout
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -261,14 +265,23 @@ def test_soak_under_random_stops_suspends_and_kills(stack: Stack, tmp_path: Path
     begun = time.monotonic()
     verdicts, actions = asyncio.run(soak(stack, calls))
     seconds = time.monotonic() - begun
-    summary = Counter(verdicts)
-    report = f"{REQUESTS} requests in {seconds:.1f}s; chaos {dict(actions)}; {dict(summary)}"
+    unsent = verdicts.count(None)
+    summary = Counter(v for v in verdicts if v is not None)
+    sent = REQUESTS - unsent
+    report = (
+        f"{sent} requests in {seconds:.1f}s ({sent / seconds:.0f} req/s); "
+        f"chaos {dict(actions)}; {dict(summary)}"
+    )
     log = tmp_path / "flyfn-dev.log"
     log.write_text("\n".join(stack.lines))
     report += f"\n(the stack's output: {log})"
     print(report)
 
-    lost = [(c.path, v) for c, v in zip(calls, verdicts, strict=True) if not v.startswith("ok")]
+    assert unsent == 0, (
+        f"too slow to finish: {unsent} of {REQUESTS} requests unsent after the "
+        f"{SAFETY_BOUND:.0f} s safety bound (not a loss)\n{report}"
+    )
+    lost = [(c.path, v) for c, v in zip(calls, verdicts, strict=True) if v and v[:2] != "ok"]
     lost = [(p, v) for p, v in lost if v != "refused"]
     assert lost == [], f"{report}\nfirst lost: {lost[:10]}"
     assert set(actions) == {"stop", "suspend", "kill"}, report  # the chaos really happened
@@ -282,7 +295,7 @@ def test_soak_under_random_stops_suspends_and_kills(stack: Stack, tmp_path: Path
     stack.track()
     stack.process.send_signal(signal.SIGTERM)
     assert stack.process.wait(timeout=30) == 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while any(alive(p) for p in stack.seen) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = [p for p in stack.seen if alive(p)]
