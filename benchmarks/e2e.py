@@ -9,15 +9,21 @@ The benchmark project (benchmarks.benchsite) runs under the local Fly stack on l
   stack's log, prove it);
 - app_boot_s: the same app process (the stack's supervisor child) started alone, from spawn to
   its first answer.
-Requests are sequential over one keep-alive connection; latencies are client-side wall time.
+- throughput: the soak's load shape without its chaos: CONCURRENCY threads, one keep-alive
+  connection each, all sending GET /direct/ (the baseline) then GET /fn/ (replayed), as requests
+  per second; the replayed figure is reported as a ratio of the direct one, in the same run.
+Latency requests are sequential over one keep-alive connection; latencies are client-side wall time.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import queue
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from benchmarks.runner import (
 )
 
 IDLE_STOP = 2.0  # seconds idle before the proxy stops the function Machine
+CONCURRENCY = 50  # as tests/reliability/test_soak.py sends its load
 SETTINGS = "benchmarks.benchsite.settings"
 ASGI_APP = "benchmarks.benchsite.asgi:application"
 
@@ -76,6 +83,42 @@ def latencies_ms(client: httpx.Client, path: str, n: int, expect: bytes) -> list
             raise RuntimeError(f"GET {path}: {response.status_code} {response.content[:80]!r}")
         out.append(elapsed * 1000)
     return out
+
+
+def requests_per_second(port: int, path: str, n: int, expect: bytes) -> float:
+    """n GETs of path from CONCURRENCY threads, one keep-alive connection each; every answer
+    is checked. Plain http.client: a fraction of an async client's CPU, on a 2-core machine."""
+    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(n):
+        pending.put(i)
+    failures: list[str] = []
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(LOOPBACK, port, timeout=60)
+        try:
+            while True:
+                try:
+                    pending.get_nowait()
+                except queue.Empty:
+                    return
+                connection.request("GET", path)
+                response = connection.getresponse()
+                body = response.read()
+                if response.status != 200 or body != expect:
+                    failures.append(f"GET {path}: {response.status} {body[:80]!r}")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(CONCURRENCY)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {n} failed, first: {failures[0]}")
+    return n / seconds
 
 
 class DevLog:
@@ -123,6 +166,7 @@ def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> tuple[float, st
 def run(quick: bool) -> JSONDict:
     require("flyfn.emulator.dev", "flyfn.emulator.proxy", "flyfn.middleware", "uvicorn")
     n, boots, colds = (100, 1, 1) if quick else (1000, 3, 3)
+    burst = 500 if quick else 3000
     with tempfile.TemporaryDirectory(prefix="flyfn-bench-e2e-") as tmp:
         log_dir = Path(tmp)
         log(f"e2e: app boot x{boots}")
@@ -154,6 +198,9 @@ def run(quick: bool) -> JSONDict:
                 latencies_ms(client, "/fn/", 50, b"fn")
                 log(f"e2e: {n} replayed requests")
                 replay = latencies_ms(client, "/fn/", n, b"fn")
+                log(f"e2e: {burst} direct, then replayed, requests at concurrency {CONCURRENCY}")
+                direct_rps = requests_per_second(port, "/direct/", burst, b"direct")
+                replay_rps = requests_per_second(port, "/fn/", burst, b"fn")
                 log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
                 try:
                     cold_runs = [cold_start_seconds(client, dev_log) for _ in range(colds)]
@@ -170,6 +217,10 @@ def run(quick: bool) -> JSONDict:
         "cold_start_s": rounded(median(cold), 3),
         "app_boot_s": rounded(median(boot), 3),
         "first_serverless_request_s": rounded(first_fn, 3),
+        "direct_requests_per_second": rounded(direct_rps, 1),
+        "replay_requests_per_second": rounded(replay_rps, 1),
+        "replay_vs_direct_throughput_ratio": rounded(replay_rps / direct_rps, 3),
+        "concurrency": CONCURRENCY,
         "cold_start_samples_s": [rounded(c, 3) for c in cold],
         "cold_start_routes": [line for _, line in cold_runs],
         "app_boot_samples_s": [rounded(b, 3) for b in boot],

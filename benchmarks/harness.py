@@ -42,6 +42,9 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "replay_p99_ms",
         "cold_start_s",
         "app_boot_s",
+        "direct_requests_per_second",
+        "replay_requests_per_second",
+        "replay_vs_direct_throughput_ratio",
     ),
     "receipts": tuple(str(n) for n in RECEIPT_SIZES),
 }
@@ -266,6 +269,17 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[TargetResult]:
             None if direct_p50 is None else 2 * direct_p50 + 2,
             _at_most,
             lambda v, b: f"over by {_fmt(v - b)} ms",
+        )
+    )
+    direct_rps = _get(results, "e2e", "direct_requests_per_second")
+    out.append(
+        _check(
+            "e2e replayed throughput vs direct",
+            _get(results, "e2e", "replay_vs_direct_throughput_ratio"),
+            f">= 0.4 (two proxy hops for one; {_fmt(direct_rps)} req/s direct)",
+            0.4,
+            lambda v, b: v >= b,
+            lambda v, b: f"under by {_fmt(b - v)}",
         )
     )
     boot = _get(results, "e2e", "app_boot_s")
