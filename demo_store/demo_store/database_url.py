@@ -1,55 +1,46 @@
-"""Turns a `DATABASE_URL` (sqlite:/// or postgres://) into a Django DATABASES entry."""
+"""The demo's `DATABASE_URL` (sqlite:/// or postgres://) as a Django DATABASES entry.
+
+dj-database-url parses; this adds what the demo needs on top: a relative sqlite file is relative
+to the project (every process, whatever its working directory, opens the same file), only the
+engines the demo installs are accepted, and errors never repeat the URL (it may hold a password).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
+import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
+SUPPORTED_ENGINES = frozenset({"django.db.backends.sqlite3", "django.db.backends.postgresql"})
 
 
 def parse_database_url(url: str, *, base_dir: Path) -> dict[str, Any]:
     """Return the DATABASES["default"] dict for `url`.
 
-    `sqlite:///name.sqlite3` is relative to `base_dir` (so every process, whatever its working
-    directory, opens the same file); `sqlite:////abs/path` is absolute; `sqlite://:memory:` and
-    `sqlite:///:memory:` are in-memory. Postgres URLs may carry libpq options as query parameters
-    (e.g. `?sslmode=require`). Errors never repeat the URL, which may hold a password.
+    `sqlite:///name.sqlite3` is relative to `base_dir`; `sqlite:////abs/path` is absolute;
+    `sqlite://:memory:` and `sqlite:///:memory:` are in-memory. Postgres URLs may carry libpq
+    options as query parameters (e.g. `?sslmode=require`).
     """
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme == "sqlite":
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": _sqlite_name(parts.path, base_dir)}
-    if scheme in POSTGRES_SCHEMES:
-        name = unquote(parts.path.lstrip("/"))
-        if not name:
-            raise ImproperlyConfigured("DATABASE_URL: a postgres URL needs a database name")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ImproperlyConfigured("DATABASE_URL: the port is not a number") from exc
-        return {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": name,
-            "USER": unquote(parts.username or ""),
-            "PASSWORD": unquote(parts.password or ""),
-            "HOST": unquote(parts.hostname or ""),
-            "PORT": str(port or ""),
-            "OPTIONS": dict(parse_qsl(parts.query)),
-        }
-    shown = scheme or "(none)"
-    raise ImproperlyConfigured(
-        f"DATABASE_URL: unsupported scheme {shown!r}; use sqlite:///<file> or postgres://..."
+    scheme = urlsplit(url.strip()).scheme or "(none)"
+    unsupported = ImproperlyConfigured(
+        f"DATABASE_URL: unsupported scheme {scheme!r}; use sqlite:///<file> or postgres://..."
     )
-
-
-def _sqlite_name(path: str, base_dir: Path) -> str:
-    # urlsplit("sqlite://:memory:") leaves the path empty and the netloc ":memory:".
-    if path in ("", "/", "/:memory:"):
-        return ":memory:"
-    relative = path[1:]  # the slash after "sqlite://" separates authority and path
-    file = Path(unquote(relative))
-    return str(file if file.is_absolute() else base_dir / file)
+    try:
+        config: dict[str, Any] = dict(dj_database_url.parse(url.strip()))
+    except dj_database_url.UnknownSchemeError:
+        raise unsupported from None
+    except ValueError:  # dj-database-url's messages may quote the URL: say what, not which
+        raise ImproperlyConfigured(
+            "DATABASE_URL: not a valid URL (is the port a number, the password %-quoted?)"
+        ) from None
+    engine = config.get("ENGINE")
+    if engine not in SUPPORTED_ENGINES:
+        raise unsupported
+    if engine == "django.db.backends.postgresql" and not config.get("NAME"):
+        raise ImproperlyConfigured("DATABASE_URL: a postgres URL needs a database name")
+    if engine == "django.db.backends.sqlite3" and config["NAME"] != ":memory:":
+        config["NAME"] = str(base_dir / config["NAME"])  # an absolute NAME stays as it is
+    return config
