@@ -26,6 +26,7 @@ from playwright.sync_api import BrowserContext, Download, Locator, Playwright
 from tests.conftest import free_loopback_port
 from tests.demo_support import DEMO, PYTHON, ROOT, demo_env, manage
 from tests.support_dev import list_machines, start
+from tests.support_procs import alive, descendants
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = (
@@ -199,44 +200,12 @@ def demo_stack(
 # -- processes ------------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name, or None when the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else fields
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """Every living process under `root`, as pid -> start time (which tells a reused pid apart)."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-            starts[int(entry.name)] = fields[19]
-    found: dict[int, str] = {}
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found[pid] = starts[pid]
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _alive(pid: int, start: str) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[19] == start
-
-
 def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
     """SIGTERM `process` (flyfn dev stops its Machines), then SIGKILL its group and anything left.
 
     Raises AssertionError naming the processes that outlived a graceful stop.
     """
-    family = _descendants(process.pid)  # the Machines run in their own sessions
+    family = descendants(process.pid)  # the Machines run in their own sessions
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -246,9 +215,9 @@ def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
     deadline = time.monotonic() + 30  # Machines die with their parent, a moment after it
-    while any(_alive(p, s) for p, s in family.items()) and time.monotonic() < deadline:
+    while any(alive(proc) for proc in family) and time.monotonic() < deadline:
         time.sleep(0.05)
-    survivors = [pid for pid, start in family.items() if _alive(pid, start)]
+    survivors = sorted(proc[0] for proc in family if alive(proc))
     for pid in survivors:
         for sig in (signal.SIGCONT, signal.SIGKILL):  # a suspended Machine is SIGSTOPped
             with contextlib.suppress(ProcessLookupError):

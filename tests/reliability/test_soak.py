@@ -30,8 +30,8 @@ import httpx
 import pytest
 
 from tests.conftest import free_loopback_port
-from tests.reliability.procs import Proc, alive, descendants, identity, machine_pid
 from tests.support_dev import DevProcess, banner_api, start_project
+from tests.support_procs import Proc, alive, descendants, identity, machine_pid
 
 PROJECT = Path(__file__).resolve().parent / "project"
 TOKEN = "soak-dev-token-Vh4qM2"  # distinctive: it must never show up in the output

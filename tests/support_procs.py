@@ -1,0 +1,53 @@
+"""Processes of a `flyfn dev` stack, through psutil: descendants, Machine pids, liveness."""
+
+from __future__ import annotations
+
+import psutil
+
+# A process is identified by (pid, creation time) so a reused pid is never mistaken for it.
+Proc = tuple[int, float]
+
+_GONE = (psutil.NoSuchProcess, psutil.AccessDenied)
+
+
+def identity(pid: int) -> Proc | None:
+    try:
+        return (pid, psutil.Process(pid).create_time())
+    except _GONE:
+        return None
+
+
+def alive(proc: Proc) -> bool:
+    """Whether the very process `proc` names still runs (a zombie counts as gone)."""
+    try:
+        process = psutil.Process(proc[0])
+        return process.create_time() == proc[1] and process.status() != psutil.STATUS_ZOMBIE
+    except _GONE:
+        return False
+
+
+def descendants(root: int) -> set[Proc]:
+    """Every live process below `root` (Machines run in their own sessions, not its group)."""
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except _GONE:
+        return set()
+    found: set[Proc] = set()
+    for child in children:
+        try:
+            found.add((child.pid, child.create_time()))
+        except _GONE:
+            continue
+    return found
+
+
+def machine_pid(root: int, machine_id: str) -> int | None:
+    """The live process below `root` that runs the Machine `machine_id`, if any."""
+    for proc in descendants(root):
+        try:
+            environ = psutil.Process(proc[0]).environ()
+        except _GONE:
+            continue
+        if environ.get("FLY_MACHINE_ID") == machine_id and alive(proc):
+            return proc[0]
+    return None
