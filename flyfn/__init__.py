@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from flyfn.decorators import fly_serverless
 
-__all__ = ["fly_serverless"]
+__all__ = ["__version__", "fly_serverless"]
+
+__version__ = "0.1.0.dev0"
