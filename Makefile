@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install test test-dj6 check demo bench chromium dist clean
+.PHONY: install test matrix matrix-unit test-dj6 check docs demo bench chromium dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,14 @@ chromium:
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
-# The unit and contract tests on Django 6 (Python >= 3.12) in .venv-dj6; skips with a message without one.
-test-dj6:
-	@scripts/test-dj6
+# The Django x Python matrix (noxfile.py): the unit and contract tests on every supported pair, then
+# the whole suite on the default one. A pair whose Python is missing is skipped with a message.
+matrix: $(STAMP) chromium
+	$(BIN)/nox -s unit full
+
+# The matrix's unit and contract sessions only (what CI runs besides `make test`).
+test-dj6 matrix-unit: $(STAMP)
+	$(BIN)/nox -s unit
 
 check: $(STAMP)
 	$(BIN)/ruff check .
@@ -44,4 +49,4 @@ dist: $(STAMP)
 	$(BIN)/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) .venv-dj6 .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .venv-dj6 .nox site .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
