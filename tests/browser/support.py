@@ -8,11 +8,8 @@ process group; stopping it checks that no process it started is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +23,7 @@ from playwright.sync_api import BrowserContext, Download, Locator, Playwright
 from tests.conftest import free_loopback_port
 from tests.demo_support import DEMO, PYTHON, ROOT, demo_env, manage
 from tests.support_dev import list_machines, start
-from tests.support_procs import alive, descendants
+from tests.support_procs import stop_and_reap
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = (
@@ -195,31 +192,3 @@ def demo_stack(
         yield stack
     finally:
         stop_and_reap(process)
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-
-def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
-    """SIGTERM `process` (flyfn dev stops its Machines), then SIGKILL its group and anything left.
-
-    Raises AssertionError naming the processes that outlived a graceful stop.
-    """
-    family = descendants(process.pid)  # the Machines run in their own sessions
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    deadline = time.monotonic() + 30  # Machines die with their parent, a moment after it
-    while any(alive(proc) for proc in family) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    survivors = sorted(proc[0] for proc in family if alive(proc))
-    for pid in survivors:
-        for sig in (signal.SIGCONT, signal.SIGKILL):  # a suspended Machine is SIGSTOPped
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-    assert not survivors, f"processes left behind by flyfn dev: {survivors}"
