@@ -11,8 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Dependencies in their own layer, rebuilt only when pyproject.toml changes: install the package's
 # requirements against an empty stand-in of flyfn, then drop the stand-in.
 WORKDIR /src
-COPY pyproject.toml ./
-RUN mkdir flyfn && touch flyfn/__init__.py README.md \
+COPY pyproject.toml LICENSE ./
+RUN mkdir flyfn && echo '__version__ = "0"' > flyfn/__init__.py && touch README.md \
     && pip install ".[demo]" \
     && pip uninstall -y flyfn \
     && rm -rf flyfn build ./*.egg-info

@@ -36,6 +36,10 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict .
 
+# The documentation site (mkdocs.yml, docs/) in site/; --strict: a broken link or reference fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 demo: $(STAMP)
 	@scripts/demo $(PORT)
 

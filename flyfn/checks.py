@@ -50,7 +50,7 @@ IO_MIDDLEWARE: dict[str, str] = {
     "django.middleware.cache.CacheMiddleware": "reads the cache",
 }
 
-_HINT_SETTINGS = "See the FLYFN settings table in flyfn's README."
+_HINT_SETTINGS = "See the settings reference in flyfn's documentation (docs/settings.md)."
 
 _ISSUE_IDS = {"value": "flyfn.E001", "unknown_key": "flyfn.E002", "method": "flyfn.E003"}
 

@@ -173,7 +173,10 @@ def _group_name(value: Any) -> str:
 class _Section(BaseModel):
     """A settings dict: frozen, and an unknown key is an error that lists the known ones."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # The fields' docstrings become their descriptions: the documentation's settings reference.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, use_attribute_docstrings=True
+    )
 
     @model_validator(mode="before")
     @classmethod
