@@ -195,8 +195,9 @@ def benchmark_results(path: Path) -> str:
             markdown_table(
                 ["target", "value", "goal", "verdict", "note"], harness.target_rows(targets)
             ),
+            "\n".join(f"- `{area}`: {why}" for area, why in results.get("skipped", {}).items()),
         ]
-    )
+    ).rstrip()
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
