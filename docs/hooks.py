@@ -2,7 +2,7 @@
 
 A page's `<!-- flyfn:settings -->` becomes the settings reference, read from the fields of
 flyfn.conf's pydantic models (their docstrings are the field descriptions), so it cannot drift;
-`<!-- flyfn:modules -->` lists flyfn's modules with the first line of each one's docstring;
+`<!-- flyfn:modules -->` lists flyfn's modules with the first paragraph of each one's docstring;
 `<!-- flyfn:benchmark-results -->` shows benchmarks/results/latest.json when `make bench` left one.
 A field without a description is an error: the strict build fails rather than document a blank.
 """
@@ -162,14 +162,15 @@ def _kind(annotation: Any) -> str:
 
 
 def module_table(package: Path) -> str:
-    """Every module of the package with the first line of its docstring (what it owns)."""
+    """Every module of the package with the first paragraph of its docstring (what it owns)."""
     rows = []
     for path in sorted(package.rglob("*.py")):
         docstring = ast.get_docstring(ast.parse(path.read_text()))
         if not docstring:
             raise ValueError(f"{path.relative_to(ROOT)} has no docstring saying what it owns")
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        rows.append([f"`{module}`", docstring.splitlines()[0]])
+        first_paragraph = " ".join(docstring.split("\n\n")[0].split())
+        rows.append([f"`{module}`", first_paragraph])
     return markdown_table(["module", "what it owns"], rows)
 
 
