@@ -193,7 +193,8 @@ function draw(state) {
   const machines = document.getElementById("machines");
   machines.replaceChildren(...state.machines.map((m) => {
     const ticks = m.events.filter((e) => LIFECYCLE.has(e.type)).slice(0, 8)
-      .map((e) => el("span", {class: "tick", title: e.type || ""}, `${clock(e.at)} ${e.status || e.type}`));
+      .map((e) => el("span", {class: "tick", title: e.type || ""},
+        `${clock(e.at)} ${e.status || e.type}`));
     return el("tr", {"data-machine": m.id, "data-state": m.state},
       el("td", {}, el("code", {}, m.id), " ", el("span", {class: "muted"}, m.name || "")),
       el("td", {}, m.group || el("span", {class: "muted"}, "app")),
