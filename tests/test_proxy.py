@@ -12,7 +12,8 @@ import io
 import json
 import re
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,10 @@ from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
     MachineConfig,
+    MachinePort,
     MachineRestart,
     MachineService,
+    MachineServiceConcurrency,
 )
 
 APP = "web"
@@ -81,8 +84,13 @@ class FakeFleet(httpx.AsyncBaseTransport):
     fail_launch: set[str] = field(default_factory=set)
     launch_delay: dict[str, float] = field(default_factory=dict)
     silently_dead: set[str] = field(default_factory=set)
+    async_handlers: dict[str, Callable[[httpx.Request], Awaitable[httpx.Response]]] = field(
+        default_factory=dict
+    )
     deliveries: list[Delivery] = field(default_factory=list)
     launches: list[str] = field(default_factory=list)
+    active: Counter[str] = field(default_factory=Counter)  # requests inside each Machine now
+    peak: Counter[str] = field(default_factory=Counter)
     _ports: dict[str, int] = field(default_factory=dict)
     _pids: int = 1000
 
@@ -139,7 +147,16 @@ class FakeFleet(httpx.AsyncBaseTransport):
         self.deliveries.append(
             Delivery(machine_id, request.headers, body, request.url.raw_path.decode())
         )
-        answer = self.handlers.get(machine_id, echo)(machine_id, request, body)
+        held = self.async_handlers.get(machine_id)
+        if held is not None:
+            self.active[machine_id] += 1
+            self.peak[machine_id] = max(self.peak[machine_id], self.active[machine_id])
+            try:
+                answer = await held(request)
+            finally:
+                self.active[machine_id] -= 1
+        else:
+            answer = self.handlers.get(machine_id, echo)(machine_id, request, body)
         # Like a real transport: a body still to be streamed, not one already read (a handler's
         # own stream, e.g. one that breaks off, is passed on as it is).
         try:
@@ -166,20 +183,33 @@ class Stack:
         autostop: str | None = None,
         min_running: int | None = None,
         started: bool = True,
+        autostart: bool = True,
+        soft_limit: int | None = None,
+        hard_limit: int | None = None,
+        ports: tuple[int, ...] = (80, 443),
         **config: Any,
     ) -> Machine:
+        concurrency = None
+        if soft_limit is not None or hard_limit is not None:
+            concurrency = MachineServiceConcurrency(
+                type="requests", soft_limit=soft_limit, hard_limit=hard_limit
+            )
         services = [
             MachineService(
                 protocol="tcp",
                 internal_port=8000,
-                autostart=True,
+                autostart=autostart,
                 autostop=autostop or "off",
                 min_machines_running=min_running,
+                ports=[MachinePort(port=port, handlers=["http"]) for port in ports],
+                concurrency=concurrency,
             )
         ]
         env = {"FLYFN_GROUP": group} if group else None
         request = CreateMachineRequest(
-            config=MachineConfig(image="local/p:1", env=env, services=services, **config),
+            config=MachineConfig(
+                **{"image": "local/p:1", "env": env, "services": services, **config}
+            ),
             skip_launch=not started,
         )
         machine = await self.emulator.create(app, request)
@@ -200,7 +230,7 @@ class Stack:
 
 
 @asynccontextmanager
-async def proxy_stack() -> AsyncIterator[Stack]:
+async def proxy_stack(*, balance_function_machines: bool = True) -> AsyncIterator[Stack]:
     """The proxy in process over a fake fleet, with a client that reaches it through ASGI."""
     fleet = FakeFleet()
     emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
@@ -215,6 +245,7 @@ async def proxy_stack() -> AsyncIterator[Stack]:
         on_log=logs.append,
         on_event=events.append,
         transport=fleet,
+        balance_function_machines=balance_function_machines,
     )
     transport = httpx.ASGITransport(app=proxy, client=("203.0.113.9", 40000))
     client = httpx.AsyncClient(transport=transport, base_url="http://myapp.local")
@@ -228,6 +259,15 @@ async def proxy_stack() -> AsyncIterator[Stack]:
 
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
+    """For the focused tests of replay semantics: a request first reaches an app Machine, as
+    they script it, so ordinary traffic is kept off function Machines (the unit-test switch)."""
+    async with proxy_stack(balance_function_machines=False) as running:
+        yield running
+
+
+@pytest.fixture
+async def fly() -> AsyncIterator[Stack]:
+    """Fly's balancing, function Machines included (what `flyfn dev` runs)."""
     async with proxy_stack() as running:
         yield running
 
@@ -235,18 +275,116 @@ async def stack() -> AsyncIterator[Stack]:
 # -- plain proxying --------------------------------------------------------------------------------
 
 
-async def test_balances_over_started_app_machines_only(stack: Stack) -> None:
-    a = await stack.machine()
-    b = await stack.machine()
-    fn = await stack.machine(group="default")
-    seen = set()
-    for _ in range(30):
-        response = await stack.client.get("/plain/")
+async def test_balances_over_every_started_machine_with_the_service_like_fly(
+    fly: Stack,
+) -> None:
+    a = await fly.machine()
+    fn = await fly.machine(group="default")  # a function Machine of the `instance` strategy
+    old = await fly.machine(group="default", image="local/p:0")  # one of an older image
+    await fly.machine(ports=(8443,))  # no service on port 80: never a candidate
+    await fly.machine(group="default", started=False)  # stopped: none at the soft limit
+    seen: list[str] = []
+    for _ in range(60):
+        response = await fly.client.get("/plain/")
         assert response.status_code == 200
         assert response.headers["x-flyfn-machine"] == response.json()["machine"]
-        seen.add(response.json()["machine"])
-    assert seen == {a.id, b.id}
-    assert fn.id not in seen
+        seen.append(response.json()["machine"])
+    assert set(seen) == {a.id, fn.id, old.id}
+    # The route log names the Machine that served each request.
+    assert {log.machine_id for log in fly.logs} == set(seen)
+    assert any(f"GET /plain/ fn:{fn.id[:4]}" in route(log) for log in fly.logs)
+    assert fly.fleet.launches.count(fn.id) == 1
+
+
+async def test_the_switch_keeps_ordinary_traffic_off_function_machines() -> None:
+    async with proxy_stack(balance_function_machines=False) as stack:
+        a = await stack.machine()
+        b = await stack.machine()
+        fn = await stack.machine(group="default")
+        seen = set()
+        for _ in range(30):
+            seen.add((await stack.client.get("/plain/")).json()["machine"])
+        assert seen == {a.id, b.id}
+        assert fn.id not in seen
+        # A forced instance still reaches it.
+        forced = await stack.client.get("/", headers={"fly-force-instance-id": fn.id})
+        assert forced.headers["x-flyfn-machine"] == fn.id
+
+
+def _gate(stack: Stack, machine_id: str) -> asyncio.Event:
+    """Hold the Machine's answers until the returned event is set."""
+    release = asyncio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json={"machine": machine_id})
+
+    stack.fleet.async_handlers[machine_id] = held
+    return release
+
+
+async def test_a_stopped_machine_is_autostarted_only_when_started_ones_are_at_the_soft_limit(
+    fly: Stack,
+) -> None:
+    busy = await fly.machine(soft_limit=2)
+    spare = await fly.machine(group="default", started=False)
+    release = _gate(fly, busy.id)
+    held = [asyncio.ensure_future(fly.client.get("/")) for _ in range(2)]
+    while fly.proxy.load(busy.id) < 2:
+        await asyncio.sleep(0.01)
+    assert fly.emulator.get(APP, spare.id).state == "created"  # not needed yet
+    third = await fly.client.get("/")  # `busy` is at its soft limit: `spare` is started
+    assert third.headers["x-flyfn-machine"] == spare.id
+    assert fly.emulator.get(APP, spare.id).state == "started"
+    release.set()
+    assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+
+
+async def test_at_the_soft_limit_with_nothing_to_start_the_started_machine_still_serves(
+    fly: Stack,
+) -> None:
+    busy = await fly.machine(soft_limit=1)
+    await fly.machine(group="default", started=False, autostart=False)
+    release = _gate(fly, busy.id)
+    first = asyncio.ensure_future(fly.client.get("/"))
+    second = asyncio.ensure_future(fly.client.get("/"))
+    while fly.proxy.load(busy.id) < 2:
+        await asyncio.sleep(0.01)
+    release.set()
+    assert [r.headers["x-flyfn-machine"] for r in await asyncio.gather(first, second)] == [
+        busy.id,
+        busy.id,
+    ]
+
+
+async def test_no_request_goes_over_the_hard_limit_it_waits_its_turn(fly: Stack) -> None:
+    machine = await fly.machine(soft_limit=1, hard_limit=2)
+    release = _gate(fly, machine.id)
+    held = [asyncio.ensure_future(fly.client.get("/")) for _ in range(5)]
+    while fly.proxy.load(machine.id) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the others had every chance to go over the limit
+    assert fly.proxy.load(machine.id) == 2
+    assert fly.fleet.peak[machine.id] == 2
+    release.set()
+    answers = await asyncio.gather(*held)
+    assert [r.status_code for r in answers] == [200] * 5
+    assert fly.fleet.peak[machine.id] == 2
+
+
+async def test_at_the_hard_limit_for_longer_than_the_timeout_is_a_503(fly: Stack) -> None:
+    fly.proxy.replay_timeout = 0.3
+    machine = await fly.machine(soft_limit=1, hard_limit=1)
+    release = _gate(fly, machine.id)
+    held = asyncio.ensure_future(fly.client.get("/"))
+    while fly.proxy.load(machine.id) < 1:
+        await asyncio.sleep(0.01)
+    response = await fly.client.get("/")
+    assert response.status_code == 503
+    assert response.headers["x-flyfn-proxy-error"] == "PR04"
+    assert "hard_limit" in response.text
+    release.set()
+    assert (await held).status_code == 200
 
 
 async def test_fly_headers_added_and_hop_by_hop_removed(stack: Stack) -> None:
@@ -684,8 +822,12 @@ async def real() -> AsyncIterator[tuple[FlyProxy, ProcessRuntime, Machine]]:
     runtime.attach(emulator)
     proxy = FlyProxy(emulator, runtime, app_name=APP, idle_stop=0)
     try:
+        service = MachineService(
+            protocol="tcp", internal_port=8000, ports=[MachinePort(port=80, handlers=["http"])]
+        )
         machine = await emulator.create(
-            APP, CreateMachineRequest(config=MachineConfig(image="local/p:1"))
+            APP,
+            CreateMachineRequest(config=MachineConfig(image="local/p:1", services=[service])),
         )
         machine = await emulator.wait_for_state(APP, machine.id, "started", timeout=20)
         yield proxy, runtime, machine

@@ -1,8 +1,9 @@
 """The local Fly Proxy: an ASGI reverse proxy over emulated Machines, honouring fly-replay.
 
-`FlyProxy` load-balances requests over the started app Machines of one app (function Machines,
-those whose config env has FLYFN_GROUP, only get traffic by replay or `fly-force-instance-id`),
-and acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
+`FlyProxy` load-balances requests like Fly Proxy over every Machine of the app with a service on
+the request's port, function Machines included (the decision lives in `flyfn.emulator.balancer`:
+concurrency limits, started first, autostart at the soft limit, waiting at the hard limit), and
+acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
 elsewhere, state, timeout, fallback, transform) the way Fly Proxy does: it re-delivers the request
 with `fly-replay-src`, falls back with `fly-replay-failed`, refuses to replay bodies over 1 MB and
 chains of more than 10 replays. Stopped or suspended targets are started on demand (through the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -27,6 +27,7 @@ from typing import Protocol
 
 import httpx
 
+from flyfn.emulator import balancer
 from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
 from flyfn.emulator.supervisor import is_function_machine, machine_label
@@ -62,6 +63,8 @@ _MAX_CONNECT_RETRIES = 5
 # so that a Machine dying mid-answer can still be retried (see `_ReadAhead`).
 _READ_AHEAD_BYTES = 64 * 1024
 _READ_AHEAD_SECONDS = 0.05
+# While every Machine is at its hard limit a request waits, looking again this often (seconds).
+_FULL_RETRY_SECONDS = 0.02
 # Methods a failed delivery may be sent again for (RFC 9110 safe methods).
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -96,7 +99,7 @@ _PROXY_REQUEST_HEADERS = frozenset(
 _REPLAY_REQUEST_HEADERS = frozenset({"fly-replay-src", "fly-replay-failed"})
 _STARTABLE = frozenset({"created", "stopped", "suspended", "failed"})
 _TRANSITIONAL = frozenset(
-    {"starting", "stopping", "suspending", "restarting", "updating", "replacing"}
+    {"creating", "starting", "stopping", "suspending", "restarting", "updating", "replacing"}
 )
 
 
@@ -134,6 +137,10 @@ class _Unreachable(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+class _Full(Exception):
+    """Every candidate Machine is at its hard limit: the request waits for room."""
 
 
 @dataclass
@@ -290,6 +297,7 @@ class _Destination:
     fallback: str | None = None
     issuer: Machine | None = None  # the Machine that asked for this replay
     issuer_app: str | None = None
+    port: int = 80  # the public port the request came in on (services are matched on it)
 
 
 @dataclass
@@ -412,6 +420,7 @@ class FlyProxy:
         on_event: Callable[[str], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         read_timeout: float = 300.0,
+        balance_function_machines: bool = True,
     ) -> None:
         self.machines = machines
         self.addresses = addresses
@@ -426,6 +435,8 @@ class FlyProxy:
         self._read_timeout = read_timeout
         self._client: httpx.AsyncClient | None = None
         self._inflight: defaultdict[str, int] = defaultdict(int)
+        self._waiting: defaultdict[str, int] = defaultdict(int)
+        self.balance_function_machines = balance_function_machines
         self._last_active: dict[str, float] = {}
         self._seen_pid: dict[str, int] = {}
         self._starting: dict[str, asyncio.Task[Machine]] = {}
@@ -509,7 +520,10 @@ class FlyProxy:
     ) -> None:
         headers = self._request_headers(scope, request_id)
         forced = _header(scope, "fly-force-instance-id")
-        dest = _Destination(app=self.app_name, instance=forced, timeout=self.replay_timeout)
+        port = 443 if scope.get("scheme") == "https" else 80
+        dest = _Destination(
+            app=self.app_name, instance=forced, timeout=self.replay_timeout, port=port
+        )
         delivery = _Delivery(path=path, headers=headers)
         replays = resends = 0
         while True:
@@ -598,6 +612,7 @@ class FlyProxy:
             fallback=directive.fallback,
             issuer=machine,
             issuer_app=dest.app,
+            port=dest.port,
         )
         return new_dest, _Delivery(path=path, headers=headers, extra={"fly-replay-src": src})
 
@@ -628,9 +643,13 @@ class FlyProxy:
         headers = [(k, v) for k, v in delivery.headers if k.lower() not in _REPLAY_REQUEST_HEADERS]
         log.hops.append("fallback")
         if dest.fallback == "force_self":
-            new_dest = _Destination(app=app, instance=issuer.id, timeout=self.replay_timeout)
+            new_dest = _Destination(
+                app=app, instance=issuer.id, timeout=self.replay_timeout, port=dest.port
+            )
         else:
-            new_dest = _Destination(app=app, prefer_instance=issuer.id, timeout=self.replay_timeout)
+            new_dest = _Destination(
+                app=app, prefer_instance=issuer.id, timeout=self.replay_timeout, port=dest.port
+            )
         return new_dest, _Delivery(
             path=delivery.path, headers=headers, extra={"fly-replay-failed": failed}, fallback=True
         )
@@ -699,12 +718,15 @@ class FlyProxy:
         """A started Machine for `dest` (starting one if needed), a log note, extra headers."""
         unavailable: set[str] = set()
         while True:
-            candidates = self._candidates(dest, unavailable)
-            if not candidates:
-                target = dest.instance
-                what = f"Machine {target}" if target else f"a Machine of app {dest.app!r}"
-                raise _Unreachable("no_candidate", f"no candidate: {what} is not available", target)
-            machine = candidates[0]
+            try:
+                machine = self._pick(dest, unavailable)
+            except _Full as full:
+                # Fly Proxy queues a request while every Machine is at its hard limit, and
+                # answers 503 when that lasts.
+                if time.monotonic() >= deadline:
+                    raise _Unreachable("no_candidate", str(full), None) from full
+                await asyncio.sleep(_FULL_RETRY_SECONDS)
+                continue
             extra: dict[str, str] = {}
             if dest.prefer_instance and machine.id != dest.prefer_instance:
                 extra["fly-preferred-instance-unavailable"] = dest.prefer_instance
@@ -722,6 +744,7 @@ class FlyProxy:
                 continue
             if state in _STARTABLE and self._autostart(machine):
                 begun = time.monotonic()
+                self._waiting[machine.id] += 1  # load on it while it starts
                 try:
                     started = await self._ensure_started(dest.app, machine, deadline)
                 except _Unreachable:
@@ -729,33 +752,71 @@ class FlyProxy:
                         raise
                     unavailable.add(machine.id)  # try another candidate
                     continue
+                finally:
+                    self._waiting[machine.id] -= 1
                 return started, self._cold_note(started, time.monotonic() - begun), extra
+            if dest.instance:
+                raise _Unreachable(
+                    "no_candidate",
+                    f"no candidate: Machine {dest.instance} is not available",
+                    dest.instance,
+                )
             unavailable.add(machine.id)
 
-    def _candidates(self, dest: _Destination, unavailable: set[str]) -> list[Machine]:
+    def _pick(self, dest: _Destination, unavailable: set[str]) -> Machine:
+        """The Machine this delivery goes to (Fly's balancing, `flyfn.emulator.balancer`);
+        `_Full` when every candidate is at its hard limit."""
         machines = self.machines.list(dest.app)
         if not machines and dest.app != self.app_name:
             raise ProxyError("PA04", 502, f"replay target app {dest.app!r} not found")
         if dest.instance:
-            return [m for m in machines if m.id == dest.instance and m.id not in unavailable]
-        # Ordinary traffic goes to app Machines; an app of only function Machines (the `app`
-        # strategy's function app) is balanced over all of them.
-        pool = [m for m in machines if not is_function_machine(m)] or machines
-        pool = [m for m in pool if m.id not in dest.exclude and m.id not in unavailable]
+            for machine in machines:
+                if machine.id == dest.instance and machine.id not in unavailable:
+                    return machine
+            raise _Unreachable(
+                "no_candidate",
+                f"no candidate: Machine {dest.instance} is not available",
+                dest.instance,
+            )
+        pool = [m for m in machines if m.id not in dest.exclude and m.id not in unavailable]
+        if not self.balance_function_machines:
+            # Focused unit tests only: ordinary traffic kept off function Machines (an app of
+            # only function Machines, the `app` strategy's, is still balanced over them).
+            pool = [m for m in pool if not is_function_machine(m)] or pool
         if dest.regions and "any" not in dest.regions:
             pool = [m for m in pool if (m.region or self.region) in dest.regions]
-
-        def rank(m: Machine) -> tuple[int, int, int, float]:
-            preferred = 0 if m.id == dest.prefer_instance else 1
-            ready = 0 if m.state == "started" else 1 if m.state in _TRANSITIONAL else 2
-            return (preferred, ready, self._inflight[m.id], random.random())
-
-        return sorted(pool, key=rank)
+        by_id = {m.id: m for m in pool}
+        candidates = [
+            c
+            for m in pool
+            if (
+                c := balancer.candidate(
+                    m,
+                    port=dest.port,
+                    load=self.load(m.id),
+                    answering=self.addresses.address(m.id) is not None,
+                    region=self.region,
+                )
+            )
+            is not None
+        ]
+        choice = balancer.choose(candidates, prefer=dest.prefer_instance)
+        if choice is not None:
+            return by_id[choice.machine_id]
+        if candidates:  # every one at its hard limit: the request waits its turn
+            raise _Full(f"every Machine of app {dest.app!r} is at its hard_limit")
+        raise _Unreachable(
+            "no_candidate", f"no candidate: no Machine of app {dest.app!r} can take it", None
+        )
 
     @staticmethod
     def _autostart(machine: Machine) -> bool:
         services = machine.config.services if machine.config is not None else None
         return not services or any(s.autostart is not False for s in services)
+
+    def load(self, machine_id: str) -> int:
+        """Requests the proxy is delivering to the Machine or waiting for it to start."""
+        return self._inflight[machine_id] + self._waiting[machine_id]
 
     async def _ensure_started(self, app: str, machine: Machine, deadline: float) -> Machine:
         task = self._starting.get(machine.id)
