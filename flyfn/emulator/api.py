@@ -56,6 +56,7 @@ __all__ = [
     "StateOnlyRuntime",
     "create_app",
     "main",
+    "omit_zero",
 ]
 
 LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
@@ -173,10 +174,44 @@ def _brief(exc: ValidationError) -> str:
 
 def _wire(body: Any) -> Any:
     if isinstance(body, BaseModel):
-        return body.model_dump(mode="json", exclude_none=True)
+        return omit_zero(body.model_dump(mode="json", exclude_none=True))
     if isinstance(body, list):
         return [_wire(item) for item in body]
     return body
+
+
+# Fields whose value is a map: its entries are data and kept as they are (Go's `omitempty` leaves
+# out empty fields of a struct, never the entries of a map), or free-form JSON.
+_MAP_FIELDS = frozenset({"env", "metadata", "labels", "request"})
+
+
+def omit_zero(value: Any) -> Any:
+    """`value` without the fields at their zero value (null, false, 0, "", {}, []), as Fly's API
+    answers: its Go types carry `omitempty` (e.g. `auto_destroy: false` and an empty `env` are
+    left out). Lists keep every item; maps (`env`, `metadata`, ...) keep every entry."""
+    if isinstance(value, list):
+        return [omit_zero(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in _MAP_FIELDS:
+            kept = item
+        elif key == "checks" and isinstance(item, dict):  # name -> check: entries kept
+            kept = {name: omit_zero(check) for name, check in item.items()}
+        else:
+            kept = omit_zero(item)
+        if not _is_zero(kept):
+            out[key] = kept
+    return out
+
+
+def _is_zero(value: Any) -> bool:
+    if value is None or value is False:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    return isinstance(value, (str, dict, list)) and len(value) == 0
 
 
 _OK = {"ok": True}
