@@ -34,6 +34,7 @@ from flyfn.emulator.state import (
     new_ulid,
     parse_duration,
 )
+from flyfn.emulator.validation import check_body, parse_json
 from flyfn.machines.models import (
     CreateLeaseRequest,
     CreateMachineRequest,
@@ -136,21 +137,24 @@ class _Request:
         raise EmulatorError(400, f"invalid boolean for {name}: {value!r}")
 
     def json(self) -> Any:
-        if not self.body.strip():
-            return None
-        try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise EmulatorError(400, f"invalid JSON body: {exc}") from exc
+        return parse_json(self.body)
 
-    def model(self, model: type[_M], *, required: bool = True, data: Any = None) -> _M:
-        """The body as `model` (`data`: the already parsed body); 400 with the reason if not."""
+    def model(
+        self,
+        model: type[_M],
+        *,
+        schema: str,
+        required: bool = True,
+        data: Any = None,
+        enum_status: int = 422,
+    ) -> _M:
+        """The body as `model` (`data`: the already parsed body), checked first against Fly's
+        rules for the spec's `schema` (`flyfn.emulator.validation`); 400/422 with the reason."""
         if data is None:
             data = self.json()
         if data is None and not required:
             data = {}
-        if not isinstance(data, dict):
-            raise EmulatorError(400, "invalid request body: a JSON object is required")
+        data = check_body(schema, data, enum_status=enum_status)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -374,7 +378,7 @@ class EmulatorApp:
         data = r.json()
         if isinstance(data, dict) and data.get("config") is None:
             raise EmulatorError(422, "invalid config.image: an image is required")
-        request = r.model(CreateMachineRequest, data=data)
+        request = r.model(CreateMachineRequest, schema="CreateMachineRequest", data=data)
         return _Response(200, await self.emulator.create(r.app, request))
 
     async def _get_machine(self, r: _Request) -> _Response:
@@ -385,7 +389,7 @@ class EmulatorApp:
         data = r.json()
         if isinstance(data, dict) and data.get("config") is None:
             raise EmulatorError(422, "invalid config.image: an image is required")
-        request = r.model(UpdateMachineRequest, data=data)
+        request = r.model(UpdateMachineRequest, schema="UpdateMachineRequest", data=data)
         machine = await self.emulator.update(
             r.app, _need(r.machine), request, lease_nonce=r.headers.get(LEASE_NONCE_HEADER)
         )
@@ -399,7 +403,7 @@ class EmulatorApp:
         return _Response(200, await self.emulator.start(r.app, _need(r.machine)))
 
     async def _stop(self, r: _Request) -> _Response:
-        request = r.model(StopRequest, required=False)
+        request = r.model(StopRequest, schema="StopRequest", required=False, enum_status=400)
         if request.signal is not None and request.signal.upper() not in STOP_SIGNALS:
             raise EmulatorError(400, f"invalid signal {request.signal!r}")
         timeout = None
@@ -441,7 +445,7 @@ class EmulatorApp:
         return _Response(200, self.emulator.get_lease(r.app, _need(r.machine)))
 
     async def _acquire_lease(self, r: _Request) -> _Response:
-        request = r.model(CreateLeaseRequest, required=False)
+        request = r.model(CreateLeaseRequest, schema="CreateLeaseRequest", required=False)
         lease = await self.emulator.acquire_lease(
             r.app,
             _need(r.machine),
@@ -466,10 +470,10 @@ class EmulatorApp:
         key = _need(r.key)
         if key not in metadata:
             raise EmulatorError(404, f"metadata key {key!r} not found")
-        return _Response(200, MetadataValue(value=metadata[key]))
+        return _Response(200, {"value": metadata[key]})
 
     async def _set_metadata(self, r: _Request) -> _Response:
-        request = r.model(MetadataValue)
+        request = r.model(MetadataValue, schema="upsertMetadataKeyRequest")
         if request.value is None:
             raise EmulatorError(400, "invalid request body: value is required")
         await self.emulator.set_metadata(r.app, _need(r.machine), _need(r.key), request.value)
