@@ -23,7 +23,7 @@ import httpx
 import pytest
 import uvicorn
 
-from flyfn.emulator.proxy import FlyProxy, RequestLog
+from flyfn.emulator.proxy import EDGE_BUFFER_LIMIT, FlyProxy, RequestLog
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import (
@@ -726,16 +726,46 @@ async def test_body_over_the_limit_is_not_replayed(stack: Stack) -> None:
     assert [d.machine_id for d in stack.fleet.deliveries] == [main.id]
 
 
+async def test_a_body_over_the_edge_buffer_that_needs_a_replay_is_pa01(stack: Stack) -> None:
+    main, _ = await stack.replay_pair()
+    response = await stack.client.post("/upload", content=b"a" * (EDGE_BUFFER_LIMIT + 1))
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA01"
+    assert "cannot be replayed" in response.text
+    assert [d.machine_id for d in stack.fleet.deliveries] == [main.id]
+
+
+async def test_a_body_within_the_edge_buffer_is_retried_after_a_refused_connection(
+    stack: Stack,
+) -> None:
+    machine = await stack.machine(restart=MachineRestart(policy="no"))
+    stack.fleet.silently_dead.add(machine.id)
+    body = b"p" * 5_000_000  # over the replay limit, within the edge's buffer
+    response = await stack.client.post("/upload", content=body)
+    assert response.status_code == 200
+    assert response.json()["body_len"] == len(body)
+    assert stack.fleet.launches.count(machine.id) == 2
+
+
+async def test_a_body_over_the_edge_buffer_that_needs_a_retry_is_pa01(stack: Stack) -> None:
+    machine = await stack.machine(restart=MachineRestart(policy="no"))
+    stack.fleet.silently_dead.add(machine.id)
+    response = await stack.client.post("/upload", content=b"p" * (EDGE_BUFFER_LIMIT + 1))
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA01"
+    assert "cannot be retried" in response.text
+
+
 async def test_large_streamed_upload_without_replay_arrives_whole(stack: Stack) -> None:
     await stack.machine()
 
     async def chunks() -> AsyncIterator[bytes]:
-        for _ in range(40):
+        for _ in range(200):
             yield b"b" * 65536
 
-    response = await stack.client.post("/upload", content=chunks())
+    response = await stack.client.post("/upload", content=chunks())  # over 10 MB, streamed
     assert response.status_code == 200
-    assert response.json()["body_len"] == 40 * 65536
+    assert response.json()["body_len"] == 200 * 65536
 
 
 async def test_silently_dead_machine_is_noticed_and_restarted(stack: Stack) -> None:

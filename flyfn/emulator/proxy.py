@@ -10,7 +10,8 @@ chains of more than 10 replays. Stopped or suspended targets are started on dema
 `MachinesEmulator`, so the state machine and events stay right), idle ones are stopped or
 suspended after `idle_stop` seconds per their services' `autostop`.
 
-Bodies stream both ways (only up to 1 MB of a request body is buffered, to be able to replay it).
+Bodies stream both ways; a request body is buffered up to 10 MB as Fly's edge does (to replay or
+retry it), and a larger one that needs a replay or a retry fails with PA01.
 Every response carries `Fly-Request-Id` and `X-Flyfn-Machine: <id>` (an emulator-only aid); proxy
 errors are short plain pages with a Fly-style code. A `RequestLog` per request tells its route.
 """
@@ -43,6 +44,7 @@ from flyfn.replay import (
 __all__ = [
     "DEFAULT_IDLE_STOP",
     "DEFAULT_REPLAY_TIMEOUT",
+    "EDGE_BUFFER_LIMIT",
     "MAX_REPLAYS",
     "REPLAY_BODY_LIMIT",
     "FlyProxy",
@@ -51,6 +53,9 @@ __all__ = [
 ]
 
 REPLAY_BODY_LIMIT = 1_000_000
+# Fly's edge buffers a request body up to 10 MB, to replay or retry it; beyond that buffering
+# stops, and a request that then needs a replay or a retry fails with PA01 (Fly's error codes).
+EDGE_BUFFER_LIMIT = 10_000_000
 MAX_REPLAYS = 10
 DEFAULT_REPLAY_TIMEOUT = 30.0
 DEFAULT_IDLE_STOP = 60.0
@@ -233,13 +238,12 @@ def _directive(replay: FlyReplay) -> _Directive:
 
 
 class _Body:
-    """The request body: buffered when it fits the replay limit, else streamed once."""
+    """The request body: buffered whole when it fits the edge's buffer, else streamed once."""
 
-    def __init__(self, prefix: bytes, complete: bool, receive: Receive, limit: int) -> None:
+    def __init__(self, prefix: bytes, complete: bool, receive: Receive) -> None:
         self.prefix = prefix
         self.complete = complete
         self._receive = receive
-        self._limit = limit
         self.consumed = False
 
     @classmethod
@@ -254,13 +258,9 @@ class _Body:
             chunks.append(chunk)
             size += len(chunk)
             if not message.get("more_body", False):
-                return cls(b"".join(chunks), True, receive, limit)
+                return cls(b"".join(chunks), True, receive)
             if size > limit:
-                return cls(b"".join(chunks), False, receive, limit)
-
-    @property
-    def replayable(self) -> bool:
-        return self.complete and len(self.prefix) <= self._limit
+                return cls(b"".join(chunks), False, receive)
 
     def content(self) -> bytes | AsyncIterator[bytes]:
         if self.complete:
@@ -416,6 +416,7 @@ class FlyProxy:
         idle_stop: float = DEFAULT_IDLE_STOP,
         replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         replay_body_limit: int = REPLAY_BODY_LIMIT,
+        edge_buffer_limit: int = EDGE_BUFFER_LIMIT,
         on_log: Callable[[RequestLog], None] | None = None,
         on_event: Callable[[str], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -429,6 +430,7 @@ class FlyProxy:
         self.idle_stop = idle_stop
         self.replay_timeout = replay_timeout
         self.replay_body_limit = replay_body_limit
+        self.edge_buffer_limit = edge_buffer_limit
         self.on_log = on_log
         self.on_event = on_event
         self._transport = transport
@@ -501,7 +503,7 @@ class FlyProxy:
         log = RequestLog(scope["method"], scope["path"] + ("?" + query.decode() if query else ""))
         request_id = f"{new_ulid()}-{self.region}"
         try:
-            body = await _Body.read(receive, self.replay_body_limit)
+            body = await _Body.read(receive, self.edge_buffer_limit)
             await self._route(scope, body, path, request_id, log, send)
         except _ClientGone:
             log.error = "client went away"
@@ -568,7 +570,9 @@ class FlyProxy:
             self._done(machine)
             if delivery.fallback:
                 raise ProxyError("PA03", 502, "a fallback request cannot be replayed again")
-            if not body.replayable:
+            if not body.complete:
+                raise ProxyError("PA01", 502, self._unbuffered("replayed"))
+            if len(body.prefix) > self.replay_body_limit:
                 raise ProxyError(
                     "PA03",
                     502,
@@ -654,6 +658,12 @@ class FlyProxy:
             path=delivery.path, headers=headers, extra={"fly-replay-failed": failed}, fallback=True
         )
 
+    def _unbuffered(self, what: str) -> str:
+        return (
+            f"the request body is over {self.edge_buffer_limit} bytes: the edge stopped "
+            f"buffering it, so it cannot be {what}"
+        )
+
     def _label(self, app: str, machine_id: str | None) -> str:
         if machine_id is None:
             return app
@@ -700,11 +710,13 @@ class FlyProxy:
                 # A process that just died is seen now and started again.
                 await self.addresses.reap(machine.id)
                 attempts += 1
-                if (
-                    attempts > _MAX_CONNECT_RETRIES
-                    or time.monotonic() >= deadline
-                    or not body.complete  # a streamed body cannot be sent twice
-                ):
+                if not body.complete:  # a streamed body cannot be sent twice
+                    raise ProxyError(
+                        "PA01",
+                        502,
+                        f"Machine {machine.id} {failure}; {self._unbuffered('retried')}",
+                    ) from exc
+                if attempts > _MAX_CONNECT_RETRIES or time.monotonic() >= deadline:
                     raise _Unreachable(
                         "retries_exhausted", f"Machine {machine.id} {failure}", machine.id
                     ) from exc
