@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import uvicorn
 
+from flyfn.emulator.edge import edge_protocol
 from flyfn.emulator.proxy import EDGE_BUFFER_LIMIT, FlyProxy, RequestLog
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
@@ -962,3 +964,111 @@ async def test_holds_two_hundred_concurrent_connections(
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
+
+
+# -- the edge: hostile requests and Fly-like connection timeouts (a real server, real sockets) -----
+
+
+@asynccontextmanager
+async def served(
+    proxy: FlyProxy, *, idle_timeout: float = 60.0, header_timeout: float = 60.0
+) -> AsyncIterator[int]:
+    """The proxy on a loopback port with `flyfn dev`'s edge protocol; the port."""
+    config = uvicorn.Config(
+        proxy,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        http=edge_protocol(idle_timeout, header_timeout),
+        timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    """Send `raw` on a new connection; everything the proxy answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 60)  # a safety bound only
+    finally:
+        writer.close()
+
+
+async def test_non_ascii_header_values_are_forwarded(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    proxy, _, machine = real
+    async with served(proxy) as port, httpx.AsyncClient() as client:
+        response = await client.get(
+            f"http://127.0.0.1:{port}/echo", headers={b"x-name": "café".encode()}
+        )
+    assert response.status_code == 200
+    data = response.json()
+    assert data["machine"] == machine.id
+    assert data["headers"]["x-name"].encode("latin-1") == "café".encode()
+
+
+@pytest.mark.parametrize("target", [b"http://evil.example/x", b"*", b"/a#frag", b"#"])
+async def test_absolute_asterisk_and_fragment_targets_get_a_clean_400(
+    real: tuple[FlyProxy, ProcessRuntime, Machine], target: bytes
+) -> None:
+    proxy, _, _ = real
+    async with served(proxy) as port:
+        raw = b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await exchange(port, raw)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Traceback" not in answer
+    assert b"PU04: invalid request target" in answer
+
+
+async def test_idle_and_slow_header_connections_are_closed(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    proxy, _, _ = real
+    async with served(proxy, idle_timeout=0.5, header_timeout=1.0) as port:
+        loop = asyncio.get_running_loop()
+        # Opened and never used: closed once idle for the idle timeout.
+        begun = loop.time()
+        assert await exchange(port, b"") == b""
+        assert loop.time() - begun >= 0.5
+        # Headers trickled in, never idle for long, never finished: closed at the header timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        begun = loop.time()
+        closed = asyncio.ensure_future(reader.read())
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(closed, 60) == b""
+        assert loop.time() - begun >= 1.0
+        writer.close()
+        # A connection in use is not idle: keep-alive requests go on while they keep coming.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = h11.Connection(h11.CLIENT)
+        for _ in range(4):
+            request = h11.Request(method="GET", target="/echo", headers=[("host", "x")])
+            writer.write(client.send(request) + client.send(h11.EndOfMessage()))
+            statuses = []
+            while (event := client.next_event()) is not h11.PAUSED and not isinstance(
+                event, h11.EndOfMessage
+            ):
+                if event is h11.NEED_DATA:
+                    client.receive_data(await asyncio.wait_for(reader.read(65536), 60))
+                elif isinstance(event, h11.Response):
+                    statuses.append(event.status_code)
+            assert statuses == [200]
+            client.start_next_cycle()
+            await asyncio.sleep(0.3)
+        writer.close()

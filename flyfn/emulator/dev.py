@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import uvicorn
 
 from flyfn.emulator.api import RateLimit, create_app
+from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy, RequestLog
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (
@@ -119,9 +120,14 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _server(app: Any) -> _Server:
+def _server(app: Any, *, edge: bool = False) -> _Server:
+    """A server for `app`; `edge`: the proxy's, with Fly's idle and header timeouts."""
+    timeouts: dict[str, Any] = {}
+    if edge:
+        timeouts = {"http": edge_protocol(), "timeout_keep_alive": int(IDLE_TIMEOUT)}
     config = uvicorn.Config(
         app,
+        **timeouts,
         log_level="warning",
         access_log=False,
         lifespan="off",
@@ -228,7 +234,7 @@ class DevStack:
             on_log=self._log,
             on_event=self._write,
         )
-        proxy_server = _server(proxy)
+        proxy_server = _server(proxy, edge=True)
         servers: list[asyncio.Task[None]] = []
         try:
             servers.append(asyncio.ensure_future(api_server.serve(sockets=[api_sock])))

@@ -500,9 +500,11 @@ class FlyProxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope.get("query_string", b"")
         path = raw_path + (b"?" + query if query else b"")
-        log = RequestLog(scope["method"], scope["path"] + ("?" + query.decode() if query else ""))
+        shown = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        log = RequestLog(scope["method"], shown)
         request_id = f"{new_ulid()}-{self.region}"
         try:
+            _check_target(raw_path)
             body = await _Body.read(receive, self.edge_buffer_limit)
             await self._route(scope, body, path, request_id, log, send)
         except _ClientGone:
@@ -694,9 +696,10 @@ class FlyProxy:
                 await asyncio.sleep(0.05)
                 continue
             host, port = address
-            headers = list(delivery.headers)
-            headers.extend(delivery.extra.items())
-            headers.extend(headers_extra.items())
+            headers = [
+                (_header_bytes(k), _header_bytes(v))
+                for k, v in [*delivery.headers, *delivery.extra.items(), *headers_extra.items()]
+            ]
             url = httpx.URL(scheme="http", host=host, port=port, raw_path=delivery.path)
             request = self._client.build_request(
                 method, url, headers=headers, content=body.content()
@@ -1031,6 +1034,25 @@ def _autostop_of(machine: Machine) -> tuple[str, int]:
     mode = "suspend" if "suspend" in modes else "stop" if "stop" in modes else "off"
     keep = max((s.min_machines_running or 0 for s in services), default=0)
     return mode, keep
+
+
+def _check_target(raw_path: bytes) -> None:
+    """Only origin-form targets (`/path`) reach a Machine: absolute-form (`http://host/path`),
+    asterisk-form (`*`) and targets with a fragment (`#`) get a clean 400, as from Fly Proxy."""
+    if not raw_path.startswith(b"/") or b"#" in raw_path:
+        shown = raw_path[:100].decode("latin-1")
+        raise ProxyError(
+            "PU04", 400, f"invalid request target {shown!r}: a path such as /x is needed"
+        )
+
+
+def _header_bytes(text: str) -> bytes:
+    # Header text arrives as latin-1 (so any byte a client sent goes on unchanged, non-ASCII
+    # included); a value set by a replay's JSON transform may need UTF-8.
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode()
 
 
 def _header(scope: Scope, name: str) -> str | None:
