@@ -21,6 +21,7 @@ from typing import Any
 
 import h11
 import httpx
+import psutil
 import pytest
 import uvicorn
 
@@ -910,13 +911,12 @@ async def test_fifty_megabytes_stream_through_without_buffering(
 
 
 def closed_connections_to(port: int) -> int:
-    """Loopback TCP connections to `port` this side closed first (TIME_WAIT; Linux /proc)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "06" and int(fields[2].rsplit(":", 1)[1], 16) == port:
-            count += 1
-    return count
+    """Loopback TCP connections to `port` this side closed first (TIME_WAIT)."""
+    return sum(
+        1
+        for conn in psutil.net_connections(kind="tcp4")
+        if conn.status == psutil.CONN_TIME_WAIT and conn.raddr and conn.raddr.port == port
+    )
 
 
 async def test_replay_responses_leave_their_connection_open(

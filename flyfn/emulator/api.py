@@ -34,7 +34,12 @@ from flyfn.emulator.state import (
     new_ulid,
     parse_duration,
 )
-from flyfn.emulator.validation import check_body, parse_json
+from flyfn.emulator.validation import (
+    check_body,
+    check_env_name,
+    check_secret_values,
+    parse_json,
+)
 from flyfn.machines.models import (
     CreateLeaseRequest,
     CreateMachineRequest,
@@ -73,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=BaseModel)
 
+_SECRETS_ROUTE = re.compile(r"^/v1/apps/(?P<app>[^/]+)/secrets(?:/(?P<name>[^/]+))?/?$")
 _ROUTE = re.compile(
     r"^/v1/apps/(?P<app>[^/]+)/machines"
     r"(?:/(?P<machine>[^/]+)(?:/(?P<action>[a-z_]+)(?:/(?P<key>[^/]+))?)?)?/?$"
@@ -271,9 +277,19 @@ class EmulatorApp:
         }
         if not self._authorized(headers.get("authorization")):
             return _Response(401, {"error": "You must be authenticated to view this."})
-        match = _ROUTE.match(_raw_path(scope))
+        raw_path = _raw_path(scope)
+        match = _ROUTE.match(raw_path)
         if match is None:
-            return _Response(404, {"error": "not found"})
+            secrets_match = _SECRETS_ROUTE.match(raw_path)
+            if secrets_match is None:
+                return _Response(404, {"error": "not found"})
+            body = await _read_body(receive)
+            return self._secrets(
+                scope["method"].upper(),
+                unquote(secrets_match["app"]),
+                _unquote(secrets_match["name"]),
+                body,
+            )
         body = await _read_body(receive)
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         request = _Request(
@@ -341,6 +357,32 @@ class EmulatorApp:
         if handler is None:
             raise EmulatorError(405, f"method {r.method} not allowed")
         return handler
+
+    # -- app secrets (`/v1/apps/{app}/secrets`; values are set, never answered) -----------------
+
+    def _secrets(self, method: str, app: str, name: str | None, body: bytes) -> _Response:
+        emulator = self.emulator
+        if name is None:
+            if method == "GET":
+                return _Response(200, {"secrets": [s.to_json() for s in emulator.secrets(app)]})
+            if method != "POST":
+                raise EmulatorError(405, f"method {method} not allowed")
+            version = emulator.set_secrets(app, check_secret_values(parse_json(body)))
+            listed = [s.to_json() for s in emulator.secrets(app)]
+            return _Response(200, {"secrets": listed, "version": version})
+        check_env_name("secret name", name)
+        if method == "GET":
+            return _Response(200, emulator.secret(app, name).to_json())
+        if method == "DELETE":
+            emulator.secret(app, name)  # 404 when there is none
+            return _Response(200, {"version": emulator.set_secrets(app, {name: None})})
+        if method != "POST":
+            raise EmulatorError(405, f"method {method} not allowed")
+        value = check_body("SetAppSecretRequest", parse_json(body) or {}).get("value")
+        if value is None:
+            raise EmulatorError(400, "invalid body: value is required")
+        version = emulator.set_secrets(app, {name: value})
+        return _Response(201, {**emulator.secret(app, name).to_json(), "version": version})
 
     # -- handlers (one per operation of the spec) ------------------------------------------------
 

@@ -33,6 +33,8 @@ __all__ = [
     "REFUSED_ENV_PREFIXES",
     "check_body",
     "check_config",
+    "check_env_name",
+    "check_secret_values",
     "guest_size_error",
     "parse_json",
 ]
@@ -46,6 +48,7 @@ _MB_PER_CPU = {"shared": (256, 2048), "performance": (2048, 8192)}
 # Machines run on the developer's host: these would change what its Python runs (issue 16).
 REFUSED_ENV_NAMES = frozenset({"DJANGO_SETTINGS_MODULE"})
 REFUSED_ENV_PREFIXES = ("PYTHON", "LD_")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONCURRENCY_TYPES = frozenset({"connections", "requests"})
 _SCHEMAS = "spec/machines-requests.json"
 _DURATION_FIELDS = frozenset({"timeout", "interval", "grace_period"})
@@ -104,12 +107,7 @@ def check_body(schema: str, data: Any, *, enum_status: int = 422) -> Any:
 def check_config(config: dict[str, Any]) -> None:
     """Fly's rules beyond the spec's types, and the env names the emulator will not run: 422."""
     for name in config.get("env") or {}:
-        if name in REFUSED_ENV_NAMES or name.startswith(REFUSED_ENV_PREFIXES):
-            raise EmulatorError(
-                422,
-                f"invalid config.env: {name} is not allowed in an emulated Machine "
-                "(it would change what Python runs on this host)",
-            )
+        check_env_name("config.env", name)
     guest = config.get("guest")
     if isinstance(guest, dict):
         problem = guest_size_error(guest.get("cpu_kind"), guest.get("cpus"), guest.get("memory_mb"))
@@ -127,6 +125,33 @@ def check_config(config: dict[str, Any]) -> None:
             seconds = -1.0
         if seconds < 0:
             raise EmulatorError(422, f"invalid {where}: {text!r} is not a duration such as '10s'")
+
+
+def check_env_name(where: str, name: str) -> None:
+    """400 for a name that is no environment variable name; 422 for one the emulator will not
+    set on its host (`PYTHON*`, `LD_*`, `DJANGO_SETTINGS_MODULE`)."""
+    if not _ENV_NAME.fullmatch(name):
+        raise EmulatorError(
+            400, f"invalid {where}: {name[:60]!r} is not an environment variable name"
+        )
+    if name in REFUSED_ENV_NAMES or name.startswith(REFUSED_ENV_PREFIXES):
+        raise EmulatorError(
+            422,
+            f"invalid {where}: {name} is not allowed in an emulated Machine "
+            "(it would change what Python runs on this host)",
+        )
+
+
+def check_secret_values(data: Any) -> dict[str, str | None]:
+    """An `AppSecretsUpdateRequest` body's `values`: names to values, null to unset."""
+    values = data.get("values") if isinstance(data, dict) else None
+    if not isinstance(values, dict) or not values:
+        raise EmulatorError(400, "invalid body: values must be an object of names to values")
+    for name, value in values.items():
+        check_env_name("values", name)
+        if value is not None and not isinstance(value, str):
+            raise EmulatorError(400, f"invalid values.{name}: a string (or null to unset)")
+    return values
 
 
 def guest_size_error(cpu_kind: str | None, cpus: int | None, memory_mb: int | None) -> str | None:
