@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
+import ipaddress
 import os
 import re
 import secrets
@@ -29,8 +30,10 @@ from typing import Any, TextIO
 import uvicorn
 
 from flyfn.emulator.api import RateLimit, create_app
+from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy, RequestLog
+from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (
     DEFAULT_ASGI_APP,
@@ -51,7 +54,6 @@ from flyfn.machines.models import (
 __all__ = ["DevOptions", "image_ref", "project_asgi_app", "run_dev"]
 
 DEFAULT_PORT = 8080
-DEV_TOKEN_ENV = "FLYFN_DEV_TOKEN"  # noqa: S105 (the name of an env var)
 SHUTDOWN_GRACE = 3.0
 _HASHED_SUFFIXES = frozenset({".py", ".html", ".txt", ".css", ".js", ".json", ".toml", ".cfg"})
 _SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", "media", "staticfiles", "build", "dist"})
@@ -121,9 +123,14 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _server(app: Any) -> _Server:
+def _server(app: Any, *, edge: bool = False) -> _Server:
+    """A server for `app`; `edge`: the proxy's, with Fly's idle and header timeouts."""
+    timeouts: dict[str, Any] = {}
+    if edge:
+        timeouts = {"http": edge_protocol(), "timeout_keep_alive": int(IDLE_TIMEOUT)}
     config = uvicorn.Config(
         app,
+        **timeouts,
         log_level="warning",
         access_log=False,
         lifespan="off",
@@ -243,8 +250,9 @@ class DevStack:
             on_log=self._log,
             on_event=self._write,
         )
-        proxy_server = _server(proxy)
+        proxy_server = _server(proxy, edge=True)
         servers: list[asyncio.Task[None]] = []
+        written: Path | None = None
         try:
             servers.append(asyncio.ensure_future(api_server.serve(sockets=[api_sock])))
             servers.append(asyncio.ensure_future(live_server.serve(sockets=[live_sock])))
@@ -259,6 +267,9 @@ class DevStack:
                 if servers[-1].done() or self._stop.is_set():
                     return 1
                 await asyncio.sleep(0.02)
+            info = DevStackInfo(self.app_name, api_url, self._token, os.getpid())
+            with contextlib.suppress(OSError):  # without it, `--api` still finds the stack
+                written = write_stack_file(info)
             self._banner(machine, time.monotonic() - begun, api_url, live_url)
             await self._stop.wait()
             self._write("flyfn dev: stopping ...")
@@ -275,6 +286,9 @@ class DevStack:
                 await asyncio.wait(servers, timeout=SHUTDOWN_GRACE)
             for sock in (proxy_sock, api_sock, live_sock):
                 sock.close()
+            if written is not None:
+                with contextlib.suppress(OSError):
+                    written.unlink()
 
     async def _create_app_machine(self, emulator: MachinesEmulator) -> Machine | None:
         config = MachineConfig(
@@ -342,9 +356,24 @@ class DevStack:
             f"    API        {api_url} (FLY_API_HOSTNAME of every Machine)",
             f"    live       {live_url} (Machines, routes and tasks as they change)",
             f"    idle-stop  {options.idle_stop:g}s   (Ctrl-C stops everything)",
+            f"    secrets    python -m flyfn.emulator.secrets --app {self.app_name} set NAME=VALUE",
             "",
         ]
+        if not _is_loopback(options.host):
+            lines[1:1] = [
+                f"  WARNING: the proxy listens on {options.host}, not only on this computer: "
+                "anyone who can reach it can use the app (and its DEBUG pages).",
+            ]
         self._write("\n".join(lines))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_app_name(settings_module: str) -> str:
