@@ -38,6 +38,10 @@ def unnamed(request: HttpRequest) -> HttpResponse:
     return HttpResponse("unnamed")
 
 
+def label(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("label")
+
+
 class Invoice(View):
     template_name = "invoice.html"
 
@@ -52,8 +56,13 @@ shop_patterns: list[URLPattern | URLResolver] = [
     path("deeper/", include((report_patterns, "reports"))),
 ]
 
+# The most common Django pattern: include() of an app's urls without any namespace.
+label_patterns: list[URLPattern | URLResolver] = [path("label/", label, name="label")]
+plain_patterns: list[URLPattern | URLResolver] = [path("inner/", include(label_patterns))]
+
 urlpatterns = [
     path("shop/", include((shop_patterns, "shop"), namespace="store")),
+    path("plain/", include(plain_patterns)),
     path("top/", report, name="top"),
     path("unnamed/", unnamed),
 ]
@@ -178,6 +187,22 @@ def test_iter_url_names_covers_namespaces() -> None:
     assert names["shop:reports:report"] is report
     assert names["top"] is report
     assert "unnamed" not in {name.rsplit(":", 1)[-1] for name in names}
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_iter_url_names_walks_includes_without_a_namespace() -> None:
+    names = list(iter_url_names())
+    assert ("label", label) in names  # two plain include()s deep, under its own name
+    assert not any(name.endswith(":label") for name, _ in names)
+    assert len(names) == len(dict(names))  # each name once
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_a_declared_view_inside_a_plain_include_is_found(reg: Registry) -> None:
+    entry = ServerlessView(frozenset({"GET", "HEAD"}), "default", "label")
+    reg.set_declared({"label": entry})
+    assert reg.lookup(label) is entry  # resolved through the urlconf
+    assert reg.lookup(label, "label") is entry
 
 
 @override_settings(ROOT_URLCONF="tests.test_registry")
