@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
+import flyfn.middleware as middleware_module
 from flyfn.middleware import FlyReplayMiddleware, _request_body_binding
 from flyfn.pool import PoolManager, ReplayTarget
 from flyfn.replay import (
@@ -511,3 +512,80 @@ def test_the_body_binding_of_requests_django_cannot_read_again(settings: Setting
     assert _request_body_binding(streamed) == str(length)
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2  # request.body would raise: the length is bound
     assert _request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == "3"
+
+
+# ------------------------------------------------------------- the cold path (issue 17)
+
+
+class ColdManager(FakeManager):
+    """No warm target: the middleware must wait for one (blocking in sync mode, awaited in async
+    mode), for at most the group's replay timeout."""
+
+    def __init__(self, targets: dict[str, ReplayTarget]) -> None:
+        super().__init__(targets)
+        self.waits: list[tuple[str, str, float]] = []
+
+    def get_target(self, group: str) -> ReplayTarget | None:
+        return None
+
+    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        self.waits.append(("sync", group, max_wait))
+        return self.targets.get(group)
+
+    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        self.waits.append(("async", group, max_wait))
+        return self.targets.get(group)
+
+
+@pytest.mark.parametrize("mode", ["wsgi", "asgi"])
+async def test_a_cold_group_is_waited_for_within_its_replay_timeout(
+    settings: SettingsWrapper, mode: str
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "1500ms"}}}
+    cold = ColdManager({"pdf": ReplayTarget(instance=PDF_MACHINE)})
+    response: HttpResponseBase
+    with installed(cold), override_role(MAIN):
+        if mode == "wsgi":
+            response = await sync_to_async(Client().get, thread_sensitive=False)("/routing/pdf/")
+        else:
+            response = await AsyncClient().get("/routing/pdf/")
+    assert replay_of(response).instance == PDF_MACHINE
+    assert cold.waits == [("sync" if mode == "wsgi" else "async", "pdf", 1.5)]
+
+
+async def test_a_cold_group_without_a_target_falls_back(fetch: Fetch) -> None:
+    cold = ColdManager({})
+    with installed(cold), override_role(MAIN):
+        response = await fetch("GET", "/routing/pdf/")
+    assert ran_here(response, b"pdf")
+    assert [group for _, group, _ in cold.waits] == ["pdf"]
+
+
+async def test_a_function_machine_never_runs_another_groups_view_as_a_fallback(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    failed = ReplayFailed(instance=DEFAULT_MACHINE, reason="timeout").to_header()
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/", headers={"fly-replay-failed": failed})
+    assert response.status_code == 503
+    assert "fly-replay" not in response
+    assert manager.forgotten == [("default", DEFAULT_MACHINE)]
+
+
+async def test_local_fallbacks_are_bounded_and_their_slots_released(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
+    failed = {"fly-replay-failed": "reason=timeout"}
+    slots = middleware_module.fallback_slots("pdf", 1)
+    with override_role(MAIN):
+        first = await fetch("GET", "/routing/pdf/", headers=failed)
+        assert slots.active == 0  # released with the response
+        assert slots.acquire()  # another request is running its fallback now
+        try:
+            busy = await fetch("GET", "/routing/pdf/", headers=failed)
+        finally:
+            slots.release()
+    assert ran_here(first, b"pdf")
+    assert busy.status_code == 503
+    assert busy["Retry-After"] == str(middleware_module.RETRY_AFTER_SECONDS)
