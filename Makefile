@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install test test-dj6 check demo bench chromium clean
+.PHONY: install test test-dj6 check demo bench mutate chromium clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# Mutation testing (mutmut) of the core modules, each against its own unit tests, one at a time:
+# make mutate [MODULES="replay conf"] [BUDGET=900 seconds per module] [CHILDREN=1]
+MODULES ?= replay registry conf middleware
+BUDGET ?= 900
+CHILDREN ?= 1
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate --budget $(BUDGET) --max-children $(CHILDREN) $(MODULES)
+
 clean:
-	rm -rf $(VENV) .venv-dj6 .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-dj6 .pytest_cache .mypy_cache .ruff_cache build *.egg-info .mutmut mutants
