@@ -201,3 +201,5 @@ def test_the_command_says_when_no_stack_runs(
     assert secrets_cli.main(["--app", "nope", "set", "A=1"]) == 1
     assert "no running flyfn dev for app 'nope'" in capsys.readouterr().err
     assert secrets_cli.main(["--app", "nope", "set", "novalue"]) == 1
+    assert secrets_cli.main(["--api", "http://127.0.0.1:9", "list"]) == 1
+    assert "--api needs --app" in capsys.readouterr().err

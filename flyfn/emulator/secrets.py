@@ -120,10 +120,12 @@ def _pairs(pairs: Sequence[str]) -> dict[str, str | None]:
 
 def _locate(app: str | None, api: str | None) -> DevStackInfo:
     if api is not None:
+        if not app:
+            raise SecretsCommandError("--api needs --app")
         token = os.environ.get(DEV_TOKEN_ENV)
         if not token:
             raise SecretsCommandError(f"--api needs the stack's token in ${DEV_TOKEN_ENV}")
-        return DevStackInfo(app or "", api, token, 0)
+        return DevStackInfo(app, api, token, 0)
     if app is None:
         directory = stack_file("x").parent
         running = [
