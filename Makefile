@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install test matrix matrix-unit test-dj6 check docs demo bench chromium dist clean
+.PHONY: install test matrix matrix-unit test-dj6 check docs demo bench mutate chromium dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,5 +52,13 @@ dist: $(STAMP)
 	$(BIN)/python -m build
 	$(BIN)/twine check --strict dist/*
 
+# Mutation testing (mutmut) of the core modules, each against its own unit tests, one at a time:
+# make mutate [MODULES="replay conf"] [BUDGET=900 seconds per module] [CHILDREN=1]
+MODULES ?= replay registry conf middleware
+BUDGET ?= 900
+CHILDREN ?= 1
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate --budget $(BUDGET) --max-children $(CHILDREN) $(MODULES)
+
 clean:
-	rm -rf $(VENV) .venv-dj6 .nox site .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .venv-dj6 .nox site .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info .mutmut mutants

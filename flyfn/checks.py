@@ -5,6 +5,8 @@
 - flyfn.E003: an unknown HTTP method in a settings-declared view
 - flyfn.E004: a settings-declared url name that does not resolve
 - flyfn.E005: a Fly app name (``FLY_APP_NAME`` / ``FLYFN["APP_NAME"]``) without an API token
+- flyfn.E010: a secret-like name in ``GROUPS[g]["env"]`` (its value would be in the Machine config)
+- flyfn.E011: ``API_HOSTNAME`` over plain http to a host other than ``_api.internal`` or loopback
 - flyfn.W001: ``flyfn.middleware.FlyReplayMiddleware`` missing from ``MIDDLEWARE``
 - flyfn.W002: the middleware placed after middleware that does per-request I/O
 - flyfn.W003: ``REPLAY_BODY_LIMIT`` above Fly's 1 MB replay limit
@@ -13,7 +15,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.apps import AppConfig
@@ -31,7 +35,7 @@ from flyfn.conf import (
 )
 from flyfn.registry import iter_url_names, registry
 
-__all__ = ["IO_MIDDLEWARE", "MIDDLEWARE_PATH"]
+__all__ = ["IO_MIDDLEWARE", "MIDDLEWARE_PATH", "secret_like_env"]
 
 MIDDLEWARE_PATH = "flyfn.middleware.FlyReplayMiddleware"
 
@@ -53,6 +57,27 @@ IO_MIDDLEWARE: dict[str, str] = {
 _HINT_SETTINGS = "See the settings reference in flyfn's documentation (docs/settings.md)."
 
 _ISSUE_IDS = {"value": "flyfn.E001", "unknown_key": "flyfn.E002", "method": "flyfn.E003"}
+
+# Names that hold secrets: the words of the usual ones, and the names Fly's integrations set as
+# app secrets (Postgres, Upstash Redis, Tigris, Sentry). Fly gives an app's secrets to every
+# Machine of that app, the API-created ones included: they never need forwarding.
+_SECRET_NAME_RE = re.compile(
+    r"SECRET|TOKEN|KEY|PASS|PWD|CREDENTIAL|PRIVATE|DSN|SIGNATURE|(?:^|_)AUTH|"
+    r"^(?:DATABASE|REDIS|MONGO|AMQP|CELERY_BROKER|BROKER)_URL$",
+    re.IGNORECASE,
+)
+# A URL with a password in it (scheme://user:password@host): a secret whatever its name.
+_URL_CREDENTIALS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]+@")
+
+
+def secret_like_env(names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The names among ``names`` that hold secrets: by name, or by a value with a password in a
+    URL (the value is only matched, never shown)."""
+    return [
+        name
+        for name in names
+        if _SECRET_NAME_RE.search(name) or _URL_CREDENTIALS_RE.match(environ.get(name, ""))
+    ]
 
 
 def _settings_or_errors() -> tuple[FlyfnSettings | None, list[CheckMessage]]:
@@ -89,6 +114,18 @@ def check_settings(
                 id="flyfn.E005",
             )
         )
+    messages.extend(_check_group_env(settings))
+    if settings.api_in_clear:
+        messages.append(
+            Error(
+                f"FLYFN['API_HOSTNAME'] is {settings.api_hostname!r}: plain http to a host that is "
+                "neither Fly's private network (_api.internal) nor this computer, so the Machines "
+                "API token would travel in clear text.",
+                hint="Use https:// (https://api.machines.dev), or http://_api.internal:4280 "
+                "inside Fly's network.",
+                id="flyfn.E011",
+            )
+        )
     if settings.replay_body_limit > FLY_REPLAY_BODY_LIMIT:
         messages.append(
             Warning(
@@ -99,6 +136,32 @@ def check_settings(
                 id="flyfn.W003",
             )
         )
+    return messages
+
+
+def _check_group_env(settings: FlyfnSettings) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for group, options in sorted(settings.groups.items()):
+        for name in secret_like_env(options.env, os.environ):
+            if options.strategy == "app":
+                hint = (
+                    f"Remove {name!r} from env and make it a secret of the function app: "
+                    f"fly secrets set {name}=... -a {options.app} (that app needs SECRET_KEY too)."
+                )
+            else:
+                hint = (
+                    f"Remove {name!r} from env: set it with fly secrets set {name}=..., and Fly "
+                    "gives it to every Machine of the app, function Machines included."
+                )
+            messages.append(
+                Error(
+                    f'FLYFN["GROUPS"]["{group}"]["env"] lists {name!r}, which looks like a secret: '
+                    "its value would be copied into the function Machines' config, which anyone "
+                    "who can list the app's Machines can read.",
+                    hint=hint,
+                    id="flyfn.E010",
+                )
+            )
     return messages
 
 

@@ -12,6 +12,7 @@ Every default, and why it is the default, is documented on the field it belongs 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
@@ -37,7 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from flyfn.registry import ServerlessView, normalize_methods, validate_group_name
-from flyfn.replay import ReplayHeaderError, format_duration, parse_duration
+from flyfn.replay import MAX_STATE_AGE, ReplayHeaderError, format_duration, parse_duration
 
 __all__ = [
     "DEFAULT_API_HOSTNAME",
@@ -49,6 +51,7 @@ __all__ = [
     "SettingsError",
     "SettingsIssue",
     "get_settings",
+    "is_loopback_url",
     "load_settings",
     "reset_settings",
 ]
@@ -60,6 +63,10 @@ FLY_REPLAY_BODY_LIMIT = 1_000_000
 # Seconds a signed replay state stays valid beyond the group's replay timeout (clock skew,
 # queueing).
 STATE_VALIDITY_MARGIN = 30.0
+# The longest replay timeout: a state then lives at most MAX_STATE_AGE (what verify_state allows).
+MAX_REPLAY_TIMEOUT = MAX_STATE_AGE - STATE_VALIDITY_MARGIN
+# Where the Machines API may be reached over plain http: Fly's private network, or this computer.
+INTERNAL_API_HOST = "_api.internal"
 
 SEED_SETTING = "FLY_MACHINES_SERVERLESS_FUNCTIONS"
 _ENV_DEFAULTS = {
@@ -140,15 +147,24 @@ def _autostop(value: Any) -> Any:
 
 
 def _duration(value: Any) -> str:
+    """A duration string (``"10s"``) from a string or a number of seconds, at most
+    ``MAX_REPLAY_TIMEOUT``."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise _custom("value", f'must be a duration such as "10s" or "800ms" (got {_show(value)})')
     try:
-        seconds = float(value) if not isinstance(value, str) else parse_duration(value)
-        return value.strip() if isinstance(value, str) else format_duration(seconds)
-    except ReplayHeaderError:
+        text = value.strip() if isinstance(value, str) else format_duration(value)
+        seconds = parse_duration(text)
+    except (ReplayHeaderError, ValueError, OverflowError):  # bad text, or NaN / infinity
         raise _custom(
             "value", f'must be a duration such as "10s" or "800ms" (got {_show(value)})'
         ) from None
+    if seconds > MAX_REPLAY_TIMEOUT:
+        raise _custom(
+            "value",
+            f'must be at most "{format_duration(MAX_REPLAY_TIMEOUT)}" (got {_show(value)}): a '
+            "signed replay state is accepted for this long plus a margin",
+        )
+    return text
 
 
 def _match(pattern: re.Pattern[str], what: str) -> Callable[[Any], Any]:
@@ -403,6 +419,14 @@ class FlyfnSettings(_Section):
     """Default true: function Machines run serverless views only for requests replayed by an app
     Machine (HMAC of SECRET_KEY), so a client cannot reach them directly."""
 
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, alias="METRICS_PORT")
+    """Default off: the port serving Prometheus metrics at ``/metrics`` for Fly's scraper
+    (``[metrics] port`` in fly.toml; 9091 by convention). Never the app's own port."""
+
+    metrics_address: str = Field(default="::", min_length=1, alias="METRICS_ADDRESS")
+    """Default ``::`` (every address, IPv4 too): Fly's scraper reaches each Machine over its private
+    network."""
+
     groups: dict[Annotated[str, BeforeValidator(_group_name)], GroupSettings] = Field(
         default_factory=dict, alias="GROUPS"
     )
@@ -411,12 +435,25 @@ class FlyfnSettings(_Section):
     @field_validator("api_hostname", mode="before")
     @classmethod
     def _hostname(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
+        problem = _url_problem(value)
+        if problem is not None:
             raise _custom(
                 "value",
-                f'must be an http(s) URL such as "{DEFAULT_API_HOSTNAME}" (got {_show(value)})',
+                f'must be an http(s) URL such as "{DEFAULT_API_HOSTNAME}"{problem} '
+                f"(got {_show(value)})",
             )
         return value.rstrip("/")
+
+    @property
+    def api_in_clear(self) -> bool:
+        """Whether the API token would travel in clear text: plain http to a host other than
+        Fly's private network (``_api.internal``) or this computer (loopback)."""
+        url = urlsplit(self.api_hostname)
+        return (
+            url.scheme == "http"
+            and url.hostname != INTERNAL_API_HOST
+            and not (is_loopback_url(self.api_hostname))
+        )
 
     @field_validator("image_ref", mode="before")
     @classmethod
@@ -447,6 +484,36 @@ class FlyfnSettings(_Section):
 
 
 _DEFAULT_GROUP_SETTINGS = GroupSettings()
+
+
+def _url_problem(value: Any) -> str | None:
+    """Why ``value`` is not a usable API URL (``""`` when it is not even a URL), or None."""
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
+        return ""
+    try:
+        url = urlsplit(value)
+        port = url.port  # ValueError when out of range or not a number
+    except ValueError:
+        return ": its host or port is invalid"
+    if not url.hostname or (port is not None and port == 0):
+        return ": its host or port is invalid"
+    return None
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this computer (``localhost`` or a loopback address)."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- loading

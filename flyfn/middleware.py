@@ -16,22 +16,26 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.signals import setting_changed
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, RawPostDataException
 from django.http.cookie import SimpleCookie
 from django.http.response import ResponseHeaders
 
-from flyfn.conf import FlyfnSettings, get_settings
+from flyfn import metrics
+from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
     FLY_REPLAY,
     FLY_REPLAY_FAILED,
     FLY_REPLAY_SRC,
+    STATE_BODY_DIGEST_LIMIT,
     FlyReplay,
     ReplayFailed,
     ReplayHeaderError,
     ReplaySource,
+    body_binding,
     sign_state,
     verify_state,
 )
@@ -57,8 +61,8 @@ _META_REPLAY_SRC = "HTTP_" + FLY_REPLAY_SRC.upper().replace("-", "_")
 _META_REPLAY_FAILED = "HTTP_" + FLY_REPLAY_FAILED.upper().replace("-", "_")
 
 ViewFunc = Callable[..., object]
-# A replay header's cache key: group, target, method and path.
-_HeaderKey = tuple[str, ReplayTarget, str | None, str]
+# A replay header's cache key: group, target, method, path, query string and body binding.
+_HeaderKey = tuple[str, ReplayTarget, str | None, str, str, str]
 
 
 class _Replay(NamedTuple):
@@ -216,6 +220,26 @@ class _Plan:
     unsigned: str
 
 
+def _request_body_binding(request: HttpRequest) -> str:
+    """What a signed state binds of this request's body (`body_binding`): its digest when small,
+    else its declared length. The app Machine and the function Machine compute it alike."""
+    length = request.META.get("CONTENT_LENGTH")
+    if not length:  # the usual replayed request (GET): no body to read
+        return ""
+    try:
+        size = int(length)
+    except ValueError:
+        return "?"  # never what an app Machine signs: it does not replay such a request
+    if size > STATE_BODY_DIGEST_LIMIT:
+        return body_binding(size)
+    try:
+        return body_binding(size, request.body)
+    except (RequestDataTooBig, RawPostDataException):
+        # DATA_UPLOAD_MAX_MEMORY_SIZE below the body, or a middleware before this one already
+        # streamed it: the length is all there is (and the same on both sides).
+        return body_binding(size)
+
+
 def _body_replayable(meta: Mapping[str, Any], limit: int) -> bool:
     """Whether Fly Proxy can replay a request's body (from its META): a known length within the
     limit (never chunked)."""
@@ -240,6 +264,7 @@ class FlyReplayMiddleware:
     ) -> None:
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
+        _serve_metrics()
         # Prebuilt replay headers per (group, instance, app), valid for one settings object.
         self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
         self._plans = (None, {})
@@ -360,11 +385,13 @@ class FlyReplayMiddleware:
         if issued != second or owner is not settings or epoch != _secret_epoch:
             headers = {}
             self._headers = (settings, second, _secret_epoch, headers)
-        key = (group, target, request.method, request.path)
+        query = request.META.get("QUERY_STRING", "")
+        body = _request_body_binding(request)
+        key = (group, target, request.method, request.path, query, body)
         header = headers.get(key)
         if header is None:
             try:
-                header = self._header(settings, group, target, request, second)
+                header = self._header(settings, group, target, request, second, query, body)
             except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
                 logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
                 return self._fallback(request, group, settings)
@@ -382,15 +409,18 @@ class FlyReplayMiddleware:
         target: ReplayTarget,
         request: HttpRequest,
         second: int,
+        query: str,
+        body: str,
     ) -> str:
-        """The replay header to `target` for this request, its state (if signed) issued at
-        `second`."""
+        """The replay header to `target` for this request (its `query` string and `body`
+        binding), its state (if signed) issued at `second`."""
         plan = self._plan(settings, group, target)
         if not settings.sign_replays:
             return plan.unsigned
         method = request.method or "GET"
         secret = django_settings.SECRET_KEY
-        return plan.head + sign_state(secret, method, request.path, group, second) + plan.tail
+        state = sign_state(secret, method, request.path, group, second, query=query, body=body)
+        return plan.head + state + plan.tail
 
     def _plan(self, settings: FlyfnSettings, group: str, target: ReplayTarget) -> _Plan:
         """The replay header to `target` without its state, built (and validated) once."""
@@ -450,6 +480,8 @@ class FlyReplayMiddleware:
                 view.group,
                 max_age=settings.group(view.group).state_max_age,
                 fallback_secrets=django_settings.SECRET_KEY_FALLBACKS,
+                query=request.META.get("QUERY_STRING", ""),
+                body=_request_body_binding(request),
             )
         )
 
@@ -461,6 +493,17 @@ class FlyReplayMiddleware:
             return
         if instance:
             get_manager().forget(group, instance)
+
+
+def _serve_metrics() -> None:
+    """Metrics are served by web processes only: this runs when a handler loads its middleware,
+    never for management commands."""
+    try:
+        settings = get_settings()
+    except SettingsError:
+        return  # the system checks report it; requests will fail with the same message
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port, settings.metrics_address)
 
 
 def _release_slot(request: HttpRequest) -> None:

@@ -6,7 +6,8 @@
 - ``ReplaySource`` / ``ReplayFailed``: the ``fly-replay-src`` and ``fly-replay-failed`` request
   headers Fly Proxy adds (both ``;`` and ``,`` accepted as separators, as Fly's docs disagree).
 - ``sign_state`` / ``verify_state``: an HMAC-SHA256 state (key derived from ``SECRET_KEY``) bound to
-  method, path and group, with a timestamp for a short validity.
+  method, path, query string, body (``body_binding``) and group, with a timestamp for a short
+  validity (never more than ``MAX_STATE_AGE``).
 
 Parsing hostile input raises ``ReplayHeaderError`` (a ValueError) and nothing else. No Django
 settings are read here: callers pass the secret.
@@ -38,6 +39,7 @@ __all__ = [
     "ReplayHeaderError",
     "ReplaySource",
     "StateCheck",
+    "body_binding",
     "format_duration",
     "parse_duration",
     "sign_state",
@@ -63,14 +65,16 @@ class ReplayHeaderError(ValueError):
 
 # --------------------------------------------------------------------------- durations
 
-# Fly reads durations like Go's time.ParseDuration; flyfn only emits the common units.
-_DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)(ms|s|m|h)$")
+# Fly reads durations like Go's time.ParseDuration; flyfn only emits the common units. ASCII
+# digits only: `\d` would take Arabic-Indic or full-width digits and put non-ASCII into a header.
+_DURATION_RE = re.compile(r"^([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a duration such as ``"10s"``, ``"800ms"``, ``"1.5s"`` or ``"2m"``."""
-    match = _DURATION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    """Seconds in a duration such as ``"10s"``, ``"800ms"``, ``"1.5s"`` or ``"2m"`` (exactly:
+    no surrounding space)."""
+    match = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None or float(match.group(1)) == 0:
         raise ReplayHeaderError(
             f"invalid duration {text!r}: expected a positive number and a unit ms, s, m or h, "
@@ -97,7 +101,7 @@ _TOKEN_RE = re.compile(r"^[!#-+\--:<-\[\]-~]+$")
 _KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _REGION_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_INT_RE = re.compile(r"^\d{1,19}$")
+_INT_RE = re.compile(r"^[0-9]{1,19}$")
 
 
 def _split(
@@ -130,8 +134,11 @@ def _separators_re(separators: str) -> re.Pattern[str]:
     return re.compile(f"[{re.escape(separators)}]")
 
 
-def _split_quoted(value: str, what: str, separators: str) -> list[str]:
-    """The segments of a value with double quotes: separators inside quotes are kept."""
+def _split_quoted(value: str, what: str, separators: str, *, strict: bool = True) -> list[str]:
+    """The segments of a value with double quotes: separators inside quotes are kept.
+
+    Not ``strict``: characters are not checked and an unterminated quote runs to the end.
+    """
     segments: list[str] = []
     current: list[str] = []
     quoted = False
@@ -142,11 +149,13 @@ def _split_quoted(value: str, what: str, separators: str) -> list[str]:
         elif not quoted and char in separators:
             segments.append("".join(current))
             current = []
-        elif (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F or ord(char) > 0x7E:
+        elif strict and (
+            (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F or ord(char) > 0x7E
+        ):
             raise ReplayHeaderError(f"{what}: control or non-ASCII character {char!r}")
         else:
             current.append(char)
-    if quoted:
+    if quoted and strict:
         raise ReplayHeaderError(f"{what}: unterminated quoted value")
     segments.append("".join(current))
     return segments
@@ -186,6 +195,10 @@ def _check(value: str | None, pattern: re.Pattern[str], what: str) -> None:
         raise ReplayHeaderError(f"{what}: invalid value {value!r}")
 
 
+# What a quoted header value may hold: printable ASCII and space, without quote or backslash.
+_QUOTABLE_RE = re.compile(r"^[ !#-\[\]-~]*$")
+
+
 def _quote_if_needed(value: str) -> str:
     return value if _TOKEN_RE.fullmatch(value) else f'"{value}"'
 
@@ -202,11 +215,42 @@ def _int(value: str, what: str) -> int:
 
 def _extras(extra: Iterable[tuple[str, Any]], known: Iterable[str], what: str) -> None:
     names = set(known)
+    seen: set[str] = set()
     for key, _value in extra:
         if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or key.lower() != key:
             raise ReplayHeaderError(f"{what}: invalid extra field name {key!r}")
         if key in names:
             raise ReplayHeaderError(f"{what}: extra field {key!r} duplicates a known field")
+        if key in seen:
+            raise ReplayHeaderError(f"{what}: extra field {key!r} given twice")
+        seen.add(key)
+
+
+# C0 controls (CR and LF among them), DEL and C1 controls: never in a value flyfn sends or accepts.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Bounds the walk of a nested JSON value (the JSON parser has its own recursion limit).
+_MAX_JSON_ITEMS = 10_000
+
+
+def _no_controls(value: object, what: str) -> None:
+    """Refuse a control character in ``value`` or in any string (key or value) nested in it."""
+    stack = [value]
+    items = 0
+    while stack:
+        item = stack.pop()
+        items += 1
+        if items > _MAX_JSON_ITEMS:
+            raise ReplayHeaderError(f"{what}: more than {_MAX_JSON_ITEMS} nested values")
+        if isinstance(item, str):
+            bad = _CONTROL_RE.search(item)
+            if bad is not None:
+                raise ReplayHeaderError(f"{what}: control character {bad.group()!r}")
+        elif isinstance(item, Mapping):
+            for key, nested in item.items():
+                stack.append(key)
+                stack.append(nested)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 # --------------------------------------------------------------------------- fly-replay
@@ -269,9 +313,14 @@ class FlyReplay:
             raise ReplayHeaderError(
                 f"fly-replay fallback: must be force_self or prefer_self, got {self.fallback!r}"
             )
-        if self.transform is not None and not isinstance(self.transform, Mapping):
-            raise ReplayHeaderError("fly-replay transform: expected a JSON object")
+        if self.transform is not None:
+            if not isinstance(self.transform, Mapping):
+                raise ReplayHeaderError("fly-replay transform: expected a JSON object")
+            _no_controls(self.transform, "fly-replay transform")
+        if not isinstance(self.extra, tuple):
+            raise ReplayHeaderError("fly-replay extra: expected a tuple of (name, value) pairs")
         _extras(self.extra, self.KNOWN, "fly-replay")
+        _no_controls(self.extra, "fly-replay extra")
 
     @property
     def timeout_seconds(self) -> float | None:
@@ -306,7 +355,7 @@ class FlyReplay:
             if value is not None:
                 fields.append((key, value))
         for key, value in self.extra:
-            if not isinstance(value, str) or '"' in value or "\\" in value:
+            if not isinstance(value, str) or not _QUOTABLE_RE.fullmatch(value):
                 raise ReplayHeaderError(f"fly-replay extra field {key!r}: not a header value")
             fields.append((key, _quote_if_needed(value)))
         if not fields:
@@ -452,22 +501,48 @@ class _Fields:
         for key in self.strings:
             _lenient(getattr(item, key), f"{self.what} {key}")
         value = getattr(item, self.number)
-        if value is not None and (not isinstance(value, int) or value < 0):
+        if value is not None and (type(value) is not int or value < 0):
             raise ReplayHeaderError(f"{self.number_what}: expected a non-negative integer")
         _extras(item.extra, self.known, self.what)
         for _key, extra_value in item.extra:
             _lenient(extra_value, self.what)
 
     def read(self, header: str) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
-        """The known fields and the extra ones of a header value (``;`` or ``,`` between)."""
+        """The known fields and the extra ones of a header value (``;`` or ``,`` between).
+
+        Strict about the fields it knows (each at most once, with a valid value: the construction
+        checks them). A field it does not know is kept in ``extra`` when it is a plain
+        ``key=token`` and ignored otherwise: Fly Proxy may add fields, and one flyfn cannot read
+        must not make a replayed request unreadable.
+        """
+        if not isinstance(header, str):
+            raise ReplayHeaderError(f"{self.what}: expected a string, got {type(header).__name__}")
+        if len(header) > MAX_HEADER_LENGTH:
+            raise ReplayHeaderError(f"{self.what}: longer than {MAX_HEADER_LENGTH} characters")
+        if '"' in header:
+            segments = _split_quoted(header, self.what, ";,", strict=False)
+        else:
+            segments = _separators_re(";,").split(header)
         values: dict[str, Any] = {}
         extra: list[tuple[str, str]] = []
-        for key, raw in _split(header, self.what, ";,"):
-            if key == self.number:
-                values[key] = _int(raw, self.number_what)
-            elif key in self.known:
-                values[key] = raw
-            else:
+        for segment in segments:
+            key, eq, raw = segment.partition("=")
+            key = key.strip(" \t").lower()
+            raw = raw.strip(" \t")
+            if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+                raw = raw[1:-1]
+            if key in self.known:
+                if not eq:
+                    raise ReplayHeaderError(f"{self.what}: {key!r} is not a key=value field")
+                if key in values:
+                    raise ReplayHeaderError(f"{self.what}: field {key!r} given twice")
+                values[key] = _int(raw, self.number_what) if key == self.number else raw
+            elif (
+                eq
+                and _KEY_RE.fullmatch(key)
+                and _TOKEN_RE.fullmatch(raw)
+                and all(key != name for name, _ in extra)
+            ):
                 extra.append((key, raw))
         return values, tuple(extra)
 
@@ -550,9 +625,10 @@ class ReplayFailed:
 
 # --------------------------------------------------------------------------- signed state
 
-STATE_PREFIX = "flyfn1"
+# flyfn2: the state binds the query string and the body too (flyfn1 bound method, path, group).
+STATE_PREFIX = "flyfn2"
 _STATE_SALT = "flyfn.replay.state"
-_STATE_RE = re.compile(r"^flyfn1\.(\d{1,12})\.([A-Za-z0-9_-]{43})$")
+_STATE_RE = re.compile(r"^flyfn2\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})$")
 # A state issued this far in the future (another Machine's clock) is still accepted.
 MAX_CLOCK_SKEW = 30.0
 
@@ -591,15 +667,35 @@ def _state_key(secret: str | bytes) -> _StateKey:
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
+# A body up to this size is bound by its SHA-256 digest; a larger one (Fly replays up to 1 MB) by
+# its length only, so that the app Machine never reads a large body just to sign it.
+STATE_BODY_DIGEST_LIMIT = 65_536
+# The most a state is ever accepted for, whatever the caller asks: a captured state is worthless
+# after it (the longest replay timeout flyfn allows is 60 s, plus 30 s of clock skew and queueing).
+MAX_STATE_AGE = 90.0
 
-def _mac(secret: str | bytes, issued: int, method: str, path: str, group: str) -> str:
+
+def body_binding(length: int, body: bytes | None = None) -> str:
+    """What a signed state binds of a request body: ``""`` for none, the SHA-256 digest of
+    ``body`` when it is given and at most ``STATE_BODY_DIGEST_LIMIT`` bytes long, else
+    ``"<length>"``. Both sides compute it the same way (see the middleware)."""
+    if body is not None and len(body) <= STATE_BODY_DIGEST_LIMIT:
+        return f"sha256:{hashlib.sha256(body).hexdigest()}" if body else ""
+    return str(length) if length > 0 else ""
+
+
+def _message(issued: int, method: str, path: str, group: str, query: str, body: str) -> str:
+    """The signed message. Method, group and body binding hold no newline (checked or made so);
+    the query string is length-prefixed and the path goes last, so no two inputs share one."""
+    return f"{issued}\n{method.upper()}\n{group}\n{body}\n{len(query)}:{query}\n{path}"
+
+
+def _mac(secret: str | bytes, message: str) -> str:
     """Unpadded url-safe base64 of
     ``salted_hmac(_STATE_SALT, message, secret=secret, algorithm="sha256")``."""
-    # Method and group cannot contain newlines (validated names); the path goes last, so no
-    # two different inputs share a message.
     key = _state_key(secret)
     inner = key.inner.copy()
-    inner.update(f"{issued}\n{method.upper()}\n{group}\n{path}".encode())
+    inner.update(message.encode())
     outer = key.outer.copy()
     outer.update(inner.digest())
     return (
@@ -607,20 +703,32 @@ def _mac(secret: str | bytes, issued: int, method: str, path: str, group: str) -
     )
 
 
-def sign_state(
-    secret: str | bytes, method: str, path: str, group: str, now: float | None = None
-) -> str:
-    """A replay ``state`` that proves an app Machine sent this request (method, path, group) now.
+def _unbindable(method: str, group: str, body: str) -> bool:
+    return "\n" in method or "\n" in group or "\n" in body
 
-    ``secret`` is ``settings.SECRET_KEY``; ``path`` is ``request.path`` (the query string is not
-    bound: the request replayed is the one signed, within seconds).
+
+def sign_state(
+    secret: str | bytes,
+    method: str,
+    path: str,
+    group: str,
+    now: float | None = None,
+    *,
+    query: str = "",
+    body: str = "",
+) -> str:
+    """A replay ``state`` that proves an app Machine sent this request now: its method, path,
+    query string (``request.META["QUERY_STRING"]``), body (``body_binding()`` of it) and group.
+
+    ``secret`` is ``settings.SECRET_KEY``; ``path`` is ``request.path``.
     """
     if not secret:
         raise ValueError("sign_state needs a non-empty secret (settings.SECRET_KEY)")
-    if "\n" in method or "\n" in group:
-        raise ValueError("sign_state: method and group cannot contain newlines")
+    if _unbindable(method, group, body):
+        raise ValueError("sign_state: method, group and body binding cannot contain newlines")
     issued = int(time.time() if now is None else now)
-    return f"{STATE_PREFIX}.{issued}.{_mac(secret, issued, method, path, group)}"
+    mac = _mac(secret, _message(issued, method, path, group, query, body))
+    return f"{STATE_PREFIX}.{issued}.{mac}"
 
 
 def verify_state(
@@ -633,10 +741,13 @@ def verify_state(
     max_age: float,
     now: float | None = None,
     fallback_secrets: Iterable[str | bytes] = (),
+    query: str = "",
+    body: str = "",
 ) -> StateCheck:
     """Check a ``state`` from ``fly-replay-src``: signed with ``secret`` (or one of
-    ``fallback_secrets``, i.e. ``SECRET_KEY_FALLBACKS``) for this method, path and group, issued at
-    most ``max_age`` seconds ago. Never raises for bad input; the reason says what failed.
+    ``fallback_secrets``, i.e. ``SECRET_KEY_FALLBACKS``) for this method, path, query string, body
+    binding and group, issued at most ``max_age`` seconds ago (never more than ``MAX_STATE_AGE``).
+    Never raises for bad input; the reason says what failed.
     """
     if not state:
         return StateCheck(False, "no signed state")
@@ -645,15 +756,16 @@ def verify_state(
     match = _STATE_RE.fullmatch(state)
     if match is None:
         return StateCheck(False, "malformed state")
-    if "\n" in method or "\n" in group:
+    if _unbindable(method, group, body):
         return StateCheck(False, "signature mismatch")
     issued = int(match.group(1))
     clock = time.time() if now is None else now
     if issued > clock + MAX_CLOCK_SKEW:
         return StateCheck(False, "state issued in the future")
-    if clock - issued > max_age:
+    if clock - issued > min(max_age, MAX_STATE_AGE):
         return StateCheck(False, "state expired")
+    message = _message(issued, method, path, group, query, body)
     for key in (secret, *fallback_secrets):
-        if key and constant_time_compare(_mac(key, issued, method, path, group), match.group(2)):
+        if key and constant_time_compare(_mac(key, message), match.group(2)):
             return StateCheck(True)
     return StateCheck(False, "signature mismatch")

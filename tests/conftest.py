@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import hypothesis
 import pytest
 
 from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
@@ -219,3 +221,27 @@ def pool_manager() -> Iterator[PoolManager]:
             yield manager
     finally:
         manager.close()
+
+
+# `make mutate` runs the property tests once per mutant: it sets this to fewer examples per test so
+# that a module fits its time budget (each test's own settings stay the rule everywhere else).
+_MUTATION_MAX_EXAMPLES = os.environ.get("FLYFN_MUTATION_MAX_EXAMPLES")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not _MUTATION_MAX_EXAMPLES:
+        return
+    for item in items:
+        test = getattr(item, "obj", None)
+        # Where @given/@settings keep a test's settings (what Hypothesis reads when it runs it).
+        current = getattr(test, "_hypothesis_internal_use_settings", None)
+        if isinstance(current, hypothesis.settings):
+            limit = min(current.max_examples, int(_MUTATION_MAX_EXAMPLES))
+            # mutmut traces every call: generation is slower than Hypothesis's checks expect.
+            test._hypothesis_internal_use_settings = hypothesis.settings(  # type: ignore[union-attr]
+                current,
+                max_examples=limit,
+                database=None,
+                deadline=None,
+                suppress_health_check=list(hypothesis.HealthCheck),
+            )

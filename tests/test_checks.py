@@ -14,7 +14,13 @@ from django.http import HttpRequest, HttpResponse
 from django.test import override_settings
 from django.views import View
 
-from flyfn.checks import MIDDLEWARE_PATH, check_middleware, check_settings, check_views
+from flyfn.checks import (
+    MIDDLEWARE_PATH,
+    check_middleware,
+    check_settings,
+    check_views,
+    secret_like_env,
+)
 from flyfn.conf import reset_settings
 from flyfn.registry import registry
 
@@ -125,6 +131,11 @@ def test_w003_body_limit_above_fly() -> None:
 # --------------------------------------------------------------------------- views
 
 
+@override_settings(FLYFN={"VIEWS": {"label": ["GET"]}}, ROOT_URLCONF="tests.test_registry")
+def test_e004_not_for_a_view_inside_a_plain_include() -> None:
+    assert [m for m in check_views() if m.id == "flyfn.E004"] == []
+
+
 @override_settings(ROOT_URLCONF="tests.test_registry")
 def test_e004_url_name_that_does_not_resolve() -> None:
     with override_settings(
@@ -196,3 +207,95 @@ def test_checks_are_registered_with_django() -> None:
 
     registered: set[Any] = set(check_registry.get_checks())
     assert {check_settings, check_views, check_middleware} <= registered
+
+
+# --------------------------------------------------------------------------- secrets (issue 16)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SECRET_KEY",
+        "FLY_API_TOKEN",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "STRIPE_API_KEY",
+        "DB_PASSWORD",
+        "SMTP_PASS",
+        "MYSQL_PWD",
+        "SENTRY_DSN",
+        "GOOGLE_CREDENTIALS",
+        "SSH_PRIVATE_KEY",
+        "AUTH_HEADER",
+        "secret_key",
+    ],
+)
+def test_e010_a_secret_like_name_in_a_groups_env(name: str) -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"env": ["LOG_LEVEL", name]}}}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E010"
+    assert f'FLYFN["GROUPS"]["pdf"]["env"] lists {name!r}' in message.msg
+    assert f"fly secrets set {name}=" in (message.hint or "")
+    assert " -a " not in (message.hint or "")
+
+
+def test_e010_the_app_strategy_hint_names_the_function_app() -> None:
+    groups = {"pdf": {"strategy": "app", "app": "shop-fn", "env": ["SECRET_KEY"]}}
+    with override_settings(FLYFN={"GROUPS": groups}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E010"
+    assert "fly secrets set SECRET_KEY=... -a shop-fn" in (message.hint or "")
+
+
+def test_e010_a_value_with_a_password_in_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    password = "hunter2-not-shown"
+    monkeypatch.setenv("CACHE_LOCATION", f"redis://default:{password}@cache.internal:6379/0")
+    monkeypatch.setenv("STATUS_PAGE", "https://status.example.com/a:b@c")
+    groups = {"pdf": {"env": ["CACHE_LOCATION", "STATUS_PAGE"]}}
+    with override_settings(FLYFN={"GROUPS": groups}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E010"
+    assert "'CACHE_LOCATION'" in message.msg
+    assert password not in f"{message.msg} {message.hint}"
+
+
+def test_plain_names_in_env_are_fine() -> None:
+    env = ["DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "LOG_LEVEL", "TZ", "PORT"]
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"env": env}}}):
+        assert check_settings() == []
+
+
+def test_secret_like_env_reads_the_environment_it_is_given() -> None:
+    environ = {"A": "postgres://u:p@db/x", "B": "postgres://db/x", "C": "u:p@x"}
+    assert secret_like_env(["A", "B", "C", "D", "API_KEY"], environ) == ["A", "API_KEY"]
+
+
+# ---------------------------------------------------------------------- API_HOSTNAME (issue 16)
+
+
+@pytest.mark.parametrize("url", ["http://api.machines.dev", "http://10.0.0.5:4280"])
+def test_e011_the_token_would_travel_in_clear_text(url: str) -> None:
+    with override_settings(FLYFN={"API_HOSTNAME": url}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E011"
+    assert url in message.msg
+    assert "https://" in (message.hint or "")
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.machines.dev", "http://_api.internal:4280", "http://127.0.0.1:9"]
+)
+def test_e011_not_for_https_the_private_network_or_loopback(url: str) -> None:
+    with override_settings(FLYFN={"API_HOSTNAME": url}):
+        assert check_settings() == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://[::1"])
+def test_e001_a_malformed_api_hostname(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLY_API_HOSTNAME", url)
+    reset_settings()
+    (message,) = check_settings()
+    assert message.id == "flyfn.E001"
+    assert message.msg.startswith("env FLY_API_HOSTNAME: must be an http(s) URL")

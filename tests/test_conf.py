@@ -11,13 +11,18 @@ from django.test import override_settings
 
 from flyfn.conf import (
     DEFAULT_API_HOSTNAME,
+    MAX_REPLAY_TIMEOUT,
+    STATE_VALIDITY_MARGIN,
     FlyfnSettings,
     GroupSettings,
     SettingsError,
     get_settings,
+    is_loopback_url,
     load_settings,
     reset_settings,
 )
+from flyfn.registry import ServerlessView
+from flyfn.replay import MAX_STATE_AGE
 
 NO_ENV: dict[str, str] = {}
 
@@ -342,3 +347,125 @@ def test_settings_are_immutable() -> None:
     settings = load_settings(environ=NO_ENV)
     with pytest.raises(ValueError, match="frozen"):
         settings.cache_ttl = 1  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- durations (#16, #17)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [True, False, ["10s"], {"s": 10}, None, "\u0661\u0660s", "10 s", float("nan"), float("inf")],
+)
+def test_a_replay_timeout_that_is_no_duration_is_a_settings_error(given: object) -> None:
+    (issue,) = errors_of({"GROUPS": {"g": {"replay_timeout": given}}}).issues
+    assert issue.key == 'FLYFN["GROUPS"]["g"]["replay_timeout"]'
+    assert issue.kind == "value"
+    assert 'must be a duration such as "10s"' in issue.message
+
+
+@pytest.mark.parametrize("given", ["61s", "2m", 60.001, "1h"])
+def test_the_replay_timeout_is_capped(given: object) -> None:
+    (issue,) = errors_of({"GROUPS": {"g": {"replay_timeout": given}}}).issues
+    assert issue.key == 'FLYFN["GROUPS"]["g"]["replay_timeout"]'
+    assert 'must be at most "60s"' in issue.message
+
+
+def test_the_longest_replay_timeout_keeps_a_state_within_the_cap() -> None:
+    group = load_settings({"GROUPS": {"g": {"replay_timeout": "60s"}}}, environ=NO_ENV).group("g")
+    assert group.replay_timeout == "60s"
+    assert group.state_max_age == MAX_STATE_AGE == MAX_REPLAY_TIMEOUT + STATE_VALIDITY_MARGIN
+    assert GroupSettings().state_max_age == 10 + STATE_VALIDITY_MARGIN
+
+
+# --------------------------------------------------------------------------- API_HOSTNAME (#16)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        "http://[::1]:port",
+        "http://:4280",
+        "http://host:0",
+        "https://",
+        "ftp://api.machines.dev",
+        "api.machines.dev",
+        "https://api.machines.dev\n",
+        42,
+    ],
+)
+def test_a_malformed_api_hostname_is_a_settings_error(url: object) -> None:
+    (issue,) = errors_of({"API_HOSTNAME": url}).issues
+    assert issue.key == 'FLYFN["API_HOSTNAME"]'
+    assert "must be an http(s) URL" in issue.message
+    if isinstance(url, str) and url == url.strip():  # the environment's values are stripped
+        (from_env,) = errors_of(env={"FLY_API_HOSTNAME": url}).issues
+        assert from_env.key == "env FLY_API_HOSTNAME"
+
+
+@pytest.mark.parametrize(
+    ("url", "in_clear"),
+    [
+        ("https://api.machines.dev", False),
+        ("https://example.com:8443/base/", False),
+        ("http://_api.internal:4280", False),
+        ("http://127.0.0.1:9", False),
+        ("http://127.3.2.1:9", False),
+        ("http://[::1]:4280", False),
+        ("http://localhost:4280", False),
+        ("http://emulator.localhost:4280", False),
+        ("http://api.machines.dev", True),
+        ("http://10.0.0.5:4280", True),
+        ("http://[fdaa::3]:4280", True),
+        ("http://_api.internal.example.com", True),
+        ("http://localhost.example.com", True),
+    ],
+)
+def test_which_api_hostnames_would_send_the_token_in_clear(url: str, in_clear: bool) -> None:
+    settings = load_settings({"API_HOSTNAME": url}, environ=NO_ENV)
+    assert settings.api_in_clear is in_clear
+
+
+def test_is_loopback_url() -> None:
+    assert is_loopback_url("http://127.0.0.1:8000")
+    assert is_loopback_url("http://[::1]")
+    assert not is_loopback_url("http://[::1")
+    assert not is_loopback_url("http://10.1.1.1")
+    assert not is_loopback_url("no url")
+
+
+# --------------------------------------------------------------------------- VIEWS, dict form (#17)
+
+
+@pytest.mark.parametrize(
+    ("spec", "methods", "group"),
+    [
+        ({}, {"GET", "HEAD"}, "default"),
+        ({"group": "pdf"}, {"GET", "HEAD"}, "pdf"),
+        ({"methods": ["POST"]}, {"POST"}, "default"),
+        ({"methods": "put", "group": "pdf"}, {"PUT"}, "pdf"),
+    ],
+)
+def test_the_dict_form_of_views_has_its_documented_defaults(
+    spec: dict[str, Any], methods: set[str], group: str
+) -> None:
+    view = load_settings({"VIEWS": {"shop:receipt": spec}}, environ=NO_ENV).views["shop:receipt"]
+    assert view == ServerlessView(frozenset(methods), group, "shop:receipt")
+
+
+@pytest.mark.parametrize(
+    ("views", "key", "fragment"),
+    [
+        ({"shop:receipt": {"group": "Bad Group"}}, '["VIEWS"]["shop:receipt"]', "group name"),
+        ({"shop:receipt": {"methods": []}}, '["VIEWS"]["shop:receipt"]', "no HTTP method"),
+        ({"shop:receipt": 5}, '["VIEWS"]["shop:receipt"]', "list of HTTP methods"),
+        ({"": ["GET"]}, '["VIEWS"]', "named by its url name"),
+        ({5: ["GET"]}, '["VIEWS"]', "named by its url name"),
+        ({"shop:x": {"methods": ["GET"], "grup": "a"}}, '["shop:x"]["grup"]', "unknown option"),
+    ],
+)
+def test_views_errors_name_their_key(views: dict[Any, Any], key: str, fragment: str) -> None:
+    (issue,) = errors_of({"VIEWS": views}).issues
+    assert issue.key.endswith(key)
+    assert fragment in issue.message

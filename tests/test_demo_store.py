@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 import subprocess
 import tomllib
@@ -120,3 +121,43 @@ def test_scripts_demo_serves_pages_and_replays_receipts(tmp_path: Path) -> None:
         footer = re.search(r"generated on Machine (\S+)", text)
         assert footer is not None
         assert footer.group(1) not in ("local", page_machine.group(1))
+
+
+def check_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "manage.py", "check", *args],
+        cwd=DEMO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_deploy_passes_on_the_production_settings(tmp_path: Path) -> None:
+    # What fly.toml and the secrets give a Machine on Fly: DEBUG off, a real key, a token.
+    env = demo_env(
+        tmp_path,
+        SECRET_KEY=secrets.token_urlsafe(50),
+        FLY_APP_NAME="flyfn-demo-store",
+        FLY_API_TOKEN="fm2_not_a_real_token",
+    )
+    done = check_demo(env, "--deploy", "--fail-level", "WARNING")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "System check identified no issues (0 silenced)." in done.stdout
+
+
+def test_the_development_secret_key_is_refused_on_fly(tmp_path: Path) -> None:
+    env = demo_env(tmp_path, DEBUG="1", FLY_APP_NAME="flyfn-demo-store", FLY_API_TOKEN="t")
+    del env["SECRET_KEY"]
+    done = check_demo(env)
+    assert done.returncode != 0
+    assert "SECRET_KEY must be set on Fly" in done.stderr
+    explicit = check_demo(
+        {**env, "SECRET_KEY": "demo-store-insecure-dev-key-only-used-when-DEBUG-is-on"}
+    )
+    assert "SECRET_KEY must be set on Fly" in explicit.stderr
+    # Under `flyfn dev` (FLY_APP_NAME too, but the Machines API on this computer) it is allowed.
+    local = check_demo({**env, "FLY_API_HOSTNAME": "http://127.0.0.1:4280"})
+    assert local.returncode == 0, local.stdout + local.stderr

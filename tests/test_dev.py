@@ -1,4 +1,5 @@
-"""flyfn dev's helpers: the project's image ref and ASGI app, and a clean refusal of a busy port."""
+"""flyfn dev's helpers: the project's image ref and ASGI app, a clean refusal of a busy port, and
+the banner (with its warning when the proxy is reachable from other computers)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flyfn.emulator.dev import DevOptions, image_ref, project_asgi_app, run_dev
+from flyfn.emulator.dev import DevOptions, DevStack, image_ref, project_asgi_app, run_dev
 from flyfn.emulator.supervisor import DEFAULT_ASGI_APP
+from flyfn.machines.models import Machine
 
 E2E_PROJECT = Path(__file__).resolve().parent / "e2e" / "project"
 
@@ -57,3 +59,26 @@ def test_busy_port_is_refused_before_anything_starts() -> None:
         out = io.StringIO()
         assert run_dev(DevOptions(port=port), out=out) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [("127.0.0.1", False), ("::1", False), ("localhost", False), ("0.0.0.0", True), ("::", True)],
+)
+def test_the_banner_warns_when_the_proxy_is_reachable_from_other_computers(
+    tmp_path: Path, host: str, warned: bool
+) -> None:
+    out = io.StringIO()
+    stack = DevStack(
+        DevOptions(host=host, root=tmp_path), settings_module="proj.settings", out=out, app_name="a"
+    )
+    stack._banner(
+        Machine(id="0e1f2a3b4c5d6e", state="started"),
+        1.0,
+        "http://127.0.0.1:4280",
+        "http://127.0.0.1:4281/",
+    )
+    text = out.getvalue()
+    assert "live       http://127.0.0.1:4281/" in text
+    assert ("WARNING: the proxy listens on" in text) is warned
+    assert "python -m flyfn.emulator.secrets --app a set NAME=VALUE" in text

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flyfn.emulator.api import EmulatorApp, RateLimit, create_app
+from flyfn.emulator.api import EmulatorApp, RateLimit, create_app, omit_zero
 from flyfn.emulator.state import (
     EmulatorError,
     MachinesEmulator,
@@ -180,6 +180,52 @@ async def test_create_returns_a_machine_in_flys_form(emulator_http: httpx.AsyncC
     assert (await _wait(emulator_http, machine["id"], "started")).json()["state"] == "started"
 
 
+async def test_answers_leave_out_zero_values_like_fly(emulator_http: httpx.AsyncClient) -> None:
+    config = {
+        "image": IMAGE,
+        "auto_destroy": False,
+        "env": {},
+        "metadata": {"flyfn_group": "pdf", "empty": ""},
+        "services": [
+            {
+                "internal_port": 8000,
+                "autostart": False,
+                "min_machines_running": 0,
+                "ports": [{"port": 80, "handlers": ["http"], "force_https": False}],
+            }
+        ],
+        "restart": {"policy": "on-failure", "max_retries": 0},
+        "mounts": [],
+    }
+    machine = await _create(emulator_http, config=config, skip_launch=True)
+    for answer in (
+        machine,
+        (await emulator_http.get(f"{MACHINES}/{machine['id']}")).json(),
+        (await emulator_http.get(MACHINES)).json()[0],
+    ):
+        got = answer["config"]
+        assert "auto_destroy" not in got
+        assert "env" not in got
+        assert "mounts" not in got
+        assert got["restart"] == {"policy": "on-failure"}
+        assert got["services"] == [
+            {"internal_port": 8000, "ports": [{"port": 80, "handlers": ["http"]}]}
+        ]
+        # Map entries are data: an empty value stays.
+        assert got["metadata"] == {"flyfn_group": "pdf", "empty": ""}
+        assert "lease" not in answer
+        assert "nonce" not in answer
+
+
+def test_omit_zero_keeps_lists_maps_and_true() -> None:
+    assert omit_zero({"a": [0, False, {}], "b": {"c": 0, "d": True}, "env": {"X": ""}}) == {
+        "a": [0, False, {}],
+        "b": {"d": True},
+        "env": {"X": ""},
+    }
+    assert omit_zero({"checks": {"http": {"port": 0}}}) == {"checks": {"http": {}}}
+
+
 async def test_create_skip_launch_stays_created(
     emulator_http: httpx.AsyncClient, emulator: MachinesEmulator
 ) -> None:
@@ -318,7 +364,8 @@ async def test_start_stop_suspend_go_through_the_runtime(
 
     start = await http.post(f"{MACHINES}/{mid}/start")
     assert start.status_code == 200
-    assert start.json() == {"previous_state": "stopped", "migrated": False, "new_host": ""}
+    # Zero values are left out, as Fly leaves them out (`migrated: false`, `new_host: ""`).
+    assert start.json() == {"previous_state": "stopped"}
     assert (await _wait(http, mid, "started")).status_code == 200
 
     stop = await http.post(f"{MACHINES}/{mid}/stop", json={"signal": "SIGKILL", "timeout": "1m30s"})

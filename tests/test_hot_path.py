@@ -31,6 +31,7 @@ from flyfn.replay import (
     FlyReplay,
     ReplayHeaderError,
     _mac,
+    _message,
     sign_state,
     verify_state,
 )
@@ -40,8 +41,7 @@ from tests.test_middleware import FakeManager
 SALT = "flyfn.replay.state"
 
 
-def django_mac(secret: str | bytes, issued: int, method: str, path: str, group: str) -> str:
-    message = f"{issued}\n{method.upper()}\n{group}\n{path}"
+def django_mac(secret: str | bytes, message: str) -> str:
     digest = salted_hmac(SALT, message, secret=secret, algorithm="sha256").digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
@@ -52,9 +52,8 @@ def django_mac(secret: str | bytes, issued: int, method: str, path: str, group: 
 @pytest.mark.parametrize("secret", ["s", "x" * 300, b"\xff\x00raw bytes", "ünïcödé-secret"])
 @pytest.mark.parametrize("path", ["/fn/", "/ü/a b", "", "/" + "p" * 5000])
 def test_mac_is_djangos_salted_hmac(secret: str | bytes, path: str) -> None:
-    assert _mac(secret, 1_732_761_234, "get", path, "pdf") == django_mac(
-        secret, 1_732_761_234, "get", path, "pdf"
-    )
+    message = _message(1_732_761_234, "get", path, "pdf", "a=1", "")
+    assert _mac(secret, message) == django_mac(secret, message)
 
 
 @hypothesis_settings(max_examples=60, deadline=None)
@@ -64,13 +63,14 @@ def test_mac_is_djangos_salted_hmac(secret: str | bytes, path: str) -> None:
     issued=st.integers(min_value=0, max_value=10**12),
 )
 def test_mac_matches_salted_hmac_for_any_input(secret: str, path: str, issued: int) -> None:
+    message = _message(issued, "POST", path, "default", "", "")
     try:
-        expected = django_mac(secret, issued, "POST", path, "default")
+        expected = django_mac(secret, message)
     except UnicodeEncodeError:  # lone surrogates: both refuse them
         with pytest.raises(UnicodeEncodeError):
-            _mac(secret, issued, "POST", path, "default")
+            _mac(secret, message)
         return
-    assert _mac(secret, issued, "POST", path, "default") == expected
+    assert _mac(secret, message) == expected
 
 
 def test_verify_uses_each_secret_its_own_key() -> None:
@@ -291,7 +291,16 @@ def test_each_path_and_method_gets_its_own_state(
     pdf = replay_state(replaying_client, "/routing/pdf/")
     pdf_with_query = replay_state(replaying_client, "/routing/pdf/?page=2")
     head = FlyReplay.parse(replaying_client.head("/routing/pdf/")[FLY_REPLAY]).state
-    assert pdf == pdf_with_query  # the query string is not bound (documented in sign_state)
+    assert pdf != pdf_with_query  # the query string is bound
+    assert verify_state(
+        pdf_with_query,
+        django_settings.SECRET_KEY,
+        "GET",
+        "/routing/pdf/",
+        "pdf",
+        max_age=5,
+        query="page=2",
+    )
     assert head is not None
     assert head != pdf
     assert verify_state(head, django_settings.SECRET_KEY, "HEAD", "/routing/pdf/", "pdf", max_age=5)

@@ -186,7 +186,15 @@ def test_unknown_states_are_tolerated(state: str) -> None:
 
 
 def test_known_states_cover_the_documented_lifecycle() -> None:
-    for state in ("created", "started", "stopped", "suspended", "destroyed", "replacing"):
+    for state in (
+        "creating",
+        "created",
+        "started",
+        "stopped",
+        "suspended",
+        "destroyed",
+        "replacing",
+    ):
         assert state in m.KNOWN_STATES
 
 

@@ -9,12 +9,21 @@ import pytest
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from django.test import AsyncClient, Client, override_settings
+from django.test import AsyncClient, Client, RequestFactory, override_settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from flyfn.middleware import FlyReplayMiddleware
+import flyfn.middleware as middleware_module
+from flyfn.middleware import FlyReplayMiddleware, _request_body_binding
 from flyfn.pool import PoolManager, ReplayTarget
-from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource, sign_state, verify_state
+from flyfn.replay import (
+    STATE_BODY_DIGEST_LIMIT,
+    FlyReplay,
+    ReplayFailed,
+    ReplaySource,
+    body_binding,
+    sign_state,
+    verify_state,
+)
 from flyfn.runtime import LOCAL, MAIN, function, override_role
 from tests.conftest import MachinesAPI, installed
 
@@ -395,3 +404,188 @@ async def test_main_target_the_header_cannot_carry_falls_back(
     with override_role(MAIN):
         response = await fetch("GET", "/routing/pdf/")
     assert ran_here(response, b"pdf")
+
+
+# ------------------------------------------------------------- what a state binds (issue 16)
+
+
+def bound_src(path: str, *, query: str = "", body: bytes = b"", method: str = "POST") -> str:
+    state = sign_state(
+        django_settings.SECRET_KEY,
+        method,
+        path,
+        "pdf",
+        query=query,
+        body=body_binding(len(body), body),
+    )
+    return ReplaySource(instance="0e1f2a3b4c5d6e", t=1, state=state).to_header()
+
+
+async def test_main_signs_the_query_string_and_the_body(fetch: Fetch, manager: FakeManager) -> None:
+    with override_role(MAIN):
+        replay = replay_of(await fetch("POST", "/routing/upload/?copy=2", b"first page"))
+    secret = django_settings.SECRET_KEY
+    body = body_binding(10, b"first page")
+    path = "/routing/upload/"
+    assert verify_state(
+        replay.state, secret, "POST", path, "pdf", max_age=40, query="copy=2", body=body
+    )
+    for query, other in (("copy=3", body), ("", body), ("copy=2", body_binding(10, b"other page"))):
+        assert not verify_state(
+            replay.state, secret, "POST", path, "pdf", max_age=40, query=query, body=other
+        )
+
+
+async def test_main_binds_a_large_body_by_its_length(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    large = b"x" * (STATE_BODY_DIGEST_LIMIT + 1)
+    with override_role(MAIN):
+        replay = replay_of(await fetch("POST", "/routing/upload/", large))
+    assert verify_state(
+        replay.state,
+        django_settings.SECRET_KEY,
+        "POST",
+        "/routing/upload/",
+        "pdf",
+        max_age=40,
+        body=str(len(large)),
+    )
+
+
+async def test_function_runs_a_request_with_the_signed_query_and_body(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    src = bound_src("/routing/upload/", query="copy=2", body=b"first page")
+    with override_role(function("pdf")):
+        response = await fetch(
+            "POST", "/routing/upload/?copy=2", b"first page", headers={"fly-replay-src": src}
+        )
+    assert ran_here(response, b"upload 10")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/routing/upload/?copy=3", b"first page"),  # another query string
+        ("/routing/upload/", b"first page"),  # no query string
+        ("/routing/upload/?copy=2", b"other page"),  # another body of the same length
+        ("/routing/upload/?copy=2", b"first page!"),  # a longer body
+        ("/routing/upload/?copy=2", b""),  # no body
+    ],
+)
+async def test_function_refuses_a_state_signed_for_another_query_or_body(
+    fetch: Fetch, manager: FakeManager, path: str, body: bytes
+) -> None:
+    src = bound_src("/routing/upload/", query="copy=2", body=b"first page")
+    with override_role(function("pdf")):
+        response = await fetch("POST", path, body, headers={"fly-replay-src": src})
+    assert not ran_here(response, f"upload {len(body)}".encode())
+    assert "fly-replay" in response or response.status_code == 503
+
+
+async def test_function_runs_a_large_body_bound_by_its_length(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    large = b"x" * (STATE_BODY_DIGEST_LIMIT + 1)
+    state = sign_state(
+        django_settings.SECRET_KEY, "POST", "/routing/upload/", "pdf", body=str(len(large))
+    )
+    src = ReplaySource(t=1, state=state).to_header()
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/upload/", large, headers={"fly-replay-src": src})
+    assert ran_here(response, f"upload {len(large)}".encode())
+
+
+def test_the_body_binding_of_requests_django_cannot_read_again(settings: SettingsWrapper) -> None:
+    factory = RequestFactory()
+    assert _request_body_binding(factory.get("/x")) == ""
+    assert _request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == (
+        body_binding(3, b"abc")
+    )
+    bad = factory.post("/x", b"abc", content_type="text/plain")
+    bad.META["CONTENT_LENGTH"] = "three"
+    assert _request_body_binding(bad) == "?"
+    streamed = factory.post("/x", {"f": "v"})  # multipart, read as a stream before
+    streamed.POST  # noqa: B018
+    length = int(streamed.META["CONTENT_LENGTH"])
+    assert _request_body_binding(streamed) == str(length)
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2  # request.body would raise: the length is bound
+    assert _request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == "3"
+
+
+# ------------------------------------------------------------- the cold path (issue 17)
+
+
+class ColdManager(FakeManager):
+    """No warm target: the middleware must wait for one (blocking in sync mode, awaited in async
+    mode), for at most the group's replay timeout."""
+
+    def __init__(self, targets: dict[str, ReplayTarget]) -> None:
+        super().__init__(targets)
+        self.waits: list[tuple[str, str, float]] = []
+
+    def get_target(self, group: str) -> ReplayTarget | None:
+        return None
+
+    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        self.waits.append(("sync", group, max_wait))
+        return self.targets.get(group)
+
+    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        self.waits.append(("async", group, max_wait))
+        return self.targets.get(group)
+
+
+@pytest.mark.parametrize("mode", ["wsgi", "asgi"])
+async def test_a_cold_group_is_waited_for_within_its_replay_timeout(
+    settings: SettingsWrapper, mode: str
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "1500ms"}}}
+    cold = ColdManager({"pdf": ReplayTarget(instance=PDF_MACHINE)})
+    response: HttpResponseBase
+    with installed(cold), override_role(MAIN):
+        if mode == "wsgi":
+            response = await sync_to_async(Client().get, thread_sensitive=False)("/routing/pdf/")
+        else:
+            response = await AsyncClient().get("/routing/pdf/")
+    assert replay_of(response).instance == PDF_MACHINE
+    assert cold.waits == [("sync" if mode == "wsgi" else "async", "pdf", 1.5)]
+
+
+async def test_a_cold_group_without_a_target_falls_back(fetch: Fetch) -> None:
+    cold = ColdManager({})
+    with installed(cold), override_role(MAIN):
+        response = await fetch("GET", "/routing/pdf/")
+    assert ran_here(response, b"pdf")
+    assert [group for _, group, _ in cold.waits] == ["pdf"]
+
+
+async def test_a_function_machine_never_runs_another_groups_view_as_a_fallback(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    failed = ReplayFailed(instance=DEFAULT_MACHINE, reason="timeout").to_header()
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/", headers={"fly-replay-failed": failed})
+    assert response.status_code == 503
+    assert "fly-replay" not in response
+    assert manager.forgotten == [("default", DEFAULT_MACHINE)]
+
+
+async def test_local_fallbacks_are_bounded_and_their_slots_released(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
+    failed = {"fly-replay-failed": "reason=timeout"}
+    slots = middleware_module.fallback_slots("pdf", 1)
+    with override_role(MAIN):
+        first = await fetch("GET", "/routing/pdf/", headers=failed)
+        assert slots.active == 0  # released with the response
+        assert slots.acquire()  # another request is running its fallback now
+        try:
+            busy = await fetch("GET", "/routing/pdf/", headers=failed)
+        finally:
+            slots.release()
+    assert ran_here(first, b"pdf")
+    assert busy.status_code == 503
+    assert busy["Retry-After"] == str(middleware_module.RETRY_AFTER_SECONDS)

@@ -12,25 +12,31 @@ import io
 import json
 import re
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
+import psutil
 import pytest
 import uvicorn
 
-from flyfn.emulator.proxy import FlyProxy, RequestLog
+from flyfn.emulator.edge import edge_protocol
+from flyfn.emulator.proxy import EDGE_BUFFER_LIMIT, FlyProxy, RequestLog
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
     MachineConfig,
+    MachinePort,
     MachineRestart,
     MachineService,
+    MachineServiceConcurrency,
 )
 
 APP = "web"
@@ -81,8 +87,13 @@ class FakeFleet(httpx.AsyncBaseTransport):
     fail_launch: set[str] = field(default_factory=set)
     launch_delay: dict[str, float] = field(default_factory=dict)
     silently_dead: set[str] = field(default_factory=set)
+    async_handlers: dict[str, Callable[[httpx.Request], Awaitable[httpx.Response]]] = field(
+        default_factory=dict
+    )
     deliveries: list[Delivery] = field(default_factory=list)
     launches: list[str] = field(default_factory=list)
+    active: Counter[str] = field(default_factory=Counter)  # requests inside each Machine now
+    peak: Counter[str] = field(default_factory=Counter)
     _ports: dict[str, int] = field(default_factory=dict)
     _pids: int = 1000
 
@@ -139,7 +150,16 @@ class FakeFleet(httpx.AsyncBaseTransport):
         self.deliveries.append(
             Delivery(machine_id, request.headers, body, request.url.raw_path.decode())
         )
-        answer = self.handlers.get(machine_id, echo)(machine_id, request, body)
+        held = self.async_handlers.get(machine_id)
+        if held is not None:
+            self.active[machine_id] += 1
+            self.peak[machine_id] = max(self.peak[machine_id], self.active[machine_id])
+            try:
+                answer = await held(request)
+            finally:
+                self.active[machine_id] -= 1
+        else:
+            answer = self.handlers.get(machine_id, echo)(machine_id, request, body)
         # Like a real transport: a body still to be streamed, not one already read (a handler's
         # own stream, e.g. one that breaks off, is passed on as it is).
         try:
@@ -166,20 +186,33 @@ class Stack:
         autostop: str | None = None,
         min_running: int | None = None,
         started: bool = True,
+        autostart: bool = True,
+        soft_limit: int | None = None,
+        hard_limit: int | None = None,
+        ports: tuple[int, ...] = (80, 443),
         **config: Any,
     ) -> Machine:
+        concurrency = None
+        if soft_limit is not None or hard_limit is not None:
+            concurrency = MachineServiceConcurrency(
+                type="requests", soft_limit=soft_limit, hard_limit=hard_limit
+            )
         services = [
             MachineService(
                 protocol="tcp",
                 internal_port=8000,
-                autostart=True,
+                autostart=autostart,
                 autostop=autostop or "off",
                 min_machines_running=min_running,
+                ports=[MachinePort(port=port, handlers=["http"]) for port in ports],
+                concurrency=concurrency,
             )
         ]
         env = {"FLYFN_GROUP": group} if group else None
         request = CreateMachineRequest(
-            config=MachineConfig(image="local/p:1", env=env, services=services, **config),
+            config=MachineConfig(
+                **{"image": "local/p:1", "env": env, "services": services, **config}
+            ),
             skip_launch=not started,
         )
         machine = await self.emulator.create(app, request)
@@ -200,7 +233,7 @@ class Stack:
 
 
 @asynccontextmanager
-async def proxy_stack() -> AsyncIterator[Stack]:
+async def proxy_stack(*, balance_function_machines: bool = True) -> AsyncIterator[Stack]:
     """The proxy in process over a fake fleet, with a client that reaches it through ASGI."""
     fleet = FakeFleet()
     emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
@@ -215,6 +248,7 @@ async def proxy_stack() -> AsyncIterator[Stack]:
         on_log=logs.append,
         on_event=events.append,
         transport=fleet,
+        balance_function_machines=balance_function_machines,
     )
     transport = httpx.ASGITransport(app=proxy, client=("203.0.113.9", 40000))
     client = httpx.AsyncClient(transport=transport, base_url="http://myapp.local")
@@ -228,6 +262,15 @@ async def proxy_stack() -> AsyncIterator[Stack]:
 
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
+    """For the focused tests of replay semantics: a request first reaches an app Machine, as
+    they script it, so ordinary traffic is kept off function Machines (the unit-test switch)."""
+    async with proxy_stack(balance_function_machines=False) as running:
+        yield running
+
+
+@pytest.fixture
+async def fly() -> AsyncIterator[Stack]:
+    """Fly's balancing, function Machines included (what `flyfn dev` runs)."""
     async with proxy_stack() as running:
         yield running
 
@@ -235,18 +278,116 @@ async def stack() -> AsyncIterator[Stack]:
 # -- plain proxying --------------------------------------------------------------------------------
 
 
-async def test_balances_over_started_app_machines_only(stack: Stack) -> None:
-    a = await stack.machine()
-    b = await stack.machine()
-    fn = await stack.machine(group="default")
-    seen = set()
-    for _ in range(30):
-        response = await stack.client.get("/plain/")
+async def test_balances_over_every_started_machine_with_the_service_like_fly(
+    fly: Stack,
+) -> None:
+    a = await fly.machine()
+    fn = await fly.machine(group="default")  # a function Machine of the `instance` strategy
+    old = await fly.machine(group="default", image="local/p:0")  # one of an older image
+    await fly.machine(ports=(8443,))  # no service on port 80: never a candidate
+    await fly.machine(group="default", started=False)  # stopped: none at the soft limit
+    seen: list[str] = []
+    for _ in range(60):
+        response = await fly.client.get("/plain/")
         assert response.status_code == 200
         assert response.headers["x-flyfn-machine"] == response.json()["machine"]
-        seen.add(response.json()["machine"])
-    assert seen == {a.id, b.id}
-    assert fn.id not in seen
+        seen.append(response.json()["machine"])
+    assert set(seen) == {a.id, fn.id, old.id}
+    # The route log names the Machine that served each request.
+    assert {log.machine_id for log in fly.logs} == set(seen)
+    assert any(f"GET /plain/ fn:{fn.id[:4]}" in route(log) for log in fly.logs)
+    assert fly.fleet.launches.count(fn.id) == 1
+
+
+async def test_the_switch_keeps_ordinary_traffic_off_function_machines() -> None:
+    async with proxy_stack(balance_function_machines=False) as stack:
+        a = await stack.machine()
+        b = await stack.machine()
+        fn = await stack.machine(group="default")
+        seen = set()
+        for _ in range(30):
+            seen.add((await stack.client.get("/plain/")).json()["machine"])
+        assert seen == {a.id, b.id}
+        assert fn.id not in seen
+        # A forced instance still reaches it.
+        forced = await stack.client.get("/", headers={"fly-force-instance-id": fn.id})
+        assert forced.headers["x-flyfn-machine"] == fn.id
+
+
+def _gate(stack: Stack, machine_id: str) -> asyncio.Event:
+    """Hold the Machine's answers until the returned event is set."""
+    release = asyncio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json={"machine": machine_id})
+
+    stack.fleet.async_handlers[machine_id] = held
+    return release
+
+
+async def test_a_stopped_machine_is_autostarted_only_when_started_ones_are_at_the_soft_limit(
+    fly: Stack,
+) -> None:
+    busy = await fly.machine(soft_limit=2)
+    spare = await fly.machine(group="default", started=False)
+    release = _gate(fly, busy.id)
+    held = [asyncio.ensure_future(fly.client.get("/")) for _ in range(2)]
+    while fly.proxy.load(busy.id) < 2:
+        await asyncio.sleep(0.01)
+    assert fly.emulator.get(APP, spare.id).state == "created"  # not needed yet
+    third = await fly.client.get("/")  # `busy` is at its soft limit: `spare` is started
+    assert third.headers["x-flyfn-machine"] == spare.id
+    assert fly.emulator.get(APP, spare.id).state == "started"
+    release.set()
+    assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+
+
+async def test_at_the_soft_limit_with_nothing_to_start_the_started_machine_still_serves(
+    fly: Stack,
+) -> None:
+    busy = await fly.machine(soft_limit=1)
+    await fly.machine(group="default", started=False, autostart=False)
+    release = _gate(fly, busy.id)
+    first = asyncio.ensure_future(fly.client.get("/"))
+    second = asyncio.ensure_future(fly.client.get("/"))
+    while fly.proxy.load(busy.id) < 2:
+        await asyncio.sleep(0.01)
+    release.set()
+    assert [r.headers["x-flyfn-machine"] for r in await asyncio.gather(first, second)] == [
+        busy.id,
+        busy.id,
+    ]
+
+
+async def test_no_request_goes_over_the_hard_limit_it_waits_its_turn(fly: Stack) -> None:
+    machine = await fly.machine(soft_limit=1, hard_limit=2)
+    release = _gate(fly, machine.id)
+    held = [asyncio.ensure_future(fly.client.get("/")) for _ in range(5)]
+    while fly.proxy.load(machine.id) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the others had every chance to go over the limit
+    assert fly.proxy.load(machine.id) == 2
+    assert fly.fleet.peak[machine.id] == 2
+    release.set()
+    answers = await asyncio.gather(*held)
+    assert [r.status_code for r in answers] == [200] * 5
+    assert fly.fleet.peak[machine.id] == 2
+
+
+async def test_at_the_hard_limit_for_longer_than_the_timeout_is_a_503(fly: Stack) -> None:
+    fly.proxy.replay_timeout = 0.3
+    machine = await fly.machine(soft_limit=1, hard_limit=1)
+    release = _gate(fly, machine.id)
+    held = asyncio.ensure_future(fly.client.get("/"))
+    while fly.proxy.load(machine.id) < 1:
+        await asyncio.sleep(0.01)
+    response = await fly.client.get("/")
+    assert response.status_code == 503
+    assert response.headers["x-flyfn-proxy-error"] == "PR04"
+    assert "hard_limit" in response.text
+    release.set()
+    assert (await held).status_code == 200
 
 
 async def test_fly_headers_added_and_hop_by_hop_removed(stack: Stack) -> None:
@@ -588,16 +729,46 @@ async def test_body_over_the_limit_is_not_replayed(stack: Stack) -> None:
     assert [d.machine_id for d in stack.fleet.deliveries] == [main.id]
 
 
+async def test_a_body_over_the_edge_buffer_that_needs_a_replay_is_pa01(stack: Stack) -> None:
+    main, _ = await stack.replay_pair()
+    response = await stack.client.post("/upload", content=b"a" * (EDGE_BUFFER_LIMIT + 1))
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA01"
+    assert "cannot be replayed" in response.text
+    assert [d.machine_id for d in stack.fleet.deliveries] == [main.id]
+
+
+async def test_a_body_within_the_edge_buffer_is_retried_after_a_refused_connection(
+    stack: Stack,
+) -> None:
+    machine = await stack.machine(restart=MachineRestart(policy="no"))
+    stack.fleet.silently_dead.add(machine.id)
+    body = b"p" * 5_000_000  # over the replay limit, within the edge's buffer
+    response = await stack.client.post("/upload", content=body)
+    assert response.status_code == 200
+    assert response.json()["body_len"] == len(body)
+    assert stack.fleet.launches.count(machine.id) == 2
+
+
+async def test_a_body_over_the_edge_buffer_that_needs_a_retry_is_pa01(stack: Stack) -> None:
+    machine = await stack.machine(restart=MachineRestart(policy="no"))
+    stack.fleet.silently_dead.add(machine.id)
+    response = await stack.client.post("/upload", content=b"p" * (EDGE_BUFFER_LIMIT + 1))
+    assert response.status_code == 502
+    assert response.headers["x-flyfn-proxy-error"] == "PA01"
+    assert "cannot be retried" in response.text
+
+
 async def test_large_streamed_upload_without_replay_arrives_whole(stack: Stack) -> None:
     await stack.machine()
 
     async def chunks() -> AsyncIterator[bytes]:
-        for _ in range(40):
+        for _ in range(200):
             yield b"b" * 65536
 
-    response = await stack.client.post("/upload", content=chunks())
+    response = await stack.client.post("/upload", content=chunks())  # over 10 MB, streamed
     assert response.status_code == 200
-    assert response.json()["body_len"] == 40 * 65536
+    assert response.json()["body_len"] == 200 * 65536
 
 
 async def test_silently_dead_machine_is_noticed_and_restarted(stack: Stack) -> None:
@@ -684,8 +855,12 @@ async def real() -> AsyncIterator[tuple[FlyProxy, ProcessRuntime, Machine]]:
     runtime.attach(emulator)
     proxy = FlyProxy(emulator, runtime, app_name=APP, idle_stop=0)
     try:
+        service = MachineService(
+            protocol="tcp", internal_port=8000, ports=[MachinePort(port=80, handlers=["http"])]
+        )
         machine = await emulator.create(
-            APP, CreateMachineRequest(config=MachineConfig(image="local/p:1"))
+            APP,
+            CreateMachineRequest(config=MachineConfig(image="local/p:1", services=[service])),
         )
         machine = await emulator.wait_for_state(APP, machine.id, "started", timeout=20)
         yield proxy, runtime, machine
@@ -736,13 +911,12 @@ async def test_fifty_megabytes_stream_through_without_buffering(
 
 
 def closed_connections_to(port: int) -> int:
-    """Loopback TCP connections to `port` this side closed first (TIME_WAIT; Linux /proc)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "06" and int(fields[2].rsplit(":", 1)[1], 16) == port:
-            count += 1
-    return count
+    """Loopback TCP connections to `port` this side closed first (TIME_WAIT)."""
+    return sum(
+        1
+        for conn in psutil.net_connections(kind="tcp4")
+        if conn.status == psutil.CONN_TIME_WAIT and conn.raddr and conn.raddr.port == port
+    )
 
 
 async def test_replay_responses_leave_their_connection_open(
@@ -790,3 +964,111 @@ async def test_holds_two_hundred_concurrent_connections(
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
+
+
+# -- the edge: hostile requests and Fly-like connection timeouts (a real server, real sockets) -----
+
+
+@asynccontextmanager
+async def served(
+    proxy: FlyProxy, *, idle_timeout: float = 60.0, header_timeout: float = 60.0
+) -> AsyncIterator[int]:
+    """The proxy on a loopback port with `flyfn dev`'s edge protocol; the port."""
+    config = uvicorn.Config(
+        proxy,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        http=edge_protocol(idle_timeout, header_timeout),
+        timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    """Send `raw` on a new connection; everything the proxy answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 60)  # a safety bound only
+    finally:
+        writer.close()
+
+
+async def test_non_ascii_header_values_are_forwarded(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    proxy, _, machine = real
+    async with served(proxy) as port, httpx.AsyncClient() as client:
+        response = await client.get(
+            f"http://127.0.0.1:{port}/echo", headers={b"x-name": "café".encode()}
+        )
+    assert response.status_code == 200
+    data = response.json()
+    assert data["machine"] == machine.id
+    assert data["headers"]["x-name"].encode("latin-1") == "café".encode()
+
+
+@pytest.mark.parametrize("target", [b"http://evil.example/x", b"*", b"/a#frag", b"#"])
+async def test_absolute_asterisk_and_fragment_targets_get_a_clean_400(
+    real: tuple[FlyProxy, ProcessRuntime, Machine], target: bytes
+) -> None:
+    proxy, _, _ = real
+    async with served(proxy) as port:
+        raw = b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await exchange(port, raw)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Traceback" not in answer
+    assert b"PU04: invalid request target" in answer
+
+
+async def test_idle_and_slow_header_connections_are_closed(
+    real: tuple[FlyProxy, ProcessRuntime, Machine],
+) -> None:
+    proxy, _, _ = real
+    async with served(proxy, idle_timeout=0.5, header_timeout=1.0) as port:
+        loop = asyncio.get_running_loop()
+        # Opened and never used: closed once idle for the idle timeout.
+        begun = loop.time()
+        assert await exchange(port, b"") == b""
+        assert loop.time() - begun >= 0.5
+        # Headers trickled in, never idle for long, never finished: closed at the header timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        begun = loop.time()
+        closed = asyncio.ensure_future(reader.read())
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(closed, 60) == b""
+        assert loop.time() - begun >= 1.0
+        writer.close()
+        # A connection in use is not idle: keep-alive requests go on while they keep coming.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = h11.Connection(h11.CLIENT)
+        for _ in range(4):
+            request = h11.Request(method="GET", target="/echo", headers=[("host", "x")])
+            writer.write(client.send(request) + client.send(h11.EndOfMessage()))
+            statuses = []
+            while (event := client.next_event()) is not h11.PAUSED and not isinstance(
+                event, h11.EndOfMessage
+            ):
+                if event is h11.NEED_DATA:
+                    client.receive_data(await asyncio.wait_for(reader.read(65536), 60))
+                elif isinstance(event, h11.Response):
+                    statuses.append(event.status_code)
+            assert statuses == [200]
+            client.start_next_cycle()
+            await asyncio.sleep(0.3)
+        writer.close()

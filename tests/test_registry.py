@@ -23,6 +23,7 @@ from flyfn.registry import (
     normalize_methods,
     registry,
     validate_group_name,
+    view_name,
 )
 
 
@@ -36,6 +37,10 @@ def report(request: HttpRequest) -> HttpResponse:
 
 def unnamed(request: HttpRequest) -> HttpResponse:
     return HttpResponse("unnamed")
+
+
+def label(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("label")
 
 
 class Invoice(View):
@@ -52,8 +57,13 @@ shop_patterns: list[URLPattern | URLResolver] = [
     path("deeper/", include((report_patterns, "reports"))),
 ]
 
+# The most common Django pattern: include() of an app's urls without any namespace.
+label_patterns: list[URLPattern | URLResolver] = [path("label/", label, name="label")]
+plain_patterns: list[URLPattern | URLResolver] = [path("inner/", include(label_patterns))]
+
 urlpatterns = [
     path("shop/", include((shop_patterns, "shop"), namespace="store")),
+    path("plain/", include(plain_patterns)),
     path("top/", report, name="top"),
     path("unnamed/", unnamed),
 ]
@@ -181,6 +191,22 @@ def test_iter_url_names_covers_namespaces() -> None:
 
 
 @override_settings(ROOT_URLCONF="tests.test_registry")
+def test_iter_url_names_walks_includes_without_a_namespace() -> None:
+    names = list(iter_url_names())
+    assert ("label", label) in names  # two plain include()s deep, under its own name
+    assert not any(name.endswith(":label") for name, _ in names)
+    assert len(names) == len(dict(names))  # each name once
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_a_declared_view_inside_a_plain_include_is_found(reg: Registry) -> None:
+    entry = ServerlessView(frozenset({"GET", "HEAD"}), "default", "label")
+    reg.set_declared({"label": entry})
+    assert reg.lookup(label) is entry  # resolved through the urlconf
+    assert reg.lookup(label, "label") is entry
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
 def test_declared_views_match_by_url_name_or_resolved_callback(reg: Registry) -> None:
     entry = ServerlessView(frozenset({"GET", "HEAD"}), "pdf", "store:receipt")
     reg.set_declared({"store:receipt": entry})
@@ -243,3 +269,127 @@ def test_settings_declared_views_reach_the_process_registry() -> None:
 def test_invalid_settings_leave_no_declared_views() -> None:
     with override_settings(FLYFN={"VIEWS": {"store:receipt": ["GTE"]}}):
         assert registry.lookup_url_name("store:receipt") is None
+
+
+# --------------------------------------------------------------------------- gaps found by mutmut
+
+
+def test_helper_errors_say_what_is_allowed() -> None:
+    with pytest.raises(TypeError, match=r"methods must be a list of HTTP methods.*got 5"):
+        normalize_methods(5)  # type: ignore[arg-type]
+    allowed = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE"
+    with pytest.raises(ValueError, match=f"unknown HTTP method 'GTE'; allowed: {allowed}$"):
+        normalize_methods(["GTE"])
+    with pytest.raises(ValueError, match=r"^no HTTP method given; pass e\.g\. methods=\['GET'\]$"):
+        normalize_methods([])
+    with pytest.raises(ValueError, match=r"starting with a letter or digit$"):
+        validate_group_name("-x")
+
+
+class CallableView:
+    """A view that is an instance: it has a module (its class's) but no qualified name."""
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+
+class NoModuleView(CallableView):
+    __module__ = None  # type: ignore[assignment]
+
+
+def test_view_names() -> None:
+    assert view_name(receipt) == "tests.test_registry.receipt"
+    assert view_name(Invoice) == "tests.test_registry.Invoice"
+    assert view_name(Invoice.as_view()) == "tests.test_registry.Invoice"
+    assert view_name(CallableView()) == "tests.test_registry.CallableView"
+    assert view_name(NoModuleView()) == "?.NoModuleView"
+
+
+def test_a_fresh_registry_is_empty(reg: Registry) -> None:
+    assert len(reg) == 0
+    assert reg.declared() == {}
+    assert reg.decorated() == {}
+    assert reg.groups() == frozenset()
+    assert reg.lookup(receipt, "shop:receipt") is None
+    assert reg.lookup_url_name("shop:receipt") is None
+    reg.unregister(receipt)  # forgetting an unknown view is fine
+
+
+def test_register_names_the_view_in_its_error(reg: Registry) -> None:
+    reg.register(receipt, ["GET"], "pdf")
+    with pytest.raises(ValueError, match=r"^tests\.test_registry\.receipt is already serverless"):
+        reg.register(receipt, ["GET"], "other")
+
+
+def test_lookups_are_memoised_until_the_next_change(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walks: list[object] = []
+    find = reg._find_decorated
+
+    def counting(view: object) -> ServerlessView | None:
+        walks.append(view)
+        return find(view)
+
+    monkeypatch.setattr(reg, "_find_decorated", counting)
+    for change in (
+        lambda: None,
+        lambda: reg.register(receipt),
+        lambda: reg.unregister(receipt),
+        lambda: reg.set_declared({}),
+        reg.forget_urls,
+    ):
+        change()
+        walks.clear()
+        reg.lookup(report)
+        reg.lookup(report)
+        assert walks == [report]  # walked once, then answered from the memo
+
+
+def test_an_unhashable_wrapper_of_a_registered_view_is_seen_through(reg: Registry) -> None:
+    entry = reg.register(receipt)
+
+    class Wrapper:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __init__(self, wrapped: Callable[..., Any]) -> None:
+            self.__wrapped__ = wrapped
+
+    assert reg.lookup(Wrapper(receipt)) is entry
+    assert reg.lookup(Wrapper(report)) is None
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_the_urlconf_is_walked_once_for_declared_views(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flyfn.registry as registry_module
+
+    walks: list[None] = []
+
+    def counting(urlconf: str | None = None) -> Iterator[tuple[str, Callable[..., Any]]]:
+        walks.append(None)
+        return iter_url_names(urlconf)
+
+    monkeypatch.setattr(registry_module, "iter_url_names", counting)
+    entry = ServerlessView(frozenset({"GET"}), "default", "top")
+    reg.set_declared({"top": entry})
+    assert reg.lookup(report) is entry
+    assert reg.lookup(receipt) is None
+    assert reg.lookup(Invoice.as_view()) is None
+    assert len(walks) == 1
+
+
+@override_settings(ROOT_URLCONF="tests.test_registry")
+def test_the_instance_namespace_comes_before_the_application_namespace() -> None:
+    # "store" (instance) sorts after "shop" (application): the order is the walk's own.
+    names = [name for name, _ in iter_url_names()]
+    assert names.index("store:receipt") < names.index("shop:receipt")
+    assert names.index("store:reports:report") < names.index("shop:reports:report")
+    assert all(name.rsplit(":", 1)[-1] != "None" for name in names)  # unnamed patterns: none
+
+
+def test_iter_url_names_reads_the_urlconf_it_is_given() -> None:
+    names = dict(iter_url_names("tests.test_registry"))  # ROOT_URLCONF is tests.urls
+    assert names["top"] is report
+    assert "plain" not in names

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import string
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flyfn.replay import (
+    MAX_CLOCK_SKEW,
+    MAX_STATE_AGE,
     REPLAY_JSON_CONTENT_TYPE,
+    STATE_BODY_DIGEST_LIMIT,
     FlyReplay,
     ReplayFailed,
     ReplayHeaderError,
     ReplaySource,
+    StateCheck,
     _fields,
+    _mac,
+    _message,
     _split,
     _split_quoted,
+    body_binding,
     format_duration,
     parse_duration,
     sign_state,
@@ -458,3 +468,425 @@ def test_unquoted_values_split_as_the_quote_aware_loop_splits_them(value: str) -
             return _fields(_split_quoted(value, "h", seps), "h", key)
 
         assert _outcome(fast) == _outcome(loop)
+
+
+# --------------------------------------------------------------------------- header safety (#16)
+
+
+@pytest.mark.parametrize(
+    "text", ["\u0661\u0660s", "\uff11\uff10s", "1\u0660ms", "10s\n", "\r\n10s", " 10s"]
+)
+def test_durations_take_ascii_digits_and_nothing_around_them(text: str) -> None:
+    with pytest.raises(ReplayHeaderError):
+        parse_duration(text)
+    with pytest.raises(ReplayHeaderError):
+        FlyReplay(instance="abc", timeout=text)
+
+
+@pytest.mark.parametrize("bad", ["a\r\nb", "a\nb", "a\rb", "a\x00b", "a\tb", "a\x7fb", "a\x85b"])
+@pytest.mark.parametrize(
+    "field", ["instance", "prefer_instance", "app", "state", "timeout", "fallback"]
+)
+def test_replay_fields_refuse_control_characters(field: str, bad: str) -> None:
+    with pytest.raises(ReplayHeaderError, match=f"fly-replay {field}"):
+        FlyReplay(**{field: bad})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["a\r\nb", "a\nb", "a\x00b", "a\tb", "a\x7fb", "a\x9bb"])
+def test_replay_regions_extras_and_transform_refuse_control_characters(bad: str) -> None:
+    with pytest.raises(ReplayHeaderError, match="region"):
+        FlyReplay(region=("iad", bad))
+    with pytest.raises(ReplayHeaderError, match="control character"):
+        FlyReplay(instance="abc", extra=(("note", bad),))
+    with pytest.raises(ReplayHeaderError, match="control character"):
+        FlyReplay(instance="abc", extra=(("cache", {"ttl": [1, {"k": bad}]}),))
+    with pytest.raises(ReplayHeaderError, match="control character"):
+        FlyReplay(instance="abc", transform={"set_headers": [{"name": "x", "value": bad}]})
+    with pytest.raises(ReplayHeaderError, match="control character"):
+        FlyReplay(instance="abc", transform={bad: "x"})
+    with pytest.raises(ReplayHeaderError, match="control character"):
+        FlyReplay.from_json({"instance": "abc", "note": bad})
+
+
+def test_replay_extras_must_be_unique_and_a_tuple() -> None:
+    with pytest.raises(ReplayHeaderError, match="twice"):
+        FlyReplay(instance="abc", extra=(("note", "a"), ("note", "b")))
+    with pytest.raises(ReplayHeaderError, match="tuple"):
+        FlyReplay(instance="abc", extra=[("note", "a")])  # type: ignore[arg-type]
+
+
+def test_a_nested_extra_that_is_too_big_is_refused_cleanly() -> None:
+    with pytest.raises(ReplayHeaderError, match="nested values"):
+        FlyReplay(instance="abc", extra=(("big", list(range(20_000))),))
+
+
+@pytest.mark.parametrize("value", ["caf\u00e9", 'say "hi"', "back\\slash", 5, None])
+def test_an_extra_the_header_form_cannot_carry_is_refused_by_to_header(value: object) -> None:
+    replay = FlyReplay(instance="abc", extra=(("note", value),))
+    with pytest.raises(ReplayHeaderError, match="not a header value"):
+        replay.to_header()
+    assert replay.to_json()["note"] == value  # the JSON form carries it
+
+
+def test_extras_in_the_header_form_are_quoted_when_needed() -> None:
+    replay = FlyReplay(instance="abc", extra=(("note", "a b,c"), ("tag", "x")))
+    assert replay.to_header() == 'instance=abc;note="a b,c";tag=x'
+
+
+# --------------------------------------------------------------------------- the codec (#17)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("app", "x;instance=y"),
+        ("app", "x,y"),
+        ("app", ""),
+        ("prefer_instance", "a;fallback=force_self"),
+        ("prefer_instance", "a b"),
+        ("instance", "-leading-dash"),
+    ],
+)
+def test_names_that_would_add_header_fields_are_refused(field: str, value: str) -> None:
+    with pytest.raises(ReplayHeaderError, match=f"fly-replay {field}: invalid value"):
+        FlyReplay(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "instance=a;;fallback=force_self;timeout=5s",
+        "instance=a; ;fallback=force_self;timeout=5s",
+        ";instance=a,,fallback=force_self;timeout=5s;",
+    ],
+)
+def test_empty_segments_drop_no_field(header: str) -> None:
+    assert FlyReplay.parse(header) == FlyReplay(instance="a", fallback="force_self", timeout="5s")
+
+
+def test_to_json_is_the_documented_body() -> None:
+    replay = FlyReplay(
+        instance="e286de4f711e86",
+        prefer_instance="0e1f",
+        app="api",
+        region=("syd", "iad"),
+        elsewhere=True,
+        state="s.1",
+        timeout="800ms",
+        fallback="prefer_self",
+        transform={"path": "/v2/x", "set_headers": [{"name": "a", "value": "b"}]},
+        extra=(("cache", {"ttl": 30}),),
+    )
+    assert replay.to_json() == {
+        "instance": "e286de4f711e86",
+        "prefer_instance": "0e1f",
+        "app": "api",
+        "region": "syd,iad",
+        "elsewhere": True,
+        "state": "s.1",
+        "timeout": "800ms",
+        "fallback": "prefer_self",
+        "transform": {"path": "/v2/x", "set_headers": [{"name": "a", "value": "b"}]},
+        "cache": {"ttl": 30},
+    }
+    assert json.loads(replay.to_json_bytes()) == replay.to_json()
+    assert FlyReplay(elsewhere=False, app="api").to_json() == {"app": "api"}
+
+
+def test_transform_must_be_an_object() -> None:
+    with pytest.raises(ReplayHeaderError, match="transform: expected a JSON object"):
+        FlyReplay(instance="abc", transform=["path"])  # type: ignore[arg-type]
+    with pytest.raises(ReplayHeaderError, match="transform"):
+        FlyReplay.from_json({"instance": "abc", "transform": "path=/x"})
+
+
+def test_json_fields_must_be_strings() -> None:
+    with pytest.raises(ReplayHeaderError, match="fly-replay JSON instance: expected a string"):
+        FlyReplay.from_json({"instance": 5})
+    assert FlyReplay.from_json({"elsewhere": "true"}).elsewhere is True
+    assert FlyReplay.from_json({"elsewhere": False, "app": "a"}).elsewhere is False
+
+
+@pytest.mark.parametrize(
+    ("replay", "head", "tail"),
+    [
+        (
+            FlyReplay(instance="abc", timeout="10s", fallback="force_self"),
+            "instance=abc;state=",
+            ";timeout=10s;fallback=force_self",
+        ),
+        (FlyReplay(app="fn-app"), "app=fn-app;state=", ""),
+        (FlyReplay(), "state=", ""),
+        (FlyReplay(instance="abc", state="old"), "instance=abc;state=", ""),
+        (FlyReplay(app="a", extra=(("note", "x y"),)), "app=a;state=", ';note="x y"'),
+    ],
+)
+def test_header_around_state_splits_at_the_state(replay: FlyReplay, head: str, tail: str) -> None:
+    assert replay.to_header_around_state() == (head, tail)
+    assert FlyReplay.parse(f"{head}flyfn2.1.x{tail}").state == "flyfn2.1.x"
+
+
+def test_header_around_state_needs_the_header_form() -> None:
+    with pytest.raises(ReplayHeaderError, match="JSON form"):
+        FlyReplay(instance="abc", transform={"path": "/x"}).to_header_around_state()
+    with pytest.raises(ReplayHeaderError, match="cannot place the state"):
+        FlyReplay(instance="abc", extra=(("note", "flyfn-state-slot"),)).to_header_around_state()
+
+
+def test_has_target_and_timeout_seconds() -> None:
+    assert not FlyReplay(state="x", timeout="1s").has_target
+    for target in (
+        {"instance": "a"},
+        {"prefer_instance": "a"},
+        {"app": "a"},
+        {"region": ("iad",)},
+        {"elsewhere": True},
+    ):
+        assert FlyReplay(**target).has_target
+    assert FlyReplay().timeout_seconds is None
+    assert FlyReplay(timeout="1.5s").timeout_seconds == 1.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"elsewhere": "true"}, {"region": ["iad"]}, {"state": 5}, {"instance": 5}, {"fallback": ""}],
+)
+def test_building_a_replay_of_the_wrong_types_fails(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ReplayHeaderError):
+        FlyReplay(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(10, "10s"), (0.8, "800ms"), (1.5, "1500ms"), (0.0004, None), (0, None)]
+)
+def test_format_duration(seconds: float, text: str | None) -> None:
+    if text is None:
+        with pytest.raises(ReplayHeaderError):
+            format_duration(seconds)
+    else:
+        assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1h", 3600.0), ("999999999ms", 999999.999), ("0.5m", 30.0), ("1.000001s", 1.000001)],
+)
+def test_every_unit_and_the_limits(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["1000000000s", "1.0000001s", "0.0s", "0ms", "10S", 10])
+def test_durations_beyond_the_limits(text: object) -> None:
+    with pytest.raises(ReplayHeaderError, match="invalid duration"):
+        parse_duration(text)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ src / failed (#17, #11)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "fragment"),
+    [
+        (ReplaySource, {"instance": "a b"}, "fly-replay-src instance"),
+        (ReplaySource, {"region": "x;y"}, "fly-replay-src region"),
+        (ReplaySource, {"state": "a,b"}, "fly-replay-src state"),
+        (ReplaySource, {"state": "a\r\nb"}, "fly-replay-src state"),
+        (ReplaySource, {"state": ""}, "fly-replay-src state"),
+        (ReplaySource, {"t": -1}, "fly-replay-src t"),
+        (ReplaySource, {"t": "5"}, "fly-replay-src t"),
+        (ReplaySource, {"t": True}, "fly-replay-src t"),
+        (ReplaySource, {"extra": (("instance", "x"),)}, "duplicates a known field"),
+        (ReplaySource, {"extra": (("Note", "x"),)}, "invalid extra field name"),
+        (ReplaySource, {"extra": (("note", "a b"),)}, "fly-replay-src: invalid value"),
+        (ReplayFailed, {"app": "a;b"}, "fly-replay-failed app"),
+        (ReplayFailed, {"replay_source": "a b"}, "fly-replay-failed replay_source"),
+        (ReplayFailed, {"reason": 'a"b'}, "fly-replay-failed reason"),
+        (ReplayFailed, {"elapsed_ms": -5}, "fly-replay-failed elapsed_ms"),
+        (ReplayFailed, {"elapsed_ms": 1.5}, "fly-replay-failed elapsed_ms"),
+    ],
+)
+def test_src_and_failed_validate_on_construction(
+    cls: type[ReplaySource | ReplayFailed], kwargs: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(ReplayHeaderError, match=fragment):
+        cls(**kwargs)  # type: ignore[arg-type]
+
+
+def test_src_and_failed_keep_unknown_fields_and_write_them_back() -> None:
+    source = ReplaySource.parse("instance=a;hop=2;state=s.1;via=iad")
+    assert source == ReplaySource(instance="a", state="s.1", extra=(("hop", "2"), ("via", "iad")))
+    assert source.to_header() == "instance=a;state=s.1;hop=2;via=iad"
+    failed = ReplayFailed.parse("reason=timeout,elapsed_ms=5,attempts=3")
+    assert failed == ReplayFailed(reason="timeout", elapsed_ms=5, extra=(("attempts", "3"),))
+    assert failed.to_header() == "reason=timeout;elapsed_ms=5;attempts=3"
+    assert ReplaySource().to_header() == ""
+    assert ReplaySource(extra=(("a", "b"),)).to_header() == "a=b"
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [
+        "flag",  # no value
+        'note="a b, c"',  # a value that is not a bare token
+        "note=caf\u00e9",  # not ASCII
+        "note=a\x01b",  # a control character
+        "Bad Key=1",  # not a field name
+        "=1",
+        "hop=1;hop=2",  # an unknown field twice: the first is kept
+        'odd="unterminated',
+    ],
+)
+def test_src_ignores_fields_it_cannot_read_and_keeps_the_state(noise: str) -> None:
+    for header in (f"instance=a;state=s.1;{noise}", f"{noise};instance=a;state=s.1"):
+        if noise.startswith('odd="') and header.startswith(noise):
+            continue  # an unterminated quote runs to the end: nothing after it is read
+        source = ReplaySource.parse(header)
+        assert (source.instance, source.state) == ("a", "s.1")
+        assert all(key == "hop" for key, _ in source.extra)
+    assert ReplaySource.parse("instance=a;hop=1;hop=2").extra == (("hop", "1"),)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "state=a;state=b",  # twice
+        'state="a b"',  # not a token
+        "state=caf\u00e9",
+        "state=a\x00",
+        "state",  # no value
+        "t=1;t=2",
+        "state=a;instance=x y",
+    ],
+)
+def test_src_stays_strict_about_the_fields_it_knows(header: str) -> None:
+    with pytest.raises(ReplayHeaderError):
+        ReplaySource.parse(header)
+
+
+def test_src_parse_refuses_non_strings_and_huge_values() -> None:
+    with pytest.raises(ReplayHeaderError, match="expected a string"):
+        ReplaySource.parse(b"state=x")  # type: ignore[arg-type]
+    with pytest.raises(ReplayHeaderError, match="longer than"):
+        ReplaySource.parse("x" * 9000)
+    assert ReplaySource.parse("") == ReplaySource()
+    assert ReplaySource.parse(' STATE = "s.1" ').state == "s.1"
+
+
+# --------------------------------------------------------------------------- state bindings (#16)
+
+QUERY = "page=2&size=a4"
+BODY = body_binding(11, b"hello world")
+
+
+def signed(**kw: object) -> str:
+    return sign_state(SECRET, "POST", "/x", "pdf", now=NOW, query=QUERY, body=BODY, **kw)
+
+
+def check(state: str, *, now: float = NOW, max_age: float = 40, **kw: object) -> StateCheck:
+    args: dict[str, Any] = {"query": QUERY, "body": BODY, **kw}
+    return verify_state(state, SECRET, "POST", "/x", "pdf", max_age=max_age, now=now, **args)
+
+
+def test_the_state_binds_the_query_string() -> None:
+    assert check(signed()) == StateCheck(True)
+    for query in ("", "page=3&size=a4", "size=a4&page=2", QUERY + "&x=1"):
+        assert check(signed(), query=query) == StateCheck(False, "signature mismatch")
+
+
+def test_the_state_binds_the_body() -> None:
+    for body in (
+        "",
+        body_binding(11, b"hello World"),
+        body_binding(12, b"hello world!"),
+        body_binding(11),
+    ):
+        assert check(signed(), body=body) == StateCheck(False, "signature mismatch")
+
+
+def test_the_query_string_and_path_cannot_trade_characters() -> None:
+    state = sign_state(SECRET, "GET", "/x", "pdf", now=NOW, query="a=1")
+    assert not verify_state(state, SECRET, "GET", "1\n/x", "pdf", max_age=40, now=NOW, query="a=")
+    assert not verify_state(state, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW, query="a=1\n")
+
+
+def test_body_binding() -> None:
+    assert body_binding(0) == body_binding(0, b"") == ""
+    assert body_binding(5) == "5"
+    assert body_binding(5, b"hello") == "sha256:" + hashlib.sha256(b"hello").hexdigest()
+    limit = STATE_BODY_DIGEST_LIMIT
+    assert body_binding(limit, b"x" * limit).startswith("sha256:")
+    assert body_binding(limit + 1, b"x" * (limit + 1)) == str(limit + 1)
+
+
+def test_a_state_is_never_accepted_beyond_the_cap() -> None:
+    state = signed()
+    assert check(state, now=NOW + MAX_STATE_AGE, max_age=10**9) == StateCheck(True)
+    too_old = check(state, now=NOW + MAX_STATE_AGE + 1, max_age=10**9)
+    assert too_old == StateCheck(False, "state expired")
+
+
+# --------------------------------------------------------------------------- verify verdicts (#17)
+
+
+def test_each_verdict_of_verify_state() -> None:
+    state = signed()
+    assert check(state, now=NOW + 40) == StateCheck(True)
+    assert check(state, now=NOW + 40.5) == StateCheck(False, "state expired")
+    assert check(state, now=NOW - MAX_CLOCK_SKEW) == StateCheck(True)
+    assert check(state, now=NOW - MAX_CLOCK_SKEW - 1) == StateCheck(
+        False, "state issued in the future"
+    )
+    assert check("") == StateCheck(False, "no signed state")
+    assert check(None) == StateCheck(False, "no signed state")  # type: ignore[arg-type]
+    assert check(123) == StateCheck(False, "malformed state")  # type: ignore[arg-type]
+    assert check(state + "A" * 100) == StateCheck(False, "malformed state")
+    assert check(state.replace("flyfn2", "flyfn1")) == StateCheck(False, "malformed state")
+    assert verify_state(
+        state, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW, query=QUERY, body=BODY
+    ) == StateCheck(False, "signature mismatch")
+
+
+def test_state_checks_are_truthy_only_when_ok() -> None:
+    assert bool(StateCheck(True)) is True
+    assert bool(StateCheck(False, "x")) is False
+
+
+def test_an_empty_secret_never_verifies_a_state_macd_with_an_empty_key() -> None:
+    forged = f"flyfn2.{int(NOW)}.{_mac('', _message(int(NOW), 'GET', '/x', 'pdf', '', ''))}"
+    assert not verify_state(forged, "", "GET", "/x", "pdf", max_age=40, now=NOW)
+    fallback = verify_state(
+        forged, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW, fallback_secrets=[""]
+    )
+    assert fallback == StateCheck(False, "signature mismatch")
+
+
+@pytest.mark.parametrize(
+    ("forged", "real"),
+    [
+        # A newline in the method, group or body binding would shift the fields of the message
+        # into another request's: each pair below has the very same message.
+        ({"method": "GET\nA", "group": "b", "body": "0:"}, {"group": "A", "body": "b"}),
+        ({"method": "GET", "group": "a\nb", "body": "0:"}, {"group": "a", "body": "b"}),
+        ({"method": "GET", "group": "a", "body": "b\n0:"}, {"group": "a", "body": "b"}),
+    ],
+)
+def test_a_newline_in_method_group_or_body_never_verifies(
+    forged: dict[str, str], real: dict[str, str]
+) -> None:
+    state = sign_state(SECRET, "GET", "0:\n/p", real["group"], now=NOW, body=real["body"])
+    method, group, body = forged["method"], forged["group"], forged["body"]
+    assert _message(int(NOW), method, "/p", group, "", body) == _message(
+        int(NOW), "GET", "0:\n/p", real["group"], "", real["body"]
+    )
+    verdict = verify_state(state, SECRET, method, "/p", group, max_age=40, now=NOW, body=body)
+    assert verdict == StateCheck(False, "signature mismatch")
+    with pytest.raises(ValueError, match="newlines"):
+        sign_state(SECRET, method, "/p", group, now=NOW, body=body)
+
+
+def test_a_state_is_signed_with_the_clock_when_no_time_is_given() -> None:
+    before = int(time.time())
+    state = sign_state(SECRET, "GET", "/x", "pdf")
+    issued = int(state.split(".")[1])
+    assert before <= issued <= int(time.time())
+    assert verify_state(state, SECRET, "GET", "/x", "pdf", max_age=60)

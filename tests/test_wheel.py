@@ -126,6 +126,7 @@ def test_the_wheel_holds_flyfn_typed_and_licensed_only(installed: Installed) -> 
     assert packages == {"flyfn"}, names
     assert "flyfn/py.typed" in names
     assert "flyfn/emulator/dev.py" in names
+    assert "flyfn/emulator/spec/machines-requests.json" in names  # flyfn dev validates with it
     (licence,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     assert "MIT License" in zipfile.ZipFile(installed.wheel).read(licence).decode()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from demo_store.database_url import parse_database_url
+from flyfn.conf import is_loopback_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -25,12 +26,24 @@ def env_list(name: str) -> list[str]:
 
 
 DEBUG = env_bool("DEBUG")
+# Fly sets FLY_APP_NAME on every Machine. `flyfn dev` does too, but its Machines API runs on this
+# computer: that is development, not Fly.
+ON_FLY = bool(os.environ.get("FLY_APP_NAME")) and not is_loopback_url(
+    os.environ.get("FLY_API_HOSTNAME", "")
+)
 
+# Public (it is in this file): only for DEBUG on one computer, never on Fly.
+DEV_SECRET_KEY = "demo-store-insecure-dev-key-only-used-when-DEBUG-is-on"  # noqa: S105
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
-    SECRET_KEY = "demo-store-insecure-dev-key-only-used-when-DEBUG-is-on"  # noqa: S105
+    SECRET_KEY = DEV_SECRET_KEY
+if SECRET_KEY == DEV_SECRET_KEY and ON_FLY:
+    raise ImproperlyConfigured(
+        "SECRET_KEY must be set on Fly: the development key is public. Run: fly secrets set "
+        "SECRET_KEY=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))')\""
+    )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
 if DEBUG and not ALLOWED_HOSTS:
@@ -44,6 +57,12 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 SESSION_COOKIE_SECURE = not DEBUG
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# HTTPS only on Fly (fly.toml's force_https redirects at the edge too); a local run stays on http.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", ON_FLY and not DEBUG)
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS") or (31_536_000 if ON_FLY else 0))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+# *.fly.dev is on the browsers' HSTS preload list already (the whole .dev top-level domain is).
+SECURE_HSTS_PRELOAD = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -128,11 +147,21 @@ STORAGES = {
 # DATABASE_URL, FLY_API_TOKEN) reach every Machine of the app; plain [env] values of fly.toml do
 # not reach Machines created through the API, so flyfn forwards the ones named here.
 FLYFN = {
+    # Prometheus metrics for Fly's scraper ([metrics] in fly.toml); off when unset (make demo).
+    "METRICS_PORT": int(os.environ["FLYFN_METRICS_PORT"])
+    if os.environ.get("FLYFN_METRICS_PORT")
+    else None,
     "GROUPS": {
         "default": {
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024},
             "autostop": "stop",
-            "env": ["DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "LOG_LEVEL"],
+            "env": [
+                "DEBUG",
+                "ALLOWED_HOSTS",
+                "CSRF_TRUSTED_ORIGINS",
+                "LOG_LEVEL",
+                "FLYFN_METRICS_PORT",
+            ],
         },
     },
 }

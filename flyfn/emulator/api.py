@@ -34,6 +34,12 @@ from flyfn.emulator.state import (
     new_ulid,
     parse_duration,
 )
+from flyfn.emulator.validation import (
+    check_body,
+    check_env_name,
+    check_secret_values,
+    parse_json,
+)
 from flyfn.machines.models import (
     CreateLeaseRequest,
     CreateMachineRequest,
@@ -56,6 +62,7 @@ __all__ = [
     "StateOnlyRuntime",
     "create_app",
     "main",
+    "omit_zero",
 ]
 
 LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
@@ -71,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=BaseModel)
 
+_SECRETS_ROUTE = re.compile(r"^/v1/apps/(?P<app>[^/]+)/secrets(?:/(?P<name>[^/]+))?/?$")
 _ROUTE = re.compile(
     r"^/v1/apps/(?P<app>[^/]+)/machines"
     r"(?:/(?P<machine>[^/]+)(?:/(?P<action>[a-z_]+)(?:/(?P<key>[^/]+))?)?)?/?$"
@@ -135,21 +143,24 @@ class _Request:
         raise EmulatorError(400, f"invalid boolean for {name}: {value!r}")
 
     def json(self) -> Any:
-        if not self.body.strip():
-            return None
-        try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise EmulatorError(400, f"invalid JSON body: {exc}") from exc
+        return parse_json(self.body)
 
-    def model(self, model: type[_M], *, required: bool = True, data: Any = None) -> _M:
-        """The body as `model` (`data`: the already parsed body); 400 with the reason if not."""
+    def model(
+        self,
+        model: type[_M],
+        *,
+        schema: str,
+        required: bool = True,
+        data: Any = None,
+        enum_status: int = 422,
+    ) -> _M:
+        """The body as `model` (`data`: the already parsed body), checked first against Fly's
+        rules for the spec's `schema` (`flyfn.emulator.validation`); 400/422 with the reason."""
         if data is None:
             data = self.json()
         if data is None and not required:
             data = {}
-        if not isinstance(data, dict):
-            raise EmulatorError(400, "invalid request body: a JSON object is required")
+        data = check_body(schema, data, enum_status=enum_status)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -173,10 +184,44 @@ def _brief(exc: ValidationError) -> str:
 
 def _wire(body: Any) -> Any:
     if isinstance(body, BaseModel):
-        return body.model_dump(mode="json", exclude_none=True)
+        return omit_zero(body.model_dump(mode="json", exclude_none=True))
     if isinstance(body, list):
         return [_wire(item) for item in body]
     return body
+
+
+# Fields whose value is a map: its entries are data and kept as they are (Go's `omitempty` leaves
+# out empty fields of a struct, never the entries of a map), or free-form JSON.
+_MAP_FIELDS = frozenset({"env", "metadata", "labels", "request"})
+
+
+def omit_zero(value: Any) -> Any:
+    """`value` without the fields at their zero value (null, false, 0, "", {}, []), as Fly's API
+    answers: its Go types carry `omitempty` (e.g. `auto_destroy: false` and an empty `env` are
+    left out). Lists keep every item; maps (`env`, `metadata`, ...) keep every entry."""
+    if isinstance(value, list):
+        return [omit_zero(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in _MAP_FIELDS:
+            kept = item
+        elif key == "checks" and isinstance(item, dict):  # name -> check: entries kept
+            kept = {name: omit_zero(check) for name, check in item.items()}
+        else:
+            kept = omit_zero(item)
+        if not _is_zero(kept):
+            out[key] = kept
+    return out
+
+
+def _is_zero(value: Any) -> bool:
+    if value is None or value is False:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    return isinstance(value, (str, dict, list)) and len(value) == 0
 
 
 _OK = {"ok": True}
@@ -232,9 +277,19 @@ class EmulatorApp:
         }
         if not self._authorized(headers.get("authorization")):
             return _Response(401, {"error": "You must be authenticated to view this."})
-        match = _ROUTE.match(_raw_path(scope))
+        raw_path = _raw_path(scope)
+        match = _ROUTE.match(raw_path)
         if match is None:
-            return _Response(404, {"error": "not found"})
+            secrets_match = _SECRETS_ROUTE.match(raw_path)
+            if secrets_match is None:
+                return _Response(404, {"error": "not found"})
+            body = await _read_body(receive)
+            return self._secrets(
+                scope["method"].upper(),
+                unquote(secrets_match["app"]),
+                _unquote(secrets_match["name"]),
+                body,
+            )
         body = await _read_body(receive)
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         request = _Request(
@@ -303,6 +358,32 @@ class EmulatorApp:
             raise EmulatorError(405, f"method {r.method} not allowed")
         return handler
 
+    # -- app secrets (`/v1/apps/{app}/secrets`; values are set, never answered) -----------------
+
+    def _secrets(self, method: str, app: str, name: str | None, body: bytes) -> _Response:
+        emulator = self.emulator
+        if name is None:
+            if method == "GET":
+                return _Response(200, {"secrets": [s.to_json() for s in emulator.secrets(app)]})
+            if method != "POST":
+                raise EmulatorError(405, f"method {method} not allowed")
+            version = emulator.set_secrets(app, check_secret_values(parse_json(body)))
+            listed = [s.to_json() for s in emulator.secrets(app)]
+            return _Response(200, {"secrets": listed, "version": version})
+        check_env_name("secret name", name)
+        if method == "GET":
+            return _Response(200, emulator.secret(app, name).to_json())
+        if method == "DELETE":
+            emulator.secret(app, name)  # 404 when there is none
+            return _Response(200, {"version": emulator.set_secrets(app, {name: None})})
+        if method != "POST":
+            raise EmulatorError(405, f"method {method} not allowed")
+        value = check_body("SetAppSecretRequest", parse_json(body) or {}).get("value")
+        if value is None:
+            raise EmulatorError(400, "invalid body: value is required")
+        version = emulator.set_secrets(app, {name: value})
+        return _Response(201, {**emulator.secret(app, name).to_json(), "version": version})
+
     # -- handlers (one per operation of the spec) ------------------------------------------------
 
     async def _list(self, r: _Request) -> _Response:
@@ -339,7 +420,7 @@ class EmulatorApp:
         data = r.json()
         if isinstance(data, dict) and data.get("config") is None:
             raise EmulatorError(422, "invalid config.image: an image is required")
-        request = r.model(CreateMachineRequest, data=data)
+        request = r.model(CreateMachineRequest, schema="CreateMachineRequest", data=data)
         return _Response(200, await self.emulator.create(r.app, request))
 
     async def _get_machine(self, r: _Request) -> _Response:
@@ -350,7 +431,7 @@ class EmulatorApp:
         data = r.json()
         if isinstance(data, dict) and data.get("config") is None:
             raise EmulatorError(422, "invalid config.image: an image is required")
-        request = r.model(UpdateMachineRequest, data=data)
+        request = r.model(UpdateMachineRequest, schema="UpdateMachineRequest", data=data)
         machine = await self.emulator.update(
             r.app, _need(r.machine), request, lease_nonce=r.headers.get(LEASE_NONCE_HEADER)
         )
@@ -364,7 +445,7 @@ class EmulatorApp:
         return _Response(200, await self.emulator.start(r.app, _need(r.machine)))
 
     async def _stop(self, r: _Request) -> _Response:
-        request = r.model(StopRequest, required=False)
+        request = r.model(StopRequest, schema="StopRequest", required=False, enum_status=400)
         if request.signal is not None and request.signal.upper() not in STOP_SIGNALS:
             raise EmulatorError(400, f"invalid signal {request.signal!r}")
         timeout = None
@@ -406,7 +487,7 @@ class EmulatorApp:
         return _Response(200, self.emulator.get_lease(r.app, _need(r.machine)))
 
     async def _acquire_lease(self, r: _Request) -> _Response:
-        request = r.model(CreateLeaseRequest, required=False)
+        request = r.model(CreateLeaseRequest, schema="CreateLeaseRequest", required=False)
         lease = await self.emulator.acquire_lease(
             r.app,
             _need(r.machine),
@@ -431,10 +512,10 @@ class EmulatorApp:
         key = _need(r.key)
         if key not in metadata:
             raise EmulatorError(404, f"metadata key {key!r} not found")
-        return _Response(200, MetadataValue(value=metadata[key]))
+        return _Response(200, {"value": metadata[key]})
 
     async def _set_metadata(self, r: _Request) -> _Response:
-        request = r.model(MetadataValue)
+        request = r.model(MetadataValue, schema="upsertMetadataKeyRequest")
         if request.value is None:
             raise EmulatorError(400, "invalid request body: value is required")
         await self.emulator.set_metadata(r.app, _need(r.machine), _need(r.key), request.value)

@@ -1,15 +1,17 @@
 """The local Fly Proxy: an ASGI reverse proxy over emulated Machines, honouring fly-replay.
 
-`FlyProxy` load-balances requests over the started app Machines of one app (function Machines,
-those whose config env has FLYFN_GROUP, only get traffic by replay or `fly-force-instance-id`),
-and acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
+`FlyProxy` load-balances requests like Fly Proxy over every Machine of the app with a service on
+the request's port, function Machines included (the decision lives in `flyfn.emulator.balancer`:
+concurrency limits, started first, autostart at the soft limit, waiting at the hard limit), and
+acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
 elsewhere, state, timeout, fallback, transform) the way Fly Proxy does: it re-delivers the request
 with `fly-replay-src`, falls back with `fly-replay-failed`, refuses to replay bodies over 1 MB and
 chains of more than 10 replays. Stopped or suspended targets are started on demand (through the
 `MachinesEmulator`, so the state machine and events stay right), idle ones are stopped or
 suspended after `idle_stop` seconds per their services' `autostop`.
 
-Bodies stream both ways (only up to 1 MB of a request body is buffered, to be able to replay it).
+Bodies stream both ways; a request body is buffered up to 10 MB as Fly's edge does (to replay or
+retry it), and a larger one that needs a replay or a retry fails with PA01.
 Every response carries `Fly-Request-Id` and `X-Flyfn-Machine: <id>` (an emulator-only aid); proxy
 errors are short plain pages with a Fly-style code. A `RequestLog` per request tells its route.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ from typing import Protocol
 
 import httpx
 
+from flyfn.emulator import balancer
 from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
 from flyfn.emulator.supervisor import is_function_machine, machine_label
@@ -42,6 +44,7 @@ from flyfn.replay import (
 __all__ = [
     "DEFAULT_IDLE_STOP",
     "DEFAULT_REPLAY_TIMEOUT",
+    "EDGE_BUFFER_LIMIT",
     "MAX_REPLAYS",
     "REPLAY_BODY_LIMIT",
     "FlyProxy",
@@ -50,6 +53,9 @@ __all__ = [
 ]
 
 REPLAY_BODY_LIMIT = 1_000_000
+# Fly's edge buffers a request body up to 10 MB, to replay or retry it; beyond that buffering
+# stops, and a request that then needs a replay or a retry fails with PA01 (Fly's error codes).
+EDGE_BUFFER_LIMIT = 10_000_000
 MAX_REPLAYS = 10
 DEFAULT_REPLAY_TIMEOUT = 30.0
 DEFAULT_IDLE_STOP = 60.0
@@ -62,6 +68,8 @@ _MAX_CONNECT_RETRIES = 5
 # so that a Machine dying mid-answer can still be retried (see `_ReadAhead`).
 _READ_AHEAD_BYTES = 64 * 1024
 _READ_AHEAD_SECONDS = 0.05
+# While every Machine is at its hard limit a request waits, looking again this often (seconds).
+_FULL_RETRY_SECONDS = 0.02
 # Methods a failed delivery may be sent again for (RFC 9110 safe methods).
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -96,7 +104,7 @@ _PROXY_REQUEST_HEADERS = frozenset(
 _REPLAY_REQUEST_HEADERS = frozenset({"fly-replay-src", "fly-replay-failed"})
 _STARTABLE = frozenset({"created", "stopped", "suspended", "failed"})
 _TRANSITIONAL = frozenset(
-    {"starting", "stopping", "suspending", "restarting", "updating", "replacing"}
+    {"creating", "starting", "stopping", "suspending", "restarting", "updating", "replacing"}
 )
 
 
@@ -134,6 +142,10 @@ class _Unreachable(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+class _Full(Exception):
+    """Every candidate Machine is at its hard limit: the request waits for room."""
 
 
 @dataclass
@@ -226,13 +238,12 @@ def _directive(replay: FlyReplay) -> _Directive:
 
 
 class _Body:
-    """The request body: buffered when it fits the replay limit, else streamed once."""
+    """The request body: buffered whole when it fits the edge's buffer, else streamed once."""
 
-    def __init__(self, prefix: bytes, complete: bool, receive: Receive, limit: int) -> None:
+    def __init__(self, prefix: bytes, complete: bool, receive: Receive) -> None:
         self.prefix = prefix
         self.complete = complete
         self._receive = receive
-        self._limit = limit
         self.consumed = False
 
     @classmethod
@@ -247,13 +258,9 @@ class _Body:
             chunks.append(chunk)
             size += len(chunk)
             if not message.get("more_body", False):
-                return cls(b"".join(chunks), True, receive, limit)
+                return cls(b"".join(chunks), True, receive)
             if size > limit:
-                return cls(b"".join(chunks), False, receive, limit)
-
-    @property
-    def replayable(self) -> bool:
-        return self.complete and len(self.prefix) <= self._limit
+                return cls(b"".join(chunks), False, receive)
 
     def content(self) -> bytes | AsyncIterator[bytes]:
         if self.complete:
@@ -290,6 +297,7 @@ class _Destination:
     fallback: str | None = None
     issuer: Machine | None = None  # the Machine that asked for this replay
     issuer_app: str | None = None
+    port: int = 80  # the public port the request came in on (services are matched on it)
 
 
 @dataclass
@@ -408,10 +416,12 @@ class FlyProxy:
         idle_stop: float = DEFAULT_IDLE_STOP,
         replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         replay_body_limit: int = REPLAY_BODY_LIMIT,
+        edge_buffer_limit: int = EDGE_BUFFER_LIMIT,
         on_log: Callable[[RequestLog], None] | None = None,
         on_event: Callable[[str], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         read_timeout: float = 300.0,
+        balance_function_machines: bool = True,
     ) -> None:
         self.machines = machines
         self.addresses = addresses
@@ -420,12 +430,15 @@ class FlyProxy:
         self.idle_stop = idle_stop
         self.replay_timeout = replay_timeout
         self.replay_body_limit = replay_body_limit
+        self.edge_buffer_limit = edge_buffer_limit
         self.on_log = on_log
         self.on_event = on_event
         self._transport = transport
         self._read_timeout = read_timeout
         self._client: httpx.AsyncClient | None = None
         self._inflight: defaultdict[str, int] = defaultdict(int)
+        self._waiting: defaultdict[str, int] = defaultdict(int)
+        self.balance_function_machines = balance_function_machines
         self._last_active: dict[str, float] = {}
         self._seen_pid: dict[str, int] = {}
         self._starting: dict[str, asyncio.Task[Machine]] = {}
@@ -487,10 +500,12 @@ class FlyProxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope.get("query_string", b"")
         path = raw_path + (b"?" + query if query else b"")
-        log = RequestLog(scope["method"], scope["path"] + ("?" + query.decode() if query else ""))
+        shown = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        log = RequestLog(scope["method"], shown)
         request_id = f"{new_ulid()}-{self.region}"
         try:
-            body = await _Body.read(receive, self.replay_body_limit)
+            _check_target(raw_path)
+            body = await _Body.read(receive, self.edge_buffer_limit)
             await self._route(scope, body, path, request_id, log, send)
         except _ClientGone:
             log.error = "client went away"
@@ -509,7 +524,10 @@ class FlyProxy:
     ) -> None:
         headers = self._request_headers(scope, request_id)
         forced = _header(scope, "fly-force-instance-id")
-        dest = _Destination(app=self.app_name, instance=forced, timeout=self.replay_timeout)
+        port = 443 if scope.get("scheme") == "https" else 80
+        dest = _Destination(
+            app=self.app_name, instance=forced, timeout=self.replay_timeout, port=port
+        )
         delivery = _Delivery(path=path, headers=headers)
         replays = resends = 0
         while True:
@@ -554,7 +572,9 @@ class FlyProxy:
             self._done(machine)
             if delivery.fallback:
                 raise ProxyError("PA03", 502, "a fallback request cannot be replayed again")
-            if not body.replayable:
+            if not body.complete:
+                raise ProxyError("PA01", 502, self._unbuffered("replayed"))
+            if len(body.prefix) > self.replay_body_limit:
                 raise ProxyError(
                     "PA03",
                     502,
@@ -598,6 +618,7 @@ class FlyProxy:
             fallback=directive.fallback,
             issuer=machine,
             issuer_app=dest.app,
+            port=dest.port,
         )
         return new_dest, _Delivery(path=path, headers=headers, extra={"fly-replay-src": src})
 
@@ -628,11 +649,21 @@ class FlyProxy:
         headers = [(k, v) for k, v in delivery.headers if k.lower() not in _REPLAY_REQUEST_HEADERS]
         log.hops.append("fallback")
         if dest.fallback == "force_self":
-            new_dest = _Destination(app=app, instance=issuer.id, timeout=self.replay_timeout)
+            new_dest = _Destination(
+                app=app, instance=issuer.id, timeout=self.replay_timeout, port=dest.port
+            )
         else:
-            new_dest = _Destination(app=app, prefer_instance=issuer.id, timeout=self.replay_timeout)
+            new_dest = _Destination(
+                app=app, prefer_instance=issuer.id, timeout=self.replay_timeout, port=dest.port
+            )
         return new_dest, _Delivery(
             path=delivery.path, headers=headers, extra={"fly-replay-failed": failed}, fallback=True
+        )
+
+    def _unbuffered(self, what: str) -> str:
+        return (
+            f"the request body is over {self.edge_buffer_limit} bytes: the edge stopped "
+            f"buffering it, so it cannot be {what}"
         )
 
     def _label(self, app: str, machine_id: str | None) -> str:
@@ -665,9 +696,10 @@ class FlyProxy:
                 await asyncio.sleep(0.05)
                 continue
             host, port = address
-            headers = list(delivery.headers)
-            headers.extend(delivery.extra.items())
-            headers.extend(headers_extra.items())
+            headers = [
+                (_header_bytes(k), _header_bytes(v))
+                for k, v in [*delivery.headers, *delivery.extra.items(), *headers_extra.items()]
+            ]
             url = httpx.URL(scheme="http", host=host, port=port, raw_path=delivery.path)
             request = self._client.build_request(
                 method, url, headers=headers, content=body.content()
@@ -681,11 +713,13 @@ class FlyProxy:
                 # A process that just died is seen now and started again.
                 await self.addresses.reap(machine.id)
                 attempts += 1
-                if (
-                    attempts > _MAX_CONNECT_RETRIES
-                    or time.monotonic() >= deadline
-                    or not body.complete  # a streamed body cannot be sent twice
-                ):
+                if not body.complete:  # a streamed body cannot be sent twice
+                    raise ProxyError(
+                        "PA01",
+                        502,
+                        f"Machine {machine.id} {failure}; {self._unbuffered('retried')}",
+                    ) from exc
+                if attempts > _MAX_CONNECT_RETRIES or time.monotonic() >= deadline:
                     raise _Unreachable(
                         "retries_exhausted", f"Machine {machine.id} {failure}", machine.id
                     ) from exc
@@ -699,12 +733,15 @@ class FlyProxy:
         """A started Machine for `dest` (starting one if needed), a log note, extra headers."""
         unavailable: set[str] = set()
         while True:
-            candidates = self._candidates(dest, unavailable)
-            if not candidates:
-                target = dest.instance
-                what = f"Machine {target}" if target else f"a Machine of app {dest.app!r}"
-                raise _Unreachable("no_candidate", f"no candidate: {what} is not available", target)
-            machine = candidates[0]
+            try:
+                machine = self._pick(dest, unavailable)
+            except _Full as full:
+                # Fly Proxy queues a request while every Machine is at its hard limit, and
+                # answers 503 when that lasts.
+                if time.monotonic() >= deadline:
+                    raise _Unreachable("no_candidate", str(full), None) from full
+                await asyncio.sleep(_FULL_RETRY_SECONDS)
+                continue
             extra: dict[str, str] = {}
             if dest.prefer_instance and machine.id != dest.prefer_instance:
                 extra["fly-preferred-instance-unavailable"] = dest.prefer_instance
@@ -722,6 +759,7 @@ class FlyProxy:
                 continue
             if state in _STARTABLE and self._autostart(machine):
                 begun = time.monotonic()
+                self._waiting[machine.id] += 1  # load on it while it starts
                 try:
                     started = await self._ensure_started(dest.app, machine, deadline)
                 except _Unreachable:
@@ -729,33 +767,71 @@ class FlyProxy:
                         raise
                     unavailable.add(machine.id)  # try another candidate
                     continue
+                finally:
+                    self._waiting[machine.id] -= 1
                 return started, self._cold_note(started, time.monotonic() - begun), extra
+            if dest.instance:
+                raise _Unreachable(
+                    "no_candidate",
+                    f"no candidate: Machine {dest.instance} is not available",
+                    dest.instance,
+                )
             unavailable.add(machine.id)
 
-    def _candidates(self, dest: _Destination, unavailable: set[str]) -> list[Machine]:
+    def _pick(self, dest: _Destination, unavailable: set[str]) -> Machine:
+        """The Machine this delivery goes to (Fly's balancing, `flyfn.emulator.balancer`);
+        `_Full` when every candidate is at its hard limit."""
         machines = self.machines.list(dest.app)
         if not machines and dest.app != self.app_name:
             raise ProxyError("PA04", 502, f"replay target app {dest.app!r} not found")
         if dest.instance:
-            return [m for m in machines if m.id == dest.instance and m.id not in unavailable]
-        # Ordinary traffic goes to app Machines; an app of only function Machines (the `app`
-        # strategy's function app) is balanced over all of them.
-        pool = [m for m in machines if not is_function_machine(m)] or machines
-        pool = [m for m in pool if m.id not in dest.exclude and m.id not in unavailable]
+            for machine in machines:
+                if machine.id == dest.instance and machine.id not in unavailable:
+                    return machine
+            raise _Unreachable(
+                "no_candidate",
+                f"no candidate: Machine {dest.instance} is not available",
+                dest.instance,
+            )
+        pool = [m for m in machines if m.id not in dest.exclude and m.id not in unavailable]
+        if not self.balance_function_machines:
+            # Focused unit tests only: ordinary traffic kept off function Machines (an app of
+            # only function Machines, the `app` strategy's, is still balanced over them).
+            pool = [m for m in pool if not is_function_machine(m)] or pool
         if dest.regions and "any" not in dest.regions:
             pool = [m for m in pool if (m.region or self.region) in dest.regions]
-
-        def rank(m: Machine) -> tuple[int, int, int, float]:
-            preferred = 0 if m.id == dest.prefer_instance else 1
-            ready = 0 if m.state == "started" else 1 if m.state in _TRANSITIONAL else 2
-            return (preferred, ready, self._inflight[m.id], random.random())
-
-        return sorted(pool, key=rank)
+        by_id = {m.id: m for m in pool}
+        candidates = [
+            c
+            for m in pool
+            if (
+                c := balancer.candidate(
+                    m,
+                    port=dest.port,
+                    load=self.load(m.id),
+                    answering=self.addresses.address(m.id) is not None,
+                    region=self.region,
+                )
+            )
+            is not None
+        ]
+        choice = balancer.choose(candidates, prefer=dest.prefer_instance)
+        if choice is not None:
+            return by_id[choice.machine_id]
+        if candidates:  # every one at its hard limit: the request waits its turn
+            raise _Full(f"every Machine of app {dest.app!r} is at its hard_limit")
+        raise _Unreachable(
+            "no_candidate", f"no candidate: no Machine of app {dest.app!r} can take it", None
+        )
 
     @staticmethod
     def _autostart(machine: Machine) -> bool:
         services = machine.config.services if machine.config is not None else None
         return not services or any(s.autostart is not False for s in services)
+
+    def load(self, machine_id: str) -> int:
+        """Requests the proxy is delivering to the Machine or waiting for it to start."""
+        return self._inflight[machine_id] + self._waiting[machine_id]
 
     async def _ensure_started(self, app: str, machine: Machine, deadline: float) -> Machine:
         task = self._starting.get(machine.id)
@@ -958,6 +1034,25 @@ def _autostop_of(machine: Machine) -> tuple[str, int]:
     mode = "suspend" if "suspend" in modes else "stop" if "stop" in modes else "off"
     keep = max((s.min_machines_running or 0 for s in services), default=0)
     return mode, keep
+
+
+def _check_target(raw_path: bytes) -> None:
+    """Only origin-form targets (`/path`) reach a Machine: absolute-form (`http://host/path`),
+    asterisk-form (`*`) and targets with a fragment (`#`) get a clean 400, as from Fly Proxy."""
+    if not raw_path.startswith(b"/") or b"#" in raw_path:
+        shown = raw_path[:100].decode("latin-1")
+        raise ProxyError(
+            "PU04", 400, f"invalid request target {shown!r}: a path such as /x is needed"
+        )
+
+
+def _header_bytes(text: str) -> bytes:
+    # Header text arrives as latin-1 (so any byte a client sent goes on unchanged, non-ASCII
+    # included); a value set by a replay's JSON transform may need UTF-8.
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode()
 
 
 def _header(scope: Scope, name: str) -> str | None:

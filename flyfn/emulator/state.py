@@ -46,6 +46,7 @@ __all__ = [
     "MAX_WAIT_TIMEOUT",
     "SETTLED_STATES",
     "WAITABLE_STATES",
+    "AppSecret",
     "EmulatorError",
     "MachineRuntime",
     "MachinesEmulator",
@@ -93,6 +94,30 @@ class EmulatorError(Exception):
         if self.error_status is not None:
             out["status"] = self.error_status
         return out
+
+
+@dataclass
+class AppSecret:
+    """One app secret as the emulator keeps it; the value never shows in a repr."""
+
+    name: str
+    value: str = field(repr=False)
+    created_at: float
+    updated_at: float
+
+    @property
+    def digest(self) -> str:
+        # Like flyctl's `secrets list`: a short digest tells values apart without showing them.
+        return hashlib.sha256(self.value.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, str]:
+        """The API's AppSecret, without its value (the emulator never answers values)."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
 
 
 class MachineRuntime(Protocol):
@@ -259,6 +284,7 @@ class _Record:
     events: list[MachineEvent] = field(default_factory=list)
     lease: _Lease | None = None
     restarts: int = 0
+    skip_secrets: bool = False  # created with `skip_secrets`: booted without the app's secrets
     # Bumped by every requested transition: a background task whose op is no longer the latest
     # one must not overwrite the state a later request asked for.
     op: int = 0
@@ -295,12 +321,18 @@ class MachinesEmulator:
         self._apps: dict[str, dict[str, _Record]] = {}
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._secrets: dict[str, dict[str, AppSecret]] = {}
+        self._secrets_version: dict[str, int] = {}
 
     def __repr__(self) -> str:
         count = sum(len(machines) for machines in self._apps.values())
         return f"MachinesEmulator(region={self.region!r}, machines={count})"
 
     # -- queries ---------------------------------------------------------------------------------
+
+    def app_names(self) -> builtins.list[str]:
+        """The apps that have (or had) Machines, sorted."""
+        return sorted(self._apps)
 
     def get(self, app: str, machine_id: str, *, include_lease: bool = False) -> Machine:
         """The Machine (also when destroyed); EmulatorError 404 when it never existed."""
@@ -394,6 +426,7 @@ class MachinesEmulator:
             created_at=now,
             updated_at=now,
             seq=next(self._seq),
+            skip_secrets=bool(request.skip_secrets),
         )
         machines[machine_id] = rec
         self._event(rec, "launch", "created", source="user")
@@ -576,6 +609,45 @@ class MachinesEmulator:
             self._spawn(self._run_start(rec, self._next_op(rec), resume=False))
         elif rec.config.auto_destroy:
             self._begin_destroy(rec, source="flyd")
+
+    # -- app secrets ------------------------------------------------------------------------------
+
+    def set_secrets(self, app: str, values: Mapping[str, str | None]) -> int:
+        """Set (or, for None, unset) the app's secrets at once; the new secrets version. Like
+        Fly's API this restarts nothing: Machines get the values at their next start or update."""
+        secrets_of = self._secrets.setdefault(app, {})
+        now = self._clock()
+        for name, value in values.items():
+            if value is None:
+                secrets_of.pop(name, None)
+            elif name in secrets_of:
+                secrets_of[name].value = value
+                secrets_of[name].updated_at = now
+            else:
+                secrets_of[name] = AppSecret(name, value, now, now)
+        self._secrets_version[app] = self._secrets_version.get(app, 0) + 1
+        return self._secrets_version[app]
+
+    def secrets(self, app: str) -> builtins.list[AppSecret]:
+        """The app's secrets by name."""
+        return sorted(self._secrets.get(app, {}).values(), key=lambda s: s.name)
+
+    def secret(self, app: str, name: str) -> AppSecret:
+        found = self._secrets.get(app, {}).get(name)
+        if found is None:
+            raise EmulatorError(404, f"secret {name!r} not found")
+        return found
+
+    def secrets_version(self, app: str) -> int:
+        return self._secrets_version.get(app, 0)
+
+    def secret_env(self, app: str, machine_id: str) -> dict[str, str]:
+        """The environment a Machine boots with from the app's secrets, as they are now (none
+        for a Machine created with `skip_secrets`)."""
+        rec = self._apps.get(app, {}).get(machine_id)
+        if rec is not None and rec.skip_secrets:
+            return {}
+        return {name: secret.value for name, secret in self._secrets.get(app, {}).items()}
 
     # -- metadata and leases ---------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
+import psutil
+
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
@@ -61,9 +63,12 @@ class MachineLaunchError(RuntimeError):
 
 
 class ExitReporter(Protocol):
-    """What the runtime tells when a process dies on its own (the emulator implements it)."""
+    """What the runtime tells the emulator (a process died on its own) and asks it (the app
+    secrets a Machine boots with); `MachinesEmulator` implements it."""
 
     async def machine_exited(self, app: str, machine_id: str, *, exit_code: int | None) -> None: ...
+
+    def secret_env(self, app: str, machine_id: str) -> dict[str, str]: ...
 
 
 def is_function_machine(machine: Machine) -> bool:
@@ -127,18 +132,20 @@ atexit.register(_kill_leftovers)
 
 async def _until_stopped(pid: int, limit: float = 2.0) -> None:
     """Return once the kernel shows the process stopped (a signal is delivered asynchronously)."""
-    stat = f"/proc/{pid}/stat"
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            # procfs reads never block on disk.
-            with open(stat, "rb") as handle:  # noqa: ASYNC230
-                state = handle.read().rsplit(b")", 1)[1].split()[0].decode()
-        except (OSError, IndexError):
-            return  # no procfs (or the process is gone): nothing to wait for
-        if state in ("T", "t", "Z", "X"):
+            status = psutil.Process(pid).status()
+        except psutil.Error:
+            return  # gone (or not ours to see): nothing to wait for
+        if status in _HALTED:
             return
         await asyncio.sleep(0.005)
+
+
+_HALTED = frozenset(
+    {psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD}
+)
 
 
 def _parse_signal(name: str | None) -> signal.Signals:
@@ -365,6 +372,10 @@ class ProcessRuntime:
             env["FLY_VM_MEMORY_MB"] = str(guest.memory_mb)
         if config is not None and config.env:
             env.update({k: str(v) for k, v in config.env.items()})
+        # The app's secrets as they are at boot (Fly injects them at boot): a running Machine
+        # keeps the values it booted with until its next start or update.
+        if self._reporter is not None:
+            env.update(self._reporter.secret_env(app, machine.id))
         # The project must stay importable from the child however the parent was started.
         paths = [str(self.cwd), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

@@ -53,6 +53,7 @@ MachineState = str
 
 KNOWN_STATES: frozenset[str] = frozenset(
     {
+        "creating",
         "created",
         "starting",
         "started",

@@ -1,0 +1,205 @@
+"""App secrets under `flyfn dev`: kept apart from the Machines' config, delivered at boot, and set
+while the stack runs with `python -m flyfn.emulator.secrets`, which (as `fly secrets set`)
+restarts only the Fly Launch Machines; function Machines see new values at their next start or
+update. Values never appear in answers, output or reprs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+
+from flyfn.emulator import secrets as secrets_cli
+from flyfn.emulator.api import create_app
+from flyfn.emulator.secrets import DevStackInfo, read_stack_file, write_stack_file
+from flyfn.emulator.state import AppSecret, MachinesEmulator
+from flyfn.emulator.supervisor import ProcessRuntime
+from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, UpdateMachineRequest
+from tests.conftest import EMULATOR_TOKEN
+
+APP = "secretsapp"
+ROOT = Path(__file__).resolve().parent.parent
+VALUE = "s3cr3t-Xq9-never-shown"
+pytestmark = pytest.mark.timeout(180)
+
+
+# -- the API ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[tuple[MachinesEmulator, httpx.AsyncClient]]:
+    emulator = MachinesEmulator()
+    transport = httpx.ASGITransport(app=create_app(emulator, token=EMULATOR_TOKEN))
+    headers = {"Authorization": f"Bearer {EMULATOR_TOKEN}"}
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://api", headers=headers
+    ) as client:
+        yield emulator, client
+    await emulator.aclose()
+
+
+async def test_secrets_are_set_listed_and_unset_without_ever_answering_values(
+    http: tuple[MachinesEmulator, httpx.AsyncClient],
+) -> None:
+    emulator, client = http
+    url = f"/v1/apps/{APP}/secrets"
+    answer = await client.post(url, json={"values": {"SECRET_KEY": VALUE, "DATABASE_URL": "x"}})
+    assert answer.status_code == 200
+    assert answer.json()["version"] == 1
+    listed = (await client.get(url)).json()["secrets"]
+    assert [s["name"] for s in listed] == ["DATABASE_URL", "SECRET_KEY"]
+    assert all(set(s) == {"name", "digest", "created_at", "updated_at"} for s in listed)
+    one = (await client.get(f"{url}/SECRET_KEY")).json()
+    assert one["digest"] == listed[1]["digest"]
+    posted = await client.post(f"{url}/SECRET_KEY", json={"value": "rotated"})
+    assert posted.status_code == 201
+    assert posted.json()["digest"] != one["digest"]
+    assert (await client.post(url, json={"values": {"DATABASE_URL": None}})).status_code == 200
+    assert (await client.delete(f"{url}/SECRET_KEY")).json() == {"version": 4}
+    assert (await client.get(url)).json() == {"secrets": []}
+    assert (await client.get(f"{url}/SECRET_KEY")).status_code == 404
+    assert emulator.secrets_version(APP) == 4
+    for response in (answer, posted):
+        assert VALUE not in response.text
+        assert "rotated" not in response.text
+
+
+async def test_secret_names_are_checked(http: tuple[MachinesEmulator, httpx.AsyncClient]) -> None:
+    _, client = http
+    url = f"/v1/apps/{APP}/secrets"
+    assert (await client.post(url, json={"values": {"1BAD": "x"}})).status_code == 400
+    refused = await client.post(url, json={"values": {"LD_PRELOAD": "/tmp/x.so"}})
+    assert refused.status_code == 422
+    assert "LD_PRELOAD" in refused.json()["error"]
+    assert (await client.post(f"{url}/PYTHONPATH", json={"value": "x"})).status_code == 422
+    assert (await client.post(url, json={"values": {"A": 5}})).status_code == 400
+    assert (await client.post(url, json={"values": {}})).status_code == 400
+    assert (await client.post(url, content=b"[" * 10_000)).status_code == 400
+
+
+def test_a_secret_repr_never_shows_its_value() -> None:
+    secret = AppSecret("SECRET_KEY", VALUE, 1.0, 1.0)
+    assert VALUE not in repr(secret)
+    assert VALUE not in str(secret.to_json())
+    info = DevStackInfo("app", "http://127.0.0.1:1", "tok-Zq81", 1)
+    assert "tok-Zq81" not in repr(info)
+
+
+# -- delivered at boot, set while running ----------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    emulator: MachinesEmulator
+    runtime: ProcessRuntime
+    app_machine: Machine
+    function_machine: Machine
+
+    def environ(self, machine: Machine) -> dict[str, str]:
+        pid = self.runtime.pids()[machine.id]
+        return psutil.Process(pid).environ()
+
+
+@pytest.fixture
+async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[Stack]:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runtime = ProcessRuntime(
+        "tests.e2e.echo_app:app", cwd=ROOT, output=io.StringIO(), boot_timeout=20
+    )
+    emulator = MachinesEmulator(runtime=runtime, default_app=APP)
+    runtime.attach(emulator)
+    emulator.set_secrets(APP, {"SECRET_KEY": "first"})
+    config = uvicorn.Config(
+        create_app(emulator, token=EMULATOR_TOKEN),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        write_stack_file(DevStackInfo(APP, f"http://127.0.0.1:{port}", EMULATOR_TOKEN, 1))
+        launch = {"fly_process_group": "app", "fly_platform_version": "v2"}
+        machines = []
+        for metadata, env in ((launch, None), ({"flyfn_group": "pdf"}, {"FLYFN_GROUP": "pdf"})):
+            created = await emulator.create(
+                APP,
+                CreateMachineRequest(
+                    config=MachineConfig(image="local/p:1", metadata=metadata, env=env)
+                ),
+            )
+            machines.append(await emulator.wait_for_state(APP, created.id, "started", 20))
+        yield Stack(emulator, runtime, machines[0], machines[1])
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        await emulator.aclose()
+        await runtime.aclose(grace=1.0)
+
+
+async def test_secrets_are_delivered_at_boot_apart_from_the_config(stack: Stack) -> None:
+    assert stack.environ(stack.app_machine)["SECRET_KEY"] == "first"
+    assert stack.environ(stack.function_machine)["SECRET_KEY"] == "first"
+    config = stack.emulator.get(APP, stack.function_machine.id).config
+    assert config is not None
+    assert "SECRET_KEY" not in (config.env or {})
+
+
+async def test_setting_secrets_restarts_only_fly_launch_machines(stack: Stack) -> None:
+    app_pid = stack.runtime.pids()[stack.app_machine.id]
+    function_pid = stack.runtime.pids()[stack.function_machine.id]
+    out = io.StringIO()
+    await secrets_cli.run(["--app", APP, "set", f"SECRET_KEY={VALUE}", "NEW=1"], out)
+    # The app Machine was updated and booted again with the new values ...
+    assert stack.runtime.pids()[stack.app_machine.id] != app_pid
+    assert stack.environ(stack.app_machine)["SECRET_KEY"] == VALUE
+    assert stack.environ(stack.app_machine)["NEW"] == "1"
+    # ... the function Machine runs on, with the values it booted with ...
+    assert stack.runtime.pids()[stack.function_machine.id] == function_pid
+    assert stack.environ(stack.function_machine)["SECRET_KEY"] == "first"
+    assert "NEW" not in stack.environ(stack.function_machine)
+    # ... until its next update (or start).
+    fn = stack.emulator.get(APP, stack.function_machine.id)
+    assert fn.config is not None
+    await stack.emulator.update(APP, fn.id, UpdateMachineRequest(config=fn.config))
+    await stack.emulator.settle()
+    assert stack.environ(stack.function_machine)["SECRET_KEY"] == VALUE
+    text = out.getvalue()
+    assert "secrets set: SECRET_KEY, NEW" in text
+    assert "1 app Machine(s) restarted" in text
+    assert VALUE not in text
+
+
+async def test_staged_secrets_restart_nothing_and_list_shows_no_values(stack: Stack) -> None:
+    pids = dict(stack.runtime.pids())
+    out = io.StringIO()
+    await secrets_cli.run(["--app", APP, "set", "--stage", f"SECRET_KEY={VALUE}"], out)
+    await secrets_cli.run(["--app", APP, "list"], out)
+    assert stack.runtime.pids() == pids
+    assert "staged" in out.getvalue()
+    assert "SECRET_KEY\t" in out.getvalue()
+    assert VALUE not in out.getvalue()
+
+
+def test_the_command_says_when_no_stack_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert read_stack_file("nope") is None
+    assert secrets_cli.main(["--app", "nope", "set", "A=1"]) == 1
+    assert "no running flyfn dev for app 'nope'" in capsys.readouterr().err
+    assert secrets_cli.main(["--app", "nope", "set", "novalue"]) == 1
+    assert secrets_cli.main(["--api", "http://127.0.0.1:9", "list"]) == 1
+    assert "--api needs --app" in capsys.readouterr().err
