@@ -219,3 +219,16 @@ def pool_manager() -> Iterator[PoolManager]:
             yield manager
     finally:
         manager.close()
+
+
+# -- middleware (owner: routing) ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_issued_replays() -> Iterator[None]:
+    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
+    from flyfn.middleware import issued_replays
+
+    issued_replays.clear()
+    yield
+    issued_replays.clear()
