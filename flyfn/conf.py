@@ -232,6 +232,12 @@ class GroupSettings(_Section):
     """Default none: names of environment variables whose values (in the creating process) are
     copied to the function Machines; fly.toml ``[env]`` is not given to API-created Machines."""
 
+    secrets: tuple[str, ...] = ()
+    """Default none (``SECRET_KEY`` is always covered): names of app secrets the function Machines
+    use, e.g. ``DATABASE_URL``. Fly gives secrets to every Machine of the app, but to API-created
+    ones only when they (re)start or are updated: a change to one of these (a digest, never the
+    value) makes the app Machines update the function Machines."""
+
     strategy: Annotated[Strategy, BeforeValidator(_one_of(get_args(Strategy)))] = "instance"
     """Default ``"instance"``: function Machines live in the same app and replays name one by id,
     which needs no second Fly app. ``"app"`` puts them in ``app`` and lets Fly Proxy balance
@@ -256,7 +262,7 @@ class GroupSettings(_Section):
     """Default 4: at most this many local fallbacks run at once per process (beyond that: 503 with
     Retry-After), so a burst of failed replays of a heavy view cannot starve ordinary traffic."""
 
-    @field_validator("env", mode="before")
+    @field_validator("env", "secrets", mode="before")
     @classmethod
     def _env_names(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str) or not isinstance(value, Iterable):

@@ -50,6 +50,23 @@ def test_prepare_creates_every_group_and_is_idempotent(machines_api: MachinesAPI
     assert second.count("0 created, 0 updated, 0 destroyed") == 3
 
 
+def test_prepare_twice_makes_no_update_start_or_stop_call(machines_api: MachinesAPI) -> None:
+    """On an unchanged image and settings the second `prepare` changes nothing, whatever zero
+    values the API leaves out of its answers."""
+    groups = {"pdf": {"machines": 2, "env": ["FLYFN_TEST_FORWARDED"]}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW, GROUPS=groups)):
+        flyfn("prepare")
+        before = len(machines_api.calls)
+        second = flyfn("prepare")
+    changes = [
+        (method, path)
+        for method, path in machines_api.calls[before:]
+        if method != "GET"  # lists are all a prepare needs when nothing changed
+    ]
+    assert changes == []
+    assert second.count("0 created, 0 updated, 0 destroyed") == 2
+
+
 def test_prepare_updates_machines_whose_config_drifted(machines_api: MachinesAPI) -> None:
     with override_settings(FLYFN=machines_api.flyfn_settings(NEW)):
         flyfn("prepare")
