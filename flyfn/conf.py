@@ -203,6 +203,20 @@ class GuestSettings(_Section):
     """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
     views."""
 
+    @model_validator(mode="after")
+    def _fly_sizes(self) -> GuestSettings:
+        # Fly refuses other sizes when the Machine is created (its machine-sizing guide).
+        low, high = (256, 2048) if self.cpu_kind == "shared" else (2048, 8192)
+        if not low * self.cpus <= self.memory_mb <= high * self.cpus:
+            raise _custom(
+                "value",
+                f"Fly refuses {self.memory_mb} MB for {self.cpus} {self.cpu_kind} CPU(s): "
+                f"{self.cpu_kind} CPUs take {low}-{high} MB each, in multiples of 256 "
+                f"({low * self.cpus}-{high * self.cpus} MB here)",
+                key="memory_mb",
+            )
+        return self
+
 
 class GroupSettings(_Section):
     """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get

@@ -72,6 +72,38 @@ def test_e001_invalid_value() -> None:
     assert message.hint
 
 
+@pytest.mark.parametrize(
+    ("guest", "rule"),
+    [
+        ({"memory_mb": 4096}, "shared CPUs take 256-2048 MB each"),  # 1 shared CPU: 2048 at most
+        ({"cpus": 2, "memory_mb": 256}, "(512-4096 MB here)"),
+        ({"cpu_kind": "performance", "memory_mb": 1024}, "performance CPUs take 2048-8192 MB"),
+        ({"cpu_kind": "performance", "cpus": 2, "memory_mb": 32768}, "(4096-16384 MB here)"),
+    ],
+)
+def test_e001_guest_size_fly_refuses(guest: dict[str, Any], rule: str) -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"guest": guest}}}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E001"
+    assert message.msg.startswith('FLYFN["GROUPS"]["pdf"]["guest"]["memory_mb"]: Fly refuses')
+    assert rule in message.msg
+
+
+@pytest.mark.parametrize(
+    "guest",
+    [
+        {},  # shared-cpu-1x, 256 MB
+        {"memory_mb": 2048},
+        {"cpus": 8, "memory_mb": 16384},
+        {"cpu_kind": "performance", "memory_mb": 2048},
+        {"cpu_kind": "performance", "cpus": 16, "memory_mb": 131072},
+    ],
+)
+def test_guest_sizes_fly_accepts_pass(guest: dict[str, Any]) -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"guest": guest}}}):
+        assert check_settings() == []
+
+
 def test_e002_unknown_group_option() -> None:
     with override_settings(FLYFN={"GROUPS": {"pdf": {"autostp": "stop"}}}):
         (message,) = check_settings()
