@@ -108,11 +108,22 @@ class PoolSpec:
     @property
     def name_prefix(self) -> str:
         """Names are deterministic per group and image, so racing creators collide on purpose."""
-        slug = re.sub(r"[^a-z0-9]+", "-", self.group.lower()).strip("-") or "group"
-        return f"flyfn-{slug}-{image_hash(self.image)}-"
+        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-"
 
     def names(self) -> Iterator[str]:
         return (f"{self.name_prefix}{n}" for n in itertools.count())
+
+
+def name_slug(group: str) -> str:
+    """A group's part of its Machine names. Not one-to-one ('a_b' and 'a-b' give 'a-b'):
+    system check flyfn.E006 refuses groups of one app whose slugs are the same."""
+    return re.sub(r"[^a-z0-9]+", "-", group.lower()).strip("-") or "group"
+
+
+def group_app(settings: FlyfnSettings, group: str) -> str | None:
+    """The app a group's Machines live in: its own (`app` strategy) or the project's."""
+    options = settings.group(group)
+    return options.app if options.strategy == "app" and options.app else settings.app_name
 
 
 def image_hash(image: str) -> str:

@@ -14,7 +14,13 @@ from django.http import HttpRequest, HttpResponse
 from django.test import override_settings
 from django.views import View
 
-from flyfn.checks import MIDDLEWARE_PATH, check_middleware, check_settings, check_views
+from flyfn.checks import (
+    MIDDLEWARE_PATH,
+    check_machine_names,
+    check_middleware,
+    check_settings,
+    check_views,
+)
 from flyfn.conf import reset_settings
 from flyfn.registry import registry
 
@@ -43,7 +49,7 @@ def ids(messages: list[CheckMessage]) -> list[str]:
 
 
 def run_all() -> list[CheckMessage]:
-    return [*check_settings(), *check_views(), *check_middleware()]
+    return [*check_settings(), *check_views(), *check_middleware(), *check_machine_names()]
 
 
 # --------------------------------------------------------------------------- a correct project
@@ -125,6 +131,30 @@ def test_invalid_settings_fail_manage_py_check() -> None:
         pytest.raises(SystemCheckError, match=r"flyfn\.E001"),
     ):
         call_command("check")
+
+
+def test_e006_groups_whose_machine_names_collide() -> None:
+    # "pdf" is a decorated view's group (tests.testapp.routing); "p_df" is not the same name.
+    groups: dict[str, dict[str, Any]] = {"a_b": {}, "a-b": {}, "pdf": {}, "p_df": {}, "x--y": {}}
+    with override_settings(FLYFN={"GROUPS": groups}):
+        (message,) = check_machine_names()
+    assert message.id == "flyfn.E006"
+    assert "'a-b', 'a_b'" in message.msg
+    assert "flyfn-a-b-" in message.msg
+    assert message.hint
+    assert "Rename" in message.hint
+
+
+def test_e006_groups_in_different_apps_may_share_a_name() -> None:
+    groups = {"a_b": {"strategy": "app", "app": "fns-one"}, "a-b": {}}
+    with override_settings(FLYFN={"GROUPS": groups}):
+        assert check_machine_names() == []
+
+
+def test_e006_a_decorated_views_group_counts() -> None:
+    with override_settings(FLYFN={"GROUPS": {"default_": {}}}):  # as decorated "default"
+        (message,) = check_machine_names()
+    assert "'default', 'default_'" in message.msg
 
 
 def test_e005_app_without_token() -> None:

@@ -21,6 +21,7 @@ from flyfn.pool import (
     PrepareReport,
     destroy_orphans,
     find_orphans,
+    group_app,
     machine_group,
     machine_image,
     new_client,
@@ -107,7 +108,7 @@ class Command(BaseCommand):
         live = {machine_image(m) for m in app_images}
         for group in groups:
             options_ = settings.group(group)
-            app = options_.app if options_.strategy == "app" and options_.app else settings.app_name
+            app = group_app(settings, group)
             found = machines[group]
             self.stdout.write(
                 f"  {group}: app {app}, strategy {options_.strategy}, "
@@ -138,7 +139,7 @@ class Command(BaseCommand):
             own = await client.list_machines()
             result[""] = [m for m in own if machine_group(m) is None]
             for group in groups:
-                app = _group_app(settings, group)
+                app = group_app(settings, group)
                 result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
             return result
 
@@ -263,11 +264,6 @@ def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:
     if image is not None and image == own:
         return "current"
     return "in use" if image in live else "stale"
-
-
-def _group_app(settings: FlyfnSettings, group: str) -> str | None:
-    options = settings.group(group)
-    return options.app if options.strategy == "app" else settings.app_name
 
 
 def _summary(report: PrepareReport) -> str:
