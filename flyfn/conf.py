@@ -16,6 +16,7 @@ import json
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
@@ -158,6 +159,17 @@ def _match(pattern: re.Pattern[str], what: str) -> Callable[[Any], Any]:
         raise _custom("value", f"must be {what} (got {_show(value)})")
 
     return check
+
+
+def _is_http_url(value: str) -> bool:
+    """An http(s) URL with a host and, if any, a port in range (``[::1`` and ``:99999`` are not)."""
+    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
 
 
 def _group_name(value: Any) -> str:
@@ -428,7 +440,7 @@ class FlyfnSettings(_Section):
     @field_validator("api_hostname", mode="before")
     @classmethod
     def _hostname(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
+        if not isinstance(value, str) or not _is_http_url(value):
             raise _custom(
                 "value",
                 f'must be an http(s) URL such as "{DEFAULT_API_HOSTNAME}" (got {_show(value)})',
