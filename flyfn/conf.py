@@ -432,6 +432,14 @@ class FlyfnSettings(_Section):
     """Default true: function Machines run serverless views only for requests replayed by an app
     Machine (HMAC of SECRET_KEY), so a client cannot reach them directly."""
 
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, alias="METRICS_PORT")
+    """Default off: the port serving Prometheus metrics at ``/metrics`` for Fly's scraper
+    (``[metrics] port`` in fly.toml; 9091 by convention). Never the app's own port."""
+
+    metrics_address: str = Field(default="::", min_length=1, alias="METRICS_ADDRESS")
+    """Default ``::`` (every address, IPv4 too): Fly's scraper reaches each Machine over its private
+    network."""
+
     groups: dict[Annotated[str, BeforeValidator(_group_name)], GroupSettings] = Field(
         default_factory=dict, alias="GROUPS"
     )

@@ -21,7 +21,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.http.cookie import SimpleCookie
 from django.http.response import ResponseHeaders
 
-from flyfn.conf import FlyfnSettings, get_settings
+from flyfn import metrics
+from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -308,6 +309,7 @@ class FlyReplayMiddleware:
     ) -> None:
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
+        _serve_metrics()
         # Prebuilt replay headers per (group, instance, app), valid for one settings object.
         self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
         self._plans = (None, {})
@@ -551,6 +553,17 @@ class FlyReplayMiddleware:
             return
         if instance:
             get_manager().forget(group, instance)
+
+
+def _serve_metrics() -> None:
+    """Metrics are served by web processes only: this runs when a handler loads its middleware,
+    never for management commands."""
+    try:
+        settings = get_settings()
+    except SettingsError:
+        return  # the system checks report it; requests will fail with the same message
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port, settings.metrics_address)
 
 
 def _release_slot(request: HttpRequest) -> None:

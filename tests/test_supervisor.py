@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from flyfn.emulator.state import MachinesEmulator
@@ -46,9 +47,8 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def _proc_state(pid: int) -> str:
-    # Third field of /proc/<pid>/stat: R, S, T (stopped), Z ...
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def _suspended(pid: int) -> bool:
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
 
 
 @pytest.fixture
@@ -166,11 +166,11 @@ async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
     await _suspend(emulator, machine.id)
-    assert _proc_state(pid) == "T"
+    assert _suspended(pid)
     assert not runtime.is_running(machine.id)
     await emulator.start_and_wait(APP, machine.id, timeout=60)
     assert runtime.pid(machine.id) == pid  # the same process, thawed
-    assert _proc_state(pid) != "T"
+    assert not _suspended(pid)
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 

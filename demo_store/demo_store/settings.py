@@ -128,11 +128,21 @@ STORAGES = {
 # DATABASE_URL, FLY_API_TOKEN) reach every Machine of the app; plain [env] values of fly.toml do
 # not reach Machines created through the API, so flyfn forwards the ones named here.
 FLYFN = {
+    # Prometheus metrics for Fly's scraper ([metrics] in fly.toml); off when unset (make demo).
+    "METRICS_PORT": int(os.environ["FLYFN_METRICS_PORT"])
+    if os.environ.get("FLYFN_METRICS_PORT")
+    else None,
     "GROUPS": {
         "default": {
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024},
             "autostop": "stop",
-            "env": ["DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "LOG_LEVEL"],
+            "env": [
+                "DEBUG",
+                "ALLOWED_HOSTS",
+                "CSRF_TRUSTED_ORIGINS",
+                "LOG_LEVEL",
+                "FLYFN_METRICS_PORT",
+            ],
         },
     },
 }

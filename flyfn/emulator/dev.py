@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import uvicorn
 
 from flyfn.emulator.api import RateLimit, create_app
+from flyfn.emulator.live import LivePage
 from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy, RequestLog
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (
@@ -67,6 +68,7 @@ class DevOptions:
     region: str = "local"
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     api_port: int = 0  # the Machines API's loopback port (0: any free one)
+    live_port: int = 0  # the live page's loopback port (0: any free one)
     root: Path | None = None  # the project directory (default: the current one)
     # Fly's Machines API rate limits, emulated (429 + Retry-After). Off by default: locally they
     # only add retry pauses to cold starts; turn them on to see how an app copes with them.
@@ -152,6 +154,7 @@ class DevStack:
         self._signals = 0
         self.runtime: ProcessRuntime | None = None
         self.app_machine: Machine | None = None
+        self.live: LivePage | None = None
 
     def __repr__(self) -> str:  # never the token
         return f"DevStack(app={self.app_name!r}, image={self.image!r})"
@@ -168,6 +171,8 @@ class DevStack:
 
     def _log(self, entry: RequestLog) -> None:
         self._write(str(entry))
+        if self.live is not None:
+            self.live.record_route(entry)
 
     def _write(self, line: str) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -197,7 +202,15 @@ class DevStack:
             proxy_sock.close()
             self._write(f"flyfn dev: cannot listen on 127.0.0.1:{options.api_port}: {exc}")
             return 1
+        try:
+            live_sock = listening_socket("127.0.0.1", options.live_port)
+        except OSError as exc:
+            proxy_sock.close()
+            api_sock.close()
+            self._write(f"flyfn dev: cannot listen on 127.0.0.1:{options.live_port}: {exc}")
+            return 1
         api_url = f"http://127.0.0.1:{api_sock.getsockname()[1]}"
+        live_url = f"http://127.0.0.1:{live_sock.getsockname()[1]}/"
         runtime = ProcessRuntime(
             self.asgi_app,
             api_hostname=api_url,
@@ -212,6 +225,8 @@ class DevStack:
             runtime=runtime, region=options.region, default_app=self.app_name
         )
         runtime.attach(emulator)
+        self.live = LivePage(emulator, emulator.app_names)
+        live_server = _server(self.live)
         api_server = _server(
             create_app(
                 emulator,
@@ -232,6 +247,7 @@ class DevStack:
         servers: list[asyncio.Task[None]] = []
         try:
             servers.append(asyncio.ensure_future(api_server.serve(sockets=[api_sock])))
+            servers.append(asyncio.ensure_future(live_server.serve(sockets=[live_sock])))
             begun = time.monotonic()
             machine = await self._create_app_machine(emulator)
             if machine is None:
@@ -243,20 +259,21 @@ class DevStack:
                 if servers[-1].done() or self._stop.is_set():
                     return 1
                 await asyncio.sleep(0.02)
-            self._banner(machine, time.monotonic() - begun, api_url)
+            self._banner(machine, time.monotonic() - begun, api_url, live_url)
             await self._stop.wait()
             self._write("flyfn dev: stopping ...")
             return 0
         finally:
             proxy_server.should_exit = True
             api_server.should_exit = True
+            live_server.should_exit = True
             await proxy.aclose()
             await emulator.aclose()
             await runtime.aclose(grace=SHUTDOWN_GRACE)
             runtime.kill_all()
             if servers:
                 await asyncio.wait(servers, timeout=SHUTDOWN_GRACE)
-            for sock in (proxy_sock, api_sock):
+            for sock in (proxy_sock, api_sock, live_sock):
                 sock.close()
 
     async def _create_app_machine(self, emulator: MachinesEmulator) -> Machine | None:
@@ -312,7 +329,7 @@ class DevStack:
             return None
         return machine
 
-    def _banner(self, machine: Machine, seconds: float, api_url: str) -> None:
+    def _banner(self, machine: Machine, seconds: float, api_url: str, live_url: str) -> None:
         options = self.options
         url = f"http://{options.host}:{options.port}/"
         lines = [
@@ -323,6 +340,7 @@ class DevStack:
             f"    main       {machine_label(machine)} (Machine {machine.id}) "
             f"started in {seconds:.1f}s",
             f"    API        {api_url} (FLY_API_HOSTNAME of every Machine)",
+            f"    live       {live_url} (Machines, routes and tasks as they change)",
             f"    idle-stop  {options.idle_stop:g}s   (Ctrl-C stops everything)",
             "",
         ]

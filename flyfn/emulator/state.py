@@ -302,6 +302,10 @@ class MachinesEmulator:
 
     # -- queries ---------------------------------------------------------------------------------
 
+    def app_names(self) -> builtins.list[str]:
+        """The apps that have (or had) Machines, sorted."""
+        return sorted(self._apps)
+
     def get(self, app: str, machine_id: str, *, include_lease: bool = False) -> Machine:
         """The Machine (also when destroyed); EmulatorError 404 when it never existed."""
         return self._to_machine(self._record(app, machine_id), include_lease=include_lease)

@@ -41,6 +41,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from flyfn import events
 from flyfn.machines.errors import (
     InvalidResponseError,
     MachinesConnectionError,
@@ -612,6 +613,7 @@ class AsyncMachinesClient:
                     timeout=request_timeout,
                 )  # fmt: skip
             except httpx.TimeoutException as exc:
+                events.api_called(operation, "timeout", time.monotonic() - started)
                 never_sent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
                 error = MachinesTimeoutError(
                     f"{method} {path}: timed out ({type(exc).__name__})", method=method, path=path
@@ -619,6 +621,7 @@ class AsyncMachinesClient:
                 retryable = never_sent or retry.idempotent
                 cause: BaseException = exc
             except httpx.TransportError as exc:
+                events.api_called(operation, "connection", time.monotonic() - started)
                 never_sent = isinstance(exc, httpx.ConnectError)
                 error = MachinesConnectionError(
                     f"{method} {path}: {type(exc).__name__}: {exc}", method=method, path=path
@@ -628,13 +631,7 @@ class AsyncMachinesClient:
                 )
                 cause = exc
             else:
-                logger.debug(
-                    "%s %s -> %d (%.0f ms)",
-                    method,
-                    path,
-                    response.status_code,
-                    (time.monotonic() - started) * 1000,
-                )
+                events.api_called(operation, response.status_code, time.monotonic() - started)
                 if response.status_code < 400:
                     return response
                 status_error = self._status_error(response, method, path)

@@ -134,6 +134,7 @@ class DemoStack:
     api: str = ""  # the emulated Machines API
     app: str = ""
     app_machine: str = ""
+    live: str = ""  # the live page, e.g. http://127.0.0.1:PORT/
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -148,6 +149,7 @@ _BANNER = {
     "app": re.compile(r"^\s+app\s+(\S+)"),
     "app_machine": re.compile(r"^\s+main\s+.*\(Machine (\w+)\)"),
     "api": re.compile(r"^\s+API\s+(http://\S+)"),
+    "live": re.compile(r"^\s+live\s+(http://\S+)"),
 }
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import free_loopback_port
 from tests.support_dev import DevProcess, banner_api, list_machines, start_project
+from tests.support_procs import Proc, alive, descendants, identity, machine_pid
 
 T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parent / "project"
@@ -31,41 +32,8 @@ IDLE_STOP = 3
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
-
-
-def _machine_pid(parent: int, machine_id: str) -> int | None:
-    marker = f"FLY_MACHINE_ID={machine_id}".encode()
-    for pid in _children(parent):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ and _alive(pid):
-            return pid
-    return None
-
-
 def _peak_rss_kb(pid: int) -> int:
+    # psutil has no peak resident size; Linux keeps it as VmHWM.
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
@@ -101,12 +69,12 @@ class Dev(DevProcess):
         """The proxy's log line of a request for `path` printed after line `since`."""
         return _wait(
             lambda: next((ln for ln in self.lines[since:] if ln.startswith(f"GET {path} ")), ""),
-            10,
+            60,
             f"the log line of {path}",
         )
 
-    def descendants(self) -> set[int]:
-        return _children(self.process.pid)
+    def descendants(self) -> set[Proc]:
+        return descendants(self.process.pid)
 
     def stop(self, sig: signal.Signals) -> int:
         self.process.send_signal(sig)  # the command only, not its process group
@@ -126,7 +94,7 @@ def _start(idle_stop: float) -> Dev:
 
 def _kill(dev: Dev) -> None:
     """Last resort: everything the command started, whatever state it is in."""
-    pids = dev.descendants() | {dev.process.pid}
+    pids = {pid for pid, _ in dev.descendants()} | {dev.process.pid}
     for pid in pids:
         for sig in (signal.SIGCONT, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -195,7 +163,7 @@ def test_idle_function_machine_stops_then_starts_again(dev: Dev) -> None:
         IDLE_STOP + 20,
         "the idle function Machine to stop",
     )
-    assert _machine_pid(dev.process.pid, fn["id"]) is None
+    assert machine_pid(dev.process.pid, fn["id"]) is None
     mark = len(dev.lines)
     response = get(dev, "/square/3/")
     assert response.json()["result"] == 9
@@ -207,14 +175,16 @@ def test_idle_function_machine_stops_then_starts_again(dev: Dev) -> None:
 def test_killed_function_process_is_replaced_for_the_next_request(dev: Dev) -> None:
     get(dev, "/square/4/")
     (fn,) = dev.group_machines("default")
-    pid = _machine_pid(dev.process.pid, fn["id"])
+    pid = machine_pid(dev.process.pid, fn["id"])
     assert pid is not None
+    killed = identity(pid)
+    assert killed is not None
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: not _alive(pid), 10, "the killed process to go")
+    _wait(lambda: not alive(killed), 60, "the killed process to go")
     response = get(dev, "/square/5/")
     assert response.json()["result"] == 25
     assert response.headers["x-flyfn-machine"] == fn["id"]
-    assert _machine_pid(dev.process.pid, fn["id"]) not in (None, pid)
+    assert machine_pid(dev.process.pid, fn["id"]) not in (None, pid)
 
 
 def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) -> None:
@@ -274,7 +244,7 @@ def _assert_stops_cleanly(dev: Dev, sig: signal.Signals) -> None:
     assert len(machines) >= 2  # the app Machine and at least one function Machine
     assert dev.stop(sig) == 0
     left = _wait(
-        lambda: not any(_alive(pid) for pid in machines) or None, 10, "the Machines to exit"
+        lambda: not any(alive(proc) for proc in machines) or None, 60, "the Machines to exit"
     )
     assert left
     assert "flyfn dev: stopping" in "\n".join(dev.lines)

@@ -79,6 +79,9 @@ class Command(BaseCommand):
         dev.add_argument("--asgi", default=None, help="module:attr of the ASGI app to run")
         dev.add_argument("--api-port", type=int, default=0, help="Machines API port (default any)")
         dev.add_argument(
+            "--live-port", type=int, default=0, help="live page port on 127.0.0.1 (default any)"
+        )
+        dev.add_argument(
             "--rate-limits",
             action="store_true",
             help="emulate the Machines API's rate limits (429 + Retry-After); off by default",
@@ -193,6 +196,7 @@ class Command(BaseCommand):
         idle_stop: float,
         asgi: str | None,
         api_port: int,
+        live_port: int = 0,
         rate_limits: bool = False,
         **options: Any,
     ) -> None:
@@ -204,6 +208,7 @@ class Command(BaseCommand):
             idle_stop=idle_stop,
             asgi_app=asgi,
             api_port=api_port,
+            live_port=live_port,
             rate_limits=rate_limits,
         )
         status = run_dev(dev_options)

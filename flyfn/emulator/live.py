@@ -1,0 +1,230 @@
+"""`flyfn dev`'s live page: the emulated Machines, their starts and stops, recent routes and tasks.
+
+A plain ASGI app served on a loopback port of its own (never in the app's URL space): ``/`` is one
+HTML page whose script polls ``/state.json`` twice a second and redraws, so it updates without
+reloading. It shows no environment, secret or token: Machine ids, names, groups, states, images,
+regions, event times, the proxy's route lines and task counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flyfn.emulator.asgi import Receive, Scope, Send
+from flyfn.emulator.proxy import RequestLog
+from flyfn.emulator.state import MachinesEmulator
+from flyfn.machines.models import Machine
+
+__all__ = ["MAX_ROUTES", "LivePage"]
+
+MAX_ROUTES = 200  # route lines kept for the page (the terminal has them all)
+_EVENTS_PER_MACHINE = 20
+_GROUP_METADATA = "flyfn_group"
+
+TaskCounts = Callable[[], Mapping[str, Mapping[str, Any]]]
+
+
+class LivePage:
+    """The live page's state and its ASGI app.
+
+    ``apps`` names the apps whose Machines are shown (the project's app and any function app);
+    ``tasks``, when given, returns per-group task figures (ready, running, failed, ...).
+    """
+
+    def __init__(
+        self,
+        emulator: MachinesEmulator,
+        apps: Callable[[], Iterable[str]],
+        *,
+        tasks: TaskCounts | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.emulator = emulator
+        self.apps = apps
+        self.tasks = tasks
+        self._clock = clock
+        self._routes: deque[dict[str, Any]] = deque(maxlen=MAX_ROUTES)
+
+    def record_route(self, entry: RequestLog) -> None:
+        """Keep one proxy route line (the same text as the terminal's) for the page."""
+        self._routes.appendleft(
+            {
+                "at": self._clock(),
+                "line": str(entry),
+                "machine": entry.machine_id,
+                "status": entry.status,
+            }
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the page shows, as JSON-ready data."""
+        machines = []
+        for app in sorted(set(self.apps())):
+            for machine in self.emulator.list(app):
+                machines.append(self._machine(app, machine))
+        tasks: dict[str, Any] = {}
+        if self.tasks is not None:
+            try:
+                tasks = {group: dict(figures) for group, figures in self.tasks().items()}
+            except Exception as exc:
+                tasks = {"error": {"message": f"{type(exc).__name__}: {exc}"}}
+        return {
+            "now": self._clock(),
+            "machines": machines,
+            "routes": list(self._routes),
+            "tasks": tasks,
+        }
+
+    def _machine(self, app: str, machine: Machine) -> dict[str, Any]:
+        config = machine.config
+        metadata = (config.metadata if config is not None else None) or {}
+        events = self.emulator.events(app, machine.id)[:_EVENTS_PER_MACHINE]
+        return {
+            "app": app,
+            "id": machine.id,
+            "name": machine.name,
+            "group": metadata.get(_GROUP_METADATA),
+            "state": machine.state,
+            "image": config.image if config is not None else None,
+            "region": machine.region,
+            "events": [
+                {"at": (event.timestamp or 0) / 1000, "type": event.type, "status": event.status}
+                for event in events
+            ],
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope.get("path", "/"), scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            await _answer(send, 405, b"GET only\n", "text/plain; charset=utf-8")
+        elif path == "/":
+            await _answer(send, 200, _PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/state.json":
+            body = json.dumps(self.snapshot(), separators=(",", ":")).encode()
+            await _answer(send, 200, body, "application/json")
+        else:
+            await _answer(send, 404, b"not found\n", "text/plain; charset=utf-8")
+
+
+async def _answer(send: Send, status: int, body: bytes, content_type: str) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>flyfn dev: live</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  :root { --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --ok: #15803d; --warn: #b45309;
+          --off: #9ca3af; --bg: #f9fafb; }
+  body { font: 14px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg);
+         margin: 0; padding: 1.2rem 1.6rem; }
+  h1 { font-size: 1.2rem; margin: 0 0 .2rem; } h2 { font-size: 1rem; margin: 1.4rem 0 .5rem; }
+  .muted { color: var(--muted); }
+  table { border-collapse: collapse; width: 100%; background: #fff; }
+  th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid var(--line);
+           vertical-align: top; }
+  th { font-weight: 600; font-size: .8rem; color: var(--muted); text-transform: uppercase; }
+  code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: .85rem; }
+  .state { display: inline-block; padding: .05rem .5rem; border-radius: 999px; color: #fff;
+           font-size: .8rem; }
+  .started { background: var(--ok); } .starting, .created, .creating { background: var(--warn); }
+  .stopped, .stopping, .suspended, .suspending, .destroyed, .destroying { background: var(--off); }
+  .strip { display: flex; gap: 2px; flex-wrap: wrap; max-width: 28rem; }
+  .tick { font-size: .72rem; padding: 0 .3rem; border-radius: 3px; background: #eef2ff; }
+  ol { margin: 0; padding: 0; list-style: none; background: #fff; }
+  li { padding: .25rem .6rem; border-bottom: 1px solid var(--line); }
+</style>
+</head>
+<body>
+<h1>flyfn dev <span class="muted">live</span></h1>
+<div class="muted" id="updated">connecting ...</div>
+<h2>Machines</h2>
+<table>
+  <thead><tr><th>Machine</th><th>group</th><th>state</th><th>image</th><th>region</th>
+  <th>starts and stops (newest first)</th></tr></thead>
+  <tbody id="machines"></tbody>
+</table>
+<h2>Tasks</h2>
+<table>
+  <thead><tr><th>group</th><th>figures</th></tr></thead>
+  <tbody id="tasks"></tbody>
+</table>
+<h2>Recent routes</h2>
+<ol id="routes" class="mono"></ol>
+<script>
+"use strict";
+const el = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  for (const child of children) node.append(child);
+  return node;
+};
+const clock = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
+const LIFECYCLE = new Set(["start", "stop", "exit", "launch", "update", "suspend", "destroy"]);
+function draw(state) {
+  const machines = document.getElementById("machines");
+  machines.replaceChildren(...state.machines.map((m) => {
+    const ticks = m.events.filter((e) => LIFECYCLE.has(e.type)).slice(0, 8)
+      .map((e) => el("span", {class: "tick", title: e.type || ""},
+        `${clock(e.at)} ${e.status || e.type}`));
+    return el("tr", {"data-machine": m.id, "data-state": m.state},
+      el("td", {}, el("code", {}, m.id), " ", el("span", {class: "muted"}, m.name || "")),
+      el("td", {}, m.group || el("span", {class: "muted"}, "app")),
+      el("td", {}, el("span", {class: `state ${m.state}`}, m.state)),
+      el("td", {}, el("code", {}, m.image || "")),
+      el("td", {}, m.region || ""),
+      el("td", {}, el("div", {class: "strip"}, ...ticks)));
+  }));
+  const tasks = document.getElementById("tasks");
+  const groups = Object.entries(state.tasks);
+  tasks.replaceChildren(...(groups.length ? groups.map(([group, figures]) =>
+    el("tr", {}, el("td", {}, group), el("td", {class: "mono"},
+      Object.entries(figures).map(([k, v]) => `${k} ${v ?? "-"}`).join(" · "))))
+    : [el("tr", {}, el("td", {colspan: "2", class: "muted"}, "no tasks"))]));
+  document.getElementById("routes").replaceChildren(...state.routes.slice(0, 60).map((r) =>
+    el("li", {}, el("span", {class: "muted"}, clock(r.at) + "  "), r.line)));
+  document.getElementById("updated").textContent =
+    `updated ${clock(state.now)} · ${state.machines.length} Machines`;
+}
+async function poll() {
+  try {
+    const response = await fetch("state.json", {cache: "no-store"});
+    if (response.ok) draw(await response.json());
+  } catch (error) {
+    document.getElementById("updated").textContent = "flyfn dev is not answering";
+  }
+  setTimeout(poll, 500);
+}
+poll();
+</script>
+</body>
+</html>
+"""

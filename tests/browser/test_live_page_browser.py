@@ -1,0 +1,51 @@
+"""Headless Chromium on `flyfn dev`'s live page while the demo store runs: Machines change state on
+the page without a reload, and the routes of the requests show up. Its screenshot goes to
+artifacts/browser/live.png (git-ignored; docs/live-page.png is a copy of one)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser.support import DEV_TOKEN, SHOTS, DemoStack
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(400)]
+
+# Safety bound for the page to show a change (it polls twice a second; a loaded machine is slow).
+SHOWN_WITHIN_MS = 60_000
+
+
+def test_live_page_follows_a_function_machine_through_start_and_stop(
+    page: Page, stack: DemoStack
+) -> None:
+    assert stack.live.startswith("http://127.0.0.1:"), stack.live
+    response = page.goto(stack.live)
+    assert response is not None
+    assert response.status == 200
+    app_row = page.locator(f'tr[data-machine="{stack.app_machine}"]')
+    expect(app_row).to_have_attribute("data-state", "started", timeout=SHOWN_WITHIN_MS)
+    page.evaluate("window.flyfnNotReloaded = true")
+
+    receipt = httpx.get(f"{stack.url}/purchases/1/receipt.pdf", timeout=120)
+    assert receipt.status_code == 200
+    drawn_on = receipt.headers["x-flyfn-machine"]
+    assert drawn_on != stack.app_machine
+    function_row = page.locator(f'tr[data-machine="{drawn_on}"]')
+    expect(function_row).to_have_attribute("data-state", "started", timeout=SHOWN_WITHIN_MS)
+    expect(function_row).to_contain_text("default")  # its group
+    expect(page.locator("#routes")).to_contain_text(
+        "/purchases/1/receipt.pdf", timeout=SHOWN_WITHIN_MS
+    )
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "live.png"), full_page=True)
+
+    stopped = httpx.post(
+        f"{stack.api}/v1/apps/{stack.app}/machines/{drawn_on}/stop",
+        headers={"Authorization": f"Bearer {DEV_TOKEN}"},
+        timeout=60,
+    )
+    assert stopped.status_code == 200, stopped.text
+    expect(function_row).to_have_attribute("data-state", "stopped", timeout=SHOWN_WITHIN_MS)
+    expect(function_row).to_contain_text("stop")  # the stop joined its strip of events
+    assert page.evaluate("window.flyfnNotReloaded") is True  # redrawn in place, not reloaded

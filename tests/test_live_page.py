@@ -1,0 +1,134 @@
+"""Tests of flyfn dev's live page: what /state.json shows, what it never shows, the page itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import pytest
+
+from flyfn.emulator.live import MAX_ROUTES, LivePage
+from flyfn.emulator.proxy import RequestLog
+from flyfn.emulator.state import MachinesEmulator
+from flyfn.machines.models import CreateMachineRequest, MachineConfig
+
+APP = "shop"
+IMAGE = "local/shop:dev-1"
+SECRET = "django-insecure-live-page-never-shows-this"
+
+
+async def _stack() -> tuple[MachinesEmulator, LivePage, str, str]:
+    emulator = MachinesEmulator(region="local", default_app=APP)
+    app_machine = await emulator.create(
+        APP, CreateMachineRequest(config=MachineConfig(image=IMAGE, env={"SECRET_KEY": SECRET}))
+    )
+    function = await emulator.create(
+        APP,
+        CreateMachineRequest(
+            name="flyfn-pdf-0",
+            config=MachineConfig(image=IMAGE, metadata={"flyfn_group": "pdf"}),
+        ),
+    )
+    await emulator.settle()
+    return emulator, LivePage(emulator, lambda: [APP]), app_machine.id, function.id
+
+
+async def _get(page: LivePage, path: str, method: str = "GET") -> httpx.Response:
+    transport = httpx.ASGITransport(app=page)
+    async with httpx.AsyncClient(transport=transport, base_url="http://live") as client:
+        return await client.request(method, path)
+
+
+async def test_state_lists_every_machine_with_group_state_image_region_and_events() -> None:
+    emulator, page, app_id, fn_id = await _stack()
+    state = (await _get(page, "/state.json")).json()
+    by_id = {m["id"]: m for m in state["machines"]}
+    assert set(by_id) == {app_id, fn_id}
+    assert by_id[fn_id]["group"] == "pdf"
+    assert by_id[app_id]["group"] is None
+    assert {m["state"] for m in by_id.values()} == {"started"}
+    assert {m["image"] for m in by_id.values()} == {IMAGE}
+    assert {m["region"] for m in by_id.values()} == {"local"}
+    assert "start" in [e["type"] for e in by_id[fn_id]["events"]]
+    await emulator.aclose()
+
+
+async def test_a_stop_shows_in_the_next_state() -> None:
+    emulator, page, _, fn_id = await _stack()
+    await emulator.stop(APP, fn_id)
+    await emulator.settle()
+    state = (await _get(page, "/state.json")).json()
+    (fn,) = [m for m in state["machines"] if m["id"] == fn_id]
+    assert fn["state"] == "stopped"
+    newest_first = [e["type"] for e in fn["events"]]
+    assert newest_first.index("stop") < newest_first.index("start")
+    await emulator.aclose()
+
+
+async def test_routes_are_kept_newest_first_and_bounded() -> None:
+    emulator, page, _, fn_id = await _stack()
+    for n in range(MAX_ROUTES + 5):
+        page.record_route(
+            RequestLog("GET", f"/r/{n}/", hops=["main:abcd"], status=200, machine_id=fn_id)
+        )
+    routes = (await _get(page, "/state.json")).json()["routes"]
+    assert len(routes) == MAX_ROUTES
+    assert routes[0]["line"].startswith(f"GET /r/{MAX_ROUTES + 4}/ main:abcd 200")
+    assert routes[0]["machine"] == fn_id
+    await emulator.aclose()
+
+
+async def test_task_figures_are_shown_and_a_failing_source_does_not_break_the_page() -> None:
+    emulator, page, _, _ = await _stack()
+
+    def figures() -> Mapping[str, Mapping[str, Any]]:
+        return {"reports": {"ready": 2, "running": 1, "failed": 0}}
+
+    page.tasks = figures
+    assert (await _get(page, "/state.json")).json()["tasks"] == {
+        "reports": {"ready": 2, "running": 1, "failed": 0}
+    }
+
+    def broken() -> Mapping[str, Mapping[str, Any]]:
+        raise RuntimeError("database is locked")
+
+    page.tasks = broken
+    state = (await _get(page, "/state.json")).json()
+    assert state["tasks"] == {"error": {"message": "RuntimeError: database is locked"}}
+    assert len(state["machines"]) == 2
+    await emulator.aclose()
+
+
+async def test_the_page_never_shows_a_machines_environment() -> None:
+    emulator, page, _, _ = await _stack()
+    body = (await _get(page, "/state.json")).text
+    assert SECRET not in body
+    assert "SECRET_KEY" not in body
+    await emulator.aclose()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "content_type"),
+    [
+        ("GET", "/", 200, "text/html; charset=utf-8"),
+        ("GET", "/state.json", 200, "application/json"),
+        ("GET", "/admin/", 404, "text/plain; charset=utf-8"),
+        ("POST", "/state.json", 405, "text/plain; charset=utf-8"),
+    ],
+)
+async def test_paths_and_methods(method: str, path: str, status: int, content_type: str) -> None:
+    emulator, page, _, _ = await _stack()
+    response = await _get(page, path, method)
+    assert (response.status_code, response.headers["content-type"]) == (status, content_type)
+    assert response.headers["cache-control"] == "no-store"
+    await emulator.aclose()
+
+
+async def test_the_page_polls_the_state_it_draws() -> None:
+    emulator, page, _, _ = await _stack()
+    html = (await _get(page, "/")).text
+    assert 'fetch("state.json"' in html
+    for table in ("machines", "routes", "tasks"):
+        assert f'id="{table}"' in html
+    await emulator.aclose()
