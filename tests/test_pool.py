@@ -42,7 +42,8 @@ def test_cold_pool_creates_a_machine_as_specified(
     monkeypatch.setenv("FORWARDED_SECRET", "s3")
     groups = {
         "pdf": {
-            "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 1024},
+            # A size Fly accepts: 2 performance CPUs need 4096-16384 MB.
+            "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
             "autostop": "suspend",
             "internal_port": 8080,
             "env": ["FORWARDED_SECRET", "NOT_SET_ANYWHERE"],
@@ -63,7 +64,7 @@ def test_cold_pool_creates_a_machine_as_specified(
     assert (config.guest.cpu_kind, config.guest.cpus, config.guest.memory_mb) == (
         "performance",
         2,
-        1024,
+        4096,
     )
     [service] = config.services or []
     assert service.internal_port == 8080
