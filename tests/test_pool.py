@@ -55,6 +55,7 @@ def test_cold_pool_creates_a_machine_as_specified(
     monkeypatch.setenv("FORWARDED_SECRET", "s3")
     groups = {
         "pdf": {
+            # A size Fly accepts: 2 performance CPUs need 4096-16384 MB.
             "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
             "autostop": "suspend",
             "internal_port": 8080,
