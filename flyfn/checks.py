@@ -5,6 +5,7 @@
 - flyfn.E003: an unknown HTTP method in a settings-declared view
 - flyfn.E004: a settings-declared url name that does not resolve
 - flyfn.E005: a Fly app name (``FLY_APP_NAME`` / ``FLYFN["APP_NAME"]``) without an API token
+- flyfn.E006: two groups of one app whose function Machines would get the same names
 - flyfn.E010: a secret-like name in ``GROUPS[g]["env"]`` (its value would be in the Machine config)
 - flyfn.E011: ``API_HOSTNAME`` over plain http to a host other than ``_api.internal`` or loopback
 - flyfn.W001: ``flyfn.middleware.FlyReplayMiddleware`` missing from ``MIDDLEWARE``
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,7 @@ from flyfn.conf import (
     SettingsError,
     get_settings,
 )
+from flyfn.pool import group_app, name_slug
 from flyfn.registry import iter_url_names, registry
 
 __all__ = ["IO_MIDDLEWARE", "MIDDLEWARE_PATH", "secret_like_env"]
@@ -282,4 +285,34 @@ def check_middleware(
             hint=f"Move {MIDDLEWARE_PATH!r} above them.",
             id="flyfn.W002",
         )
+    ]
+
+
+@register("flyfn", "urls")
+def check_machine_names(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E006: no two groups of one app map to the same Machine names (`a_b` and `a-b`)."""
+    try:
+        settings = get_settings()
+    except SettingsError:
+        return []  # reported by check_settings
+    with contextlib.suppress(Exception):  # a broken urlconf is reported by check_views
+        for _name in iter_url_names():  # loads the views, which registers the decorated ones
+            pass
+    groups = registry.groups() | set(settings.groups) | {v.group for v in settings.views.values()}
+    by_name: dict[tuple[str | None, str], list[str]] = {}
+    for group in sorted(groups):
+        by_name.setdefault((group_app(settings, group), name_slug(group)), []).append(group)
+    return [
+        Error(
+            f"groups {', '.join(repr(g) for g in same)} would give their function Machines the "
+            f"same names (flyfn-{slug}-...), and Machine names are unique per app: only one of "
+            "them could have Machines.",
+            hint="Rename all but one of them: group names differing only in '-' and '_' are the "
+            "same Machine name.",
+            id="flyfn.E006",
+        )
+        for (_app, slug), same in by_name.items()
+        if len(same) > 1
     ]

@@ -222,6 +222,20 @@ class GuestSettings(_Section):
     """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
     views."""
 
+    @model_validator(mode="after")
+    def _fly_sizes(self) -> GuestSettings:
+        # Fly refuses other sizes when the Machine is created (its machine-sizing guide).
+        low, high = (256, 2048) if self.cpu_kind == "shared" else (2048, 8192)
+        if not low * self.cpus <= self.memory_mb <= high * self.cpus:
+            raise _custom(
+                "value",
+                f"Fly refuses {self.memory_mb} MB for {self.cpus} {self.cpu_kind} CPU(s): "
+                f"{self.cpu_kind} CPUs take {low}-{high} MB each, in multiples of 256 "
+                f"({low * self.cpus}-{high * self.cpus} MB here)",
+                key="memory_mb",
+            )
+        return self
+
 
 class GroupSettings(_Section):
     """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get
@@ -251,6 +265,12 @@ class GroupSettings(_Section):
     """Default none: names of environment variables whose values (in the creating process) are
     copied to the function Machines; fly.toml ``[env]`` is not given to API-created Machines."""
 
+    secrets: tuple[str, ...] = ()
+    """Default none (``SECRET_KEY`` is always covered): names of app secrets the function Machines
+    use, e.g. ``DATABASE_URL``. Fly gives secrets to every Machine of the app, but to API-created
+    ones only when they (re)start or are updated: a change to one of these (a digest, never the
+    value) makes the app Machines update the function Machines."""
+
     strategy: Annotated[Strategy, BeforeValidator(_one_of(get_args(Strategy)))] = "instance"
     """Default ``"instance"``: function Machines live in the same app and replays name one by id,
     which needs no second Fly app. ``"app"`` puts them in ``app`` and lets Fly Proxy balance
@@ -275,7 +295,7 @@ class GroupSettings(_Section):
     """Default 4: at most this many local fallbacks run at once per process (beyond that: 503 with
     Retry-After), so a burst of failed replays of a heavy view cannot starve ordinary traffic."""
 
-    @field_validator("env", mode="before")
+    @field_validator("env", "secrets", mode="before")
     @classmethod
     def _env_names(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str) or not isinstance(value, Iterable):

@@ -48,7 +48,9 @@ logger = logging.getLogger("flyfn.middleware")
 
 # What clients are told to wait before retrying a request flyfn could not serve.
 RETRY_AFTER_SECONDS = 5
-ELSEWHERE = "elsewhere=true"
+# A request a function Machine sends on (Fly Proxy balances again, excluding it); should that fail,
+# Fly Proxy brings it back here with `fly-replay-failed` and an ordinary view runs here after all.
+ELSEWHERE = "elsewhere=true;fallback=force_self"
 NO_STORE = "private, no-store"
 # The request attribute holding a request's fallback slot, released when its response is made.
 _SLOT_ATTR = "_flyfn_fallback_slot"
@@ -240,12 +242,78 @@ def _request_body_binding(request: HttpRequest) -> str:
         return body_binding(size)
 
 
+def _bounceable(meta: Mapping[str, Any], limit: int) -> bool:
+    """Whether a function Machine may send a request on with `elsewhere=true`: Fly Proxy can
+    replay its body, and it is not already a fallback (which cannot be replayed again)."""
+    if _META_REPLAY_FAILED in meta:
+        return False
+    if meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta:
+        return _body_replayable(meta, limit)
+    return True
+
+
+# A replayed request whose state does not verify is logged at most once per this many seconds.
+_UNVERIFIED_LOG_INTERVAL = 60.0
+_unverified_logged_at = float("-inf")
+
+
+def _report_unverified(group: str, reason: str | None) -> None:
+    global _unverified_logged_at
+    now = time.monotonic()
+    if now - _unverified_logged_at < _UNVERIFIED_LOG_INTERVAL:
+        return
+    _unverified_logged_at = now
+    logger.warning(
+        "flyfn: a replayed request of group %r carries a state this Machine cannot verify (%s): "
+        "answered 503 with Retry-After. After a SECRET_KEY rotation this lasts until the app "
+        "Machines update this Machine (logged once a minute at most).",
+        group,
+        reason,
+    )
+
+
+class _IssuedReplays:
+    """The replays this process issued lately, by method and path (whole seconds), at most
+    `limit` of them: a `fly-replay-failed` is only believed for one of these."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._seconds: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, method: str, path: str, second: int) -> None:
+        key = (method, path)
+        with self._lock:
+            seconds = self._seconds
+            seconds.pop(key, None)  # re-inserted last: the dict's order is the age order
+            seconds[key] = second
+            if len(seconds) > self.limit:
+                del seconds[next(iter(seconds))]
+
+    def recent(self, method: str, path: str, within: float) -> bool:
+        """Whether a replay of `method` `path` was issued at most `within` seconds ago (plus the
+        fallback's way back)."""
+        second = self._seconds.get((method, path))
+        return second is not None and time.time() - second <= within + FALLBACK_RETURN_MARGIN
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seconds.clear()
+
+
+# Seconds a fallback may take to come back once the replay timed out, beyond the whole second.
+FALLBACK_RETURN_MARGIN = 6.0
+issued_replays = _IssuedReplays()
+
+
 def _body_replayable(meta: Mapping[str, Any], limit: int) -> bool:
     """Whether Fly Proxy can replay a request's body (from its META): a known length within the
     limit (never chunked)."""
+    if "HTTP_TRANSFER_ENCODING" in meta:  # chunked (it overrides any Content-Length)
+        return False
     length = meta.get("CONTENT_LENGTH")
     if not length:
-        return "HTTP_TRANSFER_ENCODING" not in meta
+        return True
     try:
         return 0 <= int(length) <= limit
     except ValueError:
@@ -313,18 +381,24 @@ class FlyReplayMiddleware:
         match = request.resolver_match
         view = registry.lookup(view_func, None if match is None else match.view_name)
         if view is None or request.method not in view.methods:
-            return None if role.kind == "main" else replay_response(ELSEWHERE)
+            if role.kind == "main":
+                return None
+            # Ordinary traffic Fly Proxy balanced onto a function Machine: sent on to another
+            # Machine when Fly Proxy can replay it, else it runs here rather than fail.
+            limit = get_settings().replay_body_limit
+            return replay_response(ELSEWHERE) if _bounceable(request.META, limit) else None
         settings = get_settings()
         if role.kind == "function" and view.group == role.group:
-            return (
-                None
-                if self._validly_signed(request, view, settings)
-                else replay_response(ELSEWHERE)
-            )
+            return self._own_view(request, view, settings)
         # A serverless view to replay: from main, or from a function Machine of another group.
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)
         if failed is not None:  # Fly Proxy could not deliver the replay
+            timeout = settings.group(view.group).replay_timeout_seconds
+            if not issued_replays.recent(request.method or "GET", request.path, timeout):
+                # Not a replay this process issued lately: a client's own header, or a fallback
+                # that reached another worker process. Never a reason to run the view here.
+                return unavailable()
             self._forget_failed_target(view.group, failed)
             return self._fallback(request, view.group, settings)
         # Most replayed requests (GET) have no body: only one that has is looked at closely.
@@ -398,6 +472,8 @@ class FlyReplayMiddleware:
             if len(headers) >= _MAX_HEADERS:  # many distinct requests within one second
                 headers.clear()
             headers[key] = header
+            # Once per method and path a second: the requests reusing the header are covered.
+            issued_replays.add(request.method or "GET", request.path, second)
         # Plan-built headers are ASCII without CR/LF: the template needs no check of them.
         template = _template
         return template.make(header) if template is not None else replay_response(header)
@@ -459,30 +535,44 @@ class FlyReplayMiddleware:
         setattr(request, _SLOT_ATTR, slots)
         return None
 
-    def _validly_signed(
+    def _own_view(
         self, request: HttpRequest, view: ServerlessView, settings: FlyfnSettings
-    ) -> bool:
+    ) -> HttpResponseBase | None:
+        """A function Machine's own group's view: run if an app Machine replayed it (a valid
+        state); a replay whose state does not verify ends here with a 503, never bounced back into
+        the proxy (it would only come back); anything else is sent on, or refused when it cannot
+        be."""
         if not settings.sign_replays:
-            return True
-        source = request.META.get(_META_REPLAY_SRC)
-        if not source:
-            return False
-        try:
-            state = ReplaySource.parse(source).state
-        except ReplayHeaderError:
-            return False
-        return bool(
-            verify_state(
-                state,
-                django_settings.SECRET_KEY,
-                request.method or "GET",
-                request.path,
-                view.group,
-                max_age=settings.group(view.group).state_max_age,
-                fallback_secrets=django_settings.SECRET_KEY_FALLBACKS,
-                query=request.META.get("QUERY_STRING", ""),
-                body=_request_body_binding(request),
-            )
+            return None
+        meta = request.META
+        source = meta.get(_META_REPLAY_SRC)
+        if source:
+            try:
+                state = ReplaySource.parse(source).state
+            except ReplayHeaderError:
+                state = ""  # unreadable: treated as a state that does not verify
+            if state is not None:
+                check = verify_state(
+                    state,
+                    django_settings.SECRET_KEY,
+                    request.method or "GET",
+                    request.path,
+                    view.group,
+                    max_age=settings.group(view.group).state_max_age,
+                    fallback_secrets=django_settings.SECRET_KEY_FALLBACKS,
+                    query=meta.get("QUERY_STRING", ""),
+                    body=_request_body_binding(request),
+                )
+                if check:
+                    return None
+                _report_unverified(view.group, check.reason)
+                return unavailable()
+        # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
+        # bounce): the app Machines replay it properly. Never run unsigned.
+        return (
+            replay_response(ELSEWHERE)
+            if _bounceable(meta, settings.replay_body_limit)
+            else unavailable()
         )
 
     def _forget_failed_target(self, group: str, header: str) -> None:

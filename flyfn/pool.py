@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -21,9 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 import httpx
+from django.conf import settings as django_settings
 
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.machines import (
@@ -47,6 +51,15 @@ logger = logging.getLogger("flyfn.pool")
 T = TypeVar("T")
 
 GROUP_METADATA_KEY = "flyfn_group"
+# A digest of what a group's Machines depend on besides the image (SECRET_KEY, forwarded env, named
+# secrets): Machines of another version are updated, which gives them the app's current secrets.
+VERSION_METADATA_KEY = "flyfn_version"
+# PBKDF2 rounds of that digest: it sits in Machine metadata, so guessable values must be slow to
+# search for; computed once per process and group.
+VERSION_DIGEST_ROUNDS = 100_000
+# When this process read its environment (secrets included): a Machine (re)started or updated
+# since then has secrets at least as new, so a different version there is never "older" than ours.
+PROCESS_STARTED = time.time()
 # Gone for good: never routed to, never counted.
 GONE_STATES = frozenset({"destroying", "destroyed", "replaced", "migrated"})
 # Still there but unable to serve: not routed to, destroyed when the pool converges.
@@ -88,19 +101,49 @@ class PoolSpec:
     count: int
     region: str | None
     config: MachineConfig
+    version: str = ""
+    # When the values `version` digests were read (see PROCESS_STARTED).
+    started: float = PROCESS_STARTED
 
     @property
     def name_prefix(self) -> str:
         """Names are deterministic per group and image, so racing creators collide on purpose."""
-        slug = re.sub(r"[^a-z0-9]+", "-", self.group.lower()).strip("-") or "group"
-        return f"flyfn-{slug}-{image_hash(self.image)}-"
+        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-"
 
     def names(self) -> Iterator[str]:
         return (f"{self.name_prefix}{n}" for n in itertools.count())
 
 
+def name_slug(group: str) -> str:
+    """A group's part of its Machine names. Not one-to-one ('a_b' and 'a-b' give 'a-b'):
+    system check flyfn.E006 refuses groups of one app whose slugs are the same."""
+    return re.sub(r"[^a-z0-9]+", "-", group.lower()).strip("-") or "group"
+
+
+def group_app(settings: FlyfnSettings, group: str) -> str | None:
+    """The app a group's Machines live in: its own (`app` strategy) or the project's."""
+    options = settings.group(group)
+    return options.app if options.strategy == "app" and options.app else settings.app_name
+
+
 def image_hash(image: str) -> str:
     return hashlib.sha256(image.encode()).hexdigest()[:8]
+
+
+def pool_version(app: str, group: str, image: str, values: Mapping[str, str | None]) -> str:
+    """The version of a group's Machines: a salted slow digest (PBKDF2-SHA256) of the image and
+    the values they depend on. Never the values themselves; the same inputs give the same digest
+    in every process."""
+    return _pool_version(app, group, image, tuple(sorted(values.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_version(
+    app: str, group: str, image: str, values: tuple[tuple[str, str | None], ...]
+) -> str:
+    material = json.dumps([image, values], separators=(",", ":")).encode()
+    salt = f"flyfn.pool.version\n{app}\n{group}".encode()
+    return hashlib.pbkdf2_hmac("sha256", material, salt, VERSION_DIGEST_ROUNDS, dklen=12).hex()
 
 
 def spec_for(
@@ -121,10 +164,13 @@ def spec_for(
         app = options.app
     env = {name: environ[name] for name in options.env if name in environ}
     env[GROUP_ENV] = group
+    depends: dict[str, str | None] = {"SECRET_KEY": str(django_settings.SECRET_KEY)}
+    depends.update((name, environ.get(name)) for name in (*options.env, *options.secrets))
+    version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
         env=env,
-        metadata={GROUP_METADATA_KEY: group},
+        metadata={GROUP_METADATA_KEY: group, VERSION_METADATA_KEY: version},
         guest=MachineGuest.model_validate(options.guest.model_dump(exclude_none=True)),
         services=[
             MachineService(
@@ -149,8 +195,11 @@ def spec_for(
         strategy=strategy,
         image=settings.image_ref,
         count=options.machines,
-        region=options.region,
+        # Fly places a Machine created without a region "near the caller", not surely in its
+        # region: name the creating Machine's own region, as FLAME does.
+        region=options.region or environ.get("FLY_REGION") or None,
         config=config,
+        version=version,
     )
 
 
@@ -181,6 +230,32 @@ def machine_group(machine: Machine) -> str | None:
     return (metadata or {}).get(GROUP_METADATA_KEY)
 
 
+def machine_version(machine: Machine) -> str | None:
+    metadata = machine.config.metadata if machine.config is not None else None
+    return (metadata or {}).get(VERSION_METADATA_KEY)
+
+
+def _changed_at(machine: Machine) -> float | None:
+    """When the Machine was last updated or changed state (Unix seconds), if the API says."""
+    stamp = machine.updated_at or machine.created_at
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def needs_new_version(machine: Machine, spec: PoolSpec) -> bool:
+    """Whether to update a Machine of the spec's image to the spec's version: its version differs
+    and nothing has (re)started it since this process read its secrets (then it has them at least
+    as new as ours: an app Machine still on old secrets must not undo a newer one's update)."""
+    if not spec.version or machine_version(machine) == spec.version:
+        return False
+    changed = _changed_at(machine)
+    return changed is None or changed < spec.started
+
+
 def is_usable(machine: Machine) -> bool:
     return machine.state not in GONE_STATES and machine.state not in BROKEN_STATES
 
@@ -196,6 +271,7 @@ class Convergence:
 
     machines: list[Machine]
     created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
     destroyed: list[str] = field(default_factory=list)
 
 
@@ -245,8 +321,29 @@ async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
                 result.destroyed.append(machine.id)
         except MachinesError as exc:  # best effort: the next convergence tries again
             logger.warning("flyfn: could not destroy extra Machine %s: %s", machine.id, exc)
+    for machine in keep:
+        if machine.id not in result.created and needs_new_version(machine, spec):
+            try:
+                if await _update(client, spec, machine):
+                    result.updated.append(machine.id)
+            except MachinesError as exc:  # it keeps serving; the next convergence tries again
+                logger.warning("flyfn: could not update Machine %s: %s", machine.id, exc)
     result.machines = keep
     return result
+
+
+async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine) -> bool:
+    """Give a Machine the spec's config (Fly restarts it with the app's current secrets); False
+    when it is gone."""
+    request = UpdateMachineRequest(name=machine.name, config=spec.config)
+    try:
+        await client.update_machine(machine.id, request, app=spec.app)
+    except NotFound:  # destroyed meanwhile (another process converging): nothing to update
+        return False
+    logger.info(
+        "flyfn: updated Machine %s of group %r to version %s", machine.id, spec.group, spec.version
+    )
+    return True
 
 
 async def _create(client: AsyncMachinesClient, spec: PoolSpec, name: str) -> Machine:
@@ -268,8 +365,16 @@ async def _destroy(client: AsyncMachinesClient, app: str, machine_id: str) -> bo
     return True
 
 
+def _is_zero(value: object) -> bool:
+    """A value Fly's API leaves out of its answers (fly-go's `omitempty`)."""
+    return value is None or value is False or value == 0 or value in ("", {}, [])
+
+
 def _contains(actual: object, desired: object) -> bool:
-    """Whether `actual` has every value of `desired` (the API adds defaults of its own)."""
+    """Whether `actual` has every value of `desired` (the API adds defaults of its own, and
+    leaves out zero values: a missing `auto_destroy` is `false`, a missing map is empty)."""
+    if actual is None and _is_zero(desired):
+        return True
     if isinstance(desired, dict):
         return isinstance(actual, dict) and all(
             _contains(actual.get(k), v) for k, v in desired.items()
@@ -302,16 +407,12 @@ class PrepareReport:
 async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareReport:
     """Converge the group for the current image and update Machines whose config drifted."""
     done = await converge(client, spec)
-    updated: list[str] = []
+    updated = list(done.updated)
     for machine in done.machines:
-        if machine.id in done.created or not is_outdated(machine, spec.config):
+        if machine.id in done.created or machine.id in updated:
             continue
-        request = UpdateMachineRequest(name=machine.name, region=spec.region, config=spec.config)
-        try:
-            await client.update_machine(machine.id, request, app=spec.app)
-        except NotFound:  # destroyed meanwhile (another process converging): nothing to update
-            continue
-        updated.append(machine.id)
+        if is_outdated(machine, spec.config) and await _update(client, spec, machine):
+            updated.append(machine.id)
     return PrepareReport(
         group=spec.group,
         app=spec.app,

@@ -245,3 +245,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 deadline=None,
                 suppress_health_check=list(hypothesis.HealthCheck),
             )
+
+
+# -- middleware (owner: routing) ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_issued_replays() -> Iterator[None]:
+    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
+    from flyfn.middleware import issued_replays
+
+    issued_replays.clear()
+    yield
+    issued_replays.clear()

@@ -1,23 +1,35 @@
-"""Helpers of the demo store's tests: its environment, manage.py, a bounded server process."""
+"""Helpers of the demo store's tests: its environment, manage.py, a bounded server process, and
+the demo on `manage.py flyfn dev` (`demo_stack`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+
+from tests.conftest import free_loopback_port
+from tests.support_dev import list_machines, start
+from tests.support_procs import alive, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo_store"
 BIN = Path(sys.executable).parent
 PYTHON = str(BIN / "python")
+DEV_TOKEN = "browser-tests-dev-token"  # the emulated Machines API's token, loopback only
+IDLE_STOP = 30  # seconds: long enough that no function Machine stops in the middle of a test
+BOOT_TIMEOUT = 90.0
 
 
 def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -90,3 +102,109 @@ def serving(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+# -- the demo store on `flyfn dev` ----------------------------------------------------------------
+
+
+@dataclass
+class DemoStack:
+    """A running `manage.py flyfn dev` of the demo store and what its banner said."""
+
+    process: subprocess.Popen[str]
+    lines: list[str]  # its output so far
+    url: str = ""  # the proxy, e.g. http://127.0.0.1:PORT
+    api: str = ""  # the emulated Machines API
+    app: str = ""
+    app_machine: str = ""
+    live: str = ""  # the live page, e.g. http://127.0.0.1:PORT/
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def group_machines(self, group: str = "default") -> list[dict[str, Any]]:
+        """The function Machines of `group`, as the emulated Machines API lists them."""
+        return list_machines(self.api, self.app, DEV_TOKEN, **{"metadata.flyfn_group": group})
+
+
+_BANNER = {
+    "url": re.compile(r"^\s+open\s+(http://\S+?)/?$"),
+    "app": re.compile(r"^\s+app\s+(\S+)"),
+    "app_machine": re.compile(r"^\s+main\s+.*\(Machine (\w+)\)"),
+    "api": re.compile(r"^\s+API\s+(http://\S+)"),
+    "live": re.compile(r"^\s+live\s+(http://\S+)"),
+}
+
+
+def _read_banner(stack: DemoStack, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    found: dict[str, str] = {}
+    seen = 0
+    while len(found) < len(_BANNER):
+        for line in stack.lines[seen:]:
+            for key, pattern in _BANNER.items():
+                if match := pattern.match(line):
+                    found.setdefault(key, match.group(1))
+            seen += 1
+        if len(found) == len(_BANNER):
+            break
+        if stack.process.poll() is not None:
+            raise AssertionError(
+                f"flyfn dev exited ({stack.process.returncode}):\n{stack.output()}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no flyfn dev banner after {timeout}s:\n{stack.output()}")
+        time.sleep(0.1)
+    for key, value in found.items():
+        setattr(stack, key, value)
+
+
+@contextmanager
+def demo_stack(
+    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT, idle_stop: float = IDLE_STOP
+) -> Iterator[DemoStack]:
+    """The demo store, seeded in a fresh SQLite database under `workdir`, served by `flyfn dev`.
+
+    On exit the stack is stopped and every process it started must be gone (AssertionError if not).
+    """
+    env = demo_env(workdir, DEBUG="1", FLYFN_DEV_TOKEN=DEV_TOKEN)
+    manage(env, "migrate", "--noinput", "-v", "0")
+    manage(env, "seed_store", "--purchases", str(purchases))
+    command = [PYTHON, "manage.py", "flyfn", "dev", "--port", str(free_loopback_port())]
+    command += ["--idle-stop", str(idle_stop)]
+    lines: list[str] = []
+    process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group
+    stack = DemoStack(process, lines)
+    try:
+        _read_banner(stack, timeout)
+        yield stack
+    finally:
+        stop_and_reap(process)
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
+    """SIGTERM `process` (flyfn dev stops its Machines), then SIGKILL its group and anything left.
+
+    Raises AssertionError naming the processes that outlived a graceful stop.
+    """
+    family = descendants(process.pid)  # the Machines run in their own sessions
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 30  # Machines die with their parent, a moment after it
+    while any(alive(proc) for proc in family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = sorted(proc[0] for proc in family if alive(proc))
+    for pid in survivors:
+        for sig in (signal.SIGCONT, signal.SIGKILL):  # a suspended Machine is SIGSTOPped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    assert not survivors, f"processes left behind by flyfn dev: {survivors}"

@@ -1,12 +1,6 @@
-"""Processes of a `flyfn dev` stack, through psutil: descendants, Machine pids, liveness, reap."""
+"""Processes of a `flyfn dev` stack, through psutil: descendants, Machine pids, liveness."""
 
 from __future__ import annotations
-
-import contextlib
-import os
-import signal
-import subprocess
-import time
 
 import psutil
 
@@ -57,28 +51,3 @@ def machine_pid(root: int, machine_id: str) -> int | None:
         if environ.get("FLY_MACHINE_ID") == machine_id and alive(proc):
             return proc[0]
     return None
-
-
-def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
-    """SIGTERM `process` (flyfn dev stops its Machines), then SIGKILL its group and anything left.
-
-    Raises AssertionError naming the processes that outlived a graceful stop.
-    """
-    family = descendants(process.pid)  # the Machines run in their own sessions
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    deadline = time.monotonic() + 30  # Machines die with their parent, a moment after it
-    while any(alive(proc) for proc in family) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    survivors = sorted(proc[0] for proc in family if alive(proc))
-    for pid in survivors:
-        for sig in (signal.SIGCONT, signal.SIGKILL):  # a suspended Machine is SIGSTOPped
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-    assert not survivors, f"processes left behind by flyfn dev: {survivors}"

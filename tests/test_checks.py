@@ -16,6 +16,7 @@ from django.views import View
 
 from flyfn.checks import (
     MIDDLEWARE_PATH,
+    check_machine_names,
     check_middleware,
     check_settings,
     check_views,
@@ -49,7 +50,7 @@ def ids(messages: list[CheckMessage]) -> list[str]:
 
 
 def run_all() -> list[CheckMessage]:
-    return [*check_settings(), *check_views(), *check_middleware()]
+    return [*check_settings(), *check_views(), *check_middleware(), *check_machine_names()]
 
 
 # --------------------------------------------------------------------------- a correct project
@@ -78,6 +79,38 @@ def test_e001_invalid_value() -> None:
     assert message.hint
 
 
+@pytest.mark.parametrize(
+    ("guest", "rule"),
+    [
+        ({"memory_mb": 4096}, "shared CPUs take 256-2048 MB each"),  # 1 shared CPU: 2048 at most
+        ({"cpus": 2, "memory_mb": 256}, "(512-4096 MB here)"),
+        ({"cpu_kind": "performance", "memory_mb": 1024}, "performance CPUs take 2048-8192 MB"),
+        ({"cpu_kind": "performance", "cpus": 2, "memory_mb": 32768}, "(4096-16384 MB here)"),
+    ],
+)
+def test_e001_guest_size_fly_refuses(guest: dict[str, Any], rule: str) -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"guest": guest}}}):
+        (message,) = check_settings()
+    assert message.id == "flyfn.E001"
+    assert message.msg.startswith('FLYFN["GROUPS"]["pdf"]["guest"]["memory_mb"]: Fly refuses')
+    assert rule in message.msg
+
+
+@pytest.mark.parametrize(
+    "guest",
+    [
+        {},  # shared-cpu-1x, 256 MB
+        {"memory_mb": 2048},
+        {"cpus": 8, "memory_mb": 16384},
+        {"cpu_kind": "performance", "memory_mb": 2048},
+        {"cpu_kind": "performance", "cpus": 16, "memory_mb": 131072},
+    ],
+)
+def test_guest_sizes_fly_accepts_pass(guest: dict[str, Any]) -> None:
+    with override_settings(FLYFN={"GROUPS": {"pdf": {"guest": guest}}}):
+        assert check_settings() == []
+
+
 def test_e002_unknown_group_option() -> None:
     with override_settings(FLYFN={"GROUPS": {"pdf": {"autostp": "stop"}}}):
         (message,) = check_settings()
@@ -99,6 +132,30 @@ def test_invalid_settings_fail_manage_py_check() -> None:
         pytest.raises(SystemCheckError, match=r"flyfn\.E001"),
     ):
         call_command("check")
+
+
+def test_e006_groups_whose_machine_names_collide() -> None:
+    # "pdf" is a decorated view's group (tests.testapp.routing); "p_df" is not the same name.
+    groups: dict[str, dict[str, Any]] = {"a_b": {}, "a-b": {}, "pdf": {}, "p_df": {}, "x--y": {}}
+    with override_settings(FLYFN={"GROUPS": groups}):
+        (message,) = check_machine_names()
+    assert message.id == "flyfn.E006"
+    assert "'a-b', 'a_b'" in message.msg
+    assert "flyfn-a-b-" in message.msg
+    assert message.hint
+    assert "Rename" in message.hint
+
+
+def test_e006_groups_in_different_apps_may_share_a_name() -> None:
+    groups = {"a_b": {"strategy": "app", "app": "fns-one"}, "a-b": {}}
+    with override_settings(FLYFN={"GROUPS": groups}):
+        assert check_machine_names() == []
+
+
+def test_e006_a_decorated_views_group_counts() -> None:
+    with override_settings(FLYFN={"GROUPS": {"default_": {}}}):  # as decorated "default"
+        (message,) = check_machine_names()
+    assert "'default', 'default_'" in message.msg
 
 
 def test_e005_app_without_token() -> None:

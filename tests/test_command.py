@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Iterator
 from io import StringIO
 from typing import Any
 
@@ -10,6 +13,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import override_settings
 
+from flyfn.checks import check_settings
 from flyfn.conf import get_settings
 from flyfn.pool import image_hash, spec_for
 from tests.conftest import EMULATOR_APP, MachinesAPI
@@ -48,6 +52,23 @@ def test_prepare_creates_every_group_and_is_idempotent(machines_api: MachinesAPI
     assert "1 created" in first
     assert "2 created" in first
     assert second.count("0 created, 0 updated, 0 destroyed") == 3
+
+
+def test_prepare_twice_makes_no_update_start_or_stop_call(machines_api: MachinesAPI) -> None:
+    """On an unchanged image and settings the second `prepare` changes nothing, whatever zero
+    values the API leaves out of its answers."""
+    groups = {"pdf": {"machines": 2, "env": ["FLYFN_TEST_FORWARDED"]}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(NEW, GROUPS=groups)):
+        flyfn("prepare")
+        before = len(machines_api.calls)
+        second = flyfn("prepare")
+    changes = [
+        (method, path)
+        for method, path in machines_api.calls[before:]
+        if method != "GET"  # lists are all a prepare needs when nothing changed
+    ]
+    assert changes == []
+    assert second.count("0 created, 0 updated, 0 destroyed") == 2
 
 
 def test_prepare_updates_machines_whose_config_drifted(machines_api: MachinesAPI) -> None:
@@ -150,3 +171,52 @@ def test_spec_names_are_deterministic_per_group_and_image(machines_api: Machines
     with override_settings(FLYFN=machines_api.flyfn_settings(NEW)):
         spec = spec_for(get_settings(), "pdf")
     assert spec.name_prefix == f"flyfn-pdf-{image_hash(NEW)}-"
+
+
+@pytest.mark.parametrize("hostname", ["http://127.0.0.1:99999", "http://[::1", "http://:80"])
+@pytest.mark.parametrize("subcommand", ["status", "prepare", "gc"])
+def test_a_malformed_api_hostname_is_a_settings_error_not_a_traceback(
+    hostname: str, subcommand: str
+) -> None:
+    settings = {"APP_NAME": "testapp", "API_TOKEN": "t0ken-value", "IMAGE_REF": OLD}
+    with override_settings(FLYFN={**settings, "API_HOSTNAME": hostname}):
+        [message] = check_settings()
+        with pytest.raises(CommandError) as error:
+            flyfn(subcommand)
+    assert message.id == "flyfn.E001"
+    assert message.msg.startswith('FLYFN["API_HOSTNAME"]: must be an http(s) URL')
+    assert 'FLYFN["API_HOSTNAME"]' in str(error.value)
+    assert "t0ken-value" not in str(error.value)
+
+
+@pytest.fixture
+def silent_api() -> Iterator[str]:
+    """An address that accepts connections and never answers (the kernel completes them)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("subcommand", ["status", "prepare", "gc"])
+def test_an_api_that_never_answers_meets_the_commands_deadline(
+    silent_api: str, subcommand: str
+) -> None:
+    settings = {"APP_NAME": "testapp", "API_TOKEN": "t0ken-value", "IMAGE_REF": OLD}
+    begun = time.monotonic()
+    with (
+        override_settings(FLYFN={**settings, "API_HOSTNAME": silent_api}),
+        pytest.raises(CommandError) as error,
+    ):
+        flyfn(subcommand, "--timeout", "0.5")
+    # Safety bound only: without the deadline the client's timeouts and retries take 90 s+.
+    assert time.monotonic() - begun < 60
+    assert str(error.value).startswith(f"gave up after 0.5 s: the Machines API at {silent_api}")
+    assert "release_command" in str(error.value)
+    assert "--timeout" in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf", "nan"])
+def test_the_deadline_must_be_a_positive_number(value: str) -> None:
+    with pytest.raises(CommandError, match="positive number of seconds"):
+        flyfn("prepare", "--timeout", value)

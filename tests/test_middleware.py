@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,13 @@ from django.test import AsyncClient, Client, RequestFactory, override_settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
-from flyfn.middleware import FlyReplayMiddleware, _request_body_binding
+from flyfn.middleware import (
+    FALLBACK_RETURN_MARGIN,
+    FlyReplayMiddleware,
+    _IssuedReplays,
+    _request_body_binding,
+    issued_replays,
+)
 from flyfn.pool import PoolManager, ReplayTarget
 from flyfn.replay import (
     STATE_BODY_DIGEST_LIMIT,
@@ -202,9 +209,52 @@ async def test_main_runs_other_views_here(
 async def test_main_never_replays_a_failed_replay_again(fetch: Fetch, manager: FakeManager) -> None:
     failed = ReplayFailed(instance=PDF_MACHINE, reason="timeout", elapsed_ms=10000).to_header()
     with override_role(MAIN):
+        replay_of(await fetch("GET", "/routing/pdf/"))  # the replay that failed
         response = await fetch("GET", "/routing/pdf/", headers={"fly-replay-failed": failed})
     assert ran_here(response, b"pdf")  # the group's fallback, "local" by default
     assert manager.forgotten == [("pdf", PDF_MACHINE)]  # the Machine leaves the cache
+
+
+async def test_main_refuses_a_failed_header_for_a_replay_it_never_issued(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    """A client sending `fly-replay-failed` itself cannot make the app Machine run the view."""
+    failed = ReplayFailed(instance=PDF_MACHINE, reason="timeout").to_header()
+    with override_role(MAIN):
+        replay_of(await fetch("GET", "/routing/report/"))  # a replay of another path
+        forged = await fetch("GET", "/routing/pdf/", headers={"fly-replay-failed": failed})
+        other_method = await fetch(
+            "POST", "/routing/report/", headers={"fly-replay-failed": failed}
+        )
+    assert forged.status_code == other_method.status_code == 503
+    assert forged["Retry-After"].isdigit()
+    assert forged.content != b"pdf"  # type: ignore[attr-defined]
+    assert manager.forgotten == []  # nor evict a Machine from the pool
+
+
+async def test_main_believes_a_failed_header_only_within_the_replay_timeout(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "2s"}}}
+    failed = {"fly-replay-failed": "reason=timeout"}
+    now = int(time.time())
+    with override_role(MAIN):
+        issued_replays.add("GET", "/routing/pdf/", now - 2)
+        assert ran_here(await fetch("GET", "/routing/pdf/", headers=failed), b"pdf")
+        # Long past the replay timeout and the way back: a fallback would have come by now.
+        issued_replays.add("GET", "/routing/pdf/", now - 2 - int(FALLBACK_RETURN_MARGIN) - 2)
+        assert (await fetch("GET", "/routing/pdf/", headers=failed)).status_code == 503
+
+
+def test_issued_replays_are_bounded_and_keep_the_newest() -> None:
+    record = _IssuedReplays(limit=3)
+    now = int(time.time())
+    for n in range(5):
+        record.add("GET", f"/p{n}/", now)
+    record.add("GET", "/p2/", now)  # used again: now the newest
+    record.add("GET", "/p5/", now)
+    kept = [n for n in range(6) if record.recent("GET", f"/p{n}/", 10)]
+    assert kept == [2, 4, 5]
 
 
 async def test_main_failed_replay_with_error_fallback_is_503(
@@ -212,6 +262,7 @@ async def test_main_failed_replay_with_error_fallback_is_503(
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
     with override_role(MAIN):
+        replay_of(await fetch("GET", "/routing/pdf/"))
         response = await fetch(
             "GET", "/routing/pdf/", headers={"fly-replay-failed": "reason=no_candidate"}
         )
@@ -232,6 +283,7 @@ async def test_main_malformed_failed_header_still_falls_back(
     fetch: Fetch, manager: FakeManager
 ) -> None:
     with override_role(MAIN):
+        replay_of(await fetch("GET", "/routing/pdf/"))
         response = await fetch("GET", "/routing/pdf/", headers={"fly-replay-failed": "==;;\x7f"})
     assert ran_here(response, b"pdf")
     assert manager.forgotten == []
@@ -283,41 +335,65 @@ async def test_function_runs_its_validly_signed_views(
     "src",
     [
         None,  # a client reaching the function Machine directly
-        "instance=0e1f2a3b4c5d6e;region=iad;t=1",  # replayed, but no state
-        "instance=x;state=flyfn1.1.AAAA",  # a forged state
-        "::not a header::",
+        "instance=0e1f2a3b4c5d6e;region=iad;t=1",  # another Machine's bounce: no state
     ],
 )
-async def test_function_bounces_unsigned_requests(
+async def test_function_bounces_requests_no_app_machine_replayed(
     fetch: Fetch, manager: FakeManager, src: str | None
 ) -> None:
     headers = {"fly-replay-src": src} if src is not None else {}
     with override_role(function("pdf")):
         response = await fetch("GET", "/routing/pdf/", headers=headers)
-    assert replay_of(response).elsewhere is True
+    replay = replay_of(response)
+    assert replay.elsewhere is True
+    assert replay.fallback == "force_self"
 
 
 @pytest.mark.parametrize(
-    ("signed_method", "signed_path", "signed_group", "secret"),
+    "src",
     [
-        ("POST", "/routing/pdf/", "pdf", None),  # another method
-        ("GET", "/routing/report/", "pdf", None),  # another path
-        ("GET", "/routing/pdf/", "default", None),  # another group
-        ("GET", "/routing/pdf/", "pdf", "another-secret-key"),  # another app's key
+        "instance=x;state=flyfn1.1.AAAA",  # a forged state
+        "instance=x;state=a;state=b",  # a state it cannot read: it may still be a replay
+        signed_src("POST", "/routing/pdf/", "pdf"),  # another method
+        signed_src("GET", "/routing/report/", "pdf"),  # another path
+        signed_src("GET", "/routing/pdf/", "default"),  # another group
+        signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key"),  # e.g. a rotated key
     ],
 )
-async def test_function_bounces_states_signed_for_something_else(
-    fetch: Fetch,
-    manager: FakeManager,
-    signed_method: str,
-    signed_path: str,
-    signed_group: str,
-    secret: str | None,
+async def test_function_ends_replays_it_cannot_verify_with_503(
+    fetch: Fetch, manager: FakeManager, src: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    src = signed_src(signed_method, signed_path, signed_group, secret)
+    """Bounced back into the proxy they would only come back (a rotated SECRET_KEY would send
+    them round until Fly gives up): they end here, cleanly, and the view never runs."""
     with override_role(function("pdf")):
         response = await fetch("GET", "/routing/pdf/", headers={"fly-replay-src": src})
-    assert replay_of(response).elsewhere is True
+    assert response.status_code == 503
+    assert response["Retry-After"].isdigit()
+    assert "fly-replay" not in response
+    assert b"pdf" not in response.content  # type: ignore[attr-defined]
+    assert "another-secret-key" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"x" * 11, {}),  # over the replay limit
+        (b"", {"transfer-encoding": "chunked"}),
+        (b"", {"fly-replay-failed": "reason=no_candidate"}),  # a bounce that failed
+    ],
+)
+async def test_function_refuses_unsigned_requests_it_cannot_send_on(
+    fetch: Fetch,
+    manager: FakeManager,
+    settings: SettingsWrapper,
+    body: bytes,
+    headers: dict[str, str],
+) -> None:
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/upload/", body, headers=headers)
+    assert response.status_code == 503
+    assert "fly-replay" not in response
 
 
 async def test_function_runs_unsigned_requests_when_signing_is_off(
@@ -351,14 +427,40 @@ async def test_function_replays_another_groups_view_to_its_target(
     [
         ("GET", "/plain/"),  # any other view
         ("GET", "/routing/upload/"),  # own group's view, method not marked
+        ("POST", "/plain/"),  # a small body Fly Proxy can replay
     ],
 )
-async def test_function_bounces_other_views(
+async def test_function_sends_other_views_on(
     fetch: Fetch, manager: FakeManager, method: str, path: str
 ) -> None:
     with override_role(function("pdf")):
-        response = await fetch(method, path)
-    assert replay_of(response).elsewhere is True
+        response = await fetch(method, path, b"x" * 10)
+    replay = replay_of(response)
+    assert replay.elsewhere is True
+    assert replay.fallback == "force_self"  # should that fail, it comes back here to run
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"x" * 11, {}),  # over the replay limit: Fly Proxy could not replay it
+        (b"x" * 5, {"transfer-encoding": "chunked"}),
+        (b"", {"fly-replay-failed": "reason=no_candidate"}),  # the bounce failed
+        (b"x" * 11, {"fly-replay-src": "instance=0e1f2a3b4c5d6e;t=1"}),  # bounced here
+    ],
+)
+async def test_function_runs_other_views_it_cannot_send_on(
+    fetch: Fetch,
+    manager: FakeManager,
+    settings: SettingsWrapper,
+    body: bytes,
+    headers: dict[str, str],
+) -> None:
+    """An ordinary request never fails because Fly Proxy balanced it onto a function Machine."""
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/plain/", body, headers=headers)
+    assert ran_here(response, b"plain")
 
 
 # ------------------------------------------------------------------------------ middleware modes
@@ -565,6 +667,7 @@ async def test_a_function_machine_never_runs_another_groups_view_as_a_fallback(
     fetch: Fetch, manager: FakeManager
 ) -> None:
     failed = ReplayFailed(instance=DEFAULT_MACHINE, reason="timeout").to_header()
+    issued_replays.add("POST", "/routing/report/", int(time.time()))  # a replay it did issue
     with override_role(function("pdf")):
         response = await fetch("POST", "/routing/report/", headers={"fly-replay-failed": failed})
     assert response.status_code == 503
@@ -578,6 +681,7 @@ async def test_local_fallbacks_are_bounded_and_their_slots_released(
     settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
     failed = {"fly-replay-failed": "reason=timeout"}
     slots = middleware_module.fallback_slots("pdf", 1)
+    issued_replays.add("GET", "/routing/pdf/", int(time.time()))  # fallbacks of its own replay
     with override_role(MAIN):
         first = await fetch("GET", "/routing/pdf/", headers=failed)
         assert slots.active == 0  # released with the response

@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from django.test import override_settings
 
 from flyfn.conf import get_settings
-from flyfn.pool import PoolManager, ReplayTarget, image_hash, spec_for
+from flyfn.machines import Machine, MachineConfig
+from flyfn.pool import (
+    PoolManager,
+    ReplayTarget,
+    converge,
+    image_hash,
+    is_outdated,
+    machine_version,
+    new_client,
+    spec_for,
+)
 from tests.conftest import EMULATOR_APP, EMULATOR_TOKEN, MachinesAPI
 
 IMAGE = "registry.fly.io/testapp:deployment-1"
@@ -42,7 +55,8 @@ def test_cold_pool_creates_a_machine_as_specified(
     monkeypatch.setenv("FORWARDED_SECRET", "s3")
     groups = {
         "pdf": {
-            "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 1024},
+            # A size Fly accepts: 2 performance CPUs need 4096-16384 MB.
+            "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
             "autostop": "suspend",
             "internal_port": 8080,
             "env": ["FORWARDED_SECRET", "NOT_SET_ANYWHERE"],
@@ -50,6 +64,7 @@ def test_cold_pool_creates_a_machine_as_specified(
     }
     with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
         machine_id = instance(pool_manager.wait_target("pdf", 10))
+        version = spec_for(get_settings(), "pdf", {"FORWARDED_SECRET": "s3"}).version
 
     [machine] = machines_api.machines(group="pdf")
     assert machine.id == machine_id
@@ -58,12 +73,15 @@ def test_cold_pool_creates_a_machine_as_specified(
     assert config is not None
     assert config.image == IMAGE
     assert config.env == {"FLYFN_GROUP": "pdf", "FORWARDED_SECRET": "s3"}
-    assert config.metadata == {"flyfn_group": "pdf"}
+    assert config.metadata == {
+        "flyfn_group": "pdf",
+        "flyfn_version": version,
+    }
     assert config.guest is not None
     assert (config.guest.cpu_kind, config.guest.cpus, config.guest.memory_mb) == (
         "performance",
         2,
-        1024,
+        4096,
     )
     [service] = config.services or []
     assert service.internal_port == 8080
@@ -304,3 +322,101 @@ def test_missing_token_gives_no_target(
     with override_settings(FLYFN=settings), caplog.at_level(logging.ERROR, "flyfn.pool"):
         assert pool_manager.wait_target("default", 5) is None
     assert "FLY_API_TOKEN" in caplog.text
+
+
+# ------------------------------------------------------------------ version, region, drift
+
+
+def test_the_version_digests_what_the_machines_depend_on_never_the_values(
+    machines_api: MachinesAPI,
+) -> None:
+    groups = {"pdf": {"env": ["FORWARDED"], "secrets": ["DATABASE_URL"]}}
+    environ = {"FORWARDED": "f1", "DATABASE_URL": "postgres://u:pw-one@db/x"}
+
+    def version(key: str = "key-one", image: str = IMAGE, **env: str) -> str:
+        flyfn = machines_api.flyfn_settings(image, GROUPS=groups)
+        with override_settings(FLYFN=flyfn, SECRET_KEY=key):
+            spec = spec_for(get_settings(), "pdf", {**environ, **env})
+        assert spec.config.metadata is not None
+        assert spec.config.metadata["flyfn_version"] == spec.version
+        metadata = json.dumps(spec.config.metadata)
+        for value in (key, "pw-one", "f1"):
+            assert value not in metadata  # never the values themselves
+        return spec.version
+
+    base = version()
+    assert version() == base  # the same in every process
+    others = [
+        version(key="key-two"),
+        version(FORWARDED="f2"),
+        version(DATABASE_URL="postgres://u:pw-two@db/x"),
+        version(image=NEW_IMAGE),
+    ]
+    assert len({base, *others}) == 5
+    # A variable nobody named changes nothing.
+    assert version(UNRELATED="x") == base
+
+
+def test_machines_are_created_in_the_creating_machines_region(
+    machines_api: MachinesAPI,
+) -> None:
+    groups = {"pinned": {"region": "syd"}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        settings = get_settings()
+        assert spec_for(settings, "default", {"FLY_REGION": "ams"}).region == "ams"
+        assert spec_for(settings, "pinned", {"FLY_REGION": "ams"}).region == "syd"
+        assert spec_for(settings, "default", {}).region is None  # off Fly: Fly's own choice
+
+
+def test_pool_creates_machines_in_fly_region(
+    machines_api: MachinesAPI, pool_manager: PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLY_REGION", "fra")
+    with override_settings(FLYFN=machines_api.flyfn_settings()):
+        instance(pool_manager.wait_target("default", 10))
+    assert [m.region for m in machines_api.machines(group="default")] == ["fra"]
+
+
+def test_a_new_secret_key_updates_the_machines_and_an_old_app_machine_leaves_them(
+    machines_api: MachinesAPI,
+) -> None:
+    flyfn = machines_api.flyfn_settings()
+    with override_settings(FLYFN=flyfn, SECRET_KEY="the-old-key"):
+        old = spec_for(get_settings(), "default")
+    with override_settings(FLYFN=flyfn, SECRET_KEY="the-new-key"):
+        settings = get_settings()
+        new = spec_for(settings, "default")
+
+    async def scenario() -> None:
+        async with new_client(settings) as client:
+            [machine] = (await converge(client, old)).machines
+            # An app Machine restarted with the new key (`fly secrets set`) after that Machine
+            # last changed (the API's times have whole seconds).
+            restarted = replace(new, started=time.time() + 2)
+            done = await converge(client, restarted)
+            assert (done.updated, [m.id for m in done.machines]) == ([machine.id], [machine.id])
+            [updated] = machines_api.machines(group="default")
+            assert machine_version(updated) == new.version
+            # An app Machine still running the old key does not undo it: the Machine changed
+            # after that app Machine read its secrets, so it has them at least as new.
+            still_old = replace(old, started=time.time() - 3600)
+            assert (await converge(client, still_old)).updated == []
+            assert (await converge(client, restarted)).updated == []  # nothing left to do
+
+    asyncio.run(scenario())
+    assert machines_api.count("POST", r"/v1/apps/[^/]+/machines/[^/]+") == 1  # one update
+    assert "the-new-key" not in repr(machines_api.machines(group="default"))
+
+
+def test_values_the_api_leaves_out_are_not_drift(machines_api: MachinesAPI) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings()):
+        spec = spec_for(get_settings(), "default")
+    answered = spec.config.model_dump(mode="json", exclude_none=True)
+    # Fly's API omits zero values (fly-go's omitempty).
+    del answered["auto_destroy"]
+    del answered["services"][0]["min_machines_running"]
+    machine = Machine(id="m1", config=MachineConfig.model_validate(answered))
+    assert not is_outdated(machine, spec.config.model_copy(update={"processes": []}))
+    # ... but a value that differs still is.
+    answered["auto_destroy"] = True
+    assert is_outdated(Machine(id="m1", config=MachineConfig.model_validate(answered)), spec.config)

@@ -145,7 +145,7 @@ STORAGES = {
 
 # Every receipt view runs on function Machines of the default group. Fly secrets (SECRET_KEY,
 # DATABASE_URL, FLY_API_TOKEN) reach every Machine of the app; plain [env] values of fly.toml do
-# not reach Machines created through the API, so flyfn forwards the ones named here.
+# not reach Machines created through the API, so flyfn forwards the ones named in "env".
 FLYFN = {
     # Prometheus metrics for Fly's scraper ([metrics] in fly.toml); off when unset (make demo).
     "METRICS_PORT": int(os.environ["FLYFN_METRICS_PORT"])
@@ -162,6 +162,9 @@ FLYFN = {
                 "LOG_LEVEL",
                 "FLYFN_METRICS_PORT",
             ],
+            # A new value (fly secrets set) makes the app Machines update the function Machines,
+            # which Fly gives API-created Machines only at their next start or update.
+            "secrets": ["DATABASE_URL"],
         },
     },
 }

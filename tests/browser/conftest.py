@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
-from tests.browser.support import (
-    CHROMIUM,
-    DemoStack,
-    chromium_context,
-    chromium_missing,
-    demo_stack,
-)
+from tests.browser.support import CHROMIUM, chromium_context, chromium_missing
+from tests.demo_support import DemoStack, demo_stack
 
 PURCHASES = 3  # seeded purchases: a few rows are enough to pick one that is not the first
 VIEWPORT = {"width": 1000, "height": 720}

@@ -2,15 +2,13 @@
 
 Debian's Chromium is launched directly (never `playwright install`), with a fresh profile whose
 one preference makes it download PDFs instead of opening its viewer, so the receipt's bytes are
-the ones Chromium itself received. The demo store runs on `manage.py flyfn dev` in its own
-process group; stopping it checks that no process it started is left behind.
+the ones Chromium itself received. The demo store on `manage.py flyfn dev` is
+`tests.demo_support.demo_stack`.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +18,9 @@ from typing import Any
 
 from playwright.sync_api import BrowserContext, Download, Locator, Playwright
 
-from tests.conftest import free_loopback_port
-from tests.demo_support import DEMO, PYTHON, ROOT, demo_env, manage
-from tests.support_dev import list_machines, start
-from tests.support_procs import stop_and_reap
+from tests.demo_support import (
+    ROOT,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = (
@@ -37,9 +34,6 @@ CHROMIUM_ARGS = (
     "--disable-sync",
 )
 SHOTS = ROOT / "artifacts" / "browser"  # git-ignored (artifacts/)
-DEV_TOKEN = "browser-tests-dev-token"  # the emulated Machines API's token, loopback only
-IDLE_STOP = 30  # seconds: long enough that no function Machine stops in the middle of a test
-BOOT_TIMEOUT = 90.0
 PDF_TIMEOUT = 60.0
 
 
@@ -116,81 +110,3 @@ def follow_pdf_link(link: Locator, *, timeout: float = PDF_TIMEOUT) -> ReceivedP
         return ReceivedPdf(response.url, Path(path).read_bytes(), machine, downloaded=True)
     again = page.context.request.get(response.url, timeout=timeout * 1000)
     return ReceivedPdf(response.url, again.body(), machine, downloaded=False)
-
-
-# -- the demo store on `flyfn dev` ----------------------------------------------------------------
-
-
-@dataclass
-class DemoStack:
-    """A running `manage.py flyfn dev` of the demo store and what its banner said."""
-
-    process: subprocess.Popen[str]
-    lines: list[str]  # its output so far
-    url: str = ""  # the proxy, e.g. http://127.0.0.1:PORT
-    api: str = ""  # the emulated Machines API
-    app: str = ""
-    app_machine: str = ""
-    live: str = ""  # the live page, e.g. http://127.0.0.1:PORT/
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def group_machines(self, group: str = "default") -> list[dict[str, Any]]:
-        """The function Machines of `group`, as the emulated Machines API lists them."""
-        return list_machines(self.api, self.app, DEV_TOKEN, **{"metadata.flyfn_group": group})
-
-
-_BANNER = {
-    "url": re.compile(r"^\s+open\s+(http://\S+?)/?$"),
-    "app": re.compile(r"^\s+app\s+(\S+)"),
-    "app_machine": re.compile(r"^\s+main\s+.*\(Machine (\w+)\)"),
-    "api": re.compile(r"^\s+API\s+(http://\S+)"),
-    "live": re.compile(r"^\s+live\s+(http://\S+)"),
-}
-
-
-def _read_banner(stack: DemoStack, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    found: dict[str, str] = {}
-    seen = 0
-    while len(found) < len(_BANNER):
-        for line in stack.lines[seen:]:
-            for key, pattern in _BANNER.items():
-                if match := pattern.match(line):
-                    found.setdefault(key, match.group(1))
-            seen += 1
-        if len(found) == len(_BANNER):
-            break
-        if stack.process.poll() is not None:
-            raise AssertionError(
-                f"flyfn dev exited ({stack.process.returncode}):\n{stack.output()}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no flyfn dev banner after {timeout}s:\n{stack.output()}")
-        time.sleep(0.1)
-    for key, value in found.items():
-        setattr(stack, key, value)
-
-
-@contextmanager
-def demo_stack(
-    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT
-) -> Iterator[DemoStack]:
-    """The demo store, seeded in a fresh SQLite database under `workdir`, served by `flyfn dev`.
-
-    On exit the stack is stopped and every process it started must be gone (AssertionError if not).
-    """
-    env = demo_env(workdir, DEBUG="1", FLYFN_DEV_TOKEN=DEV_TOKEN)
-    manage(env, "migrate", "--noinput", "-v", "0")
-    manage(env, "seed_store", "--purchases", str(purchases))
-    command = [PYTHON, "manage.py", "flyfn", "dev", "--port", str(free_loopback_port())]
-    command += ["--idle-stop", str(IDLE_STOP)]
-    lines: list[str] = []
-    process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group
-    stack = DemoStack(process, lines)
-    try:
-        _read_banner(stack, timeout)
-        yield stack
-    finally:
-        stop_and_reap(process)

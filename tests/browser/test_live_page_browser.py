@@ -8,7 +8,8 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.support import DEV_TOKEN, SHOTS, DemoStack
+from tests.browser.support import SHOTS
+from tests.demo_support import DEV_TOKEN, DemoStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(400)]
 

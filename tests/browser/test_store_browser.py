@@ -15,7 +15,8 @@ from playwright.sync_api import Page
 from pypdf import PdfReader
 
 from tests.browser.conftest import PURCHASES
-from tests.browser.support import SHOTS, DemoStack, follow_pdf_link
+from tests.browser.support import SHOTS, follow_pdf_link
+from tests.demo_support import DemoStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(400)]
 

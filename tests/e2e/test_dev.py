@@ -8,25 +8,18 @@ tests stop stacks with SIGTERM / SIGINT and check that no process is left behind
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import free_loopback_port
-from tests.support_dev import DevProcess, banner_api, list_machines, start_project
-from tests.support_procs import Proc, alive, descendants, identity, machine_pid
+from tests.e2e.stack import Dev, kill_stack, start_stack, wait_for
+from tests.support_procs import alive, identity, machine_pid
 
-T = TypeVar("T")
-PROJECT = Path(__file__).resolve().parent / "project"
-TOKEN = "e2e-dev-token"
-APP = "e2eproj"
 IDLE_STOP = 3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -40,76 +33,14 @@ def _peak_rss_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _wait(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Dev(DevProcess):
-    """A running `flyfn dev` of the e2e project and what it printed."""
-
-    def machines(self, **params: str) -> list[dict[str, Any]]:
-        return list_machines(self.api, APP, TOKEN, **params)
-
-    def app_machine(self) -> dict[str, Any]:
-        (machine,) = [
-            m for m in self.machines() if "FLYFN_GROUP" not in (m["config"].get("env") or {})
-        ]
-        return machine
-
-    def group_machines(self, group: str) -> list[dict[str, Any]]:
-        return self.machines(**{"metadata.flyfn_group": group})
-
-    def log_for(self, path: str, since: int) -> str:
-        """The proxy's log line of a request for `path` printed after line `since`."""
-        return _wait(
-            lambda: next((ln for ln in self.lines[since:] if ln.startswith(f"GET {path} ")), ""),
-            60,
-            f"the log line of {path}",
-        )
-
-    def descendants(self) -> set[Proc]:
-        return descendants(self.process.pid)
-
-    def stop(self, sig: signal.Signals) -> int:
-        self.process.send_signal(sig)  # the command only, not its process group
-        return self.process.wait(timeout=15)
-
-
-def _start(idle_stop: float) -> Dev:
-    port = free_loopback_port()
-    lines: list[str] = []
-    process = start_project(
-        PROJECT, "e2eproj.settings", TOKEN, port=port, idle_stop=idle_stop, lines=lines
-    )
-    dev = Dev(process, port, lines)
-    dev.api = banner_api(process, lines, cleanup=lambda: _kill(dev))
-    return dev
-
-
-def _kill(dev: Dev) -> None:
-    """Last resort: everything the command started, whatever state it is in."""
-    pids = {pid for pid, _ in dev.descendants()} | {dev.process.pid}
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig)
-    dev.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def dev() -> Iterator[Dev]:
-    stack = _start(IDLE_STOP)
+    stack = start_stack(IDLE_STOP)
     try:
         yield stack
     finally:
         if stack.process.poll() is None:
-            _kill(stack)
+            kill_stack(stack)
 
 
 def get(dev: Dev, path: str, **kwargs: Any) -> httpx.Response:
@@ -158,7 +89,7 @@ def test_serverless_view_is_replayed_cold_then_warm(dev: Dev) -> None:
 def test_idle_function_machine_stops_then_starts_again(dev: Dev) -> None:
     get(dev, "/square/2/")
     (fn,) = dev.group_machines("default")
-    _wait(
+    wait_for(
         lambda: dev.group_machines("default")[0]["state"] == "stopped",
         IDLE_STOP + 20,
         "the idle function Machine to stop",
@@ -180,7 +111,7 @@ def test_killed_function_process_is_replaced_for_the_next_request(dev: Dev) -> N
     killed = identity(pid)
     assert killed is not None
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: not alive(killed), 60, "the killed process to go")
+    wait_for(lambda: not alive(killed), 60, "the killed process to go")
     response = get(dev, "/square/5/")
     assert response.json()["result"] == 25
     assert response.headers["x-flyfn-machine"] == fn["id"]
@@ -243,7 +174,7 @@ def _assert_stops_cleanly(dev: Dev, sig: signal.Signals) -> None:
     machines = dev.descendants()
     assert len(machines) >= 2  # the app Machine and at least one function Machine
     assert dev.stop(sig) == 0
-    left = _wait(
+    left = wait_for(
         lambda: not any(alive(proc) for proc in machines) or None, 60, "the Machines to exit"
     )
     assert left
@@ -256,10 +187,10 @@ def test_sigterm_to_the_command_leaves_nothing_behind(dev: Dev) -> None:
 
 
 def test_sigint_to_the_command_leaves_nothing_behind() -> None:
-    stack = _start(60)
+    stack = start_stack(60)
     try:
         get(stack, "/square/10/")
         _assert_stops_cleanly(stack, signal.SIGINT)
     finally:
         if stack.process.poll() is None:
-            _kill(stack)
+            kill_stack(stack)

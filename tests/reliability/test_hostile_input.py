@@ -24,6 +24,7 @@ from pytest_django.fixtures import Settings
 
 from flyfn import fly_serverless
 from flyfn.conf import FlyfnSettings, SettingsError, load_settings
+from flyfn.middleware import issued_replays
 from flyfn.pool import FORGET_MIN_INTERVAL, PoolManager, ReplayTarget, set_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -187,35 +188,42 @@ def test_any_seed_setting_is_views_or_a_settings_error_naming_it(seed: Any) -> N
 
 # ------------------------------------------------------------- forged headers, function Machine
 
-ELSEWHERE_CASES = {
-    "unsigned": ("GET", "/routing/pdf/", None),
-    "garbage src": ("GET", "/routing/pdf/", "state=;;;=="),
-    "malformed state": ("GET", "/routing/pdf/", "instance=x;state=flyfn1.1.abc"),
-    "expired": ("GET", "/routing/pdf/", src(age=3600)),
-    "from the future": ("GET", "/routing/pdf/", src(age=-3600)),
-    "wrong path": ("GET", "/routing/pdf/", src(path="/routing/upload/")),
-    "wrong method": ("GET", "/routing/pdf/", src(method="POST")),
-    "wrong group": ("GET", "/routing/pdf/", src(group="default")),
-    "wrong secret": ("GET", "/routing/pdf/", src(secret="not-the-secret-key")),
-    "state of another request": ("HEAD", "/routing/pdf/", src()),
-    "non-serverless view": ("GET", "/plain/", src(path="/plain/")),
-    "method not serverless": ("GET", "/routing/upload/", src(path="/routing/upload/")),
+# What a function Machine answers each case: never its serverless view without a valid state. A
+# replay whose state does not verify ends in a 503 (bounced back it would only come round again);
+# one without a state is sent on unless it is a fallback already; an ordinary view runs when it
+# cannot be sent on.
+FUNCTION_CASES = {
+    "unsigned": ("GET", "/routing/pdf/", None, "elsewhere"),
+    "garbage src": ("GET", "/routing/pdf/", "state=;;;==", "unavailable"),
+    "malformed state": ("GET", "/routing/pdf/", "instance=x;state=flyfn1.1.abc", "unavailable"),
+    "expired": ("GET", "/routing/pdf/", src(age=3600), "unavailable"),
+    "from the future": ("GET", "/routing/pdf/", src(age=-3600), "unavailable"),
+    "wrong path": ("GET", "/routing/pdf/", src(path="/routing/upload/"), "unavailable"),
+    "wrong method": ("GET", "/routing/pdf/", src(method="POST"), "unavailable"),
+    "wrong group": ("GET", "/routing/pdf/", src(group="default"), "unavailable"),
+    "wrong secret": ("GET", "/routing/pdf/", src(secret="not-the-secret-key"), "unavailable"),
+    "state of another request": ("HEAD", "/routing/pdf/", src(), "unavailable"),
+    "non-serverless view": ("GET", "/plain/", src(path="/plain/"), "elsewhere"),
+    "method not serverless": ("GET", "/routing/upload/", src(path="/routing/upload/"), "elsewhere"),
 }
+ORDINARY = {"non-serverless view": b"plain", "method not serverless": b"upload form"}
 
 
 @pytest.mark.parametrize("failed", [None, "instance=e286de4f711e86;reason=timeout"])
 @pytest.mark.parametrize("kind", ["wsgi", "asgi"])
-@pytest.mark.parametrize("case", list(ELSEWHERE_CASES))
-async def test_forged_src_never_runs_a_view_on_a_function_machine(
+@pytest.mark.parametrize("case", list(FUNCTION_CASES))
+async def test_forged_src_never_runs_a_serverless_view_on_a_function_machine(
     case: str, kind: str, failed: str | None
 ) -> None:
-    method, path, header = ELSEWHERE_CASES[case]
+    method, path, header, expected = FUNCTION_CASES[case]
     headers = {
         k: v for k, v in {"fly-replay-src": header, "fly-replay-failed": failed}.items() if v
     }
+    if failed and expected == "elsewhere":  # a fallback cannot be sent on again
+        expected = "view" if case in ORDINARY else "unavailable"
     with override_role(function("pdf")):
         response = await send(kind, method, path, headers)
-    assert classify(response, b"") == "elsewhere"
+    assert classify(response, ORDINARY.get(case, b"")) == expected
 
 
 async def test_a_validly_signed_replay_does_run() -> None:
@@ -252,15 +260,20 @@ def test_fuzzed_replay_headers_never_run_a_function_view(
     with override_role(function("pdf")):
         own = client.get("/routing/pdf/", headers=headers)
         other = client.get("/plain/", headers=headers)
-    assert classify(own, b"") == "elsewhere"
-    assert classify(other, b"") == "elsewhere"
+    assert classify(own, b"") in {"elsewhere", "unavailable"}  # never the view
+    assert classify(other, b"plain") == ("view" if failed else "elsewhere")
 
 
 @FUZZ
 @given(failed=header_text.filter(bool))
 def test_fuzzed_replay_failed_on_the_app_machine_is_a_fallback(failed: str) -> None:
+    issued_replays.clear()  # each example starts with no replay on record
+    client = Client()
     with override_role(MAIN):
-        response = Client().get("/routing/pdf/", headers={"fly-replay-failed": failed})
+        forged = client.get("/routing/pdf/", headers={"fly-replay-failed": failed})
+        assert classify(client.get("/routing/pdf/"), b"pdf") == "replay"
+        response = client.get("/routing/pdf/", headers={"fly-replay-failed": failed})
+    assert classify(forged, b"pdf") == "unavailable"  # no replay of it was issued
     assert classify(response, b"pdf") == "view"  # the group's fallback: run here, bounded
 
 
@@ -277,6 +290,8 @@ def flood_settings() -> Iterator[None]:
     groups = {"flood": {"fallback": "local", "fallback_concurrency": BOUND}}
     for view in FLOOD_VIEWS:
         fly_serverless(group="flood")(view)
+    for path in ("/reliability/counted/", "/reliability/acounted/"):  # the replays that failed
+        issued_replays.add("GET", path, int(time.time()))
     try:
         with override_settings(FLYFN={"GROUPS": groups}), override_role(MAIN):
             yield

@@ -6,6 +6,7 @@ settings end in a CommandError (a clear message, a non-zero exit), never a trace
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from flyfn.pool import (
     PrepareReport,
     destroy_orphans,
     find_orphans,
+    group_app,
     machine_group,
     machine_image,
     new_client,
@@ -31,16 +33,20 @@ from flyfn.registry import ServerlessView, registry
 
 T = TypeVar("T")
 
+# Seconds status, prepare and gc may spend on the Machines API: a release_command must end (the
+# client's own timeouts and retries would let an API that never answers hold it for 90 s and more).
+DEFAULT_DEADLINE = 60.0
+
 
 class Command(BaseCommand):
     help = "flyfn: show, prepare and clean up the Fly Machines that run serverless views."
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-        commands.add_parser(
+        status = commands.add_parser(
             "status", help="registered views, each group's Machines, state and image freshness"
         )
-        commands.add_parser(
+        prepare = commands.add_parser(
             "prepare",
             help="create/update every group's Machines for the current image (idempotent; fit "
             "for fly.toml's release_command)",
@@ -48,6 +54,14 @@ class Command(BaseCommand):
         gc = commands.add_parser(
             "gc", help="destroy function Machines whose image no app Machine runs any more"
         )
+        for api_command in (status, prepare, gc):
+            api_command.add_argument(
+                "--timeout",
+                type=_seconds,
+                default=DEFAULT_DEADLINE,
+                help="seconds the whole command may spend on the Machines API before it gives up "
+                f"(default {DEFAULT_DEADLINE:g}: a release_command must not hang)",
+            )
         gc.add_argument(
             "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
         )
@@ -84,6 +98,13 @@ class Command(BaseCommand):
             raise CommandError(f"Machines API error: {exc}") from None
         except httpx.HTTPError as exc:
             raise CommandError(f"Machines API unreachable: {type(exc).__name__}") from None
+        except TimeoutError:
+            raise CommandError(
+                f"gave up after {options['timeout']:g} s: the Machines API at "
+                f"{get_settings().api_hostname} did not answer in time. flyfn "
+                f"{options['subcommand']} has an overall deadline so that a release_command "
+                "cannot hang on it; give it more with --timeout SECONDS."
+            ) from None
 
     # ------------------------------------------------------------------ status
 
@@ -105,12 +126,12 @@ class Command(BaseCommand):
                 "  not on Fly (no FLYFN['APP_NAME'] / FLY_APP_NAME): every view runs locally"
             )
             return
-        machines = run(self._group_machines(settings, groups))
+        machines = run(self._group_machines(settings, groups), options["timeout"])
         app_images = machines.pop("", [])
         live = {machine_image(m) for m in app_images}
         for group in groups:
             options_ = settings.group(group)
-            app = options_.app if options_.strategy == "app" and options_.app else settings.app_name
+            app = group_app(settings, group)
             found = machines[group]
             self.stdout.write(
                 f"  {group}: app {app}, strategy {options_.strategy}, "
@@ -141,7 +162,7 @@ class Command(BaseCommand):
             own = await client.list_machines()
             result[""] = [m for m in own if machine_group(m) is None]
             for group in groups:
-                app = _group_app(settings, group)
+                app = group_app(settings, group)
                 result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
             return result
 
@@ -158,7 +179,7 @@ class Command(BaseCommand):
             async with new_client(settings) as client:
                 return [await prepare_group(client, spec) for spec in specs]
 
-        for report in run(prepare_all()):
+        for report in run(prepare_all(), options["timeout"]):
             self.stdout.write(
                 self.style.SUCCESS(f"{report.group}: ")
                 + f"{len(report.machines)} Machine(s) in app {report.app} on the current image "
@@ -213,7 +234,7 @@ class Command(BaseCommand):
                     return [o.machine.id for o in orphans]
                 return await destroy_orphans(client, orphans)
 
-        ids = run(collect())
+        ids = run(collect(), options["timeout"])
         if not ids:
             self.stdout.write("No orphaned function Machines.")
         elif dry_run:
@@ -232,9 +253,21 @@ class Command(BaseCommand):
             self.stdout.write(" " * indent + "  ".join(cells).rstrip())
 
 
-def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run API work to completion (management commands run outside any event loop)."""
-    return asyncio.run(work)
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def run(work: Coroutine[Any, Any, T], deadline: float = DEFAULT_DEADLINE) -> T:
+    """Run API work to completion within `deadline` seconds, else TimeoutError (management
+    commands run outside any event loop)."""
+    return asyncio.run(asyncio.wait_for(work, deadline))
 
 
 def serverless_routes(urlconf: str | None = None) -> Iterator[tuple[str, ServerlessView]]:
@@ -268,11 +301,6 @@ def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:
     if image is not None and image == own:
         return "current"
     return "in use" if image in live else "stale"
-
-
-def _group_app(settings: FlyfnSettings, group: str) -> str | None:
-    options = settings.group(group)
-    return options.app if options.strategy == "app" else settings.app_name
 
 
 def _summary(report: PrepareReport) -> str:

@@ -12,4 +12,5 @@ urlpatterns = [
     path("burst/<int:n>/", views.burst, name="burst"),
     path("broken/", views.broken, name="broken"),
     path("big/", views.big, name="big"),
+    path("upload/", views.upload, name="upload"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -48,3 +49,13 @@ def big(request: HttpRequest) -> StreamingHttpResponse:
     response = StreamingHttpResponse(chunks(), content_type="application/octet-stream")
     response["Content-Length"] = str(size)
     return response
+
+
+def upload(request: HttpRequest) -> HttpResponse:
+    """An ordinary (not serverless) upload: its body read as a stream, as large as it comes."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := request.read(65536):
+        digest.update(chunk)
+        size += len(chunk)
+    return JsonResponse({"view": "upload", "size": size, "sha256": digest.hexdigest(), **_where()})

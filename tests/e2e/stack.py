@@ -1,0 +1,82 @@
+"""The e2e project under `manage.py flyfn dev`, as the e2e tests start, read and stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.conftest import free_loopback_port
+from tests.support_dev import DevProcess, banner_api, list_machines, start_project
+from tests.support_procs import Proc, descendants
+
+T = TypeVar("T")
+PROJECT = Path(__file__).resolve().parent / "project"
+TOKEN = "e2e-dev-token"
+APP = "e2eproj"
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Dev(DevProcess):
+    """A running `flyfn dev` of the e2e project and what it printed."""
+
+    def machines(self, **params: str) -> list[dict[str, Any]]:
+        return list_machines(self.api, APP, TOKEN, **params)
+
+    def app_machine(self) -> dict[str, Any]:
+        (machine,) = [
+            m for m in self.machines() if "FLYFN_GROUP" not in (m["config"].get("env") or {})
+        ]
+        return machine
+
+    def group_machines(self, group: str) -> list[dict[str, Any]]:
+        return self.machines(**{"metadata.flyfn_group": group})
+
+    def log_for(self, path: str, since: int) -> str:
+        """The proxy's log line of a request for `path` printed after line `since`."""
+        return wait_for(
+            lambda: next((ln for ln in self.lines[since:] if ln.startswith(f"GET {path} ")), ""),
+            60,
+            f"the log line of {path}",
+        )
+
+    def descendants(self) -> set[Proc]:
+        return descendants(self.process.pid)
+
+    def stop(self, sig: signal.Signals) -> int:
+        self.process.send_signal(sig)  # the command only, not its process group
+        return self.process.wait(timeout=15)
+
+
+def start_stack(idle_stop: float) -> Dev:
+    port = free_loopback_port()
+    lines: list[str] = []
+    process = start_project(
+        PROJECT, "e2eproj.settings", TOKEN, port=port, idle_stop=idle_stop, lines=lines
+    )
+    dev = Dev(process, port, lines)
+    dev.api = banner_api(process, lines, cleanup=lambda: kill_stack(dev))
+    return dev
+
+
+def kill_stack(dev: Dev) -> None:
+    """Last resort: everything the command started, whatever state it is in."""
+    pids = {pid for pid, _ in dev.descendants()} | {dev.process.pid}
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+    dev.process.wait(timeout=10)

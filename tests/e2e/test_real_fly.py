@@ -1,0 +1,77 @@
+"""End-to-end, with Fly Proxy's balancing: ordinary traffic reaches function Machines as on Fly.
+
+One `flyfn dev` of the e2e project for the module; its function Machines do not stop while it runs
+(a long idle stop), so they stay the least loaded candidates of ordinary requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.e2e.stack import Dev, kill_stack, start_stack
+
+# Needs the emulator half of issue 11: flyfn dev balancing ordinary traffic like Fly Proxy.
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+UPLOAD = os.urandom(5 * 1024 * 1024)  # 5 MB: five times what Fly Proxy can replay
+# Uploads are sent until this many landed on a function Machine; each lands on one about as
+# often as on the app Machine (both started, least loaded first, ties at random).
+LANDINGS_WANTED = 3
+MAX_UPLOADS = 60
+
+
+@pytest.fixture(scope="module")
+def dev() -> Iterator[Dev]:
+    stack = start_stack(idle_stop=3600)
+    try:
+        yield stack
+    finally:
+        if stack.process.poll() is None:
+            kill_stack(stack)
+
+
+def test_large_uploads_answer_200_whichever_machine_they_land_on(dev: Dev) -> None:
+    with httpx.Client(base_url=dev.url, timeout=120) as client:
+        assert client.get("/square/3/").status_code == 200  # the function Machine exists
+        (fn,) = dev.group_machines("default")
+        app_id = dev.app_machine()["id"]
+        mark = len(dev.lines)
+
+        async def send_all() -> list[httpx.Response]:
+            # Two at a time: each Machine is as likely to be the least loaded one.
+            responses: list[httpx.Response] = []
+            async with httpx.AsyncClient(base_url=dev.url, timeout=120) as aclient:
+                while len(responses) < MAX_UPLOADS:
+                    pair = await asyncio.gather(
+                        *(aclient.post("/upload/", content=UPLOAD) for _ in range(2))
+                    )
+                    responses += pair
+                    ran = [r.json().get("machine") for r in responses if r.status_code == 200]
+                    if ran.count(fn["id"]) >= LANDINGS_WANTED:
+                        break
+            return responses
+
+        responses = asyncio.run(send_all())
+
+    digest = hashlib.sha256(UPLOAD).hexdigest()
+    assert [r.status_code for r in responses] == [200] * len(responses), [
+        r.text[:200] for r in responses if r.status_code != 200
+    ]
+    answers = [r.json() for r in responses]
+    assert all(a["size"] == len(UPLOAD) and a["sha256"] == digest for a in answers)
+    ran_on = [a["machine"] for a in answers]
+    assert set(ran_on) <= {app_id, fn["id"]}
+    # Some landed on the function Machine and ran there: it could not send them on (a body over
+    # Fly's replay limit) and an ordinary request never fails for landing there.
+    assert ran_on.count(fn["id"]) >= LANDINGS_WANTED
+    routes = [ln for ln in dev.lines[mark:] if ln.startswith("POST /upload/ ")]
+    on_function = [ln for ln in routes if ln.split()[2] == f"fn:{fn['id'][:4]}"]
+    assert len(on_function) == ran_on.count(fn["id"]), "\n".join(routes)
+    assert all(" 200 " in ln and "→" not in ln for ln in on_function), "\n".join(on_function)
