@@ -39,11 +39,12 @@ FallbackReason = Literal[
     "body",  # a body Fly Proxy cannot replay (over the limit, or chunked)
     "no_machine",  # no function Machine to replay to in time (API down or slow, settings)
     "header",  # the replay header could not be built (a Machine id it cannot carry)
+    "untrusted_failure",  # a fly-replay-failed for no replay this process issued lately
+    "unsigned",  # a function Machine's own view, not replayed, that cannot be sent on
 ]
 FallbackOutcome = Literal["local", "unavailable"]
 BounceReason = Literal[
     "not_serverless",  # an ordinary request landed on a function Machine
-    "other_group",  # a serverless view of another group landed on a function Machine
     "unsigned",  # a request for this group's view that no app Machine replayed
 ]
 PoolAction = Literal["create", "update", "start", "destroy"]
@@ -110,8 +111,9 @@ def bounced(group: str, reason: BounceReason) -> None:
 
 
 def state_rejected(group: str, reason: str) -> None:
-    """A function Machine could not verify a replay's signed state (``reason``: missing,
-    malformed, expired, future, mismatch, ...). DEBUG (a client can send these at will);
+    """A function Machine could not verify a replay's signed state (``reason`` as
+    ``verify_state`` gives it: ``signature mismatch``, ``state expired``, ...). DEBUG (a client
+    can send these at will);
     ``flyfn_rejected_states_total{group,reason}``."""
     if _state_log.isEnabledFor(logging.DEBUG):
         _state_log.debug(

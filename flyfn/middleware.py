@@ -22,7 +22,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, RawPostData
 from django.http.cookie import SimpleCookie
 from django.http.response import ResponseHeaders
 
-from flyfn import metrics
+from flyfn import events, metrics
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
@@ -385,8 +385,10 @@ class FlyReplayMiddleware:
                 return None
             # Ordinary traffic Fly Proxy balanced onto a function Machine: sent on to another
             # Machine when Fly Proxy can replay it, else it runs here rather than fail.
-            limit = get_settings().replay_body_limit
-            return replay_response(ELSEWHERE) if _bounceable(request.META, limit) else None
+            if not _bounceable(request.META, get_settings().replay_body_limit):
+                return None
+            events.bounced(role.group or "", "not_serverless")
+            return replay_response(ELSEWHERE)
         settings = get_settings()
         if role.kind == "function" and view.group == role.group:
             return self._own_view(request, view, settings)
@@ -398,20 +400,23 @@ class FlyReplayMiddleware:
             if not issued_replays.recent(request.method or "GET", request.path, timeout):
                 # Not a replay this process issued lately: a client's own header, or a fallback
                 # that reached another worker process. Never a reason to run the view here.
+                events.fell_back(view.group, "untrusted_failure", "unavailable")
                 return unavailable()
             self._forget_failed_target(view.group, failed)
-            return self._fallback(request, view.group, settings)
+            return self._fallback(request, view.group, settings, "replay_failed")
         # Most replayed requests (GET) have no body: only one that has is looked at closely.
         has_body = meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta
         if has_body and not _body_replayable(meta, settings.replay_body_limit):
-            return self._fallback(request, view.group, settings)
+            return self._fallback(request, view.group, settings, "body")
         target = get_manager().get_target(view.group)  # warm: cached, no I/O
         if target is not None:
             return self._replay(request, view.group, target, settings)
         max_wait = settings.group(view.group).replay_timeout_seconds
         if self.async_mode:
             return _Replay(view, settings, max_wait)
+        began = time.monotonic()
         target = get_manager().wait_target(view.group, max_wait)
+        events.cold_waited(view.group, time.monotonic() - began, target is not None)
         return self._replay_or_fallback(request, view, target, settings)
 
     async def _aprocess_view(
@@ -426,7 +431,9 @@ class FlyReplayMiddleware:
         routed = FlyReplayMiddleware.process_view(self, request, view_func, view_args, view_kwargs)
         if not isinstance(routed, _Replay):
             return routed
+        began = time.monotonic()
         target = await get_manager().aget_target(routed.view.group, routed.max_wait)
+        events.cold_waited(routed.view.group, time.monotonic() - began, target is not None)
         return self._replay_or_fallback(request, routed.view, target, routed.settings)
 
     # ------------------------------------------------------------ shared sync helpers (no I/O)
@@ -441,7 +448,7 @@ class FlyReplayMiddleware:
         """After waiting for a cold pool: the replay, or the fallback when no target came."""
         if target is None:
             # The API is down or slow, or the settings lack something: the pool logged it.
-            return self._fallback(request, view.group, settings)
+            return self._fallback(request, view.group, settings, "no_machine")
         return self._replay(request, view.group, target, settings)
 
     def _replay(
@@ -468,12 +475,13 @@ class FlyReplayMiddleware:
                 header = self._header(settings, group, target, request, second, query, body)
             except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
                 logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
-                return self._fallback(request, group, settings)
+                return self._fallback(request, group, settings, "header")
             if len(headers) >= _MAX_HEADERS:  # many distinct requests within one second
                 headers.clear()
             headers[key] = header
             # Once per method and path a second: the requests reusing the header are covered.
             issued_replays.add(request.method or "GET", request.path, second)
+        events.replayed(group, target.instance, target.app)
         # Plan-built headers are ASCII without CR/LF: the template needs no check of them.
         template = _template
         return template.make(header) if template is not None else replay_response(header)
@@ -521,18 +529,25 @@ class FlyReplayMiddleware:
         return plan
 
     def _fallback(
-        self, request: HttpRequest, group: str, settings: FlyfnSettings
+        self,
+        request: HttpRequest,
+        group: str,
+        settings: FlyfnSettings,
+        reason: events.FallbackReason,
     ) -> HttpResponseBase | None:
-        """The group's fallback: run here (bounded per process) or 503."""
+        """The group's fallback for `reason`: run here (bounded per process) or 503."""
         options = settings.group(group)
         # A function Machine only falls back for another group's view (its own group's views run
         # or bounce before this): it never runs that view, whatever headers a client forges.
         if options.fallback != "local" or current_role().kind == "function":
+            events.fell_back(group, reason, "unavailable")
             return unavailable()
         slots = fallback_slots(group, options.fallback_concurrency)
         if not slots.acquire():
+            events.fell_back(group, reason, "unavailable")
             return unavailable()
         setattr(request, _SLOT_ATTR, slots)
+        events.fell_back(group, reason, "local")
         return None
 
     def _own_view(
@@ -565,15 +580,16 @@ class FlyReplayMiddleware:
                 )
                 if check:
                     return None
+                events.state_rejected(view.group, check.reason or "invalid")
                 _report_unverified(view.group, check.reason)
                 return unavailable()
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
-        return (
-            replay_response(ELSEWHERE)
-            if _bounceable(meta, settings.replay_body_limit)
-            else unavailable()
-        )
+        if not _bounceable(meta, settings.replay_body_limit):
+            events.fell_back(view.group, "unsigned", "unavailable")
+            return unavailable()
+        events.bounced(view.group, "unsigned")
+        return replay_response(ELSEWHERE)
 
     def _forget_failed_target(self, group: str, header: str) -> None:
         """A Machine named by `fly-replay-failed` leaves the pool's cache at once."""

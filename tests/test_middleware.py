@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -693,3 +694,79 @@ async def test_local_fallbacks_are_bounded_and_their_slots_released(
     assert ran_here(first, b"pdf")
     assert busy.status_code == 503
     assert busy["Retry-After"] == str(middleware_module.RETRY_AFTER_SECONDS)
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+def events_of(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str | None, str | None]]:
+    """(event, group, reason or outcome) of the flyfn events logged so far."""
+    return [
+        (
+            record.flyfn_event,  # type: ignore[attr-defined]
+            getattr(record, "flyfn_group", None),
+            getattr(record, "flyfn_reason", None),
+        )
+        for record in caplog.records
+        if record.name.startswith("flyfn.events.")
+    ]
+
+
+@pytest.fixture
+def debug_events(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="flyfn.events")
+    return caplog
+
+
+async def test_a_replay_is_an_event_naming_its_machine(
+    fetch: Fetch, manager: FakeManager, debug_events: pytest.LogCaptureFixture
+) -> None:
+    with override_role(MAIN):
+        replay_of(await fetch("GET", "/routing/pdf/"))
+    (record,) = [r for r in debug_events.records if r.name == "flyfn.events.replay"]
+    assert (record.flyfn_group, record.flyfn_machine) == ("pdf", PDF_MACHINE)  # type: ignore[attr-defined]
+
+
+async def test_each_fallback_is_an_event_with_its_reason_and_outcome(
+    fetch: Fetch,
+    manager: FakeManager,
+    debug_events: pytest.LogCaptureFixture,
+    settings: SettingsWrapper,
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "local"}}}
+    failed = {"fly-replay-failed": "reason=timeout"}
+    with override_role(MAIN):
+        await fetch("GET", "/routing/pdf/", headers=failed)  # no replay of its own: untrusted
+        issued_replays.add("GET", "/routing/pdf/", int(time.time()))
+        await fetch("GET", "/routing/pdf/", headers=failed)  # its own replay failed: runs here
+        await fetch("POST", "/routing/upload/", b"x" * 2_000_000, content_type="text/plain")
+        manager.targets.pop("pdf")
+        await fetch("GET", "/routing/pdf/")  # no Machine came
+    fallbacks = [
+        (r.flyfn_reason, r.flyfn_outcome)  # type: ignore[attr-defined]
+        for r in debug_events.records
+        if r.name == "flyfn.events.fallback"
+    ]
+    assert fallbacks == [
+        ("untrusted_failure", "unavailable"),
+        ("replay_failed", "local"),
+        ("body", "local"),
+        ("no_machine", "local"),
+    ]
+    cold = [r for r in debug_events.records if r.name == "flyfn.events.cold_wait"]
+    assert [r.flyfn_found for r in cold] == [False]  # type: ignore[attr-defined]
+
+
+async def test_function_machine_bounces_and_rejections_are_events(
+    fetch: Fetch, manager: FakeManager, debug_events: pytest.LogCaptureFixture
+) -> None:
+    forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
+    with override_role(function("pdf")):
+        await fetch("GET", "/plain/")  # ordinary traffic Fly balanced here
+        await fetch("GET", "/routing/pdf/")  # its own view, not replayed
+        await fetch("GET", "/routing/pdf/", headers={"fly-replay-src": forged})
+    assert events_of(debug_events) == [
+        ("bounce", "pdf", "not_serverless"),
+        ("bounce", "pdf", "unsigned"),
+        ("state_rejected", "pdf", "signature mismatch"),
+    ]
