@@ -29,6 +29,8 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "flyfn_replay_decision_us",
         "passthrough_overhead_ratio",
         "decision_vs_bare_ratio",
+        "metrics_passthrough_vs_off_ratio",
+        "metrics_decision_vs_off_ratio",
     ),
     "blog_baseline": (
         "api_calls_per_1000_requests",
@@ -237,6 +239,17 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[TargetResult]:
             _over_by,
         )
     )
+    for name, bound in (("passthrough", 1.05), ("decision", 1.10)):
+        out.append(
+            _check(
+                f"middleware {name} with metrics on vs off",
+                _get(results, *mw, f"metrics_{name}_vs_off_ratio"),
+                f"<= {bound}",
+                bound,
+                _at_most,
+                _over_by,
+            )
+        )
     bb = ("blog_baseline",)
     blog_calls = _get(results, *bb, "api_calls_per_1000_requests", "blog")
     out.append(
