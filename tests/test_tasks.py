@@ -455,3 +455,24 @@ def test_no_wake_is_sent_without_an_address(monkeypatch: pytest.MonkeyPatch) -> 
     with runtime.override_role(runtime.MAIN, runtime.MachineEnv()):
         assert waker._send("tasks") is False
     assert waker._retry_at["tasks"] > 0
+
+
+@pytest.mark.django_db
+def test_flyfn_status_shows_each_group_s_tasks() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    tasks.note.enqueue("waiting")
+    tasks.report.enqueue("2026-09")
+    DBTaskResult.objects.update(enqueued_at=timezone.now() - timedelta(seconds=90))
+    out = StringIO()
+    with runtime.override_role(runtime.LOCAL, runtime.MachineEnv()):
+        call_command("flyfn", "status", stdout=out)
+    lines = out.getvalue().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Tasks"))
+    table = [line.split() for line in lines[header + 1 : header + 4]]
+    assert table[0] == ["GROUP", "READY", "SCHEDULED", "RUNNING", "FAILED", "OLDEST", "WAITING"]
+    assert table[1][:5] == ["pdf", "1", "0", "0", "0"]
+    assert table[2][:5] == ["tasks", "1", "0", "0", "0"]
+    assert int(table[2][5].rstrip("s")) >= 90

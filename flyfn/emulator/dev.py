@@ -198,10 +198,13 @@ class DevStack:
             self._write(f"flyfn dev: cannot listen on 127.0.0.1:{options.api_port}: {exc}")
             return 1
         api_url = f"http://127.0.0.1:{api_sock.getsockname()[1]}"
+        proxy_port = proxy_sock.getsockname()[1]
         runtime = ProcessRuntime(
             self.asgi_app,
             api_hostname=api_url,
             api_token=self._token,
+            # flyfn.tasks sends its wakes through the proxy, as to the app's address on Fly.
+            base_env={**os.environ, "FLYFN_PUBLIC_URL": f"http://{options.host}:{proxy_port}"},
             region=options.region,
             cwd=self.root,
             boot_timeout=options.boot_timeout,
