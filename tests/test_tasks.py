@@ -244,7 +244,7 @@ def test_async_task_functions_run() -> None:
 
 @pytest.mark.django_db(transaction=True)
 async def test_aenqueue_and_aget_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Dispatcher, "notify", lambda self: None)  # run it below instead
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)  # run it below instead
     result = await tasks.add.aenqueue(1, 1)
     assert result.status == TaskResultStatus.READY
     fetched = await tasks.add.aget_result(result.id)
@@ -273,12 +273,14 @@ def test_delivery_waits_for_the_commit_and_a_rollback_delivers_nothing(
     django_capture_on_commit_callbacks: Any,
 ) -> None:
     notified: list[str] = []
-    monkeypatch.setattr(Dispatcher, "notify", lambda self: notified.append(self.alias))
+    monkeypatch.setattr(
+        Dispatcher, "notify", lambda self, group=None: notified.append(f"{self.alias}:{group}")
+    )
     with django_capture_on_commit_callbacks(execute=True) as callbacks, transaction.atomic():
         tasks.note.enqueue("committed")
         assert notified == []  # not before the commit
     assert len(callbacks) == 1
-    assert notified == ["default"]
+    assert notified == ["default:tasks"]
 
     class Rollback(Exception):
         pass
@@ -291,7 +293,7 @@ def test_delivery_waits_for_the_commit_and_a_rollback_delivers_nothing(
     with django_capture_on_commit_callbacks(execute=True) as callbacks, pytest.raises(Rollback):
         enqueue_then_fail()
     assert callbacks == []
-    assert notified == ["default"]
+    assert notified == ["default:tasks"]
     assert DBTaskResult.objects.count() == 1
 
 
@@ -396,7 +398,9 @@ async def test_unsigned_wakes_are_refused_and_main_never_runs_tasks() -> None:
 async def test_a_signed_wake_on_a_function_machine_runs_the_due_tasks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(Dispatcher, "notify", lambda self: None)  # no wake over the network
+    monkeypatch.setattr(
+        Dispatcher, "notify", lambda self, group=None: None
+    )  # no wake over the network
     env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
     with runtime.override_role(runtime.function("tasks"), env):
         results = [await tasks.note.aenqueue(f"n{i}") for i in range(3)]

@@ -3,6 +3,7 @@ Machines after the enqueueing transaction commits."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -50,7 +51,8 @@ class FlyMachinesBackend(DatabaseBackend):
 
         result = super().enqueue(task, args, kwargs)
         waker = dispatcher(self.alias, self.flyfn)
-        transaction.on_commit(waker.notify, using=router.db_for_write(DBTaskResult))
+        group = self.flyfn.group_of(task.queue_name)
+        transaction.on_commit(partial(waker.notify, group), using=router.db_for_write(DBTaskResult))
         return result
 
     async def aenqueue(

@@ -62,9 +62,14 @@ class Dispatcher:
         self._stopped = False
         self.wakes = 0  # wakes opened, for tests and benchmarks
 
-    def notify(self) -> None:
-        """Look at the database now (a task was committed)."""
+    def notify(self, group: str | None = None) -> None:
+        """Look at the database now (a task of ``group`` was committed). Nothing to do while the
+        group has all its wakes open: each looks again when it ends."""
         self.start()
+        if group is not None:
+            with self._lock:
+                if self._open[group] >= self.options.concurrency:
+                    return
         self._event.set()
 
     def start(self) -> None:
