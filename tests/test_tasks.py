@@ -52,6 +52,15 @@ def _wake_views_leave_the_registry() -> Iterator[None]:
     for view in wake._views.values():
         registry.unregister(view)
     wake._views.clear()
+    # SQLite keeps an in-memory test database's connection open for the whole session (its close()
+    # is a no-op); a later test without database access whose response fires request_finished
+    # would then find this thread's connection and be refused it. No later test uses the
+    # database in this process, so it goes now.
+    from django.db import connection
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    if connection.connection is not None:
+        BaseDatabaseWrapper.close(connection)
 
 
 @pytest.fixture(autouse=True)
