@@ -119,6 +119,7 @@ class Command(BaseCommand):
             self._table(("URL", "METHODS", "GROUP", "VIEW"), rows)
         else:
             self.stdout.write("  (none: mark views with @fly_serverless or FLYFN['VIEWS'])")
+        self._tasks_status()
         groups = all_groups(settings)
         self.stdout.write(self.style.MIGRATE_HEADING("Groups"))
         if not settings.app_name:
@@ -152,6 +153,34 @@ class Command(BaseCommand):
                     ],
                     indent=4,
                 )
+
+    def _tasks_status(self) -> None:
+        """Per group: tasks ready, scheduled, running, failed and the oldest waiting (only with
+        flyfn.tasks installed)."""
+        from django.apps import apps
+
+        if not apps.is_installed("flyfn.tasks"):
+            return
+        from flyfn.tasks.status import task_status
+
+        self.stdout.write(self.style.MIGRATE_HEADING("Tasks"))
+        rows = [
+            (
+                g.group,
+                str(g.ready),
+                str(g.scheduled),
+                str(g.running),
+                str(g.failed),
+                "-" if g.oldest_waiting is None else f"{g.oldest_waiting.total_seconds():.0f}s",
+            )
+            for g in task_status()
+        ]
+        if rows:
+            self._table(
+                ("GROUP", "READY", "SCHEDULED", "RUNNING", "FAILED", "OLDEST WAITING"), rows
+            )
+        else:
+            self.stdout.write("  (no flyfn.tasks.FlyMachinesBackend in TASKS)")
 
     async def _group_machines(
         self, settings: FlyfnSettings, groups: Sequence[str]
