@@ -112,4 +112,9 @@ def test_rotating_secret_key_heals_without_a_proxy_error(demo: DemoStack, tmp_pa
         answers,
         routes,
     )
+    print(
+        f"secret rotation: {RECEIPTS} receipts, {sum(a[0] == 503 for a in answers)} answered 503, "
+        f"healed at request {healed + 1}, {answers[healed][2] - rotated:.1f}s after the rotation; "
+        f"most replays in one route: {max(ln.count('→ replay') for ln in routes)}"
+    )
     assert answers[healed][2] - rotated < HEAL_BOUND, "too slow to heal (safety bound)"
