@@ -16,8 +16,6 @@ import pytest
 
 from tests.e2e.stack import Dev, kill_stack, start_stack
 
-# Needs the emulator half of issue 11: flyfn dev balancing ordinary traffic like Fly Proxy.
-
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 UPLOAD = os.urandom(5 * 1024 * 1024)  # 5 MB: five times what Fly Proxy can replay

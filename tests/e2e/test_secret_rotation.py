@@ -19,8 +19,6 @@ import pytest
 
 from tests.demo_support import DEV_TOKEN, PYTHON, ROOT, DemoStack, demo_stack
 
-# Needs the emulator half of issue 11: app secrets and a secrets command in flyfn dev.
-
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 RECEIPTS = 30
