@@ -45,6 +45,7 @@ FallbackReason = Literal[
 FallbackOutcome = Literal["local", "unavailable"]
 BounceReason = Literal[
     "not_serverless",  # an ordinary request landed on a function Machine
+    "other_group",  # another group's serverless view landed on a function Machine
     "unsigned",  # a request for this group's view that no app Machine replayed
 ]
 PoolAction = Literal["create", "update", "destroy"]

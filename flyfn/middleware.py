@@ -417,9 +417,15 @@ class FlyReplayMiddleware:
             events.bounced(role.group or "", "not_serverless")
             return replay_response(ELSEWHERE)
         settings = get_settings()
-        if role.kind == "function" and view.group == role.group:
-            return self._own_view(request, view, settings)
-        # A serverless view to replay: from main, or from a function Machine of another group.
+        if role.kind == "function":
+            if view.group == role.group:
+                return self._own_view(request, view, settings)
+            # Another group's view that Fly Proxy balanced here: an app Machine routes it, with
+            # the group's fallback if its Machines fail (a function Machine has none to offer).
+            if _bounceable(request.META, settings.replay_body_limit):
+                events.bounced(role.group or "", "other_group")
+                return replay_response(ELSEWHERE)
+        # A serverless view to replay: from main, or one a function Machine cannot send on.
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)
         if failed is not None:  # Fly Proxy could not deliver the replay

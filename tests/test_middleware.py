@@ -415,21 +415,27 @@ async def test_function_runs_unsigned_requests_when_signing_is_off(
     assert ran_here(response, b"pdf")
 
 
-async def test_function_replays_another_groups_view_to_its_target(
+async def test_function_sends_another_groups_view_on_to_an_app_machine(
     fetch: Fetch, manager: FakeManager
 ) -> None:
+    """Fly Proxy balanced it here; an app Machine routes it, with the group's fallback."""
     with override_role(function("pdf")):
         response = await fetch("POST", "/routing/report/")
     replay = replay_of(response)
-    assert replay.instance == DEFAULT_MACHINE
-    assert verify_state(
-        replay.state,
-        django_settings.SECRET_KEY,
-        "POST",
-        "/routing/report/",
-        "default",
-        max_age=40,
-    )
+    assert replay.elsewhere
+    assert replay.instance is None
+
+
+async def test_function_refuses_another_groups_view_it_cannot_send_on(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    """A body Fly Proxy cannot replay: it can go neither on nor back, and never runs here."""
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/", b"x" * 50, content_type="text/plain")
+    assert response.status_code == 503
+    assert response["Retry-After"].isdigit()
+    assert "fly-replay" not in response
 
 
 @pytest.mark.parametrize(

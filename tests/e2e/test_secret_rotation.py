@@ -89,7 +89,14 @@ def test_rotating_secret_key_heals_without_a_proxy_error(demo: DemoStack, tmp_pa
                 (response.status_code, response.headers.get("x-flyfn-machine"), time.monotonic())
             )
 
-    routes = [ln for ln in demo.lines[mark:] if RECEIPT_PATH.match(ln)]
+    def receipt_routes() -> list[str]:
+        return [ln for ln in demo.lines[mark:] if RECEIPT_PATH.match(ln)]
+
+    # The proxy prints a route once its answer is sent: the last line may trail the answer.
+    waited = time.monotonic() + 60  # safety bound
+    while len(receipt_routes()) < RECEIPTS and time.monotonic() < waited:
+        time.sleep(0.1)
+    routes = receipt_routes()
     assert len(routes) == RECEIPTS, "\n".join(routes)
     for line in routes:
         assert PROXY_ERROR.search(line) is None, line  # no proxy error
