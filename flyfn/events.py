@@ -45,9 +45,10 @@ FallbackReason = Literal[
 FallbackOutcome = Literal["local", "unavailable"]
 BounceReason = Literal[
     "not_serverless",  # an ordinary request landed on a function Machine
+    "other_group",  # another group's serverless view landed on a function Machine
     "unsigned",  # a request for this group's view that no app Machine replayed
 ]
-PoolAction = Literal["create", "update", "start", "destroy"]
+PoolAction = Literal["create", "update", "destroy"]
 ApiOutcome = int | Literal["timeout", "connection"]
 TaskOutcome = Literal["enqueued", "started", "succeeded", "failed", "retried"]
 
@@ -145,7 +146,7 @@ def cold_waited(group: str, seconds: float, found: bool) -> None:
 
 
 def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
-    """flyfn created, updated, started or destroyed a function Machine of ``group``.
+    """flyfn created, updated or destroyed a function Machine of ``group``.
     INFO; ``flyfn_pool_changes_total{group,action}``."""
     _pool_log.info(
         "flyfn: %s Machine %s (group %r)",

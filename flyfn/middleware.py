@@ -23,7 +23,7 @@ from django.http.cookie import SimpleCookie
 from django.http.response import ResponseHeaders
 
 from flyfn import events, metrics
-from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -273,36 +273,63 @@ def _report_unverified(group: str, reason: str | None) -> None:
 
 
 class _IssuedReplays:
-    """The replays this process issued lately, by method and path (whole seconds), at most
-    `limit` of them: a `fly-replay-failed` is only believed for one of these."""
+    """The replays this process issued lately, by method and path, in one set per second (the
+    states' whole seconds): a `fly-replay-failed` is only believed for one of these. Seconds older
+    than any group's replay timeout and the way back are dropped; at most `limit` entries are
+    kept in all (a flood of distinct paths then goes unrecorded, and its fallbacks answer 503).
 
-    def __init__(self, limit: int = 4096) -> None:
+    Adding is a set insert without a lock within a second: it is on the path of every replay
+    whose header is not cached (every request, when each has a path of its own)."""
+
+    def __init__(self, limit: int = 16_384) -> None:
         self.limit = limit
-        self._seconds: dict[tuple[str, str], int] = {}
+        self._second = -1
+        self._current: set[tuple[str, str]] = set()
+        self._past: dict[int, set[tuple[str, str]]] = {}
+        self._count = 0
         self._lock = threading.Lock()
 
     def add(self, method: str, path: str, second: int) -> None:
-        key = (method, path)
+        if second != self._second:
+            self._turn(second)
+        if self._count < self.limit:
+            # A racing thread may have turned the second meanwhile: the entry then counts for
+            # the next second, which only keeps it a second longer.
+            self._current.add((method, path))
+            self._count += 1
+
+    def _turn(self, second: int) -> None:
         with self._lock:
-            seconds = self._seconds
-            seconds.pop(key, None)  # re-inserted last: the dict's order is the age order
-            seconds[key] = second
-            if len(seconds) > self.limit:
-                del seconds[next(iter(seconds))]
+            if second <= self._second:
+                return
+            if self._current:
+                self._past[self._second] = self._current
+            oldest = second - _RECORD_SECONDS
+            for old in [s for s in self._past if s < oldest]:
+                del self._past[old]
+            self._second, self._current = second, set()
+            # Recounted here: the lock-free adds may have missed a few increments.
+            self._count = sum(len(keys) for keys in self._past.values())
 
     def recent(self, method: str, path: str, within: float) -> bool:
         """Whether a replay of `method` `path` was issued at most `within` seconds ago (plus the
         fallback's way back)."""
-        second = self._seconds.get((method, path))
-        return second is not None and time.time() - second <= within + FALLBACK_RETURN_MARGIN
+        key = (method, path)
+        oldest = time.time() - within - FALLBACK_RETURN_MARGIN
+        if self._second >= oldest and key in self._current:
+            return True
+        with self._lock:
+            return any(s >= oldest and key in keys for s, keys in self._past.items())
 
     def clear(self) -> None:
         with self._lock:
-            self._seconds.clear()
+            self._second, self._current, self._past, self._count = -1, set(), {}, 0
 
 
 # Seconds a fallback may take to come back once the replay timed out, beyond the whole second.
 FALLBACK_RETURN_MARGIN = 6.0
+# Seconds of replays kept: the longest replay timeout, the way back and the whole second.
+_RECORD_SECONDS = int(MAX_REPLAY_TIMEOUT + FALLBACK_RETURN_MARGIN) + 2
 issued_replays = _IssuedReplays()
 
 
@@ -390,9 +417,15 @@ class FlyReplayMiddleware:
             events.bounced(role.group or "", "not_serverless")
             return replay_response(ELSEWHERE)
         settings = get_settings()
-        if role.kind == "function" and view.group == role.group:
-            return self._own_view(request, view, settings)
-        # A serverless view to replay: from main, or from a function Machine of another group.
+        if role.kind == "function":
+            if view.group == role.group:
+                return self._own_view(request, view, settings)
+            # Another group's view that Fly Proxy balanced here: an app Machine routes it, with
+            # the group's fallback if its Machines fail (a function Machine has none to offer).
+            if _bounceable(request.META, settings.replay_body_limit):
+                events.bounced(role.group or "", "other_group")
+                return replay_response(ELSEWHERE)
+        # A serverless view to replay: from main, or one a function Machine cannot send on.
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)
         if failed is not None:  # Fly Proxy could not deliver the replay

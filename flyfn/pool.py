@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 import httpx
 from django.conf import settings as django_settings
 
+from flyfn import events
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.machines import (
     AsyncMachinesClient,
@@ -317,7 +318,7 @@ async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
     doomed = extras + [m for m in current if not is_usable(m)]
     for machine in doomed:
         try:
-            if await _destroy(client, spec.app, machine.id):
+            if await _destroy(client, spec.app, machine.id, spec.group):
                 result.destroyed.append(machine.id)
         except MachinesError as exc:  # best effort: the next convergence tries again
             logger.warning("flyfn: could not destroy extra Machine %s: %s", machine.id, exc)
@@ -340,28 +341,32 @@ async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine)
         await client.update_machine(machine.id, request, app=spec.app)
     except NotFound:  # destroyed meanwhile (another process converging): nothing to update
         return False
-    logger.info(
-        "flyfn: updated Machine %s of group %r to version %s", machine.id, spec.group, spec.version
-    )
+    events.pool_changed(spec.group, "update", machine.id)
     return True
 
 
 async def _create(client: AsyncMachinesClient, spec: PoolSpec, name: str) -> Machine:
     request = CreateMachineRequest(name=name, region=spec.region, config=spec.config)
     try:
-        return await client.create_machine(request, app=spec.app)
+        created = await client.create_machine(request, app=spec.app)
     except MachinesStatusError as exc:
         if exc.status in (409, 422) and not exc.insufficient_capacity:
             logger.debug("Machine %s already exists (another process created it)", name)
         raise
+    events.pool_changed(spec.group, "create", created.id)
+    return created
 
 
-async def _destroy(client: AsyncMachinesClient, app: str, machine_id: str) -> bool:
-    """Destroy one Machine; False when it is already gone (someone else destroyed it)."""
+async def _destroy(
+    client: AsyncMachinesClient, app: str, machine_id: str, group: str | None
+) -> bool:
+    """Destroy one Machine (of `group`, if known); False when it is already gone (someone else
+    destroyed it)."""
     try:
         await client.destroy_machine(machine_id, force=True, app=app)
     except NotFound:
         return False
+    events.pool_changed(group or "", "destroy", machine_id)
     return True
 
 
@@ -463,7 +468,11 @@ async def find_orphans(client: AsyncMachinesClient, settings: FlyfnSettings) -> 
 
 
 async def destroy_orphans(client: AsyncMachinesClient, orphans: Sequence[Orphan]) -> list[str]:
-    return [o.machine.id for o in orphans if await _destroy(client, o.app, o.machine.id)]
+    return [
+        o.machine.id
+        for o in orphans
+        if await _destroy(client, o.app, o.machine.id, machine_group(o.machine))
+    ]
 
 
 # --------------------------------------------------------------------------- the background loop

@@ -243,19 +243,28 @@ async def test_main_believes_a_failed_header_only_within_the_replay_timeout(
         issued_replays.add("GET", "/routing/pdf/", now - 2)
         assert ran_here(await fetch("GET", "/routing/pdf/", headers=failed), b"pdf")
         # Long past the replay timeout and the way back: a fallback would have come by now.
+        issued_replays.clear()
         issued_replays.add("GET", "/routing/pdf/", now - 2 - int(FALLBACK_RETURN_MARGIN) - 2)
         assert (await fetch("GET", "/routing/pdf/", headers=failed)).status_code == 503
 
 
-def test_issued_replays_are_bounded_and_keep_the_newest() -> None:
+def test_issued_replays_are_bounded_in_count_and_age() -> None:
     record = _IssuedReplays(limit=3)
     now = int(time.time())
-    for n in range(5):
-        record.add("GET", f"/p{n}/", now)
-    record.add("GET", "/p2/", now)  # used again: now the newest
-    record.add("GET", "/p5/", now)
-    kept = [n for n in range(6) if record.recent("GET", f"/p{n}/", 10)]
-    assert kept == [2, 4, 5]
+    for n in range(5):  # a flood: beyond the limit, replays go unrecorded
+        record.add("GET", f"/p{n}/", now - 100)
+    assert [n for n in range(5) if record.recent("GET", f"/p{n}/", 200)] == [0, 1, 2]
+    for n in range(5, 7):
+        record.add("GET", f"/p{n}/", now - 1)  # the flood's second is past: still counted
+    record.add("GET", "/p7/", now)
+    # Seconds older than any replay timeout allows are dropped, and with them their count.
+    assert [n for n in range(8) if record.recent("GET", f"/p{n}/", 200)] == [5, 6, 7]
+    assert not record.recent("POST", "/p7/", 10)  # another method
+    # Within the group's replay timeout and the way back only.
+    aged = _IssuedReplays()
+    aged.add("GET", "/p/", now - 10)
+    assert aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN + 1)
+    assert not aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN - 2)
 
 
 async def test_main_failed_replay_with_error_fallback_is_503(
@@ -406,21 +415,27 @@ async def test_function_runs_unsigned_requests_when_signing_is_off(
     assert ran_here(response, b"pdf")
 
 
-async def test_function_replays_another_groups_view_to_its_target(
+async def test_function_sends_another_groups_view_on_to_an_app_machine(
     fetch: Fetch, manager: FakeManager
 ) -> None:
+    """Fly Proxy balanced it here; an app Machine routes it, with the group's fallback."""
     with override_role(function("pdf")):
         response = await fetch("POST", "/routing/report/")
     replay = replay_of(response)
-    assert replay.instance == DEFAULT_MACHINE
-    assert verify_state(
-        replay.state,
-        django_settings.SECRET_KEY,
-        "POST",
-        "/routing/report/",
-        "default",
-        max_age=40,
-    )
+    assert replay.elsewhere
+    assert replay.instance is None
+
+
+async def test_function_refuses_another_groups_view_it_cannot_send_on(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    """A body Fly Proxy cannot replay: it can go neither on nor back, and never runs here."""
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/", b"x" * 50, content_type="text/plain")
+    assert response.status_code == 503
+    assert response["Retry-After"].isdigit()
+    assert "fly-replay" not in response
 
 
 @pytest.mark.parametrize(
