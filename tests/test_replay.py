@@ -993,6 +993,18 @@ ERROR_MESSAGES = [
 ]
 
 
+ERROR_MESSAGES += [  # long values are shown cut at 40 characters
+    (
+        "ReplaySource.parse('t=' + 'x' * 50)",
+        f"fly-replay-src t: expected a non-negative integer, got {'x' * 40!r}",
+    ),
+    (
+        "FlyReplay.from_json({'region': ',' + 'i' * 50})",
+        f"fly-replay region: invalid list {',' + 'i' * 39!r}",
+    ),
+]
+
+
 @pytest.mark.parametrize(("code", "message"), ERROR_MESSAGES)
 def test_each_error_message(code: str, message: str) -> None:
     namespace = {
