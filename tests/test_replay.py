@@ -993,6 +993,12 @@ ERROR_MESSAGES = [
 ]
 
 
+ERROR_MESSAGES += [
+    (
+        "FlyReplay(app='a', extra=(('n', 'flyfn-state-slot'),)).to_header_around_state()",
+        "fly-replay: cannot place the state in this header",
+    ),
+]
 ERROR_MESSAGES += [  # long values are shown cut at 40 characters
     (
         "ReplaySource.parse('t=' + 'x' * 50)",
@@ -1021,6 +1027,7 @@ def test_each_error_message(code: str, message: str) -> None:
 
 
 def test_mac_is_djangos_salted_hmac_of_the_message() -> None:
+    replay_module._state_key.cache_clear()  # derive each key here, not in an earlier test
     for secret in ("s", "x" * 100, b"\xff raw", "\u00fcn\u00efc\u00f6d\u00e9"):
         message = _message(1_700_000_000, "post", "/x", "pdf", "a=1", body_binding(1, b"x"))
         digest = salted_hmac(
@@ -1075,3 +1082,15 @@ def test_the_json_body_is_compact() -> None:
     assert FlyReplay(instance="a", timeout="1s").to_json_bytes() == (
         b'{"instance":"a","timeout":"1s"}'
     )
+
+
+def test_field_names_are_trimmed_of_spaces_and_tabs_only() -> None:
+    assert FlyReplay.parse("Xnote=a;app=b").extra == (("xnote", "a"),)
+    assert ReplaySource.parse("Xstate=s.1").state is None
+    assert ReplaySource.parse("Xstate=s.1").extra == (("xstate", "s.1"),)
+
+
+def test_region_lists_are_trimmed_of_spaces_and_tabs_only() -> None:
+    assert FlyReplay.from_json({"region": " Xy ,\tord"}).region == ("Xy", "ord")
+    with pytest.raises(ReplayHeaderError, match="fly-replay region: invalid value"):
+        FlyReplay.from_json({"region": "iad,\u3000ord"})
