@@ -127,14 +127,16 @@ def _custom(kind: str, message: str, **extra: Any) -> PydanticCustomError:
 
 def _one_of(choices: tuple[Any, ...]) -> Callable[[Any], Any]:
     """A before-validator accepting exactly ``choices`` with a message listing them."""
+    # A partial of a module-level function rather than a closure: the check is then one function,
+    # the same for every field (and reachable by mutation testing, which a closure is not).
+    return functools.partial(_check_one_of, choices)
 
-    def check(value: Any) -> Any:
-        if type(value) in {type(c) for c in choices} and value in choices:
-            return value
-        allowed = ", ".join(_show(c) for c in choices)
-        raise _custom("value", f"must be one of {allowed} (got {_show(value)})")
 
-    return check
+def _check_one_of(choices: tuple[Any, ...], value: Any) -> Any:
+    if type(value) in {type(c) for c in choices} and value in choices:
+        return value
+    allowed = ", ".join(_show(c) for c in choices)
+    raise _custom("value", f"must be one of {allowed} (got {_show(value)})")
 
 
 def _autostop(value: Any) -> Any:
@@ -168,12 +170,14 @@ def _duration(value: Any) -> str:
 
 
 def _match(pattern: re.Pattern[str], what: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value is None or (isinstance(value, str) and pattern.fullmatch(value)):
-            return value
-        raise _custom("value", f"must be {what} (got {_show(value)})")
+    """A before-validator accepting None or a string matching ``pattern`` (``what`` it is)."""
+    return functools.partial(_check_match, pattern, what)
 
-    return check
+
+def _check_match(pattern: re.Pattern[str], what: str, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and pattern.fullmatch(value)):
+        return value
+    raise _custom("value", f"must be {what} (got {_show(value)})")
 
 
 def _group_name(value: Any) -> str:

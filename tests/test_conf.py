@@ -469,3 +469,258 @@ def test_views_errors_name_their_key(views: dict[Any, Any], key: str, fragment: 
     (issue,) = errors_of({"VIEWS": views}).issues
     assert issue.key.endswith(key)
     assert fragment in issue.message
+
+
+# --------------------------------------------------------------------------- messages (#17)
+
+# Each error: its key, its kind (the check id) and its exact message, one per place that raises.
+SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
+    (
+        {"GROUPS": {"g": {"replay_timeout": True}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["replay_timeout"]',
+                "value",
+                'must be a duration such as "10s" or "800ms" (got True)',
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"replay_timeout": "soon"}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["replay_timeout"]',
+                "value",
+                'must be a duration such as "10s" or "800ms" (got "soon")',
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"replay_timeout": "61s"}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["replay_timeout"]',
+                "value",
+                'must be at most "60s" (got "61s"): a signed replay state is accepted for this long plus a margin',  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"autostop": "x"}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["autostop"]',
+                "value",
+                'must be one of "stop", "suspend", "off" (got "x")',
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"cpus": 3}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["cpus"]',
+                "unknown_key",
+                'unknown option; known options: "guest", "machines", "autostop", "internal_port", "region", "env", "strategy", "app", "replay_timeout", "fallback", "fallback_concurrency"',  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"guest": {"cpus": 3}}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["guest"]["cpus"]',
+                "value",
+                "must be one of 1, 2, 4, 8, 16 (got 3)",
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"region": ("iad",)}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["region"]',
+                "value",
+                "must be a Fly region code such as \"iad\" (got ('iad',))",
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"g": {"machines": 0}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["g"]["machines"]',
+                "value",
+                "Input should be greater than or equal to 1 (got 0)",
+            )
+        ],
+    ),
+    (
+        {"GROUPS": {"Bad Name": {}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["Bad Name"]',
+                "value",
+                "invalid group name 'Bad Name': use 1-30 characters a-z, 0-9, '-' or '_', starting with a letter or digit",  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"APP_NAME": "My App"},
+        None,
+        [('FLYFN["APP_NAME"]', "value", 'must be a Fly app name (a-z, 0-9, -) (got "My App")')],
+    ),
+    (
+        {"VIEWS": None},
+        None,
+        [('FLYFN["VIEWS"]', "value", 'must be a dict like {"app:url_name": ["GET"]} (got None)')],
+    ),
+    (
+        {"VIEWS": {"": ["GET"]}},
+        None,
+        [('FLYFN["VIEWS"]', "value", 'a view must be named by its url name (got "")')],
+    ),
+    (
+        {"VIEWS": {"a": {"method": 1}}},
+        None,
+        [
+            (
+                'FLYFN["VIEWS"]["a"]["method"]',
+                "unknown_key",
+                'unknown option; known options: "methods", "group"',
+            )
+        ],
+    ),
+    (
+        {"VIEWS": {"a": {"group": "Bad"}}},
+        None,
+        [
+            (
+                'FLYFN["VIEWS"]["a"]',
+                "value",
+                "invalid group name 'Bad': use 1-30 characters a-z, 0-9, '-' or '_', starting with a letter or digit",  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"VIEWS": {"a": ["GTE"]}},
+        None,
+        [
+            (
+                'FLYFN["VIEWS"]["a"]',
+                "method",
+                "unknown HTTP method 'GTE'; allowed: DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE",  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {},
+        "x",
+        [
+            (
+                "FLY_MACHINES_SERVERLESS_FUNCTIONS",
+                "value",
+                'must be a list like [("app:url_name", ("GET",))] (got "x")',
+            )
+        ],
+    ),
+    (
+        {},
+        [5],
+        [
+            (
+                "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]",
+                "value",
+                'each entry must be ("app:url_name", ("GET", ...)) (got 5)',
+            )
+        ],
+    ),
+    (
+        {},
+        [("", ["GET"])],
+        [("FLY_MACHINES_SERVERLESS_FUNCTIONS[0]", "value", "the url name is empty")],
+    ),
+    (
+        {"API_HOSTNAME": "http://[::1"},
+        None,
+        [
+            (
+                'FLYFN["API_HOSTNAME"]',
+                "value",
+                'must be an http(s) URL such as "https://api.machines.dev": its host or port is invalid (got "http://[::1")',  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"API_HOSTNAME": "ftp://x"},
+        None,
+        [
+            (
+                'FLYFN["API_HOSTNAME"]',
+                "value",
+                'must be an http(s) URL such as "https://api.machines.dev" (got "ftp://x")',
+            )
+        ],
+    ),
+    ({"API_TOKEN": 5}, None, [('FLYFN["API_TOKEN"]', "value", "must be a string (got int)")]),
+    (
+        {"IMAGE_REF": " "},
+        None,
+        [('FLYFN["IMAGE_REF"]', "value", 'must be an image reference (got " ")')],
+    ),
+    (
+        {"CACHE_TTL": -1, "SIGN_REPLAYS": "x"},
+        None,
+        [
+            ('FLYFN["CACHE_TTL"]', "value", "Input should be greater than 0 (got -1)"),
+            (
+                'FLYFN["SIGN_REPLAYS"]',
+                "value",
+                'Input should be a valid boolean, unable to interpret input (got "x")',
+            ),
+        ],
+    ),
+    (
+        {"APP_NAME": "a" * 100},
+        None,
+        [
+            (
+                'FLYFN["APP_NAME"]',
+                "value",
+                'must be a Fly app name (a-z, 0-9, -) (got "' + "a" * 56 + "...)",
+            )
+        ],
+    ),
+    (
+        {"APP_NAME": "A" * 58},
+        None,
+        [
+            (
+                'FLYFN["APP_NAME"]',
+                "value",
+                'must be a Fly app name (a-z, 0-9, -) (got "' + "A" * 58 + '")',
+            )
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("flyfn", "seed", "issues"), SETTINGS_ERRORS)
+def test_each_settings_error(flyfn: Any, seed: Any, issues: list[tuple[str, str, str]]) -> None:
+    error = errors_of(flyfn, seed)
+    assert [(i.key, i.kind, i.message) for i in error.issues] == issues
+    assert str(error) == "; ".join(f"{key}: {message}" for key, _kind, message in issues)
+
+
+def test_a_bare_url_name_in_the_seed_means_get() -> None:
+    view = load_settings(seed=["shop:receipt"], environ=NO_ENV).views["shop:receipt"]
+    assert view == ServerlessView(frozenset({"GET", "HEAD"}), "default", "shop:receipt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -11,11 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.utils.crypto import salted_hmac
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flyfn.replay as replay_module
 from flyfn.replay import (
     MAX_CLOCK_SKEW,
+    MAX_HEADER_LENGTH,
+    MAX_JSON_LENGTH,
     MAX_STATE_AGE,
     REPLAY_JSON_CONTENT_TYPE,
     STATE_BODY_DIGEST_LIMIT,
@@ -890,3 +895,202 @@ def test_a_state_is_signed_with_the_clock_when_no_time_is_given() -> None:
     issued = int(state.split(".")[1])
     assert before <= issued <= int(time.time())
     assert verify_state(state, SECRET, "GET", "/x", "pdf", max_age=60)
+
+
+# --------------------------------------------------------------------------- messages (#17)
+
+# Every error names what is wrong in words a user can act on: pinned here, one per raise site.
+ERROR_MESSAGES = [
+    (
+        "parse_duration('x')",
+        "invalid duration 'x': expected a positive number and a unit ms, s, m or h, e.g. '10s'",
+    ),
+    ("format_duration(0)", "a duration must be positive, got 0"),
+    ("format_duration(0.0001)", "a duration must be at least 1ms, got 0.0001"),
+    ("FlyReplay.parse(5)", "fly-replay: expected a string, got int"),
+    ("FlyReplay.parse('x'*8193)", "fly-replay: longer than 8192 characters"),
+    (
+        "FlyReplay.parse('note=\"a\\x01\";app=x')",
+        "fly-replay: control or non-ASCII character '\\x01'",
+    ),
+    ("FlyReplay.parse('note=\"a')", "fly-replay: unterminated quoted value"),
+    ("FlyReplay.parse('instance')", "fly-replay: 'instance' is not a key=value field"),
+    (
+        "FlyReplay.parse('n'*50)",
+        "fly-replay: 'nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn' is not a key=value field",
+    ),
+    ("FlyReplay.parse('note=a\"b\"')", "fly-replay: misplaced quote in field 'note'"),
+    ("FlyReplay.parse('app=a;app=b')", "fly-replay: field 'app' given twice"),
+    (
+        "FlyReplay.parse('transform=x')",
+        "fly-replay: extra field 'transform' duplicates a known field",
+    ),
+    (
+        "FlyReplay.parse('elsewhere=' + 'y'*50)",
+        "fly-replay elsewhere: expected true or false, got " + repr("y" * 40),
+    ),
+    ("FlyReplay(region='iad')", "fly-replay region: expected a tuple of region codes"),
+    ("FlyReplay(region=('i d',))", "fly-replay region: invalid value 'i d'"),
+    ("FlyReplay(elsewhere=1)", "fly-replay elsewhere: expected a bool"),
+    (
+        "FlyReplay(state='a b')",
+        "fly-replay state: must be printable ASCII without spaces, quotes, ';', ',' or '\\'",
+    ),
+    (
+        "FlyReplay(timeout='1')",
+        "fly-replay timeout: invalid duration '1': expected a positive number and a unit "
+        "ms, s, m or h, e.g. '10s'",
+    ),
+    ("FlyReplay(transform=[1])", "fly-replay transform: expected a JSON object"),
+    ("FlyReplay(transform={'a': 'b\\n'})", "fly-replay transform: control character '\\n'"),
+    ("FlyReplay(extra=[])", "fly-replay extra: expected a tuple of (name, value) pairs"),
+    (
+        "FlyReplay(extra=(('instance','x'),))",
+        "fly-replay: extra field 'instance' duplicates a known field",
+    ),
+    ("FlyReplay(extra=((5,'x'),))", "fly-replay: invalid extra field name 5"),
+    ("FlyReplay(extra=(('n','\\n'),))", "fly-replay extra: control character '\\n'"),
+    ("FlyReplay(transform={}).to_header()", "fly-replay transform needs the JSON form (to_json)"),
+    ("FlyReplay().to_header()", "fly-replay: no fields to send"),
+    ("FlyReplay.from_json(b'x'*65537)", "fly-replay JSON: longer than 65536 bytes"),
+    ("FlyReplay.from_json(b'{')", "fly-replay JSON: not valid JSON (JSONDecodeError)"),
+    ("FlyReplay.from_json(b'[]')", "fly-replay JSON: expected an object"),
+    ("FlyReplay.from_json({1: 'x'})", "fly-replay JSON: keys must be strings"),
+    (
+        "FlyReplay.from_json({'elsewhere': 'maybe'})",
+        "fly-replay elsewhere: expected true or false, got 'maybe'",
+    ),
+    ("FlyReplay.from_json({'region': 'iad,,ord'})", "fly-replay region: invalid list 'iad,,ord'"),
+    (
+        "FlyReplay.from_json({'region': ['iad', 5]})",
+        "fly-replay JSON region: expected a string or a list of strings",
+    ),
+    (
+        "FlyReplay.from_json({'region': []})",
+        "fly-replay JSON region: expected a string or a list of strings",
+    ),
+    ("ReplaySource.parse(5)", "fly-replay-src: expected a string, got int"),
+    ("ReplaySource.parse('state')", "fly-replay-src: 'state' is not a key=value field"),
+    ("ReplaySource.parse('state=a;state=b')", "fly-replay-src: field 'state' given twice"),
+    ("ReplaySource.parse('t=x')", "fly-replay-src t: expected a non-negative integer, got 'x'"),
+    ("ReplaySource.parse('state=\"\"')", "fly-replay-src state: invalid value ''"),
+    (
+        "ReplaySource(extra=(('instance','x'),))",
+        "fly-replay-src: extra field 'instance' duplicates a known field",
+    ),
+    (
+        "ReplayFailed(elapsed_ms=-1)",
+        "fly-replay-failed elapsed_ms: expected a non-negative integer",
+    ),
+    (
+        "sign_state('', 'GET', '/', 'g')",
+        "sign_state needs a non-empty secret (settings.SECRET_KEY)",
+    ),
+    (
+        "sign_state('s', 'GET', '/', 'a\\nb')",
+        "sign_state: method, group and body binding cannot contain newlines",
+    ),
+]
+
+
+ERROR_MESSAGES += [
+    (
+        "FlyReplay(app='a', extra=(('n', 'flyfn-state-slot'),)).to_header_around_state()",
+        "fly-replay: cannot place the state in this header",
+    ),
+]
+ERROR_MESSAGES += [  # long values are shown cut at 40 characters
+    (
+        "ReplaySource.parse('t=' + 'x' * 50)",
+        f"fly-replay-src t: expected a non-negative integer, got {'x' * 40!r}",
+    ),
+    (
+        "FlyReplay.from_json({'region': ',' + 'i' * 50})",
+        f"fly-replay region: invalid list {',' + 'i' * 39!r}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("code", "message"), ERROR_MESSAGES)
+def test_each_error_message(code: str, message: str) -> None:
+    namespace = {
+        "FlyReplay": FlyReplay,
+        "ReplaySource": ReplaySource,
+        "ReplayFailed": ReplayFailed,
+        "parse_duration": parse_duration,
+        "format_duration": format_duration,
+        "sign_state": sign_state,
+    }
+    with pytest.raises((ReplayHeaderError, ValueError)) as info:
+        eval(code, namespace)  # noqa: S307 - the expressions above, nothing else
+    assert str(info.value) == message
+
+
+def test_mac_is_djangos_salted_hmac_of_the_message() -> None:
+    replay_module._state_key.cache_clear()  # derive each key here, not in an earlier test
+    for secret in ("s", "x" * 100, b"\xff raw", "\u00fcn\u00efc\u00f6d\u00e9"):
+        message = _message(1_700_000_000, "post", "/x", "pdf", "a=1", body_binding(1, b"x"))
+        digest = salted_hmac(
+            "flyfn.replay.state", message, secret=secret, algorithm="sha256"
+        ).digest()
+        assert _mac(secret, message) == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_the_limits_are_inclusive() -> None:
+    assert FlyReplay.parse("note=" + "x" * (MAX_HEADER_LENGTH - 5)).extra[0][0] == "note"
+    assert ReplaySource.parse("note=" + "x" * (MAX_HEADER_LENGTH - 5)).extra[0][0] == "note"
+    with pytest.raises(ReplayHeaderError, match="longer than 8192"):
+        ReplaySource.parse("x" * (MAX_HEADER_LENGTH + 1))
+    body = b'{"note":"' + b"x" * (MAX_JSON_LENGTH - 11) + b'"}'
+    assert len(body) == MAX_JSON_LENGTH
+    assert FlyReplay.from_json(body).extra[0][0] == "note"
+    assert body_binding(1) == "1"
+
+
+def test_nested_values_are_counted_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replay_module, "_MAX_JSON_ITEMS", 5)
+    # The walk counts the extra tuple, the pair, the name, the list and its one item: 5.
+    assert FlyReplay(app="a", extra=(("k", [1]),)).extra == (("k", [1]),)
+    with pytest.raises(ReplayHeaderError, match="more than 5 nested values"):
+        FlyReplay(app="a", extra=(("k", [1, 2]),))
+
+
+def test_quoted_values_take_printable_ascii_only() -> None:
+    assert FlyReplay.parse('note="a~b";app=x').extra == (("note", "a~b"),)
+    for bad in ("\x7f", "\x80", "\u00e9"):
+        with pytest.raises(ReplayHeaderError, match="control or non-ASCII"):
+            FlyReplay.parse(f'note="a{bad}";app=x')
+
+
+def test_only_spaces_and_tabs_around_fields_are_trimmed() -> None:
+    assert FlyReplay.parse("instance=XaX").instance == "XaX"
+    assert FlyReplay.parse(" \tinstance = a\t").instance == "a"
+    assert ReplaySource.parse("state=XsX").state == "XsX"
+    assert ReplaySource.parse('note="qX";state=aXb').state == "aXb"
+    # Other whitespace is no separator: a known field keeps it, and is refused for it.
+    with pytest.raises(ReplayHeaderError, match="state"):
+        ReplaySource.parse("state=s.1\x0b")
+    assert ReplaySource.parse("\x0bstate=s.1").state is None  # "\x0bstate" is no field of ours
+
+
+def test_quotes_in_src_protect_separators() -> None:
+    source = ReplaySource.parse('note="a;state=x";state=s.1')
+    assert source.state == "s.1"
+
+
+def test_the_json_body_is_compact() -> None:
+    assert FlyReplay(instance="a", timeout="1s").to_json_bytes() == (
+        b'{"instance":"a","timeout":"1s"}'
+    )
+
+
+def test_field_names_are_trimmed_of_spaces_and_tabs_only() -> None:
+    assert FlyReplay.parse("Xnote=a;app=b").extra == (("xnote", "a"),)
+    assert ReplaySource.parse("Xstate=s.1").state is None
+    assert ReplaySource.parse("Xstate=s.1").extra == (("xstate", "s.1"),)
+
+
+def test_region_lists_are_trimmed_of_spaces_and_tabs_only() -> None:
+    assert FlyReplay.from_json({"region": " Xy ,\tord"}).region == ("Xy", "ord")
+    with pytest.raises(ReplayHeaderError, match="fly-replay region: invalid value"):
+        FlyReplay.from_json({"region": "iad,\u3000ord"})
