@@ -3,12 +3,13 @@
 `FlyProxy` load-balances requests like Fly Proxy over every Machine of the app with a service on
 the request's port, function Machines included (the decision lives in `flyfn.emulator.balancer`:
 concurrency limits, started first, autostart at the soft limit, waiting at the hard limit, replays
-to one `instance` included), and acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
-elsewhere, state, timeout, fallback, transform) the way Fly Proxy does: it re-delivers the request
-with `fly-replay-src`, falls back with `fly-replay-failed`, refuses to replay bodies over 1 MB and
-chains of more than 10 replays. Stopped or suspended targets are started on demand (through the
-`MachinesEmulator`, so the state machine and events stay right), idle ones are stopped or
-suspended after `idle_stop` seconds per their services' `autostop`.
+to one `instance` included), and acts on `fly-replay` answers (header and JSON forms: instance,
+prefer_instance, app, region, elsewhere, state, timeout, fallback, transform) the way Fly Proxy
+does: it re-delivers the request with `fly-replay-src`, falls back with `fly-replay-failed`,
+refuses to replay bodies over 1 MB and chains of more than 10 replays. Stopped or suspended targets
+are started on demand (through the `MachinesEmulator`, so the state machine and events stay
+right), idle ones are stopped or suspended after `idle_stop` seconds per their services'
+`autostop`.
 
 Bodies stream both ways; a request body is buffered up to 10 MB as Fly's edge does (to replay or
 retry it), and a larger one that needs a replay or a retry fails with PA01.
