@@ -317,6 +317,7 @@ class FlyReplayMiddleware:
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
         _serve_metrics()
+        _learn_siblings()
         # Prebuilt replay headers per (group, instance, app), valid for one settings object.
         self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
         self._plans = (None, {})
@@ -642,6 +643,20 @@ def _serve_metrics() -> None:
         return  # the system checks report it; requests will fail with the same message
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port, settings.metrics_address)
+
+
+def _learn_siblings() -> None:
+    """A function Machine of an elastic `instance` group asks for its siblings as it boots (one
+    list call), so that a burst reaching it cold can already be sent on."""
+    role = current_role()
+    if role.kind != "function" or role.group is None:
+        return
+    try:
+        options = get_settings().group(role.group)
+    except SettingsError:
+        return
+    if options.strategy == "instance" and options.machine_count > 1:
+        get_manager().pool(role.group).refresh()
 
 
 def _soft_limit(settings: FlyfnSettings, group: str) -> int:

@@ -323,8 +323,14 @@ async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
         names = [
             n for n in itertools.islice(spec.names(), spec.count + len(taken)) if n not in taken
         ]
+        # Machines beyond the entries are created stopped (`skip_launch`): Fly Proxy starts them
+        # when load reaches them, and until then they cost only their root file system.
+        entries = spec.entries or spec.count
         outcomes = await asyncio.gather(
-            *(_create(client, spec, name) for name in names[: spec.count - len(usable)]),
+            *(
+                _create(client, spec, name, launch=len(usable) + n < entries)
+                for n, name in enumerate(names[: spec.count - len(usable)])
+            ),
             return_exceptions=True,
         )
         created = [m for m in outcomes if isinstance(m, Machine)]
@@ -372,8 +378,12 @@ async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine)
     return True
 
 
-async def _create(client: AsyncMachinesClient, spec: PoolSpec, name: str) -> Machine:
-    request = CreateMachineRequest(name=name, region=spec.region, config=spec.config)
+async def _create(
+    client: AsyncMachinesClient, spec: PoolSpec, name: str, *, launch: bool = True
+) -> Machine:
+    request = CreateMachineRequest(
+        name=name, region=spec.region, config=spec.config, skip_launch=None if launch else True
+    )
     try:
         return await client.create_machine(request, app=spec.app)
     except MachinesStatusError as exc:

@@ -439,6 +439,9 @@ def test_an_elastic_group_keeps_its_max_machines_and_replays_to_the_first(
     assert members == tuple(m.id for m in machines)
     assert len(members) == 3
     assert members[0] == first
+    # Only the entry is launched; the others wait stopped until load reaches them.
+    assert [m.state for m in machines][1:] == ["created", "created"]
+    assert machines[0].state != "created"
     for machine in machines:
         assert machine.config is not None
         [service] = machine.config.services or []
