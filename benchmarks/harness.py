@@ -46,6 +46,17 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "replay_requests_per_second",
         "replay_vs_direct_throughput_ratio",
     ),
+    "elastic": (
+        "fixed_cold_total_s",
+        "elastic_cold_total_s",
+        "fixed_warm_total_s",
+        "elastic_warm_total_s",
+        "elastic_cold_machines",
+        "warm_total_s_elastic_vs_fixed_ratio",
+        "warm_p99_ms_elastic_vs_fixed_ratio",
+        "trickle_machines",
+        "all_stopped_after_s",
+    ),
     "receipts": tuple(str(n) for n in RECEIPT_SIZES),
 }
 SIDE_BY_SIDE = ("flyfn", "blog")
