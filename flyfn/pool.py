@@ -664,9 +664,10 @@ class MachinePool:
         # so a waiter woken by the future reads the new cache.
         try:
             client = self.manager.client()
-            if current_role().kind == "function":
-                # A function Machine only reads its group (to send load on): the app Machines
-                # create, update and destroy.
+            role = current_role()
+            if role.kind == "function" and role.group == spec.group:
+                # A function Machine only reads its own group (to send load on): the app Machines
+                # create, update and destroy it. (Another group's view it replays like them.)
                 machines = await observe(client, spec)
             else:
                 machines = (await converge(client, spec)).machines

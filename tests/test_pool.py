@@ -481,5 +481,15 @@ def test_a_function_machine_reads_its_group_and_never_changes_it(
             reader.close()
 
 
+def test_a_function_machine_converges_another_groups_pool(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    # It replays another group's views as an app Machine does: that group is created if need be.
+    flyfn = machines_api.flyfn_settings(GROUPS=ELASTIC, CACHE_TTL=3600)
+    with override_settings(FLYFN=flyfn), override_role(function("default")):
+        target = instance(pool_manager.wait_target("pdf", 10))
+    assert target in {m.id for m in machines_api.machines(group="pdf")}
+
+
 def _by_name(machine: Machine) -> str:
     return machine.name or ""
