@@ -88,7 +88,8 @@ class Api:
     def __init__(self, dev_log: DevLog) -> None:
         lines = dev_log.lines()
         self.url = lines[dev_log.wait_for("FLY_API_HOSTNAME", after=0, timeout=30)].split()[1]
-        self.app = lines[dev_log.wait_for(" app ", after=0, timeout=30)].split()[1]
+        banner = [line.split() for line in lines]
+        self.app = next(words[1] for words in banner if words[:1] == ["app"])
 
     def states(self, group: str) -> list[str]:
         """The states of the group's Machines (waiting out the emulator's rate limit)."""
@@ -145,6 +146,8 @@ def wait_all_stopped(api: Api) -> float:
     start = time.perf_counter()
     while True:
         states = [s for g in GROUPS for s in api.states(g)]
+        if not states:  # the bursts made some: the listing itself is wrong
+            raise RuntimeError(f"no function Machine listed in app {api.app!r}")
         if all(s in ("stopped", "created") for s in states):
             return time.perf_counter() - start
         if time.perf_counter() - start > IDLE_TIMEOUT:
