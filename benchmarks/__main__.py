@@ -34,6 +34,7 @@ AREA_MODULES: dict[str, tuple[str, float, float]] = {
     "e2e": ("benchmarks.e2e", 300, 60),
     "elastic": ("benchmarks.elastic", 300, 120),
     "receipts": ("benchmarks.receipts", 600, 90),
+    "tasks": ("benchmarks.tasks", 600, 150),
 }
 
 

@@ -29,6 +29,8 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "flyfn_replay_decision_us",
         "passthrough_overhead_ratio",
         "decision_vs_bare_ratio",
+        "metrics_passthrough_vs_off_ratio",
+        "metrics_decision_vs_off_ratio",
     ),
     "blog_baseline": (
         "api_calls_per_1000_requests",
@@ -58,8 +60,23 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "all_stopped_after_s",
     ),
     "receipts": tuple(str(n) for n in RECEIPT_SIZES),
+    # flyfn.tasks beside django-tasks-db's own worker (db_worker); the ratios are flyfn's figure
+    # over the worker's, in the same run.
+    "tasks": (
+        "enqueue_p50_ms",
+        "tasks_per_second",
+        "warm_enqueue_to_start_s",
+        "cold_enqueue_to_start_s",
+        "enqueue_p50_ratio",
+        "tasks_per_second_ratio",
+        "warm_start_ratio",
+        "cold_start_ratio",
+    ),
 }
 SIDE_BY_SIDE = ("flyfn", "blog")
+TASKS_SIDES = ("flyfn", "db_worker")
+# The tasks figures measured on both sides (the ratios are single numbers).
+TASKS_PAIRED = AREA_KEYS["tasks"][:4]
 RECEIPT_KEYS = ("seconds", "pages_per_second", "peak_rss_mb", "queries", "canvas_floor_seconds")
 AREAS: tuple[str, ...] = tuple(AREA_KEYS)
 
@@ -111,6 +128,11 @@ def empty_area(area: str) -> JSONDict:
         return {key: dict.fromkeys(SIDE_BY_SIDE) for key in AREA_KEYS[area]}
     if area == "receipts":
         return {key: dict.fromkeys(RECEIPT_KEYS) for key in AREA_KEYS[area]}
+    if area == "tasks":
+        return {
+            key: dict.fromkeys(TASKS_SIDES) if key in TASKS_PAIRED else None
+            for key in AREA_KEYS[area]
+        }
     return dict.fromkeys(AREA_KEYS[area])
 
 
@@ -147,6 +169,8 @@ def validate_results(results: Mapping[str, Any]) -> list[str]:
                 inner = SIDE_BY_SIDE
             elif area == "receipts":
                 inner = RECEIPT_KEYS
+            elif area == "tasks" and key in TASKS_PAIRED:
+                inner = TASKS_SIDES
             if inner:
                 if not isinstance(value, Mapping):
                     problems.append(f"{area}.{key}: not an object")
@@ -248,6 +272,17 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[TargetResult]:
             _over_by,
         )
     )
+    for name, bound in (("passthrough", 1.05), ("decision", 1.10)):
+        out.append(
+            _check(
+                f"middleware {name} with metrics on vs off",
+                _get(results, *mw, f"metrics_{name}_vs_off_ratio"),
+                f"<= {bound}",
+                bound,
+                _at_most,
+                _over_by,
+            )
+        )
     bb = ("blog_baseline",)
     blog_calls = _get(results, *bb, "api_calls_per_1000_requests", "blog")
     out.append(
@@ -396,6 +431,9 @@ def figure_rows(results: Mapping[str, Any]) -> list[list[str]]:
                         f"flyfn {_fmt(value.get('flyfn'))} | blog {_fmt(value.get('blog'))}",
                     ]
                 )
+            elif area == "tasks" and isinstance(value, Mapping):
+                sides = " | ".join(f"{side} {_fmt(value.get(side))}" for side in TASKS_SIDES)
+                rows.append([area, key, sides])
             elif area == "receipts" and isinstance(value, Mapping):
                 text = ", ".join(f"{k}={_fmt(value.get(k))}" for k in RECEIPT_KEYS)
                 rows.append([area, f"{key} purchases", text])

@@ -48,6 +48,7 @@ class Bench:
     environs: list[dict[str, Any]]
     urlconf: types.ModuleType
     on_function_machine: bool = False
+    with_metrics: bool = False  # flyfn's Prometheus metrics recorded while it runs
     cursor: int = 0
 
     @property
@@ -67,6 +68,9 @@ HANDLERS: tuple[tuple[str, list[str], str, str], ...] = (
     ("bare_items", [], "direct_item", "/direct/{n}/"),
     ("decision_items", ["flyfn.middleware.FlyReplayMiddleware"], "fn_item", "/fn/{n}/"),
     ("function_run", ["flyfn.middleware.FlyReplayMiddleware"], "fn", "/fn/"),
+    # The same as passthrough and decision, with flyfn's metrics recording (FLYFN METRICS_PORT).
+    ("passthrough_metrics", ["flyfn.middleware.FlyReplayMiddleware"], "direct", "/direct/"),
+    ("decision_metrics", ["flyfn.middleware.FlyReplayMiddleware"], "fn", "/fn/"),
 )
 
 
@@ -85,6 +89,15 @@ def replay_src(path: str) -> str:
 def role_of(bench: Bench) -> Iterator[None]:
     """The role `bench` runs in: the app Machine's, or a function Machine's with a state signed
     now on each of its requests (a state is only valid for seconds)."""
+    if bench.with_metrics:
+        from flyfn import metrics
+
+        metrics.enable()
+        try:
+            yield
+        finally:
+            metrics.disable()
+        return
     if not bench.on_function_machine:
         yield
         return
@@ -140,7 +153,9 @@ def build_handlers() -> dict[str, Bench]:
             handler = WSGIHandler()
         environs = [wsgi_environ(p) for p in paths]
         on_function = name == "function_run"
-        handlers[name] = Bench(handler, environs, urlconf_first(first), on_function)
+        handlers[name] = Bench(
+            handler, environs, urlconf_first(first), on_function, name.endswith("_metrics")
+        )
     return handlers
 
 
@@ -157,7 +172,7 @@ def check_answers(handlers: dict[str, Bench]) -> None:
         if status != 200 or got != body or "fly-replay" in headers:
             raise RuntimeError(f"{name}: expected 200 {body!r}, got {status} {got[:80]!r}")
     deadline = time.monotonic() + 30
-    for name in ("decision", "decision_items"):
+    for name in ("decision", "decision_items", "decision_metrics"):
         while True:  # the first serverless request may wait for the pool to create its Machine
             status, headers, got = call(handlers[name].handler, handlers[name].environ)
             if "fly-replay" in headers and "instance=" in headers["fly-replay"]:
@@ -263,6 +278,16 @@ def run(quick: bool) -> JSONDict:
             "flyfn_replay_decision_us": rounded(median(samples["decision_items"]), 2),
             "decision_vs_bare_ratio": rounded(median(paired["decision_items"]), 4),
         },
+        # With flyfn's Prometheus metrics on (a counter per replay) against the same handler with
+        # metrics off in the same round; details against bare below.
+        "metrics_passthrough_vs_off_ratio": rounded(median(paired["passthrough_metrics_cost"]), 4),
+        "metrics_decision_vs_off_ratio": rounded(median(paired["decision_metrics_cost"]), 4),
+        "metrics_on": {
+            "flyfn_passthrough_us": rounded(median(samples["passthrough_metrics"]), 2),
+            "flyfn_replay_decision_us": rounded(median(samples["decision_metrics"]), 2),
+            "passthrough_overhead_ratio": rounded(median(paired["passthrough_metrics"]), 4),
+            "decision_vs_bare_ratio": rounded(median(paired["decision_metrics"]), 4),
+        },
         "iqr_us": spread,
         "wall_median_us": {name: rounded(median(w), 2) for name, w in wall.items()},
         "clock": "thread CPU time (time.thread_time_ns), median of per-round means",
@@ -282,6 +307,10 @@ PAIRS = {
     "decision": ("decision", "bare"),
     "decision_items": ("decision_items", "bare_items"),
     "function_run": ("function_run", "bare_fn"),
+    "passthrough_metrics": ("passthrough_metrics", "bare"),
+    "decision_metrics": ("decision_metrics", "bare"),
+    "passthrough_metrics_cost": ("passthrough_metrics", "passthrough"),
+    "decision_metrics_cost": ("decision_metrics", "decision"),
 }
 
 

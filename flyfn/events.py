@@ -39,14 +39,16 @@ FallbackReason = Literal[
     "body",  # a body Fly Proxy cannot replay (over the limit, or chunked)
     "no_machine",  # no function Machine to replay to in time (API down or slow, settings)
     "header",  # the replay header could not be built (a Machine id it cannot carry)
+    "untrusted_failure",  # a fly-replay-failed for no replay this process issued lately
+    "unsigned",  # a function Machine's own view, not replayed, that cannot be sent on
 ]
 FallbackOutcome = Literal["local", "unavailable"]
 BounceReason = Literal[
     "not_serverless",  # an ordinary request landed on a function Machine
-    "other_group",  # a serverless view of another group landed on a function Machine
+    "other_group",  # another group's serverless view landed on a function Machine
     "unsigned",  # a request for this group's view that no app Machine replayed
 ]
-PoolAction = Literal["create", "update", "start", "destroy"]
+PoolAction = Literal["create", "update", "destroy"]
 ApiOutcome = int | Literal["timeout", "connection"]
 TaskOutcome = Literal["enqueued", "started", "succeeded", "failed", "retried"]
 
@@ -110,8 +112,9 @@ def bounced(group: str, reason: BounceReason) -> None:
 
 
 def state_rejected(group: str, reason: str) -> None:
-    """A function Machine could not verify a replay's signed state (``reason``: missing,
-    malformed, expired, future, mismatch, ...). DEBUG (a client can send these at will);
+    """A function Machine could not verify a replay's signed state (``reason`` as
+    ``verify_state`` gives it: ``signature mismatch``, ``state expired``, ...). DEBUG (a client
+    can send these at will);
     ``flyfn_rejected_states_total{group,reason}``."""
     if _state_log.isEnabledFor(logging.DEBUG):
         _state_log.debug(
@@ -143,7 +146,7 @@ def cold_waited(group: str, seconds: float, found: bool) -> None:
 
 
 def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
-    """flyfn created, updated, started or destroyed a function Machine of ``group``.
+    """flyfn created, updated or destroyed a function Machine of ``group``.
     INFO; ``flyfn_pool_changes_total{group,action}``."""
     _pool_log.info(
         "flyfn: %s Machine %s (group %r)",

@@ -135,7 +135,7 @@ def _create(registry: CollectorRegistry) -> Recorded:
         ),
         pool_changes=counter(
             "flyfn_pool_changes",
-            "Function Machines created, updated, started or destroyed by flyfn.",
+            "Function Machines created, updated or destroyed by flyfn.",
             "group",
             "action",
         ),

@@ -22,8 +22,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, RawPostData
 from django.http.cookie import SimpleCookie
 from django.http.response import ResponseHeaders
 
-from flyfn import metrics
-from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn import events, metrics
+from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
 from flyfn.elastic import DEFAULT_SOFT_LIMIT, InFlight, in_flight, spill_target
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
@@ -257,36 +257,63 @@ def _report_unverified(group: str, reason: str | None) -> None:
 
 
 class _IssuedReplays:
-    """The replays this process issued lately, by method and path (whole seconds), at most
-    `limit` of them: a `fly-replay-failed` is only believed for one of these."""
+    """The replays this process issued lately, by method and path, in one set per second (the
+    states' whole seconds): a `fly-replay-failed` is only believed for one of these. Seconds older
+    than any group's replay timeout and the way back are dropped; at most `limit` entries are
+    kept in all (a flood of distinct paths then goes unrecorded, and its fallbacks answer 503).
 
-    def __init__(self, limit: int = 4096) -> None:
+    Adding is a set insert without a lock within a second: it is on the path of every replay
+    whose header is not cached (every request, when each has a path of its own)."""
+
+    def __init__(self, limit: int = 16_384) -> None:
         self.limit = limit
-        self._seconds: dict[tuple[str, str], int] = {}
+        self._second = -1
+        self._current: set[tuple[str, str]] = set()
+        self._past: dict[int, set[tuple[str, str]]] = {}
+        self._count = 0
         self._lock = threading.Lock()
 
     def add(self, method: str, path: str, second: int) -> None:
-        key = (method, path)
+        if second != self._second:
+            self._turn(second)
+        if self._count < self.limit:
+            # A racing thread may have turned the second meanwhile: the entry then counts for
+            # the next second, which only keeps it a second longer.
+            self._current.add((method, path))
+            self._count += 1
+
+    def _turn(self, second: int) -> None:
         with self._lock:
-            seconds = self._seconds
-            seconds.pop(key, None)  # re-inserted last: the dict's order is the age order
-            seconds[key] = second
-            if len(seconds) > self.limit:
-                del seconds[next(iter(seconds))]
+            if second <= self._second:
+                return
+            if self._current:
+                self._past[self._second] = self._current
+            oldest = second - _RECORD_SECONDS
+            for old in [s for s in self._past if s < oldest]:
+                del self._past[old]
+            self._second, self._current = second, set()
+            # Recounted here: the lock-free adds may have missed a few increments.
+            self._count = sum(len(keys) for keys in self._past.values())
 
     def recent(self, method: str, path: str, within: float) -> bool:
         """Whether a replay of `method` `path` was issued at most `within` seconds ago (plus the
         fallback's way back)."""
-        second = self._seconds.get((method, path))
-        return second is not None and time.time() - second <= within + FALLBACK_RETURN_MARGIN
+        key = (method, path)
+        oldest = time.time() - within - FALLBACK_RETURN_MARGIN
+        if self._second >= oldest and key in self._current:
+            return True
+        with self._lock:
+            return any(s >= oldest and key in keys for s, keys in self._past.items())
 
     def clear(self) -> None:
         with self._lock:
-            self._seconds.clear()
+            self._second, self._current, self._past, self._count = -1, set(), {}, 0
 
 
 # Seconds a fallback may take to come back once the replay timed out, beyond the whole second.
 FALLBACK_RETURN_MARGIN = 6.0
+# Seconds of replays kept: the longest replay timeout, the way back and the whole second.
+_RECORD_SECONDS = int(MAX_REPLAY_TIMEOUT + FALLBACK_RETURN_MARGIN) + 2
 issued_replays = _IssuedReplays()
 
 
@@ -382,12 +409,20 @@ class FlyReplayMiddleware:
                 return None
             # Ordinary traffic Fly Proxy balanced onto a function Machine: sent on to another
             # Machine when Fly Proxy can replay it, else it runs here rather than fail.
-            limit = get_settings().replay_body_limit
-            return replay_response(ELSEWHERE) if _bounceable(request.META, limit) else None
+            if not _bounceable(request.META, get_settings().replay_body_limit):
+                return None
+            events.bounced(role.group or "", "not_serverless")
+            return replay_response(ELSEWHERE)
         settings = get_settings()
-        if role.kind == "function" and view.group == role.group:
-            return self._own_view(request, view, settings)
-        # A serverless view to replay: from main, or from a function Machine of another group.
+        if role.kind == "function":
+            if view.group == role.group:
+                return self._own_view(request, view, settings)
+            # Another group's view that Fly Proxy balanced here: an app Machine routes it, with
+            # the group's fallback if its Machines fail (a function Machine has none to offer).
+            if _bounceable(request.META, settings.replay_body_limit):
+                events.bounced(role.group or "", "other_group")
+                return replay_response(ELSEWHERE)
+        # A serverless view to replay: from main, or one a function Machine cannot send on.
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)
         if failed is not None:  # Fly Proxy could not deliver the replay
@@ -395,20 +430,23 @@ class FlyReplayMiddleware:
             if not issued_replays.recent(request.method or "GET", request.path, timeout):
                 # Not a replay this process issued lately: a client's own header, or a fallback
                 # that reached another worker process. Never a reason to run the view here.
+                events.fell_back(view.group, "untrusted_failure", "unavailable")
                 return unavailable()
             self._forget_failed_target(view.group, failed)
-            return self._fallback(request, view.group, settings)
+            return self._fallback(request, view.group, settings, "replay_failed")
         # Most replayed requests (GET) have no body: only one that has is looked at closely.
         has_body = meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta
         if has_body and not _body_replayable(meta, settings.replay_body_limit):
-            return self._fallback(request, view.group, settings)
+            return self._fallback(request, view.group, settings, "body")
         target = get_manager().get_target(view.group)  # warm: cached, no I/O
         if target is not None:
             return self._replay(request, view.group, target, settings)
         max_wait = settings.group(view.group).replay_timeout_seconds
         if self.async_mode:
             return _Replay(view, settings, max_wait)
+        began = time.monotonic()
         target = get_manager().wait_target(view.group, max_wait)
+        events.cold_waited(view.group, time.monotonic() - began, target is not None)
         return self._replay_or_fallback(request, view, target, settings)
 
     async def _aprocess_view(
@@ -423,7 +461,9 @@ class FlyReplayMiddleware:
         routed = FlyReplayMiddleware.process_view(self, request, view_func, view_args, view_kwargs)
         if not isinstance(routed, _Replay):
             return routed
+        began = time.monotonic()
         target = await get_manager().aget_target(routed.view.group, routed.max_wait)
+        events.cold_waited(routed.view.group, time.monotonic() - began, target is not None)
         return self._replay_or_fallback(request, routed.view, target, routed.settings)
 
     # ------------------------------------------------------------ shared sync helpers (no I/O)
@@ -438,7 +478,7 @@ class FlyReplayMiddleware:
         """After waiting for a cold pool: the replay, or the fallback when no target came."""
         if target is None:
             # The API is down or slow, or the settings lack something: the pool logged it.
-            return self._fallback(request, view.group, settings)
+            return self._fallback(request, view.group, settings, "no_machine")
         return self._replay(request, view.group, target, settings)
 
     def _replay(
@@ -465,12 +505,13 @@ class FlyReplayMiddleware:
                 header = self._header(settings, group, target, request, second, query, body)
             except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
                 logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
-                return self._fallback(request, group, settings)
+                return self._fallback(request, group, settings, "header")
             if len(headers) >= _MAX_HEADERS:  # many distinct requests within one second
                 headers.clear()
             headers[key] = header
             # Once per method and path a second: the requests reusing the header are covered.
             issued_replays.add(request.method or "GET", request.path, second)
+        events.replayed(group, target.instance, target.app)
         # Plan-built headers are ASCII without CR/LF: the template needs no check of them.
         template = _template
         return template.make(header) if template is not None else replay_response(header)
@@ -518,18 +559,25 @@ class FlyReplayMiddleware:
         return plan
 
     def _fallback(
-        self, request: HttpRequest, group: str, settings: FlyfnSettings
+        self,
+        request: HttpRequest,
+        group: str,
+        settings: FlyfnSettings,
+        reason: events.FallbackReason,
     ) -> HttpResponseBase | None:
-        """The group's fallback: run here (bounded per process) or 503."""
+        """The group's fallback for `reason`: run here (bounded per process) or 503."""
         options = settings.group(group)
         # A function Machine only falls back for another group's view (its own group's views run
         # or bounce before this): it never runs that view, whatever headers a client forges.
         if options.fallback != "local" or current_role().kind == "function":
+            events.fell_back(group, reason, "unavailable")
             return unavailable()
         slots = fallback_slots(group, options.fallback_concurrency)
         if not slots.acquire():
+            events.fell_back(group, reason, "unavailable")
             return unavailable()
         setattr(request, _SLOT_ATTR, slots)
+        events.fell_back(group, reason, "local")
         return None
 
     def _own_view(
@@ -562,6 +610,7 @@ class FlyReplayMiddleware:
                 )
                 if check:
                     return self._run_or_send_on(request, view, settings, check.hop)
+                events.state_rejected(view.group, check.reason or "invalid")
                 _report_unverified(view.group, check.reason)
                 return unavailable()
         failed = meta.get(_META_REPLAY_FAILED)
@@ -575,11 +624,11 @@ class FlyReplayMiddleware:
                 return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
-        return (
-            replay_response(ELSEWHERE)
-            if _bounceable(meta, settings.replay_body_limit)
-            else unavailable()
-        )
+        if not _bounceable(meta, settings.replay_body_limit):
+            events.fell_back(view.group, "unsigned", "unavailable")
+            return unavailable()
+        events.bounced(view.group, "unsigned")
+        return replay_response(ELSEWHERE)
 
     def _run_or_send_on(
         self, request: HttpRequest, view: ServerlessView, settings: FlyfnSettings, hop: int

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 import httpx
 from django.conf import settings as django_settings
 
+from flyfn import events
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.machines import (
     AsyncMachinesClient,
@@ -349,7 +350,7 @@ async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
     doomed = extras + [m for m in current if not is_usable(m)]
     for machine in doomed:
         try:
-            if await _destroy(client, spec.app, machine.id):
+            if await _destroy(client, spec.app, machine.id, spec.group):
                 result.destroyed.append(machine.id)
         except MachinesError as exc:  # best effort: the next convergence tries again
             logger.warning("flyfn: could not destroy extra Machine %s: %s", machine.id, exc)
@@ -372,9 +373,7 @@ async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine)
         await client.update_machine(machine.id, request, app=spec.app)
     except NotFound:  # destroyed meanwhile (another process converging): nothing to update
         return False
-    logger.info(
-        "flyfn: updated Machine %s of group %r to version %s", machine.id, spec.group, spec.version
-    )
+    events.pool_changed(spec.group, "update", machine.id)
     return True
 
 
@@ -385,19 +384,25 @@ async def _create(
         name=name, region=spec.region, config=spec.config, skip_launch=None if launch else True
     )
     try:
-        return await client.create_machine(request, app=spec.app)
+        created = await client.create_machine(request, app=spec.app)
     except MachinesStatusError as exc:
         if exc.status in (409, 422) and not exc.insufficient_capacity:
             logger.debug("Machine %s already exists (another process created it)", name)
         raise
+    events.pool_changed(spec.group, "create", created.id)
+    return created
 
 
-async def _destroy(client: AsyncMachinesClient, app: str, machine_id: str) -> bool:
-    """Destroy one Machine; False when it is already gone (someone else destroyed it)."""
+async def _destroy(
+    client: AsyncMachinesClient, app: str, machine_id: str, group: str | None
+) -> bool:
+    """Destroy one Machine (of `group`, if known); False when it is already gone (someone else
+    destroyed it)."""
     try:
         await client.destroy_machine(machine_id, force=True, app=app)
     except NotFound:
         return False
+    events.pool_changed(group or "", "destroy", machine_id)
     return True
 
 
@@ -499,7 +504,11 @@ async def find_orphans(client: AsyncMachinesClient, settings: FlyfnSettings) -> 
 
 
 async def destroy_orphans(client: AsyncMachinesClient, orphans: Sequence[Orphan]) -> list[str]:
-    return [o.machine.id for o in orphans if await _destroy(client, o.app, o.machine.id)]
+    return [
+        o.machine.id
+        for o in orphans
+        if await _destroy(client, o.app, o.machine.id, machine_group(o.machine))
+    ]
 
 
 # --------------------------------------------------------------------------- the background loop

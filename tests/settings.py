@@ -11,8 +11,18 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "flyfn",
+    "flyfn.tasks",
+    "django_tasks_db",
     "tests.testapp",
 ]
 MIDDLEWARE: list[str] = []
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+# Any queue name; tests/test_tasks.py swaps in flyfn.tasks.FlyMachinesBackend (and its URLs).
+try:
+    import django.tasks  # noqa: F401
+
+    _DUMMY_TASKS = "django.tasks.backends.dummy.DummyBackend"
+except ImportError:  # Django 5.2: the django-tasks backport
+    _DUMMY_TASKS = "django_tasks.backends.dummy.DummyBackend"
+TASKS = {"default": {"BACKEND": _DUMMY_TASKS, "QUEUES": []}}

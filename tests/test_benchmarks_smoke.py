@@ -57,6 +57,8 @@ def test_skipped_areas_keep_every_key_as_null() -> None:
         "flyfn_replay_decision_us",
         "passthrough_overhead_ratio",
         "decision_vs_bare_ratio",
+        "metrics_passthrough_vs_off_ratio",
+        "metrics_decision_vs_off_ratio",
     }
     assert results["blog_baseline"]["requests_per_second"] == {"flyfn": None, "blog": None}
     assert results["receipts"]["10000"]["canvas_floor_seconds"] is None
@@ -90,6 +92,9 @@ def test_validate_results_reports_missing_and_mistyped_figures() -> None:
 def _measured() -> dict[str, Any]:
     results: dict[str, Any] = {area: harness.empty_area(area) for area in harness.AREAS}
     results["middleware"].update(passthrough_overhead_ratio=1.02, decision_vs_bare_ratio=1.1)
+    results["middleware"].update(
+        metrics_passthrough_vs_off_ratio=1.01, metrics_decision_vs_off_ratio=1.2
+    )
     results["blog_baseline"]["api_calls_per_1000_requests"] = {"flyfn": 0.0, "blog": 1000.0}
     results["blog_baseline"]["machines_after_50_cold_requests"] = {"flyfn": 1, "blog": 7}
     results["e2e"].update(direct_p50_ms=2.0, replay_p50_ms=7.0, cold_start_s=1.0, app_boot_s=0.9)
@@ -110,6 +115,8 @@ def test_targets_met_and_missed_with_the_margin() -> None:
     decision = by_name["middleware decision_vs_bare_ratio"]
     assert decision.met is False
     assert decision.note == "over by 0.1"
+    assert by_name["middleware passthrough with metrics on vs off"].met is True
+    assert by_name["middleware decision with metrics on vs off"].met is False
     assert by_name["flyfn API calls per 1000 warm requests"].met is True
     assert "blog: 1000" in by_name["flyfn API calls per 1000 warm requests"].target
     assert by_name["flyfn Machines after 50 cold requests"].met is True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from io import StringIO
@@ -16,7 +18,7 @@ from django.test import override_settings
 from flyfn.checks import check_settings
 from flyfn.conf import get_settings
 from flyfn.pool import image_hash, spec_for
-from tests.conftest import EMULATOR_APP, MachinesAPI
+from tests.conftest import EMULATOR_APP, MachinesAPI, free_loopback_port
 
 OLD = "registry.fly.io/testapp:deployment-1"
 NEW = "registry.fly.io/testapp:deployment-2"
@@ -100,6 +102,50 @@ def test_status_shows_views_and_machines_with_freshness(machines_api: MachinesAP
     lines = {line.split()[1]: line for line in out.splitlines() if "flyfn-" in line}
     assert lines[current].rstrip().endswith("current")
     assert lines[in_use].rstrip().endswith("in use")
+    summaries = [line.strip() for line in out.splitlines() if "by state:" in line]
+    assert "by state: started 2; by image: current 1, in use 1" in summaries
+
+
+def test_status_shows_this_machines_metrics_per_group(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.delenv("FLY_APP_NAME", raising=False)
+    port = free_loopback_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-c", METRICS_SERVER, str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "serving"
+        with override_settings(FLYFN={"METRICS_PORT": port}):
+            out = flyfn("status")
+    finally:
+        worker.communicate(timeout=60)
+    rows = {
+        line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  pdf")
+    }
+    assert rows["pdf"] == ["3", "1", "0", "0", "1"]  # replays, fallbacks, bounces, rejected, cold
+
+
+def test_status_says_when_metrics_are_not_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLY_APP_NAME", raising=False)
+    with override_settings(FLYFN={"METRICS_PORT": free_loopback_port()}):
+        out = flyfn("status")
+    assert "not available from http://127.0.0.1:" in out
+
+
+METRICS_SERVER = """
+import sys
+from flyfn import events, metrics
+metrics.serve(int(sys.argv[1]), "127.0.0.1")
+for _ in range(3):
+    events.replayed("pdf", "m1", None)
+events.fell_back("pdf", "no_machine", "local")
+events.cold_waited("pdf", 0.5, True)
+print("serving", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_gc_destroys_functions_of_images_no_app_machine_runs(machines_api: MachinesAPI) -> None:

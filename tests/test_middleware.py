@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -242,19 +243,28 @@ async def test_main_believes_a_failed_header_only_within_the_replay_timeout(
         issued_replays.add("GET", "/routing/pdf/", now - 2)
         assert ran_here(await fetch("GET", "/routing/pdf/", headers=failed), b"pdf")
         # Long past the replay timeout and the way back: a fallback would have come by now.
+        issued_replays.clear()
         issued_replays.add("GET", "/routing/pdf/", now - 2 - int(FALLBACK_RETURN_MARGIN) - 2)
         assert (await fetch("GET", "/routing/pdf/", headers=failed)).status_code == 503
 
 
-def test_issued_replays_are_bounded_and_keep_the_newest() -> None:
+def test_issued_replays_are_bounded_in_count_and_age() -> None:
     record = _IssuedReplays(limit=3)
     now = int(time.time())
-    for n in range(5):
-        record.add("GET", f"/p{n}/", now)
-    record.add("GET", "/p2/", now)  # used again: now the newest
-    record.add("GET", "/p5/", now)
-    kept = [n for n in range(6) if record.recent("GET", f"/p{n}/", 10)]
-    assert kept == [2, 4, 5]
+    for n in range(5):  # a flood: beyond the limit, replays go unrecorded
+        record.add("GET", f"/p{n}/", now - 100)
+    assert [n for n in range(5) if record.recent("GET", f"/p{n}/", 200)] == [0, 1, 2]
+    for n in range(5, 7):
+        record.add("GET", f"/p{n}/", now - 1)  # the flood's second is past: still counted
+    record.add("GET", "/p7/", now)
+    # Seconds older than any replay timeout allows are dropped, and with them their count.
+    assert [n for n in range(8) if record.recent("GET", f"/p{n}/", 200)] == [5, 6, 7]
+    assert not record.recent("POST", "/p7/", 10)  # another method
+    # Within the group's replay timeout and the way back only.
+    aged = _IssuedReplays()
+    aged.add("GET", "/p/", now - 10)
+    assert aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN + 1)
+    assert not aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN - 2)
 
 
 async def test_main_failed_replay_with_error_fallback_is_503(
@@ -405,21 +415,27 @@ async def test_function_runs_unsigned_requests_when_signing_is_off(
     assert ran_here(response, b"pdf")
 
 
-async def test_function_replays_another_groups_view_to_its_target(
+async def test_function_sends_another_groups_view_on_to_an_app_machine(
     fetch: Fetch, manager: FakeManager
 ) -> None:
+    """Fly Proxy balanced it here; an app Machine routes it, with the group's fallback."""
     with override_role(function("pdf")):
         response = await fetch("POST", "/routing/report/")
     replay = replay_of(response)
-    assert replay.instance == DEFAULT_MACHINE
-    assert verify_state(
-        replay.state,
-        django_settings.SECRET_KEY,
-        "POST",
-        "/routing/report/",
-        "default",
-        max_age=40,
-    )
+    assert replay.elsewhere
+    assert replay.instance is None
+
+
+async def test_function_refuses_another_groups_view_it_cannot_send_on(
+    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    """A body Fly Proxy cannot replay: it can go neither on nor back, and never runs here."""
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/", b"x" * 50, content_type="text/plain")
+    assert response.status_code == 503
+    assert response["Retry-After"].isdigit()
+    assert "fly-replay" not in response
 
 
 @pytest.mark.parametrize(
@@ -693,3 +709,79 @@ async def test_local_fallbacks_are_bounded_and_their_slots_released(
     assert ran_here(first, b"pdf")
     assert busy.status_code == 503
     assert busy["Retry-After"] == str(middleware_module.RETRY_AFTER_SECONDS)
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+def events_of(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str | None, str | None]]:
+    """(event, group, reason or outcome) of the flyfn events logged so far."""
+    return [
+        (
+            record.flyfn_event,  # type: ignore[attr-defined]
+            getattr(record, "flyfn_group", None),
+            getattr(record, "flyfn_reason", None),
+        )
+        for record in caplog.records
+        if record.name.startswith("flyfn.events.")
+    ]
+
+
+@pytest.fixture
+def debug_events(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="flyfn.events")
+    return caplog
+
+
+async def test_a_replay_is_an_event_naming_its_machine(
+    fetch: Fetch, manager: FakeManager, debug_events: pytest.LogCaptureFixture
+) -> None:
+    with override_role(MAIN):
+        replay_of(await fetch("GET", "/routing/pdf/"))
+    (record,) = [r for r in debug_events.records if r.name == "flyfn.events.replay"]
+    assert (record.flyfn_group, record.flyfn_machine) == ("pdf", PDF_MACHINE)  # type: ignore[attr-defined]
+
+
+async def test_each_fallback_is_an_event_with_its_reason_and_outcome(
+    fetch: Fetch,
+    manager: FakeManager,
+    debug_events: pytest.LogCaptureFixture,
+    settings: SettingsWrapper,
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "local"}}}
+    failed = {"fly-replay-failed": "reason=timeout"}
+    with override_role(MAIN):
+        await fetch("GET", "/routing/pdf/", headers=failed)  # no replay of its own: untrusted
+        issued_replays.add("GET", "/routing/pdf/", int(time.time()))
+        await fetch("GET", "/routing/pdf/", headers=failed)  # its own replay failed: runs here
+        await fetch("POST", "/routing/upload/", b"x" * 2_000_000, content_type="text/plain")
+        manager.targets.pop("pdf")
+        await fetch("GET", "/routing/pdf/")  # no Machine came
+    fallbacks = [
+        (r.flyfn_reason, r.flyfn_outcome)  # type: ignore[attr-defined]
+        for r in debug_events.records
+        if r.name == "flyfn.events.fallback"
+    ]
+    assert fallbacks == [
+        ("untrusted_failure", "unavailable"),
+        ("replay_failed", "local"),
+        ("body", "local"),
+        ("no_machine", "local"),
+    ]
+    cold = [r for r in debug_events.records if r.name == "flyfn.events.cold_wait"]
+    assert [r.flyfn_found for r in cold] == [False]  # type: ignore[attr-defined]
+
+
+async def test_function_machine_bounces_and_rejections_are_events(
+    fetch: Fetch, manager: FakeManager, debug_events: pytest.LogCaptureFixture
+) -> None:
+    forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
+    with override_role(function("pdf")):
+        await fetch("GET", "/plain/")  # ordinary traffic Fly balanced here
+        await fetch("GET", "/routing/pdf/")  # its own view, not replayed
+        await fetch("GET", "/routing/pdf/", headers={"fly-replay-src": forged})
+    assert events_of(debug_events) == [
+        ("bounce", "pdf", "not_serverless"),
+        ("bounce", "pdf", "unsigned"),
+        ("state_rejected", "pdf", "signature mismatch"),
+    ]

@@ -493,3 +493,39 @@ def test_a_function_machine_converges_another_groups_pool(
 
 def _by_name(machine: Machine) -> str:
     return machine.name or ""
+
+
+def test_every_change_to_a_group_is_a_pool_event(
+    machines_api: MachinesAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flyfn.events.pool")
+    flyfn = machines_api.flyfn_settings()
+    with override_settings(FLYFN=flyfn, SECRET_KEY="the-old-key"):
+        old = spec_for(get_settings(), "default")
+    with override_settings(FLYFN=flyfn, SECRET_KEY="the-new-key"):
+        settings = get_settings()
+        new = replace(spec_for(settings, "default"), started=time.time() + 2)
+    extra: list[str] = []
+
+    async def scenario() -> None:
+        async with new_client(settings) as client:
+            [machine] = (await converge(client, old)).machines
+            config = old.config.model_dump(mode="json", exclude_none=True)
+            extra.append(machines_api.create(name=f"{old.name_prefix}7", config=config).id)
+            done = await converge(client, new)
+            assert done.updated == [machine.id]
+            extra.insert(0, machine.id)
+
+    asyncio.run(scenario())
+    changes = [
+        (r.flyfn_action, r.flyfn_machine, r.flyfn_group)  # type: ignore[attr-defined]
+        for r in caplog.records
+    ]
+    created, stray = extra
+    assert changes == [
+        ("create", created, "default"),
+        ("destroy", stray, "default"),
+        ("update", created, "default"),
+    ]
+    for secret in ("the-new-key", "the-old-key"):
+        assert secret not in caplog.text

@@ -72,6 +72,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "flyfn",
+    "flyfn.tasks",
+    "django_tasks_db",
     "store",
 ]
 
@@ -166,7 +168,22 @@ FLYFN = {
             # which Fly gives API-created Machines only at their next start or update.
             "secrets": ["DATABASE_URL"],
         },
+        # Sales reports (background tasks) are drawn on Machines of their own.
+        "reports": {
+            "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024},
+            "autostop": "stop",
+            "env": ["DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "LOG_LEVEL"],
+        },
     },
+}
+
+# Background tasks (the monthly sales report) run on function Machines of the "reports" group.
+TASKS = {
+    "default": {
+        "BACKEND": "flyfn.tasks.FlyMachinesBackend",
+        "QUEUES": ["default", "reports"],
+        "OPTIONS": {"group": "reports"},
+    }
 }
 
 LOGGING = {

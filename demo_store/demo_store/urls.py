@@ -10,4 +10,5 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="store:purchase_list", permanent=False)),
     path("purchases/", include("store.urls")),
     path("admin/", admin.site.urls),
+    path("", include("flyfn.tasks.urls")),  # the wakes of background tasks' function Machines
 ]

@@ -78,3 +78,23 @@ class PurchaseItem(models.Model):
 def purchase_number(pk: int) -> str:
     """The number printed on pages and receipts for the purchase with primary key `pk`."""
     return f"{pk:06d}"
+
+
+class SalesReport(models.Model):
+    """A month's sales report: requested on the store page, drawn by a background task on a
+    function Machine, its PDF kept here (so any Machine can serve it)."""
+
+    month = models.DateField(help_text="The first day of the month the report covers.")
+    requested_at = models.DateTimeField(default=timezone.now)
+    task_id = models.CharField(max_length=64, blank=True)
+    pdf = models.BinaryField(null=True, blank=True)
+    pages = models.PositiveIntegerField(default=0)
+    machine = models.CharField(max_length=64, blank=True)
+
+    objects: ClassVar[models.Manager[SalesReport]] = models.Manager()
+
+    class Meta:
+        ordering = ("-requested_at", "-id")
+
+    def __str__(self) -> str:
+        return f"Sales report {self.month:%Y-%m}"

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 from io import BytesIO
 from tempfile import SpooledTemporaryFile
 
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.db.models import DecimalField, F, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
-from django.shortcuts import get_object_or_404, render
-from django.views.decorators.http import require_safe
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    StreamingHttpResponse,
+)
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST, require_safe
+from django_tasks_db.compat import TaskResultDoesNotExist, TaskResultStatus
 
 from flyfn import fly_serverless
 from store.machine import current_machine
-from store.models import Purchase, purchase_number
+from store.models import Purchase, SalesReport, purchase_number
 from store.receipts import iter_receipts, write_receipts
 from store.streaming import file_response
+from store.tasks import build_sales_report
 
 PAGE_SIZE = 50
+REPORTS_SHOWN = 5
 # The bundle stays in memory up to this size, then spills to a temporary file.
 SPOOL_MAX_BYTES = 8 * 1024 * 1024
 _MONEY = DecimalField(max_digits=14, decimal_places=2)
@@ -42,7 +56,62 @@ def purchase_list(request: HttpRequest) -> HttpResponse:
     # Two queries whatever the page: the count and the page's rows with their totals.
     paginator = Paginator(purchases_with_totals(), PAGE_SIZE)
     page = paginator.get_page(request.GET.get("page"))
-    return render(request, "store/purchase_list.html", {"page": page, "paginator": paginator})
+    months = list(Purchase.objects.dates("created_at", "month", order="DESC"))
+    reports = [(r, report_state(r)) for r in SalesReport.objects.defer("pdf")[:REPORTS_SHOWN]]
+    context = {
+        "page": page,
+        "paginator": paginator,
+        "months": months,
+        "reports": reports,
+        "reports_pending": any(state.pending for _, state in reports),
+    }
+    return render(request, "store/purchase_list.html", context)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportState:
+    """What the store page says about a report's task."""
+
+    label: str  # queued, running on Machine X, done, failed
+    pending: bool
+    done: bool
+
+
+def report_state(report: SalesReport) -> ReportState:
+    try:
+        result = build_sales_report.get_result(report.task_id)
+    except TaskResultDoesNotExist:
+        return ReportState("unknown", pending=False, done=False)
+    if result.status == TaskResultStatus.SUCCESSFUL:
+        return ReportState("done", pending=False, done=True)
+    if result.status == TaskResultStatus.FAILED:
+        return ReportState("failed", pending=False, done=False)
+    if result.status == TaskResultStatus.RUNNING and result.worker_ids:
+        return ReportState(f"running on Machine {result.worker_ids[-1]}", pending=True, done=False)
+    return ReportState("queued", pending=True, done=False)
+
+
+@require_POST
+def request_sales_report(request: HttpRequest) -> HttpResponse:
+    """Queue the sales report of the month chosen on the store page."""
+    try:
+        month = date.fromisoformat(request.POST.get("month", "") + "-01")
+    except ValueError:
+        return HttpResponseBadRequest("month: expected YYYY-MM", content_type="text/plain")
+    with transaction.atomic():  # the task is delivered once the report row is committed
+        report = SalesReport.objects.create(month=month)
+        report.task_id = build_sales_report.enqueue(report.pk).id
+        report.save(update_fields=["task_id"])
+    return redirect(reverse("store:purchase_list") + "#reports")
+
+
+@require_safe
+def sales_report_pdf(request: HttpRequest, pk: int) -> HttpResponse:
+    """A finished report's PDF, from the database (any Machine can serve it)."""
+    report = get_object_or_404(SalesReport.objects.exclude(pdf=None), pk=pk)
+    response = HttpResponse(bytes(report.pdf or b""), content_type="application/pdf")
+    response["Content-Disposition"] = f'inline; filename="sales-{report.month:%Y-%m}.pdf"'
+    return response
 
 
 @require_safe

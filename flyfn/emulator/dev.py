@@ -218,10 +218,13 @@ class DevStack:
             return 1
         api_url = f"http://127.0.0.1:{api_sock.getsockname()[1]}"
         live_url = f"http://127.0.0.1:{live_sock.getsockname()[1]}/"
+        proxy_port = proxy_sock.getsockname()[1]
         runtime = ProcessRuntime(
             self.asgi_app,
             api_hostname=api_url,
             api_token=self._token,
+            # flyfn.tasks sends its wakes through the proxy, as to the app's address on Fly.
+            base_env={**os.environ, "FLYFN_PUBLIC_URL": f"http://{options.host}:{proxy_port}"},
             region=options.region,
             cwd=self.root,
             boot_timeout=options.boot_timeout,
@@ -232,7 +235,7 @@ class DevStack:
             runtime=runtime, region=options.region, default_app=self.app_name
         )
         runtime.attach(emulator)
-        self.live = LivePage(emulator, emulator.app_names)
+        self.live = LivePage(emulator, emulator.app_names, tasks=_task_figures)
         live_server = _server(self.live)
         api_server = _server(
             create_app(
@@ -374,6 +377,34 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _task_figures() -> dict[str, dict[str, Any]]:
+    """Per-group task figures for the live page when the project uses flyfn's tasks backend (the
+    same database as its Machines: `flyfn dev` runs in the project's settings)."""
+    from django.apps import apps
+
+    if not apps.ready or not apps.is_installed("flyfn.tasks"):
+        return {}
+    from django.db import connection
+
+    from flyfn.tasks.status import task_status
+
+    try:
+        return {
+            row.group: {
+                "ready": row.ready,
+                "scheduled": row.scheduled,
+                "running": row.running,
+                "failed": row.failed,
+                "oldest waiting": (
+                    f"{row.oldest_waiting.total_seconds():.0f}s" if row.oldest_waiting else None
+                ),
+            }
+            for row in task_status()
+        }
+    finally:
+        connection.close()  # this worker thread's own connection: nothing left open
 
 
 def default_app_name(settings_module: str) -> str:

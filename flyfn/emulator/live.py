@@ -8,6 +8,7 @@ regions, event times, the proxy's route lines and task counts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
@@ -60,23 +61,26 @@ class LivePage:
             }
         )
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the page shows, as JSON-ready data."""
+    def task_figures(self) -> dict[str, Any]:
+        """The tasks provider's figures (blocking: it may query a database), or its error."""
+        if self.tasks is None:
+            return {}
+        try:
+            return {group: dict(figures) for group, figures in self.tasks().items()}
+        except Exception as exc:  # the page must keep drawing the Machines
+            return {"error": {"message": f"{type(exc).__name__}: {exc}"}}
+
+    def snapshot(self, tasks: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What the page shows, as JSON-ready data (`tasks`: figures read beforehand)."""
         machines = []
         for app in sorted(set(self.apps())):
             for machine in self.emulator.list(app):
                 machines.append(self._machine(app, machine))
-        tasks: dict[str, Any] = {}
-        if self.tasks is not None:
-            try:
-                tasks = {group: dict(figures) for group, figures in self.tasks().items()}
-            except Exception as exc:
-                tasks = {"error": {"message": f"{type(exc).__name__}: {exc}"}}
         return {
             "now": self._clock(),
             "machines": machines,
             "routes": list(self._routes),
-            "tasks": tasks,
+            "tasks": dict(tasks) if tasks is not None else self.task_figures(),
         }
 
     def _machine(self, app: str, machine: Machine) -> dict[str, Any]:
@@ -109,7 +113,9 @@ class LivePage:
         elif path == "/":
             await _answer(send, 200, _PAGE.encode(), "text/html; charset=utf-8")
         elif path == "/state.json":
-            body = json.dumps(self.snapshot(), separators=(",", ":")).encode()
+            # A database read must not block the event loop the proxy and the API share.
+            tasks = await asyncio.to_thread(self.task_figures)
+            body = json.dumps(self.snapshot(tasks), separators=(",", ":")).encode()
             await _answer(send, 200, body, "application/json")
         else:
             await _answer(send, 404, b"not found\n", "text/plain; charset=utf-8")

@@ -38,6 +38,9 @@ def test_live_page_follows_a_function_machine_through_start_and_stop(
     expect(page.locator("#routes")).to_contain_text(
         "/purchases/1/receipt.pdf", timeout=SHOWN_WITHIN_MS
     )
+    # The demo's background tasks: its `reports` group, counted from the database.
+    expect(page.locator("#tasks")).to_contain_text("reports", timeout=SHOWN_WITHIN_MS)
+    expect(page.locator("#tasks")).to_contain_text("ready", timeout=SHOWN_WITHIN_MS)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "live.png"), full_page=True)
 

@@ -8,6 +8,7 @@ A screenshot of the store page goes to artifacts/browser/ (git-ignored).
 from __future__ import annotations
 
 import re
+import time
 from io import BytesIO
 
 import pytest
@@ -79,3 +80,45 @@ def test_receipt_link_brings_a_pdf_drawn_on_another_machine(page: Page, stack: D
     assert pdf.machine == drawn_on  # the response Chromium got came from that Machine
     function_machines = {m["id"]: m["state"] for m in stack.group_machines("default")}
     assert function_machines.get(drawn_on) == "started", function_machines
+
+
+REPORT_TIMEOUT = 240.0  # seconds for a cold function Machine to draw the report: a safety bound
+
+
+def test_sales_report_is_drawn_by_a_background_task_on_a_function_machine(
+    page: Page, stack: DemoStack
+) -> None:
+    page_machine = open_purchases(page, stack)
+    month = page.locator("#report-month option").first.get_attribute("value")
+    assert month is not None
+    with page.expect_navigation():
+        page.get_by_role("button", name="Sales report").click()
+    report = page.locator("li[data-report]").first
+    first_state = report.get_attribute("data-state") or ""
+    assert first_state == "queued" or first_state.startswith(("running on Machine", "done")), (
+        first_state
+    )
+
+    # The page follows the task: reloaded until the report is done (a person's browser reloads
+    # it by itself every 2 s while a report is pending; this headless one ignores meta refresh).
+    done = page.locator("li[data-report][data-state='done'] a.report").first
+    states = [first_state]
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while not done.count():
+        assert time.monotonic() < deadline, (
+            f"report still {states[-1]!r}: too slow\n{stack.output()}"
+        )
+        page.wait_for_timeout(500)
+        page.reload()
+        states.append(report.get_attribute("data-state") or "")
+    pdf = follow_pdf_link(done)
+
+    assert re.fullmatch(rf"{re.escape(stack.url)}/purchases/reports/\d+\.pdf", pdf.url), pdf.url
+    assert pdf.machine == page_machine  # the finished file is served from the database
+    pages = [p.extract_text() for p in PdfReader(BytesIO(pdf.data)).pages]
+    assert len(pages) >= 2, pages
+    footers = {m.group(1) for text in pages for m in re.finditer(r"on Machine (\w+)", text)}
+    assert len(footers) == 1, pages
+    drawn_on = footers.pop()
+    assert drawn_on not in (page_machine, "local")
+    assert drawn_on in {m["id"] for m in stack.group_machines("reports")}

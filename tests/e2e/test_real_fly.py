@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.e2e.stack import Dev, kill_stack, start_stack
-
-# Needs the emulator half of issue 11: flyfn dev balancing ordinary traffic like Fly Proxy.
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -71,7 +70,20 @@ def test_large_uploads_answer_200_whichever_machine_they_land_on(dev: Dev) -> No
     # Some landed on the function Machine and ran there: it could not send them on (a body over
     # Fly's replay limit) and an ordinary request never fails for landing there.
     assert ran_on.count(fn["id"]) >= LANDINGS_WANTED
-    routes = [ln for ln in dev.lines[mark:] if ln.startswith("POST /upload/ ")]
+
+    def upload_routes() -> list[str]:
+        return [ln for ln in dev.lines[mark:] if ln.startswith("POST /upload/ ")]
+
+    # The proxy prints a route once its answer is sent: the last lines may trail the answers.
+    waited = time.monotonic() + 60  # safety bound
+    while len(upload_routes()) < len(responses) and time.monotonic() < waited:
+        time.sleep(0.1)
+    routes = upload_routes()
+    assert len(routes) == len(responses), "\n".join(routes)
     on_function = [ln for ln in routes if ln.split()[2] == f"fn:{fn['id'][:4]}"]
     assert len(on_function) == ran_on.count(fn["id"]), "\n".join(routes)
     assert all(" 200 " in ln and "→" not in ln for ln in on_function), "\n".join(on_function)
+    print(
+        f"5 MB uploads: {len(responses)} sent, all 200; {len(on_function)} landed on and ran on "
+        f"the function Machine, e.g. {on_function[0]!r}"
+    )

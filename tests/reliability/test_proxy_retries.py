@@ -42,7 +42,8 @@ def replay_to(target: str) -> Handler:
 
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
-    async with proxy_stack() as running:
+    # Replay semantics: the request starts at the app Machine (no balancing onto function ones).
+    async with proxy_stack(balance_function_machines=False) as running:
         yield running
 
 

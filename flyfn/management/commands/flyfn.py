@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.urls import URLPattern, URLResolver, get_resolver
+from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.machines import Machine, MachinesError
@@ -119,6 +121,8 @@ class Command(BaseCommand):
             self._table(("URL", "METHODS", "GROUP", "VIEW"), rows)
         else:
             self.stdout.write("  (none: mark views with @fly_serverless or FLYFN['VIEWS'])")
+        self._tasks_status()
+        self._metrics_status(settings)
         groups = all_groups(settings)
         self.stdout.write(self.style.MIGRATE_HEADING("Groups"))
         if not settings.app_name:
@@ -138,6 +142,17 @@ class Command(BaseCommand):
                 f"{options_.machines} per image, {len(found)} found"
             )
             if found:
+                states = Counter(m.state or "unknown" for m in found)
+                fresh = Counter(
+                    freshness(machine_image(m), settings.image_ref, live) for m in found
+                )
+                self.stdout.write(
+                    "    by state: "
+                    + ", ".join(f"{state} {n}" for state, n in sorted(states.items()))
+                    + "; by image: "
+                    + ", ".join(f"{kind} {n}" for kind, n in sorted(fresh.items()))
+                )
+            if found:
                 self._table(
                     ("ID", "NAME", "STATE", "IMAGE", "FRESHNESS"),
                     [
@@ -152,6 +167,58 @@ class Command(BaseCommand):
                     ],
                     indent=4,
                 )
+
+    def _metrics_status(self, settings: FlyfnSettings) -> None:
+        """This Machine's web process's flyfn metrics per group, when it serves them."""
+        if settings.metrics_port is None:
+            return
+        self.stdout.write(self.style.MIGRATE_HEADING("Metrics (this Machine's web process)"))
+        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+        try:
+            text = httpx.get(url, timeout=METRICS_TIMEOUT).text
+        except httpx.HTTPError as exc:
+            self.stdout.write(f"  not available from {url}: {type(exc).__name__}")
+            return
+        figures = group_figures(text)
+        if not figures:
+            self.stdout.write("  no requests recorded yet")
+            return
+        columns = ("replays", "fallbacks", "bounces", "rejected states", "cold waits")
+        self._table(
+            ("GROUP", *(c.upper() for c in columns)),
+            [
+                (group, *(f"{figures[group].get(c, 0):g}" for c in columns))
+                for group in sorted(figures)
+            ],
+        )
+
+    def _tasks_status(self) -> None:
+        """Per group: tasks ready, scheduled, running, failed and the oldest waiting (only with
+        flyfn.tasks installed)."""
+        from django.apps import apps
+
+        if not apps.is_installed("flyfn.tasks"):
+            return
+        from flyfn.tasks.status import task_status
+
+        self.stdout.write(self.style.MIGRATE_HEADING("Tasks"))
+        rows = [
+            (
+                g.group,
+                str(g.ready),
+                str(g.scheduled),
+                str(g.running),
+                str(g.failed),
+                "-" if g.oldest_waiting is None else f"{g.oldest_waiting.total_seconds():.0f}s",
+            )
+            for g in task_status()
+        ]
+        if rows:
+            self._table(
+                ("GROUP", "READY", "SCHEDULED", "RUNNING", "FAILED", "OLDEST WAITING"), rows
+            )
+        else:
+            self.stdout.write("  (no flyfn.tasks.FlyMachinesBackend in TASKS)")
 
     async def _group_machines(
         self, settings: FlyfnSettings, groups: Sequence[str]
@@ -294,6 +361,34 @@ def all_groups(settings: FlyfnSettings) -> list[str]:
     routed = {view.group for _, view in serverless_routes()}
     declared = {view.group for view in settings.views.values()}
     return sorted(routed | registry.groups() | declared | set(settings.groups))
+
+
+# The metrics port answers from the same Machine: a short wait is plenty.
+METRICS_TIMEOUT = 2.0
+_GROUP_FIGURES = {
+    "flyfn_replays": "replays",
+    "flyfn_fallbacks": "fallbacks",
+    "flyfn_bounces": "bounces",
+    "flyfn_rejected_states": "rejected states",
+    "flyfn_cold_wait_seconds": "cold waits",
+}
+
+
+def group_figures(text: str) -> dict[str, dict[str, float]]:
+    """Per group, the totals of flyfn's counters (and the count of cold waits) in a Prometheus
+    text page."""
+    figures: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        column = _GROUP_FIGURES.get(family.name)
+        if column is None:
+            continue
+        for sample in family.samples:
+            if not (sample.name.endswith("_total") or sample.name.endswith("_count")):
+                continue
+            group = sample.labels.get("group", "")
+            row = figures.setdefault(group, {})
+            row[column] = row.get(column, 0.0) + sample.value
+    return figures
 
 
 def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:

@@ -1,0 +1,29 @@
+"""flyfn.tasks' AppConfig: the lease model's app, and the dispatcher started on app Machines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import AppConfig
+from django.core.signals import request_started
+
+
+def _start_dispatchers(**kwargs: Any) -> None:
+    # An app Machine must wake groups with due work even if it never enqueues anything itself
+    # (a wake by another Machine that died, a scheduled task): its first request starts that.
+    from flyfn.tasks.dispatch import start_all
+
+    request_started.disconnect(dispatch_uid="flyfn.tasks.start_dispatchers")
+    start_all()
+
+
+class FlyfnTasksConfig(AppConfig):
+    """``"flyfn.tasks"`` in INSTALLED_APPS."""
+
+    name = "flyfn.tasks"
+    label = "flyfn_tasks"
+    verbose_name = "flyfn tasks"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        request_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")

@@ -1,0 +1,93 @@
+"""``FlyMachinesBackend``: django-tasks-db's database backend, delivering tasks to function
+Machines after the enqueueing transaction commits."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.apps import apps
+from django.core import checks
+from django.db import router, transaction
+from django.urls import NoReverseMatch, reverse
+from django_tasks_db.backend import DatabaseBackend, TaskResult
+from django_tasks_db.compat import Task
+from typing_extensions import ParamSpec
+
+from flyfn import events
+from flyfn.tasks.options import TaskOptions
+
+__all__ = ["FlyMachinesBackend", "wake_url_name"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def wake_url_name(group: str) -> str:
+    """The url name of ``group``'s wake view (``flyfn.tasks.urls``)."""
+    return f"flyfn-tasks-wake-{group}"
+
+
+class FlyMachinesBackend(DatabaseBackend):
+    """Tasks stored by django-tasks-db, run on the function Machines of their queue's group.
+
+    Enqueueing, results and priorities are django-tasks-db's; ``enqueue`` adds the delivery: once
+    the row is committed the process's dispatcher wakes the group (see flyfn.tasks.dispatch).
+    """
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        self.flyfn = TaskOptions.parse(alias, self.options)
+
+    def enqueue(
+        self,
+        task: Task[P, T],
+        args: P.args,  # type: ignore[valid-type]
+        kwargs: P.kwargs,  # type: ignore[valid-type]
+    ) -> TaskResult[P, T]:
+        from django_tasks_db.models import DBTaskResult
+
+        from flyfn.tasks.dispatch import dispatcher
+
+        result = super().enqueue(task, args, kwargs)
+        waker = dispatcher(self.alias, self.flyfn)
+        group = self.flyfn.group_of(task.queue_name)
+        events.task_changed(group, "enqueued", str(result.id), task.module_path)
+        transaction.on_commit(partial(waker.notify, group), using=router.db_for_write(DBTaskResult))
+        return result
+
+    async def aenqueue(
+        self,
+        task: Task[P, T],
+        args: P.args,  # type: ignore[valid-type]
+        kwargs: P.kwargs,  # type: ignore[valid-type]
+    ) -> TaskResult[P, T]:
+        # Through the sync path: on_commit belongs to the connection of a sync thread.
+        return await sync_to_async(self.enqueue, thread_sensitive=True)(task, args, kwargs)
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        messages = list(super().check(**kwargs))
+        if not apps.is_installed("flyfn.tasks"):
+            messages.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] uses flyfn.tasks.FlyMachinesBackend but 'flyfn.tasks' "
+                    "is not in INSTALLED_APPS (it holds the task leases)",
+                    hint="INSTALLED_APPS += ['flyfn.tasks', 'django_tasks_db']",
+                    id="flyfn.E012",
+                )
+            )
+            return messages
+        for group in sorted(self.flyfn.groups):
+            try:
+                reverse(wake_url_name(group))
+            except NoReverseMatch:
+                messages.append(
+                    checks.Error(
+                        f"TASKS[{self.alias!r}]: no URL wakes group {group!r}: the urlconf does "
+                        "not include flyfn.tasks.urls",
+                        hint="urlpatterns += [path('', include('flyfn.tasks.urls'))]",
+                        id="flyfn.E013",
+                    )
+                )
+        return messages

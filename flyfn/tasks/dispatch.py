@@ -1,0 +1,267 @@
+"""The dispatcher: wakes groups that have due tasks, from a daemon thread of each process.
+
+One per backend alias and process. It looks at the database when told (a commit enqueued a task,
+a wake ended) and when the next scheduled task or lease expiry comes (or every ``poll`` seconds),
+and opens up to ``concurrency`` wakes per group: on Fly a ``POST`` to the group's wake URL through
+Fly Proxy (replayed to a function Machine, which runs due tasks while the request is open); off Fly
+the same run loop in a thread of this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+
+import httpx
+from django.db import close_old_connections, connections
+from django.db.models import Count, Min
+from django.urls import reverse
+from django.utils import timezone
+from django_tasks_db.compat import TaskResultStatus
+from django_tasks_db.models import DBTaskResult, get_date_max
+
+from flyfn.runtime import current_env, current_role
+from flyfn.tasks.backend import wake_url_name
+from flyfn.tasks.options import TaskOptions
+from flyfn.tasks.runner import run_until_idle
+from flyfn.tasks.wake import WAKE_HEADER, sign_wake
+
+__all__ = ["Dispatcher", "dispatcher", "start_all", "stop_all"]
+
+logger = logging.getLogger("flyfn.tasks")
+
+# Back-off after a failed wake: doubling from the first to the last value.
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+# A wake's connection, and how long its answer may stay silent (the runner sends a heartbeat
+# line every 10 s, so this only trips on a Machine that is gone without closing).
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 60.0
+# The shortest sleep between two looks at the database.
+MIN_SLEEP = 0.05
+
+
+class Dispatcher:
+    """Wakes the groups of one backend alias that have due tasks; see the module docstring."""
+
+    def __init__(self, alias: str, options: TaskOptions) -> None:
+        self.alias = alias
+        self.options = options
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._open: Counter[str] = Counter()
+        self._backoff: dict[str, float] = {}
+        self._retry_at: dict[str, float] = {}
+        self._stopped = False
+        self.wakes = 0  # wakes opened, for tests and benchmarks
+
+    def notify(self, group: str | None = None) -> None:
+        """Look at the database now (a task of ``group`` was committed). Nothing to do while the
+        group has all its wakes open: each looks again when it ends."""
+        self.start()
+        if group is not None:
+            with self._lock:
+                if self._open[group] >= self.options.concurrency:
+                    return
+        self._event.set()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name=f"flyfn-tasks-{self.alias}", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop (wakes already open finish on their own); for tests."""
+        with self._lock:
+            self._stopped = True
+            thread = self._thread
+        self._event.set()
+        if thread is not None:
+            thread.join(timeout)
+
+    def open_wakes(self, group: str) -> int:
+        with self._lock:
+            return self._open[group]
+
+    # ----------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._event.clear()
+            try:
+                sleep = self._look()
+            except Exception as exc:  # a database hiccup: look again shortly
+                logger.warning(
+                    "flyfn tasks: cannot look for due tasks: %s: %s", type(exc).__name__, exc
+                )
+                sleep = FIRST_BACKOFF
+            with contextlib.suppress(Exception):
+                close_old_connections()
+            self._event.wait(sleep)
+        connections.close_all()
+
+    def _look(self) -> float:
+        """Open the wakes due work needs; seconds until the next look."""
+        due, next_at = self.scan()
+        now = time.monotonic()
+        sleep = self.options.poll
+        if next_at is not None:
+            sleep = min(sleep, (next_at - timezone.now()).total_seconds())
+        for group, count in sorted(due.items()):
+            retry_at = self._retry_at.get(group, 0.0)
+            if retry_at > now:
+                sleep = min(sleep, retry_at - now)
+                continue
+            with self._lock:
+                missing = min(count, self.options.concurrency) - self._open[group]
+                self._open[group] += max(0, missing)
+                self.wakes += max(0, missing)
+            for _ in range(missing):
+                threading.Thread(
+                    target=self._wake, args=(group,), name=f"flyfn-wake-{group}", daemon=True
+                ).start()
+        return max(MIN_SLEEP, sleep)
+
+    def scan(self) -> tuple[dict[str, int], datetime | None]:
+        """Due tasks per group (READY and due, or RUNNING with an expired lease), and when the
+        next scheduled task or lease comes due."""
+        now = timezone.now()
+        rows = DBTaskResult.objects.filter(backend_name=self.alias).order_by()
+        due: Counter[str] = Counter()
+        ready = rows.ready().values_list("queue_name").annotate(n=Count("id"))
+        lost = (
+            rows.filter(status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__lt=now)
+            .values_list("queue_name")
+            .annotate(n=Count("id"))
+        )
+        for queue, n in (*ready, *lost):
+            due[self.options.group_of(queue)] += n
+        scheduled = rows.filter(
+            status=TaskResultStatus.READY, run_after__gt=now, run_after__lt=get_date_max()
+        ).aggregate(at=Min("run_after"))["at"]
+        leases = rows.filter(
+            status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__gte=now
+        ).aggregate(at=Min("flyfn_lease__expires_at"))["at"]
+        upcoming = [at for at in (scheduled, leases) if at is not None]
+        return dict(due), min(upcoming) if upcoming else None
+
+    # ----------------------------------------------------------------- wakes
+
+    def _wake(self, group: str) -> None:
+        ok = False
+        try:
+            if current_role().is_local:
+                run_until_idle(group)
+                ok = True
+            else:
+                ok = self._send(group)
+        except Exception as exc:
+            self._failed(group, f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._open[group] -= 1
+            if ok:
+                self._recovered(group)
+            self._event.set()  # look again: a task may have come in as the wake ended
+
+    def _send(self, group: str) -> bool:
+        """One wake through Fly Proxy; whether the runner reported it ran out of due tasks."""
+        base = self.options.wake_url(current_env().app_name)
+        if base is None:
+            self._failed(group, "no address to wake it at: set OPTIONS['url']")
+            return False
+        url = base + reverse(wake_url_name(group))
+        timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
+        headers = {WAKE_HEADER: sign_wake(group)}
+        with (
+            httpx.Client(timeout=timeout) as client,
+            client.stream("POST", url, headers=headers) as response,
+        ):
+            last = ""
+            for line in response.iter_lines():
+                if line.strip():
+                    last = line
+        if response.status_code != 200:
+            self._failed(group, f"HTTP {response.status_code} from {url}: {last[:200]}")
+            return False
+        try:
+            summary = json.loads(last)
+        except ValueError:
+            summary = None
+        if not isinstance(summary, dict) or summary.get("done") is not True:
+            self._failed(group, f"the wake ended early ({last[:200]!r})")
+            return False
+        return True
+
+    def _failed(self, group: str, why: str) -> None:
+        with self._lock:
+            backoff = self._backoff.get(group, 0.0)
+            first = backoff == 0.0
+            backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, backoff * 2))
+            self._backoff[group] = backoff
+            self._retry_at[group] = time.monotonic() + backoff
+        if first:  # one line per failure burst
+            logger.warning("flyfn tasks: waking group %r failed, retrying: %s", group, why)
+
+    def _recovered(self, group: str) -> None:
+        with self._lock:
+            failed = self._backoff.pop(group, 0.0) > 0
+            self._retry_at.pop(group, None)
+        if failed:
+            logger.warning("flyfn tasks: group %r woke again", group)
+
+
+_dispatchers: dict[str, Dispatcher] = {}
+_dispatchers_lock = threading.Lock()
+
+
+def dispatcher(alias: str, options: TaskOptions) -> Dispatcher:
+    """The process's dispatcher of backend ``alias`` (replaced when its options change)."""
+    found = _dispatchers.get(alias)
+    if found is None or found.options != options:
+        with _dispatchers_lock:
+            found = _dispatchers.get(alias)
+            if found is None or found.options != options:
+                found = _dispatchers[alias] = Dispatcher(alias, options)
+    return found
+
+
+def stop_all() -> None:
+    """Stop and forget every dispatcher of this process (tests)."""
+    with _dispatchers_lock:
+        found = list(_dispatchers.values())
+        _dispatchers.clear()
+    for each in found:
+        each.stop()
+
+
+def start_all() -> None:
+    """Start the dispatcher of every flyfn backend (an app Machine's first request)."""
+    from flyfn.tasks.runner import flyfn_backends
+
+    if not current_role().is_main:
+        return
+    for backend in flyfn_backends():
+        dispatcher(backend.alias, backend.flyfn).notify()
+
+
+def _forget_after_fork() -> None:
+    # Threads do not survive fork(): a forked worker starts its own dispatchers.
+    global _dispatchers_lock
+    _dispatchers.clear()
+    _dispatchers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,26 @@
+"""The lease of a running task: which claim may write its outcome, and until when it holds."""
+
+from __future__ import annotations
+
+from django.db import models
+from django_tasks_db.models import DBTaskResult
+
+
+class TaskLease(models.Model):
+    """A RUNNING task's claim. Renewed by the runner while the task runs; once ``expires_at`` has
+    passed, any runner of the group puts the task back to READY (or FAILED after its last
+    attempt). Only the holder of ``token`` writes the task's outcome."""
+
+    task = models.OneToOneField(
+        DBTaskResult, on_delete=models.CASCADE, primary_key=True, related_name="flyfn_lease"
+    )
+    group = models.CharField(max_length=30)
+    token = models.CharField(max_length=32)
+    machine_id = models.CharField(max_length=64)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "task lease"
+
+    def __str__(self) -> str:
+        return f"lease of {self.task_id} by {self.machine_id} until {self.expires_at:%H:%M:%S}"

@@ -1,0 +1,118 @@
+"""The OPTIONS of a ``FlyMachinesBackend``, checked once: errors name the key and the bad value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.models import Q
+
+from flyfn.registry import validate_group_name
+
+__all__ = ["PUBLIC_URL_ENV", "TaskOptions"]
+
+# `flyfn dev` sets it on its Machines to its proxy's address; on Fly the app's own address is used.
+PUBLIC_URL_ENV = "FLYFN_PUBLIC_URL"
+
+_DEFAULTS: dict[str, object] = {
+    "group": "tasks",
+    "queue_groups": {},
+    "lease": 30.0,
+    "max_attempts": 3,
+    "concurrency": 1,
+    "url": None,
+    "poll": 30.0,
+    "id_function": None,  # django-tasks-db's own option (how task ids are made), passed through
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """What one backend alias does; see docs/background-tasks.md for each option."""
+
+    group: str = "tasks"
+    queue_groups: Mapping[str, str] = field(default_factory=dict)
+    lease: float = 30.0
+    max_attempts: int = 3
+    concurrency: int = 1
+    url: str | None = None
+    poll: float = 30.0
+
+    @classmethod
+    def parse(cls, alias: str, options: Mapping[str, object]) -> TaskOptions:
+        """The options of ``TASKS[alias]["OPTIONS"]``; ImproperlyConfigured names a bad one."""
+        where = f'TASKS[{alias!r}]["OPTIONS"]'
+        unknown = sorted(set(options) - set(_DEFAULTS))
+        if unknown:
+            known = ", ".join(sorted(_DEFAULTS))
+            raise ImproperlyConfigured(f"{where}: unknown option {unknown[0]!r}; known: {known}")
+        values = {**_DEFAULTS, **options}
+
+        def problem(key: str, expected: str) -> ImproperlyConfigured:
+            return ImproperlyConfigured(
+                f"{where}[{key!r}]: must be {expected} (got {values[key]!r})"
+            )
+
+        try:
+            group = validate_group_name(values["group"])
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{where}['group']: {exc}") from None
+        queue_groups = values["queue_groups"]
+        if not isinstance(queue_groups, Mapping) or not all(
+            isinstance(q, str) for q in queue_groups
+        ):
+            raise problem("queue_groups", "a dict of queue name to group")
+        for queue, target in queue_groups.items():
+            try:
+                validate_group_name(target)
+            except ValueError as exc:
+                raise ImproperlyConfigured(f"{where}['queue_groups'][{queue!r}]: {exc}") from None
+        numbers: dict[str, float] = {}
+        for key, low in (("lease", 1.0), ("poll", 0.1)):
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+                raise problem(key, f"a number of seconds >= {low:g}")
+            numbers[key] = float(value)
+        for key, high in (("max_attempts", 100), ("concurrency", 64)):
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise problem(key, f"a whole number from 1 to {high}")
+        url = values["url"]
+        if url is not None and not (
+            isinstance(url, str) and url.startswith(("http://", "https://"))
+        ):
+            raise problem("url", "an http:// or https:// address")
+        return cls(
+            group=group,
+            queue_groups=dict(queue_groups),
+            lease=numbers["lease"],
+            max_attempts=int(values["max_attempts"]),  # type: ignore[call-overload]
+            concurrency=int(values["concurrency"]),  # type: ignore[call-overload]
+            url=url,
+            poll=numbers["poll"],
+        )
+
+    def group_of(self, queue_name: str) -> str:
+        """The group whose Machines run tasks of ``queue_name``."""
+        return self.queue_groups.get(queue_name, self.group)
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """Every group this backend's tasks may run in."""
+        return frozenset({self.group, *self.queue_groups.values()})
+
+    def queue_filter(self, group: str) -> Q:
+        """The task rows of ``group``: its mapped queues, plus every unmapped queue for the
+        default group."""
+        if group == self.group:
+            return ~Q(queue_name__in=[q for q, g in self.queue_groups.items() if g != group])
+        return Q(queue_name__in=[q for q, g in self.queue_groups.items() if g == group])
+
+    def wake_url(self, app_name: str | None) -> str | None:
+        """The address wakes are sent to (through Fly Proxy), or None when none is known."""
+        base = self.url or os.environ.get(PUBLIC_URL_ENV) or None
+        if base is None and app_name:
+            base = f"https://{app_name}.fly.dev"
+        return base.rstrip("/") if base else None

@@ -1,0 +1,341 @@
+"""Claiming and running a group's due tasks: leases and their heartbeat, attempts, outcomes.
+
+The same loop runs on a function Machine (inside a wake request) and, off Fly, in a thread of the
+process. The rows, their claiming and their outcomes are django-tasks-db's; what is added is the
+lease (`TaskLease`) that lets a task whose Machine vanished run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.core.exceptions import SuspiciousOperation
+from django.db import OperationalError, close_old_connections, connections, router
+from django.utils import timezone
+from django_tasks_db.compat import (
+    TaskContext,
+    TaskResultStatus,
+    normalize_json,
+    task_backends,
+    task_finished,
+    task_started,
+)
+from django_tasks_db.models import DBTaskResult, DBTaskResultQuerySet
+from django_tasks_db.utils import exclusive_transaction, is_locked_database_exception
+
+from flyfn import events
+from flyfn.runtime import current_env, current_role
+from flyfn.tasks import TaskLost
+from flyfn.tasks.models import TaskLease
+
+if TYPE_CHECKING:
+    from flyfn.tasks.backend import FlyMachinesBackend
+
+__all__ = ["Claim", "flyfn_backends", "run_due_tasks", "run_until_idle", "worker_id"]
+
+logger = logging.getLogger("flyfn.tasks")
+
+T = TypeVar("T")
+
+# Expired leases handled per claim: a burst of lost tasks is worked off over a few claims.
+_REAP_BATCH = 100
+# How long to wait before trying again when SQLite reports the database locked, and for how long.
+_LOCKED_PAUSE = 0.05
+LOCKED_WAIT = 60.0
+
+
+def worker_id() -> str:
+    """What this process writes into a task's ``worker_ids``: its Machine's id on Fly."""
+    machine = current_env().machine_id
+    if machine and not current_role().is_local:
+        return machine
+    return f"local-{socket.gethostname()}-{os.getpid()}"
+
+
+def flyfn_backends() -> list[FlyMachinesBackend]:
+    """Every configured ``FlyMachinesBackend``."""
+    from flyfn.tasks.backend import FlyMachinesBackend
+
+    return [b for b in task_backends.all() if isinstance(b, FlyMachinesBackend)]
+
+
+def _rows(backend: FlyMachinesBackend, group: str) -> DBTaskResultQuerySet:
+    rows = DBTaskResult.objects.filter(backend_name=backend.alias)
+    return rows.filter(backend.flyfn.queue_filter(group))
+
+
+def _db(backend: FlyMachinesBackend) -> str:
+    return router.db_for_write(DBTaskResult) or "default"
+
+
+# --------------------------------------------------------------------------- leases
+
+
+class _LeaseKeeper:
+    """Renews the leases of the tasks this process runs, every third of their lease, from a
+    thread of its own (a task's code may block for any time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[str, float]] = {}  # token -> (database alias, lease seconds)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, token: str, using: str, lease: float) -> None:
+        with self._lock:
+            self._held[token] = (using, lease)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="flyfn-task-leases", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            self._held.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                held = dict(self._held)
+            interval = min((lease for _, lease in held.values()), default=30.0) / 3
+            self._wake.wait(interval)
+            self._wake.clear()
+            with self._lock:
+                held = dict(self._held)
+            if held:
+                self._renew(held)
+
+    def _renew(self, held: dict[str, tuple[str, float]]) -> None:
+        by_lease: dict[tuple[str, float], list[str]] = {}
+        for token, key in held.items():
+            by_lease.setdefault(key, []).append(token)
+        try:
+            close_old_connections()
+            for (using, lease), tokens in by_lease.items():
+                until = timezone.now() + timedelta(seconds=lease)
+                TaskLease.objects.using(using).filter(token__in=tokens).update(expires_at=until)
+        except Exception as exc:  # the next beat tries again; the lease has room for two misses
+            logger.warning("flyfn tasks: could not renew leases: %s: %s", type(exc).__name__, exc)
+
+
+_keeper = _LeaseKeeper()
+
+
+# --------------------------------------------------------------------------- claiming
+
+
+@dataclass(slots=True)
+class Claim:
+    """A task this process claimed: its row and the token of its lease."""
+
+    backend: FlyMachinesBackend
+    row: DBTaskResult[Any, Any]
+    token: str
+    group: str
+
+
+def _lost(backend: FlyMachinesBackend, group: str) -> list[DBTaskResult[Any, Any]]:
+    """Put tasks whose lease expired back to READY, or FAILED after their last attempt; the
+    failed ones (for their signal)."""
+    now = timezone.now()
+    failed: list[DBTaskResult[Any, Any]] = []
+    expired = _rows(backend, group).filter(
+        status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__lt=now
+    )
+    with exclusive_transaction(_db(backend)):
+        for row in expired.select_for_update(skip_locked=True)[:_REAP_BATCH]:
+            lease = TaskLease.objects.filter(task_id=row.id).first()
+            where = f"Machine {lease.machine_id}" if lease else "its Machine"
+            TaskLease.objects.filter(task_id=row.id).delete()
+            if len(row.worker_ids) >= backend.flyfn.max_attempts:
+                row.set_failed(
+                    TaskLost(
+                        f"task {row.id} was lost with {where} (lease expired) on attempt "
+                        f"{len(row.worker_ids)} of {backend.flyfn.max_attempts}"
+                    )
+                )
+                failed.append(row)
+                events.task_changed(group, "failed", str(row.id), row.task_path)
+            else:
+                logger.warning(
+                    "flyfn tasks: task %s was lost with %s; it runs again", row.id, where
+                )
+                row.status = TaskResultStatus.READY
+                row.save(update_fields=["status"])
+                events.task_changed(group, "retried", str(row.id), row.task_path)
+    return failed
+
+
+def claim_next(backend: FlyMachinesBackend, group: str, machine: str) -> Claim | None:
+    """Claim the group's next due task (priority, then run_after, then age), or None."""
+    for failed in _lost(backend, group):
+        _send_finished(backend, failed)
+    token = uuid.uuid4().hex
+    lease = backend.flyfn.lease
+    with exclusive_transaction(_db(backend)):
+        row = _rows(backend, group).ready().get_locked()
+        if row is None:
+            return None
+        row.claim(machine)
+        TaskLease.objects.update_or_create(
+            task=row,
+            defaults={
+                "group": group,
+                "token": token,
+                "machine_id": machine,
+                "expires_at": timezone.now() + timedelta(seconds=lease),
+            },
+        )
+    return Claim(backend, row, token, group)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_claim(claim: Claim) -> bool:
+    """Run a claimed task and store its outcome (unless its lease was taken over meanwhile);
+    whether the outcome was stored."""
+    row, backend = claim.row, claim.backend
+    using = _db(backend)
+    _keeper.hold(claim.token, using, backend.flyfn.lease)
+    error: BaseException | None = None
+    value: Any = None
+    try:
+        task = row.task
+        result = row.task_result
+        task_started.send(sender=type(backend), task_result=result)
+        events.task_changed(claim.group, "started", str(row.id), row.task_path)
+        if task.takes_context:
+            value = task.call(TaskContext(task_result=result), *result.args, **result.kwargs)
+        else:
+            value = task.call(*result.args, **result.kwargs)
+        value = normalize_json(value)
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the process is going away: the lease expires and the task runs again
+    except BaseException as exc:
+        error = exc
+    finally:
+        _keeper.release(claim.token)
+    if not _when_unlocked(lambda: _store(claim, using, value, error)):
+        logger.warning(
+            "flyfn tasks: task %s ran past its lease and another run took it over: this "
+            "outcome is dropped",
+            row.id,
+        )
+        return False
+    outcome: events.TaskOutcome = "succeeded" if error is None else "failed"
+    events.task_changed(claim.group, outcome, str(row.id), row.task_path)
+    _send_finished(backend, row)
+    return True
+
+
+def _store(claim: Claim, using: str, value: Any, error: BaseException | None) -> bool:
+    """Write a run's outcome if its lease is still the task's; whether it was."""
+    row = claim.row
+    with exclusive_transaction(using):
+        if not TaskLease.objects.filter(task_id=row.id, token=claim.token).exists():
+            return False
+        if error is None:
+            row.set_successful(value)
+        else:
+            row.set_failed(error)
+        TaskLease.objects.filter(task_id=row.id).delete()
+    return True
+
+
+def _when_unlocked(work: Callable[[], T]) -> T:
+    """``work()``, tried again while SQLite reports the database locked (for ``LOCKED_WAIT``
+    seconds at most: an outcome is worth waiting for)."""
+    deadline = time.monotonic() + LOCKED_WAIT
+    while True:
+        try:
+            return work()
+        except OperationalError as exc:
+            if not is_locked_database_exception(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(_LOCKED_PAUSE)
+
+
+def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> None:
+    try:
+        result = row.task_result
+    except (ImportError, SuspiciousOperation):  # the task's function is gone: nothing to tell
+        logger.exception("flyfn tasks: task %s failed and cannot be loaded", row.id)
+        return
+    task_finished.send(sender=type(backend), task_result=result)
+
+
+def _claims(group: str, machine: str, stop: threading.Event) -> Iterator[Claim]:
+    """The group's due tasks, claimed one at a time, over every flyfn backend serving it."""
+    backends = [b for b in flyfn_backends() if group in b.flyfn.groups]
+    while not stop.is_set():
+        close_old_connections()
+        claim = None
+        try:
+            for backend in backends:
+                claim = claim_next(backend, group, machine)
+                if claim is not None:
+                    break
+        except OperationalError as exc:
+            if not is_locked_database_exception(exc):
+                raise
+            time.sleep(_LOCKED_PAUSE)
+            continue
+        if claim is None:
+            return
+        yield claim
+
+
+def run_until_idle(
+    group: str,
+    stop: threading.Event | None = None,
+    *,
+    machine: str | None = None,
+    on_task: Callable[[Claim, bool], None] | None = None,
+    budget: float | None = None,
+) -> int:
+    """Claim and run ``group``'s due tasks until none is due, ``stop`` is set or ``budget``
+    seconds have passed; how many ran. Closes this thread's database connections at the end."""
+    stop = stop or threading.Event()
+    machine = machine or worker_id()
+    deadline = None if budget is None else time.monotonic() + budget
+    ran = 0
+    try:
+        for claim in _claims(group, machine, stop):
+            stored = run_claim(claim)
+            ran += 1
+            if on_task is not None:
+                on_task(claim, stored)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    finally:
+        connections.close_all()
+    return ran
+
+
+def run_due_tasks(group: str | None = None) -> int:
+    """Run every due task (of ``group``, or of every group of every flyfn backend) in the
+    calling thread; how many ran. For tests and scripts that want no thread."""
+    groups = (
+        [group]
+        if group is not None
+        else sorted({g for b in flyfn_backends() for g in b.flyfn.groups})
+    )
+    ran = 0
+    for name in groups:
+        stop = threading.Event()
+        for claim in _claims(name, worker_id(), stop):
+            run_claim(claim)
+            ran += 1
+    return ran

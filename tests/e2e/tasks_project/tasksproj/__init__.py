@@ -1,0 +1,1 @@
+"""The e2e tasks project: `@task` functions run by flyfn.tasks on function Machines."""

@@ -1,0 +1,39 @@
+"""Settings of the e2e tasks project: a SQLite file every Machine shares (in TASKS_E2E_DIR)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SECRET_KEY = "flyfn-e2e-tasks-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "tasksproj.urls"
+INSTALLED_APPS = ["flyfn", "flyfn.tasks", "django_tasks_db", "tasksproj"]
+MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": Path(os.environ["TASKS_E2E_DIR"]) / "db.sqlite3",
+        # Several Machine processes write at once: wait for the lock, and let readers go on.
+        "OPTIONS": {"timeout": 60, "init_command": "PRAGMA journal_mode=WAL"},
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+TASKS = {
+    "default": {
+        "BACKEND": "flyfn.tasks.FlyMachinesBackend",
+        "QUEUES": [],
+        # Short leases: a killed Machine's task runs again within seconds. Attempts enough for
+        # the chaos, which may hit one task several times.
+        "OPTIONS": {"group": "work", "lease": 3, "max_attempts": 25, "concurrency": 2, "poll": 5},
+    }
+}
+FLYFN = {"GROUPS": {"work": {"machines": 2, "replay_timeout": "30s", "autostop": "stop"}}}
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+}

@@ -1,0 +1,532 @@
+"""flyfn.tasks.FlyMachinesBackend through Django's task API (django.tasks, or the backport on 5.2):
+enqueue and results, priority, run_after, queues → groups, context, errors, leases and attempts,
+delivery after commit, the local role's thread, the wake view and the status counts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import OperationalError, transaction
+from django.test import AsyncClient, override_settings
+from django.utils import timezone
+from django_tasks_db.compat import TaskResultStatus, task_backends
+from django_tasks_db.models import DBTaskResult
+
+from flyfn import runtime
+from flyfn.registry import registry
+from flyfn.tasks import FlyMachinesBackend, TaskLost, TaskOptions, run_due_tasks
+from flyfn.tasks.dispatch import Dispatcher, dispatcher, stop_all
+from flyfn.tasks.models import TaskLease
+from flyfn.tasks.runner import claim_next, run_claim, worker_id
+from flyfn.tasks.status import task_status
+from flyfn.tasks.wake import WAKE_HEADER, sign_wake, wake_view
+from tests.testapp import tasks
+
+# A generous safety bound for work done by a background thread: "too slow", never a flaky fail.
+SAFETY_BOUND = 60.0
+
+
+TASKS = {
+    "default": {
+        "BACKEND": "flyfn.tasks.FlyMachinesBackend",
+        "QUEUES": [],
+        "OPTIONS": {"group": "tasks", "queue_groups": {"reports": "pdf"}},
+    }
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _wake_views_leave_the_registry() -> Iterator[None]:
+    # The wake URLs register serverless views of groups "tasks" and "pdf": other modules'
+    # tests count the groups of the process registry.
+    yield
+    from flyfn.tasks import wake
+
+    for view in wake._views.values():
+        registry.unregister(view)
+    wake._views.clear()
+    # SQLite keeps an in-memory test database's connection open for the whole session (its close()
+    # is a no-op); a later test without database access whose response fires request_finished
+    # would then find this thread's connection and be refused it. No later test uses the
+    # database in this process, so it goes now.
+    from django.db import connection
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    if connection.connection is not None:
+        BaseDatabaseWrapper.close(connection)
+
+
+@pytest.fixture(autouse=True)
+def _tasks_project(settings: Any) -> Iterator[None]:
+    settings.TASKS = TASKS
+    settings.ROOT_URLCONF = "tests.tasks_urls"
+    tasks.ran.clear()
+    yield
+    stop_all()  # a dispatcher thread must not outlive the test's database
+    tasks.ran.clear()
+
+
+def backend() -> FlyMachinesBackend:
+    found = task_backends["default"]
+    assert isinstance(found, FlyMachinesBackend)
+    return found
+
+
+def status(result: Any) -> TaskResultStatus:
+    """The status a result has now (read from the result object, which refresh() changes)."""
+    return cast(TaskResultStatus, result.status)
+
+
+def wait_finished(result: Any) -> None:
+    deadline = time.monotonic() + SAFETY_BOUND
+    while True:
+        # The in-memory test database has table locks, and no waiting on them.
+        with contextlib.suppress(OperationalError):
+            result.refresh()
+            if result.is_finished:
+                return
+        assert time.monotonic() < deadline, f"task {result.id} still {result.status}: too slow"
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_options_default_and_mapping() -> None:
+    options = TaskOptions.parse("default", {"group": "tasks", "queue_groups": {"reports": "pdf"}})
+    assert options.group_of("default") == "tasks"
+    assert options.group_of("reports") == "pdf"
+    assert options.groups == {"tasks", "pdf"}
+    assert (options.lease, options.max_attempts, options.concurrency) == (30.0, 3, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"grup": "x"}, "unknown option 'grup'"),
+        ({"group": "Bad Name"}, "TASKS['default'][\"OPTIONS\"]['group']: invalid group name"),
+        ({"queue_groups": {"q": "NO!"}}, "['queue_groups']['q']: invalid group name"),
+        ({"lease": 0}, "['lease']: must be a number of seconds >= 1 (got 0)"),
+        ({"max_attempts": 0}, "['max_attempts']: must be a whole number from 1 to 100"),
+        ({"concurrency": True}, "['concurrency']: must be a whole number"),
+        ({"url": "ftp://x"}, "['url']: must be an http:// or https:// address"),
+    ],
+)
+def test_bad_options_name_the_key(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ImproperlyConfigured) as caught:
+        TaskOptions.parse("default", options)
+    assert message in str(caught.value)
+
+
+def test_wake_url_prefers_option_then_environment_then_fly_dev(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FLYFN_PUBLIC_URL", raising=False)
+    assert TaskOptions().wake_url("shop") == "https://shop.fly.dev"
+    assert TaskOptions().wake_url(None) is None
+    monkeypatch.setenv("FLYFN_PUBLIC_URL", "http://127.0.0.1:8080/")
+    assert TaskOptions().wake_url("shop") == "http://127.0.0.1:8080"
+    assert TaskOptions(url="https://tasks.example").wake_url("shop") == "https://tasks.example"
+
+
+# --------------------------------------------------------------------------- Django's API
+
+
+@pytest.mark.django_db
+def test_enqueue_stores_a_ready_result_and_get_result_reads_it() -> None:
+    result = tasks.add.enqueue(2, 3)
+    assert result.status == TaskResultStatus.READY
+    assert result.backend == "default"
+    assert (result.args, result.kwargs) == ([2, 3], {})
+    fetched = tasks.add.get_result(result.id)
+    assert fetched.id == result.id
+    assert fetched.status == TaskResultStatus.READY
+    with pytest.raises(ValueError, match="not finished"):
+        _ = fetched.return_value
+    assert tasks.ran == []  # inside the test's transaction nothing was delivered
+
+
+@pytest.mark.django_db
+def test_run_records_the_return_value_and_the_worker() -> None:
+    result = tasks.add.enqueue(2, 3)
+    assert run_due_tasks() == 1
+    result.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.return_value is not None
+    assert result.return_value["sum"] == 5
+    assert result.worker_ids == [worker_id()]
+    assert result.attempts == 1
+    assert result.started_at is not None
+    assert result.finished_at is not None
+    assert result.errors == []
+    assert not TaskLease.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_raising_task_fails_with_its_error_and_is_not_retried() -> None:
+    result = tasks.explode.enqueue("boom at 3")
+    run_due_tasks()
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert [e.exception_class for e in result.errors] == [ValueError]
+    assert "boom at 3" in result.errors[0].traceback
+    with pytest.raises(ValueError, match="failed"):
+        _ = result.return_value
+    assert run_due_tasks() == 0
+    assert tasks.ran == [("explode", "boom at 3")]
+
+
+@pytest.mark.django_db
+def test_a_return_value_that_is_not_json_fails_the_task() -> None:
+    result = tasks.not_json.enqueue()
+    run_due_tasks()
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert result.errors[0].exception_class is TypeError
+
+
+@pytest.mark.django_db
+def test_higher_priority_runs_first_then_oldest() -> None:
+    tasks.note.using(priority=-10).enqueue("low")
+    tasks.note.enqueue("first normal")
+    tasks.note.using(priority=50).enqueue("high")
+    tasks.note.enqueue("second normal")
+    run_due_tasks()
+    assert [label for _, label in tasks.ran] == ["high", "first normal", "second normal", "low"]
+
+
+@pytest.mark.django_db
+def test_run_after_waits_until_due_and_the_dispatcher_knows_when() -> None:
+    later = timezone.now() + timedelta(hours=1)
+    result = tasks.note.using(run_after=later).enqueue("later")
+    assert run_due_tasks() == 0
+    due, next_at = Dispatcher("default", backend().flyfn).scan()
+    assert due == {}
+    assert next_at == later
+    DBTaskResult.objects.filter(id=result.id).update(
+        run_after=timezone.now() - timedelta(seconds=1)
+    )
+    due, _ = Dispatcher("default", backend().flyfn).scan()
+    assert due == {"tasks": 1}
+    assert run_due_tasks() == 1
+    result.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.django_db
+def test_queues_map_to_groups() -> None:
+    report = tasks.report.enqueue("2026-11")
+    plain = tasks.note.enqueue("plain")
+    due, _ = Dispatcher("default", backend().flyfn).scan()
+    assert due == {"pdf": 1, "tasks": 1}
+    assert run_due_tasks("tasks") == 1
+    assert tasks.ran == [("note", "plain")]
+    assert run_due_tasks("pdf") == 1
+    report.refresh()
+    plain.refresh()
+    assert report.return_value == "report 2026-11"
+    assert plain.return_value == "plain"
+
+
+@pytest.mark.django_db
+def test_takes_context_sees_its_result_and_attempt() -> None:
+    result = tasks.with_context.enqueue("ctx")
+    run_due_tasks()
+    result.refresh()
+    assert result.return_value == {"attempt": 1, "id": result.id, "label": "ctx"}
+
+
+@pytest.mark.django_db
+def test_async_task_functions_run() -> None:
+    result = tasks.async_double.enqueue(21)
+    run_due_tasks()
+    result.refresh()
+    assert cast(object, result.return_value) == 42
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_aenqueue_and_aget_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)  # run it below instead
+    result = await tasks.add.aenqueue(1, 1)
+    assert result.status == TaskResultStatus.READY
+    fetched = await tasks.add.aget_result(result.id)
+    assert fetched.id == result.id
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(run_due_tasks)()
+    await result.arefresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.django_db
+def test_unknown_result_id_raises_django_s_error() -> None:
+    from django_tasks_db.compat import TaskResultDoesNotExist
+
+    with pytest.raises(TaskResultDoesNotExist):
+        tasks.add.get_result("00000000-0000-0000-0000-000000000000")
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+@pytest.mark.django_db
+def test_delivery_waits_for_the_commit_and_a_rollback_delivers_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    notified: list[str] = []
+    monkeypatch.setattr(
+        Dispatcher, "notify", lambda self, group=None: notified.append(f"{self.alias}:{group}")
+    )
+    with django_capture_on_commit_callbacks(execute=True) as callbacks, transaction.atomic():
+        tasks.note.enqueue("committed")
+        assert notified == []  # not before the commit
+    assert len(callbacks) == 1
+    assert notified == ["default:tasks"]
+
+    class Rollback(Exception):
+        pass
+
+    def enqueue_then_fail() -> None:
+        with transaction.atomic():
+            tasks.note.enqueue("rolled back")
+            raise Rollback
+
+    with django_capture_on_commit_callbacks(execute=True) as callbacks, pytest.raises(Rollback):
+        enqueue_then_fail()
+    assert callbacks == []
+    assert notified == ["default:tasks"]
+    assert DBTaskResult.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_local_role_runs_after_commit_off_the_request_thread() -> None:
+    with runtime.override_role(runtime.LOCAL):
+        result = tasks.add.enqueue(20, 22)
+        wait_finished(result)
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.return_value is not None
+    assert result.return_value["sum"] == 42
+    assert result.return_value["thread"] != threading.current_thread().name
+    assert dispatcher("default", backend().flyfn).wakes >= 1
+
+
+# --------------------------------------------------------------------------- leases and attempts
+
+
+def expire_leases() -> None:
+    TaskLease.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+
+
+@pytest.mark.django_db
+def test_a_task_whose_machine_vanished_runs_again_and_the_late_outcome_is_dropped() -> None:
+    result = tasks.note.enqueue("twice")
+    lost = claim_next(backend(), "tasks", "machine-killed")
+    assert lost is not None
+    result.refresh()
+    assert status(result) == TaskResultStatus.RUNNING
+    assert result.worker_ids == ["machine-killed"]
+    due, _ = Dispatcher("default", backend().flyfn).scan()
+    assert due == {}  # its lease holds: nothing to wake
+    expire_leases()
+    due, _ = Dispatcher("default", backend().flyfn).scan()
+    assert due == {"tasks": 1}
+    assert run_due_tasks() == 1
+    result.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.worker_ids == ["machine-killed", worker_id()]
+    assert result.attempts == 2
+    # The first run comes back (a frozen Machine resumed): it writes nothing.
+    assert run_claim(lost) is False
+    result.refresh()
+    assert result.worker_ids == ["machine-killed", worker_id()]
+
+
+@pytest.mark.django_db
+def test_the_last_lost_attempt_fails_the_task_with_task_lost() -> None:
+    result = tasks.note.enqueue("doomed")
+    for n in range(backend().flyfn.max_attempts):
+        assert claim_next(backend(), "tasks", f"machine-{n}") is not None
+        expire_leases()
+    assert run_due_tasks() == 0
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert result.errors[0].exception_class is TaskLost
+    assert "machine-2" in result.errors[0].traceback
+    assert "attempt 3 of 3" in result.errors[0].traceback
+    assert tasks.ran == []
+
+
+@pytest.mark.django_db
+def test_a_live_lease_is_renewed_while_its_task_runs() -> None:
+    TaskOptions.parse("default", {})  # defaults: lease 30 s
+    tasks.note.enqueue("x")
+    claim = claim_next(backend(), "tasks", "m")
+    assert claim is not None
+    before = TaskLease.objects.get().expires_at
+    TaskLease.objects.update(expires_at=before - timedelta(seconds=20))
+    from flyfn.tasks import runner
+
+    runner._keeper._renew({claim.token: ("default", 30.0)})
+    assert TaskLease.objects.get().expires_at > before - timedelta(seconds=1)
+
+
+# --------------------------------------------------------------------------- the wake view
+
+
+def test_each_group_has_a_registered_post_wake_view() -> None:
+    view = wake_view("tasks")
+    assert wake_view("tasks") is view
+    entry = registry.lookup(view)
+    assert entry is not None
+    assert (entry.group, entry.methods) == ("tasks", frozenset({"POST"}))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_unsigned_wakes_are_refused_and_main_never_runs_tasks() -> None:
+    client = AsyncClient()
+    response = await client.post("/_flyfn/tasks/tasks/")
+    assert response.status_code == 403
+    response = await client.post("/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("pdf")})
+    assert response.status_code == 403  # signed for another group
+    with runtime.override_role(runtime.MAIN):
+        response = await client.post(
+            "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
+        )
+    assert response.status_code == 503
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_signed_wake_on_a_function_machine_runs_the_due_tasks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        Dispatcher, "notify", lambda self, group=None: None
+    )  # no wake over the network
+    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with runtime.override_role(runtime.function("tasks"), env):
+        results = [await tasks.note.aenqueue(f"n{i}") for i in range(3)]
+        response = await AsyncClient().post(
+            "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
+        )
+        assert response.status_code == 200
+        chunks = response.streaming_content  # type: ignore[attr-defined]
+        body = b"".join([chunk async for chunk in chunks])
+    lines = body.decode().strip().splitlines()
+    assert lines[-1] == '{"done": true, "ran": 3, "machine": "fn0123456789ab"}'
+    for result in results:
+        await result.arefresh()
+        assert status(result) == TaskResultStatus.SUCCESSFUL
+        assert result.worker_ids == ["fn0123456789ab"]
+
+
+# --------------------------------------------------------------------------- checks and status
+
+
+@pytest.mark.django_db
+def test_status_counts_per_group() -> None:
+    tasks.explode.enqueue("failed")
+    failing = claim_next(backend(), "tasks", "m1")
+    assert failing is not None
+    run_claim(failing)
+    tasks.note.enqueue("running")
+    assert claim_next(backend(), "tasks", "m2") is not None
+    tasks.note.enqueue("ready")
+    tasks.report.enqueue("2026-10")
+    tasks.note.using(run_after=timezone.now() + timedelta(hours=1)).enqueue("later")
+    DBTaskResult.objects.filter(args_kwargs__args=["ready"]).update(
+        enqueued_at=timezone.now() - timedelta(minutes=5)
+    )
+    by_group = {g.group: g for g in task_status()}
+    assert set(by_group) == {"tasks", "pdf"}
+    mine, pdf = by_group["tasks"], by_group["pdf"]
+    assert (mine.ready, mine.scheduled, mine.running, mine.failed) == (1, 1, 1, 1)
+    assert (pdf.ready, pdf.scheduled, pdf.running, pdf.failed) == (1, 0, 0, 0)
+    assert mine.oldest_waiting is not None
+    assert mine.oldest_waiting >= timedelta(minutes=5)
+    assert pdf.oldest_waiting is not None
+    assert pdf.oldest_waiting < timedelta(minutes=5)
+
+
+def test_check_reports_a_missing_wake_url() -> None:
+    with override_settings(ROOT_URLCONF="tests.testapp.routing"):
+        ids = [m.id for m in backend().check()]
+    assert "flyfn.E013" in ids
+    assert "flyfn.E013" not in [m.id for m in backend().check()]
+
+
+def test_no_wake_is_sent_without_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLYFN_PUBLIC_URL", raising=False)
+    waker = Dispatcher("default", backend().flyfn)
+    with runtime.override_role(runtime.MAIN, runtime.MachineEnv()):
+        assert waker._send("tasks") is False
+    assert waker._retry_at["tasks"] > 0
+
+
+@pytest.mark.django_db
+def test_flyfn_status_shows_each_group_s_tasks() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    tasks.note.enqueue("waiting")
+    tasks.report.enqueue("2026-09")
+    DBTaskResult.objects.update(enqueued_at=timezone.now() - timedelta(seconds=90))
+    out = StringIO()
+    with runtime.override_role(runtime.LOCAL, runtime.MachineEnv()):
+        call_command("flyfn", "status", stdout=out)
+    lines = out.getvalue().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Tasks"))
+    table = [line.split() for line in lines[header + 1 : header + 4]]
+    assert table[0] == ["GROUP", "READY", "SCHEDULED", "RUNNING", "FAILED", "OLDEST", "WAITING"]
+    assert table[1][:5] == ["pdf", "1", "0", "0", "0"]
+    assert table[2][:5] == ["tasks", "1", "0", "0", "0"]
+    assert int(table[2][5].rstrip("s")) >= 90
+
+
+def task_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [
+        (r.flyfn_outcome, r.flyfn_task, r.flyfn_group)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "flyfn.events.task"
+    ]
+
+
+@pytest.mark.django_db
+def test_each_step_of_a_task_is_an_event(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="flyfn.events.task")
+    ok = tasks.add.enqueue(2, 3)
+    run_due_tasks()
+    bad = tasks.explode.enqueue("boom")
+    run_due_tasks()
+    ok_id, bad_id = str(ok.id), str(bad.id)
+    assert task_events(caplog) == [
+        ("enqueued", ok_id, "tasks"),
+        ("started", ok_id, "tasks"),
+        ("succeeded", ok_id, "tasks"),
+        ("enqueued", bad_id, "tasks"),
+        ("started", bad_id, "tasks"),
+        ("failed", bad_id, "tasks"),
+    ]
+    failed = [r for r in caplog.records if getattr(r, "flyfn_outcome", None) == "failed"]
+    assert [r.levelno for r in failed] == [logging.WARNING]
+
+
+@pytest.mark.django_db
+def test_a_lost_task_is_retried_then_failed_as_events(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="flyfn.events.task")
+    result = tasks.note.enqueue("doomed")
+    for n in range(backend().flyfn.max_attempts):
+        assert claim_next(backend(), "tasks", f"machine-{n}") is not None
+        expire_leases()
+    run_due_tasks()
+    outcomes = [outcome for outcome, task, _ in task_events(caplog) if task == str(result.id)]
+    assert outcomes == ["enqueued", "retried", "retried", "failed"]
