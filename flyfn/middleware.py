@@ -620,6 +620,7 @@ class FlyReplayMiddleware:
                 # A replay this process sent on could not be delivered (the next Machine is at
                 # its hard limit, or gone): Fly Proxy brought it back, so it runs here.
                 self._forget_failed_target(view.group, failed)
+                events.fell_back(view.group, "replay_failed", "local")
                 _hold_in_flight(request, view.group, settings)
                 return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
@@ -671,6 +672,7 @@ class FlyReplayMiddleware:
             hop=hop,
         )
         issued_replays.add(method, request.path, second)
+        events.replayed(group, machine_id, None)
         return replay_response(plan.head + state + plan.tail)
 
     def _forget_failed_target(self, group: str, header: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -135,11 +136,14 @@ def test_below_the_soft_limit_a_replay_runs_here_and_leaves_the_count(
 
 
 def test_at_the_soft_limit_a_replay_goes_on_to_the_next_machine_one_hop_further(
-    elastic: MembersManager,
+    elastic: MembersManager, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="flyfn.events.replay")
     busy()
     with on_machine("m0"):
         response = Client().get("/routing/pdf/", headers=replayed("/routing/pdf/"))
+    [event] = caplog.records
+    assert (event.flyfn_group, event.flyfn_machine) == ("pdf", "m1")  # type: ignore[attr-defined]
     replay = FlyReplay.parse(response["fly-replay"])
     assert replay.instance == "m1"
     assert replay.fallback == "force_self"  # comes back here should m1 be unreachable
@@ -191,7 +195,10 @@ def test_a_streaming_response_stays_in_flight_until_its_last_byte(
     assert in_flight("pdf", 1).active == 0
 
 
-def test_a_send_on_that_failed_comes_back_and_runs_here(elastic: MembersManager) -> None:
+def test_a_send_on_that_failed_comes_back_and_runs_here(
+    elastic: MembersManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flyfn.events.fallback")
     busy()
     with on_machine("m0"):
         sent = Client().get("/routing/pdf/", headers=replayed("/routing/pdf/"))
@@ -200,6 +207,8 @@ def test_a_send_on_that_failed_comes_back_and_runs_here(elastic: MembersManager)
         back = Client().get("/routing/pdf/", headers={"fly-replay-failed": failed})
     assert back.content == b"pdf"
     assert elastic.forgotten == [("pdf", "m1")]
+    reasons = [getattr(r, "flyfn_reason", None) for r in caplog.records]
+    assert "replay_failed" in reasons
     assert in_flight("pdf", 1).active == 1
 
 
