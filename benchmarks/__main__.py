@@ -32,6 +32,7 @@ AREA_MODULES: dict[str, tuple[str, float, float]] = {
     "middleware": ("benchmarks.middleware", 240, 40),
     "blog_baseline": ("benchmarks.blog_vs_flyfn", 300, 60),
     "e2e": ("benchmarks.e2e", 300, 60),
+    "elastic": ("benchmarks.elastic", 300, 120),
     "receipts": ("benchmarks.receipts", 600, 90),
     "tasks": ("benchmarks.tasks", 600, 150),
 }

@@ -48,6 +48,17 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "replay_requests_per_second",
         "replay_vs_direct_throughput_ratio",
     ),
+    "elastic": (
+        "fixed_scale_total_s",
+        "elastic_scale_total_s",
+        "fixed_warm_total_s",
+        "elastic_warm_total_s",
+        "elastic_scale_machines",
+        "warm_total_s_elastic_vs_fixed_ratio",
+        "warm_p99_ms_elastic_vs_fixed_ratio",
+        "trickle_machines",
+        "all_stopped_after_s",
+    ),
     "receipts": tuple(str(n) for n in RECEIPT_SIZES),
     # flyfn.tasks beside django-tasks-db's own worker (db_worker); the ratios are flyfn's figure
     # over the worker's, in the same run.

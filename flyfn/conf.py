@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_API_HOSTNAME",
     "DEFAULT_GROUP",
     "FLY_REPLAY_BODY_LIMIT",
+    "ConcurrencySettings",
     "FlyfnSettings",
     "GroupSettings",
     "GuestSettings",
@@ -241,6 +242,30 @@ class GuestSettings(_Section):
         return self
 
 
+class ConcurrencySettings(_Section):
+    """``GROUPS[g]["concurrency"]``: the requests one function Machine takes, written into its
+    ``services[].concurrency`` (type ``"requests"``) for Fly Proxy's balancing."""
+
+    soft_limit: int = Field(ge=1, le=100_000)
+    """Required: at this many requests in flight a Machine counts as busy. Fly Proxy then prefers
+    (or autostarts) another Machine of the service, and an ``instance``-strategy function Machine
+    sends further replays on to the next Machine of its group (see docs/elastic-groups.md)."""
+
+    hard_limit: int | None = Field(default=None, ge=1, le=100_000)
+    """Default None (Fly's own default: no hard limit): at this many requests in flight Fly Proxy
+    sends the Machine nothing more, and queues requests meant for it alone (replays to it)."""
+
+    @model_validator(mode="after")
+    def _hard_above_soft(self) -> ConcurrencySettings:
+        if self.hard_limit is not None and self.hard_limit < self.soft_limit:
+            raise _custom(
+                "value",
+                f"must be at least soft_limit ({self.soft_limit}) (got {self.hard_limit})",
+                key="hard_limit",
+            )
+        return self
+
+
 class GroupSettings(_Section):
     """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get
     these."""
@@ -249,8 +274,18 @@ class GroupSettings(_Section):
     """Default shared-cpu-1x with 256 MB: see ``GuestSettings``."""
 
     machines: int = Field(default=1, ge=1, le=100)
-    """Default 1: Fly Proxy starts a stopped Machine per request, so one serves a trickle; add more
-    (or use the ``app`` strategy) for concurrency."""
+    """Default 1: the Machines the app Machines replay to (in turn); Fly Proxy starts a stopped
+    Machine per request, so one serves a trickle. Raise ``max_machines`` to let a burst spread
+    further."""
+
+    max_machines: int | None = Field(default=None, ge=1, le=100)
+    """Default: ``machines``. The most Machines the group has: all are created (a stopped Machine
+    costs only its root file system) and started as load needs, when the Machines before them are
+    at their ``concurrency`` soft limit (docs/elastic-groups.md)."""
+
+    concurrency: ConcurrencySettings | None = None
+    """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
+    takes, e.g. ``{"soft_limit": 10, "hard_limit": 15}``; written into the Machines' services."""
 
     autostop: Annotated[Autostop, BeforeValidator(_autostop)] = "stop"
     """Default ``"stop"``: works for every Machine size; ``"suspend"`` resumes in a few hundred ms
@@ -313,6 +348,21 @@ class GroupSettings(_Section):
             if name not in names:
                 names.append(name)
         return tuple(names)
+
+    @model_validator(mode="after")
+    def _max_at_least_machines(self) -> GroupSettings:
+        if self.max_machines is not None and self.max_machines < self.machines:
+            raise _custom(
+                "value",
+                f"must be at least machines ({self.machines}) (got {self.max_machines})",
+                key="max_machines",
+            )
+        return self
+
+    @property
+    def machine_count(self) -> int:
+        """The Machines the group keeps created: ``max_machines``, else ``machines``."""
+        return self.max_machines if self.max_machines is not None else self.machines
 
     @model_validator(mode="after")
     def _app_for_app_strategy(self) -> GroupSettings:

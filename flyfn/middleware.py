@@ -24,6 +24,7 @@ from django.http.response import ResponseHeaders
 
 from flyfn import events, metrics
 from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
+from flyfn.elastic import DEFAULT_SOFT_LIMIT, InFlight, in_flight, spill_target
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -39,7 +40,7 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
-from flyfn.runtime import current_role
+from flyfn.runtime import current_env, current_role
 
 if TYPE_CHECKING:
     from flyfn.registry import ServerlessView
@@ -54,6 +55,9 @@ ELSEWHERE = "elsewhere=true;fallback=force_self"
 NO_STORE = "private, no-store"
 # The request attribute holding a request's fallback slot, released when its response is made.
 _SLOT_ATTR = "_flyfn_fallback_slot"
+# The request attribute holding a function Machine's in-flight count of its group, released when
+# the response is closed (after its last byte, for a streaming response too).
+_INFLIGHT_ATTR = "_flyfn_in_flight"
 # Prebuilt replay headers kept per settings object; more distinct targets than this clears them.
 _MAX_PLANS = 1024
 # Replay headers kept for the current second; more distinct requests than this clears them.
@@ -75,36 +79,16 @@ class _Replay(NamedTuple):
     max_wait: float
 
 
-class _Slots:
-    """At most `limit` fallbacks of one group at once in this process (threads and tasks alike)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self._lock = threading.Lock()
-
-    def acquire(self) -> bool:
-        with self._lock:
-            if self.active >= self.limit:
-                return False
-            self.active += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.active -= 1
-
-
-_slots: dict[tuple[str, int], _Slots] = {}
+_slots: dict[tuple[str, int], InFlight] = {}
 _slots_lock = threading.Lock()
 
 
-def fallback_slots(group: str, limit: int) -> _Slots:
+def fallback_slots(group: str, limit: int) -> InFlight:
     key = (group, limit)
     slots = _slots.get(key)
     if slots is None:
         with _slots_lock:
-            slots = _slots.setdefault(key, _Slots(limit))
+            slots = _slots.setdefault(key, InFlight(limit))
     return slots
 
 
@@ -360,6 +344,7 @@ class FlyReplayMiddleware:
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
         _serve_metrics()
+        _learn_siblings()
         # Prebuilt replay headers per (group, instance, app), valid for one settings object.
         self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
         self._plans = (None, {})
@@ -375,17 +360,29 @@ class FlyReplayMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         try:
-            return self.get_response(request)
+            response = self.get_response(request)
+        except BaseException:
+            _release_in_flight_now(request)
+            raise
         finally:
             if _SLOT_ATTR in request.__dict__:
                 _release_slot(request)
+        if _INFLIGHT_ATTR in request.__dict__:
+            _release_in_flight_on_close(request, response)  # type: ignore[arg-type]
+        return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         try:
-            return await self.get_response(request)  # type: ignore[no-any-return,misc]
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        except BaseException:
+            _release_in_flight_now(request)
+            raise
         finally:
             if _SLOT_ATTR in request.__dict__:
                 _release_slot(request)
+        if _INFLIGHT_ATTR in request.__dict__:
+            _release_in_flight_on_close(request, response)
+        return response
 
     def process_view(
         self,
@@ -612,10 +609,20 @@ class FlyReplayMiddleware:
                     body=_request_body_binding(request),
                 )
                 if check:
-                    return None
+                    return self._run_or_send_on(request, view, settings, check.hop)
                 events.state_rejected(view.group, check.reason or "invalid")
                 _report_unverified(view.group, check.reason)
                 return unavailable()
+        failed = meta.get(_META_REPLAY_FAILED)
+        if failed is not None:
+            timeout = settings.group(view.group).replay_timeout_seconds
+            if issued_replays.recent(request.method or "GET", request.path, timeout):
+                # A replay this process sent on could not be delivered (the next Machine is at
+                # its hard limit, or gone): Fly Proxy brought it back, so it runs here.
+                self._forget_failed_target(view.group, failed)
+                events.fell_back(view.group, "replay_failed", "local")
+                _hold_in_flight(request, view.group, settings)
+                return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
         if not _bounceable(meta, settings.replay_body_limit):
@@ -623,6 +630,50 @@ class FlyReplayMiddleware:
             return unavailable()
         events.bounced(view.group, "unsigned")
         return replay_response(ELSEWHERE)
+
+    def _run_or_send_on(
+        self, request: HttpRequest, view: ServerlessView, settings: FlyfnSettings, hop: int
+    ) -> HttpResponseBase | None:
+        """A verified replay of this Machine's group: run here (None) while fewer than the soft
+        limit of the group's requests are in flight in this process, else send it on to another
+        Machine of the group (`flyfn.elastic`); it runs here when there is none to send it to."""
+        counter = in_flight(view.group, _soft_limit(settings, view.group))
+        if counter.acquire():
+            setattr(request, _INFLIGHT_ATTR, counter)
+            return None
+        if settings.group(view.group).strategy == "instance":
+            members = get_manager().pool(view.group).members()  # cached: no API call here
+            spill = spill_target(members, current_env().machine_id, hop)
+            if spill is not None:
+                try:
+                    return self._send_on(request, view.group, settings, spill.machine_id, spill.hop)
+                except ValueError as exc:  # a Machine id the header cannot carry: run here
+                    logger.error("flyfn: cannot send a replay of group %r on: %s", view.group, exc)
+        counter.hold()
+        setattr(request, _INFLIGHT_ATTR, counter)
+        return None
+
+    def _send_on(
+        self, request: HttpRequest, group: str, settings: FlyfnSettings, machine_id: str, hop: int
+    ) -> HttpResponseBase:
+        """The replay sending this request on to `machine_id`, its state signed `hop` hops far;
+        should it fail, Fly Proxy brings it back here with `fly-replay-failed`."""
+        plan = self._plan(settings, group, ReplayTarget(instance=machine_id))
+        method = request.method or "GET"
+        second = int(time.time())
+        state = sign_state(
+            django_settings.SECRET_KEY,
+            method,
+            request.path,
+            group,
+            second,
+            query=request.META.get("QUERY_STRING", ""),
+            body=_request_body_binding(request),
+            hop=hop,
+        )
+        issued_replays.add(method, request.path, second)
+        events.replayed(group, machine_id, None)
+        return replay_response(plan.head + state + plan.tail)
 
     def _forget_failed_target(self, group: str, header: str) -> None:
         """A Machine named by `fly-replay-failed` leaves the pool's cache at once."""
@@ -643,6 +694,51 @@ def _serve_metrics() -> None:
         return  # the system checks report it; requests will fail with the same message
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port, settings.metrics_address)
+
+
+def _learn_siblings() -> None:
+    """A function Machine of an elastic `instance` group asks for its siblings as it boots (one
+    list call), so that a burst reaching it cold can already be sent on."""
+    role = current_role()
+    if role.kind != "function" or role.group is None:
+        return
+    try:
+        options = get_settings().group(role.group)
+    except SettingsError:
+        return
+    if options.strategy == "instance" and options.machine_count > 1:
+        get_manager().pool(role.group).refresh()
+
+
+def _soft_limit(settings: FlyfnSettings, group: str) -> int:
+    concurrency = settings.group(group).concurrency
+    return concurrency.soft_limit if concurrency is not None else DEFAULT_SOFT_LIMIT
+
+
+def _hold_in_flight(request: HttpRequest, group: str, settings: FlyfnSettings) -> None:
+    counter = in_flight(group, _soft_limit(settings, group))
+    counter.hold()
+    setattr(request, _INFLIGHT_ATTR, counter)
+
+
+def _release_in_flight_on_close(request: HttpRequest, response: HttpResponseBase) -> None:
+    """The request leaves the in-flight count when its response is closed: after the server sent
+    its last byte (a streaming response's too), or at once for a response that is not an object
+    Django closes."""
+    counter: InFlight | None = request.__dict__.pop(_INFLIGHT_ATTR, None)
+    if counter is None:
+        return
+    closers = getattr(response, "_resource_closers", None)
+    if isinstance(closers, list):
+        closers.append(counter.release)
+    else:
+        counter.release()
+
+
+def _release_in_flight_now(request: HttpRequest) -> None:
+    counter: InFlight | None = request.__dict__.pop(_INFLIGHT_ATTR, None)
+    if counter is not None:
+        counter.release()
 
 
 def _release_slot(request: HttpRequest) -> None:

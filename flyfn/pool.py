@@ -41,11 +41,12 @@ from flyfn.machines import (
     MachineRestart,
     MachinesError,
     MachineService,
+    MachineServiceConcurrency,
     MachinesStatusError,
     NotFound,
     UpdateMachineRequest,
 )
-from flyfn.runtime import GROUP_ENV
+from flyfn.runtime import GROUP_ENV, current_role
 
 logger = logging.getLogger("flyfn.pool")
 
@@ -105,6 +106,10 @@ class PoolSpec:
     version: str = ""
     # When the values `version` digests were read (see PROCESS_STARTED).
     started: float = PROCESS_STARTED
+    # How many of the `count` Machines (the first in rank order) the app Machines replay to (0: all
+    # of them); the others take what those send on (`instance` strategy) or what Fly Proxy
+    # balances to them (`app` strategy).
+    entries: int = 0
 
     @property
     def name_prefix(self) -> str:
@@ -163,6 +168,15 @@ def spec_for(
         if not options.app:
             raise PoolConfigError(f"FLYFN['GROUPS'][{group!r}]['app']: required by strategy 'app'")
         app = options.app
+    concurrency = (
+        MachineServiceConcurrency(
+            type="requests",
+            soft_limit=options.concurrency.soft_limit,
+            hard_limit=options.concurrency.hard_limit,
+        )
+        if options.concurrency is not None
+        else None
+    )
     env = {name: environ[name] for name in options.env if name in environ}
     env[GROUP_ENV] = group
     depends: dict[str, str | None] = {"SECRET_KEY": str(django_settings.SECRET_KEY)}
@@ -184,6 +198,7 @@ def spec_for(
                     MachinePort(port=80, handlers=["http"]),
                     MachinePort(port=443, handlers=["tls", "http"]),
                 ],
+                concurrency=concurrency,
             )
         ],
         # Fly's own choice for Machines that autostop: come back after a crash, not after a stop.
@@ -195,7 +210,8 @@ def spec_for(
         app=app,
         strategy=strategy,
         image=settings.image_ref,
-        count=options.machines,
+        count=options.machine_count,
+        entries=options.machines,
         # Fly places a Machine created without a region "near the caller", not surely in its
         # region: name the creating Machine's own region, as FLAME does.
         region=options.region or environ.get("FLY_REGION") or None,
@@ -282,6 +298,16 @@ async def list_group(client: AsyncMachinesClient, spec: PoolSpec) -> list[Machin
     return [m for m in machines if m.state not in GONE_STATES]
 
 
+async def observe(client: AsyncMachinesClient, spec: PoolSpec) -> list[Machine]:
+    """The group's usable Machines of the spec's image that `converge` keeps, in rank order,
+    without changing anything (what a function Machine needs to know its siblings)."""
+    listed = await list_group(client, spec)
+    usable = sorted(
+        (m for m in listed if machine_image(m) == spec.image and is_usable(m)), key=_rank
+    )
+    return usable[: spec.count]
+
+
 async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
     """Make exactly `spec.count` usable Machines of the group on the spec's image exist.
 
@@ -298,8 +324,14 @@ async def converge(client: AsyncMachinesClient, spec: PoolSpec) -> Convergence:
         names = [
             n for n in itertools.islice(spec.names(), spec.count + len(taken)) if n not in taken
         ]
+        # Machines beyond the entries are created stopped (`skip_launch`): Fly Proxy starts them
+        # when load reaches them, and until then they cost only their root file system.
+        entries = spec.entries or spec.count
         outcomes = await asyncio.gather(
-            *(_create(client, spec, name) for name in names[: spec.count - len(usable)]),
+            *(
+                _create(client, spec, name, launch=len(usable) + n < entries)
+                for n, name in enumerate(names[: spec.count - len(usable)])
+            ),
             return_exceptions=True,
         )
         created = [m for m in outcomes if isinstance(m, Machine)]
@@ -345,8 +377,12 @@ async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine)
     return True
 
 
-async def _create(client: AsyncMachinesClient, spec: PoolSpec, name: str) -> Machine:
-    request = CreateMachineRequest(name=name, region=spec.region, config=spec.config)
+async def _create(
+    client: AsyncMachinesClient, spec: PoolSpec, name: str, *, launch: bool = True
+) -> Machine:
+    request = CreateMachineRequest(
+        name=name, region=spec.region, config=spec.config, skip_launch=None if launch else True
+    )
     try:
         created = await client.create_machine(request, app=spec.app)
     except MachinesStatusError as exc:
@@ -547,6 +583,8 @@ class MachinePool:
         self._ttl = ttl
         self._lock = threading.Lock()
         self._targets: tuple[ReplayTarget, ...] = ()
+        # Every Machine of an `instance` group in rank order (the targets are the first ones).
+        self._members: tuple[str, ...] = ()
         self._expires = 0.0
         self._turn = itertools.count()
         self._inflight: concurrent.futures.Future[None] | None = None
@@ -557,6 +595,14 @@ class MachinePool:
     @property
     def machine_ids(self) -> tuple[str, ...]:
         return tuple(t.instance for t in self._targets if t.instance is not None)
+
+    def members(self) -> tuple[str, ...]:
+        """The group's Machine ids in rank order (`instance` strategy), from the cache: never an
+        API call on the request path (a stale or empty cache is refreshed behind it)."""
+        members = self._members
+        if not members or time.monotonic() >= self._expires:
+            self.refresh()
+        return members
 
     def target(self) -> ReplayTarget | None:
         """The hot path: a cached target or None; a stale cache is served and refreshed behind."""
@@ -610,13 +656,14 @@ class MachinePool:
         """Drop a Machine that vanished from the cache at once and look again behind the request."""
         with self._lock:
             kept = tuple(t for t in self._targets if t.instance != machine_id)
-            if len(kept) == len(self._targets):
+            if len(kept) == len(self._targets) and machine_id not in self._members:
                 return False
             now = time.monotonic()
             if now - self._forgot_at < FORGET_MIN_INTERVAL:
                 return False
             self._forgot_at = now
             self._targets = kept
+            self._members = tuple(m for m in self._members if m != machine_id)
             self._expires = 0.0
         self.refresh()
         return True
@@ -626,18 +673,25 @@ class MachinePool:
         # so a waiter woken by the future reads the new cache.
         try:
             client = self.manager.client()
-            done = await converge(client, spec)
+            role = current_role()
+            if role.kind == "function" and role.group == spec.group:
+                # A function Machine only reads its own group (to send load on): the app Machines
+                # create, update and destroy it. (Another group's view it replays like them.)
+                machines = await observe(client, spec)
+            else:
+                machines = (await converge(client, spec)).machines
         except Exception as exc:  # whatever fails, requests get the fallback, never a 500
             self._failed(exc)
             return
+        members = tuple(m.id for m in machines)
         if spec.strategy == "app":
-            targets: tuple[ReplayTarget, ...] = (
-                (ReplayTarget(app=spec.app),) if done.machines else ()
-            )
+            targets: tuple[ReplayTarget, ...] = (ReplayTarget(app=spec.app),) if machines else ()
         else:
-            targets = tuple(ReplayTarget(instance=m.id) for m in done.machines)
+            entries = members[: spec.entries or len(members)]
+            targets = tuple(ReplayTarget(instance=m) for m in entries)
         with self._lock:
             self._targets = targets
+            self._members = members
             self._expires = time.monotonic() + self._ttl
             recovered = self._backoff > 0
             self._backoff = 0.0

@@ -628,7 +628,11 @@ class ReplayFailed:
 # flyfn2: the state binds the query string and the body too (flyfn1 bound method, path, group).
 STATE_PREFIX = "flyfn2"
 _STATE_SALT = "flyfn.replay.state"
-_STATE_RE = re.compile(r"^flyfn2\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})$")
+# A state sent on by a function Machine of the group (elastic groups) carries its hop count:
+# `flyfn2.<issued>.h<hop>.<mac>`; one from an app Machine (hop 0) has none.
+_STATE_RE = re.compile(r"^flyfn2\.([0-9]{1,12})(?:\.h([1-9][0-9]?))?\.([A-Za-z0-9_-]{43})$")
+# The most hops a state can carry.
+MAX_STATE_HOP = 99
 # A state issued this far in the future (another Machine's clock) is still accepted.
 MAX_CLOCK_SKEW = 30.0
 
@@ -639,6 +643,7 @@ class StateCheck:
 
     ok: bool
     reason: str | None = None
+    hop: int = 0  # how many function Machines sent the request on (signed with it)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -684,10 +689,14 @@ def body_binding(length: int, body: bytes | None = None) -> str:
     return str(length) if length > 0 else ""
 
 
-def _message(issued: int, method: str, path: str, group: str, query: str, body: str) -> str:
+def _message(
+    issued: int, method: str, path: str, group: str, query: str, body: str, hop: int = 0
+) -> str:
     """The signed message. Method, group and body binding hold no newline (checked or made so);
-    the query string is length-prefixed and the path goes last, so no two inputs share one."""
-    return f"{issued}\n{method.upper()}\n{group}\n{body}\n{len(query)}:{query}\n{path}"
+    the query string is length-prefixed and the path goes last, so no two inputs share one. A hop
+    count is a first line starting with `h` (never a digit, as the time is)."""
+    message = f"{issued}\n{method.upper()}\n{group}\n{body}\n{len(query)}:{query}\n{path}"
+    return f"h{hop}\n{message}" if hop else message
 
 
 def _mac(secret: str | bytes, message: str) -> str:
@@ -716,9 +725,12 @@ def sign_state(
     *,
     query: str = "",
     body: str = "",
+    hop: int = 0,
 ) -> str:
     """A replay ``state`` that proves an app Machine sent this request now: its method, path,
     query string (``request.META["QUERY_STRING"]``), body (``body_binding()`` of it) and group.
+    ``hop``: how many function Machines of the group have sent it on since (0 to
+    ``MAX_STATE_HOP``), signed too.
 
     ``secret`` is ``settings.SECRET_KEY``; ``path`` is ``request.path``.
     """
@@ -726,9 +738,11 @@ def sign_state(
         raise ValueError("sign_state needs a non-empty secret (settings.SECRET_KEY)")
     if _unbindable(method, group, body):
         raise ValueError("sign_state: method, group and body binding cannot contain newlines")
+    if not 0 <= hop <= MAX_STATE_HOP:
+        raise ValueError(f"sign_state: hop must be 0 to {MAX_STATE_HOP} (got {hop})")
     issued = int(time.time() if now is None else now)
-    mac = _mac(secret, _message(issued, method, path, group, query, body))
-    return f"{STATE_PREFIX}.{issued}.{mac}"
+    mac = _mac(secret, _message(issued, method, path, group, query, body, hop))
+    return f"{STATE_PREFIX}.{issued}.h{hop}.{mac}" if hop else f"{STATE_PREFIX}.{issued}.{mac}"
 
 
 def verify_state(
@@ -747,7 +761,7 @@ def verify_state(
     """Check a ``state`` from ``fly-replay-src``: signed with ``secret`` (or one of
     ``fallback_secrets``, i.e. ``SECRET_KEY_FALLBACKS``) for this method, path, query string, body
     binding and group, issued at most ``max_age`` seconds ago (never more than ``MAX_STATE_AGE``).
-    Never raises for bad input; the reason says what failed.
+    Never raises for bad input; the reason says what failed, and a valid check has the hop count.
     """
     if not state:
         return StateCheck(False, "no signed state")
@@ -764,8 +778,9 @@ def verify_state(
         return StateCheck(False, "state issued in the future")
     if clock - issued > min(max_age, MAX_STATE_AGE):
         return StateCheck(False, "state expired")
-    message = _message(issued, method, path, group, query, body)
+    hop = int(match.group(2) or 0)
+    message = _message(issued, method, path, group, query, body, hop)
     for key in (secret, *fallback_secrets):
-        if key and constant_time_compare(_mac(key, message), match.group(2)):
-            return StateCheck(True)
+        if key and constant_time_compare(_mac(key, message), match.group(3)):
+            return StateCheck(True, hop=hop)
     return StateCheck(False, "signature mismatch")

@@ -526,7 +526,7 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
             (
                 'FLYFN["GROUPS"]["g"]["cpus"]',
                 "unknown_key",
-                'unknown option; known options: "guest", "machines", "autostop", "internal_port", "region", "env", "strategy", "app", "replay_timeout", "fallback", "fallback_concurrency"',  # noqa: E501
+                'unknown option; known options: "guest", "machines", "max_machines", "concurrency", "autostop", "internal_port", "region", "env", "secrets", "strategy", "app", "replay_timeout", "fallback", "fallback_concurrency"',  # noqa: E501
             )
         ],
     ),
@@ -724,3 +724,58 @@ def test_each_settings_error(flyfn: Any, seed: Any, issues: list[tuple[str, str,
 def test_a_bare_url_name_in_the_seed_means_get() -> None:
     view = load_settings(seed=["shop:receipt"], environ=NO_ENV).views["shop:receipt"]
     assert view == ServerlessView(frozenset({"GET", "HEAD"}), "default", "shop:receipt")
+
+
+# --------------------------------------------------------------------------- elastic groups
+
+
+def test_an_elastic_group_defaults_to_a_fixed_one() -> None:
+    group = GroupSettings(machines=3)
+    assert group.max_machines is None
+    assert group.machine_count == 3
+    assert group.concurrency is None
+
+
+def test_elastic_group_options_are_read() -> None:
+    flyfn = {
+        "GROUPS": {
+            "pdf": {"max_machines": 5, "concurrency": {"soft_limit": 10, "hard_limit": 12}},
+        }
+    }
+    group = load_settings(flyfn, environ=NO_ENV).group("pdf")
+    assert (group.machines, group.machine_count) == (1, 5)
+    assert group.concurrency is not None
+    assert (group.concurrency.soft_limit, group.concurrency.hard_limit) == (10, 12)
+    only_soft = load_settings({"GROUPS": {"g": {"concurrency": {"soft_limit": 4}}}}, environ=NO_ENV)
+    concurrency = only_soft.group("g").concurrency
+    assert concurrency is not None
+    assert concurrency.hard_limit is None
+
+
+@pytest.mark.parametrize(
+    ("group", "key", "fragment"),
+    [
+        ({"machines": 3, "max_machines": 2}, '["max_machines"]', "at least machines (3)"),
+        ({"max_machines": 0}, '["max_machines"]', "greater than or equal to 1"),
+        ({"max_machines": 101}, '["max_machines"]', "less than or equal to 100"),
+        ({"concurrency": {}}, '["concurrency"]["soft_limit"]', "required"),
+        (
+            {"concurrency": {"soft_limit": 0}},
+            '["concurrency"]["soft_limit"]',
+            "greater than or equal to 1",
+        ),
+        (
+            {"concurrency": {"soft_limit": 10, "hard_limit": 5}},
+            '["concurrency"]["hard_limit"]',
+            "at least soft_limit (10)",
+        ),
+        ({"concurrency": {"soft": 1}}, '["concurrency"]["soft"]', '"soft_limit", "hard_limit"'),
+        ({"concurrency": 10}, '["concurrency"]', "must be a dict"),
+    ],
+)
+def test_elastic_group_errors_name_their_key(
+    group: dict[str, Any], key: str, fragment: str
+) -> None:
+    [issue] = errors_of({"GROUPS": {"pdf": group}}).issues
+    assert issue.key == f'FLYFN["GROUPS"]["pdf"]{key}'
+    assert fragment in issue.message

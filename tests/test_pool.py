@@ -30,7 +30,8 @@ from flyfn.pool import (
     new_client,
     spec_for,
 )
-from tests.conftest import EMULATOR_APP, EMULATOR_TOKEN, MachinesAPI
+from flyfn.runtime import function, override_role
+from tests.conftest import EMULATOR_APP, EMULATOR_TOKEN, MachinesAPI, installed
 
 IMAGE = "registry.fly.io/testapp:deployment-1"
 NEW_IMAGE = "registry.fly.io/testapp:deployment-2"
@@ -420,6 +421,78 @@ def test_values_the_api_leaves_out_are_not_drift(machines_api: MachinesAPI) -> N
     # ... but a value that differs still is.
     answered["auto_destroy"] = True
     assert is_outdated(Machine(id="m1", config=MachineConfig.model_validate(answered)), spec.config)
+
+
+# --------------------------------------------------------------------------- elastic groups
+
+ELASTIC = {"pdf": {"max_machines": 3, "concurrency": {"soft_limit": 10, "hard_limit": 12}}}
+
+
+def test_an_elastic_group_keeps_its_max_machines_and_replays_to_the_first(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=ELASTIC, CACHE_TTL=3600)):
+        first = instance(pool_manager.wait_target("pdf", 10))
+        assert instance(pool_manager.get_target("pdf")) == first  # the same one every time
+        members = pool_manager.pool("pdf").members()
+    machines = sorted(machines_api.machines(group="pdf"), key=_by_name)
+    assert members == tuple(m.id for m in machines)
+    assert len(members) == 3
+    assert members[0] == first
+    # Only the entry is launched; the others wait stopped until load reaches them.
+    assert [m.state for m in machines][1:] == ["created", "created"]
+    assert machines[0].state != "created"
+    for machine in machines:
+        assert machine.config is not None
+        [service] = machine.config.services or []
+        assert service.concurrency is not None
+        assert service.concurrency.model_dump(exclude_none=True) == {
+            "type": "requests",
+            "soft_limit": 10,
+            "hard_limit": 12,
+        }
+
+
+def test_without_concurrency_the_services_keep_flys_defaults(fly: MachinesAPI) -> None:
+    [service] = spec_for(get_settings(), "default").config.services or []
+    assert service.concurrency is None
+
+
+def test_a_function_machine_reads_its_group_and_never_changes_it(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=ELASTIC, CACHE_TTL=3600)):
+        with override_role(function("pdf")):
+            future = pool_manager.pool("pdf").refresh()
+            assert future is not None
+            future.result(10)
+            assert pool_manager.pool("pdf").members() == ()  # nothing there: nothing created
+        assert machines_api.machines(group="pdf") == []
+        instance(pool_manager.wait_target("pdf", 10))  # an app Machine creates them
+        made = tuple(m.id for m in sorted(machines_api.machines(group="pdf"), key=_by_name))
+        reader = PoolManager()
+        try:
+            with installed(reader), override_role(function("pdf")):
+                future = reader.pool("pdf").refresh()
+                assert future is not None
+                future.result(10)
+                assert reader.pool("pdf").members() == made
+        finally:
+            reader.close()
+
+
+def test_a_function_machine_converges_another_groups_pool(
+    machines_api: MachinesAPI, pool_manager: PoolManager
+) -> None:
+    # It replays another group's views as an app Machine does: that group is created if need be.
+    flyfn = machines_api.flyfn_settings(GROUPS=ELASTIC, CACHE_TTL=3600)
+    with override_settings(FLYFN=flyfn), override_role(function("default")):
+        target = instance(pool_manager.wait_target("pdf", 10))
+    assert target in {m.id for m in machines_api.machines(group="pdf")}
+
+
+def _by_name(machine: Machine) -> str:
+    return machine.name or ""
 
 
 def test_every_change_to_a_group_is_a_pool_event(

@@ -390,6 +390,41 @@ async def test_at_the_hard_limit_for_longer_than_the_timeout_is_a_503(fly: Stack
     assert (await held).status_code == 200
 
 
+async def test_a_replay_to_an_instance_at_its_hard_limit_waits_its_turn(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", soft_limit=1, hard_limit=2)
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};timeout=30s")
+    release = _gate(stack, fn.id)
+    held = [asyncio.ensure_future(stack.client.get("/")) for _ in range(5)]
+    while stack.proxy.load(fn.id) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the others had every chance to go over the limit
+    assert stack.fleet.peak[fn.id] == 2
+    release.set()
+    answers = await asyncio.gather(*held)
+    assert [r.json()["machine"] for r in answers] == [fn.id] * 5
+    assert stack.fleet.peak[fn.id] == 2
+
+
+async def test_a_replay_to_an_instance_full_beyond_its_timeout_falls_back(stack: Stack) -> None:
+    main = await stack.machine()
+    fn = await stack.machine(group="default", soft_limit=1, hard_limit=1)
+    stack.fleet.handlers[main.id] = replay_once(
+        f"instance={fn.id};timeout=300ms;fallback=force_self"
+    )
+    release = _gate(stack, fn.id)
+    held = asyncio.ensure_future(stack.client.get("/"))
+    while stack.proxy.load(fn.id) < 1:
+        await asyncio.sleep(0.01)
+    response = await stack.client.get("/")
+    assert response.headers["x-flyfn-machine"] == main.id
+    failed = response.json()["headers"]["fly-replay-failed"]
+    assert f"instance={fn.id}" in failed
+    assert "reason=no_candidate" in failed
+    release.set()
+    assert (await held).json()["machine"] == fn.id
+
+
 async def test_fly_headers_added_and_hop_by_hop_removed(stack: Stack) -> None:
     machine = await stack.machine()
     response = await stack.client.get(

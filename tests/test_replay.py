@@ -783,7 +783,7 @@ QUERY = "page=2&size=a4"
 BODY = body_binding(11, b"hello world")
 
 
-def signed(**kw: object) -> str:
+def signed(**kw: Any) -> str:
     return sign_state(SECRET, "POST", "/x", "pdf", now=NOW, query=QUERY, body=BODY, **kw)
 
 

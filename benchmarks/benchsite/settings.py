@@ -26,7 +26,15 @@ MIDDLEWARE = MIDDLEWARE_SETS[BENCH_MIDDLEWARE]
 if BENCH_MIDDLEWARE == "blog":
     FLY_MACHINES_SERVERLESS_FUNCTIONS = [("bench:fn", ("GET",))]
 
+ELASTIC_CONCURRENCY = {"soft_limit": 10, "hard_limit": 15}
 FLYFN = {
     # One function Machine for the default group, stopped when idle (as the blog's).
-    "GROUPS": {"default": {"machines": 1, "autostop": "stop"}},
+    "GROUPS": {
+        "default": {"machines": 1, "autostop": "stop"},
+        # The elastic benchmark: Machines of 10 requests each (a hard limit above the soft one
+        # leaves room for the answers that send requests on), at most 5 of them, or fixed at 1.
+        "elastic": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY, "replay_timeout": "60s"},
+        "fixed": {"machines": 1, "concurrency": ELASTIC_CONCURRENCY, "replay_timeout": "60s"},
+        "trickle": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY},
+    },
 }

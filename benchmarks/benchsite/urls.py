@@ -34,4 +34,11 @@ def urlconf_first(name: str) -> types.ModuleType:
     return module
 
 
-urlpatterns = bench_urls(*PATTERNS.values())
+# The elastic benchmark's views, after the others (they never run in the middleware benchmark).
+ELASTIC = [
+    path("wait/elastic/", views.wait_elastic, name="wait_elastic"),
+    path("wait/fixed/", views.wait_fixed, name="wait_fixed"),
+    path("wait/trickle/", views.wait_trickle, name="wait_trickle"),
+]
+
+urlpatterns = bench_urls(*PATTERNS.values(), *ELASTIC)

@@ -2,13 +2,14 @@
 
 `FlyProxy` load-balances requests like Fly Proxy over every Machine of the app with a service on
 the request's port, function Machines included (the decision lives in `flyfn.emulator.balancer`:
-concurrency limits, started first, autostart at the soft limit, waiting at the hard limit), and
-acts on `fly-replay` answers (header and JSON forms: instance, prefer_instance, app, region,
-elsewhere, state, timeout, fallback, transform) the way Fly Proxy does: it re-delivers the request
-with `fly-replay-src`, falls back with `fly-replay-failed`, refuses to replay bodies over 1 MB and
-chains of more than 10 replays. Stopped or suspended targets are started on demand (through the
-`MachinesEmulator`, so the state machine and events stay right), idle ones are stopped or
-suspended after `idle_stop` seconds per their services' `autostop`.
+concurrency limits, started first, autostart at the soft limit, waiting at the hard limit, replays
+to one `instance` included), and acts on `fly-replay` answers (header and JSON forms: instance,
+prefer_instance, app, region, elsewhere, state, timeout, fallback, transform) the way Fly Proxy
+does: it re-delivers the request with `fly-replay-src`, falls back with `fly-replay-failed`,
+refuses to replay bodies over 1 MB and chains of more than 10 replays. Stopped or suspended targets
+are started on demand (through the `MachinesEmulator`, so the state machine and events stay
+right), idle ones are stopped or suspended after `idle_stop` seconds per their services'
+`autostop`.
 
 Bodies stream both ways; a request body is buffered up to 10 MB as Fly's edge does (to replay or
 retry it), and a larger one that needs a replay or a retry fails with PA01.
@@ -739,7 +740,7 @@ class FlyProxy:
                 # Fly Proxy queues a request while every Machine is at its hard limit, and
                 # answers 503 when that lasts.
                 if time.monotonic() >= deadline:
-                    raise _Unreachable("no_candidate", str(full), None) from full
+                    raise _Unreachable("no_candidate", str(full), dest.instance) from full
                 await asyncio.sleep(_FULL_RETRY_SECONDS)
                 continue
             extra: dict[str, str] = {}
@@ -787,6 +788,14 @@ class FlyProxy:
         if dest.instance:
             for machine in machines:
                 if machine.id == dest.instance and machine.id not in unavailable:
+                    # Its hard limit holds for replays to it too: they wait for room, as every
+                    # request does when all the Machines it may go to are full.
+                    service = balancer.service_on_port(machine, dest.port)
+                    if (
+                        service is not None
+                        and balancer.limits_of(service).band(self.load(machine.id)) == 2
+                    ):
+                        raise _Full(f"Machine {machine.id} is at its hard_limit")
                     return machine
             raise _Unreachable(
                 "no_candidate",

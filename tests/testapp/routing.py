@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import path
 from django.views import View
 
@@ -15,6 +15,11 @@ from flyfn import fly_serverless
 @fly_serverless(["GET"], group="pdf")
 def pdf(request: HttpRequest) -> HttpResponse:
     return HttpResponse("pdf")
+
+
+@fly_serverless(["GET"], group="pdf")
+def pages(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter([b"page 1\n", b"page 2\n"]))
 
 
 @fly_serverless(["GET", "POST"])
@@ -62,6 +67,7 @@ async def aheld(request: HttpRequest) -> HttpResponse:
 
 urlpatterns = [
     path("pdf/", pdf, name="pdf"),
+    path("pages/", pages, name="pages"),
     path("report/", report, name="report"),
     path("upload/", Upload.as_view(), name="upload"),
     path("held/", held, name="held"),

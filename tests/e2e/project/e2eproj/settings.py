@@ -16,6 +16,12 @@ FLYFN = {
         # Generous timeouts: a cold Django boot on a loaded 2-core CI box is slow.
         "default": {"replay_timeout": "30s", "autostop": "stop"},
         "burst": {"replay_timeout": "30s", "autostop": "stop"},
+        # Up to 3 Machines of 2 requests each: a burst spreads, a trickle stays on the first.
+        "elastic": {
+            "replay_timeout": "30s",
+            "max_machines": 3,
+            "concurrency": {"soft_limit": 2, "hard_limit": 6},
+        },
         # Its Machines cannot boot (asgi.py refuses): requests fall back to the app Machine.
         "broken": {"replay_timeout": "10s", "fallback": "local"},
     }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
@@ -29,6 +32,19 @@ def square(request: HttpRequest, n: int) -> HttpResponse:
 @fly_serverless(methods=["GET"], group="burst")
 def burst(request: HttpRequest, n: int) -> HttpResponse:
     return JsonResponse({"view": "burst", "result": n + 1, **_where()})
+
+
+@fly_serverless(methods=["GET"], group="elastic")
+async def elastic(request: HttpRequest, n: int) -> HttpResponse:
+    """With `?gate=<dir>`: leaves a mark in it, then waits (at most 120 s) for `<dir>/go`, so that
+    a test holds a burst in flight until every request of it has arrived somewhere."""
+    gate = request.GET.get("gate")
+    if gate:
+        Path(gate, f"arrived-{n}").touch()
+        deadline = time.monotonic() + 120
+        while not Path(gate, "go").exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    return JsonResponse({"view": "elastic", "result": n, **_where()})
 
 
 @fly_serverless(methods=["GET"], group="broken")
