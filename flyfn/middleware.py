@@ -228,8 +228,10 @@ def _request_body_binding(request: HttpRequest) -> str:
 
 def _bounceable(meta: Mapping[str, Any], limit: int) -> bool:
     """Whether a function Machine may send a request on with `elsewhere=true`: Fly Proxy can
-    replay its body, and it is not already a fallback (which cannot be replayed again)."""
-    if _META_REPLAY_FAILED in meta:
+    replay its body, it is not already a fallback (which cannot be replayed again), and no Machine
+    sent it here (`fly-replay-src`): `elsewhere` leaves out only the Machine that bounces, so
+    function Machines bouncing a request among themselves would reach Fly's replay limit (PA02)."""
+    if _META_REPLAY_FAILED in meta or _META_REPLAY_SRC in meta:
         return False
     if meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta:
         return _body_replayable(meta, limit)

@@ -341,22 +341,30 @@ async def test_function_runs_its_validly_signed_views(
     assert ran_here(response, body)
 
 
-@pytest.mark.parametrize(
-    "src",
-    [
-        None,  # a client reaching the function Machine directly
-        "instance=0e1f2a3b4c5d6e;region=iad;t=1",  # another Machine's bounce: no state
-    ],
-)
 async def test_function_bounces_requests_no_app_machine_replayed(
-    fetch: Fetch, manager: FakeManager, src: str | None
+    fetch: Fetch, manager: FakeManager
 ) -> None:
-    headers = {"fly-replay-src": src} if src is not None else {}
-    with override_role(function("pdf")):
-        response = await fetch("GET", "/routing/pdf/", headers=headers)
+    with override_role(function("pdf")):  # a client reaching the function Machine directly
+        response = await fetch("GET", "/routing/pdf/")
     replay = replay_of(response)
     assert replay.elsewhere is True
     assert replay.fallback == "force_self"
+
+
+async def test_function_never_bounces_a_request_a_machine_sent_it(
+    fetch: Fetch, manager: FakeManager
+) -> None:
+    """`elsewhere` leaves out only the Machine that bounces: bounced again and again, a request
+    would go round the function Machines until Fly's replay limit (PA02)."""
+    bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
+    with override_role(function("pdf")):
+        own = await fetch("GET", "/routing/pdf/", headers=bounced)
+        ordinary = await fetch("GET", "/plain/", headers=bounced)
+        other = await fetch("POST", "/routing/report/", headers=bounced)
+    assert own.status_code == 503  # never run unsigned
+    assert own["Retry-After"].isdigit()
+    assert ran_here(ordinary, b"plain")
+    assert replay_of(other).instance == DEFAULT_MACHINE  # to its group, like an app Machine
 
 
 @pytest.mark.parametrize(
