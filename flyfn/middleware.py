@@ -226,6 +226,13 @@ def _request_body_binding(request: HttpRequest) -> str:
         return body_binding(size)
 
 
+def _replayable_body(meta: Mapping[str, Any], limit: int) -> bool:
+    """Whether Fly Proxy can replay this request's body (none, or a small declared one)."""
+    if meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta:
+        return _body_replayable(meta, limit)
+    return True
+
+
 def _bounceable(meta: Mapping[str, Any], limit: int) -> bool:
     """Whether a function Machine may send a request on with `elsewhere=true`: Fly Proxy can
     replay its body, it is not already a fallback (which cannot be replayed again), and no Machine
@@ -233,9 +240,7 @@ def _bounceable(meta: Mapping[str, Any], limit: int) -> bool:
     function Machines bouncing a request among themselves would reach Fly's replay limit (PA02)."""
     if _META_REPLAY_FAILED in meta or _META_REPLAY_SRC in meta:
         return False
-    if meta.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in meta:
-        return _body_replayable(meta, limit)
-    return True
+    return _replayable_body(meta, limit)
 
 
 # A replayed request whose state does not verify is logged at most once per this many seconds.
@@ -627,11 +632,21 @@ class FlyReplayMiddleware:
                 return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
-        if not _bounceable(meta, settings.replay_body_limit):
-            events.fell_back(view.group, "unsigned", "unavailable")
-            return unavailable()
-        events.bounced(view.group, "unsigned")
-        return replay_response(ELSEWHERE)
+        if _bounceable(meta, settings.replay_body_limit):
+            events.bounced(view.group, "unsigned")
+            return replay_response(ELSEWHERE)
+        if source and failed is None and _replayable_body(meta, settings.replay_body_limit):
+            # Another Machine bounced it here: bounced again it could go round the function
+            # Machines until Fly's replay limit. Signed for this group, as an app Machine would.
+            members = get_manager().pool(view.group).members()
+            target = members[0] if members else current_env().machine_id
+            if target:
+                try:
+                    return self._send_on(request, view.group, settings, target, 0)
+                except ValueError as exc:  # a Machine id the header cannot carry
+                    logger.error("flyfn: cannot replay within group %r: %s", view.group, exc)
+        events.fell_back(view.group, "unsigned", "unavailable")
+        return unavailable()
 
     def _run_or_send_on(
         self, request: HttpRequest, view: ServerlessView, settings: FlyfnSettings, hop: int

@@ -361,10 +361,24 @@ async def test_function_never_bounces_a_request_a_machine_sent_it(
         own = await fetch("GET", "/routing/pdf/", headers=bounced)
         ordinary = await fetch("GET", "/plain/", headers=bounced)
         other = await fetch("POST", "/routing/report/", headers=bounced)
-    assert own.status_code == 503  # never run unsigned
+    assert own.status_code == 503  # no Machine of its group known to sign it for: refused
     assert own["Retry-After"].isdigit()
     assert ran_here(ordinary, b"plain")
     assert replay_of(other).instance == DEFAULT_MACHINE  # to its group, like an app Machine
+
+
+async def test_function_signs_a_bounced_request_of_its_group_as_an_app_machine_would(
+    fetch: Fetch, manager: FakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(type(manager.pool("pdf")), "members", lambda self: (PDF_MACHINE,))
+    bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
+    with override_role(function("pdf")):
+        response = await fetch("GET", "/routing/pdf/", headers=bounced)
+    replay = replay_of(response)
+    assert replay.instance == PDF_MACHINE
+    assert verify_state(
+        replay.state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=40
+    )
 
 
 @pytest.mark.parametrize(
