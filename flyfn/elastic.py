@@ -1,13 +1,14 @@
 """Elastic `instance` groups: a function Machine's count of its group's requests in flight, and
 where it sends on a replay once it is at its soft limit (docs/elastic-groups.md).
 
-The app Machines replay a group's requests to its first Machine(s) in rank order. A function
-Machine runs a replay while fewer than the soft limit of its group's requests are in flight in its
-process; at the limit it sends the replay on to the next Machine in rank order (Fly Proxy starts it
-if it is stopped), with a freshly signed state one hop further. After `spill_hops` hops (every
-Machine of the group, at most `MAX_SPILL_HOPS`) the group is saturated: the last Machine sends it
-to a random other Machine with the "run here" hop, so the overflow spreads evenly instead of
-piling up on the last one. Pure decisions and counters only: no I/O.
+Only for groups with a `concurrency` setting (without one, function Machines run whatever they
+get, as before). The app Machines replay a group's requests to its first Machine(s) in rank order.
+A function Machine runs a replay while fewer than the soft limit of its group's requests are in
+flight in its process; at the limit it sends the replay on to the next Machine in rank order (Fly
+Proxy starts it if it is stopped), with a freshly signed state one hop further. After `spill_hops`
+hops (every Machine of the group, at most `MAX_SPILL_HOPS`) the group is saturated: the last
+Machine sends it to a random other Machine with the "run here" hop, so the overflow spreads evenly
+instead of piling up on the last one. Pure decisions and counters only: no I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 __all__ = [
-    "DEFAULT_SOFT_LIMIT",
     "MAX_SPILL_HOPS",
     "InFlight",
     "Spill",
@@ -27,8 +27,6 @@ __all__ = [
     "spill_target",
 ]
 
-# Fly Proxy's soft limit when a service sets none (fly.io/docs/apps/concurrency).
-DEFAULT_SOFT_LIMIT = 20
 # Fly Proxy follows at most 10 replays per request. One brings a request to its group (two when a
 # function Machine of another group bounced it to an app Machine first), and the "run here" hop
 # takes one: at most 7 are left for the chain.

@@ -24,7 +24,7 @@ from django.http.response import ResponseHeaders
 
 from flyfn import events, metrics
 from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
-from flyfn.elastic import DEFAULT_SOFT_LIMIT, InFlight, in_flight, spill_target
+from flyfn.elastic import InFlight, in_flight, spill_target
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -621,14 +621,17 @@ class FlyReplayMiddleware:
                 _report_unverified(view.group, check.reason)
                 return unavailable()
         failed = meta.get(_META_REPLAY_FAILED)
-        if failed is not None:
+        concurrency = settings.group(view.group).concurrency
+        if failed is not None and concurrency is not None:
             timeout = settings.group(view.group).replay_timeout_seconds
             if issued_replays.recent(request.method or "GET", request.path, timeout):
                 # A replay this process sent on could not be delivered (the next Machine is at
                 # its hard limit, or gone): Fly Proxy brought it back, so it runs here.
                 self._forget_failed_target(view.group, failed)
                 events.fell_back(view.group, "replay_failed", "local")
-                _hold_in_flight(request, view.group, settings)
+                counter = in_flight(view.group, concurrency.soft_limit)
+                counter.hold()
+                setattr(request, _INFLIGHT_ATTR, counter)
                 return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
@@ -653,8 +656,12 @@ class FlyReplayMiddleware:
     ) -> HttpResponseBase | None:
         """A verified replay of this Machine's group: run here (None) while fewer than the soft
         limit of the group's requests are in flight in this process, else send it on to another
-        Machine of the group (`flyfn.elastic`); it runs here when there is none to send it to."""
-        counter = in_flight(view.group, _soft_limit(settings, view.group))
+        Machine of the group (`flyfn.elastic`); it runs here when there is none to send it to.
+        Without a `concurrency` setting it just runs here, uncounted."""
+        concurrency = settings.group(view.group).concurrency
+        if concurrency is None:
+            return None
+        counter = in_flight(view.group, concurrency.soft_limit)
         if counter.acquire():
             setattr(request, _INFLIGHT_ATTR, counter)
             return None
@@ -723,19 +730,8 @@ def _learn_siblings() -> None:
         options = get_settings().group(role.group)
     except SettingsError:
         return
-    if options.strategy == "instance" and options.machine_count > 1:
+    if options.strategy == "instance" and options.machine_count > 1 and options.concurrency:
         get_manager().pool(role.group).refresh()
-
-
-def _soft_limit(settings: FlyfnSettings, group: str) -> int:
-    concurrency = settings.group(group).concurrency
-    return concurrency.soft_limit if concurrency is not None else DEFAULT_SOFT_LIMIT
-
-
-def _hold_in_flight(request: HttpRequest, group: str, settings: FlyfnSettings) -> None:
-    counter = in_flight(group, _soft_limit(settings, group))
-    counter.hold()
-    setattr(request, _INFLIGHT_ATTR, counter)
 
 
 def _release_in_flight_on_close(request: HttpRequest, response: HttpResponseBase) -> None:

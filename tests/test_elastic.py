@@ -233,3 +233,19 @@ def test_the_app_strategy_leaves_spreading_to_fly_proxy(
     with on_machine("m0"):
         response = Client().get("/routing/pdf/", headers=replayed("/routing/pdf/"))
     assert response.content == b"pdf"
+
+
+def test_without_concurrency_a_function_machine_runs_everything(
+    elastic: MembersManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"machines": 3}}}
+    crowded = in_flight("pdf", 20)  # as if Fly's default soft limit applied: it does not
+    for _ in range(25):
+        crowded.hold()
+    try:
+        with on_machine("m0"):
+            response = Client().get("/routing/pdf/", headers=replayed("/routing/pdf/"))
+    finally:
+        crowded.active = 0
+    assert response.content == b"pdf"
+    assert "fly-replay" not in response
