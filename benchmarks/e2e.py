@@ -25,7 +25,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -144,6 +147,34 @@ class DevLog:
             time.sleep(0.05)
 
 
+class DevStack(NamedTuple):
+    """A running `flyfn dev`: its proxy's port and base URL, and its log."""
+
+    port: int
+    base: str
+    log: DevLog
+
+
+@contextmanager
+def dev_stack(log_path: Path, env: Mapping[str, str], idle_stop: float) -> Iterator[DevStack]:
+    """`manage.py flyfn dev` of the bench project on a free port, its output in `log_path`, once
+    the app Machine answers."""
+    port = free_port()
+    argv = [sys.executable, "-m", "django", "flyfn", "dev"]
+    argv += ["--port", str(port), "--idle-stop", str(idle_stop)]
+    dev_log = DevLog(log_path)
+    with dev_log.path.open("ab") as out, spawned(argv, env=dict(env), log_file=out) as proc:
+        base = f"http://{LOOPBACK}:{port}"
+        try:
+            wait_http(f"{base}/direct/", timeout=90, proc=proc, ok=lambda r: r.status_code == 200)
+        except RuntimeError as exc:
+            tail = "\n".join(dev_log.lines()[-5:])
+            if "invalid choice" in tail:
+                raise Skipped("`manage.py flyfn dev` is not available yet") from exc
+            raise RuntimeError(f"{exc}; flyfn dev said:\n{tail}") from exc
+        yield DevStack(port, base, dev_log)
+
+
 def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> tuple[float, str]:
     """Wait for the function Machine's autostop, then time the request that starts it again.
 
@@ -172,41 +203,29 @@ def run(quick: bool) -> JSONDict:
         log(f"e2e: app boot x{boots}")
         boot = [app_boot_seconds(log_dir) for _ in range(boots)]
 
-        port = free_port()
-        argv = [sys.executable, "-m", "django", "flyfn", "dev"]
-        argv += ["--port", str(port), "--idle-stop", str(IDLE_STOP)]
-        dev_log = DevLog(log_dir / "dev.log")
-        with dev_log.path.open("ab") as out, spawned(argv, env=project_env(), log_file=out) as proc:
-            base = f"http://{LOOPBACK}:{port}"
+        with (
+            dev_stack(log_dir / "dev.log", project_env(), IDLE_STOP) as (port, base, dev_log),
+            httpx.Client(base_url=base, timeout=60) as client,
+        ):
+            log(f"e2e: {n} direct requests")
+            latencies_ms(client, "/direct/", 50, b"direct")
+            direct = latencies_ms(client, "/direct/", n, b"direct")
+            log("e2e: first serverless request (creates and boots the function Machine)")
+            first_start = time.perf_counter()
+            latencies_ms(client, "/fn/", 1, b"fn")
+            first_fn = time.perf_counter() - first_start
+            latencies_ms(client, "/fn/", 50, b"fn")
+            log(f"e2e: {n} replayed requests")
+            replay = latencies_ms(client, "/fn/", n, b"fn")
+            log(f"e2e: {burst} direct, then replayed, requests at concurrency {CONCURRENCY}")
+            direct_rps = requests_per_second(port, "/direct/", burst, b"direct")
+            replay_rps = requests_per_second(port, "/fn/", burst, b"fn")
+            log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
             try:
-                wait_http(
-                    f"{base}/direct/", timeout=90, proc=proc, ok=lambda r: r.status_code == 200
-                )
-            except RuntimeError as exc:
-                tail = "\n".join(dev_log.lines()[-5:])
-                if "invalid choice" in tail:
-                    raise Skipped("`manage.py flyfn dev` is not available yet") from exc
-                raise RuntimeError(f"{exc}; flyfn dev said:\n{tail}") from exc
-            with httpx.Client(base_url=base, timeout=60) as client:
-                log(f"e2e: {n} direct requests")
-                latencies_ms(client, "/direct/", 50, b"direct")
-                direct = latencies_ms(client, "/direct/", n, b"direct")
-                log("e2e: first serverless request (creates and boots the function Machine)")
-                first_start = time.perf_counter()
-                latencies_ms(client, "/fn/", 1, b"fn")
-                first_fn = time.perf_counter() - first_start
-                latencies_ms(client, "/fn/", 50, b"fn")
-                log(f"e2e: {n} replayed requests")
-                replay = latencies_ms(client, "/fn/", n, b"fn")
-                log(f"e2e: {burst} direct, then replayed, requests at concurrency {CONCURRENCY}")
-                direct_rps = requests_per_second(port, "/direct/", burst, b"direct")
-                replay_rps = requests_per_second(port, "/fn/", burst, b"fn")
-                log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
-                try:
-                    cold_runs = [cold_start_seconds(client, dev_log) for _ in range(colds)]
-                except TimeoutError as exc:
-                    tail = "\n".join(dev_log.lines()[-8:])
-                    raise RuntimeError(f"{exc}; the log ends:\n{tail}") from exc
+                cold_runs = [cold_start_seconds(client, dev_log) for _ in range(colds)]
+            except TimeoutError as exc:
+                tail = "\n".join(dev_log.lines()[-8:])
+                raise RuntimeError(f"{exc}; the log ends:\n{tail}") from exc
 
     cold = [seconds for seconds, _ in cold_runs]
     return {

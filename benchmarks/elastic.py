@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from benchmarks.e2e import DevLog, project_env
-from benchmarks.harness import JSONDict, Skipped, percentile, ratio, rounded
-from benchmarks.runner import LOOPBACK, area_main, free_port, log, require, spawned, wait_http
+from benchmarks.e2e import DevLog, dev_stack, project_env
+from benchmarks.harness import JSONDict, percentile, ratio, rounded
+from benchmarks.runner import area_main, log, require
 
 IDLE_STOP = 5.0  # seconds idle before the proxy stops a function Machine (the warm burst is sooner)
 BURST = 200
@@ -159,22 +159,8 @@ def run(quick: bool) -> JSONDict:
     require("flyfn.emulator.dev", "flyfn.emulator.proxy", "flyfn.middleware", "uvicorn")
     trickle_seconds = 10 if quick else 30
     with tempfile.TemporaryDirectory(prefix="flyfn-bench-elastic-") as tmp:
-        port = free_port()
-        argv = [sys.executable, "-m", "django", "flyfn", "dev"]
-        argv += ["--port", str(port), "--idle-stop", str(IDLE_STOP)]
-        dev_log = DevLog(Path(tmp) / "dev.log")
         env = {**project_env(), "FLYFN_DEV_TOKEN": TOKEN}
-        with dev_log.path.open("ab") as out, spawned(argv, env=env, log_file=out) as proc:
-            base = f"http://{LOOPBACK}:{port}"
-            try:
-                wait_http(
-                    f"{base}/direct/", timeout=90, proc=proc, ok=lambda r: r.status_code == 200
-                )
-            except RuntimeError as exc:
-                tail = "\n".join(dev_log.lines()[-5:])
-                if "invalid choice" in tail:
-                    raise Skipped("`manage.py flyfn dev` is not available yet") from exc
-                raise RuntimeError(f"{exc}; flyfn dev said:\n{tail}") from exc
+        with dev_stack(Path(tmp) / "dev.log", env, IDLE_STOP) as (_, base, dev_log):
             api = Api(dev_log)
             result = asyncio.run(measure(base, trickle_seconds))
             result["trickle_machines_created"] = len(api.states("trickle"))

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 __all__ = [
     "MAX_SPILL_HOPS",
+    "Counters",
     "InFlight",
     "Spill",
     "in_flight",
@@ -61,18 +62,28 @@ class InFlight:
             self.active -= 1
 
 
-_counters: dict[tuple[str, int], InFlight] = {}
-_counters_lock = threading.Lock()
+class Counters:
+    """One `InFlight` per group and limit, made once per process (a lock only to make one)."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, int], InFlight] = {}
+        self._lock = threading.Lock()
+
+    def get(self, group: str, limit: int) -> InFlight:
+        key = (group, limit)
+        counter = self._counters.get(key)
+        if counter is None:
+            with self._lock:
+                counter = self._counters.setdefault(key, InFlight(limit))
+        return counter
+
+
+_in_flight = Counters()
 
 
 def in_flight(group: str, limit: int) -> InFlight:
     """The process's in-flight counter of `group` (one per group and soft limit)."""
-    key = (group, limit)
-    counter = _counters.get(key)
-    if counter is None:
-        with _counters_lock:
-            counter = _counters.setdefault(key, InFlight(limit))
-    return counter
+    return _in_flight.get(group, limit)
 
 
 class Spill(NamedTuple):

@@ -24,7 +24,7 @@ from django.http.response import ResponseHeaders
 
 from flyfn import events, metrics
 from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
-from flyfn.elastic import InFlight, in_flight, spill_target
+from flyfn.elastic import Counters, InFlight, in_flight, spill_target
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -79,17 +79,12 @@ class _Replay(NamedTuple):
     max_wait: float
 
 
-_slots: dict[tuple[str, int], InFlight] = {}
-_slots_lock = threading.Lock()
+_fallback_slots = Counters()
 
 
 def fallback_slots(group: str, limit: int) -> InFlight:
-    key = (group, limit)
-    slots = _slots.get(key)
-    if slots is None:
-        with _slots_lock:
-            slots = _slots.setdefault(key, InFlight(limit))
-    return slots
+    """The process's running local fallbacks of `group` (at most `limit`)."""
+    return _fallback_slots.get(group, limit)
 
 
 def unavailable() -> HttpResponse:
