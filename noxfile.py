@@ -64,7 +64,12 @@ _put_pyenv_versions_on_path()
 
 
 def _install(session: nox.Session, django: str) -> None:
-    session.install("-e", ".[test]", f"Django~={django}.0")
+    packages = ["-e", ".[test]", f"Django~={django}.0"]
+    if int(django.split(".")[0]) < 6:
+        # django.tasks is Django 6's: 5.2 needs the backport on every Python (the `tasks` extra's
+        # marker can only test Python's version).
+        packages.append("django-tasks>=0.12")
+    session.install(*packages)
     session.run("python", "--version")
     session.run("python", "-m", "django", "--version")
 
