@@ -136,6 +136,12 @@ def test_fifty_tasks_all_succeed_on_function_machines_under_chaos(stack: Stack) 
         try:
             while True:
                 answer = client.post("/results/", json=ids)
+                if answer.status_code == 502 and "PU02" in answer.text:
+                    # The poll itself (a POST, so never resent) landed on a function Machine the
+                    # chaos killed mid-answer, as Fly Proxy may balance it: ask again.
+                    assert time.monotonic() < deadline, "too slow to finish (safety bound)"
+                    time.sleep(0.5)
+                    continue
                 assert answer.status_code == 200, answer.text
                 results: list[dict[str, Any]] = answer.json()["results"]
                 statuses = Counter(r["status"] for r in results)
