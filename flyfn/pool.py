@@ -46,7 +46,7 @@ from flyfn.machines import (
     NotFound,
     UpdateMachineRequest,
 )
-from flyfn.runtime import GROUP_ENV, current_role
+from flyfn.runtime import GROUP_ENV, Role, current_role
 
 logger = logging.getLogger("flyfn.pool")
 
@@ -623,7 +623,8 @@ class MachinePool:
                 return self._inflight
             if time.monotonic() < self._retry_at:
                 return None
-            future = self.manager.submit(self._refresh(self.spec))
+            # The role is read here, on the caller's thread: the one a refresh was asked under.
+            future = self.manager.submit(self._refresh(self.spec, current_role()))
             self._inflight = future
         future.add_done_callback(self._clear_inflight)
         return future
@@ -668,12 +669,11 @@ class MachinePool:
         self.refresh()
         return True
 
-    async def _refresh(self, spec: PoolSpec) -> None:
+    async def _refresh(self, spec: PoolSpec, role: Role) -> None:
         # Runs on the background loop; applies its outcome to the cache before the future completes,
         # so a waiter woken by the future reads the new cache.
         try:
             client = self.manager.client()
-            role = current_role()
             if role.kind == "function" and role.group == spec.group:
                 # A function Machine only reads its own group (to send load on): the app Machines
                 # create, update and destroy it. (Another group's view it replays like them.)

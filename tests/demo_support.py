@@ -122,6 +122,10 @@ class DemoStack:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def machine_ids(self) -> set[str]:
+        """Every Machine of the app, as the emulated Machines API lists them."""
+        return {m["id"] for m in list_machines(self.api, self.app, DEV_TOKEN)}
+
     def group_machines(self, group: str = "default") -> list[dict[str, Any]]:
         """The function Machines of `group`, as the emulated Machines API lists them."""
         return list_machines(self.api, self.app, DEV_TOKEN, **{"metadata.flyfn_group": group})

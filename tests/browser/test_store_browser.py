@@ -114,7 +114,9 @@ def test_sales_report_is_drawn_by_a_background_task_on_a_function_machine(
     pdf = follow_pdf_link(done)
 
     assert re.fullmatch(rf"{re.escape(stack.url)}/purchases/reports/\d+\.pdf", pdf.url), pdf.url
-    assert pdf.machine == page_machine  # the finished file is served from the database
+    # The finished file is served from the database: by whichever Machine Fly Proxy picked (an idle
+    # function Machine is a favourite target for ordinary traffic too).
+    assert pdf.machine in stack.machine_ids(), pdf.machine
     pages = [p.extract_text() for p in PdfReader(BytesIO(pdf.data)).pages]
     assert len(pages) >= 2, pages
     footers = {m.group(1) for text in pages for m in re.finditer(r"on Machine (\w+)", text)}
