@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import psutil
 
+from flyfn.fly.env import GROUP_ENV, SEED_ENV
+
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
@@ -55,7 +57,7 @@ _OUTPUT_TAIL = 20
 _READ_LIMIT = 1 << 20
 # Inherited variables that would give a Machine the wrong identity or role.
 _SCRUBBED_ENV_PREFIXES = ("FLY_",)
-_SCRUBBED_ENV = frozenset({"FLYFN_GROUP", "IS_FLY_MACHINE_SERVERLESS", "PRIMARY_REGION"})
+_SCRUBBED_ENV = frozenset({GROUP_ENV, SEED_ENV, "PRIMARY_REGION"})
 
 
 class MachineLaunchError(RuntimeError):
@@ -74,7 +76,7 @@ class ExitReporter(Protocol):
 def is_function_machine(machine: Machine) -> bool:
     """A flyfn function Machine: its config env sets FLYFN_GROUP (or the seed's variable)."""
     env = (machine.config.env if machine.config is not None else None) or {}
-    return "FLYFN_GROUP" in env or "IS_FLY_MACHINE_SERVERLESS" in env
+    return GROUP_ENV in env or SEED_ENV in env
 
 
 def machine_label(machine: Machine) -> str:
