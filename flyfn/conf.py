@@ -33,20 +33,18 @@ from pydantic import (
     field_validator,
 )
 
-from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, is_loopback_url, is_private
+from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, is_private
 from flyfn.fly.autostop import AutostopMode, autostop_from_bool
 from flyfn.fly.durations import DurationError, format_duration, parse_duration
 from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, FLY_IMAGE_REF, env_value
-from flyfn.fly.limits import MEMORY_MB_PER_CPU, REPLAY_BODY_LIMIT
+from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU, REPLAY_BODY_LIMIT, CpuCount, CpuKind
 from flyfn.registry import ServerlessView, normalize_methods, validate_group_name
 from flyfn.replay import MAX_STATE_AGE
 from flyfn.seed import SEED_SETTING, seed_views
 from flyfn.settings_errors import SettingsError, SettingsIssue, invalid, issues_of, show
 
 __all__ = [
-    "DEFAULT_API_HOSTNAME",
     "DEFAULT_GROUP",
-    "FLY_REPLAY_BODY_LIMIT",
     "SEED_SETTING",
     "ConcurrencySettings",
     "FlyfnSettings",
@@ -55,14 +53,11 @@ __all__ = [
     "SettingsError",
     "SettingsIssue",
     "get_settings",
-    "is_loopback_url",
     "load_settings",
     "reset_settings",
 ]
 
 DEFAULT_GROUP = "default"
-# Fly Proxy cannot replay a larger body (flyfn.fly.limits); the name checks and docs use.
-FLY_REPLAY_BODY_LIMIT = REPLAY_BODY_LIMIT
 # Seconds a signed replay state stays valid beyond the group's replay timeout (clock skew,
 # queueing).
 STATE_VALIDITY_MARGIN = 30.0
@@ -80,8 +75,6 @@ _WATCHED_SETTINGS = frozenset({"FLYFN", SEED_SETTING})
 
 Strategy = Literal["instance", "app"]
 Fallback = Literal["local", "error"]
-CpuKind = Literal["shared", "performance"]
-CpuCount = Literal[1, 2, 4, 8, 16]
 
 _APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
@@ -156,7 +149,9 @@ class GuestSettings(_Section):
     cpus: CpuCount = 1
     """Default 1: Fly's smallest size; the counts Fly offers are 1, 2, 4, 8 and 16."""
 
-    memory_mb: int = Field(default=256, ge=256, le=262_144, multiple_of=256)
+    memory_mb: int = Field(
+        default=GUEST_MB_STEP, ge=GUEST_MB_STEP, le=262_144, multiple_of=GUEST_MB_STEP
+    )
     """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
     views."""
 
@@ -171,7 +166,7 @@ class GuestSettings(_Section):
         if not low * cpus <= memory_mb <= high * cpus:
             raise invalid(
                 f"Fly refuses {memory_mb} MB for {cpus} {kind} CPU(s): "
-                f"{kind} CPUs take {low}-{high} MB each, in multiples of 256 "
+                f"{kind} CPUs take {low}-{high} MB each, in multiples of {GUEST_MB_STEP} "
                 f"({low * cpus}-{high * cpus} MB here)"
             )
         return memory_mb
@@ -370,7 +365,7 @@ class FlyfnSettings(_Section):
     )
     """Default none: views declared by url name instead of ``@fly_serverless``."""
 
-    replay_body_limit: int = Field(default=FLY_REPLAY_BODY_LIMIT, ge=0, alias="REPLAY_BODY_LIMIT")
+    replay_body_limit: int = Field(default=REPLAY_BODY_LIMIT, ge=0, alias="REPLAY_BODY_LIMIT")
     """Default 1,000,000 bytes: Fly Proxy cannot replay larger bodies; such requests take the
     fallback."""
 

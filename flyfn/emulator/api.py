@@ -39,6 +39,7 @@ from flyfn.emulator.validation import (
     parse_json,
 )
 from flyfn.fly.durations import parse_go_duration
+from flyfn.fly.env import FLY_API_TOKEN, env_value
 from flyfn.fly.headers import FLY_REQUEST_ID, LEASE_NONCE, NEXT_CURSOR
 from flyfn.fly.limits import MAX_PAGE_SIZE, MAX_WAIT_TIMEOUT
 from flyfn.machines.models import (
@@ -606,7 +607,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulator with uvicorn until interrupted."""
     args = _parser().parse_args(argv)
-    token = args.token or os.environ.get("FLY_API_TOKEN")
+    token = args.token or env_value(os.environ, FLY_API_TOKEN)
     if not token:
         print("error: give --token or set FLY_API_TOKEN", file=sys.stderr)
         return 2

@@ -35,7 +35,18 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import psutil
 
-from flyfn.fly.env import GROUP_ENV, SEED_ENV
+from flyfn.fly.env import (
+    FLY_ALLOC_ID,
+    FLY_API_HOSTNAME,
+    FLY_API_TOKEN,
+    FLY_APP_NAME,
+    FLY_IMAGE_REF,
+    FLY_MACHINE_ID,
+    FLY_PRIVATE_IP,
+    FLY_REGION,
+    GROUP_ENV,
+    SEED_ENV,
+)
 
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
@@ -353,16 +364,16 @@ class ProcessRuntime:
         metadata = (config.metadata if config is not None else None) or {}
         env.update(
             {
-                "FLY_APP_NAME": app,
-                "FLY_MACHINE_ID": machine.id,
-                "FLY_ALLOC_ID": machine.id,
-                "FLY_IMAGE_REF": image,
-                "FLY_REGION": machine.region or self.region,
-                "FLY_PRIVATE_IP": machine.private_ip or self.host,
+                FLY_APP_NAME: app,
+                FLY_MACHINE_ID: machine.id,
+                FLY_ALLOC_ID: machine.id,
+                FLY_IMAGE_REF: image,
+                FLY_REGION: machine.region or self.region,
+                FLY_PRIVATE_IP: machine.private_ip or self.host,
                 "FLY_PUBLIC_IP": self.host,
                 "FLY_PROCESS_GROUP": metadata.get("fly_process_group", "app"),
-                "FLY_API_HOSTNAME": self.api_hostname,
-                "FLY_API_TOKEN": self._api_token,
+                FLY_API_HOSTNAME: self.api_hostname,
+                FLY_API_TOKEN: self._api_token,
                 "PRIMARY_REGION": self.primary_region,
                 "PYTHONUNBUFFERED": "1",
             }

@@ -3,8 +3,9 @@ guest sizes Fly accepts (its machine-sizing guide)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
-    "CPU_COUNTS",
     "EDGE_BUFFER_LIMIT",
     "GUEST_MB_STEP",
     "MAX_PAGE_SIZE",
@@ -12,6 +13,8 @@ __all__ = [
     "MAX_WAIT_TIMEOUT",
     "MEMORY_MB_PER_CPU",
     "REPLAY_BODY_LIMIT",
+    "CpuCount",
+    "CpuKind",
 ]
 
 # Fly Proxy cannot replay a request whose body is larger than 1 MB.
@@ -25,10 +28,12 @@ MAX_REPLAYS = 10
 MAX_PAGE_SIZE = 1000
 # The Machines API's `wait` blocks 60 s at most.
 MAX_WAIT_TIMEOUT = 60
+# A guest's CPUs: their kind, their count.
+CpuKind = Literal["shared", "performance"]
+CpuCount = Literal[1, 2, 4, 8, 16]
 # A guest's memory is a multiple of 256 MB, within a range per CPU of its kind.
 GUEST_MB_STEP = 256
 MEMORY_MB_PER_CPU: dict[str, tuple[int, int]] = {
     "shared": (256, 2048),
     "performance": (2048, 8192),
 }
-CPU_COUNTS = (1, 2, 4, 8, 16)
