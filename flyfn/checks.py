@@ -29,12 +29,12 @@ from django.utils.module_loading import import_string
 from django.views import View
 
 from flyfn.conf import (
-    FLY_REPLAY_BODY_LIMIT,
     SEED_SETTING,
     FlyfnSettings,
     SettingsError,
     get_settings,
 )
+from flyfn.fly.limits import REPLAY_BODY_LIMIT
 from flyfn.pool import group_app, name_slug
 from flyfn.registry import iter_url_names, registry
 
@@ -129,13 +129,13 @@ def check_settings(
                 id="flyfn.E011",
             )
         )
-    if settings.replay_body_limit > FLY_REPLAY_BODY_LIMIT:
+    if settings.replay_body_limit > REPLAY_BODY_LIMIT:
         messages.append(
             Warning(
                 f"FLYFN['REPLAY_BODY_LIMIT'] is {settings.replay_body_limit} bytes, above Fly's "
-                f"replay limit of {FLY_REPLAY_BODY_LIMIT}: larger requests would fail at Fly Proxy "
+                f"replay limit of {REPLAY_BODY_LIMIT}: larger requests would fail at Fly Proxy "
                 "instead of taking the fallback.",
-                hint=f"Use at most {FLY_REPLAY_BODY_LIMIT} (the default).",
+                hint=f"Use at most {REPLAY_BODY_LIMIT} (the default).",
                 id="flyfn.W003",
             )
         )

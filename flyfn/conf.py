@@ -1,5 +1,8 @@
 """The flyfn settings: ``FLYFN`` and the seed's setting, validated into a typed model.
 
+A group's options are ``flyfn.group_settings``; how errors are worded, ``flyfn.settings_errors``;
+the seed's setting, ``flyfn.seed``.
+
 ``get_settings()`` validates ``settings.FLYFN`` (and ``FLY_MACHINES_SERVERLESS_FUNCTIONS``) into a
 frozen pydantic model and caches it until Django's ``setting_changed`` signal
 (``override_settings``) or ``reset_settings()`` says otherwise, so the hot path pays one attribute
@@ -11,19 +14,14 @@ Every default, and why it is the default, is documented on the field it belongs 
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from collections.abc import Mapping
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
-from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from pydantic import (
     BaseModel,
@@ -34,17 +32,30 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, is_private
+from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, FLY_IMAGE_REF, env_value
+from flyfn.fly.limits import REPLAY_BODY_LIMIT
+from flyfn.group_settings import (
+    APP_NAME_RE,
+    MAX_REPLAY_TIMEOUT,
+    STATE_VALIDITY_MARGIN,
+    ConcurrencySettings,
+    GroupSettings,
+    GuestSettings,
+    Section,
+    matching,
+)
 from flyfn.registry import ServerlessView, normalize_methods, validate_group_name
-from flyfn.replay import MAX_STATE_AGE, ReplayHeaderError, format_duration, parse_duration
+from flyfn.seed import SEED_SETTING, seed_views
+from flyfn.settings_errors import SettingsError, SettingsIssue, invalid, issues_of, show
 
 __all__ = [
-    "DEFAULT_API_HOSTNAME",
     "DEFAULT_GROUP",
-    "FLY_REPLAY_BODY_LIMIT",
+    "MAX_REPLAY_TIMEOUT",
+    "SEED_SETTING",
+    "STATE_VALIDITY_MARGIN",
     "ConcurrencySettings",
     "FlyfnSettings",
     "GroupSettings",
@@ -52,356 +63,49 @@ __all__ = [
     "SettingsError",
     "SettingsIssue",
     "get_settings",
-    "is_loopback_url",
     "load_settings",
     "reset_settings",
 ]
 
-DEFAULT_API_HOSTNAME = "https://api.machines.dev"
 DEFAULT_GROUP = "default"
-# Fly Proxy cannot replay a request whose body is larger than 1 MB.
-FLY_REPLAY_BODY_LIMIT = 1_000_000
-# Seconds a signed replay state stays valid beyond the group's replay timeout (clock skew,
-# queueing).
-STATE_VALIDITY_MARGIN = 30.0
-# The longest replay timeout: a state then lives at most MAX_STATE_AGE (what verify_state allows).
-MAX_REPLAY_TIMEOUT = MAX_STATE_AGE - STATE_VALIDITY_MARGIN
-# Where the Machines API may be reached over plain http: Fly's private network, or this computer.
-INTERNAL_API_HOST = "_api.internal"
 
-SEED_SETTING = "FLY_MACHINES_SERVERLESS_FUNCTIONS"
+# The FLYFN keys that default to a Fly environment variable.
 _ENV_DEFAULTS = {
-    "APP_NAME": "FLY_APP_NAME",
-    "API_HOSTNAME": "FLY_API_HOSTNAME",
-    "API_TOKEN": "FLY_API_TOKEN",
-    "IMAGE_REF": "FLY_IMAGE_REF",
+    "APP_NAME": FLY_APP_NAME,
+    "API_HOSTNAME": FLY_API_HOSTNAME,
+    "API_TOKEN": FLY_API_TOKEN,
+    "IMAGE_REF": FLY_IMAGE_REF,
 }
 _WATCHED_SETTINGS = frozenset({"FLYFN", SEED_SETTING})
 
-Autostop = Literal["stop", "suspend", "off"]
-Strategy = Literal["instance", "app"]
-Fallback = Literal["local", "error"]
-CpuKind = Literal["shared", "performance"]
 
-_APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True, slots=True)
-class SettingsIssue:
-    """One invalid setting: where (``FLYFN["GROUPS"]["pdf"]["autostop"]``), what, and its kind.
-
-    ``kind`` is ``"value"`` (a bad value), ``"unknown_key"`` (an option flyfn does not know) or
-    ``"method"`` (an unknown HTTP method); the system checks give each kind its own id.
-    """
-
-    key: str
-    message: str
-    kind: str = "value"
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
-class SettingsError(ImproperlyConfigured):
-    """The flyfn settings are invalid; ``issues`` lists every problem, each naming its key."""
-
-    def __init__(self, issues: Iterable[SettingsIssue]) -> None:
-        self.issues: tuple[SettingsIssue, ...] = tuple(issues)
-        super().__init__("; ".join(str(issue) for issue in self.issues))
-
-
-def _show(value: object) -> str:
-    """A value as it would be written in settings.py, short (JSON quoting for strings)."""
-    text = json.dumps(value) if isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _custom(kind: str, message: str, **extra: Any) -> PydanticCustomError:
-    # The message goes through the context, so braces in user input are never format fields.
-    return PydanticCustomError(f"flyfn_{kind}", "{msg}", {"msg": message, **extra})
-
-
-def _one_of(choices: tuple[Any, ...]) -> Callable[[Any], Any]:
-    """A before-validator accepting exactly ``choices`` with a message listing them."""
-    # A partial of a module-level function rather than a closure: the check is then one function,
-    # the same for every field (and reachable by mutation testing, which a closure is not).
-    return functools.partial(_check_one_of, choices)
-
-
-def _check_one_of(choices: tuple[Any, ...], value: Any) -> Any:
-    if type(value) in {type(c) for c in choices} and value in choices:
-        return value
-    allowed = ", ".join(_show(c) for c in choices)
-    raise _custom("value", f"must be one of {allowed} (got {_show(value)})")
-
-
-def _autostop(value: Any) -> Any:
-    # fly.toml and older API responses spell autostop as a boolean: false = off, true = stop.
-    if value is True:
-        return "stop"
-    if value is False:
-        return "off"
-    return _one_of(get_args(Autostop))(value)
-
-
-def _duration(value: Any) -> str:
-    """A duration string (``"10s"``) from a string or a number of seconds, at most
-    ``MAX_REPLAY_TIMEOUT``."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise _custom("value", f'must be a duration such as "10s" or "800ms" (got {_show(value)})')
-    try:
-        text = value.strip() if isinstance(value, str) else format_duration(value)
-        seconds = parse_duration(text)
-    except (ReplayHeaderError, ValueError, OverflowError):  # bad text, or NaN / infinity
-        raise _custom(
-            "value", f'must be a duration such as "10s" or "800ms" (got {_show(value)})'
-        ) from None
-    if seconds > MAX_REPLAY_TIMEOUT:
-        raise _custom(
-            "value",
-            f'must be at most "{format_duration(MAX_REPLAY_TIMEOUT)}" (got {_show(value)}): a '
-            "signed replay state is accepted for this long plus a margin",
-        )
-    return text
-
-
-def _match(pattern: re.Pattern[str], what: str) -> Callable[[Any], Any]:
-    """A before-validator accepting None or a string matching ``pattern`` (``what`` it is)."""
-    return functools.partial(_check_match, pattern, what)
-
-
-def _check_match(pattern: re.Pattern[str], what: str, value: Any) -> Any:
-    if value is None or (isinstance(value, str) and pattern.fullmatch(value)):
-        return value
-    raise _custom("value", f"must be {what} (got {_show(value)})")
+# --------------------------------------------------------------------------- FLYFN
 
 
 def _group_name(value: Any) -> str:
     try:
         return validate_group_name(value)
     except (TypeError, ValueError) as exc:
-        raise _custom("value", str(exc)) from None
-
-
-# --------------------------------------------------------------------------- models
-
-
-class _Section(BaseModel):
-    """A settings dict: frozen, and an unknown key is an error that lists the known ones."""
-
-    # The fields' docstrings become their descriptions: the documentation's settings reference.
-    model_config = ConfigDict(
-        frozen=True, extra="forbid", validate_default=True, use_attribute_docstrings=True
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, cls):
-            return data
-        if not isinstance(data, Mapping):
-            raise _custom("value", f"must be a dict (got {type(data).__name__})")
-        allowed = [field.alias or name for name, field in cls.model_fields.items()]
-        for key in data:
-            if key not in allowed:
-                names = ", ".join(_show(a) for a in allowed)
-                raise _custom("unknown_key", f"unknown option; known options: {names}", key=key)
-        return dict(data)
-
-
-class GuestSettings(_Section):
-    """``GROUPS[g]["guest"]``: the function Machines' size (Fly's ``MachineGuest``)."""
-
-    cpu_kind: Annotated[CpuKind, BeforeValidator(_one_of(get_args(CpuKind)))] = "shared"
-    """Default ``"shared"``: the cheapest kind, and what a scale-to-zero view usually needs."""
-
-    cpus: Annotated[int, BeforeValidator(_one_of((1, 2, 4, 8, 16)))] = 1
-    """Default 1: Fly's smallest size; the counts Fly offers are 1, 2, 4, 8 and 16."""
-
-    memory_mb: int = Field(default=256, ge=256, le=262_144, multiple_of=256)
-    """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
-    views."""
-
-    @model_validator(mode="after")
-    def _fly_sizes(self) -> GuestSettings:
-        # Fly refuses other sizes when the Machine is created (its machine-sizing guide).
-        low, high = (256, 2048) if self.cpu_kind == "shared" else (2048, 8192)
-        if not low * self.cpus <= self.memory_mb <= high * self.cpus:
-            raise _custom(
-                "value",
-                f"Fly refuses {self.memory_mb} MB for {self.cpus} {self.cpu_kind} CPU(s): "
-                f"{self.cpu_kind} CPUs take {low}-{high} MB each, in multiples of 256 "
-                f"({low * self.cpus}-{high * self.cpus} MB here)",
-                key="memory_mb",
-            )
-        return self
-
-
-class ConcurrencySettings(_Section):
-    """``GROUPS[g]["concurrency"]``: the requests one function Machine takes, written into its
-    ``services[].concurrency`` (type ``"requests"``) for Fly Proxy's balancing."""
-
-    soft_limit: int = Field(ge=1, le=100_000)
-    """Required: at this many requests in flight a Machine counts as busy. Fly Proxy then prefers
-    (or autostarts) another Machine of the service, and an ``instance``-strategy function Machine
-    sends further replays on to the next Machine of its group (see docs/elastic-groups.md)."""
-
-    hard_limit: int | None = Field(default=None, ge=1, le=100_000)
-    """Default None (Fly's own default: no hard limit): at this many requests in flight Fly Proxy
-    sends the Machine nothing more, and queues requests meant for it alone (replays to it)."""
-
-    @model_validator(mode="after")
-    def _hard_above_soft(self) -> ConcurrencySettings:
-        if self.hard_limit is not None and self.hard_limit < self.soft_limit:
-            raise _custom(
-                "value",
-                f"must be at least soft_limit ({self.soft_limit}) (got {self.hard_limit})",
-                key="hard_limit",
-            )
-        return self
-
-
-class GroupSettings(_Section):
-    """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get
-    these."""
-
-    guest: GuestSettings = GuestSettings()
-    """Default shared-cpu-1x with 256 MB: see ``GuestSettings``."""
-
-    machines: int = Field(default=1, ge=1, le=100)
-    """Default 1: the Machines the app Machines replay to (in turn); Fly Proxy starts a stopped
-    Machine per request, so one serves a trickle. Raise ``max_machines`` to let a burst spread
-    further."""
-
-    max_machines: int | None = Field(default=None, ge=1, le=100)
-    """Default: ``machines``. The most Machines the group has: all are created (a stopped Machine
-    costs only its root file system) and started as load needs, when the Machines before them are
-    at their ``concurrency`` soft limit (docs/elastic-groups.md)."""
-
-    concurrency: ConcurrencySettings | None = None
-    """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
-    takes, e.g. ``{"soft_limit": 10, "hard_limit": 15}``; written into the Machines' services."""
-
-    autostop: Annotated[Autostop, BeforeValidator(_autostop)] = "stop"
-    """Default ``"stop"``: works for every Machine size; ``"suspend"`` resumes in a few hundred ms
-    instead of a cold boot but needs ≤ 2 GB memory and no swap; ``"off"`` keeps Machines running.
-    Booleans are accepted as in fly.toml (true = stop, false = off)."""
-
-    internal_port: int = Field(default=8000, ge=1, le=65535)
-    """Default 8000: the port Django/uvicorn/gunicorn setups on Fly conventionally listen on."""
-
-    region: Annotated[
-        str | None, BeforeValidator(_match(_REGION_RE, 'a Fly region code such as "iad"'))
-    ] = None
-    """Default None: the region of the app Machine that creates them (Fly's own default)."""
-
-    env: tuple[str, ...] = ()
-    """Default none: names of environment variables whose values (in the creating process) are
-    copied to the function Machines; fly.toml ``[env]`` is not given to API-created Machines."""
-
-    secrets: tuple[str, ...] = ()
-    """Default none (``SECRET_KEY`` is always covered): names of app secrets the function Machines
-    use, e.g. ``DATABASE_URL``. Fly gives secrets to every Machine of the app, but to API-created
-    ones only when they (re)start or are updated: a change to one of these (a digest, never the
-    value) makes the app Machines update the function Machines."""
-
-    strategy: Annotated[Strategy, BeforeValidator(_one_of(get_args(Strategy)))] = "instance"
-    """Default ``"instance"``: function Machines live in the same app and replays name one by id,
-    which needs no second Fly app. ``"app"`` puts them in ``app`` and lets Fly Proxy balance
-    them."""
-
-    app: Annotated[
-        str | None, BeforeValidator(_match(_APP_NAME_RE, "a Fly app name (a-z, 0-9, -)"))
-    ] = None
-    """Default None; required by ``strategy: "app"``: the Fly app (same org) of the function
-    Machines."""
-
-    replay_timeout: Annotated[str, BeforeValidator(_duration)] = "10s"
-    """Default ``"10s"``: how long Fly Proxy tries to reach the target, which includes a cold start
-    (about 2 s or more for a Django app), with room to spare before the fallback answers."""
-
-    fallback: Annotated[Fallback, BeforeValidator(_one_of(get_args(Fallback)))] = "local"
-    """Default ``"local"``: when a replay cannot happen, run the view on the app Machine (the user
-    gets an answer); ``"error"`` answers 503 with Retry-After instead (for views too heavy to run
-    there)."""
-
-    fallback_concurrency: int = Field(default=4, ge=1, le=10_000)
-    """Default 4: at most this many local fallbacks run at once per process (beyond that: 503 with
-    Retry-After), so a burst of failed replays of a heavy view cannot starve ordinary traffic."""
-
-    @field_validator("env", "secrets", mode="before")
-    @classmethod
-    def _env_names(cls, value: Any) -> tuple[str, ...]:
-        if isinstance(value, str) or not isinstance(value, Iterable):
-            raise _custom(
-                "value", f"must be a list of environment variable names (got {_show(value)})"
-            )
-        names: list[str] = []
-        for name in value:
-            if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
-                raise _custom("value", f"must list environment variable names (got {_show(name)})")
-            if name not in names:
-                names.append(name)
-        return tuple(names)
-
-    @model_validator(mode="after")
-    def _max_at_least_machines(self) -> GroupSettings:
-        if self.max_machines is not None and self.max_machines < self.machines:
-            raise _custom(
-                "value",
-                f"must be at least machines ({self.machines}) (got {self.max_machines})",
-                key="max_machines",
-            )
-        return self
-
-    @property
-    def machine_count(self) -> int:
-        """The Machines the group keeps created: ``max_machines``, else ``machines``."""
-        return self.max_machines if self.max_machines is not None else self.machines
-
-    @model_validator(mode="after")
-    def _app_for_app_strategy(self) -> GroupSettings:
-        if self.strategy == "app" and not self.app:
-            raise _custom("value", 'required when strategy is "app"', key="app")
-        return self
-
-    # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
-    @functools.cached_property
-    def replay_timeout_seconds(self) -> float:
-        """``replay_timeout`` in seconds."""
-        return parse_duration(self.replay_timeout)
-
-    @functools.cached_property
-    def state_max_age(self) -> float:
-        """Seconds a signed replay state of this group stays valid: the replay timeout plus a
-        margin."""
-        return self.replay_timeout_seconds + STATE_VALIDITY_MARGIN
+        raise invalid(str(exc)) from None
 
 
 def _views(value: Any) -> dict[str, ServerlessView]:
     """``FLYFN["VIEWS"]``: ``{"app:url_name": ["GET", ...]}`` or
     ``{"app:url_name": {"methods": [...], "group": "pdf"}}``."""
     if not isinstance(value, Mapping):
-        raise _custom(
-            "value", f'must be a dict like {{"app:url_name": ["GET"]}} (got {_show(value)})'
-        )
+        raise invalid(f'must be a dict like {{"app:url_name": ["GET"]}} (got {show(value)})')
     views: dict[str, ServerlessView] = {}
     for name, spec in value.items():
         if not isinstance(name, str) or not name.strip():
-            raise _custom("value", f"a view must be named by its url name (got {_show(name)})")
+            raise invalid(f"a view must be named by its url name (got {show(name)})")
         group: Any = DEFAULT_GROUP
         methods: Any = spec
         if isinstance(spec, Mapping):
             unknown = set(spec) - {"methods", "group"}
             if unknown:
-                raise _custom(
-                    "unknown_key",
+                raise invalid(
                     'unknown option; known options: "methods", "group"',
+                    "unknown_key",
                     key=name,
                     sub=sorted(map(str, unknown))[0],
                 )
@@ -415,51 +119,24 @@ def _declared(name: str, methods: Any, group: Any, *, key: Any) -> ServerlessVie
     try:
         normalized = normalize_methods(methods)
     except (TypeError, ValueError) as exc:
-        raise _custom("method", str(exc), key=key) from None
+        raise invalid(str(exc), "method", key=key) from None
     try:
         group_name = validate_group_name(group)
     except (TypeError, ValueError) as exc:
-        raise _custom("value", str(exc), key=key) from None
+        raise invalid(str(exc), key=key) from None
     return ServerlessView(methods=normalized, group=group_name, name=name)
 
 
-def _seed_views(value: Any) -> dict[str, ServerlessView]:
-    """The seed's ``[("app:url_name", ("GET",)), ...]``; a bare ``"app:url_name"`` means GET."""
-    if value is None:
-        return {}
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise _custom(
-            "value", f'must be a list like [("app:url_name", ("GET",))] (got {_show(value)})'
-        )
-    views: dict[str, ServerlessView] = {}
-    for index, entry in enumerate(value):
-        if isinstance(entry, str):
-            name, methods = entry, ("GET",)
-        elif isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], str):
-            name, methods = entry
-        else:
-            raise _custom(
-                "value",
-                f'each entry must be ("app:url_name", ("GET", ...)) (got {_show(entry)})',
-                index=index,
-            )
-        if not name.strip():
-            raise _custom("value", "the url name is empty", index=index)
-        views[name] = _declared(name, methods, DEFAULT_GROUP, key=index)
-    return views
-
-
-class FlyfnSettings(_Section):
+class FlyfnSettings(Section):
     """``settings.FLYFN``, validated. Attribute names are the keys in lower case."""
 
     model_config = ConfigDict(
         frozen=True, extra="forbid", validate_default=True, populate_by_name=True
     )
 
-    app_name: Annotated[
-        str | None,
-        BeforeValidator(_match(_APP_NAME_RE, "a Fly app name (a-z, 0-9, -)")),
-    ] = Field(default=None, alias="APP_NAME")
+    app_name: Annotated[str | None, matching(APP_NAME_RE, "a Fly app name (a-z, 0-9, -)")] = Field(
+        default=None, alias="APP_NAME"
+    )
     """Default: env ``FLY_APP_NAME``, which Fly sets on every Machine; the app the function Machines
     belong to (``instance`` strategy). Does not decide the role: see ``flyfn.runtime``."""
 
@@ -479,7 +156,7 @@ class FlyfnSettings(_Section):
     )
     """Default none: views declared by url name instead of ``@fly_serverless``."""
 
-    replay_body_limit: int = Field(default=FLY_REPLAY_BODY_LIMIT, ge=0, alias="REPLAY_BODY_LIMIT")
+    replay_body_limit: int = Field(default=REPLAY_BODY_LIMIT, ge=0, alias="REPLAY_BODY_LIMIT")
     """Default 1,000,000 bytes: Fly Proxy cannot replay larger bodies; such requests take the
     fallback."""
 
@@ -511,10 +188,9 @@ class FlyfnSettings(_Section):
     def _hostname(cls, value: Any) -> Any:
         problem = _url_problem(value)
         if problem is not None:
-            raise _custom(
-                "value",
+            raise invalid(
                 f'must be an http(s) URL such as "{DEFAULT_API_HOSTNAME}"{problem} '
-                f"(got {_show(value)})",
+                f"(got {show(value)})"
             )
         return value.rstrip("/")
 
@@ -522,18 +198,13 @@ class FlyfnSettings(_Section):
     def api_in_clear(self) -> bool:
         """Whether the API token would travel in clear text: plain http to a host other than
         Fly's private network (``_api.internal``) or this computer (loopback)."""
-        url = urlsplit(self.api_hostname)
-        return (
-            url.scheme == "http"
-            and url.hostname != INTERNAL_API_HOST
-            and not (is_loopback_url(self.api_hostname))
-        )
+        return urlsplit(self.api_hostname).scheme == "http" and not is_private(self.api_hostname)
 
     @field_validator("image_ref", mode="before")
     @classmethod
     def _image(cls, value: Any) -> Any:
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise _custom("value", f"must be an image reference (got {_show(value)})")
+            raise invalid(f"must be an image reference (got {show(value)})")
         return value
 
     @field_validator("api_token", mode="before")
@@ -541,7 +212,7 @@ class FlyfnSettings(_Section):
     def _token(cls, value: Any) -> Any:
         # Never echo the value: it may be a real token of the wrong type.
         if value is not None and not isinstance(value, str | SecretStr):
-            raise _custom("value", f"must be a string (got {type(value).__name__})")
+            raise invalid(f"must be a string (got {type(value).__name__})")
         if isinstance(value, str) and not value.strip():
             return None
         return value
@@ -574,67 +245,16 @@ def _url_problem(value: Any) -> str | None:
     return None
 
 
-def is_loopback_url(url: str) -> bool:
-    """Whether ``url`` names this computer (``localhost`` or a loopback address)."""
-    try:
-        host = urlsplit(url).hostname
-    except ValueError:
-        return False
-    if host is None:
-        return False
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # --------------------------------------------------------------------------- loading
 
 
-def _format_key(loc: tuple[int | str, ...], from_env: Mapping[str, str]) -> str:
-    if not loc:
-        return "FLYFN"
-    head, *rest = loc
-    if head == SEED_SETTING:
-        text = SEED_SETTING
-    elif rest and rest[0] in from_env:
-        # A value that came from the environment: say so, not FLYFN["..."].
-        return f"env {from_env[str(rest[0])]}"
-    else:
-        text = "FLYFN"
-    for part in rest:
-        text += f"[{part}]" if isinstance(part, int) else f"[{json.dumps(part)}]"
-    return text
-
-
-def _issues(error: ValidationError, from_env: Mapping[str, str]) -> list[SettingsIssue]:
-    issues: list[SettingsIssue] = []
-    for item in error.errors(include_url=False):
-        loc = tuple(p for p in item["loc"] if p != "[key]")
-        # Pydantic's own messages do not show the value; add it, except anywhere near the token.
-        shown = "" if "API_TOKEN" in loc else f" (got {_show(item.get('input'))})"
-        ctx = item.get("ctx") or {}
-        kind = item["type"].removeprefix("flyfn_") if item["type"].startswith("flyfn_") else "value"
-        for extra in ("key", "index", "sub"):
-            if extra in ctx:
-                loc = (*loc, ctx[extra])
-        if item["type"] == "extra_forbidden":
-            kind = "unknown_key"
-        if item["type"].startswith("flyfn_"):
-            message = str(ctx.get("msg", item["msg"]))
-        else:
-            message = item["msg"] + ("" if item["type"] == "extra_forbidden" else shown)
-        issues.append(SettingsIssue(_format_key(loc, from_env), message, kind))
-    return issues
-
-
 class _Root(BaseModel):
+    """Both settings flyfn reads, validated together so that every issue is reported at once."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     flyfn: FlyfnSettings = Field(alias="FLYFN")
-    seed: Annotated[dict[str, ServerlessView], PlainValidator(_seed_views)] = Field(
+    seed: Annotated[dict[str, ServerlessView], PlainValidator(seed_views)] = Field(
         alias=SEED_SETTING
     )
 
@@ -651,18 +271,20 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     raw: Any = {} if flyfn is None else flyfn
+    # A value that came from the environment is named as such in errors, not as FLYFN["..."].
     from_env: dict[str, str] = {}
     if isinstance(raw, Mapping):
         raw = dict(raw)
         for key, var in _ENV_DEFAULTS.items():
-            if key not in raw and env.get(var, "").strip():
-                raw[key] = env[var].strip()
-                from_env[key] = var
+            value = env_value(env, var)
+            if key not in raw and value is not None:
+                raw[key] = value
+                from_env[f"FLYFN.{key}"] = f"env {var}"
     try:
         root = _Root.model_validate({"FLYFN": raw, SEED_SETTING: seed})
     except ValidationError as exc:
         # `from None`: a pydantic error's text includes input values, which may hold the token.
-        raise SettingsError(_issues(exc, from_env)) from None
+        raise SettingsError(issues_of(exc, _Root, from_env)) from None
     if not root.seed:
         return root.flyfn
     return root.flyfn.model_copy(update={"views": {**root.seed, **root.flyfn.views}})

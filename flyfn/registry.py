@@ -18,7 +18,9 @@ __all__ = [
     "HTTP_METHODS",
     "Registry",
     "ServerlessView",
+    "UrlRoute",
     "iter_url_names",
+    "iter_url_routes",
     "normalize_methods",
     "registry",
     "validate_group_name",
@@ -86,27 +88,46 @@ def view_name(view: object) -> str:
     return f"{module}.{qualname}"
 
 
-def iter_url_names(urlconf: str | None = None) -> Iterator[tuple[str, Callable[..., Any]]]:
-    """Every named url pattern as ``("namespace:name", callback)``, nested namespaces included.
+@dataclass(frozen=True, slots=True)
+class UrlRoute:
+    """A url pattern of the urlconf: its full route (as written, regex or path syntax), its names
+    (``"namespace:name"``, the instance namespaces' form first; none when unnamed) and its view."""
 
-    A pattern inside ``include(..., namespace=...)`` is listed under its instance namespace and,
+    route: str
+    names: tuple[str, ...]
+    callback: Callable[..., Any]
+
+
+def iter_url_routes(urlconf: str | None = None) -> Iterator[UrlRoute]:
+    """Every url pattern of ``urlconf`` (default ``ROOT_URLCONF``), includes followed.
+
+    A pattern inside ``include(..., namespace=...)`` is named under its instance namespace and,
     when it differs, its application namespace too (as ``reverse()`` accepts both).
     """
     from django.urls import URLPattern, URLResolver, get_resolver
 
-    def walk(patterns: Iterable[Any], prefixes: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    def walk(patterns: Iterable[Any], route: str, prefixes: tuple[str, ...]) -> Iterator[UrlRoute]:
         for pattern in patterns:
+            full = route + str(pattern.pattern)
             if isinstance(pattern, URLResolver):
-                spaces = {pattern.namespace, pattern.app_name} - {None}
-                if not spaces:
-                    yield from walk(pattern.url_patterns, prefixes)
-                for space in sorted(spaces, key=lambda s: s != pattern.namespace):
-                    yield from walk(pattern.url_patterns, tuple(f"{p}{space}:" for p in prefixes))
-            elif isinstance(pattern, URLPattern) and pattern.name:
-                for prefix in prefixes:
-                    yield f"{prefix}{pattern.name}", pattern.callback
+                spaces = sorted(
+                    {pattern.namespace, pattern.app_name} - {None},
+                    key=lambda space: space != pattern.namespace,
+                )
+                inner = tuple(f"{p}{space}:" for space in spaces for p in prefixes)
+                yield from walk(pattern.url_patterns, full, inner or prefixes)
+            elif isinstance(pattern, URLPattern):
+                names = tuple(f"{p}{pattern.name}" for p in prefixes) if pattern.name else ()
+                yield UrlRoute(full, names, pattern.callback)
 
-    yield from walk(get_resolver(urlconf).url_patterns, ("",))
+    yield from walk(get_resolver(urlconf).url_patterns, "", ("",))
+
+
+def iter_url_names(urlconf: str | None = None) -> Iterator[tuple[str, Callable[..., Any]]]:
+    """Every named url pattern as ``("namespace:name", callback)``, nested namespaces included."""
+    for route in iter_url_routes(urlconf):
+        for name in route.names:
+            yield name, route.callback
 
 
 class Registry:

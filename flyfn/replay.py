@@ -28,6 +28,14 @@ from typing import Any, ClassVar
 from django.utils.crypto import constant_time_compare
 from django.utils.encoding import force_bytes
 
+from flyfn.fly.durations import DurationError, parse_duration
+from flyfn.fly.headers import (
+    FLY_REPLAY,
+    FLY_REPLAY_FAILED,
+    FLY_REPLAY_SRC,
+    REPLAY_JSON_CONTENT_TYPE,
+)
+
 __all__ = [
     "FALLBACKS",
     "FLY_REPLAY",
@@ -40,16 +48,10 @@ __all__ = [
     "ReplaySource",
     "StateCheck",
     "body_binding",
-    "format_duration",
-    "parse_duration",
     "sign_state",
     "verify_state",
 ]
 
-FLY_REPLAY = "fly-replay"
-FLY_REPLAY_SRC = "fly-replay-src"
-FLY_REPLAY_FAILED = "fly-replay-failed"
-REPLAY_JSON_CONTENT_TYPE = "application/vnd.fly.replay+json"
 FALLBACKS = frozenset({"force_self", "prefer_self"})
 # A placeholder state marking where a per-request state goes in a prebuilt header.
 _STATE_SLOT = "flyfn-state-slot"
@@ -61,36 +63,6 @@ MAX_JSON_LENGTH = 65536
 
 class ReplayHeaderError(ValueError):
     """A fly-replay, fly-replay-src or fly-replay-failed value (or a field of one) is invalid."""
-
-
-# --------------------------------------------------------------------------- durations
-
-# Fly reads durations like Go's time.ParseDuration; flyfn only emits the common units. ASCII
-# digits only: `\d` would take Arabic-Indic or full-width digits and put non-ASCII into a header.
-_DURATION_RE = re.compile(r"^([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a duration such as ``"10s"``, ``"800ms"``, ``"1.5s"`` or ``"2m"`` (exactly:
-    no surrounding space)."""
-    match = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
-    if match is None or float(match.group(1)) == 0:
-        raise ReplayHeaderError(
-            f"invalid duration {text!r}: expected a positive number and a unit ms, s, m or h, "
-            "e.g. '10s'"
-        )
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest exact duration string for ``seconds`` (whole seconds as "Ns", else "Nms")."""
-    if seconds <= 0:
-        raise ReplayHeaderError(f"a duration must be positive, got {seconds!r}")
-    millis = round(seconds * 1000)
-    if millis == 0:
-        raise ReplayHeaderError(f"a duration must be at least 1ms, got {seconds!r}")
-    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
 # --------------------------------------------------------------------------- field syntax
@@ -307,7 +279,7 @@ class FlyReplay:
         if self.timeout is not None:
             try:
                 parse_duration(self.timeout)
-            except ReplayHeaderError as exc:
+            except DurationError as exc:
                 raise ReplayHeaderError(f"fly-replay timeout: {exc}") from None
         if self.fallback is not None and self.fallback not in FALLBACKS:
             raise ReplayHeaderError(

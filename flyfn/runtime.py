@@ -22,6 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+from flyfn.fly.env import (
+    FLY_ALLOC_ID,
+    FLY_APP_NAME,
+    FLY_IMAGE_REF,
+    FLY_MACHINE_ID,
+    FLY_PRIVATE_IP,
+    FLY_REGION,
+    GROUP_ENV,
+    SEED_ENV,
+    env_value,
+)
 from flyfn.registry import validate_group_name
 
 __all__ = [
@@ -41,8 +52,6 @@ __all__ = [
     "reset",
 ]
 
-GROUP_ENV = "FLYFN_GROUP"
-SEED_ENV = "IS_FLY_MACHINE_SERVERLESS"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 RoleKind = Literal["local", "main", "function"]
@@ -96,23 +105,18 @@ class MachineEnv:
     private_ip: str | None = None
 
 
-def _get(environ: Mapping[str, str], name: str) -> str | None:
-    value = environ.get(name, "").strip()
-    return value or None
-
-
 def detect_role(environ: Mapping[str, str] | None = None) -> Role:
     """The role the environment describes (``os.environ`` by default); RoleError for a bad group."""
     env = os.environ if environ is None else environ
-    group = _get(env, GROUP_ENV)
+    group = env_value(env, GROUP_ENV)
     if group is not None:
         try:
             return function(group)
         except ValueError as exc:
             raise RoleError(f"{GROUP_ENV}: {exc}") from None
-    if (_get(env, SEED_ENV) or "").lower() in _TRUE:
+    if (env_value(env, SEED_ENV) or "").lower() in _TRUE:
         return function("default")
-    if _get(env, "FLY_APP_NAME") is not None:
+    if env_value(env, FLY_APP_NAME) is not None:
         return MAIN
     return LOCAL
 
@@ -121,11 +125,11 @@ def detect_env(environ: Mapping[str, str] | None = None) -> MachineEnv:
     """The Machine the environment describes (``os.environ`` by default)."""
     env = os.environ if environ is None else environ
     return MachineEnv(
-        app_name=_get(env, "FLY_APP_NAME"),
-        machine_id=_get(env, "FLY_MACHINE_ID") or _get(env, "FLY_ALLOC_ID"),
-        region=_get(env, "FLY_REGION"),
-        image_ref=_get(env, "FLY_IMAGE_REF"),
-        private_ip=_get(env, "FLY_PRIVATE_IP"),
+        app_name=env_value(env, FLY_APP_NAME),
+        machine_id=env_value(env, FLY_MACHINE_ID) or env_value(env, FLY_ALLOC_ID),
+        region=env_value(env, FLY_REGION),
+        image_ref=env_value(env, FLY_IMAGE_REF),
+        private_ip=env_value(env, FLY_PRIVATE_IP),
     )
 
 

@@ -10,17 +10,16 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from flyfn.conf import (
-    DEFAULT_API_HOSTNAME,
     MAX_REPLAY_TIMEOUT,
     STATE_VALIDITY_MARGIN,
     FlyfnSettings,
     GroupSettings,
     SettingsError,
     get_settings,
-    is_loopback_url,
     load_settings,
     reset_settings,
 )
+from flyfn.fly.api_host import DEFAULT_API_HOSTNAME
 from flyfn.registry import ServerlessView
 from flyfn.replay import MAX_STATE_AGE
 
@@ -425,14 +424,6 @@ def test_a_malformed_api_hostname_is_a_settings_error(url: object) -> None:
 def test_which_api_hostnames_would_send_the_token_in_clear(url: str, in_clear: bool) -> None:
     settings = load_settings({"API_HOSTNAME": url}, environ=NO_ENV)
     assert settings.api_in_clear is in_clear
-
-
-def test_is_loopback_url() -> None:
-    assert is_loopback_url("http://127.0.0.1:8000")
-    assert is_loopback_url("http://[::1]")
-    assert not is_loopback_url("http://[::1")
-    assert not is_loopback_url("http://10.1.1.1")
-    assert not is_loopback_url("no url")
 
 
 # --------------------------------------------------------------------------- VIEWS, dict form (#17)

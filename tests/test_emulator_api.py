@@ -23,7 +23,6 @@ from flyfn.emulator.state import (
     image_ref_for,
     new_machine_id,
     new_ulid,
-    parse_duration,
 )
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
 from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, free_loopback_port
@@ -781,20 +780,6 @@ async def test_lifespan_startup_and_shutdown(emulator_app: EmulatorApp) -> None:
 
 def test_app_repr_hides_the_token(emulator_app: EmulatorApp) -> None:
     assert EMULATOR_TOKEN not in repr(emulator_app)
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("30s", 30.0), ("1m30s", 90.0), ("500ms", 0.5), ("2h", 7200.0), ("5", 5.0), ("1.5s", 1.5)],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "soon", "10x", "s10"])
-def test_parse_duration_rejects_garbage(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
 
 
 def test_identifiers_have_flys_form() -> None:

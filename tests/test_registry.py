@@ -20,6 +20,7 @@ from flyfn.registry import (
     Registry,
     ServerlessView,
     iter_url_names,
+    iter_url_routes,
     normalize_methods,
     registry,
     validate_group_name,
@@ -387,6 +388,16 @@ def test_the_instance_namespace_comes_before_the_application_namespace() -> None
     assert names.index("store:receipt") < names.index("shop:receipt")
     assert names.index("store:reports:report") < names.index("shop:reports:report")
     assert all(name.rsplit(":", 1)[-1] != "None" for name in names)  # unnamed patterns: none
+
+
+def test_iter_url_routes_gives_each_pattern_once_with_its_route_and_names() -> None:
+    routes = {url.route: url for url in iter_url_routes("tests.test_registry")}
+    deep = routes["shop/deeper/report/"]
+    assert deep.names == ("store:reports:report", "shop:reports:report")  # instance form first
+    assert deep.callback is report
+    assert routes["plain/inner/label/"].names == ("label",)
+    assert routes["unnamed/"].names == ()
+    assert len(routes) == len(list(iter_url_routes("tests.test_registry")))
 
 
 def test_iter_url_names_reads_the_urlconf_it_is_given() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from demo_store.database_url import parse_database_url
-from flyfn.conf import is_loopback_url
+from flyfn.fly.api_host import is_loopback_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 

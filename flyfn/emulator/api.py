@@ -26,13 +26,11 @@ from pydantic import BaseModel, ValidationError
 
 from flyfn.emulator.asgi import ASGIApp, Receive, Scope, Send
 from flyfn.emulator.state import (
-    MAX_WAIT_TIMEOUT,
     EmulatorError,
     MachineRuntime,
     MachinesEmulator,
     StateOnlyRuntime,
     new_ulid,
-    parse_duration,
 )
 from flyfn.emulator.validation import (
     check_body,
@@ -40,6 +38,10 @@ from flyfn.emulator.validation import (
     check_secret_values,
     parse_json,
 )
+from flyfn.fly.durations import parse_go_duration
+from flyfn.fly.env import FLY_API_TOKEN, env_value
+from flyfn.fly.headers import FLY_REQUEST_ID, LEASE_NONCE, NEXT_CURSOR
+from flyfn.fly.limits import MAX_PAGE_SIZE, MAX_WAIT_TIMEOUT
 from flyfn.machines.models import (
     CreateLeaseRequest,
     CreateMachineRequest,
@@ -49,10 +51,7 @@ from flyfn.machines.models import (
 )
 
 __all__ = [
-    "LEASE_NONCE_HEADER",
     "MAX_BODY_BYTES",
-    "NEXT_CURSOR_HEADER",
-    "REQUEST_ID_HEADER",
     "ASGIApp",
     "EmulatorApp",
     "EmulatorError",
@@ -65,11 +64,7 @@ __all__ = [
     "omit_zero",
 ]
 
-LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
-NEXT_CURSOR_HEADER = "fly-next-cursor"
-REQUEST_ID_HEADER = "fly-request-id"
 MAX_BODY_BYTES = 1 << 20
-MAX_PAGE_SIZE = 1000
 STOP_SIGNALS = frozenset(
     {"SIGHUP", "SIGINT", "SIGQUIT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGTERM"}
 )
@@ -413,7 +408,7 @@ class EmulatorApp:
             # Fly treats limit as advisory: out-of-range values are clamped, not refused.
             limit = min(max(limit, 1), MAX_PAGE_SIZE)
         page, next_cursor = self.emulator.list_page(r.app, limit=limit, cursor=cursor, **filters)
-        headers = [(NEXT_CURSOR_HEADER, next_cursor)] if next_cursor else []
+        headers = [(NEXT_CURSOR, next_cursor)] if next_cursor else []
         return _Response(200, page, headers)
 
     async def _create(self, r: _Request) -> _Response:
@@ -433,7 +428,7 @@ class EmulatorApp:
             raise EmulatorError(422, "invalid config.image: an image is required")
         request = r.model(UpdateMachineRequest, schema="UpdateMachineRequest", data=data)
         machine = await self.emulator.update(
-            r.app, _need(r.machine), request, lease_nonce=r.headers.get(LEASE_NONCE_HEADER)
+            r.app, _need(r.machine), request, lease_nonce=r.headers.get(LEASE_NONCE)
         )
         return _Response(200, machine)
 
@@ -451,7 +446,7 @@ class EmulatorApp:
         timeout = None
         if request.timeout is not None:
             try:
-                timeout = parse_duration(request.timeout)
+                timeout = parse_go_duration(request.timeout)
             except ValueError as exc:
                 raise EmulatorError(400, f"invalid timeout {request.timeout!r}") from exc
         await self.emulator.stop(
@@ -469,7 +464,7 @@ class EmulatorApp:
     async def _wait(self, r: _Request) -> _Response:
         machine_id = _need(r.machine)
         state = r.param("state") or "started"
-        timeout = MAX_WAIT_TIMEOUT
+        timeout = float(MAX_WAIT_TIMEOUT)
         timeout_text = r.param("timeout")
         if timeout_text:
             try:
@@ -493,14 +488,14 @@ class EmulatorApp:
             _need(r.machine),
             ttl=request.ttl,
             description=request.description,
-            nonce=r.headers.get(LEASE_NONCE_HEADER),
+            nonce=r.headers.get(LEASE_NONCE),
         )
         return _Response(201, lease)
 
     async def _release_lease(self, r: _Request) -> _Response:
-        nonce = r.headers.get(LEASE_NONCE_HEADER)
+        nonce = r.headers.get(LEASE_NONCE)
         if not nonce:
-            raise EmulatorError(400, f"the {LEASE_NONCE_HEADER} header is required")
+            raise EmulatorError(400, f"the {LEASE_NONCE} header is required")
         await self.emulator.release_lease(r.app, _need(r.machine), nonce=nonce)
         return _Response(200, _OK)
 
@@ -573,7 +568,7 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 async def _send(send: Send, response: _Response, request_id: str) -> None:
-    headers = [(REQUEST_ID_HEADER.encode(), request_id.encode())]
+    headers = [(FLY_REQUEST_ID.encode(), request_id.encode())]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
     payload = b""
     if response.status != 204 and response.body is not None:
@@ -612,7 +607,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulator with uvicorn until interrupted."""
     args = _parser().parse_args(argv)
-    token = args.token or os.environ.get("FLY_API_TOKEN")
+    token = args.token or env_value(os.environ, FLY_API_TOKEN)
     if not token:
         print("error: give --token or set FLY_API_TOKEN", file=sys.stderr)
         return 2

@@ -33,9 +33,23 @@ from flyfn.emulator import balancer
 from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
 from flyfn.emulator.supervisor import is_function_machine, machine_label
+from flyfn.fly import autostop
+from flyfn.fly.env import GROUP_ENV
+from flyfn.fly.headers import (
+    FLY_CLIENT_IP,
+    FLY_FORCE_INSTANCE_ID,
+    FLY_FORWARDED_PORT,
+    FLY_PREFERRED_INSTANCE_UNAVAILABLE,
+    FLY_REGION,
+    FLY_REPLAY,
+    FLY_REPLAY_FAILED,
+    FLY_REPLAY_SRC,
+    FLY_REQUEST_ID,
+    REPLAY_JSON_CONTENT_TYPE,
+)
+from flyfn.fly.limits import EDGE_BUFFER_LIMIT, MAX_REPLAYS, REPLAY_BODY_LIMIT
 from flyfn.machines.models import Machine
 from flyfn.replay import (
-    REPLAY_JSON_CONTENT_TYPE,
     FlyReplay,
     ReplayFailed,
     ReplayHeaderError,
@@ -53,11 +67,6 @@ __all__ = [
     "RequestLog",
 ]
 
-REPLAY_BODY_LIMIT = 1_000_000
-# Fly's edge buffers a request body up to 10 MB, to replay or retry it; beyond that buffering
-# stops, and a request that then needs a replay or a retry fails with PA01 (Fly's error codes).
-EDGE_BUFFER_LIMIT = 10_000_000
-MAX_REPLAYS = 10
 DEFAULT_REPLAY_TIMEOUT = 30.0
 DEFAULT_IDLE_STOP = 60.0
 # A replay response's ignored body is read (keeping its connection) up to this many bytes.
@@ -91,18 +100,19 @@ HOP_BY_HOP = frozenset(
 # Request headers only the proxy sets (a client's values are replaced).
 _PROXY_REQUEST_HEADERS = frozenset(
     {
-        "fly-request-id",
-        "fly-region",
-        "fly-client-ip",
-        "fly-forwarded-port",
+        FLY_REQUEST_ID,
+        FLY_REGION,
+        FLY_CLIENT_IP,
+        FLY_FORWARDED_PORT,
         "x-forwarded-proto",
         "x-forwarded-port",
         "x-forwarded-ssl",
-        "fly-preferred-instance-unavailable",
-        "fly-force-instance-id",
+        FLY_PREFERRED_INSTANCE_UNAVAILABLE,
+        FLY_FORCE_INSTANCE_ID,
     }
 )
-_REPLAY_REQUEST_HEADERS = frozenset({"fly-replay-src", "fly-replay-failed"})
+_FLY_REQUEST_ID_BYTES = FLY_REQUEST_ID.encode()
+_REPLAY_REQUEST_HEADERS = frozenset({FLY_REPLAY_SRC, FLY_REPLAY_FAILED})
 _STARTABLE = frozenset({"created", "stopped", "suspended", "failed"})
 _TRANSITIONAL = frozenset(
     {"creating", "starting", "stopping", "suspending", "restarting", "updating", "replacing"}
@@ -524,7 +534,7 @@ class FlyProxy:
         self, scope: Scope, body: _Body, path: bytes, request_id: str, log: RequestLog, send: Send
     ) -> None:
         headers = self._request_headers(scope, request_id)
-        forced = _header(scope, "fly-force-instance-id")
+        forced = _header(scope, FLY_FORCE_INSTANCE_ID)
         port = 443 if scope.get("scheme") == "https" else 80
         dest = _Destination(
             app=self.app_name, instance=forced, timeout=self.replay_timeout, port=port
@@ -621,7 +631,7 @@ class FlyProxy:
             issuer_app=dest.app,
             port=dest.port,
         )
-        return new_dest, _Delivery(path=path, headers=headers, extra={"fly-replay-src": src})
+        return new_dest, _Delivery(path=path, headers=headers, extra={FLY_REPLAY_SRC: src})
 
     def _fallback(
         self,
@@ -658,7 +668,7 @@ class FlyProxy:
                 app=app, prefer_instance=issuer.id, timeout=self.replay_timeout, port=dest.port
             )
         return new_dest, _Delivery(
-            path=delivery.path, headers=headers, extra={"fly-replay-failed": failed}, fallback=True
+            path=delivery.path, headers=headers, extra={FLY_REPLAY_FAILED: failed}, fallback=True
         )
 
     def _unbuffered(self, what: str) -> str:
@@ -745,7 +755,7 @@ class FlyProxy:
                 continue
             extra: dict[str, str] = {}
             if dest.prefer_instance and machine.id != dest.prefer_instance:
-                extra["fly-preferred-instance-unavailable"] = dest.prefer_instance
+                extra[FLY_PREFERRED_INSTANCE_UNAVAILABLE] = dest.prefer_instance
             state = machine.state or ""
             if state == "started" and self.addresses.address(machine.id) is not None:
                 return machine, self._cold_note(machine, None), extra
@@ -873,7 +883,7 @@ class FlyProxy:
 
     async def _replay_of(self, response: httpx.Response) -> _Directive | None:
         """The replay a Machine's response asks for, or None for an answer to pass on."""
-        header = response.headers.get("fly-replay")
+        header = response.headers.get(FLY_REPLAY)
         if header is not None:
             try:
                 return _directive(FlyReplay.parse(header))
@@ -907,9 +917,9 @@ class FlyProxy:
                 (k, v)
                 for k, v in response.headers.raw
                 if k.lower().decode("latin-1") not in HOP_BY_HOP | listed
-                and k.lower() not in (b"fly-request-id", b"x-flyfn-machine")
+                and k.lower() not in (_FLY_REQUEST_ID_BYTES, b"x-flyfn-machine")
             ]
-            headers.append((b"fly-request-id", request_id.encode()))
+            headers.append((_FLY_REQUEST_ID_BYTES, request_id.encode()))
             headers.append((b"x-flyfn-machine", machine.id.encode()))
             headers.append((b"via", _VIA.encode()))
             log.status = response.status_code
@@ -938,7 +948,7 @@ class FlyProxy:
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
-            (b"fly-request-id", request_id.encode()),
+            (_FLY_REQUEST_ID_BYTES, request_id.encode()),
             (b"x-flyfn-proxy-error", exc.code.encode()),
             (b"via", _VIA.encode()),
         ]
@@ -961,10 +971,10 @@ class FlyProxy:
         headers = [(k, v) for k, v in raw if k.lower() not in drop | {"x-forwarded-for", "via"}]
         headers.extend(
             [
-                ("fly-request-id", request_id),
-                ("fly-region", self.region),
-                ("fly-client-ip", client_ip),
-                ("fly-forwarded-port", str(server_port)),
+                (FLY_REQUEST_ID, request_id),
+                (FLY_REGION, self.region),
+                (FLY_CLIENT_IP, client_ip),
+                (FLY_FORWARDED_PORT, str(server_port)),
                 ("x-forwarded-for", ", ".join([*forwarded_for, client_ip])),
                 ("x-forwarded-proto", scope.get("scheme", "http")),
                 ("x-forwarded-port", str(server_port)),
@@ -1033,14 +1043,13 @@ class FlyProxy:
 
 def _role(machine: Machine) -> str | None:
     env = machine.config.env if machine.config is not None else None
-    return (env or {}).get("FLYFN_GROUP")
+    return (env or {}).get(GROUP_ENV)
 
 
 def _autostop_of(machine: Machine) -> tuple[str, int]:
     """The Machine's autostop mode and min_machines_running over its services."""
     services = (machine.config.services if machine.config is not None else None) or []
-    modes = {str(s.autostop) for s in services if s.autostop is not None}
-    mode = "suspend" if "suspend" in modes else "stop" if "stop" in modes else "off"
+    mode = autostop.strongest(str(s.autostop) for s in services if s.autostop is not None)
     keep = max((s.min_machines_running or 0 for s in services), default=0)
     return mode, keep
 

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import hmac
 import itertools
-import re
 import secrets
 import time
 from collections.abc import Callable, Collection, Coroutine, Mapping
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from flyfn.fly.durations import parse_go_duration
+from flyfn.fly.limits import MAX_WAIT_TIMEOUT
 from flyfn.machines.models import (
     CreateMachineRequest,
     ImageRef,
@@ -43,7 +44,6 @@ __all__ = [
     "DEFAULT_LEASE_TTL",
     "DEFAULT_STOP_SIGNAL",
     "DEFAULT_STOP_TIMEOUT",
-    "MAX_WAIT_TIMEOUT",
     "SETTLED_STATES",
     "WAITABLE_STATES",
     "AppSecret",
@@ -53,10 +53,8 @@ __all__ = [
     "StateOnlyRuntime",
     "new_machine_id",
     "new_ulid",
-    "parse_duration",
 ]
 
-MAX_WAIT_TIMEOUT = 60.0
 DEFAULT_LEASE_TTL = 30
 # Fly's defaults when the config has no stop_config (kill_signal SIGINT, kill_timeout 5s).
 DEFAULT_STOP_SIGNAL = "SIGINT"
@@ -177,36 +175,6 @@ def new_ulid(now: float | None = None) -> str:
 def new_machine_id() -> str:
     """14 lowercase hex digits, like Fly's Machine ids."""
     return secrets.token_hex(7)
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Go duration (`"30s"`, `"1m30s"`, `"500ms"`); a bare number means seconds."""
-    value = text.strip()
-    if not value:
-        raise ValueError("empty duration")
-    with contextlib.suppress(ValueError):
-        return float(value)
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(value):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos != len(value):
-        raise ValueError(f"invalid duration {text!r}")
-    return total
 
 
 def _iso(ts: float) -> str:
@@ -510,7 +478,7 @@ class MachinesEmulator:
             signal = (stop_config.signal if stop_config else None) or DEFAULT_STOP_SIGNAL
         if timeout is None:
             configured = stop_config.timeout if stop_config else None
-            timeout = parse_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
+            timeout = parse_go_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
         self._set_state(rec, "stopping", "stop", source="user")
         op = self._next_op(rec)
         self._spawn(self._run_stop(rec, op, signal, timeout))
@@ -884,7 +852,7 @@ class MachinesEmulator:
         stop_config = rec.config.stop_config
         signal = (stop_config.signal if stop_config else None) or DEFAULT_STOP_SIGNAL
         configured = stop_config.timeout if stop_config else None
-        return signal, parse_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
+        return signal, parse_go_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
 
     def _should_restart(self, rec: _Record, exit_code: int | None) -> bool:
         restart = rec.config.restart

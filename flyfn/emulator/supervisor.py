@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import psutil
 
+from flyfn.fly import env as fly_env
+
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
@@ -55,7 +57,7 @@ _OUTPUT_TAIL = 20
 _READ_LIMIT = 1 << 20
 # Inherited variables that would give a Machine the wrong identity or role.
 _SCRUBBED_ENV_PREFIXES = ("FLY_",)
-_SCRUBBED_ENV = frozenset({"FLYFN_GROUP", "IS_FLY_MACHINE_SERVERLESS", "PRIMARY_REGION"})
+_SCRUBBED_ENV = frozenset({fly_env.GROUP_ENV, fly_env.SEED_ENV, "PRIMARY_REGION"})
 
 
 class MachineLaunchError(RuntimeError):
@@ -74,7 +76,7 @@ class ExitReporter(Protocol):
 def is_function_machine(machine: Machine) -> bool:
     """A flyfn function Machine: its config env sets FLYFN_GROUP (or the seed's variable)."""
     env = (machine.config.env if machine.config is not None else None) or {}
-    return "FLYFN_GROUP" in env or "IS_FLY_MACHINE_SERVERLESS" in env
+    return fly_env.GROUP_ENV in env or fly_env.SEED_ENV in env
 
 
 def machine_label(machine: Machine) -> str:
@@ -351,16 +353,16 @@ class ProcessRuntime:
         metadata = (config.metadata if config is not None else None) or {}
         env.update(
             {
-                "FLY_APP_NAME": app,
-                "FLY_MACHINE_ID": machine.id,
-                "FLY_ALLOC_ID": machine.id,
-                "FLY_IMAGE_REF": image,
-                "FLY_REGION": machine.region or self.region,
-                "FLY_PRIVATE_IP": machine.private_ip or self.host,
+                fly_env.FLY_APP_NAME: app,
+                fly_env.FLY_MACHINE_ID: machine.id,
+                fly_env.FLY_ALLOC_ID: machine.id,
+                fly_env.FLY_IMAGE_REF: image,
+                fly_env.FLY_REGION: machine.region or self.region,
+                fly_env.FLY_PRIVATE_IP: machine.private_ip or self.host,
                 "FLY_PUBLIC_IP": self.host,
                 "FLY_PROCESS_GROUP": metadata.get("fly_process_group", "app"),
-                "FLY_API_HOSTNAME": self.api_hostname,
-                "FLY_API_TOKEN": self._api_token,
+                fly_env.FLY_API_HOSTNAME: self.api_hostname,
+                fly_env.FLY_API_TOKEN: self._api_token,
                 "PRIMARY_REGION": self.primary_region,
                 "PYTHONUNBUFFERED": "1",
             }

@@ -24,7 +24,10 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from flyfn.emulator.state import EmulatorError, parse_duration
+from flyfn.emulator.state import EmulatorError
+from flyfn.fly.autostop import autostop_from_bool
+from flyfn.fly.durations import parse_go_duration
+from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU
 
 __all__ = [
     "GUEST_MB_STEP",
@@ -42,9 +45,6 @@ __all__ = [
 # Far deeper than any Machines API body (a config nests about 6 levels); a deeper one is refused
 # before anything recurses over it.
 MAX_JSON_DEPTH = 64
-GUEST_MB_STEP = 256
-# Per CPU, the memory Fly accepts (MB): machine-sizing guide.
-_MB_PER_CPU = {"shared": (256, 2048), "performance": (2048, 8192)}
 # Machines run on the developer's host: these would change what its Python runs (issue 16).
 REFUSED_ENV_NAMES = frozenset({"DJANGO_SETTINGS_MODULE"})
 REFUSED_ENV_PREFIXES = ("PYTHON", "LD_")
@@ -120,7 +120,7 @@ def check_config(config: dict[str, Any]) -> None:
         _check_service(f"config.services[{i}]", service)
     for where, text in _durations(config, "config"):
         try:
-            seconds = parse_duration(text)
+            seconds = parse_go_duration(text)
         except ValueError:
             seconds = -1.0
         if seconds < 0:
@@ -159,12 +159,12 @@ def guest_size_error(cpu_kind: str | None, cpus: int | None, memory_mb: int | No
     256 MB, `256·cpus ≤ MB ≤ 2048·cpus` for shared CPUs, `2048·cpus ≤ MB ≤ 8192·cpus` for
     performance ones. Absent fields take Fly's defaults (shared, 1 CPU, the least memory)."""
     kind = cpu_kind or "shared"
-    if kind not in _MB_PER_CPU:
+    if kind not in MEMORY_MB_PER_CPU:
         return f"cpu_kind {kind!r} is not one of 'shared', 'performance'"
     count = 1 if cpus is None else cpus
     if count < 1:
         return f"cpus must be at least 1, not {count}"
-    low, high = (per_cpu * count for per_cpu in _MB_PER_CPU[kind])
+    low, high = (per_cpu * count for per_cpu in MEMORY_MB_PER_CPU[kind])
     if memory_mb is None:
         return None
     if memory_mb % GUEST_MB_STEP or not low <= memory_mb <= high:
@@ -218,8 +218,8 @@ def _normalised(value: Any) -> Any:
         for key, item in value.items():
             if item is None:
                 continue
-            if key == "autostop" and isinstance(item, bool):
-                item = "stop" if item else "off"
+            if key == "autostop":
+                item = autostop_from_bool(item)
             out[key] = _normalised(item)
         return out
     if isinstance(value, list):

@@ -42,6 +42,10 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from flyfn import events
+from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, api_url
+from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, env_value
+from flyfn.fly.headers import FLY_REQUEST_ID, LEASE_NONCE, NEXT_CURSOR
+from flyfn.fly.limits import MAX_PAGE_SIZE, MAX_WAIT_TIMEOUT
 from flyfn.machines.errors import (
     InvalidResponseError,
     MachinesConnectionError,
@@ -82,7 +86,6 @@ __all__ = [
 
 logger = logging.getLogger("flyfn.machines")
 
-DEFAULT_API_HOSTNAME: Final = "https://api.machines.dev"
 DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=10.0)
 DEFAULT_MAX_RETRIES: Final = 2
 BACKOFF_BASE: Final = 0.5
@@ -90,20 +93,15 @@ BACKOFF_BASE: Final = 0.5
 BACKOFF_MAX: Final = 8.0
 MAX_RETRY_AFTER: Final = 30.0
 """The longest ``Retry-After`` the client honours (seconds); longer hints are capped."""
-MAX_WAIT_TIMEOUT: Final = 60
-"""The API refuses ``wait`` timeouts above 60 s."""
 WAIT_HTTP_SLACK: Final = 10.0
 """Extra read time given to a ``wait`` request beyond its server-side timeout."""
-MAX_PAGE_SIZE: Final = 1000
 
-LEASE_NONCE_HEADER: Final = "fly-machine-lease-nonce"
-NEXT_CURSOR_HEADER: Final = "fly-next-cursor"
-REQUEST_ID_HEADER: Final = "fly-request-id"
+# The API's header names, under the names this module has always exported.
+LEASE_NONCE_HEADER: Final = LEASE_NONCE
+NEXT_CURSOR_HEADER: Final = NEXT_CURSOR
+REQUEST_ID_HEADER: Final = FLY_REQUEST_ID
 USER_AGENT: Final = "flyfn-machines-client"
 
-ENV_API_HOSTNAME: Final = "FLY_API_HOSTNAME"
-ENV_API_TOKEN: Final = "FLY_API_TOKEN"  # noqa: S105 - an environment variable name, not a secret
-ENV_APP_NAME: Final = "FLY_APP_NAME"
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 _T = TypeVar("_T")
@@ -141,23 +139,14 @@ class MachinesClientConfig:
         if max_retries is not None and max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         return cls(
-            app_name=app_name or env.get(ENV_APP_NAME) or None,
-            api_hostname=_normalise_hostname(
-                api_hostname or env.get(ENV_API_HOSTNAME) or DEFAULT_API_HOSTNAME
+            app_name=app_name or env_value(env, FLY_APP_NAME),
+            api_hostname=api_url(
+                api_hostname or env_value(env, FLY_API_HOSTNAME) or DEFAULT_API_HOSTNAME
             ),
-            api_token=api_token or env.get(ENV_API_TOKEN) or None,
+            api_token=api_token or env_value(env, FLY_API_TOKEN),
             timeout=_as_timeout(timeout) or DEFAULT_TIMEOUT,
             max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
         )
-
-
-def _normalise_hostname(hostname: str) -> str:
-    """Add a scheme when missing (http for Fly's private ``_api.internal`` and loopback)."""
-    hostname = hostname.strip().rstrip("/")
-    if "://" not in hostname:
-        plain = hostname.startswith(("_api.internal", "localhost", "127.", "[::1]"))
-        hostname = ("http://" if plain else "https://") + hostname
-    return hostname
 
 
 def _as_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout | None:
@@ -569,7 +558,7 @@ class AsyncMachinesClient:
     def _app(self, app: str | None) -> str:
         name = app or self.config.app_name
         if not name:
-            raise ValueError(f"no Fly app name: pass app_name/app= or set {ENV_APP_NAME}")
+            raise ValueError(f"no Fly app name: pass app_name/app= or set {FLY_APP_NAME}")
         return name
 
     def _machines_path(self, app: str | None) -> str:

@@ -12,6 +12,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from flyfn.fly.autostop import AUTOSTOP_MODES, lenient_autostop
+from flyfn.fly.durations import go_duration
+
 __all__ = [
     "AUTOSTOP_MODES",
     "KNOWN_STATES",
@@ -73,58 +76,12 @@ KNOWN_STATES: frozenset[str] = frozenset(
     }
 )
 
-AUTOSTOP_MODES: frozenset[str] = frozenset({"off", "stop", "suspend"})
-
-
-def _normalise_autostop(value: object) -> object:
-    """Map the old boolean form (false = off, true = stop) and any case to the string form."""
-    if isinstance(value, bool):
-        return "stop" if value else "off"
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        # YAML-ish spellings that the older spec conversion produced for "off".
-        if lowered in {"false", "no"}:
-            return "off"
-        if lowered in {"true", "yes"}:
-            return "stop"
-        # Unknown modes are kept (lower-cased): a newer API must not break parsing a Machine;
-        # settings validation (flyfn.conf) rejects typos in what the user configures.
-        return lowered
-    return value
-
-
-Autostop = Annotated[str, BeforeValidator(_normalise_autostop)]
+Autostop = Annotated[str, BeforeValidator(lenient_autostop)]
 """``"off"|"stop"|"suspend"``; also accepts ``True`` (stop) / ``False`` (off) on input."""
-# (Values outside AUTOSTOP_MODES are tolerated as-is, like unknown Machine states.)
+# (Values outside AUTOSTOP_MODES are tolerated as-is, like unknown Machine states; settings
+# validation (flyfn.conf) rejects typos in what the user configures.)
 
-_NS_UNITS: tuple[tuple[int, str], ...] = (
-    (3_600_000_000_000, "h"),
-    (60_000_000_000, "m"),
-    (1_000_000_000, "s"),
-    (1_000_000, "ms"),
-    (1_000, "us"),
-)
-
-
-def _format_ns(ns: int) -> str:
-    for size, unit in _NS_UNITS:
-        if ns % size == 0 and ns != 0:
-            return f"{ns // size}{unit}"
-    return f"{ns}ns"
-
-
-def _normalise_duration(value: object) -> object:
-    """Accept Go duration strings, integer nanoseconds, and the old ``{"time.Duration": ns}``."""
-    if isinstance(value, dict) and "time.Duration" in value:
-        value = value["time.Duration"]
-    if isinstance(value, bool):
-        raise ValueError("a duration cannot be a boolean")
-    if isinstance(value, int):
-        return _format_ns(value)
-    return value
-
-
-Duration = Annotated[str, BeforeValidator(_normalise_duration)]
+Duration = Annotated[str, BeforeValidator(go_duration)]
 """A Go duration string such as ``"10s"`` or ``"500ms"``."""
 
 

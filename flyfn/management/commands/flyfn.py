@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import httpx
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.urls import URLPattern, URLResolver, get_resolver
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
@@ -31,7 +30,7 @@ from flyfn.pool import (
     prepare_group,
     spec_for,
 )
-from flyfn.registry import ServerlessView, registry
+from flyfn.registry import ServerlessView, iter_url_routes, registry
 
 T = TypeVar("T")
 
@@ -340,19 +339,11 @@ def run(work: Coroutine[Any, Any, T], deadline: float = DEFAULT_DEADLINE) -> T:
 def serverless_routes(urlconf: str | None = None) -> Iterator[tuple[str, ServerlessView]]:
     """Every url pattern whose view is serverless, with its full route."""
 
-    def walk(patterns: Sequence[Any], prefix: str, names: str) -> Iterator[tuple[str, Any]]:
-        for pattern in patterns:
-            route = prefix + str(pattern.pattern)
-            if isinstance(pattern, URLResolver):
-                space = f"{pattern.namespace}:" if pattern.namespace else ""
-                yield from walk(pattern.url_patterns, route, names + space)
-            elif isinstance(pattern, URLPattern):
-                url_name = f"{names}{pattern.name}" if pattern.name else None
-                view = registry.lookup(pattern.callback, url_name)
-                if view is not None:
-                    yield "/" + route.lstrip("^").rstrip("$"), view
-
-    yield from walk(get_resolver(urlconf).url_patterns, "", "")
+    for url in iter_url_routes(urlconf):
+        # The instance namespaces' name, as the request's resolver_match gives it.
+        view = registry.lookup(url.callback, url.names[0] if url.names else None)
+        if view is not None:
+            yield "/" + url.route.lstrip("^").rstrip("$"), view
 
 
 def all_groups(settings: FlyfnSettings) -> list[str]:

@@ -1,0 +1,40 @@
+"""The environment variables Fly sets on a Machine (and flyfn sets on its function Machines), and
+how one is read: a blank value counts as unset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "FLY_ALLOC_ID",
+    "FLY_API_HOSTNAME",
+    "FLY_API_TOKEN",
+    "FLY_APP_NAME",
+    "FLY_IMAGE_REF",
+    "FLY_MACHINE_ID",
+    "FLY_PRIVATE_IP",
+    "FLY_REGION",
+    "GROUP_ENV",
+    "SEED_ENV",
+    "env_value",
+]
+
+FLY_APP_NAME = "FLY_APP_NAME"
+FLY_MACHINE_ID = "FLY_MACHINE_ID"
+FLY_ALLOC_ID = "FLY_ALLOC_ID"
+FLY_REGION = "FLY_REGION"
+FLY_IMAGE_REF = "FLY_IMAGE_REF"
+FLY_PRIVATE_IP = "FLY_PRIVATE_IP"
+# Not set by Fly: the Machines API's address and token, as `fly secrets set` gives them.
+FLY_API_HOSTNAME = "FLY_API_HOSTNAME"
+FLY_API_TOKEN = "FLY_API_TOKEN"  # noqa: S105 - a variable's name, not a secret
+# Set by flyfn on every function Machine: its group.
+GROUP_ENV = "FLYFN_GROUP"
+# The seed's marker of a function Machine (group "default").
+SEED_ENV = "IS_FLY_MACHINE_SERVERLESS"
+
+
+def env_value(environ: Mapping[str, str], name: str) -> str | None:
+    """The variable's value without surrounding space; None when it is unset or blank."""
+    value = environ.get(name, "").strip()
+    return value or None

@@ -1,0 +1,255 @@
+"""A group's settings (``FLYFN["GROUPS"][g]``): its Machines' size, count, concurrency, autostop,
+strategy, replay timeout and fallback, validated by pydantic models.
+
+Every default, and why it is the default, is documented on the field it belongs to (the
+documentation's settings reference is generated from these docstrings).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from flyfn.fly.autostop import AutostopMode, autostop_from_bool
+from flyfn.fly.durations import DurationError, format_duration, parse_duration
+from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU, CpuCount, CpuKind
+from flyfn.replay import MAX_STATE_AGE
+from flyfn.settings_errors import invalid, show
+
+__all__ = [
+    "APP_NAME_RE",
+    "MAX_REPLAY_TIMEOUT",
+    "STATE_VALIDITY_MARGIN",
+    "ConcurrencySettings",
+    "GroupSettings",
+    "GuestSettings",
+    "Section",
+    "matching",
+]
+
+# Seconds a signed replay state stays valid beyond the group's replay timeout (clock skew,
+# queueing).
+STATE_VALIDITY_MARGIN = 30.0
+# The longest replay timeout: a state then lives at most MAX_STATE_AGE (what verify_state allows).
+MAX_REPLAY_TIMEOUT = MAX_STATE_AGE - STATE_VALIDITY_MARGIN
+
+Strategy = Literal["instance", "app"]
+Fallback = Literal["local", "error"]
+
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _duration(value: Any) -> str:
+    """A duration string (``"10s"``) from a string or a number of seconds, at most
+    ``MAX_REPLAY_TIMEOUT``."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise invalid(f'must be a duration such as "10s" or "800ms" (got {show(value)})')
+    try:
+        text = value.strip() if isinstance(value, str) else format_duration(value)
+        seconds = parse_duration(text)
+    except (DurationError, ValueError, OverflowError):  # bad text, or NaN / infinity
+        raise invalid(f'must be a duration such as "10s" or "800ms" (got {show(value)})') from None
+    if seconds > MAX_REPLAY_TIMEOUT:
+        raise invalid(
+            f'must be at most "{format_duration(MAX_REPLAY_TIMEOUT)}" (got {show(value)}): a '
+            "signed replay state is accepted for this long plus a margin"
+        )
+    return text
+
+
+def matching(pattern: re.Pattern[str], what: str) -> BeforeValidator:
+    """Accepting None or a string matching ``pattern`` (``what`` it is, for the message)."""
+    return BeforeValidator(functools.partial(_check_match, pattern, what))
+
+
+def _check_match(pattern: re.Pattern[str], what: str, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and pattern.fullmatch(value)):
+        return value
+    raise invalid(f"must be {what} (got {show(value)})")
+
+
+def _at_least(other: str, value: int | None, info: ValidationInfo) -> int | None:
+    """``value`` (when set) is at least the field ``other`` declared before it."""
+    bound = info.data.get(other)
+    if value is not None and bound is not None and value < bound:
+        raise invalid(f"must be at least {other} ({bound}) (got {value})")
+    return value
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Section(BaseModel):
+    """A settings dict: frozen, and an unknown key is an error (which lists the known ones)."""
+
+    # The fields' docstrings become their descriptions: the documentation's settings reference.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, use_attribute_docstrings=True
+    )
+
+
+class GuestSettings(Section):
+    """``GROUPS[g]["guest"]``: the function Machines' size (Fly's ``MachineGuest``)."""
+
+    cpu_kind: CpuKind = "shared"
+    """Default ``"shared"``: the cheapest kind, and what a scale-to-zero view usually needs."""
+
+    cpus: CpuCount = 1
+    """Default 1: Fly's smallest size; the counts Fly offers are 1, 2, 4, 8 and 16."""
+
+    memory_mb: int = Field(
+        default=GUEST_MB_STEP, ge=GUEST_MB_STEP, le=262_144, multiple_of=GUEST_MB_STEP
+    )
+    """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
+    views."""
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _fly_sizes(cls, memory_mb: int, info: ValidationInfo) -> int:
+        # Fly refuses other sizes when the Machine is created (its machine-sizing guide).
+        kind, cpus = info.data.get("cpu_kind"), info.data.get("cpus")
+        if kind is None or cpus is None:
+            return memory_mb  # reported on their own keys
+        low, high = MEMORY_MB_PER_CPU[kind]
+        if not low * cpus <= memory_mb <= high * cpus:
+            raise invalid(
+                f"Fly refuses {memory_mb} MB for {cpus} {kind} CPU(s): "
+                f"{kind} CPUs take {low}-{high} MB each, in multiples of {GUEST_MB_STEP} "
+                f"({low * cpus}-{high * cpus} MB here)"
+            )
+        return memory_mb
+
+
+class ConcurrencySettings(Section):
+    """``GROUPS[g]["concurrency"]``: the requests one function Machine takes, written into its
+    ``services[].concurrency`` (type ``"requests"``) for Fly Proxy's balancing."""
+
+    soft_limit: int = Field(ge=1, le=100_000)
+    """Required: at this many requests in flight a Machine counts as busy. Fly Proxy then prefers
+    (or autostarts) another Machine of the service, and an ``instance``-strategy function Machine
+    sends further replays on to the next Machine of its group (see docs/elastic-groups.md)."""
+
+    hard_limit: int | None = Field(default=None, ge=1, le=100_000)
+    """Default None (Fly's own default: no hard limit): at this many requests in flight Fly Proxy
+    sends the Machine nothing more, and queues requests meant for it alone (replays to it)."""
+
+    @field_validator("hard_limit")
+    @classmethod
+    def _hard_above_soft(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _at_least("soft_limit", value, info)
+
+
+class GroupSettings(Section):
+    """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get
+    these."""
+
+    guest: GuestSettings = GuestSettings()
+    """Default shared-cpu-1x with 256 MB: see ``GuestSettings``."""
+
+    machines: int = Field(default=1, ge=1, le=100)
+    """Default 1: the Machines the app Machines replay to (in turn); Fly Proxy starts a stopped
+    Machine per request, so one serves a trickle. Raise ``max_machines`` to let a burst spread
+    further."""
+
+    max_machines: int | None = Field(default=None, ge=1, le=100)
+    """Default: ``machines``. The most Machines the group has: all are created (a stopped Machine
+    costs only its root file system) and started as load needs, when the Machines before them are
+    at their ``concurrency`` soft limit (docs/elastic-groups.md)."""
+
+    concurrency: ConcurrencySettings | None = None
+    """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
+    takes, e.g. ``{"soft_limit": 10, "hard_limit": 15}``; written into the Machines' services."""
+
+    autostop: Annotated[AutostopMode, BeforeValidator(autostop_from_bool)] = "stop"
+    """Default ``"stop"``: works for every Machine size; ``"suspend"`` resumes in a few hundred ms
+    instead of a cold boot but needs ≤ 2 GB memory and no swap; ``"off"`` keeps Machines running.
+    Booleans are accepted as in fly.toml (true = stop, false = off)."""
+
+    internal_port: int = Field(default=8000, ge=1, le=65535)
+    """Default 8000: the port Django/uvicorn/gunicorn setups on Fly conventionally listen on."""
+
+    region: Annotated[str | None, matching(_REGION_RE, 'a Fly region code such as "iad"')] = None
+    """Default None: the region of the app Machine that creates them (Fly's own default)."""
+
+    env: tuple[str, ...] = ()
+    """Default none: names of environment variables whose values (in the creating process) are
+    copied to the function Machines; fly.toml ``[env]`` is not given to API-created Machines."""
+
+    secrets: tuple[str, ...] = ()
+    """Default none (``SECRET_KEY`` is always covered): names of app secrets the function Machines
+    use, e.g. ``DATABASE_URL``. Fly gives secrets to every Machine of the app, but to API-created
+    ones only when they (re)start or are updated: a change to one of these (a digest, never the
+    value) makes the app Machines update the function Machines."""
+
+    strategy: Strategy = "instance"
+    """Default ``"instance"``: function Machines live in the same app and replays name one by id,
+    which needs no second Fly app. ``"app"`` puts them in ``app`` and lets Fly Proxy balance
+    them."""
+
+    app: Annotated[str | None, matching(APP_NAME_RE, "a Fly app name (a-z, 0-9, -)")] = None
+    """Default None; required by ``strategy: "app"``: the Fly app (same org) of the function
+    Machines."""
+
+    replay_timeout: Annotated[str, BeforeValidator(_duration)] = "10s"
+    """Default ``"10s"``: how long Fly Proxy tries to reach the target, which includes a cold start
+    (about 2 s or more for a Django app), with room to spare before the fallback answers."""
+
+    fallback: Fallback = "local"
+    """Default ``"local"``: when a replay cannot happen, run the view on the app Machine (the user
+    gets an answer); ``"error"`` answers 503 with Retry-After instead (for views too heavy to run
+    there)."""
+
+    fallback_concurrency: int = Field(default=4, ge=1, le=10_000)
+    """Default 4: at most this many local fallbacks run at once per process (beyond that: 503 with
+    Retry-After), so a burst of failed replays of a heavy view cannot starve ordinary traffic."""
+
+    @field_validator("env", "secrets", mode="before")
+    @classmethod
+    def _env_names(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise invalid(f"must be a list of environment variable names (got {show(value)})")
+        names: list[str] = []
+        for name in value:
+            if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+                raise invalid(f"must list environment variable names (got {show(name)})")
+            if name not in names:
+                names.append(name)
+        return tuple(names)
+
+    @field_validator("max_machines")
+    @classmethod
+    def _max_at_least_machines(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _at_least("machines", value, info)
+
+    @field_validator("app")
+    @classmethod
+    def _app_for_app_strategy(cls, app: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("strategy") == "app" and not app:
+            raise invalid('required when strategy is "app"')
+        return app
+
+    @property
+    def machine_count(self) -> int:
+        """The Machines the group keeps created: ``max_machines``, else ``machines``."""
+        return self.max_machines if self.max_machines is not None else self.machines
+
+    # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
+    @functools.cached_property
+    def replay_timeout_seconds(self) -> float:
+        """``replay_timeout`` in seconds."""
+        return parse_duration(self.replay_timeout)
+
+    @functools.cached_property
+    def state_max_age(self) -> float:
+        """Seconds a signed replay state of this group stays valid: the replay timeout plus a
+        margin."""
+        return self.replay_timeout_seconds + STATE_VALIDITY_MARGIN
