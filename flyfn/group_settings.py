@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from flyfn.fly.autostop import AutostopMode, autostop_from_bool
 from flyfn.fly.durations import DurationError, format_duration, parse_duration
@@ -111,6 +112,14 @@ class GuestSettings(Section):
     )
     """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
     views."""
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus_is_a_whole_number(cls, value: Any) -> Any:
+        # Pydantic's Literal is lax (True == 1, 2.0 == 2); Fly's API takes an integer.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PydanticCustomError("literal_error", "Input should be 1, 2, 4, 8 or 16")
+        return value
 
     @field_validator("memory_mb")
     @classmethod

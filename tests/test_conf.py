@@ -174,6 +174,8 @@ def test_bad_choice_names_the_key_and_the_allowed_values() -> None:
         ({"GROUPS": {"g": {"fallback": "retry"}}}, '["g"]["fallback"]', '"local", "error"'),
         ({"GROUPS": {"g": {"guest": {"cpu_kind": "gpu"}}}}, '["cpu_kind"]', '"shared"'),
         ({"GROUPS": {"g": {"guest": {"cpus": 3}}}}, '["cpus"]', "1, 2, 4, 8, 16"),
+        ({"GROUPS": {"g": {"guest": {"cpus": True}}}}, '["cpus"]', "1, 2, 4, 8, 16"),
+        ({"GROUPS": {"g": {"guest": {"cpus": 2.0}}}}, '["cpus"]', "1, 2, 4, 8, 16"),
         ({"GROUPS": {"g": {"guest": {"memory_mb": 300}}}}, '["memory_mb"]', "multiple of 256"),
         ({"GROUPS": {"g": {"machines": 0}}}, '["g"]["machines"]', "greater than or equal to 1"),
         ({"GROUPS": {"g": {"internal_port": 70000}}}, '["internal_port"]', "65535"),
