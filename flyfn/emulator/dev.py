@@ -32,7 +32,8 @@ import uvicorn
 from flyfn.emulator.api import RateLimit, create_app
 from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.live import LivePage
-from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy, RequestLog
+from flyfn.emulator.logline import RequestLog, machine_label
+from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (
@@ -40,7 +41,6 @@ from flyfn.emulator.supervisor import (
     DEFAULT_BOOT_TIMEOUT,
     ProcessRuntime,
     listening_socket,
-    machine_label,
 )
 from flyfn.machines.models import (
     CreateMachineRequest,

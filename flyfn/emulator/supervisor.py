@@ -2,7 +2,7 @@
 
 Each Machine is one process (uvicorn serving the project's ASGI application) on a loopback port,
 started in its own process group with Fly's environment variables. The runtime implements the
-`MachineRuntime` seam of `flyfn.emulator.api`: launch waits until the app accepts connections,
+`MachineRuntime` seam of `flyfn.emulator.state`: launch waits until the app accepts connections,
 stop is the configured signal then SIGKILL, suspend is SIGSTOP and resume SIGCONT. A watcher per
 process reports an unexpected exit to the emulator (`machine_exited`), so the Machine becomes
 stopped and the proxy starts it again on the next request.
@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import psutil
 
+from flyfn.emulator.logline import machine_label
+from flyfn.runtime import GROUP_ENV, SEED_ENV
+
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
@@ -42,8 +45,6 @@ __all__ = [
     "DEFAULT_ASGI_APP",
     "MachineLaunchError",
     "ProcessRuntime",
-    "is_function_machine",
-    "machine_label",
 ]
 
 #: Served when no ASGI application is named: Django's own, for DJANGO_SETTINGS_MODULE.
@@ -55,7 +56,7 @@ _OUTPUT_TAIL = 20
 _READ_LIMIT = 1 << 20
 # Inherited variables that would give a Machine the wrong identity or role.
 _SCRUBBED_ENV_PREFIXES = ("FLY_",)
-_SCRUBBED_ENV = frozenset({"FLYFN_GROUP", "IS_FLY_MACHINE_SERVERLESS", "PRIMARY_REGION"})
+_SCRUBBED_ENV = frozenset({GROUP_ENV, SEED_ENV, "PRIMARY_REGION"})
 
 
 class MachineLaunchError(RuntimeError):
@@ -69,17 +70,6 @@ class ExitReporter(Protocol):
     async def machine_exited(self, app: str, machine_id: str, *, exit_code: int | None) -> None: ...
 
     def secret_env(self, app: str, machine_id: str) -> dict[str, str]: ...
-
-
-def is_function_machine(machine: Machine) -> bool:
-    """A flyfn function Machine: its config env sets FLYFN_GROUP (or the seed's variable)."""
-    env = (machine.config.env if machine.config is not None else None) or {}
-    return "FLYFN_GROUP" in env or "IS_FLY_MACHINE_SERVERLESS" in env
-
-
-def machine_label(machine: Machine) -> str:
-    """`main:0e1f` for an app Machine, `fn:9a2c` for a function Machine."""
-    return f"{'fn' if is_function_machine(machine) else 'main'}:{machine.id[:4]}"
 
 
 @dataclass
