@@ -14,7 +14,7 @@ from flyfn.emulator.roles import is_function_machine
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
-__all__ = ["RequestLog", "autostop_event", "cold_note", "failed_hop", "machine_label"]
+__all__ = ["RequestLog", "autostop_event", "cold_note", "machine_label"]
 
 
 def machine_label(machine: Machine) -> str:
@@ -25,11 +25,6 @@ def machine_label(machine: Machine) -> str:
 def cold_note(boot_seconds: float | None) -> str:
     """` (cold 1.8s)` after the label of a Machine serving its first request."""
     return f" (cold {boot_seconds:.1f}s)" if boot_seconds is not None else " (cold)"
-
-
-def failed_hop(label: str, reason: str) -> str:
-    """A hop that could not be delivered: `fn:9a2c ✗ timeout`."""
-    return f"{label} ✗ {reason}"
 
 
 def autostop_event(machine: Machine, mode: str, idle_seconds: float) -> str:
@@ -49,6 +44,37 @@ class RequestLog:
     seconds: float = 0.0
     error: str | None = None
     machine_id: str | None = None  # the last Machine that answered
+
+    def reached(self, machine: Machine, note: str = "") -> None:
+        """A Machine got the request (`note`: its cold start, if any)."""
+        self.hops.append(machine_label(machine) + note)
+        self.machine_id = machine.id
+
+    def unreachable(self, label: str, reason: str) -> None:
+        """A delivery failed: `fn:9a2c ✗ timeout`."""
+        self.hops.append(f"{label} ✗ {reason}")
+
+    def fell_back(self) -> None:
+        self.hops.append("fallback")
+
+    def resent(self) -> None:
+        self.hops.append("resent")
+
+    def replayed(self, *, elsewhere: bool) -> None:
+        self.hops.append("elsewhere" if elsewhere else "replay")
+
+    def refused(self, code: str, status: int) -> None:
+        """The proxy answered itself with an error page."""
+        self.status = status
+        self.error = code
+        self.hops.append(code)
+
+    def client_gone(self) -> None:
+        self.error = "client went away"
+
+    def broke_off(self) -> None:
+        """The Machine's answer ended early, after the client had its headers."""
+        self.error = "PU02 upstream closed mid-response"
 
     def __str__(self) -> str:
         route = " → ".join(self.hops) if self.hops else "proxy"

@@ -15,7 +15,7 @@ from typing import Protocol
 import httpx
 
 from flyfn.emulator.asgi import Receive, Scope, Send
-from flyfn.emulator.logline import RequestLog, cold_note, failed_hop, machine_label
+from flyfn.emulator.logline import RequestLog, cold_note, machine_label
 from flyfn.emulator.proxy import forwarding, resend, routing
 from flyfn.emulator.proxy.autostop import DEFAULT_IDLE_STOP, Autostop
 from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT, ReadAhead, RequestBody
@@ -146,11 +146,9 @@ class FlyProxy:
             body = await RequestBody.read(receive, self.edge_buffer_limit)
             await self._route(scope, body, path, request_id, log, send)
         except ClientGone:
-            log.error = "client went away"
+            log.client_gone()
         except ProxyError as exc:
-            log.status = exc.status
-            log.error = exc.code
-            log.hops.append(exc.code)
+            log.refused(exc.code, exc.status)
             await forwarding.error_page(send, exc, request_id, log.machine_id)
         finally:
             log.seconds = time.monotonic() - started
@@ -182,7 +180,7 @@ class FlyProxy:
             try:
                 machine, response, note = await self._deliver(dest, method, body, delivery)
             except Unreachable as failure:
-                log.hops.append(failed_hop(self._label(dest.app, failure.target), failure.reason))
+                log.unreachable(self._label(dest.app, failure.target), failure.reason)
                 dest, delivery = routing.fallback_of(
                     dest,
                     delivery,
@@ -192,10 +190,9 @@ class FlyProxy:
                     home_app=self.app_name,
                     replay_timeout=self.replay_timeout,
                 )
-                log.hops.append("fallback")
+                log.fell_back()
                 continue
-            log.hops.append(machine_label(machine) + note)
-            log.machine_id = machine.id
+            log.reached(machine, note)
             try:
                 directive = await forwarding.read_replay(response)
             except BaseException:
@@ -227,7 +224,7 @@ class FlyProxy:
                     )
                 await self.addresses.reap(machine.id)
                 resends += 1
-                log.hops.append("resent")
+                log.resent()
                 continue
             await forwarding.discard(response)
             self._load.end(machine.id)
@@ -240,9 +237,7 @@ class FlyProxy:
                 body_limit=self.replay_body_limit,
                 edge_buffer_limit=self.edge_buffer_limit,
             )
-            log.hops.append(
-                "elsewhere" if directive.elsewhere and not directive.instance else "replay"
-            )
+            log.replayed(elsewhere=directive.elsewhere and not directive.instance)
             dest, delivery = routing.replayed(
                 dest,
                 delivery,

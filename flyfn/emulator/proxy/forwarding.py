@@ -169,7 +169,7 @@ async def respond(
         except httpx.HTTPError:
             # Too late for an error page: leave the response incomplete so the client's
             # connection is closed rather than a truncated body looking whole.
-            log.error = "PU02 upstream closed mid-response"
+            log.broke_off()
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
