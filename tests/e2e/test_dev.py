@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.stack import Dev, kill_stack, start_stack, wait_for
+from tests.e2e.stack import Dev, running_stack, wait_for
 from tests.support_procs import alive, identity, machine_pid
 
 IDLE_STOP = 3
@@ -31,12 +31,8 @@ def _rss_mb(process: psutil.Process) -> float:
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[Dev]:
-    stack = start_stack(IDLE_STOP)
-    try:
+    with running_stack(IDLE_STOP) as stack:
         yield stack
-    finally:
-        if stack.process.poll() is None:
-            kill_stack(stack)
 
 
 def get(dev: Dev, path: str, **kwargs: Any) -> httpx.Response:
@@ -189,10 +185,6 @@ def test_sigterm_to_the_command_leaves_nothing_behind(dev: Dev) -> None:
 
 
 def test_sigint_to_the_command_leaves_nothing_behind() -> None:
-    stack = start_stack(60)
-    try:
+    with running_stack(60) as stack:
         get(stack, "/square/10/")
         _assert_stops_cleanly(stack, signal.SIGINT)
-    finally:
-        if stack.process.poll() is None:
-            kill_stack(stack)
