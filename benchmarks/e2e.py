@@ -61,7 +61,7 @@ def app_boot_seconds(log_dir: Path) -> float:
         sock.bind((LOOPBACK, 0))
         sock.listen(128)
         port = sock.getsockname()[1]
-        argv = [sys.executable, "-m", "flyfn.emulator.supervisor", "--app", ASGI_APP]
+        argv = [sys.executable, "-m", "flyfn.emulator.child", "--app", ASGI_APP]
         argv += ["--fd", str(sock.fileno()), "--parent-pid", str(os.getpid())]
         with (log_dir / "boot.log").open("ab") as out:
             start = time.perf_counter()

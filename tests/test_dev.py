@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from flyfn.emulator.child import DEFAULT_ASGI_APP
 from flyfn.emulator.dev import DevOptions, DevStack, image_ref, project_asgi_app, run_dev
-from flyfn.emulator.supervisor import DEFAULT_ASGI_APP
 from flyfn.machines.models import Machine
 
 E2E_PROJECT = Path(__file__).resolve().parent / "e2e" / "project"

@@ -36,7 +36,7 @@ from flyfn.replay import (
     verify_state,
 )
 from flyfn.runtime import MAIN, override_role
-from tests.test_middleware import FakeManager
+from tests.support_middleware import FakeManager
 
 SALT = "flyfn.replay.state"
 

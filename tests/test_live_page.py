@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from flyfn.emulator.live import MAX_ROUTES, LivePage
-from flyfn.emulator.proxy import RequestLog
+from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.machines.models import CreateMachineRequest, MachineConfig
 

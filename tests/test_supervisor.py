@@ -17,13 +17,10 @@ import httpx
 import psutil
 import pytest
 
+from flyfn.emulator.logline import machine_label
+from flyfn.emulator.roles import is_function_machine
 from flyfn.emulator.state import MachinesEmulator
-from flyfn.emulator.supervisor import (
-    ProcessRuntime,
-    is_function_machine,
-    listening_socket,
-    machine_label,
-)
+from flyfn.emulator.supervisor import ProcessRuntime, listening_socket
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,

@@ -30,18 +30,14 @@ from typing import Any, TextIO
 import uvicorn
 
 from flyfn.emulator.api import RateLimit, create_app
+from flyfn.emulator.child import DEFAULT_ASGI_APP
 from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.live import LivePage
-from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy, RequestLog
+from flyfn.emulator.logline import RequestLog, machine_label
+from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
-from flyfn.emulator.supervisor import (
-    DEFAULT_ASGI_APP,
-    DEFAULT_BOOT_TIMEOUT,
-    ProcessRuntime,
-    listening_socket,
-    machine_label,
-)
+from flyfn.emulator.supervisor import DEFAULT_BOOT_TIMEOUT, ProcessRuntime, listening_socket
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flyfn.emulator.asgi import Receive, Scope, Send
-from flyfn.emulator.proxy import RequestLog
+from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.machines.models import Machine
 

@@ -2,7 +2,7 @@
 
 Each Machine is one process (uvicorn serving the project's ASGI application) on a loopback port,
 started in its own process group with Fly's environment variables. The runtime implements the
-`MachineRuntime` seam of `flyfn.emulator.api`: launch waits until the app accepts connections,
+`MachineRuntime` seam of `flyfn.emulator.state`: launch waits until the app accepts connections,
 stop is the configured signal then SIGKILL, suspend is SIGSTOP and resume SIGCONT. A watcher per
 process reports an unexpected exit to the emulator (`machine_exited`), so the Machine becomes
 stopped and the proxy starts it again on the next request.
@@ -10,54 +10,50 @@ stopped and the proxy starts it again on the next request.
 Nothing is left behind: children die with their parent (PR_SET_PDEATHSIG on Linux, a stdin pipe
 that reaches EOF elsewhere), and an atexit hook kills every process group still alive.
 
-The child side is this module's `__main__`:
-`python -m flyfn.emulator.supervisor --app module:attr --fd N --parent-pid P`.
+The child side is `flyfn.emulator.child`; process groups and signals are
+`flyfn.emulator.process_groups`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import atexit
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
-import psutil
-
+from flyfn.emulator.child import DEFAULT_ASGI_APP, DEFAULT_STOP_TIMEOUT
+from flyfn.emulator.logline import machine_label
+from flyfn.emulator.process_groups import (
+    exit_code,
+    forget_group,
+    kill_group,
+    own_group,
+    parse_signal,
+    until_stopped,
+)
 from flyfn.fly import env as fly_env
+from flyfn.fly.env import GROUP_ENV, SEED_ENV
 
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
-__all__ = [
-    "DEFAULT_ASGI_APP",
-    "MachineLaunchError",
-    "ProcessRuntime",
-    "is_function_machine",
-    "machine_label",
-]
+__all__ = ["DEFAULT_BOOT_TIMEOUT", "MachineLaunchError", "ProcessRuntime", "listening_socket"]
 
-#: Served when no ASGI application is named: Django's own, for DJANGO_SETTINGS_MODULE.
-DEFAULT_ASGI_APP = "django"
 DEFAULT_BOOT_TIMEOUT = 30.0
-DEFAULT_STOP_TIMEOUT = 5.0
 READY_POLL_INTERVAL = 0.01  # seconds between readiness probes of a booting Machine
 _OUTPUT_TAIL = 20
 _READ_LIMIT = 1 << 20
 # Inherited variables that would give a Machine the wrong identity or role.
 _SCRUBBED_ENV_PREFIXES = ("FLY_",)
-_SCRUBBED_ENV = frozenset({fly_env.GROUP_ENV, fly_env.SEED_ENV, "PRIMARY_REGION"})
+_SCRUBBED_ENV = frozenset({GROUP_ENV, SEED_ENV, "PRIMARY_REGION"})
 
 
 class MachineLaunchError(RuntimeError):
@@ -71,17 +67,6 @@ class ExitReporter(Protocol):
     async def machine_exited(self, app: str, machine_id: str, *, exit_code: int | None) -> None: ...
 
     def secret_env(self, app: str, machine_id: str) -> dict[str, str]: ...
-
-
-def is_function_machine(machine: Machine) -> bool:
-    """A flyfn function Machine: its config env sets FLYFN_GROUP (or the seed's variable)."""
-    env = (machine.config.env if machine.config is not None else None) or {}
-    return fly_env.GROUP_ENV in env or fly_env.SEED_ENV in env
-
-
-def machine_label(machine: Machine) -> str:
-    """`main:0e1f` for an app Machine, `fn:9a2c` for a function Machine."""
-    return f"{'fn' if is_function_machine(machine) else 'main'}:{machine.id[:4]}"
 
 
 @dataclass
@@ -103,72 +88,6 @@ class _Child:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-
-# Process groups of every live child of every runtime in this process: the atexit net.
-_LIVE_GROUPS: set[int] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _kill_group(pgid: int, sig: int) -> bool:
-    """Signal a whole process group; False when it no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-    return True
-
-
-def _kill_leftovers() -> None:
-    with _LIVE_LOCK:
-        groups = list(_LIVE_GROUPS)
-        _LIVE_GROUPS.clear()
-    for pgid in groups:
-        _kill_group(pgid, signal.SIGKILL)
-
-
-atexit.register(_kill_leftovers)
-
-
-async def _until_stopped(pid: int, limit: float = 2.0) -> None:
-    """Return once the kernel shows the process stopped (a signal is delivered asynchronously)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            status = psutil.Process(pid).status()
-        except psutil.Error:
-            return  # gone (or not ours to see): nothing to wait for
-        if status in _HALTED:
-            return
-        await asyncio.sleep(0.005)
-
-
-_HALTED = frozenset(
-    {psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD}
-)
-
-
-def _parse_signal(name: str | None) -> signal.Signals:
-    if not name:
-        return signal.SIGTERM
-    text = name.strip().upper()
-    if text.isdigit():
-        return signal.Signals(int(text))
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return signal.Signals[text]
-    except KeyError:
-        return signal.SIGTERM
-
-
-def _exit_code(returncode: int | None) -> int | None:
-    # Like Fly's exit events (and shells): death by signal N is 128 + N.
-    if returncode is None:
-        return None
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -301,22 +220,22 @@ class ProcessRuntime:
         child = self._children.get(machine.id)
         if child is None:
             return
-        await self._terminate(child, _parse_signal(signal), timeout)
+        await self._terminate(child, parse_signal(signal), timeout)
 
     async def suspend(self, app: str, machine: Machine) -> None:
         child = self._children.get(machine.id)
         if child is None or child.process.returncode is not None:
             return
-        _kill_group(child.pid, signal.SIGSTOP)
+        kill_group(child.pid, signal.SIGSTOP)
         child.suspended = True
-        await _until_stopped(child.pid)
+        await until_stopped(child.pid)
 
     async def resume(self, app: str, machine: Machine) -> None:
         child = self._children.get(machine.id)
         if child is None or child.process.returncode is not None:
             await self.launch(app, machine)
             return
-        _kill_group(child.pid, signal.SIGCONT)
+        kill_group(child.pid, signal.SIGCONT)
         child.suspended = False
 
     async def destroy(self, app: str, machine: Machine) -> None:
@@ -338,7 +257,7 @@ class ProcessRuntime:
         """SIGKILL every process group now (synchronous; for signal handlers and finally blocks)."""
         for child in list(self._children.values()):
             child.stopping = True
-            _kill_group(child.pid, signal.SIGKILL)
+            kill_group(child.pid, signal.SIGKILL)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -387,7 +306,7 @@ class ProcessRuntime:
         return [
             self.python,
             "-m",
-            "flyfn.emulator.supervisor",
+            "flyfn.emulator.child",
             "--app",
             self.asgi_app,
             "--fd",
@@ -425,8 +344,7 @@ class ProcessRuntime:
             process = await self._spawn(sock, app, machine)
         finally:
             sock.close()
-        with _LIVE_LOCK:
-            _LIVE_GROUPS.add(process.pid)
+        own_group(process.pid)
         child = _Child(
             app=app, machine_id=machine.id, label=machine_label(machine), port=port, process=process
         )
@@ -458,7 +376,7 @@ class ProcessRuntime:
                         await asyncio.wait_for(asyncio.shield(child.pump), 1.0)
                 raise MachineLaunchError(
                     f"Machine {child.machine_id} exited during boot with code "
-                    f"{_exit_code(child.process.returncode)}{self._tail_text(child)}"
+                    f"{exit_code(child.process.returncode)}{self._tail_text(child)}"
                 )
             try:
                 _, writer = await asyncio.wait_for(
@@ -513,12 +431,11 @@ class ProcessRuntime:
             return
         if self._reporter is not None:
             await self._reporter.machine_exited(
-                child.app, child.machine_id, exit_code=_exit_code(returncode)
+                child.app, child.machine_id, exit_code=exit_code(returncode)
             )
 
     def _forget(self, child: _Child) -> None:
-        with _LIVE_LOCK:
-            _LIVE_GROUPS.discard(child.pid)
+        forget_group(child.pid)
         if self._children.get(child.machine_id) is child:
             del self._children[child.machine_id]
 
@@ -527,16 +444,16 @@ class ProcessRuntime:
         process = child.process
         if process.returncode is None:
             if sig != signal.SIGKILL and grace > 0:
-                _kill_group(child.pid, sig)
+                kill_group(child.pid, sig)
                 if child.suspended:  # a stopped process only acts on the signal once continued
-                    _kill_group(child.pid, signal.SIGCONT)
+                    kill_group(child.pid, signal.SIGCONT)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(process.wait()), grace)
             if process.returncode is None:
-                _kill_group(child.pid, signal.SIGKILL)
+                kill_group(child.pid, signal.SIGKILL)
                 await process.wait()
         # Whatever the leader left in its group goes too.
-        _kill_group(child.pid, signal.SIGKILL)
+        kill_group(child.pid, signal.SIGKILL)
         if child.pump is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(child.pump), 1.0)
@@ -545,67 +462,3 @@ class ProcessRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         self._forget(child)
-
-
-# -- the child side ------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Make sure this process never outlives the runtime that started it."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(1)
-
-    # Portable fallback: stdin is a pipe from the parent; EOF means the parent is gone.
-    def watch_stdin() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while os.read(0, 4096):
-                pass
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(DEFAULT_STOP_TIMEOUT)
-            os._exit(1)
-
-    threading.Thread(target=watch_stdin, name="flyfn-parent-watch", daemon=True).start()
-
-
-def _load_app(spec: str) -> Any:
-    if spec == DEFAULT_ASGI_APP:
-        from django.core.asgi import get_asgi_application
-
-        return get_asgi_application()
-    return spec  # uvicorn imports "module:attr" itself
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flyfn.emulator.supervisor")
-    parser.add_argument("--app", default=DEFAULT_ASGI_APP, help="module:attr, or 'django'")
-    parser.add_argument("--fd", type=int, required=True, help="listening socket to serve on")
-    parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--log-level", default="warning")
-    args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
-
-    import uvicorn
-
-    sock = socket.socket(fileno=args.fd)
-    config = uvicorn.Config(
-        _load_app(args.app),
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="auto",
-        timeout_graceful_shutdown=int(DEFAULT_STOP_TIMEOUT),
-    )
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down for: a clean stop
-        sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()

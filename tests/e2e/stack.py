@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +70,17 @@ def start_stack(idle_stop: float) -> Dev:
     dev = Dev(process, port, lines)
     dev.api = banner_api(process, lines, cleanup=lambda: kill_stack(dev))
     return dev
+
+
+@contextlib.contextmanager
+def running_stack(idle_stop: float) -> Iterator[Dev]:
+    """A started stack, killed on the way out if it still runs (a test may have stopped it)."""
+    stack = start_stack(idle_stop)
+    try:
+        yield stack
+    finally:
+        if stack.process.poll() is None:
+            kill_stack(stack)
 
 
 def kill_stack(dev: Dev) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.stack import Dev, kill_stack, start_stack, wait_for
+from tests.e2e.stack import Dev, running_stack, wait_for
 
 IDLE_STOP = 3
 MAX_MACHINES = 3
@@ -24,12 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[Dev]:
-    stack = start_stack(IDLE_STOP)
-    try:
+    with running_stack(IDLE_STOP) as stack:
         yield stack
-    finally:
-        if stack.process.poll() is None:
-            kill_stack(stack)
 
 
 def test_a_trickle_wakes_exactly_one_machine(dev: Dev) -> None:

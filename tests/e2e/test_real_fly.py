@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.stack import Dev, kill_stack, start_stack
+from tests.e2e.stack import Dev, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -28,12 +28,8 @@ MAX_UPLOADS = 60
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[Dev]:
-    stack = start_stack(idle_stop=3600)
-    try:
+    with running_stack(idle_stop=3600) as stack:
         yield stack
-    finally:
-        if stack.process.poll() is None:
-            kill_stack(stack)
 
 
 def test_large_uploads_answer_200_whichever_machine_they_land_on(dev: Dev) -> None:

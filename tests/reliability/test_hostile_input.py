@@ -38,7 +38,7 @@ from flyfn.runtime import MAIN, function, override_role
 from tests.conftest import MachinesAPI, installed
 from tests.reliability.answers import classify
 from tests.reliability.views import FLOOD_VIEWS, Concurrency
-from tests.test_middleware import DEFAULT_MACHINE, FakeManager, routing_manager
+from tests.support_middleware import DEFAULT_MACHINE, FakeManager, routing_manager
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

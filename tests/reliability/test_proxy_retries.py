@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.test_proxy import Handler, Stack, echo, proxy_stack
+from tests.support_proxy import Handler, Stack, echo, proxy_stack
 
 pytestmark = pytest.mark.timeout(120)
 

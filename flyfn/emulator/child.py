@@ -1,0 +1,85 @@
+"""A Machine's process, the child side of `ProcessRuntime`: serves the project's ASGI app with
+uvicorn on the listening socket it is handed, and never outlives the runtime that started it.
+
+`python -m flyfn.emulator.child --app module:attr --fd N --parent-pid P [--log-level L]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["DEFAULT_ASGI_APP", "DEFAULT_STOP_TIMEOUT", "main"]
+
+#: Served when no ASGI application is named: Django's own, for DJANGO_SETTINGS_MODULE.
+DEFAULT_ASGI_APP = "django"
+DEFAULT_STOP_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make sure this process never outlives the runtime that started it."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    # Portable fallback: stdin is a pipe from the parent; EOF means the parent is gone.
+    def watch_stdin() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(0, 4096):
+                pass
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(DEFAULT_STOP_TIMEOUT)
+            os._exit(1)
+
+    threading.Thread(target=watch_stdin, name="flyfn-parent-watch", daemon=True).start()
+
+
+def _load_app(spec: str) -> Any:
+    if spec == DEFAULT_ASGI_APP:
+        from django.core.asgi import get_asgi_application
+
+        return get_asgi_application()
+    return spec  # uvicorn imports "module:attr" itself
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flyfn.emulator.child")
+    parser.add_argument("--app", default=DEFAULT_ASGI_APP, help="module:attr, or 'django'")
+    parser.add_argument("--fd", type=int, required=True, help="listening socket to serve on")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+
+    import uvicorn
+
+    sock = socket.socket(fileno=args.fd)
+    config = uvicorn.Config(
+        _load_app(args.app),
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="auto",
+        timeout_graceful_shutdown=int(DEFAULT_STOP_TIMEOUT),
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down for: a clean stop
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The local Fly Proxy: an ASGI reverse proxy over emulated Machines, honouring fly-replay.
+
+`FlyProxy` load-balances requests like Fly Proxy over every Machine of the app with a service on
+the request's port, function Machines included (the decision lives in `flyfn.emulator.balancer`:
+concurrency limits, started first, autostart at the soft limit, waiting at the hard limit, replays
+to one `instance` included), and acts on `fly-replay` answers (header and JSON forms: instance,
+prefer_instance, app, region, elsewhere, state, timeout, fallback, transform) the way Fly Proxy
+does: it re-delivers the request with `fly-replay-src`, falls back with `fly-replay-failed`,
+refuses to replay bodies over 1 MB and chains of more than 10 replays. Stopped or suspended targets
+are started on demand (through the `MachinesEmulator`, so the state machine and events stay
+right), idle ones are stopped or suspended after `idle_stop` seconds per their services'
+`autostop`.
+
+Bodies stream both ways; a request body is buffered up to 10 MB as Fly's edge does (to replay or
+retry it), and a larger one that needs a replay or a retry fails with PA01.
+Every response carries `Fly-Request-Id` and `X-Flyfn-Machine: <id>` (an emulator-only aid); proxy
+errors are short plain pages with a Fly-style code. A `RequestLog` per request tells its route.
+
+The parts: `app` (the request loop), `routing` (the pure decisions), `forwarding` and `bodies`
+(HTTP to and from Machines), `resend` (when a request is sent again), `load` and `autostop`.
+"""
+
+from __future__ import annotations
+
+from flyfn.emulator.logline import RequestLog
+from flyfn.emulator.proxy.app import FlyProxy, MachineAddresses
+from flyfn.emulator.proxy.autostop import DEFAULT_IDLE_STOP
+from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT
+from flyfn.emulator.proxy.routing import DEFAULT_REPLAY_TIMEOUT, MAX_REPLAYS, REPLAY_BODY_LIMIT
+
+__all__ = [
+    "DEFAULT_IDLE_STOP",
+    "DEFAULT_REPLAY_TIMEOUT",
+    "EDGE_BUFFER_LIMIT",
+    "MAX_REPLAYS",
+    "REPLAY_BODY_LIMIT",
+    "FlyProxy",
+    "MachineAddresses",
+    "RequestLog",
+]
