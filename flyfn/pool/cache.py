@@ -49,7 +49,7 @@ class MachinePool:
         self._ttl = ttl
         self._lock = threading.Lock()
         self._targets: tuple[ReplayTarget, ...] = ()
-        # Every Machine of an `instance` group in rank order (the targets are the first ones).
+        # Every Machine of the group in rank order (the targets are chosen among them).
         self._members: tuple[str, ...] = ()
         self._expires = 0.0
         self._turn = itertools.count()
