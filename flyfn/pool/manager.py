@@ -81,6 +81,7 @@ class PoolManager:
         self._closed = False
 
     def pool(self, group: str) -> MachinePool:
+        """The group's pool, made on first use (all of them again when the settings change)."""
         settings = self._get_settings()
         pools = self._pools
         if settings is not self._settings:
