@@ -149,7 +149,8 @@ def _check_group_env(settings: FlyfnSettings) -> list[CheckMessage]:
             if options.strategy == "app":
                 hint = (
                     f"Remove {name!r} from env and make it a secret of the function app: "
-                    f"fly secrets set {name}=... -a {options.app} (that app needs SECRET_KEY too)."
+                    f"fly secrets set {name}=... -a {group_app(settings, group)} "
+                    "(that app needs SECRET_KEY too)."
                 )
             else:
                 hint = (

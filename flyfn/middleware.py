@@ -24,7 +24,7 @@ from django.http.response import ResponseHeaders
 
 from flyfn import events, metrics
 from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
-from flyfn.elastic import Counters, InFlight, in_flight, spill_target
+from flyfn.elastic import Counters, InFlight, in_flight
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
 from flyfn.replay import (
@@ -636,7 +636,7 @@ class FlyReplayMiddleware:
         if source and failed is None and _replayable_body(meta, settings.replay_body_limit):
             # Another Machine bounced it here: bounced again it could go round the function
             # Machines until Fly's replay limit. Signed for this group, as an app Machine would.
-            members = get_manager().pool(view.group).members()
+            members = get_manager().members(view.group)
             target = members[0] if members else current_env().machine_id
             if target:
                 try:
@@ -661,8 +661,7 @@ class FlyReplayMiddleware:
             setattr(request, _INFLIGHT_ATTR, counter)
             return None
         if settings.group(view.group).strategy == "instance":
-            members = get_manager().pool(view.group).members()  # cached: no API call here
-            spill = spill_target(members, current_env().machine_id, hop)
+            spill = get_manager().spill(view.group, current_env().machine_id, hop)  # cached
             if spill is not None:
                 try:
                     return self._send_on(request, view.group, settings, spill.machine_id, spill.hop)
@@ -726,7 +725,7 @@ def _learn_siblings() -> None:
     except SettingsError:
         return
     if options.strategy == "instance" and options.machine_count > 1 and options.concurrency:
-        get_manager().pool(role.group).refresh()
+        get_manager().refresh(role.group)
 
 
 def _release_in_flight_on_close(request: HttpRequest, response: HttpResponseBase) -> None:

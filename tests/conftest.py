@@ -7,7 +7,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +17,11 @@ import httpx
 import hypothesis
 import pytest
 
+from flyfn.elastic import Spill
 from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine
-from flyfn.pool import PoolManager, set_manager
+from flyfn.pool import MachineChoice, PoolManager, Pools, RankOrder, ReplayTarget, set_manager
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
 
@@ -199,7 +200,7 @@ def machines_api() -> Iterator[MachinesAPI]:
         yield api
 
 
-Manager = TypeVar("Manager", bound=PoolManager)
+Manager = TypeVar("Manager", bound=Pools)
 
 
 @contextmanager
@@ -210,6 +211,45 @@ def installed(manager: Manager) -> Iterator[Manager]:
         yield manager
     finally:
         set_manager(previous)
+
+
+class StaticPools:
+    """`Pools` without any API: fixed targets and Machines per group, chosen from as flyfn does;
+    records the Machines the middleware forgets and the groups it refreshes."""
+
+    def __init__(
+        self,
+        targets: Mapping[str, ReplayTarget] | None = None,
+        machines: Mapping[str, Sequence[str]] | None = None,
+        choice: MachineChoice | None = None,
+    ) -> None:
+        self.targets = dict(targets or {})
+        self.machines = {group: tuple(ids) for group, ids in (machines or {}).items()}
+        self.choice = choice or RankOrder()
+        self.forgotten: list[tuple[str, str]] = []
+        self.refreshed: list[str] = []
+
+    def get_target(self, group: str) -> ReplayTarget | None:
+        return self.targets.get(group)
+
+    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        return self.targets.get(group)
+
+    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        return self.targets.get(group)
+
+    def members(self, group: str) -> tuple[str, ...]:
+        return self.machines.get(group, ())
+
+    def spill(self, group: str, me: str | None, hop: int) -> Spill | None:
+        return self.choice.spill(self.members(group), me, hop)
+
+    def forget(self, group: str, machine_id: str) -> bool:
+        self.forgotten.append((group, machine_id))
+        return True
+
+    def refresh(self, group: str) -> None:
+        self.refreshed.append(group)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -16,10 +15,9 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn.elastic import MAX_SPILL_HOPS, Spill, in_flight, spill_hops, spill_target
 from flyfn.middleware import issued_replays
-from flyfn.pool import MachinePool, PoolManager
 from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource, sign_state, verify_state
 from flyfn.runtime import MachineEnv, Role, function, override_role
-from tests.conftest import installed
+from tests.conftest import StaticPools, installed
 
 GROUP = ["m0", "m1", "m2"]
 
@@ -73,32 +71,13 @@ def test_the_in_flight_count_holds_the_soft_limit_unless_forced() -> None:
 # --------------------------------------------------------------------------- the middleware
 
 
-class MembersManager(PoolManager):
-    """Pools whose cached members are `members` (no API); records what the middleware forgets."""
-
-    def __init__(self, members: list[str]) -> None:
-        super().__init__()
-        self.members = tuple(members)
-        self.forgotten: list[tuple[str, str]] = []
-
-    def pool(self, group: str) -> MachinePool:
-        pool = MachinePool(self, None, None, 3600.0)
-        pool._members = self.members
-        pool._expires = math.inf  # fresh: members() asks for no refresh
-        return pool
-
-    def forget(self, group: str, machine_id: str) -> bool:
-        self.forgotten.append((group, machine_id))
-        return True
-
-
 @pytest.fixture
-def elastic(settings: SettingsWrapper) -> Iterator[MembersManager]:
+def elastic(settings: SettingsWrapper) -> Iterator[StaticPools]:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     settings.FLYFN = {
         "GROUPS": {"pdf": {"max_machines": 3, "concurrency": {"soft_limit": 1, "hard_limit": 3}}}
     }
-    with installed(MembersManager(GROUP)) as manager:
+    with installed(StaticPools(machines={"pdf": GROUP})) as manager:
         yield manager
 
 
@@ -126,7 +105,7 @@ def idle() -> Iterator[None]:
 
 
 def test_below_the_soft_limit_a_replay_runs_here_and_leaves_the_count(
-    elastic: MembersManager,
+    elastic: StaticPools,
 ) -> None:
     with on_machine("m0"):
         response = Client().get("/routing/pdf/", headers=replayed("/routing/pdf/"))
@@ -136,7 +115,7 @@ def test_below_the_soft_limit_a_replay_runs_here_and_leaves_the_count(
 
 
 def test_at_the_soft_limit_a_replay_goes_on_to_the_next_machine_one_hop_further(
-    elastic: MembersManager, caplog: pytest.LogCaptureFixture
+    elastic: StaticPools, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="flyfn.events.replay")
     busy()
@@ -157,7 +136,7 @@ def test_at_the_soft_limit_a_replay_goes_on_to_the_next_machine_one_hop_further(
 
 
 def test_the_last_machine_sends_the_overflow_to_a_sibling_which_runs_it(
-    elastic: MembersManager,
+    elastic: StaticPools,
 ) -> None:
     busy()
     with on_machine("m2"):
@@ -174,7 +153,7 @@ def test_the_last_machine_sends_the_overflow_to_a_sibling_which_runs_it(
     assert in_flight("pdf", 1).active == 1
 
 
-def test_a_hop_count_is_signed_a_forged_one_is_refused(elastic: MembersManager) -> None:
+def test_a_hop_count_is_signed_a_forged_one_is_refused(elastic: StaticPools) -> None:
     busy()
     headers = replayed("/routing/pdf/", hop=1)
     forged = headers["fly-replay-src"].replace(".h1.", ".h5.")
@@ -184,7 +163,7 @@ def test_a_hop_count_is_signed_a_forged_one_is_refused(elastic: MembersManager) 
 
 
 def test_a_streaming_response_stays_in_flight_until_its_last_byte(
-    elastic: MembersManager,
+    elastic: StaticPools,
 ) -> None:
     with on_machine("m0"):
         response = Client().get("/routing/pages/", headers=replayed("/routing/pages/"))
@@ -196,7 +175,7 @@ def test_a_streaming_response_stays_in_flight_until_its_last_byte(
 
 
 def test_a_send_on_that_failed_comes_back_and_runs_here(
-    elastic: MembersManager, caplog: pytest.LogCaptureFixture
+    elastic: StaticPools, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="flyfn.events.fallback")
     busy()
@@ -212,7 +191,7 @@ def test_a_send_on_that_failed_comes_back_and_runs_here(
     assert in_flight("pdf", 1).active == 1
 
 
-def test_a_failed_header_for_a_request_never_sent_on_is_not_run(elastic: MembersManager) -> None:
+def test_a_failed_header_for_a_request_never_sent_on_is_not_run(elastic: StaticPools) -> None:
     issued_replays.clear()
     failed = ReplayFailed(instance="m1", reason="timeout").to_header()
     with on_machine("m0"):
@@ -222,7 +201,7 @@ def test_a_failed_header_for_a_request_never_sent_on_is_not_run(elastic: Members
 
 
 def test_the_app_strategy_leaves_spreading_to_fly_proxy(
-    elastic: MembersManager, settings: SettingsWrapper
+    elastic: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {
         "GROUPS": {
@@ -236,7 +215,7 @@ def test_the_app_strategy_leaves_spreading_to_fly_proxy(
 
 
 def test_without_concurrency_a_function_machine_runs_everything(
-    elastic: MembersManager, settings: SettingsWrapper
+    elastic: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"machines": 3}}}
     crowded = in_flight("pdf", 20)  # as if Fly's default soft limit applied: it does not

@@ -33,7 +33,7 @@ from flyfn.replay import (
     verify_state,
 )
 from flyfn.runtime import LOCAL, MAIN, function, override_role
-from tests.conftest import MachinesAPI, installed
+from tests.conftest import MachinesAPI, StaticPools, installed
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
 MIDDLEWARE = "flyfn.middleware.FlyReplayMiddleware"
@@ -41,26 +41,8 @@ PDF_MACHINE = "e286de4f711e86"
 DEFAULT_MACHINE = "9080e6e9c5d987"
 
 
-class FakeManager(PoolManager):
-    """Targets per group without any API; records the Machines the middleware forgets."""
-
-    def __init__(self, targets: dict[str, ReplayTarget]) -> None:
-        super().__init__()
-        self.targets = targets
-        self.forgotten: list[tuple[str, str]] = []
-
-    def get_target(self, group: str) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    def forget(self, group: str, machine_id: str) -> bool:
-        self.forgotten.append((group, machine_id))
-        return True
+# The routing tests' pools: targets per group without any API, recording what is forgotten.
+FakeManager = StaticPools
 
 
 @pytest.fixture(autouse=True)
@@ -368,9 +350,9 @@ async def test_function_never_bounces_a_request_a_machine_sent_it(
 
 
 async def test_function_signs_a_bounced_request_of_its_group_as_an_app_machine_would(
-    fetch: Fetch, manager: FakeManager, monkeypatch: pytest.MonkeyPatch
+    fetch: Fetch, manager: FakeManager
 ) -> None:
-    monkeypatch.setattr(type(manager.pool("pdf")), "members", lambda self: (PDF_MACHINE,))
+    manager.machines["pdf"] = (PDF_MACHINE,)
     bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
     with override_role(function("pdf")):
         response = await fetch("GET", "/routing/pdf/", headers=bounced)

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from flyfn.conf import get_settings
 from flyfn.machines import Machine, MachineConfig
 from flyfn.pool import (
     PoolManager,
+    PoolSpec,
+    RankOrder,
     ReplayTarget,
     converge,
     image_hash,
@@ -451,6 +453,28 @@ def test_an_elastic_group_keeps_its_max_machines_and_replays_to_the_first(
             "soft_limit": 10,
             "hard_limit": 12,
         }
+
+
+class EveryMember(RankOrder):
+    """Another choice of Machines: the app Machines replay to every Machine of a group in turn."""
+
+    def targets(self, spec: PoolSpec, members: Sequence[str]) -> tuple[ReplayTarget, ...]:
+        return tuple(ReplayTarget(instance=m) for m in members)
+
+
+def test_how_machines_are_chosen_is_the_managers_choice(machines_api: MachinesAPI) -> None:
+    manager = PoolManager(choice=EveryMember())
+    try:
+        with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=ELASTIC, CACHE_TTL=3600)):
+            manager.wait_target("pdf", 10)
+            picked = [instance(manager.get_target("pdf")) for _ in range(6)]
+            members = manager.members("pdf")
+    finally:
+        manager.close()
+    assert len(members) == 3
+    # Each Machine in turn (the turn that found the first target counts too).
+    assert sorted(picked[:3]) == sorted(members)
+    assert picked[3:] == picked[:3]
 
 
 def test_without_concurrency_the_services_keep_flys_defaults(fly: MachinesAPI) -> None:

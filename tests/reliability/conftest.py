@@ -8,10 +8,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from flyfn import pool
 from flyfn.conf import FlyfnSettings
 from flyfn.machines import AsyncMachinesClient
-from flyfn.pool import PoolManager
+from flyfn.pool import PoolManager, new_client
 from tests.conftest import MachinesAPI, installed, serve_machines_api
 from tests.reliability.faults import FaultTransport
 
@@ -35,12 +34,11 @@ def faulty_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PoolManager, 
     """
     inner = httpx.AsyncHTTPTransport()
     faults = FaultTransport(inner)
-    make_client = pool.new_client
 
     def quick_client(
         settings: FlyfnSettings, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> AsyncMachinesClient:
-        client = make_client(settings, transport=transport)
+        client = new_client(settings, transport=transport)
 
         async def no_sleep(seconds: float) -> None:
             await asyncio.sleep(0)
@@ -48,8 +46,9 @@ def faulty_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PoolManager, 
         client._sleep = no_sleep
         return client
 
-    monkeypatch.setattr(pool, "new_client", quick_client)
-    monkeypatch.setattr(pool, "FAILURE_BACKOFF", 0.01)
+    # Where the pools look them up.
+    monkeypatch.setattr("flyfn.pool.manager.new_client", quick_client)
+    monkeypatch.setattr("flyfn.pool.cache.FAILURE_BACKOFF", 0.01)
     manager = PoolManager(transport=faults)
     try:
         with installed(manager):

@@ -1,0 +1,183 @@
+"""One group's target cache: read on the request path without I/O, refreshed behind it, and
+converged on a miss by one operation on the background loop that concurrent misses join (single
+flight), with a backoff after API failures."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from flyfn.pool.choice import MachineChoice, ReplayTarget
+from flyfn.pool.converge import converge, observe
+from flyfn.pool.loop import wait_done
+from flyfn.pool.spec import PoolSpec
+from flyfn.runtime import Role, current_role
+
+if TYPE_CHECKING:
+    from flyfn.pool.manager import PoolManager
+
+logger = logging.getLogger("flyfn.pool")
+
+# After an API failure, cold requests fall back at once for this long (doubling up to the cap)
+# instead of queueing on an API that is down.
+FAILURE_BACKOFF = 1.0
+MAX_FAILURE_BACKOFF = 30.0
+# `fly-replay-failed` cannot be authenticated (any client can send one): a pool drops a Machine it
+# names at once, but once per interval at most, so a forged flood costs one list call per interval.
+FORGET_MIN_INTERVAL = 1.0
+
+
+class MachinePool:
+    """One group's cached targets, refreshed in the background, converged on a miss."""
+
+    def __init__(
+        self,
+        manager: PoolManager,
+        spec: PoolSpec | None,
+        problem: str | None,
+        ttl: float,
+        choice: MachineChoice,
+    ):
+        self.manager = manager
+        self.spec = spec
+        self.choice = choice
+        self._problem = problem  # why the pool cannot work (missing settings), logged once
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._targets: tuple[ReplayTarget, ...] = ()
+        # Every Machine of the group in rank order (the targets are chosen among them).
+        self._members: tuple[str, ...] = ()
+        self._expires = 0.0
+        self._turn = itertools.count()
+        self._inflight: concurrent.futures.Future[None] | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._forgot_at = float("-inf")
+
+    def members(self) -> tuple[str, ...]:
+        """The group's Machine ids in rank order (`instance` strategy), from the cache: never an
+        API call on the request path (a stale or empty cache is refreshed behind it)."""
+        members = self._members
+        if not members or time.monotonic() >= self._expires:
+            self.refresh()
+        return members
+
+    def target(self) -> ReplayTarget | None:
+        """The hot path: a cached target or None; a stale cache is served and refreshed behind."""
+        targets = self._targets
+        if not targets:
+            return None
+        if time.monotonic() >= self._expires:
+            self.refresh()
+        return self.choice.pick(targets, next(self._turn))
+
+    def refresh(self) -> concurrent.futures.Future[None] | None:
+        """Start, or join, the one in-flight convergence; None while backing off after a failure."""
+        if self.spec is None:
+            self._report_problem()
+            return None
+        with self._lock:
+            if self._inflight is not None:
+                return self._inflight
+            if time.monotonic() < self._retry_at:
+                return None
+            # The role is read here, on the caller's thread: the one a refresh was asked under.
+            future = self.manager.submit(self._refresh(self.spec, current_role()))
+            self._inflight = future
+        future.add_done_callback(self._clear_inflight)
+        return future
+
+    def wait_target(self, max_wait: float) -> ReplayTarget | None:
+        """A target, waiting at most `max_wait` seconds for the API on a cold cache (sync)."""
+        target = self.target()
+        if target is not None:
+            return target
+        future = self.refresh()
+        if future is None:
+            return None
+        try:
+            future.result(max_wait)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            return None
+        return self.target()
+
+    async def aget_target(self, max_wait: float) -> ReplayTarget | None:
+        """`wait_target` for async callers: the event loop is never blocked."""
+        target = self.target()
+        if target is not None:
+            return target
+        future = self.refresh()
+        if future is None or not await wait_done(future, max_wait):
+            return None
+        return self.target()
+
+    def forget(self, machine_id: str) -> bool:
+        """Drop a Machine that vanished from the cache at once and look again behind the request."""
+        with self._lock:
+            kept = tuple(t for t in self._targets if t.instance != machine_id)
+            if len(kept) == len(self._targets) and machine_id not in self._members:
+                return False
+            now = time.monotonic()
+            if now - self._forgot_at < FORGET_MIN_INTERVAL:
+                return False
+            self._forgot_at = now
+            self._targets = kept
+            self._members = tuple(m for m in self._members if m != machine_id)
+            self._expires = 0.0
+        self.refresh()
+        return True
+
+    async def _refresh(self, spec: PoolSpec, role: Role) -> None:
+        # Runs on the background loop; applies its outcome to the cache before the future completes,
+        # so a waiter woken by the future reads the new cache.
+        try:
+            client = self.manager.client()
+            if role.kind == "function" and role.group == spec.group:
+                # A function Machine only reads its own group (to send load on): the app Machines
+                # create, update and destroy it. (Another group's view it replays like them.)
+                machines = await observe(client, spec, self.choice)
+            else:
+                machines = (await converge(client, spec, self.choice)).machines
+        except Exception as exc:  # whatever fails, requests get the fallback, never a 500
+            self._failed(exc)
+            return
+        members = tuple(m.id for m in machines)
+        targets = self.choice.targets(spec, members)
+        with self._lock:
+            self._targets = targets
+            self._members = members
+            self._expires = time.monotonic() + self._ttl
+            recovered = self._backoff > 0
+            self._backoff = 0.0
+            self._retry_at = 0.0
+        if recovered:
+            logger.warning("flyfn: Machines API reachable again (group %r)", spec.group)
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            first = self._backoff == 0
+            self._backoff = min(MAX_FAILURE_BACKOFF, max(FAILURE_BACKOFF, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+        if first:  # one line per failure burst
+            group = self.spec.group if self.spec else "?"
+            logger.error(
+                "flyfn: Machines API failed for group %r, using the group's fallback: %s: %s",
+                group,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _clear_inflight(self, future: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            if self._inflight is future:
+                self._inflight = None
+
+    def _report_problem(self) -> None:
+        with self._lock:
+            problem, self._problem = self._problem, None
+        if problem:
+            logger.error("flyfn: cannot replay: %s; using the group's fallback", problem)

@@ -1,0 +1,78 @@
+"""How a group's Machines are chosen: which ones a pool keeps, which ones the app Machines replay
+to, which one each request gets, and where a busy function Machine sends a replay on.
+
+The one file to change (or to give `PoolManager` another `MachineChoice`) to choose Machines
+differently, after FLAME's `Pool.Strategy`. Pure decisions: no I/O, no state of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from flyfn.elastic import Spill, spill_target
+from flyfn.machines import Machine
+
+if TYPE_CHECKING:
+    from flyfn.pool.spec import PoolSpec
+
+__all__ = ["RANK_ORDER", "MachineChoice", "RankOrder", "ReplayTarget"]
+
+
+class ReplayTarget(NamedTuple):
+    """Where a replay goes: one Machine (`instance` strategy) or an app (`app` strategy).
+
+    A named tuple: the middleware keys its per-second header cache by it, and a tuple hashes in C.
+    """
+
+    instance: str | None = None
+    app: str | None = None
+
+
+class MachineChoice(Protocol):
+    """The decisions a pool leaves to its choice of Machines."""
+
+    def rank(self, machines: Iterable[Machine]) -> list[Machine]:
+        """The group's Machines in rank order: a pool keeps the first `count` of them and destroys
+        the rest. Every process must agree on it (it may only read what the API lists)."""
+        ...
+
+    def targets(self, spec: PoolSpec, members: Sequence[str]) -> tuple[ReplayTarget, ...]:
+        """Where the app Machines replay the group's requests, given its Machine ids in rank order
+        (none: the group has no Machine yet)."""
+        ...
+
+    def pick(self, targets: Sequence[ReplayTarget], turn: int) -> ReplayTarget:
+        """The target of one request; `turn` counts the pool's requests. `targets` is not empty."""
+        ...
+
+    def spill(self, members: Sequence[str], me: str | None, hop: int) -> Spill | None:
+        """Where a function Machine at its soft limit sends on a replay that came `hop` hops far
+        (`me` is its own Machine id, `members` the group's ids in rank order), or None to run it
+        here."""
+        ...
+
+
+class RankOrder:
+    """flyfn's choice: Machines ranked by name (fixed at creation), the first `entries` of them as
+    targets in turn, and elastic groups spilling along the rank order (`flyfn.elastic`)."""
+
+    def rank(self, machines: Iterable[Machine]) -> list[Machine]:
+        # Names are fixed at creation, so every process agrees on which Machines to keep.
+        return sorted(machines, key=lambda m: (m.name or "", m.id))
+
+    def targets(self, spec: PoolSpec, members: Sequence[str]) -> tuple[ReplayTarget, ...]:
+        if not members:
+            return ()
+        if spec.strategy == "app":
+            return (ReplayTarget(app=spec.app),)  # Fly Proxy balances over the app's Machines
+        return tuple(ReplayTarget(instance=m) for m in members[: spec.entries or len(members)])
+
+    def pick(self, targets: Sequence[ReplayTarget], turn: int) -> ReplayTarget:
+        return targets[turn % len(targets)]
+
+    def spill(self, members: Sequence[str], me: str | None, hop: int) -> Spill | None:
+        return spill_target(members, me, hop)
+
+
+RANK_ORDER = RankOrder()

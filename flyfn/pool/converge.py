@@ -1,0 +1,303 @@
+"""Convergence through the Machines API: make a group's Machines exist on the current image and
+version, observe them, prepare them at release, and find the orphans of old images.
+
+Plain async functions over an `AsyncMachinesClient`, shared by the pools and `manage.py flyfn`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from flyfn import events
+from flyfn.conf import FlyfnSettings
+from flyfn.machines import (
+    AsyncMachinesClient,
+    CreateMachineRequest,
+    Machine,
+    MachineConfig,
+    MachinesError,
+    MachinesStatusError,
+    NotFound,
+    UpdateMachineRequest,
+)
+from flyfn.pool.choice import RANK_ORDER, MachineChoice
+from flyfn.pool.spec import (
+    GROUP_METADATA_KEY,
+    VERSION_METADATA_KEY,
+    PoolConfigError,
+    PoolSpec,
+    function_apps,
+)
+
+logger = logging.getLogger("flyfn.pool")
+
+# Gone for good: never routed to, never counted.
+GONE_STATES = frozenset({"destroying", "destroyed", "replaced", "migrated"})
+# Still there but unable to serve: not routed to, destroyed when the pool converges.
+BROKEN_STATES = frozenset({"failed", "launch_failed"})
+
+
+def machine_image(machine: Machine) -> str | None:
+    return machine.config.image if machine.config is not None else None
+
+
+def machine_group(machine: Machine) -> str | None:
+    metadata = machine.config.metadata if machine.config is not None else None
+    return (metadata or {}).get(GROUP_METADATA_KEY)
+
+
+def machine_version(machine: Machine) -> str | None:
+    metadata = machine.config.metadata if machine.config is not None else None
+    return (metadata or {}).get(VERSION_METADATA_KEY)
+
+
+def _changed_at(machine: Machine) -> float | None:
+    """When the Machine was last updated or changed state (Unix seconds), if the API says."""
+    stamp = machine.updated_at or machine.created_at
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def needs_new_version(machine: Machine, spec: PoolSpec) -> bool:
+    """Whether to update a Machine of the spec's image to the spec's version: its version differs
+    and nothing has (re)started it since this process read its secrets (then it has them at least
+    as new as ours: an app Machine still on old secrets must not undo a newer one's update)."""
+    if not spec.version or machine_version(machine) == spec.version:
+        return False
+    changed = _changed_at(machine)
+    return changed is None or changed < spec.started
+
+
+def is_usable(machine: Machine) -> bool:
+    return machine.state not in GONE_STATES and machine.state not in BROKEN_STATES
+
+
+@dataclass(slots=True)
+class Convergence:
+    """What `converge` found and did."""
+
+    machines: list[Machine]
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
+
+
+async def list_group(client: AsyncMachinesClient, spec: PoolSpec) -> list[Machine]:
+    """The group's Machines of every image (not the destroyed ones)."""
+    machines = await client.list_machines(metadata={GROUP_METADATA_KEY: spec.group}, app=spec.app)
+    return [m for m in machines if m.state not in GONE_STATES]
+
+
+async def observe(
+    client: AsyncMachinesClient, spec: PoolSpec, choice: MachineChoice = RANK_ORDER
+) -> list[Machine]:
+    """The group's usable Machines of the spec's image that `converge` keeps, in rank order,
+    without changing anything (what a function Machine needs to know its siblings)."""
+    listed = await list_group(client, spec)
+    usable = choice.rank(m for m in listed if machine_image(m) == spec.image and is_usable(m))
+    return usable[: spec.count]
+
+
+async def converge(
+    client: AsyncMachinesClient, spec: PoolSpec, choice: MachineChoice = RANK_ORDER
+) -> Convergence:
+    """Make exactly `spec.count` usable Machines of the group on the spec's image exist.
+
+    Safe to run from any number of processes at once: names are deterministic, every creator
+    re-lists after creating, and every process keeps the same lowest-ranked Machines and destroys
+    the rest.
+    """
+    result = Convergence(machines=[])
+    listed = await list_group(client, spec)
+    current = [m for m in listed if machine_image(m) == spec.image]
+    usable = [m for m in current if is_usable(m)]
+    if len(usable) < spec.count:
+        taken = {m.name for m in current}
+        names = [
+            n for n in itertools.islice(spec.names(), spec.count + len(taken)) if n not in taken
+        ]
+        # Machines beyond the entries are created stopped (`skip_launch`): Fly Proxy starts them
+        # when load reaches them, and until then they cost only their root file system.
+        entries = spec.entries or spec.count
+        outcomes = await asyncio.gather(
+            *(
+                _create(client, spec, name, launch=len(usable) + n < entries)
+                for n, name in enumerate(names[: spec.count - len(usable)])
+            ),
+            return_exceptions=True,
+        )
+        created = [m for m in outcomes if isinstance(m, Machine)]
+        result.created = [m.id for m in created]
+        listed = await list_group(client, spec)
+        # The list may lag behind a create: count what we created unless the list says otherwise.
+        seen = {m.id for m in listed}
+        current = [m for m in listed if machine_image(m) == spec.image]
+        current += [m for m in created if m.id not in seen]
+        usable = [m for m in current if is_usable(m)]
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        if not usable and errors:
+            raise errors[0]
+    usable = choice.rank(usable)
+    keep, extras = usable[: spec.count], usable[spec.count :]
+    doomed = extras + [m for m in current if not is_usable(m)]
+    for machine in doomed:
+        try:
+            if await _destroy(client, spec.app, machine.id, spec.group):
+                result.destroyed.append(machine.id)
+        except MachinesError as exc:  # best effort: the next convergence tries again
+            logger.warning("flyfn: could not destroy extra Machine %s: %s", machine.id, exc)
+    for machine in keep:
+        if machine.id not in result.created and needs_new_version(machine, spec):
+            try:
+                if await _update(client, spec, machine):
+                    result.updated.append(machine.id)
+            except MachinesError as exc:  # it keeps serving; the next convergence tries again
+                logger.warning("flyfn: could not update Machine %s: %s", machine.id, exc)
+    result.machines = keep
+    return result
+
+
+async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine) -> bool:
+    """Give a Machine the spec's config (Fly restarts it with the app's current secrets); False
+    when it is gone."""
+    request = UpdateMachineRequest(name=machine.name, config=spec.config)
+    try:
+        await client.update_machine(machine.id, request, app=spec.app)
+    except NotFound:  # destroyed meanwhile (another process converging): nothing to update
+        return False
+    events.pool_changed(spec.group, "update", machine.id)
+    return True
+
+
+async def _create(
+    client: AsyncMachinesClient, spec: PoolSpec, name: str, *, launch: bool = True
+) -> Machine:
+    request = CreateMachineRequest(
+        name=name, region=spec.region, config=spec.config, skip_launch=None if launch else True
+    )
+    try:
+        created = await client.create_machine(request, app=spec.app)
+    except MachinesStatusError as exc:
+        if exc.status in (409, 422) and not exc.insufficient_capacity:
+            logger.debug("Machine %s already exists (another process created it)", name)
+        raise
+    events.pool_changed(spec.group, "create", created.id)
+    return created
+
+
+async def _destroy(
+    client: AsyncMachinesClient, app: str, machine_id: str, group: str | None
+) -> bool:
+    """Destroy one Machine (of `group`, if known); False when it is already gone (someone else
+    destroyed it)."""
+    try:
+        await client.destroy_machine(machine_id, force=True, app=app)
+    except NotFound:
+        return False
+    events.pool_changed(group or "", "destroy", machine_id)
+    return True
+
+
+def _is_zero(value: object) -> bool:
+    """A value Fly's API leaves out of its answers (fly-go's `omitempty`)."""
+    return value is None or value is False or value == 0 or value in ("", {}, [])
+
+
+def _contains(actual: object, desired: object) -> bool:
+    """Whether `actual` has every value of `desired` (the API adds defaults of its own, and
+    leaves out zero values: a missing `auto_destroy` is `false`, a missing map is empty)."""
+    if actual is None and _is_zero(desired):
+        return True
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(
+            _contains(actual.get(k), v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(_contains(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return actual == desired
+
+
+def is_outdated(machine: Machine, config: MachineConfig) -> bool:
+    """Whether the Machine's config lacks something of the desired config."""
+    actual = machine.config.model_dump(mode="json", exclude_none=True) if machine.config else {}
+    return not _contains(actual, config.model_dump(mode="json", exclude_none=True))
+
+
+@dataclass(slots=True)
+class PrepareReport:
+    group: str
+    app: str
+    machines: list[str]
+    created: list[str]
+    updated: list[str]
+    destroyed: list[str]
+
+
+async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareReport:
+    """Converge the group for the current image and update Machines whose config drifted."""
+    done = await converge(client, spec)
+    updated = list(done.updated)
+    for machine in done.machines:
+        if machine.id in done.created or machine.id in updated:
+            continue
+        if is_outdated(machine, spec.config) and await _update(client, spec, machine):
+            updated.append(machine.id)
+    return PrepareReport(
+        group=spec.group,
+        app=spec.app,
+        machines=[m.id for m in done.machines],
+        created=done.created,
+        updated=updated,
+        destroyed=done.destroyed,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    app: str
+    machine: Machine
+
+
+async def find_orphans(client: AsyncMachinesClient, settings: FlyfnSettings) -> list[Orphan]:
+    """Function Machines whose image no app Machine runs (nor this process: a release command)."""
+    apps = function_apps(settings)
+    if not apps:
+        raise PoolConfigError("no Fly app: set FLYFN['APP_NAME'] or the FLY_APP_NAME env var")
+    own = await client.list_machines(app=apps[0])
+    live_images = {
+        machine_image(m) for m in own if machine_group(m) is None and m.state not in GONE_STATES
+    }
+    if settings.image_ref:
+        live_images.add(settings.image_ref)
+    orphans: list[Orphan] = []
+    for app in apps:
+        machines = own if app == apps[0] else await client.list_machines(app=app)
+        orphans += [
+            Orphan(app, m)
+            for m in machines
+            if machine_group(m) is not None
+            and m.state not in GONE_STATES
+            and machine_image(m) not in live_images
+        ]
+    return orphans
+
+
+async def destroy_orphans(client: AsyncMachinesClient, orphans: Sequence[Orphan]) -> list[str]:
+    return [
+        o.machine.id
+        for o in orphans
+        if await _destroy(client, o.app, o.machine.id, machine_group(o.machine))
+    ]

@@ -1,0 +1,205 @@
+"""The process's pools: `Pools`, what the request path asks of them; `PoolManager`, one pool per
+group with one background loop and one Machines client for all of them; and the process's
+manager (`get_manager`, replaced by tests with `set_manager`, forgotten in a forked child)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+import httpx
+
+from flyfn.conf import FlyfnSettings, get_settings
+from flyfn.elastic import Spill
+from flyfn.machines import AsyncMachinesClient, MachinesError
+from flyfn.pool.cache import MachinePool
+from flyfn.pool.choice import RANK_ORDER, MachineChoice, ReplayTarget
+from flyfn.pool.loop import LoopThread
+from flyfn.pool.spec import PoolConfigError, new_client, spec_for
+
+T = TypeVar("T")
+
+
+class Pools(Protocol):
+    """What the middleware asks of the process's pools (tests substitute a static one)."""
+
+    def get_target(self, group: str) -> ReplayTarget | None:
+        """The hot path: the group's cached target, or None (never an API call)."""
+        ...
+
+    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        """A target, waiting at most `max_wait` seconds for the API on a cold cache (sync)."""
+        ...
+
+    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        """`wait_target` for async callers: the event loop is never blocked."""
+        ...
+
+    def members(self, group: str) -> tuple[str, ...]:
+        """The group's Machine ids in rank order, from the cache (refreshed behind when stale)."""
+        ...
+
+    def spill(self, group: str, me: str | None, hop: int) -> Spill | None:
+        """Where a busy function Machine sends on a replay of `group` (None: run it here)."""
+        ...
+
+    def forget(self, group: str, machine_id: str) -> bool:
+        """Drop a Machine that vanished from the group's cache; False when nothing changed."""
+        ...
+
+    def refresh(self, group: str) -> None:
+        """Look at the group's Machines again, behind the caller."""
+        ...
+
+
+class PoolManager:
+    """The pools of one process, one background loop and one Machines client for all of them.
+
+    Settings are read live: when `get_settings()` returns another object (override_settings), the
+    pools and the client are rebuilt.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        settings: Callable[[], FlyfnSettings] = get_settings,
+        choice: MachineChoice = RANK_ORDER,
+    ) -> None:
+        self._transport = transport
+        self.choice = choice
+        self._get_settings = settings
+        self._lock = threading.Lock()
+        self._settings: FlyfnSettings | None = None
+        self._pools: dict[str, MachinePool] = {}
+        self._loop: LoopThread | None = None
+        self._client: AsyncMachinesClient | None = None
+        self._closed = False
+
+    def pool(self, group: str) -> MachinePool:
+        """The group's pool, made on first use (all of them again when the settings change)."""
+        settings = self._get_settings()
+        pools = self._pools
+        if settings is not self._settings:
+            pools = self._reset(settings)
+        pool = pools.get(group)
+        if pool is None:
+            with self._lock:
+                pool = pools.get(group) or pools.setdefault(group, self._new_pool(settings, group))
+        return pool
+
+    def get_target(self, group: str) -> ReplayTarget | None:
+        """The hot path: the group's cached target, or None."""
+        pool = self._pools.get(group)
+        if pool is None or self._settings is not self._get_settings():
+            pool = self.pool(group)
+        return pool.target()
+
+    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        return self.pool(group).wait_target(max_wait)
+
+    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
+        return await self.pool(group).aget_target(max_wait)
+
+    def members(self, group: str) -> tuple[str, ...]:
+        return self.pool(group).members()
+
+    def spill(self, group: str, me: str | None, hop: int) -> Spill | None:
+        return self.choice.spill(self.members(group), me, hop)
+
+    def forget(self, group: str, machine_id: str) -> bool:
+        return self.pool(group).forget(machine_id)
+
+    def refresh(self, group: str) -> None:
+        self.pool(group).refresh()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run a coroutine on the background loop (started on first use)."""
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise RuntimeError("the pool manager is closed")
+            if self._loop is None:
+                self._loop = LoopThread()
+            loop = self._loop
+        return loop.submit(coro)
+
+    def client(self) -> AsyncMachinesClient:
+        """The Machines client; only call it on the background loop."""
+        if self._client is None:
+            settings = self._settings or self._get_settings()
+            self._client = new_client(settings, transport=self._transport)
+        return self._client
+
+    def close(self) -> None:
+        """Close the client and stop the loop thread (tests; process exit needs nothing)."""
+        with self._lock:
+            self._closed = True
+            loop, self._loop = self._loop, None
+            client, self._client = self._client, None
+            self._pools = {}
+        if loop is None:
+            return
+        if client is not None:
+            with contextlib.suppress(
+                concurrent.futures.TimeoutError, MachinesError, httpx.HTTPError
+            ):
+                loop.submit(client.aclose()).result(5)
+        loop.stop()
+
+    def _new_pool(self, settings: FlyfnSettings, group: str) -> MachinePool:
+        try:
+            spec, problem = spec_for(settings, group), None
+        except PoolConfigError as exc:
+            spec, problem = None, str(exc)
+        return MachinePool(self, spec, problem, settings.cache_ttl, self.choice)
+
+    def _reset(self, settings: FlyfnSettings) -> dict[str, MachinePool]:
+        with self._lock:
+            if settings is self._settings:
+                return self._pools
+            old_client, self._client = self._client, None
+            self._settings = settings
+            self._pools = {}
+            loop = self._loop
+        if old_client is not None and loop is not None:
+            loop.submit(old_client.aclose())
+        return self._pools
+
+
+_manager: Pools | None = None
+_manager_lock = threading.Lock()
+
+
+def get_manager() -> Pools:
+    """The process's pool manager."""
+    global _manager
+    manager = _manager
+    if manager is None:
+        with _manager_lock:
+            if _manager is None:
+                _manager = PoolManager()
+            manager = _manager
+    return manager
+
+
+def set_manager(manager: Pools | None) -> Pools | None:
+    """Install another manager (tests); returns the previous one, which the caller closes."""
+    global _manager
+    with _manager_lock:
+        previous, _manager = _manager, manager
+    return previous
+
+
+def _forget_manager_after_fork() -> None:
+    # The loop thread does not survive fork(): a forked worker starts its own manager.
+    global _manager, _manager_lock
+    _manager = None
+    _manager_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_manager_after_fork)

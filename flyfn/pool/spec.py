@@ -1,0 +1,197 @@
+"""A group's pool specification from the settings: its app, Machine names, config and version.
+
+Also the one place that says which Fly app a group's function Machines live in (`group_app`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings as django_settings
+
+from flyfn.conf import FlyfnSettings
+from flyfn.fly.env import GROUP_ENV
+from flyfn.machines import (
+    AsyncMachinesClient,
+    MachineConfig,
+    MachineGuest,
+    MachinePort,
+    MachineRestart,
+    MachineService,
+    MachineServiceConcurrency,
+)
+
+GROUP_METADATA_KEY = "flyfn_group"
+# A digest of what a group's Machines depend on besides the image (SECRET_KEY, forwarded env, named
+# secrets): Machines of another version are updated, which gives them the app's current secrets.
+VERSION_METADATA_KEY = "flyfn_version"
+# PBKDF2 rounds of that digest: it sits in Machine metadata, so guessable values must be slow to
+# search for; computed once per process and group.
+VERSION_DIGEST_ROUNDS = 100_000
+# When this process read its environment (secrets included): a Machine (re)started or updated
+# since then has secrets at least as new, so a different version there is never "older" than ours.
+PROCESS_STARTED = time.time()
+
+
+class PoolConfigError(Exception):
+    """The settings lack what a pool needs (app name, image, token); the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """Everything the API work for one group needs, resolved once from the settings."""
+
+    group: str
+    app: str
+    strategy: str
+    image: str
+    count: int
+    region: str | None
+    config: MachineConfig
+    version: str = ""
+    # When the values `version` digests were read (see PROCESS_STARTED).
+    started: float = PROCESS_STARTED
+    # How many of the `count` Machines (the first in rank order) the app Machines replay to (0: all
+    # of them); the others take what those send on (`instance` strategy) or what Fly Proxy
+    # balances to them (`app` strategy).
+    entries: int = 0
+
+    @property
+    def name_prefix(self) -> str:
+        """Names are deterministic per group and image, so racing creators collide on purpose."""
+        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-"
+
+    def names(self) -> Iterator[str]:
+        return (f"{self.name_prefix}{n}" for n in itertools.count())
+
+
+def name_slug(group: str) -> str:
+    """A group's part of its Machine names. Not one-to-one ('a_b' and 'a-b' give 'a-b'):
+    system check flyfn.E006 refuses groups of one app whose slugs are the same."""
+    return re.sub(r"[^a-z0-9]+", "-", group.lower()).strip("-") or "group"
+
+
+def group_app(settings: FlyfnSettings, group: str) -> str | None:
+    """The app a group's Machines live in: its own (`app` strategy) or the project's."""
+    options = settings.group(group)
+    return options.app if options.strategy == "app" and options.app else settings.app_name
+
+
+def function_apps(settings: FlyfnSettings) -> list[str]:
+    """Every app function Machines may live in: the own app, then `app`-strategy groups' apps."""
+    apps = [settings.app_name] if settings.app_name else []
+    for group in settings.groups:
+        app = group_app(settings, group)
+        if app and app not in apps:
+            apps.append(app)
+    return apps
+
+
+def image_hash(image: str) -> str:
+    return hashlib.sha256(image.encode()).hexdigest()[:8]
+
+
+def pool_version(app: str, group: str, image: str, values: Mapping[str, str | None]) -> str:
+    """The version of a group's Machines: a salted slow digest (PBKDF2-SHA256) of the image and
+    the values they depend on. Never the values themselves; the same inputs give the same digest
+    in every process."""
+    return _pool_version(app, group, image, tuple(sorted(values.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_version(
+    app: str, group: str, image: str, values: tuple[tuple[str, str | None], ...]
+) -> str:
+    material = json.dumps([image, values], separators=(",", ":")).encode()
+    salt = f"flyfn.pool.version\n{app}\n{group}".encode()
+    return hashlib.pbkdf2_hmac("sha256", material, salt, VERSION_DIGEST_ROUNDS, dklen=12).hex()
+
+
+def spec_for(
+    settings: FlyfnSettings, group: str, environ: Mapping[str, str] = os.environ
+) -> PoolSpec:
+    """The pool specification of `group`, or PoolConfigError naming the missing setting."""
+    options = settings.group(group)
+    own_app = settings.app_name
+    if not own_app:
+        raise PoolConfigError("no Fly app: set FLYFN['APP_NAME'] or the FLY_APP_NAME env var")
+    if not settings.image_ref:
+        raise PoolConfigError("no image: set FLYFN['IMAGE_REF'] or the FLY_IMAGE_REF env var")
+    strategy = options.strategy
+    if strategy == "app" and not options.app:
+        raise PoolConfigError(f"FLYFN['GROUPS'][{group!r}]['app']: required by strategy 'app'")
+    app = group_app(settings, group) or own_app
+    concurrency = (
+        MachineServiceConcurrency(
+            type="requests",
+            soft_limit=options.concurrency.soft_limit,
+            hard_limit=options.concurrency.hard_limit,
+        )
+        if options.concurrency is not None
+        else None
+    )
+    env = {name: environ[name] for name in options.env if name in environ}
+    env[GROUP_ENV] = group
+    depends: dict[str, str | None] = {"SECRET_KEY": str(django_settings.SECRET_KEY)}
+    depends.update((name, environ.get(name)) for name in (*options.env, *options.secrets))
+    version = pool_version(app, group, settings.image_ref, depends)
+    config = MachineConfig(
+        image=settings.image_ref,
+        env=env,
+        metadata={GROUP_METADATA_KEY: group, VERSION_METADATA_KEY: version},
+        guest=MachineGuest.model_validate(options.guest.model_dump(exclude_none=True)),
+        services=[
+            MachineService(
+                protocol="tcp",
+                internal_port=options.internal_port,
+                autostart=True,
+                autostop=options.autostop,
+                min_machines_running=0,
+                ports=[
+                    MachinePort(port=80, handlers=["http"]),
+                    MachinePort(port=443, handlers=["tls", "http"]),
+                ],
+                concurrency=concurrency,
+            )
+        ],
+        # Fly's own choice for Machines that autostop: come back after a crash, not after a stop.
+        restart=MachineRestart(policy="on-failure", max_retries=3),
+        auto_destroy=False,
+    )
+    return PoolSpec(
+        group=group,
+        app=app,
+        strategy=strategy,
+        image=settings.image_ref,
+        count=options.machine_count,
+        entries=options.machines,
+        # Fly places a Machine created without a region "near the caller", not surely in its
+        # region: name the creating Machine's own region, as FLAME does.
+        region=options.region or environ.get("FLY_REGION") or None,
+        config=config,
+        version=version,
+    )
+
+
+def new_client(
+    settings: FlyfnSettings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncMachinesClient:
+    """The Machines client the settings describe; PoolConfigError without a token."""
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
+    if not token:
+        raise PoolConfigError("no Machines API token: set FLYFN['API_TOKEN'] or FLY_API_TOKEN")
+    return AsyncMachinesClient(
+        settings.app_name,
+        api_token=token,
+        api_hostname=settings.api_hostname,
+        transport=transport,
+    )
