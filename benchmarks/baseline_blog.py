@@ -4,16 +4,16 @@ Django Beats, "Django Views as Serverless Functions on Fly Machines" (January 20
 views to a separate Fly Machine with a middleware that, for every request:
 
 1. resolves the request path itself (a second URL resolution, before Django's own);
-2. checks the resolved ``namespace:url_name`` and the method against the
-   ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` setting, unless it runs on the serverless Machine
-   (env ``IS_FLY_MACHINE_SERVERLESS``);
+2. checks the resolved `namespace:url_name` and the method against the
+   `FLY_MACHINES_SERVERLESS_FUNCTIONS` setting, unless it runs on the serverless Machine
+   (env `IS_FLY_MACHINE_SERVERLESS`);
 3. for a serverless view, lists *all* Machines of the app through the Machines API, picks the one
    carrying its metadata, or creates one (with that metadata, the same image, and a service that
    Fly Proxy autostarts and autostops); there is no lock and no cache, so concurrent first requests
    each create their own Machine;
-4. answers with an empty response carrying ``fly-replay: instance=<machine id>``.
+4. answers with an empty response carrying `fly-replay: instance=<machine id>`.
 
-The API calls are synchronous ``requests`` calls with a fresh connection each, as in the post. The
+The API calls are synchronous `requests` calls with a fresh connection each, as in the post. The
 one addition is a timeout on each call, so that a benchmark run is bounded in time.
 """
 

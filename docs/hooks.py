@@ -74,7 +74,7 @@ def settings_reference() -> str:
 def _why(name: str, field: FieldInfo) -> str:
     if not field.description:
         raise ValueError(f"flyfn.conf: the setting {name!r} has no docstring to document it")
-    return " ".join(field.description.split()).replace("``", "`")
+    return " ".join(field.description.split())
 
 
 def _default(field: FieldInfo, top_level: bool) -> str:

@@ -16,10 +16,10 @@ __all__ = ["FlyfnConfig", "load_declared_views"]
 def load_declared_views() -> None:
     """Put the views declared in settings (by url name) into the registry.
 
-    Invalid settings leave no declared views: ``manage.py check`` reports them (flyfn.E001-E003).
+    Invalid settings leave no declared views: `manage.py check` reports them (flyfn.E001-E003).
     The url names are resolved to view callbacks lazily, at the first lookup needing it, never here:
-    importing ROOT_URLCONF inside ``ready()`` would, for instance, freeze ``admin.site.urls`` before
-    the admin's own ``ready()`` has discovered the ModelAdmins.
+    importing ROOT_URLCONF inside `ready()` would, for instance, freeze `admin.site.urls` before
+    the admin's own `ready()` has discovered the ModelAdmins.
     """
     try:
         registry.set_declared(get_settings().declared_views)
@@ -36,7 +36,7 @@ def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
 
 
 class FlyfnConfig(AppConfig):
-    """``"flyfn"`` in INSTALLED_APPS."""
+    """`"flyfn"` in INSTALLED_APPS."""
 
     name = "flyfn"
     verbose_name = "flyfn"

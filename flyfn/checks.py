@@ -1,16 +1,16 @@
-"""flyfn's system checks (``manage.py check``): ``flyfn.E0xx`` errors and ``flyfn.W0xx`` warnings.
+"""flyfn's system checks (`manage.py check`): `flyfn.E0xx` errors and `flyfn.W0xx` warnings.
 
-- flyfn.E001: an invalid ``FLYFN`` or seed-setting value (names the key and the allowed values)
-- flyfn.E002: an unknown ``FLYFN`` key or group option (lists the known ones)
+- flyfn.E001: an invalid `FLYFN` or seed-setting value (names the key and the allowed values)
+- flyfn.E002: an unknown `FLYFN` key or group option (lists the known ones)
 - flyfn.E003: an unknown HTTP method in a settings-declared view
 - flyfn.E004: a settings-declared url name that does not resolve
-- flyfn.E005: a Fly app name (``FLY_APP_NAME`` / ``FLYFN["APP_NAME"]``) without an API token
+- flyfn.E005: a Fly app name (`FLY_APP_NAME` / `FLYFN["APP_NAME"]`) without an API token
 - flyfn.E006: two groups of one app whose function Machines would get the same names
-- flyfn.E010: a secret-like name in ``GROUPS[g]["env"]`` (its value would be in the Machine config)
-- flyfn.E011: ``API_HOSTNAME`` over plain http to a host other than ``_api.internal`` or loopback
-- flyfn.W001: ``flyfn.middleware.FlyReplayMiddleware`` missing from ``MIDDLEWARE``
+- flyfn.E010: a secret-like name in `GROUPS[g]["env"]` (its value would be in the Machine config)
+- flyfn.E011: `API_HOSTNAME` over plain http to a host other than `_api.internal` or loopback
+- flyfn.W001: `flyfn.middleware.FlyReplayMiddleware` missing from `MIDDLEWARE`
 - flyfn.W002: the middleware placed after middleware that does per-request I/O
-- flyfn.W003: ``REPLAY_BODY_LIMIT`` above Fly's 1 MB replay limit
+- flyfn.W003: `REPLAY_BODY_LIMIT` above Fly's 1 MB replay limit
 - flyfn.W004: a class-based view marked for a method it has no handler for
 """
 
@@ -74,7 +74,7 @@ _URL_CREDENTIALS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]+@
 
 
 def secret_like_env(names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
-    """The names among ``names`` that hold secrets: by name, or by a value with a password in a
+    """The names among `names` that hold secrets: by name, or by a value with a password in a
     URL (the value is only matched, never shown)."""
     return [
         name

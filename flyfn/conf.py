@@ -1,12 +1,12 @@
-"""The flyfn settings: ``FLYFN`` and the seed's setting, validated into a typed model.
+"""The flyfn settings: `FLYFN` and the seed's setting, validated into a typed model.
 
-A group's options are ``flyfn.group_settings``; how errors are worded, ``flyfn.settings_errors``;
-the seed's setting, ``flyfn.seed``.
+A group's options are `flyfn.group_settings`; how errors are worded, `flyfn.settings_errors`;
+the seed's setting, `flyfn.seed`.
 
-``get_settings()`` validates ``settings.FLYFN`` (and ``FLY_MACHINES_SERVERLESS_FUNCTIONS``) into a
-frozen pydantic model and caches it until Django's ``setting_changed`` signal
-(``override_settings``) or ``reset_settings()`` says otherwise, so the hot path pays one attribute
-read. Invalid values raise ``SettingsError``, whose message names the exact key and
+`get_settings()` validates `settings.FLYFN` (and `FLY_MACHINES_SERVERLESS_FUNCTIONS`) into a
+frozen pydantic model and caches it until Django's `setting_changed` signal
+(`override_settings`) or `reset_settings()` says otherwise, so the hot path pays one attribute
+read. Invalid values raise `SettingsError`, whose message names the exact key and
 the allowed values (never the API token).
 
 Every default, and why it is the default, is documented on the field it belongs to.
@@ -90,8 +90,8 @@ def _group_name(value: Any) -> str:
 
 
 def _views(value: Any) -> dict[str, ServerlessView]:
-    """``FLYFN["VIEWS"]``: ``{"app:url_name": ["GET", ...]}`` or
-    ``{"app:url_name": {"methods": [...], "group": "pdf"}}``."""
+    """`FLYFN["VIEWS"]`: `{"app:url_name": ["GET", ...]}` or
+    `{"app:url_name": {"methods": [...], "group": "pdf"}}`."""
     if not isinstance(value, Mapping):
         raise invalid(f'must be a dict like {{"app:url_name": ["GET"]}} (got {show(value)})')
     views: dict[str, ServerlessView] = {}
@@ -128,7 +128,7 @@ def _declared(name: str, methods: Any, group: Any, *, key: Any) -> ServerlessVie
 
 
 class FlyfnSettings(Section):
-    """``settings.FLYFN``, validated. Attribute names are the keys in lower case."""
+    """`settings.FLYFN`, validated. Attribute names are the keys in lower case."""
 
     model_config = ConfigDict(
         frozen=True, extra="forbid", validate_default=True, populate_by_name=True
@@ -137,24 +137,24 @@ class FlyfnSettings(Section):
     app_name: Annotated[str | None, matching(APP_NAME_RE, "a Fly app name (a-z, 0-9, -)")] = Field(
         default=None, alias="APP_NAME"
     )
-    """Default: env ``FLY_APP_NAME``, which Fly sets on every Machine; the app the function Machines
-    belong to (``instance`` strategy). Does not decide the role: see ``flyfn.runtime``."""
+    """Default: env `FLY_APP_NAME`, which Fly sets on every Machine; the app the function Machines
+    belong to (`instance` strategy). Does not decide the role: see `flyfn.runtime`."""
 
     api_hostname: str = Field(default=DEFAULT_API_HOSTNAME, alias="API_HOSTNAME")
-    """Default: env ``FLY_API_HOSTNAME``, else ``https://api.machines.dev`` (Fly's public endpoint;
-    ``http://_api.internal:4280`` also works inside Fly's network)."""
+    """Default: env `FLY_API_HOSTNAME`, else `https://api.machines.dev` (Fly's public endpoint;
+    `http://_api.internal:4280` also works inside Fly's network)."""
 
     api_token: SecretStr | None = Field(default=None, alias="API_TOKEN")
-    """Default: env ``FLY_API_TOKEN`` (set it with ``fly secrets set``). Never logged or shown."""
+    """Default: env `FLY_API_TOKEN` (set it with `fly secrets set`). Never logged or shown."""
 
     image_ref: str | None = Field(default=None, alias="IMAGE_REF")
-    """Default: env ``FLY_IMAGE_REF``, which Fly sets to the running image: function Machines run
+    """Default: env `FLY_IMAGE_REF`, which Fly sets to the running image: function Machines run
     the same image as the app Machine that created them."""
 
     views: Annotated[dict[str, ServerlessView], PlainValidator(_views)] = Field(
         default_factory=dict, alias="VIEWS"
     )
-    """Default none: views declared by url name instead of ``@fly_serverless``."""
+    """Default none: views declared by url name instead of `@fly_serverless`."""
 
     replay_body_limit: int = Field(default=REPLAY_BODY_LIMIT, ge=0, alias="REPLAY_BODY_LIMIT")
     """Default 1,000,000 bytes: Fly Proxy cannot replay larger bodies; such requests take the
@@ -171,17 +171,17 @@ class FlyfnSettings(Section):
     Machine (HMAC of SECRET_KEY), so a client cannot reach them directly."""
 
     metrics_port: int | None = Field(default=None, ge=1, le=65535, alias="METRICS_PORT")
-    """Default off: the port serving Prometheus metrics at ``/metrics`` for Fly's scraper
-    (``[metrics] port`` in fly.toml; 9091 by convention). Never the app's own port."""
+    """Default off: the port serving Prometheus metrics at `/metrics` for Fly's scraper
+    (`[metrics] port` in fly.toml; 9091 by convention). Never the app's own port."""
 
     metrics_address: str = Field(default="::", min_length=1, alias="METRICS_ADDRESS")
-    """Default ``::`` (every address, IPv4 too): Fly's scraper reaches each Machine over its private
+    """Default `::` (every address, IPv4 too): Fly's scraper reaches each Machine over its private
     network."""
 
     groups: dict[Annotated[str, BeforeValidator(_group_name)], GroupSettings] = Field(
         default_factory=dict, alias="GROUPS"
     )
-    """Default none: every group gets ``GroupSettings()`` defaults until declared here."""
+    """Default none: every group gets `GroupSettings()` defaults until declared here."""
 
     @field_validator("api_hostname", mode="before")
     @classmethod
@@ -197,7 +197,7 @@ class FlyfnSettings(Section):
     @property
     def api_in_clear(self) -> bool:
         """Whether the API token would travel in clear text: plain http to a host other than
-        Fly's private network (``_api.internal``) or this computer (loopback)."""
+        Fly's private network (`_api.internal`) or this computer (loopback)."""
         return urlsplit(self.api_hostname).scheme == "http" and not is_private(self.api_hostname)
 
     @field_validator("image_ref", mode="before")
@@ -218,13 +218,13 @@ class FlyfnSettings(Section):
         return value
 
     def group(self, name: str) -> GroupSettings:
-        """The settings of group ``name``; defaults when it is not declared in ``GROUPS``."""
+        """The settings of group `name`; defaults when it is not declared in `GROUPS`."""
         found = self.groups.get(name)
         return found if found is not None else _DEFAULT_GROUP_SETTINGS
 
     @property
     def declared_views(self) -> dict[str, ServerlessView]:
-        """Views declared in settings by url name (``VIEWS`` plus the seed setting)."""
+        """Views declared in settings by url name (`VIEWS` plus the seed setting)."""
         return self.views
 
 
@@ -232,7 +232,7 @@ _DEFAULT_GROUP_SETTINGS = GroupSettings()
 
 
 def _url_problem(value: Any) -> str | None:
-    """Why ``value`` is not a usable API URL (``""`` when it is not even a URL), or None."""
+    """Why `value` is not a usable API URL (`""` when it is not even a URL), or None."""
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
         return ""
     try:
@@ -262,12 +262,12 @@ class _Root(BaseModel):
 def load_settings(
     flyfn: Any = None, seed: Any = None, environ: Mapping[str, str] | None = None
 ) -> FlyfnSettings:
-    """Validate raw ``FLYFN`` and ``FLY_MACHINES_SERVERLESS_FUNCTIONS`` values.
+    """Validate raw `FLYFN` and `FLY_MACHINES_SERVERLESS_FUNCTIONS` values.
 
     Raises SettingsError listing every invalid value.
 
-    Keys missing from ``FLYFN`` take their env defaults from ``environ`` (default ``os.environ``).
-    Views declared in ``FLYFN["VIEWS"]`` win over the same url name in the seed setting.
+    Keys missing from `FLYFN` take their env defaults from `environ` (default `os.environ`).
+    Views declared in `FLYFN["VIEWS"]` win over the same url name in the seed setting.
     """
     env = os.environ if environ is None else environ
     raw: Any = {} if flyfn is None else flyfn

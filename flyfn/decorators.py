@@ -1,4 +1,4 @@
-"""``@fly_serverless``: marks a Django view to run on its group's function Machines."""
+"""`@fly_serverless`: marks a Django view to run on its group's function Machines."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ def fly_serverless(
 def fly_serverless(
     methods: Iterable[str] | str | Callable[..., Any] = ("GET",), *, group: str = "default"
 ) -> Any:
-    """Mark a view serverless: requests for it with one of ``methods`` run on group ``group``.
+    """Mark a view serverless: requests for it with one of `methods` run on group `group`.
 
-    Use as ``@fly_serverless`` (GET), ``@fly_serverless(["GET", "POST"], group="pdf")`` or
-    ``fly_serverless(methods=["POST"])(SomeView.as_view())``. Works on sync and async function
-    views, ``as_view()`` results and class-based view classes (then every ``as_view()`` of that
-    class is serverless). ``HEAD`` follows ``GET``. The view is returned unchanged (same object):
+    Use as `@fly_serverless` (GET), `@fly_serverless(["GET", "POST"], group="pdf")` or
+    `fly_serverless(methods=["POST"])(SomeView.as_view())`. Works on sync and async function
+    views, `as_view()` results and class-based view classes (then every `as_view()` of that
+    class is serverless). `HEAD` follows `GET`. The view is returned unchanged (same object):
     only the registry and the middleware know. An unknown method or group name raises ValueError
     here, at import time.
     """

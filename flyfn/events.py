@@ -1,7 +1,7 @@
 """flyfn's events: one vocabulary of structured log records, mirrored as Prometheus metrics.
 
-Every event is logged by ``flyfn.events.<kind>`` with ``extra`` fields named ``flyfn_*`` (so a
-JSON log formatter picks them up), and, when metrics are on (``flyfn.metrics.enable``), counted
+Every event is logged by `flyfn.events.<kind>` with `extra` fields named `flyfn_*` (so a
+JSON log formatter picks them up), and, when metrics are on (`flyfn.metrics.enable`), counted
 in the metric documented beside it. Per-request events log at DEBUG, so nothing is logged per
 request at INFO; changes to Machines log at INFO; failures that need an operator log at WARNING.
 
@@ -63,8 +63,8 @@ _task_log = logging.getLogger("flyfn.events.task")
 
 
 def replayed(group: str, machine_id: str | None, app: str | None) -> None:
-    """A request was answered with ``fly-replay`` to a function Machine (``instance``) or to the
-    function app (``app`` strategy). DEBUG; ``flyfn_replays_total{group}``."""
+    """A request was answered with `fly-replay` to a function Machine (`instance`) or to the
+    function app (`app` strategy). DEBUG; `flyfn_replays_total{group}`."""
     if _replay_log.isEnabledFor(logging.DEBUG):
         target = machine_id or app or "?"
         _replay_log.debug(
@@ -80,8 +80,8 @@ def replayed(group: str, machine_id: str | None, app: str | None) -> None:
 
 
 def fell_back(group: str, reason: FallbackReason, outcome: FallbackOutcome) -> None:
-    """A serverless request did not go to a function Machine: it ran here (``local``) or was
-    answered 503 (``unavailable``). DEBUG; ``flyfn_fallbacks_total{group,reason,outcome}``."""
+    """A serverless request did not go to a function Machine: it ran here (`local`) or was
+    answered 503 (`unavailable`). DEBUG; `flyfn_fallbacks_total{group,reason,outcome}`."""
     if _fallback_log.isEnabledFor(logging.DEBUG):
         _fallback_log.debug(
             "flyfn: fallback (%s) for group %r: %s",
@@ -97,8 +97,8 @@ def fell_back(group: str, reason: FallbackReason, outcome: FallbackOutcome) -> N
 
 
 def bounced(group: str, reason: BounceReason) -> None:
-    """A function Machine of ``group`` sent a request back with ``elsewhere=true``.
-    DEBUG; ``flyfn_bounces_total{group,reason}``."""
+    """A function Machine of `group` sent a request back with `elsewhere=true`.
+    DEBUG; `flyfn_bounces_total{group,reason}`."""
     if _bounce_log.isEnabledFor(logging.DEBUG):
         _bounce_log.debug(
             "flyfn: bounced elsewhere from group %r: %s",
@@ -112,10 +112,10 @@ def bounced(group: str, reason: BounceReason) -> None:
 
 
 def state_rejected(group: str, reason: str) -> None:
-    """A function Machine could not verify a replay's signed state (``reason`` as
-    ``verify_state`` gives it: ``signature mismatch``, ``state expired``, ...). DEBUG (a client
+    """A function Machine could not verify a replay's signed state (`reason` as
+    `verify_state` gives it: `signature mismatch`, `state expired`, ...). DEBUG (a client
     can send these at will);
-    ``flyfn_rejected_states_total{group,reason}``."""
+    `flyfn_rejected_states_total{group,reason}`."""
     if _state_log.isEnabledFor(logging.DEBUG):
         _state_log.debug(
             "flyfn: replay state rejected (group %r): %s",
@@ -129,8 +129,8 @@ def state_rejected(group: str, reason: str) -> None:
 
 
 def cold_waited(group: str, seconds: float, found: bool) -> None:
-    """A request waited for a group with no known Machine (cold pool) ``seconds``; ``found``
-    says whether a target came. DEBUG; ``flyfn_cold_wait_seconds{group,found}``."""
+    """A request waited for a group with no known Machine (cold pool) `seconds`; `found`
+    says whether a target came. DEBUG; `flyfn_cold_wait_seconds{group,found}`."""
     if _cold_log.isEnabledFor(logging.DEBUG):
         _cold_log.debug(
             "flyfn: waited %.3fs for a Machine of group %r (%s)",
@@ -146,8 +146,8 @@ def cold_waited(group: str, seconds: float, found: bool) -> None:
 
 
 def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
-    """flyfn created, updated or destroyed a function Machine of ``group``.
-    INFO; ``flyfn_pool_changes_total{group,action}``."""
+    """flyfn created, updated or destroyed a function Machine of `group`.
+    INFO; `flyfn_pool_changes_total{group,action}`."""
     _pool_log.info(
         "flyfn: %s Machine %s (group %r)",
         action,
@@ -162,9 +162,9 @@ def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
 
 
 def api_called(operation: str, outcome: ApiOutcome, seconds: float) -> None:
-    """One Machines API request (each retry is one): its operation (``create_machine``, ...),
-    HTTP status or ``timeout``/``connection``, and duration. DEBUG;
-    ``flyfn_api_calls_total{operation,status}``, ``flyfn_api_call_seconds{operation}``."""
+    """One Machines API request (each retry is one): its operation (`create_machine`, ...),
+    HTTP status or `timeout`/`connection`, and duration. DEBUG;
+    `flyfn_api_calls_total{operation,status}`, `flyfn_api_call_seconds{operation}`."""
     status = str(outcome)
     if _api_log.isEnabledFor(logging.DEBUG):
         _api_log.debug(
@@ -183,8 +183,8 @@ def api_called(operation: str, outcome: ApiOutcome, seconds: float) -> None:
 
 def task_changed(group: str, outcome: TaskOutcome, task_id: str, task_name: str) -> None:
     """A background task was enqueued, started, succeeded, failed for good, or will run again
-    (``retried``: its lease expired or it raised with attempts left). DEBUG, WARNING when
-    ``failed``; ``flyfn_tasks_total{group,outcome}``."""
+    (`retried`: its lease expired or it raised with attempts left). DEBUG, WARNING when
+    `failed`; `flyfn_tasks_total{group,outcome}`."""
     level = logging.WARNING if outcome == "failed" else logging.DEBUG
     if _task_log.isEnabledFor(level):
         _task_log.log(

@@ -1,4 +1,4 @@
-"""A group's settings (``FLYFN["GROUPS"][g]``): its Machines' size, count, concurrency, autostop,
+"""A group's settings (`FLYFN["GROUPS"][g]`): its Machines' size, count, concurrency, autostop,
 strategy, replay timeout and fallback, validated by pydantic models.
 
 Every default, and why it is the default, is documented on the field it belongs to (the
@@ -50,8 +50,8 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _duration(value: Any) -> str:
-    """A duration string (``"10s"``) from a string or a number of seconds, at most
-    ``MAX_REPLAY_TIMEOUT``."""
+    """A duration string (`"10s"`) from a string or a number of seconds, at most
+    `MAX_REPLAY_TIMEOUT`."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise invalid(f'must be a duration such as "10s" or "800ms" (got {show(value)})')
     try:
@@ -68,7 +68,7 @@ def _duration(value: Any) -> str:
 
 
 def matching(pattern: re.Pattern[str], what: str) -> BeforeValidator:
-    """Accepting None or a string matching ``pattern`` (``what`` it is, for the message)."""
+    """Accepting None or a string matching `pattern` (`what` it is, for the message)."""
     return BeforeValidator(functools.partial(_check_match, pattern, what))
 
 
@@ -79,7 +79,7 @@ def _check_match(pattern: re.Pattern[str], what: str, value: Any) -> Any:
 
 
 def _at_least(other: str, value: int | None, info: ValidationInfo) -> int | None:
-    """``value`` (when set) is at least the field ``other`` declared before it."""
+    """`value` (when set) is at least the field `other` declared before it."""
     bound = info.data.get(other)
     if value is not None and bound is not None and value < bound:
         raise invalid(f"must be at least {other} ({bound}) (got {value})")
@@ -99,10 +99,10 @@ class Section(BaseModel):
 
 
 class GuestSettings(Section):
-    """``GROUPS[g]["guest"]``: the function Machines' size (Fly's ``MachineGuest``)."""
+    """`GROUPS[g]["guest"]`: the function Machines' size (Fly's `MachineGuest`)."""
 
     cpu_kind: CpuKind = "shared"
-    """Default ``"shared"``: the cheapest kind, and what a scale-to-zero view usually needs."""
+    """Default `"shared"`: the cheapest kind, and what a scale-to-zero view usually needs."""
 
     cpus: CpuCount = 1
     """Default 1: Fly's smallest size; the counts Fly offers are 1, 2, 4, 8 and 16."""
@@ -139,12 +139,12 @@ class GuestSettings(Section):
 
 
 class ConcurrencySettings(Section):
-    """``GROUPS[g]["concurrency"]``: the requests one function Machine takes, written into its
-    ``services[].concurrency`` (type ``"requests"``) for Fly Proxy's balancing."""
+    """`GROUPS[g]["concurrency"]`: the requests one function Machine takes, written into its
+    `services[].concurrency` (type `"requests"`) for Fly Proxy's balancing."""
 
     soft_limit: int = Field(ge=1, le=100_000)
     """Required: at this many requests in flight a Machine counts as busy. Fly Proxy then prefers
-    (or autostarts) another Machine of the service, and an ``instance``-strategy function Machine
+    (or autostarts) another Machine of the service, and an `instance`-strategy function Machine
     sends further replays on to the next Machine of its group (see docs/elastic-groups.md)."""
 
     hard_limit: int | None = Field(default=None, ge=1, le=100_000)
@@ -158,29 +158,29 @@ class ConcurrencySettings(Section):
 
 
 class GroupSettings(Section):
-    """``FLYFN["GROUPS"][g]``: how one group of serverless views runs. Undeclared groups get
+    """`FLYFN["GROUPS"][g]`: how one group of serverless views runs. Undeclared groups get
     these."""
 
     guest: GuestSettings = GuestSettings()
-    """Default shared-cpu-1x with 256 MB: see ``GuestSettings``."""
+    """Default shared-cpu-1x with 256 MB: see `GuestSettings`."""
 
     machines: int = Field(default=1, ge=1, le=100)
     """Default 1: the Machines the app Machines replay to (in turn); Fly Proxy starts a stopped
-    Machine per request, so one serves a trickle. Raise ``max_machines`` to let a burst spread
+    Machine per request, so one serves a trickle. Raise `max_machines` to let a burst spread
     further."""
 
     max_machines: int | None = Field(default=None, ge=1, le=100)
-    """Default: ``machines``. The most Machines the group has: all are created (a stopped Machine
+    """Default: `machines`. The most Machines the group has: all are created (a stopped Machine
     costs only its root file system) and started as load needs, when the Machines before them are
-    at their ``concurrency`` soft limit (docs/elastic-groups.md)."""
+    at their `concurrency` soft limit (docs/elastic-groups.md)."""
 
     concurrency: ConcurrencySettings | None = None
     """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
-    takes, e.g. ``{"soft_limit": 10, "hard_limit": 15}``; written into the Machines' services."""
+    takes, e.g. `{"soft_limit": 10, "hard_limit": 15}`; written into the Machines' services."""
 
     autostop: Annotated[AutostopMode, BeforeValidator(autostop_from_bool)] = "stop"
-    """Default ``"stop"``: works for every Machine size; ``"suspend"`` resumes in a few hundred ms
-    instead of a cold boot but needs ≤ 2 GB memory and no swap; ``"off"`` keeps Machines running.
+    """Default `"stop"`: works for every Machine size; `"suspend"` resumes in a few hundred ms
+    instead of a cold boot but needs ≤ 2 GB memory and no swap; `"off"` keeps Machines running.
     Booleans are accepted as in fly.toml (true = stop, false = off)."""
 
     internal_port: int = Field(default=8000, ge=1, le=65535)
@@ -191,30 +191,30 @@ class GroupSettings(Section):
 
     env: tuple[str, ...] = ()
     """Default none: names of environment variables whose values (in the creating process) are
-    copied to the function Machines; fly.toml ``[env]`` is not given to API-created Machines."""
+    copied to the function Machines; fly.toml `[env]` is not given to API-created Machines."""
 
     secrets: tuple[str, ...] = ()
-    """Default none (``SECRET_KEY`` is always covered): names of app secrets the function Machines
-    use, e.g. ``DATABASE_URL``. Fly gives secrets to every Machine of the app, but to API-created
+    """Default none (`SECRET_KEY` is always covered): names of app secrets the function Machines
+    use, e.g. `DATABASE_URL`. Fly gives secrets to every Machine of the app, but to API-created
     ones only when they (re)start or are updated: a change to one of these (a digest, never the
     value) makes the app Machines update the function Machines."""
 
     strategy: Strategy = "instance"
-    """Default ``"instance"``: function Machines live in the same app and replays name one by id,
-    which needs no second Fly app. ``"app"`` puts them in ``app`` and lets Fly Proxy balance
+    """Default `"instance"`: function Machines live in the same app and replays name one by id,
+    which needs no second Fly app. `"app"` puts them in `app` and lets Fly Proxy balance
     them."""
 
     app: Annotated[str | None, matching(APP_NAME_RE, "a Fly app name (a-z, 0-9, -)")] = None
-    """Default None; required by ``strategy: "app"``: the Fly app (same org) of the function
+    """Default None; required by `strategy: "app"`: the Fly app (same org) of the function
     Machines."""
 
     replay_timeout: Annotated[str, BeforeValidator(_duration)] = "10s"
-    """Default ``"10s"``: how long Fly Proxy tries to reach the target, which includes a cold start
+    """Default `"10s"`: how long Fly Proxy tries to reach the target, which includes a cold start
     (about 2 s or more for a Django app), with room to spare before the fallback answers."""
 
     fallback: Fallback = "local"
-    """Default ``"local"``: when a replay cannot happen, run the view on the app Machine (the user
-    gets an answer); ``"error"`` answers 503 with Retry-After instead (for views too heavy to run
+    """Default `"local"`: when a replay cannot happen, run the view on the app Machine (the user
+    gets an answer); `"error"` answers 503 with Retry-After instead (for views too heavy to run
     there)."""
 
     fallback_concurrency: int = Field(default=4, ge=1, le=10_000)
@@ -248,13 +248,13 @@ class GroupSettings(Section):
 
     @property
     def machine_count(self) -> int:
-        """The Machines the group keeps created: ``max_machines``, else ``machines``."""
+        """The Machines the group keeps created: `max_machines`, else `machines`."""
         return self.max_machines if self.max_machines is not None else self.machines
 
     # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
     @functools.cached_property
     def replay_timeout_seconds(self) -> float:
-        """``replay_timeout`` in seconds."""
+        """`replay_timeout` in seconds."""
         return parse_duration(self.replay_timeout)
 
     @functools.cached_property

@@ -1,8 +1,8 @@
 """flyfn's Prometheus metrics: the metric objects (off until enabled) and the port serving them.
 
-Recording is off by default and costs one global read per event. ``enable()`` creates the
-metrics; ``serve(port)`` exposes them for Fly's scraper (``[metrics]`` in fly.toml). With several
-worker processes, set prometheus-client's ``PROMETHEUS_MULTIPROC_DIR`` before they start: each
+Recording is off by default and costs one global read per event. `enable()` creates the
+metrics; `serve(port)` exposes them for Fly's scraper (`[metrics]` in fly.toml). With several
+worker processes, set prometheus-client's `PROMETHEUS_MULTIPROC_DIR` before they start: each
 process then records into that directory and the one that binds the port first serves the sum of
 all (the others find the port taken and leave it to it).
 """
@@ -30,7 +30,7 @@ logger = logging.getLogger("flyfn.metrics")
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """The metrics flyfn records; each event of ``flyfn.events`` names the one it updates."""
+    """The metrics flyfn records; each event of `flyfn.events` names the one it updates."""
 
     registry: CollectorRegistry
     replays: Counter
@@ -71,7 +71,7 @@ def disable() -> None:
 
 
 def serve(port: int, address: str = "::") -> bool:
-    """Serve the metrics on ``address:port`` (recording starts too). True when this process
+    """Serve the metrics on `address:port` (recording starts too). True when this process
     serves them; False when it cannot: the port is taken by another worker of the same
     multiprocess directory (which then serves every process's values), or by anything else
     (logged as a warning). Calling it again after success is a no-op."""

@@ -1,8 +1,8 @@
-"""Which views are serverless: ``ServerlessView`` records and the ``Registry`` that finds them.
+"""Which views are serverless: `ServerlessView` records and the `Registry` that finds them.
 
-Views get here two ways: ``@fly_serverless`` registers the view object itself (a function, an
-``as_view()`` result or a class-based view class), and settings declare views by url name
-(``FLYFN["VIEWS"]``, ``FLY_MACHINES_SERVERLESS_FUNCTIONS``). ``Registry.lookup`` is on the hot path
+Views get here two ways: `@fly_serverless` registers the view object itself (a function, an
+`as_view()` result or a class-based view class), and settings declare views by url name
+(`FLYFN["VIEWS"]`, `FLY_MACHINES_SERVERLESS_FUNCTIONS`). `Registry.lookup` is on the hot path
 of every request: a dict hit for decorated views, a dict hit by url name for declared ones.
 """
 
@@ -36,7 +36,7 @@ _MAX_WRAPPED_DEPTH = 16
 
 
 def normalize_methods(methods: Iterable[str] | str) -> frozenset[str]:
-    """Upper-cased HTTP methods, with ``HEAD`` added when ``GET`` is there; ValueError names a bad
+    """Upper-cased HTTP methods, with `HEAD` added when `GET` is there; ValueError names a bad
     one."""
     if isinstance(methods, str):
         methods = (methods,)
@@ -56,7 +56,7 @@ def normalize_methods(methods: Iterable[str] | str) -> frozenset[str]:
 
 
 def validate_group_name(group: object) -> str:
-    """``group`` if it is a valid group name: 1-30 of a-z, 0-9, '-', '_', starting alphanumeric."""
+    """`group` if it is a valid group name: 1-30 of a-z, 0-9, '-', '_', starting alphanumeric."""
     if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
         raise ValueError(
             f"invalid group name {group!r}: use 1-30 characters a-z, 0-9, '-' or '_', "
@@ -75,13 +75,13 @@ class ServerlessView:
     name: str
 
     def allows(self, method: str) -> bool:
-        """Whether a request with ``method`` is replayed to the group (other methods run
+        """Whether a request with `method` is replayed to the group (other methods run
         locally)."""
         return method in self.methods
 
 
 def view_name(view: object) -> str:
-    """``module.qualname`` of a view function or class, for messages and ``flyfn status``."""
+    """`module.qualname` of a view function or class, for messages and `flyfn status`."""
     target = getattr(view, "view_class", None) or view
     module = getattr(target, "__module__", None) or "?"
     qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
@@ -91,7 +91,7 @@ def view_name(view: object) -> str:
 @dataclass(frozen=True, slots=True)
 class UrlRoute:
     """A url pattern of the urlconf: its full route (as written, regex or path syntax), its names
-    (``"namespace:name"``, the instance namespaces' form first; none when unnamed) and its view."""
+    (`"namespace:name"`, the instance namespaces' form first; none when unnamed) and its view."""
 
     route: str
     names: tuple[str, ...]
@@ -99,10 +99,10 @@ class UrlRoute:
 
 
 def iter_url_routes(urlconf: str | None = None) -> Iterator[UrlRoute]:
-    """Every url pattern of ``urlconf`` (default ``ROOT_URLCONF``), includes followed.
+    """Every url pattern of `urlconf` (default `ROOT_URLCONF`), includes followed.
 
-    A pattern inside ``include(..., namespace=...)`` is named under its instance namespace and,
-    when it differs, its application namespace too (as ``reverse()`` accepts both).
+    A pattern inside `include(..., namespace=...)` is named under its instance namespace and,
+    when it differs, its application namespace too (as `reverse()` accepts both).
     """
     from django.urls import URLPattern, URLResolver, get_resolver
 
@@ -124,7 +124,7 @@ def iter_url_routes(urlconf: str | None = None) -> Iterator[UrlRoute]:
 
 
 def iter_url_names(urlconf: str | None = None) -> Iterator[tuple[str, Callable[..., Any]]]:
-    """Every named url pattern as ``("namespace:name", callback)``, nested namespaces included."""
+    """Every named url pattern as `("namespace:name", callback)`, nested namespaces included."""
     for route in iter_url_routes(urlconf):
         for name in route.names:
             yield name, route.callback
@@ -147,7 +147,7 @@ class Registry:
     def register(
         self, view: object, methods: Iterable[str] | str = ("GET",), group: str = "default"
     ) -> ServerlessView:
-        """Mark ``view`` (function, ``as_view()`` result or view class) serverless.
+        """Mark `view` (function, `as_view()` result or view class) serverless.
 
         Registering the same view again in the same group adds methods; in another group is an
         error.
@@ -192,12 +192,12 @@ class Registry:
     # ----------------------------------------------------------------- lookups
 
     def lookup(self, view: object, url_name: str | None = None) -> ServerlessView | None:
-        """The ``ServerlessView`` for a resolved request, or None for an ordinary view.
+        """The `ServerlessView` for a resolved request, or None for an ordinary view.
 
-        ``view`` is the resolved callback (``request.resolver_match.func``); ``url_name`` its
-        ``resolver_match.view_name``. Decorated views are found by the callback itself, its
-        ``view_class`` (``as_view()`` results) or a ``__wrapped__`` chain (decorators stacked above
-        ``@fly_serverless``); settings-declared views by ``url_name``, or without it by resolving
+        `view` is the resolved callback (`request.resolver_match.func`); `url_name` its
+        `resolver_match.view_name`. Decorated views are found by the callback itself, its
+        `view_class` (`as_view()` results) or a `__wrapped__` chain (decorators stacked above
+        `@fly_serverless`); settings-declared views by `url_name`, or without it by resolving
         the declared names through the urlconf once.
         """
         if url_name is not None:
@@ -253,7 +253,7 @@ class Registry:
         return self._declared.get(url_name)
 
     def decorated(self) -> dict[object, ServerlessView]:
-        """Views marked with ``@fly_serverless``: view object → record (a copy)."""
+        """Views marked with `@fly_serverless`: view object → record (a copy)."""
         return dict(self._views)
 
     def declared(self) -> dict[str, ServerlessView]:
@@ -269,4 +269,4 @@ class Registry:
 
 
 registry = Registry()
-"""The process-wide registry that ``@fly_serverless``, the settings and the middleware share."""
+"""The process-wide registry that `@fly_serverless`, the settings and the middleware share."""

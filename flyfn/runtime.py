@@ -1,16 +1,16 @@
 """Where this process runs: its role (local / main / function) and its Machine, from the env.
 
 The role is read once, at start-up (first use), and cached: the environment of a Machine does not
-change while it runs. Tests change it with ``override_role()`` or by editing the environment and
-calling ``reset()``.
+change while it runs. Tests change it with `override_role()` or by editing the environment and
+calling `reset()`.
 
-- **function(g)**: ``FLYFN_GROUP=g`` (set by flyfn on every function Machine), or the seed's
-  ``IS_FLY_MACHINE_SERVERLESS=true`` (group ``default``).
-- **main**: ``FLY_APP_NAME`` is set (Fly sets it on every Machine; the emulator does too).
-- **local**: neither (``runserver``, tests): every view runs here.
+- **function(g)**: `FLYFN_GROUP=g` (set by flyfn on every function Machine), or the seed's
+  `IS_FLY_MACHINE_SERVERLESS=true` (group `default`).
+- **main**: `FLY_APP_NAME` is set (Fly sets it on every Machine; the emulator does too).
+- **local**: neither (`runserver`, tests): every view runs here.
 
-``FLYFN["APP_NAME"]`` deliberately does not make a process "main": it names the app to manage (e.g.
-for ``manage.py flyfn prepare`` from a laptop), while the role says where the process itself runs.
+`FLYFN["APP_NAME"]` deliberately does not make a process "main": it names the app to manage (e.g.
+for `manage.py flyfn prepare` from a laptop), while the role says where the process itself runs.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class RoleError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Role:
-    """What this process does: ``kind`` is local, main or function; ``group`` is set for
+    """What this process does: `kind` is local, main or function; `group` is set for
     function."""
 
     kind: RoleKind
@@ -90,7 +90,7 @@ MAIN = Role("main")
 
 
 def function(group: str) -> Role:
-    """The role of a function Machine of ``group``."""
+    """The role of a function Machine of `group`."""
     return Role("function", validate_group_name(group))
 
 
@@ -106,7 +106,7 @@ class MachineEnv:
 
 
 def detect_role(environ: Mapping[str, str] | None = None) -> Role:
-    """The role the environment describes (``os.environ`` by default); RoleError for a bad group."""
+    """The role the environment describes (`os.environ` by default); RoleError for a bad group."""
     env = os.environ if environ is None else environ
     group = env_value(env, GROUP_ENV)
     if group is not None:
@@ -122,7 +122,7 @@ def detect_role(environ: Mapping[str, str] | None = None) -> Role:
 
 
 def detect_env(environ: Mapping[str, str] | None = None) -> MachineEnv:
-    """The Machine the environment describes (``os.environ`` by default)."""
+    """The Machine the environment describes (`os.environ` by default)."""
     env = os.environ if environ is None else environ
     return MachineEnv(
         app_name=env_value(env, FLY_APP_NAME),
@@ -139,7 +139,7 @@ _env: MachineEnv | None = None
 
 
 def current_role() -> Role:
-    """This process's role, detected from ``os.environ`` on first use and cached."""
+    """This process's role, detected from `os.environ` on first use and cached."""
     global _role
     role = _role
     if role is None:
@@ -151,7 +151,7 @@ def current_role() -> Role:
 
 
 def current_env() -> MachineEnv:
-    """This process's Machine variables, read from ``os.environ`` on first use and cached."""
+    """This process's Machine variables, read from `os.environ` on first use and cached."""
     global _env
     env = _env
     if env is None:
@@ -172,7 +172,7 @@ def reset() -> None:
 
 @contextmanager
 def override_role(role: Role, env: MachineEnv | None = None) -> Iterator[Role]:
-    """Within the block, ``current_role()`` is ``role`` (and ``current_env()`` is ``env`` if
+    """Within the block, `current_role()` is `role` (and `current_env()` is `env` if
     given)."""
     global _role, _env
     with _lock:

@@ -1,5 +1,5 @@
-"""The seed's setting, ``FLY_MACHINES_SERVERLESS_FUNCTIONS``, still honoured: a list of
-``("app:url_name", ("GET", ...))`` (a bare ``"app:url_name"`` means GET), all in the default group.
+"""The seed's setting, `FLY_MACHINES_SERVERLESS_FUNCTIONS`, still honoured: a list of
+`("app:url_name", ("GET", ...))` (a bare `"app:url_name"` means GET), all in the default group.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""How an invalid flyfn setting is reported: ``SettingsError`` and its issues, each naming its key,
+"""How an invalid flyfn setting is reported: `SettingsError` and its issues, each naming its key,
 made from pydantic's errors in one place.
 
 Every message shows the bad value as it would be written in settings.py, never anything near the
-API token, and says what is allowed: the choices of a ``Literal``, the known options of a section.
+API token, and says what is allowed: the choices of a `Literal`, the known options of a section.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ _WHERE = ("key", "index", "sub")
 
 @dataclass(frozen=True, slots=True)
 class SettingsIssue:
-    """One invalid setting: where (``FLYFN["GROUPS"]["pdf"]["autostop"]``), what, and its kind.
+    """One invalid setting: where (`FLYFN["GROUPS"]["pdf"]["autostop"]`), what, and its kind.
 
-    ``kind`` is ``"value"`` (a bad value), ``"unknown_key"`` (an option flyfn does not know) or
-    ``"method"`` (an unknown HTTP method); the system checks give each kind its own id.
+    `kind` is `"value"` (a bad value), `"unknown_key"` (an option flyfn does not know) or
+    `"method"` (an unknown HTTP method); the system checks give each kind its own id.
     """
 
     key: str
@@ -42,7 +42,7 @@ class SettingsIssue:
 
 
 class SettingsError(ImproperlyConfigured):
-    """The flyfn settings are invalid; ``issues`` lists every problem, each naming its key."""
+    """The flyfn settings are invalid; `issues` lists every problem, each naming its key."""
 
     def __init__(self, issues: Iterable[SettingsIssue]) -> None:
         self.issues: tuple[SettingsIssue, ...] = tuple(issues)
@@ -56,7 +56,7 @@ def show(value: object) -> str:
 
 
 def invalid(message: str, kind: IssueKind = "value", **where: Any) -> PydanticCustomError:
-    """The error a validator raises for what pydantic cannot say itself; ``where`` (key, index,
+    """The error a validator raises for what pydantic cannot say itself; `where` (key, index,
     sub) narrows its location."""
     # The message goes through the context, so braces in user input are never format fields.
     return PydanticCustomError(f"flyfn_{kind}", "{msg}", {"msg": message, **where})
@@ -67,8 +67,8 @@ def issues_of(
     root: type[BaseModel],
     name_key: Mapping[str, str],
 ) -> list[SettingsIssue]:
-    """One issue per pydantic error of validating ``root``; ``name_key`` says how a location's
-    first part is written (``{"FLYFN": 'FLYFN["APP_NAME"]'...}``, see ``key_text``)."""
+    """One issue per pydantic error of validating `root`; `name_key` says how a location's
+    first part is written (`{"FLYFN": 'FLYFN["APP_NAME"]'...}`, see `key_text`)."""
     items = error.errors(include_url=False)
     # A required option missing beside an unknown one is most likely that one misspelt: only the
     # unknown one is reported.
@@ -86,7 +86,7 @@ def issues_of(
 
 
 def key_text(loc: Sequence[int | str], name_key: Mapping[str, str]) -> str:
-    """A location as written in settings.py: ``FLYFN["GROUPS"]["pdf"]``; a name in ``name_key``
+    """A location as written in settings.py: `FLYFN["GROUPS"]["pdf"]`; a name in `name_key`
     (a value that came from the environment, say) is written as it says."""
     if not loc:
         return "FLYFN"
@@ -127,7 +127,7 @@ def _options(section: Any) -> list[str]:
 
 
 def _type_at(root: type[BaseModel], loc: Sequence[int | str]) -> Any:
-    """The type the settings models declare at ``loc`` (None where they declare none)."""
+    """The type the settings models declare at `loc` (None where they declare none)."""
     current: Any = root
     for part in loc:
         current = _without_none(current)
@@ -143,7 +143,7 @@ def _type_at(root: type[BaseModel], loc: Sequence[int | str]) -> Any:
 
 
 def _without_none(annotation: Any) -> Any:
-    """``X`` for ``X | None``."""
+    """`X` for `X | None`."""
     if get_origin(annotation) in (Union, types.UnionType):
         args = [arg for arg in get_args(annotation) if arg is not type(None)]
         return args[0] if len(args) == 1 else annotation

@@ -1,6 +1,6 @@
 """flyfn.registry: registering; lookups by callable, view class, wrapper and url name.
 
-This module is also the urlconf of its own tests (``ROOT_URLCONF="tests.test_registry"``).
+This module is also the urlconf of its own tests (`ROOT_URLCONF="tests.test_registry"`).
 """
 
 from __future__ import annotations

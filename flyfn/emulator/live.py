@@ -1,7 +1,7 @@
 """`flyfn dev`'s live page: the emulated Machines, their starts and stops, recent routes and tasks.
 
-A plain ASGI app served on a loopback port of its own (never in the app's URL space): ``/`` is one
-HTML page whose script polls ``/state.json`` twice a second and redraws, so it updates without
+A plain ASGI app served on a loopback port of its own (never in the app's URL space): `/` is one
+HTML page whose script polls `/state.json` twice a second and redraws, so it updates without
 reloading. It shows no environment, secret or token: Machine ids, names, groups, states, images,
 regions, event times, the proxy's route lines and task counts.
 """
@@ -32,8 +32,8 @@ TaskCounts = Callable[[], Mapping[str, Mapping[str, Any]]]
 class LivePage:
     """The live page's state and its ASGI app.
 
-    ``apps`` names the apps whose Machines are shown (the project's app and any function app);
-    ``tasks``, when given, returns per-group task figures (ready, running, failed, ...).
+    `apps` names the apps whose Machines are shown (the project's app and any function app);
+    `tasks`, when given, returns per-group task figures (ready, running, failed, ...).
     """
 
     def __init__(

@@ -14,7 +14,7 @@ INTERNAL_API_HOST = "_api.internal"
 
 
 def is_loopback_url(url: str) -> bool:
-    """Whether ``url`` names this computer (``localhost`` or a loopback address)."""
+    """Whether `url` names this computer (`localhost` or a loopback address)."""
     try:
         host = urlsplit(url).hostname
     except ValueError:
@@ -30,7 +30,7 @@ def is_loopback_url(url: str) -> bool:
 
 
 def is_private(url: str) -> bool:
-    """Whether ``url`` stays off the internet: Fly's private network (``_api.internal``) or this
+    """Whether `url` stays off the internet: Fly's private network (`_api.internal`) or this
     computer. Plain http carries the token safely only there."""
     try:
         host = urlsplit(url).hostname
@@ -40,8 +40,8 @@ def is_private(url: str) -> bool:
 
 
 def api_url(hostname: str) -> str:
-    """``hostname`` as a base URL without a trailing slash; a bare host gets http when private
-    (``_api.internal:4280``, ``localhost``), else https."""
+    """`hostname` as a base URL without a trailing slash; a bare host gets http when private
+    (`_api.internal:4280`, `localhost`), else https."""
     hostname = hostname.strip().rstrip("/")
     if "://" not in hostname:
         scheme = "http" if is_private(f"//{hostname}") else "https"

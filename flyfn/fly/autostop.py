@@ -21,8 +21,8 @@ def autostop_from_bool(value: object) -> object:
 
 
 def lenient_autostop(value: object) -> object:
-    """An autostop as any API answer spells it, lower-cased: booleans, and the ``"true"``/``"yes"``
-    and ``"false"``/``"no"`` strings an older spec conversion produced. Unknown modes are kept: a
+    """An autostop as any API answer spells it, lower-cased: booleans, and the `"true"`/`"yes"`
+    and `"false"`/`"no"` strings an older spec conversion produced. Unknown modes are kept: a
     newer API must not break reading a Machine."""
     value = autostop_from_bool(value)
     if not isinstance(value, str):
@@ -36,7 +36,7 @@ def lenient_autostop(value: object) -> object:
 
 
 def strongest(modes: Iterable[str]) -> AutostopMode:
-    """The mode Fly Proxy applies to a Machine whose services name ``modes``: suspend over stop
+    """The mode Fly Proxy applies to a Machine whose services name `modes`: suspend over stop
     over off."""
     found = set(modes)
     return "suspend" if "suspend" in found else "stop" if "stop" in found else "off"

@@ -1,11 +1,11 @@
 """Fly's durations: the short form flyfn writes ("10s", "800ms") and the Go form the API takes.
 
-- ``parse_duration`` / ``format_duration``: the form of a fly-replay ``timeout`` and of flyfn's
+- `parse_duration` / `format_duration`: the form of a fly-replay `timeout` and of flyfn's
   settings; one number and one unit (ms, s, m, h), exact, positive.
-- ``parse_go_duration``: anything Go's ``time.ParseDuration`` reads (``"1m30s"``, ``"500us"``), and
+- `parse_go_duration`: anything Go's `time.ParseDuration` reads (`"1m30s"`, `"500us"`), and
   a bare number of seconds, as the Machines API accepts in a config.
-- ``go_duration``: the API's other spellings of a duration (integer nanoseconds, the old
-  ``{"time.Duration": ns}``) as a Go duration string.
+- `go_duration`: the API's other spellings of a duration (integer nanoseconds, the old
+  `{"time.Duration": ns}`) as a Go duration string.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ _NS_UNITS: tuple[tuple[int, str], ...] = (
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a duration such as ``"10s"``, ``"800ms"``, ``"1.5s"`` or ``"2m"`` (exactly:
+    """Seconds in a duration such as `"10s"`, `"800ms"`, `"1.5s"` or `"2m"` (exactly:
     no surrounding space)."""
     match = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None or float(match.group(1)) == 0:
@@ -62,7 +62,7 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest exact duration string for ``seconds`` (whole seconds as "Ns", else "Nms")."""
+    """The shortest exact duration string for `seconds` (whole seconds as "Ns", else "Nms")."""
     if seconds <= 0:
         raise DurationError(f"a duration must be positive, got {seconds!r}")
     millis = round(seconds * 1000)
@@ -72,7 +72,7 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_go_duration(text: str) -> float:
-    """Seconds in a Go duration (``"30s"``, ``"1m30s"``, ``"500ms"``); a bare number means
+    """Seconds in a Go duration (`"30s"`, `"1m30s"`, `"500ms"`); a bare number means
     seconds."""
     value = text.strip()
     if not value:
@@ -92,7 +92,7 @@ def parse_go_duration(text: str) -> float:
 
 def go_duration(value: object) -> object:
     """A duration as the API spells it (Go string, integer nanoseconds, or the old
-    ``{"time.Duration": ns}``) as a Go duration string; other values are returned unchanged."""
+    `{"time.Duration": ns}`) as a Go duration string; other values are returned unchanged."""
     if isinstance(value, dict) and "time.Duration" in value:
         value = value["time.Duration"]
     if isinstance(value, bool):

@@ -1,24 +1,24 @@
 """AsyncMachinesClient: the typed async Fly Machines API client (configuration, retries, errors).
 
-Retry policy (``DEFAULT_MAX_RETRIES`` extra attempts, overridable per client and per call):
+Retry policy (`DEFAULT_MAX_RETRIES` extra attempts, overridable per client and per call):
 
 * Always safe, so retried for every operation: HTTP 429 (the request was rejected before doing
-  anything; ``Retry-After`` is honoured, capped at ``MAX_RETRY_AFTER``), and failures to connect
-  (``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``: the request never left).
+  anything; `Retry-After` is honoured, capped at `MAX_RETRY_AFTER`), and failures to connect
+  (`ConnectError`, `ConnectTimeout`, `PoolTimeout`: the request never left).
 * Idempotent operations also retry 5xx answers, read/write timeouts and broken connections:
   list, get, wait, metadata get/set/delete (set is an upsert), start, stop, suspend (they converge
   on a state), destroy, lease refresh and lease release.
-* ``create_machine`` (and ``start_machine``) also retry an answer whose body says
-  ``"status": "insufficient_capacity"``; create does **not** retry 5xx or read timeouts, which could
+* `create_machine` (and `start_machine`) also retry an answer whose body says
+  `"status": "insufficient_capacity"`; create does **not** retry 5xx or read timeouts, which could
   create a second Machine.
-* ``update_machine`` and ``acquire_lease`` are not idempotent: only the always-safe cases above.
+* `update_machine` and `acquire_lease` are not idempotent: only the always-safe cases above.
 
 A retried call whose earlier attempt did reach the API can see that attempt's effect: e.g. a destroy
 retried after a broken connection may end in NotFound, a stop in an error about the state.
 
-Backoff is exponential (``BACKOFF_BASE * 2**attempt``, capped at ``BACKOFF_MAX``) with jitter;
-sleeps go through ``client._sleep`` so tests can patch them. The API token is only ever placed in
-the ``Authorization`` header: it is absent from logs, errors and the reprs of the client and config.
+Backoff is exponential (`BACKOFF_BASE * 2**attempt`, capped at `BACKOFF_MAX`) with jitter;
+sleeps go through `client._sleep` so tests can patch them. The API token is only ever placed in
+the `Authorization` header: it is absent from logs, errors and the reprs of the client and config.
 """
 
 # ruff: noqa: ASYNC109  (the agreed interface: every operation takes an HTTP `timeout=`)
@@ -92,9 +92,9 @@ BACKOFF_BASE: Final = 0.5
 """Seconds before the first retry (doubled per attempt, then jittered)."""
 BACKOFF_MAX: Final = 8.0
 MAX_RETRY_AFTER: Final = 30.0
-"""The longest ``Retry-After`` the client honours (seconds); longer hints are capped."""
+"""The longest `Retry-After` the client honours (seconds); longer hints are capped."""
 WAIT_HTTP_SLACK: Final = 10.0
-"""Extra read time given to a ``wait`` request beyond its server-side timeout."""
+"""Extra read time given to a `wait` request beyond its server-side timeout."""
 
 # The API's header names, under the names this module has always exported.
 LEASE_NONCE_HEADER: Final = LEASE_NONCE
@@ -111,7 +111,7 @@ _METADATA: Final = TypeAdapter[dict[str, str] | None](dict[str, str] | None)
 
 @dataclass(frozen=True)
 class MachinesClientConfig:
-    """The resolved settings of a client; ``repr`` (and ``str``) never show the token."""
+    """The resolved settings of a client; `repr` (and `str`) never show the token."""
 
     app_name: str | None
     api_hostname: str
@@ -170,7 +170,7 @@ _UNSAFE: Final = _Retry(idempotent=False)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait for a ``Retry-After`` value (seconds or HTTP-date); None if unusable."""
+    """Seconds to wait for a `Retry-After` value (seconds or HTTP-date); None if unusable."""
     if not value:
         return None
     value = value.strip()
@@ -193,9 +193,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 class AsyncMachinesClient:
     """Async client of the Fly Machines API with one httpx connection pool.
 
-    Use as ``async with AsyncMachinesClient("my-app") as client: ...`` (or call ``aclose()``).
-    Every operation accepts keyword-only ``app`` (another app than the client's), ``timeout`` and
-    ``max_retries`` overrides.
+    Use as `async with AsyncMachinesClient("my-app") as client: ...` (or call `aclose()`).
+    Every operation accepts keyword-only `app` (another app than the client's), `timeout` and
+    `max_retries` overrides.
     """
 
     def __init__(
@@ -270,7 +270,7 @@ class AsyncMachinesClient:
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
     ) -> list[Machine]:
-        """All Machines matching the filters, following ``fly-next-cursor`` pages transparently."""
+        """All Machines matching the filters, following `fly-next-cursor` pages transparently."""
         params: dict[str, str] = {}
         for key, value in (metadata or {}).items():
             params[f"metadata.{key}"] = value
@@ -350,7 +350,7 @@ class AsyncMachinesClient:
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
     ) -> Machine:
-        """Replace the Machine's config (send it in full); pass ``lease_nonce`` when leased."""
+        """Replace the Machine's config (send it in full); pass `lease_nonce` when leased."""
         response = await self._request(
             "POST", self._machine_path(app, machine_id), "update_machine", _UNSAFE,
             json=request.to_wire(), headers=_nonce_header(lease_nonce),
@@ -384,7 +384,7 @@ class AsyncMachinesClient:
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
     ) -> None:
-        """Stop the Machine; ``stop_timeout`` is a Go duration (``"30s"``) before SIGKILL."""
+        """Stop the Machine; `stop_timeout` is a Go duration (`"30s"`) before SIGKILL."""
         body = StopRequest(signal=signal, timeout=stop_timeout).to_wire()
         await self._request(
             "POST", self._machine_path(app, machine_id, "stop"), "stop_machine", _IDEMPOTENT,
@@ -416,10 +416,10 @@ class AsyncMachinesClient:
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
     ) -> WaitMachineResponse:
-        """Block until the Machine reaches ``state``; WaitTimeout (408) after ``wait_timeout``.
+        """Block until the Machine reaches `state`; WaitTimeout (408) after `wait_timeout`.
 
-        ``wait_timeout`` is rounded up to whole seconds and capped at ``MAX_WAIT_TIMEOUT`` (the
-        API's limit). ``instance_id`` is the deprecated name of ``version``.
+        `wait_timeout` is rounded up to whole seconds and capped at `MAX_WAIT_TIMEOUT` (the
+        API's limit). `instance_id` is the deprecated name of `version`.
         """
         seconds = min(MAX_WAIT_TIMEOUT, max(1, math.ceil(wait_timeout)))
         params = {"state": state, "timeout": str(seconds)}
@@ -468,7 +468,7 @@ class AsyncMachinesClient:
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
     ) -> Lease:
-        """Take the Machine's lease for ``ttl`` seconds; Conflict (409) while someone holds it."""
+        """Take the Machine's lease for `ttl` seconds; Conflict (409) while someone holds it."""
         body = CreateLeaseRequest(ttl=ttl, description=description).to_wire()
         response = await self._request(
             "POST", self._machine_path(app, machine_id, "lease"), "acquire_lease", _UNSAFE,

@@ -1,6 +1,6 @@
 """The exception tree of the Machines API client (one base class, status-keyed subclasses).
 
-Every error carries the HTTP ``method`` and the URL ``path`` (never the host's credentials: the
+Every error carries the HTTP `method` and the URL `path` (never the host's credentials: the
 token only ever travels in the Authorization header, which no error records).
 """
 
@@ -108,7 +108,7 @@ class NotFound(MachinesStatusError):
 
 
 class WaitTimeout(MachinesStatusError):
-    """408: ``wait`` reached its timeout before the Machine reached the state."""
+    """408: `wait` reached its timeout before the Machine reached the state."""
 
 
 class Conflict(MachinesStatusError):
@@ -124,7 +124,7 @@ class Unprocessable(MachinesStatusError):
 
 
 class RateLimited(MachinesStatusError):
-    """429; ``retry_after`` is the server's hint in seconds, when it gave one."""
+    """429; `retry_after` is the server's hint in seconds, when it gave one."""
 
     def __init__(
         self,

@@ -1,9 +1,9 @@
 """Pydantic models of the Fly Machines API bodies (requests and responses) used by flyfn.
 
-Field names and types follow ``machines-openapi-newest.json``; the shapes of the older specs
-(boolean ``autostop``, ``{"time.Duration": ns}`` durations) are accepted on input and normalised.
-Every model keeps unknown fields (``extra="allow"``) so a newer API never breaks parsing, and
-``to_wire()`` (= ``model_dump(mode="json", exclude_none=True)``) is the form sent on the wire.
+Field names and types follow `machines-openapi-newest.json`; the shapes of the older specs
+(boolean `autostop`, `{"time.Duration": ns}` durations) are accepted on input and normalised.
+Every model keeps unknown fields (`extra="allow"`) so a newer API never breaks parsing, and
+`to_wire()` (= `model_dump(mode="json", exclude_none=True)`) is the form sent on the wire.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ KNOWN_STATES: frozenset[str] = frozenset(
 )
 
 Autostop = Annotated[str, BeforeValidator(lenient_autostop)]
-"""``"off"|"stop"|"suspend"``; also accepts ``True`` (stop) / ``False`` (off) on input."""
+"""`"off"|"stop"|"suspend"`; also accepts `True` (stop) / `False` (off) on input."""
 # (Values outside AUTOSTOP_MODES are tolerated as-is, like unknown Machine states; settings
 # validation (flyfn.conf) rejects typos in what the user configures.)
 
 Duration = Annotated[str, BeforeValidator(go_duration)]
-"""A Go duration string such as ``"10s"`` or ``"500ms"``."""
+"""A Go duration string such as `"10s"` or `"500ms"`."""
 
 
 class FlyModel(BaseModel):
@@ -91,7 +91,7 @@ class FlyModel(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON body sent to the API (``None`` fields left out)."""
+        """The JSON body sent to the API (`None` fields left out)."""
         return self.model_dump(mode="json", exclude_none=True)
 
 
@@ -288,7 +288,7 @@ class Machine(FlyModel):
 
     @property
     def current_version(self) -> str | None:
-        """``version``, or the deprecated ``instance_id`` that older APIs return instead."""
+        """`version`, or the deprecated `instance_id` that older APIs return instead."""
         return self.version or self.instance_id
 
 

@@ -1,7 +1,7 @@
-"""flyfn.tasks: a Django Tasks backend that runs ``@task`` functions on function Machines.
+"""flyfn.tasks: a Django Tasks backend that runs `@task` functions on function Machines.
 
-``TASKS = {"default": {"BACKEND": "flyfn.tasks.FlyMachinesBackend", "OPTIONS": {...}}}`` with
-``"flyfn.tasks"`` and ``"django_tasks_db"`` in INSTALLED_APPS; docs/background-tasks.md tells the
+`TASKS = {"default": {"BACKEND": "flyfn.tasks.FlyMachinesBackend", "OPTIONS": {...}}}` with
+`"flyfn.tasks"` and `"django_tasks_db"` in INSTALLED_APPS; docs/background-tasks.md tells the
 rest. Importing this package imports no model (it is an app and loads before the registry).
 """
 
@@ -16,7 +16,7 @@ class TaskLost(Exception):
 
 
 def run_due_tasks(group: str | None = None) -> int:
-    """Run every due task (of ``group``, or of every group of every flyfn backend) in the
+    """Run every due task (of `group`, or of every group of every flyfn backend) in the
     calling thread; how many ran. For tests and scripts that want no thread."""
     from flyfn.tasks.runner import run_due_tasks as run
 

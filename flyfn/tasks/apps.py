@@ -18,7 +18,7 @@ def _start_dispatchers(**kwargs: Any) -> None:
 
 
 class FlyfnTasksConfig(AppConfig):
-    """``"flyfn.tasks"`` in INSTALLED_APPS."""
+    """`"flyfn.tasks"` in INSTALLED_APPS."""
 
     name = "flyfn.tasks"
     label = "flyfn_tasks"

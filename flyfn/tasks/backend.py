@@ -1,4 +1,4 @@
-"""``FlyMachinesBackend``: django-tasks-db's database backend, delivering tasks to function
+"""`FlyMachinesBackend`: django-tasks-db's database backend, delivering tasks to function
 Machines after the enqueueing transaction commits."""
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ P = ParamSpec("P")
 
 
 def wake_url_name(group: str) -> str:
-    """The url name of ``group``'s wake view (``flyfn.tasks.urls``)."""
+    """The url name of `group`'s wake view (`flyfn.tasks.urls`)."""
     return f"flyfn-tasks-wake-{group}"
 
 
 class FlyMachinesBackend(DatabaseBackend):
     """Tasks stored by django-tasks-db, run on the function Machines of their queue's group.
 
-    Enqueueing, results and priorities are django-tasks-db's; ``enqueue`` adds the delivery: once
+    Enqueueing, results and priorities are django-tasks-db's; `enqueue` adds the delivery: once
     the row is committed the process's dispatcher wakes the group (see flyfn.tasks.dispatch).
     """
 

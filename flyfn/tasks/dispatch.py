@@ -1,8 +1,8 @@
 """The dispatcher: wakes groups that have due tasks, from a daemon thread of each process.
 
 One per backend alias and process. It looks at the database when told (a commit enqueued a task,
-a wake ended) and when the next scheduled task or lease expiry comes (or every ``poll`` seconds),
-and opens up to ``concurrency`` wakes per group: on Fly a ``POST`` to the group's wake URL through
+a wake ended) and when the next scheduled task or lease expiry comes (or every `poll` seconds),
+and opens up to `concurrency` wakes per group: on Fly a `POST` to the group's wake URL through
 Fly Proxy (replayed to a function Machine, which runs due tasks while the request is open); off Fly
 the same run loop in a thread of this process.
 """
@@ -63,7 +63,7 @@ class Dispatcher:
         self.wakes = 0  # wakes opened, for tests and benchmarks
 
     def notify(self, group: str | None = None) -> None:
-        """Look at the database now (a task of ``group`` was committed). Nothing to do while the
+        """Look at the database now (a task of `group` was committed). Nothing to do while the
         group has all its wakes open: each looks again when it ends."""
         self.start()
         if group is not None:
@@ -228,7 +228,7 @@ _dispatchers_lock = threading.Lock()
 
 
 def dispatcher(alias: str, options: TaskOptions) -> Dispatcher:
-    """The process's dispatcher of backend ``alias`` (replaced when its options change)."""
+    """The process's dispatcher of backend `alias` (replaced when its options change)."""
     found = _dispatchers.get(alias)
     if found is None or found.options != options:
         with _dispatchers_lock:

@@ -7,9 +7,9 @@ from django_tasks_db.models import DBTaskResult
 
 
 class TaskLease(models.Model):
-    """A RUNNING task's claim. Renewed by the runner while the task runs; once ``expires_at`` has
+    """A RUNNING task's claim. Renewed by the runner while the task runs; once `expires_at` has
     passed, any runner of the group puts the task back to READY (or FAILED after its last
-    attempt). Only the holder of ``token`` writes the task's outcome."""
+    attempt). Only the holder of `token` writes the task's outcome."""
 
     task = models.OneToOneField(
         DBTaskResult, on_delete=models.CASCADE, primary_key=True, related_name="flyfn_lease"

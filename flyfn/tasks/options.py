@@ -1,4 +1,4 @@
-"""The OPTIONS of a ``FlyMachinesBackend``, checked once: errors name the key and the bad value."""
+"""The OPTIONS of a `FlyMachinesBackend`, checked once: errors name the key and the bad value."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class TaskOptions:
 
     @classmethod
     def parse(cls, alias: str, options: Mapping[str, object]) -> TaskOptions:
-        """The options of ``TASKS[alias]["OPTIONS"]``; ImproperlyConfigured names a bad one."""
+        """The options of `TASKS[alias]["OPTIONS"]`; ImproperlyConfigured names a bad one."""
         where = f'TASKS[{alias!r}]["OPTIONS"]'
         unknown = sorted(set(options) - set(_DEFAULTS))
         if unknown:
@@ -95,7 +95,7 @@ class TaskOptions:
         )
 
     def group_of(self, queue_name: str) -> str:
-        """The group whose Machines run tasks of ``queue_name``."""
+        """The group whose Machines run tasks of `queue_name`."""
         return self.queue_groups.get(queue_name, self.group)
 
     @property
@@ -104,7 +104,7 @@ class TaskOptions:
         return frozenset({self.group, *self.queue_groups.values()})
 
     def queue_filter(self, group: str) -> Q:
-        """The task rows of ``group``: its mapped queues, plus every unmapped queue for the
+        """The task rows of `group`: its mapped queues, plus every unmapped queue for the
         default group."""
         if group == self.group:
             return ~Q(queue_name__in=[q for q, g in self.queue_groups.items() if g != group])

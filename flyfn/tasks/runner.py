@@ -54,7 +54,7 @@ LOCKED_WAIT = 60.0
 
 
 def worker_id() -> str:
-    """What this process writes into a task's ``worker_ids``: its Machine's id on Fly."""
+    """What this process writes into a task's `worker_ids`: its Machine's id on Fly."""
     machine = current_env().machine_id
     if machine and not current_role().is_local:
         return machine
@@ -62,7 +62,7 @@ def worker_id() -> str:
 
 
 def flyfn_backends() -> list[FlyMachinesBackend]:
-    """Every configured ``FlyMachinesBackend``."""
+    """Every configured `FlyMachinesBackend`."""
     from flyfn.tasks.backend import FlyMachinesBackend
 
     return [b for b in task_backends.all() if isinstance(b, FlyMachinesBackend)]
@@ -255,7 +255,7 @@ def _store(claim: Claim, using: str, value: Any, error: BaseException | None) ->
 
 
 def _when_unlocked(work: Callable[[], T]) -> T:
-    """``work()``, tried again while SQLite reports the database locked (for ``LOCKED_WAIT``
+    """`work()`, tried again while SQLite reports the database locked (for `LOCKED_WAIT`
     seconds at most: an outcome is worth waiting for)."""
     deadline = time.monotonic() + LOCKED_WAIT
     while True:
@@ -305,7 +305,7 @@ def run_until_idle(
     on_task: Callable[[Claim, bool], None] | None = None,
     budget: float | None = None,
 ) -> int:
-    """Claim and run ``group``'s due tasks until none is due, ``stop`` is set or ``budget``
+    """Claim and run `group`'s due tasks until none is due, `stop` is set or `budget`
     seconds have passed; how many ran. Closes this thread's database connections at the end."""
     stop = stop or threading.Event()
     machine = machine or worker_id()
@@ -325,7 +325,7 @@ def run_until_idle(
 
 
 def run_due_tasks(group: str | None = None) -> int:
-    """Run every due task (of ``group``, or of every group of every flyfn backend) in the
+    """Run every due task (of `group`, or of every group of every flyfn backend) in the
     calling thread; how many ran. For tests and scripts that want no thread."""
     groups = (
         [group]

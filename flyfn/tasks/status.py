@@ -1,4 +1,4 @@
-"""Per-group task counts for ``manage.py flyfn status``: ready, scheduled, running, failed, and
+"""Per-group task counts for `manage.py flyfn status`: ready, scheduled, running, failed, and
 the age of the oldest waiting task."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The wake URLs, one per group of every FlyMachinesBackend: ``include("flyfn.tasks.urls")``."""
+"""The wake URLs, one per group of every FlyMachinesBackend: `include("flyfn.tasks.urls")`."""
 
 from __future__ import annotations
 

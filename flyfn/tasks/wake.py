@@ -1,9 +1,9 @@
 """The wake view: a function Machine runs its group's due tasks while this request is open.
 
-``POST /_flyfn/tasks/<group>/`` is a serverless view of the group (one view per group, registered
+`POST /_flyfn/tasks/<group>/` is a serverless view of the group (one view per group, registered
 with flyfn's registry), so an app Machine replays it to a function Machine like any other. Wakes
-are signed with ``SECRET_KEY`` by the dispatcher; anything else is refused. The answer streams a
-heartbeat line every ``HEARTBEAT`` seconds while tasks run (Fly Proxy sees a live request, so the
+are signed with `SECRET_KEY` by the dispatcher; anything else is refused. The answer streams a
+heartbeat line every `HEARTBEAT` seconds while tasks run (Fly Proxy sees a live request, so the
 Machine is not stopped under them) and ends with a JSON summary line.
 """
 
@@ -39,7 +39,7 @@ _views_lock = threading.Lock()
 
 
 def sign_wake(group: str) -> str:
-    """The wake header's value for ``group``."""
+    """The wake header's value for `group`."""
     return signing.TimestampSigner(salt=_SALT).sign(group)
 
 
@@ -85,7 +85,7 @@ async def _run(group: str) -> AsyncIterator[bytes]:
 
 
 def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]:
-    """The wake view of ``group`` (one object per group, registered as its serverless view)."""
+    """The wake view of `group` (one object per group, registered as its serverless view)."""
     validate_group_name(group)
     with _views_lock:
         view = _views.get(group)
