@@ -15,9 +15,10 @@ settings are read here: callers pass the secret.
 
 from __future__ import annotations
 
-import binascii
+import base64
 import functools
 import hashlib
+import hmac
 import json
 import re
 import time
@@ -649,28 +650,14 @@ class StateCheck:
         return self.ok
 
 
-class _StateKey:
-    """The key of ``salted_hmac(_STATE_SALT, ..., secret=secret)`` as the padded inner and outer
-    SHA-256 states of HMAC (RFC 2104), computed once: a MAC is then two hash copies, far cheaper
-    than deriving the key and setting up an HMAC per request."""
-
-    __slots__ = ("inner", "outer")
-
-    def __init__(self, secret: str | bytes) -> None:
-        # Django's salted_hmac key derivation; a 32-byte key needs no hashing to fit the block.
-        key = hashlib.sha256(_STATE_SALT.encode() + force_bytes(secret)).digest()
-        block = key.ljust(hashlib.sha256().block_size, b"\0")
-        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-
-
 @functools.lru_cache(maxsize=16)
-def _state_key(secret: str | bytes) -> _StateKey:
-    # Keyed by the secret's value: a changed SECRET_KEY (or a fallback) gets its own entry.
-    return _StateKey(secret)
+def _keyed_hmac(secret: str | bytes) -> hmac.HMAC:
+    """The HMAC-SHA256 keyed as ``salted_hmac(_STATE_SALT, ..., secret=secret)`` keys it, before
+    any message: each MAC copies it, cheaper than deriving the key per request. Cached by the
+    secret's value, so a changed SECRET_KEY (or a fallback) gets its own."""
+    key = hashlib.sha256(_STATE_SALT.encode() + force_bytes(secret)).digest()
+    return hmac.new(key, digestmod=hashlib.sha256)
 
-
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 # A body up to this size is bound by its SHA-256 digest; a larger one (Fly replays up to 1 MB) by
 # its length only, so that the app Machine never reads a large body just to sign it.
@@ -702,14 +689,9 @@ def _message(
 def _mac(secret: str | bytes, message: str) -> str:
     """Unpadded url-safe base64 of
     ``salted_hmac(_STATE_SALT, message, secret=secret, algorithm="sha256")``."""
-    key = _state_key(secret)
-    inner = key.inner.copy()
-    inner.update(message.encode())
-    outer = key.outer.copy()
-    outer.update(inner.digest())
-    return (
-        binascii.b2a_base64(outer.digest(), newline=False).rstrip(b"=").translate(_URLSAFE).decode()
-    )
+    mac = _keyed_hmac(secret).copy()
+    mac.update(message.encode())
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
 def _unbindable(method: str, group: str, body: str) -> bool:

@@ -10,17 +10,19 @@ from typing import Any
 import pytest
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import BadHeaderError, HttpRequest, HttpResponse, HttpResponseBase
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
 from flyfn.middleware import (
     FALLBACK_RETURN_MARGIN,
+    NO_STORE,
     FlyReplayMiddleware,
     _IssuedReplays,
     _request_body_binding,
     issued_replays,
+    replay_response,
 )
 from flyfn.pool import PoolManager, ReplayTarget
 from flyfn.replay import (
@@ -807,3 +809,107 @@ async def test_function_machine_bounces_and_rejections_are_events(
         ("bounce", "pdf", "unsigned"),
         ("state_rejected", "pdf", "signature mismatch"),
     ]
+
+
+# ------------------------------------------------------------------------------ replay headers
+
+
+def test_replay_response_is_an_empty_uncached_answer_carrying_the_header() -> None:
+    response = replay_response("instance=abc;state=s1")
+    assert (response.status_code, response.content) == (200, b"")
+    assert response["fly-replay"] == "instance=abc;state=s1"
+    assert response["Cache-Control"] == NO_STORE
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb"])
+def test_replay_response_refuses_a_header_split(value: str) -> None:
+    with pytest.raises(BadHeaderError):
+        replay_response(value)
+
+
+def test_replay_headers_follow_targets_and_settings(
+    settings: SettingsWrapper, manager: FakeManager
+) -> None:
+    client = Client()
+    with override_role(MAIN):
+        first = replay_of(client.get("/routing/pdf/"))
+        manager.targets["pdf"] = ReplayTarget(app="fn-app")
+        second = replay_of(client.get("/routing/pdf/"))
+        settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "3s"}}}
+        third = replay_of(client.get("/routing/pdf/"))
+        settings.FLYFN = {"SIGN_REPLAYS": False}
+        fourth = replay_of(client.get("/routing/pdf/"))
+    assert (first.instance, first.app, first.timeout) == (PDF_MACHINE, None, "10s")
+    assert (second.instance, second.app, second.timeout) == (None, "fn-app", "10s")
+    assert (third.app, third.timeout, third.fallback) == ("fn-app", "3s", "force_self")
+    assert first.state
+    assert second.state
+    assert third.state
+    assert fourth.state is None
+    assert fourth.timeout == "10s"
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """time.time() for the middleware and the signer, set by the test."""
+    now = [1_764_302_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
+
+
+def replay_state(client: Client, path: str = "/routing/pdf/") -> str:
+    state = replay_of(client.get(path)).state
+    assert state is not None
+    return state
+
+
+@pytest.fixture
+def replaying_client(manager: FakeManager) -> Iterator[Client]:
+    with override_role(MAIN):
+        yield Client()
+
+
+def test_a_state_is_issued_with_the_current_whole_second(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    first = replay_state(replaying_client)
+    assert first == sign_state(
+        django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", frozen_clock[0]
+    )
+    frozen_clock[0] += 0.7  # same whole second: the same state
+    assert replay_state(replaying_client) == first
+    frozen_clock[0] += 0.1  # the next second: issued anew
+    later = replay_state(replaying_client)
+    assert later != first
+    assert later.split(".")[1] == str(int(frozen_clock[0]))
+
+
+def test_each_path_query_and_method_gets_its_own_state(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    pdf = replay_state(replaying_client, "/routing/pdf/")
+    pdf_with_query = replay_state(replaying_client, "/routing/pdf/?page=2")
+    head = replay_of(replaying_client.head("/routing/pdf/")).state
+    assert pdf != pdf_with_query  # the query string is bound
+    assert verify_state(
+        pdf_with_query,
+        django_settings.SECRET_KEY,
+        "GET",
+        "/routing/pdf/",
+        "pdf",
+        max_age=5,
+        query="page=2",
+    )
+    assert head is not None
+    assert head != pdf
+    assert verify_state(head, django_settings.SECRET_KEY, "HEAD", "/routing/pdf/", "pdf", max_age=5)
+
+
+def test_a_new_secret_key_signs_at_once(
+    replaying_client: Client, frozen_clock: list[float], settings: SettingsWrapper
+) -> None:
+    old = replay_state(replaying_client)
+    settings.SECRET_KEY = "rotated-" + "k" * 50
+    new = replay_state(replaying_client)
+    assert new != old
+    assert verify_state(new, settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=5)
