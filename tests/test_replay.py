@@ -1036,7 +1036,6 @@ def test_mac_is_djangos_salted_hmac_of_the_message() -> None:
         assert _mac(secret, message) == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-
 @settings(max_examples=60, deadline=None)
 @given(
     secret=st.text(min_size=1, max_size=80),
@@ -1062,6 +1061,7 @@ def test_each_secret_signs_with_its_own_key() -> None:
     assert verify_state(new, "new-secret", "GET", "/fn/", "pdf", max_age=40, now=NOW)
     assert not verify_state(old, "new-secret", "GET", "/fn/", "pdf", max_age=40, now=NOW)
     assert not verify_state(new, "old-secret", "GET", "/fn/", "pdf", max_age=40, now=NOW)
+
 
 def test_the_limits_are_inclusive() -> None:
     assert FlyReplay.parse("note=" + "x" * (MAX_HEADER_LENGTH - 5)).extra[0][0] == "note"
