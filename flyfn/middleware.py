@@ -198,10 +198,12 @@ class _IssuedReplays:
     def add(self, method: str, path: str, second: int) -> None:
         if second != self._second:
             self._turn(second)
-        if self._count < self.limit:
+        key = (method, path)
+        # Counted once a second: a path replayed on every request must not use up the limit.
+        if key not in self._current and self._count < self.limit:
             # A racing thread may have turned the second meanwhile: the entry then counts for
             # the next second, which only keeps it a second longer.
-            self._current.add((method, path))
+            self._current.add(key)
             self._count += 1
 
     def _turn(self, second: int) -> None:

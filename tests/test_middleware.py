@@ -68,6 +68,7 @@ class FakeManager(PoolManager):
 @pytest.fixture(autouse=True)
 def middleware(settings: SettingsWrapper) -> None:
     settings.MIDDLEWARE = [MIDDLEWARE]
+    middleware_module._plan.cache_clear()  # each test builds the replay headers it uses
 
 
 def routing_manager(**more: ReplayTarget) -> FakeManager:
@@ -267,6 +268,16 @@ def test_issued_replays_are_bounded_in_count_and_age() -> None:
     aged.add("GET", "/p/", now - 10)
     assert aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN + 1)
     assert not aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN - 2)
+
+
+def test_a_path_replayed_again_in_its_second_counts_once() -> None:
+    record = _IssuedReplays(limit=2)
+    now = int(time.time())
+    for _ in range(5):  # every request of a busy path is a replay of its own
+        record.add("GET", "/busy/", now)
+    record.add("GET", "/other/", now)
+    assert record.recent("GET", "/busy/", 10)
+    assert record.recent("GET", "/other/", 10)
 
 
 async def test_main_failed_replay_with_error_fallback_is_503(
