@@ -2,7 +2,8 @@
 
 Sync and async capable in the django-cors-headers style: the decision is one shared sync helper with
 no I/O; only waiting for a cold pool differs (blocking wait in the sync path, awaited in the async
-path). The routing table is DESIGN.md's, applied in `process_view` from the resolved view.
+path). The routing table (docs/how-it-works.md) is applied in `process_view`, from the resolved
+view.
 """
 
 from __future__ import annotations

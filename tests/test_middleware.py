@@ -1,4 +1,5 @@
-"""The routing table of DESIGN.md, row by row, in each role, through the WSGI and ASGI clients."""
+"""The routing table (docs/how-it-works.md), row by row, in each role, through the WSGI and ASGI
+clients."""
 
 from __future__ import annotations
 
