@@ -13,13 +13,17 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
 from django.http import BadHeaderError, HttpRequest, HttpResponse, HttpResponseBase
 from django.test import AsyncClient, Client, RequestFactory, override_settings
+from django.urls import resolve
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
+from flyfn.conf import get_settings
+from flyfn.elastic import in_flight
 from flyfn.middleware import (
     FALLBACK_RETURN_MARGIN,
     NO_STORE,
     FlyReplayMiddleware,
+    _body_replayable,
     _IssuedReplays,
     _request_body_binding,
     issued_replays,
@@ -35,7 +39,7 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
-from flyfn.runtime import LOCAL, MAIN, function, override_role
+from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, installed
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
@@ -925,3 +929,322 @@ def test_a_new_secret_key_signs_at_once(
     new = replay_state(replaying_client)
     assert new != old
     assert verify_state(new, settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=5)
+
+
+# ------------------------------------------------------- verdicts of the helpers (mutation run)
+
+ELASTIC_PDF = {"max_machines": 3, "concurrency": {"soft_limit": 1, "hard_limit": 3}}
+UNSTATED_SRC = "instance=0e1f2a3b4c5d6e;region=iad;t=1"  # another Machine bounced it: no state
+
+
+def fallback_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [
+        (r.flyfn_group, r.flyfn_reason, r.flyfn_outcome)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "flyfn.events.fallback"
+    ]
+
+
+class Clock:
+    """The middleware's `time` module, with a wall clock and a monotonic clock the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock(1000.0)
+    monkeypatch.setattr(middleware_module, "time", fake)
+    return fake
+
+
+def run_view(request: HttpRequest) -> HttpResponseBase | None:
+    """`process_view` of a fresh middleware for `request` (the view resolved from its path)."""
+    match = resolve(request.path)
+    request.resolver_match = match
+    mw = FlyReplayMiddleware(lambda r: HttpResponse(b"ran"))
+    return mw.process_view(request, match.func, (), {})  # type: ignore[return-value]
+
+
+def test_unavailable_is_a_plain_503_to_retry_that_django_does_not_log_again(
+    manager: FakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = middleware_module.unavailable()
+    assert response.status_code == 503
+    assert response.content == b"Service temporarily unavailable, retry shortly.\n"
+    assert response["Content-Type"] == "text/plain; charset=utf-8"
+    assert response["Retry-After"] == "5"
+    assert response["Cache-Control"] == NO_STORE
+    caplog.set_level(logging.WARNING, logger="django.request")
+    with override_role(MAIN):  # a fly-replay-failed for no replay of its own: 503
+        got = Client().get("/routing/pdf/", headers={"fly-replay-failed": "reason=timeout"})
+    assert got.status_code == 503
+    assert not [r for r in caplog.records if r.name == "django.request"]
+
+
+def test_each_fallback_event_names_its_group_reason_and_outcome(
+    manager: FakeManager, debug_events: pytest.LogCaptureFixture, settings: SettingsWrapper
+) -> None:
+    client = Client()
+    failed = {"fly-replay-failed": "reason=timeout"}
+    issued_replays.add("GET", "/routing/pdf/", int(time.time()))
+    with override_role(MAIN):
+        settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
+        assert client.get("/routing/pdf/", headers=failed).status_code == 503
+        settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
+        slots = middleware_module.fallback_slots("pdf", 1)
+        assert slots.acquire()
+        try:
+            assert client.get("/routing/pdf/", headers=failed).status_code == 503
+        finally:
+            slots.release()
+        assert ran_here(client.get("/routing/pdf/", headers=failed), b"pdf")
+        manager.targets["pdf"] = ReplayTarget(instance="not;a machine id")
+        assert ran_here(client.get("/routing/pdf/"), b"pdf")
+    assert fallback_events(debug_events) == [
+        ("pdf", "replay_failed", "unavailable"),
+        ("pdf", "replay_failed", "unavailable"),
+        ("pdf", "replay_failed", "local"),
+        ("pdf", "header", "local"),
+    ]
+    (error,) = [r for r in debug_events.records if r.name == "flyfn.middleware"]
+    assert error.args is not None
+    assert error.args[0] == "pdf"
+    assert isinstance(error.args[1], ValueError)
+
+
+def test_a_cold_group_without_a_target_falls_back_by_its_own_setting(
+    settings: SettingsWrapper,
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
+    with installed(ColdManager({})), override_role(MAIN):
+        assert Client().get("/routing/pdf/").status_code == 503
+
+
+def test_a_replay_to_the_function_app_is_an_event_naming_the_app(
+    manager: FakeManager, debug_events: pytest.LogCaptureFixture
+) -> None:
+    manager.targets["pdf"] = ReplayTarget(app="fn-app")
+    with override_role(MAIN):
+        replay_of(Client().get("/routing/pdf/"))
+    (record,) = [r for r in debug_events.records if r.name == "flyfn.events.replay"]
+    assert record.flyfn_app == "fn-app"  # type: ignore[attr-defined]
+
+
+def test_a_failed_replay_of_a_post_runs_its_fallback_here(manager: FakeManager) -> None:
+    client = Client()
+    with override_role(MAIN):
+        replay_of(client.post("/routing/upload/", b"x", content_type="text/plain"))
+        back = client.post(
+            "/routing/upload/",
+            b"x",
+            content_type="text/plain",
+            headers={"fly-replay-failed": "reason=timeout"},
+        )
+    assert ran_here(back, b"upload 1")
+
+
+def test_a_request_without_a_query_string_binds_an_empty_one(manager: FakeManager) -> None:
+    request = RequestFactory().get("/routing/pdf/")
+    del request.META["QUERY_STRING"]  # a WSGI server may leave it out
+    with override_role(MAIN):
+        state = replay_of(run_view(request)).state  # type: ignore[arg-type]
+    assert verify_state(state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=5)
+    src = signed_src("GET", "/routing/pdf/", "pdf")
+    request = RequestFactory().get("/routing/pdf/", headers={"fly-replay-src": src})
+    del request.META["QUERY_STRING"]
+    with override_role(function("pdf")):
+        assert run_view(request) is None  # verified: runs here
+
+
+def test_function_runs_a_replay_signed_with_a_fallback_secret(
+    manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    old = settings.SECRET_KEY
+    settings.SECRET_KEY = "rotated-" + "k" * 50
+    settings.SECRET_KEY_FALLBACKS = [old]
+    src = signed_src("GET", "/routing/pdf/", "pdf", old)
+    with override_role(function("pdf")):
+        assert ran_here(Client().get("/routing/pdf/", headers={"fly-replay-src": src}), b"pdf")
+
+
+def test_function_checks_a_states_age_against_its_groups_timeout(
+    manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "1s"}}}
+    own, default = get_settings().group("pdf"), get_settings().group("default")
+    age = (own.state_max_age + default.state_max_age) / 2  # too old for pdf only
+    state = sign_state(django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", time.time() - age)
+    src = ReplaySource(instance="0e1f2a3b4c5d6e", region="iad", t=1, state=state).to_header()
+    with override_role(function("pdf")):
+        assert Client().get("/routing/pdf/", headers={"fly-replay-src": src}).status_code == 503
+
+
+@pytest.mark.parametrize("src", ['state="unterminated', "instance=x;state=a b"])
+def test_function_refuses_a_src_it_cannot_read_as_a_state_that_is_missing(
+    manager: FakeManager, debug_events: pytest.LogCaptureFixture, src: str
+) -> None:
+    with override_role(function("pdf")):
+        assert Client().get("/routing/pdf/", headers={"fly-replay-src": src}).status_code == 503
+    rejected = [r for r in debug_events.records if r.name.startswith("flyfn.events.state")]
+    assert [r.flyfn_reason for r in rejected] == ["no signed state"]  # type: ignore[attr-defined]
+
+
+def test_unverifiable_replays_are_logged_once_a_minute_with_group_and_reason(
+    manager: FakeManager,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(middleware_module, "_unverified_logged_at", float("-inf"))
+    forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
+    clock.now = time.time()  # the state's clock: a fresh state
+    with override_role(function("pdf")):
+        for advance in (0.0, 59.0, 1.0):  # logged, not again within the minute, then again
+            clock.now += advance
+            request = RequestFactory().get("/routing/pdf/", headers={"fly-replay-src": forged})
+            response = run_view(request)
+            assert response is not None
+            assert response.status_code == 503
+    warnings = [r for r in caplog.records if r.name == "flyfn.middleware"]
+    assert [r.args for r in warnings] == [("pdf", "signature mismatch")] * 2
+
+
+def test_a_declared_body_length_is_replayable_from_zero_to_the_limit() -> None:
+    assert _body_replayable({"CONTENT_LENGTH": "0"}, 10)
+    assert _body_replayable({"CONTENT_LENGTH": "10"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "11"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "-1"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "ten"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
+
+
+def test_a_replay_issued_at_the_first_second_of_the_window_is_recent(clock: Clock) -> None:
+    record = _IssuedReplays()
+    window = 4.0
+    first = int(clock.now - window - FALLBACK_RETURN_MARGIN)  # 990 at 1000.0
+    record.add("GET", "/edge/", first)
+    assert record.recent("GET", "/edge/", window)  # this second's set
+    record.add("GET", "/later/", first + 1)
+    assert record.recent("GET", "/edge/", window)  # a past second's set
+    assert not record.recent("GET", "/edge/", window - 1)
+
+
+def test_fallback_slots_are_per_group() -> None:
+    first = middleware_module.fallback_slots("slots-a", 1)
+    assert first.acquire()
+    try:
+        other = middleware_module.fallback_slots("slots-b", 1)
+        assert other.acquire()  # another group's fallback is not held up
+        other.release()
+    finally:
+        first.release()
+
+
+def test_a_view_that_raises_leaves_the_in_flight_count_with_its_own_error() -> None:
+    def failing(request: HttpRequest) -> HttpResponse:
+        raise RuntimeError("view failed")
+
+    mw = FlyReplayMiddleware(failing)
+    counter = in_flight("raises", 1)
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    with pytest.raises(RuntimeError, match="view failed"):
+        mw(request)
+    assert counter.active == 0
+    with pytest.raises(RuntimeError, match="view failed"):  # nothing held: nothing else raised
+        mw(RequestFactory().get("/x"))
+
+
+def test_a_response_django_does_not_close_leaves_the_count_at_once() -> None:
+    counter = in_flight("not-closed", 1)
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    middleware_module._release_in_flight_on_close(request, object())  # type: ignore[arg-type]
+    assert counter.active == 0
+
+
+def test_function_bounces_an_unsigned_request_for_a_path_it_replayed_lately(
+    manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
+    issued_replays.add("GET", "/routing/pdf/", int(time.time()))  # no fly-replay-failed here
+    with override_role(function("pdf")):
+        response = Client().get("/routing/pdf/")
+    assert response["fly-replay"] == middleware_module.ELSEWHERE
+
+
+def test_a_send_on_that_failed_runs_here_counted_within_its_groups_timeout(
+    manager: FakeManager, settings: SettingsWrapper, debug_events: pytest.LogCaptureFixture
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {**ELASTIC_PDF, "replay_timeout": "2s"}}}
+    issued_replays.clear()  # only the replays below were issued
+    failed = ReplayFailed(instance="0e1f2a3b4c5d6e", reason="timeout").to_header()
+    now = int(time.time())
+    issued_replays.add("GET", "/routing/pdf/", now - 10)  # within 10 s, not within 2 s
+    issued_replays.add("POST", "/routing/upload/", now)
+    counter = in_flight("pdf", 1)
+    with override_role(function("pdf")):
+        request = RequestFactory().post(
+            "/routing/upload/",
+            b"x",
+            content_type="text/plain",
+            headers={"fly-replay-failed": failed},
+        )
+        assert run_view(request) is None  # runs here, counted in the group's in-flight
+        assert counter.active == 1
+        counter.release()
+        late = Client().get("/routing/pdf/", headers={"fly-replay-failed": failed})
+    assert late.status_code == 503
+    assert manager.forgotten == [("pdf", "0e1f2a3b4c5d6e")]
+    assert fallback_events(debug_events) == [
+        ("pdf", "replay_failed", "local"),
+        ("pdf", "unsigned", "unavailable"),
+    ]
+
+
+def test_function_refuses_a_bounced_request_whose_body_it_cannot_replay(
+    manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 2}
+    with override_role(function("pdf")):
+        response = Client().post(
+            "/routing/upload/",
+            b"abc",
+            content_type="text/plain",
+            headers={"fly-replay-src": UNSTATED_SRC},
+        )
+    assert response.status_code == 503
+
+
+def test_function_signs_a_bounced_request_for_its_groups_first_machine_at_hop_0(
+    manager: FakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    members = {"pdf": (PDF_MACHINE,)}
+
+    class Pool:
+        def __init__(self, group: str) -> None:
+            self.group = group
+
+        def members(self) -> tuple[str, ...]:
+            return members.get(self.group, ())
+
+    monkeypatch.setattr(manager, "pool", Pool)
+    with override_role(function("pdf"), MachineEnv(machine_id="0own0machine01")):
+        response = Client().get("/routing/pdf/", headers={"fly-replay-src": UNSTATED_SRC})
+    replay = replay_of(response)
+    assert replay.instance == PDF_MACHINE
+    check = verify_state(
+        replay.state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=40
+    )
+    assert check
+    assert check.hop == 0
