@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from asgiref.sync import iscoroutinefunction, sync_to_async
@@ -1015,9 +1015,9 @@ def test_each_fallback_event_names_its_group_reason_and_outcome(
         ("pdf", "header", "local"),
     ]
     (error,) = [r for r in debug_events.records if r.name == "flyfn.middleware"]
-    assert error.args is not None
-    assert error.args[0] == "pdf"
-    assert isinstance(error.args[1], ValueError)
+    group, cause = cast(tuple[object, ...], error.args)
+    assert group == "pdf"
+    assert isinstance(cause, ValueError)
 
 
 def test_a_cold_group_without_a_target_falls_back_by_its_own_setting(
