@@ -17,6 +17,7 @@ from django.urls import resolve
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
+from flyfn import metrics
 from flyfn.conf import get_settings
 from flyfn.elastic import in_flight
 from flyfn.middleware import (
@@ -1248,3 +1249,143 @@ def test_function_signs_a_bounced_request_for_its_groups_first_machine_at_hop_0(
     )
     assert check
     assert check.hop == 0
+
+
+def test_a_view_declared_by_url_name_is_routed(
+    manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"VIEWS": {"plain": {"methods": ["GET"], "group": "pdf"}}}
+    with override_role(MAIN):
+        assert replay_of(Client().get("/plain/")).instance == PDF_MACHINE
+
+
+def test_bounces_and_untrusted_failures_are_events_of_their_group(
+    manager: FakeManager, debug_events: pytest.LogCaptureFixture, settings: SettingsWrapper
+) -> None:
+    client = Client()
+    with override_role(function("pdf")):
+        client.get("/plain/")  # not serverless: sent on
+        client.post("/routing/report/")  # another group's view: sent on
+    issued_replays.clear()
+    with override_role(MAIN):
+        client.get("/routing/pdf/", headers={"fly-replay-failed": "reason=timeout"})
+        settings.FLYFN = {"REPLAY_BODY_LIMIT": 2}
+        client.post("/routing/upload/", b"abc", content_type="text/plain")  # body too large
+    events = [
+        (r.flyfn_event, r.flyfn_group, r.flyfn_reason)  # type: ignore[attr-defined]
+        for r in debug_events.records
+        if r.name.startswith("flyfn.events.")
+    ]
+    assert events == [
+        ("bounce", "pdf", "not_serverless"),
+        ("bounce", "pdf", "other_group"),
+        ("fallback", "pdf", "untrusted_failure"),
+        ("fallback", "pdf", "body"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["wsgi", "asgi"])
+async def test_a_cold_wait_is_an_event_of_its_group_with_its_duration(
+    debug_events: pytest.LogCaptureFixture, mode: str
+) -> None:
+    cold = ColdManager({"pdf": ReplayTarget(instance=PDF_MACHINE)})
+    with installed(cold), override_role(MAIN):
+        if mode == "wsgi":
+            await sync_to_async(Client().get, thread_sensitive=False)("/routing/pdf/")
+        else:
+            await AsyncClient().get("/routing/pdf/")
+    (record,) = [r for r in debug_events.records if r.name.startswith("flyfn.events.cold")]
+    assert record.flyfn_group == "pdf"  # type: ignore[attr-defined]
+    assert 0 <= record.flyfn_seconds < 5  # type: ignore[attr-defined]
+
+
+def test_a_warm_replay_waits_for_nothing(
+    manager: FakeManager, debug_events: pytest.LogCaptureFixture
+) -> None:
+    with override_role(MAIN):
+        replay_of(Client().get("/routing/pdf/"))
+    assert not [r for r in debug_events.records if r.name.startswith("flyfn.events.cold")]
+
+
+async def test_async_mode_releases_the_in_flight_count_on_close_or_error() -> None:
+    async def respond(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(b"ran")
+
+    async def fail(request: HttpRequest) -> HttpResponse:
+        raise RuntimeError("view failed")
+
+    counter = in_flight("async-count", 1)
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    response = await FlyReplayMiddleware(respond)(request)  # type: ignore[misc]
+    assert counter.active == 1  # until the server is done with the response
+    response.close()
+    assert counter.active == 0
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    with pytest.raises(RuntimeError, match="view failed"):
+        await FlyReplayMiddleware(fail)(request)  # type: ignore[misc]
+    assert counter.active == 0
+    with pytest.raises(RuntimeError, match="view failed"):  # nothing held: nothing else raised
+        await FlyReplayMiddleware(fail)(RequestFactory().get("/x"))  # type: ignore[misc]
+
+
+class RefreshedPools:
+    """A manager whose pools record that they were asked to refresh."""
+
+    def __init__(self) -> None:
+        self.refreshed: list[str] = []
+
+    def pool(self, group: str) -> RefreshedPools:
+        self.refreshed.append(group)
+        return self
+
+    def refresh(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("role", "groups", "learns"),
+    [
+        (function("pdf"), {"pdf": ELASTIC_PDF}, ["pdf"]),
+        (function("pdf"), {"default": ELASTIC_PDF}, []),  # its own group is not elastic
+        (MAIN, {"pdf": ELASTIC_PDF}, []),
+        (function("pdf"), {"pdf": {**ELASTIC_PDF, "strategy": "app"}}, []),
+        (
+            function("pdf"),
+            {"pdf": {"machines": 2, "concurrency": ELASTIC_PDF["concurrency"]}},
+            ["pdf"],
+        ),
+        (
+            function("pdf"),
+            {"pdf": {"machines": 1, "max_machines": 1, "concurrency": ELASTIC_PDF["concurrency"]}},
+            [],
+        ),
+        (function("pdf"), {"pdf": {"max_machines": 3}}, []),  # no concurrency: nothing to spread
+    ],
+)
+def test_a_function_machine_of_an_elastic_group_learns_its_siblings_as_it_boots(
+    settings: SettingsWrapper,
+    monkeypatch: pytest.MonkeyPatch,
+    role: Any,
+    groups: dict[str, Any],
+    learns: list[str],
+) -> None:
+    settings.FLYFN = {"GROUPS": groups}
+    pools = RefreshedPools()
+    monkeypatch.setattr(middleware_module, "get_manager", lambda: pools)
+    with override_role(role):
+        FlyReplayMiddleware(lambda request: HttpResponse())
+    assert pools.refreshed == learns
+
+
+def test_the_metrics_port_is_served_as_the_middleware_loads(
+    settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[tuple[int, str]] = []
+    monkeypatch.setattr(metrics, "serve", lambda port, address: served.append((port, address)))
+    settings.FLYFN = {"METRICS_PORT": 9191, "METRICS_ADDRESS": "127.0.0.1"}
+    FlyReplayMiddleware(lambda request: HttpResponse())
+    assert served == [(9191, "127.0.0.1")]
