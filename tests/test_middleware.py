@@ -1389,3 +1389,81 @@ def test_the_metrics_port_is_served_as_the_middleware_loads(
     settings.FLYFN = {"METRICS_PORT": 9191, "METRICS_ADDRESS": "127.0.0.1"}
     FlyReplayMiddleware(lambda request: HttpResponse())
     assert served == [(9191, "127.0.0.1")]
+
+
+class GroupPools:
+    """Pools whose cached members are the ids given for their group (none for other groups)."""
+
+    def __init__(self, members: dict[str, tuple[str, ...]]) -> None:
+        self.by_group = members
+
+    def __call__(self, group: str) -> GroupPools.Pool:
+        return GroupPools.Pool(self.by_group.get(group, ()))
+
+    class Pool:
+        def __init__(self, ids: tuple[str, ...]) -> None:
+            self.ids = ids
+
+        def members(self) -> tuple[str, ...]:
+            return self.ids
+
+        def refresh(self) -> None:
+            return None
+
+
+def elastic_src(method: str, path: str) -> dict[str, str]:
+    state = sign_state(django_settings.SECRET_KEY, method, path, "pdf")
+    return {"fly-replay-src": ReplaySource(instance="a", region="iad", state=state).to_header()}
+
+
+def test_a_busy_machine_sends_a_post_on_to_its_groups_next_and_runs_it_when_that_fails(
+    manager: FakeManager, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
+    monkeypatch.setattr(manager, "pool", GroupPools({"pdf": ("m0", "m1")}))
+    issued_replays.clear()
+    counter = in_flight("pdf", 1)
+    assert counter.acquire()  # at its soft limit
+    client = Client()
+    try:
+        with override_role(function("pdf"), MachineEnv(machine_id="m0")):
+            sent = client.post(
+                "/routing/upload/",
+                b"x",
+                content_type="text/plain",
+                headers={"fly-replay-src": bound_src("/routing/upload/", body=b"x")},
+            )
+            assert replay_of(sent).instance == "m1"
+            failed = ReplayFailed(instance="m1", reason="no_candidate").to_header()
+            back = client.post(
+                "/routing/upload/",
+                b"x",
+                content_type="text/plain",
+                headers={"fly-replay-failed": failed},
+            )
+    finally:
+        counter.active = 0
+    assert ran_here(back, b"upload 1")
+
+
+def test_a_busy_machine_that_cannot_name_its_next_logs_it_and_runs_the_request(
+    manager: FakeManager,
+    settings: SettingsWrapper,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
+    monkeypatch.setattr(manager, "pool", GroupPools({"pdf": ("m0", "not;an id")}))
+    counter = in_flight("pdf", 1)
+    assert counter.acquire()
+    try:
+        with override_role(function("pdf"), MachineEnv(machine_id="m0")):
+            response = Client().get("/routing/pdf/", headers=elastic_src("GET", "/routing/pdf/"))
+    finally:
+        counter.active = 0
+    assert ran_here(response, b"pdf")
+    (error,) = [r for r in caplog.records if r.name == "flyfn.middleware"]
+    assert error.getMessage().startswith("flyfn: ")
+    group, cause = cast(tuple[object, ...], error.args)
+    assert group == "pdf"
+    assert isinstance(cause, ValueError)
