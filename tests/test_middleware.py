@@ -1467,3 +1467,17 @@ def test_a_busy_machine_that_cannot_name_its_next_logs_it_and_runs_the_request(
     group, cause = cast(tuple[object, ...], error.args)
     assert group == "pdf"
     assert isinstance(cause, ValueError)
+
+
+def test_a_bounced_request_for_a_machine_id_no_header_can_carry_is_logged_and_refused(
+    manager: FakeManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(manager, "pool", GroupPools({"pdf": ("not;an id",)}))
+    with override_role(function("pdf")):
+        response = Client().get("/routing/pdf/", headers={"fly-replay-src": UNSTATED_SRC})
+    assert response.status_code == 503
+    (error,) = [r for r in caplog.records if r.name == "flyfn.middleware"]
+    assert error.getMessage().startswith("flyfn: ")
+    group, cause = cast(tuple[object, ...], error.args)
+    assert group == "pdf"
+    assert isinstance(cause, ValueError)
