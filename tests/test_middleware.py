@@ -13,7 +13,7 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
 from django.http import BadHeaderError, HttpRequest, HttpResponse, HttpResponseBase
 from django.test import AsyncClient, Client, RequestFactory, override_settings
-from django.urls import resolve
+from django.urls import path, resolve
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
@@ -42,6 +42,7 @@ from flyfn.replay import (
 )
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, installed
+from tests.testapp import views as test_views
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
 MIDDLEWARE = "flyfn.middleware.FlyReplayMiddleware"
@@ -1016,6 +1017,7 @@ def test_each_fallback_event_names_its_group_reason_and_outcome(
         ("pdf", "header", "local"),
     ]
     (error,) = [r for r in debug_events.records if r.name == "flyfn.middleware"]
+    assert error.getMessage().startswith("flyfn: ")
     group, cause = cast(tuple[object, ...], error.args)
     assert group == "pdf"
     assert isinstance(cause, ValueError)
@@ -1481,3 +1483,37 @@ def test_a_bounced_request_for_a_machine_id_no_header_can_carry_is_logged_and_re
     group, cause = cast(tuple[object, ...], error.args)
     assert group == "pdf"
     assert isinstance(cause, ValueError)
+
+
+# One view under two url names (the routing test below declares only the first serverless).
+urlpatterns = [
+    path("named/", test_views.plain, name="named"),
+    path("other-name/", test_views.plain, name="other-name"),
+]
+
+
+def test_a_view_declared_by_url_name_is_routed_under_that_name_only(
+    manager: FakeManager, settings: SettingsWrapper
+) -> None:
+    settings.ROOT_URLCONF = __name__
+    settings.FLYFN = {"VIEWS": {"named": {"methods": ["GET"], "group": "pdf"}}}
+    client = Client()
+    with override_role(MAIN):
+        assert replay_of(client.get("/named/")).instance == PDF_MACHINE
+        assert ran_here(client.get("/other-name/"), b"plain")
+
+
+def test_a_body_of_exactly_the_digest_limit_is_bound_by_its_digest() -> None:
+    body = b"x" * STATE_BODY_DIGEST_LIMIT
+    request = RequestFactory().post("/x", body, content_type="text/plain")
+    assert _request_body_binding(request) == body_binding(len(body), body)
+    assert _request_body_binding(request).startswith("sha256:")
+
+
+def test_the_record_of_issued_replays_holds_16384_at_most() -> None:
+    record = _IssuedReplays()
+    now = int(time.time())
+    for n in range(16_385):
+        record.add("GET", f"/p{n}/", now)
+    assert record.recent("GET", "/p16383/", 10)
+    assert not record.recent("GET", "/p16384/", 10)
