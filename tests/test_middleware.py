@@ -1216,9 +1216,10 @@ def test_a_send_on_that_failed_runs_here_counted_within_its_groups_timeout(
 
 
 def test_function_refuses_a_bounced_request_whose_body_it_cannot_replay(
-    manager: FakeManager, settings: SettingsWrapper
+    manager: FakeManager, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.FLYFN = {"REPLAY_BODY_LIMIT": 2}
+    monkeypatch.setattr(manager, "pool", GroupPools({"pdf": (PDF_MACHINE,)}))  # one to send to
     with override_role(function("pdf")):
         response = Client().post(
             "/routing/upload/",
