@@ -2,11 +2,13 @@
 
 Sync and async capable in the django-cors-headers style: the decision is one shared sync helper with
 no I/O; only waiting for a cold pool differs (blocking wait in the sync path, awaited in the async
-path). The routing table is DESIGN.md's, applied in `process_view` from the resolved view.
+path). The routing table (docs/how-it-works.md) is applied in `process_view`, from the resolved
+view.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -17,10 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
 from django.core.exceptions import RequestDataTooBig
-from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, RawPostDataException
-from django.http.cookie import SimpleCookie
-from django.http.response import ResponseHeaders
 
 from flyfn import events, metrics
 from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
@@ -58,17 +57,17 @@ _SLOT_ATTR = "_flyfn_fallback_slot"
 # The request attribute holding a function Machine's in-flight count of its group, released when
 # the response is closed (after its last byte, for a streaming response too).
 _INFLIGHT_ATTR = "_flyfn_in_flight"
-# Prebuilt replay headers kept per settings object; more distinct targets than this clears them.
+# Replay headers kept prebuilt (without their state), by target and timeout: Machines come and go.
 _MAX_PLANS = 1024
-# Replay headers kept for the current second; more distinct requests than this clears them.
-_MAX_HEADERS = 1024
 # The META keys of Fly Proxy's request headers (request.headers would build a dict per request).
 _META_REPLAY_SRC = "HTTP_" + FLY_REPLAY_SRC.upper().replace("-", "_")
 _META_REPLAY_FAILED = "HTTP_" + FLY_REPLAY_FAILED.upper().replace("-", "_")
 
 ViewFunc = Callable[..., object]
-# A replay header's cache key: group, target, method, path, query string and body binding.
-_HeaderKey = tuple[str, ReplayTarget, str | None, str, str, str]
+ProcessView = Callable[
+    [HttpRequest, ViewFunc, tuple[object, ...], dict[str, object]],
+    HttpResponseBase | Awaitable[HttpResponseBase | None] | None,
+]
 
 
 class _Replay(NamedTuple):
@@ -103,102 +102,25 @@ def unavailable() -> HttpResponse:
 
 def replay_response(value: str) -> HttpResponse:
     """The empty response Fly Proxy acts on; never cached (it is per request, not per URL)."""
-    template = _template or _build_template()
-    if template is not None and value.isascii() and "\n" not in value and "\r" not in value:
-        return template.make(value)
     return HttpResponse(b"", headers={FLY_REPLAY: value, "Cache-Control": NO_STORE})
-
-
-class _Unsupported(Exception):
-    """This Django's HttpResponse has a part `_ReplayTemplate` cannot copy safely."""
-
-
-class _ReplayTemplate:
-    """Copies of one ``HttpResponse(b"", headers={fly-replay, Cache-Control})`` without re-running
-    its constructor (which validates and encodes every header: most of a replay's cost).
-
-    The prototype is made by the public constructor, so the copies have whatever attributes this
-    Django gives a response; each copy gets its own mutable parts (headers, cookies, lists). An
-    attribute of a kind it cannot copy safely makes it refuse (`_Unsupported`): then every replay
-    response is built by the constructor, as before.
-    """
-
-    def __init__(self) -> None:
-        proto = HttpResponse(b"", headers={FLY_REPLAY: "-", "Cache-Control": NO_STORE})
-        self.shared: dict[str, object] = {}
-        self.lists: list[tuple[str, list[object]]] = []
-        for name, value in vars(proto).items():
-            if name in ("headers", "cookies"):
-                continue
-            if type(value) is list:
-                self.lists.append((name, value))
-            elif value is None or type(value) in (bool, int, str, bytes):
-                self.shared[name] = value
-            else:
-                raise _Unsupported(name)
-        store = vars(proto.headers).get("_store")
-        if type(proto.headers) is not ResponseHeaders or type(store) is not dict:
-            raise _Unsupported("headers")
-        if type(proto.cookies) is not SimpleCookie or proto.cookies:
-            raise _Unsupported("cookies")
-        self.store: dict[str, tuple[str, str]] = store
-
-    def make(self, value: str) -> HttpResponse:
-        """A fresh response whose fly-replay header is `value` (ASCII without CR/LF: no encoding
-        or check needed, which is all the constructor would do with it)."""
-        response = HttpResponse.__new__(HttpResponse)
-        attrs = response.__dict__
-        attrs.update(self.shared)
-        for name, items in self.lists:
-            attrs[name] = items.copy()
-        store = self.store.copy()
-        store[FLY_REPLAY] = (FLY_REPLAY, value)
-        headers = ResponseHeaders.__new__(ResponseHeaders)
-        headers._store = store
-        attrs["headers"] = headers
-        attrs["cookies"] = SimpleCookie()
-        return response
-
-
-_template: _ReplayTemplate | None = None
-_template_unsupported = False
-
-
-def _build_template() -> _ReplayTemplate | None:
-    global _template, _template_unsupported
-    if _template_unsupported:
-        return None
-    try:
-        _template = _ReplayTemplate()
-    except _Unsupported as exc:
-        logger.debug("flyfn: replay responses use the HttpResponse constructor (%s)", exc)
-        _template_unsupported = True
-    return _template
-
-
-# Bumped when SECRET_KEY changes, so headers signed with the old key are not served again.
-_secret_epoch = 0
-
-
-def _on_setting_changed(*, setting: str, **kwargs: object) -> None:
-    # The prototype's Content-Type carries DEFAULT_CHARSET.
-    global _template, _secret_epoch
-    if setting == "DEFAULT_CHARSET":
-        _template = None
-    elif setting == "SECRET_KEY":
-        _secret_epoch += 1
-
-
-setting_changed.connect(_on_setting_changed, dispatch_uid="flyfn.middleware.on_setting_changed")
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """A group's replay header to one target, prebuilt: `head + state + tail`, or `unsigned`."""
+    """A replay header to one target, prebuilt: `head + state + tail`, or `unsigned`."""
 
     head: str
     tail: str
     unsigned: str
+
+
+@functools.lru_cache(maxsize=_MAX_PLANS)
+def _plan(instance: str | None, app: str | None, timeout: str) -> _Plan:
+    """The replay header to a target without its state: built and validated once, not per
+    request (it is the same for every request to that target)."""
+    replay = FlyReplay(instance=instance, app=app, timeout=timeout, fallback="force_self")
+    head, tail = replay.to_header_around_state()
+    return _Plan(head, tail, replay.to_header())
 
 
 def _request_body_binding(request: HttpRequest) -> str:
@@ -264,8 +186,7 @@ class _IssuedReplays:
     than any group's replay timeout and the way back are dropped; at most `limit` entries are
     kept in all (a flood of distinct paths then goes unrecorded, and its fallbacks answer 503).
 
-    Adding is a set insert without a lock within a second: it is on the path of every replay
-    whose header is not cached (every request, when each has a path of its own)."""
+    Adding is a set insert without a lock within a second: it is on the path of every replay."""
 
     def __init__(self, limit: int = 16_384) -> None:
         self.limit = limit
@@ -278,10 +199,12 @@ class _IssuedReplays:
     def add(self, method: str, path: str, second: int) -> None:
         if second != self._second:
             self._turn(second)
-        if self._count < self.limit:
+        key = (method, path)
+        # Counted once a second: a path replayed on every request must not use up the limit.
+        if key not in self._current and self._count < self.limit:
             # A racing thread may have turned the second meanwhile: the entry then counts for
             # the next second, which only keeps it a second longer.
-            self._current.add((method, path))
+            self._current.add(key)
             self._count += 1
 
     def _turn(self, second: int) -> None:
@@ -347,16 +270,14 @@ class FlyReplayMiddleware:
         self.async_mode = iscoroutinefunction(get_response)
         _serve_metrics()
         _learn_siblings()
-        # Prebuilt replay headers per (group, instance, app), valid for one settings object.
-        self._plans: tuple[FlyfnSettings | None, dict[tuple[str, str | None, str | None], _Plan]]
-        self._plans = (None, {})
-        # This second's replay headers: (settings, second, secret epoch, {request key: header}).
-        self._headers: tuple[FlyfnSettings | None, int, int, dict[_HeaderKey, str]]
-        self._headers = (None, -1, -1, {})
         if self.async_mode:
             markcoroutinefunction(self)
-            # Django adapts process_view to the handler's mode; give it the native async one.
-            self.process_view = self._aprocess_view  # type: ignore[method-assign,assignment]
+
+    @property
+    def process_view(self) -> ProcessView:
+        """Django calls `process_view` in the handler's mode and adapts one of the other mode
+        through a thread: each mode gets its own (a cold pool is waited for, or awaited)."""
+        return self._aprocess_view if self.async_mode else self._process_view
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.async_mode:
@@ -386,20 +307,46 @@ class FlyReplayMiddleware:
             _release_in_flight_on_close(request, response)
         return response
 
-    def process_view(
+    def _process_view(
         self,
         request: HttpRequest,
         view_func: ViewFunc,
         view_args: tuple[object, ...],
         view_kwargs: dict[str, object],
-    ) -> HttpResponseBase | _Replay | None:
-        """Where this request's view runs: a response (a replay, a bounce, a 503), or None to run
-        the view here. Sync mode waits here (blocking) for a cold pool's target; async mode gets
-        a `_Replay` back instead and `_aprocess_view` awaits the target.
+    ) -> HttpResponseBase | None:
+        """`process_view` for sync mode: a cold pool's target is waited for (blocking)."""
+        routed = self._route(request, view_func)
+        if not isinstance(routed, _Replay):
+            return routed
+        began = time.monotonic()
+        target = get_manager().wait_target(routed.view.group, routed.max_wait)
+        events.cold_waited(routed.view.group, time.monotonic() - began, target is not None)
+        return self._replay_or_fallback(request, routed.view, target, routed.settings)
 
-        Flat on purpose: a warm replay from the app Machine is the path the benchmarks hold to
-        costing no more than a trivial view, and each Python call on it is a measurable share.
-        """
+    async def _aprocess_view(
+        self,
+        request: HttpRequest,
+        view_func: ViewFunc,
+        view_args: tuple[object, ...],
+        view_kwargs: dict[str, object],
+    ) -> HttpResponseBase | None:
+        """`process_view` for async mode: a cold pool's target is awaited, never blocked on."""
+        routed = self._route(request, view_func)
+        if not isinstance(routed, _Replay):
+            return routed
+        began = time.monotonic()
+        target = await get_manager().aget_target(routed.view.group, routed.max_wait)
+        events.cold_waited(routed.view.group, time.monotonic() - began, target is not None)
+        return self._replay_or_fallback(request, routed.view, target, routed.settings)
+
+    # ------------------------------------------------------------ shared sync helpers (no I/O)
+
+    def _route(
+        self, request: HttpRequest, view_func: ViewFunc
+    ) -> HttpResponseBase | _Replay | None:
+        """Where this request's view runs: a response (a replay, a bounce, a 503), None to run
+        the view here, or a `_Replay` when the group's pool is cold (the caller waits for it in
+        its own mode)."""
         # An ordinary view costs the role check and one registry lookup.
         role = current_role()
         if role.kind == "local":
@@ -443,32 +390,7 @@ class FlyReplayMiddleware:
         target = get_manager().get_target(view.group)  # warm: cached, no I/O
         if target is not None:
             return self._replay(request, view.group, target, settings)
-        max_wait = settings.group(view.group).replay_timeout_seconds
-        if self.async_mode:
-            return _Replay(view, settings, max_wait)
-        began = time.monotonic()
-        target = get_manager().wait_target(view.group, max_wait)
-        events.cold_waited(view.group, time.monotonic() - began, target is not None)
-        return self._replay_or_fallback(request, view, target, settings)
-
-    async def _aprocess_view(
-        self,
-        request: HttpRequest,
-        view_func: ViewFunc,
-        view_args: tuple[object, ...],
-        view_kwargs: dict[str, object],
-    ) -> HttpResponseBase | None:
-        """`process_view` for async mode: a cold pool's target is awaited, never blocked on."""
-        # Through the class: in async mode the instance's process_view is this very method.
-        routed = FlyReplayMiddleware.process_view(self, request, view_func, view_args, view_kwargs)
-        if not isinstance(routed, _Replay):
-            return routed
-        began = time.monotonic()
-        target = await get_manager().aget_target(routed.view.group, routed.max_wait)
-        events.cold_waited(routed.view.group, time.monotonic() - began, target is not None)
-        return self._replay_or_fallback(request, routed.view, target, routed.settings)
-
-    # ------------------------------------------------------------ shared sync helpers (no I/O)
+        return _Replay(view, settings, settings.group(view.group).replay_timeout_seconds)
 
     def _replay_or_fallback(
         self,
@@ -486,37 +408,16 @@ class FlyReplayMiddleware:
     def _replay(
         self, request: HttpRequest, group: str, target: ReplayTarget, settings: FlyfnSettings
     ) -> HttpResponseBase | None:
-        """The fly-replay response sending this request to `target`.
-
-        Headers are kept for the current second: a state is issued with a whole-second time, so
-        every request of one method and path in that second gets the very same state. It is
-        signed once and reused until the second ends: the bytes are the ones signing each request
-        would give, and nothing is trusted for longer.
-        """
+        """The fly-replay response sending this request to `target`, its state signed now."""
         second = int(time.time())
-        owner, issued, epoch, headers = self._headers
-        if issued != second or owner is not settings or epoch != _secret_epoch:
-            headers = {}
-            self._headers = (settings, second, _secret_epoch, headers)
-        query = request.META.get("QUERY_STRING", "")
-        body = _request_body_binding(request)
-        key = (group, target, request.method, request.path, query, body)
-        header = headers.get(key)
-        if header is None:
-            try:
-                header = self._header(settings, group, target, request, second, query, body)
-            except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
-                logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
-                return self._fallback(request, group, settings, "header")
-            if len(headers) >= _MAX_HEADERS:  # many distinct requests within one second
-                headers.clear()
-            headers[key] = header
-            # Once per method and path a second: the requests reusing the header are covered.
-            issued_replays.add(request.method or "GET", request.path, second)
+        try:
+            header = self._header(settings, group, target, request, second)
+        except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
+            logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
+            return self._fallback(request, group, settings, "header")
+        issued_replays.add(request.method or "GET", request.path, second)
         events.replayed(group, target.instance, target.app)
-        # Plan-built headers are ASCII without CR/LF: the template needs no check of them.
-        template = _template
-        return template.make(header) if template is not None else replay_response(header)
+        return replay_response(header)
 
     def _header(
         self,
@@ -525,40 +426,24 @@ class FlyReplayMiddleware:
         target: ReplayTarget,
         request: HttpRequest,
         second: int,
-        query: str,
-        body: str,
+        hop: int = 0,
     ) -> str:
-        """The replay header to `target` for this request (its `query` string and `body`
-        binding), its state (if signed) issued at `second`."""
-        plan = self._plan(settings, group, target)
+        """The replay header to `target` for this request, its state (if signed) issued at
+        `second`, `hop` function Machines far."""
+        plan = _plan(target.instance, target.app, settings.group(group).replay_timeout)
         if not settings.sign_replays:
             return plan.unsigned
-        method = request.method or "GET"
-        secret = django_settings.SECRET_KEY
-        state = sign_state(secret, method, request.path, group, second, query=query, body=body)
+        state = sign_state(
+            django_settings.SECRET_KEY,
+            request.method or "GET",
+            request.path,
+            group,
+            second,
+            query=request.META.get("QUERY_STRING", ""),
+            body=_request_body_binding(request),
+            hop=hop,
+        )
         return plan.head + state + plan.tail
-
-    def _plan(self, settings: FlyfnSettings, group: str, target: ReplayTarget) -> _Plan:
-        """The replay header to `target` without its state, built (and validated) once."""
-        owner, plans = self._plans
-        if owner is not settings:
-            plans = {}
-            self._plans = (settings, plans)
-        key = (group, target.instance, target.app)
-        plan = plans.get(key)
-        if plan is None:
-            replay = FlyReplay(
-                instance=target.instance,
-                app=target.app,
-                timeout=settings.group(group).replay_timeout,
-                fallback="force_self",
-            )
-            head, tail = replay.to_header_around_state()
-            plan = _Plan(head, tail, replay.to_header())
-            if len(plans) >= _MAX_PLANS:  # Machines come and go: old ids would pile up
-                plans.clear()
-            plans[key] = plan
-        return plan
 
     def _fallback(
         self,
@@ -676,22 +561,12 @@ class FlyReplayMiddleware:
     ) -> HttpResponseBase:
         """The replay sending this request on to `machine_id`, its state signed `hop` hops far;
         should it fail, Fly Proxy brings it back here with `fly-replay-failed`."""
-        plan = self._plan(settings, group, ReplayTarget(instance=machine_id))
-        method = request.method or "GET"
         second = int(time.time())
-        state = sign_state(
-            django_settings.SECRET_KEY,
-            method,
-            request.path,
-            group,
-            second,
-            query=request.META.get("QUERY_STRING", ""),
-            body=_request_body_binding(request),
-            hop=hop,
-        )
-        issued_replays.add(method, request.path, second)
+        target = ReplayTarget(instance=machine_id)
+        header = self._header(settings, group, target, request, second, hop)
+        issued_replays.add(request.method or "GET", request.path, second)
         events.replayed(group, machine_id, None)
-        return replay_response(plan.head + state + plan.tail)
+        return replay_response(header)
 
     def _forget_failed_target(self, group: str, header: str) -> None:
         """A Machine named by `fly-replay-failed` leaves the pool's cache at once."""

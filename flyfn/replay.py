@@ -1,23 +1,24 @@
 """The fly-replay protocol: the header/JSON codec, the src/failed headers, and signed replay state.
 
-- ``FlyReplay``: every field Fly documents (instance, prefer_instance, app, region, elsewhere,
-  state, timeout, fallback), as a ``fly-replay`` header or an ``application/vnd.fly.replay+json``
+- `FlyReplay`: every field Fly documents (instance, prefer_instance, app, region, elsewhere,
+  state, timeout, fallback), as a `fly-replay` header or an `application/vnd.fly.replay+json`
   body.
-- ``ReplaySource`` / ``ReplayFailed``: the ``fly-replay-src`` and ``fly-replay-failed`` request
-  headers Fly Proxy adds (both ``;`` and ``,`` accepted as separators, as Fly's docs disagree).
-- ``sign_state`` / ``verify_state``: an HMAC-SHA256 state (key derived from ``SECRET_KEY``) bound to
-  method, path, query string, body (``body_binding``) and group, with a timestamp for a short
-  validity (never more than ``MAX_STATE_AGE``).
+- `ReplaySource` / `ReplayFailed`: the `fly-replay-src` and `fly-replay-failed` request
+  headers Fly Proxy adds (both `;` and `,` accepted as separators, as Fly's docs disagree).
+- `sign_state` / `verify_state`: an HMAC-SHA256 state (key derived from `SECRET_KEY`) bound to
+  method, path, query string, body (`body_binding`) and group, with a timestamp for a short
+  validity (never more than `MAX_STATE_AGE`).
 
-Parsing hostile input raises ``ReplayHeaderError`` (a ValueError) and nothing else. No Django
+Parsing hostile input raises `ReplayHeaderError` (a ValueError) and nothing else. No Django
 settings are read here: callers pass the secret.
 """
 
 from __future__ import annotations
 
-import binascii
+import base64
 import functools
 import hashlib
+import hmac
 import json
 import re
 import time
@@ -79,9 +80,9 @@ _INT_RE = re.compile(r"^[0-9]{1,19}$")
 def _split(
     value: object, what: str, separators: str, *, list_key: str | None = None
 ) -> list[tuple[str, str]]:
-    """``key=value`` fields of a header value; values may be double-quoted (then may hold commas).
+    """`key=value` fields of a header value; values may be double-quoted (then may hold commas).
 
-    A bare word right after a ``list_key`` field continues its comma list (``region=iad,ord``).
+    A bare word right after a `list_key` field continues its comma list (`region=iad,ord`).
     """
     if not isinstance(value, str):
         raise ReplayHeaderError(f"{what}: expected a string, got {type(value).__name__}")
@@ -109,7 +110,7 @@ def _separators_re(separators: str) -> re.Pattern[str]:
 def _split_quoted(value: str, what: str, separators: str, *, strict: bool = True) -> list[str]:
     """The segments of a value with double quotes: separators inside quotes are kept.
 
-    Not ``strict``: characters are not checked and an unterminated quote runs to the end.
+    Not `strict`: characters are not checked and an unterminated quote runs to the end.
     """
     segments: list[str] = []
     current: list[str] = []
@@ -134,7 +135,7 @@ def _split_quoted(value: str, what: str, separators: str, *, strict: bool = True
 
 
 def _fields(segments: list[str], what: str, list_key: str | None) -> list[tuple[str, str]]:
-    """The ``key=value`` fields of a header value's segments (see `_split`)."""
+    """The `key=value` fields of a header value's segments (see `_split`)."""
     fields: list[tuple[str, str]] = []
     seen: set[str] = set()
     for segment in segments:
@@ -205,7 +206,7 @@ _MAX_JSON_ITEMS = 10_000
 
 
 def _no_controls(value: object, what: str) -> None:
-    """Refuse a control character in ``value`` or in any string (key or value) nested in it."""
+    """Refuse a control character in `value` or in any string (key or value) nested in it."""
     stack = [value]
     items = 0
     while stack:
@@ -230,11 +231,11 @@ def _no_controls(value: object, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class FlyReplay:
-    """A ``fly-replay`` instruction. Constructing one validates it; ``to_header()`` / ``to_json()``
-    emit it and ``parse()`` / ``from_json()`` read it back (unknown fields are kept in ``extra``).
+    """A `fly-replay` instruction. Constructing one validates it; `to_header()` / `to_json()`
+    emit it and `parse()` / `from_json()` read it back (unknown fields are kept in `extra`).
 
-    ``region`` is a tuple of region codes in order of preference (several are written as a quoted
-    comma list). ``transform`` (path / header changes) exists only in the JSON form.
+    `region` is a tuple of region codes in order of preference (several are written as a quoted
+    comma list). `transform` (path / header changes) exists only in the JSON form.
     """
 
     instance: str | None = None
@@ -296,7 +297,7 @@ class FlyReplay:
 
     @property
     def timeout_seconds(self) -> float | None:
-        """``timeout`` in seconds, or None when absent."""
+        """`timeout` in seconds, or None when absent."""
         return parse_duration(self.timeout) if self.timeout is not None else None
 
     @property
@@ -309,7 +310,7 @@ class FlyReplay:
     # ------------------------------------------------------------- header form
 
     def to_header(self) -> str:
-        """The ``fly-replay`` header value, e.g. ``instance=e286de4f711e86;timeout=10s``."""
+        """The `fly-replay` header value, e.g. `instance=e286de4f711e86;timeout=10s`."""
         if self.transform is not None:
             raise ReplayHeaderError("fly-replay transform needs the JSON form (to_json)")
         fields: list[tuple[str, str]] = []
@@ -335,8 +336,8 @@ class FlyReplay:
         return _join(fields)
 
     def to_header_around_state(self) -> tuple[str, str]:
-        """``(head, tail)`` such that ``head + state + tail`` is the header of this replay with
-        ``state`` set, for any valid state: build the constant part once, append a signed state per
+        """`(head, tail)` such that `head + state + tail` is the header of this replay with
+        `state` set, for any valid state: build the constant part once, append a signed state per
         request (the hot path of the middleware)."""
         header = replace(self, state=_STATE_SLOT).to_header()
         head, slot, tail = header.partition(f"state={_STATE_SLOT}")
@@ -346,7 +347,7 @@ class FlyReplay:
 
     @classmethod
     def parse(cls, header: str) -> FlyReplay:
-        """Read a ``fly-replay`` header value (``;`` or ``,`` between fields)."""
+        """Read a `fly-replay` header value (`;` or `,` between fields)."""
         values: dict[str, Any] = {}
         extra: list[tuple[str, Any]] = []
         for key, raw in _split(header, "fly-replay", ";,", list_key="region"):
@@ -363,7 +364,7 @@ class FlyReplay:
     # ------------------------------------------------------------- JSON form
 
     def to_json(self) -> dict[str, Any]:
-        """The ``application/vnd.fly.replay+json`` body as a dict (``json.dumps`` it)."""
+        """The `application/vnd.fly.replay+json` body as a dict (`json.dumps` it)."""
         body: dict[str, Any] = {}
         for key in ("instance", "prefer_instance", "app"):
             value = getattr(self, key)
@@ -388,7 +389,7 @@ class FlyReplay:
 
     @classmethod
     def from_json(cls, body: bytes | str | Mapping[str, Any]) -> FlyReplay:
-        """Read an ``application/vnd.fly.replay+json`` body (bytes, text or an already-parsed
+        """Read an `application/vnd.fly.replay+json` body (bytes, text or an already-parsed
         dict)."""
         data: Any = body
         if isinstance(body, bytes | str):
@@ -454,7 +455,7 @@ def _lenient(value: str | None, what: str) -> None:
 
 
 class _Fields:
-    """The fields of a ``fly-replay-src`` / ``fly-replay-failed`` value: bare-token strings, one
+    """The fields of a `fly-replay-src` / `fly-replay-failed` value: bare-token strings, one
     non-negative integer `number`, extra ones; `order` is how a header value lists them. One per
     class, so that the key sets and messages are not rebuilt for every request's header."""
 
@@ -480,11 +481,11 @@ class _Fields:
             _lenient(extra_value, self.what)
 
     def read(self, header: str) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
-        """The known fields and the extra ones of a header value (``;`` or ``,`` between).
+        """The known fields and the extra ones of a header value (`;` or `,` between).
 
         Strict about the fields it knows (each at most once, with a valid value: the construction
-        checks them). A field it does not know is kept in ``extra`` when it is a plain
-        ``key=token`` and ignored otherwise: Fly Proxy may add fields, and one flyfn cannot read
+        checks them). A field it does not know is kept in `extra` when it is a plain
+        `key=token` and ignored otherwise: Fly Proxy may add fields, and one flyfn cannot read
         must not make a replayed request unreadable.
         """
         if not isinstance(header, str):
@@ -519,7 +520,7 @@ class _Fields:
         return values, tuple(extra)
 
     def header(self, item: ReplaySource | ReplayFailed) -> str:
-        """The ``;``-separated value: the fields that are set, in `order`, then the extra ones."""
+        """The `;`-separated value: the fields that are set, in `order`, then the extra ones."""
         fields = [
             (key, str(getattr(item, key))) for key in self.order if getattr(item, key) is not None
         ]
@@ -528,10 +529,10 @@ class _Fields:
 
 @dataclass(frozen=True, slots=True)
 class ReplaySource:
-    """The ``fly-replay-src`` request header of a replayed request.
+    """The `fly-replay-src` request header of a replayed request.
 
-    ``t`` is the replay time in Unix microseconds; ``state`` is what the sender put in
-    ``fly-replay``.
+    `t` is the replay time in Unix microseconds; `state` is what the sender put in
+    `fly-replay`.
     """
 
     instance: str | None = None
@@ -549,21 +550,21 @@ class ReplaySource:
 
     @classmethod
     def parse(cls, header: str) -> ReplaySource:
-        """Read a ``fly-replay-src`` value (``;`` or ``,`` between fields)."""
+        """Read a `fly-replay-src` value (`;` or `,` between fields)."""
         values, extra = cls._FIELDS.read(header)
         return cls(**values, extra=extra)
 
     def to_header(self) -> str:
-        """The header value, ``;``-separated (what the emulator's proxy sends)."""
+        """The header value, `;`-separated (what the emulator's proxy sends)."""
         return self._FIELDS.header(self)
 
 
 @dataclass(frozen=True, slots=True)
 class ReplayFailed:
-    """The ``fly-replay-failed`` request header of a fallback request.
+    """The `fly-replay-failed` request header of a fallback request.
 
-    ``reason`` is ``timeout``, ``retries_exhausted`` or ``no_candidate`` (others are kept as given);
-    ``instance`` / ``app`` / ``region`` name the replay target that failed.
+    `reason` is `timeout`, `retries_exhausted` or `no_candidate` (others are kept as given);
+    `instance` / `app` / `region` name the replay target that failed.
     """
 
     instance: str | None = None
@@ -586,12 +587,12 @@ class ReplayFailed:
 
     @classmethod
     def parse(cls, header: str) -> ReplayFailed:
-        """Read a ``fly-replay-failed`` value (``;`` or ``,`` between fields)."""
+        """Read a `fly-replay-failed` value (`;` or `,` between fields)."""
         values, extra = cls._FIELDS.read(header)
         return cls(**values, extra=extra)
 
     def to_header(self) -> str:
-        """The header value, ``;``-separated (what the emulator's proxy sends)."""
+        """The header value, `;`-separated (what the emulator's proxy sends)."""
         return self._FIELDS.header(self)
 
 
@@ -611,7 +612,7 @@ MAX_CLOCK_SKEW = 30.0
 
 @dataclass(frozen=True, slots=True)
 class StateCheck:
-    """The outcome of ``verify_state``: ``ok``, or why not (``reason``). Truthy when ok."""
+    """The outcome of `verify_state`: `ok`, or why not (`reason`). Truthy when ok."""
 
     ok: bool
     reason: str | None = None
@@ -621,28 +622,14 @@ class StateCheck:
         return self.ok
 
 
-class _StateKey:
-    """The key of ``salted_hmac(_STATE_SALT, ..., secret=secret)`` as the padded inner and outer
-    SHA-256 states of HMAC (RFC 2104), computed once: a MAC is then two hash copies, far cheaper
-    than deriving the key and setting up an HMAC per request."""
-
-    __slots__ = ("inner", "outer")
-
-    def __init__(self, secret: str | bytes) -> None:
-        # Django's salted_hmac key derivation; a 32-byte key needs no hashing to fit the block.
-        key = hashlib.sha256(_STATE_SALT.encode() + force_bytes(secret)).digest()
-        block = key.ljust(hashlib.sha256().block_size, b"\0")
-        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-
-
 @functools.lru_cache(maxsize=16)
-def _state_key(secret: str | bytes) -> _StateKey:
-    # Keyed by the secret's value: a changed SECRET_KEY (or a fallback) gets its own entry.
-    return _StateKey(secret)
+def _keyed_hmac(secret: str | bytes) -> hmac.HMAC:
+    """The HMAC-SHA256 keyed as `salted_hmac(_STATE_SALT, ..., secret=secret)` keys it, before
+    any message: each MAC copies it, cheaper than deriving the key per request. Cached by the
+    secret's value, so a changed SECRET_KEY (or a fallback) gets its own."""
+    key = hashlib.sha256(_STATE_SALT.encode() + force_bytes(secret)).digest()
+    return hmac.new(key, digestmod=hashlib.sha256)
 
-
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 # A body up to this size is bound by its SHA-256 digest; a larger one (Fly replays up to 1 MB) by
 # its length only, so that the app Machine never reads a large body just to sign it.
@@ -653,9 +640,9 @@ MAX_STATE_AGE = 90.0
 
 
 def body_binding(length: int, body: bytes | None = None) -> str:
-    """What a signed state binds of a request body: ``""`` for none, the SHA-256 digest of
-    ``body`` when it is given and at most ``STATE_BODY_DIGEST_LIMIT`` bytes long, else
-    ``"<length>"``. Both sides compute it the same way (see the middleware)."""
+    """What a signed state binds of a request body: `""` for none, the SHA-256 digest of
+    `body` when it is given and at most `STATE_BODY_DIGEST_LIMIT` bytes long, else
+    `"<length>"`. Both sides compute it the same way (see the middleware)."""
     if body is not None and len(body) <= STATE_BODY_DIGEST_LIMIT:
         return f"sha256:{hashlib.sha256(body).hexdigest()}" if body else ""
     return str(length) if length > 0 else ""
@@ -673,15 +660,10 @@ def _message(
 
 def _mac(secret: str | bytes, message: str) -> str:
     """Unpadded url-safe base64 of
-    ``salted_hmac(_STATE_SALT, message, secret=secret, algorithm="sha256")``."""
-    key = _state_key(secret)
-    inner = key.inner.copy()
-    inner.update(message.encode())
-    outer = key.outer.copy()
-    outer.update(inner.digest())
-    return (
-        binascii.b2a_base64(outer.digest(), newline=False).rstrip(b"=").translate(_URLSAFE).decode()
-    )
+    `salted_hmac(_STATE_SALT, message, secret=secret, algorithm="sha256")`."""
+    mac = _keyed_hmac(secret).copy()
+    mac.update(message.encode())
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
 def _unbindable(method: str, group: str, body: str) -> bool:
@@ -699,12 +681,12 @@ def sign_state(
     body: str = "",
     hop: int = 0,
 ) -> str:
-    """A replay ``state`` that proves an app Machine sent this request now: its method, path,
-    query string (``request.META["QUERY_STRING"]``), body (``body_binding()`` of it) and group.
-    ``hop``: how many function Machines of the group have sent it on since (0 to
-    ``MAX_STATE_HOP``), signed too.
+    """A replay `state` that proves an app Machine sent this request now: its method, path,
+    query string (`request.META["QUERY_STRING"]`), body (`body_binding()` of it) and group.
+    `hop`: how many function Machines of the group have sent it on since (0 to
+    `MAX_STATE_HOP`), signed too.
 
-    ``secret`` is ``settings.SECRET_KEY``; ``path`` is ``request.path``.
+    `secret` is `settings.SECRET_KEY`; `path` is `request.path`.
     """
     if not secret:
         raise ValueError("sign_state needs a non-empty secret (settings.SECRET_KEY)")
@@ -730,9 +712,9 @@ def verify_state(
     query: str = "",
     body: str = "",
 ) -> StateCheck:
-    """Check a ``state`` from ``fly-replay-src``: signed with ``secret`` (or one of
-    ``fallback_secrets``, i.e. ``SECRET_KEY_FALLBACKS``) for this method, path, query string, body
-    binding and group, issued at most ``max_age`` seconds ago (never more than ``MAX_STATE_AGE``).
+    """Check a `state` from `fly-replay-src`: signed with `secret` (or one of
+    `fallback_secrets`, i.e. `SECRET_KEY_FALLBACKS`) for this method, path, query string, body
+    binding and group, issued at most `max_age` seconds ago (never more than `MAX_STATE_AGE`).
     Never raises for bad input; the reason says what failed, and a valid check has the hop count.
     """
     if not state:

@@ -1,26 +1,34 @@
-"""The routing table of DESIGN.md, row by row, in each role, through the WSGI and ASGI clients."""
+"""The routing table (docs/how-it-works.md), row by row, in each role, through the WSGI and ASGI
+clients."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import BadHeaderError, HttpRequest, HttpResponse, HttpResponseBase
 from django.test import AsyncClient, Client, RequestFactory, override_settings
+from django.urls import path, resolve
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
+from flyfn import metrics
+from flyfn.conf import get_settings
+from flyfn.elastic import in_flight
 from flyfn.middleware import (
     FALLBACK_RETURN_MARGIN,
+    NO_STORE,
     FlyReplayMiddleware,
+    _body_replayable,
     _IssuedReplays,
     _request_body_binding,
     issued_replays,
+    replay_response,
 )
 from flyfn.pool import PoolManager, ReplayTarget
 from flyfn.replay import (
@@ -32,37 +40,23 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
-from flyfn.runtime import LOCAL, MAIN, function, override_role
+from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
+from tests.support_middleware import DEFAULT_MACHINE, PDF_MACHINE, routing_manager
+from tests.testapp import views as test_views
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
 MIDDLEWARE = "flyfn.middleware.FlyReplayMiddleware"
-PDF_MACHINE = "e286de4f711e86"
-DEFAULT_MACHINE = "9080e6e9c5d987"
-
-
-# The routing tests' pools: targets per group without any API, recording what is forgotten.
-FakeManager = StaticPools
 
 
 @pytest.fixture(autouse=True)
 def middleware(settings: SettingsWrapper) -> None:
     settings.MIDDLEWARE = [MIDDLEWARE]
-
-
-def routing_manager(**more: ReplayTarget) -> FakeManager:
-    """The routing tests' targets: a function Machine for `pdf`, one for `default` (and `more`)."""
-    return FakeManager(
-        {
-            "pdf": ReplayTarget(instance=PDF_MACHINE),
-            "default": ReplayTarget(instance=DEFAULT_MACHINE),
-            **more,
-        }
-    )
+    middleware_module._plan.cache_clear()  # each test builds the replay headers it uses
 
 
 @pytest.fixture
-def manager() -> Iterator[FakeManager]:
+def manager() -> Iterator[StaticPools]:
     with installed(routing_manager()) as fake:
         yield fake
 
@@ -117,7 +111,7 @@ def ran_here(response: HttpResponseBase, body: bytes) -> bool:
     ],
 )
 async def test_local_role_runs_every_view_here(
-    fetch: Fetch, manager: FakeManager, method: str, path: str, body: bytes
+    fetch: Fetch, manager: StaticPools, method: str, path: str, body: bytes
 ) -> None:
     with override_role(LOCAL):
         response = await fetch(method, path)
@@ -137,7 +131,7 @@ async def test_local_role_runs_every_view_here(
     ],
 )
 async def test_main_replays_serverless_views_to_their_group(
-    fetch: Fetch, manager: FakeManager, method: str, path: str, group: str, machine: str
+    fetch: Fetch, manager: StaticPools, method: str, path: str, group: str, machine: str
 ) -> None:
     with override_role(MAIN):
         response = await fetch(method, path)
@@ -149,7 +143,7 @@ async def test_main_replays_serverless_views_to_their_group(
 
 
 async def test_main_replay_carries_the_group_timeout(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "800ms"}}}
     with override_role(MAIN):
@@ -158,7 +152,7 @@ async def test_main_replay_carries_the_group_timeout(
 
 
 async def test_main_replay_without_signing(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"SIGN_REPLAYS": False}
     with override_role(MAIN):
@@ -167,7 +161,7 @@ async def test_main_replay_without_signing(
     assert replay.state is None
 
 
-async def test_main_app_strategy_replays_to_the_app(fetch: Fetch, manager: FakeManager) -> None:
+async def test_main_app_strategy_replays_to_the_app(fetch: Fetch, manager: StaticPools) -> None:
     manager.targets["pdf"] = ReplayTarget(app="testapp-pdf")
     with override_role(MAIN):
         replay = replay_of(await fetch("GET", "/routing/pdf/"))
@@ -182,14 +176,14 @@ async def test_main_app_strategy_replays_to_the_app(fetch: Fetch, manager: FakeM
     ],
 )
 async def test_main_runs_other_views_here(
-    fetch: Fetch, manager: FakeManager, method: str, path: str, body: bytes
+    fetch: Fetch, manager: StaticPools, method: str, path: str, body: bytes
 ) -> None:
     with override_role(MAIN):
         response = await fetch(method, path)
     assert ran_here(response, body)
 
 
-async def test_main_never_replays_a_failed_replay_again(fetch: Fetch, manager: FakeManager) -> None:
+async def test_main_never_replays_a_failed_replay_again(fetch: Fetch, manager: StaticPools) -> None:
     failed = ReplayFailed(instance=PDF_MACHINE, reason="timeout", elapsed_ms=10000).to_header()
     with override_role(MAIN):
         replay_of(await fetch("GET", "/routing/pdf/"))  # the replay that failed
@@ -199,7 +193,7 @@ async def test_main_never_replays_a_failed_replay_again(fetch: Fetch, manager: F
 
 
 async def test_main_refuses_a_failed_header_for_a_replay_it_never_issued(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     """A client sending `fly-replay-failed` itself cannot make the app Machine run the view."""
     failed = ReplayFailed(instance=PDF_MACHINE, reason="timeout").to_header()
@@ -216,7 +210,7 @@ async def test_main_refuses_a_failed_header_for_a_replay_it_never_issued(
 
 
 async def test_main_believes_a_failed_header_only_within_the_replay_timeout(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "2s"}}}
     failed = {"fly-replay-failed": "reason=timeout"}
@@ -249,8 +243,18 @@ def test_issued_replays_are_bounded_in_count_and_age() -> None:
     assert not aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN - 2)
 
 
+def test_a_path_replayed_again_in_its_second_counts_once() -> None:
+    record = _IssuedReplays(limit=2)
+    now = int(time.time())
+    for _ in range(5):  # every request of a busy path is a replay of its own
+        record.add("GET", "/busy/", now)
+    record.add("GET", "/other/", now)
+    assert record.recent("GET", "/busy/", 10)
+    assert record.recent("GET", "/other/", 10)
+
+
 async def test_main_failed_replay_with_error_fallback_is_503(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
     with override_role(MAIN):
@@ -264,7 +268,7 @@ async def test_main_failed_replay_with_error_fallback_is_503(
 
 
 async def test_main_failed_header_on_an_ordinary_view_just_runs(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     with override_role(MAIN):
         response = await fetch("GET", "/plain/", headers={"fly-replay-failed": "reason=timeout"})
@@ -272,7 +276,7 @@ async def test_main_failed_header_on_an_ordinary_view_just_runs(
 
 
 async def test_main_malformed_failed_header_still_falls_back(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     with override_role(MAIN):
         replay_of(await fetch("GET", "/routing/pdf/"))
@@ -282,7 +286,7 @@ async def test_main_malformed_failed_header_still_falls_back(
 
 
 async def test_main_body_over_the_limit_falls_back(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
     with override_role(MAIN):
@@ -292,14 +296,14 @@ async def test_main_body_over_the_limit_falls_back(
     assert ran_here(large, b"upload 11")
 
 
-async def test_main_chunked_body_falls_back(fetch: Fetch, manager: FakeManager) -> None:
+async def test_main_chunked_body_falls_back(fetch: Fetch, manager: StaticPools) -> None:
     with override_role(MAIN):
         response = await fetch("POST", "/routing/upload/", headers={"transfer-encoding": "chunked"})
     assert response.status_code == 200
     assert "fly-replay" not in response
 
 
-async def test_main_without_a_target_falls_back(fetch: Fetch, manager: FakeManager) -> None:
+async def test_main_without_a_target_falls_back(fetch: Fetch, manager: StaticPools) -> None:
     manager.targets.clear()  # what the pool answers when the API is down or too slow
     with override_role(MAIN):
         response = await fetch("GET", "/routing/pdf/")
@@ -314,7 +318,7 @@ async def test_main_without_a_target_falls_back(fetch: Fetch, manager: FakeManag
     [("GET", "/routing/pdf/", b"pdf"), ("POST", "/routing/upload/", b"upload 0")],
 )
 async def test_function_runs_its_validly_signed_views(
-    fetch: Fetch, manager: FakeManager, method: str, path: str, body: bytes
+    fetch: Fetch, manager: StaticPools, method: str, path: str, body: bytes
 ) -> None:
     with override_role(function("pdf")):
         response = await fetch(
@@ -324,7 +328,7 @@ async def test_function_runs_its_validly_signed_views(
 
 
 async def test_function_bounces_requests_no_app_machine_replayed(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     with override_role(function("pdf")):  # a client reaching the function Machine directly
         response = await fetch("GET", "/routing/pdf/")
@@ -334,7 +338,7 @@ async def test_function_bounces_requests_no_app_machine_replayed(
 
 
 async def test_function_never_bounces_a_request_a_machine_sent_it(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     """`elsewhere` leaves out only the Machine that bounces: bounced again and again, a request
     would go round the function Machines until Fly's replay limit (PA02)."""
@@ -350,7 +354,7 @@ async def test_function_never_bounces_a_request_a_machine_sent_it(
 
 
 async def test_function_signs_a_bounced_request_of_its_group_as_an_app_machine_would(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     manager.machines["pdf"] = (PDF_MACHINE,)
     bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
@@ -375,7 +379,7 @@ async def test_function_signs_a_bounced_request_of_its_group_as_an_app_machine_w
     ],
 )
 async def test_function_ends_replays_it_cannot_verify_with_503(
-    fetch: Fetch, manager: FakeManager, src: str, caplog: pytest.LogCaptureFixture
+    fetch: Fetch, manager: StaticPools, src: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Bounced back into the proxy they would only come back (a rotated SECRET_KEY would send
     them round until Fly gives up): they end here, cleanly, and the view never runs."""
@@ -398,7 +402,7 @@ async def test_function_ends_replays_it_cannot_verify_with_503(
 )
 async def test_function_refuses_unsigned_requests_it_cannot_send_on(
     fetch: Fetch,
-    manager: FakeManager,
+    manager: StaticPools,
     settings: SettingsWrapper,
     body: bytes,
     headers: dict[str, str],
@@ -411,7 +415,7 @@ async def test_function_refuses_unsigned_requests_it_cannot_send_on(
 
 
 async def test_function_runs_unsigned_requests_when_signing_is_off(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"SIGN_REPLAYS": False}
     with override_role(function("pdf")):
@@ -420,7 +424,7 @@ async def test_function_runs_unsigned_requests_when_signing_is_off(
 
 
 async def test_function_sends_another_groups_view_on_to_an_app_machine(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     """Fly Proxy balanced it here; an app Machine routes it, with the group's fallback."""
     with override_role(function("pdf")):
@@ -431,7 +435,7 @@ async def test_function_sends_another_groups_view_on_to_an_app_machine(
 
 
 async def test_function_refuses_another_groups_view_it_cannot_send_on(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     """A body Fly Proxy cannot replay: it can go neither on nor back, and never runs here."""
     settings.FLYFN = {"REPLAY_BODY_LIMIT": 10}
@@ -451,7 +455,7 @@ async def test_function_refuses_another_groups_view_it_cannot_send_on(
     ],
 )
 async def test_function_sends_other_views_on(
-    fetch: Fetch, manager: FakeManager, method: str, path: str
+    fetch: Fetch, manager: StaticPools, method: str, path: str
 ) -> None:
     with override_role(function("pdf")):
         response = await fetch(method, path, b"x" * 10)
@@ -471,7 +475,7 @@ async def test_function_sends_other_views_on(
 )
 async def test_function_runs_other_views_it_cannot_send_on(
     fetch: Fetch,
-    manager: FakeManager,
+    manager: StaticPools,
     settings: SettingsWrapper,
     body: bytes,
     headers: dict[str, str],
@@ -520,7 +524,7 @@ async def test_warm_serverless_requests_make_no_api_call(
 
 
 async def test_main_target_the_header_cannot_carry_falls_back(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     manager.targets["pdf"] = ReplayTarget(instance="not;a machine id")
     with override_role(MAIN):
@@ -543,7 +547,7 @@ def bound_src(path: str, *, query: str = "", body: bytes = b"", method: str = "P
     return ReplaySource(instance="0e1f2a3b4c5d6e", t=1, state=state).to_header()
 
 
-async def test_main_signs_the_query_string_and_the_body(fetch: Fetch, manager: FakeManager) -> None:
+async def test_main_signs_the_query_string_and_the_body(fetch: Fetch, manager: StaticPools) -> None:
     with override_role(MAIN):
         replay = replay_of(await fetch("POST", "/routing/upload/?copy=2", b"first page"))
     secret = django_settings.SECRET_KEY
@@ -559,7 +563,7 @@ async def test_main_signs_the_query_string_and_the_body(fetch: Fetch, manager: F
 
 
 async def test_main_binds_a_large_body_by_its_length(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     large = b"x" * (STATE_BODY_DIGEST_LIMIT + 1)
     with override_role(MAIN):
@@ -576,7 +580,7 @@ async def test_main_binds_a_large_body_by_its_length(
 
 
 async def test_function_runs_a_request_with_the_signed_query_and_body(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     src = bound_src("/routing/upload/", query="copy=2", body=b"first page")
     with override_role(function("pdf")):
@@ -597,7 +601,7 @@ async def test_function_runs_a_request_with_the_signed_query_and_body(
     ],
 )
 async def test_function_refuses_a_state_signed_for_another_query_or_body(
-    fetch: Fetch, manager: FakeManager, path: str, body: bytes
+    fetch: Fetch, manager: StaticPools, path: str, body: bytes
 ) -> None:
     src = bound_src("/routing/upload/", query="copy=2", body=b"first page")
     with override_role(function("pdf")):
@@ -607,7 +611,7 @@ async def test_function_refuses_a_state_signed_for_another_query_or_body(
 
 
 async def test_function_runs_a_large_body_bound_by_its_length(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     large = b"x" * (STATE_BODY_DIGEST_LIMIT + 1)
     state = sign_state(
@@ -639,7 +643,7 @@ def test_the_body_binding_of_requests_django_cannot_read_again(settings: Setting
 # ------------------------------------------------------------- the cold path (issue 17)
 
 
-class ColdManager(FakeManager):
+class ColdManager(StaticPools):
     """No warm target: the middleware must wait for one (blocking in sync mode, awaited in async
     mode), for at most the group's replay timeout."""
 
@@ -684,7 +688,7 @@ async def test_a_cold_group_without_a_target_falls_back(fetch: Fetch) -> None:
 
 
 async def test_a_function_machine_never_runs_another_groups_view_as_a_fallback(
-    fetch: Fetch, manager: FakeManager
+    fetch: Fetch, manager: StaticPools
 ) -> None:
     failed = ReplayFailed(instance=DEFAULT_MACHINE, reason="timeout").to_header()
     issued_replays.add("POST", "/routing/report/", int(time.time()))  # a replay it did issue
@@ -696,7 +700,7 @@ async def test_a_function_machine_never_runs_another_groups_view_as_a_fallback(
 
 
 async def test_local_fallbacks_are_bounded_and_their_slots_released(
-    fetch: Fetch, manager: FakeManager, settings: SettingsWrapper
+    fetch: Fetch, manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
     failed = {"fly-replay-failed": "reason=timeout"}
@@ -738,7 +742,7 @@ def debug_events(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 async def test_a_replay_is_an_event_naming_its_machine(
-    fetch: Fetch, manager: FakeManager, debug_events: pytest.LogCaptureFixture
+    fetch: Fetch, manager: StaticPools, debug_events: pytest.LogCaptureFixture
 ) -> None:
     with override_role(MAIN):
         replay_of(await fetch("GET", "/routing/pdf/"))
@@ -748,7 +752,7 @@ async def test_a_replay_is_an_event_naming_its_machine(
 
 async def test_each_fallback_is_an_event_with_its_reason_and_outcome(
     fetch: Fetch,
-    manager: FakeManager,
+    manager: StaticPools,
     debug_events: pytest.LogCaptureFixture,
     settings: SettingsWrapper,
 ) -> None:
@@ -777,7 +781,7 @@ async def test_each_fallback_is_an_event_with_its_reason_and_outcome(
 
 
 async def test_function_machine_bounces_and_rejections_are_events(
-    fetch: Fetch, manager: FakeManager, debug_events: pytest.LogCaptureFixture
+    fetch: Fetch, manager: StaticPools, debug_events: pytest.LogCaptureFixture
 ) -> None:
     forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
     with override_role(function("pdf")):
@@ -789,3 +793,651 @@ async def test_function_machine_bounces_and_rejections_are_events(
         ("bounce", "pdf", "unsigned"),
         ("state_rejected", "pdf", "signature mismatch"),
     ]
+
+
+# ------------------------------------------------------------------------------ replay headers
+
+
+def test_replay_response_is_an_empty_uncached_answer_carrying_the_header() -> None:
+    response = replay_response("instance=abc;state=s1")
+    assert (response.status_code, response.content) == (200, b"")
+    assert response["fly-replay"] == "instance=abc;state=s1"
+    assert response["Cache-Control"] == NO_STORE
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb"])
+def test_replay_response_refuses_a_header_split(value: str) -> None:
+    with pytest.raises(BadHeaderError):
+        replay_response(value)
+
+
+def test_replay_headers_follow_targets_and_settings(
+    settings: SettingsWrapper, manager: StaticPools
+) -> None:
+    client = Client()
+    with override_role(MAIN):
+        first = replay_of(client.get("/routing/pdf/"))
+        manager.targets["pdf"] = ReplayTarget(app="fn-app")
+        second = replay_of(client.get("/routing/pdf/"))
+        settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "3s"}}}
+        third = replay_of(client.get("/routing/pdf/"))
+        settings.FLYFN = {"SIGN_REPLAYS": False}
+        fourth = replay_of(client.get("/routing/pdf/"))
+    assert (first.instance, first.app, first.timeout) == (PDF_MACHINE, None, "10s")
+    assert (second.instance, second.app, second.timeout) == (None, "fn-app", "10s")
+    assert (third.app, third.timeout, third.fallback) == ("fn-app", "3s", "force_self")
+    assert first.state
+    assert second.state
+    assert third.state
+    assert fourth.state is None
+    assert fourth.timeout == "10s"
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """time.time() for the middleware and the signer, set by the test."""
+    now = [1_764_302_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
+
+
+def replay_state(client: Client, path: str = "/routing/pdf/") -> str:
+    state = replay_of(client.get(path)).state
+    assert state is not None
+    return state
+
+
+@pytest.fixture
+def replaying_client(manager: StaticPools) -> Iterator[Client]:
+    with override_role(MAIN):
+        yield Client()
+
+
+def test_a_state_is_issued_with_the_current_whole_second(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    first = replay_state(replaying_client)
+    assert first == sign_state(
+        django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", frozen_clock[0]
+    )
+    frozen_clock[0] += 0.7  # same whole second: the same state
+    assert replay_state(replaying_client) == first
+    frozen_clock[0] += 0.1  # the next second: issued anew
+    later = replay_state(replaying_client)
+    assert later != first
+    assert later.split(".")[1] == str(int(frozen_clock[0]))
+
+
+def test_each_path_query_and_method_gets_its_own_state(
+    replaying_client: Client, frozen_clock: list[float]
+) -> None:
+    pdf = replay_state(replaying_client, "/routing/pdf/")
+    pdf_with_query = replay_state(replaying_client, "/routing/pdf/?page=2")
+    head = replay_of(replaying_client.head("/routing/pdf/")).state
+    assert pdf != pdf_with_query  # the query string is bound
+    assert verify_state(
+        pdf_with_query,
+        django_settings.SECRET_KEY,
+        "GET",
+        "/routing/pdf/",
+        "pdf",
+        max_age=5,
+        query="page=2",
+    )
+    assert head is not None
+    assert head != pdf
+    assert verify_state(head, django_settings.SECRET_KEY, "HEAD", "/routing/pdf/", "pdf", max_age=5)
+
+
+def test_a_new_secret_key_signs_at_once(
+    replaying_client: Client, frozen_clock: list[float], settings: SettingsWrapper
+) -> None:
+    old = replay_state(replaying_client)
+    settings.SECRET_KEY = "rotated-" + "k" * 50
+    new = replay_state(replaying_client)
+    assert new != old
+    assert verify_state(new, settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=5)
+
+
+# ------------------------------------------------------- verdicts of the helpers (mutation run)
+
+ELASTIC_PDF = {"max_machines": 3, "concurrency": {"soft_limit": 1, "hard_limit": 3}}
+UNSTATED_SRC = "instance=0e1f2a3b4c5d6e;region=iad;t=1"  # another Machine bounced it: no state
+
+
+def fallback_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [
+        (r.flyfn_group, r.flyfn_reason, r.flyfn_outcome)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "flyfn.events.fallback"
+    ]
+
+
+class Clock:
+    """The middleware's `time` module, with a wall clock and a monotonic clock the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock(1000.0)
+    monkeypatch.setattr(middleware_module, "time", fake)
+    return fake
+
+
+def run_view(request: HttpRequest) -> HttpResponseBase | None:
+    """`process_view` of a fresh middleware for `request` (the view resolved from its path)."""
+    match = resolve(request.path)
+    request.resolver_match = match
+    mw = FlyReplayMiddleware(lambda r: HttpResponse(b"ran"))
+    return mw.process_view(request, match.func, (), {})  # type: ignore[return-value]
+
+
+def test_unavailable_is_a_plain_503_to_retry_that_django_does_not_log_again(
+    manager: StaticPools, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = middleware_module.unavailable()
+    assert response.status_code == 503
+    assert response.content == b"Service temporarily unavailable, retry shortly.\n"
+    assert response["Content-Type"] == "text/plain; charset=utf-8"
+    assert response["Retry-After"] == "5"
+    assert response["Cache-Control"] == NO_STORE
+    caplog.set_level(logging.WARNING, logger="django.request")
+    with override_role(MAIN):  # a fly-replay-failed for no replay of its own: 503
+        got = Client().get("/routing/pdf/", headers={"fly-replay-failed": "reason=timeout"})
+    assert got.status_code == 503
+    assert not [r for r in caplog.records if r.name == "django.request"]
+
+
+def test_each_fallback_event_names_its_group_reason_and_outcome(
+    manager: StaticPools, debug_events: pytest.LogCaptureFixture, settings: SettingsWrapper
+) -> None:
+    client = Client()
+    failed = {"fly-replay-failed": "reason=timeout"}
+    issued_replays.add("GET", "/routing/pdf/", int(time.time()))
+    with override_role(MAIN):
+        settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
+        assert client.get("/routing/pdf/", headers=failed).status_code == 503
+        settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
+        slots = middleware_module.fallback_slots("pdf", 1)
+        assert slots.acquire()
+        try:
+            assert client.get("/routing/pdf/", headers=failed).status_code == 503
+        finally:
+            slots.release()
+        assert ran_here(client.get("/routing/pdf/", headers=failed), b"pdf")
+        manager.targets["pdf"] = ReplayTarget(instance="not;a machine id")
+        assert ran_here(client.get("/routing/pdf/"), b"pdf")
+    assert fallback_events(debug_events) == [
+        ("pdf", "replay_failed", "unavailable"),
+        ("pdf", "replay_failed", "unavailable"),
+        ("pdf", "replay_failed", "local"),
+        ("pdf", "header", "local"),
+    ]
+    (error,) = [r for r in debug_events.records if r.name == "flyfn.middleware"]
+    assert error.getMessage().startswith("flyfn: ")
+    group, cause = cast(tuple[object, ...], error.args)
+    assert group == "pdf"
+    assert isinstance(cause, ValueError)
+
+
+def test_a_cold_group_without_a_target_falls_back_by_its_own_setting(
+    settings: SettingsWrapper,
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
+    with installed(ColdManager({})), override_role(MAIN):
+        assert Client().get("/routing/pdf/").status_code == 503
+
+
+def test_a_replay_to_the_function_app_is_an_event_naming_the_app(
+    manager: StaticPools, debug_events: pytest.LogCaptureFixture
+) -> None:
+    manager.targets["pdf"] = ReplayTarget(app="fn-app")
+    with override_role(MAIN):
+        replay_of(Client().get("/routing/pdf/"))
+    (record,) = [r for r in debug_events.records if r.name == "flyfn.events.replay"]
+    assert record.flyfn_app == "fn-app"  # type: ignore[attr-defined]
+
+
+def test_a_failed_replay_of_a_post_runs_its_fallback_here(manager: StaticPools) -> None:
+    client = Client()
+    with override_role(MAIN):
+        replay_of(client.post("/routing/upload/", b"x", content_type="text/plain"))
+        back = client.post(
+            "/routing/upload/",
+            b"x",
+            content_type="text/plain",
+            headers={"fly-replay-failed": "reason=timeout"},
+        )
+    assert ran_here(back, b"upload 1")
+
+
+def test_a_request_without_a_query_string_binds_an_empty_one(manager: StaticPools) -> None:
+    request = RequestFactory().get("/routing/pdf/")
+    del request.META["QUERY_STRING"]  # a WSGI server may leave it out
+    with override_role(MAIN):
+        state = replay_of(run_view(request)).state  # type: ignore[arg-type]
+    assert verify_state(state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=5)
+    src = signed_src("GET", "/routing/pdf/", "pdf")
+    request = RequestFactory().get("/routing/pdf/", headers={"fly-replay-src": src})
+    del request.META["QUERY_STRING"]
+    with override_role(function("pdf")):
+        assert run_view(request) is None  # verified: runs here
+
+
+def test_function_runs_a_replay_signed_with_a_fallback_secret(
+    manager: StaticPools, settings: SettingsWrapper
+) -> None:
+    old = settings.SECRET_KEY
+    settings.SECRET_KEY = "rotated-" + "k" * 50
+    settings.SECRET_KEY_FALLBACKS = [old]
+    src = signed_src("GET", "/routing/pdf/", "pdf", old)
+    with override_role(function("pdf")):
+        assert ran_here(Client().get("/routing/pdf/", headers={"fly-replay-src": src}), b"pdf")
+
+
+def test_function_checks_a_states_age_against_its_groups_timeout(
+    manager: StaticPools, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "1s"}}}
+    own, default = get_settings().group("pdf"), get_settings().group("default")
+    age = (own.state_max_age + default.state_max_age) / 2  # too old for pdf only
+    state = sign_state(django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", time.time() - age)
+    src = ReplaySource(instance="0e1f2a3b4c5d6e", region="iad", t=1, state=state).to_header()
+    with override_role(function("pdf")):
+        assert Client().get("/routing/pdf/", headers={"fly-replay-src": src}).status_code == 503
+
+
+@pytest.mark.parametrize("src", ['state="unterminated', "instance=x;state=a b"])
+def test_function_refuses_a_src_it_cannot_read_as_a_state_that_is_missing(
+    manager: StaticPools, debug_events: pytest.LogCaptureFixture, src: str
+) -> None:
+    with override_role(function("pdf")):
+        assert Client().get("/routing/pdf/", headers={"fly-replay-src": src}).status_code == 503
+    rejected = [r for r in debug_events.records if r.name.startswith("flyfn.events.state")]
+    assert [r.flyfn_reason for r in rejected] == ["no signed state"]  # type: ignore[attr-defined]
+
+
+def test_unverifiable_replays_are_logged_once_a_minute_with_group_and_reason(
+    manager: StaticPools,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(middleware_module, "_unverified_logged_at", float("-inf"))
+    forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
+    clock.now = time.time()  # the state's clock: a fresh state
+    with override_role(function("pdf")):
+        for advance in (0.0, 59.0, 1.0):  # logged, not again within the minute, then again
+            clock.now += advance
+            request = RequestFactory().get("/routing/pdf/", headers={"fly-replay-src": forged})
+            response = run_view(request)
+            assert response is not None
+            assert response.status_code == 503
+    warnings = [r for r in caplog.records if r.name == "flyfn.middleware"]
+    assert [r.args for r in warnings] == [("pdf", "signature mismatch")] * 2
+
+
+def test_a_declared_body_length_is_replayable_from_zero_to_the_limit() -> None:
+    assert _body_replayable({"CONTENT_LENGTH": "0"}, 10)
+    assert _body_replayable({"CONTENT_LENGTH": "10"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "11"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "-1"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "ten"}, 10)
+    assert not _body_replayable({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
+
+
+def test_a_replay_issued_at_the_first_second_of_the_window_is_recent(clock: Clock) -> None:
+    record = _IssuedReplays()
+    window = 4.0
+    first = int(clock.now - window - FALLBACK_RETURN_MARGIN)  # 990 at 1000.0
+    record.add("GET", "/edge/", first)
+    assert record.recent("GET", "/edge/", window)  # this second's set
+    record.add("GET", "/later/", first + 1)
+    assert record.recent("GET", "/edge/", window)  # a past second's set
+    assert not record.recent("GET", "/edge/", window - 1)
+
+
+def test_fallback_slots_are_per_group() -> None:
+    first = middleware_module.fallback_slots("slots-a", 1)
+    assert first.acquire()
+    try:
+        other = middleware_module.fallback_slots("slots-b", 1)
+        assert other.acquire()  # another group's fallback is not held up
+        other.release()
+    finally:
+        first.release()
+
+
+def test_a_view_that_raises_leaves_the_in_flight_count_with_its_own_error() -> None:
+    def failing(request: HttpRequest) -> HttpResponse:
+        raise RuntimeError("view failed")
+
+    mw = FlyReplayMiddleware(failing)
+    counter = in_flight("raises", 1)
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    with pytest.raises(RuntimeError, match="view failed"):
+        mw(request)
+    assert counter.active == 0
+    with pytest.raises(RuntimeError, match="view failed"):  # nothing held: nothing else raised
+        mw(RequestFactory().get("/x"))
+
+
+def test_a_response_django_does_not_close_leaves_the_count_at_once() -> None:
+    counter = in_flight("not-closed", 1)
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    middleware_module._release_in_flight_on_close(request, object())  # type: ignore[arg-type]
+    assert counter.active == 0
+
+
+def test_function_bounces_an_unsigned_request_for_a_path_it_replayed_lately(
+    manager: StaticPools, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
+    issued_replays.add("GET", "/routing/pdf/", int(time.time()))  # no fly-replay-failed here
+    with override_role(function("pdf")):
+        response = Client().get("/routing/pdf/")
+    assert response["fly-replay"] == middleware_module.ELSEWHERE
+
+
+def test_a_send_on_that_failed_runs_here_counted_within_its_groups_timeout(
+    manager: StaticPools, settings: SettingsWrapper, debug_events: pytest.LogCaptureFixture
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": {**ELASTIC_PDF, "replay_timeout": "2s"}}}
+    issued_replays.clear()  # only the replays below were issued
+    failed = ReplayFailed(instance="0e1f2a3b4c5d6e", reason="timeout").to_header()
+    now = int(time.time())
+    issued_replays.add("GET", "/routing/pdf/", now - 10)  # within 10 s, not within 2 s
+    issued_replays.add("POST", "/routing/upload/", now)
+    counter = in_flight("pdf", 1)
+    with override_role(function("pdf")):
+        request = RequestFactory().post(
+            "/routing/upload/",
+            b"x",
+            content_type="text/plain",
+            headers={"fly-replay-failed": failed},
+        )
+        assert run_view(request) is None  # runs here, counted in the group's in-flight
+        assert counter.active == 1
+        counter.release()
+        late = Client().get("/routing/pdf/", headers={"fly-replay-failed": failed})
+    assert late.status_code == 503
+    assert manager.forgotten == [("pdf", "0e1f2a3b4c5d6e")]
+    assert fallback_events(debug_events) == [
+        ("pdf", "replay_failed", "local"),
+        ("pdf", "unsigned", "unavailable"),
+    ]
+
+
+def test_function_refuses_a_bounced_request_whose_body_it_cannot_replay(
+    manager: StaticPools, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.FLYFN = {"REPLAY_BODY_LIMIT": 2}
+    manager.machines["pdf"] = (PDF_MACHINE,)  # one to send to
+    with override_role(function("pdf")):
+        response = Client().post(
+            "/routing/upload/",
+            b"abc",
+            content_type="text/plain",
+            headers={"fly-replay-src": UNSTATED_SRC},
+        )
+    assert response.status_code == 503
+
+
+def test_function_signs_a_bounced_request_for_its_groups_first_machine_at_hop_0(
+    manager: StaticPools,
+) -> None:
+    manager.machines["pdf"] = (PDF_MACHINE,)
+    with override_role(function("pdf"), MachineEnv(machine_id="0own0machine01")):
+        response = Client().get("/routing/pdf/", headers={"fly-replay-src": UNSTATED_SRC})
+    replay = replay_of(response)
+    assert replay.instance == PDF_MACHINE
+    check = verify_state(
+        replay.state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=40
+    )
+    assert check
+    assert check.hop == 0
+
+
+def test_a_view_declared_by_url_name_is_routed(
+    manager: StaticPools, settings: SettingsWrapper
+) -> None:
+    settings.FLYFN = {"VIEWS": {"plain": {"methods": ["GET"], "group": "pdf"}}}
+    with override_role(MAIN):
+        assert replay_of(Client().get("/plain/")).instance == PDF_MACHINE
+
+
+def test_bounces_and_untrusted_failures_are_events_of_their_group(
+    manager: StaticPools, debug_events: pytest.LogCaptureFixture, settings: SettingsWrapper
+) -> None:
+    client = Client()
+    with override_role(function("pdf")):
+        client.get("/plain/")  # not serverless: sent on
+        client.post("/routing/report/")  # another group's view: sent on
+    issued_replays.clear()
+    with override_role(MAIN):
+        client.get("/routing/pdf/", headers={"fly-replay-failed": "reason=timeout"})
+        settings.FLYFN = {"REPLAY_BODY_LIMIT": 2}
+        client.post("/routing/upload/", b"abc", content_type="text/plain")  # body too large
+    events = [
+        (r.flyfn_event, r.flyfn_group, r.flyfn_reason)  # type: ignore[attr-defined]
+        for r in debug_events.records
+        if r.name.startswith("flyfn.events.")
+    ]
+    assert events == [
+        ("bounce", "pdf", "not_serverless"),
+        ("bounce", "pdf", "other_group"),
+        ("fallback", "pdf", "untrusted_failure"),
+        ("fallback", "pdf", "body"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["wsgi", "asgi"])
+async def test_a_cold_wait_is_an_event_of_its_group_with_its_duration(
+    debug_events: pytest.LogCaptureFixture, mode: str
+) -> None:
+    cold = ColdManager({"pdf": ReplayTarget(instance=PDF_MACHINE)})
+    with installed(cold), override_role(MAIN):
+        if mode == "wsgi":
+            await sync_to_async(Client().get, thread_sensitive=False)("/routing/pdf/")
+        else:
+            await AsyncClient().get("/routing/pdf/")
+    (record,) = [r for r in debug_events.records if r.name.startswith("flyfn.events.cold")]
+    assert record.flyfn_group == "pdf"  # type: ignore[attr-defined]
+    assert 0 <= record.flyfn_seconds < 5  # type: ignore[attr-defined]
+
+
+def test_a_warm_replay_waits_for_nothing(
+    manager: StaticPools, debug_events: pytest.LogCaptureFixture
+) -> None:
+    with override_role(MAIN):
+        replay_of(Client().get("/routing/pdf/"))
+    assert not [r for r in debug_events.records if r.name.startswith("flyfn.events.cold")]
+
+
+async def test_async_mode_releases_the_in_flight_count_on_close_or_error() -> None:
+    async def respond(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(b"ran")
+
+    async def fail(request: HttpRequest) -> HttpResponse:
+        raise RuntimeError("view failed")
+
+    counter = in_flight("async-count", 1)
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    response = await FlyReplayMiddleware(respond)(request)  # type: ignore[misc]
+    assert counter.active == 1  # until the server is done with the response
+    response.close()
+    assert counter.active == 0
+    assert counter.acquire()
+    request = RequestFactory().get("/x")
+    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    with pytest.raises(RuntimeError, match="view failed"):
+        await FlyReplayMiddleware(fail)(request)  # type: ignore[misc]
+    assert counter.active == 0
+    with pytest.raises(RuntimeError, match="view failed"):  # nothing held: nothing else raised
+        await FlyReplayMiddleware(fail)(RequestFactory().get("/x"))  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("role", "groups", "learns"),
+    [
+        (function("pdf"), {"pdf": ELASTIC_PDF}, ["pdf"]),
+        (function("pdf"), {"default": ELASTIC_PDF}, []),  # its own group is not elastic
+        (MAIN, {"pdf": ELASTIC_PDF}, []),
+        (function("pdf"), {"pdf": {**ELASTIC_PDF, "strategy": "app"}}, []),
+        (
+            function("pdf"),
+            {"pdf": {"machines": 2, "concurrency": ELASTIC_PDF["concurrency"]}},
+            ["pdf"],
+        ),
+        (
+            function("pdf"),
+            {"pdf": {"machines": 1, "max_machines": 1, "concurrency": ELASTIC_PDF["concurrency"]}},
+            [],
+        ),
+        (function("pdf"), {"pdf": {"max_machines": 3}}, []),  # no concurrency: nothing to spread
+    ],
+)
+def test_a_function_machine_of_an_elastic_group_learns_its_siblings_as_it_boots(
+    settings: SettingsWrapper,
+    monkeypatch: pytest.MonkeyPatch,
+    role: Any,
+    groups: dict[str, Any],
+    learns: list[str],
+) -> None:
+    settings.FLYFN = {"GROUPS": groups}
+    pools = StaticPools()
+    monkeypatch.setattr(middleware_module, "get_manager", lambda: pools)
+    with override_role(role):
+        FlyReplayMiddleware(lambda request: HttpResponse())
+    assert pools.refreshed == learns
+
+
+def test_the_metrics_port_is_served_as_the_middleware_loads(
+    settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[tuple[int, str]] = []
+    monkeypatch.setattr(metrics, "serve", lambda port, address: served.append((port, address)))
+    settings.FLYFN = {"METRICS_PORT": 9191, "METRICS_ADDRESS": "127.0.0.1"}
+    FlyReplayMiddleware(lambda request: HttpResponse())
+    assert served == [(9191, "127.0.0.1")]
+
+
+def elastic_src(method: str, path: str) -> dict[str, str]:
+    state = sign_state(django_settings.SECRET_KEY, method, path, "pdf")
+    return {"fly-replay-src": ReplaySource(instance="a", region="iad", state=state).to_header()}
+
+
+def test_a_busy_machine_sends_a_post_on_to_its_groups_next_and_runs_it_when_that_fails(
+    manager: StaticPools, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
+    manager.machines["pdf"] = ("m0", "m1")
+    issued_replays.clear()
+    counter = in_flight("pdf", 1)
+    assert counter.acquire()  # at its soft limit
+    client = Client()
+    try:
+        with override_role(function("pdf"), MachineEnv(machine_id="m0")):
+            sent = client.post(
+                "/routing/upload/",
+                b"x",
+                content_type="text/plain",
+                headers={"fly-replay-src": bound_src("/routing/upload/", body=b"x")},
+            )
+            assert replay_of(sent).instance == "m1"
+            failed = ReplayFailed(instance="m1", reason="no_candidate").to_header()
+            back = client.post(
+                "/routing/upload/",
+                b"x",
+                content_type="text/plain",
+                headers={"fly-replay-failed": failed},
+            )
+    finally:
+        counter.active = 0
+    assert ran_here(back, b"upload 1")
+
+
+def test_a_busy_machine_that_cannot_name_its_next_logs_it_and_runs_the_request(
+    manager: StaticPools,
+    settings: SettingsWrapper,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
+    manager.machines["pdf"] = ("m0", "not;an id")
+    counter = in_flight("pdf", 1)
+    assert counter.acquire()
+    try:
+        with override_role(function("pdf"), MachineEnv(machine_id="m0")):
+            response = Client().get("/routing/pdf/", headers=elastic_src("GET", "/routing/pdf/"))
+    finally:
+        counter.active = 0
+    assert ran_here(response, b"pdf")
+    (error,) = [r for r in caplog.records if r.name == "flyfn.middleware"]
+    assert error.getMessage().startswith("flyfn: ")
+    group, cause = cast(tuple[object, ...], error.args)
+    assert group == "pdf"
+    assert isinstance(cause, ValueError)
+
+
+def test_a_bounced_request_for_a_machine_id_no_header_can_carry_is_logged_and_refused(
+    manager: StaticPools, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager.machines["pdf"] = ("not;an id",)
+    with override_role(function("pdf")):
+        response = Client().get("/routing/pdf/", headers={"fly-replay-src": UNSTATED_SRC})
+    assert response.status_code == 503
+    (error,) = [r for r in caplog.records if r.name == "flyfn.middleware"]
+    assert error.getMessage().startswith("flyfn: ")
+    group, cause = cast(tuple[object, ...], error.args)
+    assert group == "pdf"
+    assert isinstance(cause, ValueError)
+
+
+# One view under two url names (the routing test below declares only the first serverless).
+urlpatterns = [
+    path("named/", test_views.plain, name="named"),
+    path("other-name/", test_views.plain, name="other-name"),
+]
+
+
+def test_a_view_declared_by_url_name_is_routed_under_that_name_only(
+    manager: StaticPools, settings: SettingsWrapper
+) -> None:
+    settings.ROOT_URLCONF = __name__
+    settings.FLYFN = {"VIEWS": {"named": {"methods": ["GET"], "group": "pdf"}}}
+    client = Client()
+    with override_role(MAIN):
+        assert replay_of(client.get("/named/")).instance == PDF_MACHINE
+        assert ran_here(client.get("/other-name/"), b"plain")
+
+
+def test_a_body_of_exactly_the_digest_limit_is_bound_by_its_digest() -> None:
+    body = b"x" * STATE_BODY_DIGEST_LIMIT
+    request = RequestFactory().post("/x", body, content_type="text/plain")
+    assert _request_body_binding(request) == body_binding(len(body), body)
+    assert _request_body_binding(request).startswith("sha256:")
+
+
+def test_the_record_of_issued_replays_holds_16384_at_most() -> None:
+    record = _IssuedReplays()
+    now = int(time.time())
+    for n in range(16_385):
+        record.add("GET", f"/p{n}/", now)
+    assert record.recent("GET", "/p16383/", 10)
+    assert not record.recent("GET", "/p16384/", 10)

@@ -979,13 +979,40 @@ def test_each_error_message(code: str, message: str) -> None:
 
 
 def test_mac_is_djangos_salted_hmac_of_the_message() -> None:
-    replay_module._state_key.cache_clear()  # derive each key here, not in an earlier test
+    replay_module._keyed_hmac.cache_clear()  # derive each key here, not in an earlier test
     for secret in ("s", "x" * 100, b"\xff raw", "\u00fcn\u00efc\u00f6d\u00e9"):
         message = _message(1_700_000_000, "post", "/x", "pdf", "a=1", body_binding(1, b"x"))
         digest = salted_hmac(
             "flyfn.replay.state", message, secret=secret, algorithm="sha256"
         ).digest()
         assert _mac(secret, message) == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    secret=st.text(min_size=1, max_size=80),
+    path=st.text(max_size=200),
+    issued=st.integers(min_value=0, max_value=10**12),
+)
+def test_mac_is_djangos_salted_hmac_for_any_input(secret: str, path: str, issued: int) -> None:
+    message = _message(issued, "POST", path, "default", "", "")
+    try:
+        digest = salted_hmac("flyfn.replay.state", message, secret=secret, algorithm="sha256")
+    except UnicodeEncodeError:  # lone surrogates: both refuse them
+        with pytest.raises(UnicodeEncodeError):
+            _mac(secret, message)
+        return
+    expected = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+    assert _mac(secret, message) == expected
+
+
+def test_each_secret_signs_with_its_own_key() -> None:
+    old = sign_state("old-secret", "GET", "/fn/", "pdf", now=NOW)
+    new = sign_state("new-secret", "GET", "/fn/", "pdf", now=NOW)
+    assert old != new
+    assert verify_state(new, "new-secret", "GET", "/fn/", "pdf", max_age=40, now=NOW)
+    assert not verify_state(old, "new-secret", "GET", "/fn/", "pdf", max_age=40, now=NOW)
+    assert not verify_state(new, "old-secret", "GET", "/fn/", "pdf", max_age=40, now=NOW)
 
 
 def test_the_limits_are_inclusive() -> None:

@@ -35,10 +35,10 @@ from flyfn.replay import (
     sign_state,
 )
 from flyfn.runtime import MAIN, function, override_role
-from tests.conftest import MachinesAPI, installed
+from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.reliability.answers import classify
 from tests.reliability.views import FLOOD_VIEWS, Concurrency
-from tests.support_middleware import DEFAULT_MACHINE, FakeManager, routing_manager
+from tests.support_middleware import DEFAULT_MACHINE, routing_manager
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -46,7 +46,7 @@ FUZZ = settings(
 
 
 @pytest.fixture(autouse=True)
-def project(settings: Settings) -> Iterator[FakeManager]:
+def project(settings: Settings) -> Iterator[StaticPools]:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     settings.ROOT_URLCONF = "tests.reliability.views"
     with installed(routing_manager(flood=ReplayTarget(instance=DEFAULT_MACHINE))) as manager:
