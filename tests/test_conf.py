@@ -12,6 +12,7 @@ from django.test import override_settings
 from flyfn.conf import (
     MAX_REPLAY_TIMEOUT,
     STATE_VALIDITY_MARGIN,
+    ConcurrencySettings,
     FlyfnSettings,
     GroupSettings,
     SettingsError,
@@ -327,6 +328,13 @@ def test_get_settings_is_cached_and_follows_override_settings() -> None:
     assert get_settings().group("pdf").machines == 1
 
 
+def test_other_settings_keep_the_cached_flyfn_settings() -> None:
+    first = get_settings()
+    with override_settings(LANGUAGE_CODE="de"):
+        assert get_settings() is first
+    assert get_settings() is first
+
+
 def test_get_settings_raises_for_invalid_settings() -> None:
     with (
         override_settings(FLYFN={"GROUPS": {"pdf": {"autostop": "never"}}}),
@@ -578,6 +586,17 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
         [('FLYFN["VIEWS"]', "value", 'must be a dict like {"app:url_name": ["GET"]} (got None)')],
     ),
     (
+        {"VIEWS": ["shop:x"]},
+        None,
+        [
+            (
+                'FLYFN["VIEWS"]',
+                "value",
+                'must be a dict like {"app:url_name": ["GET"]} (got [\'shop:x\'])',
+            )
+        ],
+    ),
+    (
         {"VIEWS": {"": ["GET"]}},
         None,
         [('FLYFN["VIEWS"]', "value", 'a view must be named by its url name (got "")')],
@@ -650,6 +669,17 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
                 'FLYFN["API_HOSTNAME"]',
                 "value",
                 'must be an http(s) URL such as "https://api.machines.dev": its host or port is invalid (got "http://[::1")',  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"API_HOSTNAME": "http://fly.test:0"},
+        None,
+        [
+            (
+                'FLYFN["API_HOSTNAME"]',
+                "value",
+                'must be an http(s) URL such as "https://api.machines.dev": its host or port is invalid (got "http://fly.test:0")',  # noqa: E501
             )
         ],
     ),
@@ -743,6 +773,21 @@ def test_elastic_group_options_are_read() -> None:
     concurrency = only_soft.group("g").concurrency
     assert concurrency is not None
     assert concurrency.hard_limit is None
+
+
+def test_a_bound_may_equal_the_option_it_bounds() -> None:
+    flyfn = {
+        "GROUPS": {
+            "pdf": {
+                "machines": 3,
+                "max_machines": 3,
+                "concurrency": {"soft_limit": 8, "hard_limit": 8},
+            },
+        }
+    }
+    group = load_settings(flyfn, environ=NO_ENV).group("pdf")
+    assert (group.machines, group.max_machines, group.machine_count) == (3, 3, 3)
+    assert group.concurrency == ConcurrencySettings(soft_limit=8, hard_limit=8)
 
 
 @pytest.mark.parametrize(
