@@ -16,6 +16,7 @@ from flyfn.conf import (
     FlyfnSettings,
     GroupSettings,
     SettingsError,
+    _Root,
     get_settings,
     load_settings,
     reset_settings,
@@ -23,6 +24,7 @@ from flyfn.conf import (
 from flyfn.fly.api_host import DEFAULT_API_HOSTNAME
 from flyfn.registry import ServerlessView
 from flyfn.replay import MAX_STATE_AGE
+from flyfn.settings_errors import _options, _type_at, _without_none, key_text, show
 
 NO_ENV: dict[str, str] = {}
 
@@ -734,6 +736,35 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
             )
         ],
     ),
+    # Not a dict where a section or a dict of sections is expected: a value issue, by type only.
+    ({"GROUPS": "pdf"}, None, [('FLYFN["GROUPS"]', "value", "must be a dict (got str)")]),
+    (
+        {"GROUPS": {"pdf": {"concurrency": 10}}},
+        None,
+        [('FLYFN["GROUPS"]["pdf"]["concurrency"]', "value", "must be a dict (got int)")],
+    ),
+    # Pydantic's own message gets the value, except where the key names a token.
+    (
+        {"GROUPS": {"pdf": {"machines": 0}, "MY_TOKEN": {"machines": 0}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["pdf"]["machines"]',
+                "value",
+                "Input should be greater than or equal to 1 (got 0)",
+            ),
+            (
+                'FLYFN["GROUPS"]["MY_TOKEN"]',
+                "value",
+                "invalid group name 'MY_TOKEN': use 1-30 characters a-z, 0-9, '-' or '_', starting with a letter or digit",  # noqa: E501
+            ),
+            (
+                'FLYFN["GROUPS"]["MY_TOKEN"]["machines"]',
+                "value",
+                "Input should be greater than or equal to 1",
+            ),
+        ],
+    ),
 ]
 
 
@@ -742,6 +773,33 @@ def test_each_settings_error(flyfn: Any, seed: Any, issues: list[tuple[str, str,
     error = errors_of(flyfn, seed)
     assert [(i.key, i.kind, i.message) for i in error.issues] == issues
     assert str(error) == "; ".join(f"{key}: {message}" for key, _kind, message in issues)
+
+
+def test_a_shown_value_is_cut_beyond_60_characters() -> None:
+    assert show("a" * 58) == '"' + "a" * 58 + '"'  # 60 characters with its quotes
+    assert show("a" * 59) == '"' + "a" * 56 + "..."
+    assert show(["x"]) == "['x']"
+
+
+def test_a_locations_first_part_is_written_as_name_key_says() -> None:
+    names = {"SEED": "FLY_MACHINES_SERVERLESS_FUNCTIONS", "FLYFN.APP_NAME": "env FLY_APP_NAME"}
+    assert key_text(("SEED", 0), names) == "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]"
+    assert key_text(("FLYFN", "APP_NAME"), names) == "env FLY_APP_NAME"
+    assert key_text(("FLYFN", "GROUPS", "pdf", "env", 1), names) == (
+        'FLYFN["GROUPS"]["pdf"]["env"][1]'
+    )
+
+
+def test_the_type_declared_at_a_location() -> None:
+    assert _type_at(_Root, ("FLYFN", "GROUPS", "pdf")) is GroupSettings
+    assert _type_at(_Root, ("FLYFN", "APP_NAME")) is str
+    # Where the models declare nothing: an unknown name, or below a plain value.
+    assert _type_at(_Root, ("FLYFN", "NOPE")) is None
+    assert _type_at(_Root, ("FLYFN", "APP_NAME", "x")) is None
+    assert _options(GroupSettings)[:2] == ["guest", "machines"]
+    assert _options(None) == _options(str) == []
+    assert _without_none(int | None) is int
+    assert _without_none(int | str | None) == int | str | None
 
 
 def test_a_bare_url_name_in_the_seed_means_get() -> None:
