@@ -1085,6 +1085,17 @@ def test_only_spaces_and_tabs_around_fields_are_trimmed() -> None:
     assert ReplaySource.parse("\x0bstate=s.1").state is None  # "\x0bstate" is no field of ours
 
 
+def test_zero_is_a_valid_time_and_elapsed_time() -> None:
+    assert ReplaySource(instance="a", t=0).t == 0
+    assert ReplaySource.parse("instance=a;t=0").t == 0
+    assert ReplayFailed(reason="timeout", elapsed_ms=0).elapsed_ms == 0
+    assert ReplayFailed.parse("reason=timeout;elapsed_ms=0").elapsed_ms == 0
+    with pytest.raises(ReplayHeaderError, match="t: expected a non-negative integer"):
+        ReplaySource(instance="a", t=-1)
+    with pytest.raises(ReplayHeaderError, match="elapsed_ms: expected a non-negative integer"):
+        ReplayFailed(reason="timeout", elapsed_ms=-1)
+
+
 def test_quotes_in_src_protect_separators() -> None:
     source = ReplaySource.parse('note="a;state=x";state=s.1')
     assert source.state == "s.1"
