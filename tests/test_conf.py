@@ -660,6 +660,17 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
     ),
     (
         {},
+        [("shop:x", ["GTE"])],
+        [
+            (
+                "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]",
+                "method",
+                "unknown HTTP method 'GTE'; allowed: DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE",  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {},
         [("", ["GET"])],
         [("FLY_MACHINES_SERVERLESS_FUNCTIONS[0]", "value", "the url name is empty")],
     ),
