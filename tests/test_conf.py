@@ -12,9 +12,11 @@ from django.test import override_settings
 from flyfn.conf import (
     MAX_REPLAY_TIMEOUT,
     STATE_VALIDITY_MARGIN,
+    ConcurrencySettings,
     FlyfnSettings,
     GroupSettings,
     SettingsError,
+    _Root,
     get_settings,
     load_settings,
     reset_settings,
@@ -22,6 +24,7 @@ from flyfn.conf import (
 from flyfn.fly.api_host import DEFAULT_API_HOSTNAME
 from flyfn.registry import ServerlessView
 from flyfn.replay import MAX_STATE_AGE
+from flyfn.settings_errors import _options, _type_at, _without_none, key_text, show
 
 NO_ENV: dict[str, str] = {}
 
@@ -327,6 +330,13 @@ def test_get_settings_is_cached_and_follows_override_settings() -> None:
     assert get_settings().group("pdf").machines == 1
 
 
+def test_other_settings_keep_the_cached_flyfn_settings() -> None:
+    first = get_settings()
+    with override_settings(LANGUAGE_CODE="de"):
+        assert get_settings() is first
+    assert get_settings() is first
+
+
 def test_get_settings_raises_for_invalid_settings() -> None:
     with (
         override_settings(FLYFN={"GROUPS": {"pdf": {"autostop": "never"}}}),
@@ -578,6 +588,17 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
         [('FLYFN["VIEWS"]', "value", 'must be a dict like {"app:url_name": ["GET"]} (got None)')],
     ),
     (
+        {"VIEWS": ["shop:x"]},
+        None,
+        [
+            (
+                'FLYFN["VIEWS"]',
+                "value",
+                'must be a dict like {"app:url_name": ["GET"]} (got [\'shop:x\'])',
+            )
+        ],
+    ),
+    (
         {"VIEWS": {"": ["GET"]}},
         None,
         [('FLYFN["VIEWS"]', "value", 'a view must be named by its url name (got "")')],
@@ -639,6 +660,17 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
     ),
     (
         {},
+        [("shop:x", ["GTE"])],
+        [
+            (
+                "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]",
+                "method",
+                "unknown HTTP method 'GTE'; allowed: DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE",  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {},
         [("", ["GET"])],
         [("FLY_MACHINES_SERVERLESS_FUNCTIONS[0]", "value", "the url name is empty")],
     ),
@@ -650,6 +682,17 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
                 'FLYFN["API_HOSTNAME"]',
                 "value",
                 'must be an http(s) URL such as "https://api.machines.dev": its host or port is invalid (got "http://[::1")',  # noqa: E501
+            )
+        ],
+    ),
+    (
+        {"API_HOSTNAME": "http://fly.test:0"},
+        None,
+        [
+            (
+                'FLYFN["API_HOSTNAME"]',
+                "value",
+                'must be an http(s) URL such as "https://api.machines.dev": its host or port is invalid (got "http://fly.test:0")',  # noqa: E501
             )
         ],
     ),
@@ -704,6 +747,35 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
             )
         ],
     ),
+    # Not a dict where a section or a dict of sections is expected: a value issue, by type only.
+    ({"GROUPS": "pdf"}, None, [('FLYFN["GROUPS"]', "value", "must be a dict (got str)")]),
+    (
+        {"GROUPS": {"pdf": {"concurrency": 10}}},
+        None,
+        [('FLYFN["GROUPS"]["pdf"]["concurrency"]', "value", "must be a dict (got int)")],
+    ),
+    # Pydantic's own message gets the value, except where the key names a token.
+    (
+        {"GROUPS": {"pdf": {"machines": 0}, "MY_TOKEN": {"machines": 0}}},
+        None,
+        [
+            (
+                'FLYFN["GROUPS"]["pdf"]["machines"]',
+                "value",
+                "Input should be greater than or equal to 1 (got 0)",
+            ),
+            (
+                'FLYFN["GROUPS"]["MY_TOKEN"]',
+                "value",
+                "invalid group name 'MY_TOKEN': use 1-30 characters a-z, 0-9, '-' or '_', starting with a letter or digit",  # noqa: E501
+            ),
+            (
+                'FLYFN["GROUPS"]["MY_TOKEN"]["machines"]',
+                "value",
+                "Input should be greater than or equal to 1",
+            ),
+        ],
+    ),
 ]
 
 
@@ -712,6 +784,33 @@ def test_each_settings_error(flyfn: Any, seed: Any, issues: list[tuple[str, str,
     error = errors_of(flyfn, seed)
     assert [(i.key, i.kind, i.message) for i in error.issues] == issues
     assert str(error) == "; ".join(f"{key}: {message}" for key, _kind, message in issues)
+
+
+def test_a_shown_value_is_cut_beyond_60_characters() -> None:
+    assert show("a" * 58) == '"' + "a" * 58 + '"'  # 60 characters with its quotes
+    assert show("a" * 59) == '"' + "a" * 56 + "..."
+    assert show(["x"]) == "['x']"
+
+
+def test_a_locations_first_part_is_written_as_name_key_says() -> None:
+    names = {"SEED": "FLY_MACHINES_SERVERLESS_FUNCTIONS", "FLYFN.APP_NAME": "env FLY_APP_NAME"}
+    assert key_text(("SEED", 0), names) == "FLY_MACHINES_SERVERLESS_FUNCTIONS[0]"
+    assert key_text(("FLYFN", "APP_NAME"), names) == "env FLY_APP_NAME"
+    assert key_text(("FLYFN", "GROUPS", "pdf", "env", 1), names) == (
+        'FLYFN["GROUPS"]["pdf"]["env"][1]'
+    )
+
+
+def test_the_type_declared_at_a_location() -> None:
+    assert _type_at(_Root, ("FLYFN", "GROUPS", "pdf")) is GroupSettings
+    assert _type_at(_Root, ("FLYFN", "APP_NAME")) is str
+    # Where the models declare nothing: an unknown name, or below a plain value.
+    assert _type_at(_Root, ("FLYFN", "NOPE")) is None
+    assert _type_at(_Root, ("FLYFN", "APP_NAME", "x")) is None
+    assert _options(GroupSettings)[:2] == ["guest", "machines"]
+    assert _options(None) == _options(str) == []
+    assert _without_none(int | None) is int
+    assert _without_none(int | str | None) == int | str | None
 
 
 def test_a_bare_url_name_in_the_seed_means_get() -> None:
@@ -743,6 +842,21 @@ def test_elastic_group_options_are_read() -> None:
     concurrency = only_soft.group("g").concurrency
     assert concurrency is not None
     assert concurrency.hard_limit is None
+
+
+def test_a_bound_may_equal_the_option_it_bounds() -> None:
+    flyfn = {
+        "GROUPS": {
+            "pdf": {
+                "machines": 3,
+                "max_machines": 3,
+                "concurrency": {"soft_limit": 8, "hard_limit": 8},
+            },
+        }
+    }
+    group = load_settings(flyfn, environ=NO_ENV).group("pdf")
+    assert (group.machines, group.max_machines, group.machine_count) == (3, 3, 3)
+    assert group.concurrency == ConcurrencySettings(soft_limit=8, hard_limit=8)
 
 
 @pytest.mark.parametrize(

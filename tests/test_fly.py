@@ -3,6 +3,8 @@ address."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -101,6 +103,32 @@ def test_go_duration_spells_the_apis_forms_as_a_string(value: object, text: str)
 def test_a_boolean_is_no_duration() -> None:
     with pytest.raises(DurationError):
         go_duration(True)
+
+
+def test_zero_nanoseconds_is_spelt_in_nanoseconds() -> None:
+    assert go_duration(0) == "0ns"
+    assert parse_go_duration(str(go_duration(0))) == 0.0
+
+
+@pytest.mark.parametrize("text", ["1s 2s", "1sx2s", "2s5"])
+def test_a_go_duration_is_read_whole(text: str) -> None:
+    # A part after a gap is no part of the duration: the text is refused, not cut short.
+    with pytest.raises(DurationError, match=f"invalid duration {text!r}"):
+        parse_go_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: parse_go_duration(" "), "empty duration"),
+        (lambda: parse_go_duration("soon"), "invalid duration 'soon'"),
+        (lambda: go_duration({"time.Duration": False}), "a duration cannot be a boolean"),
+    ],
+)
+def test_each_go_duration_error_message(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(DurationError) as info:
+        call()
+    assert str(info.value) == message
 
 
 # --------------------------------------------------------------------------- autostop

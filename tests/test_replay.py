@@ -849,6 +849,39 @@ def test_a_state_is_signed_with_the_clock_when_no_time_is_given() -> None:
     assert verify_state(state, SECRET, "GET", "/x", "pdf", max_age=60)
 
 
+# --------------------------------------------------------------------------- hops (elastic groups)
+
+
+def test_a_state_carries_its_hop_count_signed() -> None:
+    state = sign_state(SECRET, "GET", "/x", "pdf", now=NOW, hop=3)
+    assert state.startswith(f"flyfn2.{int(NOW)}.h3.")
+    assert verify_state(state, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW) == StateCheck(
+        True, hop=3
+    )
+    # A function Machine cannot raise or drop the count without the key: it is in the message.
+    for forged in (state.replace(".h3.", ".h4."), state.replace(".h3.", ".")):
+        verdict = verify_state(forged, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW)
+        assert verdict == StateCheck(False, "signature mismatch")
+    plain = sign_state(SECRET, "GET", "/x", "pdf", now=NOW)
+    assert plain.count(".") == 2  # an app Machine's state (hop 0) names no hop
+    added = plain.replace(f".{int(NOW)}.", f".{int(NOW)}.h1.")
+    verdict = verify_state(added, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW)
+    assert verdict == StateCheck(False, "signature mismatch")
+
+
+def test_the_hop_count_is_the_first_line_of_the_message_from_hop_1() -> None:
+    assert _message(7, "get", "/p", "g", "q=1", "") == "7\nGET\ng\n\n3:q=1\n/p"
+    assert _message(7, "get", "/p", "g", "q=1", "", 2) == "h2\n7\nGET\ng\n\n3:q=1\n/p"
+
+
+def test_hop_counts_run_from_0_to_99() -> None:
+    last = sign_state(SECRET, "GET", "/x", "pdf", now=NOW, hop=99)
+    assert verify_state(last, SECRET, "GET", "/x", "pdf", max_age=40, now=NOW).hop == 99
+    for hop in (-1, 100):
+        with pytest.raises(ValueError, match=rf"hop must be 0 to 99 \(got {hop}\)"):
+            sign_state(SECRET, "GET", "/x", "pdf", now=NOW, hop=hop)
+
+
 # --------------------------------------------------------------------------- messages (#17)
 
 # Every error names what is wrong in words a user can act on: pinned here, one per raise site.
@@ -1050,6 +1083,17 @@ def test_only_spaces_and_tabs_around_fields_are_trimmed() -> None:
     with pytest.raises(ReplayHeaderError, match="state"):
         ReplaySource.parse("state=s.1\x0b")
     assert ReplaySource.parse("\x0bstate=s.1").state is None  # "\x0bstate" is no field of ours
+
+
+def test_zero_is_a_valid_time_and_elapsed_time() -> None:
+    assert ReplaySource(instance="a", t=0).t == 0
+    assert ReplaySource.parse("instance=a;t=0").t == 0
+    assert ReplayFailed(reason="timeout", elapsed_ms=0).elapsed_ms == 0
+    assert ReplayFailed.parse("reason=timeout;elapsed_ms=0").elapsed_ms == 0
+    with pytest.raises(ReplayHeaderError, match="t: expected a non-negative integer"):
+        ReplaySource(instance="a", t=-1)
+    with pytest.raises(ReplayHeaderError, match="elapsed_ms: expected a non-negative integer"):
+        ReplayFailed(reason="timeout", elapsed_ms=-1)
 
 
 def test_quotes_in_src_protect_separators() -> None:
