@@ -20,10 +20,7 @@ __all__ = ["RANK_ORDER", "MachineChoice", "RankOrder", "ReplayTarget"]
 
 
 class ReplayTarget(NamedTuple):
-    """Where a replay goes: one Machine (`instance` strategy) or an app (`app` strategy).
-
-    A named tuple: the middleware keys its per-second header cache by it, and a tuple hashes in C.
-    """
+    """Where a replay goes: one Machine (`instance` strategy) or an app (`app` strategy)."""
 
     instance: str | None = None
     app: str | None = None
