@@ -33,4 +33,6 @@ RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
 ENV DATABASE_URL=sqlite:////app/data/db.sqlite3
 USER app
 EXPOSE 8000
-CMD ["uvicorn", "demo_store.asgi:application", "--host", "0.0.0.0", "--port", "8000"]
+# Two worker processes per Machine, as production servers run: whatever a worker keeps in memory
+# (caches, counters) is not seen by the other; `flyfn dev` runs this command too.
+CMD ["uvicorn", "demo_store.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

@@ -1,7 +1,9 @@
 """A Machine's process, the child side of `ProcessRuntime`: serves the project's ASGI app with
-uvicorn on the listening socket it is handed, and never outlives the runtime that started it.
+uvicorn on the listening socket it is handed, or becomes the image's command, and never outlives
+the runtime that started it.
 
-`python -m flyfn.emulator.child --app module:attr --fd N --parent-pid P [--log-level L]`
+`python -m flyfn.emulator.child --parent-pid P --app module:attr --fd N [--log-level L]`
+`python -m flyfn.emulator.child --parent-pid P -- ARGV...` (the image's command, exec'd)
 """
 
 from __future__ import annotations
@@ -59,11 +61,23 @@ def _load_app(spec: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flyfn.emulator.child")
     parser.add_argument("--app", default=DEFAULT_ASGI_APP, help="module:attr, or 'django'")
-    parser.add_argument("--fd", type=int, required=True, help="listening socket to serve on")
+    parser.add_argument("--fd", type=int, help="listening socket to serve on")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- ARGV: exec the image's command"
+    )
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command:
+        # The parent-death signal survives exec: the image's server dies with the runtime too.
+        try:
+            os.execvp(command[0], command)  # noqa: S606 (argv, no shell)
+        except OSError as exc:
+            sys.exit(f"flyfn dev: cannot run the image's command {command[0]!r}: {exc.strerror}")
+    if args.fd is None:
+        parser.error("--fd is required without a command")
 
     import uvicorn
 

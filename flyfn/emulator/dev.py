@@ -1,9 +1,13 @@
 """`manage.py flyfn dev`: the local Fly stack for this project, in one asyncio process.
 
-It serves the Machines API emulator on a loopback port, runs every Machine as a process of the
-project's ASGI app (`ProcessRuntime`), creates one app Machine with the project's own image ref
-(`local/<project>:dev-<hash of the sources>`) and serves the Fly Proxy on `--port`. Function
-Machines appear when flyfn's pool creates them through the API, exactly as on Fly.
+It deploys the project's fly.toml as `fly deploy` would, on this computer: it serves the Machines
+API emulator on a loopback port, loads the local secrets (`--secrets-file`, the format `fly
+secrets import` takes), runs the release command, creates one app Machine per process group with
+the project's own image ref (`local/<project>:dev-<hash of the sources>`) and serves the Fly Proxy
+on `--port`. Every Machine is a process running the image's command (the Dockerfile's, workers and
+all) in the environment Fly would give it (`ProcessRuntime`). Function Machines appear when
+flyfn's pool creates them through the API, exactly as on Fly. Without a fly.toml, one app Machine
+serves the project's ASGI app in one process, never stopped (the banner says so).
 
 SIGINT or SIGTERM to this process stops everything it started within a few seconds (a second
 signal kills at once); the Machines also die with it if it is killed outright.
@@ -15,10 +19,12 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
+import io
 import ipaddress
 import os
 import re
 import secrets
+import shlex
 import signal
 import sys
 import time
@@ -28,16 +34,24 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import uvicorn
+from dotenv import dotenv_values
 
 from flyfn.emulator.api import RateLimit, create_app
 from flyfn.emulator.child import DEFAULT_ASGI_APP
+from flyfn.emulator.dockerfile import DockerfileError, ImageFacts, read_dockerfile
 from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
+from flyfn.emulator.flytoml import FlyToml, FlyTomlError, load_fly_toml
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.logline import RequestLog, machine_label
 from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
-from flyfn.emulator.supervisor import DEFAULT_BOOT_TIMEOUT, ProcessRuntime, listening_socket
+from flyfn.emulator.supervisor import (
+    DEFAULT_BOOT_TIMEOUT,
+    ProcessRuntime,
+    image_base_env,
+    listening_socket,
+)
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -47,10 +61,12 @@ from flyfn.machines.models import (
     MachineService,
 )
 
-__all__ = ["DevOptions", "image_ref", "project_asgi_app", "run_dev"]
+__all__ = ["DevOptions", "DevSetupError", "image_ref", "project_asgi_app", "run_dev"]
 
 DEFAULT_PORT = 8080
 SHUTDOWN_GRACE = 3.0
+# Fly's default for a release command (`[deploy] release_command_timeout`).
+RELEASE_COMMAND_TIMEOUT = 300.0
 _HASHED_SUFFIXES = frozenset({".py", ".html", ".txt", ".css", ".js", ".json", ".toml", ".cfg"})
 _SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", "media", "staticfiles", "build", "dist"})
 _MAX_HASHED_FILES = 5000
@@ -63,11 +79,15 @@ class DevOptions:
     idle_stop: float = DEFAULT_IDLE_STOP
     asgi_app: str | None = None  # module:attr; default the settings package's asgi module
     app_name: str | None = None  # default FLYFN['APP_NAME'] / FLY_APP_NAME / the project's name
-    region: str = "local"
+    region: str | None = None  # default fly.toml's primary_region, else "local"
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     api_port: int = 0  # the Machines API's loopback port (0: any free one)
     live_port: int = 0  # the live page's loopback port (0: any free one)
     root: Path | None = None  # the project directory (default: the current one)
+    # The fly.toml to deploy (default: fly.toml in the project directory, when there is one).
+    config: Path | None = None
+    # NAME=VALUE lines set as the app's secrets before any Machine starts (`fly secrets import`).
+    secrets_file: Path | None = None
     # Fly's Machines API rate limits, emulated (429 + Retry-After). Off by default: locally they
     # only add retry pauses to cold starts; turn them on to see how an app copes with them.
     rate_limits: bool = False
@@ -107,6 +127,56 @@ def image_ref(project: str, root: Path) -> str:
     return f"local/{_slug(project)}:dev-{digest.hexdigest()[:12]}"
 
 
+class DevSetupError(Exception):
+    """fly.toml, the Dockerfile or the secrets file cannot be used; the message says why."""
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """`NAME=VALUE` lines (comments, quotes and `export` as in a .env file); DevSetupError naming
+    the line's name when one has no value. Values are never shown."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DevSetupError(f"--secrets-file {path}: cannot be read ({exc.strerror})") from None
+    values = dotenv_values(stream=io.StringIO(text))
+    missing = sorted(name for name, value in values.items() if value is None)
+    if missing:
+        raise DevSetupError(
+            f"--secrets-file {path}: {', '.join(missing)} has no value (write NAME=VALUE)"
+        )
+    return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class DeployPlan:
+    """What `flyfn dev` deploys: the fly.toml (if any) and the image built from its Dockerfile."""
+
+    fly_toml: FlyToml | None
+    image: ImageFacts | None
+
+    @classmethod
+    def load(cls, options: DevOptions, root: Path) -> DeployPlan:
+        path = options.config
+        if path is None and (root / "fly.toml").is_file():
+            path = root / "fly.toml"
+        if path is None:
+            return cls(None, None)
+        try:
+            fly_toml = load_fly_toml(path)
+            dockerfile = fly_toml.dockerfile
+            image = read_dockerfile(dockerfile) if dockerfile is not None else None
+        except (FlyTomlError, DockerfileError) as exc:
+            raise DevSetupError(str(exc)) from None
+        return cls(fly_toml, image)
+
+    @property
+    def internal_port(self) -> int:
+        service = self.fly_toml.http_service if self.fly_toml is not None else None
+        if service is None and self.fly_toml is not None and self.fly_toml.services:
+            return self.fly_toml.services[0].internal_port
+        return service.internal_port if service is not None else 8000
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "app"
 
@@ -142,14 +212,27 @@ class DevStack:
     """The running stack; `run()` until a signal (or `stop()`)."""
 
     def __init__(
-        self, options: DevOptions, *, settings_module: str, out: TextIO, app_name: str
+        self,
+        options: DevOptions,
+        *,
+        settings_module: str,
+        out: TextIO,
+        app_name: str,
+        plan: DeployPlan | None = None,
+        app_secrets: dict[str, str] | None = None,
     ) -> None:
         self.options = options
         self.out = out
         self.root = (options.root or Path.cwd()).resolve()
+        self.plan = plan or DeployPlan(None, None)
+        self.secrets = app_secrets or {}
+        self.settings_module = settings_module
         self.project = settings_module.partition(".")[0] or self.root.name
         self.app_name = app_name
-        self.image = image_ref(self.project, self.root)
+        fly_toml = self.plan.fly_toml
+        self.region = options.region or (fly_toml.primary_region if fly_toml else None) or "local"
+        # The image is built from fly.toml's directory (the build context) when there is one.
+        self.image = image_ref(self.project, fly_toml.directory if fly_toml else self.root)
         self.asgi_app = options.asgi_app or project_asgi_app(settings_module)
         # A fixed token lets other tools (`flyfn status`, tests) use the emulated API; never shown.
         self._token = os.environ.get(DEV_TOKEN_ENV) or secrets.token_urlsafe(24)
@@ -217,19 +300,22 @@ class DevStack:
         proxy_port = proxy_sock.getsockname()[1]
         runtime = ProcessRuntime(
             self.asgi_app,
+            image=self.plan.image,
+            internal_port=self.plan.internal_port,
             api_hostname=api_url,
             api_token=self._token,
+            base_env=self._image_base_env(),
             # flyfn.tasks sends its wakes through the proxy, as to the app's address on Fly.
-            base_env={**os.environ, "FLYFN_PUBLIC_URL": f"http://{options.host}:{proxy_port}"},
-            region=options.region,
-            cwd=self.root,
+            fly_env={"FLYFN_PUBLIC_URL": f"http://{options.host}:{proxy_port}"},
+            region=self.region,
+            cwd=self._workdir(),
             boot_timeout=options.boot_timeout,
             output=self.out,
         )
         self.runtime = runtime
-        emulator = MachinesEmulator(
-            runtime=runtime, region=options.region, default_app=self.app_name
-        )
+        emulator = MachinesEmulator(runtime=runtime, region=self.region, default_app=self.app_name)
+        if self.secrets:
+            emulator.set_secrets(self.app_name, self.secrets)
         runtime.attach(emulator)
         self.live = LivePage(emulator, emulator.app_names, tasks=_task_figures)
         live_server = _server(self.live)
@@ -244,7 +330,7 @@ class DevStack:
             emulator,
             runtime,
             app_name=self.app_name,
-            region=options.region,
+            region=self.region,
             idle_stop=options.idle_stop,
             on_log=self._log,
             on_event=self._write,
@@ -256,7 +342,9 @@ class DevStack:
             servers.append(asyncio.ensure_future(api_server.serve(sockets=[api_sock])))
             servers.append(asyncio.ensure_future(live_server.serve(sockets=[live_sock])))
             begun = time.monotonic()
-            machine = await self._create_app_machine(emulator)
+            if not await self._release(runtime, emulator):
+                return 1
+            machine = await self._create_app_machines(emulator)
             if machine is None:
                 return 1
             self.app_machine = machine
@@ -289,8 +377,87 @@ class DevStack:
                 with contextlib.suppress(OSError):
                     written.unlink()
 
-    async def _create_app_machine(self, emulator: MachinesEmulator) -> Machine | None:
-        config = MachineConfig(
+    def _image_base_env(self) -> dict[str, str]:
+        env = image_base_env()
+        if self.plan.image is None:
+            # No Dockerfile: the settings module `flyfn dev` runs with stands in for the image's.
+            env["DJANGO_SETTINGS_MODULE"] = self.settings_module
+        return env
+
+    def _workdir(self) -> Path:
+        """Where Machines run: the local copy of the image's WORKDIR, else the project."""
+        image = self.plan.image
+        return image.local_workdir if image is not None and image.local_workdir else self.root
+
+    async def _release(self, runtime: ProcessRuntime, emulator: MachinesEmulator) -> bool:
+        """fly.toml's `[deploy] release_command`, as `fly deploy` runs it before the Machines:
+        the new image, fly.toml's `[env]`, the app's secrets, the primary region. False (and
+        the reason said) when it fails: nothing is deployed then."""
+        fly_toml = self.plan.fly_toml
+        command = fly_toml.deploy.release_command if fly_toml is not None else None
+        if not command:
+            return True
+        machine = Machine(
+            id=f"release{secrets.token_hex(4)}",
+            region=self.region,
+            config=MachineConfig(image=self.image, env=dict(fly_toml.env) or None)
+            if fly_toml
+            else None,
+        )
+        self._write(f"flyfn dev: running the release command: {command}")
+        env = runtime.machine_env(self.app_name, machine)
+        process = await asyncio.create_subprocess_exec(
+            *shlex.split(command),
+            cwd=self._workdir(),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            assert process.stdout is not None
+            async with asyncio.timeout(RELEASE_COMMAND_TIMEOUT):
+                async for raw in process.stdout:
+                    self._write("release | " + raw.decode(errors="replace").rstrip())
+                code = await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            self._write(
+                f"flyfn dev: the release command ran over {RELEASE_COMMAND_TIMEOUT:g}s; "
+                "nothing was deployed"
+            )
+            return False
+        except asyncio.CancelledError:
+            process.kill()
+            raise
+        if code != 0:
+            self._write(
+                f"flyfn dev: the release command failed (exit {code}); nothing was deployed"
+            )
+            return False
+        return True
+
+    async def _create_app_machines(self, emulator: MachinesEmulator) -> Machine | None:
+        """One app Machine per fly.toml process group (the default one without a fly.toml);
+        the first, or None when one did not boot."""
+        fly_toml = self.plan.fly_toml
+        configs = (
+            [fly_toml.machine_config(group, self.image) for group in fly_toml.process_groups()]
+            if fly_toml is not None
+            else [self._default_app_config()]
+        )
+        first: Machine | None = None
+        for config in configs:
+            machine = await self._create_app_machine(emulator, config)
+            if machine is None:
+                return None
+            first = first or machine
+        return first
+
+    def _default_app_config(self) -> MachineConfig:
+        return MachineConfig(
             image=self.image,
             metadata={"fly_process_group": "app", "fly_platform_version": "v2"},
             services=[
@@ -309,8 +476,16 @@ class DevStack:
             ],
             restart=MachineRestart(policy="on-failure", max_retries=3),
         )
+
+    async def _create_app_machine(
+        self, emulator: MachinesEmulator, config: MachineConfig
+    ) -> Machine | None:
+        if config.restart is None:
+            config = config.model_copy(
+                update={"restart": MachineRestart(policy="on-failure", max_retries=3)}
+            )
         created = await emulator.create(self.app_name, CreateMachineRequest(config=config))
-        self._write(f"flyfn dev: booting the app Machine {created.id} ({self.asgi_app}) ...")
+        self._write(f"flyfn dev: booting the app Machine {created.id} ({self._runs()}) ...")
         waiter = asyncio.ensure_future(
             emulator.wait_for_state(
                 self.app_name, created.id, "settled", timeout=self.options.boot_timeout + 5
@@ -355,7 +530,9 @@ class DevStack:
             f"    API        {api_url} (FLY_API_HOSTNAME of every Machine)",
             f"    live       {live_url} (Machines, routes and tasks as they change)",
             f"    idle-stop  {options.idle_stop:g}s   (Ctrl-C stops everything)",
-            f"    secrets    python -m flyfn.emulator.secrets --app {self.app_name} set NAME=VALUE",
+            f"    secrets    python -m flyfn.emulator.secrets --app {self.app_name} set NAME=VALUE"
+            + (f"   ({len(self.secrets)} from --secrets-file)" if self.secrets else ""),
+            *self._deploy_lines(),
             "",
         ]
         if not _is_loopback(options.host):
@@ -364,6 +541,34 @@ class DevStack:
                 "anyone who can reach it can use the app (and its DEBUG pages).",
             ]
         self._write("\n".join(lines))
+
+    def _runs(self) -> str:
+        image = self.plan.image
+        if image is not None and image.command():
+            return shlex.join(image.command())
+        return f"{self.asgi_app} in one uvicorn process"
+
+    def _deploy_lines(self) -> list[str]:
+        fly_toml = self.plan.fly_toml
+        if fly_toml is None:
+            return [
+                "    fly.toml   none: one app Machine, autostop off, serving "
+                f"{self.asgi_app} in one process (--config names a fly.toml)",
+            ]
+        image = self.plan.image
+        lines = [
+            f"    fly.toml   {fly_toml.path} (region {self.region}, "
+            f"process groups {', '.join(fly_toml.process_groups())})",
+            f"    runs       {self._runs()} in {self._workdir()}",
+        ]
+        if image is None:
+            lines.append("    image      no Dockerfile beside fly.toml: the ASGI app is served")
+        elif image.local_workdir is None:
+            lines.append(
+                f"    workdir    the image's WORKDIR {image.workdir} was not copied from the "
+                f"build context: Machines run in {self.root}"
+            )
+        return lines
 
 
 def _is_loopback(host: str) -> bool:
@@ -418,10 +623,21 @@ def run_dev(options: DevOptions, *, out: TextIO | None = None) -> int:
     """Run the local Fly stack until SIGINT/SIGTERM; the exit status."""
     settings_module = os.environ.get("DJANGO_SETTINGS_MODULE", "")
     stream = out if out is not None else sys.stdout
+    root = (options.root or Path.cwd()).resolve()
+    try:
+        plan = DeployPlan.load(options, root)
+        app_secrets = read_secrets_file(options.secrets_file) if options.secrets_file else {}
+    except DevSetupError as exc:
+        stream.write(f"flyfn dev: {exc}\n")
+        stream.flush()
+        return 1
+    fly_app = plan.fly_toml.app if plan.fly_toml is not None else None
     stack = DevStack(
         options,
         settings_module=settings_module,
         out=stream,
-        app_name=options.app_name or default_app_name(settings_module),
+        app_name=options.app_name or fly_app or default_app_name(settings_module),
+        plan=plan,
+        app_secrets=app_secrets,
     )
     return asyncio.run(stack.run())

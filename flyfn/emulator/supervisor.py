@@ -1,7 +1,10 @@
 """Machines as local processes: `ProcessRuntime` runs each emulated Machine as the project's app.
 
-Each Machine is one process (uvicorn serving the project's ASGI application) on a loopback port,
-started in its own process group with Fly's environment variables. The runtime implements the
+A Machine runs the image's command (`ENTRYPOINT` + `CMD` of the project's Dockerfile, or its
+`init.cmd`: a fly.toml process), workers and all, with its listen address rewritten to a loopback
+port of its own (`flyfn.emulator.listen`); without a Dockerfile it is one uvicorn process serving
+the project's ASGI application. Each runs in its own process group, in the environment Fly gives
+a Machine and nothing else (`machine_env`). The runtime implements the
 `MachineRuntime` seam of `flyfn.emulator.state`: launch waits until the app accepts connections,
 stop is the configured signal then SIGKILL, suspend is SIGSTOP and resume SIGCONT. A watcher per
 process reports an unexpected exit to the emulator (`machine_exited`), so the Machine becomes
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 from flyfn.emulator.child import DEFAULT_ASGI_APP, DEFAULT_STOP_TIMEOUT
+from flyfn.emulator.dockerfile import ImageFacts
+from flyfn.emulator.listen import ListenAddressError, bind_locally
 from flyfn.emulator.logline import machine_label
 from flyfn.emulator.process_groups import (
     exit_code,
@@ -40,20 +45,41 @@ from flyfn.emulator.process_groups import (
     until_stopped,
 )
 from flyfn.fly import env as fly_env
-from flyfn.fly.env import GROUP_ENV, SEED_ENV
 
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
 
-__all__ = ["DEFAULT_BOOT_TIMEOUT", "MachineLaunchError", "ProcessRuntime", "listening_socket"]
+__all__ = [
+    "DEFAULT_BOOT_TIMEOUT",
+    "IMAGE_BASE_ENV",
+    "MachineLaunchError",
+    "ProcessRuntime",
+    "image_base_env",
+    "listening_socket",
+]
 
 DEFAULT_BOOT_TIMEOUT = 30.0
 READY_POLL_INTERVAL = 0.01  # seconds between readiness probes of a booting Machine
 _OUTPUT_TAIL = 20
 _READ_LIMIT = 1 << 20
-# Inherited variables that would give a Machine the wrong identity or role.
-_SCRUBBED_ENV_PREFIXES = ("FLY_",)
-_SCRUBBED_ENV = frozenset({GROUP_ENV, SEED_ENV, "PRIMARY_REGION"})
+# What a Machine takes from the shell that runs `flyfn dev`: only what stands for the image's own
+# filesystem and base image (this Python environment, the user's home, locale and temp dir).
+# Everything else a Machine sees comes from the image's ENV, its config, the app's secrets and
+# Fly, as on Fly: a variable set only in the shell is not there.
+IMAGE_BASE_ENV = ("HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
+# Docker's default PATH, after this Python's own bin directory (the local image's Python).
+_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def image_base_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The base environment of the local image: `PATH` with this Python first, and the names in
+    `IMAGE_BASE_ENV` from `environ` (default: this process's)."""
+    source = os.environ if environ is None else environ
+    env = {name: source[name] for name in IMAGE_BASE_ENV if name in source}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), _IMAGE_PATH])
+    # The emulator shows each Machine's output line by line as it comes, as Fly's log stream.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 class MachineLaunchError(RuntimeError):
@@ -114,6 +140,9 @@ class ProcessRuntime:
         self,
         asgi_app: str = DEFAULT_ASGI_APP,
         *,
+        image: ImageFacts | None = None,
+        internal_port: int = 8080,
+        fly_env: Mapping[str, str] | None = None,
         api_hostname: str = "",
         api_token: str = "",
         region: str = "local",
@@ -132,8 +161,11 @@ class ProcessRuntime:
         self._api_token = api_token
         self.region = region
         self.primary_region = primary_region or region
+        self.image = image
+        self.internal_port = internal_port
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._base_env = image_base_env() if base_env is None else dict(base_env)
+        self._fly_env = dict(fly_env or {})
         self.python = python
         self.host = host
         self.boot_timeout = boot_timeout
@@ -261,15 +293,22 @@ class ProcessRuntime:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _env(self, app: str, machine: Machine) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in self._base_env.items()
-            if k not in _SCRUBBED_ENV and not k.startswith(_SCRUBBED_ENV_PREFIXES)
-        }
+    def machine_env(self, app: str, machine: Machine) -> dict[str, str]:
+        """The environment the Machine's process starts with, as Fly composes it: the image's
+        base and `ENV`, the Machine's `config.env`, the app's secrets (as they are at boot: a
+        running Machine keeps them until its next start or update), then Fly's variables.
+        `FLY_PROCESS_GROUP` only on Machines of a fly.toml process group (not API-created ones)."""
         config = machine.config
+        env = dict(self._base_env)
+        if self.image is not None:
+            env.update(self.image.env)
+        if config is not None and config.env:
+            env.update({k: str(v) for k, v in config.env.items()})
+        if self._reporter is not None:
+            env.update(self._reporter.secret_env(app, machine.id))
         image = config.image if config is not None and config.image else ""
         metadata = (config.metadata if config is not None else None) or {}
+        env.update(self._fly_env)
         env.update(
             {
                 fly_env.FLY_APP_NAME: app,
@@ -279,71 +318,94 @@ class ProcessRuntime:
                 fly_env.FLY_REGION: machine.region or self.region,
                 fly_env.FLY_PRIVATE_IP: machine.private_ip or self.host,
                 "FLY_PUBLIC_IP": self.host,
-                "FLY_PROCESS_GROUP": metadata.get("fly_process_group", "app"),
                 fly_env.FLY_API_HOSTNAME: self.api_hostname,
                 fly_env.FLY_API_TOKEN: self._api_token,
                 "PRIMARY_REGION": self.primary_region,
-                "PYTHONUNBUFFERED": "1",
             }
         )
+        env.pop("FLY_PROCESS_GROUP", None)
+        if group := metadata.get("fly_process_group"):
+            env["FLY_PROCESS_GROUP"] = group
         if machine.current_version:
             env["FLY_MACHINE_VERSION"] = machine.current_version
         guest = config.guest if config is not None else None
         if guest is not None and guest.memory_mb:
             env["FLY_VM_MEMORY_MB"] = str(guest.memory_mb)
-        if config is not None and config.env:
-            env.update({k: str(v) for k, v in config.env.items()})
-        # The app's secrets as they are at boot (Fly injects them at boot): a running Machine
-        # keeps the values it booted with until its next start or update.
-        if self._reporter is not None:
-            env.update(self._reporter.secret_env(app, machine.id))
         # The project must stay importable from the child however the parent was started.
         paths = [str(self.cwd), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         return env
 
-    def _command(self, fd: int) -> list[str]:
+    def _image_command(self, machine: Machine) -> list[str] | None:
+        """The argv the Machine's image runs (None: no image command, serve the ASGI app)."""
+        config = machine.config
+        init_cmd = config.init.cmd if config is not None and config.init is not None else None
+        if self.image is None or not (self.image.command(init_cmd)):
+            return None
+        return self.image.command(init_cmd)
+
+    def _internal_port(self, machine: Machine) -> int:
+        services = (machine.config.services if machine.config is not None else None) or []
+        return next((s.internal_port for s in services if s.internal_port), self.internal_port)
+
+    def _command(self, fd: int | None, argv: list[str] | None = None) -> list[str]:
+        command = [self.python, "-m", "flyfn.emulator.child", "--parent-pid", str(os.getpid())]
+        if argv is not None:
+            return [*command, "--", *argv]
         return [
-            self.python,
-            "-m",
-            "flyfn.emulator.child",
+            *command,
             "--app",
             self.asgi_app,
             "--fd",
             str(fd),
-            "--parent-pid",
-            str(os.getpid()),
             "--log-level",
             self.log_level,
         ]
 
     async def _spawn(
-        self, sock: socket.socket, app: str, machine: Machine
+        self, argv: list[str], app: str, machine: Machine, pass_fds: tuple[int, ...] = ()
     ) -> asyncio.subprocess.Process:
         try:
             return await asyncio.create_subprocess_exec(
-                *self._command(sock.fileno()),
+                *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=self.cwd,
-                env=self._env(app, machine),
-                pass_fds=(sock.fileno(),),
+                env=self.machine_env(app, machine),
+                pass_fds=pass_fds,
                 start_new_session=True,
                 limit=_READ_LIMIT,
             )
         except OSError as exc:
             raise MachineLaunchError(f"Machine {machine.id} could not be spawned: {exc}") from exc
 
-    async def _launch(self, app: str, machine: Machine) -> None:
+    async def _start_process(
+        self, app: str, machine: Machine
+    ) -> tuple[asyncio.subprocess.Process, int]:
+        """Start the Machine's process; it and the loopback port it will listen on."""
+        image_argv = self._image_command(machine)
+        if image_argv is not None:
+            # The image's server binds the port itself; the port is free a moment before.
+            with listening_socket(self.host, 0) as probe:
+                port = probe.getsockname()[1]
+            try:
+                argv = bind_locally(image_argv, self._internal_port(machine), self.host, port)
+            except ListenAddressError as exc:
+                raise MachineLaunchError(f"Machine {machine.id}: {exc}") from None
+            return await self._spawn(self._command(None, argv), app, machine), port
         # The runtime binds the port and hands the socket over: no window in which another
         # process could take the port between choosing it and the child listening on it.
         sock = listening_socket(self.host, 0)
         try:
             port = sock.getsockname()[1]
-            process = await self._spawn(sock, app, machine)
+            argv = self._command(sock.fileno())
+            return await self._spawn(argv, app, machine, (sock.fileno(),)), port
         finally:
             sock.close()
+
+    async def _launch(self, app: str, machine: Machine) -> None:
+        process, port = await self._start_process(app, machine)
         own_group(process.pid)
         child = _Child(
             app=app, machine_id=machine.id, label=machine_label(machine), port=port, process=process

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -81,6 +82,19 @@ class Command(BaseCommand):
         dev.add_argument("--api-port", type=int, default=0, help="Machines API port (default any)")
         dev.add_argument(
             "--live-port", type=int, default=0, help="live page port on 127.0.0.1 (default any)"
+        )
+        dev.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="the fly.toml to deploy (default: fly.toml in the current directory, if any)",
+        )
+        dev.add_argument(
+            "--secrets-file",
+            type=Path,
+            default=None,
+            help="NAME=VALUE lines set as the app's secrets before any Machine starts (as "
+            "`fly secrets import` reads them); the only way shell values reach the Machines",
         )
         dev.add_argument(
             "--rate-limits",
@@ -264,6 +278,8 @@ class Command(BaseCommand):
         api_port: int,
         live_port: int = 0,
         rate_limits: bool = False,
+        config: Path | None = None,
+        secrets_file: Path | None = None,
         **options: Any,
     ) -> None:
         from flyfn.emulator.dev import DevOptions, run_dev  # uvicorn: the [emulator] extra
@@ -276,6 +292,8 @@ class Command(BaseCommand):
             api_port=api_port,
             live_port=live_port,
             rate_limits=rate_limits,
+            config=config,
+            secrets_file=secrets_file,
         )
         status = run_dev(dev_options)
         if status:
