@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_loopback_port
-from tests.support_dev import list_machines, start
+from tests.support_dev import list_machines, secrets_file, start
 from tests.support_procs import alive, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,11 @@ PYTHON = str(BIN / "python")
 DEV_TOKEN = "browser-tests-dev-token"  # the emulated Machines API's token, loopback only
 IDLE_STOP = 30  # seconds: long enough that no function Machine stops in the middle of a test
 BOOT_TIMEOUT = 90.0
+
+
+# What the demo's Machines need from a test: set as the app's secrets (nothing else of the test's
+# environment reaches them, as on Fly).
+_DEMO_SECRETS = ("SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "DATABASE_URL", "STATIC_ROOT")
 
 
 def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -174,8 +179,11 @@ def demo_stack(
     env = demo_env(workdir, DEBUG="1", FLYFN_DEV_TOKEN=DEV_TOKEN)
     manage(env, "migrate", "--noinput", "-v", "0")
     manage(env, "seed_store", "--purchases", str(purchases))
+    # As `make demo`: the repository's fly.toml and Dockerfile, the test's settings as secrets.
+    secrets = {name: env[name] for name in _DEMO_SECRETS}
     command = [PYTHON, "manage.py", "flyfn", "dev", "--port", str(free_loopback_port())]
-    command += ["--idle-stop", str(idle_stop)]
+    command += ["--idle-stop", str(idle_stop), "--config", str(ROOT / "fly.toml")]
+    command += ["--secrets-file", str(secrets_file(secrets))]
     lines: list[str] = []
     process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group
     stack = DemoStack(process, lines)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +48,18 @@ def project_env(settings_module: str, token: str) -> dict[str, str]:
     return env
 
 
+def secrets_file(values: Mapping[str, str]) -> Path:
+    """A file of `NAME='VALUE'` lines for `flyfn dev --secrets-file` (removed at exit): the only
+    way a value of the test's reaches the Machines, as on Fly."""
+    directory = Path(tempfile.mkdtemp(prefix="flyfn-test-secrets-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "secrets.env"
+    for value in values.values():
+        assert "'" not in value and "\n" not in value, "a test secret must fit in single quotes"
+    path.write_text("".join(f"{name}='{value}'\n" for name, value in values.items()))
+    return path
+
+
 def start_project(
     project: Path,
     settings_module: str,
@@ -53,10 +68,14 @@ def start_project(
     port: int,
     idle_stop: float,
     lines: list[str],
+    secrets: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[str]:
-    """`flyfn dev` on the test project in directory `project` (see `start`)."""
+    """`flyfn dev` on the test project in directory `project` (see `start`), with `secrets` as
+    the app's secrets."""
     command = [sys.executable, "-m", "django", "flyfn", "dev"]
     command += ["--port", str(port), "--idle-stop", str(idle_stop)]
+    if secrets:
+        command += ["--secrets-file", str(secrets_file(secrets))]
     return start(command, cwd=project, env=project_env(settings_module, token), lines=lines)
 
 

@@ -65,7 +65,16 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     try:
         port = free_loopback_port()
         lines: list[str] = []
-        process = start_project(PROJECT, SETTINGS, TOKEN, port=port, idle_stop=3, lines=lines)
+        process = start_project(
+            PROJECT,
+            SETTINGS,
+            TOKEN,
+            port=port,
+            idle_stop=3,
+            lines=lines,
+            # The Machines see no shell variable: the shared directory is an app secret.
+            secrets={"TASKS_E2E_DIR": str(tmp_path)},
+        )
     finally:
         del os.environ["TASKS_E2E_DIR"]
     running = Stack(process, port, lines, directory=tmp_path)
