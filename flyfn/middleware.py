@@ -371,6 +371,15 @@ class FlyReplayMiddleware:
             if _bounceable(request.META, settings.replay_body_limit):
                 events.bounced(role.group or "", "other_group")
                 return replay_response(ELSEWHERE)
+            if _META_REPLAY_FAILED in request.META:
+                # No replay of this Machine's explains it: never a reason to run a view here.
+                events.fell_back(view.group, "untrusted_failure", "unavailable")
+                return unavailable()
+            # It cannot go back: it runs where it landed, as an ordinary request would. A
+            # function Machine never replays for another group: it would sign with the key it
+            # booted with (stale after a rotation until its next start) and change that
+            # group's Machines.
+            return None
         # A serverless view to replay: from main, or one a function Machine cannot send on.
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)

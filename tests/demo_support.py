@@ -131,6 +131,14 @@ class DemoStack:
         """Every Machine of the app, as the emulated Machines API lists them."""
         return {m["id"] for m in list_machines(self.api, self.app, DEV_TOKEN)}
 
+    def function_machines(self) -> list[dict[str, Any]]:
+        """Every function Machine of the app (of any group)."""
+        return [
+            m
+            for m in list_machines(self.api, self.app, DEV_TOKEN)
+            if "flyfn_group" in (m["config"].get("metadata") or {})
+        ]
+
     def group_machines(self, group: str = "default") -> list[dict[str, Any]]:
         """The function Machines of `group`, as the emulated Machines API lists them."""
         return list_machines(self.api, self.app, DEV_TOKEN, **{"metadata.flyfn_group": group})

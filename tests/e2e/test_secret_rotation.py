@@ -113,10 +113,12 @@ def test_rotating_secret_key_heals_without_a_proxy_error(demo: DemoStack, tmp_pa
         None,
     )
     assert healed is not None, (answers, routes)
-    assert all((status, machine) == (200, fn) for status, machine, _ in answers[healed:]), (
-        answers,
-        routes,
-    )
+    # From then on every receipt is a PDF; Fly-like balancing may land one on the function
+    # Machine of another group (the release command's `prepare` made one), where it runs.
+    function_machines = {m["id"] for m in demo.function_machines()}
+    assert all(
+        status == 200 and machine in function_machines for status, machine, _ in answers[healed:]
+    ), (answers, routes)
     print(
         f"secret rotation: {RECEIPTS} receipts, {sum(a[0] == 503 for a in answers)} answered 503, "
         f"healed at request {healed + 1}, {answers[healed][2] - rotated:.1f}s after the rotation; "
