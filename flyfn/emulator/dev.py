@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import uvicorn
 
-from flyfn.emulator.api import RateLimit, create_app
+from flyfn.emulator.api import create_app
 from flyfn.emulator.child import DEFAULT_ASGI_APP
 from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.live import LivePage
@@ -68,9 +68,6 @@ class DevOptions:
     api_port: int = 0  # the Machines API's loopback port (0: any free one)
     live_port: int = 0  # the live page's loopback port (0: any free one)
     root: Path | None = None  # the project directory (default: the current one)
-    # Fly's Machines API rate limits, emulated (429 + Retry-After). Off by default: locally they
-    # only add retry pauses to cold starts; turn them on to see how an app copes with them.
-    rate_limits: bool = False
 
 
 def project_asgi_app(settings_module: str) -> str:
@@ -234,11 +231,7 @@ class DevStack:
         self.live = LivePage(emulator, emulator.app_names, tasks=_task_figures)
         live_server = _server(self.live)
         api_server = _server(
-            create_app(
-                emulator,
-                token=self._token,
-                rate_limit=RateLimit() if self.options.rate_limits else None,
-            )
+            create_app(emulator, token=self._token)  # within Fly's rate limits (429 + Retry-After)
         )
         proxy = FlyProxy(
             emulator,

@@ -82,11 +82,6 @@ class Command(BaseCommand):
         dev.add_argument(
             "--live-port", type=int, default=0, help="live page port on 127.0.0.1 (default any)"
         )
-        dev.add_argument(
-            "--rate-limits",
-            action="store_true",
-            help="emulate the Machines API's rate limits (429 + Retry-After); off by default",
-        )
         # More subcommands add a parser here and a handle_<name>.
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -263,7 +258,6 @@ class Command(BaseCommand):
         asgi: str | None,
         api_port: int,
         live_port: int = 0,
-        rate_limits: bool = False,
         **options: Any,
     ) -> None:
         from flyfn.emulator.dev import DevOptions, run_dev  # uvicorn: the [emulator] extra
@@ -275,7 +269,6 @@ class Command(BaseCommand):
             asgi_app=asgi,
             api_port=api_port,
             live_port=live_port,
-            rate_limits=rate_limits,
         )
         status = run_dev(dev_options)
         if status:
