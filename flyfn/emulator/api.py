@@ -52,10 +52,10 @@ from flyfn.machines.models import (
 )
 
 __all__ = [
+    "FLY_RATE_LIMITS",
     "MAX_BODY_BYTES",
     "ASGIApp",
     "EmulatorApp",
-    "FLY_RATE_LIMITS",
     "EmulatorError",
     "MachineRuntime",
     "MachinesEmulator",
@@ -247,7 +247,7 @@ class EmulatorApp:
         emulator: MachinesEmulator,
         *,
         token: str,
-        rate_limit: RateLimit | None | _FlyLimits = FLY_RATE_LIMITS,
+        rate_limit: RateLimit | _FlyLimits | None = FLY_RATE_LIMITS,
     ) -> None:
         if not token:
             raise ValueError("the emulator needs a non-empty API token")
@@ -547,7 +547,7 @@ def create_app(
     emulator: MachinesEmulator,
     *,
     token: str,
-    rate_limit: RateLimit | None | _FlyLimits = FLY_RATE_LIMITS,
+    rate_limit: RateLimit | _FlyLimits | None = FLY_RATE_LIMITS,
 ) -> EmulatorApp:
     """The ASGI app serving `emulator` to clients presenting `token` (as `Bearer <token>`), within
     Fly's rate limits (a `RateLimit()` of its own) unless given other limits; `rate_limit=None`
