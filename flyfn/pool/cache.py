@@ -164,6 +164,9 @@ class MachinePool:
                     if done.destroyed or done.updated:
                         listing.changed()
                     machines = done.machines
+                # The cache ages from when its list was taken: pools that share a list expire
+                # together, and the next round shares one list again.
+                age = listing.age()
         except Exception as exc:  # whatever fails, requests get the fallback, never a 500
             self._failed(exc)
             return
@@ -172,7 +175,8 @@ class MachinePool:
         with self._lock:
             self._targets = targets
             self._members = members
-            self._expires = self._clock() + self._ttl * (1 - TTL_JITTER * self.manager.random())
+            ttl = self._ttl * (1 - TTL_JITTER * self.manager.random())
+            self._expires = self._clock() + max(0.0, ttl - age)
             recovered = self._backoff > 0
             self._backoff = 0.0
             self._retry_at = 0.0

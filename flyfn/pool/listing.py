@@ -181,6 +181,8 @@ class ListingSession:
         self._max_age = max_age
         self._fresh_after = fresh_after
         self.calls = 0  # list calls this session made (the others were read from the shared list)
+        # When the oldest list this session used was taken (a pool's cache ages from then).
+        self.fetched_at: float | None = None
 
     async def app_machines(self, *, fresh: bool = False) -> list[Machine]:
         """The app's Machines: the shared list when recent enough (never when `fresh`), else one
@@ -191,12 +193,24 @@ class ListingSession:
                 fetched_at, machines = shared
                 now = self._listing.clock()
                 if fetched_at >= self._fresh_after and 0 <= now - fetched_at <= self._max_age:
+                    self._used(fetched_at)
                     return machines
         started = self._listing.clock()
         machines = await self._client.list_machines(app=self.app)
         self.calls += 1
         self._listing.write(self.app, started, machines)
+        self._used(started)
         return machines
+
+    def age(self) -> float:
+        """How old (seconds) the oldest list this session used is."""
+        if self.fetched_at is None:
+            return 0.0
+        return max(0.0, self._listing.clock() - self.fetched_at)
+
+    def _used(self, fetched_at: float) -> None:
+        if self.fetched_at is None or fetched_at < self.fetched_at:
+            self.fetched_at = fetched_at
 
     async def group(self, spec: PoolSpec, *, fresh: bool = False) -> list[Machine]:
         """The group's Machines of every image (not the destroyed ones): a `GroupLister`."""
