@@ -52,7 +52,9 @@ async def emulator() -> AsyncIterator[MachinesEmulator]:
 
 @pytest.fixture
 def emulator_app(emulator: MachinesEmulator) -> EmulatorApp:
-    return create_app(emulator, token=EMULATOR_TOKEN)
+    """The emulated API without rate limits: for focused unit tests of its answers (everything
+    else, `create_app()` without `rate_limit` included, runs within Fly's limits)."""
+    return create_app(emulator, token=EMULATOR_TOKEN, rate_limit=None)
 
 
 @pytest.fixture
@@ -166,24 +168,37 @@ class MachinesAPI:
         }
 
 
-def _recording(app: Any, calls: list[tuple[str, str]]) -> Any:
+def _recording(app: Any, inspector: Any, calls: list[tuple[str, str]]) -> Any:
+    """`app`, counting its calls; the test's own inspection goes to `inspector` (same emulator, no
+    rate limits), so that it neither counts nor takes flyfn's share of the limits."""
+
     async def recorder(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            inspect = (_INSPECT_HEADER.encode(), b"1") in scope.get("headers", [])
-            if not inspect:
-                calls.append((scope["method"], scope["path"]))
+            if (_INSPECT_HEADER.encode(), b"1") in scope.get("headers", []):
+                await inspector(scope, receive, send)
+                return
+            calls.append((scope["method"], scope["path"]))
         await app(scope, receive, send)
 
     return recorder
 
 
 @contextmanager
-def serve_machines_api(token: str = EMULATOR_TOKEN) -> Iterator[MachinesAPI]:
-    """A fresh emulator accepting `token`, served on loopback (uvicorn thread), counting calls."""
+def serve_machines_api(
+    token: str = EMULATOR_TOKEN, *, rate_limits: bool = True
+) -> Iterator[MachinesAPI]:
+    """A fresh emulator accepting `token`, served on loopback (uvicorn thread), counting calls;
+    within Fly's rate limits unless a focused test passes `rate_limits=False`."""
     calls: list[tuple[str, str]] = []
-    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=token)
+    emulator = MachinesEmulator(default_app=EMULATOR_APP)
+    app = (
+        create_app(emulator, token=token)
+        if rate_limits
+        else create_app(emulator, token=token, rate_limit=None)
+    )
+    inspector = create_app(emulator, token=token, rate_limit=None)
     with (
-        serve_in_thread(_recording(app, calls)) as url,
+        serve_in_thread(_recording(app, inspector, calls)) as url,
         httpx.Client(
             base_url=url,
             headers={"Authorization": f"Bearer {token}", _INSPECT_HEADER: "1"},

@@ -91,7 +91,7 @@ async def recorded(
     runtime: RecordingRuntime,
 ) -> AsyncIterator[tuple[MachinesEmulator, httpx.AsyncClient]]:
     emu = MachinesEmulator(runtime=runtime)
-    async with _http(create_app(emu, token=EMULATOR_TOKEN)) as http:
+    async with _http(create_app(emu, token=EMULATOR_TOKEN, rate_limit=None)) as http:
         try:
             yield emu, http
         finally:
@@ -590,7 +590,7 @@ async def test_update_of_a_leased_machine_needs_the_nonce(emulator_http: httpx.A
 async def test_lease_lifecycle() -> None:
     clock = FakeClock()
     emu = MachinesEmulator(clock=clock)
-    async with _http(create_app(emu, token=EMULATOR_TOKEN)) as http:
+    async with _http(create_app(emu, token=EMULATOR_TOKEN, rate_limit=None)) as http:
         machine = await _create(http, skip_launch=True)
         path = f"{MACHINES}/{machine['id']}/lease"
         assert (await http.get(path)).status_code == 404
@@ -756,9 +756,24 @@ async def test_rate_limit_answers_429_with_retry_after() -> None:
     await emu.aclose()
 
 
-async def test_rate_limiting_is_off_by_default(emulator_http: httpx.AsyncClient) -> None:
-    statuses = {(await emulator_http.get(MACHINES)).status_code for _ in range(30)}
-    assert statuses == {200}
+async def test_rate_limits_are_on_by_default_with_flys_numbers() -> None:
+    emu = MachinesEmulator()
+    async with _http(create_app(emu, token=EMULATOR_TOKEN)) as http:
+        # List and create: per app, burst 3.
+        statuses = [(await http.get(MACHINES)).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        machines = [await _create(http, skip_launch=True) for _ in range(3)]
+        limited = await http.post(MACHINES, json={"config": {"image": "nginx"}})
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        # Other actions: per Machine and action, burst 3; get: per Machine, burst 10.
+        for machine in machines[:2]:
+            path = f"{MACHINES}/{machine['id']}/start"
+            statuses = [(await http.post(path)).status_code for _ in range(4)]
+            assert statuses[3] == 429
+            gets = [(await http.get(f"{MACHINES}/{machine['id']}")).status_code for _ in range(11)]
+            assert gets == [200] * 10 + [429]
+    await emu.aclose()
 
 
 # -- ASGI lifespan and helpers --------------------------------------------------------------------

@@ -33,7 +33,13 @@ from flyfn.pool import (
     spec_for,
 )
 from flyfn.runtime import function, override_role
-from tests.conftest import EMULATOR_APP, EMULATOR_TOKEN, MachinesAPI, installed
+from tests.conftest import (
+    EMULATOR_APP,
+    EMULATOR_TOKEN,
+    MachinesAPI,
+    installed,
+    serve_machines_api,
+)
 
 IMAGE = "registry.fly.io/testapp:deployment-1"
 NEW_IMAGE = "registry.fly.io/testapp:deployment-2"
@@ -133,8 +139,18 @@ async def test_async_misses_share_one_operation(
     assert (fly.list_calls, fly.create_calls) == (2, 1)
 
 
+@pytest.fixture
+def unlimited_api() -> Iterator[MachinesAPI]:
+    """The emulator without rate limits: for the racing tests, whose twenty pools stand for twenty
+    processes on as many Machines all listing at once (more than Fly's burst of 3: the rate limits
+    are tested in tests/test_rate_limits.py; here only convergence under races is)."""
+    with serve_machines_api(rate_limits=False) as api:
+        yield api
+
+
 @pytest.mark.parametrize("count", [1, 3])
-def test_twenty_racing_pools_in_threads_converge(machines_api: MachinesAPI, count: int) -> None:
+def test_twenty_racing_pools_in_threads_converge(unlimited_api: MachinesAPI, count: int) -> None:
+    machines_api = unlimited_api
     managers = [PoolManager() for _ in range(20)]
     start = threading.Barrier(20)
     results: list[ReplayTarget | None] = []
@@ -182,7 +198,8 @@ RACER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("count", [2])
-def test_twenty_racing_processes_converge(machines_api: MachinesAPI, count: int) -> None:
+def test_twenty_racing_processes_converge(unlimited_api: MachinesAPI, count: int) -> None:
+    machines_api = unlimited_api
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
     args = [EMULATOR_APP, machines_api.url, EMULATOR_TOKEN, IMAGE, str(count)]

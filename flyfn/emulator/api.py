@@ -9,6 +9,7 @@ uvicorn (the `emulator` extra) is imported by the CLI only.
 from __future__ import annotations
 
 import argparse
+import enum
 import hmac
 import json
 import logging
@@ -51,6 +52,7 @@ from flyfn.machines.models import (
 )
 
 __all__ = [
+    "FLY_RATE_LIMITS",
     "MAX_BODY_BYTES",
     "ASGIApp",
     "EmulatorApp",
@@ -85,8 +87,11 @@ _ROUTE = re.compile(
 
 @dataclass
 class RateLimit:
-    """Token buckets per (app, Machine, action) like Fly's: `rate` requests/s with `burst`,
-    and the more generous `get_rate`/`get_burst` for reading one Machine."""
+    """Fly's Machines API rate limits as token buckets: `rate` requests/s with a `burst` per action,
+    scoped per app for list and create (`/v1/apps/{app}/machines`) and per Machine for every other
+    action; reading one Machine (get) has the more generous `get_rate`/`get_burst`. Excess is a 429
+    whose `Retry-After` says when the bucket has a token again (fly.io/docs/machines/api:
+    "1 req/s per action, burst 3; Get Machine 5 req/s, burst 10")."""
 
     rate: float = 1.0
     burst: int = 3
@@ -106,6 +111,15 @@ class RateLimit:
             return None
         self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / rate
+
+
+class _FlyLimits(enum.Enum):
+    FLY = "fly"
+
+
+FLY_RATE_LIMITS = _FlyLimits.FLY
+"""`create_app`'s default: a fresh `RateLimit()` with Fly's numbers. Only focused unit tests pass
+`rate_limit=None` (no limits); everything else, `flyfn dev` included, runs within Fly's limits."""
 
 
 # -- requests and responses ----------------------------------------------------------------------
@@ -229,13 +243,17 @@ class EmulatorApp:
     """The ASGI application; `emulator` is the state it serves (usable in-process alongside)."""
 
     def __init__(
-        self, emulator: MachinesEmulator, *, token: str, rate_limit: RateLimit | None = None
+        self,
+        emulator: MachinesEmulator,
+        *,
+        token: str,
+        rate_limit: RateLimit | _FlyLimits | None = FLY_RATE_LIMITS,
     ) -> None:
         if not token:
             raise ValueError("the emulator needs a non-empty API token")
         self.emulator = emulator
         self._token = token.encode()
-        self.rate_limit = rate_limit
+        self.rate_limit = RateLimit() if isinstance(rate_limit, _FlyLimits) else rate_limit
 
     def __repr__(self) -> str:  # never the token
         return f"EmulatorApp({self.emulator!r}, rate_limit={self.rate_limit!r})"
@@ -299,6 +317,7 @@ class EmulatorApp:
         )
         handler = self._route(request)
         if self.rate_limit is not None:
+            # Per app for list and create (no Machine in the path), else per Machine and action.
             key = (request.app, request.machine or "", handler.__name__)
             is_get = handler == self._get_machine
             retry_after = self.rate_limit.check(key, is_get=is_get)
@@ -525,9 +544,14 @@ class EmulatorApp:
 
 
 def create_app(
-    emulator: MachinesEmulator, *, token: str, rate_limit: RateLimit | None = None
+    emulator: MachinesEmulator,
+    *,
+    token: str,
+    rate_limit: RateLimit | _FlyLimits | None = FLY_RATE_LIMITS,
 ) -> EmulatorApp:
-    """The ASGI app serving `emulator` to clients presenting `token` (as `Bearer <token>`)."""
+    """The ASGI app serving `emulator` to clients presenting `token` (as `Bearer <token>`), within
+    Fly's rate limits (a `RateLimit()` of its own) unless given other limits; `rate_limit=None`
+    turns them off, a switch for focused unit tests only."""
     return EmulatorApp(emulator, token=token, rate_limit=rate_limit)
 
 
@@ -597,9 +621,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--app", default=None, help="the default app name (informational)")
     parser.add_argument("--region", default="local")
-    parser.add_argument(
-        "--rate-limit", action="store_true", help="answer 429 like Fly's API rate limits"
-    )
     parser.add_argument("--log-level", default="warning")
     return parser
 
@@ -619,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     emulator = MachinesEmulator(region=args.region, default_app=args.app)
-    app = create_app(emulator, token=token, rate_limit=RateLimit() if args.rate_limit else None)
+    app = create_app(emulator, token=token)  # within Fly's rate limits, always
     app_note = f" (app {args.app})" if args.app else ""
     print(
         f"flyfn Machines API emulator on http://{args.host}:{args.port}{app_note}",

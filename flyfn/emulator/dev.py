@@ -36,7 +36,7 @@ from typing import Any, TextIO
 import uvicorn
 from dotenv import dotenv_values
 
-from flyfn.emulator.api import RateLimit, create_app
+from flyfn.emulator.api import create_app
 from flyfn.emulator.child import DEFAULT_ASGI_APP
 from flyfn.emulator.dockerfile import DockerfileError, ImageFacts, read_dockerfile
 from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
@@ -88,9 +88,6 @@ class DevOptions:
     config: Path | None = None
     # NAME=VALUE lines set as the app's secrets before any Machine starts (`fly secrets import`).
     secrets_file: Path | None = None
-    # Fly's Machines API rate limits, emulated (429 + Retry-After). Off by default: locally they
-    # only add retry pauses to cold starts; turn them on to see how an app copes with them.
-    rate_limits: bool = False
 
 
 def project_asgi_app(settings_module: str) -> str:
@@ -320,11 +317,7 @@ class DevStack:
         self.live = LivePage(emulator, emulator.app_names, tasks=_task_figures)
         live_server = _server(self.live)
         api_server = _server(
-            create_app(
-                emulator,
-                token=self._token,
-                rate_limit=RateLimit() if self.options.rate_limits else None,
-            )
+            create_app(emulator, token=self._token)  # within Fly's rate limits (429 + Retry-After)
         )
         proxy = FlyProxy(
             emulator,

@@ -9,6 +9,7 @@ in-flight convergence (single flight). One module per job:
 - `choice`: how Machines are chosen (`MachineChoice`, after FLAME's `Pool.Strategy`);
 - `converge`: the API work (`converge`, `prepare_group`, `find_orphans`), also `manage.py flyfn`'s;
 - `cache`: one group's target cache with single flight and failure backoff;
+- `listing`: one list of an app's Machines for all groups and all worker processes of a Machine;
 - `loop`: the background event loop thread;
 - `manager`: the process's pools (`Pools`, `PoolManager`, `get_manager`).
 """

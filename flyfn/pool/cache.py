@@ -1,6 +1,7 @@
 """One group's target cache: read on the request path without I/O, refreshed behind it, and
 converged on a miss by one operation on the background loop that concurrent misses join (single
-flight), with a backoff after API failures."""
+flight), with a backoff after API failures (by `Retry-After` after a 429). Refreshes are jittered
+and read the app's shared Machine list (`flyfn.pool.listing`) to stay within Fly's rate limits."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
+from flyfn.machines import RateLimited
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
+from flyfn.pool.listing import SHARED_LIST_MAX_AGE
 from flyfn.pool.loop import wait_done
 from flyfn.pool.spec import PoolSpec
 from flyfn.runtime import Role, current_role
@@ -29,6 +31,11 @@ MAX_FAILURE_BACKOFF = 30.0
 # `fly-replay-failed` cannot be authenticated (any client can send one): a pool drops a Machine it
 # names at once, but once per interval at most, so a forged flood costs one list call per interval.
 FORGET_MIN_INTERVAL = 1.0
+# A cache expires between (1 - TTL_JITTER) x CACHE_TTL and CACHE_TTL after its refresh, so that the
+# pools of Machines booted together (a deploy) do not refresh in step.
+TTL_JITTER = 0.2
+# After a 429 the pool waits the API's Retry-After plus up to this fraction of it (not all at once).
+RATE_LIMIT_JITTER = 0.25
 
 
 class MachinePool:
@@ -57,12 +64,15 @@ class MachinePool:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._forgot_at = float("-inf")
+        # After `forget`, a shared list taken before this (listing clock) is not good enough.
+        self._fresh_after = float("-inf")
+        self._clock = manager.clock
 
     def members(self) -> tuple[str, ...]:
         """The group's Machine ids in rank order (`instance` strategy), from the cache: never an
         API call on the request path (a stale or empty cache is refreshed behind it)."""
         members = self._members
-        if not members or time.monotonic() >= self._expires:
+        if not members or self._clock() >= self._expires:
             self.refresh()
         return members
 
@@ -71,7 +81,7 @@ class MachinePool:
         targets = self._targets
         if not targets:
             return None
-        if time.monotonic() >= self._expires:
+        if self._clock() >= self._expires:
             self.refresh()
         return self.choice.pick(targets, next(self._turn))
 
@@ -83,7 +93,7 @@ class MachinePool:
         with self._lock:
             if self._inflight is not None:
                 return self._inflight
-            if time.monotonic() < self._retry_at:
+            if self._clock() < self._retry_at:
                 return None
             # The role is read here, on the caller's thread: the one a refresh was asked under.
             future = self.manager.submit(self._refresh(self.spec, current_role()))
@@ -121,10 +131,11 @@ class MachinePool:
             kept = tuple(t for t in self._targets if t.instance != machine_id)
             if len(kept) == len(self._targets) and machine_id not in self._members:
                 return False
-            now = time.monotonic()
+            now = self._clock()
             if now - self._forgot_at < FORGET_MIN_INTERVAL:
                 return False
             self._forgot_at = now
+            self._fresh_after = self.manager.listing.clock()
             self._targets = kept
             self._members = tuple(m for m in self._members if m != machine_id)
             self._expires = 0.0
@@ -136,12 +147,26 @@ class MachinePool:
         # so a waiter woken by the future reads the new cache.
         try:
             client = self.manager.client()
-            if role.kind == "function" and role.group == spec.group:
-                # A function Machine only reads its own group (to send load on): the app Machines
-                # create, update and destroy it. (Another group's view it replays like them.)
-                machines = await observe(client, spec, self.choice)
-            else:
-                machines = (await converge(client, spec, self.choice)).machines
+            # Every group of the app, in every worker process of this Machine, reads one list.
+            async with self.manager.listing.session(
+                client,
+                spec.app,
+                max_age=min(self._ttl / 2, SHARED_LIST_MAX_AGE),
+                fresh_after=self._fresh_after,
+            ) as listing:
+                if role.kind == "function" and role.group == spec.group:
+                    # A function Machine only reads its own group (to send load on): the app
+                    # Machines create, update and destroy it. (Another group's view it replays
+                    # like them.)
+                    machines = await observe(client, spec, self.choice, lister=listing.group)
+                else:
+                    done = await converge(client, spec, self.choice, lister=listing.group)
+                    if done.destroyed or done.updated:
+                        listing.changed()
+                    machines = done.machines
+                # The cache ages from when its list was taken: pools that share a list expire
+                # together, and the next round shares one list again.
+                age = listing.age()
         except Exception as exc:  # whatever fails, requests get the fallback, never a 500
             self._failed(exc)
             return
@@ -150,7 +175,8 @@ class MachinePool:
         with self._lock:
             self._targets = targets
             self._members = members
-            self._expires = time.monotonic() + self._ttl
+            ttl = self._ttl * (1 - TTL_JITTER * self.manager.random())
+            self._expires = self._clock() + max(0.0, ttl - age)
             recovered = self._backoff > 0
             self._backoff = 0.0
             self._retry_at = 0.0
@@ -161,7 +187,12 @@ class MachinePool:
         with self._lock:
             first = self._backoff == 0
             self._backoff = min(MAX_FAILURE_BACKOFF, max(FAILURE_BACKOFF, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff
+            delay = self._backoff
+            if isinstance(exc, RateLimited) and exc.retry_after is not None:
+                # Rate limited (the client's own retries used up): the API said when to come back.
+                retry_after = min(exc.retry_after, MAX_FAILURE_BACKOFF)
+                delay = retry_after * (1 + RATE_LIMIT_JITTER * self.manager.random())
+            self._retry_at = self._clock() + delay
         if first:  # one line per failure burst
             group = self.spec.group if self.spec else "?"
             logger.error(

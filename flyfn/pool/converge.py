@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from flyfn import events
 from flyfn.conf import FlyfnSettings
@@ -97,27 +98,50 @@ async def list_group(client: AsyncMachinesClient, spec: PoolSpec) -> list[Machin
     return [m for m in machines if m.state not in GONE_STATES]
 
 
+class GroupLister(Protocol):
+    """How `converge` and `observe` list a group's Machines (not the destroyed ones); `fresh`: a
+    list taken now, after our creates (the pools share lists: `flyfn.pool.listing`)."""
+
+    async def __call__(self, spec: PoolSpec, *, fresh: bool = False) -> list[Machine]: ...
+
+
+def _lister(client: AsyncMachinesClient) -> GroupLister:
+    async def listed(spec: PoolSpec, *, fresh: bool = False) -> list[Machine]:
+        return await list_group(client, spec)
+
+    return listed
+
+
 async def observe(
-    client: AsyncMachinesClient, spec: PoolSpec, choice: MachineChoice = RANK_ORDER
+    client: AsyncMachinesClient,
+    spec: PoolSpec,
+    choice: MachineChoice = RANK_ORDER,
+    *,
+    lister: GroupLister | None = None,
 ) -> list[Machine]:
     """The group's usable Machines of the spec's image that `converge` keeps, in rank order,
     without changing anything (what a function Machine needs to know its siblings)."""
-    listed = await list_group(client, spec)
+    listed = await (lister or _lister(client))(spec)
     usable = choice.rank(m for m in listed if machine_image(m) == spec.image and is_usable(m))
     return usable[: spec.count]
 
 
 async def converge(
-    client: AsyncMachinesClient, spec: PoolSpec, choice: MachineChoice = RANK_ORDER
+    client: AsyncMachinesClient,
+    spec: PoolSpec,
+    choice: MachineChoice = RANK_ORDER,
+    *,
+    lister: GroupLister | None = None,
 ) -> Convergence:
     """Make exactly `spec.count` usable Machines of the group on the spec's image exist.
 
     Safe to run from any number of processes at once: names are deterministic, every creator
     re-lists after creating, and every process keeps the same lowest-ranked Machines and destroys
-    the rest.
+    the rest. `lister` lists the group (default: one list call filtered by the group's metadata).
     """
+    list_machines = lister or _lister(client)
     result = Convergence(machines=[])
-    listed = await list_group(client, spec)
+    listed = await list_machines(spec)
     current = [m for m in listed if machine_image(m) == spec.image]
     usable = [m for m in current if is_usable(m)]
     if len(usable) < spec.count:
@@ -137,7 +161,7 @@ async def converge(
         )
         created = [m for m in outcomes if isinstance(m, Machine)]
         result.created = [m.id for m in created]
-        listed = await list_group(client, spec)
+        listed = await list_machines(spec, fresh=True)
         # The list may lag behind a create: count what we created unless the list says otherwise.
         seen = {m.id for m in listed}
         current = [m for m in listed if machine_image(m) == spec.image]

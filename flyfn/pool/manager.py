@@ -7,7 +7,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -18,8 +20,10 @@ from flyfn.elastic import Spill
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.pool.cache import MachinePool
 from flyfn.pool.choice import RANK_ORDER, MachineChoice, ReplayTarget
+from flyfn.pool.listing import MachineListing
 from flyfn.pool.loop import LoopThread
 from flyfn.pool.spec import PoolConfigError, new_client, spec_for
+from flyfn.runtime import current_env
 
 T = TypeVar("T")
 
@@ -60,7 +64,9 @@ class PoolManager:
     """The pools of one process, one background loop and one Machines client for all of them.
 
     Settings are read live: when `get_settings()` returns another object (override_settings), the
-    pools and the client are rebuilt.
+    pools and the client are rebuilt. `listing` shares the app's Machine list between the pools and
+    with the other processes of this Machine (default: by `FLY_MACHINE_ID`); `clock` (monotonic)
+    and `random` time the caches and their jitter (tests inject them).
     """
 
     def __init__(
@@ -69,9 +75,15 @@ class PoolManager:
         transport: httpx.AsyncBaseTransport | None = None,
         settings: Callable[[], FlyfnSettings] = get_settings,
         choice: MachineChoice = RANK_ORDER,
+        listing: MachineListing | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self._transport = transport
         self.choice = choice
+        self.listing = listing or MachineListing(current_env().machine_id)
+        self.clock = clock
+        self.random = random
         self._get_settings = settings
         self._lock = threading.Lock()
         self._settings: FlyfnSettings | None = None

@@ -96,11 +96,6 @@ class Command(BaseCommand):
             help="NAME=VALUE lines set as the app's secrets before any Machine starts (as "
             "`fly secrets import` reads them); the only way shell values reach the Machines",
         )
-        dev.add_argument(
-            "--rate-limits",
-            action="store_true",
-            help="emulate the Machines API's rate limits (429 + Retry-After); off by default",
-        )
         # More subcommands add a parser here and a handle_<name>.
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -277,7 +272,6 @@ class Command(BaseCommand):
         asgi: str | None,
         api_port: int,
         live_port: int = 0,
-        rate_limits: bool = False,
         config: Path | None = None,
         secrets_file: Path | None = None,
         **options: Any,
@@ -291,7 +285,6 @@ class Command(BaseCommand):
             asgi_app=asgi,
             api_port=api_port,
             live_port=live_port,
-            rate_limits=rate_limits,
             config=config,
             secrets_file=secrets_file,
         )
