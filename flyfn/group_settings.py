@@ -17,7 +17,13 @@ from pydantic_core import PydanticCustomError
 
 from flyfn.fly.autostop import AutostopMode, autostop_from_bool
 from flyfn.fly.durations import DurationError, format_duration, parse_duration
-from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU, CpuCount, CpuKind
+from flyfn.fly.limits import (
+    GUEST_MB_STEP,
+    MEMORY_MB_PER_CPU,
+    MEMORY_MB_STEP,
+    CpuCount,
+    CpuKind,
+)
 from flyfn.replay import MAX_STATE_AGE
 from flyfn.settings_errors import invalid, show
 
@@ -110,8 +116,9 @@ class GuestSettings(Section):
     memory_mb: int = Field(
         default=GUEST_MB_STEP, ge=GUEST_MB_STEP, le=262_144, multiple_of=GUEST_MB_STEP
     )
-    """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
-    views."""
+    """Default 256 (MB): Fly's smallest size; raise it for heavy views. Fly accepts, per CPU,
+    256-2048 MB in multiples of 256 for `shared` CPUs and 2048-8192 MB in multiples of 1024 for
+    `performance` ones (e.g. 2048 or 3072 for one performance CPU, never 2304)."""
 
     @field_validator("cpus", mode="before")
     @classmethod
@@ -129,10 +136,11 @@ class GuestSettings(Section):
         if kind is None or cpus is None:
             return memory_mb  # reported on their own keys
         low, high = MEMORY_MB_PER_CPU[kind]
-        if not low * cpus <= memory_mb <= high * cpus:
+        step = MEMORY_MB_STEP[kind]
+        if memory_mb % step or not low * cpus <= memory_mb <= high * cpus:
             raise invalid(
                 f"Fly refuses {memory_mb} MB for {cpus} {kind} CPU(s): "
-                f"{kind} CPUs take {low}-{high} MB each, in multiples of {GUEST_MB_STEP} "
+                f"{kind} CPUs take {low}-{high} MB each, in multiples of {step} "
                 f"({low * cpus}-{high * cpus} MB here)"
             )
         return memory_mb
