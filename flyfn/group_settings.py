@@ -34,6 +34,8 @@ __all__ = [
     "ConcurrencySettings",
     "GroupSettings",
     "GuestSettings",
+    "HttpOptionsSettings",
+    "HttpResponseSettings",
     "Section",
     "matching",
 ]
@@ -50,6 +52,7 @@ Fallback = Literal["local", "error"]
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 # --------------------------------------------------------------------------- validators
@@ -165,6 +168,52 @@ class ConcurrencySettings(Section):
         return _at_least("soft_limit", value, info)
 
 
+class HttpResponseSettings(Section):
+    """`GROUPS[g]["http_options"]["response"]`: what Fly Proxy does to the function Machines'
+    answers (Fly's `HTTPResponseOptions`)."""
+
+    headers: dict[str, str | list[str] | bool] = {}
+    """Default none: headers Fly Proxy sets on every answer, e.g. `{"X-Frame-Options": "DENY"}`
+    (a list of values sets it several times; `false` removes it), as fly.toml's
+    `[http_service.http_options.response.headers]`."""
+
+    pristine: bool | None = None
+    """Default None (Fly's default: false): `true` makes Fly Proxy add none of its own headers
+    (`fly-request-id`, `via`, ...) to the answers."""
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(
+        cls, headers: dict[str, str | list[str] | bool]
+    ) -> dict[str, str | list[str] | bool]:
+        for name in headers:
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise invalid(f"must map HTTP header names to values (got {show(name)})")
+        return headers
+
+
+class HttpOptionsSettings(Section):
+    """`GROUPS[g]["http_options"]`: Fly Proxy's HTTP options for the function Machines' ports
+    (Fly's `HTTPOptions`; fly.toml's `[http_service.http_options]`, which API-created Machines do
+    not get)."""
+
+    compress: bool | None = None
+    """Default None (Fly's default: off): `true` lets Fly Proxy compress answers."""
+
+    h2_backend: bool | None = None
+    """Default None (Fly's default: HTTP/1.1): `true` speaks HTTP/2 (h2c) to the Machine; only for
+    a server that speaks it (gunicorn does not)."""
+
+    idle_timeout: int | None = Field(default=None, ge=1, le=86_400)
+    """Default None (Fly's default): seconds a connection to the Machine may stay idle."""
+
+    headers_read_timeout: int | None = Field(default=None, ge=1, le=86_400)
+    """Default None (Fly's default): seconds Fly Proxy waits for the Machine's answer headers."""
+
+    response: HttpResponseSettings | None = None
+    """Default None: see `HttpResponseSettings`."""
+
+
 class GroupSettings(Section):
     """`FLYFN["GROUPS"][g]`: how one group of serverless views runs. Undeclared groups get
     these."""
@@ -193,6 +242,20 @@ class GroupSettings(Section):
 
     internal_port: int = Field(default=8000, ge=1, le=65535)
     """Default 8000: the port Django/uvicorn/gunicorn setups on Fly conventionally listen on."""
+
+    force_https: bool = True
+    """Default true: a request that reaches a function Machine over plain http (port 80) is
+    redirected to https by Fly Proxy (301), as `fly launch` sets `force_https = true` for the app
+    Machines. API-created Machines get nothing from fly.toml, so without this an ordinary request
+    balanced onto a function Machine (`instance` strategy) or sent to the group's app (`app`
+    strategy) would be served over plain http. Set false when the app serves plain http on
+    purpose (its `[http_service] force_https` is false). Replays are never redirected."""
+
+    http_options: HttpOptionsSettings | None = None
+    """Default None (Fly's defaults): Fly Proxy's HTTP options for the function Machines' ports,
+    e.g. `{"idle_timeout": 120, "response": {"headers": {"X-Frame-Options": "DENY"}}}`; see
+    `HttpOptionsSettings`. Copy what fly.toml's `[http_service.http_options]` says: API-created
+    Machines do not get it."""
 
     region: Annotated[str | None, matching(_REGION_RE, 'a Fly region code such as "iad"')] = None
     """Default None: the region of the app Machine that creates them (Fly's own default)."""

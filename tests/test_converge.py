@@ -8,11 +8,12 @@ import asyncio
 import time
 from dataclasses import replace
 
+import pytest
 from django.test import override_settings
 
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.machines import Machine
-from flyfn.pool import PoolSpec, converge, machine_version, new_client, spec_for
+from flyfn.pool import PoolSpec, converge, is_outdated, machine_version, new_client, spec_for
 from flyfn.pool.converge import prepare_group
 from tests.conftest import EMULATOR_APP, MachinesAPI
 
@@ -118,3 +119,82 @@ def test_prepare_updates_a_drifted_stopped_machine_without_starting_it(
 def get_settings_for(machines_api: MachinesAPI) -> FlyfnSettings:
     with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=GROUPS)):
         return get_settings()
+
+
+# ------------------------------------------------------------------ force_https, http_options
+
+HTTP_OPTIONS = {
+    "idle_timeout": 120,
+    "h2_backend": False,
+    "response": {"headers": {"X-Frame-Options": "DENY", "Server": False}},
+}
+
+
+def _group_spec(machines_api: MachinesAPI, **options: object) -> PoolSpec:
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS={"web": options})):
+        return spec_for(get_settings(), "web", {})
+
+
+def test_function_machines_force_https_on_port_80_by_default(machines_api: MachinesAPI) -> None:
+    spec = _group_spec(machines_api)
+    [service] = spec.config.services or []
+    http, tls = service.ports or []
+    assert (http.port, http.force_https, http.http_options) == (80, True, None)
+    assert (tls.port, tls.force_https, tls.http_options) == (443, None, None)
+    # Turned off it is said (false), so that turning it off is a change too.
+    [service] = _group_spec(machines_api, force_https=False).config.services or []
+    assert [p.force_https for p in service.ports or []] == [False, None]
+
+
+def test_http_options_go_on_both_ports_and_into_the_version(machines_api: MachinesAPI) -> None:
+    plain = _group_spec(machines_api)
+    spec = _group_spec(machines_api, http_options=HTTP_OPTIONS)
+    [service] = spec.config.services or []
+    assert [p.http_options for p in service.ports or []] == [HTTP_OPTIONS, HTTP_OPTIONS]
+    versions = {
+        plain.version,
+        spec.version,
+        _group_spec(machines_api, force_https=False).version,
+        _group_spec(machines_api, http_options={"idle_timeout": 121}).version,
+    }
+    assert len(versions) == 4
+    assert _group_spec(machines_api, http_options=HTTP_OPTIONS).version == spec.version
+
+
+def test_a_force_https_or_http_options_change_converges(machines_api: MachinesAPI) -> None:
+    before = _group_spec(machines_api)
+    after = replace(_group_spec(machines_api, http_options=HTTP_OPTIONS), started=time.time() + 2)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with new_client(get_settings_for(machines_api)) as client:
+            made = await converge(client, before)
+            done = await converge(client, after)
+            return [m.id for m in made.machines], done.updated
+
+    made, updated = asyncio.run(scenario())
+    assert updated == made
+    [machine] = machines_api.machines(group="web")
+    assert machine.config is not None
+    [service] = machine.config.services or []
+    http, tls = service.ports or []
+    assert http.force_https is True
+    # As Fly answers: `h2_backend: false` left out (omitempty), a header map's entries kept.
+    answered = {k: v for k, v in HTTP_OPTIONS.items() if k != "h2_backend"}
+    assert http.http_options == tls.http_options == answered
+    assert not is_outdated(machine, after.config)
+
+
+def test_http_options_are_validated() -> None:
+    from flyfn.conf import SettingsError
+
+    for bad in (
+        {"idle_timeout": 0},
+        {"speed": "fast"},
+        {"response": {"headers": {"Bad Name": "x"}}},
+        {"response": {"headers": {"X-A": 3}}},
+    ):
+        with (
+            override_settings(FLYFN={"GROUPS": {"web": {"http_options": bad}}}),
+            pytest.raises(SettingsError, match="http_options"),
+        ):
+            get_settings()

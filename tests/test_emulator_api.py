@@ -223,6 +223,11 @@ def test_omit_zero_keeps_lists_maps_and_true() -> None:
         "env": {"X": ""},
     }
     assert omit_zero({"checks": {"http": {"port": 0}}}) == {"checks": {"http": {}}}
+    # http_options.response.headers is a map: `false` there removes a header, it is kept.
+    options = {"h2_backend": False, "response": {"headers": {"Server": False}, "pristine": False}}
+    assert omit_zero({"http_options": options}) == {
+        "http_options": {"response": {"headers": {"Server": False}}}
+    }
 
 
 async def test_create_skip_launch_stays_created(
