@@ -198,3 +198,13 @@ def test_http_options_are_validated() -> None:
             pytest.raises(SettingsError, match="http_options"),
         ):
             get_settings()
+
+
+def test_function_machines_of_another_app_know_the_app_that_created_them(
+    machines_api: MachinesAPI,
+) -> None:
+    app_group = _group_spec(machines_api, strategy="app", app="testapp-fns")
+    assert app_group.app == "testapp-fns"
+    assert app_group.config.env == {"FLYFN_GROUP": "web", "FLYFN_HOME_APP": EMULATOR_APP}
+    # In the own app FLY_APP_NAME says it already.
+    assert _group_spec(machines_api).config.env == {"FLYFN_GROUP": "web"}

@@ -19,7 +19,7 @@ import httpx
 from django.conf import settings as django_settings
 
 from flyfn.conf import FlyfnSettings
-from flyfn.fly.env import GROUP_ENV
+from flyfn.fly.env import GROUP_ENV, HOME_APP_ENV
 from flyfn.machines import (
     AsyncMachinesClient,
     MachineConfig,
@@ -141,6 +141,8 @@ def spec_for(
     )
     env = {name: environ[name] for name in options.env if name in environ}
     env[GROUP_ENV] = group
+    if app != own_app:  # their FLY_APP_NAME is `app`: say where their requests come in
+        env[HOME_APP_ENV] = own_app
     http_options = (
         options.http_options.model_dump(mode="json", exclude_none=True)
         if options.http_options is not None
