@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # benchmarks/ is part of the repository, not of the package
 
 from benchmarks import harness  # noqa: E402
-from flyfn import conf  # noqa: E402
+from flyfn import conf, group_settings  # noqa: E402
 
 SETTINGS = "<!-- flyfn:settings -->"
 MODULES = "<!-- flyfn:modules -->"
@@ -54,6 +54,18 @@ def settings_reference() -> str:
         ("flyfn-keys", "`FLYFN = {...}` in settings.py", conf.FlyfnSettings, True),
         ("group-options", '`FLYFN["GROUPS"]["<group>"] = {...}`', conf.GroupSettings, False),
         ("guest-options", '`FLYFN["GROUPS"]["<group>"]["guest"]`', conf.GuestSettings, False),
+        (
+            "http-options",
+            '`FLYFN["GROUPS"]["<group>"]["http_options"]`',
+            group_settings.HttpOptionsSettings,
+            False,
+        ),
+        (
+            "http-response-options",
+            '`FLYFN["GROUPS"]["<group>"]["http_options"]["response"]`',
+            group_settings.HttpResponseSettings,
+            False,
+        ),
     ]
     parts = []
     for anchor, title, model, top_level in sections:

@@ -17,7 +17,13 @@ from pydantic_core import PydanticCustomError
 
 from flyfn.fly.autostop import AutostopMode, autostop_from_bool
 from flyfn.fly.durations import DurationError, format_duration, parse_duration
-from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU, CpuCount, CpuKind
+from flyfn.fly.limits import (
+    GUEST_MB_STEP,
+    MEMORY_MB_PER_CPU,
+    MEMORY_MB_STEP,
+    CpuCount,
+    CpuKind,
+)
 from flyfn.replay import MAX_STATE_AGE
 from flyfn.settings_errors import invalid, show
 
@@ -28,6 +34,8 @@ __all__ = [
     "ConcurrencySettings",
     "GroupSettings",
     "GuestSettings",
+    "HttpOptionsSettings",
+    "HttpResponseSettings",
     "Section",
     "matching",
 ]
@@ -44,6 +52,7 @@ Fallback = Literal["local", "error"]
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 # --------------------------------------------------------------------------- validators
@@ -110,8 +119,9 @@ class GuestSettings(Section):
     memory_mb: int = Field(
         default=GUEST_MB_STEP, ge=GUEST_MB_STEP, le=262_144, multiple_of=GUEST_MB_STEP
     )
-    """Default 256 (MB): Fly's smallest size (Fly wants multiples of 256); raise it for heavy
-    views."""
+    """Default 256 (MB): Fly's smallest size; raise it for heavy views. Fly accepts, per CPU,
+    256-2048 MB in multiples of 256 for `shared` CPUs and 2048-8192 MB in multiples of 1024 for
+    `performance` ones (e.g. 2048 or 3072 for one performance CPU, never 2304)."""
 
     @field_validator("cpus", mode="before")
     @classmethod
@@ -129,10 +139,11 @@ class GuestSettings(Section):
         if kind is None or cpus is None:
             return memory_mb  # reported on their own keys
         low, high = MEMORY_MB_PER_CPU[kind]
-        if not low * cpus <= memory_mb <= high * cpus:
+        step = MEMORY_MB_STEP[kind]
+        if memory_mb % step or not low * cpus <= memory_mb <= high * cpus:
             raise invalid(
                 f"Fly refuses {memory_mb} MB for {cpus} {kind} CPU(s): "
-                f"{kind} CPUs take {low}-{high} MB each, in multiples of {GUEST_MB_STEP} "
+                f"{kind} CPUs take {low}-{high} MB each, in multiples of {step} "
                 f"({low * cpus}-{high * cpus} MB here)"
             )
         return memory_mb
@@ -155,6 +166,52 @@ class ConcurrencySettings(Section):
     @classmethod
     def _hard_above_soft(cls, value: int | None, info: ValidationInfo) -> int | None:
         return _at_least("soft_limit", value, info)
+
+
+class HttpResponseSettings(Section):
+    """`GROUPS[g]["http_options"]["response"]`: what Fly Proxy does to the function Machines'
+    answers (Fly's `HTTPResponseOptions`)."""
+
+    headers: dict[str, str | list[str] | bool] = {}
+    """Default none: headers Fly Proxy sets on every answer, e.g. `{"X-Frame-Options": "DENY"}`
+    (a list of values sets it several times; `false` removes it), as fly.toml's
+    `[http_service.http_options.response.headers]`."""
+
+    pristine: bool | None = None
+    """Default None (Fly's default: false): `true` makes Fly Proxy add none of its own headers
+    (`fly-request-id`, `via`, ...) to the answers."""
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(
+        cls, headers: dict[str, str | list[str] | bool]
+    ) -> dict[str, str | list[str] | bool]:
+        for name in headers:
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise invalid(f"must map HTTP header names to values (got {show(name)})")
+        return headers
+
+
+class HttpOptionsSettings(Section):
+    """`GROUPS[g]["http_options"]`: Fly Proxy's HTTP options for the function Machines' ports
+    (Fly's `HTTPOptions`; fly.toml's `[http_service.http_options]`, which API-created Machines do
+    not get)."""
+
+    compress: bool | None = None
+    """Default None (Fly's default: off): `true` lets Fly Proxy compress answers."""
+
+    h2_backend: bool | None = None
+    """Default None (Fly's default: HTTP/1.1): `true` speaks HTTP/2 (h2c) to the Machine; only for
+    a server that speaks it (gunicorn does not)."""
+
+    idle_timeout: int | None = Field(default=None, ge=1, le=86_400)
+    """Default None (Fly's default): seconds a connection to the Machine may stay idle."""
+
+    headers_read_timeout: int | None = Field(default=None, ge=1, le=86_400)
+    """Default None (Fly's default): seconds Fly Proxy waits for the Machine's answer headers."""
+
+    response: HttpResponseSettings | None = None
+    """Default None: see `HttpResponseSettings`."""
 
 
 class GroupSettings(Section):
@@ -185,6 +242,20 @@ class GroupSettings(Section):
 
     internal_port: int = Field(default=8000, ge=1, le=65535)
     """Default 8000: the port Django/uvicorn/gunicorn setups on Fly conventionally listen on."""
+
+    force_https: bool = True
+    """Default true: a request that reaches a function Machine over plain http (port 80) is
+    redirected to https by Fly Proxy (301), as `fly launch` sets `force_https = true` for the app
+    Machines. API-created Machines get nothing from fly.toml, so without this an ordinary request
+    balanced onto a function Machine (`instance` strategy) or sent to the group's app (`app`
+    strategy) would be served over plain http. Set false when the app serves plain http on
+    purpose (its `[http_service] force_https` is false). Replays are never redirected."""
+
+    http_options: HttpOptionsSettings | None = None
+    """Default None (Fly's defaults): Fly Proxy's HTTP options for the function Machines' ports,
+    e.g. `{"idle_timeout": 120, "response": {"headers": {"X-Frame-Options": "DENY"}}}`; see
+    `HttpOptionsSettings`. Copy what fly.toml's `[http_service.http_options]` says: API-created
+    Machines do not get it."""
 
     region: Annotated[str | None, matching(_REGION_RE, 'a Fly region code such as "iad"')] = None
     """Default None: the region of the app Machine that creates them (Fly's own default)."""

@@ -86,6 +86,9 @@ def test_e001_invalid_value() -> None:
         ({"cpus": 2, "memory_mb": 256}, "(512-4096 MB here)"),
         ({"cpu_kind": "performance", "memory_mb": 1024}, "performance CPUs take 2048-8192 MB"),
         ({"cpu_kind": "performance", "cpus": 2, "memory_mb": 32768}, "(4096-16384 MB here)"),
+        # Performance memory comes in 1024 MB steps.
+        ({"cpu_kind": "performance", "memory_mb": 2304}, "MB each, in multiples of 1024"),
+        ({"cpu_kind": "performance", "cpus": 2, "memory_mb": 4352}, "in multiples of 1024"),
     ],
 )
 def test_e001_guest_size_fly_refuses(guest: dict[str, Any], rule: str) -> None:
@@ -103,6 +106,7 @@ def test_e001_guest_size_fly_refuses(guest: dict[str, Any], rule: str) -> None:
         {"memory_mb": 2048},
         {"cpus": 8, "memory_mb": 16384},
         {"cpu_kind": "performance", "memory_mb": 2048},
+        {"cpu_kind": "performance", "memory_mb": 3072},
         {"cpu_kind": "performance", "cpus": 16, "memory_mb": 131072},
     ],
 )

@@ -12,6 +12,7 @@ import pytest
 from pydantic.fields import FieldInfo
 
 from flyfn import conf
+from flyfn.group_settings import HttpOptionsSettings, HttpResponseSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,14 @@ def _row(reference: str, key: str) -> str:
 
 def test_every_setting_is_documented_with_its_docstring_and_real_default() -> None:
     reference = hooks.settings_reference()
-    for model in (conf.FlyfnSettings, conf.GroupSettings, conf.GuestSettings):
+    models = (
+        conf.FlyfnSettings,
+        conf.GroupSettings,
+        conf.GuestSettings,
+        HttpOptionsSettings,
+        HttpResponseSettings,
+    )
+    for model in models:
         for name, field in model.model_fields.items():
             row = _row(reference, field.alias or name)
             assert field.description

@@ -223,6 +223,11 @@ def test_omit_zero_keeps_lists_maps_and_true() -> None:
         "env": {"X": ""},
     }
     assert omit_zero({"checks": {"http": {"port": 0}}}) == {"checks": {"http": {}}}
+    # http_options.response.headers is a map: `false` there removes a header, it is kept.
+    options = {"h2_backend": False, "response": {"headers": {"Server": False}, "pristine": False}}
+    assert omit_zero({"http_options": options}) == {
+        "http_options": {"response": {"headers": {"Server": False}}}
+    }
 
 
 async def test_create_skip_launch_stays_created(
@@ -567,6 +572,34 @@ async def test_update_of_a_stopped_machine_honours_skip_launch(
     await http.post(path, json={"config": {"image": IMAGE}})
     await emu.settle()
     assert emu.get(EMULATOR_APP, machine["id"]).state == "started"
+
+
+async def test_update_of_a_suspended_machine_never_resumes_its_old_snapshot(
+    recorded: tuple[MachinesEmulator, httpx.AsyncClient], runtime: RecordingRuntime
+) -> None:
+    emu, http = recorded
+    machine = await _started(http)
+    mid, path = machine["id"], f"{MACHINES}/{machine['id']}"
+    await http.post(f"{path}/suspend")
+    await _wait(http, mid, "suspended")
+    # skip_launch: the snapshot (of the old config) is discarded and the Machine stays down.
+    await http.post(path, json={"config": {"image": IMAGE, "env": {"A": "1"}}, "skip_launch": True})
+    await _wait(http, mid, "stopped")
+    await emu.settle()
+    assert emu.get(EMULATOR_APP, mid).state == "stopped"
+    assert runtime.kinds() == ["launch", "suspend", "stop"]
+    # Its next start boots the new config cold, never a resume.
+    await http.post(f"{path}/start")
+    await _wait(http, mid, "started")
+    assert runtime.kinds()[-1] == "launch"
+    # Without skip_launch a suspended Machine is booted afresh at once, as a running one is.
+    await http.post(f"{path}/suspend")
+    await _wait(http, mid, "suspended")
+    await http.post(path, json={"config": {"image": IMAGE, "env": {"A": "2"}}})
+    await _wait(http, mid, "started")
+    await emu.settle()
+    assert runtime.kinds()[-3:] == ["suspend", "stop", "launch"]
+    assert "resume" not in runtime.kinds()
 
 
 async def test_update_of_a_leased_machine_needs_the_nonce(emulator_http: httpx.AsyncClient) -> None:

@@ -123,6 +123,7 @@ async def test_other_bodies_follow_the_spec(emulator_http: httpx.AsyncClient) ->
         ("shared", 2, 512),
         ("shared", 8, 16384),
         ("performance", 1, 2048),
+        ("performance", 1, 3072),
         ("performance", 1, 8192),
         ("performance", 4, 8192),
         ("performance", 16, 131072),
@@ -145,6 +146,9 @@ async def test_guest_sizes_fly_accepts(
         ("shared", 1, 2304, "from 256 to 2048"),
         ("shared", 2, 256, "from 512 to 4096"),
         ("performance", 1, 1024, "from 2048 to 8192"),
+        # Performance memory comes in 1024 MB steps.
+        ("performance", 1, 2304, "multiple of 1024 from 2048 to 8192"),
+        ("performance", 2, 4352, "multiple of 1024 from 4096 to 16384"),
         ("performance", 2, 2048, "from 4096 to 16384"),
         ("performance", 1, 8448, "from 2048 to 8192"),
         ("shared", 0, 256, "cpus must be at least 1"),

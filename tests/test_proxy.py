@@ -316,6 +316,57 @@ async def test_force_instance_header_reaches_that_machine(stack: Stack) -> None:
     assert "fly-force-instance-id" not in response.json()["headers"]
 
 
+# -- force_https -----------------------------------------------------------------------------------
+
+
+def _https_services(force_https: bool) -> list[MachineService]:
+    return [
+        MachineService(
+            protocol="tcp",
+            internal_port=8000,
+            autostart=True,
+            autostop="off",
+            ports=[
+                MachinePort(port=80, handlers=["http"], force_https=force_https),
+                MachinePort(port=443, handlers=["tls", "http"]),
+            ],
+        )
+    ]
+
+
+async def test_force_https_redirects_plain_http_on_port_80_like_fly(fly: Stack) -> None:
+    machine = await fly.machine(started=False, services=_https_services(True))
+    plain = {"fly-forwarded-port": "80"}
+    response = await fly.client.get("/cart/?x=1", headers=plain)
+    assert response.status_code == 301
+    assert response.headers["location"] == "https://myapp.local/cart/?x=1"
+    assert response.headers["fly-request-id"]
+    # Fly's edge answers it: the Machine is neither reached nor started for it.
+    assert fly.fleet.deliveries == []
+    assert fly.emulator.get(APP, machine.id).state == "created"
+    assert fly.logs[-1].status == 301
+    # The local edge serves plain http only: an unmarked request is delivered.
+    response = await fly.client.get("/cart/")
+    assert response.status_code == 200
+    assert response.headers["x-flyfn-machine"] == machine.id
+
+
+async def test_force_https_off_delivers_plain_http(fly: Stack) -> None:
+    machine = await fly.machine(services=_https_services(False))
+    response = await fly.client.get("/", headers={"fly-forwarded-port": "80"})
+    assert response.status_code == 200
+    assert response.headers["x-flyfn-machine"] == machine.id
+
+
+async def test_a_replay_to_a_force_https_machine_is_delivered(stack: Stack) -> None:
+    main = await stack.machine()  # the dev app Machine: no force_https
+    fn = await stack.machine(group="default", services=_https_services(True))
+    stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id}")
+    response = await stack.client.get("/fn/", headers={"fly-forwarded-port": "80"})
+    assert response.status_code == 200
+    assert response.headers["x-flyfn-machine"] == fn.id
+
+
 # -- fly-replay ------------------------------------------------------------------------------------
 
 

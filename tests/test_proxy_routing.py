@@ -4,6 +4,7 @@ Machine a delivery goes to, what to do with it, and where a replay or a failed d
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -12,10 +13,13 @@ from flyfn.emulator.proxy.routing import (
     MAX_REPLAYS,
     Delivery,
     Destination,
+    Directive,
     check_replayable,
     check_target,
     directive_of,
     fallback_of,
+    https_location,
+    https_redirect,
     pick,
     preference_headers,
     replayed,
@@ -231,3 +235,81 @@ def test_fallback_goes_back_to_the_issuer_once() -> None:
     with pytest.raises(ProxyError) as none:
         fall(Destination(app="web"), delivery, nowhere)
     assert (none.value.code, none.value.status) == ("PR04", 503)
+
+
+# -- force_https ---------------------------------------------------------------------------------
+
+
+def https_machine(force_https: bool | None, *, port: int = 80) -> Machine:
+    service = MachineService(
+        protocol="tcp",
+        internal_port=8000,
+        ports=[
+            MachinePort(port=port, handlers=["http"], force_https=force_https),
+            MachinePort(port=443, handlers=["tls", "http"]),
+        ],
+    )
+    return Machine(id="m1", state="stopped", config=MachineConfig(image="i", services=[service]))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "forwarded_port", "host", "expected"),
+    [
+        ("http", "80", "myapp.fly.dev", "https://myapp.fly.dev/a/b?q=1"),
+        ("http", " 80 ", "myapp.fly.dev:80", "https://myapp.fly.dev/a/b?q=1"),  # the port goes
+        ("http", "80", "[::1]:80", "https://[::1]/a/b?q=1"),
+        # The local edge is plain http only: unmarked requests are never redirected.
+        ("http", None, "localhost:8000", None),
+        ("http", "443", "myapp.fly.dev", None),
+        ("https", "80", "myapp.fly.dev", None),
+        ("http", "80", None, None),
+        ("http", "80", "  ", None),
+    ],
+)
+def test_https_location_only_for_requests_that_came_in_on_plain_port_80(
+    scheme: str, forwarded_port: str | None, host: str | None, expected: str | None
+) -> None:
+    assert https_location(scheme, forwarded_port, host, b"/a/b?q=1") == expected
+
+
+def test_https_redirect_follows_the_machine_s_port_80_force_https() -> None:
+    plain = Destination(app="a", https_location="https://h/x")
+    assert https_redirect(https_machine(True), plain) == "https://h/x"
+    assert https_redirect(https_machine(False), plain) is None
+    assert https_redirect(https_machine(None), plain) is None
+    # A port range holding 80 counts; a Machine without a service on the port delivers.
+    ranged = https_machine(True, port=0)
+    assert ranged.config is not None
+    assert ranged.config.services
+    ranged.config.services[0].ports = [MachinePort(start_port=70, end_port=90, force_https=True)]
+    assert https_redirect(ranged, plain) == "https://h/x"
+    assert https_redirect(https_machine(True, port=8080), plain) is None
+    # Not marked as plain http (https, an unmarked local request, a replay): delivered.
+    assert https_redirect(https_machine(True), Destination(app="a")) is None
+
+
+def test_replays_and_fallbacks_are_never_redirected() -> None:
+    dest = Destination(app="a", https_location="https://h/x")
+    delivery = Delivery(path=b"/x", headers=[])
+    issuer = Machine(id="main", region="local")
+    new_dest, _ = replayed(
+        dest,
+        delivery,
+        Directive(instance="m1"),
+        issuer,
+        region="local",
+        replay_timeout=5.0,
+        now_us=1,
+    )
+    assert https_redirect(https_machine(True), new_dest) is None
+    failure = Unreachable("timeout", "slow", "m1")
+    back, _ = fallback_of(
+        replace(new_dest, fallback="prefer_self"),
+        delivery,
+        failure,
+        elapsed=1.0,
+        region="local",
+        home_app="a",
+        replay_timeout=5.0,
+    )
+    assert https_redirect(https_machine(True), back) is None

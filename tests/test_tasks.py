@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, cast
 
+import httpx
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError, transaction
@@ -25,6 +26,7 @@ from flyfn.registry import registry
 from flyfn.tasks import FlyMachinesBackend, TaskLost, TaskOptions, run_due_tasks
 from flyfn.tasks.dispatch import Dispatcher, dispatcher, stop_all
 from flyfn.tasks.models import TaskLease
+from flyfn.tasks.options import home_app
 from flyfn.tasks.runner import claim_next, run_claim, worker_id
 from flyfn.tasks.status import task_status
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake, wake_view
@@ -135,6 +137,37 @@ def test_wake_url_prefers_option_then_environment_then_fly_dev(
     monkeypatch.setenv("FLYFN_PUBLIC_URL", "http://127.0.0.1:8080/")
     assert TaskOptions().wake_url("shop") == "http://127.0.0.1:8080"
     assert TaskOptions(url="https://tasks.example").wake_url("shop") == "https://tasks.example"
+
+
+def test_wakes_go_to_the_app_that_routes_the_group_not_a_function_app() -> None:
+    # An app Machine, or a function Machine of the own app: its own app.
+    assert home_app("shop", {}) == "shop"
+    # A function Machine of the `app` strategy lives in "shop-fns": a wake sent there would reach
+    # a function Machine unsigned; it goes to the app whose app Machines replay it (signed).
+    assert home_app("shop-fns", {"FLYFN_HOME_APP": "shop"}) == "shop"
+    assert home_app(None, {"FLYFN_HOME_APP": " "}) is None
+
+
+def test_a_function_machine_of_another_app_wakes_through_the_app_that_created_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FLYFN_PUBLIC_URL", raising=False)
+    monkeypatch.setenv("FLYFN_HOME_APP", "shop")
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(str(request.url))
+        return httpx.Response(200, text='{"done": true}\n')
+
+    real_client = httpx.Client
+    monkeypatch.setattr(
+        httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(answer), **kw)
+    )
+    waker = Dispatcher("default", backend().flyfn)
+    role, env = runtime.function("pdf"), runtime.MachineEnv(app_name="shop-fns")
+    with runtime.override_role(role, env):
+        assert waker._send("tasks") is True
+    assert sent == ["https://shop.fly.dev/_flyfn/tasks/tasks/"]
 
 
 # --------------------------------------------------------------------------- Django's API

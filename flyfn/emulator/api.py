@@ -218,6 +218,8 @@ def omit_zero(value: Any) -> Any:
             kept = item
         elif key == "checks" and isinstance(item, dict):  # name -> check: entries kept
             kept = {name: omit_zero(check) for name, check in item.items()}
+        elif key == "headers" and isinstance(item, dict):  # http_options.response: a map
+            kept = item
         else:
             kept = omit_zero(item)
         if not _is_zero(kept):

@@ -72,6 +72,7 @@ WAITABLE_STATES: frozenset[str] = frozenset(
 )
 # A start during stopping/suspending is queued behind it (the later request wins).
 _STARTABLE = frozenset({"created", "stopped", "suspended", "failed", "stopping", "suspending"})
+_SUSPENDED = frozenset({"suspended", "suspending"})
 _STOPPABLE = frozenset({"starting", "started", "suspending", "suspended", "updating"})
 _DESTROYABLE_UNFORCED = frozenset({"created", "stopped", "suspended", "failed"})
 _GONE = frozenset({"destroying", "destroyed"})
@@ -416,7 +417,8 @@ class MachinesEmulator:
         lease_nonce: str | None = None,
     ) -> Machine:
         """Replace the config (new version); restart a running Machine, start a stopped one
-        unless `skip_launch`."""
+        unless `skip_launch`. A suspended Machine's snapshot is of the old config: it is booted
+        afresh (restarted), or with `skip_launch` stopped, to boot cold at its next start."""
         rec = self._live_record(app, machine_id)
         self._check_lease(rec, lease_nonce)
         if request.current_version and request.current_version != rec.version:
@@ -440,8 +442,14 @@ class MachinesEmulator:
         rec.versions.append(rec.version)
         rec.restarts = 0
         self._event(rec, "update", previous, source="user")
-        if previous in ("started", "starting"):
+        if previous in ("started", "starting") or (
+            previous in _SUSPENDED and not request.skip_launch
+        ):
             self._begin_restart(rec)
+        elif previous in _SUSPENDED:
+            signal, timeout = self._stop_params(rec)
+            self._set_state(rec, "stopping", "stop", source="user")
+            self._spawn(self._run_stop(rec, self._next_op(rec), signal, timeout))
         elif previous in _STARTABLE and not request.skip_launch:
             self._begin_start(rec)
         else:

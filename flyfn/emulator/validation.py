@@ -27,7 +27,7 @@ from jsonschema.exceptions import ValidationError
 from flyfn.emulator.state import EmulatorError
 from flyfn.fly.autostop import autostop_from_bool
 from flyfn.fly.durations import parse_go_duration
-from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU
+from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU, MEMORY_MB_STEP
 
 __all__ = [
     "GUEST_MB_STEP",
@@ -155,9 +155,10 @@ def check_secret_values(data: Any) -> dict[str, str | None]:
 
 
 def guest_size_error(cpu_kind: str | None, cpus: int | None, memory_mb: int | None) -> str | None:
-    """Why Fly refuses this guest size, or None. Fly's machine-sizing rules: memory a multiple of
-    256 MB, `256·cpus ≤ MB ≤ 2048·cpus` for shared CPUs, `2048·cpus ≤ MB ≤ 8192·cpus` for
-    performance ones. Absent fields take Fly's defaults (shared, 1 CPU, the least memory)."""
+    """Why Fly refuses this guest size, or None. Fly's machine-sizing rules: for shared CPUs
+    memory a multiple of 256 MB with `256·cpus ≤ MB ≤ 2048·cpus`, for performance ones a multiple
+    of 1024 MB with `2048·cpus ≤ MB ≤ 8192·cpus`. Absent fields take Fly's defaults (shared,
+    1 CPU, the least memory)."""
     kind = cpu_kind or "shared"
     if kind not in MEMORY_MB_PER_CPU:
         return f"cpu_kind {kind!r} is not one of 'shared', 'performance'"
@@ -167,10 +168,11 @@ def guest_size_error(cpu_kind: str | None, cpus: int | None, memory_mb: int | No
     low, high = (per_cpu * count for per_cpu in MEMORY_MB_PER_CPU[kind])
     if memory_mb is None:
         return None
-    if memory_mb % GUEST_MB_STEP or not low <= memory_mb <= high:
+    step = MEMORY_MB_STEP[kind]
+    if memory_mb % step or not low <= memory_mb <= high:
         return (
             f"memory_mb {memory_mb} is not allowed for {count} {kind} CPU(s): it must be a "
-            f"multiple of {GUEST_MB_STEP} from {low} to {high}"
+            f"multiple of {step} from {low} to {high}"
         )
     return None
 

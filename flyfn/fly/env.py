@@ -15,6 +15,7 @@ __all__ = [
     "FLY_PRIVATE_IP",
     "FLY_REGION",
     "GROUP_ENV",
+    "HOME_APP_ENV",
     "SEED_ENV",
     "env_value",
 ]
@@ -30,6 +31,9 @@ FLY_API_HOSTNAME = "FLY_API_HOSTNAME"
 FLY_API_TOKEN = "FLY_API_TOKEN"  # noqa: S105 - a variable's name, not a secret
 # Set by flyfn on every function Machine: its group.
 GROUP_ENV = "FLYFN_GROUP"
+# Set by flyfn on function Machines that live in another app (the `app` strategy): the app whose
+# app Machines created them and route their group's requests (FLY_APP_NAME names their own app).
+HOME_APP_ENV = "FLYFN_HOME_APP"
 # The seed's marker of a function Machine (group "default").
 SEED_ENV = "IS_FLY_MACHINE_SERVERLESS"
 

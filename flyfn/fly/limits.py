@@ -12,6 +12,7 @@ __all__ = [
     "MAX_REPLAYS",
     "MAX_WAIT_TIMEOUT",
     "MEMORY_MB_PER_CPU",
+    "MEMORY_MB_STEP",
     "REPLAY_BODY_LIMIT",
     "CpuCount",
     "CpuKind",
@@ -31,8 +32,10 @@ MAX_WAIT_TIMEOUT = 60
 # A guest's CPUs: their kind, their count.
 CpuKind = Literal["shared", "performance"]
 CpuCount = Literal[1, 2, 4, 8, 16]
-# A guest's memory is a multiple of 256 MB, within a range per CPU of its kind.
+# A guest's memory is a multiple of a step of its CPU kind (256 MB for shared CPUs, 1024 MB for
+# performance ones), within a range per CPU of that kind. GUEST_MB_STEP divides every step.
 GUEST_MB_STEP = 256
+MEMORY_MB_STEP: dict[str, int] = {"shared": 256, "performance": 1024}
 MEMORY_MB_PER_CPU: dict[str, tuple[int, int]] = {
     "shared": (256, 2048),
     "performance": (2048, 8192),

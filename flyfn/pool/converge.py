@@ -41,6 +41,10 @@ logger = logging.getLogger("flyfn.pool")
 GONE_STATES = frozenset({"destroying", "destroyed", "replaced", "migrated"})
 # Still there but unable to serve: not routed to, destroyed when the pool converges.
 BROKEN_STATES = frozenset({"failed", "launch_failed"})
+# Not running: an update says `skip_launch` so that it stays so (Fly starts a stopped Machine it
+# updates otherwise, and a group's every Machine would boot for a secret rotation). It gets the
+# new config and the app's current secrets when Fly Proxy next starts it.
+RESTING_STATES = frozenset({"created", "stopped", "suspended"})
 
 
 def machine_image(machine: Machine) -> str | None:
@@ -191,9 +195,12 @@ async def converge(
 
 
 async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine) -> bool:
-    """Give a Machine the spec's config (Fly restarts it with the app's current secrets); False
-    when it is gone."""
-    request = UpdateMachineRequest(name=machine.name, config=spec.config)
+    """Give a Machine the spec's config (Fly restarts a running one with the app's current
+    secrets; a resting one stays stopped, `RESTING_STATES`); False when it is gone."""
+    resting = machine.state in RESTING_STATES
+    request = UpdateMachineRequest(
+        name=machine.name, config=spec.config, skip_launch=True if resting else None
+    )
     try:
         await client.update_machine(machine.id, request, app=spec.app)
     except NotFound:  # destroyed meanwhile (another process converging): nothing to update

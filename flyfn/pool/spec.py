@@ -19,7 +19,7 @@ import httpx
 from django.conf import settings as django_settings
 
 from flyfn.conf import FlyfnSettings
-from flyfn.fly.env import GROUP_ENV
+from flyfn.fly.env import GROUP_ENV, HOME_APP_ENV
 from flyfn.machines import (
     AsyncMachinesClient,
     MachineConfig,
@@ -141,8 +141,28 @@ def spec_for(
     )
     env = {name: environ[name] for name in options.env if name in environ}
     env[GROUP_ENV] = group
+    if app != own_app:  # their FLY_APP_NAME is `app`: say where their requests come in
+        env[HOME_APP_ENV] = own_app
+    http_options = (
+        options.http_options.model_dump(mode="json", exclude_none=True)
+        if options.http_options is not None
+        else None
+    )
+    # force_https on the http port (false said explicitly, so that turning it off is a change);
+    # Fly's http options on both, as fly.toml's [http_service] gives them.
+    ports = [
+        MachinePort(
+            port=80, handlers=["http"], force_https=options.force_https, http_options=http_options
+        ),
+        MachinePort(port=443, handlers=["tls", "http"], http_options=http_options),
+    ]
     depends: dict[str, str | None] = {"SECRET_KEY": str(django_settings.SECRET_KEY)}
     depends.update((name, environ.get(name)) for name in (*options.env, *options.secrets))
+    # How Fly Proxy serves the Machines: a change must reach them too, and `_contains` cannot
+    # see an option that was removed (no env var name has a colon).
+    depends["flyfn:ports"] = json.dumps(
+        [p.to_wire() for p in ports], sort_keys=True, separators=(",", ":")
+    )
     version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
@@ -156,10 +176,7 @@ def spec_for(
                 autostart=True,
                 autostop=options.autostop,
                 min_machines_running=0,
-                ports=[
-                    MachinePort(port=80, handlers=["http"]),
-                    MachinePort(port=443, handlers=["tls", "http"]),
-                ],
+                ports=ports,
                 concurrency=concurrency,
             )
         ],

@@ -28,7 +28,7 @@ from django_tasks_db.models import DBTaskResult, get_date_max
 
 from flyfn.runtime import current_env, current_role
 from flyfn.tasks.backend import wake_url_name
-from flyfn.tasks.options import TaskOptions
+from flyfn.tasks.options import TaskOptions, home_app
 from flyfn.tasks.runner import run_until_idle
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
 
@@ -178,7 +178,7 @@ class Dispatcher:
 
     def _send(self, group: str) -> bool:
         """One wake through Fly Proxy; whether the runner reported it ran out of due tasks."""
-        base = self.options.wake_url(current_env().app_name)
+        base = self.options.wake_url(home_app(current_env().app_name))
         if base is None:
             self._failed(group, "no address to wake it at: set OPTIONS['url']")
             return False

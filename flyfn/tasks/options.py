@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Q
 
+from flyfn.fly.env import HOME_APP_ENV, env_value
 from flyfn.registry import validate_group_name
 
-__all__ = ["PUBLIC_URL_ENV", "TaskOptions"]
+__all__ = ["PUBLIC_URL_ENV", "TaskOptions", "home_app"]
 
 # `flyfn dev` sets it on its Machines to its proxy's address; on Fly the app's own address is used.
 PUBLIC_URL_ENV = "FLYFN_PUBLIC_URL"
@@ -111,8 +112,19 @@ class TaskOptions:
         return Q(queue_name__in=[q for q, g in self.queue_groups.items() if g == group])
 
     def wake_url(self, app_name: str | None) -> str | None:
-        """The address wakes are sent to (through Fly Proxy), or None when none is known."""
+        """The address wakes are sent to (through Fly Proxy), or None when none is known:
+        `url`, else env `FLYFN_PUBLIC_URL`, else `https://<app_name>.fly.dev`, where `app_name`
+        is the app whose app Machines replay wakes to the group (`home_app`)."""
         base = self.url or os.environ.get(PUBLIC_URL_ENV) or None
         if base is None and app_name:
             base = f"https://{app_name}.fly.dev"
         return base.rstrip("/") if base else None
+
+
+def home_app(own_app: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The app a wake from this process goes to: its app Machines replay it, signed, to the
+    group's Machines wherever they live. That is this Machine's own app (`own_app`, its
+    `FLY_APP_NAME`), except on a function Machine of the `app` strategy, which lives in the group's
+    app: a wake sent there would reach a function Machine unsigned (and possibly of another group),
+    so it goes to the app that created it (`FLYFN_HOME_APP`, set by flyfn)."""
+    return env_value(environ, HOME_APP_ENV) or own_app

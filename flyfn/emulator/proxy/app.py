@@ -19,11 +19,18 @@ from flyfn.emulator.logline import RequestLog, cold_note, machine_label
 from flyfn.emulator.proxy import forwarding, resend, routing
 from flyfn.emulator.proxy.autostop import DEFAULT_IDLE_STOP, Autostop
 from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT, ReadAhead, RequestBody
-from flyfn.emulator.proxy.errors import ClientGone, Full, ProxyError, Unreachable, unbuffered
+from flyfn.emulator.proxy.errors import (
+    ClientGone,
+    Full,
+    HttpsRedirect,
+    ProxyError,
+    Unreachable,
+    unbuffered,
+)
 from flyfn.emulator.proxy.load import Load
 from flyfn.emulator.proxy.routing import Delivery, Destination
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
-from flyfn.fly.headers import FLY_FORCE_INSTANCE_ID
+from flyfn.fly.headers import FLY_FORCE_INSTANCE_ID, FLY_FORWARDED_PORT
 from flyfn.machines.models import Machine
 
 __all__ = ["FlyProxy", "MachineAddresses"]
@@ -148,6 +155,9 @@ class FlyProxy:
             await self._route(scope, body, path, request_id, log, send)
         except ClientGone:
             log.client_gone()
+        except HttpsRedirect as redirect:  # force_https
+            log.status = 301
+            await forwarding.redirect(send, redirect.location, request_id)
         except ProxyError as exc:
             log.refused(exc.code, exc.status)
             await forwarding.error_page(send, exc, request_id, log.machine_id)
@@ -171,6 +181,12 @@ class FlyProxy:
             instance=forwarding.header(scope, FLY_FORCE_INSTANCE_ID),
             timeout=self.replay_timeout,
             port=443 if scope.get("scheme") == "https" else 80,
+            https_location=routing.https_location(
+                scope.get("scheme", "http"),
+                forwarding.header(scope, FLY_FORWARDED_PORT),
+                forwarding.header(scope, "host"),
+                path,
+            ),
         )
         delivery = Delivery(
             path=path, headers=forwarding.request_headers(scope, request_id, self.region)
@@ -334,6 +350,9 @@ class FlyProxy:
                     raise Unreachable("no_candidate", str(full), dest.instance) from full
                 await asyncio.sleep(_FULL_RETRY_SECONDS)
                 continue
+            location = routing.https_redirect(machine, dest)
+            if location is not None:
+                raise HttpsRedirect(location)
             preference = routing.preference_headers(dest, machine)
             step = routing.step_for(
                 machine, answering=self.addresses.address(machine.id) is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientGone", "Full", "ProxyError", "Unreachable", "unbuffered"]
+__all__ = ["ClientGone", "Full", "HttpsRedirect", "ProxyError", "Unreachable", "unbuffered"]
 
 
 class ProxyError(Exception):
@@ -27,6 +27,14 @@ class Unreachable(Exception):
 
 class Full(Exception):
     """Every candidate Machine is at its hard limit: the request waits for room."""
+
+
+class HttpsRedirect(Exception):
+    """The request came in over plain http to a port with `force_https`: answered 301."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
 
 
 class ClientGone(Exception):

@@ -31,6 +31,7 @@ __all__ = [
     "error_page",
     "header",
     "read_replay",
+    "redirect",
     "request_headers",
     "respond",
     "upstream_headers",
@@ -203,6 +204,18 @@ async def error_page(send: Send, exc: ProxyError, request_id: str, machine_id: s
     with contextlib.suppress(Exception):  # the response may already have started
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def redirect(send: Send, location: str, request_id: str) -> None:
+    """Fly Proxy's answer to plain http on a `force_https` port: 301 to the https address."""
+    headers = [
+        (b"location", _header_bytes(location)),
+        (b"content-length", b"0"),
+        (_FLY_REQUEST_ID_BYTES, request_id.encode()),
+        (b"via", _VIA.encode()),
+    ]
+    await send({"type": "http.response.start", "status": 301, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _header_bytes(text: str) -> bytes:

@@ -21,7 +21,7 @@ from flyfn.fly.headers import (
     FLY_REPLAY_SRC,
 )
 from flyfn.fly.limits import MAX_REPLAYS, REPLAY_BODY_LIMIT
-from flyfn.machines.models import Machine
+from flyfn.machines.models import Machine, MachinePort
 from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "check_target",
     "directive_of",
     "fallback_of",
+    "https_location",
+    "https_redirect",
     "pick",
     "preference_headers",
     "replayed",
@@ -85,6 +87,9 @@ class Destination:
     issuer: Machine | None = None  # the Machine that asked for this replay
     issuer_app: str | None = None
     port: int = 80  # the public port the request came in on (services are matched on it)
+    # A client's request that came in over plain http: where `force_https` would send it
+    # (`https_location`). Never set on a replay or a fallback: only the edge redirects.
+    https_location: str | None = None
 
 
 @dataclass
@@ -136,6 +141,47 @@ def directive_of(replay: FlyReplay) -> Directive:
         set_headers=set_headers,
         delete_headers=delete_headers,
     )
+
+
+def https_location(
+    scheme: str, forwarded_port: str | None, host: str | None, path: bytes
+) -> str | None:
+    """Where `force_https` sends a client's request that came in over plain http on port 80:
+    `https://<host><path>` (the host without its port: Fly's HTTPS is on 443); None otherwise.
+
+    The local edge listens on plain http only and stands for both of Fly's public ports (services
+    are matched on port 80): a request counts as having come in on plain port 80 only when it says
+    so with `Fly-Forwarded-Port: 80` (the header Fly's edge sets), so that local traffic is never
+    redirected to an https listener that does not exist."""
+    if scheme != "http" or (forwarded_port or "").strip() != "80" or not (host or "").strip():
+        return None
+    name = (host or "").strip()
+    end = name.find("]") + 1 if name.startswith("[") else 0  # an IPv6 literal's end
+    name = name[:end] if end else name.partition(":")[0]
+    return f"https://{name}{path.decode('latin-1')}"
+
+
+def https_redirect(machine: Machine, dest: Destination) -> str | None:
+    """Fly's `force_https`: the `Location` of the 301 Fly Proxy answers instead of delivering a
+    request that came in over plain http (`dest.https_location`) to `machine`, when the Machine's
+    service port it came in on says `force_https`; None to deliver it."""
+    if dest.https_location is None:
+        return None
+    entry = _port_entry(machine, dest.port)
+    return dest.https_location if entry is not None and entry.force_https else None
+
+
+def _port_entry(machine: Machine, port: int) -> MachinePort | None:
+    """The Machine's `services[].ports[]` entry that publishes `port`, if any."""
+    services = (machine.config.services if machine.config is not None else None) or []
+    for service in services:
+        for entry in service.ports or []:
+            start, end = entry.start_port, entry.end_port
+            if entry.port == port or (
+                start is not None and end is not None and start <= port <= end
+            ):
+                return entry
+    return None
 
 
 def check_replayable(
