@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,11 +61,17 @@ class Dev(DevProcess):
         return self.process.wait(timeout=15)
 
 
-def start_stack(idle_stop: float) -> Dev:
+def start_stack(idle_stop: float, secrets: Mapping[str, str] | None = None) -> Dev:
     port = free_loopback_port()
     lines: list[str] = []
     process = start_project(
-        PROJECT, "e2eproj.settings", TOKEN, port=port, idle_stop=idle_stop, lines=lines
+        PROJECT,
+        "e2eproj.settings",
+        TOKEN,
+        port=port,
+        idle_stop=idle_stop,
+        lines=lines,
+        secrets=secrets,
     )
     dev = Dev(process, port, lines)
     dev.api = banner_api(process, lines, cleanup=lambda: kill_stack(dev))
@@ -73,9 +79,10 @@ def start_stack(idle_stop: float) -> Dev:
 
 
 @contextlib.contextmanager
-def running_stack(idle_stop: float) -> Iterator[Dev]:
-    """A started stack, killed on the way out if it still runs (a test may have stopped it)."""
-    stack = start_stack(idle_stop)
+def running_stack(idle_stop: float, secrets: Mapping[str, str] | None = None) -> Iterator[Dev]:
+    """A started stack (`secrets`: the app's secrets), killed on the way out if it still runs
+    (a test may have stopped it)."""
+    stack = start_stack(idle_stop, secrets)
     try:
         yield stack
     finally:

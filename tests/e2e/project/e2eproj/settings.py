@@ -14,7 +14,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 FLYFN = {
     "GROUPS": {
         # Generous timeouts: a cold Django boot on a loaded 2-core CI box is slow.
-        "default": {"replay_timeout": "30s", "autostop": "stop"},
+        # E2E_GROUP_ENV comes from fly.toml's [env] on the app Machine and is forwarded.
+        "default": {"replay_timeout": "30s", "autostop": "stop", "env": ["E2E_GROUP_ENV"]},
         "burst": {"replay_timeout": "30s", "autostop": "stop"},
         # Up to 3 Machines of 2 requests each: a burst spreads, a trickle stays on the first.
         "elastic": {

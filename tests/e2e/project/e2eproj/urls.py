@@ -8,6 +8,8 @@ from . import views
 
 urlpatterns = [
     path("plain/", views.plain, name="plain"),
+    path("environment/", views.environment, name="environment"),
+    path("environment/serverless/", views.serverless_environment, name="serverless_environment"),
     path("square/<int:n>/", views.square, name="square"),
     path("burst/<int:n>/", views.burst, name="burst"),
     path("elastic/<int:n>/", views.elastic, name="elastic"),

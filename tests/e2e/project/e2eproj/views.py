@@ -20,6 +20,21 @@ def _where() -> dict[str, str | None]:
     return {"machine": os.environ.get("FLY_MACHINE_ID"), "group": os.environ.get("FLYFN_GROUP")}
 
 
+# What the environment test asks each Machine about: set only in the shell that ran `flyfn dev`,
+# in fly.toml's [env] (forwarded to function Machines by the group's "env"), as an app secret,
+# and by Fly on Fly Launch Machines only.
+_ENVIRONMENT = ("E2E_SHELL_ONLY", "E2E_GROUP_ENV", "E2E_SECRET", "FLY_PROCESS_GROUP")
+
+
+def environment(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({**{name: os.environ.get(name) for name in _ENVIRONMENT}, **_where()})
+
+
+@fly_serverless(methods=["GET"])
+def serverless_environment(request: HttpRequest) -> HttpResponse:
+    return environment(request)
+
+
 def plain(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"view": "plain", **_where()})
 
