@@ -290,11 +290,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # -- middleware (owner: routing) ------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _fresh_issued_replays() -> Iterator[None]:
-    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
-    from flyfn.middleware import issued_replays
+@pytest.fixture(scope="session")
+def _replay_records_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Machines' records of issued replays live in this session's own temp dir, never in the
+    shared /tmp (other test runs may use the same Machine ids at the same time)."""
+    import tempfile
 
-    issued_replays.clear()
+    base = str(tmp_path_factory.mktemp("machines-tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", base)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_issued_replays(_replay_records_dir: None) -> Iterator[None]:
+    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
+    from flyfn import replay_record
+
+    replay_record.reset()
     yield
-    issued_replays.clear()
+    replay_record.reset()
