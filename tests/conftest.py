@@ -293,12 +293,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def _replay_records_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Machines' records of issued replays live in this session's own temp dir, never in the
-    shared /tmp (other test runs may use the same Machine ids at the same time)."""
-    import tempfile
+    shared /dev/shm or /tmp (other test runs may use the same Machine ids at the same time)."""
+    from flyfn import replay_record
 
-    base = str(tmp_path_factory.mktemp("machines-tmp"))
+    base = str(tmp_path_factory.mktemp("machines-shm"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tempfile, "tempdir", base)
+        patch.setattr(replay_record, "base_dir", base)
         yield
 
 

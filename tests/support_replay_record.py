@@ -4,7 +4,6 @@ imports this module afresh), as a Machine's worker processes would."""
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 SECRET = "flyfn-tests-not-secret"
@@ -18,13 +17,13 @@ def key_of(n: int) -> str:
 
 def _machine(base: str, machine_id: str) -> Any:
     """This process's record of the Machine `machine_id`, found as a worker finds it: from
-    FLY_MACHINE_ID in its environment, under the temp dir (`base` here)."""
-    from flyfn.replay_record import machine_record
+    FLY_MACHINE_ID in its environment, under the records' directory (`base` here)."""
+    from flyfn import replay_record
     from flyfn.runtime import detect_env
 
-    tempfile.tempdir = base
+    replay_record.base_dir = base
     os.environ["FLY_MACHINE_ID"] = machine_id
-    return machine_record(detect_env().machine_id)
+    return replay_record.machine_record(detect_env().machine_id)
 
 
 def record(base: str, machine_id: str, count: int, results: Any) -> None:
@@ -48,11 +47,12 @@ def replay_through_the_middleware(base: str, machine_id: str, results: Any) -> N
     django.setup()
     from django.test import Client, override_settings
 
+    from flyfn import replay_record
     from flyfn.runtime import MAIN, MachineEnv, override_role
     from tests.conftest import installed
     from tests.support_middleware import routing_manager
 
-    tempfile.tempdir = base
+    replay_record.base_dir = base
     middleware = ["flyfn.middleware.FlyReplayMiddleware"]
     with (
         installed(routing_manager()),

@@ -17,6 +17,7 @@ import pytest
 from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
+from flyfn import replay_record
 from flyfn.replay import FlyReplay, ReplayFailed
 from flyfn.replay_record import (
     REPLAY_RECORD_LIMIT,
@@ -24,6 +25,7 @@ from flyfn.replay_record import (
     DirectoryRecord,
     MemoryRecord,
     ReplayRecord,
+    default_base,
     machine_record,
     open_record,
     replay_key,
@@ -149,18 +151,28 @@ def test_entries_of_another_machine_are_not_seen(tmp_path: Path) -> None:
     assert not mine.take(key())
 
 
-def test_a_machine_keeps_its_record_under_the_temp_dir_by_its_id(tmp_path: Path) -> None:
+def test_a_machine_keeps_its_record_in_its_own_private_directory() -> None:
     machine_id = a_machine_id()
     record = machine_record(machine_id)
     assert record is machine_record(machine_id)
     assert isinstance(record, DirectoryRecord)
-    assert record.root == os.path.join(tempfile.gettempdir(), f"flyfn-{machine_id}", "replays")
+    assert record.root == os.path.join(default_base(), f"flyfn-{machine_id}", "replays")
     assert stat.S_IMODE(os.stat(record.root).st_mode) == 0o700
     assert record.add(key(), TTL)
     (shard,) = os.listdir(record.root)
     (entry,) = os.listdir(os.path.join(record.root, shard))
     assert "receipts" not in entry  # named by an HMAC: no URL in the file names
     assert isinstance(machine_record(None), MemoryRecord)  # no Machine id: in-process
+
+
+def test_records_live_in_ram_when_there_is_a_dev_shm_else_in_the_temp_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(replay_record, "base_dir", None)
+    monkeypatch.setattr(replay_record, "_SHM", str(tmp_path))
+    assert default_base() == str(tmp_path)
+    monkeypatch.setattr(replay_record, "_SHM", str(tmp_path / "none"))
+    assert default_base() == tempfile.gettempdir()
 
 
 @pytest.mark.parametrize("machine_id", ["../escape", "a/b", "x" * 65])
@@ -229,7 +241,7 @@ def test_a_fallback_reaching_another_worker_of_the_machine_runs_there(
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     machine_id = a_machine_id()
     results = multiprocessing.get_context("spawn").Queue()
-    base = tempfile.gettempdir()  # this test session's, shared with the worker as /tmp would be
+    base = default_base()  # this test session's, shared with the worker as /dev/shm would be
     worker = run(procs.replay_through_the_middleware, base, machine_id, results)
     header = results.get(timeout=120)
     worker.join(60)
@@ -296,5 +308,5 @@ def test_a_replay_records_itself_with_one_file(settings: SettingsWrapper) -> Non
     with installed(routing_manager()), override_role(MAIN, MachineEnv(machine_id=machine_id)):
         for _ in range(3):
             assert "fly-replay" in Client().get("/routing/pdf/")
-    root = Path(tempfile.gettempdir(), f"flyfn-{machine_id}", "replays")
+    root = Path(default_base(), f"flyfn-{machine_id}", "replays")
     assert len([p for p in root.rglob("*") if p.is_file()]) == 3
