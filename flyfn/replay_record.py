@@ -17,11 +17,13 @@ Machines share one, hence the id in the name:
 - a fallback lists its key's shard (1/256 of the record) and `unlink`s one unexpired entry of its
   key: the kernel lets exactly one process win an `unlink`, so across the Machine's processes one
   replay explains one fallback;
-- each process sweeps expired entries about once a second, in a thread of its own (18 ms for a
-  full record), and counts the rest: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep
-  plus its own since (other processes' entries since the sweep are seen at the next one, so the
-  Machine may briefly hold a second's worth of its other workers' replays more); when full, a
-  replay sweeps first, and if there is still no room it goes unrecorded (one log line a minute).
+- each process sweeps expired entries, one shard at a time as it issues replays (every shard
+  about once a second while replays come often; a full record's shard takes about 70 µs), and
+  counts the rest: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep of each shard plus
+  its own since (other processes' entries are seen at the shard's next sweep, so the Machine may
+  briefly hold about a second's worth of its other workers' replays more). When full, a replay
+  sweeps every shard first (at most once a second), and if there is still no room it goes
+  unrecorded: its fallback answers 503, and a log line says so once a minute.
 
 Without a Machine id (off Fly, the tests) the record is in-process (`MemoryRecord`), with the same
 rules.
@@ -75,6 +77,7 @@ SWEEP_INTERVAL = 1.0
 _REPORT_INTERVAL = 60.0
 # Key characters that name an entry's shard: 256 shards of hex digits.
 _SHARD_CHARS = 2
+_SHARDS = 16**_SHARD_CHARS
 # A Machine id names a directory: Fly's are lowercase hex; anything else is kept in memory.
 _MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SALT = "flyfn.replay_record"
@@ -205,8 +208,12 @@ _serial = itertools.count()
 
 
 def _after_fork() -> None:
-    global _pid
+    global _pid, _records_lock
     _pid = os.getpid()
+    # A worker forked from a parent that opened records opens its own (a lock held at the fork
+    # would never be released in the child).
+    _records_lock = threading.Lock()
+    _records.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -221,24 +228,30 @@ class DirectoryRecord:
     def __init__(self, root: str, limit: int = REPLAY_RECORD_LIMIT) -> None:
         self.root = root
         self.limit = limit
-        self._found = 0  # the Machine's live entries at this process's last sweep
-        self._added = 0  # this process's entries since (a lost increment only undercounts one)
-        self._next_sweep = float("-inf")
-        self._sweeping = threading.Lock()
+        # Per shard: the Machine's live entries at this process's last sweep of it, and this
+        # process's entries since; `_total` is their sum (a race between threads may miscount
+        # an entry or two until the shard's next sweep).
+        self._found = [0] * _SHARDS
+        self._added = [0] * _SHARDS
+        self._total = 0
+        self._next_shard = 0
+        self._next_sweep = float("-inf")  # of the next shard
+        self._next_full_sweep = float("-inf")
         self._report = _Reporter()
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_INTERVAL
-            if self._found + self._added >= self.limit:
-                self.sweep(now)  # full: only a sweep can make room for this replay
-            else:  # off the request path: a full record's sweep takes milliseconds
-                threading.Thread(target=self.sweep, args=(now,), daemon=True).start()
-        if self._found + self._added >= self.limit:
+        if now >= self._next_sweep:  # one shard at a time: all 256 about once a second
+            self._next_sweep = now + SWEEP_INTERVAL / _SHARDS
+            due, self._next_shard = self._next_shard, (self._next_shard + 1) % _SHARDS
+            self._sweep_shard(due, now)
+        if self._total >= self.limit and now >= self._next_full_sweep:
+            self.sweep(now)  # full: only expired entries can make room for this replay
+        if self._total >= self.limit:
             self._report(_FULL, self.limit)
             return False
-        shard = os.path.join(self.root, key[:_SHARD_CHARS])
+        shard_name = key[:_SHARD_CHARS]
+        shard = os.path.join(self.root, shard_name)
         stem = f"{shard}/{key}.{_expiry(now, ttl)}.{_pid}."
         for _ in range(4):
             try:
@@ -255,7 +268,8 @@ class DirectoryRecord:
             except OSError as exc:  # no space, no inode: the fallback will be refused
                 self._report("flyfn: cannot record issued replays in %s: %s", self.root, exc)
                 return False
-            self._added += 1
+            self._added[int(shard_name, 16)] += 1
+            self._total += 1
             return True
         return False
 
@@ -281,42 +295,37 @@ class DirectoryRecord:
             # An expired entry, removed on the way: it explains nothing any more.
         return False
 
-    def sweep(self, now: float | None = None) -> int:
-        """Remove expired entries and count the others (at most one thread of the process at a
-        time; another skips it). Returns the count."""
-        now = time.time() if now is None else now
-        if not self._sweeping.acquire(blocking=False):
-            return self._found
+    def _sweep_shard(self, shard: int, now: float) -> None:
+        """Remove the shard's expired entries and count the others."""
+        path = os.path.join(self.root, f"{shard:0{_SHARD_CHARS}x}")
+        count = 0
         try:
-            self._next_sweep = max(self._next_sweep, now + SWEEP_INTERVAL)
-            added = self._added  # entries added while it runs may be counted twice, never missed
-            count = 0
-            try:
-                shards = os.listdir(self.root)
-            except OSError:
-                shards = []
-            for shard in shards:
-                path = os.path.join(self.root, shard)
-                try:
-                    with os.scandir(path) as entries:
-                        names = [entry.name for entry in entries]
-                except OSError:
-                    continue
-                for name in names:
-                    expiry = _entry_expiry(name)
-                    if expiry is not None and now <= expiry:
-                        count += 1
-                        continue
-                    with contextlib.suppress(OSError):  # consumed meanwhile
-                        os.unlink(os.path.join(path, name))
-            self._found, self._added = count, self._added - added
-            return count
-        finally:
-            self._sweeping.release()
+            with os.scandir(path) as entries:
+                names = [entry.name for entry in entries]
+        except OSError:  # no shard yet
+            names = []
+        for name in names:
+            expiry = _entry_expiry(name)
+            if expiry is not None and now <= expiry:
+                count += 1
+                continue
+            with contextlib.suppress(OSError):  # consumed meanwhile
+                os.unlink(os.path.join(path, name))
+        self._total += count - self._found[shard] - self._added[shard]
+        self._found[shard], self._added[shard] = count, 0
+
+    def sweep(self, now: float | None = None) -> int:
+        """Sweep every shard now (the record is full, or a test); returns the live entries."""
+        now = time.time() if now is None else now
+        self._next_full_sweep = now + SWEEP_INTERVAL
+        for shard in range(_SHARDS):
+            self._sweep_shard(shard, now)
+        return self._total
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-        self._found, self._added, self._next_sweep = 0, 0, float("-inf")
+        self._found, self._added = [0] * _SHARDS, [0] * _SHARDS
+        self._total, self._next_sweep, self._next_full_sweep = 0, float("-inf"), float("-inf")
 
 
 def _entry_expiry(name: str) -> int | None:

@@ -200,6 +200,19 @@ def test_a_sweep_removes_expired_entries_and_counts_the_rest(tmp_path: Path) -> 
     assert record.take(key("/new/"), now=NOW + 5)
 
 
+def test_the_bound_counts_other_processes_entries_from_their_last_sweep(tmp_path: Path) -> None:
+    machine_id = a_machine_id()
+    first = open_record(machine_id, str(tmp_path), limit=4)
+    second = open_record(machine_id, str(tmp_path), limit=4)  # another worker of the Machine
+    assert isinstance(second, DirectoryRecord)
+    assert all(first.add(key(f"/p{n}/"), TTL, now=NOW) for n in range(3))
+    assert second.sweep(now=NOW) == 3
+    assert second.add(key("/p3/"), TTL, now=NOW)
+    assert not second.add(key("/p4/"), TTL, now=NOW)
+    assert second.take(key("/p0/"), now=NOW)  # consumed by it, counted again at the next sweep
+    assert second.sweep(now=NOW) == 3
+
+
 def test_a_cleaned_temp_dir_is_made_again(tmp_path: Path) -> None:
     record = open_record(a_machine_id(), str(tmp_path))
     record.clear()  # /tmp cleaned under the Machine's feet
