@@ -18,7 +18,7 @@ Machines share one, hence the id in the name:
   key: the kernel lets exactly one process win an `unlink`, so across the Machine's processes one
   replay explains one fallback;
 - each process sweeps expired entries, one shard at a time as it issues replays (every shard
-  about once a second while replays come often; a full record's shard takes about 70 µs), and
+  about once a second while replays come often; a full record's shard takes about 80 µs), and
   counts the rest: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep of each shard plus
   its own since (other processes' entries are seen at the shard's next sweep, so the Machine may
   briefly hold about a second's worth of its other workers' replays more). When full, a replay
@@ -71,7 +71,8 @@ logger = logging.getLogger("flyfn.replay_record")
 REPLAY_RECORD_LIMIT = 16_384
 # Seconds a fallback may take to come back once the replay timed out, beyond the replay timeout.
 FALLBACK_RETURN_MARGIN = 6.0
-# Seconds between two sweeps of expired entries by one process.
+# Seconds in which a process sweeps every shard once (while it issues replays), and between two
+# full sweeps when the record is full.
 SWEEP_INTERVAL = 1.0
 # Seconds between two log lines saying the record is full (or cannot be written), per process.
 _REPORT_INTERVAL = 60.0
