@@ -39,7 +39,7 @@ FallbackReason = Literal[
     "body",  # a body Fly Proxy cannot replay (over the limit, or chunked)
     "no_machine",  # no function Machine to replay to in time (API down or slow, settings)
     "header",  # the replay header could not be built (a Machine id it cannot carry)
-    "untrusted_failure",  # a fly-replay-failed for no replay this process issued lately
+    "untrusted_failure",  # a fly-replay-failed no replay this Machine issued explains (any more)
     "unsigned",  # a function Machine's own view, not replayed, that cannot be sent on
 ]
 FallbackOutcome = Literal["local", "unavailable"]

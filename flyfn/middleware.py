@@ -1,16 +1,15 @@
 """FlyReplayMiddleware: decides per request where a view runs (here, replayed, bounced or fallback).
 
 Sync and async capable in the django-cors-headers style: the decision is one shared sync helper with
-no I/O; only waiting for a cold pool differs (blocking wait in the sync path, awaited in the async
-path). The routing table (docs/how-it-works.md) is applied in `process_view`, from the resolved
-view.
+no network I/O (a replay records itself with one file create, `flyfn.replay_record`); only waiting
+for a cold pool differs (blocking wait in the sync path, awaited in the async path). The routing
+table (docs/how-it-works.md) is applied in `process_view`, from the resolved view.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, RawPostDataException
 
 from flyfn import events, metrics
-from flyfn.conf import MAX_REPLAY_TIMEOUT, FlyfnSettings, SettingsError, get_settings
+from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.elastic import Counters, InFlight, in_flight
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
@@ -39,6 +38,7 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
+from flyfn.replay_record import FALLBACK_RETURN_MARGIN, ReplayRecord, machine_record, replay_key
 from flyfn.runtime import current_env, current_role
 
 if TYPE_CHECKING:
@@ -180,66 +180,35 @@ def _report_unverified(group: str, reason: str | None) -> None:
     )
 
 
-class _IssuedReplays:
-    """The replays this process issued lately, by method and path, in one set per second (the
-    states' whole seconds): a `fly-replay-failed` is only believed for one of these. Seconds older
-    than any group's replay timeout and the way back are dropped; at most `limit` entries are
-    kept in all (a flood of distinct paths then goes unrecorded, and its fallbacks answer 503).
-
-    Adding is a set insert without a lock within a second: it is on the path of every replay."""
-
-    def __init__(self, limit: int = 16_384) -> None:
-        self.limit = limit
-        self._second = -1
-        self._current: set[tuple[str, str]] = set()
-        self._past: dict[int, set[tuple[str, str]]] = {}
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def add(self, method: str, path: str, second: int) -> None:
-        if second != self._second:
-            self._turn(second)
-        key = (method, path)
-        # Counted once a second: a path replayed on every request must not use up the limit.
-        if key not in self._current and self._count < self.limit:
-            # A racing thread may have turned the second meanwhile: the entry then counts for
-            # the next second, which only keeps it a second longer.
-            self._current.add(key)
-            self._count += 1
-
-    def _turn(self, second: int) -> None:
-        with self._lock:
-            if second <= self._second:
-                return
-            if self._current:
-                self._past[self._second] = self._current
-            oldest = second - _RECORD_SECONDS
-            for old in [s for s in self._past if s < oldest]:
-                del self._past[old]
-            self._second, self._current = second, set()
-            # Recounted here: the lock-free adds may have missed a few increments.
-            self._count = sum(len(keys) for keys in self._past.values())
-
-    def recent(self, method: str, path: str, within: float) -> bool:
-        """Whether a replay of `method` `path` was issued at most `within` seconds ago (plus the
-        fallback's way back)."""
-        key = (method, path)
-        oldest = time.time() - within - FALLBACK_RETURN_MARGIN
-        if self._second >= oldest and key in self._current:
-            return True
-        with self._lock:
-            return any(s >= oldest and key in keys for s, keys in self._past.items())
-
-    def clear(self) -> None:
-        with self._lock:
-            self._second, self._current, self._past, self._count = -1, set(), {}, 0
+def _replay_record() -> ReplayRecord:
+    """This Machine's record of issued replays (shared by its worker processes; in-process off
+    Fly): a `fly-replay-failed` is only believed for one of its entries, once."""
+    return machine_record(current_env().machine_id)
 
 
-# Seconds a fallback may take to come back once the replay timed out, beyond the whole second.
-FALLBACK_RETURN_MARGIN = 6.0
-# Seconds of replays kept: the longest replay timeout, the way back and the whole second.
-_RECORD_SECONDS = int(MAX_REPLAY_TIMEOUT + FALLBACK_RETURN_MARGIN) + 2
-issued_replays = _IssuedReplays()
+def _record_key(request: HttpRequest, body: str) -> str:
+    """The record's key of this request (method, path, query string, body binding)."""
+    return replay_key(
+        django_settings.SECRET_KEY,
+        request.method or "GET",
+        request.path,
+        request.META.get("QUERY_STRING", ""),
+        body,
+    )
+
+
+def _record_replay(request: HttpRequest, body: str, timeout: float) -> None:
+    """Record a replay of this request being issued: it explains one fallback, for the replay's
+    timeout and the way back."""
+    _replay_record().add(_record_key(request, body), timeout + FALLBACK_RETURN_MARGIN)
+
+
+def _explained_fallback(request: HttpRequest) -> bool:
+    """Whether a replay this Machine issued explains this `fly-replay-failed` request: one
+    unexpired entry of the same method, path, query string and body is consumed (so it explains
+    no other). `fly-replay-failed` carries no state, and `fly-request-id` is not relied on (that
+    Fly Proxy keeps it across the replay is not confirmed)."""
+    return _replay_record().take(_record_key(request, _request_body_binding(request)))
 
 
 def _body_replayable(meta: Mapping[str, Any], limit: int) -> bool:
@@ -339,7 +308,7 @@ class FlyReplayMiddleware:
         events.cold_waited(routed.view.group, time.monotonic() - began, target is not None)
         return self._replay_or_fallback(request, routed.view, target, routed.settings)
 
-    # ------------------------------------------------------------ shared sync helpers (no I/O)
+    # ------------------------------------------------- shared sync helpers (no network I/O)
 
     def _route(
         self, request: HttpRequest, view_func: ViewFunc
@@ -384,10 +353,10 @@ class FlyReplayMiddleware:
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)
         if failed is not None:  # Fly Proxy could not deliver the replay
-            timeout = settings.group(view.group).replay_timeout_seconds
-            if not issued_replays.recent(request.method or "GET", request.path, timeout):
-                # Not a replay this process issued lately: a client's own header, or a fallback
-                # that reached another worker process. Never a reason to run the view here.
+            if not _explained_fallback(request):
+                # No replay of this request that this Machine issued lately and that no other
+                # fallback explained: a client's own header (or a second one for one replay).
+                # Never a reason to run the view here, nor to drop a Machine from the pool.
                 events.fell_back(view.group, "untrusted_failure", "unavailable")
                 return unavailable()
             self._forget_failed_target(view.group, failed)
@@ -419,12 +388,13 @@ class FlyReplayMiddleware:
     ) -> HttpResponseBase | None:
         """The fly-replay response sending this request to `target`, its state signed now."""
         second = int(time.time())
+        body = _request_body_binding(request)
         try:
-            header = self._header(settings, group, target, request, second)
+            header = self._header(settings, group, target, request, body, second)
         except ValueError as exc:  # e.g. a Machine id the header cannot carry: never a 500
             logger.error("flyfn: cannot build a replay for group %r: %s", group, exc)
             return self._fallback(request, group, settings, "header")
-        issued_replays.add(request.method or "GET", request.path, second)
+        _record_replay(request, body, settings.group(group).replay_timeout_seconds)
         events.replayed(group, target.instance, target.app)
         return replay_response(header)
 
@@ -434,11 +404,12 @@ class FlyReplayMiddleware:
         group: str,
         target: ReplayTarget,
         request: HttpRequest,
+        body: str,
         second: int,
         hop: int = 0,
     ) -> str:
-        """The replay header to `target` for this request, its state (if signed) issued at
-        `second`, `hop` function Machines far."""
+        """The replay header to `target` for this request (`body`: its body binding), its state
+        (if signed) issued at `second`, `hop` function Machines far."""
         plan = _plan(target.instance, target.app, settings.group(group).replay_timeout)
         if not settings.sign_replays:
             return plan.unsigned
@@ -449,7 +420,7 @@ class FlyReplayMiddleware:
             group,
             second,
             query=request.META.get("QUERY_STRING", ""),
-            body=_request_body_binding(request),
+            body=body,
             hop=hop,
         )
         return plan.head + state + plan.tail
@@ -511,17 +482,15 @@ class FlyReplayMiddleware:
                 return unavailable()
         failed = meta.get(_META_REPLAY_FAILED)
         concurrency = settings.group(view.group).concurrency
-        if failed is not None and concurrency is not None:
-            timeout = settings.group(view.group).replay_timeout_seconds
-            if issued_replays.recent(request.method or "GET", request.path, timeout):
-                # A replay this process sent on could not be delivered (the next Machine is at
-                # its hard limit, or gone): Fly Proxy brought it back, so it runs here.
-                self._forget_failed_target(view.group, failed)
-                events.fell_back(view.group, "replay_failed", "local")
-                counter = in_flight(view.group, concurrency.soft_limit)
-                counter.hold()
-                setattr(request, _INFLIGHT_ATTR, counter)
-                return None
+        if failed is not None and concurrency is not None and _explained_fallback(request):
+            # A replay this Machine sent on could not be delivered (the next Machine is at its
+            # hard limit, or gone): Fly Proxy brought it back, so it runs here.
+            self._forget_failed_target(view.group, failed)
+            events.fell_back(view.group, "replay_failed", "local")
+            counter = in_flight(view.group, concurrency.soft_limit)
+            counter.hold()
+            setattr(request, _INFLIGHT_ATTR, counter)
+            return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
         if _bounceable(meta, settings.replay_body_limit):
@@ -572,8 +541,9 @@ class FlyReplayMiddleware:
         should it fail, Fly Proxy brings it back here with `fly-replay-failed`."""
         second = int(time.time())
         target = ReplayTarget(instance=machine_id)
-        header = self._header(settings, group, target, request, second, hop)
-        issued_replays.add(request.method or "GET", request.path, second)
+        body = _request_body_binding(request)
+        header = self._header(settings, group, target, request, body, second, hop)
+        _record_replay(request, body, settings.group(group).replay_timeout_seconds)
         events.replayed(group, machine_id, None)
         return replay_response(header)
 

@@ -305,11 +305,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # -- middleware (owner: routing) ------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _fresh_issued_replays() -> Iterator[None]:
-    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
-    from flyfn.middleware import issued_replays
+@pytest.fixture(scope="session")
+def _replay_records_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Machines' records of issued replays live in this session's own temp dir, never in the
+    shared /dev/shm or /tmp (other test runs may use the same Machine ids at the same time)."""
+    from flyfn import replay_record
 
-    issued_replays.clear()
+    base = str(tmp_path_factory.mktemp("machines-shm"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replay_record, "base_dir", base)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_issued_replays(_replay_records_dir: None) -> Iterator[None]:
+    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
+    from flyfn import replay_record
+
+    replay_record.reset()
     yield
-    issued_replays.clear()
+    replay_record.reset()

@@ -1,9 +1,16 @@
 """The middleware routing tests' pools: fixed targets per group without any API (`StaticPools`),
-with the usual function Machines for `pdf` and `default` (`routing_manager`)."""
+with the usual function Machines for `pdf` and `default` (`routing_manager`); and replays put on
+record as the middleware records them (`issued`)."""
 
 from __future__ import annotations
 
+import time
+
+from django.conf import settings
+
 from flyfn.pool import ReplayTarget
+from flyfn.replay_record import FALLBACK_RETURN_MARGIN, machine_record, replay_key
+from flyfn.runtime import current_env
 from tests.conftest import StaticPools
 
 PDF_MACHINE = "e286de4f711e86"
@@ -19,3 +26,22 @@ def routing_manager(**more: ReplayTarget) -> StaticPools:
             **more,
         }
     )
+
+
+def issued(
+    method: str,
+    path: str,
+    *,
+    query: str = "",
+    body: str = "",
+    ago: float = 0.0,
+    timeout: float = 10.0,
+    times: int = 1,
+) -> None:
+    """Put `times` replays of this request on the current Machine's record, as the middleware does
+    when it issues one (`body`: the request's `body_binding`), issued `ago` seconds ago with a
+    replay timeout of `timeout` seconds."""
+    key = replay_key(settings.SECRET_KEY, method, path, query, body)
+    record = machine_record(current_env().machine_id)
+    for _ in range(times):
+        assert record.add(key, timeout + FALLBACK_RETURN_MARGIN, now=time.time() - ago)

@@ -14,7 +14,6 @@ from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn.elastic import MAX_SPILL_HOPS, Spill, in_flight, spill_hops, spill_target
-from flyfn.middleware import issued_replays
 from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource, sign_state, verify_state
 from flyfn.runtime import MachineEnv, Role, function, override_role
 from tests.conftest import StaticPools, installed
@@ -192,7 +191,6 @@ def test_a_send_on_that_failed_comes_back_and_runs_here(
 
 
 def test_a_failed_header_for_a_request_never_sent_on_is_not_run(elastic: StaticPools) -> None:
-    issued_replays.clear()
     failed = ReplayFailed(instance="m1", reason="timeout").to_header()
     with on_machine("m0"):
         response = Client().get("/routing/pdf/", headers={"fly-replay-failed": failed})

@@ -21,13 +21,10 @@ from flyfn import metrics
 from flyfn.conf import get_settings
 from flyfn.elastic import in_flight
 from flyfn.middleware import (
-    FALLBACK_RETURN_MARGIN,
     NO_STORE,
     FlyReplayMiddleware,
     _body_replayable,
-    _IssuedReplays,
     _request_body_binding,
-    issued_replays,
     replay_response,
 )
 from flyfn.pool import PoolManager, ReplayTarget
@@ -40,9 +37,10 @@ from flyfn.replay import (
     sign_state,
     verify_state,
 )
+from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
-from tests.support_middleware import DEFAULT_MACHINE, PDF_MACHINE, routing_manager
+from tests.support_middleware import DEFAULT_MACHINE, PDF_MACHINE, issued, routing_manager
 from tests.testapp import views as test_views
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
@@ -214,43 +212,12 @@ async def test_main_believes_a_failed_header_only_within_the_replay_timeout(
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {"replay_timeout": "2s"}}}
     failed = {"fly-replay-failed": "reason=timeout"}
-    now = int(time.time())
     with override_role(MAIN):
-        issued_replays.add("GET", "/routing/pdf/", now - 2)
+        issued("GET", "/routing/pdf/", ago=2, timeout=2)
         assert ran_here(await fetch("GET", "/routing/pdf/", headers=failed), b"pdf")
         # Long past the replay timeout and the way back: a fallback would have come by now.
-        issued_replays.clear()
-        issued_replays.add("GET", "/routing/pdf/", now - 2 - int(FALLBACK_RETURN_MARGIN) - 2)
+        issued("GET", "/routing/pdf/", ago=2 + FALLBACK_RETURN_MARGIN + 2, timeout=2)
         assert (await fetch("GET", "/routing/pdf/", headers=failed)).status_code == 503
-
-
-def test_issued_replays_are_bounded_in_count_and_age() -> None:
-    record = _IssuedReplays(limit=3)
-    now = int(time.time())
-    for n in range(5):  # a flood: beyond the limit, replays go unrecorded
-        record.add("GET", f"/p{n}/", now - 100)
-    assert [n for n in range(5) if record.recent("GET", f"/p{n}/", 200)] == [0, 1, 2]
-    for n in range(5, 7):
-        record.add("GET", f"/p{n}/", now - 1)  # the flood's second is past: still counted
-    record.add("GET", "/p7/", now)
-    # Seconds older than any replay timeout allows are dropped, and with them their count.
-    assert [n for n in range(8) if record.recent("GET", f"/p{n}/", 200)] == [5, 6, 7]
-    assert not record.recent("POST", "/p7/", 10)  # another method
-    # Within the group's replay timeout and the way back only.
-    aged = _IssuedReplays()
-    aged.add("GET", "/p/", now - 10)
-    assert aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN + 1)
-    assert not aged.recent("GET", "/p/", 10 - FALLBACK_RETURN_MARGIN - 2)
-
-
-def test_a_path_replayed_again_in_its_second_counts_once() -> None:
-    record = _IssuedReplays(limit=2)
-    now = int(time.time())
-    for _ in range(5):  # every request of a busy path is a replay of its own
-        record.add("GET", "/busy/", now)
-    record.add("GET", "/other/", now)
-    assert record.recent("GET", "/busy/", 10)
-    assert record.recent("GET", "/other/", 10)
 
 
 async def test_main_failed_replay_with_error_fallback_is_503(
@@ -693,7 +660,7 @@ async def test_a_function_machine_never_runs_another_groups_view_as_a_fallback(
     fetch: Fetch, manager: StaticPools
 ) -> None:
     failed = ReplayFailed(instance=DEFAULT_MACHINE, reason="timeout").to_header()
-    issued_replays.add("POST", "/routing/report/", int(time.time()))  # a replay it did issue
+    issued("POST", "/routing/report/")  # a replay it did issue
     with override_role(function("pdf")):
         response = await fetch("POST", "/routing/report/", headers={"fly-replay-failed": failed})
     assert response.status_code == 503
@@ -707,7 +674,7 @@ async def test_local_fallbacks_are_bounded_and_their_slots_released(
     settings.FLYFN = {"GROUPS": {"pdf": {"fallback_concurrency": 1}}}
     failed = {"fly-replay-failed": "reason=timeout"}
     slots = middleware_module.fallback_slots("pdf", 1)
-    issued_replays.add("GET", "/routing/pdf/", int(time.time()))  # fallbacks of its own replay
+    issued("GET", "/routing/pdf/", times=2)  # fallbacks of its own replays
     with override_role(MAIN):
         first = await fetch("GET", "/routing/pdf/", headers=failed)
         assert slots.active == 0  # released with the response
@@ -762,7 +729,7 @@ async def test_each_fallback_is_an_event_with_its_reason_and_outcome(
     failed = {"fly-replay-failed": "reason=timeout"}
     with override_role(MAIN):
         await fetch("GET", "/routing/pdf/", headers=failed)  # no replay of its own: untrusted
-        issued_replays.add("GET", "/routing/pdf/", int(time.time()))
+        issued("GET", "/routing/pdf/")
         await fetch("GET", "/routing/pdf/", headers=failed)  # its own replay failed: runs here
         await fetch("POST", "/routing/upload/", b"x" * 2_000_000, content_type="text/plain")
         manager.targets.pop("pdf")
@@ -964,7 +931,7 @@ def test_each_fallback_event_names_its_group_reason_and_outcome(
 ) -> None:
     client = Client()
     failed = {"fly-replay-failed": "reason=timeout"}
-    issued_replays.add("GET", "/routing/pdf/", int(time.time()))
+    issued("GET", "/routing/pdf/", times=3)  # three replays, three fallbacks
     with override_role(MAIN):
         settings.FLYFN = {"GROUPS": {"pdf": {"fallback": "error"}}}
         assert client.get("/routing/pdf/", headers=failed).status_code == 503
@@ -1097,17 +1064,6 @@ def test_a_declared_body_length_is_replayable_from_zero_to_the_limit() -> None:
     assert not _body_replayable({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
 
 
-def test_a_replay_issued_at_the_first_second_of_the_window_is_recent(clock: Clock) -> None:
-    record = _IssuedReplays()
-    window = 4.0
-    first = int(clock.now - window - FALLBACK_RETURN_MARGIN)  # 990 at 1000.0
-    record.add("GET", "/edge/", first)
-    assert record.recent("GET", "/edge/", window)  # this second's set
-    record.add("GET", "/later/", first + 1)
-    assert record.recent("GET", "/edge/", window)  # a past second's set
-    assert not record.recent("GET", "/edge/", window - 1)
-
-
 def test_fallback_slots_are_per_group() -> None:
     first = middleware_module.fallback_slots("slots-a", 1)
     assert first.acquire()
@@ -1148,7 +1104,7 @@ def test_function_bounces_an_unsigned_request_for_a_path_it_replayed_lately(
     manager: StaticPools, settings: SettingsWrapper
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
-    issued_replays.add("GET", "/routing/pdf/", int(time.time()))  # no fly-replay-failed here
+    issued("GET", "/routing/pdf/")  # no fly-replay-failed here
     with override_role(function("pdf")):
         response = Client().get("/routing/pdf/")
     assert response["fly-replay"] == middleware_module.ELSEWHERE
@@ -1158,11 +1114,9 @@ def test_a_send_on_that_failed_runs_here_counted_within_its_groups_timeout(
     manager: StaticPools, settings: SettingsWrapper, debug_events: pytest.LogCaptureFixture
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": {**ELASTIC_PDF, "replay_timeout": "2s"}}}
-    issued_replays.clear()  # only the replays below were issued
     failed = ReplayFailed(instance="0e1f2a3b4c5d6e", reason="timeout").to_header()
-    now = int(time.time())
-    issued_replays.add("GET", "/routing/pdf/", now - 10)  # within 10 s, not within 2 s
-    issued_replays.add("POST", "/routing/upload/", now)
+    issued("GET", "/routing/pdf/", ago=10, timeout=2)  # within 10 s, not within 2 s + the way back
+    issued("POST", "/routing/upload/", body=body_binding(1, b"x"), timeout=2)
     counter = in_flight("pdf", 1)
     with override_role(function("pdf")):
         request = RequestFactory().post(
@@ -1228,7 +1182,6 @@ def test_bounces_and_untrusted_failures_are_events_of_their_group(
     with override_role(function("pdf")):
         client.get("/plain/")  # not serverless: sent on
         client.post("/routing/report/")  # another group's view: sent on
-    issued_replays.clear()
     with override_role(MAIN):
         client.get("/routing/pdf/", headers={"fly-replay-failed": "reason=timeout"})
         settings.FLYFN = {"REPLAY_BODY_LIMIT": 2}
@@ -1349,7 +1302,6 @@ def test_a_busy_machine_sends_a_post_on_to_its_groups_next_and_runs_it_when_that
 ) -> None:
     settings.FLYFN = {"GROUPS": {"pdf": ELASTIC_PDF}}
     manager.machines["pdf"] = ("m0", "m1")
-    issued_replays.clear()
     counter = in_flight("pdf", 1)
     assert counter.acquire()  # at its soft limit
     client = Client()
@@ -1434,12 +1386,3 @@ def test_a_body_of_exactly_the_digest_limit_is_bound_by_its_digest() -> None:
     request = RequestFactory().post("/x", body, content_type="text/plain")
     assert _request_body_binding(request) == body_binding(len(body), body)
     assert _request_body_binding(request).startswith("sha256:")
-
-
-def test_the_record_of_issued_replays_holds_16384_at_most() -> None:
-    record = _IssuedReplays()
-    now = int(time.time())
-    for n in range(16_385):
-        record.add("GET", f"/p{n}/", now)
-    assert record.recent("GET", "/p16383/", 10)
-    assert not record.recent("GET", "/p16384/", 10)
