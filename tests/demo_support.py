@@ -28,7 +28,9 @@ DEMO = ROOT / "demo_store"
 BIN = Path(sys.executable).parent
 PYTHON = str(BIN / "python")
 DEV_TOKEN = "browser-tests-dev-token"  # the emulated Machines API's token, loopback only
-IDLE_STOP = 30  # seconds: long enough that no function Machine stops in the middle of a test
+# Autostop's pass every 30 s: a function Machine stops 30 to 60 s after its last request, not in
+# the middle of a test.
+TIME_SCALE = 10
 BOOT_TIMEOUT = 90.0
 
 
@@ -165,7 +167,7 @@ def _read_banner(stack: DemoStack, timeout: float) -> None:
 
 @contextmanager
 def demo_stack(
-    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT, idle_stop: float = IDLE_STOP
+    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT, time_scale: float = TIME_SCALE
 ) -> Iterator[DemoStack]:
     """The demo store, seeded in a fresh SQLite database under `workdir`, served by `flyfn dev`.
 
@@ -175,7 +177,7 @@ def demo_stack(
     manage(env, "migrate", "--noinput", "-v", "0")
     manage(env, "seed_store", "--purchases", str(purchases))
     command = [PYTHON, "manage.py", "flyfn", "dev", "--port", str(free_loopback_port())]
-    command += ["--idle-stop", str(idle_stop)]
+    command += ["--time-scale", str(time_scale)]
     lines: list[str] = []
     process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group
     stack = DemoStack(process, lines)

@@ -51,12 +51,13 @@ def start_project(
     token: str,
     *,
     port: int,
-    idle_stop: float,
+    time_scale: float,
     lines: list[str],
 ) -> subprocess.Popen[str]:
-    """`flyfn dev` on the test project in directory `project` (see `start`)."""
+    """`flyfn dev` on the test project in directory `project` (see `start`); autostop's pass
+    every 300 / `time_scale` seconds."""
     command = [sys.executable, "-m", "django", "flyfn", "dev"]
-    command += ["--port", str(port), "--idle-stop", str(idle_stop)]
+    command += ["--port", str(port), "--time-scale", str(time_scale)]
     return start(command, cwd=project, env=project_env(settings_module, token), lines=lines)
 
 

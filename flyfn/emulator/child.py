@@ -1,7 +1,9 @@
 """A Machine's process, the child side of `ProcessRuntime`: serves the project's ASGI app with
 uvicorn on the listening socket it is handed, and never outlives the runtime that started it.
 
-`python -m flyfn.emulator.child --app module:attr --fd N --parent-pid P [--log-level L]`
+`python -m flyfn.emulator.child --app module:attr --fd N --parent-pid P [--log-level L]
+[--stop-timeout S]`: on SIGINT or SIGTERM uvicorn stops accepting and lets the requests in flight
+finish for up to S seconds (the Machine's stop_config timeout; the runtime kills it after that).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import math
 import os
 import signal
 import socket
@@ -62,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True, help="listening socket to serve on")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
@@ -73,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
         lifespan="auto",
-        timeout_graceful_shutdown=int(DEFAULT_STOP_TIMEOUT),
+        timeout_graceful_shutdown=max(1, math.ceil(args.stop_timeout)),
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

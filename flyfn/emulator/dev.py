@@ -34,7 +34,7 @@ from flyfn.emulator.child import DEFAULT_ASGI_APP
 from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.logline import RequestLog, machine_label
-from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy
+from flyfn.emulator.proxy import DEFAULT_AUTOSTOP_INTERVAL, FlyProxy
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import DEFAULT_BOOT_TIMEOUT, ProcessRuntime, listening_socket
@@ -60,7 +60,8 @@ _MAX_HASHED_FILES = 5000
 class DevOptions:
     port: int = DEFAULT_PORT
     host: str = "127.0.0.1"
-    idle_stop: float = DEFAULT_IDLE_STOP
+    # Divides Fly's periods: autostop's pass runs every 300 / time_scale seconds (same algorithm).
+    time_scale: float = 1.0
     asgi_app: str | None = None  # module:attr; default the settings package's asgi module
     app_name: str | None = None  # default FLYFN['APP_NAME'] / FLY_APP_NAME / the project's name
     region: str = "local"
@@ -71,6 +72,10 @@ class DevOptions:
     # Fly's Machines API rate limits, emulated (429 + Retry-After). Off by default: locally they
     # only add retry pauses to cold starts; turn them on to see how an app copes with them.
     rate_limits: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.time_scale < float("inf"):
+            raise ValueError(f"time_scale must be a positive number, got {self.time_scale!r}")
 
 
 def project_asgi_app(settings_module: str) -> str:
@@ -245,7 +250,7 @@ class DevStack:
             runtime,
             app_name=self.app_name,
             region=options.region,
-            idle_stop=options.idle_stop,
+            autostop_interval=DEFAULT_AUTOSTOP_INTERVAL / options.time_scale,
             on_log=self._log,
             on_event=self._write,
         )
@@ -354,7 +359,8 @@ class DevStack:
             f"started in {seconds:.1f}s",
             f"    API        {api_url} (FLY_API_HOSTNAME of every Machine)",
             f"    live       {live_url} (Machines, routes and tasks as they change)",
-            f"    idle-stop  {options.idle_stop:g}s   (Ctrl-C stops everything)",
+            f"    autostop   a pass every {DEFAULT_AUTOSTOP_INTERVAL / options.time_scale:g}s "
+            f"(time-scale {options.time_scale:g})   (Ctrl-C stops everything)",
             f"    secrets    python -m flyfn.emulator.secrets --app {self.app_name} set NAME=VALUE",
             "",
         ]

@@ -39,6 +39,7 @@ from flyfn.emulator.process_groups import (
     parse_signal,
     until_stopped,
 )
+from flyfn.emulator.state import stop_params
 from flyfn.fly import env as fly_env
 from flyfn.fly.env import GROUP_ENV, SEED_ENV
 
@@ -302,7 +303,7 @@ class ProcessRuntime:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         return env
 
-    def _command(self, fd: int) -> list[str]:
+    def _command(self, fd: int, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> list[str]:
         return [
             self.python,
             "-m",
@@ -315,6 +316,8 @@ class ProcessRuntime:
             str(os.getpid()),
             "--log-level",
             self.log_level,
+            "--stop-timeout",
+            f"{stop_timeout:g}",
         ]
 
     async def _spawn(
@@ -322,7 +325,7 @@ class ProcessRuntime:
     ) -> asyncio.subprocess.Process:
         try:
             return await asyncio.create_subprocess_exec(
-                *self._command(sock.fileno()),
+                *self._command(sock.fileno(), stop_params(machine.config)[1]),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,

@@ -61,11 +61,11 @@ class Dev(DevProcess):
         return self.process.wait(timeout=15)
 
 
-def start_stack(idle_stop: float) -> Dev:
+def start_stack(time_scale: float) -> Dev:
     port = free_loopback_port()
     lines: list[str] = []
     process = start_project(
-        PROJECT, "e2eproj.settings", TOKEN, port=port, idle_stop=idle_stop, lines=lines
+        PROJECT, "e2eproj.settings", TOKEN, port=port, time_scale=time_scale, lines=lines
     )
     dev = Dev(process, port, lines)
     dev.api = banner_api(process, lines, cleanup=lambda: kill_stack(dev))
@@ -73,9 +73,10 @@ def start_stack(idle_stop: float) -> Dev:
 
 
 @contextlib.contextmanager
-def running_stack(idle_stop: float) -> Iterator[Dev]:
-    """A started stack, killed on the way out if it still runs (a test may have stopped it)."""
-    stack = start_stack(idle_stop)
+def running_stack(time_scale: float) -> Iterator[Dev]:
+    """A started stack (autostop's pass every 300 / `time_scale` s), killed on the way out if
+    it still runs (a test may have stopped it)."""
+    stack = start_stack(time_scale)
     try:
         yield stack
     finally:

@@ -65,7 +65,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     try:
         port = free_loopback_port()
         lines: list[str] = []
-        process = start_project(PROJECT, SETTINGS, TOKEN, port=port, idle_stop=3, lines=lines)
+        process = start_project(PROJECT, SETTINGS, TOKEN, port=port, time_scale=200, lines=lines)
     finally:
         del os.environ["TASKS_E2E_DIR"]
     running = Stack(process, port, lines, directory=tmp_path)
