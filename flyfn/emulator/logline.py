@@ -28,13 +28,23 @@ def cold_note(boot_seconds: float | None) -> str:
 
 
 def autostop_event(
-    machine: Machine, mode: str, idle_seconds: float, *, load: int = 0, at: int | None = None
+    machine: Machine,
+    mode: str,
+    idle_seconds: float,
+    *,
+    load: int = 0,
+    at: int | None = None,
+    started: int = 1,
 ) -> str:
-    """`autostop: fn:9a2c stopped after 3s idle (pass 4)`; a Machine stopped with requests since
-    the previous pass (one of several): `... stopped at load 2 (pass 4)`."""
+    """`autostop: fn:9a2c stopped after 3s idle (pass 4)`; one of several started Machines of
+    its role, stopped with requests since the previous pass: `... stopped at load 2 (pass 4,
+    one of 3 started)`."""
     verb = "suspended" if mode == "suspend" else "stopped"
     why = f"at load {load}" if load else f"after {idle_seconds:.0f}s idle"
-    where = f" (pass {at})" if at is not None else ""
+    notes = [f"pass {at}"] if at is not None else []
+    if started > 1:
+        notes.append(f"one of {started} started")
+    where = f" ({', '.join(notes)})" if notes else ""
     return f"autostop: {machine_label(machine)} {verb} {why}{where}"
 
 

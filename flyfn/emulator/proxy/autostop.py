@@ -40,11 +40,13 @@ DEFAULT_AUTOSTOP_INTERVAL = 300.0
 
 @dataclass(frozen=True)
 class Stop:
-    """One Machine a pass stops (`mode` "stop") or suspends, and its load at the pass."""
+    """One Machine a pass stops (`mode` "stop") or suspends, its load at the pass, and how many
+    Machines of its region and role were started then (it included)."""
 
     machine: Machine
     mode: autostop.AutostopMode
     load: int
+    started: int = 1
 
 
 def plan(
@@ -84,7 +86,7 @@ def plan(
         keep = max(_min_running(m) for m in started) if where == primary_region else 0
         if len(started) <= keep:
             continue
-        stops.append(Stop(victim, _mode_of(victim), loads[victim.id]))
+        stops.append(Stop(victim, _mode_of(victim), loads[victim.id], len(started)))
     return stops
 
 
@@ -160,7 +162,14 @@ class Autostop:
                     self.load.forget(machine.id)
                     acted.append(machine.id)
                     self._event(
-                        autostop_event(machine, stop.mode, idle, load=stop.load, at=self.passes)
+                        autostop_event(
+                            machine,
+                            stop.mode,
+                            idle,
+                            load=stop.load,
+                            at=self.passes,
+                            started=stop.started,
+                        )
                     )
         finally:
             self.load.new_pass()
