@@ -4,9 +4,9 @@ The benchmark project (benchmarks.benchsite) runs under the local Fly stack on l
 - direct: GET /direct/ answered by the app Machine;
 - replay: GET /fn/ (serverless), answered by the app Machine with fly-replay and re-delivered by
   the proxy to the warm function Machine;
-- cold_start_s: the same request once the proxy has autostopped the function Machine
-  (`--idle-stop`) and must start its process again (an autostop line, then a "(cold" line in the
-  stack's log, prove it);
+- cold_start_s: the same request once the proxy has autostopped the function Machine (a pass
+  every 1 s: `--time-scale 300`) and must start its process again (an autostop line, then a
+  "(cold" line in the stack's log, prove it);
 - app_boot_s: the same app process (the stack's supervisor child) started alone, from spawn to
   its first answer.
 - throughput: the soak's load shape without its chaos: CONCURRENCY threads, one keep-alive
@@ -44,7 +44,8 @@ from benchmarks.runner import (
     wait_http,
 )
 
-IDLE_STOP = 2.0  # seconds idle before the proxy stops the function Machine
+TIME_SCALE = 300.0  # autostop's pass every 300 / 300 = 1 s: an idle Machine stops within 2 s
+AUTOSTOP_PASS = 300.0 / TIME_SCALE
 CONCURRENCY = 50  # as tests/reliability/test_soak.py sends its load
 SETTINGS = "benchmarks.benchsite.settings"
 ASGI_APP = "benchmarks.benchsite.asgi:application"
@@ -156,12 +157,12 @@ class DevStack(NamedTuple):
 
 
 @contextmanager
-def dev_stack(log_path: Path, env: Mapping[str, str], idle_stop: float) -> Iterator[DevStack]:
-    """`manage.py flyfn dev` of the bench project on a free port, its output in `log_path`, once
-    the app Machine answers."""
+def dev_stack(log_path: Path, env: Mapping[str, str], time_scale: float) -> Iterator[DevStack]:
+    """`manage.py flyfn dev` of the bench project on a free port (autostop's pass every
+    300 / `time_scale` s), its output in `log_path`, once the app Machine answers."""
     port = free_port()
     argv = [sys.executable, "-m", "django", "flyfn", "dev"]
-    argv += ["--port", str(port), "--idle-stop", str(idle_stop)]
+    argv += ["--port", str(port), "--time-scale", str(time_scale)]
     dev_log = DevLog(log_path)
     with dev_log.path.open("ab") as out, spawned(argv, env=dict(env), log_file=out) as proc:
         base = f"http://{LOOPBACK}:{port}"
@@ -181,7 +182,7 @@ def cold_start_seconds(client: httpx.Client, dev_log: DevLog) -> tuple[float, st
     Returns the seconds and the stack's route line for that request.
     """
     mark = len(dev_log.lines())
-    dev_log.wait_for("autostop", after=mark, timeout=IDLE_STOP * 4 + 10, also="fn:")
+    dev_log.wait_for("autostop", after=mark, timeout=AUTOSTOP_PASS * 8 + 10, also="fn:")
     time.sleep(0.3)  # let the stopped process exit, so the next request finds it gone
     mark = len(dev_log.lines())
     start = time.perf_counter()
@@ -204,7 +205,7 @@ def run(quick: bool) -> JSONDict:
         boot = [app_boot_seconds(log_dir) for _ in range(boots)]
 
         with (
-            dev_stack(log_dir / "dev.log", project_env(), IDLE_STOP) as (port, base, dev_log),
+            dev_stack(log_dir / "dev.log", project_env(), TIME_SCALE) as (port, base, dev_log),
             httpx.Client(base_url=base, timeout=60) as client,
         ):
             log(f"e2e: {n} direct requests")
@@ -220,7 +221,7 @@ def run(quick: bool) -> JSONDict:
             log(f"e2e: {burst} direct, then replayed, requests at concurrency {CONCURRENCY}")
             direct_rps = requests_per_second(port, "/direct/", burst, b"direct")
             replay_rps = requests_per_second(port, "/fn/", burst, b"fn")
-            log(f"e2e: cold start x{colds} (idle-stop {IDLE_STOP:g}s)")
+            log(f"e2e: cold start x{colds} (autostop pass {AUTOSTOP_PASS:g}s)")
             try:
                 cold_runs = [cold_start_seconds(client, dev_log) for _ in range(colds)]
             except TimeoutError as exc:
@@ -244,7 +245,7 @@ def run(quick: bool) -> JSONDict:
         "cold_start_routes": [line for _, line in cold_runs],
         "app_boot_samples_s": [rounded(b, 3) for b in boot],
         "requests": n,
-        "idle_stop_s": IDLE_STOP,
+        "autostop_pass_s": AUTOSTOP_PASS,
     }
 
 

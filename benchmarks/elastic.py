@@ -9,7 +9,7 @@ The benchmark project's views wait 200 ms (async, as I/O does) in three groups w
 - trickle: 1 request/s for TRICKLE_SECONDS to the fresh `trickle` group (at most 5 Machines): how
   many Machines served it (the goal: exactly one).
 - idle: after the last request, the seconds until every function Machine is stopped again (the
-  proxy stops them after `--idle-stop`).
+  proxy's autostop stops them one per pass, a pass every 2.5 s: `--time-scale 120`).
 Latencies are client-side wall time of each request; every answer is checked.
 """
 
@@ -28,7 +28,8 @@ from benchmarks.e2e import DevLog, dev_stack, project_env
 from benchmarks.harness import JSONDict, percentile, ratio, rounded
 from benchmarks.runner import area_main, log, require
 
-IDLE_STOP = 5.0  # seconds idle before the proxy stops a function Machine (the warm burst is sooner)
+TIME_SCALE = 120.0  # autostop's pass every 300 / 120 = 2.5 s, one Machine of a group per pass
+AUTOSTOP_PASS = 300.0 / TIME_SCALE
 BURST = 200
 IDLE_TIMEOUT = 120.0  # a safety bound: "never stopped" is an error, not a figure
 TOKEN = "flyfn-bench-elastic"  # the emulated API's token (FLYFN_DEV_TOKEN), to list Machines
@@ -160,13 +161,13 @@ def run(quick: bool) -> JSONDict:
     trickle_seconds = 10 if quick else 30
     with tempfile.TemporaryDirectory(prefix="flyfn-bench-elastic-") as tmp:
         env = {**project_env(), "FLYFN_DEV_TOKEN": TOKEN}
-        with dev_stack(Path(tmp) / "dev.log", env, IDLE_STOP) as (_, base, dev_log):
+        with dev_stack(Path(tmp) / "dev.log", env, TIME_SCALE) as (_, base, dev_log):
             api = Api(dev_log)
             result = asyncio.run(measure(base, trickle_seconds))
             result["trickle_machines_created"] = len(api.states("trickle"))
             log("elastic: waiting for every function Machine to stop")
             result["all_stopped_after_s"] = rounded(wait_all_stopped(api), 1)
-    result.update({"burst": BURST, "idle_stop_s": IDLE_STOP})
+    result.update({"burst": BURST, "autostop_pass_s": AUTOSTOP_PASS})
     return result
 
 

@@ -28,7 +28,9 @@ DEMO = ROOT / "demo_store"
 BIN = Path(sys.executable).parent
 PYTHON = str(BIN / "python")
 DEV_TOKEN = "browser-tests-dev-token"  # the emulated Machines API's token, loopback only
-IDLE_STOP = 30  # seconds: long enough that no function Machine stops in the middle of a test
+# Autostop's pass every 30 s: a function Machine stops 30 to 60 s after its last request, not in
+# the middle of a test.
+TIME_SCALE = 10
 BOOT_TIMEOUT = 90.0
 
 
@@ -178,7 +180,7 @@ def _read_banner(stack: DemoStack, timeout: float) -> None:
 
 @contextmanager
 def demo_stack(
-    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT, idle_stop: float = IDLE_STOP
+    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT, time_scale: float = TIME_SCALE
 ) -> Iterator[DemoStack]:
     """The demo store, seeded in a fresh SQLite database under `workdir`, served by `flyfn dev`.
 
@@ -190,7 +192,8 @@ def demo_stack(
     # As `make demo`: the repository's fly.toml and Dockerfile, the test's settings as secrets.
     secrets = {name: env[name] for name in _DEMO_SECRETS}
     command = [PYTHON, "manage.py", "flyfn", "dev", "--port", str(free_loopback_port())]
-    command += ["--idle-stop", str(idle_stop), "--config", str(ROOT / "fly.toml")]
+    command += ["--time-scale", str(time_scale)]
+    command += ["--config", str(ROOT / "fly.toml")]
     command += ["--secrets-file", str(secrets_file(secrets))]
     lines: list[str] = []
     process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group

@@ -66,14 +66,14 @@ def start_project(
     token: str,
     *,
     port: int,
-    idle_stop: float,
+    time_scale: float,
     lines: list[str],
     secrets: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """`flyfn dev` on the test project in directory `project` (see `start`), with `secrets` as
-    the app's secrets."""
+    the app's secrets; autostop's pass every 300 / `time_scale` seconds."""
     command = [sys.executable, "-m", "django", "flyfn", "dev"]
-    command += ["--port", str(port), "--idle-stop", str(idle_stop)]
+    command += ["--port", str(port), "--time-scale", str(time_scale)]
     if secrets:
         command += ["--secrets-file", str(secrets_file(secrets))]
     return start(command, cwd=project, env=project_env(settings_module, token), lines=lines)

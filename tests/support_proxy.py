@@ -230,7 +230,7 @@ async def proxy_stack(*, balance_function_machines: bool = True) -> AsyncIterato
         emulator,
         fleet,
         app_name=APP,
-        idle_stop=0,
+        autostop_interval=0,
         on_log=logs.append,
         on_event=events.append,
         transport=fleet,

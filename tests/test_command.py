@@ -266,3 +266,24 @@ def test_an_api_that_never_answers_meets_the_commands_deadline(
 def test_the_deadline_must_be_a_positive_number(value: str) -> None:
     with pytest.raises(CommandError, match="positive number of seconds"):
         flyfn("prepare", "--timeout", value)
+
+
+def test_dev_takes_a_time_scale_instead_of_an_idle_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flyfn.emulator.dev as dev
+
+    seen: list[Any] = []
+
+    def run_dev(options: Any) -> int:
+        seen.append(options)
+        return 0
+
+    monkeypatch.setattr(dev, "run_dev", run_dev)
+    flyfn("dev", "--time-scale", "120")
+    assert seen[0].time_scale == 120.0
+    flyfn("dev")
+    assert seen[1].time_scale == 1.0
+    for bad in ("0", "-2", "x", "inf"):
+        with pytest.raises(CommandError, match="time-scale"):
+            flyfn("dev", "--time-scale", bad)
+    with pytest.raises(CommandError, match="idle-stop"):
+        flyfn("dev", "--idle-stop", "5")

@@ -82,3 +82,22 @@ def test_the_banner_warns_when_the_proxy_is_reachable_from_other_computers(
     assert "live       http://127.0.0.1:4281/" in text
     assert ("WARNING: the proxy listens on" in text) is warned
     assert "python -m flyfn.emulator.secrets --app a set NAME=VALUE" in text
+
+
+def test_the_time_scale_divides_fly_s_autostop_period(tmp_path: Path) -> None:
+    out = io.StringIO()
+    stack = DevStack(
+        DevOptions(time_scale=60, root=tmp_path),
+        settings_module="p.settings",
+        out=out,
+        app_name="a",
+    )
+    stack._banner(Machine(id="0e1f2a3b4c5d6e", state="started"), 1.0, "http://x", "http://y/")
+    assert "autostop   a pass every 5s (time-scale 60)" in out.getvalue()
+    assert DevOptions().time_scale == 1
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_time_scale_must_be_positive(scale: float) -> None:
+    with pytest.raises(ValueError, match="time_scale"):
+        DevOptions(time_scale=scale)

@@ -658,31 +658,37 @@ async def test_silently_dead_machine_is_noticed_and_restarted(stack: Stack) -> N
 
 
 async def test_autostop_stops_and_suspends_idle_machines(stack: Stack) -> None:
-    stack.proxy.autostop.idle_stop = 60
     main = await stack.machine()  # autostop off
     stopper = await stack.machine(group="a", autostop="stop")
     suspender = await stack.machine(group="b", autostop="suspend")
     kept = await stack.machine(group="c", autostop="stop", min_running=1)
-    assert await stack.proxy.autostop.once(now=1000.0) == []  # first seen: not idle yet
-    assert await stack.proxy.autostop.once(now=1030.0) == []
-    acted = await stack.proxy.autostop.once(now=1061.0)
+    acted = await stack.proxy.autostop.once(now=1000.0)
     assert sorted(acted) == sorted([stopper.id, suspender.id])
     await stack.emulator.settle()
     assert stack.emulator.get(APP, stopper.id).state == "stopped"
     assert stack.emulator.get(APP, suspender.id).state == "suspended"
     assert stack.emulator.get(APP, kept.id).state == "started"
     assert stack.emulator.get(APP, main.id).state == "started"
-    assert f"autostop: fn:{stopper.id[:4]} stopped after 61s idle" in stack.events
+    assert f"autostop: fn:{stopper.id[:4]} stopped after 0s idle (pass 1)" in stack.events
 
 
-async def test_autostop_waits_for_in_flight_requests(stack: Stack) -> None:
-    stack.proxy.autostop.idle_stop = 60
+async def test_a_machine_that_served_since_the_last_pass_is_not_stopped_alone(
+    stack: Stack,
+) -> None:
     fn = await stack.machine(group="a", autostop="stop")
-    await stack.proxy.autostop.once(now=1000.0)
     stack.proxy.autostop.load.begin(fn.id)  # a request is being served
-    assert await stack.proxy.autostop.once(now=2000.0) == []
+    assert await stack.proxy.autostop.once() == []
     stack.proxy.autostop.load.end(fn.id)
-    assert await stack.proxy.autostop.once() == []  # just finished: idle time starts now
+    assert await stack.proxy.autostop.once() == []  # it served since the previous pass
+    assert await stack.proxy.autostop.once() == [fn.id]  # nothing since: idle
+
+
+async def test_a_request_through_the_proxy_is_load_for_the_next_pass(stack: Stack) -> None:
+    fn = await stack.machine(group="a", autostop="stop")
+    response = await stack.client.get("/", headers={"fly-force-instance-id": fn.id})
+    assert response.headers["x-flyfn-machine"] == fn.id
+    assert await stack.proxy.autostop.once() == []
+    assert await stack.proxy.autostop.once() == [fn.id]
 
 
 # -- real processes: streaming and concurrency -----------------------------------------------------
@@ -727,7 +733,7 @@ async def real() -> AsyncIterator[tuple[FlyProxy, ProcessRuntime, Machine]]:
     )
     emulator = MachinesEmulator(runtime=runtime, default_app=APP)
     runtime.attach(emulator)
-    proxy = FlyProxy(emulator, runtime, app_name=APP, idle_stop=0)
+    proxy = FlyProxy(emulator, runtime, app_name=APP, autostop_interval=0)
     try:
         service = MachineService(
             protocol="tcp", internal_port=8000, ports=[MachinePort(port=80, handlers=["http"])]

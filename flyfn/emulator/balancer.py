@@ -48,10 +48,9 @@ DEFAULT_HARD_LIMIT: int | None = None
 
 _STARTED = "started"
 _WAKING_STATES = frozenset({"creating", "starting", "restarting", "updating", "replacing"})
-# Stopping and suspending Machines can be started again once they settle.
-_STARTABLE_STATES = frozenset(
-    {"created", "stopped", "suspended", "failed", "stopping", "suspending"}
-)
+# Fly Proxy autostarts only these: a Machine stopping or suspending (its stop may be autostop's),
+# or failed, is in a "non-startable state" for a request (PM08) and is no candidate.
+_STARTABLE_STATES = frozenset({"created", "stopped", "suspended"})
 
 
 class Readiness(IntEnum):

@@ -2,7 +2,9 @@
 uvicorn on the listening socket it is handed, or becomes the image's command, and never outlives
 the runtime that started it.
 
-`python -m flyfn.emulator.child --parent-pid P --app module:attr --fd N [--log-level L]`
+`python -m flyfn.emulator.child --parent-pid P --app module:attr --fd N [--log-level L]
+[--stop-timeout S]`: on SIGINT or SIGTERM uvicorn stops accepting and lets the requests in flight
+finish for up to S seconds (the Machine's stop_config timeout; the runtime kills it after that).
 `python -m flyfn.emulator.child --parent-pid P -- ARGV...` (the image's command, exec'd)
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import math
 import os
 import signal
 import socket
@@ -64,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, help="listening socket to serve on")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT)
     parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="-- ARGV: exec the image's command"
     )
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
         lifespan="auto",
-        timeout_graceful_shutdown=int(DEFAULT_STOP_TIMEOUT),
+        timeout_graceful_shutdown=max(1, math.ceil(args.stop_timeout)),
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -43,7 +43,7 @@ from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.flytoml import FlyToml, FlyTomlError, load_fly_toml
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.logline import RequestLog, machine_label
-from flyfn.emulator.proxy import DEFAULT_IDLE_STOP, FlyProxy
+from flyfn.emulator.proxy import DEFAULT_AUTOSTOP_INTERVAL, FlyProxy
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (
@@ -76,7 +76,8 @@ _MAX_HASHED_FILES = 5000
 class DevOptions:
     port: int = DEFAULT_PORT
     host: str = "127.0.0.1"
-    idle_stop: float = DEFAULT_IDLE_STOP
+    # Divides Fly's periods: autostop's pass runs every 300 / time_scale seconds (same algorithm).
+    time_scale: float = 1.0
     asgi_app: str | None = None  # module:attr; default the settings package's asgi module
     app_name: str | None = None  # default FLYFN['APP_NAME'] / FLY_APP_NAME / the project's name
     region: str | None = None  # default fly.toml's primary_region, else "local"
@@ -88,6 +89,10 @@ class DevOptions:
     config: Path | None = None
     # NAME=VALUE lines set as the app's secrets before any Machine starts (`fly secrets import`).
     secrets_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.time_scale < float("inf"):
+            raise ValueError(f"time_scale must be a positive number, got {self.time_scale!r}")
 
 
 def project_asgi_app(settings_module: str) -> str:
@@ -324,7 +329,7 @@ class DevStack:
             runtime,
             app_name=self.app_name,
             region=self.region,
-            idle_stop=options.idle_stop,
+            autostop_interval=DEFAULT_AUTOSTOP_INTERVAL / options.time_scale,
             on_log=self._log,
             on_event=self._write,
         )
@@ -522,7 +527,8 @@ class DevStack:
             f"started in {seconds:.1f}s",
             f"    API        {api_url} (FLY_API_HOSTNAME of every Machine)",
             f"    live       {live_url} (Machines, routes and tasks as they change)",
-            f"    idle-stop  {options.idle_stop:g}s   (Ctrl-C stops everything)",
+            f"    autostop   a pass every {DEFAULT_AUTOSTOP_INTERVAL / options.time_scale:g}s "
+            f"(time-scale {options.time_scale:g})   (Ctrl-C stops everything)",
             f"    secrets    python -m flyfn.emulator.secrets --app {self.app_name} set NAME=VALUE"
             + (f"   ({len(self.secrets)} from --secrets-file)" if self.secrets else ""),
             *self._deploy_lines(),

@@ -27,9 +27,25 @@ def cold_note(boot_seconds: float | None) -> str:
     return f" (cold {boot_seconds:.1f}s)" if boot_seconds is not None else " (cold)"
 
 
-def autostop_event(machine: Machine, mode: str, idle_seconds: float) -> str:
+def autostop_event(
+    machine: Machine,
+    mode: str,
+    idle_seconds: float,
+    *,
+    load: int = 0,
+    at: int | None = None,
+    started: int = 1,
+) -> str:
+    """`autostop: fn:9a2c stopped after 3s idle (pass 4)`; one of several started Machines of
+    its role, stopped with requests since the previous pass: `... stopped at load 2 (pass 4,
+    one of 3 started)`."""
     verb = "suspended" if mode == "suspend" else "stopped"
-    return f"autostop: {machine_label(machine)} {verb} after {idle_seconds:.0f}s idle"
+    why = f"at load {load}" if load else f"after {idle_seconds:.0f}s idle"
+    notes = [f"pass {at}"] if at is not None else []
+    if started > 1:
+        notes.append(f"one of {started} started")
+    where = f" ({', '.join(notes)})" if notes else ""
+    return f"autostop: {machine_label(machine)} {verb} {why}{where}"
 
 
 @dataclass

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_LEASE_TTL",
     "DEFAULT_STOP_SIGNAL",
     "DEFAULT_STOP_TIMEOUT",
+    "MAX_STOP_TIMEOUT",
     "SETTLED_STATES",
     "WAITABLE_STATES",
     "AppSecret",
@@ -53,12 +54,15 @@ __all__ = [
     "StateOnlyRuntime",
     "new_machine_id",
     "new_ulid",
+    "stop_params",
 ]
 
 DEFAULT_LEASE_TTL = 30
 # Fly's defaults when the config has no stop_config (kill_signal SIGINT, kill_timeout 5s).
 DEFAULT_STOP_SIGNAL = "SIGINT"
 DEFAULT_STOP_TIMEOUT = 5.0
+# Fly kills a Machine at most this long after its stop signal, whatever stop_config.timeout says.
+MAX_STOP_TIMEOUT = 300.0
 # Fly restarts a Machine whose process exits non-zero ("on-failure") this many times by default.
 DEFAULT_MAX_RESTARTS = 10
 _MAX_EVENTS = 50
@@ -477,16 +481,14 @@ class MachinesEmulator:
         signal: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (the kill grace period)
     ) -> None:
-        """Stop the Machine (configured or given signal, hard kill after the timeout)."""
+        """Stop the Machine (configured or given signal, hard kill after the timeout: its
+        `stop_config`'s by default, SIGINT and 5 s without one, at most 300 s)."""
         rec = self._live_record(app, machine_id)
         if rec.state not in _STOPPABLE:
             return  # already stopped, stopping or never started: nothing to do, like Fly
-        stop_config = rec.config.stop_config
-        if signal is None:
-            signal = (stop_config.signal if stop_config else None) or DEFAULT_STOP_SIGNAL
-        if timeout is None:
-            configured = stop_config.timeout if stop_config else None
-            timeout = parse_go_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
+        configured_signal, configured_timeout = self._stop_params(rec)
+        signal = signal or configured_signal
+        timeout = configured_timeout if timeout is None else min(timeout, MAX_STOP_TIMEOUT)
         self._set_state(rec, "stopping", "stop", source="user")
         op = self._next_op(rec)
         self._spawn(self._run_stop(rec, op, signal, timeout))
@@ -857,10 +859,7 @@ class MachinesEmulator:
                 self._set_state(rec, "destroyed", "destroy")
 
     def _stop_params(self, rec: _Record) -> tuple[str, float]:
-        stop_config = rec.config.stop_config
-        signal = (stop_config.signal if stop_config else None) or DEFAULT_STOP_SIGNAL
-        configured = stop_config.timeout if stop_config else None
-        return signal, parse_go_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
+        return stop_params(rec.config)
 
     def _should_restart(self, rec: _Record, exit_code: int | None) -> bool:
         restart = rec.config.restart
@@ -916,6 +915,16 @@ class MachinesEmulator:
             f"machine ID {rec.id} lease currently held by {lease.owner}, "
             f"expires at {_iso(lease.expires_at)}"
         )
+
+
+def stop_params(config: MachineConfig | None) -> tuple[str, float]:
+    """The stop signal and kill timeout (seconds) of a Machine's config: its `stop_config`,
+    else Fly's SIGINT and 5 s; the timeout at most 300 s, as on Fly."""
+    stop_config = config.stop_config if config is not None else None
+    signal = (stop_config.signal if stop_config else None) or DEFAULT_STOP_SIGNAL
+    configured = stop_config.timeout if stop_config else None
+    timeout = parse_go_duration(configured) if configured else DEFAULT_STOP_TIMEOUT
+    return signal, min(timeout, MAX_STOP_TIMEOUT)
 
 
 def _same(given: str, expected: str) -> bool:

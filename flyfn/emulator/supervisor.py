@@ -44,6 +44,7 @@ from flyfn.emulator.process_groups import (
     parse_signal,
     until_stopped,
 )
+from flyfn.emulator.state import stop_params
 from flyfn.fly import env as fly_env
 
 if TYPE_CHECKING:
@@ -348,7 +349,12 @@ class ProcessRuntime:
         services = (machine.config.services if machine.config is not None else None) or []
         return next((s.internal_port for s in services if s.internal_port), self.internal_port)
 
-    def _command(self, fd: int | None, argv: list[str] | None = None) -> list[str]:
+    def _command(
+        self,
+        fd: int | None,
+        argv: list[str] | None = None,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> list[str]:
         command = [self.python, "-m", "flyfn.emulator.child", "--parent-pid", str(os.getpid())]
         if argv is not None:
             return [*command, "--", *argv]
@@ -360,6 +366,8 @@ class ProcessRuntime:
             str(fd),
             "--log-level",
             self.log_level,
+            "--stop-timeout",
+            f"{stop_timeout:g}",
         ]
 
     async def _spawn(
@@ -399,7 +407,7 @@ class ProcessRuntime:
         sock = listening_socket(self.host, 0)
         try:
             port = sock.getsockname()[1]
-            argv = self._command(sock.fileno())
+            argv = self._command(sock.fileno(), stop_timeout=stop_params(machine.config)[1])
             return await self._spawn(argv, app, machine, (sock.fileno(),)), port
         finally:
             sock.close()

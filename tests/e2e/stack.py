@@ -61,7 +61,7 @@ class Dev(DevProcess):
         return self.process.wait(timeout=15)
 
 
-def start_stack(idle_stop: float, secrets: Mapping[str, str] | None = None) -> Dev:
+def start_stack(time_scale: float, secrets: Mapping[str, str] | None = None) -> Dev:
     port = free_loopback_port()
     lines: list[str] = []
     process = start_project(
@@ -69,7 +69,7 @@ def start_stack(idle_stop: float, secrets: Mapping[str, str] | None = None) -> D
         "e2eproj.settings",
         TOKEN,
         port=port,
-        idle_stop=idle_stop,
+        time_scale=time_scale,
         lines=lines,
         secrets=secrets,
     )
@@ -79,10 +79,10 @@ def start_stack(idle_stop: float, secrets: Mapping[str, str] | None = None) -> D
 
 
 @contextlib.contextmanager
-def running_stack(idle_stop: float, secrets: Mapping[str, str] | None = None) -> Iterator[Dev]:
-    """A started stack (`secrets`: the app's secrets), killed on the way out if it still runs
-    (a test may have stopped it)."""
-    stack = start_stack(idle_stop, secrets)
+def running_stack(time_scale: float, secrets: Mapping[str, str] | None = None) -> Iterator[Dev]:
+    """A started stack (autostop's pass every 300 / `time_scale` s; `secrets`: the app's
+    secrets), killed on the way out if it still runs (a test may have stopped it)."""
+    stack = start_stack(time_scale, secrets)
     try:
         yield stack
     finally:

@@ -1,7 +1,7 @@
 """End-to-end, with Fly Proxy's balancing: ordinary traffic reaches function Machines as on Fly.
 
 One `flyfn dev` of the e2e project for the module; its function Machines do not stop while it runs
-(a long idle stop), so they stay the least loaded candidates of ordinary requests.
+(autostop's pass every 6000 s), so they stay the least loaded candidates of ordinary requests.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MAX_UPLOADS = 60
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[Dev]:
-    with running_stack(idle_stop=3600) as stack:
+    with running_stack(time_scale=0.05) as stack:
         yield stack
 
 

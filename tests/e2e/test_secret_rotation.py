@@ -33,8 +33,9 @@ PROXY_ERROR = re.compile(r"\b(P[A-Z]\d\d)\b")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
-    # Long idle stop: the function Machine must not stop (and so boot with the new key) by itself.
-    with demo_stack(tmp_path_factory.mktemp("rotation"), purchases=3, idle_stop=3600) as stack:
+    # Autostop's pass every 6000 s: the function Machine must not stop (and so boot with the new
+    # key) by itself.
+    with demo_stack(tmp_path_factory.mktemp("rotation"), purchases=3, time_scale=0.05) as stack:
         yield stack
 
 

@@ -70,7 +70,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             SETTINGS,
             TOKEN,
             port=port,
-            idle_stop=3,
+            time_scale=200,
             lines=lines,
             # The Machines see no shell variable: the shared directory is an app secret.
             secrets={"TASKS_E2E_DIR": str(tmp_path)},

@@ -68,7 +68,7 @@ def _start() -> Stack:
     port = free_loopback_port()
     lines: list[str] = []
     process = start_project(
-        PROJECT, "soakproj.settings", TOKEN, port=port, idle_stop=3, lines=lines
+        PROJECT, "soakproj.settings", TOKEN, port=port, time_scale=200, lines=lines
     )
     stack = Stack(process, port, lines)
     stack.api = banner_api(process, lines, cleanup=lambda: _kill(stack))

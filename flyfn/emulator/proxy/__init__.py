@@ -8,8 +8,8 @@ prefer_instance, app, region, elsewhere, state, timeout, fallback, transform) th
 does: it re-delivers the request with `fly-replay-src`, falls back with `fly-replay-failed`,
 refuses to replay bodies over 1 MB and chains of more than 10 replays. Stopped or suspended targets
 are started on demand (through the `MachinesEmulator`, so the state machine and events stay
-right), idle ones are stopped or suspended after `idle_stop` seconds per their services'
-`autostop`.
+right), and Fly's autostop pass (every `autostop_interval` seconds, one Machine per app, region
+and role at a time) stops or suspends them per their services' `autostop`.
 
 Bodies stream both ways; a request body is buffered up to 10 MB as Fly's edge does (to replay or
 retry it), and a larger one that needs a replay or a retry fails with PA01.
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.proxy.app import FlyProxy, MachineAddresses
-from flyfn.emulator.proxy.autostop import DEFAULT_IDLE_STOP
+from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL
 from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT
 from flyfn.emulator.proxy.routing import DEFAULT_REPLAY_TIMEOUT, MAX_REPLAYS, REPLAY_BODY_LIMIT
 
 __all__ = [
-    "DEFAULT_IDLE_STOP",
+    "DEFAULT_AUTOSTOP_INTERVAL",
     "DEFAULT_REPLAY_TIMEOUT",
     "EDGE_BUFFER_LIMIT",
     "MAX_REPLAYS",

@@ -2,7 +2,8 @@
 replays, resends and fallbacks, and the Machines it starts on the way.
 
 The decisions it acts on are pure and live in `routing` (and `flyfn.emulator.balancer`); the HTTP
-in `forwarding` and `bodies`; when to send again in `resend`; idle stops in `autostop`.
+in `forwarding` and `bodies`; when to send again in `resend`; Fly's periodic autostop pass in
+`autostop`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import httpx
 from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.logline import RequestLog, cold_note, machine_label
 from flyfn.emulator.proxy import forwarding, resend, routing
-from flyfn.emulator.proxy.autostop import DEFAULT_IDLE_STOP, Autostop
+from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL, Autostop
 from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT, ReadAhead, RequestBody
 from flyfn.emulator.proxy.errors import (
     ClientGone,
@@ -63,7 +64,8 @@ class FlyProxy:
         *,
         app_name: str,
         region: str = "local",
-        idle_stop: float = DEFAULT_IDLE_STOP,
+        primary_region: str | None = None,
+        autostop_interval: float = DEFAULT_AUTOSTOP_INTERVAL,
         replay_timeout: float = routing.DEFAULT_REPLAY_TIMEOUT,
         replay_body_limit: int = routing.REPLAY_BODY_LIMIT,
         edge_buffer_limit: int = EDGE_BUFFER_LIMIT,
@@ -77,6 +79,7 @@ class FlyProxy:
         self.addresses = addresses
         self.app_name = app_name
         self.region = region
+        self.primary_region = primary_region or region
         self.replay_timeout = replay_timeout
         self.replay_body_limit = replay_body_limit
         self.edge_buffer_limit = edge_buffer_limit
@@ -89,7 +92,13 @@ class FlyProxy:
         self._seen_pid: dict[str, int] = {}
         self._starting: dict[str, asyncio.Task[Machine]] = {}
         self.autostop = Autostop(
-            machines, self._load, apps={app_name}, idle_stop=idle_stop, on_event=on_event
+            machines,
+            self._load,
+            apps={app_name},
+            interval=autostop_interval,
+            region=region,
+            primary_region=self.primary_region,
+            on_event=on_event,
         )
 
     def load(self, machine_id: str) -> int:
@@ -381,11 +390,9 @@ class FlyProxy:
                 finally:
                     self._load.unwait(machine.id)
                 return started, self._cold_note(started, time.monotonic() - begun), preference
-            if dest.instance:
+            if dest.instance:  # a replay to it fails (PM08 when stopping or failed)
                 raise Unreachable(
-                    "no_candidate",
-                    f"no candidate: Machine {dest.instance} is not available",
-                    dest.instance,
+                    "no_candidate", routing.unavailable_detail(machine), dest.instance
                 )
             unavailable.add(machine.id)
 

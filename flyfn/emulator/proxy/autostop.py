@@ -1,27 +1,98 @@
-"""Fly Proxy's autostop, locally: started Machines idle for `idle_stop` seconds are stopped or
-suspended per their services' `autostop`, keeping `min_machines_running` of each role."""
+"""Fly Proxy's autostop, locally: a pass every `interval` seconds stops or suspends (per the
+services' `autostop`) at most one started Machine per app, region and role, as Fly's does.
+
+A Machine's load at a pass is the peak of the requests the proxy had in flight to it since the
+previous pass (only inbound traffic through the proxy counts: a Machine's own threads,
+background work and outbound connections do not). Per app, region and role (the app's Machines
+by process group, each flyfn function group apart):
+
+- a lone started Machine is stopped when its load is zero;
+- with several, `excess = started - (over_soft_limit + 1)`; while it is positive the least
+  loaded one (ties: the one idle longest) is stopped, possibly with requests in flight, as on Fly
+  (it gets its `stop_config` signal and the timeout to finish them);
+- `min_machines_running` keeps that many started, in the primary region only.
+
+Autostop never creates or destroys Machines. The planning (`plan`) is pure; `Autostop` runs it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from flyfn.emulator import balancer
 from flyfn.emulator.logline import autostop_event
 from flyfn.emulator.proxy.load import Load
 from flyfn.emulator.roles import group_of
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.fly import autostop
-from flyfn.machines.models import Machine
+from flyfn.machines.models import Machine, MachineService
 
-__all__ = ["DEFAULT_IDLE_STOP", "Autostop"]
+__all__ = ["DEFAULT_AUTOSTOP_INTERVAL", "Autostop", "Stop", "plan"]
 
-DEFAULT_IDLE_STOP = 60.0
+# Fly documents that autostop runs "every few minutes", and users observe Machines stopped 5 to
+# 10 minutes after their last request: what a pass every 300 s gives (a Machine busy just before
+# one pass is idle at the next, and stopped then). `flyfn dev --time-scale N` divides it.
+DEFAULT_AUTOSTOP_INTERVAL = 300.0
+
+
+@dataclass(frozen=True)
+class Stop:
+    """One Machine a pass stops (`mode` "stop") or suspends, its load at the pass, and how many
+    Machines of its region and role were started then (it included)."""
+
+    machine: Machine
+    mode: autostop.AutostopMode
+    load: int
+    started: int = 1
+
+
+def plan(
+    machines: Sequence[Machine],
+    *,
+    load: Callable[[str], int],
+    idle_since: Callable[[str], float],
+    region: str,
+    primary_region: str,
+) -> list[Stop]:
+    """What one pass does to `machines` (one app's): at most one Stop per region and role.
+
+    `load(id)`: the Machine's peak in-flight requests since the previous pass; `idle_since(id)`:
+    when it last had a request (the tie-break: the one idle longest goes first); `region`: that
+    of Machines with none; `primary_region`: the only region where `min_machines_running` holds.
+    """
+    groups: dict[tuple[str, str, str], list[Machine]] = {}
+    for machine in machines:
+        if machine.state != "started" or _mode_of(machine) == "off":
+            continue
+        groups.setdefault((machine.region or region, *_role_of(machine)), []).append(machine)
+    stops: list[Stop] = []
+    for (where, _, _), started in sorted(groups.items()):
+        loads = {m.id: load(m.id) for m in started}
+        if len(started) == 1:
+            victim = started[0] if loads[started[0].id] == 0 else None
+        else:
+            over_soft = sum(1 for m in started if loads[m.id] > _soft_limit(m))
+            excess = len(started) - (over_soft + 1)
+            victim = (
+                min(started, key=lambda m: (loads[m.id], idle_since(m.id), m.id))
+                if excess > 0
+                else None
+            )
+        if victim is None:
+            continue
+        keep = max(_min_running(m) for m in started) if where == primary_region else 0
+        if len(started) <= keep:
+            continue
+        stops.append(Stop(victim, _mode_of(victim), loads[victim.id], len(started)))
+    return stops
 
 
 class Autostop:
-    """Stops idle Machines of the apps the proxy has sent requests to."""
+    """Stops Machines of the apps the proxy has sent requests to, one pass every `interval`
+    seconds (0: no passes; `once` still runs one)."""
 
     def __init__(
         self,
@@ -29,19 +100,24 @@ class Autostop:
         load: Load,
         *,
         apps: set[str],
-        idle_stop: float = DEFAULT_IDLE_STOP,
+        interval: float = DEFAULT_AUTOSTOP_INTERVAL,
+        region: str = "local",
+        primary_region: str | None = None,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.machines = machines
         self.load = load
         self.apps = apps  # shared with the proxy, which adds the apps it replays to
-        self.idle_stop = idle_stop
+        self.interval = interval
+        self.region = region
+        self.primary_region = primary_region or region
         self.on_event = on_event
+        self.passes = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Run a pass every so often in the background (not when `idle_stop` is 0)."""
-        if self._task is None and self.idle_stop > 0:
+        """Run a pass every `interval` seconds in the background (not when it is 0)."""
+        if self._task is None and self.interval > 0:
             self._task = asyncio.ensure_future(self._loop())
 
     async def aclose(self) -> None:
@@ -52,39 +128,51 @@ class Autostop:
             self._task = None
 
     async def _loop(self) -> None:
-        interval = min(max(self.idle_stop / 4, 0.2), 5.0)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval)
             try:
                 await self.once()
             except Exception as exc:  # the loop must survive one bad pass
                 self._event(f"autostop: pass failed: {exc}")
 
     async def once(self, now: float | None = None) -> list[str]:
-        """Stop or suspend each started Machine idle for `idle_stop` seconds; their ids."""
-        now = time.monotonic() if now is None else now
+        """One pass over every app: the ids of the Machines it stopped or suspended."""
+        now = self.load.clock() if now is None else now
+        self.passes += 1
         acted: list[str] = []
-        for app in sorted(self.apps):
-            started = [m for m in self.machines.list(app) if m.state == "started"]
-            for machine in started:
-                mode, keep = _autostop_of(machine)
-                last = self.load.last_active(machine.id, now)
-                if mode == "off" or self.load.busy(machine.id) or now - last < self.idle_stop:
-                    continue
-                role = group_of(machine)
-                peers = [m for m in started if group_of(m) == role and m.id not in acted]
-                if len(peers) <= keep:
-                    continue
-                try:
-                    if mode == "suspend":
-                        await self.machines.suspend(app, machine.id)
-                    else:
-                        await self.machines.stop(app, machine.id)
-                except EmulatorError:
-                    continue
-                self.load.forget(machine.id)
-                acted.append(machine.id)
-                self._event(autostop_event(machine, mode, now - last))
+        try:
+            for app in sorted(self.apps):
+                stops = plan(
+                    self.machines.list(app),
+                    load=self.load.peak,
+                    idle_since=lambda machine_id: self.load.last_active(machine_id, now),
+                    region=self.region,
+                    primary_region=self.primary_region,
+                )
+                for stop in stops:
+                    machine = stop.machine
+                    idle = now - self.load.last_active(machine.id, now)
+                    try:
+                        if stop.mode == "suspend":
+                            await self.machines.suspend(app, machine.id)
+                        else:  # its stop_config's signal, then SIGKILL after its timeout
+                            await self.machines.stop(app, machine.id)
+                    except EmulatorError:
+                        continue
+                    self.load.forget(machine.id)
+                    acted.append(machine.id)
+                    self._event(
+                        autostop_event(
+                            machine,
+                            stop.mode,
+                            idle,
+                            load=stop.load,
+                            at=self.passes,
+                            started=stop.started,
+                        )
+                    )
+        finally:
+            self.load.new_pass()
         return acted
 
     def _event(self, message: str) -> None:
@@ -92,9 +180,30 @@ class Autostop:
             self.on_event(message)
 
 
-def _autostop_of(machine: Machine) -> tuple[str, int]:
-    """The Machine's autostop mode and min_machines_running over its services."""
-    services = (machine.config.services if machine.config is not None else None) or []
-    mode = autostop.strongest(str(s.autostop) for s in services if s.autostop is not None)
-    keep = max((s.min_machines_running or 0 for s in services), default=0)
-    return mode, keep
+def _services(machine: Machine) -> list[MachineService]:
+    return list((machine.config.services if machine.config is not None else None) or [])
+
+
+def _mode_of(machine: Machine) -> autostop.AutostopMode:
+    return autostop.strongest(str(s.autostop) for s in _services(machine) if s.autostop is not None)
+
+
+def _min_running(machine: Machine) -> int:
+    return max((s.min_machines_running or 0 for s in _services(machine)), default=0)
+
+
+def _soft_limit(machine: Machine) -> int:
+    """The soft limit of the Machine's first service that autostops (Fly's 20 without one)."""
+    for service in _services(machine):
+        if service.autostop is not None and autostop.strongest([str(service.autostop)]) != "off":
+            return balancer.limits_of(service).soft
+    return balancer.DEFAULT_SOFT_LIMIT
+
+
+def _role_of(machine: Machine) -> tuple[str, str]:
+    """Its role: ("function", group) for a function Machine, ("app", process group) else."""
+    group = group_of(machine)
+    if group is not None:
+        return "function", group
+    metadata = (machine.config.metadata if machine.config is not None else None) or {}
+    return "app", metadata.get("fly_process_group", "app")

@@ -27,6 +27,7 @@ from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource
 __all__ = [
     "DEFAULT_REPLAY_TIMEOUT",
     "MAX_REPLAYS",
+    "NOT_STARTABLE",
     "REPLAY_BODY_LIMIT",
     "Delivery",
     "Destination",
@@ -42,14 +43,17 @@ __all__ = [
     "preference_headers",
     "replayed",
     "step_for",
+    "unavailable_detail",
 ]
 
 DEFAULT_REPLAY_TIMEOUT = 30.0
 _REPLAY_REQUEST_HEADERS = frozenset({FLY_REPLAY_SRC, FLY_REPLAY_FAILED})
-_STARTABLE = frozenset({"created", "stopped", "suspended", "failed"})
-_TRANSITIONAL = frozenset(
-    {"creating", "starting", "stopping", "suspending", "restarting", "updating", "replacing"}
-)
+# What Fly Proxy autostarts for a request. A Machine stopping or suspending (perhaps by autostop)
+# or failed is in a non-startable state (PM08): no candidate, and a replay to it fails. The
+# Machines API's own start endpoint is another matter (`MachinesEmulator.start`).
+_STARTABLE = frozenset({"created", "stopped", "suspended"})
+NOT_STARTABLE = frozenset({"stopping", "suspending", "failed"})
+_TRANSITIONAL = frozenset({"creating", "starting", "restarting", "updating", "replacing"})
 
 # What to do with the Machine `pick` chose: deliver now, wait for it to settle, start it, or
 # count it out and pick again.
@@ -346,11 +350,23 @@ def step_for(machine: Machine, *, answering: bool) -> Step:
     state = machine.state or ""
     if state == "started" and answering:
         return "deliver"
+    if state in NOT_STARTABLE:  # PM08: not started for a request
+        return "skip"
     if state in _TRANSITIONAL or state == "started":  # started without a process: it may have died
         return "settle"
     if state in _STARTABLE and _autostarts(machine):
         return "start"
     return "skip"
+
+
+def unavailable_detail(machine: Machine) -> str:
+    """Why a replay to `instance=<machine>` that `step_for` skips cannot be delivered."""
+    if machine.state in NOT_STARTABLE:
+        return (
+            f"no candidate: Machine {machine.id} is in a non-startable state "
+            f"({machine.state}) (PM08)"
+        )
+    return f"no candidate: Machine {machine.id} is not available"
 
 
 def preference_headers(dest: Destination, machine: Machine) -> dict[str, str]:

@@ -73,10 +73,11 @@ class Command(BaseCommand):
         dev.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
         dev.add_argument("--host", default="127.0.0.1", help="proxy address (default 127.0.0.1)")
         dev.add_argument(
-            "--idle-stop",
-            type=float,
-            default=60.0,
-            help="seconds idle before a Machine is stopped per its autostop (default 60)",
+            "--time-scale",
+            type=_time_scale,
+            default=1.0,
+            help="divide Fly's periods by this (default 1): autostop's pass, every 300 s on Fly, "
+            "runs every 300/N s",
         )
         dev.add_argument("--asgi", default=None, help="module:attr of the ASGI app to run")
         dev.add_argument("--api-port", type=int, default=0, help="Machines API port (default any)")
@@ -268,7 +269,7 @@ class Command(BaseCommand):
         *,
         port: int,
         host: str,
-        idle_stop: float,
+        time_scale: float = 1.0,
         asgi: str | None,
         api_port: int,
         live_port: int = 0,
@@ -281,7 +282,7 @@ class Command(BaseCommand):
         dev_options = DevOptions(
             port=port,
             host=host,
-            idle_stop=idle_stop,
+            time_scale=time_scale,
             asgi_app=asgi,
             api_port=api_port,
             live_port=live_port,
@@ -339,6 +340,17 @@ def _seconds(text: str) -> float:
     if not 0 < seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return seconds
+
+
+def _time_scale(text: str) -> float:
+    """A positive factor (argparse type)."""
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = 0.0
+    if not 0 < scale < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return scale
 
 
 def run(work: Coroutine[Any, Any, T], deadline: float = DEFAULT_DEADLINE) -> T:
