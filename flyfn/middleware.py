@@ -51,6 +51,14 @@ RETRY_AFTER_SECONDS = 5
 # A request a function Machine sends on (Fly Proxy balances again, excluding it); should that fail,
 # Fly Proxy brings it back here with `fly-replay-failed` and an ordinary view runs here after all.
 ELSEWHERE = "elsewhere=true;fallback=force_self"
+
+
+@functools.lru_cache(maxsize=64)
+def _to_instance(machine_id: str) -> str:
+    """The header sending a request to one app Machine (unsigned: it signs and routes it)."""
+    return FlyReplay(instance=machine_id, fallback="force_self").to_header()
+
+
 NO_STORE = "private, no-store"
 # The request attribute holding a request's fallback slot, released when its response is made.
 _SLOT_ATTR = "_flyfn_fallback_slot"
@@ -337,18 +345,9 @@ class FlyReplayMiddleware:
                 return self._own_view(request, view, settings)
             # Another group's view that Fly Proxy balanced here: an app Machine routes it, with
             # the group's fallback if its Machines fail (a function Machine has none to offer).
-            if _bounceable(request.META, settings.replay_body_limit):
-                events.bounced(role.group or "", "other_group")
-                return replay_response(ELSEWHERE)
-            if _META_REPLAY_FAILED in request.META:
-                # No replay of this Machine's explains it: never a reason to run a view here.
-                events.fell_back(view.group, "untrusted_failure", "unavailable")
-                return unavailable()
-            # It cannot go back: it runs where it landed, as an ordinary request would. A
-            # function Machine never replays for another group: it would sign with the key it
-            # booted with (stale after a rotation until its next start) and change that
-            # group's Machines.
-            return None
+            return self._to_app_machines(
+                request, view.group, settings, "other_group", bouncer=role.group or ""
+            )
         # A serverless view to replay: from main, or one a function Machine cannot send on.
         meta = request.META
         failed = meta.get(_META_REPLAY_FAILED)
@@ -493,20 +492,49 @@ class FlyReplayMiddleware:
             return None
         # Not replayed by an app Machine (a client Fly Proxy balanced here, or another Machine's
         # bounce): the app Machines replay it properly. Never run unsigned.
-        if _bounceable(meta, settings.replay_body_limit):
-            events.bounced(view.group, "unsigned")
+        return self._to_app_machines(request, view.group, settings, "unsigned", view.group)
+
+    def _to_app_machines(
+        self,
+        request: HttpRequest,
+        group: str,
+        settings: FlyfnSettings,
+        reason: events.BounceReason,
+        bouncer: str,
+    ) -> HttpResponseBase | None:
+        """A serverless view a function Machine may not run (not its group's, or not replayed by
+        an app Machine) goes to the app Machines, which sign and route it: `elsewhere` when no
+        Machine sent it here yet, else straight to an app Machine (bounced `elsewhere` again it
+        could go round the function Machines until Fly's replay limit). A function Machine never
+        signs it itself (it may hold a stale key, and it would sign for a stranger) nor changes
+        the group's Machines. When it cannot go (a fallback, which cannot be replayed; no app
+        Machine known yet) the answer is a 503 with `Retry-After`; a body Fly Proxy cannot replay
+        at all runs here when it is another group's view, as any other view would. `bouncer`:
+        the group a bounce is an event of."""
+        meta = request.META
+        limit = settings.replay_body_limit
+        if _bounceable(meta, limit):
+            events.bounced(bouncer, reason)
             return replay_response(ELSEWHERE)
-        if source and failed is None and _replayable_body(meta, settings.replay_body_limit):
-            # Another Machine bounced it here: bounced again it could go round the function
-            # Machines until Fly's replay limit. Signed for this group, as an app Machine would.
-            members = get_manager().members(view.group)
-            target = members[0] if members else current_env().machine_id
-            if target:
+        replayable = _replayable_body(meta, limit)
+        if replayable and _META_REPLAY_FAILED not in meta:
+            app_machine = get_manager().app_machine()
+            if app_machine is not None:
                 try:
-                    return self._send_on(request, view.group, settings, target, 0)
+                    header = _to_instance(app_machine)
                 except ValueError as exc:  # a Machine id the header cannot carry
-                    logger.error("flyfn: cannot replay within group %r: %s", view.group, exc)
-        events.fell_back(view.group, "unsigned", "unavailable")
+                    logger.error("flyfn: cannot send a request of group %r on: %s", group, exc)
+                else:
+                    events.bounced(bouncer, reason)
+                    return replay_response(header)
+        if not replayable and reason == "other_group":
+            return None  # it can go nowhere: it runs here rather than fail
+        why: events.FallbackReason = "no_machine"
+        if reason == "unsigned":
+            why = "unsigned"
+        elif _META_REPLAY_FAILED in meta:
+            why = "untrusted_failure"  # a function Machine never falls back for another group
+        events.fell_back(group, why, "unavailable")
         return unavailable()
 
     def _run_or_send_on(
@@ -569,8 +597,9 @@ def _serve_metrics() -> None:
 
 
 def _learn_siblings() -> None:
-    """A function Machine of an elastic `instance` group asks for its siblings as it boots (one
-    list call), so that a burst reaching it cold can already be sent on."""
+    """A function Machine of the `instance` strategy lists its app as it boots (one call, shared
+    by its worker processes): its siblings, so that a burst reaching it cold can be sent on, and
+    the app Machines, where it sends what is not its to run."""
     role = current_role()
     if role.kind != "function" or role.group is None:
         return
@@ -578,7 +607,7 @@ def _learn_siblings() -> None:
         options = get_settings().group(role.group)
     except SettingsError:
         return
-    if options.strategy == "instance" and options.machine_count > 1 and options.concurrency:
+    if options.strategy == "instance":
         get_manager().refresh(role.group)
 
 

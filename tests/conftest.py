@@ -237,8 +237,10 @@ class StaticPools:
         targets: Mapping[str, ReplayTarget] | None = None,
         machines: Mapping[str, Sequence[str]] | None = None,
         choice: MachineChoice | None = None,
+        app_machines: Sequence[str] = (),
     ) -> None:
         self.targets = dict(targets or {})
+        self.app_machines = tuple(app_machines)
         self.machines = {group: tuple(ids) for group, ids in (machines or {}).items()}
         self.choice = choice or RankOrder()
         self.forgotten: list[tuple[str, str]] = []
@@ -265,6 +267,9 @@ class StaticPools:
 
     def refresh(self, group: str) -> None:
         self.refreshed.append(group)
+
+    def app_machine(self) -> str | None:
+        return self.app_machines[0] if self.app_machines else None
 
 
 @pytest.fixture

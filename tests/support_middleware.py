@@ -15,6 +15,7 @@ from tests.conftest import StaticPools
 
 PDF_MACHINE = "e286de4f711e86"
 DEFAULT_MACHINE = "9080e6e9c5d987"
+APP_MACHINE = "0e1f2a3b4c5d6e"  # the app Machine function Machines send what is not theirs to
 
 
 def routing_manager(**more: ReplayTarget) -> StaticPools:
@@ -24,7 +25,8 @@ def routing_manager(**more: ReplayTarget) -> StaticPools:
             "pdf": ReplayTarget(instance=PDF_MACHINE),
             "default": ReplayTarget(instance=DEFAULT_MACHINE),
             **more,
-        }
+        },
+        app_machines=(APP_MACHINE,),
     )
 
 

@@ -40,7 +40,13 @@ from flyfn.replay import (
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
-from tests.support_middleware import DEFAULT_MACHINE, PDF_MACHINE, issued, routing_manager
+from tests.support_middleware import (
+    APP_MACHINE,
+    DEFAULT_MACHINE,
+    PDF_MACHINE,
+    issued,
+    routing_manager,
+)
 from tests.testapp import views as test_views
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]
@@ -314,27 +320,42 @@ async def test_function_never_bounces_a_request_a_machine_sent_it(
         own = await fetch("GET", "/routing/pdf/", headers=bounced)
         ordinary = await fetch("GET", "/plain/", headers=bounced)
         other = await fetch("POST", "/routing/report/", headers=bounced)
-    assert own.status_code == 503  # no Machine of its group known to sign it for: refused
-    assert own["Retry-After"].isdigit()
+    # Serverless views go straight to an app Machine, unsigned: it signs and routes them. A
+    # function Machine never signs a request no app Machine replayed (it would sign for a
+    # stranger, maybe with a stale key) nor changes another group's Machines.
+    for response in (own, other):
+        replay = replay_of(response)
+        assert replay.instance == APP_MACHINE
+        assert replay.state is None
+        assert replay.fallback == "force_self"
     assert ran_here(ordinary, b"plain")
-    # Another group's view runs where it landed: a function Machine never signs for a group
-    # not its own (its key may be stale after a rotation) nor changes that group's Machines.
-    assert ran_here(other, b"report 0")
     assert manager.forgotten == []
 
 
-async def test_function_signs_a_bounced_request_of_its_group_as_an_app_machine_would(
+async def test_function_sends_a_bounced_request_of_its_group_to_an_app_machine_unsigned(
     fetch: Fetch, manager: StaticPools
 ) -> None:
-    manager.machines["pdf"] = (PDF_MACHINE,)
+    manager.machines["pdf"] = (PDF_MACHINE,)  # it could sign for its own group: it does not
     bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
     with override_role(function("pdf")):
         response = await fetch("GET", "/routing/pdf/", headers=bounced)
     replay = replay_of(response)
-    assert replay.instance == PDF_MACHINE
-    assert verify_state(
-        replay.state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=40
-    )
+    assert replay.instance == APP_MACHINE
+    assert replay.state is None
+
+
+async def test_function_refuses_a_bounced_request_while_it_knows_no_app_machine(
+    fetch: Fetch, manager: StaticPools
+) -> None:
+    manager.app_machines = ()
+    bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
+    with override_role(function("pdf")):
+        own = await fetch("GET", "/routing/pdf/", headers=bounced)
+        other = await fetch("POST", "/routing/report/", headers=bounced)
+    for response in (own, other):
+        assert response.status_code == 503
+        assert response["Retry-After"].isdigit()
+        assert "fly-replay" not in response
 
 
 @pytest.mark.parametrize(
@@ -1152,21 +1173,6 @@ def test_function_refuses_a_bounced_request_whose_body_it_cannot_replay(
     assert response.status_code == 503
 
 
-def test_function_signs_a_bounced_request_for_its_groups_first_machine_at_hop_0(
-    manager: StaticPools,
-) -> None:
-    manager.machines["pdf"] = (PDF_MACHINE,)
-    with override_role(function("pdf"), MachineEnv(machine_id="0own0machine01")):
-        response = Client().get("/routing/pdf/", headers={"fly-replay-src": UNSTATED_SRC})
-    replay = replay_of(response)
-    assert replay.instance == PDF_MACHINE
-    check = verify_state(
-        replay.state, django_settings.SECRET_KEY, "GET", "/routing/pdf/", "pdf", max_age=40
-    )
-    assert check
-    assert check.hop == 0
-
-
 def test_a_view_declared_by_url_name_is_routed(
     manager: StaticPools, settings: SettingsWrapper
 ) -> None:
@@ -1251,23 +1257,15 @@ async def test_async_mode_releases_the_in_flight_count_on_close_or_error() -> No
     ("role", "groups", "learns"),
     [
         (function("pdf"), {"pdf": ELASTIC_PDF}, ["pdf"]),
-        (function("pdf"), {"default": ELASTIC_PDF}, []),  # its own group is not elastic
+        # Any function Machine of the instance strategy lists its app: the app Machines are where
+        # it sends what it may not run.
+        (function("pdf"), {"default": ELASTIC_PDF}, ["pdf"]),
         (MAIN, {"pdf": ELASTIC_PDF}, []),
-        (function("pdf"), {"pdf": {**ELASTIC_PDF, "strategy": "app"}}, []),
-        (
-            function("pdf"),
-            {"pdf": {"machines": 2, "concurrency": ELASTIC_PDF["concurrency"]}},
-            ["pdf"],
-        ),
-        (
-            function("pdf"),
-            {"pdf": {"machines": 1, "max_machines": 1, "concurrency": ELASTIC_PDF["concurrency"]}},
-            [],
-        ),
-        (function("pdf"), {"pdf": {"max_machines": 3}}, []),  # no concurrency: nothing to spread
+        (function("pdf"), {"pdf": {**ELASTIC_PDF, "strategy": "app"}}, []),  # another app
+        (function("pdf"), {"pdf": {"max_machines": 3}}, ["pdf"]),
     ],
 )
-def test_a_function_machine_of_an_elastic_group_learns_its_siblings_as_it_boots(
+def test_a_function_machine_of_the_instance_strategy_lists_its_app_as_it_boots(
     settings: SettingsWrapper,
     monkeypatch: pytest.MonkeyPatch,
     role: Any,
@@ -1352,7 +1350,7 @@ def test_a_busy_machine_that_cannot_name_its_next_logs_it_and_runs_the_request(
 def test_a_bounced_request_for_a_machine_id_no_header_can_carry_is_logged_and_refused(
     manager: StaticPools, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    manager.machines["pdf"] = ("not;an id",)
+    manager.app_machines = ("not;an id",)
     with override_role(function("pdf")):
         response = Client().get("/routing/pdf/", headers={"fly-replay-src": UNSTATED_SRC})
     assert response.status_code == 503

@@ -32,7 +32,8 @@ from flyfn.pool import (
     new_client,
     spec_for,
 )
-from flyfn.runtime import function, override_role
+from flyfn.pool.listing import MachineListing
+from flyfn.runtime import MachineEnv, function, override_role
 from tests.conftest import (
     EMULATOR_APP,
     EMULATOR_TOKEN,
@@ -574,3 +575,36 @@ def test_every_change_to_a_group_is_a_pool_event(
     ]
     for secret in ("the-new-key", "the-old-key"):
         assert secret not in caplog.text
+
+
+def test_a_function_machine_sends_to_a_started_app_machine_of_the_shared_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listing = MachineListing(None)
+    manager = PoolManager(listing=listing, random=lambda: 0.0)
+    refreshed: list[str] = []
+    monkeypatch.setattr(manager, "refresh", refreshed.append)
+
+    def machine(machine_id: str, state: str, **metadata: str) -> Machine:
+        return Machine(id=machine_id, state=state, config=MachineConfig(metadata=metadata))
+
+    try:
+        with override_role(function("pdf"), MachineEnv(app_name="app1", machine_id="fn0")):
+            assert manager.app_machine() is None  # no list yet: one is asked for
+            assert refreshed == ["pdf"]
+            listing.write(
+                "app1",
+                time.time(),
+                [
+                    machine("fn1", "started", flyfn_group="pdf"),  # a function Machine: never
+                    machine("app2", "stopped", fly_process_group="app"),
+                    machine("app3", "started", fly_process_group="app"),
+                    machine("app4", "destroyed", fly_process_group="app"),
+                ],
+            )
+            assert manager.app_machine() == "app3"  # a started one first
+            assert refreshed == ["pdf"]  # the list is fresh: nothing more asked
+            listing.write("app1", time.time(), [machine("app2", "stopped", fly_process_group="a")])
+            assert manager.app_machine() == "app2"  # Fly Proxy starts a stopped one
+    finally:
+        manager.close()

@@ -39,6 +39,15 @@ logger = logging.getLogger("flyfn.pool")
 
 # Gone for good: never routed to, never counted.
 GONE_STATES = frozenset({"destroying", "destroyed", "replaced", "migrated"})
+
+
+def is_app_machine(machine: Machine) -> bool:
+    """Whether `fly deploy` made the Machine for a process group (an app Machine): flyfn never
+    sets `fly_process_group` on function Machines."""
+    metadata = (machine.config.metadata if machine.config is not None else None) or {}
+    return bool(metadata.get("fly_process_group"))
+
+
 # Still there but unable to serve: not routed to, destroyed when the pool converges.
 BROKEN_STATES = frozenset({"failed", "launch_failed"})
 # Not running: an update says `skip_launch` so that it stays so (Fly starts a stopped Machine it

@@ -20,10 +20,11 @@ from flyfn.elastic import Spill
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.pool.cache import MachinePool
 from flyfn.pool.choice import RANK_ORDER, MachineChoice, ReplayTarget
+from flyfn.pool.converge import GONE_STATES, is_app_machine
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.loop import LoopThread
 from flyfn.pool.spec import PoolConfigError, new_client, spec_for
-from flyfn.runtime import current_env
+from flyfn.runtime import current_env, current_role
 
 T = TypeVar("T")
 
@@ -57,6 +58,11 @@ class Pools(Protocol):
 
     def refresh(self, group: str) -> None:
         """Look at the group's Machines again, behind the caller."""
+        ...
+
+    def app_machine(self) -> str | None:
+        """An app Machine of this Machine's app (a started one when there is one), from the list
+        the pools share; None while that list is not known (a refresh is asked then)."""
         ...
 
 
@@ -128,6 +134,22 @@ class PoolManager:
 
     def refresh(self, group: str) -> None:
         self.pool(group).refresh()
+
+    def app_machine(self) -> str | None:
+        env = current_env()
+        role = current_role()
+        if not env.app_name:
+            return None
+        shared = self.listing.read(env.app_name)
+        max_age = self._get_settings().cache_ttl
+        if (shared is None or time.time() - shared[0] > max_age) and role.group is not None:
+            self.refresh(role.group)  # lists the whole app, app Machines included
+        if shared is None:
+            return None
+        candidates = [m for m in shared[1] if is_app_machine(m) and m.state not in GONE_STATES]
+        started = [m.id for m in candidates if m.state == "started"]
+        ids = started or [m.id for m in candidates]
+        return ids[int(self.random() * len(ids)) % len(ids)] if ids else None
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run a coroutine on the background loop (started on first use)."""

@@ -240,15 +240,16 @@ async def test_a_validly_signed_replay_does_run() -> None:
 async def test_another_groups_view_never_runs_on_a_function_machine(
     kind: str, failed: str | None
 ) -> None:
-    """`report` is of group default; a pdf Machine never signs a replay for it (its key may be
-    stale) nor changes default's Machines: what cannot go back runs where it landed, as an
-    ordinary view would, and a fallback no replay of its explains is refused."""
+    """`report` is of group default; a pdf Machine sends it to an app Machine unsigned (or
+    refuses a fallback for it): it never runs it, nor signs it, nor changes default's Machines."""
     headers = {"fly-replay-src": src(path="/routing/report/", group="pdf")}
     if failed:
         headers["fly-replay-failed"] = failed
     with override_role(function("pdf")):
         response = await send(kind, "GET", "/routing/report/", headers)
-    assert classify(response, b"report 0") == ("unavailable" if failed else "view")
+    assert classify(response, b"report 0") == ("unavailable" if failed else "replay")
+    if not failed:
+        assert "state=" not in response["fly-replay"]
 
 
 @FUZZ
@@ -263,7 +264,8 @@ def test_fuzzed_replay_headers_never_run_a_function_view(
     with override_role(function("pdf")):
         own = client.get("/routing/pdf/", headers=headers)
         other = client.get("/plain/", headers=headers)
-    assert classify(own, b"") in {"elsewhere", "unavailable"}  # never the view
+    assert classify(own, b"") in {"elsewhere", "replay", "unavailable"}  # never the view
+    assert "state=" not in own.get("fly-replay", "")  # never signed on a function Machine
     # Sent on only when nothing says it was replayed or bounced here before; else it runs here.
     assert classify(other, b"plain") == ("elsewhere" if not headers else "view")
 
