@@ -276,11 +276,16 @@ def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> 
     task_finished.send(sender=type(backend), task_result=result)
 
 
-def _claims(group: str, machine: str, stop: threading.Event) -> Iterator[Claim]:
-    """The group's due tasks, claimed one at a time, over every flyfn backend serving it."""
+def _claims(
+    group: str, machine: str, stop: threading.Event, *, recycle: bool = True
+) -> Iterator[Claim]:
+    """The group's due tasks, claimed one at a time, over every flyfn backend serving it.
+    `recycle`: drop this thread's broken or too old connections before each claim (never for a
+    caller that may be inside a transaction of its own: it would close that connection)."""
     backends = [b for b in flyfn_backends() if group in b.flyfn.groups]
     while not stop.is_set():
-        close_old_connections()
+        if recycle:
+            close_old_connections()
         claim = None
         try:
             for backend in backends:
@@ -335,7 +340,7 @@ def run_due_tasks(group: str | None = None) -> int:
     ran = 0
     for name in groups:
         stop = threading.Event()
-        for claim in _claims(name, worker_id(), stop):
+        for claim in _claims(name, worker_id(), stop, recycle=False):
             run_claim(claim)
             ran += 1
     return ran
