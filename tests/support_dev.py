@@ -55,7 +55,8 @@ def secrets_file(values: Mapping[str, str]) -> Path:
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     path = directory / "secrets.env"
     for value in values.values():
-        assert "'" not in value and "\n" not in value, "a test secret must fit in single quotes"
+        assert "'" not in value, "a test secret must fit in single quotes"
+        assert "\n" not in value, "a test secret must fit in single quotes"
     path.write_text("".join(f"{name}='{value}'\n" for name, value in values.items()))
     return path
 
