@@ -241,16 +241,24 @@ def run_claim(claim: Claim) -> bool:
 
 
 def _store(claim: Claim, using: str, value: Any, error: BaseException | None) -> bool:
-    """Write a run's outcome if its lease is still the task's; whether it was."""
+    """Write a run's outcome if its lease is still the task's; whether it was.
+
+    The task's row is locked first, as the reaper (`_lost`) and `claim_next` lock it before they
+    touch its lease: a reaper that came first has deleted this lease (the outcome is dropped), one
+    that comes later skips the row until the outcome is committed. Without the lock, a reaper
+    could requeue the task between the check and the write, and the write would then overwrite
+    the next run's RUNNING and delete its lease."""
     row = claim.row
     with exclusive_transaction(using):
-        if not TaskLease.objects.filter(task_id=row.id, token=claim.token).exists():
+        locked = DBTaskResult.objects.using(using).select_for_update().filter(pk=row.pk)
+        leases = TaskLease.objects.using(using).filter(task_id=row.id, token=claim.token)
+        if not locked.exists() or not leases.exists():
             return False
         if error is None:
             row.set_successful(value)
         else:
             row.set_failed(error)
-        TaskLease.objects.filter(task_id=row.id).delete()
+        leases.delete()
     return True
 
 
