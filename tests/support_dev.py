@@ -70,14 +70,16 @@ def start_project(
     idle_stop: float,
     lines: list[str],
     secrets: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """`flyfn dev` on the test project in directory `project` (see `start`), with `secrets` as
-    the app's secrets."""
+    the app's secrets and `env` added to the command's own environment (not the Machines')."""
     command = [sys.executable, "-m", "django", "flyfn", "dev"]
     command += ["--port", str(port), "--idle-stop", str(idle_stop)]
     if secrets:
         command += ["--secrets-file", str(secrets_file(secrets))]
-    return start(command, cwd=project, env=project_env(settings_module, token), lines=lines)
+    environment = {**project_env(settings_module, token), **(env or {})}
+    return start(command, cwd=project, env=environment, lines=lines)
 
 
 def start(
