@@ -22,6 +22,7 @@ from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine
 from flyfn.pool import MachineChoice, PoolManager, Pools, RankOrder, ReplayTarget, set_manager
+from tests.support_postgres import SQLITE_ENV, Database, Postgres, session_root
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
 
@@ -330,3 +331,52 @@ def _fresh_issued_replays(_replay_records_dir: None) -> Iterator[None]:
     replay_record.reset()
     yield
     replay_record.reset()
+
+
+# -- PostgreSQL (owner: tasks) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """The session's PostgreSQL server (tests/support_postgres.py), stopped at the end."""
+    server = Postgres.start(session_root())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_database(postgres: Postgres) -> Iterator[Database]:
+    """A fresh, empty database of the session's server for this test, dropped afterwards."""
+    database = postgres.create_database()
+    try:
+        yield database
+    finally:
+        postgres.drop_database(database)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(
+    request: pytest.FixtureRequest, django_db_modify_db_settings_parallel_suffix: None
+) -> None:
+    """pytest-django's test database lives on the session's server (tests/settings.py points at
+    it): start that server before pytest-django creates the database."""
+    if not os.environ.get(SQLITE_ENV):
+        request.getfixturevalue("postgres")
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's, and at the end, before it drops the test database: the connections that
+    threads of flyfn.tasks still hold (the lease keeper's lives as long as the process) are
+    closed by the server, or PostgreSQL would refuse the DROP."""
+    yield
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import free_loopback_port
 from tests.support_dev import list_machines, secrets_file, start
+from tests.support_postgres import Database, Postgres
 from tests.support_procs import alive, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +40,9 @@ BOOT_TIMEOUT = 90.0
 _DEMO_SECRETS = ("SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "DATABASE_URL", "STATIC_ROOT")
 
 
-def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a demo process: production-like settings, files under tmp_path."""
+def demo_env(tmp_path: Path, database: Database, **extra: str) -> dict[str, str]:
+    """The environment of a demo process: production-like settings, files under tmp_path, the
+    PostgreSQL `database` (its Machines share one, as on Fly)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
     env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest's tests.settings must not leak in
     static_root = tmp_path / "static"
@@ -49,7 +51,7 @@ def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         SECRET_KEY="demo-tests-secret",
         DEBUG="false",
         ALLOWED_HOSTS="127.0.0.1,localhost",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        DATABASE_URL=database.url,
         STATIC_ROOT=str(static_root),
         PYTHONUNBUFFERED="1",
     )
@@ -180,13 +182,31 @@ def _read_banner(stack: DemoStack, timeout: float) -> None:
 
 @contextmanager
 def demo_stack(
-    workdir: Path, *, purchases: int, timeout: float = BOOT_TIMEOUT, time_scale: float = TIME_SCALE
+    workdir: Path,
+    postgres: Postgres,
+    *,
+    purchases: int,
+    timeout: float = BOOT_TIMEOUT,
+    time_scale: float = TIME_SCALE,
 ) -> Iterator[DemoStack]:
-    """The demo store, seeded in a fresh SQLite database under `workdir`, served by `flyfn dev`.
+    """The demo store, seeded in a fresh database of `postgres`, files under `workdir`, served by
+    `flyfn dev`.
 
     On exit the stack is stopped and every process it started must be gone (AssertionError if not).
     """
-    env = demo_env(workdir, DEBUG="1", FLYFN_DEV_TOKEN=DEV_TOKEN)
+    database = postgres.create_database("demo")
+    try:
+        with _demo_stack(workdir, database, purchases, timeout, time_scale) as stack:
+            yield stack
+    finally:
+        postgres.drop_database(database)
+
+
+@contextmanager
+def _demo_stack(
+    workdir: Path, database: Database, purchases: int, timeout: float, time_scale: float
+) -> Iterator[DemoStack]:
+    env = demo_env(workdir, database, DEBUG="1", FLYFN_DEV_TOKEN=DEV_TOKEN)
     manage(env, "migrate", "--noinput", "-v", "0")
     manage(env, "seed_store", "--purchases", str(purchases))
     # As `make demo`: the repository's fly.toml and Dockerfile, the test's settings as secrets.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.support_postgres import suite_database
+
 SECRET_KEY = "flyfn-tests-not-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
@@ -16,7 +18,9 @@ INSTALLED_APPS = [
     "tests.testapp",
 ]
 MIDDLEWARE: list[str] = []
-DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+# PostgreSQL, as on Fly: the session's server (tests/support_postgres.py), started by the first test
+# that uses the database; FLYFN_TEST_SQLITE=1 runs those tests on SQLite in memory instead.
+DATABASES = {"default": suite_database()}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 # Any queue name; tests/test_tasks.py swaps in flyfn.tasks.FlyMachinesBackend (and its URLs).
 try:

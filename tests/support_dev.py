@@ -69,14 +69,17 @@ def start_project(
     time_scale: float,
     lines: list[str],
     secrets: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """`flyfn dev` on the test project in directory `project` (see `start`), with `secrets` as
-    the app's secrets; autostop's pass every 300 / `time_scale` seconds."""
+    the app's secrets and `env` added to the command's own environment (not the Machines');
+    autostop's pass every 300 / `time_scale` seconds."""
     command = [sys.executable, "-m", "django", "flyfn", "dev"]
     command += ["--port", str(port), "--time-scale", str(time_scale)]
     if secrets:
         command += ["--secrets-file", str(secrets_file(secrets))]
-    return start(command, cwd=project, env=project_env(settings_module, token), lines=lines)
+    environment = {**project_env(settings_module, token), **(env or {})}
+    return start(command, cwd=project, env=environment, lines=lines)
 
 
 def start(

@@ -22,15 +22,16 @@ from pypdf import PdfReader
 
 from tests.conftest import free_loopback_port
 from tests.demo_support import BIN, DEMO, PYTHON, ROOT, demo_env, manage, serving
+from tests.support_postgres import Database
 
 
 # A safety bound, not an expectation: the store's suite takes seconds (minutes on a loaded machine).
 @pytest.mark.timeout(660)
-def test_store_app_tests_pass(tmp_path: Path) -> None:
+def test_store_app_tests_pass(tmp_path: Path, postgres_database: Database) -> None:
     done = subprocess.run(
         [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
         cwd=DEMO,  # its pytest.ini: the demo's settings and the store tests
-        env=demo_env(tmp_path),
+        env=demo_env(tmp_path, postgres_database),
         capture_output=True,
         text=True,
         timeout=600,
@@ -54,13 +55,15 @@ def dockerfile_start() -> tuple[list[str], Path]:
     return cmd, ROOT / Path(workdir).relative_to("/app")
 
 
-def test_dockerfile_start_command_serves_the_store(tmp_path: Path) -> None:
+def test_dockerfile_start_command_serves_the_store(
+    tmp_path: Path, postgres_database: Database
+) -> None:
     cmd, cwd = dockerfile_start()
     assert cmd[:2] == ["uvicorn", "demo_store.asgi:application"]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--port") + 1] == "8000"
     # What the image build and the release command do first: static files, schema, some data.
-    env = demo_env(tmp_path)
+    env = demo_env(tmp_path, postgres_database)
     manage(env, "collectstatic", "--noinput", "-v", "0")
     manage(env, "migrate", "--noinput", "-v", "0")
     manage(env, "seed_store", "--purchases", "3")
@@ -105,9 +108,11 @@ def test_fly_toml_releases_and_serves_what_the_dockerfile_runs() -> None:
     assert "DEBUG" in config["env"]
 
 
-def test_scripts_demo_serves_pages_and_replays_receipts(tmp_path: Path) -> None:
+def test_scripts_demo_serves_pages_and_replays_receipts(
+    tmp_path: Path, postgres_database: Database
+) -> None:
     port = free_loopback_port()
-    env = demo_env(tmp_path, DEBUG="1", DEMO_PURCHASES="7")
+    env = demo_env(tmp_path, postgres_database, DEBUG="1", DEMO_PURCHASES="7")
     del env["SECRET_KEY"]  # the demo works without one (DEBUG's dev key)
     url = f"http://127.0.0.1:{port}/purchases/"
     with serving([str(ROOT / "scripts" / "demo"), str(port)], cwd=ROOT, env=env, url=url) as page:
@@ -138,10 +143,13 @@ def check_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-def test_check_deploy_passes_on_the_production_settings(tmp_path: Path) -> None:
+def test_check_deploy_passes_on_the_production_settings(
+    tmp_path: Path, postgres_database: Database
+) -> None:
     # What fly.toml and the secrets give a Machine on Fly: DEBUG off, a real key, a token.
     env = demo_env(
         tmp_path,
+        postgres_database,
         SECRET_KEY=secrets.token_urlsafe(50),
         FLY_APP_NAME="flyfn-demo-store",
         FLY_API_TOKEN="fm2_not_a_real_token",
@@ -151,8 +159,12 @@ def test_check_deploy_passes_on_the_production_settings(tmp_path: Path) -> None:
     assert "System check identified no issues (0 silenced)." in done.stdout
 
 
-def test_the_development_secret_key_is_refused_on_fly(tmp_path: Path) -> None:
-    env = demo_env(tmp_path, DEBUG="1", FLY_APP_NAME="flyfn-demo-store", FLY_API_TOKEN="t")
+def test_the_development_secret_key_is_refused_on_fly(
+    tmp_path: Path, postgres_database: Database
+) -> None:
+    env = demo_env(
+        tmp_path, postgres_database, DEBUG="1", FLY_APP_NAME="flyfn-demo-store", FLY_API_TOKEN="t"
+    )
     del env["SECRET_KEY"]
     done = check_demo(env)
     assert done.returncode != 0

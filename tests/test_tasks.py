@@ -398,8 +398,10 @@ def test_the_last_lost_attempt_fails_the_task_with_task_lost() -> None:
     assert tasks.ran == []
 
 
-@pytest.mark.django_db
-def test_a_live_lease_is_renewed_while_its_task_runs() -> None:
+# Committed rows: the lease keeper renews from a thread (and connection) of its own.
+@pytest.mark.django_db(transaction=True)
+def test_a_live_lease_is_renewed_while_its_task_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)  # no local runner
     TaskOptions.parse("default", {})  # defaults: lease 30 s
     tasks.note.enqueue("x")
     claim = claim_next(backend(), "tasks", "m")
@@ -408,8 +410,61 @@ def test_a_live_lease_is_renewed_while_its_task_runs() -> None:
     TaskLease.objects.update(expires_at=before - timedelta(seconds=20))
     from flyfn.tasks import runner
 
-    runner._keeper._renew({claim.token: ("default", 30.0)})
+    renew = threading.Thread(target=runner._keeper._renew, args=({claim.token: ("default", 30.0)},))
+    renew.start()
+    renew.join(SAFETY_BOUND)
     assert TaskLease.objects.get().expires_at > before - timedelta(seconds=1)
+
+
+# Two Machines, two connections, committed rows: only PostgreSQL locks rows (SQLite serialises
+# whole transactions, so this interleaving cannot happen on it).
+@pytest.mark.django_db(transaction=True)
+def test_an_outcome_and_a_reaping_of_the_same_lease_never_both_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks: PostgreSQL only")
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)  # no local runner
+    result = tasks.note.enqueue("raced")
+    first = claim_next(backend(), "tasks", "machine-a")
+    assert first is not None
+    other: list[Any] = []
+    original = DBTaskResult.set_successful
+
+    def racing_write(row: Any, value: Any) -> None:
+        # Between machine-a's lease check and its write, its lease expires (it ran past it) and
+        # machine-b reaps the task and claims it, in a thread and connection of its own.
+        def machine_b() -> None:
+            try:
+                expire_leases()
+                other.append(claim_next(backend(), "tasks", "machine-b"))
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=machine_b)
+        thread.start()
+        thread.join(SAFETY_BOUND)
+        assert not thread.is_alive(), "machine-b blocked: too slow (safety bound)"
+        original(row, value)
+
+    monkeypatch.setattr(DBTaskResult, "set_successful", racing_write)
+    stored = run_claim(first)
+    monkeypatch.undo()
+
+    (second,) = other
+    result.refresh()
+    if stored:  # machine-a's outcome stands: nobody may have claimed the task meanwhile
+        assert second is None
+        assert status(result) == TaskResultStatus.SUCCESSFUL
+        assert result.worker_ids == ["machine-a"]
+        assert not TaskLease.objects.exists()
+    else:  # machine-b took it over: its lease and its run stand
+        assert second is not None
+        assert status(result) == TaskResultStatus.RUNNING
+        assert TaskLease.objects.get().token == second.token
+        assert run_claim(second) is True
 
 
 # --------------------------------------------------------------------------- the wake view

@@ -241,16 +241,24 @@ def run_claim(claim: Claim) -> bool:
 
 
 def _store(claim: Claim, using: str, value: Any, error: BaseException | None) -> bool:
-    """Write a run's outcome if its lease is still the task's; whether it was."""
+    """Write a run's outcome if its lease is still the task's; whether it was.
+
+    The task's row is locked first, as the reaper (`_lost`) and `claim_next` lock it before they
+    touch its lease: a reaper that came first has deleted this lease (the outcome is dropped), one
+    that comes later skips the row until the outcome is committed. Without the lock, a reaper
+    could requeue the task between the check and the write, and the write would then overwrite
+    the next run's RUNNING and delete its lease."""
     row = claim.row
     with exclusive_transaction(using):
-        if not TaskLease.objects.filter(task_id=row.id, token=claim.token).exists():
+        locked = DBTaskResult.objects.using(using).select_for_update().filter(pk=row.pk)
+        leases = TaskLease.objects.using(using).filter(task_id=row.id, token=claim.token)
+        if not locked.exists() or not leases.exists():
             return False
         if error is None:
             row.set_successful(value)
         else:
             row.set_failed(error)
-        TaskLease.objects.filter(task_id=row.id).delete()
+        leases.delete()
     return True
 
 
@@ -276,11 +284,16 @@ def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> 
     task_finished.send(sender=type(backend), task_result=result)
 
 
-def _claims(group: str, machine: str, stop: threading.Event) -> Iterator[Claim]:
-    """The group's due tasks, claimed one at a time, over every flyfn backend serving it."""
+def _claims(
+    group: str, machine: str, stop: threading.Event, *, recycle: bool = True
+) -> Iterator[Claim]:
+    """The group's due tasks, claimed one at a time, over every flyfn backend serving it.
+    `recycle`: drop this thread's broken or too old connections before each claim (never for a
+    caller that may be inside a transaction of its own: it would close that connection)."""
     backends = [b for b in flyfn_backends() if group in b.flyfn.groups]
     while not stop.is_set():
-        close_old_connections()
+        if recycle:
+            close_old_connections()
         claim = None
         try:
             for backend in backends:
@@ -335,7 +348,7 @@ def run_due_tasks(group: str | None = None) -> int:
     ran = 0
     for name in groups:
         stop = threading.Event()
-        for claim in _claims(name, worker_id(), stop):
+        for claim in _claims(name, worker_id(), stop, recycle=False):
             run_claim(claim)
             ran += 1
     return ran

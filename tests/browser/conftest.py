@@ -15,6 +15,7 @@ from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from tests.browser.support import CHROMIUM, chromium_context, chromium_missing
 from tests.demo_support import DemoStack, demo_stack
+from tests.support_postgres import Postgres
 
 PURCHASES = 3  # seeded purchases: a few rows are enough to pick one that is not the first
 VIEWPORT = {"width": 1000, "height": 720}
@@ -31,9 +32,11 @@ def chromium() -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(chromium: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
+def stack(
+    chromium: Path, tmp_path_factory: pytest.TempPathFactory, postgres: Postgres
+) -> Iterator[DemoStack]:
     """The seeded demo store on `flyfn dev` (booted only when Chromium is there to use it)."""
-    with demo_stack(tmp_path_factory.mktemp("demo"), purchases=PURCHASES) as running:
+    with demo_stack(tmp_path_factory.mktemp("demo"), postgres, purchases=PURCHASES) as running:
         yield running
 
 

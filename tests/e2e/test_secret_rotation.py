@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.demo_support import DEV_TOKEN, PYTHON, ROOT, DemoStack, demo_stack
+from tests.support_postgres import Postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -32,10 +33,11 @@ PROXY_ERROR = re.compile(r"\b(P[A-Z]\d\d)\b")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
+def demo(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Iterator[DemoStack]:
     # Autostop's pass every 6000 s: the function Machine must not stop (and so boot with the new
     # key) by itself.
-    with demo_stack(tmp_path_factory.mktemp("rotation"), purchases=3, time_scale=0.05) as stack:
+    workdir = tmp_path_factory.mktemp("rotation")
+    with demo_stack(workdir, postgres, purchases=3, time_scale=0.05) as stack:
         yield stack
 
 

@@ -28,6 +28,7 @@ import pytest
 
 from tests.conftest import free_loopback_port
 from tests.support_dev import DevProcess, banner_api, list_machines, project_env, start_project
+from tests.support_postgres import Database
 from tests.support_procs import Proc, alive, descendants, identity, machine_pid
 
 PROJECT = Path(__file__).resolve().parent / "tasks_project"
@@ -52,31 +53,29 @@ class Stack(DevProcess):
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    env = {**project_env(SETTINGS, TOKEN), "TASKS_E2E_DIR": str(tmp_path)}
+def stack(tmp_path: Path, postgres_database: Database) -> Iterator[Stack]:
+    # The Machines share a fresh PostgreSQL database, as on Fly; the tasks' log is a file.
+    shared = {"TASKS_E2E_DIR": str(tmp_path), "DATABASE_URL": postgres_database.url}
     subprocess.run(
         [sys.executable, "-m", "django", "migrate", "-v", "0"],
         cwd=PROJECT,
-        env=env,
+        env={**project_env(SETTINGS, TOKEN), **shared},
         check=True,
         timeout=120,
     )
-    os.environ["TASKS_E2E_DIR"] = str(tmp_path)  # start_project's environment is ours
-    try:
-        port = free_loopback_port()
-        lines: list[str] = []
-        process = start_project(
-            PROJECT,
-            SETTINGS,
-            TOKEN,
-            port=port,
-            time_scale=200,
-            lines=lines,
-            # The Machines see no shell variable: the shared directory is an app secret.
-            secrets={"TASKS_E2E_DIR": str(tmp_path)},
-        )
-    finally:
-        del os.environ["TASKS_E2E_DIR"]
+    port = free_loopback_port()
+    lines: list[str] = []
+    process = start_project(
+        PROJECT,
+        SETTINGS,
+        TOKEN,
+        port=port,
+        time_scale=200,
+        lines=lines,
+        # The Machines see no shell variable: what they share is app secrets.
+        secrets=shared,
+        env=shared,
+    )
     running = Stack(process, port, lines, directory=tmp_path)
     running.api = banner_api(process, lines, cleanup=lambda: _kill(running))
     try:

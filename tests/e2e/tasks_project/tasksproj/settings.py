@@ -1,9 +1,11 @@
-"""Settings of the e2e tasks project: a SQLite file every Machine shares (in TASKS_E2E_DIR)."""
+"""Settings of the e2e tasks project: the PostgreSQL database every Machine shares (DATABASE_URL,
+an app secret, as on Fly); the tasks' own log in TASKS_E2E_DIR."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+import dj_database_url
 
 SECRET_KEY = "flyfn-e2e-tasks-not-secret"
 DEBUG = False
@@ -12,14 +14,7 @@ USE_TZ = True
 ROOT_URLCONF = "tasksproj.urls"
 INSTALLED_APPS = ["flyfn", "flyfn.tasks", "django_tasks_db", "tasksproj"]
 MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": Path(os.environ["TASKS_E2E_DIR"]) / "db.sqlite3",
-        # Several Machine processes write at once: wait for the lock, and let readers go on.
-        "OPTIONS": {"timeout": 60, "init_command": "PRAGMA journal_mode=WAL"},
-    }
-}
+DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"])}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 TASKS = {
     "default": {
