@@ -1,0 +1,133 @@
+"""End-to-end: the demo's app side as on Fly, under `flyfn dev` deploying the repository's fly.toml.
+
+- Its app Machine runs the Dockerfile's command, `uvicorn --workers 2`: two worker processes.
+- Receipts whose replays fail (the function Machine is `stopping`, which Fly Proxy never starts:
+  PM08) fall back on the app Machine, on whichever worker Fly Proxy hands the fallback to: each is
+  answered, none with a 503 for a replay that "this process" did not issue.
+- fly.toml says `min_machines_running = 0` and `auto_stop_machines = "stop"`: the idle app Machine
+  is stopped by autostop, and the next request starts it again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.demo_support import DEV_TOKEN, DemoStack, demo_stack
+from tests.support_postgres import Postgres
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+TIME_SCALE = 30  # autostop's pass every 10 s
+RECEIPTS = 20
+SAFETY_BOUND = 240.0  # seconds: "too slow", never a verdict on behaviour
+# A receipt that ran as a fallback on the app Machine: the route line ends on it after the replay.
+FALLBACK_ROUTE = re.compile(r"^GET /purchases/\d+/receipt\.pdf .*→ replay → fn:\w+ .*main:\w+")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Iterator[DemoStack]:
+    with demo_stack(
+        tmp_path_factory.mktemp("app-side"), postgres, purchases=3, time_scale=TIME_SCALE
+    ) as stack:
+        yield stack
+
+
+def _machine(stack: DemoStack, machine_id: str) -> dict[str, Any]:
+    response = httpx.get(
+        f"{stack.api}/v1/apps/{stack.app}/machines/{machine_id}",
+        headers={"Authorization": f"Bearer {DEV_TOKEN}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    machine: dict[str, Any] = response.json()
+    return machine
+
+
+def _wait_state(stack: DemoStack, machine_id: str, states: set[str]) -> str:
+    deadline = time.monotonic() + SAFETY_BOUND
+    while True:
+        state = str(_machine(stack, machine_id)["state"])
+        if state in states:
+            return state
+        assert time.monotonic() < deadline, f"too slow: {machine_id} still {state} (safety bound)"
+        time.sleep(0.5)
+
+
+def _workers(machine_id: str) -> list[psutil.Process]:
+    """The worker processes uvicorn spawned on the Machine (its own process is their parent)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "spawn_main" not in " ".join(process.info["cmdline"] or []):
+                continue
+            if process.environ().get("FLY_MACHINE_ID") == machine_id:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _stuck_stopping(stack: DemoStack, machine_id: str) -> None:
+    """Leave the Machine `stopping` for the rest of the test: a stop whose signal uvicorn outlives
+    (SIGHUP restarts its workers) with a long timeout. Fly Proxy starts no Machine in that state
+    (PM08). Autostop may have stopped it meanwhile: then it is started first."""
+    headers = {"Authorization": f"Bearer {DEV_TOKEN}"}
+    machine = f"{stack.api}/v1/apps/{stack.app}/machines/{machine_id}"
+    for _ in range(5):
+        if _wait_state(stack, machine_id, {"started", "stopped"}) == "stopped":
+            httpx.post(f"{machine}/start", headers=headers, timeout=30).raise_for_status()
+            _wait_state(stack, machine_id, {"started"})
+        stop = httpx.post(
+            f"{machine}/stop",
+            json={"signal": "SIGHUP", "timeout": "240s"},
+            headers=headers,
+            timeout=30,
+        )
+        assert stop.status_code == 200, stop.text
+        if _machine(stack, machine_id)["state"] == "stopping":
+            return
+    raise AssertionError(f"{machine_id} never stayed stopping")
+
+
+def test_the_app_machine_runs_two_workers_and_fallbacks_reach_either(demo: DemoStack) -> None:
+    with httpx.Client(base_url=demo.url, timeout=120) as client:
+        first = client.get("/purchases/1/receipt.pdf")
+        assert first.status_code == 200, first.text[:300]
+        (function_machine,) = demo.group_machines()
+        fn = function_machine["id"]
+        assert len(_workers(demo.app_machine)) == 2
+        _stuck_stopping(demo, fn)
+        mark = len(demo.lines)
+        answers = [client.get(f"/purchases/{n % 3 + 1}/receipt.pdf") for n in range(RECEIPTS)]
+        assert _machine(demo, fn)["state"] == "stopping"  # still: every replay failed
+
+    statuses = [a.status_code for a in answers]
+    assert statuses == [200] * RECEIPTS, [(a.status_code, a.text[:100]) for a in answers]
+    assert all(a.content.startswith(b"%PDF-") for a in answers)
+    assert {a.headers["x-flyfn-machine"] for a in answers} == {demo.app_machine}
+    deadline = time.monotonic() + 60  # the proxy prints a route once its answer is sent
+    while time.monotonic() < deadline:
+        fallbacks = [ln for ln in demo.lines[mark:] if FALLBACK_ROUTE.match(ln)]
+        if len(fallbacks) >= RECEIPTS:
+            break
+        time.sleep(0.1)
+    assert len(fallbacks) == RECEIPTS, "\n".join(demo.lines[mark:])
+
+
+def test_the_idle_app_machine_is_stopped_by_autostop_and_started_by_a_request(
+    demo: DemoStack,
+) -> None:
+    app_machine = demo.app_machine
+    assert _wait_state(demo, app_machine, {"stopped"}) == "stopped"
+    assert _workers(app_machine) == []  # its threads and workers went with it
+    response = httpx.get(f"{demo.url}/purchases/", timeout=120)
+    assert response.status_code == 200, response.text[:300]
+    assert _machine(demo, app_machine)["state"] == "started"
+    assert len(_workers(app_machine)) == 2
