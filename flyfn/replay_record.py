@@ -8,9 +8,8 @@ explains one fallback; a fallback nothing explains is refused.
 
 The record is per Machine, not per process: on Fly a Machine runs several worker processes
 (`gunicorn -w 4`), and Fly Proxy may hand the fallback to any of them. A Machine with an id keeps
-its record in `/dev/shm/flyfn-<machine id>/replays/` (RAM; `tempfile.gettempdir()` where there
-is no /dev/shm this user can write to): each Fly Machine has its own, while the emulator's
-Machines share one, hence the id in the name:
+its record in its Machine's directory (`flyfn.machine_dir`: `/dev/shm/flyfn-<machine id>/replays/`,
+or under the temp dir where there is no /dev/shm this user can write to):
 
 - issuing a replay creates one empty file, `<shard>/<key>.<expiry second>.<pid>.<n>`, with
   `O_CREAT | O_EXCL` (one `open` and one `close`);
@@ -42,13 +41,12 @@ import itertools
 import logging
 import math
 import os
-import re
 import shutil
-import stat
-import tempfile
 import threading
 import time
 from typing import Protocol
+
+from flyfn.machine_dir import machine_dir
 
 __all__ = [
     "FALLBACK_RETURN_MARGIN",
@@ -56,8 +54,6 @@ __all__ = [
     "DirectoryRecord",
     "MemoryRecord",
     "ReplayRecord",
-    "base_dir",
-    "default_base",
     "machine_record",
     "open_record",
     "replay_key",
@@ -79,8 +75,6 @@ _REPORT_INTERVAL = 60.0
 # Key characters that name an entry's shard: 256 shards of hex digits.
 _SHARD_CHARS = 2
 _SHARDS = 16**_SHARD_CHARS
-# A Machine id names a directory: Fly's are lowercase hex; anything else is kept in memory.
-_MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SALT = "flyfn.replay_record"
 
 
@@ -337,61 +331,22 @@ def _entry_expiry(name: str) -> int | None:
     return int(parts[1])
 
 
-def _private_dir(path: str) -> bool:
-    """Create `path` (mode 0700) if need be; whether it is a directory of this user that no one
-    else may write to, and not a symlink (a shared /tmp: another user could have made it)."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(info.st_mode)
-        and info.st_uid == os.geteuid()
-        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
-
-
-# Where Machines keep their records; None: `/dev/shm` when this user can write there (RAM: a file
-# create costs about 4 µs there, against 18 µs on a disk's ext4 /tmp, and hundreds while other
-# processes write to that disk), else `tempfile.gettempdir()`.
-base_dir: str | None = None
-_SHM = "/dev/shm"  # noqa: S108 (a private 0700 directory is made in it and checked: _private_dir)
-
-
-def default_base() -> str:
-    """The directory Machines' records live under (see `base_dir`)."""
-    if base_dir is not None:
-        return base_dir
-    if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK):
-        return _SHM
-    return tempfile.gettempdir()
-
-
 def open_record(
     machine_id: str | None, base: str | None = None, limit: int = REPLAY_RECORD_LIMIT
 ) -> ReplayRecord:
-    """A new record for `machine_id`: its directory under `base` (default: `default_base()`),
-    or an in-process one without a usable Machine id or directory."""
+    """A new record for `machine_id`: its Machine's directory `replays` (`flyfn.machine_dir`,
+    under `base`), or an in-process one without a usable Machine id or directory."""
     if not machine_id:
         return MemoryRecord(limit)
-    if not _MACHINE_ID_RE.fullmatch(machine_id):
+    root = machine_dir(machine_id, "replays", base=base)
+    if root is None:
         logger.warning(
-            "flyfn: Machine id %r cannot name a directory: issued replays are recorded per "
-            "process (a fallback reaching another worker process answers 503).",
+            "flyfn: Machine %r has no private directory of this user: issued replays are "
+            "recorded per process (a fallback reaching another worker process answers 503).",
             machine_id,
         )
         return MemoryRecord(limit)
-    machine_dir = os.path.join(base or default_base(), f"flyfn-{machine_id}")
-    root = os.path.join(machine_dir, "replays")
-    if not (_private_dir(machine_dir) and _private_dir(root)):
-        logger.warning(
-            "flyfn: %s is not a private directory of this user: issued replays are recorded per "
-            "process (a fallback reaching another worker process answers 503).",
-            root,
-        )
-        return MemoryRecord(limit)
-    return DirectoryRecord(root, limit)
+    return DirectoryRecord(str(root), limit)
 
 
 _records: dict[str | None, ReplayRecord] = {}

@@ -313,13 +313,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def _replay_records_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Machines' records of issued replays live in this session's own temp dir, never in the
-    shared /dev/shm or /tmp (other test runs may use the same Machine ids at the same time)."""
-    from flyfn import replay_record
+    """Machines' directories (records of issued replays, shared lists) live in this session's own
+    temp dir, never in the shared /dev/shm or /tmp (other test runs may use the same Machine ids
+    at the same time)."""
+    from flyfn import machine_dir
 
     base = str(tmp_path_factory.mktemp("machines-shm"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(replay_record, "base_dir", base)
+        patch.setattr(machine_dir, "base_dir", base)
         yield
 
 

@@ -18,10 +18,10 @@ def key_of(n: int) -> str:
 def _machine(base: str, machine_id: str) -> Any:
     """This process's record of the Machine `machine_id`, found as a worker finds it: from
     FLY_MACHINE_ID in its environment, under the records' directory (`base` here)."""
-    from flyfn import replay_record
+    from flyfn import machine_dir, replay_record
     from flyfn.runtime import detect_env
 
-    replay_record.base_dir = base
+    machine_dir.base_dir = base
     os.environ["FLY_MACHINE_ID"] = machine_id
     return replay_record.machine_record(detect_env().machine_id)
 
@@ -47,12 +47,12 @@ def replay_through_the_middleware(base: str, machine_id: str, results: Any) -> N
     django.setup()
     from django.test import Client, override_settings
 
-    from flyfn import replay_record
+    from flyfn import machine_dir
     from flyfn.runtime import MAIN, MachineEnv, override_role
     from tests.conftest import installed
     from tests.support_middleware import routing_manager
 
-    replay_record.base_dir = base
+    machine_dir.base_dir = base
     middleware = ["flyfn.middleware.FlyReplayMiddleware"]
     with (
         installed(routing_manager()),

@@ -17,7 +17,8 @@ import pytest
 from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from flyfn import replay_record
+from flyfn import machine_dir
+from flyfn.machine_dir import default_base
 from flyfn.replay import FlyReplay, ReplayFailed
 from flyfn.replay_record import (
     REPLAY_RECORD_LIMIT,
@@ -25,7 +26,6 @@ from flyfn.replay_record import (
     DirectoryRecord,
     MemoryRecord,
     ReplayRecord,
-    default_base,
     machine_record,
     open_record,
     replay_key,
@@ -165,13 +165,13 @@ def test_a_machine_keeps_its_record_in_its_own_private_directory() -> None:
     assert isinstance(machine_record(None), MemoryRecord)  # no Machine id: in-process
 
 
-def test_records_live_in_ram_when_there_is_a_dev_shm_else_in_the_temp_dir(
+def test_machine_dirs_live_in_ram_when_there_is_a_dev_shm_else_in_the_temp_dir(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(replay_record, "base_dir", None)
-    monkeypatch.setattr(replay_record, "_SHM", str(tmp_path))
+    monkeypatch.setattr(machine_dir, "base_dir", None)
+    monkeypatch.setattr(machine_dir, "_SHM", str(tmp_path))
     assert default_base() == str(tmp_path)
-    monkeypatch.setattr(replay_record, "_SHM", str(tmp_path / "none"))
+    monkeypatch.setattr(machine_dir, "_SHM", str(tmp_path / "none"))
     assert default_base() == tempfile.gettempdir()
 
 

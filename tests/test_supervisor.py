@@ -21,6 +21,7 @@ from flyfn.emulator.logline import machine_label
 from flyfn.emulator.roles import is_function_machine
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime, listening_socket
+from flyfn.machine_dir import machine_dir
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -284,3 +285,22 @@ async def test_connections_accepted_on_a_listening_socket_disable_nagle() -> Non
             await asyncio.sleep(0.01)
         writer.close()
     assert flags == [1]
+
+
+async def test_a_machines_directory_goes_with_it(stack: Stack) -> None:
+    """What a Machine's processes kept in its directory (`flyfn.machine_dir`: the record of issued
+    replays, the shared list) goes when it is destroyed, and every other one when the runtime
+    closes, as Fly drops a Machine's file system."""
+    emulator, runtime = stack
+    destroyed, _ = await _running(emulator, runtime)
+    kept, _ = await _running(emulator, runtime)
+    paths = [machine_dir(m.id, "replays") for m in (destroyed, kept)]
+    assert all(path is not None and path.is_dir() for path in paths)
+    await emulator.destroy(APP, destroyed.id, force=True)
+    await emulator.wait_for_state(APP, destroyed.id, "destroyed", timeout=60)
+    assert paths[0] is not None
+    assert not paths[0].parent.exists()
+    assert paths[1] is not None
+    assert paths[1].is_dir()
+    await runtime.aclose(grace=1.0)
+    assert not paths[1].parent.exists()

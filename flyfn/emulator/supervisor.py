@@ -46,6 +46,7 @@ from flyfn.emulator.process_groups import (
 )
 from flyfn.emulator.state import stop_params
 from flyfn.fly import env as fly_env
+from flyfn.machine_dir import remove_machine_dir
 
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
@@ -175,6 +176,7 @@ class ProcessRuntime:
         self._reporter = reporter
         self._children: dict[str, _Child] = {}
         self._launching: dict[str, asyncio.Task[None]] = {}
+        self._launched: set[str] = set()  # Machines whose directory (machine_dir) may exist
 
     def __repr__(self) -> str:  # never the token
         return f"ProcessRuntime(asgi_app={self.asgi_app!r}, machines={len(self._children)})"
@@ -275,6 +277,9 @@ class ProcessRuntime:
         child = self._children.get(machine.id)
         if child is not None:
             await self._terminate(child, signal.SIGTERM, DEFAULT_STOP_TIMEOUT)
+        # Fly drops a destroyed Machine's file system; here its /dev/shm or /tmp files go.
+        remove_machine_dir(machine.id)
+        self._launched.discard(machine.id)
 
     async def aclose(self, grace: float = 3.0) -> None:
         """Stop every process (SIGTERM, SIGKILL after `grace` seconds), concurrently."""
@@ -285,6 +290,9 @@ class ProcessRuntime:
             *(self._terminate(child, signal.SIGTERM, grace) for child in children),
             return_exceptions=True,
         )
+        for machine_id in self._launched:
+            remove_machine_dir(machine_id)
+        self._launched.clear()
 
     def kill_all(self) -> None:
         """SIGKILL every process group now (synchronous; for signal handlers and finally blocks)."""
@@ -413,6 +421,7 @@ class ProcessRuntime:
             sock.close()
 
     async def _launch(self, app: str, machine: Machine) -> None:
+        self._launched.add(machine.id)
         process, port = await self._start_process(app, machine)
         own_group(process.pid)
         child = _Child(

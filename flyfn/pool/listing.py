@@ -20,14 +20,13 @@ import json
 import logging
 import os
 import re
-import stat
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from flyfn.machine_dir import machine_dir, private_dir
 from flyfn.machines import AsyncMachinesClient, Machine
 from flyfn.pool.converge import GONE_STATES, machine_group
 from flyfn.pool.spec import PoolSpec
@@ -53,9 +52,14 @@ class MachineListing:
         directory: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if directory is None and machine_id:
-            slug = re.sub(r"[^A-Za-z0-9_-]", "_", machine_id)
-            directory = Path(tempfile.gettempdir()) / f"flyfn-{slug}"
+        if directory is None:
+            directory = machine_dir(machine_id, "lists")
+            if directory is None and machine_id:
+                logger.warning(
+                    "flyfn: Machine %r has no private directory of this user; each process "
+                    "lists alone",
+                    machine_id,
+                )
         self.directory = directory
         self.clock = clock  # wall time: comparable across processes
         self._memory: dict[str, tuple[float, list[Machine]]] = {}
@@ -92,17 +96,11 @@ class MachineListing:
         directory = self.directory
         if directory is None:
             return False
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = os.lstat(directory)
-        except OSError as exc:
-            logger.warning("flyfn: no shared Machine list (%s); each process lists alone", exc)
-            self.directory = None
-            return False
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        if not private_dir(directory):
             # In a shared temp dir, someone else's directory (or a symlink) is not to be trusted.
             logger.warning(
-                "flyfn: %s is not this user's directory; each process lists alone", directory
+                "flyfn: %s is not a private directory of this user; each process lists alone",
+                directory,
             )
             self.directory = None
             return False
