@@ -86,6 +86,16 @@ class _Replay(NamedTuple):
     max_wait: float
 
 
+class _ToAppMachine(NamedTuple):
+    """A request a function Machine sends to an app Machine once it knows one (sync or async
+    wait for its app's list)."""
+
+    group: str
+    bouncer: str
+    reason: events.BounceReason
+    max_wait: float
+
+
 _fallback_slots = Counters()
 
 
@@ -293,6 +303,9 @@ class FlyReplayMiddleware:
     ) -> HttpResponseBase | None:
         """`process_view` for sync mode: a cold pool's target is waited for (blocking)."""
         routed = self._route(request, view_func)
+        if isinstance(routed, _ToAppMachine):
+            app_machine = get_manager().wait_app_machine(routed.max_wait)
+            return self._send_to_app_machine(routed, app_machine)
         if not isinstance(routed, _Replay):
             return routed
         began = time.monotonic()
@@ -309,6 +322,9 @@ class FlyReplayMiddleware:
     ) -> HttpResponseBase | None:
         """`process_view` for async mode: a cold pool's target is awaited, never blocked on."""
         routed = self._route(request, view_func)
+        if isinstance(routed, _ToAppMachine):
+            app_machine = await get_manager().aget_app_machine(routed.max_wait)
+            return self._send_to_app_machine(routed, app_machine)
         if not isinstance(routed, _Replay):
             return routed
         began = time.monotonic()
@@ -320,7 +336,7 @@ class FlyReplayMiddleware:
 
     def _route(
         self, request: HttpRequest, view_func: ViewFunc
-    ) -> HttpResponseBase | _Replay | None:
+    ) -> HttpResponseBase | _Replay | _ToAppMachine | None:
         """Where this request's view runs: a response (a replay, a bounce, a 503), None to run
         the view here, or a `_Replay` when the group's pool is cold (the caller waits for it in
         its own mode)."""
@@ -448,7 +464,7 @@ class FlyReplayMiddleware:
 
     def _own_view(
         self, request: HttpRequest, view: ServerlessView, settings: FlyfnSettings
-    ) -> HttpResponseBase | None:
+    ) -> HttpResponseBase | _ToAppMachine | None:
         """A function Machine's own group's view: run if an app Machine replayed it (a valid
         state); a replay whose state does not verify ends here with a 503, never bounced back into
         the proxy (it would only come back); anything else is sent on, or refused when it cannot
@@ -501,16 +517,16 @@ class FlyReplayMiddleware:
         settings: FlyfnSettings,
         reason: events.BounceReason,
         bouncer: str,
-    ) -> HttpResponseBase | None:
+    ) -> HttpResponseBase | _ToAppMachine | None:
         """A serverless view a function Machine may not run (not its group's, or not replayed by
         an app Machine) goes to the app Machines, which sign and route it: `elsewhere` when no
         Machine sent it here yet, else straight to an app Machine (bounced `elsewhere` again it
         could go round the function Machines until Fly's replay limit). A function Machine never
         signs it itself (it may hold a stale key, and it would sign for a stranger) nor changes
         the group's Machines. When it cannot go (a fallback, which cannot be replayed; no app
-        Machine known yet) the answer is a 503 with `Retry-After`; a body Fly Proxy cannot replay
-        at all runs here when it is another group's view, as any other view would. `bouncer`:
-        the group a bounce is an event of."""
+        Machine known once the app's list came, waited for as a cold pool is) the answer is a 503
+        with `Retry-After`; a body Fly Proxy cannot replay at all runs here when it is another
+        group's view, as any other view would. `bouncer`: the group a bounce is an event of."""
         meta = request.META
         limit = settings.replay_body_limit
         if _bounceable(meta, limit):
@@ -518,15 +534,13 @@ class FlyReplayMiddleware:
             return replay_response(ELSEWHERE)
         replayable = _replayable_body(meta, limit)
         if replayable and _META_REPLAY_FAILED not in meta:
+            routed = _ToAppMachine(
+                group, bouncer, reason, settings.group(group).replay_timeout_seconds
+            )
             app_machine = get_manager().app_machine()
-            if app_machine is not None:
-                try:
-                    header = _to_instance(app_machine)
-                except ValueError as exc:  # a Machine id the header cannot carry
-                    logger.error("flyfn: cannot send a request of group %r on: %s", group, exc)
-                else:
-                    events.bounced(bouncer, reason)
-                    return replay_response(header)
+            if app_machine is None:
+                return routed  # the caller waits for the app's list in its own mode
+            return self._send_to_app_machine(routed, app_machine)
         if not replayable and reason == "other_group":
             return None  # it can go nowhere: it runs here rather than fail
         why: events.FallbackReason = "no_machine"
@@ -535,6 +549,22 @@ class FlyReplayMiddleware:
         elif _META_REPLAY_FAILED in meta:
             why = "untrusted_failure"  # a function Machine never falls back for another group
         events.fell_back(group, why, "unavailable")
+        return unavailable()
+
+    def _send_to_app_machine(
+        self, routed: _ToAppMachine, app_machine: str | None
+    ) -> HttpResponseBase:
+        """The replay to `app_machine`, or a 503 when none is known (or its id cannot be sent)."""
+        if app_machine is not None:
+            try:
+                header = _to_instance(app_machine)
+            except ValueError as exc:  # a Machine id the header cannot carry
+                logger.error("flyfn: cannot send a request of group %r on: %s", routed.group, exc)
+            else:
+                events.bounced(routed.bouncer, routed.reason)
+                return replay_response(header)
+        why: events.FallbackReason = "unsigned" if routed.reason == "unsigned" else "no_machine"
+        events.fell_back(routed.group, why, "unavailable")
         return unavailable()
 
     def _run_or_send_on(

@@ -272,6 +272,12 @@ class StaticPools:
     def app_machine(self) -> str | None:
         return self.app_machines[0] if self.app_machines else None
 
+    def wait_app_machine(self, max_wait: float) -> str | None:
+        return self.app_machine()
+
+    async def aget_app_machine(self, max_wait: float) -> str | None:
+        return self.app_machine()
+
 
 @pytest.fixture
 def pool_manager() -> Iterator[PoolManager]:

@@ -344,6 +344,30 @@ async def test_function_sends_a_bounced_request_of_its_group_to_an_app_machine_u
     assert replay.state is None
 
 
+async def test_function_waits_for_its_apps_list_to_send_a_bounced_request_on(
+    fetch: Fetch, manager: StaticPools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Machine just booted has no list yet: it waits for it, as for a cold pool (each mode in
+    its own way), rather than refuse."""
+    manager.app_machines = ()
+    waited: list[float] = []
+
+    def wait(max_wait: float) -> str:
+        waited.append(max_wait)
+        return APP_MACHINE
+
+    async def await_(max_wait: float) -> str:
+        return wait(max_wait)
+
+    monkeypatch.setattr(manager, "wait_app_machine", wait)
+    monkeypatch.setattr(manager, "aget_app_machine", await_)
+    bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}  # no state
+    with override_role(function("pdf")):
+        response = await fetch("POST", "/routing/report/", headers=bounced)
+    assert replay_of(response).instance == APP_MACHINE
+    assert waited == [10.0]  # the group's replay timeout
+
+
 async def test_function_refuses_a_bounced_request_while_it_knows_no_app_machine(
     fetch: Fetch, manager: StaticPools
 ) -> None:

@@ -65,6 +65,14 @@ class Pools(Protocol):
         the pools share; None while that list is not known (a refresh is asked then)."""
         ...
 
+    def wait_app_machine(self, max_wait: float) -> str | None:
+        """`app_machine`, waiting at most `max_wait` seconds for the list on a cold cache (sync)."""
+        ...
+
+    async def aget_app_machine(self, max_wait: float) -> str | None:
+        """`wait_app_machine` for async callers: the event loop is never blocked."""
+        ...
+
 
 class PoolManager:
     """The pools of one process, one background loop and one Machines client for all of them.
@@ -134,6 +142,22 @@ class PoolManager:
 
     def refresh(self, group: str) -> None:
         self.pool(group).refresh()
+
+    def wait_app_machine(self, max_wait: float) -> str | None:
+        found = self.app_machine()
+        group = current_role().group
+        if found is not None or group is None:
+            return found
+        self.pool(group).wait_target(max_wait)  # its refresh lists the app
+        return self.app_machine()
+
+    async def aget_app_machine(self, max_wait: float) -> str | None:
+        found = self.app_machine()
+        group = current_role().group
+        if found is not None or group is None:
+            return found
+        await self.pool(group).aget_target(max_wait)
+        return self.app_machine()
 
     def app_machine(self) -> str | None:
         env = current_env()
