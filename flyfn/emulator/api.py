@@ -489,7 +489,7 @@ class EmulatorApp:
         timeout_text = r.param("timeout")
         if timeout_text:
             try:
-                timeout = float(timeout_text.strip().removesuffix("s"))
+                timeout = parse_go_duration(timeout_text)  # "30", "30s": one rule for all
             except ValueError as exc:
                 raise EmulatorError(400, f"invalid timeout {timeout_text!r}") from exc
             if not timeout > 0:
