@@ -319,7 +319,12 @@ class DevStack:
         if self.secrets:
             emulator.set_secrets(self.app_name, self.secrets)
         runtime.attach(emulator)
-        self.live = LivePage(emulator, emulator.app_names, tasks=_task_figures)
+        self.live = LivePage(
+            emulator,
+            emulator.app_names,
+            tasks=_task_figures,
+            port=live_sock.getsockname()[1],
+        )
         live_server = _server(self.live)
         api_server = _server(
             create_app(emulator, token=self._token)  # within Fly's rate limits (429 + Retry-After)
