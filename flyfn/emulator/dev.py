@@ -358,8 +358,10 @@ class DevStack:
                     return 1
                 await asyncio.sleep(0.02)
             info = DevStackInfo(self.app_name, api_url, self._token, os.getpid())
-            with contextlib.suppress(OSError):  # without it, `--api` still finds the stack
+            try:
                 written = write_stack_file(info)
+            except (OSError, ValueError) as exc:  # without it, `--api` still finds the stack
+                self._write(f"flyfn dev: no stack file for `flyfn.emulator.secrets` ({exc})")
             self._banner(machine, time.monotonic() - begun, api_url, live_url)
             await self._stop.wait()
             self._write("flyfn dev: stopping ...")
