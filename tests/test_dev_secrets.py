@@ -22,6 +22,7 @@ import uvicorn
 
 from flyfn.emulator import secrets as secrets_cli
 from flyfn.emulator.api import create_app
+from flyfn.emulator.dev import DevSetupError, read_secrets_file
 from flyfn.emulator.secrets import (
     DevStackInfo,
     SecretsCommandError,
@@ -92,6 +93,58 @@ async def test_secret_names_are_checked(http: tuple[MachinesEmulator, httpx.Asyn
     assert (await client.post(url, json={"values": {"A": 5}})).status_code == 400
     assert (await client.post(url, json={"values": {}})).status_code == 400
     assert (await client.post(url, content=b"[" * 10_000)).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("FLYFN_GROUP", "group"),
+        ("FLYFN_HOME_APP", "group or home app"),
+        ("HTTPS_PROXY", "connections"),
+        ("SSL_CERT_FILE", "connections"),
+        ("DYLD_INSERT_LIBRARIES", "code runs"),
+        ("GCONV_PATH", "code runs"),
+        ("HOME", "code runs"),
+    ],
+)
+async def test_a_secret_cannot_change_a_machines_group_nor_what_runs(
+    http: tuple[MachinesEmulator, httpx.AsyncClient], name: str, words: str
+) -> None:
+    # Issue 23: FLYFN_GROUP is flyfn's, in a function Machine's config.env; a secret must not
+    # change it (nor run code on the host, nor redirect the Machine's connections).
+    emulator, client = http
+    url = f"/v1/apps/{APP}/secrets"
+    for response in (
+        await client.post(url, json={"values": {name: "x"}}),
+        await client.post(f"{url}/{name}", json={"value": "x"}),
+    ):
+        assert response.status_code == 422, response.text
+        assert name in response.json()["error"]
+        assert words in response.json()["error"]
+    assert emulator.secrets(APP) == []
+
+
+async def test_fly_api_secrets_are_accepted_and_left_to_the_runtime(
+    http: tuple[MachinesEmulator, httpx.AsyncClient],
+) -> None:
+    # On Fly FLY_API_TOKEN is a usual secret (`fly secrets set FLY_API_TOKEN=...`); locally the
+    # runtime's values win at boot (tests/test_supervisor.py), so it is accepted, not refused.
+    _, client = http
+    values = {"FLY_API_TOKEN": "fo1_x", "FLY_API_HOSTNAME": "https://api.machines.dev"}
+    response = await client.post(f"/v1/apps/{APP}/secrets", json={"values": values})
+    assert response.status_code == 200
+
+
+def test_a_secrets_file_is_held_to_the_same_names(tmp_path: Path) -> None:
+    path = tmp_path / ".dev-secrets"
+    path.write_text("SECRET_KEY=x\nFLYFN_GROUP=admin\n")
+    with pytest.raises(DevSetupError, match="FLYFN_GROUP"):
+        read_secrets_file(path)
+    path.write_text("SECRET_KEY=x\nLD_PRELOAD=/tmp/evil.so\n")
+    with pytest.raises(DevSetupError, match="LD_PRELOAD"):
+        read_secrets_file(path)
+    path.write_text("SECRET_KEY=x\nFLY_API_TOKEN=fo1_x\n")
+    assert read_secrets_file(path) == {"SECRET_KEY": "x", "FLY_API_TOKEN": "fo1_x"}
 
 
 def test_a_secret_repr_never_shows_its_value() -> None:

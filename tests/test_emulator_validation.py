@@ -168,7 +168,25 @@ async def test_guest_sizes_fly_refuses_are_422_with_the_rule(
 
 
 @pytest.mark.parametrize(
-    "name", ["PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "LD_PRELOAD", "DJANGO_SETTINGS_MODULE"]
+    "name",
+    [
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "PYTHONHOME",
+        "LD_PRELOAD",
+        "DJANGO_SETTINGS_MODULE",
+        # issue 23: other ways to run code on the host, or to redirect a Machine's connections
+        "DYLD_INSERT_LIBRARIES",
+        "GCONV_PATH",
+        "HOME",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+    ],
 )
 async def test_env_that_would_change_what_python_runs_is_refused(
     emulator_http: httpx.AsyncClient, name: str

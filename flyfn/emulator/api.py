@@ -36,6 +36,7 @@ from flyfn.emulator.state import (
 from flyfn.emulator.validation import (
     check_body,
     check_env_name,
+    check_secret_name,
     check_secret_values,
     parse_json,
 )
@@ -394,6 +395,7 @@ class EmulatorApp:
             return _Response(200, {"version": emulator.set_secrets(app, {name: None})})
         if method != "POST":
             raise EmulatorError(405, f"method {method} not allowed")
+        check_secret_name("secret name", name)
         value = check_body("SetAppSecretRequest", parse_json(body) or {}).get("value")
         if value is None:
             raise EmulatorError(400, "invalid body: value is required")

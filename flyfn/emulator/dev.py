@@ -52,6 +52,7 @@ from flyfn.emulator.supervisor import (
     image_base_env,
     listening_socket,
 )
+from flyfn.emulator.validation import check_secret_name
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -146,6 +147,11 @@ def read_secrets_file(path: Path) -> dict[str, str]:
         raise DevSetupError(
             f"--secrets-file {path}: {', '.join(missing)} has no value (write NAME=VALUE)"
         )
+    for name in values:
+        try:
+            check_secret_name("--secrets-file", name)
+        except EmulatorError as exc:
+            raise DevSetupError(f"{path}: {exc.error}") from None
     return {name: value for name, value in values.items() if value is not None}
 
 
