@@ -6,7 +6,10 @@ update. Values never appear in answers, output or reprs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
+import os
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +22,14 @@ import uvicorn
 
 from flyfn.emulator import secrets as secrets_cli
 from flyfn.emulator.api import create_app
-from flyfn.emulator.secrets import DevStackInfo, read_stack_file, write_stack_file
+from flyfn.emulator.dev import DevSetupError, read_secrets_file
+from flyfn.emulator.secrets import (
+    DevStackInfo,
+    SecretsCommandError,
+    read_stack_file,
+    stack_file,
+    write_stack_file,
+)
 from flyfn.emulator.state import AppSecret, MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, UpdateMachineRequest
@@ -85,6 +95,58 @@ async def test_secret_names_are_checked(http: tuple[MachinesEmulator, httpx.Asyn
     assert (await client.post(url, content=b"[" * 10_000)).status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("FLYFN_GROUP", "group"),
+        ("FLYFN_HOME_APP", "group or home app"),
+        ("HTTPS_PROXY", "connections"),
+        ("SSL_CERT_FILE", "connections"),
+        ("DYLD_INSERT_LIBRARIES", "code runs"),
+        ("GCONV_PATH", "code runs"),
+        ("HOME", "code runs"),
+    ],
+)
+async def test_a_secret_cannot_change_a_machines_group_nor_what_runs(
+    http: tuple[MachinesEmulator, httpx.AsyncClient], name: str, words: str
+) -> None:
+    # Issue 23: FLYFN_GROUP is flyfn's, in a function Machine's config.env; a secret must not
+    # change it (nor run code on the host, nor redirect the Machine's connections).
+    emulator, client = http
+    url = f"/v1/apps/{APP}/secrets"
+    for response in (
+        await client.post(url, json={"values": {name: "x"}}),
+        await client.post(f"{url}/{name}", json={"value": "x"}),
+    ):
+        assert response.status_code == 422, response.text
+        assert name in response.json()["error"]
+        assert words in response.json()["error"]
+    assert emulator.secrets(APP) == []
+
+
+async def test_fly_api_secrets_are_accepted_and_left_to_the_runtime(
+    http: tuple[MachinesEmulator, httpx.AsyncClient],
+) -> None:
+    # On Fly FLY_API_TOKEN is a usual secret (`fly secrets set FLY_API_TOKEN=...`); locally the
+    # runtime's values win at boot (tests/test_supervisor.py), so it is accepted, not refused.
+    _, client = http
+    values = {"FLY_API_TOKEN": "fo1_x", "FLY_API_HOSTNAME": "https://api.machines.dev"}
+    response = await client.post(f"/v1/apps/{APP}/secrets", json={"values": values})
+    assert response.status_code == 200
+
+
+def test_a_secrets_file_is_held_to_the_same_names(tmp_path: Path) -> None:
+    path = tmp_path / ".dev-secrets"
+    path.write_text("SECRET_KEY=x\nFLYFN_GROUP=admin\n")
+    with pytest.raises(DevSetupError, match="FLYFN_GROUP"):
+        read_secrets_file(path)
+    path.write_text("SECRET_KEY=x\nLD_PRELOAD=/tmp/evil.so\n")
+    with pytest.raises(DevSetupError, match="LD_PRELOAD"):
+        read_secrets_file(path)
+    path.write_text("SECRET_KEY=x\nFLY_API_TOKEN=fo1_x\n")
+    assert read_secrets_file(path) == {"SECRET_KEY": "x", "FLY_API_TOKEN": "fo1_x"}
+
+
 def test_a_secret_repr_never_shows_its_value() -> None:
     secret = AppSecret("SECRET_KEY", VALUE, 1.0, 1.0)
     assert VALUE not in repr(secret)
@@ -111,6 +173,7 @@ class Stack:
 @pytest.fixture
 async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[Stack]:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     runtime = ProcessRuntime(
         "tests.e2e.echo_app:app", cwd=ROOT, output=io.StringIO(), boot_timeout=20
     )
@@ -130,7 +193,8 @@ async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
         while not server.started:
             await asyncio.sleep(0.02)
         port = server.servers[0].sockets[0].getsockname()[1]
-        write_stack_file(DevStackInfo(APP, f"http://127.0.0.1:{port}", EMULATOR_TOKEN, 1))
+        api = f"http://127.0.0.1:{port}"
+        write_stack_file(DevStackInfo(APP, api, EMULATOR_TOKEN, os.getpid()))
         launch = {"fly_process_group": "app", "fly_platform_version": "v2"}
         machines = []
         for metadata, env in ((launch, None), ({"flyfn_group": "pdf"}, {"FLYFN_GROUP": "pdf"})):
@@ -197,9 +261,165 @@ def test_the_command_says_when_no_stack_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     assert read_stack_file("nope") is None
     assert secrets_cli.main(["--app", "nope", "set", "A=1"]) == 1
     assert "no running flyfn dev for app 'nope'" in capsys.readouterr().err
     assert secrets_cli.main(["--app", "nope", "set", "novalue"]) == 1
     assert secrets_cli.main(["--api", "http://127.0.0.1:9", "list"]) == 1
     assert "--api needs --app" in capsys.readouterr().err
+
+
+# -- the stack file: only this user's, in a private directory (issue 23) -------------------------
+
+OTHER_UID = 65534  # nobody: another local user
+
+
+def stack_dir() -> Path:
+    return stack_file(APP).parent
+
+
+@pytest.fixture
+def temp_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    return tmp_path
+
+
+@contextlib.asynccontextmanager
+async def capturing_server() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A planted stack's API: it keeps whatever it is sent."""
+    captured: list[bytes] = []
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            captured.append(await asyncio.wait_for(reader.read(65536), 5))
+        writer.write(b"HTTP/1.1 500 x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(keep, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", captured
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def plant(directory: Path, api: str, *, pid: int | None = None) -> Path:
+    """What another local user can leave in a shared temp dir: a stack file pointing at their own
+    server, with a live pid."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{APP}.json"
+    data = {"app": APP, "api": api, "token": "planted", "pid": pid or os.getpid()}
+    path.write_text(json.dumps(data))
+    path.chmod(0o600)
+    return path
+
+
+async def assert_refused_and_nothing_captured(api: str, captured: list[bytes]) -> None:
+    assert read_stack_file(APP) is None
+    with pytest.raises(SecretsCommandError):
+        await secrets_cli.run(["--app", APP, "set", "STRIPE_SECRET_KEY=sk_live_123"], io.StringIO())
+    with pytest.raises(SecretsCommandError):
+        await secrets_cli.run(["set", "STRIPE_SECRET_KEY=sk_live_123"], io.StringIO())
+    assert captured == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's directory needs root")
+async def test_a_stack_directory_another_user_made_is_not_trusted(temp_dir: Path) -> None:
+    async with capturing_server() as (api, captured):
+        planted = plant(stack_dir(), api)
+        os.chown(planted, OTHER_UID, -1)
+        os.chown(stack_dir(), OTHER_UID, -1)
+        await assert_refused_and_nothing_captured(api, captured)
+        with pytest.raises(OSError, match="not a private directory"):
+            write_stack_file(DevStackInfo(APP, api, "tok", os.getpid()))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's file needs root")
+async def test_a_stack_file_another_user_owns_is_not_trusted(temp_dir: Path) -> None:
+    async with capturing_server() as (api, captured):
+        os.chown(plant(stack_dir(), api), OTHER_UID, -1)
+        await assert_refused_and_nothing_captured(api, captured)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o755, 0o750])
+async def test_a_stack_directory_open_to_others_is_not_trusted(temp_dir: Path, mode: int) -> None:
+    async with capturing_server() as (api, captured):
+        plant(stack_dir(), api)
+        stack_dir().chmod(mode)
+        await assert_refused_and_nothing_captured(api, captured)
+
+
+async def test_a_symlinked_stack_directory_is_not_trusted(temp_dir: Path) -> None:
+    async with capturing_server() as (api, captured):
+        elsewhere = temp_dir / "elsewhere"
+        plant(elsewhere, api)
+        stack_dir().symlink_to(elsewhere)
+        await assert_refused_and_nothing_captured(api, captured)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o660, 0o604])
+async def test_a_stack_file_open_to_others_is_not_trusted(temp_dir: Path, mode: int) -> None:
+    async with capturing_server() as (api, captured):
+        plant(stack_dir(), api).chmod(mode)
+        await assert_refused_and_nothing_captured(api, captured)
+
+
+async def test_a_symlinked_stack_file_is_not_trusted(temp_dir: Path) -> None:
+    async with capturing_server() as (api, captured):
+        target = plant(temp_dir / "elsewhere", api)
+        stack_dir().mkdir(mode=0o700)
+        stack_file(APP).symlink_to(target)
+        await assert_refused_and_nothing_captured(api, captured)
+
+
+def test_a_pid_of_another_users_process_is_no_stack_of_ours(
+    temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_stack_file(DevStackInfo(APP, "http://127.0.0.1:9", "tok", 4242))
+
+    def kill(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert read_stack_file(APP) is None
+
+
+def test_the_stack_file_is_private_and_read_back(temp_dir: Path) -> None:
+    path = write_stack_file(DevStackInfo(APP, "http://127.0.0.1:9", "tok", os.getpid()))
+    assert path == temp_dir / f"flyfn-dev-{os.getuid()}" / f"{APP}.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    info = read_stack_file(APP)
+    assert info is not None
+    assert (info.api, info.token) == ("http://127.0.0.1:9", "tok")
+
+
+def test_an_own_stack_directory_left_open_is_closed_when_written(temp_dir: Path) -> None:
+    stack_dir().mkdir(mode=0o755)
+    stack_dir().chmod(0o755)
+    write_stack_file(DevStackInfo(APP, "http://127.0.0.1:9", "tok", os.getpid()))
+    assert stack_dir().stat().st_mode & 0o777 == 0o700
+    assert read_stack_file(APP) is not None
+
+
+def test_the_session_runtime_directory_is_used_when_set(
+    temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = temp_dir / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    path = write_stack_file(DevStackInfo(APP, "http://127.0.0.1:9", "tok", os.getpid()))
+    assert path == runtime / "flyfn-dev" / f"{APP}.json"
+    assert read_stack_file(APP) is not None
+
+
+@pytest.mark.parametrize("app", ["../x", "a/b", ".hidden", ""])
+def test_an_app_name_that_is_no_file_name_has_no_stack_file(temp_dir: Path, app: str) -> None:
+    assert read_stack_file(app) is None
+    with pytest.raises(ValueError, match="not an app name"):
+        stack_file(app)

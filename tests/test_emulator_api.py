@@ -440,6 +440,9 @@ async def test_wait_parameters_are_validated(emulator_http: httpx.AsyncClient) -
     assert (await emulator_http.get(path, params={"state": "sleeping"})).status_code == 400
     assert (await emulator_http.get(path, params={"timeout": "abc"})).status_code == 400
     assert (await emulator_http.get(path, params={"timeout": "0"})).status_code == 400
+    # One duration rule (issue 23): not "inf" (read as the 60 s cap), not non-ASCII digits.
+    for text in ("inf", "nan", "\u0663", "1e1", "1_0"):
+        assert (await emulator_http.get(path, params={"timeout": text})).status_code == 400
     assert (
         await emulator_http.get(path, params={"version": "01ABCDEFGHJKMNPQRSTVWXYZ00"})
     ).status_code == 400

@@ -43,6 +43,9 @@ def refusal(response: httpx.Response, status: int, *words: str) -> str:
         ({"services": [{"internal_port": 8000, "autostop": "sometimes"}]}, "autostop"),
         ({"guest": {"cpu_kind": "quantum", "cpus": 1}}, "cpu_kind"),
         ({"stop_config": {"timeout": "soon"}}, "config.stop_config.timeout"),
+        ({"stop_config": {"timeout": "nan"}}, "config.stop_config.timeout"),
+        ({"stop_config": {"timeout": "\u0663s"}}, "config.stop_config.timeout"),
+        ({"checks": {"web": {"interval": "inf"}}}, "config.checks.web.interval"),
         ({"services": [{"internal_port": 0}]}, "internal_port"),
         ({"services": [{"internal_port": 80, "concurrency": {"type": "vibes"}}]}, "type"),
         ({"restart": {"policy": "always", "max_retries": -1}}, "max_retries"),
@@ -165,7 +168,25 @@ async def test_guest_sizes_fly_refuses_are_422_with_the_rule(
 
 
 @pytest.mark.parametrize(
-    "name", ["PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "LD_PRELOAD", "DJANGO_SETTINGS_MODULE"]
+    "name",
+    [
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "PYTHONHOME",
+        "LD_PRELOAD",
+        "DJANGO_SETTINGS_MODULE",
+        # issue 23: other ways to run code on the host, or to redirect a Machine's connections
+        "DYLD_INSERT_LIBRARIES",
+        "GCONV_PATH",
+        "HOME",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+    ],
 )
 async def test_env_that_would_change_what_python_runs_is_refused(
     emulator_http: httpx.AsyncClient, name: str

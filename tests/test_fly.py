@@ -85,6 +85,23 @@ def test_parse_go_duration_rejects_garbage(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["nan", "inf", "-inf", "infinity", "NaN", "nans", "infs", "1e3", "1e3s", "1_0", "1_0s",
+     "\u0663", "\u0663s", "\uff15s", "1\u0660s", "-5", "+5", "-5s", " 5", "5s ", "\t5s",
+     "9" * 400, "9" * 400 + "h", "2562048h"],
+)  # fmt: skip
+def test_a_go_duration_has_the_rule_of_flyfns_own_durations(text: str) -> None:
+    # Issue 23: ASCII digits, finite, no sign or space, within Go's int64 nanoseconds: what the
+    # emulator's API accepts is what flyfn's own `parse_duration` would.
+    with pytest.raises(DurationError, match=r"invalid duration|empty duration"):
+        parse_go_duration(text)
+
+
+def test_the_longest_go_duration_is_read() -> None:
+    assert parse_go_duration("2562047h") == 2562047 * 3600.0
+
+
+@pytest.mark.parametrize(
     ("value", "text"),
     [
         (10_000_000_000, "10s"),

@@ -34,10 +34,14 @@ async def _stack() -> tuple[MachinesEmulator, LivePage, str, str]:
     return emulator, LivePage(emulator, lambda: [APP]), app_machine.id, function.id
 
 
-async def _get(page: LivePage, path: str, method: str = "GET") -> httpx.Response:
+async def _get(
+    page: LivePage, path: str, method: str = "GET", *, host: str | None = None
+) -> httpx.Response:
+    # The page answers only at a loopback name with its port (the server's, as uvicorn reports).
     transport = httpx.ASGITransport(app=page)
-    async with httpx.AsyncClient(transport=transport, base_url="http://live") as client:
-        return await client.request(method, path)
+    headers = {"host": host} if host is not None else {}
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as client:
+        return await client.request(method, path, headers=headers)
 
 
 async def test_state_lists_every_machine_with_group_state_image_region_and_events() -> None:
@@ -131,4 +135,46 @@ async def test_the_page_polls_the_state_it_draws() -> None:
     assert 'fetch("state.json"' in html
     for table in ("machines", "routes", "tasks"):
         assert f'id="{table}"' in html
+    await emulator.aclose()
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8765", "localhost:8765", "LOCALHOST:8765", "[::1]:8765"]
+)
+async def test_the_page_answers_at_loopback_names_with_its_port(host: str) -> None:
+    emulator, page, _, _ = await _stack()
+    assert (await _get(page, "/state.json", host=host)).status_code == 200
+    await emulator.aclose()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "rebind.attacker.example:8765",  # DNS rebinding: a name that resolves to 127.0.0.1
+        "rebind.attacker.example",
+        "127.0.0.1",
+        "127.0.0.1:9999",
+        "localhost:8765.attacker.example",
+        "localhost.:8765",
+        "127.0.0.2:8765",
+        "",
+    ],
+)
+async def test_any_other_host_is_a_400_that_shows_nothing(host: str) -> None:
+    # Issue 23: without this, a web page could read the route lines (query strings included).
+    emulator, page, _, _ = await _stack()
+    page.record_route(RequestLog(method="GET", path="/pay/?card=4111", machine_id="m1", status=200))
+    for path in ("/", "/state.json"):
+        response = await _get(page, path, host=host)
+        assert response.status_code == 400
+        assert "card" not in response.text
+        assert "Machines" not in response.text
+    await emulator.aclose()
+
+
+async def test_the_page_checks_the_port_it_was_given() -> None:
+    emulator = MachinesEmulator(region="local", default_app=APP)
+    page = LivePage(emulator, lambda: [APP], port=4242)
+    assert (await _get(page, "/", host="127.0.0.1:4242")).status_code == 200
+    assert (await _get(page, "/", host="127.0.0.1:8765")).status_code == 400
     await emulator.aclose()

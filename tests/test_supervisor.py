@@ -304,3 +304,38 @@ async def test_a_machines_directory_goes_with_it(stack: Stack) -> None:
     assert paths[1].is_dir()
     await runtime.aclose(grace=1.0)
     assert not paths[1].parent.exists()
+
+
+# -- what no secret changes (issue 23) ------------------------------------------------------------
+
+
+async def test_no_secret_changes_the_api_a_machine_talks_to_nor_its_group() -> None:
+    runtime = ProcessRuntime(
+        ECHO, api_hostname="http://127.0.0.1:4280", api_token="local-token", base_env={}
+    )
+    emulator = MachinesEmulator(default_app=APP)
+    runtime.attach(emulator)
+    # Set past the API's checks (as a secrets file or an older stack could): the runtime still
+    # boots the Machine with its own values.
+    emulator.set_secrets(
+        APP,
+        {
+            "FLYFN_GROUP": "admin",
+            "FLYFN_HOME_APP": "elsewhere",
+            "FLY_API_HOSTNAME": "http://capture.example",
+            "FLY_API_TOKEN": "captured",
+            "STRIPE_SECRET_KEY": "sk_test_1",
+        },
+    )
+    env = {"FLYFN_GROUP": "pdf", "FLY_API_HOSTNAME": "http://config.example", "A": "1"}
+    machine = Machine(id="m1", config=MachineConfig(image="local/p:1", env=env))
+    seen = runtime.machine_env(APP, machine)
+    assert seen["FLYFN_GROUP"] == "pdf"  # flyfn's own config.env value
+    assert "FLYFN_HOME_APP" not in seen
+    assert seen["FLY_API_HOSTNAME"] == "http://127.0.0.1:4280"
+    assert seen["FLY_API_TOKEN"] == "local-token"
+    assert (seen["STRIPE_SECRET_KEY"], seen["A"]) == ("sk_test_1", "1")
+    # An app Machine (no group in its config) does not become a function Machine either.
+    app_machine = Machine(id="m2", config=MachineConfig(image="local/p:1"))
+    assert "FLYFN_GROUP" not in runtime.machine_env(APP, app_machine)
+    await emulator.aclose()

@@ -36,6 +36,7 @@ from flyfn.emulator.state import (
 from flyfn.emulator.validation import (
     check_body,
     check_env_name,
+    check_secret_name,
     check_secret_values,
     parse_json,
 )
@@ -394,6 +395,7 @@ class EmulatorApp:
             return _Response(200, {"version": emulator.set_secrets(app, {name: None})})
         if method != "POST":
             raise EmulatorError(405, f"method {method} not allowed")
+        check_secret_name("secret name", name)
         value = check_body("SetAppSecretRequest", parse_json(body) or {}).get("value")
         if value is None:
             raise EmulatorError(400, "invalid body: value is required")
@@ -489,7 +491,7 @@ class EmulatorApp:
         timeout_text = r.param("timeout")
         if timeout_text:
             try:
-                timeout = float(timeout_text.strip().removesuffix("s"))
+                timeout = parse_go_duration(timeout_text)  # "30", "30s": one rule for all
             except ValueError as exc:
                 raise EmulatorError(400, f"invalid timeout {timeout_text!r}") from exc
             if not timeout > 0:

@@ -52,6 +52,7 @@ from flyfn.emulator.supervisor import (
     image_base_env,
     listening_socket,
 )
+from flyfn.emulator.validation import check_secret_name
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -146,6 +147,11 @@ def read_secrets_file(path: Path) -> dict[str, str]:
         raise DevSetupError(
             f"--secrets-file {path}: {', '.join(missing)} has no value (write NAME=VALUE)"
         )
+    for name in values:
+        try:
+            check_secret_name("--secrets-file", name)
+        except EmulatorError as exc:
+            raise DevSetupError(f"{path}: {exc.error}") from None
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -319,7 +325,12 @@ class DevStack:
         if self.secrets:
             emulator.set_secrets(self.app_name, self.secrets)
         runtime.attach(emulator)
-        self.live = LivePage(emulator, emulator.app_names, tasks=_task_figures)
+        self.live = LivePage(
+            emulator,
+            emulator.app_names,
+            tasks=_task_figures,
+            port=live_sock.getsockname()[1],
+        )
         live_server = _server(self.live)
         api_server = _server(
             create_app(emulator, token=self._token)  # within Fly's rate limits (429 + Retry-After)
@@ -353,8 +364,10 @@ class DevStack:
                     return 1
                 await asyncio.sleep(0.02)
             info = DevStackInfo(self.app_name, api_url, self._token, os.getpid())
-            with contextlib.suppress(OSError):  # without it, `--api` still finds the stack
+            try:
                 written = write_stack_file(info)
+            except (OSError, ValueError) as exc:  # without it, `--api` still finds the stack
+                self._write(f"flyfn dev: no stack file for `flyfn.emulator.secrets` ({exc})")
             self._banner(machine, time.monotonic() - begun, api_url, live_url)
             await self._stop.wait()
             self._write("flyfn dev: stopping ...")

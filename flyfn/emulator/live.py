@@ -4,6 +4,10 @@ A plain ASGI app served on a loopback port of its own (never in the app's URL sp
 HTML page whose script polls `/state.json` twice a second and redraws, so it updates without
 reloading. It shows no environment, secret or token: Machine ids, names, groups, states, images,
 regions, event times, the proxy's route lines and task counts.
+
+It answers only requests whose `Host` is a loopback name with its port (`127.0.0.1`, `localhost`,
+`[::1]`), and 400 to any other: a web page on another name that resolves to 127.0.0.1 (DNS
+rebinding) could otherwise read the route lines, query strings included.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ __all__ = ["MAX_ROUTES", "LivePage"]
 MAX_ROUTES = 200  # route lines kept for the page (the terminal has them all)
 _EVENTS_PER_MACHINE = 20
 _GROUP_METADATA = "flyfn_group"
+_TEXT = "text/plain; charset=utf-8"
+# The names a browser on this computer reaches the page by (it listens on 127.0.0.1 only).
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 TaskCounts = Callable[[], Mapping[str, Mapping[str, Any]]]
 
@@ -33,7 +40,9 @@ class LivePage:
     """The live page's state and its ASGI app.
 
     `apps` names the apps whose Machines are shown (the project's app and any function app);
-    `tasks`, when given, returns per-group task figures (ready, running, failed, ...).
+    `tasks`, when given, returns per-group task figures (ready, running, failed, ...). `port` is
+    the port it listens on, which a request's `Host` must name (default: the port the server
+    reports for the request).
     """
 
     def __init__(
@@ -43,8 +52,10 @@ class LivePage:
         *,
         tasks: TaskCounts | None = None,
         clock: Callable[[], float] = time.time,
+        port: int | None = None,
     ) -> None:
         self.emulator = emulator
+        self.port = port
         self.apps = apps
         self.tasks = tasks
         self._clock = clock
@@ -108,8 +119,10 @@ class LivePage:
         if scope["type"] != "http":
             return
         path, method = scope.get("path", "/"), scope.get("method", "GET")
-        if method not in ("GET", "HEAD"):
-            await _answer(send, 405, b"GET only\n", "text/plain; charset=utf-8")
+        if not self._host_allowed(scope):
+            await _answer(send, 400, b"bad host: open the page at 127.0.0.1\n", _TEXT)
+        elif method not in ("GET", "HEAD"):
+            await _answer(send, 405, b"GET only\n", _TEXT)
         elif path == "/":
             await _answer(send, 200, _PAGE.encode(), "text/html; charset=utf-8")
         elif path == "/state.json":
@@ -118,7 +131,18 @@ class LivePage:
             body = json.dumps(self.snapshot(tasks), separators=(",", ":")).encode()
             await _answer(send, 200, body, "application/json")
         else:
-            await _answer(send, 404, b"not found\n", "text/plain; charset=utf-8")
+            await _answer(send, 404, b"not found\n", _TEXT)
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        """Whether the request's one `Host` header is a loopback name with the page's port."""
+        port = self.port
+        if port is None:
+            server = scope.get("server") or (None, None)
+            port = server[1]
+        hosts = [value for name, value in scope.get("headers", []) if name.lower() == b"host"]
+        if port is None or len(hosts) != 1:
+            return False
+        return hosts[0].lower() in {f"{name}:{port}".encode() for name in _LOOPBACK_NAMES}
 
 
 async def _answer(send: Send, status: int, body: bytes, content_type: str) -> None:

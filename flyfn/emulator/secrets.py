@@ -9,6 +9,11 @@ as on Fly. `--stage` only stores the values. `list` shows names and digests, nev
 The running stack is found through the file it writes while it runs (`stack_file`: the API's
 loopback address and token, readable by this user only), or given with `--api` and the
 `FLYFN_DEV_TOKEN` environment variable. Values are never printed.
+
+The file is trusted only in a private directory (`flyfn.machine_dir.private_dir`: this user's, not
+a symlink, and here mode 0700) and only when it is itself this user's regular file, mode 0600 at
+most, not a symlink: in a shared temp dir another user could have made `flyfn-dev-<uid>/` first
+and planted a stack of their own, which would receive the secrets (issue 23).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -27,15 +34,27 @@ from typing import TextIO
 
 import httpx
 
+from flyfn.machine_dir import private_dir
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine, UpdateMachineRequest
 
-__all__ = ["DevStackInfo", "main", "read_stack_file", "stack_file", "write_stack_file"]
+__all__ = [
+    "DevStackInfo",
+    "StackDirError",
+    "main",
+    "read_stack_file",
+    "stack_dir",
+    "stack_file",
+    "write_stack_file",
+]
 
 DEV_TOKEN_ENV = "FLYFN_DEV_TOKEN"  # noqa: S105 (the name of an env var)
 FLY_LAUNCH_METADATA = ("fly_platform_version", "v2")
 # Long enough for a Django app Machine to boot again after its update.
 RESTART_WAIT_SECONDS = 60
+# An app's name names a file: Fly's are lowercase letters, digits and dashes.
+_APP_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_MAX_STACK_FILE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,38 +70,96 @@ class DevStackInfo:
         return f"DevStackInfo(app={self.app!r}, api={self.api!r}, pid={self.pid})"
 
 
+class StackDirError(OSError):
+    """The stack files' directory is not private to this user: nothing in it is trusted."""
+
+
+def stack_dir() -> Path:
+    """Where a running `flyfn dev` describes itself: `$XDG_RUNTIME_DIR/flyfn-dev` when the session
+    has a runtime directory (this user's own), else `<temp dir>/flyfn-dev-<uid>`."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "flyfn-dev"
+    return Path(tempfile.gettempdir()) / f"flyfn-dev-{os.getuid()}"
+
+
 def stack_file(app: str) -> Path:
     """The file a running `flyfn dev` of `app` describes itself in (in a directory only this user
     can read, as it holds the emulated API's token)."""
-    return Path(tempfile.gettempdir()) / f"flyfn-dev-{os.getuid()}" / f"{app}.json"
+    if not _APP_FILE_RE.fullmatch(app):
+        raise ValueError(f"{app[:64]!r} is not an app name")
+    return stack_dir() / f"{app}.json"
+
+
+def _private_stack_dir() -> Path:
+    """`stack_dir()`, made if need be; StackDirError when it is not this user's directory of
+    mode 0700 (a symlink, another user's, or open to others)."""
+    directory = stack_dir()
+    if private_dir(directory):
+        mode = stat.S_IMODE(os.lstat(directory).st_mode)
+        if not mode & 0o077:
+            return directory
+    raise StackDirError(
+        f"{directory} is not a private directory of this user (mode 0700, not a symlink): "
+        "its stack files are not trusted"
+    )
 
 
 def write_stack_file(info: DevStackInfo) -> Path:
-    path = stack_file(info.app)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.parent.chmod(0o700)
+    """Describe the running stack for `python -m flyfn.emulator.secrets` (StackDirError when the
+    directory is not private)."""
+    name = stack_file(info.app).name
+    if private_dir(stack_dir()):  # ours: close it to others if an older version left it open
+        os.chmod(stack_dir(), 0o700)
+    path = _private_stack_dir() / name
     data = {"app": info.app, "api": info.api, "token": info.token, "pid": info.pid}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
         json.dump(data, handle)
     return path
 
 
-def read_stack_file(app: str) -> DevStackInfo | None:
-    """The running stack of `app`, or None when none runs (its file is missing or stale)."""
+def _read_private_file(path: Path) -> str | None:
+    """The file's text when it is this user's regular file, mode 0600 at most, not a symlink."""
     try:
-        data = json.loads(stack_file(app).read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or stat.S_IMODE(info.st_mode) & 0o077
+        ):
+            return None
+        return handle.read(_MAX_STACK_FILE).decode("utf-8", errors="replace")
+
+
+def read_stack_file(app: str) -> DevStackInfo | None:
+    """The running stack of `app`, or None when none runs (its file is missing or stale) or its
+    file cannot be trusted (see the module's docstring)."""
+    if not _APP_FILE_RE.fullmatch(app):
+        return None
+    try:
+        path = _private_stack_dir() / f"{app}.json"
+        text = _read_private_file(path)
+        if text is None:
+            return None
+        data = json.loads(text)
         info = DevStackInfo(
             str(data["app"]), str(data["api"]), str(data["token"]), int(data["pid"])
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if info.app != app:
+        return None
     try:
         os.kill(info.pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
+        # Gone, or another user's process now has the pid: not a stack of ours.
         return None
-    except PermissionError:
-        pass  # alive, another user's: the file's mode already kept it from us
     return info
 
 
@@ -126,8 +203,11 @@ def _locate(app: str | None, api: str | None) -> DevStackInfo:
         if not token:
             raise SecretsCommandError(f"--api needs the stack's token in ${DEV_TOKEN_ENV}")
         return DevStackInfo(app, api, token, 0)
+    try:
+        directory = _private_stack_dir()
+    except StackDirError as exc:
+        raise SecretsCommandError(str(exc)) from None
     if app is None:
-        directory = stack_file("x").parent
         running = [
             info
             for path in sorted(directory.glob("*.json"))

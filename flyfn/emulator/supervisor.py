@@ -45,6 +45,7 @@ from flyfn.emulator.process_groups import (
     until_stopped,
 )
 from flyfn.emulator.state import stop_params
+from flyfn.emulator.validation import RUNTIME_ENV_NAMES
 from flyfn.fly import env as fly_env
 from flyfn.machine_dir import remove_machine_dir
 
@@ -305,7 +306,8 @@ class ProcessRuntime:
     def machine_env(self, app: str, machine: Machine) -> dict[str, str]:
         """The environment the Machine's process starts with, as Fly composes it: the image's
         base and `ENV`, the Machine's `config.env`, the app's secrets (as they are at boot: a
-        running Machine keeps them until its next start or update), then Fly's variables.
+        running Machine keeps them until its next start or update; none of `RUNTIME_ENV_NAMES`),
+        then Fly's variables.
         `FLY_PROCESS_GROUP` only on Machines of a fly.toml process group (not API-created ones)."""
         config = machine.config
         env = dict(self._base_env)
@@ -314,7 +316,9 @@ class ProcessRuntime:
         if config is not None and config.env:
             env.update({k: str(v) for k, v in config.env.items()})
         if self._reporter is not None:
-            env.update(self._reporter.secret_env(app, machine.id))
+            secrets = self._reporter.secret_env(app, machine.id)
+            # No secret says which API a Machine talks to, nor its flyfn group (issue 23).
+            env.update({k: v for k, v in secrets.items() if k not in RUNTIME_ENV_NAMES})
         image = config.image if config is not None and config.image else ""
         metadata = (config.metadata if config is not None else None) or {}
         env.update(self._fly_env)

@@ -4,8 +4,9 @@ Independent of the client's models, which are lenient on purpose (a newer API mu
 parsing): a body is checked against the request schemas of Fly's spec
 (`spec/machines-requests.json`: the spec's types and enums), then against the rules Fly applies
 beyond the spec (guest sizes from Fly's machine-sizing guide, positive counts, valid durations),
-and against what the emulator will not run on the host (`config.env` names that would change how
-its Python starts).
+and against what the emulator will not run on the host (`config.env` and secret names that would
+change what code runs there or where its connections go; secrets that would change what only the
+runtime says: `RUNTIME_ENV_NAMES`).
 
 Refusals are `EmulatorError`s in Fly's error-body shape (`{"error": "..."}`): 400 for a body that
 is not JSON, nested too deeply, or of the wrong types (Go's decoder refuses those); 422 for a config
@@ -27,6 +28,7 @@ from jsonschema.exceptions import ValidationError
 from flyfn.emulator.state import EmulatorError
 from flyfn.fly.autostop import autostop_from_bool
 from flyfn.fly.durations import parse_go_duration
+from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, GROUP_ENV, HOME_APP_ENV
 from flyfn.fly.limits import GUEST_MB_STEP, MEMORY_MB_PER_CPU, MEMORY_MB_STEP
 
 __all__ = [
@@ -34,9 +36,13 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "REFUSED_ENV_NAMES",
     "REFUSED_ENV_PREFIXES",
+    "REFUSED_NETWORK_ENV_NAMES",
+    "REFUSED_SECRET_NAMES",
+    "RUNTIME_ENV_NAMES",
     "check_body",
     "check_config",
     "check_env_name",
+    "check_secret_name",
     "check_secret_values",
     "guest_size_error",
     "parse_json",
@@ -45,9 +51,29 @@ __all__ = [
 # Far deeper than any Machines API body (a config nests about 6 levels); a deeper one is refused
 # before anything recurses over it.
 MAX_JSON_DEPTH = 64
-# Machines run on the developer's host: these would change what its Python runs (issue 16).
-REFUSED_ENV_NAMES = frozenset({"DJANGO_SETTINGS_MODULE"})
-REFUSED_ENV_PREFIXES = ("PYTHON", "LD_")
+# Machines run on the developer's host: these would change what code runs there (issues 16, 23):
+# Python's startup and user site (HOME), the dynamic loader (Linux, macOS), glibc's iconv modules.
+REFUSED_ENV_NAMES = frozenset({"DJANGO_SETTINGS_MODULE", "GCONV_PATH", "HOME"})
+REFUSED_ENV_PREFIXES = ("PYTHON", "LD_", "DYLD_")
+# ... and these where a Machine's outbound connections go or whom they trust (in any case: httpx,
+# requests and curl read the lowercase spellings too).
+REFUSED_NETWORK_ENV_NAMES = frozenset(
+    {
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    }
+)
+# What only the runtime says on a Machine: the API it talks to (Fly's variables, set after the
+# secrets) and its flyfn group and home app (set by flyfn in a function Machine's `config.env`).
+# No secret changes them: the API refuses a secret of flyfn's names, and a Machine boots with the
+# runtime's values whatever the secrets say (`FLY_API_TOKEN` is a usual secret on Fly).
+RUNTIME_ENV_NAMES = frozenset({FLY_API_HOSTNAME, FLY_API_TOKEN, GROUP_ENV, HOME_APP_ENV})
+REFUSED_SECRET_NAMES = frozenset({GROUP_ENV, HOME_APP_ENV})
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONCURRENCY_TYPES = frozenset({"connections", "requests"})
 _SCHEMAS = "spec/machines-requests.json"
@@ -129,7 +155,8 @@ def check_config(config: dict[str, Any]) -> None:
 
 def check_env_name(where: str, name: str) -> None:
     """400 for a name that is no environment variable name; 422 for one the emulator will not
-    set on its host (`PYTHON*`, `LD_*`, `DJANGO_SETTINGS_MODULE`)."""
+    set on its host (`PYTHON*`, `LD_*`, `DYLD_*`, `GCONV_PATH`, `HOME`, `DJANGO_SETTINGS_MODULE`;
+    CA bundles and proxies)."""
     if not _ENV_NAME.fullmatch(name):
         raise EmulatorError(
             400, f"invalid {where}: {name[:60]!r} is not an environment variable name"
@@ -138,7 +165,24 @@ def check_env_name(where: str, name: str) -> None:
         raise EmulatorError(
             422,
             f"invalid {where}: {name} is not allowed in an emulated Machine "
-            "(it would change what Python runs on this host)",
+            "(it would change what code runs on this host)",
+        )
+    if name.upper() in REFUSED_NETWORK_ENV_NAMES:
+        raise EmulatorError(
+            422,
+            f"invalid {where}: {name} is not allowed in an emulated Machine "
+            "(it would change where its connections from this host go or whom they trust)",
+        )
+
+
+def check_secret_name(where: str, name: str) -> None:
+    """`check_env_name`, and 422 for flyfn's own names (`REFUSED_SECRET_NAMES`)."""
+    check_env_name(where, name)
+    if name in REFUSED_SECRET_NAMES:
+        raise EmulatorError(
+            422,
+            f"invalid {where}: {name} is set by flyfn in a function Machine's config; "
+            "a secret must not change a Machine's group or home app",
         )
 
 
@@ -148,7 +192,7 @@ def check_secret_values(data: Any) -> dict[str, str | None]:
     if not isinstance(values, dict) or not values:
         raise EmulatorError(400, "invalid body: values must be an object of names to values")
     for name, value in values.items():
-        check_env_name("values", name)
+        check_secret_name("values", name)
         if value is not None and not isinstance(value, str):
             raise EmulatorError(400, f"invalid values.{name}: a string (or null to unset)")
     return values

@@ -2,18 +2,19 @@
 
 - `parse_duration` / `format_duration`: the form of a fly-replay `timeout` and of flyfn's
   settings; one number and one unit (ms, s, m, h), exact, positive.
-- `parse_go_duration`: anything Go's `time.ParseDuration` reads (`"1m30s"`, `"500us"`), and
-  a bare number of seconds, as the Machines API accepts in a config.
+- `parse_go_duration`: what Go's `time.ParseDuration` reads (`"1m30s"`, `"500us"`; no sign), and
+  a bare number of seconds, as the Machines API accepts in a config. ASCII digits only, finite and
+  within Go's range, as `parse_duration`: the emulator reads every duration with it.
 - `go_duration`: the API's other spellings of a duration (integer nanoseconds, the old
   `{"time.Duration": ns}`) as a Go duration string.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 __all__ = [
+    "MAX_GO_DURATION_SECONDS",
     "DurationError",
     "format_duration",
     "go_duration",
@@ -29,7 +30,13 @@ class DurationError(ValueError):
 # ASCII digits only: `\d` would take Arabic-Indic or full-width digits and put non-ASCII into a
 # header.
 _DURATION_RE = re.compile(r"^([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)$")
-_GO_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+# The same rule for Go durations: `float()` alone would also take "nan", "inf", "1e3", "1_0" and
+# non-ASCII digits.
+_GO_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_GO_PART_RE = re.compile(rf"({_GO_NUMBER})(ns|us|µs|ms|s|m|h)")
+_GO_SECONDS_RE = re.compile(_GO_NUMBER)
+# Go's time.Duration is an int64 of nanoseconds (about 292 years); Go refuses a longer one.
+MAX_GO_DURATION_SECONDS = (2**63 - 1) / 1e9
 _UNIT_SECONDS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -73,20 +80,22 @@ def format_duration(seconds: float) -> str:
 
 def parse_go_duration(text: str) -> float:
     """Seconds in a Go duration (`"30s"`, `"1m30s"`, `"500ms"`); a bare number means
-    seconds."""
-    value = text.strip()
-    if not value:
+    seconds. Exactly: ASCII digits, no sign, no surrounding space, at most Go's ~292 years."""
+    if not isinstance(text, str) or not text.strip():
         raise DurationError("empty duration")
-    with contextlib.suppress(ValueError):
-        return float(value)
-    pos, total = 0, 0.0
-    for match in _GO_PART_RE.finditer(value):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos != len(value):
-        raise DurationError(f"invalid duration {text!r}")
+    if _GO_SECONDS_RE.fullmatch(text):
+        total = float(text)
+    else:
+        pos, total = 0, 0.0
+        for match in _GO_PART_RE.finditer(text):
+            if match.start() != pos:
+                break
+            total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            pos = match.end()
+        if pos != len(text):
+            raise DurationError(f"invalid duration {text[:40]!r}")
+    if not total <= MAX_GO_DURATION_SECONDS:  # a 400-digit number is float('inf')
+        raise DurationError(f"invalid duration {text[:40]!r}: longer than Go's ~292 years")
     return total
 
 
