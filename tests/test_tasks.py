@@ -157,7 +157,7 @@ def test_a_function_machine_of_another_app_wakes_through_the_app_that_created_it
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(str(request.url))
-        return httpx.Response(200, text='{"done": true}\n')
+        return httpx.Response(200, text='{"done": true, "ran": 2}\n')
 
     real_client = httpx.Client
     monkeypatch.setattr(
@@ -166,7 +166,7 @@ def test_a_function_machine_of_another_app_wakes_through_the_app_that_created_it
     waker = Dispatcher("default", backend().flyfn)
     role, env = runtime.function("pdf"), runtime.MachineEnv(app_name="shop-fns")
     with runtime.override_role(role, env):
-        assert waker._send("tasks") is True
+        assert waker._send("tasks") == 2  # the tasks the wake ran
     assert sent == ["https://shop.fly.dev/_flyfn/tasks/tasks/"]
 
 
@@ -555,7 +555,7 @@ def test_no_wake_is_sent_without_an_address(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("FLYFN_PUBLIC_URL", raising=False)
     waker = Dispatcher("default", backend().flyfn)
     with runtime.override_role(runtime.MAIN, runtime.MachineEnv()):
-        assert waker._send("tasks") is False
+        assert waker._send("tasks") is None
     assert waker._retry_at["tasks"] > 0
 
 
