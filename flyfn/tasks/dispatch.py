@@ -28,6 +28,7 @@ from django_tasks_db.models import DBTaskResult, get_date_max
 from flyfn.runtime import current_env, current_role
 from flyfn.tasks.backend import wake_url_name
 from flyfn.tasks.clock import db_now
+from flyfn.tasks.clock import due as due_rows
 from flyfn.tasks.options import HORIZON, TaskOptions, home_app
 from flyfn.tasks.runner import run_until_idle
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
@@ -160,7 +161,7 @@ class Dispatcher:
         now = db_now(router.db_for_read(DBTaskResult) or "default")
         rows = DBTaskResult.objects.filter(backend_name=self.alias).order_by()
         due: Counter[str] = Counter()
-        ready = rows.ready().values_list("queue_name").annotate(n=Count("id"))
+        ready = due_rows(rows).values_list("queue_name").annotate(n=Count("id"))
         lost = (
             rows.filter(status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__lt=now)
             .values_list("queue_name")

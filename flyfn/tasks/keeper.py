@@ -99,6 +99,9 @@ class Keeper:
     def run(self, group: str, work: Callable[[], int]) -> int:
         """`work()` (a run of the group's tasks) with the Machine kept up meanwhile."""
         self.start(group)
+        return self._counted(work)
+
+    def _counted(self, work: Callable[[], int]) -> int:
         with self._lock:
             self._runs += 1
         try:
@@ -137,7 +140,7 @@ class Keeper:
         if wait is not None and wait <= 0:
             from flyfn.tasks.runner import run_until_idle
 
-            self.ran += self.run(group, lambda: run_until_idle(group))
+            self.ran += self._counted(lambda: run_until_idle(group))
             return 0.0
         if wait is not None:
             return min(LOOK, wait)
