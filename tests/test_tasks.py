@@ -157,7 +157,7 @@ def test_a_function_machine_of_another_app_wakes_through_the_app_that_created_it
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(str(request.url))
-        return httpx.Response(200, text='{"done": true}\n')
+        return httpx.Response(200, text='{"done": true, "ran": 2}\n')
 
     real_client = httpx.Client
     monkeypatch.setattr(
@@ -166,7 +166,7 @@ def test_a_function_machine_of_another_app_wakes_through_the_app_that_created_it
     waker = Dispatcher("default", backend().flyfn)
     role, env = runtime.function("pdf"), runtime.MachineEnv(app_name="shop-fns")
     with runtime.override_role(role, env):
-        assert waker._send("tasks") is True
+        assert waker._send("tasks") == 2  # the tasks the wake ran
     assert sent == ["https://shop.fly.dev/_flyfn/tasks/tasks/"]
 
 
@@ -555,7 +555,7 @@ def test_no_wake_is_sent_without_an_address(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("FLYFN_PUBLIC_URL", raising=False)
     waker = Dispatcher("default", backend().flyfn)
     with runtime.override_role(runtime.MAIN, runtime.MachineEnv()):
-        assert waker._send("tasks") is False
+        assert waker._send("tasks") is None
     assert waker._retry_at["tasks"] > 0
 
 
@@ -618,3 +618,98 @@ def test_a_lost_task_is_retried_then_failed_as_events(caplog: pytest.LogCaptureF
     run_due_tasks()
     outcomes = [outcome for outcome, task, _ in task_events(caplog) if task == str(result.id)]
     assert outcomes == ["enqueued", "retried", "retried", "failed"]
+
+
+# --------------------------------------------------------------------------- scale to zero
+
+
+def test_a_task_group_s_machines_run_with_autostop_off_and_stay_stopped_once_they_exit() -> None:
+    from flyfn.conf import get_settings
+    from flyfn.pool.spec import spec_for
+
+    groups = {"pdf": {"autostop": "suspend"}, "views": {"autostop": "suspend"}}
+    flyfn = {"APP_NAME": "shop", "IMAGE_REF": "registry.fly.io/shop:1", "GROUPS": groups}
+    with override_settings(FLYFN=flyfn):
+        pdf = spec_for(get_settings(), "pdf", {}).config
+        views = spec_for(get_settings(), "views", {}).config
+    [service] = pdf.services or []
+    assert service.autostop == "off"  # background work is no load to Fly Proxy
+    assert pdf.restart is not None
+    assert pdf.restart.policy == "no"
+    [service] = views.services or []
+    assert service.autostop == "suspend"
+    assert views.restart is not None
+    assert views.restart.policy == "on-failure"
+
+
+def test_beyond_horizon_is_checked_and_its_absence_warns() -> None:
+    with pytest.raises(ImproperlyConfigured, match="beyond_horizon"):
+        TaskOptions.parse("default", {"beyond_horizon": "cron"})
+    assert "flyfn.W005" in [m.id for m in backend().check()]
+    options = {**TASKS["default"]["OPTIONS"], "beyond_horizon": "next_wake"}  # type: ignore[dict-item]
+    found = FlyMachinesBackend("default", {**TASKS["default"], "OPTIONS": options})
+    assert "flyfn.W005" not in [m.id for m in found.check()]
+
+
+@pytest.mark.django_db
+def test_due_times_are_read_on_the_database_clock_not_the_machine_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = tasks.note.using(run_after=timezone.now() + timedelta(seconds=3)).enqueue("soon")
+    real_now = timezone.now
+    # This Machine's clock runs 5 s ahead of the database's: the task is not due for either.
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(seconds=5))
+    due, next_at = Dispatcher("default", backend().flyfn).scan()
+    assert due == {}
+    assert next_at is not None
+    assert claim_next(backend(), "tasks", "m1") is None
+    result.refresh()
+    assert status(result) == TaskResultStatus.READY
+
+
+@pytest.mark.django_db
+def test_a_wake_that_runs_nothing_backs_off_instead_of_storming() -> None:
+    waker = Dispatcher("default", backend().flyfn)
+
+    def wake() -> float:
+        # In a thread of its own, as the dispatcher's: a run closes its thread's connections.
+        waker._open["tasks"] += 1
+        with runtime.override_role(runtime.LOCAL):
+            thread = threading.Thread(target=waker._wake, args=("tasks",))
+            thread.start()
+            thread.join(SAFETY_BOUND)
+        return waker._retry_at.get("tasks", 0.0) - time.monotonic()
+
+    first = wake()  # nothing is due: the wake runs nothing
+    second = wake()
+    assert waker.idle_wakes == 2
+    assert 0 < first <= 1.0 < second <= 2.0  # doubling, as after a failure
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_keeper_runs_what_comes_due_waits_within_the_horizon_then_stops_the_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flyfn.tasks import keeper as keeper_module
+
+    stops: list[str] = []
+    keeper = keeper_module.Keeper(stop_machine=lambda: stops.append("stop"), live=True)
+    keeper.group = "tasks"  # as start() sets it, without its thread
+    soon = tasks.note.using(run_after=timezone.now() + timedelta(minutes=10)).enqueue("soon")
+    tasks.note.using(run_after=timezone.now() + timedelta(hours=2)).enqueue("beyond")
+    wait = keeper.step()
+    assert 0 < wait <= keeper_module.LOOK  # within the horizon: it stays up
+    assert stops == []
+    DBTaskResult.objects.filter(id=soon.id).update(run_after=timezone.now())
+    steps: list[float] = []
+    # In a thread of its own, as the keeper's: a run closes its thread's connections.
+    thread = threading.Thread(target=lambda: steps.append(keeper.step()))
+    thread.start()
+    thread.join(SAFETY_BOUND)
+    assert steps == [0.0]
+    assert keeper.ran == 1  # it ran the task itself, no wake needed
+    assert 0 < keeper.step() <= keeper_module.IDLE_EXIT  # drained, but a request came lately
+    monkeypatch.setattr(keeper_module, "IDLE_EXIT", 0.0)
+    assert keeper.step() == float("inf")  # only a task beyond the horizon is left
+    assert stops == ["stop"]
+    assert keeper.stopping

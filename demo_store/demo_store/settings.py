@@ -182,7 +182,10 @@ TASKS = {
     "default": {
         "BACKEND": "flyfn.tasks.FlyMachinesBackend",
         "QUEUES": ["default", "reports"],
-        "OPTIONS": {"group": "reports"},
+        # Reports are never scheduled ahead: one scheduled beyond the 15-minute horizon would
+        # run at the group's next wake (every app Machine may be stopped; fly.toml's
+        # min_machines_running is 0).
+        "OPTIONS": {"group": "reports", "beyond_horizon": "next_wake"},
     }
 }
 

@@ -116,6 +116,18 @@ def _pool_version(
     return hashlib.pbkdf2_hmac("sha256", material, salt, VERSION_DIGEST_ROUNDS, dklen=12).hex()
 
 
+def _task_groups() -> list[str]:
+    """The groups of flyfn.tasks backends (none without the tasks extra)."""
+    try:
+        from flyfn.tasks.options import task_groups
+    except ImportError:
+        return []
+    try:
+        return task_groups()
+    except ImportError:
+        return []
+
+
 def spec_for(
     settings: FlyfnSettings, group: str, environ: Mapping[str, str] = os.environ
 ) -> PoolSpec:
@@ -163,6 +175,11 @@ def spec_for(
     depends["flyfn:ports"] = json.dumps(
         [p.to_wire() for p in ports], sort_keys=True, separators=(",", ":")
     )
+    # A task group's Machines stop themselves once drained (flyfn.tasks.keeper): Fly Proxy must
+    # not stop them under background work, which is not load to it.
+    tasks = group in _task_groups()
+    if tasks:
+        depends["flyfn:tasks"] = "autostop=off;restart=no"
     version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
@@ -174,14 +191,18 @@ def spec_for(
                 protocol="tcp",
                 internal_port=options.internal_port,
                 autostart=True,
-                autostop=options.autostop,
+                autostop="off" if tasks else options.autostop,
                 min_machines_running=0,
                 ports=ports,
                 concurrency=concurrency,
             )
         ],
         # Fly's own choice for Machines that autostop: come back after a crash, not after a stop.
-        restart=MachineRestart(policy="on-failure", max_retries=3),
+        # A task group's Machine that exits stays stopped (FLAME's choice): its tasks' leases
+        # expire and the next wake starts it again.
+        restart=MachineRestart(policy="no")
+        if tasks
+        else MachineRestart(policy="on-failure", max_retries=3),
         auto_destroy=False,
     )
     return PoolSpec(

@@ -17,6 +17,18 @@ def _start_dispatchers(**kwargs: Any) -> None:
     start_all()
 
 
+def _keep_up(**kwargs: Any) -> None:
+    # A task group's function Machine stays up while requests come and its group has work, then
+    # stops itself (flyfn.tasks.keeper); on every other Machine this receiver is let go.
+    from flyfn.runtime import current_role
+    from flyfn.tasks.keeper import on_request
+
+    if not current_role().is_function:
+        request_started.disconnect(dispatch_uid="flyfn.tasks.keep_up")
+        return
+    on_request()
+
+
 class FlyfnTasksConfig(AppConfig):
     """`"flyfn.tasks"` in INSTALLED_APPS."""
 
@@ -27,3 +39,4 @@ class FlyfnTasksConfig(AppConfig):
 
     def ready(self) -> None:
         request_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")
+        request_started.connect(_keep_up, dispatch_uid="flyfn.tasks.keep_up")

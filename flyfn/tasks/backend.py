@@ -16,7 +16,7 @@ from django_tasks_db.compat import Task
 from typing_extensions import ParamSpec
 
 from flyfn import events
-from flyfn.tasks.options import TaskOptions
+from flyfn.tasks.options import HORIZON, TaskOptions
 
 __all__ = ["FlyMachinesBackend", "wake_url_name"]
 
@@ -78,6 +78,19 @@ class FlyMachinesBackend(DatabaseBackend):
                 )
             )
             return messages
+        if self.flyfn.beyond_horizon is None:
+            messages.append(
+                checks.Warning(
+                    f"TASKS[{self.alias!r}]: a task scheduled more than {HORIZON / 60:g} minutes "
+                    "ahead runs on time only if an app Machine is running at its time (its "
+                    "dispatcher wakes the group); with fly.toml's min_machines_running = 0 every "
+                    "app Machine may be stopped then, and the task waits for the next wake",
+                    hint="keep an app Machine running (fly.toml: min_machines_running = 1) and "
+                    "set OPTIONS['beyond_horizon'] = 'app_machine', or accept that such tasks "
+                    "run at the group's next wake: OPTIONS['beyond_horizon'] = 'next_wake'",
+                    id="flyfn.W005",
+                )
+            )
         for group in sorted(self.flyfn.groups):
             try:
                 reverse(wake_url_name(group))

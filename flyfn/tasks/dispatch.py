@@ -16,19 +16,20 @@ import os
 import threading
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connections, router
 from django.db.models import Count, Min
 from django.urls import reverse
-from django.utils import timezone
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
 from flyfn.runtime import current_env, current_role
 from flyfn.tasks.backend import wake_url_name
-from flyfn.tasks.options import TaskOptions, home_app
+from flyfn.tasks.clock import db_now
+from flyfn.tasks.clock import due as due_rows
+from flyfn.tasks.options import HORIZON, TaskOptions, home_app
 from flyfn.tasks.runner import run_until_idle
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
 
@@ -45,6 +46,7 @@ CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 60.0
 # The shortest sleep between two looks at the database.
 MIN_SLEEP = 0.05
+HORIZON_DELTA = timedelta(seconds=HORIZON)
 
 
 class Dispatcher:
@@ -59,8 +61,11 @@ class Dispatcher:
         self._open: Counter[str] = Counter()
         self._backoff: dict[str, float] = {}
         self._retry_at: dict[str, float] = {}
+        self._idle_backoff: dict[str, float] = {}
         self._stopped = False
+        self._covered: dict[str, datetime] = {}  # scheduled tasks up to then have a wake
         self.wakes = 0  # wakes opened, for tests and benchmarks
+        self.idle_wakes = 0  # wakes for due work that ran nothing
 
     def notify(self, group: str | None = None) -> None:
         """Look at the database now (a task of `group` was committed). Nothing to do while the
@@ -114,11 +119,18 @@ class Dispatcher:
 
     def _look(self) -> float:
         """Open the wakes due work needs; seconds until the next look."""
-        due, next_at = self.scan()
+        due, next_at, db_time, soon = self._scan()
         now = time.monotonic()
         sleep = self.options.poll
         if next_at is not None:
-            sleep = min(sleep, (next_at - timezone.now()).total_seconds())
+            sleep = min(sleep, (next_at - db_time).total_seconds())
+        keep = set()
+        for group, at in soon.items():
+            # A task scheduled within the horizon: wake the group now, so a function Machine is
+            # up at its time even if every app Machine is stopped by then (once per horizon).
+            if group not in due and at > self._covered.get(group, at - HORIZON_DELTA):
+                keep.add(group)
+                due[group] = 1
         for group, count in sorted(due.items()):
             retry_at = self._retry_at.get(group, 0.0)
             if retry_at > now:
@@ -130,17 +142,26 @@ class Dispatcher:
                 self.wakes += max(0, missing)
             for _ in range(missing):
                 threading.Thread(
-                    target=self._wake, args=(group,), name=f"flyfn-wake-{group}", daemon=True
+                    target=self._wake,
+                    args=(group, db_time + HORIZON_DELTA if group in keep else None),
+                    name=f"flyfn-wake-{group}",
+                    daemon=True,
                 ).start()
         return max(MIN_SLEEP, sleep)
 
     def scan(self) -> tuple[dict[str, int], datetime | None]:
         """Due tasks per group (READY and due, or RUNNING with an expired lease), and when the
-        next scheduled task or lease comes due."""
-        now = timezone.now()
+        next scheduled task or lease comes due; on the database's clock."""
+        due, next_at, _, _ = self._scan()
+        return due, next_at
+
+    def _scan(self) -> tuple[dict[str, int], datetime | None, datetime, dict[str, datetime]]:
+        """`scan()`, the database's time and, per group, its first task scheduled within the
+        horizon."""
+        now = db_now(router.db_for_read(DBTaskResult) or "default")
         rows = DBTaskResult.objects.filter(backend_name=self.alias).order_by()
         due: Counter[str] = Counter()
-        ready = rows.ready().values_list("queue_name").annotate(n=Count("id"))
+        ready = due_rows(rows).values_list("queue_name").annotate(n=Count("id"))
         lost = (
             rows.filter(status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__lt=now)
             .values_list("queue_name")
@@ -155,33 +176,59 @@ class Dispatcher:
             status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__gte=now
         ).aggregate(at=Min("flyfn_lease__expires_at"))["at"]
         upcoming = [at for at in (scheduled, leases) if at is not None]
-        return dict(due), min(upcoming) if upcoming else None
+        soon: dict[str, datetime] = {}
+        if scheduled is not None and scheduled <= now + HORIZON_DELTA:
+            firsts = (
+                rows.filter(
+                    status=TaskResultStatus.READY,
+                    run_after__gt=now,
+                    run_after__lte=now + HORIZON_DELTA,
+                )
+                .values_list("queue_name")
+                .annotate(at=Min("run_after"))
+            )
+            for queue, at in firsts:
+                group = self.options.group_of(queue)
+                soon[group] = min(at, soon.get(group, at))
+        return dict(due), min(upcoming) if upcoming else None, now, soon
 
     # ----------------------------------------------------------------- wakes
 
-    def _wake(self, group: str) -> None:
-        ok = False
+    def _wake(self, group: str, keep_until: datetime | None = None) -> None:
+        """One wake of `group`. `keep_until`: it was sent for a task scheduled within the horizon
+        (nothing is due yet, so running nothing is expected): once it answers, the woken Machine
+        stays up for every task scheduled until then."""
+        ran: int | None = None
+        keep = keep_until is not None
         try:
             if current_role().is_local:
-                run_until_idle(group)
-                ok = True
+                # Locally this process's thread wakes at the due time: nothing to keep up.
+                ran = 0 if keep else run_until_idle(group)
             else:
-                ok = self._send(group)
+                ran = self._send(group)
         except Exception as exc:
             self._failed(group, f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._open[group] -= 1
-            if ok:
+            if ran is not None and keep_until is not None:
+                self._covered[group] = keep_until
+            if ran is not None:
                 self._recovered(group)
+                if ran == 0 and not keep:
+                    self._idle(group)
+                elif ran > 0:
+                    with self._lock:
+                        self._idle_backoff.pop(group, None)
             self._event.set()  # look again: a task may have come in as the wake ended
 
-    def _send(self, group: str) -> bool:
-        """One wake through Fly Proxy; whether the runner reported it ran out of due tasks."""
+    def _send(self, group: str) -> int | None:
+        """One wake through Fly Proxy; how many tasks the runner reported it ran once it ran out
+        of due tasks, or None when the wake failed."""
         base = self.options.wake_url(home_app(current_env().app_name))
         if base is None:
             self._failed(group, "no address to wake it at: set OPTIONS['url']")
-            return False
+            return None
         url = base + reverse(wake_url_name(group))
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
         headers = {WAKE_HEADER: sign_wake(group)}
@@ -195,15 +242,16 @@ class Dispatcher:
                     last = line
         if response.status_code != 200:
             self._failed(group, f"HTTP {response.status_code} from {url}: {last[:200]}")
-            return False
+            return None
         try:
             summary = json.loads(last)
         except ValueError:
             summary = None
         if not isinstance(summary, dict) or summary.get("done") is not True:
             self._failed(group, f"the wake ended early ({last[:200]!r})")
-            return False
-        return True
+            return None
+        ran = summary.get("ran")
+        return ran if isinstance(ran, int) else 1
 
     def _failed(self, group: str, why: str) -> None:
         with self._lock:
@@ -214,6 +262,16 @@ class Dispatcher:
             self._retry_at[group] = time.monotonic() + backoff
         if first:  # one line per failure burst
             logger.warning("flyfn tasks: waking group %r failed, retrying: %s", group, why)
+
+    def _idle(self, group: str) -> None:
+        """A wake for due work ran nothing (another run took it first, or clocks disagree): do
+        not wake the group again at once, doubling the pause as for a failure, silently."""
+        with self._lock:
+            backoff = self._idle_backoff.get(group, 0.0)
+            backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, backoff * 2))
+            self._idle_backoff[group] = backoff
+            self._retry_at[group] = time.monotonic() + backoff
+            self.idle_wakes += 1
 
     def _recovered(self, group: str) -> None:
         with self._lock:

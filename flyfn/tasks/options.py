@@ -12,7 +12,14 @@ from django.db.models import Q
 from flyfn.fly.env import HOME_APP_ENV, env_value
 from flyfn.registry import validate_group_name
 
-__all__ = ["PUBLIC_URL_ENV", "TaskOptions", "home_app"]
+__all__ = ["BEYOND_HORIZON", "HORIZON", "PUBLIC_URL_ENV", "TaskOptions", "home_app", "task_groups"]
+
+# A woken function Machine of a task group stays up for a task scheduled this far ahead (seconds,
+# on the database's clock) and runs it at its time; see docs/background-tasks.md.
+HORIZON = 900.0
+# How tasks scheduled beyond HORIZON get run on time (`OPTIONS["beyond_horizon"]`): an app Machine
+# that is always running wakes the group at their time, or they run at the group's next wake.
+BEYOND_HORIZON = ("app_machine", "next_wake")
 
 # `flyfn dev` sets it on its Machines to its proxy's address; on Fly the app's own address is used.
 PUBLIC_URL_ENV = "FLYFN_PUBLIC_URL"
@@ -25,6 +32,7 @@ _DEFAULTS: dict[str, object] = {
     "concurrency": 1,
     "url": None,
     "poll": 30.0,
+    "beyond_horizon": None,
     "id_function": None,  # django-tasks-db's own option (how task ids are made), passed through
 }
 
@@ -40,6 +48,7 @@ class TaskOptions:
     concurrency: int = 1
     url: str | None = None
     poll: float = 30.0
+    beyond_horizon: str | None = None
 
     @classmethod
     def parse(cls, alias: str, options: Mapping[str, object]) -> TaskOptions:
@@ -85,6 +94,9 @@ class TaskOptions:
             isinstance(url, str) and url.startswith(("http://", "https://"))
         ):
             raise problem("url", "an http:// or https:// address")
+        beyond = values["beyond_horizon"]
+        if beyond is not None and beyond not in BEYOND_HORIZON:
+            raise problem("beyond_horizon", " or ".join(map(repr, BEYOND_HORIZON)))
         return cls(
             group=group,
             queue_groups=dict(queue_groups),
@@ -93,6 +105,7 @@ class TaskOptions:
             concurrency=int(values["concurrency"]),  # type: ignore[call-overload]
             url=url,
             poll=numbers["poll"],
+            beyond_horizon=beyond,
         )
 
     def group_of(self, queue_name: str) -> str:
@@ -128,3 +141,21 @@ def home_app(own_app: str | None, environ: Mapping[str, str] = os.environ) -> st
     app: a wake sent there would reach a function Machine unsigned (and possibly of another group),
     so it goes to the app that created it (`FLYFN_HOME_APP`, set by flyfn)."""
     return env_value(environ, HOME_APP_ENV) or own_app
+
+
+def task_groups() -> list[str]:
+    """Every group a configured FlyMachinesBackend runs tasks in (from the settings)."""
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    from flyfn.tasks.backend import FlyMachinesBackend
+
+    groups: set[str] = set()
+    for alias, params in getattr(settings, "TASKS", {}).items():
+        try:
+            backend = import_string(params.get("BACKEND", ""))
+        except ImportError:
+            continue
+        if isinstance(backend, type) and issubclass(backend, FlyMachinesBackend):
+            groups |= TaskOptions.parse(alias, params.get("OPTIONS", {})).groups
+    return sorted(groups)

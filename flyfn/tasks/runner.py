@@ -15,12 +15,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import SuspiciousOperation
 from django.db import OperationalError, close_old_connections, connections, router
-from django.utils import timezone
+from django.db.models.functions import Now
 from django_tasks_db.compat import (
     TaskContext,
     TaskResultStatus,
@@ -35,6 +34,7 @@ from django_tasks_db.utils import exclusive_transaction, is_locked_database_exce
 from flyfn import events
 from flyfn.runtime import current_env, current_role
 from flyfn.tasks import TaskLost
+from flyfn.tasks.clock import due, in_seconds
 from flyfn.tasks.models import TaskLease
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class _LeaseKeeper:
         try:
             close_old_connections()
             for (using, lease), tokens in by_lease.items():
-                until = timezone.now() + timedelta(seconds=lease)
+                until = in_seconds(lease)  # on the database's clock, as every lease
                 TaskLease.objects.using(using).filter(token__in=tokens).update(expires_at=until)
         except Exception as exc:  # the next beat tries again; the lease has room for two misses
             logger.warning("flyfn tasks: could not renew leases: %s: %s", type(exc).__name__, exc)
@@ -148,10 +148,9 @@ class Claim:
 def _lost(backend: FlyMachinesBackend, group: str) -> list[DBTaskResult[Any, Any]]:
     """Put tasks whose lease expired back to READY, or FAILED after their last attempt; the
     failed ones (for their signal)."""
-    now = timezone.now()
     failed: list[DBTaskResult[Any, Any]] = []
     expired = _rows(backend, group).filter(
-        status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__lt=now
+        status=TaskResultStatus.RUNNING, flyfn_lease__expires_at__lt=Now()
     )
     with exclusive_transaction(_db(backend)):
         for row in expired.select_for_update(skip_locked=True)[:_REAP_BATCH]:
@@ -184,7 +183,7 @@ def claim_next(backend: FlyMachinesBackend, group: str, machine: str) -> Claim |
     token = uuid.uuid4().hex
     lease = backend.flyfn.lease
     with exclusive_transaction(_db(backend)):
-        row = _rows(backend, group).ready().get_locked()
+        row = due(_rows(backend, group)).get_locked()
         if row is None:
             return None
         row.claim(machine)
@@ -194,7 +193,7 @@ def claim_next(backend: FlyMachinesBackend, group: str, machine: str) -> Claim |
                 "group": group,
                 "token": token,
                 "machine_id": machine,
-                "expires_at": timezone.now() + timedelta(seconds=lease),
+                "expires_at": in_seconds(lease),
             },
         )
     return Claim(backend, row, token, group)

@@ -3,8 +3,9 @@
 `POST /_flyfn/tasks/<group>/` is a serverless view of the group (one view per group, registered
 with flyfn's registry), so an app Machine replays it to a function Machine like any other. Wakes
 are signed with `SECRET_KEY` by the dispatcher; anything else is refused. The answer streams a
-heartbeat line every `HEARTBEAT` seconds while tasks run (Fly Proxy sees a live request, so the
-Machine is not stopped under them) and ends with a JSON summary line.
+heartbeat line every `HEARTBEAT` seconds while tasks run and ends with a JSON summary line. The
+run does not depend on the request: it goes on if the connection is cut, and the Machine stays up
+(autostop off for task groups) until its keeper finds the group drained (flyfn.tasks.keeper).
 """
 
 from __future__ import annotations
@@ -60,28 +61,27 @@ def _text(status: int, message: str) -> HttpResponse:
 
 
 async def _run(group: str) -> AsyncIterator[bytes]:
+    from flyfn.tasks.keeper import keeper
     from flyfn.tasks.runner import run_until_idle, worker_id
 
-    stop = threading.Event()
     machine = worker_id()
     loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(
-        None, partial(run_until_idle, group, stop, machine=machine, budget=WAKE_BUDGET)
-    )
+    # The run belongs to the Machine, not to this request: if the connection that woke it is cut
+    # (the app Machine that sent it stopped), the run goes on, and the keeper runs what comes due
+    # next and stops the Machine once drained (flyfn.tasks.keeper).
+    run = partial(run_until_idle, group, machine=machine, budget=WAKE_BUDGET)
+    work = loop.run_in_executor(None, partial(keeper().run, group, run))
+    yield f"flyfn tasks: running group {group} on {machine}\n".encode()
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=HEARTBEAT)
+        if done:
+            break
+        yield b".\n"
     try:
-        yield f"flyfn tasks: running group {group} on {machine}\n".encode()
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=HEARTBEAT)
-            if done:
-                break
-            yield b".\n"
-        try:
-            summary: dict[str, object] = {"done": True, "ran": work.result(), "machine": machine}
-        except Exception as exc:
-            summary = {"done": False, "error": f"{type(exc).__name__}: {exc}", "machine": machine}
-        yield (json.dumps(summary) + "\n").encode()
-    finally:
-        stop.set()  # the wake was cut off: claim nothing more (the running task finishes)
+        summary: dict[str, object] = {"done": True, "ran": work.result(), "machine": machine}
+    except Exception as exc:
+        summary = {"done": False, "error": f"{type(exc).__name__}: {exc}", "machine": machine}
+    yield (json.dumps(summary) + "\n").encode()
 
 
 def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]:

@@ -189,3 +189,98 @@ def test_fifty_tasks_all_succeed_on_function_machines_under_chaos(stack: Stack) 
     )
     assert chaos_done["kill"] >= 1
     assert chaos_done["stop"] >= 1
+
+
+# --------------------------------------------------------------------------- scale to zero
+
+NAPS = 50  # tasks of 300 ms, due at once
+DEFERRED = 3  # tasks due DEFER seconds after the enqueue
+DEFER = 20
+STOP_AFTER = 3.0  # seconds after the enqueue, every app Machine is stopped through the API
+LATE_BOUND = 120.0  # a deferred task started later than this after its time is "too slow"
+
+
+def _machines(stack: Stack) -> list[dict[str, Any]]:
+    return list_machines(stack.api, APP, TOKEN)
+
+
+def _is_function(machine: dict[str, Any]) -> bool:
+    return bool((machine.get("config") or {}).get("metadata", {}).get("flyfn_group"))
+
+
+def _rows(database: Database, ids: list[str]) -> list[tuple[str, str, Any, Any, Any]]:
+    import psycopg
+
+    with psycopg.connect(database.url) as connection:
+        found = connection.execute(
+            "SELECT id::text, status, run_after, started_at, finished_at "
+            "FROM django_tasks_database_dbtaskresult WHERE id::text = ANY(%s)",
+            [ids],
+        ).fetchall()
+    return [(str(i), str(s), r, st, f) for i, s, r, st, f in found]
+
+
+def test_work_and_deferred_tasks_finish_with_every_app_machine_stopped(
+    stack: Stack, postgres_database: Database
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    answer = httpx.post(f"{stack.url}/naps/{NAPS}/{DEFERRED}/{DEFER}/", timeout=60)
+    enqueued_at = time.monotonic()
+    assert answer.status_code == 200, answer.text
+    ids: list[str] = answer.json()["ids"] + answer.json()["deferred"]
+    deferred = set(answer.json()["deferred"])
+
+    # 3 s later every app Machine is stopped through the Machines API; no request after that.
+    time.sleep(max(0.0, enqueued_at + STOP_AFTER - time.monotonic()))
+    app_machines = [m for m in _machines(stack) if not _is_function(m)]
+    assert app_machines
+    for machine in app_machines:
+        path = f"{stack.api}/v1/apps/{APP}/machines/{machine['id']}/stop"
+        stopped = httpx.post(path, json={}, headers=headers, timeout=30)
+        assert stopped.status_code == 200, stopped.text
+    deadline = time.monotonic() + SAFETY_BOUND
+    while any(m["state"] != "stopped" for m in _machines(stack) if not _is_function(m)):
+        assert time.monotonic() < deadline, "the app Machines do not stop"
+        time.sleep(0.5)
+    stopped_at = time.monotonic()
+
+    # Every task ends, read from the database (a request would start an app Machine).
+    while True:
+        rows = _rows(postgres_database, ids)
+        statuses = Counter(status for _, status, *_ in rows)
+        if statuses["SUCCESSFUL"] + statuses["FAILED"] == len(ids):
+            break
+        assert time.monotonic() < deadline, f"too slow to finish: {dict(statuses)}"
+        time.sleep(0.5)
+    finished_at = time.monotonic()
+    assert statuses["SUCCESSFUL"] == len(ids), f"not all SUCCESSFUL: {dict(statuses)}"
+
+    lateness = sorted(
+        (started - run_after).total_seconds()
+        for task_id, _, run_after, started, _ in rows
+        if task_id in deferred
+    )
+    assert len(lateness) == DEFERRED
+    assert all(late >= 0 for late in lateness), f"a deferred task ran early: {lateness}"
+    assert all(late < LATE_BOUND for late in lateness), f"too late: {lateness}"
+    last_end = max(end for *_, end in rows)
+
+    # The function Machines stop themselves once drained; nothing starts an app Machine.
+    while True:
+        machines = _machines(stack)
+        if all(m["state"] == "stopped" for m in machines):
+            break
+        assert time.monotonic() < deadline, f"Machines left up: {machines}"
+        time.sleep(0.5)
+    drained_at = time.monotonic()
+    functions = [m for m in machines if _is_function(m)]
+    assert functions
+    stopped_lines = [line for line in stack.lines if "this Machine stops" in line]
+    print(
+        f"\ne2e scale to zero: {len(ids)} SUCCESSFUL of {len(ids)} ({NAPS} now, {DEFERRED} "
+        f"deferred {DEFER}s); app Machines stopped {stopped_at - enqueued_at:.1f}s after the "
+        f"enqueue; all done {finished_at - enqueued_at:.1f}s after it (last outcome written "
+        f"{last_end:%H:%M:%S.%f}); deferred lateness {', '.join(f'{x:.2f}s' for x in lateness)}; "
+        f"{len(functions)} function Machines all stopped {drained_at - finished_at:.1f}s after "
+        f"the last task ({len(stopped_lines)} stopped themselves)"
+    )

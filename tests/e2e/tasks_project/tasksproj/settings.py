@@ -22,7 +22,14 @@ TASKS = {
         "QUEUES": [],
         # Short leases: a killed Machine's task runs again within seconds. Attempts enough for
         # the chaos, which may hit one task several times.
-        "OPTIONS": {"group": "work", "lease": 3, "max_attempts": 25, "concurrency": 2, "poll": 5},
+        "OPTIONS": {
+            "group": "work",
+            "lease": 3,
+            "max_attempts": 25,
+            "concurrency": 2,
+            "poll": 5,
+            "beyond_horizon": "next_wake",
+        },
     }
 }
 FLYFN = {"GROUPS": {"work": {"machines": 2, "replay_timeout": "30s", "autostop": "stop"}}}

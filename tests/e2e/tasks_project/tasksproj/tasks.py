@@ -30,3 +30,10 @@ def work(i: int) -> dict[str, object]:
     time.sleep(random.uniform(0.3, 1.0))  # long enough for the chaos to cut some runs off
     _note(f"end {i} {machine}")
     return {"i": i, "machine": machine}
+
+
+@task()
+def nap(i: int) -> dict[str, object]:
+    """300 ms of work: the scale-to-zero e2e's task."""
+    time.sleep(0.3)
+    return {"i": i, "machine": os.environ.get("FLY_MACHINE_ID", "?")}

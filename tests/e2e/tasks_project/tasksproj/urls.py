@@ -8,6 +8,7 @@ from . import views
 
 urlpatterns = [
     path("enqueue/<int:n>/", views.enqueue),
+    path("naps/<int:n>/<int:deferred>/<int:seconds>/", views.enqueue_naps),
     path("results/", views.results),
     path("", include("flyfn.tasks.urls")),
 ]
