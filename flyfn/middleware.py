@@ -355,6 +355,10 @@ class FlyReplayMiddleware:
                 return None
             events.bounced(role.group or "", "not_serverless")
             return replay_response(ELSEWHERE)
+        gate = getattr(view_func, "flyfn_gate", None)
+        refused: HttpResponseBase | None = None if gate is None else gate(request)
+        if refused is not None:
+            return refused  # checked before any replay (an unsigned task wake: flyfn.tasks.wake)
         settings = get_settings()
         if role.kind == "function":
             if view.group == role.group:

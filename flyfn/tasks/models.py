@@ -24,3 +24,17 @@ class TaskLease(models.Model):
 
     def __str__(self) -> str:
         return f"lease of {self.task_id} by {self.machine_id} until {self.expires_at:%H:%M:%S}"
+
+
+class WakeNonce(models.Model):
+    """A wake that a function Machine has accepted: the nonce its signed header carried, kept
+    while the header is valid so that the same header is not accepted again."""
+
+    nonce = models.CharField(max_length=32, primary_key=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "used wake"
+
+    def __str__(self) -> str:
+        return f"wake {self.nonce} (until {self.expires_at:%H:%M:%S})"

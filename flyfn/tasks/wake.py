@@ -6,25 +6,38 @@ are signed with `SECRET_KEY` by the dispatcher; anything else is refused. The an
 heartbeat line every `HEARTBEAT` seconds while tasks run and ends with a JSON summary line. The
 run does not depend on the request: it goes on if the connection is cut, and the Machine stays up
 (autostop off for task groups) until its keeper finds the group drained (flyfn.tasks.keeper).
+
+An app Machine checks a wake's signature before it replays it (`refuse_unsigned`, the view's
+`flyfn_gate`, which the middleware calls): an unsigned POST never starts a function Machine. Each
+signed wake carries a nonce, recorded in the database by the function Machine that accepts it: the
+same header is accepted once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core import signing
+from django.db import IntegrityError, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from flyfn.registry import registry, validate_group_name
 from flyfn.runtime import current_role
 
-__all__ = ["HEARTBEAT", "WAKE_HEADER", "sign_wake", "wake_view"]
+__all__ = ["HEARTBEAT", "WAKE_HEADER", "refuse_unsigned", "sign_wake", "wake_view"]
+
+logger = logging.getLogger("flyfn.tasks")
 
 WAKE_HEADER = "X-Flyfn-Wake"
 _WAKE_META = "HTTP_" + WAKE_HEADER.upper().replace("-", "_")
@@ -40,15 +53,40 @@ _views_lock = threading.Lock()
 
 
 def sign_wake(group: str) -> str:
-    """The wake header's value for `group`."""
-    return signing.TimestampSigner(salt=_SALT).sign(group)
+    """The wake header's value for `group`: the group and a fresh nonce, signed and timed."""
+    return signing.TimestampSigner(salt=_SALT).sign(f"{group}/{secrets.token_hex(16)}")
 
 
-def _signed_for(value: str, group: str) -> bool:
+def _nonce(value: str, group: str) -> str | None:
+    """The nonce of a wake header signed for `group` within WAKE_MAX_AGE, or None."""
     try:
-        return signing.TimestampSigner(salt=_SALT).unsign(value, max_age=WAKE_MAX_AGE) == group
+        signed = signing.TimestampSigner(salt=_SALT).unsign(value, max_age=WAKE_MAX_AGE)
     except signing.BadSignature:
+        return None
+    signed_group, _, nonce = signed.partition("/")
+    return nonce if signed_group == group and nonce else None
+
+
+def refuse_unsigned(group: str, request: HttpRequest) -> HttpResponse | None:
+    """403 for a request that is not a wake signed for `group` (checked before any replay)."""
+    if _nonce(request.META.get(_WAKE_META, ""), group) is None:
+        return _text(403, "not a signed flyfn wake")
+    return None
+
+
+def _first_use(nonce: str) -> bool:
+    """Record `nonce` as used; whether it was not already (expired records are dropped)."""
+    from flyfn.tasks.models import WakeNonce
+
+    now = timezone.now()
+    WakeNonce.objects.filter(expires_at__lt=now).delete()
+    try:
+        with transaction.atomic():
+            until = now + timedelta(seconds=WAKE_MAX_AGE)
+            WakeNonce.objects.create(nonce=nonce, expires_at=until)
+    except IntegrityError:
         return False
+    return True
 
 
 def _text(status: int, message: str) -> HttpResponse:
@@ -79,8 +117,10 @@ async def _run(group: str) -> AsyncIterator[bytes]:
         yield b".\n"
     try:
         summary: dict[str, object] = {"done": True, "ran": work.result(), "machine": machine}
-    except Exception as exc:
-        summary = {"done": False, "error": f"{type(exc).__name__}: {exc}", "machine": machine}
+    except Exception:
+        # Logged here; the answer goes back through Fly Proxy and carries no error text.
+        logger.exception("flyfn tasks: the wake of group %s failed", group)
+        summary = {"done": False, "error": "see the Machine's log", "machine": machine}
     yield (json.dumps(summary) + "\n").encode()
 
 
@@ -95,18 +135,22 @@ def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpRes
         async def wake(request: HttpRequest) -> HttpResponseBase:
             if request.method != "POST":
                 return _text(405, "wakes are POST requests")
-            if not _signed_for(request.META.get(_WAKE_META, ""), group):
+            nonce = _nonce(request.META.get(_WAKE_META, ""), group)
+            if nonce is None:
                 return _text(403, "not a signed flyfn wake")
             if current_role().is_main:
                 # The replay could not happen and the group's fallback ran the view here: tasks
                 # run on function Machines only; the dispatcher tries again.
                 return _text(503, f"no function Machine of group {group!r} reached; retry")
+            if not await sync_to_async(_first_use)(nonce):
+                return _text(403, "this wake was already used")
             response = StreamingHttpResponse(_run(group), content_type="text/plain")
             response["Cache-Control"] = "private, no-store"
             return response
 
         wake.__name__ = wake.__qualname__ = f"wake_{group.replace('-', '_')}"
         view = csrf_exempt(wake)
+        view.flyfn_gate = partial(refuse_unsigned, group)  # type: ignore[attr-defined]
         registry.register(view, ["POST"], group)
         _views[group] = view
         return view
