@@ -618,3 +618,13 @@ def test_a_lost_task_is_retried_then_failed_as_events(caplog: pytest.LogCaptureF
     run_due_tasks()
     outcomes = [outcome for outcome, task, _ in task_events(caplog) if task == str(result.id)]
     assert outcomes == ["enqueued", "retried", "retried", "failed"]
+
+
+def test_the_lease_table_s_migrations_match_its_model() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("makemigrations", "flyfn_tasks", "--check", "--dry-run", stdout=out)
+    assert "No changes detected" in out.getvalue()

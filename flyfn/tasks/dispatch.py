@@ -91,10 +91,6 @@ class Dispatcher:
         if thread is not None:
             thread.join(timeout)
 
-    def open_wakes(self, group: str) -> int:
-        with self._lock:
-            return self._open[group]
-
     # ----------------------------------------------------------------- the loop
 
     def _loop(self) -> None:

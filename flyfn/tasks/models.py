@@ -14,7 +14,6 @@ class TaskLease(models.Model):
     task = models.OneToOneField(
         DBTaskResult, on_delete=models.CASCADE, primary_key=True, related_name="flyfn_lease"
     )
-    group = models.CharField(max_length=30)
     token = models.CharField(max_length=32)
     machine_id = models.CharField(max_length=64)
     expires_at = models.DateTimeField(db_index=True)

@@ -191,7 +191,6 @@ def claim_next(backend: FlyMachinesBackend, group: str, machine: str) -> Claim |
         TaskLease.objects.update_or_create(
             task=row,
             defaults={
-                "group": group,
                 "token": token,
                 "machine_id": machine,
                 "expires_at": timezone.now() + timedelta(seconds=lease),
@@ -315,7 +314,6 @@ def run_until_idle(
     stop: threading.Event | None = None,
     *,
     machine: str | None = None,
-    on_task: Callable[[Claim, bool], None] | None = None,
     budget: float | None = None,
 ) -> int:
     """Claim and run `group`'s due tasks until none is due, `stop` is set or `budget`
@@ -326,10 +324,8 @@ def run_until_idle(
     ran = 0
     try:
         for claim in _claims(group, machine, stop):
-            stored = run_claim(claim)
+            run_claim(claim)
             ran += 1
-            if on_task is not None:
-                on_task(claim, stored)
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
