@@ -620,6 +620,7 @@ def test_a_lost_task_is_retried_then_failed_as_events(caplog: pytest.LogCaptureF
     assert outcomes == ["enqueued", "retried", "retried", "failed"]
 
 
+@pytest.mark.django_db
 def test_the_lease_table_s_migrations_match_its_model() -> None:
     from io import StringIO
 
