@@ -629,3 +629,96 @@ def test_the_lease_table_s_migrations_match_its_model() -> None:
     out = StringIO()
     call_command("makemigrations", "flyfn_tasks", "--check", "--dry-run", stdout=out)
     assert "No changes detected" in out.getvalue()
+
+
+# ------------------------------------------------------------------ BaseExceptions, signals
+
+
+@pytest.mark.django_db
+def test_system_exit_from_argparse_fails_the_task_and_the_run_goes_on() -> None:
+    bad = tasks.parse_arguments.enqueue(["--no-such-flag"])
+    after = tasks.note.enqueue("after")
+    assert run_due_tasks() == 2  # the SystemExit did not end the run (nor the process)
+    bad.refresh()
+    after.refresh()
+    assert status(bad) == TaskResultStatus.FAILED
+    assert [e.exception_class for e in bad.errors] == [SystemExit]
+    assert status(after) == TaskResultStatus.SUCCESSFUL
+    assert not TaskLease.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keyboard_interrupt_raised_by_a_task_off_the_main_thread_fails_it() -> None:
+    # The local role runs tasks in the dispatcher's thread, as a function Machine runs them in a
+    # thread of its server: no Ctrl-C lands there, the task's own code raised it.
+    with runtime.override_role(runtime.LOCAL):
+        interrupted = tasks.interrupt.enqueue("stop")
+        wait_finished(interrupted)
+        after = tasks.note.enqueue("after")
+        wait_finished(after)
+    assert status(interrupted) == TaskResultStatus.FAILED
+    assert [e.exception_class for e in interrupted.errors] == [KeyboardInterrupt]
+    assert status(after) == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.django_db
+def test_a_keyboard_interrupt_on_the_main_thread_goes_through_as_in_django() -> None:
+    # Django's immediate backend lets the user stop: the task stays RUNNING until its lease
+    # expires, then runs again.
+    interrupted = tasks.interrupt.enqueue("ctrl-c")
+    with pytest.raises(KeyboardInterrupt):
+        run_due_tasks()
+    interrupted.refresh()
+    assert status(interrupted) == TaskResultStatus.RUNNING
+    assert TaskLease.objects.filter(task_id=interrupted.id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_system_exit_in_a_wake_fails_its_task_and_the_wake_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with runtime.override_role(runtime.function("tasks"), env):
+        bad = await tasks.parse_arguments.aenqueue(["--no-such-flag"])
+        good = [await tasks.note.aenqueue(f"n{i}") for i in range(2)]
+        response = await AsyncClient().post(
+            "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
+        )
+        chunks = response.streaming_content  # type: ignore[attr-defined]
+        body = b"".join([chunk async for chunk in chunks])
+    assert body.decode().strip().splitlines()[-1] == (
+        '{"done": true, "ran": 3, "machine": "fn0123456789ab"}'
+    )
+    await bad.arefresh()
+    assert status(bad) == TaskResultStatus.FAILED
+    for result in good:
+        await result.arefresh()
+        assert status(result) == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.parametrize("signal_name", ["task_started", "task_finished"])
+@pytest.mark.django_db
+def test_a_signal_receiver_that_raises_is_logged_and_the_wake_goes_on(
+    signal_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django_tasks_db import compat
+
+    signal = getattr(compat, signal_name)
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    results = [tasks.note.enqueue(f"n{i}") for i in range(3)]
+    signal.connect(broken, dispatch_uid="test-broken-receiver")
+    try:
+        with caplog.at_level(logging.WARNING, logger="flyfn.tasks"):
+            assert run_due_tasks() == 3
+    finally:
+        signal.disconnect(dispatch_uid="test-broken-receiver")
+    for result in results:
+        result.refresh()
+        assert status(result) == TaskResultStatus.SUCCESSFUL
+    logged = [r.getMessage() for r in caplog.records if r.name == "flyfn.tasks"]
+    assert len(logged) == 3
+    assert all("broken raised RuntimeError: receiver bug" in m for m in logged)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import SuspiciousOperation
 from django.db import OperationalError, close_old_connections, connections, router
+from django.dispatch import Signal
 from django.utils import timezone
 from django_tasks_db.compat import (
     TaskContext,
@@ -38,6 +39,8 @@ from flyfn.tasks import TaskLost
 from flyfn.tasks.models import TaskLease
 
 if TYPE_CHECKING:
+    from django_tasks_db.backend import TaskResult
+
     from flyfn.tasks.backend import FlyMachinesBackend
 
 __all__ = ["Claim", "flyfn_backends", "run_due_tasks", "run_until_idle", "worker_id"]
@@ -213,16 +216,21 @@ def run_claim(claim: Claim) -> bool:
     try:
         task = row.task
         result = row.task_result
-        task_started.send(sender=type(backend), task_result=result)
+        _send(task_started, backend, result)
         events.task_changed(claim.group, "started", str(row.id), row.task_path)
         if task.takes_context:
             value = task.call(TaskContext(task_result=result), *result.args, **result.kwargs)
         else:
             value = task.call(*result.args, **result.kwargs)
         value = normalize_json(value)
-    except (KeyboardInterrupt, SystemExit):
-        raise  # the process is going away: the lease expires and the task runs again
-    except BaseException as exc:
+    except KeyboardInterrupt as exc:
+        # Django's immediate backend lets a Ctrl-C through; one lands only on the main thread
+        # (the lease then expires and the task runs again). Elsewhere the task's own code raised
+        # it: FAILED, as django-tasks-db's worker records it.
+        if threading.current_thread() is threading.main_thread():
+            raise
+        error = exc
+    except BaseException as exc:  # SystemExit (argparse in a task) too, as Django's backends
         error = exc
     finally:
         _keeper.release(claim.token)
@@ -280,7 +288,21 @@ def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> 
     except (ImportError, SuspiciousOperation):  # the task's function is gone: nothing to tell
         logger.exception("flyfn tasks: task %s failed and cannot be loaded", row.id)
         return
-    task_finished.send(sender=type(backend), task_result=result)
+    _send(task_finished, backend, result)
+
+
+def _send(signal: Signal, backend: FlyMachinesBackend, result: TaskResult[Any, Any]) -> None:
+    """Send a task signal; a receiver that raises is logged (by Django, with its traceback, and
+    here with the task) and the run goes on: it must not cost the wake its other tasks."""
+    for receiver, response in signal.send_robust(sender=type(backend), task_result=result):
+        if isinstance(response, Exception):
+            logger.warning(
+                "flyfn tasks: task %s: signal receiver %s raised %s: %s (the run goes on)",
+                result.id,
+                getattr(receiver, "__qualname__", repr(receiver)),
+                type(response).__name__,
+                response,
+            )
 
 
 def _claims(

@@ -53,3 +53,20 @@ async def async_double(n: int) -> int:
 @task()
 def not_json() -> object:
     return object()
+
+
+@task()
+def parse_arguments(argv: list[str]) -> str:
+    """argparse in a task: a bad argument raises SystemExit."""
+    import argparse
+
+    ran.append(("parse_arguments", argv))
+    parser = argparse.ArgumentParser(prog="parse_arguments")
+    parser.add_argument("--month", required=True)
+    return str(parser.parse_args(argv).month)
+
+
+@task()
+def interrupt(label: str) -> None:
+    ran.append(("interrupt", label))
+    raise KeyboardInterrupt(label)
