@@ -722,3 +722,30 @@ def test_a_signal_receiver_that_raises_is_logged_and_the_wake_goes_on(
     logged = [r.getMessage() for r in caplog.records if r.name == "flyfn.tasks"]
     assert len(logged) == 3
     assert all("broken raised RuntimeError: receiver bug" in m for m in logged)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_wake_needs_no_login_under_login_required_middleware(
+    monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    settings.MIDDLEWARE = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    ]
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with runtime.override_role(runtime.function("tasks"), env):
+        result = await tasks.note.aenqueue("no login")
+        unsigned = await AsyncClient().post("/_flyfn/tasks/tasks/")
+        response = await AsyncClient().post(
+            "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
+        )
+        assert response.status_code == 200
+        chunks = response.streaming_content  # type: ignore[attr-defined]
+        body = b"".join([chunk async for chunk in chunks])
+    assert unsigned.status_code == 403  # refused by its signature, not sent to a login page
+    assert body.decode().strip().splitlines()[-1].startswith('{"done": true, "ran": 1')
+    await result.arefresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
 from typing import Any
 
+from django.contrib.auth.decorators import login_not_required  # Django >= 5.1
 from django.core import signing
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -106,7 +107,9 @@ def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpRes
             return response
 
         wake.__name__ = wake.__qualname__ = f"wake_{group.replace('-', '_')}"
-        view = csrf_exempt(wake)
+        # A wake carries its own signature: no CSRF token, no login (Django >= 5.1's
+        # LoginRequiredMiddleware would answer it with a redirect the dispatcher retries forever).
+        view = login_not_required(csrf_exempt(wake))
         registry.register(view, ["POST"], group)
         _views[group] = view
         return view
