@@ -749,3 +749,36 @@ async def test_the_wake_needs_no_login_under_login_required_middleware(
     assert body.decode().strip().splitlines()[-1].startswith('{"done": true, "ran": 1')
     await result.arefresh()
     assert status(result) == TaskResultStatus.SUCCESSFUL
+
+
+# --------------------------------------------------------------------------- a dropped connection
+
+
+# Committed rows, and the connection of the thread running the task terminated by the server.
+@pytest.mark.parametrize("conn_max_age", [0, None], ids=["per-request", "persistent"])
+@pytest.mark.django_db(transaction=True)
+def test_an_outcome_is_written_on_a_new_connection_when_the_server_dropped_the_old(
+    conn_max_age: int | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("pg_terminate_backend: PostgreSQL only")
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)  # run it here
+    # Persistent connections (CONN_MAX_AGE None) are not recycled before the write: the failed
+    # write finds the connection unusable and is tried again on a new one.
+    connection.close()
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", conn_max_age)
+    result = tasks.lose_my_connection.enqueue()
+    after = tasks.note.enqueue("after")
+    with caplog.at_level(logging.WARNING, logger="flyfn.tasks"):
+        assert run_due_tasks() == 2
+    result.refresh()
+    after.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.return_value == "survived"
+    assert result.attempts == 1  # no attempt burnt
+    assert status(after) == TaskResultStatus.SUCCESSFUL
+    assert not TaskLease.objects.exists()
+    lost = [r for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(lost) == (1 if conn_max_age is None else 0)

@@ -19,7 +19,13 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import SuspiciousOperation
-from django.db import OperationalError, close_old_connections, connections, router
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    router,
+)
 from django.dispatch import Signal
 from django.utils import timezone
 from django_tasks_db.compat import (
@@ -234,7 +240,7 @@ def run_claim(claim: Claim) -> bool:
         error = exc
     finally:
         _keeper.release(claim.token)
-    if not _when_unlocked(lambda: _store(claim, using, value, error)):
+    if not _write_outcome(claim, using, value, error):
         logger.warning(
             "flyfn tasks: task %s ran past its lease and another run took it over: this "
             "outcome is dropped",
@@ -245,6 +251,34 @@ def run_claim(claim: Claim) -> bool:
     events.task_changed(claim.group, outcome, str(row.id), row.task_path)
     _send_finished(backend, row)
     return True
+
+
+def _write_outcome(claim: Claim, using: str, value: Any, error: BaseException | None) -> bool:
+    """`_store`, on a connection that still works: a task can run for long, and the server may
+    drop the connection meanwhile (a restart, a failover, an idle timeout, `pg_terminate_backend`).
+    A connection known to be broken or too old is replaced first; a write that fails on the
+    connection is tried once more, on a new connection if that one turned out unusable. Never
+    inside a transaction of the caller's (`run_due_tasks` in a test's `atomic`): its connection
+    is not this function's to replace."""
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
+    try:
+        return _when_unlocked(lambda: _store(claim, using, value, error))
+    except (OperationalError, InterfaceError) as exc:
+        if connection.in_atomic_block:
+            raise
+        logger.warning(
+            "flyfn tasks: task %s: its outcome could not be written (%s: %s); writing it again "
+            "on a working connection",
+            claim.row.id,
+            type(exc).__name__,
+            str(exc).strip(),
+        )
+        # The failed transaction was rolled back (or its connection closed): the write is whole
+        # or absent. A connection left unusable is replaced by the next query.
+        connection.close_if_unusable_or_obsolete()
+        return _when_unlocked(lambda: _store(claim, using, value, error))
 
 
 def _store(claim: Claim, using: str, value: Any, error: BaseException | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 try:
@@ -70,3 +71,33 @@ def parse_arguments(argv: list[str]) -> str:
 def interrupt(label: str) -> None:
     ran.append(("interrupt", label))
     raise KeyboardInterrupt(label)
+
+
+@task()
+def lose_my_connection() -> str:
+    """PostgreSQL: the server terminates the connection of the thread running this task (from
+    another connection), as a restart or a failover would, while the task runs."""
+    from django.db import connection
+
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+
+    def terminate() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+                # Gone, not only told to go (a safety bound, not a speed test).
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+                    if cursor.fetchone()[0] == 0:
+                        return
+                    time.sleep(0.02)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=terminate)
+    thread.start()
+    thread.join()
+    ran.append(("lose_my_connection", pid))
+    return "survived"
