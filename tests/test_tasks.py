@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -782,3 +783,134 @@ def test_an_outcome_is_written_on_a_new_connection_when_the_server_dropped_the_o
     assert not TaskLease.objects.exists()
     lost = [r for r in caplog.records if "could not be written" in r.getMessage()]
     assert len(lost) == (1 if conn_max_age is None else 0)
+
+
+# --------------------------------------------------------------------------- retries and timeouts
+
+
+def with_options(settings: Any, **options: Any) -> None:
+    base: dict[str, Any] = TASKS["default"]
+    settings.TASKS = {"default": {**base, "OPTIONS": {**base["OPTIONS"], **options}}}
+
+
+def make_due() -> None:
+    DBTaskResult.objects.filter(status=TaskResultStatus.READY).update(
+        run_after=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def test_retry_options_are_checked_and_per_queue_ones_win() -> None:
+    options = TaskOptions.parse(
+        "default",
+        {
+            "retries": {"max_attempts": 3, "backoff": "exponential", "base": 2},
+            "timeout": 60,
+            "queue_options": {"reports": {"retries": {"max_attempts": 5}, "timeout": 600}},
+        },
+    )
+    policy = options.retries_of("default")
+    assert policy is not None
+    assert (policy.max_attempts, policy.backoff) == (3, "exponential")
+    assert [policy.delay(n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
+    reports = options.retries_of("reports")
+    assert reports is not None
+    assert reports.max_attempts == 5
+    assert (options.timeout_of("default"), options.timeout_of("reports")) == (60.0, 600.0)
+    assert TaskOptions().retries_of("default") is None  # Django's: a task that raises fails
+    constant = TaskOptions.parse("d", {"retries": {"backoff": "constant", "base": 5}}).retries
+    assert constant is not None
+    assert [constant.delay(n) for n in (1, 5)] == [5.0, 5.0]
+    capped = TaskOptions.parse("d", {"retries": {"base": 60, "max_delay": 100}}).retries
+    assert capped is not None
+    assert capped.delay(10) == 100.0
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"retries": {"max_attempts": 0}}, "['retries']['max_attempts']: must be a whole"),
+        ({"retries": {"backoff": "fibonacci"}}, "['retries']['backoff']: must be one of"),
+        ({"retries": {"tries": 3}}, "['retries']: unknown key 'tries'"),
+        ({"timeout": 0}, "['timeout']: must be a number of seconds > 0"),
+        ({"queue_options": {"q": {"lease": 3}}}, "['queue_options']['q']: unknown option"),
+        ({"exit_wait": -1}, "['exit_wait']: must be a number of seconds >= 0"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+            TaskOptions.parse("default", bad)
+
+
+@pytest.mark.django_db
+def test_a_raising_task_is_retried_with_back_off_and_every_error_is_kept(settings: Any) -> None:
+    with_options(settings, retries={"max_attempts": 3, "backoff": "exponential", "base": 2})
+    result = tasks.fail_until.enqueue(succeed_on=99)
+    before = timezone.now()
+    assert run_due_tasks() == 1
+    after = timezone.now()
+    row = DBTaskResult.objects.get()
+    assert row.status == TaskResultStatus.READY
+    assert before + timedelta(seconds=2) <= row.run_after <= after + timedelta(seconds=2)
+    assert run_due_tasks() == 0  # not due before its back-off
+    due, next_at = Dispatcher("default", backend().flyfn).scan()
+    assert (due, next_at) == ({}, row.run_after)  # the dispatcher wakes the group then
+    make_due()
+    before = timezone.now()
+    assert run_due_tasks() == 1
+    row = DBTaskResult.objects.get()
+    assert row.run_after >= before + timedelta(seconds=4)  # the second back-off doubles
+    make_due()
+    assert run_due_tasks() == 1
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert result.attempts == 3
+    assert [e.exception_class for e in result.errors] == [ValueError] * 3
+    assert [f"failed on attempt {n}" in e.traceback for n, e in enumerate(result.errors, 1)] == [
+        True
+    ] * 3
+    # Each run saw the errors of the runs before it (context.task_result.errors).
+    assert tasks.ran == [("fail_until", (1, 0)), ("fail_until", (2, 1)), ("fail_until", (3, 2))]
+    assert run_due_tasks() == 0
+
+
+@pytest.mark.django_db
+def test_a_retried_task_that_then_succeeds_keeps_its_earlier_errors(settings: Any) -> None:
+    with_options(settings, queue_options={"default": {"retries": {"max_attempts": 5}}})
+    result = tasks.fail_until.enqueue(succeed_on=2)
+    run_due_tasks()
+    make_due()
+    run_due_tasks()
+    result.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.return_value == {"attempt": 2, "errors_seen": 1}
+    assert [e.exception_class for e in result.errors] == [ValueError]
+    fetched = tasks.fail_until.get_result(result.id)
+    assert len(fetched.errors) == 1
+
+
+@pytest.mark.django_db
+def test_a_system_exit_is_not_retried(settings: Any) -> None:
+    with_options(settings, retries={"max_attempts": 3})
+    result = tasks.parse_arguments.enqueue(["--no-such-flag"])
+    run_due_tasks()
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert result.attempts == 1
+
+
+@pytest.mark.django_db
+def test_a_task_past_its_queue_s_timeout_fails_and_frees_the_runner(settings: Any) -> None:
+    from flyfn.tasks import TaskTimeout
+
+    # Only the "slow" queue has a timeout. `block` waits until the test releases it: it is
+    # always past its timeout, whatever the machine's speed.
+    with_options(settings, queue_options={"slow": {"timeout": 0.05}})
+    tasks.release.clear()
+    try:
+        slow = tasks.block.enqueue("stuck")
+        after = tasks.note.enqueue("after")
+        assert run_due_tasks() == 2  # the runner went on to the next task
+        slow.refresh()
+        after.refresh()
+        assert status(slow) == TaskResultStatus.FAILED
+        assert [e.exception_class for e in slow.errors] == [TaskTimeout]
+        assert "ran past its timeout of 0.05 s" in slow.errors[0].traceback
+        assert status(after) == TaskResultStatus.SUCCESSFUL
+        assert not TaskLease.objects.exists()  # no lease is renewed for it any more
+    finally:
+        tasks.release.set()

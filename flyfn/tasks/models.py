@@ -1,4 +1,5 @@
-"""The lease of a running task: which claim may write its outcome, and until when it holds."""
+"""The lease of a running task (which claim may write its outcome, and until when it holds), and
+the errors of the runs that were retried."""
 
 from __future__ import annotations
 
@@ -23,3 +24,22 @@ class TaskLease(models.Model):
 
     def __str__(self) -> str:
         return f"lease of {self.task_id} by {self.machine_id} until {self.expires_at:%H:%M:%S}"
+
+
+class TaskFailure(models.Model):
+    """The error of a run that was retried (`OPTIONS["retries"]`): a task's `result.errors`
+    lists these, oldest first, before the row's own error (django-tasks-db keeps one)."""
+
+    task = models.ForeignKey(DBTaskResult, on_delete=models.CASCADE, related_name="flyfn_failures")
+    attempt = models.PositiveIntegerField()
+    worker_id = models.CharField(max_length=64)
+    exception_class_path = models.TextField()
+    traceback = models.TextField()
+    failed_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "retried task failure"
+        ordering = ["task", "attempt"]
+
+    def __str__(self) -> str:
+        return f"attempt {self.attempt} of {self.task_id}: {self.exception_class_path}"

@@ -101,3 +101,24 @@ def lose_my_connection() -> str:
     thread.join()
     ran.append(("lose_my_connection", pid))
     return "survived"
+
+
+@task(takes_context=True)
+def fail_until(context: TaskContext[Any, Any], succeed_on: int) -> dict[str, int]:
+    """Raises on every attempt before `succeed_on`; what it saw of its earlier errors."""
+    seen = len(context.task_result.errors)
+    ran.append(("fail_until", (context.attempt, seen)))
+    if context.attempt < succeed_on:
+        raise ValueError(f"failed on attempt {context.attempt}")
+    return {"attempt": context.attempt, "errors_seen": seen}
+
+
+# Set by the tests to let `block` return.
+release = threading.Event()
+
+
+@task(queue_name="slow")
+def block(label: str) -> str:
+    ran.append(("block", label))
+    release.wait()
+    return label
