@@ -914,3 +914,98 @@ def test_a_task_past_its_queue_s_timeout_fails_and_frees_the_runner(settings: An
         assert not TaskLease.objects.exists()  # no lease is renewed for it any more
     finally:
         tasks.release.set()
+
+
+# --------------------------------------------------------------------------- a process that exits
+
+EXIT_SETTINGS = """
+from tests.settings import *  # noqa: F403
+
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
+ROOT_URLCONF = "tests.tasks_urls"
+TASKS = {{
+    "default": {{
+        "BACKEND": "flyfn.tasks.FlyMachinesBackend",
+        "QUEUES": [],
+        "OPTIONS": {{"group": "tasks", "url": {url!r}, "exit_wait": 60}},
+    }}
+}}
+"""
+
+EXIT_SCRIPT = """
+import atexit
+
+import django
+
+django.setup()
+from django.core.management import call_command
+
+call_command("migrate", verbosity=0)
+
+
+def report():  # registered first: runs after flyfn's flush
+    from flyfn.tasks import dispatch
+
+    print("delivered", dispatch._dispatchers["default"].delivered, flush=True)
+
+
+atexit.register(report)
+from tests.testapp import tasks
+
+tasks.note.enqueue("from a command")
+"""
+
+
+def test_a_process_that_enqueues_and_exits_delivers_its_wake_first(tmp_path: Any) -> None:
+    import http.server
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from flyfn.tasks.wake import _signed_for
+
+    db = str(tmp_path / "db.sqlite3")
+    wakes: list[tuple[str, bool]] = []
+
+    class FakeRunner(http.server.BaseHTTPRequestHandler):
+        # A function Machine's answer to a wake: it runs the due task (here: marks it done).
+        def do_POST(self) -> None:
+            wakes.append((self.path, _signed_for(self.headers.get(WAKE_HEADER, ""), "tasks")))
+            with sqlite3.connect(db) as rows:
+                rows.execute("UPDATE django_tasks_database_dbtaskresult SET status = 'SUCCESSFUL'")
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'flyfn tasks: running group tasks\n{"done": true, "ran": 1}\n')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeRunner)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        (tmp_path / "exit_settings.py").write_text(EXIT_SETTINGS.format(db=db, url=url))
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("FLY", "DJANGO"))},
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+            "DJANGO_SETTINGS_MODULE": "exit_settings",
+            "FLY_APP_NAME": "testapp",  # an app Machine: it wakes through Fly Proxy
+            "FLYFN_TEST_SQLITE": "1",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SAFETY_BOUND * 2,
+        )
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert wakes == [("/_flyfn/tasks/tasks/", True)]
+    assert "delivered 1" in done.stdout
+    with sqlite3.connect(db) as rows:
+        assert rows.execute("SELECT status FROM django_tasks_database_dbtaskresult").fetchall() == [
+            ("SUCCESSFUL",)
+        ]
