@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -713,3 +714,395 @@ def test_the_keeper_runs_what_comes_due_waits_within_the_horizon_then_stops_the_
     assert keeper.step() == float("inf")  # only a task beyond the horizon is left
     assert stops == ["stop"]
     assert keeper.stopping
+
+
+@pytest.mark.django_db
+def test_the_lease_table_s_migrations_match_its_model() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("makemigrations", "flyfn_tasks", "--check", "--dry-run", stdout=out)
+    assert "No changes detected" in out.getvalue()
+
+
+# ------------------------------------------------------------------ BaseExceptions, signals
+
+
+@pytest.mark.django_db
+def test_system_exit_from_argparse_fails_the_task_and_the_run_goes_on() -> None:
+    bad = tasks.parse_arguments.enqueue(["--no-such-flag"])
+    after = tasks.note.enqueue("after")
+    assert run_due_tasks() == 2  # the SystemExit did not end the run (nor the process)
+    bad.refresh()
+    after.refresh()
+    assert status(bad) == TaskResultStatus.FAILED
+    assert [e.exception_class for e in bad.errors] == [SystemExit]
+    assert status(after) == TaskResultStatus.SUCCESSFUL
+    assert not TaskLease.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keyboard_interrupt_raised_by_a_task_off_the_main_thread_fails_it() -> None:
+    # The local role runs tasks in the dispatcher's thread, as a function Machine runs them in a
+    # thread of its server: no Ctrl-C lands there, the task's own code raised it.
+    with runtime.override_role(runtime.LOCAL):
+        interrupted = tasks.interrupt.enqueue("stop")
+        wait_finished(interrupted)
+        after = tasks.note.enqueue("after")
+        wait_finished(after)
+    assert status(interrupted) == TaskResultStatus.FAILED
+    assert [e.exception_class for e in interrupted.errors] == [KeyboardInterrupt]
+    assert status(after) == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.django_db
+def test_a_keyboard_interrupt_on_the_main_thread_goes_through_as_in_django() -> None:
+    # Django's immediate backend lets the user stop: the task stays RUNNING until its lease
+    # expires, then runs again.
+    interrupted = tasks.interrupt.enqueue("ctrl-c")
+    with pytest.raises(KeyboardInterrupt):
+        run_due_tasks()
+    interrupted.refresh()
+    assert status(interrupted) == TaskResultStatus.RUNNING
+    assert TaskLease.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_system_exit_in_a_wake_fails_its_task_and_the_wake_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with runtime.override_role(runtime.function("tasks"), env):
+        bad = await tasks.parse_arguments.aenqueue(["--no-such-flag"])
+        good = [await tasks.note.aenqueue(f"n{i}") for i in range(2)]
+        response = await AsyncClient().post(
+            "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
+        )
+        chunks = response.streaming_content  # type: ignore[attr-defined]
+        body = b"".join([chunk async for chunk in chunks])
+    assert body.decode().strip().splitlines()[-1] == (
+        '{"done": true, "ran": 3, "machine": "fn0123456789ab"}'
+    )
+    await bad.arefresh()
+    assert status(bad) == TaskResultStatus.FAILED
+    for result in good:
+        await result.arefresh()
+        assert status(result) == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.parametrize("signal_name", ["task_started", "task_finished"])
+@pytest.mark.django_db
+def test_a_signal_receiver_that_raises_is_logged_and_the_wake_goes_on(
+    signal_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django_tasks_db import compat
+
+    signal = getattr(compat, signal_name)
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    results = [tasks.note.enqueue(f"n{i}") for i in range(3)]
+    signal.connect(broken, dispatch_uid="test-broken-receiver")
+    try:
+        with caplog.at_level(logging.WARNING, logger="flyfn.tasks"):
+            assert run_due_tasks() == 3
+    finally:
+        signal.disconnect(dispatch_uid="test-broken-receiver")
+    for result in results:
+        result.refresh()
+        assert status(result) == TaskResultStatus.SUCCESSFUL
+    logged = [r.getMessage() for r in caplog.records if "signal receiver" in r.getMessage()]
+    assert len(logged) == 3
+    assert all("broken raised RuntimeError: receiver bug" in m for m in logged)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_wake_needs_no_login_under_login_required_middleware(
+    monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    settings.MIDDLEWARE = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    ]
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with runtime.override_role(runtime.function("tasks"), env):
+        result = await tasks.note.aenqueue("no login")
+        unsigned = await AsyncClient().post("/_flyfn/tasks/tasks/")
+        response = await AsyncClient().post(
+            "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
+        )
+        assert response.status_code == 200
+        chunks = response.streaming_content  # type: ignore[attr-defined]
+        body = b"".join([chunk async for chunk in chunks])
+    assert unsigned.status_code == 403  # refused by its signature, not sent to a login page
+    assert body.decode().strip().splitlines()[-1].startswith('{"done": true, "ran": 1')
+    await result.arefresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+
+
+# --------------------------------------------------------------------------- a dropped connection
+
+
+# Committed rows, and the connection of the thread running the task terminated by the server.
+@pytest.mark.parametrize("conn_max_age", [0, None], ids=["per-request", "persistent"])
+@pytest.mark.django_db(transaction=True)
+def test_an_outcome_is_written_on_a_new_connection_when_the_server_dropped_the_old(
+    conn_max_age: int | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("pg_terminate_backend: PostgreSQL only")
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)  # run it here
+    # Persistent connections (CONN_MAX_AGE None) are not recycled before the write: the failed
+    # write finds the connection unusable and is tried again on a new one.
+    connection.close()
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", conn_max_age)
+    result = tasks.lose_my_connection.enqueue()
+    after = tasks.note.enqueue("after")
+    with caplog.at_level(logging.WARNING, logger="flyfn.tasks"):
+        assert run_due_tasks() == 2
+    result.refresh()
+    after.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.return_value == "survived"
+    assert result.attempts == 1  # no attempt burnt
+    assert status(after) == TaskResultStatus.SUCCESSFUL
+    assert not TaskLease.objects.exists()
+    lost = [r for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(lost) == (1 if conn_max_age is None else 0)
+
+
+# --------------------------------------------------------------------------- retries and timeouts
+
+
+def with_options(settings: Any, **options: Any) -> None:
+    base: dict[str, Any] = TASKS["default"]
+    settings.TASKS = {"default": {**base, "OPTIONS": {**base["OPTIONS"], **options}}}
+
+
+def make_due() -> None:
+    DBTaskResult.objects.filter(status=TaskResultStatus.READY).update(
+        run_after=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def test_retry_options_are_checked_and_per_queue_ones_win() -> None:
+    options = TaskOptions.parse(
+        "default",
+        {
+            "retries": {"max_attempts": 3, "backoff": "exponential", "base": 2},
+            "timeout": 60,
+            "queue_options": {"reports": {"retries": {"max_attempts": 5}, "timeout": 600}},
+        },
+    )
+    policy = options.retries_of("default")
+    assert policy is not None
+    assert (policy.max_attempts, policy.backoff) == (3, "exponential")
+    assert [policy.delay(n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
+    reports = options.retries_of("reports")
+    assert reports is not None
+    assert reports.max_attempts == 5
+    assert (options.timeout_of("default"), options.timeout_of("reports")) == (60.0, 600.0)
+    assert TaskOptions().retries_of("default") is None  # Django's: a task that raises fails
+    constant = TaskOptions.parse("d", {"retries": {"backoff": "constant", "base": 5}}).retries
+    assert constant is not None
+    assert [constant.delay(n) for n in (1, 5)] == [5.0, 5.0]
+    capped = TaskOptions.parse("d", {"retries": {"base": 60, "max_delay": 100}}).retries
+    assert capped is not None
+    assert capped.delay(10) == 100.0
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"retries": {"max_attempts": 0}}, "['retries']['max_attempts']: must be a whole"),
+        ({"retries": {"backoff": "fibonacci"}}, "['retries']['backoff']: must be one of"),
+        ({"retries": {"tries": 3}}, "['retries']: unknown key 'tries'"),
+        ({"timeout": 0}, "['timeout']: must be a number of seconds > 0"),
+        ({"queue_options": {"q": {"lease": 3}}}, "['queue_options']['q']: unknown option"),
+        ({"exit_wait": -1}, "['exit_wait']: must be a number of seconds >= 0"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+            TaskOptions.parse("default", bad)
+
+
+@pytest.mark.django_db
+def test_a_raising_task_is_retried_with_back_off_and_every_error_is_kept(settings: Any) -> None:
+    with_options(settings, retries={"max_attempts": 3, "backoff": "exponential", "base": 2})
+    result = tasks.fail_until.enqueue(succeed_on=99)
+    before = timezone.now()
+    assert run_due_tasks() == 1
+    after = timezone.now()
+    row = DBTaskResult.objects.get()
+    assert row.status == TaskResultStatus.READY
+    assert before + timedelta(seconds=2) <= row.run_after <= after + timedelta(seconds=2)
+    assert run_due_tasks() == 0  # not due before its back-off
+    due, next_at = Dispatcher("default", backend().flyfn).scan()
+    assert (due, next_at) == ({}, row.run_after)  # the dispatcher wakes the group then
+    make_due()
+    before = timezone.now()
+    assert run_due_tasks() == 1
+    row = DBTaskResult.objects.get()
+    assert row.run_after >= before + timedelta(seconds=4)  # the second back-off doubles
+    make_due()
+    assert run_due_tasks() == 1
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert result.attempts == 3
+    assert [e.exception_class for e in result.errors] == [ValueError] * 3
+    assert [f"failed on attempt {n}" in e.traceback for n, e in enumerate(result.errors, 1)] == [
+        True
+    ] * 3
+    # Each run saw the errors of the runs before it (context.task_result.errors).
+    assert tasks.ran == [("fail_until", (1, 0)), ("fail_until", (2, 1)), ("fail_until", (3, 2))]
+    assert run_due_tasks() == 0
+
+
+@pytest.mark.django_db
+def test_a_retried_task_that_then_succeeds_keeps_its_earlier_errors(settings: Any) -> None:
+    with_options(settings, queue_options={"default": {"retries": {"max_attempts": 5}}})
+    result = tasks.fail_until.enqueue(succeed_on=2)
+    run_due_tasks()
+    make_due()
+    run_due_tasks()
+    result.refresh()
+    assert status(result) == TaskResultStatus.SUCCESSFUL
+    assert result.return_value == {"attempt": 2, "errors_seen": 1}
+    assert [e.exception_class for e in result.errors] == [ValueError]
+    fetched = tasks.fail_until.get_result(result.id)
+    assert len(fetched.errors) == 1
+
+
+@pytest.mark.django_db
+def test_a_system_exit_is_not_retried(settings: Any) -> None:
+    with_options(settings, retries={"max_attempts": 3})
+    result = tasks.parse_arguments.enqueue(["--no-such-flag"])
+    run_due_tasks()
+    result.refresh()
+    assert status(result) == TaskResultStatus.FAILED
+    assert result.attempts == 1
+
+
+@pytest.mark.django_db
+def test_a_task_past_its_queue_s_timeout_fails_and_frees_the_runner(settings: Any) -> None:
+    from flyfn.tasks import TaskTimeout
+
+    # Only the "slow" queue has a timeout. `block` waits until the test releases it: it is
+    # always past its timeout, whatever the machine's speed.
+    with_options(settings, queue_options={"slow": {"timeout": 0.05}})
+    tasks.release.clear()
+    try:
+        slow = tasks.block.enqueue("stuck")
+        after = tasks.note.enqueue("after")
+        assert run_due_tasks() == 2  # the runner went on to the next task
+        slow.refresh()
+        after.refresh()
+        assert status(slow) == TaskResultStatus.FAILED
+        assert [e.exception_class for e in slow.errors] == [TaskTimeout]
+        assert "ran past its timeout of 0.05 s" in slow.errors[0].traceback
+        assert status(after) == TaskResultStatus.SUCCESSFUL
+        assert not TaskLease.objects.exists()  # no lease is renewed for it any more
+    finally:
+        tasks.release.set()
+
+
+# --------------------------------------------------------------------------- a process that exits
+
+EXIT_SETTINGS = """
+from tests.settings import *  # noqa: F403
+
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
+ROOT_URLCONF = "tests.tasks_urls"
+TASKS = {{
+    "default": {{
+        "BACKEND": "flyfn.tasks.FlyMachinesBackend",
+        "QUEUES": [],
+        "OPTIONS": {{"group": "tasks", "url": {url!r}, "exit_wait": 60}},
+    }}
+}}
+"""
+
+EXIT_SCRIPT = """
+import atexit
+
+import django
+
+django.setup()
+from django.core.management import call_command
+
+call_command("migrate", verbosity=0)
+
+
+def report():  # registered first: runs after flyfn's flush
+    from flyfn.tasks import dispatch
+
+    print("delivered", dispatch._dispatchers["default"].delivered, flush=True)
+
+
+atexit.register(report)
+from tests.testapp import tasks
+
+tasks.note.enqueue("from a command")
+"""
+
+
+def test_a_process_that_enqueues_and_exits_delivers_its_wake_first(tmp_path: Any) -> None:
+    import http.server
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from flyfn.tasks.wake import _nonce
+
+    db = str(tmp_path / "db.sqlite3")
+    wakes: list[tuple[str, bool]] = []
+
+    class FakeRunner(http.server.BaseHTTPRequestHandler):
+        # A function Machine's answer to a wake: it runs the due task (here: marks it done).
+        def do_POST(self) -> None:
+            wakes.append(
+                (self.path, _nonce(self.headers.get(WAKE_HEADER, ""), "tasks") is not None)
+            )
+            with sqlite3.connect(db) as rows:
+                rows.execute("UPDATE django_tasks_database_dbtaskresult SET status = 'SUCCESSFUL'")
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'flyfn tasks: running group tasks\n{"done": true, "ran": 1}\n')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeRunner)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        (tmp_path / "exit_settings.py").write_text(EXIT_SETTINGS.format(db=db, url=url))
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("FLY", "DJANGO"))},
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+            "DJANGO_SETTINGS_MODULE": "exit_settings",
+            "FLY_APP_NAME": "testapp",  # an app Machine: it wakes through Fly Proxy
+            "FLYFN_TEST_SQLITE": "1",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SAFETY_BOUND * 2,
+        )
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert wakes == [("/_flyfn/tasks/tasks/", True)]
+    assert "delivered 1" in done.stdout
+    with sqlite3.connect(db) as rows:
+        assert rows.execute("SELECT status FROM django_tasks_database_dbtaskresult").fetchall() == [
+            ("SUCCESSFUL",)
+        ]

@@ -15,6 +15,12 @@ class TaskLost(Exception):
     """A task's Machine stopped or died while it ran, on its last attempt (its lease expired)."""
 
 
+class TaskTimeout(Exception):
+    """A run of a task took longer than its queue's `timeout`: its outcome is this error (its
+    Python code is not stopped: it goes on in its thread until it returns or the Machine stops,
+    and what it returns is dropped)."""
+
+
 def run_due_tasks(group: str | None = None) -> int:
     """Run every due task (of `group`, or of every group of every flyfn backend) in the
     calling thread; how many ran. For tests and scripts that want no thread."""
@@ -23,4 +29,4 @@ def run_due_tasks(group: str | None = None) -> int:
     return run(group)
 
 
-__all__ = ["FlyMachinesBackend", "TaskLost", "TaskOptions", "run_due_tasks"]
+__all__ = ["FlyMachinesBackend", "TaskLost", "TaskOptions", "TaskTimeout", "run_due_tasks"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any, TypeVar
+from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.apps import apps
@@ -12,13 +13,13 @@ from django.core import checks
 from django.db import router, transaction
 from django.urls import NoReverseMatch, reverse
 from django_tasks_db.backend import DatabaseBackend, TaskResult
-from django_tasks_db.compat import Task
+from django_tasks_db.compat import Task, TaskError
 from typing_extensions import ParamSpec
 
 from flyfn import events
 from flyfn.tasks.options import HORIZON, TaskOptions
 
-__all__ = ["FlyMachinesBackend", "wake_url_name"]
+__all__ = ["FlyMachinesBackend", "wake_url_name", "with_earlier_errors"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -27,6 +28,24 @@ P = ParamSpec("P")
 def wake_url_name(group: str) -> str:
     """The url name of `group`'s wake view (`flyfn.tasks.urls`)."""
     return f"flyfn-tasks-wake-{group}"
+
+
+def _earlier_errors(failures: Any) -> list[TaskError]:
+    return [TaskError(exception_class_path=path, traceback=tb) for path, tb in failures]
+
+
+def _failures_of(result_id: str) -> Any:
+    from flyfn.tasks.models import TaskFailure
+
+    rows = TaskFailure.objects.filter(task_id=UUID(result_id)).order_by("attempt")
+    return rows.values_list("exception_class_path", "traceback")
+
+
+def with_earlier_errors(result: TaskResult[P, T]) -> TaskResult[P, T]:
+    """`result` (django-tasks-db's, which knows only the last error) with the errors of the runs
+    that were retried first: `errors` holds every failed attempt's, oldest first."""
+    result.errors[:0] = _earlier_errors(_failures_of(str(result.id)))
+    return result
 
 
 class FlyMachinesBackend(DatabaseBackend):
@@ -65,6 +84,15 @@ class FlyMachinesBackend(DatabaseBackend):
     ) -> TaskResult[P, T]:
         # Through the sync path: on_commit belongs to the connection of a sync thread.
         return await sync_to_async(self.enqueue, thread_sensitive=True)(task, args, kwargs)
+
+    def get_result(self, result_id: str) -> TaskResult[Any, Any]:
+        return with_earlier_errors(super().get_result(result_id))
+
+    async def aget_result(self, result_id: str) -> TaskResult[Any, Any]:
+        result = await super().aget_result(result_id)
+        failures = [failure async for failure in _failures_of(str(result.id))]
+        result.errors[:0] = _earlier_errors(failures)
+        return result
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         messages = list(super().check(**kwargs))

@@ -4,11 +4,13 @@ One per backend alias and process. It looks at the database when told (a commit 
 a wake ended) and when the next scheduled task or lease expiry comes (or every `poll` seconds),
 and opens up to `concurrency` wakes per group: on Fly a `POST` to the group's wake URL through
 Fly Proxy (replayed to a function Machine, which runs due tasks while the request is open); off Fly
-the same run loop in a thread of this process.
+the same run loop in a thread of this process. At interpreter exit each dispatcher waits (at most
+`exit_wait` seconds) for the wakes of what this process enqueued (`flush`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -33,7 +35,7 @@ from flyfn.tasks.options import HORIZON, TaskOptions, home_app
 from flyfn.tasks.runner import run_until_idle
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
 
-__all__ = ["Dispatcher", "dispatcher", "start_all", "stop_all"]
+__all__ = ["Dispatcher", "dispatcher", "flush_all", "start_all", "stop_all"]
 
 logger = logging.getLogger("flyfn.tasks")
 
@@ -64,8 +66,10 @@ class Dispatcher:
         self._idle_backoff: dict[str, float] = {}
         self._stopped = False
         self._covered: dict[str, datetime] = {}  # scheduled tasks up to then have a wake
+        self._notified: set[str] = set()  # groups this process enqueued tasks of
         self.wakes = 0  # wakes opened, for tests and benchmarks
         self.idle_wakes = 0  # wakes for due work that ran nothing
+        self.delivered = 0  # wakes a runner answered (on Fly) or runs that ended (locally)
 
     def notify(self, group: str | None = None) -> None:
         """Look at the database now (a task of `group` was committed). Nothing to do while the
@@ -73,6 +77,7 @@ class Dispatcher:
         self.start()
         if group is not None:
             with self._lock:
+                self._notified.add(group)
                 if self._open[group] >= self.options.concurrency:
                     return
         self._event.set()
@@ -96,9 +101,36 @@ class Dispatcher:
         if thread is not None:
             thread.join(timeout)
 
-    def open_wakes(self, group: str) -> int:
+    def flush(self, timeout: float) -> bool:
+        """Wait until the groups this process enqueued tasks of have no wake open and no due
+        task left, or `timeout` seconds; whether they got there. For a process that enqueues and
+        exits (a management command): its wakes are sent and answered before it goes. A wake
+        still open then is cut off: its runner finishes the task it runs and claims no more;
+        what is left waits for another wake (an app Machine's dispatcher, every `poll`)."""
         with self._lock:
-            return self._open[group]
+            groups = set(self._notified)
+        if not groups or timeout <= 0 or self._stopped:
+            return True
+        deadline = time.monotonic() + timeout
+        due: set[str] = set()
+        while True:
+            with self._lock:
+                busy = {g for g in groups if self._open[g] > 0}
+            if not busy:
+                due = set(self.scan()[0]) & groups
+                if not due:
+                    return True
+                self._event.set()  # the loop opens their wakes
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(MIN_SLEEP)
+        logger.warning(
+            "flyfn tasks: exiting after %g s with group(s) %s still being woken or run "
+            "(OPTIONS['exit_wait']): their tasks wait for the next wake",
+            timeout,
+            ", ".join(sorted(busy | due)),
+        )
+        return False
 
     # ----------------------------------------------------------------- the loop
 
@@ -141,12 +173,16 @@ class Dispatcher:
                 self._open[group] += max(0, missing)
                 self.wakes += max(0, missing)
             for _ in range(missing):
-                threading.Thread(
+                thread = threading.Thread(
                     target=self._wake,
                     args=(group, db_time + HORIZON_DELTA if group in keep else None),
                     name=f"flyfn-wake-{group}",
                     daemon=True,
-                ).start()
+                )
+                try:
+                    thread.start()
+                except RuntimeError:  # no new thread at interpreter shutdown: wake from here
+                    self._wake(group, db_time + HORIZON_DELTA if group in keep else None)
         return max(MIN_SLEEP, sleep)
 
     def scan(self) -> tuple[dict[str, int], datetime | None]:
@@ -204,6 +240,8 @@ class Dispatcher:
             if current_role().is_local:
                 # Locally this process's thread wakes at the due time: nothing to keep up.
                 ran = 0 if keep else run_until_idle(group)
+                with self._lock:
+                    self.delivered += 1
             else:
                 ran = self._send(group)
         except Exception as exc:
@@ -239,6 +277,9 @@ class Dispatcher:
             last = ""
             for line in response.iter_lines():
                 if line.strip():
+                    if not last and response.status_code == 200:
+                        with self._lock:
+                            self.delivered += 1  # a runner has the group's due tasks
                     last = line
         if response.status_code != 200:
             self._failed(group, f"HTTP {response.status_code} from {url}: {last[:200]}")
@@ -293,7 +334,32 @@ def dispatcher(alias: str, options: TaskOptions) -> Dispatcher:
             found = _dispatchers.get(alias)
             if found is None or found.options != options:
                 found = _dispatchers[alias] = Dispatcher(alias, options)
+                _flush_at_exit_once()
     return found
+
+
+_flush_registered = False
+
+
+def _flush_at_exit_once() -> None:
+    global _flush_registered
+    if not _flush_registered:
+        _flush_registered = True
+        atexit.register(flush_all)
+
+
+def flush_all() -> None:
+    """Every dispatcher's `flush` with its `exit_wait` (registered with atexit): a process that
+    enqueues and exits delivers its wakes first."""
+    with _dispatchers_lock:
+        found = list(_dispatchers.values())
+    for each in found:
+        try:
+            each.flush(each.options.exit_wait)
+        except Exception as exc:  # the database went first: nothing more to do
+            logger.warning(
+                "flyfn tasks: cannot deliver wakes at exit: %s: %s", type(exc).__name__, exc
+            )
 
 
 def stop_all() -> None:

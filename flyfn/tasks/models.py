@@ -1,4 +1,5 @@
-"""The lease of a running task: which claim may write its outcome, and until when it holds."""
+"""The lease of a running task (which claim may write its outcome, and until when it holds), and
+the errors of the runs that were retried."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ class TaskLease(models.Model):
     task = models.OneToOneField(
         DBTaskResult, on_delete=models.CASCADE, primary_key=True, related_name="flyfn_lease"
     )
-    group = models.CharField(max_length=30)
     token = models.CharField(max_length=32)
     machine_id = models.CharField(max_length=64)
     expires_at = models.DateTimeField(db_index=True)
@@ -38,3 +38,22 @@ class WakeNonce(models.Model):
 
     def __str__(self) -> str:
         return f"wake {self.nonce} (until {self.expires_at:%H:%M:%S})"
+
+
+class TaskFailure(models.Model):
+    """The error of a run that was retried (`OPTIONS["retries"]`): a task's `result.errors`
+    lists these, oldest first, before the row's own error (django-tasks-db keeps one)."""
+
+    task = models.ForeignKey(DBTaskResult, on_delete=models.CASCADE, related_name="flyfn_failures")
+    attempt = models.PositiveIntegerField()
+    worker_id = models.CharField(max_length=64)
+    exception_class_path = models.TextField()
+    traceback = models.TextField()
+    failed_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "retried task failure"
+        ordering = ["task", "attempt"]
+
+    def __str__(self) -> str:
+        return f"attempt {self.attempt} of {self.task_id}: {self.exception_class_path}"

@@ -12,7 +12,16 @@ from django.db.models import Q
 from flyfn.fly.env import HOME_APP_ENV, env_value
 from flyfn.registry import validate_group_name
 
-__all__ = ["BEYOND_HORIZON", "HORIZON", "PUBLIC_URL_ENV", "TaskOptions", "home_app", "task_groups"]
+__all__ = [
+    "BEYOND_HORIZON",
+    "HORIZON",
+    "PUBLIC_URL_ENV",
+    "QueueOptions",
+    "RetryPolicy",
+    "TaskOptions",
+    "home_app",
+    "task_groups",
+]
 
 # A woken function Machine of a task group stays up for a task scheduled this far ahead (seconds,
 # on the database's clock) and runs it at its time; see docs/background-tasks.md.
@@ -33,8 +42,43 @@ _DEFAULTS: dict[str, object] = {
     "url": None,
     "poll": 30.0,
     "beyond_horizon": None,
+    "retries": None,
+    "timeout": None,
+    "queue_options": {},
+    "exit_wait": 10.0,
     "id_function": None,  # django-tasks-db's own option (how task ids are made), passed through
 }
+
+
+_BACKOFFS = ("exponential", "constant")
+_RETRY_KEYS = ("max_attempts", "backoff", "base", "max_delay")
+_QUEUE_KEYS = ("retries", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a task that raises runs again: at most `max_attempts` runs in all (counting every run
+    of it, lost ones too), the n-th retry `base * 2**(n-1)` seconds after the failure
+    (`exponential`) or `base` seconds (`constant`), never more than `max_delay`."""
+
+    max_attempts: int = 3
+    backoff: str = "exponential"
+    base: float = 1.0
+    max_delay: float = 3600.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds from the `failures`-th failure (1 for the first) to the next run."""
+        if self.backoff == "constant":
+            return min(self.base, self.max_delay)
+        return min(self.base * 2.0 ** min(failures - 1, 64), self.max_delay)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """What `queue_options[queue]` sets for one queue's tasks (None: the backend's)."""
+
+    retries: RetryPolicy | None = None
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +93,10 @@ class TaskOptions:
     url: str | None = None
     poll: float = 30.0
     beyond_horizon: str | None = None
+    retries: RetryPolicy | None = None
+    timeout: float | None = None
+    queue_options: Mapping[str, QueueOptions] = field(default_factory=dict)
+    exit_wait: float = 10.0
 
     @classmethod
     def parse(cls, alias: str, options: Mapping[str, object]) -> TaskOptions:
@@ -97,6 +145,30 @@ class TaskOptions:
         beyond = values["beyond_horizon"]
         if beyond is not None and beyond not in BEYOND_HORIZON:
             raise problem("beyond_horizon", " or ".join(map(repr, BEYOND_HORIZON)))
+        for key in ("exit_wait",):
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise problem(key, "a number of seconds >= 0")
+            numbers[key] = float(value)
+        retries = _retries(f"{where}['retries']", values["retries"])
+        timeout = _timeout(f"{where}['timeout']", values["timeout"])
+        queue_options = values["queue_options"]
+        if not isinstance(queue_options, Mapping) or not all(
+            isinstance(q, str) and isinstance(o, Mapping) for q, o in queue_options.items()
+        ):
+            raise problem("queue_options", "a dict of queue name to a dict of options")
+        per_queue: dict[str, QueueOptions] = {}
+        for queue, given in queue_options.items():
+            at = f"{where}['queue_options'][{queue!r}]"
+            unknown = sorted(set(given) - set(_QUEUE_KEYS))
+            if unknown:
+                raise ImproperlyConfigured(
+                    f"{at}: unknown option {unknown[0]!r}; known: {', '.join(_QUEUE_KEYS)}"
+                )
+            per_queue[queue] = QueueOptions(
+                retries=_retries(f"{at}['retries']", given.get("retries")),
+                timeout=_timeout(f"{at}['timeout']", given.get("timeout")),
+            )
         return cls(
             group=group,
             queue_groups=dict(queue_groups),
@@ -106,7 +178,21 @@ class TaskOptions:
             url=url,
             poll=numbers["poll"],
             beyond_horizon=beyond,
+            retries=retries,
+            timeout=timeout,
+            queue_options=per_queue,
+            exit_wait=numbers["exit_wait"],
         )
+
+    def retries_of(self, queue_name: str) -> RetryPolicy | None:
+        """The retry policy of `queue_name`'s tasks (None: a task that raises is FAILED)."""
+        own = self.queue_options.get(queue_name)
+        return own.retries if own is not None and own.retries is not None else self.retries
+
+    def timeout_of(self, queue_name: str) -> float | None:
+        """Seconds a run of `queue_name`'s tasks may take (None: no limit)."""
+        own = self.queue_options.get(queue_name)
+        return own.timeout if own is not None and own.timeout is not None else self.timeout
 
     def group_of(self, queue_name: str) -> str:
         """The group whose Machines run tasks of `queue_name`."""
@@ -132,6 +218,52 @@ class TaskOptions:
         if base is None and app_name:
             base = f"https://{app_name}.fly.dev"
         return base.rstrip("/") if base else None
+
+
+def _retries(where: str, given: object) -> RetryPolicy | None:
+    if given is None:
+        return None
+    if not isinstance(given, Mapping):
+        raise ImproperlyConfigured(f"{where}: must be a dict like {{'max_attempts': 3}}")
+    unknown = sorted(set(given) - set(_RETRY_KEYS))
+    if unknown:
+        known = ", ".join(_RETRY_KEYS)
+        raise ImproperlyConfigured(f"{where}: unknown key {unknown[0]!r}; known: {known}")
+    values = {**_RETRY_DEFAULTS, **given}
+    attempts = values["max_attempts"]
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
+        raise ImproperlyConfigured(
+            f"{where}['max_attempts']: must be a whole number from 1 to 100 (got {attempts!r})"
+        )
+    if values["backoff"] not in _BACKOFFS:
+        raise ImproperlyConfigured(
+            f"{where}['backoff']: must be one of {', '.join(_BACKOFFS)} (got {values['backoff']!r})"
+        )
+    seconds: dict[str, float] = {}
+    for key in ("base", "max_delay"):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ImproperlyConfigured(
+                f"{where}[{key!r}]: must be a number of seconds >= 0 (got {value!r})"
+            )
+        seconds[key] = float(value)
+    return RetryPolicy(attempts, str(values["backoff"]), seconds["base"], seconds["max_delay"])
+
+
+_RETRY_DEFAULTS: dict[str, object] = {
+    "max_attempts": 3,
+    "backoff": "exponential",
+    "base": 1.0,
+    "max_delay": 3600.0,
+}
+
+
+def _timeout(where: str, given: object) -> float | None:
+    if given is None:
+        return None
+    if isinstance(given, bool) or not isinstance(given, int | float) or given <= 0:
+        raise ImproperlyConfigured(f"{where}: must be a number of seconds > 0 (got {given!r})")
+    return float(given)
 
 
 def home_app(own_app: str | None, environ: Mapping[str, str] = os.environ) -> str | None:

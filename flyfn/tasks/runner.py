@@ -15,12 +15,23 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import SuspiciousOperation
-from django.db import OperationalError, close_old_connections, connections, router
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    router,
+)
 from django.db.models.functions import Now
+from django.dispatch import Signal
+from django.utils import timezone
 from django_tasks_db.compat import (
+    Task,
     TaskContext,
     TaskResultStatus,
     normalize_json,
@@ -33,11 +44,15 @@ from django_tasks_db.utils import exclusive_transaction, is_locked_database_exce
 
 from flyfn import events
 from flyfn.runtime import current_env, current_role
-from flyfn.tasks import TaskLost
+from flyfn.tasks import TaskLost, TaskTimeout
+from flyfn.tasks.backend import with_earlier_errors
 from flyfn.tasks.clock import due, in_seconds
-from flyfn.tasks.models import TaskLease
+from flyfn.tasks.models import TaskFailure, TaskLease
+from flyfn.tasks.options import RetryPolicy
 
 if TYPE_CHECKING:
+    from django_tasks_db.backend import TaskResult
+
     from flyfn.tasks.backend import FlyMachinesBackend
 
 __all__ = ["Claim", "flyfn_backends", "run_due_tasks", "run_until_idle", "worker_id"]
@@ -190,7 +205,6 @@ def claim_next(backend: FlyMachinesBackend, group: str, machine: str) -> Claim |
         TaskLease.objects.update_or_create(
             task=row,
             defaults={
-                "group": group,
                 "token": token,
                 "machine_id": machine,
                 "expires_at": in_seconds(lease),
@@ -212,35 +226,124 @@ def run_claim(claim: Claim) -> bool:
     value: Any = None
     try:
         task = row.task
-        result = row.task_result
-        task_started.send(sender=type(backend), task_result=result)
+        result: TaskResult[Any, Any] = with_earlier_errors(row.task_result)
+        _send(task_started, backend, result)
         events.task_changed(claim.group, "started", str(row.id), row.task_path)
-        if task.takes_context:
-            value = task.call(TaskContext(task_result=result), *result.args, **result.kwargs)
+        timeout = backend.flyfn.timeout_of(row.queue_name)
+        if timeout is None:
+            value, error = _invoke(task, result)
         else:
-            value = task.call(*result.args, **result.kwargs)
-        value = normalize_json(value)
-    except (KeyboardInterrupt, SystemExit):
-        raise  # the process is going away: the lease expires and the task runs again
-    except BaseException as exc:
+            value, error = _invoke_within(task, result, timeout)
+    except Exception as exc:  # the task cannot be loaded (its function is gone, ...)
         error = exc
     finally:
+        # From here on the lease is not renewed: after a timeout the Machine is free of the task
+        # even though its code may still run in its thread.
         _keeper.release(claim.token)
-    if not _when_unlocked(lambda: _store(claim, using, value, error)):
+    outcome = _write_outcome(claim, using, value, error)
+    if outcome is None:
         logger.warning(
             "flyfn tasks: task %s ran past its lease and another run took it over: this "
             "outcome is dropped",
             row.id,
         )
         return False
-    outcome: events.TaskOutcome = "succeeded" if error is None else "failed"
     events.task_changed(claim.group, outcome, str(row.id), row.task_path)
-    _send_finished(backend, row)
+    if outcome == "retried":
+        logger.warning(
+            "flyfn tasks: task %s failed on attempt %d (%s: %s); it runs again after %s",
+            row.id,
+            len(row.worker_ids),
+            type(error).__name__,
+            error,
+            f"{row.run_after:%Y-%m-%d %H:%M:%S%z}",
+        )
+    else:
+        _send_finished(backend, row)
     return True
 
 
-def _store(claim: Claim, using: str, value: Any, error: BaseException | None) -> bool:
-    """Write a run's outcome if its lease is still the task's; whether it was.
+def _invoke(task: Task[Any, Any], result: TaskResult[Any, Any]) -> tuple[Any, BaseException | None]:
+    """Call the task; its JSON-ready return value, or what it raised."""
+    try:
+        if task.takes_context:
+            value = task.call(TaskContext(task_result=result), *result.args, **result.kwargs)
+        else:
+            value = task.call(*result.args, **result.kwargs)
+        return normalize_json(value), None
+    except KeyboardInterrupt as exc:
+        # Django's immediate backend lets a Ctrl-C through; one lands only on the main thread
+        # (the lease then expires and the task runs again). Elsewhere the task's own code raised
+        # it: FAILED, as django-tasks-db's worker records it.
+        if threading.current_thread() is threading.main_thread():
+            raise
+        return None, exc
+    except BaseException as exc:  # SystemExit (argparse in a task) too, as Django's backends
+        return None, exc
+
+
+def _invoke_within(
+    task: Task[Any, Any], result: TaskResult[Any, Any], timeout: float
+) -> tuple[Any, BaseException | None]:
+    """`_invoke` in a thread of its own, waited for `timeout` seconds at most: then the outcome
+    is a `TaskTimeout`. Python cannot stop a thread: the task's code goes on until it returns
+    (what it returns is dropped) or the process ends (the Machine stops once idle)."""
+    outcome: list[tuple[Any, BaseException | None]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(_invoke(task, result))
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, name=f"flyfn-task-{result.id}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if outcome:
+        return outcome[0]
+    return None, TaskTimeout(
+        f"task {result.id} ran past its timeout of {timeout:g} s (attempt {result.attempts} on "
+        f"{result.worker_ids[-1] if result.worker_ids else 'this process'}); its code was not "
+        "stopped and what it returns is dropped"
+    )
+
+
+def _write_outcome(
+    claim: Claim, using: str, value: Any, error: BaseException | None
+) -> events.TaskOutcome | None:
+    """`_store`, on a connection that still works: a task can run for long, and the server may
+    drop the connection meanwhile (a restart, a failover, an idle timeout, `pg_terminate_backend`).
+    A connection known to be broken or too old is replaced first; a write that fails on the
+    connection is tried once more, on a new connection if that one turned out unusable. Never
+    inside a transaction of the caller's (`run_due_tasks` in a test's `atomic`): its connection
+    is not this function's to replace."""
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
+    try:
+        return _when_unlocked(lambda: _store(claim, using, value, error))
+    except (OperationalError, InterfaceError) as exc:
+        if connection.in_atomic_block:
+            raise
+        logger.warning(
+            "flyfn tasks: task %s: its outcome could not be written (%s: %s); writing it again "
+            "on a working connection",
+            claim.row.id,
+            type(exc).__name__,
+            str(exc).strip(),
+        )
+        # The failed transaction was rolled back (or its connection closed): the write is whole
+        # or absent. A connection left unusable is replaced by the next query.
+        connection.close_if_unusable_or_obsolete()
+        return _when_unlocked(lambda: _store(claim, using, value, error))
+
+
+def _store(
+    claim: Claim, using: str, value: Any, error: BaseException | None
+) -> events.TaskOutcome | None:
+    """Write a run's outcome if its lease is still the task's: `succeeded`, `failed`, or
+    `retried` (it raised, and its queue's retry policy gives it another run); None if the lease
+    was not its any more.
 
     The task's row is locked first, as the reaper (`_lost`) and `claim_next` lock it before they
     touch its lease: a reaper that came first has deleted this lease (the outcome is dropped), one
@@ -252,13 +355,49 @@ def _store(claim: Claim, using: str, value: Any, error: BaseException | None) ->
         locked = DBTaskResult.objects.using(using).select_for_update().filter(pk=row.pk)
         leases = TaskLease.objects.using(using).filter(task_id=row.id, token=claim.token)
         if not locked.exists() or not leases.exists():
-            return False
+            return None
+        outcome: events.TaskOutcome = "succeeded" if error is None else "failed"
         if error is None:
             row.set_successful(value)
+        elif _retries(claim, error):
+            _retry(row, using, error, claim.backend.flyfn.retries_of(row.queue_name))
+            outcome = "retried"
         else:
             row.set_failed(error)
         leases.delete()
-    return True
+    return outcome
+
+
+def _retries(claim: Claim, error: BaseException) -> bool:
+    """Whether a run that raised `error` runs again: an `Exception` (not a SystemExit or a
+    KeyboardInterrupt), in a queue with a retry policy, with attempts left."""
+    policy = claim.backend.flyfn.retries_of(claim.row.queue_name)
+    return (
+        policy is not None
+        and isinstance(error, Exception)
+        and len(claim.row.worker_ids) < policy.max_attempts
+    )
+
+
+def _retry(
+    row: DBTaskResult[Any, Any], using: str, error: BaseException, policy: RetryPolicy | None
+) -> None:
+    """Keep the run's error and put the task back to READY, due after its back-off."""
+    assert policy is not None
+    attempt = len(row.worker_ids)
+    now = timezone.now()
+    kind = type(error)
+    TaskFailure.objects.using(using).create(
+        task=row,
+        attempt=attempt,
+        worker_id=row.worker_ids[-1] if row.worker_ids else "",
+        exception_class_path=f"{kind.__module__}.{kind.__qualname__}",
+        traceback="".join(format_exception(error)),
+        failed_at=now,
+    )
+    row.status = TaskResultStatus.READY
+    row.run_after = now + timedelta(seconds=policy.delay(attempt))
+    row.save(update_fields=["status", "run_after"])
 
 
 def _when_unlocked(work: Callable[[], T]) -> T:
@@ -276,11 +415,25 @@ def _when_unlocked(work: Callable[[], T]) -> T:
 
 def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> None:
     try:
-        result = row.task_result
+        result: TaskResult[Any, Any] = with_earlier_errors(row.task_result)
     except (ImportError, SuspiciousOperation):  # the task's function is gone: nothing to tell
         logger.exception("flyfn tasks: task %s failed and cannot be loaded", row.id)
         return
-    task_finished.send(sender=type(backend), task_result=result)
+    _send(task_finished, backend, result)
+
+
+def _send(signal: Signal, backend: FlyMachinesBackend, result: TaskResult[Any, Any]) -> None:
+    """Send a task signal; a receiver that raises is logged (by Django, with its traceback, and
+    here with the task) and the run goes on: it must not cost the wake its other tasks."""
+    for receiver, response in signal.send_robust(sender=type(backend), task_result=result):
+        if isinstance(response, Exception):
+            logger.warning(
+                "flyfn tasks: task %s: signal receiver %s raised %s: %s (the run goes on)",
+                result.id,
+                getattr(receiver, "__qualname__", repr(receiver)),
+                type(response).__name__,
+                response,
+            )
 
 
 def _claims(
@@ -314,7 +467,6 @@ def run_until_idle(
     stop: threading.Event | None = None,
     *,
     machine: str | None = None,
-    on_task: Callable[[Claim, bool], None] | None = None,
     budget: float | None = None,
 ) -> int:
     """Claim and run `group`'s due tasks until none is due, `stop` is set or `budget`
@@ -325,10 +477,8 @@ def run_until_idle(
     ran = 0
     try:
         for claim in _claims(group, machine, stop):
-            stored = run_claim(claim)
+            run_claim(claim)
             ran += 1
-            if on_task is not None:
-                on_task(claim, stored)
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:

@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.contrib.auth.decorators import login_not_required  # Django >= 5.1
 from django.core import signing
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -149,7 +150,9 @@ def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpRes
             return response
 
         wake.__name__ = wake.__qualname__ = f"wake_{group.replace('-', '_')}"
-        view = csrf_exempt(wake)
+        # A wake carries its own signature: no CSRF token, no login (Django >= 5.1's
+        # LoginRequiredMiddleware would answer it with a redirect the dispatcher retries forever).
+        view = login_not_required(csrf_exempt(wake))
         view.flyfn_gate = partial(refuse_unsigned, group)  # type: ignore[attr-defined]
         registry.register(view, ["POST"], group)
         _views[group] = view
