@@ -43,7 +43,10 @@ def _failures_of(result_id: str) -> Any:
 
 def with_earlier_errors(result: TaskResult[P, T]) -> TaskResult[P, T]:
     """`result` (django-tasks-db's, which knows only the last error) with the errors of the runs
-    that were retried first: `errors` holds every failed attempt's, oldest first."""
+    that were retried first: `errors` holds every failed attempt's, oldest first. A result run
+    at most once has none (no query then: reading a result stays one query)."""
+    if result.attempts <= 1:
+        return result
     result.errors[:0] = _earlier_errors(_failures_of(str(result.id)))
     return result
 
