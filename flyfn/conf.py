@@ -34,7 +34,7 @@ from pydantic import (
     field_validator,
 )
 
-from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, is_private
+from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, in_clear
 from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, FLY_IMAGE_REF, env_value
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
 from flyfn.group_settings import (
@@ -197,8 +197,9 @@ class FlyfnSettings(Section):
     @property
     def api_in_clear(self) -> bool:
         """Whether the API token would travel in clear text: plain http to a host other than
-        Fly's private network (`_api.internal`) or this computer (loopback)."""
-        return urlsplit(self.api_hostname).scheme == "http" and not is_private(self.api_hostname)
+        Fly's private network (`_api.internal`) or this computer (`localhost`, a loopback
+        address). System check flyfn.E011 reports it; the Machines client refuses such a host."""
+        return in_clear(self.api_hostname)
 
     @field_validator("image_ref", mode="before")
     @classmethod
