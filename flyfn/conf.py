@@ -175,8 +175,11 @@ class FlyfnSettings(Section):
     (`[metrics] port` in fly.toml; 9091 by convention). Never the app's own port."""
 
     metrics_address: str = Field(default="::", min_length=1, alias="METRICS_ADDRESS")
-    """Default `::` (every address, IPv4 too): Fly's scraper reaches each Machine over its private
-    network."""
+    """Default `::` (every address, IPv4 too): the address the metrics port listens on. Fly's
+    scraper reaches each Machine over its private network (6PN), so `::` or the Machine's
+    `FLY_PRIVATE_IP` is needed for Fly's metrics; either way every app of the organisation can read
+    the page too (it has no authentication; see docs/security.md). `127.0.0.1` or `::1` keeps it to
+    the Machine (`manage.py flyfn status` still reads it; Fly's scraper no longer can)."""
 
     groups: dict[Annotated[str, BeforeValidator(_group_name)], GroupSettings] = Field(
         default_factory=dict, alias="GROUPS"
