@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from django.apps import AppConfig
@@ -34,9 +33,11 @@ from flyfn.conf import (
     SettingsError,
     get_settings,
 )
+from flyfn.fly.api_host import CLEAR_TEXT_HINT, clear_text_problem
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
 from flyfn.pool import group_app, name_slug
 from flyfn.registry import iter_url_names, registry
+from flyfn.secret_env import secret_env_message, secret_like_env
 
 __all__ = ["IO_MIDDLEWARE", "MIDDLEWARE_PATH", "secret_like_env"]
 
@@ -60,27 +61,6 @@ IO_MIDDLEWARE: dict[str, str] = {
 _HINT_SETTINGS = "See the settings reference in flyfn's documentation (docs/settings.md)."
 
 _ISSUE_IDS = {"value": "flyfn.E001", "unknown_key": "flyfn.E002", "method": "flyfn.E003"}
-
-# Names that hold secrets: the words of the usual ones, and the names Fly's integrations set as
-# app secrets (Postgres, Upstash Redis, Tigris, Sentry). Fly gives an app's secrets to every
-# Machine of that app, the API-created ones included: they never need forwarding.
-_SECRET_NAME_RE = re.compile(
-    r"SECRET|TOKEN|KEY|PASS|PWD|CREDENTIAL|PRIVATE|DSN|SIGNATURE|(?:^|_)AUTH|"
-    r"^(?:DATABASE|REDIS|MONGO|AMQP|CELERY_BROKER|BROKER)_URL$",
-    re.IGNORECASE,
-)
-# A URL with a password in it (scheme://user:password@host): a secret whatever its name.
-_URL_CREDENTIALS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]+@")
-
-
-def secret_like_env(names: Sequence[str], environ: Mapping[str, str]) -> list[str]:
-    """The names among `names` that hold secrets: by name, or by a value with a password in a
-    URL (the value is only matched, never shown)."""
-    return [
-        name
-        for name in names
-        if _SECRET_NAME_RE.search(name) or _URL_CREDENTIALS_RE.match(environ.get(name, ""))
-    ]
 
 
 def _settings_or_errors() -> tuple[FlyfnSettings | None, list[CheckMessage]]:
@@ -118,16 +98,10 @@ def check_settings(
             )
         )
     messages.extend(_check_group_env(settings))
-    if settings.api_in_clear:
+    problem = clear_text_problem(settings.api_hostname)
+    if problem is not None:
         messages.append(
-            Error(
-                f"FLYFN['API_HOSTNAME'] is {settings.api_hostname!r}: plain http to a host that is "
-                "neither Fly's private network (_api.internal) nor this computer, so the Machines "
-                "API token would travel in clear text.",
-                hint="Use https:// (https://api.machines.dev), or http://_api.internal:4280 "
-                "inside Fly's network.",
-                id="flyfn.E011",
-            )
+            Error(f"FLYFN['API_HOSTNAME']: {problem}.", hint=CLEAR_TEXT_HINT, id="flyfn.E011")
         )
     if settings.replay_body_limit > REPLAY_BODY_LIMIT:
         messages.append(
@@ -159,9 +133,7 @@ def _check_group_env(settings: FlyfnSettings) -> list[CheckMessage]:
                 )
             messages.append(
                 Error(
-                    f'FLYFN["GROUPS"]["{group}"]["env"] lists {name!r}, which looks like a secret: '
-                    "its value would be copied into the function Machines' config, which anyone "
-                    "who can list the app's Machines can read.",
+                    secret_env_message(group, name),
                     hint=hint,
                     id="flyfn.E010",
                 )

@@ -34,7 +34,7 @@ from pydantic import (
     field_validator,
 )
 
-from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, is_private
+from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, in_clear
 from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, FLY_IMAGE_REF, env_value
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
 from flyfn.group_settings import (
@@ -175,8 +175,11 @@ class FlyfnSettings(Section):
     (`[metrics] port` in fly.toml; 9091 by convention). Never the app's own port."""
 
     metrics_address: str = Field(default="::", min_length=1, alias="METRICS_ADDRESS")
-    """Default `::` (every address, IPv4 too): Fly's scraper reaches each Machine over its private
-    network."""
+    """Default `::` (every address, IPv4 too): the address the metrics port listens on. Fly's
+    scraper reaches each Machine over its private network (6PN), so `::` or the Machine's
+    `FLY_PRIVATE_IP` is needed for Fly's metrics; either way every app of the organisation can read
+    the page too (it has no authentication; see docs/security.md). `127.0.0.1` or `::1` keeps it to
+    the Machine (`manage.py flyfn status` still reads it; Fly's scraper no longer can)."""
 
     groups: dict[Annotated[str, BeforeValidator(_group_name)], GroupSettings] = Field(
         default_factory=dict, alias="GROUPS"
@@ -197,8 +200,9 @@ class FlyfnSettings(Section):
     @property
     def api_in_clear(self) -> bool:
         """Whether the API token would travel in clear text: plain http to a host other than
-        Fly's private network (`_api.internal`) or this computer (loopback)."""
-        return urlsplit(self.api_hostname).scheme == "http" and not is_private(self.api_hostname)
+        Fly's private network (`_api.internal`) or this computer (`localhost`, a loopback
+        address). System check flyfn.E011 reports it; the Machines client refuses such a host."""
+        return in_clear(self.api_hostname)
 
     @field_validator("image_ref", mode="before")
     @classmethod

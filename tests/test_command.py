@@ -17,6 +17,7 @@ from django.test import override_settings
 
 from flyfn.checks import check_settings
 from flyfn.conf import get_settings
+from flyfn.management.commands.flyfn import metrics_url
 from flyfn.pool import image_hash, spec_for
 from tests.conftest import EMULATOR_APP, MachinesAPI, free_loopback_port
 
@@ -133,6 +134,20 @@ def test_status_says_when_metrics_are_not_served(monkeypatch: pytest.MonkeyPatch
     with override_settings(FLYFN={"METRICS_PORT": free_loopback_port()}):
         out = flyfn("status")
     assert "not available from http://127.0.0.1:" in out
+
+
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("::", "http://127.0.0.1:9091/metrics"),
+        ("0.0.0.0", "http://127.0.0.1:9091/metrics"),
+        ("127.0.0.1", "http://127.0.0.1:9091/metrics"),
+        ("::1", "http://[::1]:9091/metrics"),
+        ("fdaa:0:1:a7b:1::2", "http://[fdaa:0:1:a7b:1::2]:9091/metrics"),
+    ],
+)
+def test_status_reads_the_metrics_where_they_are_bound(address: str, url: str) -> None:
+    assert metrics_url(address, 9091) == url
 
 
 METRICS_SERVER = """

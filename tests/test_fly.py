@@ -188,7 +188,11 @@ def test_a_blank_variable_counts_as_unset() -> None:
 def test_is_loopback_url() -> None:
     assert is_loopback_url("http://127.0.0.1:8000")
     assert is_loopback_url("http://[::1]")
-    assert is_loopback_url("http://app.localhost")
+    assert is_loopback_url("http://localhost:4280")
+    assert is_loopback_url("http://[::ffff:127.0.0.1]:4280")
+    # RFC 6761 says *.localhost is loopback, but a resolver may ask DNS: only what cannot leave.
+    assert not is_loopback_url("http://app.localhost")
+    assert not is_loopback_url("http://localhost.example.com")
     assert not is_loopback_url("http://[::1")
     assert not is_loopback_url("http://10.1.1.1")
     assert not is_loopback_url("no url")

@@ -62,19 +62,19 @@ def instance(target: ReplayTarget | None) -> str:
 def test_cold_pool_creates_a_machine_as_specified(
     machines_api: MachinesAPI, pool_manager: PoolManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FORWARDED_SECRET", "s3")
+    monkeypatch.setenv("FORWARDED_SETTING", "s3")
     groups = {
         "pdf": {
             # A size Fly accepts: 2 performance CPUs need 4096-16384 MB.
             "guest": {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096},
             "autostop": "suspend",
             "internal_port": 8080,
-            "env": ["FORWARDED_SECRET", "NOT_SET_ANYWHERE"],
+            "env": ["FORWARDED_SETTING", "NOT_SET_ANYWHERE"],
         }
     }
     with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
         machine_id = instance(pool_manager.wait_target("pdf", 10))
-        version = spec_for(get_settings(), "pdf", {"FORWARDED_SECRET": "s3"}).version
+        version = spec_for(get_settings(), "pdf", {"FORWARDED_SETTING": "s3"}).version
 
     [machine] = machines_api.machines(group="pdf")
     assert machine.id == machine_id
@@ -82,7 +82,7 @@ def test_cold_pool_creates_a_machine_as_specified(
     config = machine.config
     assert config is not None
     assert config.image == IMAGE
-    assert config.env == {"FLYFN_GROUP": "pdf", "FORWARDED_SECRET": "s3"}
+    assert config.env == {"FLYFN_GROUP": "pdf", "FORWARDED_SETTING": "s3"}
     assert config.metadata == {
         "flyfn_group": "pdf",
         "flyfn_version": version,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from io import BytesIO
 from tempfile import SpooledTemporaryFile
@@ -22,6 +22,7 @@ from django.http import (
 )
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_POST, require_safe
 from django_tasks_db.compat import TaskResultDoesNotExist, TaskResultStatus
 
@@ -34,6 +35,11 @@ from store.tasks import build_sales_report
 
 PAGE_SIZE = 50
 REPORTS_SHOWN = 5
+# Anyone may ask for a report (the demo has no accounts), so asking is bounded: one report is
+# drawn at a time. A report left queued or running longer than this no longer blocks the next one
+# (its task was lost, say), so at worst one report is queued per window. (Requests at the same
+# instant may each queue one: as many as arrive together, no more.)
+REPORT_PENDING_WINDOW = timedelta(minutes=10)
 # The bundle stays in memory up to this size, then spills to a temporary file.
 SPOOL_MAX_BYTES = 8 * 1024 * 1024
 _MONEY = DecimalField(max_digits=14, decimal_places=2)
@@ -91,18 +97,39 @@ def report_state(report: SalesReport) -> ReportState:
     return ReportState("queued", pending=True, done=False)
 
 
+def pending_report() -> SalesReport | None:
+    """The report being drawn (queued or running) within the pending window, if any."""
+    since = timezone.now() - REPORT_PENDING_WINDOW
+    recent = SalesReport.objects.filter(pdf=None, requested_at__gte=since).defer("pdf")
+    return next((r for r in recent if report_state(r).pending), None)
+
+
 @require_POST
 def request_sales_report(request: HttpRequest) -> HttpResponse:
-    """Queue the sales report of the month chosen on the store page."""
+    """Queue the sales report of the month chosen on the store page, one report at a time: while
+    one is queued or running, asking for the same month again changes nothing, and for another
+    month is answered 429 (visitors are anonymous: nothing else bounds what they queue)."""
     try:
         month = date.fromisoformat(request.POST.get("month", "") + "-01")
     except ValueError:
         return HttpResponseBadRequest("month: expected YYYY-MM", content_type="text/plain")
+    page = reverse("store:purchase_list") + "#reports"
     with transaction.atomic():  # the task is delivered once the report row is committed
+        pending = pending_report()
+        if pending is not None and pending.month == month:
+            return redirect(page)
+        if pending is not None:
+            response = HttpResponse(
+                f"The report of {pending.month:%B %Y} is being drawn: ask again when it is done.",
+                status=429,
+                content_type="text/plain",
+            )
+            response["Retry-After"] = "30"
+            return response
         report = SalesReport.objects.create(month=month)
         report.task_id = build_sales_report.enqueue(report.pk).id
         report.save(update_fields=["task_id"])
-    return redirect(reverse("store:purchase_list") + "#reports")
+    return redirect(page)
 
 
 @require_safe

@@ -42,11 +42,12 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from flyfn import events
-from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, api_url
+from flyfn.fly.api_host import CLEAR_TEXT_HINT, DEFAULT_API_HOSTNAME, api_url, clear_text_problem
 from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, env_value
 from flyfn.fly.headers import FLY_REQUEST_ID, LEASE_NONCE, NEXT_CURSOR
 from flyfn.fly.limits import MAX_PAGE_SIZE, MAX_WAIT_TIMEOUT
 from flyfn.machines.errors import (
+    InsecureApiHostError,
     InvalidResponseError,
     MachinesConnectionError,
     MachinesError,
@@ -215,6 +216,14 @@ class AsyncMachinesClient:
             timeout=timeout,
             max_retries=max_retries,
         )
+        # A transport of the caller's own that is not httpx's network one (httpx.ASGITransport,
+        # MockTransport: tests, the emulator in process) sends nothing over a network.
+        if transport is None or isinstance(transport, httpx.AsyncHTTPTransport):
+            problem = clear_text_problem(self.config.api_hostname)
+            if problem is not None:
+                raise InsecureApiHostError(
+                    f"refusing the Machines API at {problem}. {CLEAR_TEXT_HINT}"
+                )
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if self.config.api_token:
             headers["Authorization"] = f"Bearer {self.config.api_token}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "Conflict",
+    "InsecureApiHostError",
     "InvalidResponseError",
     "MachinesConnectionError",
     "MachinesError",
@@ -32,6 +33,12 @@ def _clip(text: str | None) -> str | None:
     if text is None or len(text) <= _MAX_ERROR_TEXT:
         return text
     return text[:_MAX_ERROR_TEXT] + "..."
+
+
+class InsecureApiHostError(ValueError):
+    """The client refuses an API host that would get the token in clear text: plain http to a host
+    other than Fly's private network (`_api.internal`) or this computer (see
+    `flyfn.fly.api_host.in_clear`)."""
 
 
 class MachinesError(Exception):

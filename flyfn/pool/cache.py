@@ -211,4 +211,6 @@ class MachinePool:
         with self._lock:
             problem, self._problem = self._problem, None
         if problem:
-            logger.error("flyfn: cannot replay: %s; using the group's fallback", problem)
+            logger.error(
+                "flyfn: cannot replay: %s; using the group's fallback", problem.rstrip(".")
+            )

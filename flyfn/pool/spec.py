@@ -19,9 +19,11 @@ import httpx
 from django.conf import settings as django_settings
 
 from flyfn.conf import FlyfnSettings
+from flyfn.fly.api_host import clear_text_problem
 from flyfn.fly.env import GROUP_ENV, HOME_APP_ENV
 from flyfn.machines import (
     AsyncMachinesClient,
+    InsecureApiHostError,
     MachineConfig,
     MachineGuest,
     MachinePort,
@@ -29,6 +31,7 @@ from flyfn.machines import (
     MachineService,
     MachineServiceConcurrency,
 )
+from flyfn.secret_env import secret_env_message, secret_like_env
 
 GROUP_METADATA_KEY = "flyfn_group"
 # A digest of what a group's Machines depend on besides the image (SECRET_KEY, forwarded env, named
@@ -151,6 +154,11 @@ def spec_for(
         if options.concurrency is not None
         else None
     )
+    if "flyfn.E010" not in getattr(django_settings, "SILENCED_SYSTEM_CHECKS", ()):
+        # Checks do not run under uvicorn or gunicorn: refuse here what flyfn.E010 reports.
+        secret = secret_like_env(options.env, environ)
+        if secret:
+            raise PoolConfigError(secret_env_message(group, secret[0]))
     env = {name: environ[name] for name in options.env if name in environ}
     env[GROUP_ENV] = group
     if app != own_app:  # their FLY_APP_NAME is `app`: say where their requests come in
@@ -227,9 +235,14 @@ def new_client(
     token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
     if not token:
         raise PoolConfigError("no Machines API token: set FLYFN['API_TOKEN'] or FLY_API_TOKEN")
-    return AsyncMachinesClient(
-        settings.app_name,
-        api_token=token,
-        api_hostname=settings.api_hostname,
-        transport=transport,
-    )
+    try:
+        return AsyncMachinesClient(
+            settings.app_name,
+            api_token=token,
+            api_hostname=settings.api_hostname,
+            transport=transport,
+        )
+    except InsecureApiHostError:  # the message of system check flyfn.E011
+        raise PoolConfigError(
+            f"FLYFN['API_HOSTNAME']: {clear_text_problem(settings.api_hostname)}"
+        ) from None

@@ -7,12 +7,14 @@ from collections.abc import Callable
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 from pytest_django.asserts import assertContains
 
 from flyfn.tasks import run_due_tasks
 from flyfn.tasks.runner import claim_next, flyfn_backends, run_claim
 from store.models import SalesReport
 from store.tests.conftest import MakePurchase, pdf_pages
+from store.views import REPORT_PENDING_WINDOW
 
 pytestmark = pytest.mark.django_db
 
@@ -79,3 +81,38 @@ def test_an_unfinished_report_has_no_pdf(client: Client) -> None:
     client.post("/purchases/reports/", {"month": "2025-03"})
     report = SalesReport.objects.get()
     assert client.get(f"/purchases/reports/{report.pk}.pdf").status_code == 404
+
+
+# ------------------------------------------------------------ one report at a time (issue 23)
+
+
+def test_asking_again_for_a_pending_month_queues_nothing(client: Client) -> None:
+    client.post("/purchases/reports/", {"month": "2025-03"})
+    again = client.post("/purchases/reports/", {"month": "2025-03"})
+    assert again.status_code == 302
+    assert again["Location"] == "/purchases/#reports"
+    assert SalesReport.objects.count() == 1
+
+
+def test_another_month_waits_until_the_pending_report_is_done(client: Client) -> None:
+    client.post("/purchases/reports/", {"month": "2025-03"})
+    refused = client.post("/purchases/reports/", {"month": "2025-04"})
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "30"
+    assert b"March 2025 is being drawn" in refused.content
+    assert SalesReport.objects.count() == 1
+
+    assert run_due_tasks() == 1  # done: the next one may be queued
+    assert client.post("/purchases/reports/", {"month": "2025-04"}).status_code == 302
+    assert client.post("/purchases/reports/", {"month": "2025-03"}).status_code == 429
+    assert sorted(f"{r.month:%Y-%m}" for r in SalesReport.objects.all()) == [
+        "2025-03",
+        "2025-04",
+    ]
+
+
+def test_a_report_pending_too_long_no_longer_blocks(client: Client) -> None:
+    client.post("/purchases/reports/", {"month": "2025-03"})
+    SalesReport.objects.update(requested_at=timezone.now() - REPORT_PENDING_WINDOW * 2)
+    assert client.post("/purchases/reports/", {"month": "2025-04"}).status_code == 302
+    assert SalesReport.objects.count() == 2

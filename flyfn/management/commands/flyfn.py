@@ -182,7 +182,7 @@ class Command(BaseCommand):
         if settings.metrics_port is None:
             return
         self.stdout.write(self.style.MIGRATE_HEADING("Metrics (this Machine's web process)"))
-        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+        url = metrics_url(settings.metrics_address, settings.metrics_port)
         try:
             text = httpx.get(url, timeout=METRICS_TIMEOUT).text
         except httpx.HTTPError as exc:
@@ -386,6 +386,17 @@ _GROUP_FIGURES = {
     "flyfn_rejected_states": "rejected states",
     "flyfn_cold_wait_seconds": "cold waits",
 }
+
+
+def metrics_url(address: str, port: int) -> str:
+    """Where this Machine's metrics page answers: loopback when they are served on every address
+    (`::`, `0.0.0.0`), else the one address they are bound to (`FLYFN["METRICS_ADDRESS"]`)."""
+    host = address.strip().strip("[]")
+    if host in {"", "::", "0.0.0.0"}:
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
 
 
 def group_figures(text: str) -> dict[str, dict[str, float]]:
