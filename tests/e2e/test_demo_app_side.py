@@ -3,7 +3,9 @@
 - Its app Machine runs the Dockerfile's command, `uvicorn --workers 2`: two worker processes.
 - Receipts whose replays fail (the function Machine is `stopping`, which Fly Proxy never starts:
   PM08) fall back on the app Machine, on whichever worker Fly Proxy hands the fallback to: each is
-  answered, none with a 503 for a replay that "this process" did not issue.
+  answered, none with a 503 for a replay that "this process" did not issue (at least 10 of the 20
+  come back with `fly-replay-failed`: with a record per process, all 10 reaching the worker that
+  issued the replay would have a chance of 1 in 1,024).
 - fly.toml says `min_machines_running = 0` and `auto_stop_machines = "stop"`: the idle app Machine
   is stopped by autostop, and the next request starts it again.
 """
@@ -105,20 +107,29 @@ def test_the_app_machine_runs_two_workers_and_fallbacks_reach_either(demo: DemoS
         assert len(_workers(demo.app_machine)) == 2
         _stuck_stopping(demo, fn)
         mark = len(demo.lines)
-        answers = [client.get(f"/purchases/{n % 3 + 1}/receipt.pdf") for n in range(RECEIPTS)]
+        answers = []
+        for n in range(RECEIPTS):
+            answers.append(client.get(f"/purchases/{n % 3 + 1}/receipt.pdf"))
+            # A client's pace: the app Machine's pool, which drops a Machine a failed replay
+            # names, lists the app again within Fly's rate limit (1 list/s for the whole app).
+            time.sleep(1.0)
         assert _machine(demo, fn)["state"] == "stopping"  # still: every replay failed
 
     statuses = [a.status_code for a in answers]
     assert statuses == [200] * RECEIPTS, [(a.status_code, a.text[:100]) for a in answers]
     assert all(a.content.startswith(b"%PDF-") for a in answers)
     assert {a.headers["x-flyfn-machine"] for a in answers} == {demo.app_machine}
-    deadline = time.monotonic() + 60  # the proxy prints a route once its answer is sent
-    while time.monotonic() < deadline:
-        fallbacks = [ln for ln in demo.lines[mark:] if FALLBACK_ROUTE.match(ln)]
-        if len(fallbacks) >= RECEIPTS:
-            break
-        time.sleep(0.1)
-    assert len(fallbacks) == RECEIPTS, "\n".join(demo.lines[mark:])
+    # Most ran after a replay Fly Proxy brought back (`fly-replay-failed`), on whichever of the
+    # two workers got it (a record of replays per process answered about half with 503); others
+    # ran here because the pool, still listing again, had no target (fallback `no_machine`).
+    time.sleep(2)  # the proxy prints a route once its answer is sent
+    routes = [ln for ln in demo.lines[mark:] if ln.startswith("GET /purchases/")]
+    fallbacks = [ln for ln in routes if FALLBACK_ROUTE.match(ln)]
+    print(
+        f"app side: {RECEIPTS} receipts answered 200 by the app Machine, {len(fallbacks)} after a "
+        f"failed replay (fly-replay-failed), workers {len(_workers(demo.app_machine))}"
+    )
+    assert len(fallbacks) >= RECEIPTS // 2, "\n".join(routes)
 
 
 def test_the_idle_app_machine_is_stopped_by_autostop_and_started_by_a_request(
