@@ -86,7 +86,8 @@ async def trickle(client: httpx.AsyncClient, path: str, seconds: int) -> set[str
 class Api:
     """The emulated Machines API of the running stack (its URL and app from the banner)."""
 
-    def __init__(self, dev_log: DevLog) -> None:
+    def __init__(self, dev_log: DevLog, token: str = TOKEN) -> None:
+        self.token = token
         lines = dev_log.lines()
         self.url = lines[dev_log.wait_for("FLY_API_HOSTNAME", after=0, timeout=30)].split()[1]
         banner = [line.split() for line in lines]
@@ -98,7 +99,7 @@ class Api:
             response = httpx.get(
                 f"{self.url}/v1/apps/{self.app}/machines",
                 params={"metadata.flyfn_group": group},
-                headers={"Authorization": f"Bearer {TOKEN}"},
+                headers={"Authorization": f"Bearer {self.token}"},
                 timeout=10,
             )
             if response.status_code != 429:

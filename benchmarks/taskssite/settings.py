@@ -1,10 +1,13 @@
 """Settings of the tasks benchmark: backend "default" is flyfn's, "db" django-tasks-db's own
-(run by its db_worker); both store their tasks in one SQLite file in BENCH_TASKS_DIR."""
+(run by its db_worker); both store their tasks in one PostgreSQL database, DATABASE_URL (on
+Fly a secret: `flyfn dev --secrets-file` gives it to the Machines, the environment to the
+commands run beside them)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+import dj_database_url
 
 SECRET_KEY = "flyfn-benchmarks-not-secret"
 DEBUG = False
@@ -14,11 +17,9 @@ ROOT_URLCONF = "benchmarks.taskssite.urls"
 INSTALLED_APPS = ["flyfn", "flyfn.tasks", "django_tasks_db"]
 MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
 DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": Path(os.environ.get("BENCH_TASKS_DIR", "/nonexistent")) / "tasks.sqlite3",
-        "OPTIONS": {"timeout": 60, "init_command": "PRAGMA journal_mode=WAL"},
-    }
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "postgres://unset-see-benchmarks-tasks/none")
+    )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 LOGGING_CONFIG = None
