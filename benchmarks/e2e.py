@@ -49,6 +49,9 @@ AUTOSTOP_PASS = 300.0 / TIME_SCALE
 CONCURRENCY = 50  # as tests/reliability/test_soak.py sends its load
 SETTINGS = "benchmarks.benchsite.settings"
 ASGI_APP = "benchmarks.benchsite.asgi:application"
+# Where `flyfn dev` runs: the bench project's own directory (it has no fly.toml; the repository
+# root has the demo's, which `flyfn dev` would deploy instead).
+PROJECT_DIR = Path(__file__).resolve().parent / "benchsite"
 
 
 def project_env() -> dict[str, str]:
@@ -164,7 +167,10 @@ def dev_stack(log_path: Path, env: Mapping[str, str], time_scale: float) -> Iter
     argv = [sys.executable, "-m", "django", "flyfn", "dev"]
     argv += ["--port", str(port), "--time-scale", str(time_scale)]
     dev_log = DevLog(log_path)
-    with dev_log.path.open("ab") as out, spawned(argv, env=dict(env), log_file=out) as proc:
+    with (
+        dev_log.path.open("ab") as out,
+        spawned(argv, env=dict(env), cwd=PROJECT_DIR, log_file=out) as proc,
+    ):
         base = f"http://{LOOPBACK}:{port}"
         try:
             wait_http(f"{base}/direct/", timeout=90, proc=proc, ok=lambda r: r.status_code == 200)
