@@ -527,14 +527,18 @@ def test_a_function_machine_reads_its_group_and_never_changes_it(
             reader.close()
 
 
-def test_a_function_machine_converges_another_groups_pool(
+def test_a_function_machine_never_creates_another_groups_machines(
     machines_api: MachinesAPI, pool_manager: PoolManager
 ) -> None:
-    # It replays another group's views as an app Machine does: that group is created if need be.
+    """A function Machine only reads pools: asked for another group's target (nothing in flyfn
+    asks it that any more), it finds what exists and creates nothing, with another group's
+    settings or a stale secret of its own."""
     flyfn = machines_api.flyfn_settings(GROUPS=ELASTIC, CACHE_TTL=3600)
     with override_settings(FLYFN=flyfn), override_role(function("default")):
-        target = instance(pool_manager.wait_target("pdf", 10))
-    assert target in {m.id for m in machines_api.machines(group="pdf")}
+        assert pool_manager.wait_target("pdf", 10) is None
+    assert machines_api.machines(group="pdf") == []
+    assert machines_api.create_calls == 0
+    assert {method for method, _ in machines_api.calls} == {"GET"}
 
 
 def _by_name(machine: Machine) -> str:

@@ -154,10 +154,11 @@ class MachinePool:
                 max_age=min(self._ttl / 2, SHARED_LIST_MAX_AGE),
                 fresh_after=self._fresh_after,
             ) as listing:
-                if role.kind == "function" and role.group == spec.group:
-                    # A function Machine only reads its own group (to send load on): the app
-                    # Machines create, update and destroy it. (Another group's view it replays
-                    # like them.)
+                if role.kind == "function":
+                    # A function Machine only reads pools (its siblings, to send load on; the
+                    # app's list, for its app Machines): the app Machines and `manage.py flyfn
+                    # prepare|gc` create, update and destroy Machines, never a function Machine
+                    # (its settings and secrets may be another group's, or stale).
                     machines = await observe(client, spec, self.choice, lister=listing.group)
                 else:
                     done = await converge(client, spec, self.choice, lister=listing.group)
