@@ -713,7 +713,12 @@ def test_the_keeper_runs_what_comes_due_waits_within_the_horizon_then_stops_the_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from flyfn.tasks import keeper as keeper_module
+    from flyfn.tasks.dispatch import stop_all
 
+    # Only the keeper runs tasks here: no dispatcher of this process's (the local role's in-process
+    # runner) may take the task first.
+    stop_all()
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
     stops: list[str] = []
     keeper = keeper_module.Keeper(stop_machine=lambda: stops.append("stop"), live=True)
     keeper.group = "tasks"  # as start() sets it, without its thread
