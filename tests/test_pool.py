@@ -297,8 +297,13 @@ def test_stale_cache_is_served_while_it_refreshes(
     # A tiny TTL: every read after the first is stale, which is what this test needs.
     with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=0.001)):
         first = instance(pool_manager.wait_target("default", 10))
-        machines_api.destroy(first)
         pool = pool_manager.pool("default")
+        # Reads of the tiny-TTL cache may have started a refresh: let it end (listing `first`)
+        # before the destroy, so that the next one is the only one that sees it gone.
+        settled = pool.refresh()
+        assert settled is not None
+        settled.result(10)
+        machines_api.destroy(first)
         assert instance(pool.target()) == first  # stale: served, and a refresh starts behind it
         future = pool.refresh()  # join that refresh
         assert future is not None

@@ -91,7 +91,9 @@ class MachinePool:
             self._report_problem()
             return None
         with self._lock:
-            if self._inflight is not None:
+            # A refresh that has finished but whose callback has not cleared it yet is not
+            # joined: it may have listed before whatever made the caller ask again.
+            if self._inflight is not None and not self._inflight.done():
                 return self._inflight
             if self._clock() < self._retry_at:
                 return None
