@@ -17,7 +17,7 @@ import httpx
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError, transaction
-from django.test import AsyncClient, override_settings
+from django.test import AsyncClient, Client, override_settings
 from django.utils import timezone
 from django_tasks_db.compat import TaskResultStatus, task_backends
 from django_tasks_db.models import DBTaskResult
@@ -25,6 +25,7 @@ from django_tasks_db.models import DBTaskResult
 from flyfn import runtime
 from flyfn.registry import registry
 from flyfn.tasks import FlyMachinesBackend, TaskLost, TaskOptions, run_due_tasks
+from flyfn.tasks import wake as wake_module
 from flyfn.tasks.dispatch import Dispatcher, dispatcher, stop_all
 from flyfn.tasks.models import TaskLease
 from flyfn.tasks.options import home_app
@@ -517,6 +518,26 @@ async def test_a_signed_wake_on_a_function_machine_runs_the_due_tasks(
         assert result.worker_ids == ["fn0123456789ab"]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_under_wsgi_a_wakes_heartbeats_are_streamed_not_read_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Django reads an async iterator whole before a WSGI server sends any of it: a wake under
+    WSGI answers with a plain iterator, so its heartbeats reach Fly Proxy (idle timeout 60 s)."""
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    monkeypatch.setattr(wake_module, "HEARTBEAT", 0.05)
+    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with runtime.override_role(runtime.function("tasks"), env):
+        tasks.pause.enqueue(0.5)
+        response = Client().post("/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")})
+        assert response.status_code == 200
+        assert not response.is_async  # type: ignore[attr-defined]
+        chunks = response.streaming_content  # type: ignore[attr-defined]
+        lines = b"".join(chunks).decode().splitlines()
+    assert "." in lines  # heartbeats while the task ran
+    assert lines[-1] == '{"done": true, "ran": 1, "machine": "fn0123456789ab"}'
+
+
 # --------------------------------------------------------------------------- checks and status
 
 
@@ -692,7 +713,12 @@ def test_the_keeper_runs_what_comes_due_waits_within_the_horizon_then_stops_the_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from flyfn.tasks import keeper as keeper_module
+    from flyfn.tasks.dispatch import stop_all
 
+    # Only the keeper runs tasks here: no dispatcher of this process's (the local role's in-process
+    # runner) may take the task first.
+    stop_all()
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
     stops: list[str] = []
     keeper = keeper_module.Keeper(stop_machine=lambda: stops.append("stop"), live=True)
     keeper.group = "tasks"  # as start() sets it, without its thread

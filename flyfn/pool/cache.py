@@ -91,7 +91,9 @@ class MachinePool:
             self._report_problem()
             return None
         with self._lock:
-            if self._inflight is not None:
+            # A refresh that has finished but whose callback has not cleared it yet is not
+            # joined: it may have listed before whatever made the caller ask again.
+            if self._inflight is not None and not self._inflight.done():
                 return self._inflight
             if self._clock() < self._retry_at:
                 return None
@@ -154,10 +156,11 @@ class MachinePool:
                 max_age=min(self._ttl / 2, SHARED_LIST_MAX_AGE),
                 fresh_after=self._fresh_after,
             ) as listing:
-                if role.kind == "function" and role.group == spec.group:
-                    # A function Machine only reads its own group (to send load on): the app
-                    # Machines create, update and destroy it. (Another group's view it replays
-                    # like them.)
+                if role.kind == "function":
+                    # A function Machine only reads pools (its siblings, to send load on; the
+                    # app's list, for its app Machines): the app Machines and `manage.py flyfn
+                    # prepare|gc` create, update and destroy Machines, never a function Machine
+                    # (its settings and secrets may be another group's, or stale).
                     machines = await observe(client, spec, self.choice, lister=listing.group)
                 else:
                     done = await converge(client, spec, self.choice, lister=listing.group)

@@ -16,11 +16,12 @@ same header is accepted once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_not_required  # Django >= 5.1
 from django.core import signing
+from django.core.handlers.wsgi import WSGIRequest
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.utils import timezone
@@ -99,30 +101,70 @@ def _text(status: int, message: str) -> HttpResponse:
     )
 
 
-async def _run(group: str) -> AsyncIterator[bytes]:
+def _start(group: str) -> tuple[str, Callable[[], int]]:
+    """The Machine's id, and what runs the group's due work: the run belongs to the Machine, not
+    to the request. If the connection that woke it is cut (the app Machine that sent it stopped),
+    the run goes on, and the keeper runs what comes due next and stops the Machine once drained
+    (flyfn.tasks.keeper)."""
     from flyfn.tasks.keeper import keeper
     from flyfn.tasks.runner import run_until_idle, worker_id
 
     machine = worker_id()
-    loop = asyncio.get_running_loop()
-    # The run belongs to the Machine, not to this request: if the connection that woke it is cut
-    # (the app Machine that sent it stopped), the run goes on, and the keeper runs what comes due
-    # next and stops the Machine once drained (flyfn.tasks.keeper).
     run = partial(run_until_idle, group, machine=machine, budget=WAKE_BUDGET)
-    work = loop.run_in_executor(None, partial(keeper().run, group, run))
-    yield f"flyfn tasks: running group {group} on {machine}\n".encode()
-    while True:
-        done, _ = await asyncio.wait({work}, timeout=HEARTBEAT)
-        if done:
-            break
-        yield b".\n"
+    return machine, partial(keeper().run, group, run)
+
+
+def _summary(group: str, machine: str, work: concurrent.futures.Future[int]) -> bytes:
     try:
         summary: dict[str, object] = {"done": True, "ran": work.result(), "machine": machine}
     except Exception:
         # Logged here; the answer goes back through Fly Proxy and carries no error text.
         logger.exception("flyfn tasks: the wake of group %s failed", group)
         summary = {"done": False, "error": "see the Machine's log", "machine": machine}
-    yield (json.dumps(summary) + "\n").encode()
+    return (json.dumps(summary) + "\n").encode()
+
+
+async def _run(group: str) -> AsyncIterator[bytes]:
+    """The wake's answer under ASGI: a heartbeat line every `HEARTBEAT` seconds, then a summary."""
+    machine, work = _start(group)
+    running = asyncio.get_running_loop().run_in_executor(None, work)
+    yield f"flyfn tasks: running group {group} on {machine}\n".encode()
+    while True:
+        done, _ = await asyncio.wait({running}, timeout=HEARTBEAT)
+        if done:
+            break
+        yield b".\n"
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    try:
+        future.set_result(running.result())
+    except Exception as exc:
+        future.set_exception(exc)
+    yield _summary(group, machine, future)
+
+
+def _run_blocking(group: str) -> Iterator[bytes]:
+    """`_run` for a WSGI server: Django reads an async iterator whole before a WSGI server sends
+    any of it, so Fly Proxy would see no heartbeat (its idle timeout is 60 s). A plain iterator,
+    fed by a thread of the run's own, reaches it line by line."""
+    machine, work = _start(group)
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except Exception as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"flyfn-wake-{group}", daemon=True).start()
+    yield f"flyfn tasks: running group {group} on {machine}\n".encode()
+    while True:
+        try:
+            future.exception(timeout=HEARTBEAT)
+        except concurrent.futures.TimeoutError:
+            yield b".\n"
+            continue
+        break
+    yield _summary(group, machine, future)
 
 
 def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]:
@@ -145,7 +187,9 @@ def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpRes
                 return _text(503, f"no function Machine of group {group!r} reached; retry")
             if not await sync_to_async(_first_use)(nonce):
                 return _text(403, "this wake was already used")
-            response = StreamingHttpResponse(_run(group), content_type="text/plain")
+            # Under WSGI a plain iterator, or the heartbeats would be read whole before sending.
+            lines = _run_blocking(group) if isinstance(request, WSGIRequest) else _run(group)
+            response = StreamingHttpResponse(lines, content_type="text/plain")
             response["Cache-Control"] = "private, no-store"
             return response
 

@@ -31,6 +31,7 @@ import pytest
 
 from tests.conftest import free_loopback_port
 from tests.support_dev import DevProcess, banner_api, start_project
+from tests.support_postgres import Database
 from tests.support_procs import Proc, alive, descendants, identity, machine_pid
 
 PROJECT = Path(__file__).resolve().parent / "project"
@@ -64,11 +65,21 @@ class Stack(DevProcess):
         self.seen |= descendants(self.process.pid)
 
 
-def _start() -> Stack:
+def _start(database_url: str) -> Stack:
     port = free_loopback_port()
     lines: list[str] = []
+    # Every Machine reads the same PostgreSQL database, as on Fly: the soak's serverless answers
+    # are computed by it, so the chaos runs against real connections.
+    shared = {"DATABASE_URL": database_url}
     process = start_project(
-        PROJECT, "soakproj.settings", TOKEN, port=port, time_scale=200, lines=lines
+        PROJECT,
+        "soakproj.settings",
+        TOKEN,
+        port=port,
+        time_scale=200,
+        lines=lines,
+        secrets=shared,
+        env=shared,
     )
     stack = Stack(process, port, lines)
     stack.api = banner_api(process, lines, cleanup=lambda: _kill(stack))
@@ -88,8 +99,8 @@ def _kill(stack: Stack) -> None:
 
 
 @pytest.fixture
-def stack() -> Iterator[Stack]:
-    running = _start()
+def stack(postgres_database: Database) -> Iterator[Stack]:
+    running = _start(postgres_database.url)
     try:
         yield running
     finally:

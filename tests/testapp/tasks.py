@@ -122,3 +122,10 @@ def block(label: str) -> str:
     ran.append(("block", label))
     release.wait()
     return label
+
+
+@task()
+def pause(seconds: float) -> float:
+    """Takes `seconds` (a task long enough for a wake's heartbeats)."""
+    time.sleep(seconds)
+    return seconds

@@ -1,6 +1,11 @@
-"""Settings of the soak project: two serverless groups with opposite fallback policies."""
+"""Settings of the soak project: two serverless groups with opposite fallback policies, and the
+database every Machine shares (`DATABASE_URL`: PostgreSQL in the soak)."""
 
 from __future__ import annotations
+
+import os
+
+import dj_database_url
 
 SECRET_KEY = "flyfn-soak-not-secret"
 DEBUG = False
@@ -9,7 +14,11 @@ USE_TZ = True
 ROOT_URLCONF = "soakproj.urls"
 INSTALLED_APPS = ["flyfn", "soakproj"]
 MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
-DATABASES: dict[str, dict[str, str]] = {}
+DATABASES = (
+    {"default": dj_database_url.parse(os.environ["DATABASE_URL"])}
+    if os.environ.get("DATABASE_URL")
+    else {}
+)
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 FLYFN = {
     # Short cache: the pool notices Machines changed behind its back within the soak.
