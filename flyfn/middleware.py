@@ -350,11 +350,21 @@ class FlyReplayMiddleware:
             if role.kind == "main":
                 return None
             # Ordinary traffic Fly Proxy balanced onto a function Machine: sent on to another
-            # Machine when Fly Proxy can replay it, else it runs here rather than fail.
-            if not _bounceable(request.META, get_settings().replay_body_limit):
-                return None
-            events.bounced(role.group or "", "not_serverless")
-            return replay_response(ELSEWHERE)
+            # Machine when Fly Proxy can replay it (`elsewhere`; straight to an app Machine when
+            # a Machine already sent it here, as `elsewhere` could land on another function
+            # Machine again), else it runs here rather than fail.
+            meta = request.META
+            limit = get_settings().replay_body_limit
+            if _bounceable(meta, limit):
+                events.bounced(role.group or "", "not_serverless")
+                return replay_response(ELSEWHERE)
+            if _META_REPLAY_FAILED not in meta and _replayable_body(meta, limit):
+                app_machine = get_manager().app_machine()  # never waited for: it can run here
+                if app_machine is not None:
+                    return self._send_to_app_machine(
+                        _ToAppMachine("", role.group or "", "not_serverless", 0.0), app_machine
+                    )
+            return None
         gate = getattr(view_func, "flyfn_gate", None)
         refused: HttpResponseBase | None = None if gate is None else gate(request)
         if refused is not None:

@@ -233,7 +233,8 @@ class Clock:
 @pytest.fixture
 async def emulator() -> AsyncIterator[tuple[MachinesEmulator, Recording]]:
     runtime = Recording()
-    machines = MachinesEmulator(runtime=runtime, region="ams")
+    # A still clock: every Machine started "at" the pass before the first one (no grace pass).
+    machines = MachinesEmulator(runtime=runtime, region="ams", clock=Clock())
     try:
         yield machines, runtime
     finally:
@@ -357,6 +358,19 @@ async def test_a_stop_by_autostop_uses_the_stop_config(
             (clamped.id, "SIGINT", 300.0),
         ]
     )
+
+
+async def test_a_machine_started_since_the_previous_pass_gets_one_pass_of_grace() -> None:
+    """Booted for requests that have not reached it yet (they wait for its start): it is not
+    stopped by the very next pass, only once a whole pass went by without load."""
+    clock = Clock()
+    machines = MachinesEmulator(region="ams", clock=clock)
+    autostop = Autostop(machines, Load(clock), apps={APP}, region="ams", interval=0)
+    clock.now += 1.0
+    fn = await create(machines, group="a")
+    assert await autostop.once() == []  # started after the previous pass
+    clock.now += 1.0
+    assert await autostop.once() == [fn.id]  # a whole pass without load
 
 
 async def test_the_loop_runs_passes_every_interval() -> None:

@@ -291,6 +291,7 @@ class MachinesEmulator:
         self.region = region
         self.default_app = default_app
         self._clock = clock
+        self.clock = clock  # the wall clock of its events' timestamps (autostop reads them)
         self._apps: dict[str, dict[str, _Record]] = {}
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()

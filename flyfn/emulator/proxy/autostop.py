@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from flyfn.emulator import balancer
 from flyfn.emulator.logline import autostop_event
@@ -114,6 +115,9 @@ class Autostop:
         self.on_event = on_event
         self.passes = 0
         self._task: asyncio.Task[None] | None = None
+        # The previous pass, on the emulator's clock: a Machine started after it has not been up
+        # a whole pass.
+        self._previous_pass = machines.clock()
 
     def start(self) -> None:
         """Run a pass every `interval` seconds in the background (not when it is 0)."""
@@ -138,13 +142,19 @@ class Autostop:
     async def once(self, now: float | None = None) -> list[str]:
         """One pass over every app: the ids of the Machines it stopped or suspended."""
         now = self.load.clock() if now is None else now
+        wall = self.machines.clock()
         self.passes += 1
         acted: list[str] = []
         try:
             for app in sorted(self.apps):
+                machines = self.machines.list(app)
+                # A Machine started since the previous pass counts as loaded until the next one:
+                # like a Machine that served, it is stopped only after a whole pass without load
+                # (so a Machine booted for requests still waiting to reach it is not stopped).
+                fresh = {m.id for m in machines if started_at(m) > self._previous_pass}
                 stops = plan(
-                    self.machines.list(app),
-                    load=self.load.peak,
+                    machines,
+                    load=partial(self._load, fresh=fresh),
                     idle_since=lambda machine_id: self.load.last_active(machine_id, now),
                     region=self.region,
                     primary_region=self.primary_region,
@@ -173,11 +183,22 @@ class Autostop:
                     )
         finally:
             self.load.new_pass()
+            self._previous_pass = wall
         return acted
+
+    def _load(self, machine_id: str, *, fresh: set[str]) -> int:
+        return self.load.peak(machine_id) or int(machine_id in fresh)
 
     def _event(self, message: str) -> None:
         if self.on_event is not None:
             self.on_event(message)
+
+
+def started_at(machine: Machine) -> float:
+    """When the Machine last became `started` (the emulator's clock, from its events; 0 if
+    never)."""
+    times = [e.timestamp for e in machine.events or [] if e.status == "started" and e.timestamp]
+    return max(times) / 1000 if times else 0.0
 
 
 def _services(machine: Machine) -> list[MachineService]:
