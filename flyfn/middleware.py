@@ -51,6 +51,9 @@ RETRY_AFTER_SECONDS = 5
 # A request a function Machine sends on (Fly Proxy balances again, excluding it); should that fail,
 # Fly Proxy brings it back here with `fly-replay-failed` and an ordinary view runs here after all.
 ELSEWHERE = "elsewhere=true;fallback=force_self"
+# Seconds an ordinary request that a Machine sent to a function Machine waits for the app's list
+# (a function Machine just booted), before it runs there rather than wait longer.
+ORDINARY_WAIT = 5.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,6 +97,8 @@ class _ToAppMachine(NamedTuple):
     bouncer: str
     reason: events.BounceReason
     max_wait: float
+    # Without an app Machine it runs here (an ordinary view) rather than answer 503.
+    else_here: bool = False
 
 
 _fallback_slots = Counters()
@@ -359,11 +364,13 @@ class FlyReplayMiddleware:
                 events.bounced(role.group or "", "not_serverless")
                 return replay_response(ELSEWHERE)
             if _META_REPLAY_FAILED not in meta and _replayable_body(meta, limit):
-                app_machine = get_manager().app_machine()  # never waited for: it can run here
-                if app_machine is not None:
-                    return self._send_to_app_machine(
-                        _ToAppMachine("", role.group or "", "not_serverless", 0.0), app_machine
-                    )
+                routed = _ToAppMachine(
+                    "", role.group or "", "not_serverless", ORDINARY_WAIT, else_here=True
+                )
+                app_machine = get_manager().app_machine()
+                if app_machine is None:
+                    return routed  # the caller waits a little for the app's list
+                return self._send_to_app_machine(routed, app_machine)
             return None
         gate = getattr(view_func, "flyfn_gate", None)
         refused: HttpResponseBase | None = None if gate is None else gate(request)
@@ -567,8 +574,9 @@ class FlyReplayMiddleware:
 
     def _send_to_app_machine(
         self, routed: _ToAppMachine, app_machine: str | None
-    ) -> HttpResponseBase:
-        """The replay to `app_machine`, or a 503 when none is known (or its id cannot be sent)."""
+    ) -> HttpResponseBase | None:
+        """The replay to `app_machine`; when none is known (or its id cannot be sent), None (run
+        here) for an ordinary view, else a 503."""
         if app_machine is not None:
             try:
                 header = _to_instance(app_machine)
@@ -577,6 +585,8 @@ class FlyReplayMiddleware:
             else:
                 events.bounced(routed.bouncer, routed.reason)
                 return replay_response(header)
+        if routed.else_here:
+            return None
         why: events.FallbackReason = "unsigned" if routed.reason == "unsigned" else "no_machine"
         events.fell_back(routed.group, why, "unavailable")
         return unavailable()

@@ -367,6 +367,30 @@ async def test_function_waits_for_its_apps_list_to_send_a_bounced_request_on(
     assert waited == [10.0]  # the group's replay timeout
 
 
+async def test_an_ordinary_request_sent_to_a_function_machine_waits_for_the_app_list_then_runs(
+    fetch: Fetch, manager: StaticPools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Machine sent it here already: it goes to an app Machine once the app's list is known,
+    waited for a little; a Machine that still knows none runs it rather than fail."""
+    manager.app_machines = ()
+    waited: list[float] = []
+
+    def wait(max_wait: float) -> str | None:
+        waited.append(max_wait)
+        return None
+
+    async def await_(max_wait: float) -> str | None:
+        return wait(max_wait)
+
+    monkeypatch.setattr(manager, "wait_app_machine", wait)
+    monkeypatch.setattr(manager, "aget_app_machine", await_)
+    bounced = {"fly-replay-src": "instance=0e1f2a3b4c5d6e;region=iad;t=1"}
+    with override_role(function("pdf")):
+        response = await fetch("GET", "/plain/", headers=bounced)
+    assert ran_here(response, b"plain")
+    assert waited == [middleware_module.ORDINARY_WAIT]
+
+
 async def test_function_refuses_a_bounced_request_while_it_knows_no_app_machine(
     fetch: Fetch, manager: StaticPools
 ) -> None:
