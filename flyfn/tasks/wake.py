@@ -114,9 +114,10 @@ def _start(group: str) -> tuple[str, Callable[[], int]]:
     return machine, partial(keeper().run, group, run)
 
 
-def _summary(group: str, machine: str, work: concurrent.futures.Future[int]) -> bytes:
+def _summary(group: str, machine: str, result: Callable[[], int]) -> bytes:
+    """The wake's last line, from the run's `result` (which raises what the run raised)."""
     try:
-        summary: dict[str, object] = {"done": True, "ran": work.result(), "machine": machine}
+        summary: dict[str, object] = {"done": True, "ran": result(), "machine": machine}
     except Exception:
         # Logged here; the answer goes back through Fly Proxy and carries no error text.
         logger.exception("flyfn tasks: the wake of group %s failed", group)
@@ -134,12 +135,7 @@ async def _run(group: str) -> AsyncIterator[bytes]:
         if done:
             break
         yield b".\n"
-    future: concurrent.futures.Future[int] = concurrent.futures.Future()
-    try:
-        future.set_result(running.result())
-    except Exception as exc:
-        future.set_exception(exc)
-    yield _summary(group, machine, future)
+    yield _summary(group, machine, running.result)
 
 
 def _run_blocking(group: str) -> Iterator[bytes]:
@@ -164,7 +160,7 @@ def _run_blocking(group: str) -> Iterator[bytes]:
             yield b".\n"
             continue
         break
-    yield _summary(group, machine, future)
+    yield _summary(group, machine, future.result)
 
 
 def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]:

@@ -331,26 +331,23 @@ class Command(BaseCommand):
             self.stdout.write(" " * indent + "  ".join(cells).rstrip())
 
 
-def _seconds(text: str) -> float:
-    """A positive number of seconds (argparse type)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return seconds
+def _positive(what: str) -> Callable[[str], float]:
+    """An argparse type: a positive, finite number (`what` names it in the error)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0.0
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _time_scale(text: str) -> float:
-    """A positive factor (argparse type)."""
-    try:
-        scale = float(text)
-    except ValueError:
-        scale = 0.0
-    if not 0 < scale < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return scale
+_seconds = _positive("number of seconds")
+_time_scale = _positive("number")
 
 
 def run(work: Coroutine[Any, Any, T], deadline: float = DEFAULT_DEADLINE) -> T:
