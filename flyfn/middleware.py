@@ -364,13 +364,11 @@ class FlyReplayMiddleware:
                 events.bounced(role.group or "", "not_serverless")
                 return replay_response(ELSEWHERE)
             if _META_REPLAY_FAILED not in meta and _replayable_body(meta, limit):
-                routed = _ToAppMachine(
-                    "", role.group or "", "not_serverless", ORDINARY_WAIT, else_here=True
+                return self._via_app_machine(
+                    _ToAppMachine(
+                        "", role.group or "", "not_serverless", ORDINARY_WAIT, else_here=True
+                    )
                 )
-                app_machine = get_manager().app_machine()
-                if app_machine is None:
-                    return routed  # the caller waits a little for the app's list
-                return self._send_to_app_machine(routed, app_machine)
             return None
         gate = getattr(view_func, "flyfn_gate", None)
         refused: HttpResponseBase | None = None if gate is None else gate(request)
@@ -555,13 +553,9 @@ class FlyReplayMiddleware:
             return replay_response(ELSEWHERE)
         replayable = _replayable_body(meta, limit)
         if replayable and _META_REPLAY_FAILED not in meta:
-            routed = _ToAppMachine(
-                group, bouncer, reason, settings.group(group).replay_timeout_seconds
+            return self._via_app_machine(
+                _ToAppMachine(group, bouncer, reason, settings.group(group).replay_timeout_seconds)
             )
-            app_machine = get_manager().app_machine()
-            if app_machine is None:
-                return routed  # the caller waits for the app's list in its own mode
-            return self._send_to_app_machine(routed, app_machine)
         if not replayable and reason == "other_group":
             return None  # it can go nowhere: it runs here rather than fail
         why: events.FallbackReason = "no_machine"
@@ -571,6 +565,14 @@ class FlyReplayMiddleware:
             why = "untrusted_failure"  # a function Machine never falls back for another group
         events.fell_back(group, why, "unavailable")
         return unavailable()
+
+    def _via_app_machine(self, routed: _ToAppMachine) -> HttpResponseBase | _ToAppMachine | None:
+        """Send `routed` to a known app Machine now, or hand it back for the caller to wait for
+        the app's list in its own mode (sync or async)."""
+        app_machine = get_manager().app_machine()
+        if app_machine is None:
+            return routed
+        return self._send_to_app_machine(routed, app_machine)
 
     def _send_to_app_machine(
         self, routed: _ToAppMachine, app_machine: str | None
