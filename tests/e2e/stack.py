@@ -53,6 +53,14 @@ class Dev(DevProcess):
             f"the log line of {path}",
         )
 
+    def was_stopped(self, machine_id: str, since: int) -> bool:
+        """Whether autostop stopped or suspended Machine `machine_id` after line `since`."""
+        return any(
+            ln.startswith(f"autostop: fn:{machine_id[:4]} ")
+            and (" stopped " in ln or " suspended " in ln)
+            for ln in self.lines[since:]
+        )
+
     def descendants(self) -> set[Proc]:
         return descendants(self.process.pid)
 

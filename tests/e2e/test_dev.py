@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -74,8 +75,9 @@ def test_serverless_view_is_replayed_cold_then_warm(dev: Dev) -> None:
     assert second.json()["result"] == 64
     assert second.headers["x-flyfn-machine"] == fn_id
     line = dev.log_for("/square/8/", mark)
-    assert f"→ replay → fn:{fn_id[:4]} 200" in line
-    assert "cold" not in line
+    assert f"→ replay → fn:{fn_id[:4]} " in line
+    # Warm unless autostop stopped it in between (a pass every 1.5 s: a slow machine may see one).
+    assert ("(cold" in line) == dev.was_stopped(fn_id, mark), line
 
 
 def test_idle_function_machine_stops_then_starts_again(dev: Dev) -> None:
@@ -91,7 +93,6 @@ def test_idle_function_machine_stops_then_starts_again(dev: Dev) -> None:
     response = get(dev, "/square/3/")
     assert response.json()["result"] == 9
     assert response.headers["x-flyfn-machine"] == fn["id"]
-    assert dev.group_machines("default")[0]["state"] == "started"
     assert f"fn:{fn['id'][:4]} (cold" in dev.log_for("/square/3/", mark)
 
 
@@ -107,7 +108,8 @@ def test_killed_function_process_is_replaced_for_the_next_request(dev: Dev) -> N
     response = get(dev, "/square/5/")
     assert response.json()["result"] == 25
     assert response.headers["x-flyfn-machine"] == fn["id"]
-    assert machine_pid(dev.process.pid, fn["id"]) not in (None, pid)
+    # A new process served it (autostop may have stopped that one too by now on a slow machine).
+    assert machine_pid(dev.process.pid, fn["id"]) != pid
 
 
 def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) -> None:
@@ -118,7 +120,9 @@ def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) 
     response = get(dev, "/plain/", headers={"fly-force-instance-id": fn["id"]})
     assert response.json() == {"view": "plain", "machine": app_id, "group": None}
     assert response.headers["x-flyfn-machine"] == app_id
-    assert f"fn:{fn['id'][:4]} → elsewhere → main:{app_id[:4]}" in dev.log_for("/plain/", mark)
+    line = dev.log_for("/plain/", mark)
+    # `(cold 0.4s)` when autostop stopped the function Machine since /square/6/.
+    assert re.search(rf"fn:{fn['id'][:4]}( \(cold [\d.]+s\))? → elsewhere → main:{app_id[:4]} ", line), line
 
 
 def test_function_machine_that_cannot_start_falls_back_locally(dev: Dev) -> None:
