@@ -122,7 +122,8 @@ def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) 
     assert response.headers["x-flyfn-machine"] == app_id
     line = dev.log_for("/plain/", mark)
     # `(cold 0.4s)` when autostop stopped the function Machine since /square/6/.
-    assert re.search(rf"fn:{fn['id'][:4]}( \(cold [\d.]+s\))? → elsewhere → main:{app_id[:4]} ", line), line
+    route = rf"fn:{fn['id'][:4]}( \(cold [\d.]+s\))? → elsewhere → main:{app_id[:4]} "
+    assert re.search(route, line), line
 
 
 def test_function_machine_that_cannot_start_falls_back_locally(dev: Dev) -> None:
