@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from tests.e2e.stack import Dev, running_stack, wait_for
 from tests.support_procs import alive, identity, machine_pid
 
-TIME_SCALE = 200  # autostop's pass every 1.5 s
+TIME_SCALE = 60  # autostop's pass every 5 s: two requests of one test seldom straddle a stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -76,7 +75,7 @@ def test_serverless_view_is_replayed_cold_then_warm(dev: Dev) -> None:
     assert second.headers["x-flyfn-machine"] == fn_id
     line = dev.log_for("/square/8/", mark)
     assert f"→ replay → fn:{fn_id[:4]} " in line
-    # Warm unless autostop stopped it in between (a pass every 1.5 s: a slow machine may see one).
+    # Warm unless autostop stopped it in between (a pass every 5 s: a slow machine may see one).
     assert ("(cold" in line) == dev.was_stopped(fn_id, mark), line
 
 
@@ -110,20 +109,6 @@ def test_killed_function_process_is_replaced_for_the_next_request(dev: Dev) -> N
     assert response.headers["x-flyfn-machine"] == fn["id"]
     # A new process served it (autostop may have stopped that one too by now on a slow machine).
     assert machine_pid(dev.process.pid, fn["id"]) != pid
-
-
-def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) -> None:
-    get(dev, "/square/6/")
-    (fn,) = dev.group_machines("default")
-    app_id = dev.app_machine()["id"]
-    mark = len(dev.lines)
-    response = get(dev, "/plain/", headers={"fly-force-instance-id": fn["id"]})
-    assert response.json() == {"view": "plain", "machine": app_id, "group": None}
-    assert response.headers["x-flyfn-machine"] == app_id
-    line = dev.log_for("/plain/", mark)
-    # `(cold 0.4s)` when autostop stopped the function Machine since /square/6/.
-    route = rf"fn:{fn['id'][:4]}( \(cold [\d.]+s\))? → elsewhere → main:{app_id[:4]} "
-    assert re.search(route, line), line
 
 
 def test_function_machine_that_cannot_start_falls_back_locally(dev: Dev) -> None:

@@ -32,6 +32,22 @@ def dev() -> Iterator[Dev]:
         yield stack
 
 
+def test_request_forced_onto_a_function_machine_is_bounced_to_the_app(dev: Dev) -> None:
+    # Here, not beside the other routing tests: their autostop's pass every 1.5 s may be
+    # stopping the function Machine just when the request is forced onto it (Fly's PR04).
+    assert httpx.get(f"{dev.url}/square/6/", timeout=60).status_code == 200
+    (fn,) = dev.group_machines("default")
+    app_id = dev.app_machine()["id"]
+    mark = len(dev.lines)
+    response = httpx.get(
+        f"{dev.url}/plain/", headers={"fly-force-instance-id": fn["id"]}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"view": "plain", "machine": app_id, "group": None}
+    assert response.headers["x-flyfn-machine"] == app_id
+    assert f"fn:{fn['id'][:4]} → elsewhere → main:{app_id[:4]} 200" in dev.log_for("/plain/", mark)
+
+
 def test_large_uploads_answer_200_whichever_machine_they_land_on(dev: Dev) -> None:
     with httpx.Client(base_url=dev.url, timeout=120) as client:
         assert client.get("/square/3/").status_code == 200  # the function Machine exists
