@@ -47,7 +47,8 @@ from flyfn.group_settings import (
     Section,
     matching,
 )
-from flyfn.registry import ServerlessView, normalize_methods, validate_group_name
+from flyfn.names import validate_group_name
+from flyfn.registry import ServerlessView, normalize_methods
 from flyfn.seed import SEED_SETTING, seed_views
 from flyfn.settings_errors import SettingsError, SettingsIssue, invalid, issues_of, show
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from flyfn.registry import normalize_methods, registry, validate_group_name
+from flyfn.names import validate_group_name
+from flyfn.registry import normalize_methods, registry
 
 __all__ = ["fly_serverless"]
 

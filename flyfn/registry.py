@@ -8,11 +8,12 @@ of every request: a dict hit for decorated views, a dict hit by url name for dec
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from flyfn.names import validate_group_name
 
 __all__ = [
     "HTTP_METHODS",
@@ -23,14 +24,11 @@ __all__ = [
     "iter_url_routes",
     "normalize_methods",
     "registry",
-    "validate_group_name",
 ]
 
 # The verbs Django's View dispatches (View.http_method_names), upper-cased.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 
-# Group names end up in Machine names, metadata values and env vars: keep them plain.
-_GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,29}$")
 # How deep to follow functools.wraps chains (decorators stacked over a marked view).
 _MAX_WRAPPED_DEPTH = 16
 
@@ -53,16 +51,6 @@ def normalize_methods(methods: Iterable[str] | str) -> frozenset[str]:
     if "GET" in result:
         result.add("HEAD")
     return frozenset(result)
-
-
-def validate_group_name(group: object) -> str:
-    """`group` if it is a valid group name: 1-30 of a-z, 0-9, '-', '_', starting alphanumeric."""
-    if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
-        raise ValueError(
-            f"invalid group name {group!r}: use 1-30 characters a-z, 0-9, '-' or '_', "
-            "starting with a letter or digit"
-        )
-    return group
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from flyfn.fly.env import (
     SEED_ENV,
     env_value,
 )
-from flyfn.registry import validate_group_name
+from flyfn.names import validate_group_name
 
 __all__ = [
     "GROUP_ENV",

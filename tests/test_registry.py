@@ -23,7 +23,6 @@ from flyfn.registry import (
     iter_url_routes,
     normalize_methods,
     registry,
-    validate_group_name,
     view_name,
 )
 
@@ -89,17 +88,6 @@ def test_methods_are_normalised_and_head_follows_get() -> None:
 def test_bad_methods_are_rejected(methods: list[Any]) -> None:
     with pytest.raises(ValueError, match="HTTP method"):
         normalize_methods(methods)
-
-
-@pytest.mark.parametrize("group", ["default", "pdf", "a", "heavy-jobs", "x_2", "a" * 30])
-def test_valid_group_names(group: str) -> None:
-    assert validate_group_name(group) == group
-
-
-@pytest.mark.parametrize("group", ["", "PDF", "-x", "a b", "a" * 31, None, "é"])
-def test_invalid_group_names(group: Any) -> None:
-    with pytest.raises(ValueError, match="invalid group name"):
-        validate_group_name(group)
 
 
 # --------------------------------------------------------------------------- registering
@@ -283,8 +271,6 @@ def test_helper_errors_say_what_is_allowed() -> None:
         normalize_methods(["GTE"])
     with pytest.raises(ValueError, match=r"^no HTTP method given; pass e\.g\. methods=\['GET'\]$"):
         normalize_methods([])
-    with pytest.raises(ValueError, match=r"starting with a letter or digit$"):
-        validate_group_name("-x")
 
 
 class CallableView:

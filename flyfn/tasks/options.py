@@ -10,7 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Q
 
 from flyfn.fly.env import HOME_APP_ENV, env_value
-from flyfn.registry import validate_group_name
+from flyfn.names import validate_group_name
 
 __all__ = [
     "BEYOND_HORIZON",

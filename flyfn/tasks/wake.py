@@ -35,7 +35,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from flyfn.registry import registry, validate_group_name
+from flyfn.names import validate_group_name
+from flyfn.registry import registry
 from flyfn.runtime import current_role
 
 __all__ = ["HEARTBEAT", "WAKE_HEADER", "refuse_unsigned", "sign_wake", "wake_view"]
