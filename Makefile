@@ -53,8 +53,8 @@ dist: $(STAMP)
 	$(BIN)/twine check --strict dist/*
 
 # Mutation testing (mutmut) of the core modules, each against its own unit tests, one at a time:
-# make mutate [MODULES="replay conf"] [BUDGET=900 seconds per module] [CHILDREN=1]
-MODULES ?= replay registry conf group_settings settings_errors seed fly/durations middleware
+# make mutate [MODULES="fly/replay conf"] [BUDGET=900 seconds per module] [CHILDREN=1]
+MODULES ?= fly/replay replay_state registry conf group_settings settings_errors seed fly/durations middleware
 BUDGET ?= 900
 CHILDREN ?= 1
 mutate: $(STAMP)

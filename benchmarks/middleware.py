@@ -78,7 +78,8 @@ def replay_src(path: str) -> str:
     """The fly-replay-src Fly Proxy adds to a request the app Machine replayed just now."""
     from django.conf import settings
 
-    from flyfn.replay import ReplaySource, sign_state
+    from flyfn.fly.replay import ReplaySource
+    from flyfn.replay_state import sign_state
 
     state = sign_state(settings.SECRET_KEY, "GET", path, "default")
     now_us = time.time_ns() // 1000

@@ -24,7 +24,7 @@ from flyfn.fly.limits import (
     CpuCount,
     CpuKind,
 )
-from flyfn.replay import MAX_STATE_AGE
+from flyfn.replay_state import MAX_STATE_AGE
 from flyfn.settings_errors import invalid, show
 
 __all__ = [

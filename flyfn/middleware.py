@@ -23,22 +23,12 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, RawPostData
 from flyfn import events, metrics
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.elastic import Counters, InFlight, in_flight
+from flyfn.fly.headers import FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC
+from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplayHeaderError, ReplaySource
 from flyfn.pool import ReplayTarget, get_manager
 from flyfn.registry import registry
-from flyfn.replay import (
-    FLY_REPLAY,
-    FLY_REPLAY_FAILED,
-    FLY_REPLAY_SRC,
-    STATE_BODY_DIGEST_LIMIT,
-    FlyReplay,
-    ReplayFailed,
-    ReplayHeaderError,
-    ReplaySource,
-    body_binding,
-    sign_state,
-    verify_state,
-)
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN, ReplayRecord, machine_record, replay_key
+from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
 from flyfn.runtime import current_env, current_role
 
 if TYPE_CHECKING:

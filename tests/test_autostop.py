@@ -15,6 +15,7 @@ from flyfn.emulator.proxy.errors import Unreachable
 from flyfn.emulator.proxy.load import Load
 from flyfn.emulator.proxy.routing import Destination, pick, step_for, unavailable_detail
 from flyfn.emulator.state import MachinesEmulator, StateOnlyRuntime
+from flyfn.fly.replay import ReplayFailed
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -24,7 +25,6 @@ from flyfn.machines.models import (
     MachineServiceConcurrency,
     StopConfig,
 )
-from flyfn.replay import ReplayFailed
 from tests.support_proxy import APP, Stack, proxy_stack, replay_once
 
 

@@ -23,7 +23,7 @@ from flyfn.conf import (
 )
 from flyfn.fly.api_host import DEFAULT_API_HOSTNAME
 from flyfn.registry import ServerlessView
-from flyfn.replay import MAX_STATE_AGE
+from flyfn.replay_state import MAX_STATE_AGE
 from flyfn.settings_errors import _options, _type_at, _without_none, key_text, show
 
 NO_ENV: dict[str, str] = {}

@@ -14,7 +14,8 @@ from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn.elastic import MAX_SPILL_HOPS, Spill, in_flight, spill_hops, spill_target
-from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource, sign_state, verify_state
+from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
+from flyfn.replay_state import sign_state, verify_state
 from flyfn.runtime import MachineEnv, Role, function, override_role
 from tests.conftest import StaticPools, installed
 

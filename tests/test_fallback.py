@@ -12,8 +12,8 @@ from django.http import HttpResponseBase
 from django.test import AsyncClient, Client, override_settings
 from pytest_django.fixtures import Settings
 
+from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.pool import PoolManager
-from flyfn.replay import FlyReplay, ReplayFailed
 from flyfn.runtime import MAIN, override_role
 from tests.conftest import EMULATOR_APP, MachinesAPI
 from tests.testapp.routing import Hold

@@ -20,6 +20,7 @@ import flyfn.middleware as middleware_module
 from flyfn import metrics
 from flyfn.conf import get_settings
 from flyfn.elastic import in_flight
+from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
 from flyfn.middleware import (
     NO_STORE,
     FlyReplayMiddleware,
@@ -28,16 +29,8 @@ from flyfn.middleware import (
     replay_response,
 )
 from flyfn.pool import PoolManager, ReplayTarget
-from flyfn.replay import (
-    STATE_BODY_DIGEST_LIMIT,
-    FlyReplay,
-    ReplayFailed,
-    ReplaySource,
-    body_binding,
-    sign_state,
-    verify_state,
-)
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
+from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.support_middleware import (

@@ -25,6 +25,7 @@ from flyfn.emulator.proxy.routing import (
     replayed,
     step_for,
 )
+from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
 from flyfn.machines.models import (
     Machine,
     MachineConfig,
@@ -32,7 +33,6 @@ from flyfn.machines.models import (
     MachineService,
     MachineServiceConcurrency,
 )
-from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource
 
 
 def machine(

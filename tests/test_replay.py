@@ -1,4 +1,5 @@
-"""flyfn.replay: fly-replay codec round trips, src/failed parsing, hostile input, signed state."""
+"""flyfn.fly.replay and flyfn.replay_state: fly-replay codec round trips, src/failed parsing,
+hostile input, signed state."""
 
 from __future__ import annotations
 
@@ -16,25 +17,28 @@ from django.utils.crypto import salted_hmac
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import flyfn.replay as replay_module
+import flyfn.fly.replay as codec_module
+import flyfn.replay_state as state_module
 from flyfn.fly.durations import DurationError, format_duration, parse_duration
-from flyfn.replay import (
-    MAX_CLOCK_SKEW,
+from flyfn.fly.headers import REPLAY_JSON_CONTENT_TYPE
+from flyfn.fly.replay import (
     MAX_HEADER_LENGTH,
     MAX_JSON_LENGTH,
-    MAX_STATE_AGE,
-    REPLAY_JSON_CONTENT_TYPE,
-    STATE_BODY_DIGEST_LIMIT,
     FlyReplay,
     ReplayFailed,
     ReplayHeaderError,
     ReplaySource,
-    StateCheck,
     _fields,
-    _mac,
-    _message,
     _split,
     _split_quoted,
+)
+from flyfn.replay_state import (
+    MAX_CLOCK_SKEW,
+    MAX_STATE_AGE,
+    STATE_BODY_DIGEST_LIMIT,
+    StateCheck,
+    _mac,
+    _message,
     body_binding,
     sign_state,
     verify_state,
@@ -1012,7 +1016,7 @@ def test_each_error_message(code: str, message: str) -> None:
 
 
 def test_mac_is_djangos_salted_hmac_of_the_message() -> None:
-    replay_module._keyed_hmac.cache_clear()  # derive each key here, not in an earlier test
+    state_module._keyed_hmac.cache_clear()  # derive each key here, not in an earlier test
     for secret in ("s", "x" * 100, b"\xff raw", "\u00fcn\u00efc\u00f6d\u00e9"):
         message = _message(1_700_000_000, "post", "/x", "pdf", "a=1", body_binding(1, b"x"))
         digest = salted_hmac(
@@ -1060,7 +1064,7 @@ def test_the_limits_are_inclusive() -> None:
 
 
 def test_nested_values_are_counted_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay_module, "_MAX_JSON_ITEMS", 5)
+    monkeypatch.setattr(codec_module, "_MAX_JSON_ITEMS", 5)
     # The walk counts the extra tuple, the pair, the name, the list and its one item: 5.
     assert FlyReplay(app="a", extra=(("k", [1]),)).extra == (("k", [1]),)
     with pytest.raises(ReplayHeaderError, match="more than 5 nested values"):

@@ -18,8 +18,8 @@ from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn import machine_dir
+from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_dir import default_base
-from flyfn.replay import FlyReplay, ReplayFailed
 from flyfn.replay_record import (
     REPLAY_RECORD_LIMIT,
     SWEEP_INTERVAL,

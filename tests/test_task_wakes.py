@@ -16,8 +16,8 @@ from django.urls import clear_url_caches
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn import runtime
+from flyfn.fly.headers import FLY_REPLAY
 from flyfn.pool import ReplayTarget
-from flyfn.replay import FLY_REPLAY
 from flyfn.tasks import runner
 from flyfn.tasks.dispatch import Dispatcher
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake

@@ -6,7 +6,7 @@ from typing import Literal
 
 from django.http import HttpResponseBase
 
-from flyfn.replay import FlyReplay, ReplayHeaderError
+from flyfn.fly.replay import FlyReplay, ReplayHeaderError
 
 Answer = Literal["view", "replay", "elsewhere", "unavailable", "broken"]
 

@@ -23,7 +23,7 @@ from flyfn.fly.headers import (
     FLY_REQUEST_ID,
     REPLAY_JSON_CONTENT_TYPE,
 )
-from flyfn.replay import FlyReplay, ReplayHeaderError
+from flyfn.fly.replay import FlyReplay, ReplayHeaderError
 
 __all__ = [
     "HOP_BY_HOP",

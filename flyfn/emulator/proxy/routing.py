@@ -21,8 +21,8 @@ from flyfn.fly.headers import (
     FLY_REPLAY_SRC,
 )
 from flyfn.fly.limits import MAX_REPLAYS, REPLAY_BODY_LIMIT
+from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
 from flyfn.machines.models import Machine, MachinePort
-from flyfn.replay import FlyReplay, ReplayFailed, ReplaySource
 
 __all__ = [
     "DEFAULT_REPLAY_TIMEOUT",

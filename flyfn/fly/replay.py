@@ -1,56 +1,36 @@
-"""The fly-replay protocol: the header/JSON codec, the src/failed headers, and signed replay state.
+"""The fly-replay protocol as Fly Proxy defines it: the `fly-replay` header and JSON forms and the
+`fly-replay-src` / `fly-replay-failed` request headers, emitted and parsed.
 
 - `FlyReplay`: every field Fly documents (instance, prefer_instance, app, region, elsewhere,
-  state, timeout, fallback), as a `fly-replay` header or an `application/vnd.fly.replay+json`
-  body.
+  state, timeout, fallback, transform), as a `fly-replay` header or an
+  `application/vnd.fly.replay+json` body; unknown fields are kept in `extra`.
 - `ReplaySource` / `ReplayFailed`: the `fly-replay-src` and `fly-replay-failed` request
   headers Fly Proxy adds (both `;` and `,` accepted as separators, as Fly's docs disagree).
-- `sign_state` / `verify_state`: an HMAC-SHA256 state (key derived from `SECRET_KEY`) bound to
-  method, path, query string, body (`body_binding`) and group, with a timestamp for a short
-  validity (never more than `MAX_STATE_AGE`).
 
-Parsing hostile input raises `ReplayHeaderError` (a ValueError) and nothing else. No Django
-settings are read here: callers pass the secret.
+The library emits replays and reads the two request headers; the emulator's proxy parses replays
+and writes the headers. Parsing hostile input raises `ReplayHeaderError` (a ValueError) and nothing
+else. Django-free; flyfn's signed `state` is `flyfn.replay_state`.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import hmac
 import json
 import re
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from django.utils.crypto import constant_time_compare
-from django.utils.encoding import force_bytes
-
 from flyfn.fly.durations import DurationError, parse_duration
-from flyfn.fly.headers import (
-    FLY_REPLAY,
-    FLY_REPLAY_FAILED,
-    FLY_REPLAY_SRC,
-    REPLAY_JSON_CONTENT_TYPE,
-)
 
 __all__ = [
     "FALLBACKS",
-    "FLY_REPLAY",
-    "FLY_REPLAY_FAILED",
-    "FLY_REPLAY_SRC",
-    "REPLAY_JSON_CONTENT_TYPE",
+    "MAX_HEADER_LENGTH",
+    "MAX_JSON_LENGTH",
     "FlyReplay",
     "ReplayFailed",
     "ReplayHeaderError",
     "ReplaySource",
-    "StateCheck",
-    "body_binding",
-    "sign_state",
-    "verify_state",
 ]
 
 FALLBACKS = frozenset({"force_self", "prefer_self"})
@@ -594,147 +574,3 @@ class ReplayFailed:
     def to_header(self) -> str:
         """The header value, `;`-separated (what the emulator's proxy sends)."""
         return self._FIELDS.header(self)
-
-
-# --------------------------------------------------------------------------- signed state
-
-# flyfn2: the state binds the query string and the body too (flyfn1 bound method, path, group).
-STATE_PREFIX = "flyfn2"
-_STATE_SALT = "flyfn.replay.state"
-# A state sent on by a function Machine of the group (elastic groups) carries its hop count:
-# `flyfn2.<issued>.h<hop>.<mac>`; one from an app Machine (hop 0) has none.
-_STATE_RE = re.compile(r"^flyfn2\.([0-9]{1,12})(?:\.h([1-9][0-9]?))?\.([A-Za-z0-9_-]{43})$")
-# The most hops a state can carry.
-MAX_STATE_HOP = 99
-# A state issued this far in the future (another Machine's clock) is still accepted.
-MAX_CLOCK_SKEW = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class StateCheck:
-    """The outcome of `verify_state`: `ok`, or why not (`reason`). Truthy when ok."""
-
-    ok: bool
-    reason: str | None = None
-    hop: int = 0  # how many function Machines sent the request on (signed with it)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed_hmac(secret: str | bytes) -> hmac.HMAC:
-    """The HMAC-SHA256 keyed as `salted_hmac(_STATE_SALT, ..., secret=secret)` keys it, before
-    any message: each MAC copies it, cheaper than deriving the key per request. Cached by the
-    secret's value, so a changed SECRET_KEY (or a fallback) gets its own."""
-    key = hashlib.sha256(_STATE_SALT.encode() + force_bytes(secret)).digest()
-    return hmac.new(key, digestmod=hashlib.sha256)
-
-
-# A body up to this size is bound by its SHA-256 digest; a larger one (Fly replays up to 1 MB) by
-# its length only, so that the app Machine never reads a large body just to sign it.
-STATE_BODY_DIGEST_LIMIT = 65_536
-# The most a state is ever accepted for, whatever the caller asks: a captured state is worthless
-# after it (the longest replay timeout flyfn allows is 60 s, plus 30 s of clock skew and queueing).
-MAX_STATE_AGE = 90.0
-
-
-def body_binding(length: int, body: bytes | None = None) -> str:
-    """What a signed state binds of a request body: `""` for none, the SHA-256 digest of
-    `body` when it is given and at most `STATE_BODY_DIGEST_LIMIT` bytes long, else
-    `"<length>"`. Both sides compute it the same way (see the middleware)."""
-    if body is not None and len(body) <= STATE_BODY_DIGEST_LIMIT:
-        return f"sha256:{hashlib.sha256(body).hexdigest()}" if body else ""
-    return str(length) if length > 0 else ""
-
-
-def _message(
-    issued: int, method: str, path: str, group: str, query: str, body: str, hop: int = 0
-) -> str:
-    """The signed message. Method, group and body binding hold no newline (checked or made so);
-    the query string is length-prefixed and the path goes last, so no two inputs share one. A hop
-    count is a first line starting with `h` (never a digit, as the time is)."""
-    message = f"{issued}\n{method.upper()}\n{group}\n{body}\n{len(query)}:{query}\n{path}"
-    return f"h{hop}\n{message}" if hop else message
-
-
-def _mac(secret: str | bytes, message: str) -> str:
-    """Unpadded url-safe base64 of
-    `salted_hmac(_STATE_SALT, message, secret=secret, algorithm="sha256")`."""
-    mac = _keyed_hmac(secret).copy()
-    mac.update(message.encode())
-    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
-
-
-def _unbindable(method: str, group: str, body: str) -> bool:
-    return "\n" in method or "\n" in group or "\n" in body
-
-
-def sign_state(
-    secret: str | bytes,
-    method: str,
-    path: str,
-    group: str,
-    now: float | None = None,
-    *,
-    query: str = "",
-    body: str = "",
-    hop: int = 0,
-) -> str:
-    """A replay `state` that proves an app Machine sent this request now: its method, path,
-    query string (`request.META["QUERY_STRING"]`), body (`body_binding()` of it) and group.
-    `hop`: how many function Machines of the group have sent it on since (0 to
-    `MAX_STATE_HOP`), signed too.
-
-    `secret` is `settings.SECRET_KEY`; `path` is `request.path`.
-    """
-    if not secret:
-        raise ValueError("sign_state needs a non-empty secret (settings.SECRET_KEY)")
-    if _unbindable(method, group, body):
-        raise ValueError("sign_state: method, group and body binding cannot contain newlines")
-    if not 0 <= hop <= MAX_STATE_HOP:
-        raise ValueError(f"sign_state: hop must be 0 to {MAX_STATE_HOP} (got {hop})")
-    issued = int(time.time() if now is None else now)
-    mac = _mac(secret, _message(issued, method, path, group, query, body, hop))
-    return f"{STATE_PREFIX}.{issued}.h{hop}.{mac}" if hop else f"{STATE_PREFIX}.{issued}.{mac}"
-
-
-def verify_state(
-    state: str | None,
-    secret: str | bytes,
-    method: str,
-    path: str,
-    group: str,
-    *,
-    max_age: float,
-    now: float | None = None,
-    fallback_secrets: Iterable[str | bytes] = (),
-    query: str = "",
-    body: str = "",
-) -> StateCheck:
-    """Check a `state` from `fly-replay-src`: signed with `secret` (or one of
-    `fallback_secrets`, i.e. `SECRET_KEY_FALLBACKS`) for this method, path, query string, body
-    binding and group, issued at most `max_age` seconds ago (never more than `MAX_STATE_AGE`).
-    Never raises for bad input; the reason says what failed, and a valid check has the hop count.
-    """
-    if not state:
-        return StateCheck(False, "no signed state")
-    if not isinstance(state, str) or len(state) > 128:
-        return StateCheck(False, "malformed state")
-    match = _STATE_RE.fullmatch(state)
-    if match is None:
-        return StateCheck(False, "malformed state")
-    if _unbindable(method, group, body):
-        return StateCheck(False, "signature mismatch")
-    issued = int(match.group(1))
-    clock = time.time() if now is None else now
-    if issued > clock + MAX_CLOCK_SKEW:
-        return StateCheck(False, "state issued in the future")
-    if clock - issued > min(max_age, MAX_STATE_AGE):
-        return StateCheck(False, "state expired")
-    hop = int(match.group(2) or 0)
-    message = _message(issued, method, path, group, query, body, hop)
-    for key in (secret, *fallback_secrets):
-        if key and constant_time_compare(_mac(key, message), match.group(3)):
-            return StateCheck(True, hop=hop)
-    return StateCheck(False, "signature mismatch")
