@@ -6,19 +6,21 @@ in the metric documented beside it. Per-request events log at DEBUG, so nothing 
 request at INFO; changes to Machines log at INFO; failures that need an operator log at WARNING.
 
 No event carries a secret: only group names, Machine ids, API operations, statuses, reasons and
-durations. This module is Django-free; the middleware, the pool, the API client and the tasks
-backend call it.
+durations. This module is Django-free; the middleware, the pool (also for the API client, as its
+`on_api_call`) and the tasks backend call it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from flyfn import metrics
 
+if TYPE_CHECKING:
+    from flyfn.machines.client import ApiOutcome
+
 __all__ = [
-    "ApiOutcome",
     "BounceReason",
     "FallbackOutcome",
     "FallbackReason",
@@ -49,7 +51,6 @@ BounceReason = Literal[
     "unsigned",  # a request for this group's view that no app Machine replayed
 ]
 PoolAction = Literal["create", "update", "destroy"]
-ApiOutcome = int | Literal["timeout", "connection"]
 TaskOutcome = Literal["enqueued", "started", "succeeded", "failed", "retried"]
 
 _replay_log = logging.getLogger("flyfn.events.replay")

@@ -17,8 +17,10 @@ from django.test import override_settings
 from prometheus_client import generate_latest
 
 from flyfn import events, metrics
+from flyfn.conf import load_settings
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.middleware import FlyReplayMiddleware
+from flyfn.pool import new_client
 from tests.conftest import free_loopback_port
 
 TOKEN = "FlyV1 fm2_events-token-never-shown"
@@ -168,9 +170,17 @@ def test_cold_wait_durations_fall_into_histogram_buckets(recorded: metrics.Recor
 
 
 def _client(handler: Callable[[httpx.Request], httpx.Response]) -> AsyncMachinesClient:
-    return AsyncMachinesClient(
-        "shop", api_token=TOKEN, max_retries=0, transport=httpx.MockTransport(handler)
-    )
+    """The pool's client (`new_client` hooks `events.api_called` to it), on a mock API; the calls
+    pass `max_retries=0` so that each request is one attempt."""
+    settings = load_settings({"APP_NAME": "shop", "API_TOKEN": TOKEN}, environ={})
+    return new_client(settings, transport=httpx.MockTransport(handler))
+
+
+async def test_a_client_without_a_hook_reports_nothing(recorded: metrics.Recorded) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=[]))
+    async with AsyncMachinesClient("shop", api_token=TOKEN, transport=transport) as client:
+        await client.list_machines()
+    assert sample(recorded, "flyfn_api_calls_total", operation="list_machines", status="200") == 0
 
 
 async def test_each_api_request_is_an_event_with_its_status(
@@ -199,7 +209,7 @@ async def test_api_transport_failures_are_events_too(recorded: metrics.Recorded)
     for handler in (timeout, refused):
         async with _client(handler) as client:
             with pytest.raises(MachinesError):
-                await client.get_machine("m1")
+                await client.get_machine("m1", max_retries=0)
     assert sample(recorded, "flyfn_api_calls_total", operation="get_machine", status="timeout") == 1
     assert (
         sample(recorded, "flyfn_api_calls_total", operation="get_machine", status="connection") == 1
@@ -212,7 +222,7 @@ async def test_no_event_or_metric_shows_the_token_or_secret_key(
     caplog.set_level(logging.DEBUG)
     async with _client(lambda request: httpx.Response(500, json={"error": "boom"})) as client:
         with pytest.raises(MachinesError):
-            await client.list_machines()
+            await client.list_machines(max_retries=0)
     for call, *_ in CASES.values():
         call()
     shown = (

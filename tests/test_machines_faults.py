@@ -15,6 +15,7 @@ import pytest
 from flyfn.machines import (
     BACKOFF_MAX,
     MAX_RETRY_AFTER,
+    ApiOutcome,
     AsyncMachinesClient,
     BadRequest,
     Conflict,
@@ -394,6 +395,31 @@ async def test_connection_refused_on_real_closed_port() -> None:
     assert isinstance(info.value.__cause__, httpx.ConnectError)
     assert info.value.path == "/v1/apps/shop/machines"
     assert_no_token(info.value)
+
+
+# -- reporting each request ----------------------------------------------------------------------
+
+
+async def test_on_api_call_is_told_each_attempt_and_how_it_ended(
+    faulty: Callable[..., FaultClient],
+) -> None:
+    seen: list[tuple[str, ApiOutcome, float]] = []
+    fc = faulty(
+        err(503),
+        httpx.ReadTimeout("timed out"),
+        httpx.ConnectError("refused"),
+        ok(),
+        max_retries=3,
+        on_api_call=lambda operation, outcome, seconds: seen.append((operation, outcome, seconds)),
+    )
+    await fc.client.get_machine("m1")
+    assert [(operation, outcome) for operation, outcome, _ in seen] == [
+        ("get_machine", 503),
+        ("get_machine", "timeout"),
+        ("get_machine", "connection"),
+        ("get_machine", 200),
+    ]
+    assert all(seconds >= 0 for _, _, seconds in seen)
 
 
 # -- invalid responses ------------------------------------------------------------------------

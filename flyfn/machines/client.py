@@ -35,13 +35,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from flyfn import events
 from flyfn.fly.api_host import CLEAR_TEXT_HINT, DEFAULT_API_HOSTNAME, api_url, clear_text_problem
 from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, env_value
 from flyfn.fly.headers import FLY_REQUEST_ID, LEASE_NONCE, NEXT_CURSOR
@@ -80,6 +79,8 @@ __all__ = [
     "NEXT_CURSOR_HEADER",
     "REQUEST_ID_HEADER",
     "WAIT_HTTP_SLACK",
+    "ApiCallHook",
+    "ApiOutcome",
     "AsyncMachinesClient",
     "MachinesClientConfig",
     "parse_retry_after",
@@ -102,6 +103,12 @@ LEASE_NONCE_HEADER: Final = LEASE_NONCE
 NEXT_CURSOR_HEADER: Final = NEXT_CURSOR
 REQUEST_ID_HEADER: Final = FLY_REQUEST_ID
 USER_AGENT: Final = "flyfn-machines-client"
+
+# How one request ended: its HTTP status, or a timeout or broken connection (no status).
+ApiOutcome = int | Literal["timeout", "connection"]
+# Called after each request (each retry is one) with its operation (`list_machines`, ...), outcome
+# and seconds taken: how the caller observes the client (flyfn's pool logs and counts them).
+ApiCallHook = Callable[[str, ApiOutcome, float], None]
 
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
@@ -196,7 +203,7 @@ class AsyncMachinesClient:
 
     Use as `async with AsyncMachinesClient("my-app") as client: ...` (or call `aclose()`).
     Every operation accepts keyword-only `app` (another app than the client's), `timeout` and
-    `max_retries` overrides.
+    `max_retries` overrides. `on_api_call` is told of every request sent (see `ApiCallHook`).
     """
 
     def __init__(
@@ -208,6 +215,7 @@ class AsyncMachinesClient:
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        on_api_call: ApiCallHook | None = None,
     ) -> None:
         self.config = MachinesClientConfig.resolve(
             app_name,
@@ -237,6 +245,7 @@ class AsyncMachinesClient:
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._random: Callable[[], float] = random.random
         self.max_retry_after: float = MAX_RETRY_AFTER
+        self._on_api_call = on_api_call
 
     def __repr__(self) -> str:
         token = "set" if self.config.has_token else "unset"
@@ -585,6 +594,11 @@ class AsyncMachinesClient:
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2.0**attempt)
         return delay / 2 + self._random() * delay / 2
 
+    def _called(self, operation: str, outcome: ApiOutcome, started: float) -> None:
+        """Report one request to `on_api_call`, if any (`started`: its `time.monotonic()`)."""
+        if self._on_api_call is not None:
+            self._on_api_call(operation, outcome, time.monotonic() - started)
+
     async def _request(
         self,
         method: str,
@@ -611,7 +625,7 @@ class AsyncMachinesClient:
                     timeout=request_timeout,
                 )  # fmt: skip
             except httpx.TimeoutException as exc:
-                events.api_called(operation, "timeout", time.monotonic() - started)
+                self._called(operation, "timeout", started)
                 never_sent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
                 error = MachinesTimeoutError(
                     f"{method} {path}: timed out ({type(exc).__name__})", method=method, path=path
@@ -619,7 +633,7 @@ class AsyncMachinesClient:
                 retryable = never_sent or retry.idempotent
                 cause: BaseException = exc
             except httpx.TransportError as exc:
-                events.api_called(operation, "connection", time.monotonic() - started)
+                self._called(operation, "connection", started)
                 never_sent = isinstance(exc, httpx.ConnectError)
                 error = MachinesConnectionError(
                     f"{method} {path}: {type(exc).__name__}: {exc}", method=method, path=path
@@ -629,7 +643,7 @@ class AsyncMachinesClient:
                 )
                 cause = exc
             else:
-                events.api_called(operation, response.status_code, time.monotonic() - started)
+                self._called(operation, response.status_code, started)
                 if response.status_code < 400:
                     return response
                 status_error = self._status_error(response, method, path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 from django.conf import settings as django_settings
 
+from flyfn import events
 from flyfn.conf import FlyfnSettings
 from flyfn.fly.api_host import clear_text_problem
 from flyfn.fly.env import GROUP_ENV, HOME_APP_ENV
@@ -231,7 +232,8 @@ def spec_for(
 def new_client(
     settings: FlyfnSettings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> AsyncMachinesClient:
-    """The Machines client the settings describe; PoolConfigError without a token."""
+    """The Machines client the settings describe, its requests reported as `flyfn.events.api_called`
+    events; PoolConfigError without a token."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
     if not token:
         raise PoolConfigError("no Machines API token: set FLYFN['API_TOKEN'] or FLY_API_TOKEN")
@@ -241,6 +243,7 @@ def new_client(
             api_token=token,
             api_hostname=settings.api_hostname,
             transport=transport,
+            on_api_call=events.api_called,
         )
     except InsecureApiHostError:  # the message of system check flyfn.E011
         raise PoolConfigError(
