@@ -9,18 +9,16 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
-from flyfn.machines import RateLimited
+from flyfn.machines import AsyncMachinesClient, RateLimited
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
-from flyfn.pool.listing import SHARED_LIST_MAX_AGE
+from flyfn.pool.listing import SHARED_LIST_MAX_AGE, MachineListing
 from flyfn.pool.loop import wait_done
 from flyfn.pool.spec import PoolSpec
 from flyfn.runtime import Role, current_role
-
-if TYPE_CHECKING:
-    from flyfn.pool.manager import PoolManager
 
 logger = logging.getLogger("flyfn.pool")
 
@@ -38,12 +36,29 @@ TTL_JITTER = 0.2
 RATE_LIMIT_JITTER = 0.25
 
 
+class PoolOwner(Protocol):
+    """What a pool uses of the manager that owns it (`flyfn.pool.manager.PoolManager`), passed
+    in so that this module does not import the manager."""
+
+    listing: MachineListing
+    clock: Callable[[], float]
+    random: Callable[[], float]
+
+    def submit(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        """Run `coro` on the background loop."""
+        ...
+
+    def client(self) -> AsyncMachinesClient:
+        """The Machines client (on the background loop only)."""
+        ...
+
+
 class MachinePool:
     """One group's cached targets, refreshed in the background, converged on a miss."""
 
     def __init__(
         self,
-        manager: PoolManager,
+        manager: PoolOwner,
         spec: PoolSpec | None,
         problem: str | None,
         ttl: float,
