@@ -28,9 +28,9 @@ from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
 from flyfn.runtime import current_env, current_role
-from flyfn.tasks.backend import wake_url_name
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.clock import due as due_rows
+from flyfn.tasks.configured import flyfn_backends, wake_url_name
 from flyfn.tasks.options import HORIZON, TaskOptions, home_app
 from flyfn.tasks.runner import run_until_idle
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
@@ -373,8 +373,6 @@ def stop_all() -> None:
 
 def start_all() -> None:
     """Start the dispatcher of every flyfn backend (an app Machine's first request)."""
-    from flyfn.tasks.runner import flyfn_backends
-
     if not current_role().is_main:
         return
     for backend in flyfn_backends():

@@ -20,7 +20,6 @@ __all__ = [
     "RetryPolicy",
     "TaskOptions",
     "home_app",
-    "task_groups",
 ]
 
 # A woken function Machine of a task group stays up for a task scheduled this far ahead (seconds,
@@ -273,21 +272,3 @@ def home_app(own_app: str | None, environ: Mapping[str, str] = os.environ) -> st
     app: a wake sent there would reach a function Machine unsigned (and possibly of another group),
     so it goes to the app that created it (`FLYFN_HOME_APP`, set by flyfn)."""
     return env_value(environ, HOME_APP_ENV) or own_app
-
-
-def task_groups() -> list[str]:
-    """Every group a configured FlyMachinesBackend runs tasks in (from the settings)."""
-    from django.conf import settings
-    from django.utils.module_loading import import_string
-
-    from flyfn.tasks.backend import FlyMachinesBackend
-
-    groups: set[str] = set()
-    for alias, params in getattr(settings, "TASKS", {}).items():
-        try:
-            backend = import_string(params.get("BACKEND", ""))
-        except ImportError:
-            continue
-        if isinstance(backend, type) and issubclass(backend, FlyMachinesBackend):
-            groups |= TaskOptions.parse(alias, params.get("OPTIONS", {})).groups
-    return sorted(groups)

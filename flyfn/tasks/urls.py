@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from django.urls import URLPattern, path
 
-from flyfn.tasks.backend import wake_url_name
-from flyfn.tasks.options import task_groups
+from flyfn.tasks.configured import task_groups, wake_url_name
 from flyfn.tasks.wake import wake_view
 
 urlpatterns: list[URLPattern] = [
