@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from flyfn.backoff import Backoff
 from flyfn.machines import AsyncMachinesClient, RateLimited
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
@@ -77,7 +78,7 @@ class MachinePool:
         self._turn = itertools.count()
         self._inflight: concurrent.futures.Future[None] | None = None
         self._retry_at = 0.0
-        self._backoff = 0.0
+        self._backoff = Backoff(FAILURE_BACKOFF, MAX_FAILURE_BACKOFF)
         self._forgot_at = float("-inf")
         # After `forget`, a shared list taken before this (listing clock) is not good enough.
         self._fresh_after = float("-inf")
@@ -195,17 +196,15 @@ class MachinePool:
             self._members = members
             ttl = self._ttl * (1 - TTL_JITTER * self.manager.random())
             self._expires = self._clock() + max(0.0, ttl - age)
-            recovered = self._backoff > 0
-            self._backoff = 0.0
+            recovered = self._backoff.succeeded()
             self._retry_at = 0.0
         if recovered:
             logger.warning("flyfn: Machines API reachable again (group %r)", spec.group)
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
-            first = self._backoff == 0
-            self._backoff = min(MAX_FAILURE_BACKOFF, max(FAILURE_BACKOFF, self._backoff * 2))
-            delay = self._backoff
+            first = self._backoff.failed()
+            delay = self._backoff.delay
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
                 # Rate limited (the client's own retries used up): the API said when to come back.
                 retry_after = min(exc.retry_after, MAX_FAILURE_BACKOFF)

@@ -27,6 +27,7 @@ from django.urls import reverse
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
+from flyfn.backoff import Backoff
 from flyfn.runtime import current_env, current_role
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.clock import due as due_rows
@@ -61,9 +62,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._open: Counter[str] = Counter()
-        self._backoff: dict[str, float] = {}
+        self._backoff: dict[str, Backoff] = {}  # per group, after failed wakes
         self._retry_at: dict[str, float] = {}
-        self._idle_backoff: dict[str, float] = {}
+        self._idle_backoff: dict[str, Backoff] = {}  # per group, after wakes that ran nothing
         self._stopped = False
         self._covered: dict[str, datetime] = {}  # scheduled tasks up to then have a wake
         self._notified: set[str] = set()  # groups this process enqueued tasks of
@@ -296,11 +297,9 @@ class Dispatcher:
 
     def _failed(self, group: str, why: str) -> None:
         with self._lock:
-            backoff = self._backoff.get(group, 0.0)
-            first = backoff == 0.0
-            backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, backoff * 2))
-            self._backoff[group] = backoff
-            self._retry_at[group] = time.monotonic() + backoff
+            backoff = self._backoff.setdefault(group, Backoff(FIRST_BACKOFF, MAX_BACKOFF))
+            first = backoff.failed()
+            self._retry_at[group] = time.monotonic() + backoff.delay
         if first:  # one line per failure burst
             logger.warning("flyfn tasks: waking group %r failed, retrying: %s", group, why)
 
@@ -308,15 +307,14 @@ class Dispatcher:
         """A wake for due work ran nothing (another run took it first, or clocks disagree): do
         not wake the group again at once, doubling the pause as for a failure, silently."""
         with self._lock:
-            backoff = self._idle_backoff.get(group, 0.0)
-            backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, backoff * 2))
-            self._idle_backoff[group] = backoff
-            self._retry_at[group] = time.monotonic() + backoff
+            backoff = self._idle_backoff.setdefault(group, Backoff(FIRST_BACKOFF, MAX_BACKOFF))
+            backoff.failed()
+            self._retry_at[group] = time.monotonic() + backoff.delay
             self.idle_wakes += 1
 
     def _recovered(self, group: str) -> None:
         with self._lock:
-            failed = self._backoff.pop(group, 0.0) > 0
+            failed = self._backoff.pop(group, None) is not None  # only a failure makes one
             self._retry_at.pop(group, None)
         if failed:
             logger.warning("flyfn tasks: group %r woke again", group)
