@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -336,14 +337,10 @@ def dispatcher(alias: str, options: TaskOptions) -> Dispatcher:
     return found
 
 
-_flush_registered = False
-
-
+@functools.cache
 def _flush_at_exit_once() -> None:
-    global _flush_registered
-    if not _flush_registered:
-        _flush_registered = True
-        atexit.register(flush_all)
+    # Called under `_dispatchers_lock`: the first call registers, the others find it cached.
+    atexit.register(flush_all)
 
 
 def flush_all() -> None:
