@@ -1,4 +1,6 @@
-"""The wake URLs, one per group of every FlyMachinesBackend: `include("flyfn.tasks.urls")`."""
+"""The wake URLs, one per group of every FlyMachinesBackend: `include("flyfn.tasks.urls")`.
+
+The views are `wake_view`'s, each marked serverless where it is made (`flyfn.tasks.wake`)."""
 
 from __future__ import annotations
 

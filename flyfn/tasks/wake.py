@@ -1,11 +1,12 @@
 """The wake view: a function Machine runs its group's due tasks while this request is open.
 
-`POST /_flyfn/tasks/<group>/` is a serverless view of the group (one view per group, registered
-with flyfn's registry), so an app Machine replays it to a function Machine like any other. Wakes
-are signed with `SECRET_KEY` by the dispatcher; anything else is refused. The answer streams a
-heartbeat line every `HEARTBEAT` seconds while tasks run and ends with a JSON summary line. The
-run does not depend on the request: it goes on if the connection is cut, and the Machine stays up
-(autostop off for task groups) until its keeper finds the group drained (flyfn.tasks.keeper).
+`POST /_flyfn/tasks/<group>/` is a serverless view of the group (one view per group, made and
+marked `@fly_serverless` by `wake_view`; `flyfn.tasks.urls` routes to them), so an app Machine
+replays it to a function Machine like any other. Wakes are signed with `SECRET_KEY` by the
+dispatcher; anything else is refused. The answer streams a heartbeat line every `HEARTBEAT`
+seconds while tasks run and ends with a JSON summary line. The run does not depend on the
+request: it goes on if the connection is cut, and the Machine stays up (autostop off for task
+groups) until its keeper finds the group drained (flyfn.tasks.keeper).
 
 An app Machine checks a wake's signature before it replays it (`refuse_unsigned`, the view's
 `flyfn_gate`, which the middleware calls): an unsigned POST never starts a function Machine. Each
@@ -35,7 +36,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from flyfn.registry import registry, validate_group_name
+from flyfn.decorators import fly_serverless
+from flyfn.registry import validate_group_name
 from flyfn.runtime import current_role
 
 __all__ = ["HEARTBEAT", "WAKE_HEADER", "refuse_unsigned", "sign_wake", "wake_view"]
@@ -164,7 +166,8 @@ def _run_blocking(group: str) -> Iterator[bytes]:
 
 
 def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]:
-    """The wake view of `group` (one object per group, registered as its serverless view)."""
+    """The wake view of `group`: one object per group, made on first use and marked serverless
+    for POST in `group` (`@fly_serverless`) as it is made."""
     validate_group_name(group)
     with _views_lock:
         view = _views.get(group)
@@ -194,6 +197,5 @@ def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpRes
         # LoginRequiredMiddleware would answer it with a redirect the dispatcher retries forever).
         view = login_not_required(csrf_exempt(wake))
         view.flyfn_gate = partial(refuse_unsigned, group)  # type: ignore[attr-defined]
-        registry.register(view, ["POST"], group)
-        _views[group] = view
+        _views[group] = fly_serverless(["POST"], group=group)(view)
         return view
