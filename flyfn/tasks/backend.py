@@ -42,6 +42,8 @@ class FlyMachinesBackend(DatabaseBackend, FlyfnBackend):
         args: P.args,  # type: ignore[valid-type]
         kwargs: P.kwargs,  # type: ignore[valid-type]
     ) -> TaskResult[P, T]:
+        # Not at import: this module loads with the app, before Django's app registry, and these
+        # import models.
         from django_tasks_db.models import DBTaskResult
 
         from flyfn.tasks.dispatch import dispatcher

@@ -39,6 +39,9 @@ from django.views.decorators.csrf import csrf_exempt
 from flyfn.decorators import fly_serverless
 from flyfn.registry import validate_group_name
 from flyfn.runtime import current_role
+from flyfn.tasks import runner
+from flyfn.tasks.keeper import keeper
+from flyfn.tasks.models import WakeNonce
 
 __all__ = ["HEARTBEAT", "WAKE_HEADER", "refuse_unsigned", "sign_wake", "wake_view"]
 
@@ -81,8 +84,6 @@ def refuse_unsigned(group: str, request: HttpRequest) -> HttpResponse | None:
 
 def _first_use(nonce: str) -> bool:
     """Record `nonce` as used; whether it was not already (expired records are dropped)."""
-    from flyfn.tasks.models import WakeNonce
-
     now = timezone.now()
     WakeNonce.objects.filter(expires_at__lt=now).delete()
     try:
@@ -108,11 +109,8 @@ def _start(group: str) -> tuple[str, Callable[[], int]]:
     to the request. If the connection that woke it is cut (the app Machine that sent it stopped),
     the run goes on, and the keeper runs what comes due next and stops the Machine once drained
     (flyfn.tasks.keeper)."""
-    from flyfn.tasks.keeper import keeper
-    from flyfn.tasks.runner import run_until_idle, worker_id
-
-    machine = worker_id()
-    run = partial(run_until_idle, group, machine=machine, budget=WAKE_BUDGET)
+    machine = runner.worker_id()
+    run = partial(runner.run_until_idle, group, machine=machine, budget=WAKE_BUDGET)
     return machine, partial(keeper().run, group, run)
 
 
