@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import ipaddress
 import os
 import re
 import secrets
@@ -53,6 +52,7 @@ from flyfn.emulator.supervisor import (
     listening_socket,
 )
 from flyfn.emulator.validation import check_secret_name
+from flyfn.fly.api_host import is_loopback_url
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -547,7 +547,9 @@ class DevStack:
             *self._deploy_lines(),
             "",
         ]
-        if not _is_loopback(options.host):
+        # The proxy's address as a URL's host (an IPv6 address goes in brackets there).
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        if not is_loopback_url(f"http://{host}/"):
             lines[1:1] = [
                 f"  WARNING: the proxy listens on {options.host}, not only on this computer: "
                 "anyone who can reach it can use the app (and its DEBUG pages).",
@@ -581,15 +583,6 @@ class DevStack:
                 f"build context: Machines run in {self.root}"
             )
         return lines
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _task_figures() -> dict[str, dict[str, Any]]:

@@ -9,18 +9,17 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
-from flyfn.machines import RateLimited
+from flyfn.backoff import Backoff
+from flyfn.machines import AsyncMachinesClient, RateLimited
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
-from flyfn.pool.listing import SHARED_LIST_MAX_AGE
+from flyfn.pool.listing import SHARED_LIST_MAX_AGE, MachineListing
 from flyfn.pool.loop import wait_done
 from flyfn.pool.spec import PoolSpec
 from flyfn.runtime import Role, current_role
-
-if TYPE_CHECKING:
-    from flyfn.pool.manager import PoolManager
 
 logger = logging.getLogger("flyfn.pool")
 
@@ -38,12 +37,29 @@ TTL_JITTER = 0.2
 RATE_LIMIT_JITTER = 0.25
 
 
+class PoolOwner(Protocol):
+    """What a pool uses of the manager that owns it (`flyfn.pool.manager.PoolManager`), passed
+    in so that this module does not import the manager."""
+
+    listing: MachineListing
+    clock: Callable[[], float]
+    random: Callable[[], float]
+
+    def submit(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        """Run `coro` on the background loop."""
+        ...
+
+    def client(self) -> AsyncMachinesClient:
+        """The Machines client (on the background loop only)."""
+        ...
+
+
 class MachinePool:
     """One group's cached targets, refreshed in the background, converged on a miss."""
 
     def __init__(
         self,
-        manager: PoolManager,
+        manager: PoolOwner,
         spec: PoolSpec | None,
         problem: str | None,
         ttl: float,
@@ -62,7 +78,7 @@ class MachinePool:
         self._turn = itertools.count()
         self._inflight: concurrent.futures.Future[None] | None = None
         self._retry_at = 0.0
-        self._backoff = 0.0
+        self._backoff = Backoff(FAILURE_BACKOFF, MAX_FAILURE_BACKOFF)
         self._forgot_at = float("-inf")
         # After `forget`, a shared list taken before this (listing clock) is not good enough.
         self._fresh_after = float("-inf")
@@ -180,17 +196,15 @@ class MachinePool:
             self._members = members
             ttl = self._ttl * (1 - TTL_JITTER * self.manager.random())
             self._expires = self._clock() + max(0.0, ttl - age)
-            recovered = self._backoff > 0
-            self._backoff = 0.0
+            recovered = self._backoff.succeeded()
             self._retry_at = 0.0
         if recovered:
             logger.warning("flyfn: Machines API reachable again (group %r)", spec.group)
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
-            first = self._backoff == 0
-            self._backoff = min(MAX_FAILURE_BACKOFF, max(FAILURE_BACKOFF, self._backoff * 2))
-            delay = self._backoff
+            first = self._backoff.failed()
+            delay = self._backoff.delay
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
                 # Rate limited (the client's own retries used up): the API said when to come back.
                 retry_after = min(exc.retry_after, MAX_FAILURE_BACKOFF)

@@ -123,7 +123,7 @@ def _pool_version(
 def _task_groups() -> list[str]:
     """The groups of flyfn.tasks backends (none without the tasks extra)."""
     try:
-        from flyfn.tasks.options import task_groups
+        from flyfn.tasks.configured import task_groups
     except ImportError:
         return []
     try:

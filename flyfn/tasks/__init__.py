@@ -8,17 +8,8 @@ rest. Importing this package imports no model (it is an app and loads before the
 from __future__ import annotations
 
 from flyfn.tasks.backend import FlyMachinesBackend
+from flyfn.tasks.errors import TaskLost, TaskTimeout
 from flyfn.tasks.options import TaskOptions
-
-
-class TaskLost(Exception):
-    """A task's Machine stopped or died while it ran, on its last attempt (its lease expired)."""
-
-
-class TaskTimeout(Exception):
-    """A run of a task took longer than its queue's `timeout`: its outcome is this error (its
-    Python code is not stopped: it goes on in its thread until it returns or the Machine stops,
-    and what it returns is dropped)."""
 
 
 def run_due_tasks(group: str | None = None) -> int:

@@ -4,8 +4,7 @@ Machines after the enqueueing transaction commits."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, TypeVar
-from uuid import UUID
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.apps import apps
@@ -13,45 +12,20 @@ from django.core import checks
 from django.db import router, transaction
 from django.urls import NoReverseMatch, reverse
 from django_tasks_db.backend import DatabaseBackend, TaskResult
-from django_tasks_db.compat import Task, TaskError
-from typing_extensions import ParamSpec
+from django_tasks_db.compat import Task
 
 from flyfn import events
+from flyfn.tasks.configured import FlyfnBackend, wake_url_name
 from flyfn.tasks.options import HORIZON, TaskOptions
+from flyfn.tasks.results import earlier_errors, failures_of, with_earlier_errors
 
-__all__ = ["FlyMachinesBackend", "wake_url_name", "with_earlier_errors"]
+__all__ = ["FlyMachinesBackend"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
 
 
-def wake_url_name(group: str) -> str:
-    """The url name of `group`'s wake view (`flyfn.tasks.urls`)."""
-    return f"flyfn-tasks-wake-{group}"
-
-
-def _earlier_errors(failures: Any) -> list[TaskError]:
-    return [TaskError(exception_class_path=path, traceback=tb) for path, tb in failures]
-
-
-def _failures_of(result_id: str) -> Any:
-    from flyfn.tasks.models import TaskFailure
-
-    rows = TaskFailure.objects.filter(task_id=UUID(result_id)).order_by("attempt")
-    return rows.values_list("exception_class_path", "traceback")
-
-
-def with_earlier_errors(result: TaskResult[P, T]) -> TaskResult[P, T]:
-    """`result` (django-tasks-db's, which knows only the last error) with the errors of the runs
-    that were retried first: `errors` holds every failed attempt's, oldest first. A result run
-    at most once has none (no query then: reading a result stays one query)."""
-    if result.attempts <= 1:
-        return result
-    result.errors[:0] = _earlier_errors(_failures_of(str(result.id)))
-    return result
-
-
-class FlyMachinesBackend(DatabaseBackend):
+class FlyMachinesBackend(DatabaseBackend, FlyfnBackend):
     """Tasks stored by django-tasks-db, run on the function Machines of their queue's group.
 
     Enqueueing, results and priorities are django-tasks-db's; `enqueue` adds the delivery: once
@@ -68,6 +42,8 @@ class FlyMachinesBackend(DatabaseBackend):
         args: P.args,  # type: ignore[valid-type]
         kwargs: P.kwargs,  # type: ignore[valid-type]
     ) -> TaskResult[P, T]:
+        # Not at import: this module loads with the app, before Django's app registry, and these
+        # import models.
         from django_tasks_db.models import DBTaskResult
 
         from flyfn.tasks.dispatch import dispatcher
@@ -93,8 +69,8 @@ class FlyMachinesBackend(DatabaseBackend):
 
     async def aget_result(self, result_id: str) -> TaskResult[Any, Any]:
         result = await super().aget_result(result_id)
-        failures = [failure async for failure in _failures_of(str(result.id))]
-        result.errors[:0] = _earlier_errors(failures)
+        failures = [failure async for failure in failures_of(str(result.id))]
+        result.errors[:0] = earlier_errors(failures)
         return result
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:

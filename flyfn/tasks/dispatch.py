@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ from django.urls import reverse
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
+from flyfn.backoff import Backoff
 from flyfn.runtime import current_env, current_role
-from flyfn.tasks.backend import wake_url_name
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.clock import due as due_rows
+from flyfn.tasks.configured import flyfn_backends, wake_url_name
 from flyfn.tasks.options import HORIZON, TaskOptions, home_app
 from flyfn.tasks.runner import run_until_idle
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
@@ -61,9 +63,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._open: Counter[str] = Counter()
-        self._backoff: dict[str, float] = {}
+        self._backoff: dict[str, Backoff] = {}  # per group, after failed wakes
         self._retry_at: dict[str, float] = {}
-        self._idle_backoff: dict[str, float] = {}
+        self._idle_backoff: dict[str, Backoff] = {}  # per group, after wakes that ran nothing
         self._stopped = False
         self._covered: dict[str, datetime] = {}  # scheduled tasks up to then have a wake
         self._notified: set[str] = set()  # groups this process enqueued tasks of
@@ -296,11 +298,9 @@ class Dispatcher:
 
     def _failed(self, group: str, why: str) -> None:
         with self._lock:
-            backoff = self._backoff.get(group, 0.0)
-            first = backoff == 0.0
-            backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, backoff * 2))
-            self._backoff[group] = backoff
-            self._retry_at[group] = time.monotonic() + backoff
+            backoff = self._backoff.setdefault(group, Backoff(FIRST_BACKOFF, MAX_BACKOFF))
+            first = backoff.failed()
+            self._retry_at[group] = time.monotonic() + backoff.delay
         if first:  # one line per failure burst
             logger.warning("flyfn tasks: waking group %r failed, retrying: %s", group, why)
 
@@ -308,15 +308,14 @@ class Dispatcher:
         """A wake for due work ran nothing (another run took it first, or clocks disagree): do
         not wake the group again at once, doubling the pause as for a failure, silently."""
         with self._lock:
-            backoff = self._idle_backoff.get(group, 0.0)
-            backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, backoff * 2))
-            self._idle_backoff[group] = backoff
-            self._retry_at[group] = time.monotonic() + backoff
+            backoff = self._idle_backoff.setdefault(group, Backoff(FIRST_BACKOFF, MAX_BACKOFF))
+            backoff.failed()
+            self._retry_at[group] = time.monotonic() + backoff.delay
             self.idle_wakes += 1
 
     def _recovered(self, group: str) -> None:
         with self._lock:
-            failed = self._backoff.pop(group, 0.0) > 0
+            failed = self._backoff.pop(group, None) is not None  # only a failure makes one
             self._retry_at.pop(group, None)
         if failed:
             logger.warning("flyfn tasks: group %r woke again", group)
@@ -338,14 +337,10 @@ def dispatcher(alias: str, options: TaskOptions) -> Dispatcher:
     return found
 
 
-_flush_registered = False
-
-
+@functools.cache
 def _flush_at_exit_once() -> None:
-    global _flush_registered
-    if not _flush_registered:
-        _flush_registered = True
-        atexit.register(flush_all)
+    # Called under `_dispatchers_lock`: the first call registers, the others find it cached.
+    atexit.register(flush_all)
 
 
 def flush_all() -> None:
@@ -373,8 +368,6 @@ def stop_all() -> None:
 
 def start_all() -> None:
     """Start the dispatcher of every flyfn backend (an app Machine's first request)."""
-    from flyfn.tasks.runner import flyfn_backends
-
     if not current_role().is_main:
         return
     for backend in flyfn_backends():

@@ -33,7 +33,9 @@ from django_tasks_db.models import DBTaskResult, get_date_max
 
 from flyfn.runtime import RoleError, current_role, detect_role
 from flyfn.tasks.clock import db_now
+from flyfn.tasks.configured import flyfn_backends, task_groups
 from flyfn.tasks.options import HORIZON
+from flyfn.tasks.runner import run_until_idle
 
 __all__ = ["IDLE_EXIT", "Keeper", "keeper", "main_process"]
 
@@ -138,8 +140,6 @@ class Keeper:
                 return LOOK  # a run's end sets the event
         wait = seconds_until_due(group)
         if wait is not None and wait <= 0:
-            from flyfn.tasks.runner import run_until_idle
-
             self.ran += self._counted(lambda: run_until_idle(group))
             return 0.0
         if wait is not None:
@@ -160,8 +160,6 @@ class Keeper:
 def seconds_until_due(group: str) -> float | None:
     """Seconds (database clock) until `group`'s next task is due or lease expires: 0 when one is
     due now, None when none is within `HORIZON`."""
-    from flyfn.tasks.runner import flyfn_backends
-
     backends = [b for b in flyfn_backends() if group in b.flyfn.groups]
     if not backends:
         return None
@@ -206,8 +204,6 @@ def on_request(**kwargs: Any) -> None:
         return
     tracked = _tracked.get(role.group)
     if tracked is None:
-        from flyfn.tasks.options import task_groups
-
         tracked = _tracked[role.group] = role.group in task_groups()
     if tracked:
         _keeper.request()

@@ -1,16 +1,19 @@
-"""The OPTIONS of a `FlyMachinesBackend`, checked once: errors name the key and the bad value."""
+"""The OPTIONS of a `FlyMachinesBackend`, validated once by pydantic models: errors name the key
+and the bad value."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models import Q
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from flyfn.fly.env import HOME_APP_ENV, env_value
 from flyfn.names import validate_group_name
+from flyfn.settings_errors import invalid
 
 __all__ = [
     "BEYOND_HORIZON",
@@ -20,7 +23,6 @@ __all__ = [
     "RetryPolicy",
     "TaskOptions",
     "home_app",
-    "task_groups",
 ]
 
 # A woken function Machine of a task group stays up for a task scheduled this far ahead (seconds,
@@ -33,38 +35,120 @@ BEYOND_HORIZON = ("app_machine", "next_wake")
 # `flyfn dev` sets it on its Machines to its proxy's address; on Fly the app's own address is used.
 PUBLIC_URL_ENV = "FLYFN_PUBLIC_URL"
 
-_DEFAULTS: dict[str, object] = {
-    "group": "tasks",
-    "queue_groups": {},
-    "lease": 30.0,
-    "max_attempts": 3,
-    "concurrency": 1,
-    "url": None,
-    "poll": 30.0,
-    "beyond_horizon": None,
-    "retries": None,
-    "timeout": None,
-    "queue_options": {},
-    "exit_wait": 10.0,
-    "id_function": None,  # django-tasks-db's own option (how task ids are made), passed through
-}
-
-
 _BACKOFFS = ("exponential", "constant")
-_RETRY_KEYS = ("max_attempts", "backoff", "base", "max_delay")
-_QUEUE_KEYS = ("retries", "timeout")
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
+def _whole(high: int) -> BeforeValidator:
+    """A whole number from 1 to `high` (not a bool, not a float)."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise invalid(f"must be a whole number from 1 to {high} (got {value!r})")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _seconds(low: float, *, above: bool = False, optional: bool = False) -> BeforeValidator:
+    """A number of seconds `>= low` (`> low` when `above`), as a float (not a bool); None too
+    when `optional`."""
+
+    def check(value: Any) -> float | None:
+        if value is None and optional:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value < low
+            or (above and value == low)
+        ):
+            relation = ">" if above else ">="
+            raise invalid(f"must be a number of seconds {relation} {low:g} (got {value!r})")
+        return float(value)
+
+    return BeforeValidator(check)
+
+
+def _one_of(choices: tuple[object, ...], expected: str) -> BeforeValidator:
+    """One of `choices`, else "must be `expected`"."""
+
+    def check(value: Any) -> Any:
+        if value not in choices:
+            raise invalid(f"must be {expected} (got {value!r})")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _group_name(value: Any) -> str:
+    """A group name (`flyfn.registry.validate_group_name`)."""
+    try:
+        return validate_group_name(value)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+
+
+def _dict_of(values: type, expected: str) -> BeforeValidator:
+    """A dict of queue name (a string) to `values`, else "must be `expected`"."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, Mapping) or not all(
+            isinstance(q, str) and isinstance(v, values) for q, v in value.items()
+        ):
+            raise invalid(f"must be {expected} (got {value!r})")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _url(value: Any) -> Any:
+    """None or an http(s) address."""
+    if value is not None and not (
+        isinstance(value, str) and value.startswith(("http://", "https://"))
+    ):
+        raise invalid(f"must be an http:// or https:// address (got {value!r})")
+    return value
+
+
+class _Options(BaseModel):
+    """A dict of OPTIONS: frozen; an unknown key is an error that lists the known ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # How the dict's keys are called in messages, and what a value that is not a dict is told.
+    _key_word: ClassVar[str] = "option"
+    _not_a_dict: ClassVar[str] = "must be a dict"
+    # Keys accepted and left out: another library's options in the same dict.
+    _passed_through: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, given: Any) -> Any:
+        if not isinstance(given, Mapping):
+            raise invalid(cls._not_a_dict)
+        known = cls._known()
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise invalid(f"unknown {cls._key_word} {unknown[0]!r}; known: {', '.join(known)}")
+        return {key: value for key, value in given.items() if key not in cls._passed_through}
+
+    @classmethod
+    def _known(cls) -> list[str]:
+        return [*cls.model_fields, *cls._passed_through]
+
+
+class RetryPolicy(_Options):
     """How a task that raises runs again: at most `max_attempts` runs in all (counting every run
     of it, lost ones too), the n-th retry `base * 2**(n-1)` seconds after the failure
     (`exponential`) or `base` seconds (`constant`), never more than `max_delay`."""
 
-    max_attempts: int = 3
-    backoff: str = "exponential"
-    base: float = 1.0
-    max_delay: float = 3600.0
+    _key_word: ClassVar[str] = "key"
+    _not_a_dict: ClassVar[str] = "must be a dict like {'max_attempts': 3}"
+
+    max_attempts: Annotated[int, _whole(100)] = 3
+    backoff: Annotated[str, _one_of(_BACKOFFS, "one of " + ", ".join(_BACKOFFS))] = "exponential"
+    base: Annotated[float, _seconds(0)] = 1.0
+    max_delay: Annotated[float, _seconds(0)] = 3600.0
 
     def delay(self, failures: int) -> float:
         """Seconds from the `failures`-th failure (1 for the first) to the next run."""
@@ -73,116 +157,57 @@ class RetryPolicy:
         return min(self.base * 2.0 ** min(failures - 1, 64), self.max_delay)
 
 
-@dataclass(frozen=True, slots=True)
-class QueueOptions:
+_Timeout = Annotated[float | None, _seconds(0, above=True, optional=True)]
+
+
+class QueueOptions(_Options):
     """What `queue_options[queue]` sets for one queue's tasks (None: the backend's)."""
 
     retries: RetryPolicy | None = None
-    timeout: float | None = None
+    timeout: _Timeout = None
 
 
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
+class TaskOptions(_Options):
     """What one backend alias does; see docs/background-tasks.md for each option."""
 
-    group: str = "tasks"
-    queue_groups: Mapping[str, str] = field(default_factory=dict)
-    lease: float = 30.0
-    max_attempts: int = 3
-    concurrency: int = 1
-    url: str | None = None
-    poll: float = 30.0
-    beyond_horizon: str | None = None
+    # django-tasks-db's own option (how task ids are made), passed through to it.
+    _passed_through: ClassVar[tuple[str, ...]] = ("id_function",)
+
+    group: Annotated[str, BeforeValidator(_group_name)] = "tasks"
+    queue_groups: Annotated[
+        dict[str, Annotated[str, BeforeValidator(_group_name)]],
+        _dict_of(object, "a dict of queue name to group"),
+    ] = Field(default_factory=dict)
+    lease: Annotated[float, _seconds(1)] = 30.0
+    max_attempts: Annotated[int, _whole(100)] = 3
+    concurrency: Annotated[int, _whole(64)] = 1
+    url: Annotated[str | None, BeforeValidator(_url)] = None
+    poll: Annotated[float, _seconds(0.1)] = 30.0
+    beyond_horizon: Annotated[
+        str | None, _one_of((*BEYOND_HORIZON, None), " or ".join(map(repr, BEYOND_HORIZON)))
+    ] = None
     retries: RetryPolicy | None = None
-    timeout: float | None = None
-    queue_options: Mapping[str, QueueOptions] = field(default_factory=dict)
-    exit_wait: float = 10.0
+    timeout: _Timeout = None
+    queue_options: Annotated[
+        dict[str, QueueOptions],
+        _dict_of(Mapping, "a dict of queue name to a dict of options"),
+    ] = Field(default_factory=dict)
+    exit_wait: Annotated[float, _seconds(0)] = 10.0
+
+    @classmethod
+    def _known(cls) -> list[str]:
+        return sorted(super()._known())
 
     @classmethod
     def parse(cls, alias: str, options: Mapping[str, object]) -> TaskOptions:
-        """The options of `TASKS[alias]["OPTIONS"]`; ImproperlyConfigured names a bad one."""
-        where = f'TASKS[{alias!r}]["OPTIONS"]'
-        unknown = sorted(set(options) - set(_DEFAULTS))
-        if unknown:
-            known = ", ".join(sorted(_DEFAULTS))
-            raise ImproperlyConfigured(f"{where}: unknown option {unknown[0]!r}; known: {known}")
-        values = {**_DEFAULTS, **options}
-
-        def problem(key: str, expected: str) -> ImproperlyConfigured:
-            return ImproperlyConfigured(
-                f"{where}[{key!r}]: must be {expected} (got {values[key]!r})"
-            )
-
+        """The options of `TASKS[alias]["OPTIONS"]`; ImproperlyConfigured names each bad one."""
         try:
-            group = validate_group_name(values["group"])
-        except ValueError as exc:
-            raise ImproperlyConfigured(f"{where}['group']: {exc}") from None
-        queue_groups = values["queue_groups"]
-        if not isinstance(queue_groups, Mapping) or not all(
-            isinstance(q, str) for q in queue_groups
-        ):
-            raise problem("queue_groups", "a dict of queue name to group")
-        for queue, target in queue_groups.items():
-            try:
-                validate_group_name(target)
-            except ValueError as exc:
-                raise ImproperlyConfigured(f"{where}['queue_groups'][{queue!r}]: {exc}") from None
-        numbers: dict[str, float] = {}
-        for key, low in (("lease", 1.0), ("poll", 0.1)):
-            value = values[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
-                raise problem(key, f"a number of seconds >= {low:g}")
-            numbers[key] = float(value)
-        for key, high in (("max_attempts", 100), ("concurrency", 64)):
-            value = values[key]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-                raise problem(key, f"a whole number from 1 to {high}")
-        url = values["url"]
-        if url is not None and not (
-            isinstance(url, str) and url.startswith(("http://", "https://"))
-        ):
-            raise problem("url", "an http:// or https:// address")
-        beyond = values["beyond_horizon"]
-        if beyond is not None and beyond not in BEYOND_HORIZON:
-            raise problem("beyond_horizon", " or ".join(map(repr, BEYOND_HORIZON)))
-        for key in ("exit_wait",):
-            value = values[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise problem(key, "a number of seconds >= 0")
-            numbers[key] = float(value)
-        retries = _retries(f"{where}['retries']", values["retries"])
-        timeout = _timeout(f"{where}['timeout']", values["timeout"])
-        queue_options = values["queue_options"]
-        if not isinstance(queue_options, Mapping) or not all(
-            isinstance(q, str) and isinstance(o, Mapping) for q, o in queue_options.items()
-        ):
-            raise problem("queue_options", "a dict of queue name to a dict of options")
-        per_queue: dict[str, QueueOptions] = {}
-        for queue, given in queue_options.items():
-            at = f"{where}['queue_options'][{queue!r}]"
-            unknown = sorted(set(given) - set(_QUEUE_KEYS))
-            if unknown:
-                raise ImproperlyConfigured(
-                    f"{at}: unknown option {unknown[0]!r}; known: {', '.join(_QUEUE_KEYS)}"
-                )
-            per_queue[queue] = QueueOptions(
-                retries=_retries(f"{at}['retries']", given.get("retries")),
-                timeout=_timeout(f"{at}['timeout']", given.get("timeout")),
-            )
-        return cls(
-            group=group,
-            queue_groups=dict(queue_groups),
-            lease=numbers["lease"],
-            max_attempts=int(values["max_attempts"]),  # type: ignore[call-overload]
-            concurrency=int(values["concurrency"]),  # type: ignore[call-overload]
-            url=url,
-            poll=numbers["poll"],
-            beyond_horizon=beyond,
-            retries=retries,
-            timeout=timeout,
-            queue_options=per_queue,
-            exit_wait=numbers["exit_wait"],
-        )
+            return cls.model_validate(options)
+        except ValidationError as exc:
+            where = f'TASKS[{alias!r}]["OPTIONS"]'
+            raise ImproperlyConfigured(
+                "; ".join(_problem(where, item) for item in exc.errors(include_url=False))
+            ) from None
 
     def retries_of(self, queue_name: str) -> RetryPolicy | None:
         """The retry policy of `queue_name`'s tasks (None: a task that raises is FAILED)."""
@@ -220,50 +245,11 @@ class TaskOptions:
         return base.rstrip("/") if base else None
 
 
-def _retries(where: str, given: object) -> RetryPolicy | None:
-    if given is None:
-        return None
-    if not isinstance(given, Mapping):
-        raise ImproperlyConfigured(f"{where}: must be a dict like {{'max_attempts': 3}}")
-    unknown = sorted(set(given) - set(_RETRY_KEYS))
-    if unknown:
-        known = ", ".join(_RETRY_KEYS)
-        raise ImproperlyConfigured(f"{where}: unknown key {unknown[0]!r}; known: {known}")
-    values = {**_RETRY_DEFAULTS, **given}
-    attempts = values["max_attempts"]
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
-        raise ImproperlyConfigured(
-            f"{where}['max_attempts']: must be a whole number from 1 to 100 (got {attempts!r})"
-        )
-    if values["backoff"] not in _BACKOFFS:
-        raise ImproperlyConfigured(
-            f"{where}['backoff']: must be one of {', '.join(_BACKOFFS)} (got {values['backoff']!r})"
-        )
-    seconds: dict[str, float] = {}
-    for key in ("base", "max_delay"):
-        value = values[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ImproperlyConfigured(
-                f"{where}[{key!r}]: must be a number of seconds >= 0 (got {value!r})"
-            )
-        seconds[key] = float(value)
-    return RetryPolicy(attempts, str(values["backoff"]), seconds["base"], seconds["max_delay"])
-
-
-_RETRY_DEFAULTS: dict[str, object] = {
-    "max_attempts": 3,
-    "backoff": "exponential",
-    "base": 1.0,
-    "max_delay": 3600.0,
-}
-
-
-def _timeout(where: str, given: object) -> float | None:
-    if given is None:
-        return None
-    if isinstance(given, bool) or not isinstance(given, int | float) or given <= 0:
-        raise ImproperlyConfigured(f"{where}: must be a number of seconds > 0 (got {given!r})")
-    return float(given)
+def _problem(where: str, error: Any) -> str:
+    """One of pydantic's errors as `TASKS['default']["OPTIONS"]['lease']: must be ...`."""
+    at = where + "".join(f"[{part!r}]" for part in error["loc"])
+    custom = error["type"].startswith("flyfn_")
+    return f"{at}: {error['ctx']['msg'] if custom else error['msg']}"
 
 
 def home_app(own_app: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -273,21 +259,3 @@ def home_app(own_app: str | None, environ: Mapping[str, str] = os.environ) -> st
     app: a wake sent there would reach a function Machine unsigned (and possibly of another group),
     so it goes to the app that created it (`FLYFN_HOME_APP`, set by flyfn)."""
     return env_value(environ, HOME_APP_ENV) or own_app
-
-
-def task_groups() -> list[str]:
-    """Every group a configured FlyMachinesBackend runs tasks in (from the settings)."""
-    from django.conf import settings
-    from django.utils.module_loading import import_string
-
-    from flyfn.tasks.backend import FlyMachinesBackend
-
-    groups: set[str] = set()
-    for alias, params in getattr(settings, "TASKS", {}).items():
-        try:
-            backend = import_string(params.get("BACKEND", ""))
-        except ImportError:
-            continue
-        if isinstance(backend, type) and issubclass(backend, FlyMachinesBackend):
-            groups |= TaskOptions.parse(alias, params.get("OPTIONS", {})).groups
-    return sorted(groups)

@@ -35,7 +35,6 @@ from django_tasks_db.compat import (
     TaskContext,
     TaskResultStatus,
     normalize_json,
-    task_backends,
     task_finished,
     task_started,
 )
@@ -44,18 +43,17 @@ from django_tasks_db.utils import exclusive_transaction, is_locked_database_exce
 
 from flyfn import events
 from flyfn.runtime import current_env, current_role
-from flyfn.tasks import TaskLost, TaskTimeout
-from flyfn.tasks.backend import with_earlier_errors
 from flyfn.tasks.clock import due, in_seconds
+from flyfn.tasks.configured import FlyfnBackend, flyfn_backends
+from flyfn.tasks.errors import TaskLost, TaskTimeout
 from flyfn.tasks.models import TaskFailure, TaskLease
 from flyfn.tasks.options import RetryPolicy
+from flyfn.tasks.results import with_earlier_errors
 
 if TYPE_CHECKING:
     from django_tasks_db.backend import TaskResult
 
-    from flyfn.tasks.backend import FlyMachinesBackend
-
-__all__ = ["Claim", "flyfn_backends", "run_due_tasks", "run_until_idle", "worker_id"]
+__all__ = ["Claim", "run_due_tasks", "run_until_idle", "worker_id"]
 
 logger = logging.getLogger("flyfn.tasks")
 
@@ -76,19 +74,12 @@ def worker_id() -> str:
     return f"local-{socket.gethostname()}-{os.getpid()}"
 
 
-def flyfn_backends() -> list[FlyMachinesBackend]:
-    """Every configured `FlyMachinesBackend`."""
-    from flyfn.tasks.backend import FlyMachinesBackend
-
-    return [b for b in task_backends.all() if isinstance(b, FlyMachinesBackend)]
-
-
-def _rows(backend: FlyMachinesBackend, group: str) -> DBTaskResultQuerySet:
+def _rows(backend: FlyfnBackend, group: str) -> DBTaskResultQuerySet:
     rows = DBTaskResult.objects.filter(backend_name=backend.alias)
     return rows.filter(backend.flyfn.queue_filter(group))
 
 
-def _db(backend: FlyMachinesBackend) -> str:
+def _db(backend: FlyfnBackend) -> str:
     return router.db_for_write(DBTaskResult) or "default"
 
 
@@ -154,13 +145,13 @@ _keeper = _LeaseKeeper()
 class Claim:
     """A task this process claimed: its row and the token of its lease."""
 
-    backend: FlyMachinesBackend
+    backend: FlyfnBackend
     row: DBTaskResult[Any, Any]
     token: str
     group: str
 
 
-def _lost(backend: FlyMachinesBackend, group: str) -> list[DBTaskResult[Any, Any]]:
+def _lost(backend: FlyfnBackend, group: str) -> list[DBTaskResult[Any, Any]]:
     """Put tasks whose lease expired back to READY, or FAILED after their last attempt; the
     failed ones (for their signal)."""
     failed: list[DBTaskResult[Any, Any]] = []
@@ -191,7 +182,7 @@ def _lost(backend: FlyMachinesBackend, group: str) -> list[DBTaskResult[Any, Any
     return failed
 
 
-def claim_next(backend: FlyMachinesBackend, group: str, machine: str) -> Claim | None:
+def claim_next(backend: FlyfnBackend, group: str, machine: str) -> Claim | None:
     """Claim the group's next due task (priority, then run_after, then age), or None."""
     for failed in _lost(backend, group):
         _send_finished(backend, failed)
@@ -413,7 +404,7 @@ def _when_unlocked(work: Callable[[], T]) -> T:
             time.sleep(_LOCKED_PAUSE)
 
 
-def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> None:
+def _send_finished(backend: FlyfnBackend, row: DBTaskResult[Any, Any]) -> None:
     try:
         result: TaskResult[Any, Any] = with_earlier_errors(row.task_result)
     except (ImportError, SuspiciousOperation):  # the task's function is gone: nothing to tell
@@ -422,7 +413,7 @@ def _send_finished(backend: FlyMachinesBackend, row: DBTaskResult[Any, Any]) -> 
     _send(task_finished, backend, result)
 
 
-def _send(signal: Signal, backend: FlyMachinesBackend, result: TaskResult[Any, Any]) -> None:
+def _send(signal: Signal, backend: FlyfnBackend, result: TaskResult[Any, Any]) -> None:
     """Send a task signal; a receiver that raises is logged (by Django, with its traceback, and
     here with the task) and the run goes on: it must not cost the wake its other tasks."""
     for receiver, response in signal.send_robust(sender=type(backend), task_result=result):

@@ -11,7 +11,7 @@ from django.utils import timezone
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult
 
-from flyfn.tasks.runner import flyfn_backends
+from flyfn.tasks.configured import flyfn_backends
 
 __all__ = ["GroupTasks", "task_status"]
 

@@ -1,11 +1,12 @@
 """The wake view: a function Machine runs its group's due tasks while this request is open.
 
-`POST /_flyfn/tasks/<group>/` is a serverless view of the group (one view per group, registered
-with flyfn's registry), so an app Machine replays it to a function Machine like any other. Wakes
-are signed with `SECRET_KEY` by the dispatcher; anything else is refused. The answer streams a
-heartbeat line every `HEARTBEAT` seconds while tasks run and ends with a JSON summary line. The
-run does not depend on the request: it goes on if the connection is cut, and the Machine stays up
-(autostop off for task groups) until its keeper finds the group drained (flyfn.tasks.keeper).
+`POST /_flyfn/tasks/<group>/` is a serverless view of the group (one view per group, made and
+marked `@fly_serverless` by `wake_view`; `flyfn.tasks.urls` routes to them), so an app Machine
+replays it to a function Machine like any other. Wakes are signed with `SECRET_KEY` by the
+dispatcher; anything else is refused. The answer streams a heartbeat line every `HEARTBEAT`
+seconds while tasks run and ends with a JSON summary line. The run does not depend on the
+request: it goes on if the connection is cut, and the Machine stays up (autostop off for task
+groups) until its keeper finds the group drained (flyfn.tasks.keeper).
 
 An app Machine checks a wake's signature before it replays it (`refuse_unsigned`, the view's
 `flyfn_gate`, which the middleware calls): an unsigned POST never starts a function Machine. Each
@@ -35,9 +36,12 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
+from flyfn.decorators import fly_serverless
 from flyfn.names import validate_group_name
-from flyfn.registry import registry
 from flyfn.runtime import current_role
+from flyfn.tasks import runner
+from flyfn.tasks.keeper import keeper
+from flyfn.tasks.models import WakeNonce
 
 __all__ = ["HEARTBEAT", "WAKE_HEADER", "refuse_unsigned", "sign_wake", "wake_view"]
 
@@ -80,8 +84,6 @@ def refuse_unsigned(group: str, request: HttpRequest) -> HttpResponse | None:
 
 def _first_use(nonce: str) -> bool:
     """Record `nonce` as used; whether it was not already (expired records are dropped)."""
-    from flyfn.tasks.models import WakeNonce
-
     now = timezone.now()
     WakeNonce.objects.filter(expires_at__lt=now).delete()
     try:
@@ -107,11 +109,8 @@ def _start(group: str) -> tuple[str, Callable[[], int]]:
     to the request. If the connection that woke it is cut (the app Machine that sent it stopped),
     the run goes on, and the keeper runs what comes due next and stops the Machine once drained
     (flyfn.tasks.keeper)."""
-    from flyfn.tasks.keeper import keeper
-    from flyfn.tasks.runner import run_until_idle, worker_id
-
-    machine = worker_id()
-    run = partial(run_until_idle, group, machine=machine, budget=WAKE_BUDGET)
+    machine = runner.worker_id()
+    run = partial(runner.run_until_idle, group, machine=machine, budget=WAKE_BUDGET)
     return machine, partial(keeper().run, group, run)
 
 
@@ -165,7 +164,8 @@ def _run_blocking(group: str) -> Iterator[bytes]:
 
 
 def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]:
-    """The wake view of `group` (one object per group, registered as its serverless view)."""
+    """The wake view of `group`: one object per group, made on first use and marked serverless
+    for POST in `group` (`@fly_serverless`) as it is made."""
     validate_group_name(group)
     with _views_lock:
         view = _views.get(group)
@@ -195,6 +195,5 @@ def wake_view(group: str) -> Callable[[HttpRequest], Coroutine[Any, Any, HttpRes
         # LoginRequiredMiddleware would answer it with a redirect the dispatcher retries forever).
         view = login_not_required(csrf_exempt(wake))
         view.flyfn_gate = partial(refuse_unsigned, group)  # type: ignore[attr-defined]
-        registry.register(view, ["POST"], group)
-        _views[group] = view
+        _views[group] = fly_serverless(["POST"], group=group)(view)
         return view

@@ -11,7 +11,8 @@ from django.utils import timezone
 from pytest_django.asserts import assertContains
 
 from flyfn.tasks import run_due_tasks
-from flyfn.tasks.runner import claim_next, flyfn_backends, run_claim
+from flyfn.tasks.configured import flyfn_backends
+from flyfn.tasks.runner import claim_next, run_claim
 from store.models import SalesReport
 from store.tests.conftest import MakePurchase, pdf_pages
 from store.views import REPORT_PENDING_WINDOW
