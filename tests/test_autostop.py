@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from flyfn.emulator import balancer
+from flyfn.emulator.proxy import balancer
 from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL, Autostop, Stop, plan
 from flyfn.emulator.proxy.errors import Unreachable
 from flyfn.emulator.proxy.load import Load

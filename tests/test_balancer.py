@@ -1,5 +1,5 @@
-"""Fly Proxy's balancing decision (`flyfn.emulator.balancer`), without a proxy: which Machine a
-request goes to, by service port, concurrency bands, readiness and region."""
+"""Fly Proxy's balancing decision (`flyfn.emulator.proxy.balancer`), without a proxy: which
+Machine a request goes to, by service port, concurrency bands, readiness and region."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from flyfn.emulator.balancer import (
+from flyfn.emulator.proxy.balancer import (
     DEFAULT_HARD_LIMIT,
     DEFAULT_SOFT_LIMIT,
     Candidate,

@@ -23,8 +23,8 @@ import psutil
 import pytest
 import uvicorn
 
-from flyfn.emulator.edge import edge_protocol
 from flyfn.emulator.proxy import EDGE_BUFFER_LIMIT, FlyProxy
+from flyfn.emulator.proxy.edge import edge_protocol
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import (

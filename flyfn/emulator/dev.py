@@ -38,11 +38,11 @@ from dotenv import dotenv_values
 from flyfn.emulator.api import create_app
 from flyfn.emulator.child import DEFAULT_ASGI_APP
 from flyfn.emulator.dockerfile import DockerfileError, ImageFacts, read_dockerfile
-from flyfn.emulator.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.flytoml import FlyToml, FlyTomlError, load_fly_toml
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.logline import RequestLog, machine_label
 from flyfn.emulator.proxy import DEFAULT_AUTOSTOP_INTERVAL, FlyProxy
+from flyfn.emulator.proxy.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (

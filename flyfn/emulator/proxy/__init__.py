@@ -1,7 +1,7 @@
 """The local Fly Proxy: an ASGI reverse proxy over emulated Machines, honouring fly-replay.
 
 `FlyProxy` load-balances requests like Fly Proxy over every Machine of the app with a service on
-the request's port, function Machines included (the decision lives in `flyfn.emulator.balancer`:
+the request's port, function Machines included (the decision lives in `balancer`:
 concurrency limits, started first, autostart at the soft limit, waiting at the hard limit, replays
 to one `instance` included), and acts on `fly-replay` answers (header and JSON forms: instance,
 prefer_instance, app, region, elsewhere, state, timeout, fallback, transform) the way Fly Proxy

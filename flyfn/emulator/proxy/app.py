@@ -1,7 +1,7 @@
 """`FlyProxy`, the ASGI app of the local Fly Proxy: one request's journey through deliveries,
 replays, resends and fallbacks, and the Machines it starts on the way.
 
-The decisions it acts on are pure and live in `routing` (and `flyfn.emulator.balancer`); the HTTP
+The decisions it acts on are pure and live in `routing` (and `balancer`); the HTTP
 in `forwarding` and `bodies`; when to send again in `resend`; Fly's periodic autostop pass in
 `autostop`.
 """

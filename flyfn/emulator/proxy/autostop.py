@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from flyfn.emulator import balancer
 from flyfn.emulator.logline import autostop_event
+from flyfn.emulator.proxy import balancer
 from flyfn.emulator.proxy.load import Load
 from flyfn.emulator.roles import group_of
 from flyfn.emulator.state import EmulatorError, MachinesEmulator

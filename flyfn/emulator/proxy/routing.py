@@ -3,7 +3,7 @@ request goes next after a `fly-replay` answer or a failed delivery.
 
 Everything here works on plain data (Machines, a load count, whether a process answers) and
 returns plain data or raises `ProxyError` / `Unreachable` / `Full`; `FlyProxy` does the I/O.
-The balancing itself (concurrency bands, started first, local first) is `flyfn.emulator.balancer`.
+The balancing itself (concurrency bands, started first, local first) is `balancer`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flyfn.emulator import balancer
+from flyfn.emulator.proxy import balancer
 from flyfn.emulator.proxy.errors import Full, ProxyError, Unreachable, unbuffered
 from flyfn.emulator.roles import is_function_machine
 from flyfn.fly.headers import (
@@ -302,7 +302,7 @@ def pick(
     balance_function_machines: bool = True,
 ) -> Machine:
     """The Machine this delivery goes to among the app's `machines` (Fly's balancing,
-    `flyfn.emulator.balancer`); `Full` when every candidate is at its hard limit."""
+    `flyfn.emulator.proxy.balancer`); `Full` when every candidate is at its hard limit."""
     if not machines and dest.app != home_app:
         raise ProxyError("PA04", 502, f"replay target app {dest.app!r} not found")
     if dest.instance:
