@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from flyfn.events import BounceReason, FallbackReason
+from flyfn.runtime import RoleKind
 
 __all__ = [
     "ORDINARY_WAIT",
@@ -47,7 +48,6 @@ __all__ = [
 # (a function Machine just booted), before it runs there rather than wait longer.
 ORDINARY_WAIT = 5.0
 
-RoleKind = Literal["local", "main", "function"]
 # The state check of a function Machine's own view: no state (no `fly-replay-src`, or one without
 # a state), one that verifies, or one that does not (expired, forged, another key).
 Verdict = Literal["absent", "verified", "rejected"]
@@ -244,6 +244,8 @@ def _run_or_replay_on(facts: Facts, target: Target | Lookup | None) -> Action:
         return RUN_HERE
     if facts.below_soft_limit or not facts.replays_on:
         return RUN_COUNTED
+    if not facts.body_replayable or facts.replay_failed:
+        return RUN_COUNTED  # Fly Proxy could not replay it again
     if target is Lookup.UNKNOWN:
         return FindTarget("sibling")
     if isinstance(target, Target) and not _is_me(facts, target):

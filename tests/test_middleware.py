@@ -34,7 +34,7 @@ from flyfn.replay import (
 )
 from flyfn.replay_checks import request_body_binding
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
-from flyfn.routing import ORDINARY_WAIT, replayable_body
+from flyfn.routing import ORDINARY_WAIT
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.support_middleware import (
@@ -1120,13 +1120,13 @@ def test_unverifiable_replays_are_logged_once_a_minute_with_group_and_reason(
     assert [r.args for r in warnings] == [("pdf", "signature mismatch")] * 2
 
 
-def test_a_declared_body_length_is_replayable_from_zero_to_the_limit() -> None:
-    assert replayable_body({"CONTENT_LENGTH": "0"}, 10)
-    assert replayable_body({"CONTENT_LENGTH": "10"}, 10)
-    assert not replayable_body({"CONTENT_LENGTH": "11"}, 10)
-    assert not replayable_body({"CONTENT_LENGTH": "-1"}, 10)
-    assert not replayable_body({"CONTENT_LENGTH": "ten"}, 10)
-    assert not replayable_body({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
+def test_an_app_machine_never_replays_a_request_to_itself(manager: StaticPools) -> None:
+    # A pool that lists this very Machine (a misconfigured group): the group's fallback, never a
+    # replay that would only come back here.
+    manager.targets["pdf"] = ReplayTarget(instance="self0000000001")
+    with override_role(MAIN, MachineEnv(machine_id="self0000000001")):
+        response = Client().get("/routing/pdf/")
+    assert ran_here(response, b"pdf")
 
 
 def test_fallback_slots_are_per_group() -> None:
