@@ -73,26 +73,30 @@ class RoutedRequest:
         return Lookup.UNKNOWN if machine is None else Target(machine)
 
 
+def _max_wait(routed: RoutedRequest, find: FindTarget) -> float:
+    return routed.options.replay_timeout_seconds if find.max_wait is None else find.max_wait
+
+
 def wait_target(routed: RoutedRequest, find: FindTarget) -> Target | None:
     """A cold cache's target, waited for at most `find.max_wait` seconds (sync)."""
-    manager = get_manager()
+    manager, max_wait = get_manager(), _max_wait(routed, find)
     if find.kind == "app_machine":
-        machine = manager.wait_app_machine(find.max_wait)
+        machine = manager.wait_app_machine(max_wait)
         return None if machine is None else Target(machine)
     began = time.monotonic()
-    target = manager.wait_target(routed.group, find.max_wait)
+    target = manager.wait_target(routed.group, max_wait)
     events.cold_waited(routed.group, time.monotonic() - began, target is not None)
     return None if target is None else Target(target.instance, target.app)
 
 
 async def await_target(routed: RoutedRequest, find: FindTarget) -> Target | None:
     """`wait_target` for async mode: the event loop is never blocked."""
-    manager = get_manager()
+    manager, max_wait = get_manager(), _max_wait(routed, find)
     if find.kind == "app_machine":
-        machine = await manager.aget_app_machine(find.max_wait)
+        machine = await manager.aget_app_machine(max_wait)
         return None if machine is None else Target(machine)
     began = time.monotonic()
-    target = await manager.aget_target(routed.group, find.max_wait)
+    target = await manager.aget_target(routed.group, max_wait)
     events.cold_waited(routed.group, time.monotonic() - began, target is not None)
     return None if target is None else Target(target.instance, target.app)
 
@@ -117,41 +121,31 @@ def gather(request: HttpRequest, view_func: ViewFunc) -> RoutedRequest | HttpRes
     meta = request.META
     group = view.group if view is not None and serverless else ""
     options = settings.group(group)
-    own_group = serverless and group == role.group  # only on a function Machine of that group
-    signing = settings.sign_replays
-    concurrency = options.concurrency
-    verdict: Verdict = "absent"
+    facts = _view_facts(settings, options, role, group, serverless)
     check: StateCheck | None = None
     counter: InFlight | None = None
     source = meta.get(_META_REPLAY_SRC)
-    if own_group and signing and source:
-        body = request_body_binding(request)
-        check = request_state(request, source, group, options.state_max_age, body)
-        if check is not None:
-            verdict = "verified" if check else "rejected"
-    below = False
-    if verdict == "verified" and concurrency is not None:
-        counter = in_flight(group, concurrency.soft_limit)
-        below = counter.acquire()
-        if not below:
-            counter = None
     failed = meta.get(_META_REPLAY_FAILED)
-    facts = Facts(
-        role.kind,
-        serverless=serverless,
-        own_group=own_group,
-        signing=signing,
-        body_replayable=replayable_body(meta, settings.replay_body_limit),
-        sent_by_machine=source is not None,
-        replay_failed=failed is not None,
-        verdict=verdict,
-        local_fallback=options.fallback == "local",
-        elastic=concurrency is not None,
-        replays_on=options.strategy == "instance",
-        below_soft_limit=below,
-        replay_timeout=options.replay_timeout_seconds,
-        me=current_env().machine_id,
-    )
+    body_replayable = replayable_body(meta, settings.replay_body_limit)
+    if source is not None or failed is not None or not body_replayable:
+        verdict: Verdict = "absent"
+        if facts.own_group and facts.signing and source:
+            body = request_body_binding(request)
+            check = request_state(request, source, group, options.state_max_age, body)
+            if check is not None:
+                verdict = "verified" if check else "rejected"
+        facts = facts._replace(
+            body_replayable=body_replayable,
+            sent_by_machine=source is not None,
+            replay_failed=failed is not None,
+            verdict=verdict,
+        )
+    if facts.verdict == "verified" and options.concurrency is not None:
+        counter = in_flight(group, options.concurrency.soft_limit)
+        if counter.acquire():
+            facts = facts._replace(below_soft_limit=True)
+        else:
+            counter = None
     if failed is not None and reads_explained(facts):
         # Consumes the issued replay's one entry on the record: gathered only when decided on.
         explained = explained_fallback(request, request_body_binding(request))
@@ -159,6 +153,35 @@ def gather(request: HttpRequest, view_func: ViewFunc) -> RoutedRequest | HttpRes
             _forget_failed_target(group, failed)
         facts = facts._replace(explained=explained)
     return RoutedRequest(request, role, group, settings, options, facts, check, counter)
+
+
+# The facts of a view's group in this process (its settings, role and Machine), made once per
+# settings object: most requests (no body, no Fly Proxy header) have just these.
+_view_facts_made: dict[tuple[Role, str | None, str, bool], tuple[FlyfnSettings, Facts]] = {}
+
+
+def _view_facts(
+    settings: FlyfnSettings, options: GroupSettings, role: Role, group: str, serverless: bool
+) -> Facts:
+    """The facts of a request for `group`'s view (serverless or not) with no body and no Fly
+    Proxy header."""
+    me = current_env().machine_id
+    key = (role, me, group, serverless)
+    made = _view_facts_made.get(key)
+    if made is not None and made[0] is settings:
+        return made[1]
+    facts = Facts(
+        role.kind,
+        serverless=serverless,
+        own_group=serverless and group == role.group,  # only on a function Machine of that group
+        signing=settings.sign_replays,
+        local_fallback=options.fallback == "local",
+        elastic=options.concurrency is not None,
+        replays_on=options.strategy == "instance",
+        me=me,
+    )
+    _view_facts_made[key] = (settings, facts)
+    return facts
 
 
 def _forget_failed_target(group: str, header: str) -> None:

@@ -100,8 +100,6 @@ class Facts(NamedTuple):
     replays_on: bool = False
     # A function Machine took an in-flight place below the group's soft limit for this request.
     below_soft_limit: bool = False
-    # The group's replay timeout, in seconds (how long a cold target is waited for).
-    replay_timeout: float = 0.0
     # The Machine deciding (None off Fly).
     me: str | None = None
 
@@ -149,17 +147,22 @@ class Refuse:
 @dataclass(frozen=True, slots=True)
 class FindTarget:
     """Look up a target (`group`: the group's function Machine; `sibling`: the next Machine of a
-    busy function Machine's group; `app_machine`: an app Machine), waiting at most `max_wait`
-    seconds on a cold cache, then decide again with it."""
+    busy function Machine's group, never waited for; `app_machine`: an app Machine), waiting at
+    most `max_wait` seconds on a cold cache (None: the group's replay timeout), then decide again
+    with it."""
 
     kind: TargetKind
-    max_wait: float = 0.0
+    max_wait: float | None = None
 
 
 Action = RunHere | Replay | SendElsewhere | FallBack | Refuse | FindTarget
 
 RUN_HERE = RunHere()
 RUN_COUNTED = RunHere(in_flight=True)
+FIND_GROUP = FindTarget("group")
+FIND_SIBLING = FindTarget("sibling")
+FIND_APP_MACHINE = FindTarget("app_machine")
+FIND_APP_MACHINE_ORDINARY = FindTarget("app_machine", ORDINARY_WAIT)
 
 
 def replayable_body(meta: Mapping[str, Any], limit: int) -> bool:
@@ -212,7 +215,7 @@ def decide(facts: Facts, target: Target | Lookup | None = Lookup.UNKNOWN) -> Act
     if not facts.body_replayable:
         return _fall_back(facts, "body")
     if target is Lookup.UNKNOWN:
-        return FindTarget("group", facts.replay_timeout)
+        return FIND_GROUP
     if target is Lookup.UNUSABLE:
         return _fall_back(facts, "header")
     if target is None or _is_me(facts, target):
@@ -247,7 +250,7 @@ def _run_or_replay_on(facts: Facts, target: Target | Lookup | None) -> Action:
     if not facts.body_replayable or facts.replay_failed:
         return RUN_COUNTED  # Fly Proxy could not replay it again
     if target is Lookup.UNKNOWN:
-        return FindTarget("sibling")
+        return FIND_SIBLING
     if isinstance(target, Target) and not _is_me(facts, target):
         return Replay(target)
     return RUN_COUNTED
@@ -265,8 +268,7 @@ def _send_elsewhere(facts: Facts, target: Target | Lookup | None, reason: Bounce
         return SendElsewhere(reason)
     if can_go:
         if target is Lookup.UNKNOWN:
-            wait = ORDINARY_WAIT if reason == "not_serverless" else facts.replay_timeout
-            return FindTarget("app_machine", wait)
+            return FIND_APP_MACHINE_ORDINARY if reason == "not_serverless" else FIND_APP_MACHINE
         if isinstance(target, Target) and target.instance and not _is_me(facts, target):
             return SendElsewhere(reason, target.instance)
     if reason == "not_serverless" or (reason == "other_group" and not facts.body_replayable):

@@ -29,7 +29,6 @@ from flyfn.runtime import RoleKind
 
 ME = "me0000000000ab"
 OTHER = "ot0000000000cd"
-TIMEOUT = 10.0
 TARGETS: tuple[Target | Lookup | None, ...] = (
     Lookup.UNKNOWN,
     Lookup.UNUSABLE,
@@ -86,7 +85,6 @@ def every_facts() -> Iterator[Facts]:
                 elastic=elastic,
                 replays_on=replays_on,
                 below_soft_limit=below_soft_limit,
-                replay_timeout=TIMEOUT,
                 me=me,
             )
 
@@ -173,8 +171,8 @@ def test_off_fly_and_ordinary_views_on_an_app_machine_run_here() -> None:
             assert all(decide(facts, target) == RunHere() for target in TARGETS)
 
 
-MAIN = Facts("main", serverless=True, replay_timeout=TIMEOUT, me=ME)
-FUNCTION = Facts("function", replay_timeout=TIMEOUT, me=ME)
+MAIN = Facts("main", serverless=True, me=ME)
+FUNCTION = Facts("function", me=ME)
 OWN = FUNCTION._replace(serverless=True, own_group=True, sent_by_machine=True)
 VERIFIED = OWN._replace(verdict="verified")
 ELASTIC = VERIFIED._replace(elastic=True, replays_on=True)
@@ -183,7 +181,7 @@ OTHER_GROUP = FUNCTION._replace(serverless=True)
 ROWS: list[tuple[str, Facts, Target | Lookup | None, Action]] = [
     ("local: runs here", Facts("local", serverless=True), Lookup.UNKNOWN, RunHere()),
     ("main, ordinary view: runs here", MAIN._replace(serverless=False), Lookup.UNKNOWN, RunHere()),
-    ("main: asks for the group's target", MAIN, Lookup.UNKNOWN, FindTarget("group", TIMEOUT)),
+    ("main: asks for the group's target", MAIN, Lookup.UNKNOWN, FindTarget("group")),
     ("main: replays to it", MAIN, Target(OTHER), Replay(Target(OTHER))),
     ("main: replays to the function app", MAIN, Target(app="a"), Replay(Target(app="a"))),
     ("main: no Machine, local fallback", MAIN, None, FallBack("no_machine")),
@@ -215,7 +213,7 @@ ROWS: list[tuple[str, Facts, Target | Lookup | None, Action]] = [
      SendElsewhere("other_group")),
     ("function, another group's view a Machine sent: asks for an app Machine",
      OTHER_GROUP._replace(sent_by_machine=True), Lookup.UNKNOWN,
-     FindTarget("app_machine", TIMEOUT)),
+     FindTarget("app_machine")),
     ("function, another group's view a Machine sent, no app Machine: 503",
      OTHER_GROUP._replace(sent_by_machine=True), None, Refuse("no_machine")),
     ("function, another group's view with a body Fly cannot replay: runs here",
