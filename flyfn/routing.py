@@ -73,8 +73,8 @@ class Target(NamedTuple):
 class Facts(NamedTuple):
     """What the middleware knows of a request, gathered once; the target, which only some
     decisions need, is looked up when `decide` asks for it and given beside these. A named
-    tuple, immutable: it is made once per serverless request, at a third of a frozen
-    dataclass's cost (`make bench`'s decision ratio)."""
+    tuple, immutable, made and `_replace`d at a third of a frozen dataclass's cost (the request
+    path's; `make bench`'s decision ratio)."""
 
     role: RoleKind
     # The view is serverless for this method (registered, and the method one it replays).
