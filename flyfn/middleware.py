@@ -24,10 +24,11 @@ from flyfn.pool import get_manager
 from flyfn.replay_checks import record_replay, report_unverified, request_body_binding, sign_request
 from flyfn.request_facts import RoutedRequest, ViewFunc, await_target, gather, wait_target
 from flyfn.routing import (
+    UNKNOWN,
+    UNUSABLE,
     Action,
     FallBack,
     FindTarget,
-    Lookup,
     Refuse,
     Replay,
     RunHere,
@@ -112,10 +113,10 @@ class FlyReplayMiddleware:
         routed = gather(request, view_func)
         if not isinstance(routed, RoutedRequest):
             return routed
-        action = decide(routed.facts)
+        action = routed.action
         if isinstance(action, FindTarget):
             target = routed.cached(action)
-            if target is Lookup.UNKNOWN:
+            if target is UNKNOWN:
                 target = wait_target(routed, action)
             action = decide(routed.facts, target)
         return _carry_out(routed, action)
@@ -131,10 +132,10 @@ class FlyReplayMiddleware:
         routed = gather(request, view_func)
         if not isinstance(routed, RoutedRequest):
             return routed
-        action = decide(routed.facts)
+        action = routed.action
         if isinstance(action, FindTarget):
             target = routed.cached(action)
-            if target is Lookup.UNKNOWN:
+            if target is UNKNOWN:
                 target = await await_target(routed, action)
             action = decide(routed.facts, target)
         return _carry_out(routed, action)
@@ -158,7 +159,7 @@ def _carry_out(routed: RoutedRequest, action: Action) -> HttpResponseBase | None
             return replay_response(header)
     except ValueError as exc:  # a Machine id the header cannot carry: never a 500
         logger.error("flyfn: cannot build a replay for group %r: %s", routed.group, exc)
-        return _carry_out(routed, decide(routed.facts, Lookup.UNUSABLE))
+        return _carry_out(routed, decide(routed.facts, UNUSABLE))
     if isinstance(action, FallBack):
         return _fall_back(routed, action)
     if isinstance(action, Refuse):

@@ -26,11 +26,14 @@ from flyfn.replay import (
 )
 from flyfn.replay_checks import explained_fallback, request_body_binding, request_state
 from flyfn.routing import (
+    UNKNOWN,
+    Action,
     Facts,
     FindTarget,
     Lookup,
     Target,
     Verdict,
+    decide,
     reads_explained,
     replayable_body,
 )
@@ -58,6 +61,7 @@ class RoutedRequest:
     check: StateCheck | None  # the state check of a function Machine's own view
     # The group's in-flight count, when a place below its soft limit was taken for this request.
     counter: InFlight | None
+    action: Action  # decide's answer to `facts` before any target is looked up
 
     def cached(self, find: FindTarget) -> Target | Lookup | None:
         """The target from the caches (no I/O); UNKNOWN when a cold cache is to be waited for."""
@@ -68,9 +72,9 @@ class RoutedRequest:
             return None if sibling is None else Target(sibling.machine_id, hop=sibling.hop)
         if find.kind == "group":
             target = manager.get_target(self.group)
-            return Lookup.UNKNOWN if target is None else Target(target.instance, target.app)
+            return UNKNOWN if target is None else Target(target.instance, target.app)
         machine = manager.app_machine()
-        return Lookup.UNKNOWN if machine is None else Target(machine)
+        return UNKNOWN if machine is None else Target(machine)
 
 
 def _max_wait(routed: RoutedRequest, find: FindTarget) -> float:
@@ -121,7 +125,8 @@ def gather(request: HttpRequest, view_func: ViewFunc) -> RoutedRequest | HttpRes
     meta = request.META
     group = view.group if view is not None and serverless else ""
     options = settings.group(group)
-    facts = _view_facts(settings, options, role, group, serverless)
+    facts, action = _view_facts(settings, options, role, group, serverless)
+    common = facts
     check: StateCheck | None = None
     counter: InFlight | None = None
     source = meta.get(_META_REPLAY_SRC)
@@ -152,19 +157,24 @@ def gather(request: HttpRequest, view_func: ViewFunc) -> RoutedRequest | HttpRes
         if explained:
             _forget_failed_target(group, failed)
         facts = facts._replace(explained=explained)
-    return RoutedRequest(request, role, group, settings, options, facts, check, counter)
+    if facts is not common:
+        action = decide(facts)
+    return RoutedRequest(request, role, group, settings, options, facts, check, counter, action)
 
 
-# The facts of a view's group in this process (its settings, role and Machine), made once per
-# settings object: most requests (no body, no Fly Proxy header) have just these.
-_view_facts_made: dict[tuple[Role, str | None, str, bool], tuple[FlyfnSettings, Facts]] = {}
+# The facts of a view's group in this process (its settings, role and Machine) and decide's
+# answer to them, made once per settings object: most requests (no body, no Fly Proxy header)
+# have just these.
+_view_facts_made: dict[
+    tuple[Role, str | None, str, bool], tuple[FlyfnSettings, tuple[Facts, Action]]
+] = {}
 
 
 def _view_facts(
     settings: FlyfnSettings, options: GroupSettings, role: Role, group: str, serverless: bool
-) -> Facts:
+) -> tuple[Facts, Action]:
     """The facts of a request for `group`'s view (serverless or not) with no body and no Fly
-    Proxy header."""
+    Proxy header, and decide's answer to them (it is pure: the same facts, the same action)."""
     me = current_env().machine_id
     key = (role, me, group, serverless)
     made = _view_facts_made.get(key)
@@ -180,8 +190,9 @@ def _view_facts(
         replays_on=options.strategy == "instance",
         me=me,
     )
-    _view_facts_made[key] = (settings, facts)
-    return facts
+    made_now = (facts, decide(facts))
+    _view_facts_made[key] = (settings, made_now)
+    return made_now
 
 
 def _forget_failed_target(group: str, header: str) -> None:

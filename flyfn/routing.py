@@ -28,6 +28,8 @@ from flyfn.runtime import RoleKind
 
 __all__ = [
     "ORDINARY_WAIT",
+    "UNKNOWN",
+    "UNUSABLE",
     "Action",
     "Facts",
     "FallBack",
@@ -59,6 +61,11 @@ class Lookup(enum.Enum):
 
     UNKNOWN = "unknown"
     UNUSABLE = "unusable"
+
+
+# The sentinels as plain names: an enum member's lookup through its class costs 60 ns a time.
+UNKNOWN = Lookup.UNKNOWN
+UNUSABLE = Lookup.UNUSABLE
 
 
 class Target(NamedTuple):
@@ -191,7 +198,7 @@ def reads_explained(facts: Facts) -> bool:
     return own and facts.elastic and facts.verdict == "absent"
 
 
-def decide(facts: Facts, target: Target | Lookup | None = Lookup.UNKNOWN) -> Action:
+def decide(facts: Facts, target: Target | Lookup | None = UNKNOWN) -> Action:
     """The one action for a request with these facts (the routing table). `target`: where it
     would go, once looked up (`FindTarget`): a Machine, none, or one a header cannot carry."""
     if facts.role == "local":
@@ -214,13 +221,12 @@ def decide(facts: Facts, target: Target | Lookup | None = Lookup.UNKNOWN) -> Act
         return _fall_back(facts, "replay_failed")
     if not facts.body_replayable:
         return _fall_back(facts, "body")
-    if target is Lookup.UNKNOWN:
+    if isinstance(target, Target) and not _is_me(facts, target):
+        return Replay(target)
+    if target is UNKNOWN:
         return FIND_GROUP
-    if target is Lookup.UNUSABLE:
-        return _fall_back(facts, "header")
-    if target is None or _is_me(facts, target):
-        return _fall_back(facts, "no_machine")
-    return Replay(target)
+    # None, this very Machine, or one a replay header cannot carry.
+    return _fall_back(facts, "header" if target is UNUSABLE else "no_machine")
 
 
 def _own_view(facts: Facts, target: Target | Lookup | None) -> Action:
@@ -249,7 +255,7 @@ def _run_or_replay_on(facts: Facts, target: Target | Lookup | None) -> Action:
         return RUN_COUNTED
     if not facts.body_replayable or facts.replay_failed:
         return RUN_COUNTED  # Fly Proxy could not replay it again
-    if target is Lookup.UNKNOWN:
+    if target is UNKNOWN:
         return FIND_SIBLING
     if isinstance(target, Target) and not _is_me(facts, target):
         return Replay(target)
@@ -267,7 +273,7 @@ def _send_elsewhere(facts: Facts, target: Target | Lookup | None, reason: Bounce
     if can_go and not facts.sent_by_machine:
         return SendElsewhere(reason)
     if can_go:
-        if target is Lookup.UNKNOWN:
+        if target is UNKNOWN:
             return FIND_APP_MACHINE_ORDINARY if reason == "not_serverless" else FIND_APP_MACHINE
         if isinstance(target, Target) and target.instance and not _is_me(facts, target):
             return SendElsewhere(reason, target.instance)
