@@ -125,61 +125,89 @@ def gather(request: HttpRequest, view_func: ViewFunc) -> RoutedRequest | HttpRes
     meta = request.META
     group = view.group if view is not None and serverless else ""
     options = settings.group(group)
-    facts, action = _view_facts(settings, options, role, group, serverless)
-    common = facts
+    made = _view_facts(settings, options, role, group, serverless)
     check: StateCheck | None = None
     counter: InFlight | None = None
     source = meta.get(_META_REPLAY_SRC)
     failed = meta.get(_META_REPLAY_FAILED)
     body_replayable = replayable_body(meta, settings.replay_body_limit)
-    if source is not None or failed is not None or not body_replayable:
+    if source is None and failed is None and body_replayable:
+        facts, action = made.facts, made.action  # the common request: no body, no header
+    else:
         verdict: Verdict = "absent"
-        if facts.own_group and facts.signing and source:
+        if made.facts.own_group and made.facts.signing and source:
             body = request_body_binding(request)
             check = request_state(request, source, group, options.state_max_age, body)
             if check is not None:
                 verdict = "verified" if check else "rejected"
-        facts = facts._replace(
-            body_replayable=body_replayable,
-            sent_by_machine=source is not None,
-            replay_failed=failed is not None,
-            verdict=verdict,
+        below = False
+        if verdict == "verified" and options.concurrency is not None:
+            counter = in_flight(group, options.concurrency.soft_limit)
+            below = counter.acquire()
+            if not below:
+                counter = None
+        facts, action = made.variant(
+            body_replayable, source is not None, failed is not None, verdict, below
         )
-    if facts.verdict == "verified" and options.concurrency is not None:
-        counter = in_flight(group, options.concurrency.soft_limit)
-        if counter.acquire():
-            facts = facts._replace(below_soft_limit=True)
-        else:
-            counter = None
     if failed is not None and reads_explained(facts):
         # Consumes the issued replay's one entry on the record: gathered only when decided on.
         explained = explained_fallback(request, request_body_binding(request))
         if explained:
             _forget_failed_target(group, failed)
         facts = facts._replace(explained=explained)
-    if facts is not common:
         action = decide(facts)
     return RoutedRequest(request, role, group, settings, options, facts, check, counter, action)
 
 
-# The facts of a view's group in this process (its settings, role and Machine) and decide's
-# answer to them, made once per settings object: most requests (no body, no Fly Proxy header)
-# have just these.
-_view_facts_made: dict[
-    tuple[Role, str | None, str, bool], tuple[FlyfnSettings, tuple[Facts, Action]]
-] = {}
+class _ViewFacts:
+    """The facts of a request for one view's group in this process (its settings, role and
+    Machine) and decide's answer to them (it is pure: the same facts, the same action): for the
+    common request (no body, no Fly Proxy header), and per combination of a request's own."""
+
+    __slots__ = ("action", "facts", "settings", "variants")
+
+    def __init__(self, settings: FlyfnSettings, facts: Facts) -> None:
+        self.settings = settings
+        self.facts = facts
+        self.action = decide(facts)
+        self.variants: dict[tuple[bool, bool, bool, Verdict, bool], tuple[Facts, Action]] = {}
+
+    def variant(
+        self,
+        body_replayable: bool,
+        sent_by_machine: bool,
+        replay_failed: bool,
+        verdict: Verdict,
+        below_soft_limit: bool,
+    ) -> tuple[Facts, Action]:
+        """The facts of a request with a body or a Fly Proxy header, and decide's answer."""
+        key = (body_replayable, sent_by_machine, replay_failed, verdict, below_soft_limit)
+        made = self.variants.get(key)
+        if made is None:
+            facts = self.facts._replace(
+                body_replayable=body_replayable,
+                sent_by_machine=sent_by_machine,
+                replay_failed=replay_failed,
+                verdict=verdict,
+                below_soft_limit=below_soft_limit,
+            )
+            made = self.variants.setdefault(key, (facts, decide(facts)))
+        return made
+
+
+# Made once per settings object (the keys are few: roles, Machines and groups).
+_view_facts_made: dict[tuple[Role, str | None, str, bool], _ViewFacts] = {}
 
 
 def _view_facts(
     settings: FlyfnSettings, options: GroupSettings, role: Role, group: str, serverless: bool
-) -> tuple[Facts, Action]:
-    """The facts of a request for `group`'s view (serverless or not) with no body and no Fly
-    Proxy header, and decide's answer to them (it is pure: the same facts, the same action)."""
+) -> _ViewFacts:
+    """The facts of requests for `group`'s view (serverless or not) in this process."""
     me = current_env().machine_id
     key = (role, me, group, serverless)
     made = _view_facts_made.get(key)
-    if made is not None and made[0] is settings:
-        return made[1]
+    if made is not None and made.settings is settings:
+        return made
     facts = Facts(
         role.kind,
         serverless=serverless,
@@ -190,9 +218,8 @@ def _view_facts(
         replays_on=options.strategy == "instance",
         me=me,
     )
-    made_now = (facts, decide(facts))
-    _view_facts_made[key] = (settings, made_now)
-    return made_now
+    made = _view_facts_made[key] = _ViewFacts(settings, facts)
+    return made
 
 
 def _forget_failed_target(group: str, header: str) -> None:
