@@ -196,7 +196,7 @@ class _ViewFacts:
 
 
 # Made once per settings object (the keys are few: roles, Machines and groups).
-_view_facts_made: dict[tuple[Role, str | None, str, bool], _ViewFacts] = {}
+_view_facts_made: dict[tuple[str, str | None, str | None, str, bool], _ViewFacts] = {}
 
 
 def _view_facts(
@@ -204,7 +204,7 @@ def _view_facts(
 ) -> _ViewFacts:
     """The facts of requests for `group`'s view (serverless or not) in this process."""
     me = current_env().machine_id
-    key = (role, me, group, serverless)
+    key = (role.kind, role.group, me, group, serverless)  # not `role`: its hash is Python code
     made = _view_facts_made.get(key)
     if made is not None and made.settings is settings:
         return made
