@@ -78,11 +78,12 @@ class RoutedRequest:
 
 
 def _max_wait(routed: RoutedRequest, find: FindTarget) -> float:
+    """How long `find` waits on a cold cache: its own wait, else the group's replay timeout."""
     return routed.options.replay_timeout_seconds if find.max_wait is None else find.max_wait
 
 
 def wait_target(routed: RoutedRequest, find: FindTarget) -> Target | None:
-    """A cold cache's target, waited for at most `find.max_wait` seconds (sync)."""
+    """A cold cache's target, waited for at most `_max_wait` seconds (sync)."""
     manager, max_wait = get_manager(), _max_wait(routed, find)
     if find.kind == "app_machine":
         machine = manager.wait_app_machine(max_wait)
