@@ -4,7 +4,11 @@ the routing table (docs/how-it-works.md) as named rows."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -275,3 +279,13 @@ def test_a_body_is_replayable_when_absent_or_declared_within_the_limit() -> None
     assert not replayable_body({"CONTENT_LENGTH": "ten"}, 10)
     assert not replayable_body({"HTTP_TRANSFER_ENCODING": "chunked"}, 10)
     assert not replayable_body({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
+
+
+def test_the_decision_imports_no_django() -> None:
+    code = "import sys, flyfn.routing; print(sorted(m for m in sys.modules if 'django' in m))"
+    root = Path(__file__).resolve().parents[1]  # this checkout's flyfn, whatever is installed
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=env
+    ).stdout
+    assert shown.strip() == "[]"
