@@ -1,14 +1,15 @@
 """Elastic `instance` groups: a function Machine's count of its group's requests in flight, and
-where it sends on a replay once it is at its soft limit (docs/elastic-groups.md).
+where it replays a request to once it is at its soft limit (docs/elastic-groups.md).
 
 Only for groups with a `concurrency` setting (without one, function Machines run whatever they
 get, as before). The app Machines replay a group's requests to its first Machine(s) in rank order.
 A function Machine runs a replay while fewer than the soft limit of its group's requests are in
-flight in its process; at the limit it sends the replay on to the next Machine in rank order (Fly
-Proxy starts it if it is stopped), with a freshly signed state one hop further. After `spill_hops`
-hops (every Machine of the group, at most `MAX_SPILL_HOPS`) the group is saturated: the last
-Machine sends it to a random other Machine with the "run here" hop, so the overflow spreads evenly
-instead of piling up on the last one. Pure decisions and counters only: no I/O.
+flight in its process; at the limit it replays the request to the next Machine in rank order (Fly
+Proxy starts it if it is stopped), with a freshly signed state one hop further (a `Spill`;
+`flyfn.routing` decides when). After `spill_hops` hops (every Machine of the group, at most
+`MAX_SPILL_HOPS`) the group is saturated: the last Machine replays it to a random other Machine
+with the "run here" hop, so the overflow spreads evenly instead of piling up on the last one. Pure
+decisions and counters only: no I/O.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ __all__ = [
 ]
 
 # Fly Proxy follows at most 10 replays per request. One brings a request to its group (two when a
-# function Machine of another group bounced it to an app Machine first), and the "run here" hop
-# takes one: at most 7 are left for the chain.
+# function Machine of another group sent it elsewhere, to an app Machine, first), and the "run
+# here" hop takes one: at most 7 are left for the chain.
 MAX_SPILL_HOPS = 7
 
 
@@ -87,14 +88,15 @@ def in_flight(group: str, limit: int) -> InFlight:
 
 
 class Spill(NamedTuple):
-    """Where a busy function Machine sends a replay on, and the hop count of the new state."""
+    """The sibling a busy function Machine replays a request to, and the hop count of the new
+    state."""
 
     machine_id: str
     hop: int
 
 
 def spill_hops(members: int) -> int:
-    """How many times a replay is sent on along a group of `members` Machines before the "run
+    """How many times a request is replayed along a group of `members` Machines before the "run
     here" hop: once to each other Machine, at most `MAX_SPILL_HOPS`."""
     return min(max(members - 1, 0), MAX_SPILL_HOPS)
 
@@ -102,8 +104,8 @@ def spill_hops(members: int) -> int:
 def spill_target(
     members: Sequence[str], me: str | None, hop: int, rng: random.Random | None = None
 ) -> Spill | None:
-    """Where a function Machine at its soft limit sends a replay that came `hop` hops far, or None
-    to run it here.
+    """Where a function Machine at its soft limit replays a request that came `hop` hops far, or
+    None to run it here.
 
     `members` are the group's Machine ids in rank order. Below `spill_hops`: the next Machine in
     rank order (wrapping). At it: a random other Machine, with the "run here" hop

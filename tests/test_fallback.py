@@ -1,4 +1,5 @@
-"""Fallbacks: an unreachable API, bounded local fallbacks, and recovery from a vanished Machine."""
+"""Fallbacks: an unreachable API, bounded local fallbacks (a streaming one until its last byte), and
+recovery from a vanished Machine."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
-from django.http import HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from django.test import AsyncClient, Client, override_settings
+from django.urls import path
 from pytest_django.fixtures import Settings
 
+from flyfn.decorators import fly_serverless
 from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.pool import PoolManager
 from flyfn.runtime import MAIN, override_role
 from tests.conftest import EMULATOR_APP, MachinesAPI
 from tests.testapp.routing import Hold
+from tests.urls import urlpatterns as test_urlpatterns
 
 TOKEN = "do-not-log-this-token"
 DOWN = {
@@ -25,6 +30,14 @@ DOWN = {
     "API_TOKEN": TOKEN,
     "IMAGE_REF": "registry.fly.io/testapp:deployment-1",
 }
+
+
+@fly_serverless
+def streamed(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter([b"one ", b"two"]))
+
+
+urlpatterns = [path("streamed/", streamed), *test_urlpatterns]
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +104,26 @@ def test_local_fallbacks_are_bounded_per_process(client: Client) -> None:
     assert second["Retry-After"]
     assert held == [200]
     assert third.status_code == 200
+
+
+def streamed_body(response: HttpResponseBase) -> bytes:
+    """A streaming response's body, read to its end (which closes it, as a server does)."""
+    assert isinstance(response, StreamingHttpResponse)
+    return b"".join(cast(Iterator[bytes], response.streaming_content))
+
+
+@pytest.mark.urls(__name__)
+def test_a_streaming_fallback_holds_its_slot_until_its_response_is_closed(client: Client) -> None:
+    settings = {**DOWN, "GROUPS": {"default": {"fallback_concurrency": 1}}}
+    with override_settings(FLYFN=settings):
+        streaming = client.get("/streamed/")  # its body not sent yet
+        refused = Client().get("/streamed/")
+        assert streamed_body(streaming) == b"one two"  # its last byte: closed
+        again = Client().get("/streamed/")
+        assert streamed_body(again) == b"one two"
+    assert streaming.status_code == 200
+    assert refused.status_code == 503
+    assert again.status_code == 200
 
 
 async def test_async_local_fallbacks_are_bounded_per_process(async_client: AsyncClient) -> None:

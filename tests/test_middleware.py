@@ -17,20 +17,17 @@ from django.urls import path, resolve
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
-from flyfn import metrics
+from flyfn import answers, metrics, replay_checks
+from flyfn.answers import NO_STORE, replay_response
 from flyfn.conf import get_settings
 from flyfn.elastic import in_flight
 from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
-from flyfn.middleware import (
-    NO_STORE,
-    FlyReplayMiddleware,
-    _body_replayable,
-    _request_body_binding,
-    replay_response,
-)
+from flyfn.middleware import FlyReplayMiddleware
 from flyfn.pool import PoolManager, ReplayTarget
+from flyfn.replay_checks import request_body_binding
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
+from flyfn.routing import ORDINARY_WAIT
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.support_middleware import (
@@ -49,7 +46,7 @@ MIDDLEWARE = "flyfn.middleware.FlyReplayMiddleware"
 @pytest.fixture(autouse=True)
 def middleware(settings: SettingsWrapper) -> None:
     settings.MIDDLEWARE = [MIDDLEWARE]
-    middleware_module._plan.cache_clear()  # each test builds the replay headers it uses
+    answers.replay_plan.cache_clear()  # each test builds the replay headers it uses
 
 
 @pytest.fixture
@@ -381,7 +378,7 @@ async def test_an_ordinary_request_sent_to_a_function_machine_waits_for_the_app_
     with override_role(function("pdf")):
         response = await fetch("GET", "/plain/", headers=bounced)
     assert ran_here(response, b"plain")
-    assert waited == [middleware_module.ORDINARY_WAIT]
+    assert waited == [ORDINARY_WAIT]
 
 
 async def test_function_refuses_a_bounced_request_while_it_knows_no_app_machine(
@@ -655,19 +652,19 @@ async def test_function_runs_a_large_body_bound_by_its_length(
 
 def test_the_body_binding_of_requests_django_cannot_read_again(settings: SettingsWrapper) -> None:
     factory = RequestFactory()
-    assert _request_body_binding(factory.get("/x")) == ""
-    assert _request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == (
+    assert request_body_binding(factory.get("/x")) == ""
+    assert request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == (
         body_binding(3, b"abc")
     )
     bad = factory.post("/x", b"abc", content_type="text/plain")
     bad.META["CONTENT_LENGTH"] = "three"
-    assert _request_body_binding(bad) == "?"
+    assert request_body_binding(bad) == "?"
     streamed = factory.post("/x", {"f": "v"})  # multipart, read as a stream before
     streamed.POST  # noqa: B018
     length = int(streamed.META["CONTENT_LENGTH"])
-    assert _request_body_binding(streamed) == str(length)
+    assert request_body_binding(streamed) == str(length)
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2  # request.body would raise: the length is bound
-    assert _request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == "3"
+    assert request_body_binding(factory.post("/x", b"abc", content_type="text/plain")) == "3"
 
 
 # ------------------------------------------------------------- the cold path (issue 17)
@@ -746,7 +743,7 @@ async def test_local_fallbacks_are_bounded_and_their_slots_released(
             slots.release()
     assert ran_here(first, b"pdf")
     assert busy.status_code == 503
-    assert busy["Retry-After"] == str(middleware_module.RETRY_AFTER_SECONDS)
+    assert busy["Retry-After"] == str(answers.RETRY_AFTER_SECONDS)
 
 
 # ------------------------------------------------------------------------------------ events
@@ -944,7 +941,7 @@ def fallback_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, st
 
 
 class Clock:
-    """The middleware's `time` module, with a wall clock and a monotonic clock the test sets."""
+    """The replay checks' `time` module, with a wall clock and a monotonic clock the test sets."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -959,7 +956,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock(1000.0)
-    monkeypatch.setattr(middleware_module, "time", fake)
+    monkeypatch.setattr(replay_checks, "time", fake)
     return fake
 
 
@@ -974,7 +971,7 @@ def run_view(request: HttpRequest) -> HttpResponseBase | None:
 def test_unavailable_is_a_plain_503_to_retry_that_django_does_not_log_again(
     manager: StaticPools, caplog: pytest.LogCaptureFixture
 ) -> None:
-    response = middleware_module.unavailable()
+    response = answers.unavailable()
     assert response.status_code == 503
     assert response.content == b"Service temporarily unavailable, retry shortly.\n"
     assert response["Content-Type"] == "text/plain; charset=utf-8"
@@ -1102,7 +1099,7 @@ def test_unverifiable_replays_are_logged_once_a_minute_with_group_and_reason(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(middleware_module, "_unverified_logged_at", float("-inf"))
+    monkeypatch.setattr(replay_checks, "_unverified_logged_at", float("-inf"))
     forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
     clock.now = time.time()  # the state's clock: a fresh state
     with override_role(function("pdf")):
@@ -1116,13 +1113,13 @@ def test_unverifiable_replays_are_logged_once_a_minute_with_group_and_reason(
     assert [r.args for r in warnings] == [("pdf", "signature mismatch")] * 2
 
 
-def test_a_declared_body_length_is_replayable_from_zero_to_the_limit() -> None:
-    assert _body_replayable({"CONTENT_LENGTH": "0"}, 10)
-    assert _body_replayable({"CONTENT_LENGTH": "10"}, 10)
-    assert not _body_replayable({"CONTENT_LENGTH": "11"}, 10)
-    assert not _body_replayable({"CONTENT_LENGTH": "-1"}, 10)
-    assert not _body_replayable({"CONTENT_LENGTH": "ten"}, 10)
-    assert not _body_replayable({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
+def test_an_app_machine_never_replays_a_request_to_itself(manager: StaticPools) -> None:
+    # A pool that lists this very Machine (a misconfigured group): the group's fallback, never a
+    # replay that would only come back here.
+    manager.targets["pdf"] = ReplayTarget(instance="self0000000001")
+    with override_role(MAIN, MachineEnv(machine_id="self0000000001")):
+        response = Client().get("/routing/pdf/")
+    assert ran_here(response, b"pdf")
 
 
 def test_fallback_slots_are_per_group() -> None:
@@ -1144,7 +1141,7 @@ def test_a_view_that_raises_leaves_the_in_flight_count_with_its_own_error() -> N
     counter = in_flight("raises", 1)
     assert counter.acquire()
     request = RequestFactory().get("/x")
-    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    setattr(request, middleware_module._HOLD_ATTR, counter)
     with pytest.raises(RuntimeError, match="view failed"):
         mw(request)
     assert counter.active == 0
@@ -1156,8 +1153,8 @@ def test_a_response_django_does_not_close_leaves_the_count_at_once() -> None:
     counter = in_flight("not-closed", 1)
     assert counter.acquire()
     request = RequestFactory().get("/x")
-    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
-    middleware_module._release_in_flight_on_close(request, object())  # type: ignore[arg-type]
+    setattr(request, middleware_module._HOLD_ATTR, counter)
+    middleware_module._release_on_close(request, object())  # type: ignore[arg-type]
     assert counter.active == 0
 
 
@@ -1168,7 +1165,7 @@ def test_function_bounces_an_unsigned_request_for_a_path_it_replayed_lately(
     issued("GET", "/routing/pdf/")  # no fly-replay-failed here
     with override_role(function("pdf")):
         response = Client().get("/routing/pdf/")
-    assert response["fly-replay"] == middleware_module.ELSEWHERE
+    assert response["fly-replay"] == answers.ELSEWHERE
 
 
 def test_a_send_on_that_failed_runs_here_counted_within_its_groups_timeout(
@@ -1278,14 +1275,14 @@ async def test_async_mode_releases_the_in_flight_count_on_close_or_error() -> No
     counter = in_flight("async-count", 1)
     assert counter.acquire()
     request = RequestFactory().get("/x")
-    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    setattr(request, middleware_module._HOLD_ATTR, counter)
     response = await FlyReplayMiddleware(respond)(request)  # type: ignore[misc]
     assert counter.active == 1  # until the server is done with the response
     response.close()
     assert counter.active == 0
     assert counter.acquire()
     request = RequestFactory().get("/x")
-    setattr(request, middleware_module._INFLIGHT_ATTR, counter)
+    setattr(request, middleware_module._HOLD_ATTR, counter)
     with pytest.raises(RuntimeError, match="view failed"):
         await FlyReplayMiddleware(fail)(request)  # type: ignore[misc]
     assert counter.active == 0
@@ -1422,5 +1419,5 @@ def test_a_view_declared_by_url_name_is_routed_under_that_name_only(
 def test_a_body_of_exactly_the_digest_limit_is_bound_by_its_digest() -> None:
     body = b"x" * STATE_BODY_DIGEST_LIMIT
     request = RequestFactory().post("/x", body, content_type="text/plain")
-    assert _request_body_binding(request) == body_binding(len(body), body)
-    assert _request_body_binding(request).startswith("sha256:")
+    assert request_body_binding(request) == body_binding(len(body), body)
+    assert request_body_binding(request).startswith("sha256:")
