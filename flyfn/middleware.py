@@ -21,7 +21,6 @@ from flyfn.answers import ELSEWHERE, replay_plan, replay_response, to_app_machin
 from flyfn.conf import SettingsError, get_settings
 from flyfn.elastic import Counters, InFlight, in_flight
 from flyfn.pool import get_manager
-from flyfn.replay_checks import record_replay, report_unverified, request_body_binding, sign_request
 from flyfn.request_facts import RoutedRequest, ViewFunc, await_target, gather, wait_target
 from flyfn.routing import (
     UNKNOWN,
@@ -37,6 +36,12 @@ from flyfn.routing import (
     decide,
 )
 from flyfn.runtime import current_role
+from flyfn.signed_requests import (
+    record_replay,
+    report_unverified,
+    request_body_binding,
+    sign_request,
+)
 
 logger = logging.getLogger("flyfn.middleware")
 

@@ -19,7 +19,6 @@ from flyfn.fly.replay import ReplayFailed, ReplayHeaderError
 from flyfn.group_settings import GroupSettings
 from flyfn.pool import get_manager
 from flyfn.registry import registry
-from flyfn.replay_checks import explained_fallback, request_body_binding, request_state
 from flyfn.replay_state import StateCheck
 from flyfn.routing import (
     UNKNOWN,
@@ -34,6 +33,7 @@ from flyfn.routing import (
     replayable_body,
 )
 from flyfn.runtime import Role, current_env, current_role
+from flyfn.signed_requests import explained_fallback, request_body_binding, request_state
 
 __all__ = ["RoutedRequest", "ViewFunc", "await_target", "gather", "wait_target"]
 

@@ -17,18 +17,18 @@ from django.urls import path, resolve
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import flyfn.middleware as middleware_module
-from flyfn import answers, metrics, replay_checks
+from flyfn import answers, metrics, signed_requests
 from flyfn.answers import NO_STORE, replay_response
 from flyfn.conf import get_settings
 from flyfn.elastic import in_flight
 from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
 from flyfn.middleware import FlyReplayMiddleware
 from flyfn.pool import PoolManager, ReplayTarget
-from flyfn.replay_checks import request_body_binding
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
 from flyfn.routing import ORDINARY_WAIT
 from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
+from flyfn.signed_requests import request_body_binding
 from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.support_middleware import (
     APP_MACHINE,
@@ -956,7 +956,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock(1000.0)
-    monkeypatch.setattr(replay_checks, "time", fake)
+    monkeypatch.setattr(signed_requests, "time", fake)
     return fake
 
 
@@ -1099,7 +1099,7 @@ def test_unverifiable_replays_are_logged_once_a_minute_with_group_and_reason(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(replay_checks, "_unverified_logged_at", float("-inf"))
+    monkeypatch.setattr(signed_requests, "_unverified_logged_at", float("-inf"))
     forged = signed_src("GET", "/routing/pdf/", "pdf", "another-secret-key")
     clock.now = time.time()  # the state's clock: a fresh state
     with override_role(function("pdf")):
