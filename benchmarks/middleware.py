@@ -102,7 +102,7 @@ def role_of(bench: Bench) -> Iterator[None]:
     if not bench.on_function_machine:
         yield
         return
-    from flyfn.runtime import function, override_role
+    from flyfn.machine_role import function, override_role
 
     for environ in bench.environs:
         environ["HTTP_FLY_REPLAY_SRC"] = replay_src(environ["PATH_INFO"])

@@ -1,7 +1,7 @@
 """The flyfn settings: `FLYFN` and the seed's setting, validated into a typed model.
 
 A group's options are `flyfn.group_settings`; how errors are worded, `flyfn.settings_errors`;
-the seed's setting, `flyfn.seed`.
+the seed's setting, `flyfn.legacy_setting`.
 
 `get_settings()` validates `settings.FLYFN` (and `FLY_MACHINES_SERVERLESS_FUNCTIONS`) into a
 frozen pydantic model and caches it until Django's `setting_changed` signal
@@ -47,9 +47,9 @@ from flyfn.group_settings import (
     Section,
     matching,
 )
+from flyfn.legacy_setting import SEED_SETTING, seed_views
 from flyfn.names import validate_group_name
 from flyfn.registry import ServerlessView, normalize_methods
-from flyfn.seed import SEED_SETTING, seed_views
 from flyfn.settings_errors import SettingsError, SettingsIssue, invalid, issues_of, show
 
 __all__ = [
@@ -139,7 +139,7 @@ class FlyfnSettings(Section):
         default=None, alias="APP_NAME"
     )
     """Default: env `FLY_APP_NAME`, which Fly sets on every Machine; the app the function Machines
-    belong to (`instance` strategy). Does not decide the role: see `flyfn.runtime`."""
+    belong to (`instance` strategy). Does not decide the role: see `flyfn.machine_role`."""
 
     api_hostname: str = Field(default=DEFAULT_API_HOSTNAME, alias="API_HOSTNAME")
     """Default: env `FLY_API_HOSTNAME`, else `https://api.machines.dev` (Fly's public endpoint;

@@ -19,7 +19,8 @@ from django.http import HttpRequest, HttpResponseBase
 from flyfn import events, metrics
 from flyfn.answers import ELSEWHERE, replay_plan, replay_response, to_app_machine, unavailable
 from flyfn.conf import SettingsError, get_settings
-from flyfn.elastic import Counters, InFlight, in_flight
+from flyfn.in_flight import Counters, InFlight, in_flight
+from flyfn.machine_role import current_role
 from flyfn.pool import get_manager
 from flyfn.request_facts import RoutedRequest, ViewFunc, await_target, gather, wait_target
 from flyfn.routing import (
@@ -35,7 +36,6 @@ from flyfn.routing import (
     Target,
     decide,
 )
-from flyfn.runtime import current_role
 from flyfn.signed_requests import (
     record_replay,
     report_unverified,

@@ -1,6 +1,6 @@
 """The rules for the names flyfn gives things: a function group's name (`validate_group_name`).
 
-Django-free and dependency-free, so that the runtime, the settings, the seed and the tasks
+Django-free and dependency-free, so that the role, the settings, the legacy setting and the tasks
 backend can check a name without importing the view registry.
 """
 

@@ -13,10 +13,11 @@ from django.http import HttpRequest, HttpResponseBase
 
 from flyfn import events
 from flyfn.conf import FlyfnSettings, get_settings
-from flyfn.elastic import InFlight, in_flight
 from flyfn.fly.headers import FLY_REPLAY_FAILED, FLY_REPLAY_SRC
 from flyfn.fly.replay import ReplayFailed, ReplayHeaderError
 from flyfn.group_settings import GroupSettings
+from flyfn.in_flight import InFlight, in_flight
+from flyfn.machine_role import Role, current_env, current_role
 from flyfn.pool import get_manager
 from flyfn.registry import registry
 from flyfn.replay_state import StateCheck
@@ -32,7 +33,6 @@ from flyfn.routing import (
     reads_explained,
     replayable_body,
 )
-from flyfn.runtime import Role, current_env, current_role
 from flyfn.signed_requests import explained_fallback, request_body_binding, request_state
 
 __all__ = ["RoutedRequest", "ViewFunc", "await_target", "gather", "wait_target"]
@@ -64,7 +64,7 @@ class RoutedRequest:
         manager = get_manager()
         if find.kind == "sibling":
             hop = 0 if self.check is None else self.check.hop
-            sibling = manager.spill(self.group, self.facts.me, hop)
+            sibling = manager.sibling(self.group, self.facts.me, hop)
             return None if sibling is None else Target(sibling.machine_id, hop=sibling.hop)
         if find.kind == "group":
             target = manager.get_target(self.group)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from flyfn.events import BounceReason, FallbackReason
-from flyfn.runtime import RoleKind
+from flyfn.machine_role import RoleKind
 
 __all__ = [
     "ORDINARY_WAIT",

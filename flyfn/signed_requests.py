@@ -12,6 +12,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, RawPostDataException
 
 from flyfn.fly.replay import ReplayHeaderError, ReplaySource
+from flyfn.machine_role import current_env
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN, ReplayRecord, machine_record, replay_key
 from flyfn.replay_state import (
     STATE_BODY_DIGEST_LIMIT,
@@ -20,7 +21,6 @@ from flyfn.replay_state import (
     sign_state,
     verify_state,
 )
-from flyfn.runtime import current_env
 
 __all__ = [
     "explained_fallback",

@@ -17,7 +17,7 @@ import httpx
 import hypothesis
 import pytest
 
-from flyfn.elastic import Spill
+from flyfn.elastic import SiblingReplay
 from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine
@@ -259,8 +259,8 @@ class StaticPools:
     def members(self, group: str) -> tuple[str, ...]:
         return self.machines.get(group, ())
 
-    def spill(self, group: str, me: str | None, hop: int) -> Spill | None:
-        return self.choice.spill(self.members(group), me, hop)
+    def sibling(self, group: str, me: str | None, hop: int) -> SiblingReplay | None:
+        return self.choice.sibling(self.members(group), me, hop)
 
     def forget(self, group: str, machine_id: str) -> bool:
         self.forgotten.append((group, machine_id))

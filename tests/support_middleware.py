@@ -8,9 +8,9 @@ import time
 
 from django.conf import settings
 
+from flyfn.machine_role import current_env
 from flyfn.pool import ReplayTarget
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN, machine_record, replay_key
-from flyfn.runtime import current_env
 from tests.conftest import StaticPools
 
 PDF_MACHINE = "e286de4f711e86"

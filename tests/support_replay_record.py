@@ -19,7 +19,7 @@ def _machine(base: str, machine_id: str) -> Any:
     """This process's record of the Machine `machine_id`, found as a worker finds it: from
     FLY_MACHINE_ID in its environment, under the records' directory (`base` here)."""
     from flyfn import machine_dir, replay_record
-    from flyfn.runtime import detect_env
+    from flyfn.machine_role import detect_env
 
     machine_dir.base_dir = base
     os.environ["FLY_MACHINE_ID"] = machine_id
@@ -48,7 +48,7 @@ def replay_through_the_middleware(base: str, machine_id: str, results: Any) -> N
     from django.test import Client, override_settings
 
     from flyfn import machine_dir
-    from flyfn.runtime import MAIN, MachineEnv, override_role
+    from flyfn.machine_role import MAIN, MachineEnv, override_role
     from tests.conftest import installed
     from tests.support_middleware import routing_manager
 

@@ -1,4 +1,4 @@
-"""Elastic groups: the spill decision, and a function Machine at its soft limit sending replays on
+"""Elastic groups: the sibling decision, and a function Machine at its soft limit sending replays on
 (flyfn.elastic through the middleware)."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from django.conf import settings as django_settings
 from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from flyfn.elastic import MAX_SPILL_HOPS, Spill, in_flight, spill_hops, spill_target
+from flyfn.elastic import MAX_SIBLING_HOPS, SiblingReplay, sibling_hops, sibling_target
 from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
+from flyfn.in_flight import in_flight
+from flyfn.machine_role import MachineEnv, Role, function, override_role
 from flyfn.replay_state import sign_state, verify_state
-from flyfn.runtime import MachineEnv, Role, function, override_role
 from tests.conftest import StaticPools, installed
 
 GROUP = ["m0", "m1", "m2"]
@@ -26,34 +27,34 @@ GROUP = ["m0", "m1", "m2"]
 
 
 def test_the_chain_goes_to_the_next_machine_in_rank_order() -> None:
-    assert spill_target(GROUP, "m0", 0) == Spill("m1", 1)
-    assert spill_target(GROUP, "m1", 1) == Spill("m2", 2)
+    assert sibling_target(GROUP, "m0", 0) == SiblingReplay("m1", 1)
+    assert sibling_target(GROUP, "m1", 1) == SiblingReplay("m2", 2)
     # An entry Machine that is not the first (machines > 1) wraps around.
-    assert spill_target(GROUP, "m2", 0) == Spill("m0", 1)
+    assert sibling_target(GROUP, "m2", 0) == SiblingReplay("m0", 1)
 
 
 def test_at_the_end_of_the_chain_the_overflow_goes_to_a_random_sibling_to_run_there() -> None:
     rng = random.Random(7)
-    picks = {spill_target(GROUP, "m2", 2, rng) for _ in range(50)}
-    assert picks == {Spill("m0", 3), Spill("m1", 3)}
+    picks = {sibling_target(GROUP, "m2", 2, rng) for _ in range(50)}
+    assert picks == {SiblingReplay("m0", 3), SiblingReplay("m1", 3)}
 
 
 def test_a_run_here_hop_a_lone_machine_or_a_stranger_runs_the_request() -> None:
-    assert spill_target(GROUP, "m1", 3) is None
-    assert spill_target(["m0"], "m0", 0) is None
-    assert spill_target(GROUP, "zz", 0) is None
-    assert spill_target(GROUP, None, 0) is None
+    assert sibling_target(GROUP, "m1", 3) is None
+    assert sibling_target(["m0"], "m0", 0) is None
+    assert sibling_target(GROUP, "zz", 0) is None
+    assert sibling_target(GROUP, None, 0) is None
 
 
 def test_the_chain_fits_fly_proxys_ten_replays() -> None:
     members = [f"m{n}" for n in range(30)]
-    assert spill_hops(30) == MAX_SPILL_HOPS
+    assert sibling_hops(30) == MAX_SIBLING_HOPS
     hop, me, replays = 0, "m0", 1  # the app Machine's replay
-    while (spill := spill_target(members, me, hop)) is not None:
-        me, hop, replays = spill.machine_id, spill.hop, replays + 1
+    while (sibling := sibling_target(members, me, hop)) is not None:
+        me, hop, replays = sibling.machine_id, sibling.hop, replays + 1
     # One more for a request an app Machine got from another group's function Machine.
     assert replays + 1 <= 10
-    assert spill_hops(1) == 0
+    assert sibling_hops(1) == 0
 
 
 def test_the_in_flight_count_holds_the_soft_limit_unless_forced() -> None:

@@ -17,8 +17,8 @@ from pytest_django.fixtures import Settings
 
 from flyfn.decorators import fly_serverless
 from flyfn.fly.replay import FlyReplay, ReplayFailed
+from flyfn.machine_role import MAIN, override_role
 from flyfn.pool import PoolManager
-from flyfn.runtime import MAIN, override_role
 from tests.conftest import EMULATOR_APP, MachinesAPI
 from tests.testapp.routing import Hold
 from tests.urls import urlpatterns as test_urlpatterns

@@ -20,14 +20,14 @@ import flyfn.middleware as middleware_module
 from flyfn import answers, metrics, signed_requests
 from flyfn.answers import NO_STORE, replay_response
 from flyfn.conf import get_settings
-from flyfn.elastic import in_flight
 from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
+from flyfn.in_flight import in_flight
+from flyfn.machine_role import LOCAL, MAIN, MachineEnv, function, override_role
 from flyfn.middleware import FlyReplayMiddleware
 from flyfn.pool import PoolManager, ReplayTarget
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
 from flyfn.routing import ORDINARY_WAIT
-from flyfn.runtime import LOCAL, MAIN, MachineEnv, function, override_role
 from flyfn.signed_requests import request_body_binding
 from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.support_middleware import (

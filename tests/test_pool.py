@@ -19,6 +19,7 @@ import pytest
 from django.test import override_settings
 
 from flyfn.conf import get_settings
+from flyfn.machine_role import MachineEnv, function, override_role
 from flyfn.machines import Machine, MachineConfig
 from flyfn.pool import (
     PoolManager,
@@ -33,7 +34,6 @@ from flyfn.pool import (
     spec_for,
 )
 from flyfn.pool.listing import MachineListing
-from flyfn.runtime import MachineEnv, function, override_role
 from tests.conftest import (
     EMULATOR_APP,
     EMULATOR_TOKEN,

@@ -20,6 +20,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 from flyfn import machine_dir
 from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_dir import default_base
+from flyfn.machine_role import MAIN, MachineEnv, override_role
 from flyfn.replay_record import (
     REPLAY_RECORD_LIMIT,
     SWEEP_INTERVAL,
@@ -30,7 +31,6 @@ from flyfn.replay_record import (
     open_record,
     replay_key,
 )
-from flyfn.runtime import MAIN, MachineEnv, override_role
 from tests import support_replay_record as procs
 from tests.conftest import StaticPools, installed
 from tests.support_middleware import PDF_MACHINE, routing_manager

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flyfn.machine_role import RoleKind
 from flyfn.routing import (
     ORDINARY_WAIT,
     Action,
@@ -29,7 +30,6 @@ from flyfn.routing import (
     reads_explained,
     replayable_body,
 )
-from flyfn.runtime import RoleKind
 
 ME = "me0000000000ab"
 OTHER = "ot0000000000cd"

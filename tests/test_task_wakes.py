@@ -15,7 +15,7 @@ from django.test import AsyncClient
 from django.urls import clear_url_caches
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from flyfn import runtime
+from flyfn import machine_role
 from flyfn.fly.headers import FLY_REPLAY
 from flyfn.pool import ReplayTarget
 from flyfn.tasks import runner
@@ -27,7 +27,7 @@ from tests.test_tasks import TASKS, _wake_views_leave_the_registry  # noqa: F401
 
 TASKS_MACHINE = "3d8d9e1f2a4b6c"
 URL = "/_flyfn/tasks/tasks/"
-FUNCTION_ENV = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+FUNCTION_ENV = machine_role.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,7 @@ async def test_an_app_machine_refuses_an_unsigned_wake_without_replaying_it(
 ) -> None:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     client = AsyncClient()
-    with runtime.override_role(runtime.MAIN):
+    with machine_role.override_role(machine_role.MAIN):
         for headers in ({}, {WAKE_HEADER: "forged"}, {WAKE_HEADER: sign_wake("pdf")}):
             response = await client.post(URL, headers=headers)
             assert response.status_code == 403, headers
@@ -73,7 +73,7 @@ async def test_an_app_machine_refuses_an_unsigned_wake_without_replaying_it(
 async def test_a_signed_wake_is_used_once() -> None:
     header = {WAKE_HEADER: sign_wake("tasks")}
     client = AsyncClient()
-    with runtime.override_role(runtime.function("tasks"), FUNCTION_ENV):
+    with machine_role.override_role(machine_role.function("tasks"), FUNCTION_ENV):
         first = await client.post(URL, headers=header)
         assert first.status_code == 200
         assert '"done": true' in await body(first)
@@ -94,7 +94,7 @@ async def test_a_failed_wake_logs_its_error_and_answers_without_it(
 
     monkeypatch.setattr(runner, "run_until_idle", broken)
     caplog.set_level(logging.ERROR, logger="flyfn.tasks")
-    with runtime.override_role(runtime.function("tasks"), FUNCTION_ENV):
+    with machine_role.override_role(machine_role.function("tasks"), FUNCTION_ENV):
         response = await AsyncClient().post(URL, headers={WAKE_HEADER: sign_wake("tasks")})
         text = await body(response)
     last = text.strip().splitlines()[-1]

@@ -22,7 +22,7 @@ from django.utils import timezone
 from django_tasks_db.compat import TaskResultStatus, task_backends
 from django_tasks_db.models import DBTaskResult
 
-from flyfn import runtime
+from flyfn import machine_role
 from flyfn.registry import registry
 from flyfn.tasks import FlyMachinesBackend, TaskLost, TaskOptions, run_due_tasks
 from flyfn.tasks import wake as wake_module
@@ -166,8 +166,8 @@ def test_a_function_machine_of_another_app_wakes_through_the_app_that_created_it
         httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(answer), **kw)
     )
     waker = Dispatcher("default", backend().flyfn)
-    role, env = runtime.function("pdf"), runtime.MachineEnv(app_name="shop-fns")
-    with runtime.override_role(role, env):
+    role, env = machine_role.function("pdf"), machine_role.MachineEnv(app_name="shop-fns")
+    with machine_role.override_role(role, env):
         assert waker._send("tasks") == 2  # the tasks the wake ran
     assert sent == ["https://shop.fly.dev/_flyfn/tasks/tasks/"]
 
@@ -344,7 +344,7 @@ def test_delivery_waits_for_the_commit_and_a_rollback_delivers_nothing(
 
 @pytest.mark.django_db(transaction=True)
 def test_local_role_runs_after_commit_off_the_request_thread() -> None:
-    with runtime.override_role(runtime.LOCAL):
+    with machine_role.override_role(machine_role.LOCAL):
         result = tasks.add.enqueue(20, 22)
         wait_finished(result)
     assert status(result) == TaskResultStatus.SUCCESSFUL
@@ -487,7 +487,7 @@ async def test_unsigned_wakes_are_refused_and_main_never_runs_tasks() -> None:
     assert response.status_code == 403
     response = await client.post("/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("pdf")})
     assert response.status_code == 403  # signed for another group
-    with runtime.override_role(runtime.MAIN):
+    with machine_role.override_role(machine_role.MAIN):
         response = await client.post(
             "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
         )
@@ -501,8 +501,8 @@ async def test_a_signed_wake_on_a_function_machine_runs_the_due_tasks(
     monkeypatch.setattr(
         Dispatcher, "notify", lambda self, group=None: None
     )  # no wake over the network
-    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
-    with runtime.override_role(runtime.function("tasks"), env):
+    env = machine_role.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with machine_role.override_role(machine_role.function("tasks"), env):
         results = [await tasks.note.aenqueue(f"n{i}") for i in range(3)]
         response = await AsyncClient().post(
             "/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")}
@@ -526,8 +526,8 @@ def test_under_wsgi_a_wakes_heartbeats_are_streamed_not_read_whole(
     WSGI answers with a plain iterator, so its heartbeats reach Fly Proxy (idle timeout 60 s)."""
     monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
     monkeypatch.setattr(wake_module, "HEARTBEAT", 0.05)
-    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
-    with runtime.override_role(runtime.function("tasks"), env):
+    env = machine_role.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with machine_role.override_role(machine_role.function("tasks"), env):
         tasks.pause.enqueue(0.5)
         response = Client().post("/_flyfn/tasks/tasks/", headers={WAKE_HEADER: sign_wake("tasks")})
         assert response.status_code == 200
@@ -576,7 +576,7 @@ def test_check_reports_a_missing_wake_url() -> None:
 def test_no_wake_is_sent_without_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLYFN_PUBLIC_URL", raising=False)
     waker = Dispatcher("default", backend().flyfn)
-    with runtime.override_role(runtime.MAIN, runtime.MachineEnv()):
+    with machine_role.override_role(machine_role.MAIN, machine_role.MachineEnv()):
         assert waker._send("tasks") is None
     assert waker._retry_at["tasks"] > 0
 
@@ -591,7 +591,7 @@ def test_flyfn_status_shows_each_group_s_tasks() -> None:
     tasks.report.enqueue("2026-09")
     DBTaskResult.objects.update(enqueued_at=timezone.now() - timedelta(seconds=90))
     out = StringIO()
-    with runtime.override_role(runtime.LOCAL, runtime.MachineEnv()):
+    with machine_role.override_role(machine_role.LOCAL, machine_role.MachineEnv()):
         call_command("flyfn", "status", stdout=out)
     lines = out.getvalue().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("Tasks"))
@@ -696,7 +696,7 @@ def test_a_wake_that_runs_nothing_backs_off_instead_of_storming() -> None:
     def wake() -> float:
         # In a thread of its own, as the dispatcher's: a run closes its thread's connections.
         waker._open["tasks"] += 1
-        with runtime.override_role(runtime.LOCAL):
+        with machine_role.override_role(machine_role.LOCAL):
             thread = threading.Thread(target=waker._wake, args=("tasks",))
             thread.start()
             thread.join(SAFETY_BOUND)
@@ -773,7 +773,7 @@ def test_system_exit_from_argparse_fails_the_task_and_the_run_goes_on() -> None:
 def test_a_keyboard_interrupt_raised_by_a_task_off_the_main_thread_fails_it() -> None:
     # The local role runs tasks in the dispatcher's thread, as a function Machine runs them in a
     # thread of its server: no Ctrl-C lands there, the task's own code raised it.
-    with runtime.override_role(runtime.LOCAL):
+    with machine_role.override_role(machine_role.LOCAL):
         interrupted = tasks.interrupt.enqueue("stop")
         wait_finished(interrupted)
         after = tasks.note.enqueue("after")
@@ -800,8 +800,8 @@ async def test_a_system_exit_in_a_wake_fails_its_task_and_the_wake_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
-    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
-    with runtime.override_role(runtime.function("tasks"), env):
+    env = machine_role.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with machine_role.override_role(machine_role.function("tasks"), env):
         bad = await tasks.parse_arguments.aenqueue(["--no-such-flag"])
         good = [await tasks.note.aenqueue(f"n{i}") for i in range(2)]
         response = await AsyncClient().post(
@@ -857,8 +857,8 @@ async def test_the_wake_needs_no_login_under_login_required_middleware(
     ]
     settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
     monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
-    env = runtime.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
-    with runtime.override_role(runtime.function("tasks"), env):
+    env = machine_role.MachineEnv(app_name="testapp", machine_id="fn0123456789ab")
+    with machine_role.override_role(machine_role.function("tasks"), env):
         result = await tasks.note.aenqueue("no login")
         unsigned = await AsyncClient().post("/_flyfn/tasks/tasks/")
         response = await AsyncClient().post(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flyfn.runtime import current_env
+from flyfn.machine_role import current_env
 
 
 def current_machine() -> str:

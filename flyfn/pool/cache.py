@@ -13,13 +13,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from flyfn.backoff import Backoff
+from flyfn.machine_role import Role, current_role
 from flyfn.machines import AsyncMachinesClient, RateLimited
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
 from flyfn.pool.listing import SHARED_LIST_MAX_AGE, MachineListing
 from flyfn.pool.loop import wait_done
 from flyfn.pool.spec import PoolSpec
-from flyfn.runtime import Role, current_role
 
 logger = logging.getLogger("flyfn.pool")
 

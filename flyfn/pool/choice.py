@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from flyfn.elastic import Spill, spill_target
+from flyfn.elastic import SiblingReplay, sibling_target
 from flyfn.machines import Machine
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class MachineChoice(Protocol):
         """The target of one request; `turn` counts the pool's requests. `targets` is not empty."""
         ...
 
-    def spill(self, members: Sequence[str], me: str | None, hop: int) -> Spill | None:
+    def sibling(self, members: Sequence[str], me: str | None, hop: int) -> SiblingReplay | None:
         """Where a function Machine at its soft limit sends on a replay that came `hop` hops far
         (`me` is its own Machine id, `members` the group's ids in rank order), or None to run it
         here."""
@@ -52,7 +52,7 @@ class MachineChoice(Protocol):
 
 class RankOrder:
     """flyfn's choice: Machines ranked by name (fixed at creation), the first `entries` of them as
-    targets in turn, and elastic groups spilling along the rank order (`flyfn.elastic`)."""
+    targets in turn, and elastic groups replaying along the rank order (`flyfn.elastic`)."""
 
     def rank(self, machines: Iterable[Machine]) -> list[Machine]:
         # Names are fixed at creation, so every process agrees on which Machines to keep.
@@ -68,8 +68,8 @@ class RankOrder:
     def pick(self, targets: Sequence[ReplayTarget], turn: int) -> ReplayTarget:
         return targets[turn % len(targets)]
 
-    def spill(self, members: Sequence[str], me: str | None, hop: int) -> Spill | None:
-        return spill_target(members, me, hop)
+    def sibling(self, members: Sequence[str], me: str | None, hop: int) -> SiblingReplay | None:
+        return sibling_target(members, me, hop)
 
 
 RANK_ORDER = RankOrder()

@@ -16,7 +16,8 @@ from typing import Any, Protocol, TypeVar
 import httpx
 
 from flyfn.conf import FlyfnSettings, get_settings
-from flyfn.elastic import Spill
+from flyfn.elastic import SiblingReplay
+from flyfn.machine_role import current_env, current_role
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.pool.cache import MachinePool
 from flyfn.pool.choice import RANK_ORDER, MachineChoice, ReplayTarget
@@ -24,7 +25,6 @@ from flyfn.pool.converge import GONE_STATES, is_app_machine
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.loop import LoopThread
 from flyfn.pool.spec import PoolConfigError, new_client, spec_for
-from flyfn.runtime import current_env, current_role
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ class Pools(Protocol):
         """The group's Machine ids in rank order, from the cache (refreshed behind when stale)."""
         ...
 
-    def spill(self, group: str, me: str | None, hop: int) -> Spill | None:
+    def sibling(self, group: str, me: str | None, hop: int) -> SiblingReplay | None:
         """Where a busy function Machine sends on a replay of `group` (None: run it here)."""
         ...
 
@@ -134,8 +134,8 @@ class PoolManager:
     def members(self, group: str) -> tuple[str, ...]:
         return self.pool(group).members()
 
-    def spill(self, group: str, me: str | None, hop: int) -> Spill | None:
-        return self.choice.spill(self.members(group), me, hop)
+    def sibling(self, group: str, me: str | None, hop: int) -> SiblingReplay | None:
+        return self.choice.sibling(self.members(group), me, hop)
 
     def forget(self, group: str, machine_id: str) -> bool:
         return self.pool(group).forget(machine_id)

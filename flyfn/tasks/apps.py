@@ -20,7 +20,7 @@ def _start_dispatchers(**kwargs: Any) -> None:
 def _keep_up(**kwargs: Any) -> None:
     # A task group's function Machine stays up while requests come and its group has work, then
     # stops itself (flyfn.tasks.keeper); on every other Machine this receiver is let go.
-    from flyfn.runtime import current_role
+    from flyfn.machine_role import current_role
     from flyfn.tasks.keeper import on_request
 
     if not current_role().is_function:

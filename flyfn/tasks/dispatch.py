@@ -29,7 +29,7 @@ from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
 from flyfn.backoff import Backoff
-from flyfn.runtime import current_env, current_role
+from flyfn.machine_role import current_env, current_role
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.clock import due as due_rows
 from flyfn.tasks.configured import flyfn_backends, wake_url_name

@@ -31,7 +31,7 @@ from django.db.models import Count, Min, Q
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
-from flyfn.runtime import RoleError, current_role, detect_role
+from flyfn.machine_role import RoleError, current_role, detect_role
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.configured import flyfn_backends, task_groups
 from flyfn.tasks.options import HORIZON

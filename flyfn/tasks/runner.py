@@ -42,7 +42,7 @@ from django_tasks_db.models import DBTaskResult, DBTaskResultQuerySet
 from django_tasks_db.utils import exclusive_transaction, is_locked_database_exception
 
 from flyfn import events
-from flyfn.runtime import current_env, current_role
+from flyfn.machine_role import current_env, current_role
 from flyfn.tasks.clock import due, in_seconds
 from flyfn.tasks.configured import FlyfnBackend, flyfn_backends
 from flyfn.tasks.errors import TaskLost, TaskTimeout

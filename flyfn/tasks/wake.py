@@ -37,8 +37,8 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from flyfn.decorators import fly_serverless
+from flyfn.machine_role import current_role
 from flyfn.names import validate_group_name
-from flyfn.runtime import current_role
 from flyfn.tasks import runner
 from flyfn.tasks.keeper import keeper
 from flyfn.tasks.models import WakeNonce

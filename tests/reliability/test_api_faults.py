@@ -18,8 +18,8 @@ from django.http import HttpResponseBase
 from django.test import AsyncClient, Client, override_settings
 from pytest_django.fixtures import Settings
 
+from flyfn.machine_role import MAIN, override_role
 from flyfn.pool import PoolManager
-from flyfn.runtime import MAIN, override_role
 from tests.conftest import MachinesAPI
 from tests.reliability.answers import Answer, classify
 from tests.reliability.conftest import SENTINEL_TOKEN

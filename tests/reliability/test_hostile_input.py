@@ -25,10 +25,10 @@ from pytest_django.fixtures import Settings
 from flyfn import fly_serverless, replay_record
 from flyfn.conf import FlyfnSettings, SettingsError, load_settings
 from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplayHeaderError, ReplaySource
+from flyfn.machine_role import MAIN, function, override_role
 from flyfn.pool import FORGET_MIN_INTERVAL, PoolManager, ReplayTarget, set_manager
 from flyfn.registry import registry
 from flyfn.replay_state import sign_state
-from flyfn.runtime import MAIN, function, override_role
 from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.reliability.answers import classify
 from tests.reliability.views import FLOOD_VIEWS, Concurrency

@@ -12,7 +12,7 @@ import pytest
 from pypdf import PdfReader
 from pytest_django.fixtures import Settings
 
-from flyfn import runtime
+from flyfn import machine_role
 from store.models import Product, Purchase, PurchaseItem
 
 MakePurchase = Callable[[str, list[tuple[str, int, str]]], Purchase]
@@ -35,9 +35,9 @@ def _off_fly(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Start every test off Fly (tests that want a Machine use `on_machine`)."""
     for name in ("FLY_APP_NAME", "FLY_MACHINE_ID", "FLY_ALLOC_ID", "FLYFN_GROUP"):
         monkeypatch.delenv(name, raising=False)
-    runtime.reset()  # flyfn caches what it read from the environment
+    machine_role.reset()  # flyfn caches what it read from the environment
     yield
-    runtime.reset()
+    machine_role.reset()
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def on_machine(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
 
     def set_machine(machine_id: str) -> None:
         monkeypatch.setenv("FLY_MACHINE_ID", machine_id)
-        runtime.reset()
+        machine_role.reset()
 
     return set_machine
 

@@ -11,7 +11,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from pytest_django.asserts import assertContains, assertNotContains
 
-from flyfn import runtime
+from flyfn import machine_role
 from flyfn.registry import registry
 from store import views
 from store.management.commands.seed_store import seed
@@ -126,6 +126,6 @@ def test_receipt_views_and_only_they_are_serverless() -> None:
 
 def test_on_a_function_machine_pages_are_sent_elsewhere(client: Client) -> None:
     # The demo's MIDDLEWARE has flyfn's router: a function Machine never serves store pages.
-    with runtime.override_role(runtime.function("default")):
+    with machine_role.override_role(machine_role.function("default")):
         response = client.get("/purchases/")
     assert "elsewhere=true" in response["fly-replay"]

@@ -1,4 +1,4 @@
-"""flyfn.runtime: the role (local / main / function) and Machine variables from the environment."""
+"""flyfn.machine_role: the role (local / main / function) and Machine variables from the env."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from flyfn import runtime
-from flyfn.runtime import (
+from flyfn import machine_role
+from flyfn.machine_role import (
     LOCAL,
     MAIN,
     MachineEnv,
@@ -36,9 +36,9 @@ FLY_VARS = (
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in FLY_VARS:
         monkeypatch.delenv(name, raising=False)
-    runtime.reset()
+    machine_role.reset()
     yield
-    runtime.reset()
+    machine_role.reset()
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_role_properties_and_str() -> None:
     assert not function.is_main
     assert not MAIN.is_local
     assert [str(LOCAL), str(MAIN), str(function)] == ["local", "main", "function(pdf)"]
-    assert runtime.function("pdf") == function
+    assert machine_role.function("pdf") == function
 
 
 def test_an_invalid_group_in_the_environment_is_a_clear_error() -> None:
@@ -102,7 +102,7 @@ def test_current_role_is_read_once_and_reset_rereads(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("FLY_MACHINE_ID", "0e1f")
     assert current_role() == LOCAL  # cached since start-up
     assert current_env().machine_id is None
-    runtime.reset()
+    machine_role.reset()
     assert current_role() == MAIN
     assert current_env().machine_id == "0e1f"
 
