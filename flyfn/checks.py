@@ -35,7 +35,7 @@ from flyfn.conf import (
 )
 from flyfn.fly.api_host import CLEAR_TEXT_HINT, clear_text_problem
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
-from flyfn.pool import group_app, name_slug
+from flyfn.pool.spec import group_app, name_slug
 from flyfn.registry import iter_url_names, registry
 from flyfn.secret_env import secret_env_message, secret_like_env
 

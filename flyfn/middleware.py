@@ -21,7 +21,7 @@ from flyfn.answers import ELSEWHERE, replay_plan, replay_response, to_app_machin
 from flyfn.conf import SettingsError, get_settings
 from flyfn.in_flight import Counters, InFlight, in_flight
 from flyfn.machine_role import current_role
-from flyfn.pool import get_manager
+from flyfn.pool.manager import get_manager
 from flyfn.request_facts import RoutedRequest, ViewFunc, await_target, gather, wait_target
 from flyfn.routing import (
     UNKNOWN,
@@ -47,6 +47,8 @@ logger = logging.getLogger("flyfn.middleware")
 
 # The request attribute holding the place a request that runs here holds (its group's in-flight
 # count, or a fallback slot), released when its response is closed.
+__all__ = ["FlyReplayMiddleware"]
+
 _HOLD_ATTR = "_flyfn_hold"
 
 ProcessView = Callable[

@@ -18,7 +18,7 @@ from flyfn.fly.replay import ReplayFailed, ReplayHeaderError
 from flyfn.group_settings import GroupSettings
 from flyfn.in_flight import InFlight, in_flight
 from flyfn.machine_role import Role, current_env, current_role
-from flyfn.pool import get_manager
+from flyfn.pool.manager import get_manager
 from flyfn.registry import registry
 from flyfn.replay_state import StateCheck
 from flyfn.routing import (

@@ -21,7 +21,8 @@ from flyfn.elastic import SiblingReplay
 from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine
-from flyfn.pool import MachineChoice, PoolManager, Pools, RankOrder, ReplayTarget, set_manager
+from flyfn.pool.choice import MachineChoice, RankOrder, ReplayTarget
+from flyfn.pool.manager import PoolManager, Pools, set_manager
 from tests.support_postgres import SQLITE_ENV, Database, Postgres, session_root
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------

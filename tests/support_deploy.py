@@ -63,7 +63,7 @@ def run_worker(
     os.environ["FLY_MACHINE_ID"] = machine_id
     os.environ["FLY_APP_NAME"] = str(flyfn["APP_NAME"])
     from flyfn.conf import load_settings
-    from flyfn.pool import PoolManager
+    from flyfn.pool.manager import PoolManager
 
     report = WorkerReport(machine_id, worker)
     settings = load_settings(flyfn, environ={})

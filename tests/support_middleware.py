@@ -9,7 +9,7 @@ import time
 from django.conf import settings
 
 from flyfn.machine_role import current_env
-from flyfn.pool import ReplayTarget
+from flyfn.pool.choice import ReplayTarget
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN, machine_record, replay_key
 from tests.conftest import StaticPools
 

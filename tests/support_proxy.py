@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from flyfn.emulator.logline import RequestLog
-from flyfn.emulator.proxy import FlyProxy
+from flyfn.emulator.proxy.app import FlyProxy
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.machines.models import (
     CreateMachineRequest,

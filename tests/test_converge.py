@@ -13,8 +13,8 @@ from django.test import override_settings
 
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.machines import Machine
-from flyfn.pool import PoolSpec, converge, is_outdated, machine_version, new_client, spec_for
-from flyfn.pool.converge import prepare_group
+from flyfn.pool.converge import converge, is_outdated, machine_version, prepare_group
+from flyfn.pool.spec import PoolSpec, new_client, spec_for
 from tests.conftest import EMULATOR_APP, MachinesAPI
 
 GROUPS = {"pdf": {"machines": 1, "max_machines": 3, "env": ["PDF_MODE"]}}

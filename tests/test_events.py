@@ -20,7 +20,7 @@ from flyfn import events, metrics
 from flyfn.conf import load_settings
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.middleware import FlyReplayMiddleware
-from flyfn.pool import new_client
+from flyfn.pool.spec import new_client
 from tests.conftest import free_loopback_port
 
 TOKEN = "FlyV1 fm2_events-token-never-shown"

@@ -18,7 +18,7 @@ from pytest_django.fixtures import Settings
 from flyfn.decorators import fly_serverless
 from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_role import MAIN, override_role
-from flyfn.pool import PoolManager
+from flyfn.pool.manager import PoolManager
 from tests.conftest import EMULATOR_APP, MachinesAPI
 from tests.testapp.routing import Hold
 from tests.urls import urlpatterns as test_urlpatterns

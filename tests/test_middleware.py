@@ -24,7 +24,8 @@ from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
 from flyfn.in_flight import in_flight
 from flyfn.machine_role import LOCAL, MAIN, MachineEnv, function, override_role
 from flyfn.middleware import FlyReplayMiddleware
-from flyfn.pool import PoolManager, ReplayTarget
+from flyfn.pool.choice import ReplayTarget
+from flyfn.pool.manager import PoolManager
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
 from flyfn.routing import ORDINARY_WAIT

@@ -21,19 +21,11 @@ from django.test import override_settings
 from flyfn.conf import get_settings
 from flyfn.machine_role import MachineEnv, function, override_role
 from flyfn.machines import Machine, MachineConfig
-from flyfn.pool import (
-    PoolManager,
-    PoolSpec,
-    RankOrder,
-    ReplayTarget,
-    converge,
-    image_hash,
-    is_outdated,
-    machine_version,
-    new_client,
-    spec_for,
-)
+from flyfn.pool.choice import RankOrder, ReplayTarget
+from flyfn.pool.converge import converge, is_outdated, machine_version
 from flyfn.pool.listing import MachineListing
+from flyfn.pool.manager import PoolManager
+from flyfn.pool.spec import PoolSpec, image_hash, new_client, spec_for
 from tests.conftest import (
     EMULATOR_APP,
     EMULATOR_TOKEN,
@@ -181,7 +173,7 @@ RACER = textwrap.dedent(
     """
     import sys
     from flyfn.conf import load_settings
-    from flyfn.pool import PoolManager
+    from flyfn.pool.manager import PoolManager
 
     settings = load_settings(
         {"APP_NAME": sys.argv[1], "API_HOSTNAME": sys.argv[2], "API_TOKEN": sys.argv[3],

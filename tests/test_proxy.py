@@ -23,7 +23,8 @@ import psutil
 import pytest
 import uvicorn
 
-from flyfn.emulator.proxy import EDGE_BUFFER_LIMIT, FlyProxy
+from flyfn.emulator.proxy.app import FlyProxy
+from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT
 from flyfn.emulator.proxy.edge import edge_protocol
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime

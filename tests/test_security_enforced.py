@@ -14,7 +14,8 @@ from flyfn.checks import check_settings
 from flyfn.conf import load_settings, reset_settings
 from flyfn.fly.api_host import in_clear
 from flyfn.machines import AsyncMachinesClient, InsecureApiHostError
-from flyfn.pool import PoolConfigError, PoolManager, new_client, spec_for
+from flyfn.pool.manager import PoolManager
+from flyfn.pool.spec import PoolConfigError, new_client, spec_for
 from flyfn.secret_env import secret_like_env, secret_like_name, secret_like_value
 
 TOKEN = "FlyV1 fm2_never-shown"

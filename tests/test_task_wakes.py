@@ -17,7 +17,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 from flyfn import machine_role
 from flyfn.fly.headers import FLY_REPLAY
-from flyfn.pool import ReplayTarget
+from flyfn.pool.choice import ReplayTarget
 from flyfn.tasks import runner
 from flyfn.tasks.dispatch import Dispatcher
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake

@@ -41,7 +41,8 @@ from flyfn.emulator.dockerfile import DockerfileError, ImageFacts, read_dockerfi
 from flyfn.emulator.flytoml import FlyToml, FlyTomlError, load_fly_toml
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.logline import RequestLog, machine_label
-from flyfn.emulator.proxy import DEFAULT_AUTOSTOP_INTERVAL, FlyProxy
+from flyfn.emulator.proxy.app import FlyProxy
+from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL
 from flyfn.emulator.proxy.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator

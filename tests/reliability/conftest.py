@@ -10,7 +10,8 @@ import pytest
 
 from flyfn.conf import FlyfnSettings
 from flyfn.machines import AsyncMachinesClient
-from flyfn.pool import PoolManager, new_client
+from flyfn.pool.manager import PoolManager
+from flyfn.pool.spec import new_client
 from tests.conftest import MachinesAPI, installed, serve_machines_api
 from tests.reliability.faults import FaultTransport
 

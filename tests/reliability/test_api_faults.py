@@ -19,7 +19,7 @@ from django.test import AsyncClient, Client, override_settings
 from pytest_django.fixtures import Settings
 
 from flyfn.machine_role import MAIN, override_role
-from flyfn.pool import PoolManager
+from flyfn.pool.manager import PoolManager
 from tests.conftest import MachinesAPI
 from tests.reliability.answers import Answer, classify
 from tests.reliability.conftest import SENTINEL_TOKEN

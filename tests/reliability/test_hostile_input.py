@@ -26,7 +26,9 @@ from flyfn import fly_serverless, replay_record
 from flyfn.conf import FlyfnSettings, SettingsError, load_settings
 from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplayHeaderError, ReplaySource
 from flyfn.machine_role import MAIN, function, override_role
-from flyfn.pool import FORGET_MIN_INTERVAL, PoolManager, ReplayTarget, set_manager
+from flyfn.pool.cache import FORGET_MIN_INTERVAL
+from flyfn.pool.choice import ReplayTarget
+from flyfn.pool.manager import PoolManager, set_manager
 from flyfn.registry import registry
 from flyfn.replay_state import sign_state
 from tests.conftest import MachinesAPI, StaticPools, installed

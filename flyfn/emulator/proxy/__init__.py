@@ -18,23 +18,5 @@ errors are short plain pages with a Fly-style code. A `RequestLog` per request t
 
 The parts: `app` (the request loop), `routing` (the pure decisions), `forwarding` and `bodies`
 (HTTP to and from Machines), `resend` (when a request is sent again), `load` and `autostop`.
+The package exports nothing: import from the module that owns a name.
 """
-
-from __future__ import annotations
-
-from flyfn.emulator.logline import RequestLog
-from flyfn.emulator.proxy.app import FlyProxy, MachineAddresses
-from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL
-from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT
-from flyfn.emulator.proxy.routing import DEFAULT_REPLAY_TIMEOUT, MAX_REPLAYS, REPLAY_BODY_LIMIT
-
-__all__ = [
-    "DEFAULT_AUTOSTOP_INTERVAL",
-    "DEFAULT_REPLAY_TIMEOUT",
-    "EDGE_BUFFER_LIMIT",
-    "MAX_REPLAYS",
-    "REPLAY_BODY_LIMIT",
-    "FlyProxy",
-    "MachineAddresses",
-    "RequestLog",
-]

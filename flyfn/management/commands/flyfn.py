@@ -19,18 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.machines import Machine, MachinesError
-from flyfn.pool import (
-    PoolConfigError,
+from flyfn.pool.converge import (
     PrepareReport,
     destroy_orphans,
     find_orphans,
-    group_app,
     machine_group,
     machine_image,
-    new_client,
     prepare_group,
-    spec_for,
 )
+from flyfn.pool.spec import PoolConfigError, group_app, new_client, spec_for
 from flyfn.registry import ServerlessView, iter_url_routes, registry
 
 T = TypeVar("T")
