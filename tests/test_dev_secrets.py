@@ -213,6 +213,7 @@ async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
         await runtime.aclose(grace=1.0)
 
 
+@pytest.mark.e2e
 async def test_secrets_are_delivered_at_boot_apart_from_the_config(stack: Stack) -> None:
     assert stack.environ(stack.app_machine)["SECRET_KEY"] == "first"
     assert stack.environ(stack.function_machine)["SECRET_KEY"] == "first"
@@ -221,6 +222,7 @@ async def test_secrets_are_delivered_at_boot_apart_from_the_config(stack: Stack)
     assert "SECRET_KEY" not in (config.env or {})
 
 
+@pytest.mark.e2e
 async def test_setting_secrets_restarts_only_fly_launch_machines(stack: Stack) -> None:
     app_pid = stack.runtime.pids()[stack.app_machine.id]
     function_pid = stack.runtime.pids()[stack.function_machine.id]
@@ -246,6 +248,7 @@ async def test_setting_secrets_restarts_only_fly_launch_machines(stack: Stack) -
     assert VALUE not in text
 
 
+@pytest.mark.e2e
 async def test_staged_secrets_restart_nothing_and_list_shows_no_values(stack: Stack) -> None:
     pids = dict(stack.runtime.pids())
     out = io.StringIO()

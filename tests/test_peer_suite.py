@@ -28,7 +28,7 @@ import pytest
 
 from tests.support_postgres import SQLITE_ENV, Postgres
 
-pytestmark = [pytest.mark.peer, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.peer, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 PEER = "django-tasks-db"
 # Safety bounds (seconds), not speed tests.

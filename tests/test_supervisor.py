@@ -117,6 +117,7 @@ async def _get(runtime: ProcessRuntime, machine_id: str) -> dict[str, object]:
     return data
 
 
+@pytest.mark.e2e
 async def test_machine_runs_with_flys_environment(stack: Stack, output: io.StringIO) -> None:
     emulator, runtime = stack
     machine = await _create(emulator, env={"FLYFN_GROUP": "pdf", "EXTRA": "1"})
@@ -137,6 +138,7 @@ async def test_machine_runs_with_flys_environment(stack: Stack, output: io.Strin
     assert "secret-token" not in repr(runtime)
 
 
+@pytest.mark.e2e
 async def test_inherited_identity_is_scrubbed(stack: Stack) -> None:
     emulator, runtime = stack
     machine = await _create(emulator)
@@ -147,6 +149,7 @@ async def test_inherited_identity_is_scrubbed(stack: Stack) -> None:
     assert machine_label(machine).startswith("main:")
 
 
+@pytest.mark.e2e
 async def test_stop_ends_the_whole_process_group(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -160,6 +163,7 @@ async def test_stop_ends_the_whole_process_group(stack: Stack) -> None:
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 
+@pytest.mark.e2e
 async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -172,6 +176,7 @@ async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 
+@pytest.mark.e2e
 async def test_suspended_machine_can_be_stopped(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -180,6 +185,7 @@ async def test_suspended_machine_can_be_stopped(stack: Stack) -> None:
     assert _gone(pid)
 
 
+@pytest.mark.e2e
 async def test_dead_process_is_reported_and_machine_stops(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime, restart=MachineRestart(policy="no"))
@@ -192,6 +198,7 @@ async def test_dead_process_is_reported_and_machine_stops(stack: Stack) -> None:
     assert runtime.pids() == {}
 
 
+@pytest.mark.e2e
 async def test_dead_process_is_restarted_by_default_policy(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -201,6 +208,7 @@ async def test_dead_process_is_restarted_by_default_policy(stack: Stack) -> None
     assert runtime.pid(machine.id) not in (None, pid)
 
 
+@pytest.mark.e2e
 async def test_failing_command_fails_the_machine_with_its_output(
     stack: Stack, output: io.StringIO
 ) -> None:
@@ -215,6 +223,7 @@ async def test_failing_command_fails_the_machine_with_its_output(
     assert runtime.pids() == {}
 
 
+@pytest.mark.e2e
 async def test_concurrent_launches_make_one_process(stack: Stack) -> None:
     emulator, runtime = stack
     machine = await _create(emulator)
@@ -239,6 +248,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
     """However the runtime's process ends, no Machine process outlives it."""
@@ -287,6 +297,7 @@ async def test_connections_accepted_on_a_listening_socket_disable_nagle() -> Non
     assert flags == [1]
 
 
+@pytest.mark.e2e
 async def test_a_machines_directory_goes_with_it(stack: Stack) -> None:
     """What a Machine's processes kept in its directory (`flyfn.machine_dir`: the record of issued
     replays, the shared list) goes when it is destroyed, and every other one when the runtime

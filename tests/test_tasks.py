@@ -1077,6 +1077,7 @@ tasks.note.enqueue("from a command")
 """
 
 
+@pytest.mark.e2e
 def test_a_process_that_enqueues_and_exits_delivers_its_wake_first(tmp_path: Any) -> None:
     import http.server
     import os
