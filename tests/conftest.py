@@ -21,11 +21,11 @@ import hypothesis
 import pytest
 
 from flyfn.elastic import Spill
-from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
+from flyfn.emulator.api import EmulatorApp, MachinesEmulator, RateLimit, create_app
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine
 from flyfn.pool import MachineChoice, PoolManager, Pools, RankOrder, ReplayTarget, set_manager
-from tests.support_emulator import in_process
+from tests.support_emulator import VirtualClock, in_process
 from tests.support_postgres import SQLITE_ENV, Database, Postgres, session_root
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
@@ -83,17 +83,6 @@ async def emulator_client(emulator_app: EmulatorApp) -> AsyncIterator[AsyncMachi
         transport=httpx.ASGITransport(app=emulator_app),
     ) as client:
         yield client
-
-
-@pytest.fixture
-def emulator_server() -> Iterator[str]:
-    """The emulator served by uvicorn in a thread on a free loopback port; yields its base URL.
-
-    The emulator lives in the server thread's event loop: talk to it over HTTP only.
-    """
-    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=EMULATOR_TOKEN)
-    with serve_in_thread(app) as url:
-        yield url
 
 
 @contextmanager
@@ -194,15 +183,14 @@ def serve_machines_api(
 ) -> Iterator[MachinesAPI]:
     """A fresh emulator accepting `token`, counting calls; within Fly's rate limits unless a focused
     test passes `rate_limits=False`. Its loopback URL is answered in process (every httpx client of
-    this process reaches it, no server runs), or with `on_socket` by uvicorn in a thread (for other
-    processes: e2e tests only)."""
+    this process reaches it, no server runs; the rate limits' time passes as flyfn's clients wait
+    out a 429), or with `on_socket` by uvicorn in a thread (for other processes: e2e tests only)."""
     calls: list[tuple[str, str]] = []
     emulator = MachinesEmulator(default_app=EMULATOR_APP)
-    app = (
-        create_app(emulator, token=token)
-        if rate_limits
-        else create_app(emulator, token=token, rate_limit=None)
-    )
+    # In process, Fly's limits run on a clock the Machines clients' Retry-After waits advance.
+    clock = None if on_socket else VirtualClock()
+    limits = RateLimit(clock=clock.now) if clock else RateLimit()
+    app = create_app(emulator, token=token, rate_limit=limits if rate_limits else None)
     inspector = create_app(emulator, token=token, rate_limit=None)
     recording = _recording(app, inspector, calls)
     with contextlib.ExitStack() as stack:
@@ -210,7 +198,7 @@ def serve_machines_api(
             url = stack.enter_context(serve_in_thread(recording))
         else:
             url = f"http://127.0.0.1:{free_loopback_port()}"
-            loop = stack.enter_context(in_process(url, recording))
+            loop = stack.enter_context(in_process(url, recording, clock))
             # Its transitions run on that loop: cancelled there, before the loop stops.
             stack.callback(lambda: loop.submit(emulator.aclose()).result(10))
         http = stack.enter_context(
