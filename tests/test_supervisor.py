@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from flyfn.emulator.logline import machine_label
+from flyfn.emulator.process_groups import kill_group
 from flyfn.emulator.roles import is_function_machine
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime, listening_socket
@@ -273,7 +274,7 @@ def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
         parent.kill()
         parent.wait(timeout=60)
         if child_pid is not None and not _gone(child_pid):
-            os.killpg(child_pid, signal.SIGKILL)
+            kill_group(child_pid, signal.SIGKILL)
 
 
 async def test_connections_accepted_on_a_listening_socket_disable_nagle() -> None:
