@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from flyfn.machines.models import Machine
 from flyfn.pool import MachineChoice, PoolManager, Pools, RankOrder, ReplayTarget, set_manager
 from tests.support_emulator import VirtualClock, in_process
 from tests.support_postgres import SQLITE_ENV, Database, Postgres, session_root
+from tests.support_wait import wait_for
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
 
@@ -96,11 +96,9 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name="emulator-uvicorn", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 60  # a safety bound, not a speed test
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the emulator server did not start")
-            time.sleep(0.02)
+        wait_for(lambda: server.started or not thread.is_alive(), what="the server", step=0.02)
+        if not server.started:
+            raise RuntimeError("the server did not start")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -34,6 +34,7 @@ from flyfn.emulator.state import AppSecret, MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, UpdateMachineRequest
 from tests.conftest import EMULATOR_TOKEN
+from tests.support_wait import until
 
 APP = "secretsapp"
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,8 +191,7 @@ async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
     try:
-        while not server.started:
-            await asyncio.sleep(0.02)
+        await until(lambda: server.started)
         port = server.servers[0].sockets[0].getsockname()[1]
         api = f"http://127.0.0.1:{port}"
         write_stack_file(DevStackInfo(APP, api, EMULATOR_TOKEN, os.getpid()))

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from flyfn.machines.models import (
     MachineConfig,
     MachineRestart,
 )
+from tests.support_wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = "tests.e2e.echo_app:app"
@@ -266,10 +266,7 @@ def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
         assert not _gone(child_pid)
         parent.send_signal(sig)
         parent.wait(timeout=60)
-        deadline = time.monotonic() + 60  # a safety bound, not a speed test
-        while not _gone(child_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(child_pid)
+        wait_for(lambda: _gone(child_pid), what=f"Machine process {child_pid} to die")
     finally:
         parent.kill()
         parent.wait(timeout=60)
