@@ -9,6 +9,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import httpx
@@ -63,7 +64,8 @@ class _Route:
         raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
         return httpx.Response(response.status_code, headers=response.headers, content=raw)
 
-    def submit(self, request: httpx.Request, body: bytes) -> Any:
+    def submit(self, request: httpx.Request, body: bytes) -> Future[httpx.Response]:
+        """Send `request` (its body read already) to the app on its loop."""
         coro = self._send(request.method, str(request.url), request.headers.raw, body)
         return self.thread.submit(coro)
 
@@ -80,8 +82,7 @@ def _handle_sync(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Res
     route = _routes.get(_origin(request.url))
     if route is None:
         return _original_sync(self, request)
-    response: httpx.Response = route.submit(request, request.read()).result()
-    return response
+    return route.submit(request, request.read()).result()
 
 
 def _client_init(self: AsyncMachinesClient, *args: Any, **kwargs: Any) -> None:
