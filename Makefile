@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install test matrix matrix-unit test-dj6 check docs demo bench mutate chromium dist clean
+.PHONY: install test test-unit matrix matrix-unit test-dj6 check docs demo bench mutate chromium dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# The unit set: everything but the end-to-end tests; it starts no process (tests/conftest.py fails
+# a test not marked e2e that starts one).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e"
 
 # The Django x Python matrix (noxfile.py): the unit and contract tests on every supported pair, then
 # the whole suite on the default one. A pair whose Python is missing is skipped with a message.

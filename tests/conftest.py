@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.process
 import os
 import re
 import socket
+import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,12 +20,14 @@ import hypothesis
 import pytest
 
 from flyfn.elastic import SiblingReplay
-from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
+from flyfn.emulator.api import EmulatorApp, MachinesEmulator, RateLimit, create_app
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.models import Machine
 from flyfn.pool.choice import MachineChoice, RankOrder, ReplayTarget
 from flyfn.pool.manager import PoolManager, Pools, set_manager
+from tests.support_emulator import VirtualClock, in_process
 from tests.support_postgres import SQLITE_ENV, Database, Postgres, session_root
+from tests.support_wait import wait_for
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
 
@@ -82,17 +86,6 @@ async def emulator_client(emulator_app: EmulatorApp) -> AsyncIterator[AsyncMachi
         yield client
 
 
-@pytest.fixture
-def emulator_server() -> Iterator[str]:
-    """The emulator served by uvicorn in a thread on a free loopback port; yields its base URL.
-
-    The emulator lives in the server thread's event loop: talk to it over HTTP only.
-    """
-    app = create_app(MachinesEmulator(default_app=EMULATOR_APP), token=EMULATOR_TOKEN)
-    with serve_in_thread(app) as url:
-        yield url
-
-
 @contextmanager
 def serve_in_thread(app: Any) -> Iterator[str]:
     """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its base URL."""
@@ -104,11 +97,9 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name="emulator-uvicorn", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 60  # a safety bound, not a speed test
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the emulator server did not start")
-            time.sleep(0.02)
+        wait_for(lambda: server.started or not thread.is_alive(), what="the server", step=0.02)
+        if not server.started:
+            raise RuntimeError("the server did not start")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -123,7 +114,7 @@ _INSPECT_HEADER = "x-flyfn-test-inspect"
 
 @dataclass
 class MachinesAPI:
-    """The emulator on loopback, with every API call flyfn made to it (method, path)."""
+    """The emulator at a loopback URL, with every API call flyfn made to it (method, path)."""
 
     url: str
     calls: list[tuple[str, str]]
@@ -187,32 +178,41 @@ def _recording(app: Any, inspector: Any, calls: list[tuple[str, str]]) -> Any:
 
 @contextmanager
 def serve_machines_api(
-    token: str = EMULATOR_TOKEN, *, rate_limits: bool = True
+    token: str = EMULATOR_TOKEN, *, rate_limits: bool = True, on_socket: bool = False
 ) -> Iterator[MachinesAPI]:
-    """A fresh emulator accepting `token`, served on loopback (uvicorn thread), counting calls;
-    within Fly's rate limits unless a focused test passes `rate_limits=False`."""
+    """A fresh emulator accepting `token`, counting calls; within Fly's rate limits unless a focused
+    test passes `rate_limits=False`. Its loopback URL is answered in process (every httpx client of
+    this process reaches it, no server runs; the rate limits' time passes as flyfn's clients wait
+    out a 429), or with `on_socket` by uvicorn in a thread (for other processes: e2e tests only)."""
     calls: list[tuple[str, str]] = []
     emulator = MachinesEmulator(default_app=EMULATOR_APP)
-    app = (
-        create_app(emulator, token=token)
-        if rate_limits
-        else create_app(emulator, token=token, rate_limit=None)
-    )
+    # In process, Fly's limits run on a clock the Machines clients' Retry-After waits advance.
+    clock = None if on_socket else VirtualClock()
+    limits = RateLimit(clock=clock.now) if clock else RateLimit()
+    app = create_app(emulator, token=token, rate_limit=limits if rate_limits else None)
     inspector = create_app(emulator, token=token, rate_limit=None)
-    with (
-        serve_in_thread(_recording(app, inspector, calls)) as url,
-        httpx.Client(
-            base_url=url,
-            headers={"Authorization": f"Bearer {token}", _INSPECT_HEADER: "1"},
-            timeout=10,
-        ) as http,
-    ):
+    recording = _recording(app, inspector, calls)
+    with contextlib.ExitStack() as stack:
+        if on_socket:
+            url = stack.enter_context(serve_in_thread(recording))
+        else:
+            url = f"http://127.0.0.1:{free_loopback_port()}"
+            loop = stack.enter_context(in_process(url, recording, clock))
+            # Its transitions run on that loop: cancelled there, before the loop stops.
+            stack.callback(lambda: loop.submit(emulator.aclose()).result(10))
+        http = stack.enter_context(
+            httpx.Client(
+                base_url=url,
+                headers={"Authorization": f"Bearer {token}", _INSPECT_HEADER: "1"},
+                timeout=10,
+            )
+        )
         yield MachinesAPI(url, calls, http)
 
 
 @pytest.fixture
 def machines_api() -> Iterator[MachinesAPI]:
-    """A fresh emulator served on loopback (uvicorn thread), counting the calls it receives."""
+    """A fresh emulator answering its loopback URL in process, counting the calls it receives."""
     with serve_machines_api() as api:
         yield api
 
@@ -313,6 +313,51 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 deadline=None,
                 suppress_health_check=list(hypothesis.HealthCheck),
             )
+
+
+# -- the unit set starts no process (owner: suite) ------------------------------------------------
+
+
+class ChildProcessInUnitTest(RuntimeError):
+    """A test not marked e2e tried to start a process."""
+
+
+# Every way a test could start one: subprocess (asyncio's subprocesses and os.popen go through it),
+# multiprocessing (its spawn and forkserver methods exec without subprocess), and os's own.
+_SPAWNERS = [
+    (subprocess.Popen, "_execute_child"),
+    (multiprocessing.process.BaseProcess, "start"),
+    *((os, name) for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system")),
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_child_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test not marked e2e that starts a child process: `make test-unit` (-m "not e2e")
+    starts none. The session's PostgreSQL server, a session fixture set up before this one, is
+    the suite's database rather than a process of a test."""
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    attempts: list[str] = []
+
+    def refuse(what: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            attempts.append(what)
+            raise ChildProcessInUnitTest(
+                f"{request.node.nodeid} started a child process ({what}): a test that needs one"
+                " is end-to-end, mark it @pytest.mark.e2e (the unit set starts no process)"
+            )
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, name in _SPAWNERS:
+            if hasattr(owner, name):
+                patch.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+        yield
+    if attempts:  # also when the code under test caught the error
+        pytest.fail(f"{request.node.nodeid} tried to start a child process: {attempts[0]}")
 
 
 # -- middleware (owner: routing) ------------------------------------------------------------------

@@ -19,10 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from flyfn.emulator.process_groups import kill_group
 from tests.conftest import free_loopback_port
 from tests.support_dev import list_machines, secrets_file, start
 from tests.support_postgres import Database, Postgres
-from tests.support_procs import alive, descendants
+from tests.support_procs import alive, child_env, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo_store"
@@ -43,7 +44,7 @@ _DEMO_SECRETS = ("SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "DATABASE_URL", "STATIC
 def demo_env(tmp_path: Path, database: Database, **extra: str) -> dict[str, str]:
     """The environment of a demo process: production-like settings, files under tmp_path, the
     PostgreSQL `database` (its Machines share one, as on Fly)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
+    env = child_env()
     env.pop("DJANGO_SETTINGS_MODULE", None)  # pytest's tests.settings must not leak in
     static_root = tmp_path / "static"
     static_root.mkdir(exist_ok=True)
@@ -103,14 +104,12 @@ def serving(
             time.sleep(0.1)
         yield response
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if kill_group(proc.pid, signal.SIGTERM):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kill_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
 
 # -- the demo store on `flyfn dev` ----------------------------------------------------------------
@@ -235,12 +234,10 @@ def stop_and_reap(process: subprocess.Popen[str], *, grace: float = 20) -> None:
     """
     family = descendants(process.pid)  # the Machines run in their own sessions
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        kill_group(process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    kill_group(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
     deadline = time.monotonic() + 30  # Machines die with their parent, a moment after it
     while any(alive(proc) for proc in family) and time.monotonic() < deadline:

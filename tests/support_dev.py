@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from tests.support_procs import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,7 +40,7 @@ class DevProcess:
 def project_env(settings_module: str, token: str) -> dict[str, str]:
     """The environment of `flyfn dev` on a test project: no inherited Fly identity, the
     repository importable, unbuffered output (read line by line while it runs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
+    env = child_env()
     env.update(
         DJANGO_SETTINGS_MODULE=settings_module,
         FLYFN_DEV_TOKEN=token,

@@ -1,6 +1,10 @@
-"""Processes of a `flyfn dev` stack, through psutil: descendants, Machine pids, liveness."""
+"""Child processes of the end-to-end tests: the environment they start with, and, through psutil,
+a `flyfn dev` stack's descendants, Machine pids and liveness."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 import psutil
 
@@ -8,6 +12,18 @@ import psutil
 Proc = tuple[int, float]
 
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied)
+
+# What a child must not inherit from the test process by default: a Fly identity (FLY_MACHINE_ID,
+# FLY_APP_NAME...) or flyfn's settings would make it another Machine than the test means.
+INHERITED_IDENTITY = ("FLY_", "FLYFN_")
+
+
+def child_env(
+    drop: tuple[str, ...] = INHERITED_IDENTITY, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """This process's environment (or `environ`) without the variables named `drop*`."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if not k.startswith(drop)}
 
 
 def identity(pid: int) -> Proc | None:

@@ -1,8 +1,10 @@
 """The real AsyncMachinesClient against the Machines API emulator: in process (httpx ASGITransport)
-and over a real loopback socket (uvicorn in a thread)."""
+and over a real loopback socket (uvicorn in a thread), within Fly's rate limits on a virtual
+clock."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -25,7 +27,8 @@ from flyfn.machines.models import (
     MachineService,
     UpdateMachineRequest,
 )
-from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN
+from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, serve_in_thread
+from tests.support_emulator import VirtualClock
 
 IMAGE = "registry.fly.io/testapp:deployment-01"
 
@@ -38,21 +41,27 @@ def _request(name: str | None = None, **config: object) -> CreateMachineRequest:
 
 @pytest.fixture(params=["asgi", "socket"])
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[AsyncMachinesClient]:
+    """The client against the emulator within Fly's rate limits, whose time passes as the client
+    waits out a 429 (at once)."""
+    clock = VirtualClock()
     emulator = MachinesEmulator(default_app=EMULATOR_APP)
-    transport: httpx.AsyncBaseTransport | None = None
-    if request.param == "asgi":
-        transport = httpx.ASGITransport(app=create_app(emulator, token=EMULATOR_TOKEN))
-        hostname = EMULATOR_BASE_URL
-    else:
-        # (A sync fixture: async ones cannot be requested from here.)
-        hostname = request.getfixturevalue("emulator_server")
-    try:
-        async with AsyncMachinesClient(
-            EMULATOR_APP, api_token=EMULATOR_TOKEN, api_hostname=hostname, transport=transport
-        ) as machines:
-            yield machines
-    finally:
-        await emulator.aclose()
+    app = create_app(emulator, token=EMULATOR_TOKEN, rate_limit=RateLimit(clock=clock.now))
+    with contextlib.ExitStack() as stack:
+        transport: httpx.AsyncBaseTransport | None = None
+        if request.param == "asgi":
+            transport = httpx.ASGITransport(app=app)
+            hostname = EMULATOR_BASE_URL
+        else:  # (the emulator then lives in the server thread's loop: it closes it at exit)
+            hostname = stack.enter_context(serve_in_thread(app))
+        try:
+            async with AsyncMachinesClient(
+                EMULATOR_APP, api_token=EMULATOR_TOKEN, api_hostname=hostname, transport=transport
+            ) as machines:
+                machines._sleep = clock.sleep
+                yield machines
+        finally:
+            if request.param == "asgi":
+                await emulator.aclose()
 
 
 async def test_a_machines_whole_life(client: AsyncMachinesClient) -> None:
@@ -152,7 +161,8 @@ async def test_pagination_is_followed_transparently(client: AsyncMachinesClient)
 
 
 async def test_pages_are_really_requested(emulator: MachinesEmulator) -> None:
-    app = create_app(emulator, token=EMULATOR_TOKEN)
+    clock = VirtualClock()
+    app = create_app(emulator, token=EMULATOR_TOKEN, rate_limit=RateLimit(clock=clock.now))
     paths: list[str] = []
 
     async def record(request: httpx.Request) -> None:
@@ -163,6 +173,7 @@ async def test_pages_are_really_requested(emulator: MachinesEmulator) -> None:
         EMULATOR_APP, api_token=EMULATOR_TOKEN, api_hostname=EMULATOR_BASE_URL, transport=transport
     ) as machines:
         machines._http.event_hooks["request"].append(record)
+        machines._sleep = clock.sleep
         for _ in range(5):
             await machines.create_machine(
                 CreateMachineRequest(config=MachineConfig(image=IMAGE), skip_launch=True)

@@ -107,6 +107,7 @@ def test_status_shows_views_and_machines_with_freshness(machines_api: MachinesAP
     assert "by state: started 2; by image: current 1, in use 1" in summaries
 
 
+@pytest.mark.e2e
 def test_status_shows_this_machines_metrics_per_group(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:

@@ -27,6 +27,7 @@ from tests.support_postgres import Database
 
 
 # A safety bound, not an expectation: the store's suite takes seconds (minutes on a loaded machine).
+@pytest.mark.e2e
 @pytest.mark.timeout(660)
 def test_store_app_tests_pass(tmp_path: Path, postgres_database: Database) -> None:
     done = subprocess.run(
@@ -56,6 +57,7 @@ def dockerfile_start() -> tuple[list[str], Path]:
     return cmd, ROOT / Path(workdir).relative_to("/app")
 
 
+@pytest.mark.e2e
 def test_dockerfile_start_command_serves_the_store(
     tmp_path: Path, postgres_database: Database
 ) -> None:
@@ -109,6 +111,7 @@ def test_fly_toml_releases_and_serves_what_the_dockerfile_runs() -> None:
     assert "DEBUG" in config["env"]
 
 
+@pytest.mark.e2e
 def test_scripts_demo_serves_pages_and_replays_receipts(
     tmp_path: Path, postgres_database: Database
 ) -> None:
@@ -153,6 +156,7 @@ def check_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.e2e
 def test_check_deploy_passes_on_the_production_settings(
     tmp_path: Path, postgres_database: Database
 ) -> None:
@@ -169,6 +173,7 @@ def test_check_deploy_passes_on_the_production_settings(
     assert "System check identified no issues (0 silenced)." in done.stdout
 
 
+@pytest.mark.e2e
 def test_the_development_secret_key_is_refused_on_fly(
     tmp_path: Path, postgres_database: Database
 ) -> None:

@@ -34,6 +34,7 @@ from flyfn.emulator.state import AppSecret, MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, UpdateMachineRequest
 from tests.conftest import EMULATOR_TOKEN
+from tests.support_wait import until
 
 APP = "secretsapp"
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,8 +191,7 @@ async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
     try:
-        while not server.started:
-            await asyncio.sleep(0.02)
+        await until(lambda: server.started)
         port = server.servers[0].sockets[0].getsockname()[1]
         api = f"http://127.0.0.1:{port}"
         write_stack_file(DevStackInfo(APP, api, EMULATOR_TOKEN, os.getpid()))
@@ -213,6 +213,7 @@ async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
         await runtime.aclose(grace=1.0)
 
 
+@pytest.mark.e2e
 async def test_secrets_are_delivered_at_boot_apart_from_the_config(stack: Stack) -> None:
     assert stack.environ(stack.app_machine)["SECRET_KEY"] == "first"
     assert stack.environ(stack.function_machine)["SECRET_KEY"] == "first"
@@ -221,6 +222,7 @@ async def test_secrets_are_delivered_at_boot_apart_from_the_config(stack: Stack)
     assert "SECRET_KEY" not in (config.env or {})
 
 
+@pytest.mark.e2e
 async def test_setting_secrets_restarts_only_fly_launch_machines(stack: Stack) -> None:
     app_pid = stack.runtime.pids()[stack.app_machine.id]
     function_pid = stack.runtime.pids()[stack.function_machine.id]
@@ -246,6 +248,7 @@ async def test_setting_secrets_restarts_only_fly_launch_machines(stack: Stack) -
     assert VALUE not in text
 
 
+@pytest.mark.e2e
 async def test_staged_secrets_restart_nothing_and_list_shows_no_values(stack: Stack) -> None:
     pids = dict(stack.runtime.pids())
     out = io.StringIO()

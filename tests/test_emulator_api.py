@@ -865,6 +865,7 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], deadline: float
     raise AssertionError("the emulator did not listen in time")
 
 
+@pytest.mark.e2e
 def test_cli_serves_the_api_on_loopback() -> None:
     port = free_loopback_port()
     root = Path(__file__).resolve().parents[1]
@@ -895,6 +896,7 @@ def test_cli_serves_the_api_on_loopback() -> None:
     assert b"cli-token" not in stderr
 
 
+@pytest.mark.e2e
 def test_cli_refuses_to_run_without_a_token() -> None:
     env = {**os.environ, "FLY_API_TOKEN": ""}
     result = subprocess.run(

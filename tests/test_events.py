@@ -247,6 +247,7 @@ def test_middleware_serves_metrics_only_when_a_port_is_set(monkeypatch: pytest.M
     assert served == [(9191, "127.0.0.1")]
 
 
+@pytest.mark.e2e
 def test_a_taken_port_is_a_warning_never_an_error(caplog: pytest.LogCaptureFixture) -> None:
     import socket
 
@@ -279,6 +280,7 @@ sys.stdin.read()  # stay up until the test closes stdin
 """
 
 
+@pytest.mark.e2e
 def test_several_worker_processes_are_served_as_one_sum(tmp_path: Path) -> None:
     port = free_loopback_port()
     env = {**os.environ, metrics.MULTIPROCESS_ENV: str(tmp_path)}

@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 
 from tests.support_postgres import SQLITE_ENV, Postgres
+from tests.support_procs import child_env
 
-pytestmark = [pytest.mark.peer, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.peer, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 PEER = "django-tasks-db"
 # Safety bounds (seconds), not speed tests.
@@ -397,7 +398,7 @@ def run_suite(
     results = root / "results.json"
     results.unlink(missing_ok=True)
     repository = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "DJANGO_"))}
+    env = child_env(("FLY_", "DJANGO_"))
     env |= {
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": database_url,

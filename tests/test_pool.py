@@ -190,9 +190,17 @@ RACER = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def unlimited_socket_api() -> Iterator[MachinesAPI]:
+    """`unlimited_api` on a real socket, for the racers in other processes."""
+    with serve_machines_api(rate_limits=False, on_socket=True) as api:
+        yield api
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("count", [2])
-def test_twenty_racing_processes_converge(unlimited_api: MachinesAPI, count: int) -> None:
-    machines_api = unlimited_api
+def test_twenty_racing_processes_converge(unlimited_socket_api: MachinesAPI, count: int) -> None:
+    machines_api = unlimited_socket_api
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
     args = [EMULATOR_APP, machines_api.url, EMULATOR_TOKEN, IMAGE, str(count)]

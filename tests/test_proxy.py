@@ -12,6 +12,7 @@ import io
 import json
 import re
 import tracemalloc
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,9 +24,12 @@ import psutil
 import pytest
 import uvicorn
 
+from flyfn.emulator.proxy import routing
 from flyfn.emulator.proxy.app import FlyProxy
 from flyfn.emulator.proxy.bodies import EDGE_BUFFER_LIMIT
 from flyfn.emulator.proxy.edge import edge_protocol
+from flyfn.emulator.proxy.errors import Full
+from flyfn.emulator.proxy.routing import Destination
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import (
@@ -45,6 +49,7 @@ from tests.support_proxy import (
     replay_once,
     route,
 )
+from tests.support_wait import until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,8 +127,7 @@ async def test_a_stopped_machine_is_autostarted_only_when_started_ones_are_at_th
     spare = await fly.machine(group="default", started=False)
     release = _gate(fly, busy.id)
     held = [asyncio.ensure_future(fly.client.get("/")) for _ in range(2)]
-    while fly.proxy.load(busy.id) < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: fly.proxy.load(busy.id) >= 2)
     assert fly.emulator.get(APP, spare.id).state == "created"  # not needed yet
     third = await fly.client.get("/")  # `busy` is at its soft limit: `spare` is started
     assert third.headers["x-flyfn-machine"] == spare.id
@@ -140,8 +144,7 @@ async def test_at_the_soft_limit_with_nothing_to_start_the_started_machine_still
     release = _gate(fly, busy.id)
     first = asyncio.ensure_future(fly.client.get("/"))
     second = asyncio.ensure_future(fly.client.get("/"))
-    while fly.proxy.load(busy.id) < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: fly.proxy.load(busy.id) >= 2)
     release.set()
     assert [r.headers["x-flyfn-machine"] for r in await asyncio.gather(first, second)] == [
         busy.id,
@@ -149,13 +152,42 @@ async def test_at_the_soft_limit_with_nothing_to_start_the_started_machine_still
     ]
 
 
-async def test_no_request_goes_over_the_hard_limit_it_waits_its_turn(fly: Stack) -> None:
+class HardLimitChecks:
+    """How often the proxy found every Machine a request may go to at its hard limit, per request
+    (a waiting request checks again and again: each check is where it could go over the limit)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.refusals: Counter[int] = Counter()
+        pick = routing.pick
+
+        def counted(dest: Destination, *args: Any, **kwargs: Any) -> Machine:
+            try:
+                return pick(dest, *args, **kwargs)
+            except Full:
+                self.refusals[id(dest)] += 1  # one Destination per request, kept while it waits
+                raise
+
+        monkeypatch.setattr(routing, "pick", counted)
+
+    def refused_again(self, requests: int) -> bool:
+        """Whether `requests` requests were each refused twice or more (before and after a wait)."""
+        return len(self.refusals) >= requests and min(self.refusals.values()) >= 2
+
+
+@pytest.fixture
+def hard_limit(monkeypatch: pytest.MonkeyPatch) -> HardLimitChecks:
+    return HardLimitChecks(monkeypatch)
+
+
+async def test_no_request_goes_over_the_hard_limit_it_waits_its_turn(
+    fly: Stack, hard_limit: HardLimitChecks
+) -> None:
     machine = await fly.machine(soft_limit=1, hard_limit=2)
     release = _gate(fly, machine.id)
     held = [asyncio.ensure_future(fly.client.get("/")) for _ in range(5)]
-    while fly.proxy.load(machine.id) < 2:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # the others had every chance to go over the limit
+    await until(lambda: fly.proxy.load(machine.id) >= 2)
+    # Each of the other three found the Machine full, waited, and found it full again.
+    await until(lambda: hard_limit.refused_again(3))
     assert fly.proxy.load(machine.id) == 2
     assert fly.fleet.peak[machine.id] == 2
     release.set()
@@ -169,8 +201,7 @@ async def test_at_the_hard_limit_for_longer_than_the_timeout_is_a_503(fly: Stack
     machine = await fly.machine(soft_limit=1, hard_limit=1)
     release = _gate(fly, machine.id)
     held = asyncio.ensure_future(fly.client.get("/"))
-    while fly.proxy.load(machine.id) < 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: fly.proxy.load(machine.id) >= 1)
     response = await fly.client.get("/")
     assert response.status_code == 503
     assert response.headers["x-flyfn-proxy-error"] == "PR04"
@@ -179,15 +210,17 @@ async def test_at_the_hard_limit_for_longer_than_the_timeout_is_a_503(fly: Stack
     assert (await held).status_code == 200
 
 
-async def test_a_replay_to_an_instance_at_its_hard_limit_waits_its_turn(stack: Stack) -> None:
+async def test_a_replay_to_an_instance_at_its_hard_limit_waits_its_turn(
+    stack: Stack, hard_limit: HardLimitChecks
+) -> None:
     main = await stack.machine()
     fn = await stack.machine(group="default", soft_limit=1, hard_limit=2)
     stack.fleet.handlers[main.id] = replay_once(f"instance={fn.id};timeout=30s")
     release = _gate(stack, fn.id)
     held = [asyncio.ensure_future(stack.client.get("/")) for _ in range(5)]
-    while stack.proxy.load(fn.id) < 2:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # the others had every chance to go over the limit
+    await until(lambda: stack.proxy.load(fn.id) >= 2)
+    # Each of the other three replays found it full, waited, and found it full again.
+    await until(lambda: hard_limit.refused_again(3))
     assert stack.fleet.peak[fn.id] == 2
     release.set()
     answers = await asyncio.gather(*held)
@@ -203,8 +236,7 @@ async def test_a_replay_to_an_instance_full_beyond_its_timeout_falls_back(stack:
     )
     release = _gate(stack, fn.id)
     held = asyncio.ensure_future(stack.client.get("/"))
-    while stack.proxy.load(fn.id) < 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: stack.proxy.load(fn.id) >= 1)
     response = await stack.client.get("/")
     assert response.headers["x-flyfn-machine"] == main.id
     failed = response.json()["headers"]["fly-replay-failed"]
@@ -753,6 +785,7 @@ async def real() -> AsyncIterator[tuple[FlyProxy, ProcessRuntime, Machine]]:
         await runtime.aclose(grace=1.0)
 
 
+@pytest.mark.e2e
 async def test_fifty_megabytes_stream_through_without_buffering(
     real: tuple[FlyProxy, ProcessRuntime, Machine],
 ) -> None:
@@ -802,6 +835,7 @@ def closed_connections_to(port: int) -> int:
     )
 
 
+@pytest.mark.e2e
 async def test_replay_responses_leave_their_connection_open(
     real: tuple[FlyProxy, ProcessRuntime, Machine],
 ) -> None:
@@ -820,6 +854,7 @@ async def test_replay_responses_leave_their_connection_open(
     assert closed_connections_to(address[1]) - before <= 1
 
 
+@pytest.mark.e2e
 async def test_holds_two_hundred_concurrent_connections(
     real: tuple[FlyProxy, ProcessRuntime, Machine],
 ) -> None:
@@ -828,8 +863,7 @@ async def test_holds_two_hundred_concurrent_connections(
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
     try:
-        while not server.started:
-            await asyncio.sleep(0.02)
+        await until(lambda: server.started)
         port = server.servers[0].sockets[0].getsockname()[1]
         limits = httpx.Limits(max_connections=250)
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -869,8 +903,7 @@ async def served(
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve())
     try:
-        while not server.started:
-            await asyncio.sleep(0.02)
+        await until(lambda: server.started)
         yield server.servers[0].sockets[0].getsockname()[1]
     finally:
         server.should_exit = True
@@ -888,6 +921,7 @@ async def exchange(port: int, raw: bytes) -> bytes:
         writer.close()
 
 
+@pytest.mark.e2e
 async def test_non_ascii_header_values_are_forwarded(
     real: tuple[FlyProxy, ProcessRuntime, Machine],
 ) -> None:
@@ -902,6 +936,7 @@ async def test_non_ascii_header_values_are_forwarded(
     assert data["headers"]["x-name"].encode("latin-1") == "café".encode()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", [b"http://evil.example/x", b"*", b"/a#frag", b"#"])
 async def test_absolute_asterisk_and_fragment_targets_get_a_clean_400(
     real: tuple[FlyProxy, ProcessRuntime, Machine], target: bytes
@@ -915,6 +950,7 @@ async def test_absolute_asterisk_and_fragment_targets_get_a_clean_400(
     assert b"PU04: invalid request target" in answer
 
 
+@pytest.mark.e2e
 async def test_idle_and_slow_header_connections_are_closed(
     real: tuple[FlyProxy, ProcessRuntime, Machine],
 ) -> None:

@@ -149,6 +149,7 @@ def deploy_api() -> Iterator[tuple[str, Recorder]]:
         yield url, recorder
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_deploy_stays_within_the_rate_limits(
     deploy_api: tuple[str, Recorder], tmp_path: Path

@@ -229,6 +229,7 @@ def run(target: Callable[..., None], *args: Any) -> multiprocessing.process.Base
     return process
 
 
+@pytest.mark.e2e
 def test_each_replay_explains_one_fallback_whichever_worker_receives_it(tmp_path: Path) -> None:
     spawn = multiprocessing.get_context("spawn")
     machine_id, base, count = a_machine_id(), str(tmp_path), 20
@@ -247,6 +248,7 @@ def test_each_replay_explains_one_fallback_whichever_worker_receives_it(tmp_path
     assert [w.exitcode for w in [issuer, *workers]] == [0, 0, 0]
 
 
+@pytest.mark.e2e
 def test_a_fallback_reaching_another_worker_of_the_machine_runs_there(
     settings: SettingsWrapper,
 ) -> None:

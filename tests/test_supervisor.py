@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import psutil
 import pytest
 
 from flyfn.emulator.logline import machine_label
+from flyfn.emulator.process_groups import kill_group
 from flyfn.emulator.roles import is_function_machine
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime, listening_socket
@@ -28,6 +28,7 @@ from flyfn.machines.models import (
     MachineConfig,
     MachineRestart,
 )
+from tests.support_wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = "tests.e2e.echo_app:app"
@@ -117,6 +118,7 @@ async def _get(runtime: ProcessRuntime, machine_id: str) -> dict[str, object]:
     return data
 
 
+@pytest.mark.e2e
 async def test_machine_runs_with_flys_environment(stack: Stack, output: io.StringIO) -> None:
     emulator, runtime = stack
     machine = await _create(emulator, env={"FLYFN_GROUP": "pdf", "EXTRA": "1"})
@@ -137,6 +139,7 @@ async def test_machine_runs_with_flys_environment(stack: Stack, output: io.Strin
     assert "secret-token" not in repr(runtime)
 
 
+@pytest.mark.e2e
 async def test_inherited_identity_is_scrubbed(stack: Stack) -> None:
     emulator, runtime = stack
     machine = await _create(emulator)
@@ -147,6 +150,7 @@ async def test_inherited_identity_is_scrubbed(stack: Stack) -> None:
     assert machine_label(machine).startswith("main:")
 
 
+@pytest.mark.e2e
 async def test_stop_ends_the_whole_process_group(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -160,6 +164,7 @@ async def test_stop_ends_the_whole_process_group(stack: Stack) -> None:
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 
+@pytest.mark.e2e
 async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -172,6 +177,7 @@ async def test_suspend_freezes_and_resume_thaws(stack: Stack) -> None:
     assert (await _get(runtime, machine.id))["machine"] == machine.id
 
 
+@pytest.mark.e2e
 async def test_suspended_machine_can_be_stopped(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -180,6 +186,7 @@ async def test_suspended_machine_can_be_stopped(stack: Stack) -> None:
     assert _gone(pid)
 
 
+@pytest.mark.e2e
 async def test_dead_process_is_reported_and_machine_stops(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime, restart=MachineRestart(policy="no"))
@@ -192,6 +199,7 @@ async def test_dead_process_is_reported_and_machine_stops(stack: Stack) -> None:
     assert runtime.pids() == {}
 
 
+@pytest.mark.e2e
 async def test_dead_process_is_restarted_by_default_policy(stack: Stack) -> None:
     emulator, runtime = stack
     machine, pid = await _running(emulator, runtime)
@@ -201,6 +209,7 @@ async def test_dead_process_is_restarted_by_default_policy(stack: Stack) -> None
     assert runtime.pid(machine.id) not in (None, pid)
 
 
+@pytest.mark.e2e
 async def test_failing_command_fails_the_machine_with_its_output(
     stack: Stack, output: io.StringIO
 ) -> None:
@@ -215,6 +224,7 @@ async def test_failing_command_fails_the_machine_with_its_output(
     assert runtime.pids() == {}
 
 
+@pytest.mark.e2e
 async def test_concurrent_launches_make_one_process(stack: Stack) -> None:
     emulator, runtime = stack
     machine = await _create(emulator)
@@ -239,6 +249,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
     """However the runtime's process ends, no Machine process outlives it."""
@@ -255,15 +266,12 @@ def test_machines_die_with_their_parent(sig: signal.Signals) -> None:
         assert not _gone(child_pid)
         parent.send_signal(sig)
         parent.wait(timeout=60)
-        deadline = time.monotonic() + 60  # a safety bound, not a speed test
-        while not _gone(child_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(child_pid)
+        wait_for(lambda: _gone(child_pid), what=f"Machine process {child_pid} to die")
     finally:
         parent.kill()
         parent.wait(timeout=60)
         if child_pid is not None and not _gone(child_pid):
-            os.killpg(child_pid, signal.SIGKILL)
+            kill_group(child_pid, signal.SIGKILL)
 
 
 async def test_connections_accepted_on_a_listening_socket_disable_nagle() -> None:
@@ -287,6 +295,7 @@ async def test_connections_accepted_on_a_listening_socket_disable_nagle() -> Non
     assert flags == [1]
 
 
+@pytest.mark.e2e
 async def test_a_machines_directory_goes_with_it(stack: Stack) -> None:
     """What a Machine's processes kept in its directory (`flyfn.machine_dir`: the record of issued
     replays, the shared list) goes when it is destroyed, and every other one when the runtime

@@ -32,6 +32,7 @@ from flyfn.tasks.options import home_app
 from flyfn.tasks.runner import claim_next, run_claim, worker_id
 from flyfn.tasks.status import task_status
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake, wake_view
+from tests.support_procs import child_env
 from tests.testapp import tasks
 
 # A generous safety bound for work done by a background thread: "too slow", never a flaky fail.
@@ -1077,6 +1078,7 @@ tasks.note.enqueue("from a command")
 """
 
 
+@pytest.mark.e2e
 def test_a_process_that_enqueues_and_exits_delivers_its_wake_first(tmp_path: Any) -> None:
     import http.server
     import os
@@ -1110,7 +1112,7 @@ def test_a_process_that_enqueues_and_exits_delivers_its_wake_first(tmp_path: Any
         url = f"http://127.0.0.1:{server.server_address[1]}"
         (tmp_path / "exit_settings.py").write_text(EXIT_SETTINGS.format(db=db, url=url))
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("FLY", "DJANGO"))},
+            **child_env(("FLY", "DJANGO")),
             "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
             "DJANGO_SETTINGS_MODULE": "exit_settings",
             "FLY_APP_NAME": "testapp",  # an app Machine: it wakes through Fly Proxy

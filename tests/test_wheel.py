@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import free_loopback_port
 from tests.demo_support import stop_and_reap
 from tests.support_dev import ROOT, banner_api, list_machines, start
+from tests.support_procs import child_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -75,11 +76,7 @@ def _outside_env(venv: Path) -> dict[str, str]:
     """An environment that knows nothing of this repository or of a Fly Machine: the venv's
     `bin` first on PATH, no PYTHONPATH, no settings module."""
     dropped = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "DJANGO_SETTINGS_MODULE")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in dropped and not k.startswith(("FLY_", "FLYFN_"))
-    }
+    env = {k: v for k, v in child_env().items() if k not in dropped}
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     return env

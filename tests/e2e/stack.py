@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flyfn.emulator.process_groups import kill_group
 from tests.conftest import free_loopback_port
 from tests.support_dev import DevProcess, banner_api, list_machines, start_project
 from tests.support_procs import Proc, descendants
+from tests.support_wait import wait_for
 
 T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parent / "project"
 TOKEN = "e2e-dev-token"
 APP = "e2eproj"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Dev(DevProcess):
@@ -103,6 +93,5 @@ def kill_stack(dev: Dev) -> None:
     pids = {pid for pid, _ in dev.descendants()} | {dev.process.pid}
     for pid in pids:
         for sig in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig)
+            kill_group(pid, sig)
     dev.process.wait(timeout=10)

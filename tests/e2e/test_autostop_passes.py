@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.stack import APP, TOKEN, Dev, running_stack, wait_for
+from tests.e2e.stack import APP, TOKEN, Dev, running_stack
+from tests.support_wait import wait_for
 
 TIME_SCALE = 100  # autostop's pass every 3 s
 GROUP = "elastic"

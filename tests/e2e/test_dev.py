@@ -17,8 +17,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.stack import Dev, running_stack, wait_for
+from tests.e2e.stack import Dev, running_stack
 from tests.support_procs import alive, identity, machine_pid
+from tests.support_wait import wait_for
 
 TIME_SCALE = 60  # autostop's pass every 5 s: two requests of one test seldom straddle a stop
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.stack import Dev, running_stack, wait_for
+from tests.e2e.stack import Dev, running_stack
+from tests.support_wait import wait_for
 
 TIME_SCALE = 200  # autostop's pass every 1.5 s
 MAX_MACHINES = 3

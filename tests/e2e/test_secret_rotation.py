@@ -6,7 +6,6 @@ function Machine keeps the old key until the app Machine, on its new key, update
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from tests.demo_support import DEV_TOKEN, PYTHON, ROOT, DemoStack, demo_stack
 from tests.support_postgres import Postgres
+from tests.support_procs import child_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -47,7 +47,7 @@ def receipt(client: httpx.Client, n: int) -> httpx.Response:
 
 def set_secret(stack: DemoStack, name: str, value: str) -> str:
     """`python -m flyfn.emulator.secrets set` against the stack, as a user would run it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "FLYFN_"))}
+    env = child_env()
     env.update(FLYFN_DEV_TOKEN=DEV_TOKEN, PYTHONPATH=str(ROOT))
     command = [PYTHON, "-m", "flyfn.emulator.secrets", "--app", stack.app, "--api", stack.api]
     done = subprocess.run(
