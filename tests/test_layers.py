@@ -135,6 +135,7 @@ class Later:
     assert package == {"flyfn.machines.client"}
 
 
+@pytest.mark.e2e  # a fresh interpreter: a process
 def test_importing_them_loads_no_django_and_no_flyfn_events() -> None:
     modules = sorted({module_name(path) for path in DJANGO_FREE})
     script = (

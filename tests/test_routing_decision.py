@@ -281,6 +281,7 @@ def test_a_body_is_replayable_when_absent_or_declared_within_the_limit() -> None
     assert not replayable_body({"CONTENT_LENGTH": "1", "HTTP_TRANSFER_ENCODING": "chunked"}, 10)
 
 
+@pytest.mark.e2e  # a fresh interpreter: a process
 def test_the_decision_imports_no_django() -> None:
     code = "import sys, flyfn.routing; print(sorted(m for m in sys.modules if 'django' in m))"
     root = Path(__file__).resolve().parents[1]  # this checkout's flyfn, whatever is installed
