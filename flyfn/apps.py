@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.apps import AppConfig
-from django.core.signals import setting_changed
 
+from flyfn import process_state
 from flyfn.conf import SEED_SETTING, SettingsError, get_settings, reset_settings
 from flyfn.registry import registry
 
@@ -27,12 +25,9 @@ def load_declared_views() -> None:
         registry.set_declared({})
 
 
-def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in {"FLYFN", SEED_SETTING}:
-        reset_settings()  # do not depend on the order in which receivers run
-        load_declared_views()
-    elif setting == "ROOT_URLCONF":
-        registry.forget_urls()
+def _reload_declared_views() -> None:
+    reset_settings()  # do not depend on the order in which the pieces were registered
+    load_declared_views()
 
 
 class FlyfnConfig(AppConfig):
@@ -45,4 +40,16 @@ class FlyfnConfig(AppConfig):
         from flyfn import checks  # noqa: F401  (registers the system checks)
 
         load_declared_views()
-        setting_changed.connect(_on_setting_changed, dispatch_uid="flyfn.apps.declared_views")
+        # Reset from here on only (flyfn.conf's receiver runs the settings resets).
+        process_state.register(
+            __name__,
+            "declared views in the registry",
+            settings=_reload_declared_views,
+            watched={"FLYFN", SEED_SETTING},
+        )
+        process_state.register(
+            __name__,
+            "url names resolved by the registry",
+            settings=registry.forget_urls,
+            watched={"ROOT_URLCONF"},
+        )

@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from flyfn import process_state
 from flyfn.fly.api_host import DEFAULT_API_HOSTNAME, in_clear
 from flyfn.fly.env import FLY_API_HOSTNAME, FLY_API_TOKEN, FLY_APP_NAME, FLY_IMAGE_REF, env_value
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
@@ -321,9 +322,14 @@ def reset_settings() -> None:
         _cached = None
 
 
+process_state.register(
+    __name__, "validated settings", settings=reset_settings, watched=_WATCHED_SETTINGS
+)
+
+
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in _WATCHED_SETTINGS:
-        reset_settings()
+    # flyfn's one `setting_changed` receiver: the pieces watching `setting` reset.
+    process_state.reset("settings", setting)
 
 
-setting_changed.connect(_on_setting_changed, dispatch_uid="flyfn.conf.reset_settings")
+setting_changed.connect(_on_setting_changed, dispatch_uid="flyfn.process_state.settings")

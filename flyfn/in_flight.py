@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+from flyfn import process_state
+
 __all__ = ["Counters", "InFlight", "in_flight"]
 
 
@@ -53,6 +55,7 @@ class Counters:
 
 
 _in_flight = Counters()
+process_state.register(__name__, "in-flight counters per group")
 
 
 def in_flight(group: str, limit: int) -> InFlight:

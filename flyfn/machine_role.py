@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+from flyfn import process_state
 from flyfn.fly.env import (
     FLY_ALLOC_ID,
     FLY_APP_NAME,
@@ -136,6 +137,7 @@ def detect_env(environ: Mapping[str, str] | None = None) -> MachineEnv:
 _lock = threading.Lock()
 _role: Role | None = None
 _env: MachineEnv | None = None
+process_state.register(__name__, "this process's role and Machine variables (read once)")
 
 
 def current_role() -> Role:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from flyfn import process_state
+
 __all__ = ["MULTIPROCESS_ENV", "Recorded", "disable", "enable", "recorded", "serve"]
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -47,6 +49,7 @@ class Recorded:
 _recorded: Recorded | None = None
 _lock = threading.Lock()
 _served: tuple[str, int] | None = None
+process_state.register(__name__, "the recorded metrics and the port serving them")
 
 
 def recorded() -> Recorded | None:

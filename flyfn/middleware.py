@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 
-from flyfn import events, metrics
+from flyfn import events, metrics, process_state
 from flyfn.answers import ELSEWHERE, replay_plan, replay_response, to_app_machine, unavailable
 from flyfn.conf import SettingsError, get_settings
 from flyfn.in_flight import Counters, InFlight, in_flight
@@ -57,6 +57,7 @@ ProcessView = Callable[
 ]
 
 _fallback_slots = Counters()
+process_state.register(__name__, "local fallback slots per group")
 
 
 def fallback_slots(group: str, limit: int) -> InFlight:

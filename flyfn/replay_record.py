@@ -48,6 +48,7 @@ import threading
 import time
 from typing import Protocol
 
+from flyfn import process_state
 from flyfn.machine_dir import machine_dir
 
 __all__ = [
@@ -212,8 +213,6 @@ def _after_fork() -> None:
     _records_lock = threading.Lock()
     _records.clear()
 
-
-os.register_at_fork(after_in_child=_after_fork)
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
@@ -386,3 +385,8 @@ def reset() -> None:
         for record in _records.values():
             record.clear()
         _records.clear()
+
+
+process_state.register(
+    __name__, "issued-replay records and entry names", fork=_after_fork, tests=reset
+)

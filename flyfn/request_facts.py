@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from django.http import HttpRequest, HttpResponseBase
 
-from flyfn import events
+from flyfn import events, process_state
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.fly.headers import FLY_REPLAY_FAILED, FLY_REPLAY_SRC
 from flyfn.fly.replay import ReplayFailed, ReplayHeaderError
@@ -194,6 +194,7 @@ class _ViewFacts:
 
 # Made once per settings object (the keys are few: roles, Machines and groups).
 _view_facts_made: dict[tuple[str, str | None, str | None, str, bool], _ViewFacts] = {}
+process_state.register(__name__, "request facts made per view and settings")
 
 
 def _view_facts(

@@ -11,6 +11,7 @@ from django.conf import settings as django_settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, RawPostDataException
 
+from flyfn import process_state
 from flyfn.fly.replay import ReplayHeaderError, ReplaySource
 from flyfn.machine_role import current_env
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN, ReplayRecord, machine_record, replay_key
@@ -36,6 +37,7 @@ logger = logging.getLogger("flyfn.middleware")
 # A replayed request whose state does not verify is logged at most once per this many seconds.
 _UNVERIFIED_LOG_INTERVAL = 60.0
 _unverified_logged_at = float("-inf")
+process_state.register(__name__, "when an unverified replayed state was last logged")
 
 
 def request_body_binding(request: HttpRequest) -> str:

@@ -377,13 +377,14 @@ def _replay_records_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
 
 
 @pytest.fixture(autouse=True)
-def _fresh_issued_replays(_replay_records_dir: None) -> Iterator[None]:
-    """Each test starts with no replay on record (`fly-replay-failed` is believed only for one)."""
-    from flyfn import replay_record
+def _fresh_process_state(_replay_records_dir: None) -> Iterator[None]:
+    """Each test starts with the process state registered for `tests` reset: no replay on record
+    (`fly-replay-failed` is believed only for one)."""
+    from flyfn import process_state, replay_record  # noqa: F401  (registers the replay records)
 
-    replay_record.reset()
+    process_state.reset("tests")
     yield
-    replay_record.reset()
+    process_state.reset("tests")
 
 
 # -- PostgreSQL (owner: tasks) --------------------------------------------------------------------

@@ -13,11 +13,14 @@ import time
 
 import psutil
 
+from flyfn import process_state
+
 __all__ = ["exit_code", "forget_group", "kill_group", "own_group", "parse_signal", "until_stopped"]
 
 # Process groups of every live child of every runtime in this process: the atexit net.
 _LIVE: set[int] = set()
 _LIVE_LOCK = threading.Lock()
+process_state.register(__name__, "process groups of the runtimes' live children (the atexit net)")
 
 
 def kill_group(pgid: int, sig: int) -> bool:

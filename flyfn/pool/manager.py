@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import random
 import threading
 import time
@@ -15,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from flyfn import process_state
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.elastic import SiblingReplay
 from flyfn.machine_role import current_env, current_role
@@ -260,4 +260,4 @@ def _forget_manager_after_fork() -> None:
     _manager_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_manager_after_fork)
+process_state.register(__name__, "the pool manager", fork=_forget_manager_after_fork)

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from django.urls import reverse
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
+from flyfn import process_state
 from flyfn.backoff import Backoff
 from flyfn.machine_role import current_env, current_role
 from flyfn.tasks.clock import db_now
@@ -381,4 +381,4 @@ def _forget_after_fork() -> None:
     _dispatchers_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+process_state.register(__name__, "task dispatchers", fork=_forget_after_fork)

@@ -31,6 +31,7 @@ from django.db.models import Count, Min, Q
 from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
+from flyfn import process_state
 from flyfn.machine_role import RoleError, current_role, detect_role
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.configured import flyfn_backends, task_groups
@@ -189,6 +190,7 @@ def seconds_until_due(group: str) -> float | None:
 
 _keeper = Keeper()
 _tracked: dict[str, bool] = {}
+process_state.register(__name__, "the keeper of task groups' function Machines")
 
 
 def keeper() -> Keeper:

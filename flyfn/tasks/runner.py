@@ -41,7 +41,7 @@ from django_tasks_db.compat import (
 from django_tasks_db.models import DBTaskResult, DBTaskResultQuerySet
 from django_tasks_db.utils import exclusive_transaction, is_locked_database_exception
 
-from flyfn import events
+from flyfn import events, process_state
 from flyfn.machine_role import current_env, current_role
 from flyfn.tasks.clock import due, in_seconds
 from flyfn.tasks.configured import FlyfnBackend, flyfn_backends
@@ -136,6 +136,7 @@ class _LeaseKeeper:
 
 
 _keeper = _LeaseKeeper()
+process_state.register(__name__, "the keeper renewing held task leases")
 
 
 # --------------------------------------------------------------------------- claiming

@@ -36,6 +36,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
+from flyfn import process_state
 from flyfn.decorators import fly_serverless
 from flyfn.machine_role import current_role
 from flyfn.names import validate_group_name
@@ -58,6 +59,7 @@ WAKE_BUDGET = 600.0
 
 _views: dict[str, Callable[..., Any]] = {}
 _views_lock = threading.Lock()
+process_state.register(__name__, "wake views per task group")
 
 
 def sign_wake(group: str) -> str:
