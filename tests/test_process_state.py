@@ -14,6 +14,7 @@ from django.test import override_settings
 from flyfn import process_state
 from flyfn.legacy_setting import SEED_SETTING
 from flyfn.process_state import Event, ProcessState
+from tests.test_layers import imports_of
 
 FLYFN_DIR = Path(__file__).resolve().parents[1] / "flyfn"
 
@@ -194,3 +195,32 @@ def test_a_forked_child_starts_without_its_parents_records_dispatchers_and_manag
         os.waitpid(pid, 0)
     assert reported == "-"
     assert replay_record._records  # the parent keeps its own
+
+
+def test_process_state_imports_no_django() -> None:
+    assert not [
+        name
+        for name in imports_of(FLYFN_DIR / "process_state.py")
+        if name == "django" or name.startswith("django.")
+    ]
+
+
+def _registering_modules() -> list[str]:
+    return [
+        ".".join(path.relative_to(FLYFN_DIR.parent).with_suffix("").parts)
+        for path in sorted(FLYFN_DIR.rglob("*.py"))
+        if "process_state.register(" in path.read_text()
+    ]
+
+
+def test_architecture_lists_every_piece() -> None:
+    for module in _registering_modules():
+        importlib.import_module(module)
+    text = " ".join((FLYFN_DIR.parent / "ARCHITECTURE.md").read_text().split())
+    section = text[text.index("## Process state") : text.index("## Common changes")]
+    missing = [
+        f"{piece.owner}: {piece.name}"
+        for piece in process_state.pieces()
+        if piece.owner not in section or piece.name not in section
+    ]
+    assert not missing
