@@ -116,7 +116,9 @@ def described() -> list[str]:
 
 
 def _after_fork_in_child() -> None:
-    # The one fork hook: a forked child (a worker) drops what its parent's threads and locks held.
+    # The one fork hook: a forked child (a worker) drops what its parent's threads and locks held,
+    # this registry's own lock first (a parent thread may have held it at the fork).
+    _state._lock = threading.Lock()
     _state.reset("fork")
 
 
