@@ -316,6 +316,27 @@ async def test_suspend_mode_suspends(emulator: tuple[MachinesEmulator, Recording
     assert machines.get(APP, fn.id).state == "suspended"
 
 
+async def test_a_machine_to_suspend_with_requests_in_flight_is_stopped_instead(
+    emulator: tuple[MachinesEmulator, Recording],
+) -> None:
+    machines, runtime = emulator
+    clock = Clock()
+    load = Load(clock)
+    events: list[str] = []
+    autostop = Autostop(
+        machines, load, apps={APP}, region="ams", interval=0, on_event=events.append
+    )
+    for _ in range(2):  # excess 1: one of them goes, each with a request in flight
+        load.begin((await create(machines, autostop="suspend")).id)
+    clock.now += 300
+    (acted,) = await autostop.once()
+    await machines.settle()
+    assert runtime.suspends == []
+    assert [stop[0] for stop in runtime.stops] == [acted]
+    assert machines.get(APP, acted).state == "stopped"
+    assert " stopped at load 1 " in events[0]
+
+
 async def test_min_machines_running_uses_the_primary_region(
     emulator: tuple[MachinesEmulator, Recording],
 ) -> None:

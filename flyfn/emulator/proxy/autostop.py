@@ -9,7 +9,8 @@ by process group, each flyfn function group apart):
 - a lone started Machine is stopped when its load is zero;
 - with several, `excess = started - (over_soft_limit + 1)`; while it is positive the least
   loaded one (ties: the one idle longest) is stopped, possibly with requests in flight, as on Fly
-  (it gets its `stop_config` signal and the timeout to finish them);
+  (it gets its `stop_config` signal and the timeout to finish them); a Machine to suspend that
+  has requests in flight at the pass is stopped instead (suspended, they would freeze);
 - `min_machines_running` keeps that many started, in the primary region only.
 
 Autostop never creates or destroys Machines. The planning (`plan`) is pure; `Autostop` runs it.
@@ -162,8 +163,14 @@ class Autostop:
                 for stop in stops:
                     machine = stop.machine
                     idle = now - self.load.last_active(machine.id, now)
+                    mode = stop.mode
+                    if mode == "suspend" and self.load.of(machine.id):
+                        # Suspended, the requests in flight would freeze until a new request
+                        # happens to need this Machine (with others started, maybe never): the
+                        # suspend becomes a stop, whose stop_config timeout lets them finish.
+                        mode = "stop"
                     try:
-                        if stop.mode == "suspend":
+                        if mode == "suspend":
                             await self.machines.suspend(app, machine.id)
                         else:  # its stop_config's signal, then SIGKILL after its timeout
                             await self.machines.stop(app, machine.id)
@@ -174,7 +181,7 @@ class Autostop:
                     self._event(
                         autostop_event(
                             machine,
-                            stop.mode,
+                            mode,
                             idle,
                             load=stop.load,
                             at=self.passes,
