@@ -59,7 +59,7 @@ dist: $(STAMP)
 
 # Mutation testing (mutmut) of the core modules, each against its own unit tests, one at a time:
 # make mutate [MODULES="fly/replay conf"] [BUDGET=900 seconds per module] [CHILDREN=1]
-MODULES ?= fly/replay replay_state registry conf group_settings settings_errors legacy_setting fly/durations middleware
+MODULES ?= fly/replay replay_state routing registry conf group_settings settings_errors legacy_setting fly/durations middleware
 BUDGET ?= 900
 CHILDREN ?= 1
 mutate: $(STAMP)
