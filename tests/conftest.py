@@ -2,48 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing.process
 import os
-import re
-import socket
 import subprocess
-import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import hypothesis
 import pytest
 
-from flyfn.elastic import SiblingReplay
-from flyfn.emulator.api import EmulatorApp, MachinesEmulator, RateLimit, create_app
+from flyfn.emulator.api import EmulatorApp, MachinesEmulator, create_app
 from flyfn.machines.client import AsyncMachinesClient
-from flyfn.machines.models import Machine
-from flyfn.pool.choice import MachineChoice, RankOrder, ReplayTarget
-from flyfn.pool.manager import PoolManager, Pools, set_manager
-from tests.support_emulator import VirtualClock, in_process
+from flyfn.pool.manager import PoolManager
+from tests.support_machines_api import (
+    EMULATOR_APP,
+    EMULATOR_BASE_URL,
+    EMULATOR_TOKEN,
+    MachinesAPI,
+    serve_machines_api,
+)
+from tests.support_pools import installed
 from tests.support_postgres import SQLITE_ENV, Database, Postgres, session_root
-from tests.support_wait import wait_for
 
 # -- Machines API emulator (owner: emulator-api) -------------------------------------------------
-
-EMULATOR_TOKEN = "emulator-test-token"
-EMULATOR_APP = "testapp"
-EMULATOR_BASE_URL = "http://machines.emulator"
-# Fly's Machines API spec, three versions, part of the repository (see its README).
-FLY_SPEC_DIR = Path(__file__).resolve().parent / "fly_spec"
-
-
-def free_loopback_port() -> int:
-    """A port free on 127.0.0.1 right now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -86,128 +68,7 @@ async def emulator_client(emulator_app: EmulatorApp) -> AsyncIterator[AsyncMachi
         yield client
 
 
-@contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    port = free_loopback_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="emulator-uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), what="the server", step=0.02)
-        if not server.started:
-            raise RuntimeError("the server did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 # -- pools, middleware, manage.py flyfn (owner: pool-middleware) ---------------------------------
-
-# Requests carrying this header are the test's own inspection, not counted as API calls.
-_INSPECT_HEADER = "x-flyfn-test-inspect"
-
-
-@dataclass
-class MachinesAPI:
-    """The emulator at a loopback URL, with every API call flyfn made to it (method, path)."""
-
-    url: str
-    calls: list[tuple[str, str]]
-    http: httpx.Client
-
-    def count(self, method: str, pattern: str = r"/v1/apps/[^/]+/machines") -> int:
-        """How many calls with `method` had a path fully matching `pattern`."""
-        regex = re.compile(pattern)
-        return sum(1 for m, path in list(self.calls) if m == method and regex.fullmatch(path))
-
-    @property
-    def list_calls(self) -> int:
-        return self.count("GET")
-
-    @property
-    def create_calls(self) -> int:
-        return self.count("POST")
-
-    def machines(self, app: str = EMULATOR_APP, *, group: str | None = None) -> list[Machine]:
-        """The app's live Machines (optionally one flyfn group's), read without being counted."""
-        params = {"metadata.flyfn_group": group} if group else {}
-        response = self.http.get(f"/v1/apps/{app}/machines", params=params)
-        response.raise_for_status()
-        return [Machine.model_validate(m) for m in response.json()]
-
-    def create(self, app: str = EMULATOR_APP, **body: Any) -> Machine:
-        response = self.http.post(f"/v1/apps/{app}/machines", json=body)
-        response.raise_for_status()
-        return Machine.model_validate(response.json())
-
-    def destroy(self, machine_id: str, app: str = EMULATOR_APP) -> None:
-        self.http.delete(f"/v1/apps/{app}/machines/{machine_id}", params={"force": "true"})
-
-    def flyfn_settings(
-        self, image: str = "registry.fly.io/testapp:deployment-1", **extra: Any
-    ) -> dict[str, Any]:
-        """A FLYFN setting that points flyfn at this emulator."""
-        return {
-            "APP_NAME": EMULATOR_APP,
-            "API_HOSTNAME": self.url,
-            "API_TOKEN": EMULATOR_TOKEN,
-            "IMAGE_REF": image,
-            **extra,
-        }
-
-
-def _recording(app: Any, inspector: Any, calls: list[tuple[str, str]]) -> Any:
-    """`app`, counting its calls; the test's own inspection goes to `inspector` (same emulator, no
-    rate limits), so that it neither counts nor takes flyfn's share of the limits."""
-
-    async def recorder(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            if (_INSPECT_HEADER.encode(), b"1") in scope.get("headers", []):
-                await inspector(scope, receive, send)
-                return
-            calls.append((scope["method"], scope["path"]))
-        await app(scope, receive, send)
-
-    return recorder
-
-
-@contextmanager
-def serve_machines_api(
-    token: str = EMULATOR_TOKEN, *, rate_limits: bool = True, on_socket: bool = False
-) -> Iterator[MachinesAPI]:
-    """A fresh emulator accepting `token`, counting calls; within Fly's rate limits unless a focused
-    test passes `rate_limits=False`. Its loopback URL is answered in process (every httpx client of
-    this process reaches it, no server runs; the rate limits' time passes as flyfn's clients wait
-    out a 429), or with `on_socket` by uvicorn in a thread (for other processes: e2e tests only)."""
-    calls: list[tuple[str, str]] = []
-    emulator = MachinesEmulator(default_app=EMULATOR_APP)
-    # In process, Fly's limits run on a clock the Machines clients' Retry-After waits advance.
-    clock = None if on_socket else VirtualClock()
-    limits = RateLimit(clock=clock.now) if clock else RateLimit()
-    app = create_app(emulator, token=token, rate_limit=limits if rate_limits else None)
-    inspector = create_app(emulator, token=token, rate_limit=None)
-    recording = _recording(app, inspector, calls)
-    with contextlib.ExitStack() as stack:
-        if on_socket:
-            url = stack.enter_context(serve_in_thread(recording))
-        else:
-            url = f"http://127.0.0.1:{free_loopback_port()}"
-            loop = stack.enter_context(in_process(url, recording, clock))
-            # Its transitions run on that loop: cancelled there, before the loop stops.
-            stack.callback(lambda: loop.submit(emulator.aclose()).result(10))
-        http = stack.enter_context(
-            httpx.Client(
-                base_url=url,
-                headers={"Authorization": f"Bearer {token}", _INSPECT_HEADER: "1"},
-                timeout=10,
-            )
-        )
-        yield MachinesAPI(url, calls, http)
 
 
 @pytest.fixture
@@ -215,69 +76,6 @@ def machines_api() -> Iterator[MachinesAPI]:
     """A fresh emulator answering its loopback URL in process, counting the calls it receives."""
     with serve_machines_api() as api:
         yield api
-
-
-Manager = TypeVar("Manager", bound=Pools)
-
-
-@contextmanager
-def installed(manager: Manager) -> Iterator[Manager]:
-    """`manager` as flyfn's pool manager inside the block; the previous one again afterwards."""
-    previous = set_manager(manager)
-    try:
-        yield manager
-    finally:
-        set_manager(previous)
-
-
-class StaticPools:
-    """`Pools` without any API: fixed targets and Machines per group, chosen from as flyfn does;
-    records the Machines the middleware forgets and the groups it refreshes."""
-
-    def __init__(
-        self,
-        targets: Mapping[str, ReplayTarget] | None = None,
-        machines: Mapping[str, Sequence[str]] | None = None,
-        choice: MachineChoice | None = None,
-        app_machines: Sequence[str] = (),
-    ) -> None:
-        self.targets = dict(targets or {})
-        self.app_machines = tuple(app_machines)
-        self.machines = {group: tuple(ids) for group, ids in (machines or {}).items()}
-        self.choice = choice or RankOrder()
-        self.forgotten: list[tuple[str, str]] = []
-        self.refreshed: list[str] = []
-
-    def get_target(self, group: str) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.targets.get(group)
-
-    def members(self, group: str) -> tuple[str, ...]:
-        return self.machines.get(group, ())
-
-    def sibling(self, group: str, me: str | None, hop: int) -> SiblingReplay | None:
-        return self.choice.sibling(self.members(group), me, hop)
-
-    def forget(self, group: str, machine_id: str) -> bool:
-        self.forgotten.append((group, machine_id))
-        return True
-
-    def refresh(self, group: str) -> None:
-        self.refreshed.append(group)
-
-    def app_machine(self) -> str | None:
-        return self.app_machines[0] if self.app_machines else None
-
-    def wait_app_machine(self, max_wait: float) -> str | None:
-        return self.app_machine()
-
-    async def aget_app_machine(self, max_wait: float) -> str | None:
-        return self.app_machine()
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from flyfn.emulator.process_groups import kill_group
-from tests.conftest import free_loopback_port
 from tests.support_dev import list_machines, secrets_file, start
+from tests.support_machines_api import free_loopback_port
 from tests.support_postgres import Database, Postgres
 from tests.support_procs import alive, child_env, descendants
 

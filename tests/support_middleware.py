@@ -11,7 +11,7 @@ from django.conf import settings
 from flyfn.machine_role import current_env
 from flyfn.pool.choice import ReplayTarget
 from flyfn.replay_record import FALLBACK_RETURN_MARGIN, machine_record, replay_key
-from tests.conftest import StaticPools
+from tests.support_pools import StaticPools
 
 PDF_MACHINE = "e286de4f711e86"
 DEFAULT_MACHINE = "9080e6e9c5d987"

@@ -49,8 +49,8 @@ def replay_through_the_middleware(base: str, machine_id: str, results: Any) -> N
 
     from flyfn import machine_dir
     from flyfn.machine_role import MAIN, MachineEnv, override_role
-    from tests.conftest import installed
     from tests.support_middleware import routing_manager
+    from tests.support_pools import installed
 
     machine_dir.base_dir = base
     middleware = ["flyfn.middleware.FlyReplayMiddleware"]

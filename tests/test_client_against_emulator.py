@@ -27,8 +27,13 @@ from flyfn.machines.models import (
     MachineService,
     UpdateMachineRequest,
 )
-from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, serve_in_thread
 from tests.support_emulator import VirtualClock
+from tests.support_machines_api import (
+    EMULATOR_APP,
+    EMULATOR_BASE_URL,
+    EMULATOR_TOKEN,
+    serve_in_thread,
+)
 
 IMAGE = "registry.fly.io/testapp:deployment-01"
 

@@ -19,7 +19,7 @@ from flyfn.checks import check_settings
 from flyfn.conf import get_settings
 from flyfn.management.commands.flyfn import metrics_url
 from flyfn.pool.spec import image_hash, spec_for
-from tests.conftest import EMULATOR_APP, MachinesAPI, free_loopback_port
+from tests.support_machines_api import EMULATOR_APP, MachinesAPI, free_loopback_port
 
 OLD = "registry.fly.io/testapp:deployment-1"
 NEW = "registry.fly.io/testapp:deployment-2"

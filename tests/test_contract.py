@@ -30,7 +30,7 @@ from flyfn.emulator.api import MachinesEmulator, create_app
 from flyfn.machines import models
 from flyfn.machines.client import AsyncMachinesClient
 from flyfn.machines.errors import MachinesStatusError
-from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, FLY_SPEC_DIR
+from tests.support_machines_api import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, FLY_SPEC_DIR
 
 NEWEST = "machines-openapi-newest.json"
 OLDER = ("machines-openapi3.yml", "machines-openapi.json")

@@ -15,7 +15,7 @@ from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.machines import Machine
 from flyfn.pool.converge import converge, is_outdated, machine_version, prepare_group
 from flyfn.pool.spec import PoolSpec, new_client, spec_for
-from tests.conftest import EMULATOR_APP, MachinesAPI
+from tests.support_machines_api import EMULATOR_APP, MachinesAPI
 
 GROUPS = {"pdf": {"machines": 1, "max_machines": 3, "env": ["PDF_MODE"]}}
 UPDATE = r"/v1/apps/[^/]+/machines/[^/]+"

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from pypdf import PdfReader
 
-from tests.conftest import free_loopback_port
 from tests.demo_support import BIN, DEMO, PYTHON, ROOT, demo_env, manage, serving
+from tests.support_machines_api import free_loopback_port
 from tests.support_postgres import Database
 
 

@@ -33,7 +33,7 @@ from flyfn.emulator.secrets import (
 from flyfn.emulator.state import AppSecret, MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, UpdateMachineRequest
-from tests.conftest import EMULATOR_TOKEN
+from tests.support_machines_api import EMULATOR_TOKEN
 from tests.support_wait import until
 
 APP = "secretsapp"

@@ -18,7 +18,7 @@ from flyfn.fly.replay import FlyReplay, ReplayFailed, ReplaySource
 from flyfn.in_flight import in_flight
 from flyfn.machine_role import MachineEnv, Role, function, override_role
 from flyfn.replay_state import sign_state, verify_state
-from tests.conftest import StaticPools, installed
+from tests.support_pools import StaticPools, installed
 
 GROUP = ["m0", "m1", "m2"]
 

@@ -25,7 +25,12 @@ from flyfn.emulator.state import (
     new_ulid,
 )
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
-from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, free_loopback_port
+from tests.support_machines_api import (
+    EMULATOR_APP,
+    EMULATOR_BASE_URL,
+    EMULATOR_TOKEN,
+    free_loopback_port,
+)
 
 MACHINES = f"/v1/apps/{EMULATOR_APP}/machines"
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")

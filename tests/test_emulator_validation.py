@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flyfn.emulator.validation import guest_size_error
-from tests.conftest import EMULATOR_APP
+from tests.support_machines_api import EMULATOR_APP
 
 MACHINES = f"/v1/apps/{EMULATOR_APP}/machines"
 IMAGE = "registry.fly.io/testapp:deployment-01"

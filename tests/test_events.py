@@ -21,7 +21,7 @@ from flyfn.conf import load_settings
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.middleware import FlyReplayMiddleware
 from flyfn.pool.spec import new_client
-from tests.conftest import free_loopback_port
+from tests.support_machines_api import free_loopback_port
 
 TOKEN = "FlyV1 fm2_events-token-never-shown"
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from flyfn.decorators import fly_serverless
 from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_role import MAIN, override_role
 from flyfn.pool.manager import PoolManager
-from tests.conftest import EMULATOR_APP, MachinesAPI
+from tests.support_machines_api import EMULATOR_APP, MachinesAPI
 from tests.testapp.routing import Hold
 from tests.urls import urlpatterns as test_urlpatterns
 

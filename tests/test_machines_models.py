@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from flyfn.machines import models as m
-from tests.conftest import FLY_SPEC_DIR
+from tests.support_machines_api import FLY_SPEC_DIR
 
 NEWEST_SPEC = FLY_SPEC_DIR / "machines-openapi-newest.json"
 

@@ -30,7 +30,7 @@ from flyfn.replay_record import FALLBACK_RETURN_MARGIN
 from flyfn.replay_state import STATE_BODY_DIGEST_LIMIT, body_binding, sign_state, verify_state
 from flyfn.routing import ORDINARY_WAIT
 from flyfn.signed_requests import request_body_binding
-from tests.conftest import MachinesAPI, StaticPools, installed
+from tests.support_machines_api import MachinesAPI
 from tests.support_middleware import (
     APP_MACHINE,
     DEFAULT_MACHINE,
@@ -38,6 +38,7 @@ from tests.support_middleware import (
     issued,
     routing_manager,
 )
+from tests.support_pools import StaticPools, installed
 from tests.testapp import views as test_views
 
 Fetch = Callable[..., Awaitable[HttpResponseBase]]

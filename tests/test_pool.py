@@ -26,13 +26,8 @@ from flyfn.pool.converge import converge, is_outdated, machine_version
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.manager import PoolManager
 from flyfn.pool.spec import PoolSpec, image_hash, new_client, spec_for
-from tests.conftest import (
-    EMULATOR_APP,
-    EMULATOR_TOKEN,
-    MachinesAPI,
-    installed,
-    serve_machines_api,
-)
+from tests.support_machines_api import EMULATOR_APP, EMULATOR_TOKEN, MachinesAPI, serve_machines_api
+from tests.support_pools import installed
 
 IMAGE = "registry.fly.io/testapp:deployment-1"
 NEW_IMAGE = "registry.fly.io/testapp:deployment-2"

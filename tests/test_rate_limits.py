@@ -21,8 +21,13 @@ from django.test import override_settings
 from flyfn.emulator.api import MachinesEmulator, create_app
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.manager import PoolManager
-from tests.conftest import EMULATOR_APP, EMULATOR_BASE_URL, EMULATOR_TOKEN, serve_in_thread
 from tests.support_deploy import WorkerReport, run_worker
+from tests.support_machines_api import (
+    EMULATOR_APP,
+    EMULATOR_BASE_URL,
+    EMULATOR_TOKEN,
+    serve_in_thread,
+)
 
 IMAGE = "registry.fly.io/testapp:deployment-7"
 APP_MACHINES = 3

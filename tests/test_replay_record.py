@@ -32,8 +32,8 @@ from flyfn.replay_record import (
     replay_key,
 )
 from tests import support_replay_record as procs
-from tests.conftest import StaticPools, installed
 from tests.support_middleware import PDF_MACHINE, routing_manager
+from tests.support_pools import StaticPools, installed
 
 SECRET = "flyfn-tests-not-secret"
 NOW = 1_764_302_000.25

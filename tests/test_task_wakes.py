@@ -21,8 +21,8 @@ from flyfn.pool.choice import ReplayTarget
 from flyfn.tasks import runner
 from flyfn.tasks.dispatch import Dispatcher
 from flyfn.tasks.wake import WAKE_HEADER, sign_wake
-from tests.conftest import StaticPools, installed
 from tests.support_middleware import routing_manager
+from tests.support_pools import StaticPools, installed
 from tests.test_tasks import TASKS, _wake_views_leave_the_registry  # noqa: F401
 
 TASKS_MACHINE = "3d8d9e1f2a4b6c"

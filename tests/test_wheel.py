@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_loopback_port
 from tests.demo_support import stop_and_reap
 from tests.support_dev import ROOT, banner_api, list_machines, start
+from tests.support_machines_api import free_loopback_port
 from tests.support_procs import child_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

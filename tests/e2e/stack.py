@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flyfn.emulator.process_groups import kill_group
-from tests.conftest import free_loopback_port
 from tests.support_dev import DevProcess, banner_api, list_machines, start_project
+from tests.support_machines_api import free_loopback_port
 from tests.support_procs import Proc, descendants
 from tests.support_wait import wait_for
 

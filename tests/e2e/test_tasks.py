@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_loopback_port
 from tests.support_dev import DevProcess, banner_api, list_machines, project_env, start_project
+from tests.support_machines_api import free_loopback_port
 from tests.support_postgres import Database
 from tests.support_procs import Proc, alive, descendants, identity, machine_pid
 

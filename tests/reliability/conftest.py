@@ -12,8 +12,9 @@ from flyfn.conf import FlyfnSettings
 from flyfn.machines import AsyncMachinesClient
 from flyfn.pool.manager import PoolManager
 from flyfn.pool.spec import new_client
-from tests.conftest import MachinesAPI, installed, serve_machines_api
 from tests.reliability.faults import FaultTransport
+from tests.support_machines_api import MachinesAPI, serve_machines_api
+from tests.support_pools import installed
 
 # Distinctive, so a leak into any log line, page or header cannot go unnoticed.
 SENTINEL_TOKEN = "fm2_Reliability-Sentinel-Q7x9Zk"

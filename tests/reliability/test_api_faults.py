@@ -20,7 +20,6 @@ from pytest_django.fixtures import Settings
 
 from flyfn.machine_role import MAIN, override_role
 from flyfn.pool.manager import PoolManager
-from tests.conftest import MachinesAPI
 from tests.reliability.answers import Answer, classify
 from tests.reliability.conftest import SENTINEL_TOKEN
 from tests.reliability.faults import (
@@ -31,6 +30,7 @@ from tests.reliability.faults import (
     FaultTransport,
     Operation,
 )
+from tests.support_machines_api import MachinesAPI
 
 PATH = "/routing/pdf/"
 BODY = b"pdf"

@@ -31,10 +31,11 @@ from flyfn.pool.choice import ReplayTarget
 from flyfn.pool.manager import PoolManager, set_manager
 from flyfn.registry import registry
 from flyfn.replay_state import sign_state
-from tests.conftest import MachinesAPI, StaticPools, installed
 from tests.reliability.answers import classify
 from tests.reliability.views import FLOOD_VIEWS, Concurrency
+from tests.support_machines_api import MachinesAPI
 from tests.support_middleware import DEFAULT_MACHINE, issued, routing_manager
+from tests.support_pools import StaticPools, installed
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
