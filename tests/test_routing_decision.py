@@ -168,6 +168,15 @@ def test_every_combination_of_facts_keeps_the_invariants() -> None:
     assert seen == set(ACTIONS)  # every kind of action was checked
 
 
+def test_explained_is_gathered_exactly_where_some_decision_reads_it() -> None:
+    # Gathering it consumes the issued replay's entry: never for nothing (the converse, that an
+    # unread `explained` changes no decision, is one of the invariants above).
+    for facts in every_facts():
+        if reads_explained(facts):
+            flipped = facts._replace(explained=not facts.explained)
+            assert any(decide(facts, t) != decide(flipped, t) for t in TARGETS), facts
+
+
 def test_off_fly_and_ordinary_views_on_an_app_machine_run_here() -> None:
     # The middleware skips gathering facts for these (the pass-through's cost): decide agrees.
     for facts in every_facts():
