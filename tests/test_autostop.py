@@ -81,6 +81,7 @@ def one_pass(
     stops = plan(
         machines,
         load=load or loads(),
+        in_flight=loads(),
         idle_since=idle_since or (lambda _: 0.0),
         region="ams",
         primary_region=primary_region,
@@ -180,11 +181,25 @@ def test_suspend_mode_is_planned_as_a_suspend() -> None:
     (stop,) = plan(
         [machine("a", autostop="suspend")],
         load=loads(),
+        in_flight=loads(),
         idle_since=lambda _: 0.0,
         region="ams",
         primary_region="ams",
     )
     assert stop == Stop(machine("a", autostop="suspend"), "suspend", 0)
+
+
+def test_a_machine_to_suspend_with_requests_in_flight_is_planned_as_a_stop() -> None:
+    started = [machine("a", autostop="suspend"), machine("b", autostop="suspend")]
+    (stop,) = plan(
+        started,
+        load=loads(a=1, b=1),
+        in_flight=loads(a=1, b=1),
+        idle_since=lambda machine_id: {"a": 0.0, "b": 1.0}[machine_id],
+        region="ams",
+        primary_region="ams",
+    )
+    assert stop == Stop(started[0], "stop", 1, 2)
 
 
 # -- load: the peak since the previous pass ----------------------------------------------------

@@ -55,13 +55,15 @@ def plan(
     machines: Sequence[Machine],
     *,
     load: Callable[[str], int],
+    in_flight: Callable[[str], int],
     idle_since: Callable[[str], float],
     region: str,
     primary_region: str,
 ) -> list[Stop]:
     """What one pass does to `machines` (one app's): at most one Stop per region and role.
 
-    `load(id)`: the Machine's peak in-flight requests since the previous pass; `idle_since(id)`:
+    `load(id)`: the Machine's peak in-flight requests since the previous pass; `in_flight(id)`:
+    its requests in flight now (a Machine to suspend that has some is stopped); `idle_since(id)`:
     when it last had a request (the tie-break: the one idle longest goes first); `region`: that
     of Machines with none; `primary_region`: the only region where `min_machines_running` holds.
     """
@@ -88,7 +90,13 @@ def plan(
         keep = max(_min_running(m) for m in started) if where == primary_region else 0
         if len(started) <= keep:
             continue
-        stops.append(Stop(victim, _mode_of(victim), loads[victim.id], len(started)))
+        mode = _mode_of(victim)
+        if mode == "suspend" and in_flight(victim.id):
+            # Suspended, the requests in flight would freeze until a new request happens to need
+            # this Machine (with others started, maybe never): stopped, its stop_config timeout
+            # lets them finish.
+            mode = "stop"
+        stops.append(Stop(victim, mode, loads[victim.id], len(started)))
     return stops
 
 
@@ -156,6 +164,7 @@ class Autostop:
                 stops = plan(
                     machines,
                     load=partial(self._load, fresh=fresh),
+                    in_flight=self.load.of,
                     idle_since=lambda machine_id: self.load.last_active(machine_id, now),
                     region=self.region,
                     primary_region=self.primary_region,
@@ -163,14 +172,8 @@ class Autostop:
                 for stop in stops:
                     machine = stop.machine
                     idle = now - self.load.last_active(machine.id, now)
-                    mode = stop.mode
-                    if mode == "suspend" and self.load.of(machine.id):
-                        # Suspended, the requests in flight would freeze until a new request
-                        # happens to need this Machine (with others started, maybe never): the
-                        # suspend becomes a stop, whose stop_config timeout lets them finish.
-                        mode = "stop"
                     try:
-                        if mode == "suspend":
+                        if stop.mode == "suspend":
                             await self.machines.suspend(app, machine.id)
                         else:  # its stop_config's signal, then SIGKILL after its timeout
                             await self.machines.stop(app, machine.id)
@@ -181,7 +184,7 @@ class Autostop:
                     self._event(
                         autostop_event(
                             machine,
-                            mode,
+                            stop.mode,
                             idle,
                             load=stop.load,
                             at=self.passes,
