@@ -32,6 +32,7 @@ from flyfn.emulator.secrets import (
 )
 from flyfn.emulator.state import AppSecret, MachinesEmulator
 from flyfn.emulator.supervisor import ProcessRuntime
+from flyfn.machines.errors import RateLimited
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig, UpdateMachineRequest
 from tests.support_machines_api import EMULATOR_TOKEN
 from tests.support_wait import until
@@ -271,6 +272,20 @@ def test_the_command_says_when_no_stack_runs(
     assert secrets_cli.main(["--app", "nope", "set", "novalue"]) == 1
     assert secrets_cli.main(["--api", "http://127.0.0.1:9", "list"]) == 1
     assert "--api needs --app" in capsys.readouterr().err
+
+
+def test_an_api_error_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def rate_limited(argv: list[str], out: io.StringIO) -> None:
+        raise RateLimited(
+            status=429, method="GET", path="/v1/apps/a/machines", error="rate limit exceeded"
+        )
+
+    monkeypatch.setattr(secrets_cli, "run", rate_limited)
+    assert secrets_cli.main(["--app", "a", "set", "A=1"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: GET /v1/apps/a/machines -> HTTP 429: rate limit exceeded\n"
 
 
 # -- the stack file: only this user's, in a private directory (issue 23) -------------------------

@@ -36,6 +36,7 @@ import httpx
 
 from flyfn.machine_dir import private_dir
 from flyfn.machines.client import AsyncMachinesClient
+from flyfn.machines.errors import MachinesError
 from flyfn.machines.models import Machine, UpdateMachineRequest
 
 __all__ = [
@@ -52,6 +53,9 @@ DEV_TOKEN_ENV = "FLYFN_DEV_TOKEN"  # noqa: S105 (the name of an env var)
 FLY_LAUNCH_METADATA = ("fly_platform_version", "v2")
 # Long enough for a Django app Machine to boot again after its update.
 RESTART_WAIT_SECONDS = 60
+# A command someone waits for, sharing the app's rate limits with its running Machines' own list
+# calls: it outlasts a burst of 429s (each retry after the API's Retry-After) instead of failing.
+API_MAX_RETRIES = 10
 # An app's name names a file: Fly's are lowercase letters, digits and dashes.
 _APP_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _MAX_STACK_FILE = 64 * 1024
@@ -227,7 +231,9 @@ async def _restart_fly_launch_machines(info: DevStackInfo, app: str, out: TextIO
     """Update each Fly Launch Machine with its own config, as `fly secrets set` does: a started
     one restarts (and boots with the new values), a stopped one stays stopped."""
     key, value = FLY_LAUNCH_METADATA
-    async with AsyncMachinesClient(app, api_token=info.token, api_hostname=info.api) as client:
+    async with AsyncMachinesClient(
+        app, api_token=info.token, api_hostname=info.api, max_retries=API_MAX_RETRIES
+    ) as client:
         launched: list[Machine] = await client.list_machines(metadata={key: value})
         for machine in launched:
             assert machine.config is not None
@@ -290,6 +296,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 1
     except httpx.HTTPError as exc:
         print(f"error: the flyfn dev API is unreachable ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    except MachinesError as exc:  # the API's answer, named (its message carries no secret)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
