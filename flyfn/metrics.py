@@ -41,6 +41,7 @@ class Recorded:
     rejected_states: Counter
     cold_waits: Histogram
     pool_changes: Counter
+    region_failovers: Counter
     api_calls: Counter
     api_seconds: Histogram
     tasks: Counter
@@ -141,6 +142,14 @@ def _create(registry: CollectorRegistry) -> Recorded:
             "Function Machines created, updated or destroyed by flyfn.",
             "group",
             "action",
+        ),
+        region_failovers=counter(
+            "flyfn_region_failovers",
+            "Changes of the region a multi-region group's requests go to (failovers, returns).",
+            "group",
+            "home",
+            "region",
+            "reason",
         ),
         api_calls=counter(
             "flyfn_api_calls",

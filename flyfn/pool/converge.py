@@ -135,7 +135,11 @@ async def observe(
     """The group's usable Machines of the spec's image that `converge` keeps, in rank order,
     without changing anything (what a function Machine needs to know its siblings)."""
     listed = await (lister or _lister(client))(spec)
-    usable = choice.rank(m for m in listed if machine_image(m) == spec.image and is_usable(m))
+    usable = choice.rank(
+        m
+        for m in listed
+        if machine_image(m) == spec.image and spec.holds(m.region) and is_usable(m)
+    )
     return usable[: spec.count]
 
 
@@ -155,7 +159,7 @@ async def converge(
     list_machines = lister or _lister(client)
     result = Convergence(machines=[])
     listed = await list_machines(spec)
-    current = [m for m in listed if machine_image(m) == spec.image]
+    current = [m for m in listed if machine_image(m) == spec.image and spec.holds(m.region)]
     usable = [m for m in current if is_usable(m)]
     if len(usable) < spec.count:
         taken = {m.name for m in current}
@@ -177,7 +181,7 @@ async def converge(
         listed = await list_machines(spec, fresh=True)
         # The list may lag behind a create: count what we created unless the list says otherwise.
         seen = {m.id for m in listed}
-        current = [m for m in listed if machine_image(m) == spec.image]
+        current = [m for m in listed if machine_image(m) == spec.image and spec.holds(m.region)]
         current += [m for m in created if m.id not in seen]
         usable = [m for m in current if is_usable(m)]
         errors = [e for e in outcomes if isinstance(e, BaseException)]

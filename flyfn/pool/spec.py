@@ -68,11 +68,20 @@ class PoolSpec:
     # of them); the others take what those send on (`instance` strategy) or what Fly Proxy
     # balances to them (`app` strategy).
     entries: int = 0
+    # A pool of one region (`regions`): only the group's Machines in `region` are its own, and
+    # their names carry the region. False: the one pool of the whole app, as before regions.
+    regional: bool = False
 
     @property
     def name_prefix(self) -> str:
-        """Names are deterministic per group and image, so racing creators collide on purpose."""
-        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-"
+        """Names are deterministic per group, image (and region), so racing creators collide on
+        purpose."""
+        where = f"{self.region}-" if self.regional and self.region else ""
+        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-{where}"
+
+    def holds(self, region: str | None) -> bool:
+        """Whether a Machine of the group in `region` belongs to this pool."""
+        return not self.regional or region == self.region
 
     def names(self) -> Iterator[str]:
         return (f"{self.name_prefix}{n}" for n in itertools.count())
@@ -132,10 +141,21 @@ def _task_groups() -> list[str]:
         return []
 
 
+def is_task_group(group: str) -> bool:
+    """Whether `group` runs a flyfn.tasks backend's tasks (their pools default to the primary
+    region, near the database)."""
+    return group in _task_groups()
+
+
 def spec_for(
-    settings: FlyfnSettings, group: str, environ: Mapping[str, str] = os.environ
+    settings: FlyfnSettings,
+    group: str,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    pool_region: str | None = None,
 ) -> PoolSpec:
-    """The pool specification of `group`, or PoolConfigError naming the missing setting."""
+    """The pool specification of `group` (of its pool in `pool_region`; None: the app's one
+    shared pool), or PoolConfigError naming the missing setting."""
     options = settings.group(group)
     own_app = settings.app_name
     if not own_app:
@@ -223,9 +243,10 @@ def spec_for(
         entries=options.machines,
         # Fly places a Machine created without a region "near the caller", not surely in its
         # region: name the creating Machine's own region, as FLAME does.
-        region=options.region or environ.get("FLY_REGION") or None,
+        region=pool_region or options.region or environ.get("FLY_REGION") or None,
         config=config,
         version=version,
+        regional=pool_region is not None,
     )
 
 
