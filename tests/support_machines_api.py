@@ -66,6 +66,7 @@ class MachinesAPI:
     url: str
     calls: list[tuple[str, str]]
     http: httpx.Client
+    emulator: MachinesEmulator | None = None  # in this process (regions refusing creates)
 
     def count(self, method: str, pattern: str = r"/v1/apps/[^/]+/machines") -> int:
         """How many calls with `method` had a path fully matching `pattern`."""
@@ -154,4 +155,4 @@ def serve_machines_api(
                 timeout=10,
             )
         )
-        yield MachinesAPI(url, calls, http)
+        yield MachinesAPI(url, calls, http, emulator)

@@ -312,7 +312,10 @@ class PoolManager:
 
     def _new_pool(self, settings: FlyfnSettings, group: str, region: str | None) -> MachinePool:
         try:
-            spec, problem = spec_for(settings, group, pool_region=region), None
+            # A shared pool is made where its first creator runs: this Machine's region.
+            environ = {**os.environ, FLY_REGION: self._region} if self._region else os.environ
+            spec = spec_for(settings, group, environ, pool_region=region)
+            problem = None
         except PoolConfigError as exc:
             spec, problem = None, str(exc)
         return MachinePool(self, spec, problem, settings.cache_ttl, self.choice)

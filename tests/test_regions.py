@@ -1,0 +1,239 @@
+"""Multi-region groups against the Machines API emulator (in process): app Machines in iad and syd
+each get their group's Machines in their own region, a group pinned to the primary region has one,
+and a region without capacity sends its requests to the nearest one that has a Machine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from flyfn.conf import get_settings
+from flyfn.fly.regions import distance_km, nearest_first, one_way_latency_ms
+from flyfn.pool.choice import ReplayTarget
+from flyfn.pool.manager import PoolManager
+from flyfn.pool.placement import Placement, placement, pool_regions, route
+from flyfn.pool.spec import image_hash, spec_for
+from flyfn.settings_errors import SettingsError
+from tests.support_machines_api import MachinesAPI
+
+IMAGE = "registry.fly.io/testapp:deployment-1"
+
+
+def app_machine(region: str) -> PoolManager:
+    """The pools of an app Machine in `region` of an app whose primary region is iad."""
+    return PoolManager(region=region, primary_region="iad")
+
+
+@pytest.fixture
+def iad_and_syd() -> Iterator[tuple[PoolManager, PoolManager]]:
+    iad, syd = app_machine("iad"), app_machine("syd")
+    try:
+        yield iad, syd
+    finally:
+        iad.close()
+        syd.close()
+
+
+def region_of(api: MachinesAPI, target: ReplayTarget | None) -> str | None:
+    assert target is not None and target.instance is not None
+    [machine] = [m for m in api.machines() if m.id == target.instance]
+    return machine.region
+
+
+def test_a_group_following_the_caller_gets_a_machine_in_each_callers_region(
+    machines_api: MachinesAPI, iad_and_syd: tuple[PoolManager, PoolManager]
+) -> None:
+    iad, syd = iad_and_syd
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        assert region_of(machines_api, syd.wait_target("default", 10)) == "syd"
+        assert region_of(machines_api, iad.wait_target("default", 10)) == "iad"
+        # Warm: each region's requests stay on its own Machine, with no API call.
+        calls = len(machines_api.calls)
+        assert {region_of(machines_api, syd.get_target("default")) for _ in range(20)} == {"syd"}
+        assert len(machines_api.calls) == calls
+    machines = machines_api.machines(group="default")
+    assert sorted((m.region, m.name) for m in machines) == [
+        ("iad", f"flyfn-default-{image_hash(IMAGE)}-iad-0"),
+        ("syd", f"flyfn-default-{image_hash(IMAGE)}-syd-0"),
+    ]
+
+
+def test_max_machines_holds_per_region(
+    machines_api: MachinesAPI, iad_and_syd: tuple[PoolManager, PoolManager]
+) -> None:
+    iad, syd = iad_and_syd
+    groups = {"pdf": {"machines": 1, "max_machines": 2}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups, CACHE_TTL=3600)):
+        syd.wait_target("pdf", 10)
+        iad.wait_target("pdf", 10)
+        assert len(syd.members("pdf")) == 2
+        assert len(iad.members("pdf")) == 2
+        assert set(syd.members("pdf")).isdisjoint(iad.members("pdf"))
+    regions = sorted(m.region or "" for m in machines_api.machines(group="pdf"))
+    assert regions == ["iad", "iad", "syd", "syd"]
+
+
+def test_a_group_pinned_to_the_primary_region_creates_one_machine(
+    machines_api: MachinesAPI, iad_and_syd: tuple[PoolManager, PoolManager]
+) -> None:
+    iad, syd = iad_and_syd
+    groups = {"reports": {"regions": "primary"}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups, CACHE_TTL=3600)):
+        from_syd = syd.wait_target("reports", 10)
+        from_iad = iad.wait_target("reports", 10)
+    assert from_syd == from_iad
+    assert [m.region for m in machines_api.machines(group="reports")] == ["iad"]
+
+
+def test_a_region_without_capacity_fails_over_to_the_nearest_with_an_event(
+    machines_api: MachinesAPI,
+    iad_and_syd: tuple[PoolManager, PoolManager],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iad, syd = iad_and_syd
+    assert machines_api.emulator is not None
+    machines_api.emulator.full_regions.add("syd")
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        target = syd.wait_target("default", 30)
+        assert region_of(machines_api, target) == "iad"
+        # The iad app Machine finds the same Machine: one pool per region, whoever created it.
+        assert iad.wait_target("default", 10) == target
+        assert syd.get_target("default") == target
+    assert [m.region for m in machines_api.machines(group="default")] == ["iad"]
+    [record] = [r for r in caplog.records if getattr(r, "flyfn_event", None) == "failover"]
+    fields: dict[str, Any] = record.__dict__
+    assert (fields["flyfn_group"], fields["flyfn_home"], fields["flyfn_region"]) == (
+        "default",
+        "syd",
+        "iad",
+    )
+    assert fields["flyfn_reason"] == "no_capacity"
+
+
+def test_a_caller_outside_the_groups_list_uses_the_nearest_listed_region(
+    machines_api: MachinesAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    nrt = PoolManager(region="nrt", primary_region="iad")
+    groups = {"g": {"regions": ["iad", "syd"]}}
+    try:
+        with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups, CACHE_TTL=3600)):
+            # Tokyo is nearer Sydney (~7,800 km) than Ashburn (~10,900 km).
+            assert region_of(machines_api, nrt.wait_target("g", 10)) == "syd"
+    finally:
+        nrt.close()
+    reasons = [r.__dict__["flyfn_reason"] for r in caplog.records if r.name == "flyfn.events.region"]
+    assert reasons == ["not_listed"]
+
+
+def test_off_fly_and_shared_groups_keep_one_pool_named_as_before(
+    machines_api: MachinesAPI, pool_manager: PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLY_REGION", raising=False)
+    groups = {"old": {"regions": "shared"}}
+    shared_from_syd = app_machine("syd")
+    try:
+        with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups, CACHE_TTL=3600)):
+            pool_manager.wait_target("default", 10)  # off Fly: no region known
+            shared_from_syd.wait_target("old", 10)
+    finally:
+        shared_from_syd.close()
+    found = sorted((m.name or "", m.region) for m in machines_api.machines())
+    assert found == [
+        (f"flyfn-default-{image_hash(IMAGE)}-0", "local"),  # Fly's choice (the emulator's)
+        (f"flyfn-old-{image_hash(IMAGE)}-0", "syd"),  # where its first creator runs
+    ]
+
+
+# -- placement, pure -----------------------------------------------------------------------------
+
+
+def test_routes_per_mode() -> None:
+    caller, primary, shared = Placement("caller"), Placement("primary"), Placement("shared")
+    assert route(caller, "syd", "iad").home == "syd"
+    assert route(caller, "syd", "iad").failover == ("iad",)
+    assert route(caller, None, "iad").home is None  # off Fly: the shared pool
+    assert route(primary, "syd", "iad").home == "iad"
+    assert route(primary, "syd", "iad").failover == ("syd",)
+    assert route(shared, "syd", "iad").home is None
+    listed = Placement("listed", ("iad", "ams", "syd"))
+    assert route(listed, "fra", "iad").home == "ams"
+    assert route(listed, "fra", "iad").failover == ("iad", "syd")
+    assert route(listed, "fra", "iad").reason == "not_listed"
+    assert route(listed, "syd", "iad").reason is None
+
+
+def test_regions_to_prepare() -> None:
+    assert pool_regions(Placement("caller"), "iad", "iad", ["syd", "iad", "syd"]) == ["iad", "syd"]
+    assert pool_regions(Placement("primary"), "syd", "iad", ["syd"]) == ["iad"]
+    assert pool_regions(Placement("shared"), "syd", "iad", ["syd"]) == [None]
+    assert pool_regions(Placement("caller"), None, None, []) == [None]
+
+
+def test_task_groups_default_to_the_primary_region(machines_api: MachinesAPI) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS={"t": {"region": "ams"}})):
+        settings = get_settings()
+        assert placement(settings, "x", task_group=True) == Placement("primary")
+        assert placement(settings, "x") == Placement("caller")
+        assert placement(settings, "t") == Placement("shared")  # `region`: as before
+
+
+def test_a_regional_spec_names_and_holds_its_region(machines_api: MachinesAPI) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings()):
+        spec = spec_for(get_settings(), "default", {"FLY_REGION": "iad"}, pool_region="syd")
+        shared = spec_for(get_settings(), "default", {"FLY_REGION": "iad"})
+    assert (spec.region, spec.regional) == ("syd", True)
+    assert spec.name_prefix.endswith("-syd-")
+    assert spec.holds("syd") and not spec.holds("iad")
+    assert (shared.region, shared.regional, shared.holds("syd")) == ("iad", False, True)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("everywhere", 'must be "caller", "primary", "shared" or a list'),
+        (["iad", "SYD"], 'must list Fly region codes such as "iad"'),
+        ([], "must name at least one region"),
+    ],
+)
+def test_bad_regions_are_refused_with_the_problem(
+    machines_api: MachinesAPI, value: Any, message: str
+) -> None:
+    with (
+        override_settings(FLYFN=machines_api.flyfn_settings(GROUPS={"g": {"regions": value}})),
+        pytest.raises(SettingsError, match=message),
+    ):
+        get_settings()
+
+
+def test_region_and_regions_are_not_both_set(machines_api: MachinesAPI) -> None:
+    groups = {"g": {"region": "iad", "regions": ["syd"]}}
+    with (
+        override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)),
+        pytest.raises(SettingsError, match="either"),
+    ):
+        get_settings()
+
+
+# -- regions, pure -------------------------------------------------------------------------------
+
+
+def test_distances_and_latency() -> None:
+    iad_syd = distance_km("iad", "syd")
+    assert iad_syd is not None and 15_500 < iad_syd < 15_900  # Ashburn-Sydney
+    assert distance_km("iad", "iad") == 0.0
+    assert distance_km("iad", "local") is None
+    assert one_way_latency_ms("iad", "syd") == pytest.approx(1.5 * iad_syd / 200)
+    assert one_way_latency_ms("local", "syd") == 0.0
+    assert nearest_first("lhr", ["syd", "iad", "ams", "lhr", "xyz", "ams"]) == [
+        "lhr",
+        "ams",
+        "iad",
+        "syd",
+        "xyz",
+    ]
