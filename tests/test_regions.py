@@ -39,7 +39,8 @@ def iad_and_syd() -> Iterator[tuple[PoolManager, PoolManager]]:
 
 
 def region_of(api: MachinesAPI, target: ReplayTarget | None) -> str | None:
-    assert target is not None and target.instance is not None
+    assert target is not None
+    assert target.instance is not None
     [machine] = [m for m in api.machines() if m.id == target.instance]
     return machine.region
 
@@ -127,7 +128,9 @@ def test_a_caller_outside_the_groups_list_uses_the_nearest_listed_region(
             assert region_of(machines_api, nrt.wait_target("g", 10)) == "syd"
     finally:
         nrt.close()
-    reasons = [r.__dict__["flyfn_reason"] for r in caplog.records if r.name == "flyfn.events.region"]
+    reasons = [
+        r.__dict__["flyfn_reason"] for r in caplog.records if r.name == "flyfn.events.region"
+    ]
     assert reasons == ["not_listed"]
 
 
@@ -189,7 +192,8 @@ def test_a_regional_spec_names_and_holds_its_region(machines_api: MachinesAPI) -
         shared = spec_for(get_settings(), "default", {"FLY_REGION": "iad"})
     assert (spec.region, spec.regional) == ("syd", True)
     assert spec.name_prefix.endswith("-syd-")
-    assert spec.holds("syd") and not spec.holds("iad")
+    assert spec.holds("syd")
+    assert not spec.holds("iad")
     assert (shared.region, shared.regional, shared.holds("syd")) == ("iad", False, True)
 
 
@@ -225,7 +229,8 @@ def test_region_and_regions_are_not_both_set(machines_api: MachinesAPI) -> None:
 
 def test_distances_and_latency() -> None:
     iad_syd = distance_km("iad", "syd")
-    assert iad_syd is not None and 15_500 < iad_syd < 15_900  # Ashburn-Sydney
+    assert iad_syd is not None
+    assert 15_500 < iad_syd < 15_900
     assert distance_km("iad", "iad") == 0.0
     assert distance_km("iad", "local") is None
     assert one_way_latency_ms("iad", "syd") == pytest.approx(1.5 * iad_syd / 200)

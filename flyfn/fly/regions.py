@@ -22,6 +22,7 @@ __all__ = [
     "is_known",
     "nearest_first",
     "one_way_latency_ms",
+    "parse_region_list",
 ]
 
 EARTH_RADIUS_KM = 6371.0
@@ -117,3 +118,16 @@ def nearest_first(origin: str, regions: Iterable[str]) -> list[str]:
         return (math.inf if km is None else km, index)
 
     return [region for _, region in sorted(enumerate(unique), key=key)]
+
+
+def parse_region_list(text: str) -> tuple[str, ...]:
+    """`"iad,syd"` as `("iad", "syd")`; ValueError naming a code that is not a Fly region."""
+    codes = tuple(dict.fromkeys(c.strip().lower() for c in text.split(",") if c.strip()))
+    if not codes:
+        raise ValueError("name at least one Fly region, e.g. iad,syd")
+    unknown = [c for c in codes if c not in REGIONS]
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]!r} is not a Fly region; Fly's regions are {', '.join(sorted(REGIONS))}"
+        )
+    return codes

@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.fly.regions import parse_region_list
 from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
     PrepareReport,
@@ -93,6 +94,20 @@ class Command(BaseCommand):
             default=None,
             help="NAME=VALUE lines set as the app's secrets before any Machine starts (as "
             "`fly secrets import` reads them); the only way shell values reach the Machines",
+        )
+        dev.add_argument(
+            "--regions",
+            type=_regions,
+            default=(),
+            help="Fly regions with an app Machine each, e.g. iad,syd (default: fly.toml's "
+            "primary_region); the primary region is fly.toml's if listed, else the first",
+        )
+        dev.add_argument(
+            "--full-regions",
+            type=_regions,
+            default=(),
+            help="regions where creating a Machine fails for want of capacity, as Fly answers "
+            "(412 insufficient_capacity): to see a multi-region group fail over",
         )
         # More subcommands add a parser here and a handle_<name>.
 
@@ -272,6 +287,8 @@ class Command(BaseCommand):
         live_port: int = 0,
         config: Path | None = None,
         secrets_file: Path | None = None,
+        regions: tuple[str, ...] = (),
+        full_regions: tuple[str, ...] = (),
         **options: Any,
     ) -> None:
         from flyfn.emulator.dev import DevOptions, run_dev  # uvicorn: the [emulator] extra
@@ -285,6 +302,8 @@ class Command(BaseCommand):
             live_port=live_port,
             config=config,
             secrets_file=secrets_file,
+            regions=regions,
+            full_regions=full_regions,
         )
         status = run_dev(dev_options)
         if status:
@@ -345,6 +364,13 @@ def _positive(what: str) -> Callable[[str], float]:
 
 _seconds = _positive("number of seconds")
 _time_scale = _positive("number")
+
+
+def _regions(text: str) -> tuple[str, ...]:
+    try:
+        return parse_region_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(work: Coroutine[Any, Any, T], deadline: float = DEFAULT_DEADLINE) -> T:
