@@ -175,8 +175,11 @@ def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
 def failed_over(group: str, home: str | None, region: str | None, reason: FailoverReason) -> None:
     """A multi-region group's requests from this Machine go to another region's Machines than
     their home region's (`regions`), or back home (`recovered`); once per change, not per
-    request. INFO; `flyfn_region_failovers_total{group,home,region,reason}`."""
-    _region_log.info(
+    request. WARNING when home has no Machine to be had (an operator may want to know), else
+    INFO; `flyfn_region_failovers_total{group,home,region,reason}`."""
+    level = logging.INFO if reason in ("not_listed", "recovered") else logging.WARNING
+    _region_log.log(
+        level,
         "flyfn: group %r requests from home region %s go to region %s (%s)",
         group,
         home or "-",
