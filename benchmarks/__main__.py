@@ -35,6 +35,7 @@ AREA_MODULES: dict[str, tuple[str, float, float]] = {
     "elastic": ("benchmarks.elastic", 300, 120),
     "receipts": ("benchmarks.receipts", 600, 90),
     "tasks": ("benchmarks.tasks", 600, 150),
+    "regions": ("benchmarks.regions", 180, 90),
 }
 
 

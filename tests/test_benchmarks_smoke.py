@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import benchmarks.__main__ as bench_main
-from benchmarks import harness
+from benchmarks import harness, regions
 from benchmarks.apiserver import CallCounter, Message, Receive, Scope, Send, route_of
 from benchmarks.e2e import DevLog
 from benchmarks.receipts import CanvasRecorder, replay_on_canvas
@@ -223,3 +223,16 @@ def test_dev_log_finds_route_lines_case_insensitively(tmp_path: Path) -> None:
     assert log.wait_for("GET /fn/", after=2, timeout=0, also="(cold") == 2
     with pytest.raises(TimeoutError):
         log.wait_for("autostop", after=2, timeout=0)
+
+
+def test_regions_area_states_its_emulated_latency_and_reads_route_lines() -> None:
+    # Ashburn-Sydney, ~15,700 km: 1.5 x distance / 200 km per ms, each way.
+    assert 230 < regions.emulated_round_trip_ms("syd", "iad") < 240
+    assert regions.emulated_round_trip_ms("syd", "syd") == 0
+    same = regions.route_pattern("/fn/", "syd")
+    assert same.match("[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@syd 200 2 B 8ms")
+    assert same.match("[syd] GET /fn/ main:0e1f@syd (cold 0.5s) → replay → fn:9a2c@syd (cold 1s)")
+    assert not same.match("[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@iad 200 2 B 8ms")
+    assert not same.match("[syd] GET /fn/ main:0e1f@syd 200 2 B 8ms")  # ran locally
+    assert not same.match("[iad] GET /fn/ main:0e1f@iad → replay → fn:9a2c@syd 200 2 B 8ms")
+    assert "regions" in bench_main.AREA_MODULES

@@ -36,5 +36,7 @@ FLYFN = {
         "elastic": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY, "replay_timeout": "60s"},
         "fixed": {"machines": 1, "concurrency": ELASTIC_CONCURRENCY, "replay_timeout": "60s"},
         "trickle": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY},
+        # The regions benchmark: `default` follows the caller, this one stays in the primary.
+        "primary": {"machines": 1, "autostop": "stop", "regions": "primary"},
     },
 }

@@ -41,4 +41,7 @@ ELASTIC = [
     path("wait/trickle/", views.wait_trickle, name="wait_trickle"),
 ]
 
-urlpatterns = bench_urls(*PATTERNS.values(), *ELASTIC)
+# The regions benchmark's view: `fn` in a group whose Machines live in the primary region.
+REGIONS = [path("fn/primary/", views.fn_primary, name="fn_primary")]
+
+urlpatterns = bench_urls(*PATTERNS.values(), *ELASTIC, *REGIONS)

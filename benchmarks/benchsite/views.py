@@ -20,6 +20,11 @@ def fn(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"fn", content_type="text/plain")
 
 
+@fly_serverless(methods=["GET"], group="primary")
+def fn_primary(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(b"fn", content_type="text/plain")
+
+
 def direct_item(request: HttpRequest, n: int) -> HttpResponse:
     return HttpResponse(b"direct", content_type="text/plain")
 
