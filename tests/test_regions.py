@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from io import StringIO
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.test import override_settings
 
 from flyfn.conf import get_settings
@@ -242,3 +244,42 @@ def test_distances_and_latency() -> None:
         "syd",
         "xyz",
     ]
+
+
+# -- manage.py flyfn prepare | status ------------------------------------------------------------
+
+
+def test_prepare_makes_a_pool_where_each_app_machine_runs_and_status_shows_regions(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release command (in the primary region, iad) of an app with Machines in iad and syd."""
+    monkeypatch.setenv("FLY_REGION", "iad")
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    for region in ("iad", "syd"):
+        machines_api.create(
+            region=region, config={"image": IMAGE, "metadata": {"fly_process_group": "app"}}
+        )
+    groups = {"reports": {"regions": "primary"}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        prepared = command("prepare")
+        status = command("status")
+    assert sorted((m.region, m.name) for m in machines_api.machines(group="default")) == [
+        ("iad", f"flyfn-default-{image_hash(IMAGE)}-iad-0"),
+        ("syd", f"flyfn-default-{image_hash(IMAGE)}-syd-0"),
+    ]
+    assert [m.region for m in machines_api.machines(group="reports")] == ["iad"]
+    assert "default: 1 Machine(s) in app testapp in iad" in prepared
+    assert "default: 1 Machine(s) in app testapp in syd" in prepared
+    assert "reports: 1 Machine(s) in app testapp in iad" in prepared
+    assert "1 per image and region, 2 found, regions caller" in status
+    assert "regions primary" in status
+    assert "by region: iad 1, syd 1" in status
+    syd_name = f"flyfn-default-{image_hash(IMAGE)}-syd-0"
+    [row] = [line.split() for line in status.splitlines() if syd_name in line]
+    assert row[2] == "syd"  # the REGION column
+
+
+def command(*args: str) -> str:
+    out = StringIO()
+    call_command("flyfn", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()

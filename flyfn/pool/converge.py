@@ -288,6 +288,7 @@ class PrepareReport:
     created: list[str]
     updated: list[str]
     destroyed: list[str]
+    region: str | None = None  # a regional pool's region (None: the group's one shared pool)
 
 
 async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareReport:
@@ -306,6 +307,7 @@ async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareR
         created=done.created,
         updated=updated,
         destroyed=done.destroyed,
+        region=spec.region if spec.regional else None,
     )
 
 

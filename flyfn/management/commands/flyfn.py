@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -18,17 +19,21 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
 from flyfn.fly.regions import parse_region_list
 from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
+    GONE_STATES,
     PrepareReport,
     destroy_orphans,
     find_orphans,
+    is_app_machine,
     machine_group,
     machine_image,
     prepare_group,
 )
-from flyfn.pool.spec import PoolConfigError, group_app, new_client, spec_for
+from flyfn.pool.placement import Placement, placement, pool_regions
+from flyfn.pool.spec import PoolConfigError, group_app, is_task_group, new_client, spec_for
 from flyfn.registry import ServerlessView, iter_url_routes, registry
 
 T = TypeVar("T")
@@ -158,9 +163,11 @@ class Command(BaseCommand):
             options_ = settings.group(group)
             app = group_app(settings, group)
             found = machines[group]
+            where = placement(settings, group, task_group=is_task_group(group))
+            per = "per image" if where.mode == "shared" else "per image and region"
             self.stdout.write(
                 f"  {group}: app {app}, strategy {options_.strategy}, "
-                f"{options_.machines} per image, {len(found)} found"
+                f"{options_.machines} {per}, {len(found)} found, regions {_placed(where)}"
             )
             if found:
                 states = Counter(m.state or "unknown" for m in found)
@@ -173,13 +180,18 @@ class Command(BaseCommand):
                     + "; by image: "
                     + ", ".join(f"{kind} {n}" for kind, n in sorted(fresh.items()))
                 )
+                regions = Counter(_region(m) for m in found)
+                self.stdout.write(
+                    "    by region: " + ", ".join(f"{r} {n}" for r, n in sorted(regions.items()))
+                )
             if found:
                 self._table(
-                    ("ID", "NAME", "STATE", "IMAGE", "FRESHNESS"),
+                    ("ID", "NAME", "REGION", "STATE", "IMAGE", "FRESHNESS"),
                     [
                         (
                             m.id,
                             m.name or "",
+                            _region(m),
                             m.state or "",
                             machine_image(m) or "",
                             freshness(machine_image(m), settings.image_ref, live),
@@ -258,19 +270,41 @@ class Command(BaseCommand):
 
     def handle_prepare(self, **options: Any) -> None:
         settings = get_settings()
-        specs = [spec_for(settings, group) for group in all_groups(settings)]
-        if not specs:
+        groups = all_groups(settings)
+        if not groups:
             self.stdout.write("No serverless views and no groups declared: nothing to prepare.")
             return
 
+        for group in groups:  # the settings' problems before any API call
+            spec_for(settings, group)
+        caller = env_value(os.environ, FLY_REGION)
+        primary = env_value(os.environ, PRIMARY_REGION)
+        placements = {g: placement(settings, g, task_group=is_task_group(g)) for g in groups}
+
         async def prepare_all() -> list[PrepareReport]:
             async with new_client(settings) as client:
+                # A group that follows its callers has a pool where the app Machines run (off
+                # Fly, where no region is known, its one shared pool as before regions).
+                app_regions: list[str] = []
+                if caller and any(p.mode == "caller" for p in placements.values()):
+                    app_regions = [
+                        m.region
+                        for m in await client.list_machines()
+                        if m.region and is_app_machine(m) and m.state not in GONE_STATES
+                    ]
+                specs = [
+                    spec_for(settings, group, pool_region=region)
+                    for group, where in placements.items()
+                    for region in pool_regions(where, caller, primary, app_regions)
+                ]
                 return [await prepare_group(client, spec) for spec in specs]
 
         for report in run(prepare_all(), options["timeout"]):
+            where = f" in {report.region}" if report.region else ""
             self.stdout.write(
                 self.style.SUCCESS(f"{report.group}: ")
-                + f"{len(report.machines)} Machine(s) in app {report.app} on the current image "
+                + f"{len(report.machines)} Machine(s) in app {report.app}{where} on the current "
+                "image "
                 f"({_summary(report)})"
             )
 
@@ -320,7 +354,8 @@ class Command(BaseCommand):
                 for orphan in orphans:
                     verb = "would destroy" if dry_run else "destroying"
                     self.stdout.write(
-                        f"{verb} {orphan.machine.id} ({orphan.machine.name or '-'}, group "
+                        f"{verb} {orphan.machine.id} ({orphan.machine.name or '-'}, "
+                        f"region {_region(orphan.machine)}, group "
                         f"{machine_group(orphan.machine)}, app {orphan.app}, image "
                         f"{machine_image(orphan.machine)})"
                     )
@@ -364,6 +399,17 @@ def _positive(what: str) -> Callable[[str], float]:
 
 _seconds = _positive("number of seconds")
 _time_scale = _positive("number")
+
+
+def _region(machine: Machine) -> str:
+    return machine.region or "-"
+
+
+def _placed(where: Placement) -> str:
+    """How `status` says where a group's Machines live."""
+    if where.mode == "listed":
+        return ",".join(where.listed)
+    return where.mode
 
 
 def _regions(text: str) -> tuple[str, ...]:
