@@ -156,16 +156,19 @@ def cold_waited(group: str, seconds: float, found: bool) -> None:
         recorded.cold_waits.labels(group, "true" if found else "false").observe(seconds)
 
 
-def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
-    """flyfn created, updated or destroyed a function Machine of `group`.
-    INFO; `flyfn_pool_changes_total{group,action}`."""
+def pool_changed(
+    group: str, action: PoolAction, machine_id: str, region: str | None = None
+) -> None:
+    """flyfn created, updated or destroyed a function Machine of `group` (of its pool in
+    `region`, when the group has one per region). INFO; `flyfn_pool_changes_total{group,action}`."""
     _pool_log.info(
-        "flyfn: %s Machine %s (group %r)",
+        "flyfn: %s Machine %s (group %r%s)",
         action,
         machine_id,
         group,
+        f", region {region}" if region else "",
         extra={"flyfn_event": "pool", "flyfn_group": group, "flyfn_action": action,
-               "flyfn_machine": machine_id},
+               "flyfn_machine": machine_id, "flyfn_region": region},
     )  # fmt: skip
     recorded = metrics.recorded()
     if recorded is not None:

@@ -14,13 +14,17 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from flyfn.conf import get_settings
-from flyfn.fly.regions import distance_km, nearest_first, one_way_latency_ms
+from flyfn.emulator.proxy.balancer import Candidate, Limits, Readiness, choose
+from flyfn.emulator.proxy.errors import ProxyError
+from flyfn.emulator.proxy.regions import FROM_REGION_HEADER, EdgeRegions
+from flyfn.fly.regions import distance_km, nearest_first, one_way_latency_ms, parse_region_list
 from flyfn.pool.choice import ReplayTarget
 from flyfn.pool.manager import PoolManager
 from flyfn.pool.placement import Placement, placement, pool_regions, route
 from flyfn.pool.spec import image_hash, spec_for
 from flyfn.settings_errors import SettingsError
 from tests.support_machines_api import MachinesAPI
+from tests.support_proxy import proxy_stack
 
 IMAGE = "registry.fly.io/testapp:deployment-1"
 
@@ -283,3 +287,55 @@ def command(*args: str) -> str:
     out = StringIO()
     call_command("flyfn", *args, stdout=out, stderr=StringIO())
     return out.getvalue()
+
+
+# -- the emulator's regions ----------------------------------------------------------------------
+
+
+async def test_a_request_enters_at_the_region_it_comes_from() -> None:
+    async with proxy_stack(regions=("iad", "syd")) as stack:
+        iad = await stack.machine(region="iad")
+        syd = await stack.machine(region="syd")
+        from_syd = await stack.client.get("/", headers={FROM_REGION_HEADER: "syd"})
+        from_nowhere = await stack.client.get("/")
+        unknown = await stack.client.get("/", headers={FROM_REGION_HEADER: "ams"})
+    assert from_syd.json()["machine"] == syd.id  # the nearest app Machine
+    assert from_syd.json()["headers"]["fly-region"] == "syd"
+    assert from_syd.headers["fly-request-id"].endswith("-syd")
+    assert from_nowhere.json()["machine"] == iad.id  # the primary region's edge
+    assert from_nowhere.json()["headers"]["fly-region"] == "iad"
+    assert unknown.status_code == 400
+    assert "'ams' is not a region of this stack (iad, syd" in unknown.text
+    assert str(stack.logs[0]).startswith(f"[syd] GET / main:{syd.id[:4]}@syd ")
+
+
+def test_edge_regions_and_their_latency() -> None:
+    edges = EdgeRegions(("iad", "syd"))
+    assert edges.edge_of(None) == "iad"
+    assert edges.edge_of(" SYD ") == "syd"
+    assert edges.hop_seconds("syd", "syd") == 0
+    assert edges.hop_seconds("syd", "iad") == pytest.approx(
+        2 * one_way_latency_ms("syd", "iad") / 1000
+    )
+    assert EdgeRegions(("iad", "syd"), emulate_latency=False).hop_seconds("syd", "iad") == 0
+    with pytest.raises(ProxyError, match="not a region of this stack"):
+        edges.edge_of("fra")
+
+
+def test_the_balancer_prefers_the_nearest_region_when_its_own_has_no_machine() -> None:
+    def remote(machine_id: str, region: str) -> Candidate:
+        distance = distance_km("lhr", region)
+        assert distance is not None
+        return Candidate(machine_id, Readiness.READY, 0, Limits(), local=False, distance=distance)
+
+    chosen = choose([remote("far", "syd"), remote("near", "ams"), remote("mid", "iad")])
+    assert chosen is not None
+    assert chosen.machine_id == "near"
+
+
+def test_region_lists_on_the_command_line() -> None:
+    assert parse_region_list("iad, SYD,iad") == ("iad", "syd")
+    with pytest.raises(ValueError, match="'xyz' is not a Fly region; Fly's regions are ams"):
+        parse_region_list("iad,xyz")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_region_list(" , ")

@@ -218,8 +218,12 @@ async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine)
         await client.update_machine(machine.id, request, app=spec.app)
     except NotFound:  # destroyed meanwhile (another process converging): nothing to update
         return False
-    events.pool_changed(spec.group, "update", machine.id)
+    events.pool_changed(spec.group, "update", machine.id, _pool_region(spec))
     return True
+
+
+def _pool_region(spec: PoolSpec) -> str | None:
+    return spec.region if spec.regional else None
 
 
 async def _create(
@@ -234,7 +238,7 @@ async def _create(
         if exc.status in (409, 422) and not exc.insufficient_capacity:
             logger.debug("Machine %s already exists (another process created it)", name)
         raise
-    events.pool_changed(spec.group, "create", created.id)
+    events.pool_changed(spec.group, "create", created.id, _pool_region(spec))
     return created
 
 
@@ -307,7 +311,7 @@ async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareR
         created=done.created,
         updated=updated,
         destroyed=done.destroyed,
-        region=spec.region if spec.regional else None,
+        region=_pool_region(spec),
     )
 
 
