@@ -5,6 +5,7 @@ and a region without capacity sends its requests to the nearest one that has a M
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from io import StringIO
 from typing import Any
@@ -18,7 +19,10 @@ from flyfn.emulator.proxy.balancer import Candidate, Limits, Readiness, choose
 from flyfn.emulator.proxy.errors import ProxyError
 from flyfn.emulator.proxy.regions import FROM_REGION_HEADER, EdgeRegions
 from flyfn.fly.regions import distance_km, nearest_first, one_way_latency_ms, parse_region_list
+from flyfn.machine_role import MachineEnv, function, override_role
+from flyfn.machines import Machine, MachineConfig
 from flyfn.pool.choice import ReplayTarget
+from flyfn.pool.listing import MachineListing
 from flyfn.pool.manager import PoolManager
 from flyfn.pool.placement import Placement, placement, pool_regions, route
 from flyfn.pool.spec import image_hash, spec_for
@@ -339,3 +343,24 @@ def test_region_lists_on_the_command_line() -> None:
         parse_region_list("iad,xyz")
     with pytest.raises(ValueError, match="at least one"):
         parse_region_list(" , ")
+
+
+def test_a_function_machine_sends_on_to_an_app_machine_of_its_own_region() -> None:
+    listing = MachineListing(None)
+    fn = PoolManager(listing=listing, region="syd", primary_region="iad")
+
+    def app_in(region: str, state: str = "started") -> Machine:
+        metadata = {"fly_process_group": "app"}
+        return Machine(
+            id=f"app-{region}", state=state, region=region, config=MachineConfig(metadata=metadata)
+        )
+
+    try:
+        with override_role(function("default"), MachineEnv(app_name="app1", machine_id="fn0")):
+            listing.write("app1", time.time(), [app_in("iad"), app_in("syd"), app_in("ams")])
+            assert {fn.app_machine() for _ in range(20)} == {"app-syd"}
+            # None of its region: any of the app's, a started one first, as before regions.
+            listing.write("app1", time.time(), [app_in("iad", "stopped"), app_in("ams")])
+            assert {fn.app_machine() for _ in range(20)} == {"app-ams"}
+    finally:
+        fn.close()

@@ -85,7 +85,10 @@ class PoolManager:
     Settings are read live: when `get_settings()` returns another object (override_settings), the
     pools and the client are rebuilt. `listing` shares the app's Machine list between the pools and
     with the other processes of this Machine (default: by `FLY_MACHINE_ID`); `clock` (monotonic)
-    and `random` time the caches and their jitter (tests inject them).
+    and `random` time the caches and their jitter (tests inject them). `region` and
+    `primary_region` are this Machine's region and the app's primary one (default: `FLY_REGION`
+    and `PRIMARY_REGION`, read when the settings change): a group's requests go to the pool of
+    the region its `regions` option gives, or fail over to the nearest other one.
     """
 
     def __init__(
@@ -272,6 +275,9 @@ class PoolManager:
         if shared is None:
             return None
         candidates = [m for m in shared[1] if is_app_machine(m) and m.state not in GONE_STATES]
+        # One of this region's when there is one: a request sent on should not cross the world.
+        here = self._region or env.region
+        candidates = [m for m in candidates if here and m.region == here] or candidates
         started = [m.id for m in candidates if m.state == "started"]
         ids = started or [m.id for m in candidates]
         return ids[int(self.random() * len(ids)) % len(ids)] if ids else None
