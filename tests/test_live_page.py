@@ -83,6 +83,17 @@ async def test_routes_are_kept_newest_first_and_bounded() -> None:
     await emulator.aclose()
 
 
+async def test_a_route_of_a_multi_region_stack_says_where_it_entered() -> None:
+    emulator, page, _, fn_id = await _stack()
+    page.record_route(
+        RequestLog("GET", "/r/", hops=["main:abcd@syd"], status=200, machine_id=fn_id, region="syd")
+    )
+    [route] = (await _get(page, "/state.json")).json()["routes"]
+    assert route["region"] == "syd"
+    assert route["line"].startswith("[syd] GET /r/ main:abcd@syd 200")
+    await emulator.aclose()
+
+
 async def test_task_figures_are_shown_and_a_failing_source_does_not_break_the_page() -> None:
     emulator, page, _, _ = await _stack()
 

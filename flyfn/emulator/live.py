@@ -69,6 +69,7 @@ class LivePage:
                 "line": str(entry),
                 "machine": entry.machine_id,
                 "status": entry.status,
+                "region": entry.region,  # where it entered, in a stack of several regions
             }
         )
 
