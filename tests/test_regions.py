@@ -126,6 +126,22 @@ def test_a_region_without_capacity_fails_over_to_the_nearest_with_an_event(
     assert fields["flyfn_reason"] == "no_capacity"
 
 
+def test_the_primary_region_without_capacity_fails_over_where_the_app_runs(
+    machines_api: MachinesAPI, iad_and_syd: tuple[PoolManager, PoolManager]
+) -> None:
+    iad, _ = iad_and_syd
+    assert machines_api.emulator is not None
+    for region in ("iad", "syd"):
+        machines_api.create(
+            region=region, config={"image": IMAGE, "metadata": {"fly_process_group": "app"}}
+        )
+    machines_api.emulator.full_regions.add("iad")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        # Not the primary region (it is home), but where the app's other Machines run.
+        assert region_of(machines_api, iad.wait_target("default", 30)) == "syd"
+    assert [m.region for m in machines_api.machines(group="default")] == ["syd"]
+
+
 def test_a_caller_outside_the_groups_list_uses_the_nearest_listed_region(
     machines_api: MachinesAPI, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -172,10 +172,10 @@ class PoolManager:
                 self._went_to(group, way, way.home, way.reason or "recovered")
             return target
         reason = pool.unavailable()
-        if reason is None or not way.failover:
+        if reason is None:
             return None
         pool.refresh()  # home again once it has a Machine (not while it backs off)
-        for region in way.failover:
+        for region in self._failover(way):
             target = self.regional_pool(group, region).target()
             if target is not None:
                 self._went_to(group, way, region, reason)
@@ -190,7 +190,7 @@ class PoolManager:
         if target is not None:
             return self.get_target(group) or target  # through get_target: a return is reported
         reason = home.unavailable()
-        for region in way.failover if reason is not None else ():
+        for region in self._failover(way) if reason is not None else ():
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
@@ -208,7 +208,7 @@ class PoolManager:
         if target is not None:
             return self.get_target(group) or target  # through get_target: a return is reported
         reason = home.unavailable()
-        for region in way.failover if reason is not None else ():
+        for region in self._failover(way) if reason is not None else ():
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
@@ -217,6 +217,20 @@ class PoolManager:
                 self._went_to(group, way, region, reason or "unavailable")
                 return target
         return None
+
+    def _failover(self, way: Route) -> tuple[str, ...]:
+        """The regions to try after home: the route's, and for an open route every other region
+        with an app Machine in the app's shared list (nearest first, by the choice)."""
+        app = self._settings.app_name if self._settings is not None else None
+        shared = self.listing.read(app) if way.open and way.home and app else None
+        if shared is None:
+            return way.failover
+        known = {m.region for m in shared[1] if m.region and is_app_machine(m)}
+        extra = known - {way.home, *way.failover}
+        if not extra:
+            return way.failover
+        assert way.home is not None
+        return tuple(self.choice.order_regions(way.home, [*way.failover, *sorted(extra)]))
 
     def _went_to(
         self, group: str, way: Route, region: str | None, reason: events.FailoverReason

@@ -39,6 +39,8 @@ class Route:
     home: str | None
     failover: tuple[str, ...] = ()
     reason: FailoverReason | None = None
+    # Whether other regions where the app runs may take the requests too (not for a list).
+    open: bool = False
 
 
 def placement(settings: FlyfnSettings, group: str, *, task_group: bool = False) -> Placement:
@@ -62,9 +64,10 @@ def route(
     order: Callable[[str, Iterable[str]], list[str]] = nearest_first,
 ) -> Route:
     """The route of `caller`'s requests (`primary`: the app's primary region; `known`: other
-        regions the group has Machines in, candidates to fail over to when following the caller;
-    `order`: the pool choice's order of regions, nearest first).
-        Without a known caller region (off Fly) every mode but a list is the shared pool."""
+    regions the group has Machines in, candidates to fail over to when following the caller;
+    `order`: the pool choice's order of regions, nearest first). A route that follows the caller
+    or the primary region is `open`: any region the app runs in may take its requests when home
+    cannot. Without a known caller region (off Fly) every mode but a list is the shared pool."""
     if where.mode == "shared":
         return Route(None)
     if where.mode == "listed":
@@ -78,7 +81,7 @@ def route(
     if home is None:
         return Route(None)
     others = [r for r in (primary, caller, *known) if r is not None and r != home]
-    return Route(home, tuple(order(home, others)))
+    return Route(home, tuple(order(home, others)), open=True)
 
 
 def pool_regions(
