@@ -60,14 +60,12 @@ def route(
     caller: str | None,
     primary: str | None,
     *,
-    known: Iterable[str] = (),
     order: Callable[[str, Iterable[str]], list[str]] = nearest_first,
 ) -> Route:
-    """The route of `caller`'s requests (`primary`: the app's primary region; `known`: other
-    regions the group has Machines in, candidates to fail over to when following the caller;
-    `order`: the pool choice's order of regions, nearest first). A route that follows the caller
-    or the primary region is `open`: any region the app runs in may take its requests when home
-    cannot. Without a known caller region (off Fly) every mode but a list is the shared pool."""
+    """The route of `caller`'s requests (`primary`: the app's primary region; `order`: the pool
+    choice's order of regions, nearest first). A route that follows the caller or the primary
+    region is `open`: besides the one it names, any region the app runs in may take its requests
+    when home cannot (the manager knows those). Without a known caller region (off Fly) every mode but a list is the shared pool."""
     if where.mode == "shared":
         return Route(None)
     if where.mode == "listed":
@@ -80,7 +78,7 @@ def route(
     home = (primary or caller) if where.mode == "primary" else caller
     if home is None:
         return Route(None)
-    others = [r for r in (primary, caller, *known) if r is not None and r != home]
+    others = [r for r in (primary, caller) if r is not None and r != home]
     return Route(home, tuple(order(home, others)), open=True)
 
 
