@@ -65,7 +65,8 @@ def route(
     """The route of `caller`'s requests (`primary`: the app's primary region; `order`: the pool
     choice's order of regions, nearest first). A route that follows the caller or the primary
     region is `open`: besides the one it names, any region the app runs in may take its requests
-    when home cannot (the manager knows those). Without a known caller region (off Fly) every mode but a list is the shared pool."""
+    when home cannot (the manager knows those). Without a known caller region (off Fly) every
+    mode but a list is the shared pool."""
     if where.mode == "shared":
         return Route(None)
     if where.mode == "listed":
