@@ -14,6 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 
+from flyfn.checks import check_settings
 from flyfn.conf import get_settings
 from flyfn.emulator.proxy.balancer import Candidate, Limits, Readiness, choose
 from flyfn.emulator.proxy.errors import ProxyError
@@ -380,3 +381,15 @@ def test_a_function_machine_sends_on_to_an_app_machine_of_its_own_region() -> No
             assert {fn.app_machine() for _ in range(20)} == {"app-ams"}
     finally:
         fn.close()
+
+
+def test_an_unknown_region_code_is_a_warning_naming_it(machines_api: MachinesAPI) -> None:
+    groups = {"a": {"regions": ["iad", "sdy"]}, "b": {"region": "xyz"}, "c": {"regions": ["syd"]}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        warnings = [m for m in check_settings(None) if m.id == "flyfn.W006"]
+    assert [m.msg.split(",")[0] for m in warnings] == [
+        "FLYFN['GROUPS']['a'] names region 'sdy'",
+        "FLYFN['GROUPS']['b'] names region 'xyz'",
+    ]
+    assert warnings[0].hint is not None
+    assert "syd" in warnings[0].hint
