@@ -36,7 +36,7 @@ from flyfn.conf import (
 )
 from flyfn.fly.api_host import CLEAR_TEXT_HINT, clear_text_problem
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
-from flyfn.fly.regions import REGIONS, is_known as is_known_region
+from flyfn.fly.regions import REGIONS, is_fly_region
 from flyfn.pool.spec import group_app, name_slug
 from flyfn.registry import iter_url_names, registry
 from flyfn.secret_env import secret_env_message, secret_like_env
@@ -125,7 +125,7 @@ def _check_group_regions(settings: FlyfnSettings) -> list[CheckMessage]:
     for group, options in sorted(settings.groups.items()):
         listed = options.regions if isinstance(options.regions, tuple) else ()
         for code in (*([options.region] if options.region else []), *listed):
-            if not is_known_region(code):
+            if not is_fly_region(code):
                 messages.append(
                     Warning(
                         f"FLYFN['GROUPS'][{group!r}] names region {code!r}, which is not in "

@@ -19,7 +19,7 @@ __all__ = [
     "ROUTE_FACTOR",
     "Region",
     "distance_km",
-    "is_known",
+    "is_fly_region",
     "nearest_first",
     "one_way_latency_ms",
     "parse_region_list",
@@ -80,7 +80,7 @@ REGIONS: dict[str, Region] = {
 }
 
 
-def is_known(region: str) -> bool:
+def is_fly_region(region: str) -> bool:
     return region in REGIONS
 
 
