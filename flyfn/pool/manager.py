@@ -116,7 +116,10 @@ class PoolManager:
         # Keyed by group and region (None: a group's one shared pool).
         self._pools: dict[tuple[str, str | None], MachinePool] = {}
         self._routes: dict[str, Route] = {}
-        # Where each group's requests went last (the region), to report a change once.
+        # The hot path's one lookup: each group's route and home pool.
+        self._hot: dict[str, tuple[Route, MachinePool]] = {}
+        # Where a group's requests went when that was reported (a failover, a region outside
+        # its list), to report a change once; empty while nothing was.
         self._went: dict[str, str | None] = {}
         self._loop: LoopThread | None = None
         self._client: AsyncMachinesClient | None = None
@@ -154,22 +157,21 @@ class PoolManager:
             primary = self._primary_region or env_value(os.environ, PRIMARY_REGION)
             found = route(where, caller, primary, order=self.choice.order_regions)
             self._routes[group] = found
+            if found.reason is not None:  # the group's choice, said once: not per request
+                self._went_to(group, found, found.home, found.reason)
         return found
 
     def get_target(self, group: str) -> ReplayTarget | None:
         """The hot path: the group's cached target, or None."""
-        way = self._routes.get(group)
-        pool = self._pools.get((group, way.home)) if way is not None else None
-        if pool is None or self._settings is not self._get_settings():
+        hot = self._hot.get(group)
+        if hot is None or self._settings is not self._get_settings():
             way = self.route(group)
-            pool = self.regional_pool(group, way.home)
-        assert way is not None
+            hot = self._hot[group] = (way, self.regional_pool(group, way.home))
+        way, pool = hot
         target = pool.target()
         if target is not None:
-            if self._went.get(group, way.home) != way.home or (
-                way.reason is not None and group not in self._went
-            ):
-                self._went_to(group, way, way.home, way.reason or "recovered")
+            if self._went and self._went.get(group, way.home) != way.home:
+                self._went_to(group, way, way.home, "recovered")
             return target
         reason = pool.unavailable()
         if reason is None:
@@ -237,12 +239,10 @@ class PoolManager:
     ) -> None:
         """Report (once per change) that the group's requests go to `region`."""
         with self._lock:
-            if group in self._went and self._went[group] == region:
+            if self._went.get(group, way.home if way.reason is None else None) == region:
                 return
-            first = group not in self._went
             self._went[group] = region
-        if region != way.home or way.reason is not None or not first:
-            events.failed_over(group, way.home, region, reason)
+        events.failed_over(group, way.home, region, reason)
 
     def members(self, group: str) -> tuple[str, ...]:
         return self.pool(group).members()
@@ -348,6 +348,7 @@ class PoolManager:
             self._settings = settings
             self._pools = {}
             self._routes = {}
+            self._hot = {}
             self._went = {}
             loop = self._loop
         if old_client is not None and loop is not None:
