@@ -30,13 +30,17 @@ from flyfn.fly.regions import one_way_latency_ms
 VISITOR = "syd"
 PRIMARY = "iad"
 WARM_TIMEOUT = 120.0  # safety bound: a cold start on a loaded machine can fall back a while
+ROUTE_LINE_TIMEOUT = 10.0  # safety bound: the line is written as the answer goes out
 
 
 def route_pattern(path: str, region: str) -> re.Pattern[str]:
-    """A route line of `path` entering at the visitor's region and replayed to a function
-    Machine in `region`."""
+    """A route line of `path` that entered at the visitor's region and ended replayed to a
+    function Machine in `region` (Fly Proxy may first balance it onto a function Machine, which
+    sends it elsewhere, to an app Machine: ordinary traffic reaches function Machines on Fly too);
+    a fallback is not that."""
     return re.compile(
-        rf"^\[{VISITOR}\] GET {re.escape(path)} main:\w+@{VISITOR}.* → replay → fn:\w+@{region}\b"
+        rf"^\[{VISITOR}\] GET {re.escape(path)} (?!.*fallback).*→ replay → fn:\w+@{region}"
+        r"( \(cold [^)]*\))? \d{3}\b"
     )
 
 
@@ -48,7 +52,15 @@ def route_of(client: httpx.Client, dev_log: DevLog, path: str) -> str:
     """The route line of one more request for `path` (written once it is answered)."""
     mark = len(dev_log.lines())
     latencies_ms(client, path, 1, b"fn")
-    return dev_log.lines()[dev_log.wait_for(f"GET {path} ", after=mark, timeout=10)]
+    deadline = time.monotonic() + ROUTE_LINE_TIMEOUT
+    while True:
+        # One read per look: the file grows as the stack writes (a last line may be partial).
+        found = [ln for ln in dev_log.lines()[mark:] if f" GET {path} " in f" {ln}"]
+        if found and found[-1].endswith(("ms", "s")):
+            return found[-1]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no route line of {path} in the flyfn dev log")
+        time.sleep(0.02)
 
 
 def check_route(client: httpx.Client, dev_log: DevLog, path: str, region: str) -> None:

@@ -231,7 +231,18 @@ def test_regions_area_states_its_emulated_latency_and_reads_route_lines() -> Non
     assert regions.emulated_round_trip_ms("syd", "syd") == 0
     same = regions.route_pattern("/fn/", "syd")
     assert same.match("[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@syd 200 2 B 8ms")
-    assert same.match("[syd] GET /fn/ main:0e1f@syd (cold 0.5s) → replay → fn:9a2c@syd (cold 1s)")
+    assert same.match(
+        "[syd] GET /fn/ main:0e1f@syd (cold 0.5s) → replay → fn:9a2c@syd (cold 1s) 200"
+    )
+    bounced = (
+        "[syd] GET /fn/ fn:9a2c@syd → elsewhere → main:0e1f@syd → replay → fn:9a2c@syd 200 2 B"
+    )
+    assert same.match(bounced)
+    fell_back = (
+        "[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@syd ✗ timeout → fallback → "
+        "main:0e1f@syd 200"
+    )
+    assert not same.match(fell_back)
     assert not same.match("[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@iad 200 2 B 8ms")
     assert not same.match("[syd] GET /fn/ main:0e1f@syd 200 2 B 8ms")  # ran locally
     assert not same.match("[iad] GET /fn/ main:0e1f@iad → replay → fn:9a2c@syd 200 2 B 8ms")
