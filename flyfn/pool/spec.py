@@ -68,6 +68,8 @@ class PoolSpec:
     # of them); the others take what those send on (`instance` strategy) or what Fly Proxy
     # balances to them (`app` strategy).
     entries: int = 0
+    # How many of them (the first in rank order) are kept started (`keep_warm`).
+    warm: int = 0
 
     @property
     def name_prefix(self) -> str:
@@ -189,6 +191,8 @@ def spec_for(
     tasks = group in _task_groups()
     if tasks:
         depends["flyfn:tasks"] = "autostop=off;restart=no"
+    if options.keep_warm:  # only then: Machines of groups without it keep their version
+        depends["flyfn:keep_warm"] = str(options.keep_warm)
     version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
@@ -201,7 +205,7 @@ def spec_for(
                 internal_port=options.internal_port,
                 autostart=True,
                 autostop="off" if tasks else options.autostop,
-                min_machines_running=0,
+                min_machines_running=options.keep_warm,
                 ports=ports,
                 concurrency=concurrency,
             )
@@ -221,6 +225,7 @@ def spec_for(
         image=settings.image_ref,
         count=options.machine_count,
         entries=options.machines,
+        warm=options.keep_warm,
         # Fly places a Machine created without a region "near the caller", not surely in its
         # region: name the creating Machine's own region, as FLAME does.
         region=options.region or environ.get("FLY_REGION") or None,
