@@ -107,8 +107,11 @@ def test_a_destroyed_machine_costs_nothing_after_it_is_gone() -> None:
     machine = Machine(
         id="m1",
         state="destroyed",
-        events=[event("destroy", "destroyed", 400), event("start", "started", 100)]
-        + [event("launch", "created", 100)],
+        events=[
+            event("destroy", "destroyed", 400),
+            event("start", "started", 100),
+            event("launch", "created", 100),
+        ],
     )
     assert machine_time(machine, Window(0, 1000)) == MachineTime(started=300, starts=1)
 

@@ -394,6 +394,8 @@ def _window(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text.strip()
+
+
 _time_scale = _positive("number")
 
 
