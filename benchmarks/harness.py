@@ -59,6 +59,12 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "trickle_machines",
         "all_stopped_after_s",
     ),
+    "keep_warm": (
+        "cold_first_request_s",
+        "warm_first_request_s",
+        "saved_s",
+        "warmth_usd_per_month",
+    ),
     "receipts": tuple(str(n) for n in RECEIPT_SIZES),
     # flyfn.tasks beside django-tasks-db's own worker (db_worker); the ratios are flyfn's figure
     # over the worker's, in the same run.
