@@ -7,6 +7,7 @@ Django-free: the callers list the Machines (destroyed ones included: they ran to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
@@ -71,10 +72,15 @@ def group_costs(
 
 
 def money(dollars: float) -> str:
-    """Dollars to a tenth of a cent, small figures to four significant digits (`$0.000123`)."""
-    if abs(dollars) >= 0.01 or dollars == 0:
+    """Dollars to a tenth of a cent; smaller figures to three significant digits (`$0.000123`),
+    down to a millionth of a cent (below that, float noise: `$0`)."""
+    size = abs(dollars)
+    if size >= 0.01:
         return f"${dollars:,.3f}"
-    return f"${dollars:.3g}"
+    if size < 1e-8:
+        return "$0"
+    decimals = 2 - math.floor(math.log10(size))
+    return f"${dollars:.{decimals}f}"
 
 
 def seconds_text(seconds: float) -> str:

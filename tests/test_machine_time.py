@@ -127,7 +127,15 @@ def test_a_window_is_a_duration_days_or_deploy(text: str) -> None:
 
 def test_figures_are_written_for_reading() -> None:
     assert [seconds_text(s) for s in (42, 725, 11220)] == ["42s", "12m05s", "3h07m"]
-    assert [money(d) for d in (0, 0.000123456, 1.5)] == ["$0.000", "$0.000123", "$1.500"]
+    figures = (0, 2e-10, 0.000123456, 0.0042, 0.05, 1234.5)
+    assert [money(d) for d in figures] == [
+        "$0",
+        "$0",
+        "$0.000123",
+        "$0.00420",
+        "$0.050",
+        "$1,234.500",
+    ]
 
 
 @pytest.fixture
