@@ -280,6 +280,12 @@ def _levers(
     idle = most.stopped + most.suspended
     extra = idle * (running_per_second(guest_of(machine)) - storage_per_second(rootfs_gb))
     yield Lever("keep_warm +1", cost + extra, "no cold start for the first request")
+    if len(times) > 1:
+        # One Machine fewer, its work done by the others (at their price if they are alike): the
+        # least used one's root file system is saved.
+        _, least = min(times, key=lambda item: item[1].started)
+        stored = (least.stopped + least.suspended) * storage_per_second(rootfs_gb)
+        yield Lever(f"max_machines {len(times) - 1}", cost - stored, "if the others take its load")
     if any(guest_of(m) != _SMALLEST for m, _ in times):
         smallest = sum(_cost(t, _SMALLEST, rootfs_gb) for _, t in times)
         yield Lever(f"guest {preset_name(_SMALLEST)}", smallest, "if the views fit in it")

@@ -225,3 +225,38 @@ def test_the_deploy_window_starts_with_the_current_image_s_first_machine() -> No
 def test_status_refuses_a_window_it_cannot_read() -> None:
     with pytest.raises(CommandError, match="expected a window such as"):
         call_command("flyfn", "status", "--window", "soon", stdout=StringIO(), stderr=StringIO())
+
+
+def test_a_group_in_two_regions_is_split_by_region_and_could_do_with_one_machine_fewer() -> None:
+    busy = Machine(
+        id="a",
+        region="ams",
+        events=[
+            event("exit", "stopped", 400),
+            event("start", "started", 100),
+            event("launch", "created", 0),
+        ],
+    )
+    idle = Machine(id="b", region="fra", events=[event("launch", "created", 0)])
+    cost = group_cost("pdf", [busy, idle], Window(0, 1000))
+    assert cost.regions == {
+        "ams": MachineTime(started=300, stopped=700, starts=1),
+        "fra": MachineTime(stopped=1000),
+    }
+    assert cost.time == MachineTime(started=300, stopped=1700, starts=1)
+    levers = {lever.change: lever.cost for lever in cost.levers}
+    # Without the idle Machine: its 1000 s of root file system are saved.
+    assert math.isclose(levers["max_machines 1"], cost.cost - 1000 * storage_per_second())
+    assert "guest shared-cpu-1x 256MB" not in levers  # already the smallest
+
+
+def test_status_splits_a_group_in_several_regions(machines_api: MachinesAPI) -> None:
+    for region in ("ams", "fra"):
+        config = {"image": IMAGE, "metadata": {"flyfn_group": "pdf"}}
+        machines_api.create(config=config, region=region)
+    out = StringIO()
+    settings = machines_api.flyfn_settings(IMAGE, GROUPS={"pdf": {"max_machines": 2}})
+    with override_settings(FLYFN=settings):
+        call_command("flyfn", "status", "--window", "1h", stdout=out)
+    regions = [line.split(":")[0].strip() for line in out.getvalue().splitlines()]
+    assert [line for line in regions if line.startswith("pdf in ")] == ["pdf in ams", "pdf in fra"]

@@ -19,7 +19,14 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
-from flyfn.cost_report import COST_HEADER, DEFAULT_WINDOW, cost_row, group_costs, money
+from flyfn.cost_report import (
+    COST_HEADER,
+    DEFAULT_WINDOW,
+    cost_row,
+    group_costs,
+    money,
+    seconds_text,
+)
 from flyfn.fly.pricing import PRICES_SOURCE
 from flyfn.machine_time import parse_window
 from flyfn.machines import Machine, MachinesError
@@ -206,6 +213,13 @@ class Command(BaseCommand):
         costs = group_costs(machines, window, image, CLOCK())
         self._table(COST_HEADER, [cost_row(cost) for cost in costs])
         for cost in costs:
+            if len(cost.regions) > 1:  # Fly keeps min_machines_running in the primary one only
+                for region, spent in sorted(cost.regions.items()):
+                    self.stdout.write(
+                        f"  {cost.group} in {region}: started {seconds_text(spent.started)}, "
+                        f"stopped {seconds_text(spent.stopped)}, suspended "
+                        f"{seconds_text(spent.suspended)}, {spent.starts} starts"
+                    )
             if cost.levers:
                 self.stdout.write(
                     f"  {cost.group}: "
