@@ -123,3 +123,15 @@ def test_w026_a_group_kept_warm_outside_the_primary_region(monkeypatch: pytest.M
     assert [m.id for m in messages] == ["flyfn.W026"]
     assert "'far'" in messages[0].msg
     assert "primary region ('ams')" in messages[0].msg
+
+
+def test_a_task_group_keeps_nothing_warm() -> None:
+    # Its Machines stop themselves once drained (flyfn.tasks.keeper): the pool must not restart
+    # them, nor Fly Proxy count them.
+    backend = {"BACKEND": "flyfn.tasks.FlyMachinesBackend", "OPTIONS": {"group": "pdf"}}
+    with override_settings(
+        TASKS={"default": backend}, FLYFN={**SETTINGS, "GROUPS": {"pdf": {"keep_warm": 1}}}
+    ):
+        spec = spec_for(get_settings(), "pdf", environ={})
+    [service] = spec.config.services or []
+    assert (spec.warm, service.min_machines_running) == (0, 0)

@@ -191,8 +191,10 @@ def spec_for(
     tasks = group in _task_groups()
     if tasks:
         depends["flyfn:tasks"] = "autostop=off;restart=no"
-    if options.keep_warm:  # only then: Machines of groups without it keep their version
-        depends["flyfn:keep_warm"] = str(options.keep_warm)
+    # A task group's Machines stop themselves once drained: none is kept warm.
+    warm = 0 if tasks else options.keep_warm
+    if warm:  # only then: Machines of groups without it keep their version
+        depends["flyfn:keep_warm"] = str(warm)
     version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
@@ -205,7 +207,7 @@ def spec_for(
                 internal_port=options.internal_port,
                 autostart=True,
                 autostop="off" if tasks else options.autostop,
-                min_machines_running=options.keep_warm,
+                min_machines_running=warm,
                 ports=ports,
                 concurrency=concurrency,
             )
@@ -225,7 +227,7 @@ def spec_for(
         image=settings.image_ref,
         count=options.machine_count,
         entries=options.machines,
-        warm=options.keep_warm,
+        warm=warm,
         # Fly places a Machine created without a region "near the caller", not surely in its
         # region: name the creating Machine's own region, as FLAME does.
         region=options.region or environ.get("FLY_REGION") or None,
