@@ -13,6 +13,7 @@
 - flyfn.W003: `REPLAY_BODY_LIMIT` above Fly's 1 MB replay limit
 - flyfn.W004: a class-based view marked for a method it has no handler for
 - flyfn.W006: a group's `region` or `regions` names a code that is not in Fly's region list
+- flyfn.W026: a group kept warm in a region other than the app's primary region
 """
 
 from __future__ import annotations
@@ -313,3 +314,33 @@ def check_machine_names(
         for (_app, slug), same in by_name.items()
         if len(same) > 1
     ]
+
+
+@register("flyfn")
+def check_keep_warm(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Warning]:
+    """W026: Fly applies `min_machines_running` in the app's primary region only."""
+    try:
+        settings = get_settings()
+    except SettingsError:
+        return []  # reported by check_settings
+    primary = os.environ.get("PRIMARY_REGION")
+    return [
+        Warning(
+            f"group {group!r} has keep_warm {options.keep_warm} in region {outside!r}, "
+            f"but Fly Proxy applies min_machines_running in the primary region ({primary!r}) "
+            "only: its Machines would still be stopped when idle.",
+            hint=f'Drop its "region" (Machines then go where the app Machine is) or set it to '
+            f'"{primary}", or set keep_warm to 0.',
+            id="flyfn.W026",
+        )
+        for group, options in sorted(settings.groups.items())
+        if options.keep_warm
+        and primary
+        and (outside := _outside_primary(options.region, options.regions, primary)) is not None
+    ]
+
+
+def _outside_primary(region: str | None, regions: object, primary: str) -> str | None:
+    """The group's `region`, or the first region of its `regions` list, that is not `primary`."""
+    listed = regions if isinstance(regions, tuple) else ()
+    return next((r for r in (region, *listed) if r and r != primary), None)

@@ -235,6 +235,15 @@ class GroupSettings(Section):
     costs only its root file system) and started as load needs, when the Machines before them are
     at their `concurrency` soft limit (docs/elastic-groups.md)."""
 
+    keep_warm: int = Field(default=0, ge=0, le=100)
+    """Default 0: every Machine may stop when idle (scale to zero). N keeps N of the group's
+    Machines started: Fly Proxy's own `min_machines_running` on their service (Modal's
+    `min_containers`), so the first request after a quiet spell has no cold start; each costs an
+    always-on Machine (`manage.py flyfn status` shows the figure). The group then has at least N
+    Machines, and flyfn starts them. Fly applies it in the app's primary region only
+    (`PRIMARY_REGION`): a group whose `region` is another keeps nothing warm (flyfn.W026). A task
+    group's Machines stop themselves once drained: it is ignored there."""
+
     concurrency: ConcurrencySettings | None = None
     """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
     takes, e.g. `{"soft_limit": 10, "hard_limit": 15}`; written into the Machines' services."""
@@ -364,8 +373,10 @@ class GroupSettings(Section):
 
     @property
     def machine_count(self) -> int:
-        """The Machines the group keeps created: `max_machines`, else `machines`."""
-        return self.max_machines if self.max_machines is not None else self.machines
+        """The Machines the group keeps created: `max_machines`, else `machines`, and at least
+        `keep_warm`."""
+        count = self.max_machines if self.max_machines is not None else self.machines
+        return max(count, self.keep_warm)
 
     # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
     @functools.cached_property

@@ -189,3 +189,23 @@ async def test_the_page_checks_the_port_it_was_given() -> None:
     assert (await _get(page, "/", host="127.0.0.1:4242")).status_code == 200
     assert (await _get(page, "/", host="127.0.0.1:8765")).status_code == 400
     await emulator.aclose()
+
+
+async def test_each_group_s_machine_time_and_cost_since_the_stack_started() -> None:
+    now = [1_800_000_000.0]
+    emulator = MachinesEmulator(region="local", default_app=APP, clock=lambda: now[0])
+    page = LivePage(emulator, lambda: [APP])
+    config = MachineConfig(image=IMAGE, metadata={"flyfn_group": "pdf"})
+    now[0] += 10  # the stack is up before any Machine
+    function = await emulator.create(APP, CreateMachineRequest(config=config))
+    await emulator.settle()
+    now[0] += 90
+    await emulator.stop(APP, function.id)
+    await emulator.settle()
+    now[0] += 30
+    costs = (await _get(page, "/state.json")).json()["costs"]
+    assert costs["header"][:6] == ["GROUP", "MACHINES", "STARTED", "STOPPED", "SUSPENDED", "STARTS"]
+    # Started 90 s, stopped 30 s, one start; the app Machines are no group's.
+    assert [row[:6] for row in costs["rows"]] == [["pdf", "1", "1m30s", "30s", "0s", "1"]]
+    assert costs["window"] == "since flyfn dev started"
+    await emulator.aclose()

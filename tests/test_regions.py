@@ -14,7 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 
-from flyfn.checks import check_settings
+from flyfn.checks import check_keep_warm, check_settings
 from flyfn.conf import get_settings
 from flyfn.emulator.proxy.balancer import Candidate, Limits, Readiness, choose
 from flyfn.emulator.proxy.errors import ProxyError
@@ -393,3 +393,13 @@ def test_an_unknown_region_code_is_a_warning_naming_it(machines_api: MachinesAPI
     ]
     assert warnings[0].hint is not None
     assert "syd" in warnings[0].hint
+
+
+def test_keep_warm_in_a_listed_region_outside_the_primary_is_a_warning(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    groups = {"w": {"keep_warm": 1, "regions": ["iad", "syd"]}, "p": {"keep_warm": 1}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        warnings = [m for m in check_keep_warm(None) if m.id == "flyfn.W026"]
+    assert [m.msg.split(",")[0] for m in warnings] == ["group 'w' has keep_warm 1 in region 'syd'"]

@@ -38,5 +38,8 @@ FLYFN = {
         "trickle": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY},
         # The regions benchmark: `default` follows the caller, this one stays in the primary.
         "primary": {"machines": 1, "autostop": "stop", "regions": "primary"},
+        # The keep_warm benchmark: the same view scaled to zero, or with one Machine kept warm.
+        "cold": {"replay_timeout": "60s"},
+        "warm": {"replay_timeout": "60s", "keep_warm": 1},
     },
 }

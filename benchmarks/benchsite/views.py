@@ -54,6 +54,16 @@ async def wait_fixed(request: HttpRequest) -> HttpResponse:
     return await _wait()
 
 
+@fly_serverless(methods=["GET"], group="cold")
+def first_cold(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(os.environ.get("FLY_MACHINE_ID", ""), content_type="text/plain")
+
+
+@fly_serverless(methods=["GET"], group="warm")
+def first_warm(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(os.environ.get("FLY_MACHINE_ID", ""), content_type="text/plain")
+
+
 @fly_serverless(methods=["GET"], group="trickle")
 async def wait_trickle(request: HttpRequest) -> HttpResponse:
     return await _wait()

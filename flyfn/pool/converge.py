@@ -168,7 +168,9 @@ async def converge(
         ]
         # Machines beyond the entries are created stopped (`skip_launch`): Fly Proxy starts them
         # when load reaches them, and until then they cost only their root file system.
-        entries = spec.entries or spec.count
+        # Kept-warm Machines are launched too: Fly Proxy keeps started ones started, never
+        # starts one for `min_machines_running`.
+        entries = max(spec.entries or spec.count, spec.warm)
         outcomes = await asyncio.gather(
             *(
                 _create(client, spec, name, launch=len(usable) + n < entries)
@@ -203,8 +205,25 @@ async def converge(
                     result.updated.append(machine.id)
             except MachinesError as exc:  # it keeps serving; the next convergence tries again
                 logger.warning("flyfn: could not update Machine %s: %s", machine.id, exc)
+    await _start_warm(client, spec, keep[: spec.warm], result)
     result.machines = keep
     return result
+
+
+async def _start_warm(
+    client: AsyncMachinesClient, spec: PoolSpec, warm: Sequence[Machine], result: Convergence
+) -> None:
+    """Start the kept-warm Machines that rest (stopped before `keep_warm` was set, updated while
+    stopped, exited): Fly's `min_machines_running` only keeps started Machines started."""
+    for machine in warm:
+        if machine.state not in RESTING_STATES or machine.id in result.created:
+            continue
+        try:
+            await client.start_machine(machine.id, app=spec.app)
+        except MachinesError as exc:  # the next convergence tries again
+            logger.warning("flyfn: could not start kept-warm Machine %s: %s", machine.id, exc)
+            continue
+        logger.info("flyfn: started Machine %s of group %s (keep_warm)", machine.id, spec.group)
 
 
 async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine) -> bool:

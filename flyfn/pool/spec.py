@@ -71,6 +71,8 @@ class PoolSpec:
     # A pool of one region (`regions`): only the group's Machines in `region` are its own, and
     # their names carry the region. False: the one pool of the whole app, as before regions.
     regional: bool = False
+    # How many of them (the first in rank order) are kept started (`keep_warm`).
+    warm: int = 0
 
     @property
     def name_prefix(self) -> str:
@@ -209,6 +211,10 @@ def spec_for(
     tasks = group in _task_groups()
     if tasks:
         depends["flyfn:tasks"] = "autostop=off;restart=no"
+    # A task group's Machines stop themselves once drained: none is kept warm.
+    warm = 0 if tasks else options.keep_warm
+    if warm:  # only then: Machines of groups without it keep their version
+        depends["flyfn:keep_warm"] = str(warm)
     version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
@@ -221,7 +227,7 @@ def spec_for(
                 internal_port=options.internal_port,
                 autostart=True,
                 autostop="off" if tasks else options.autostop,
-                min_machines_running=0,
+                min_machines_running=warm,
                 ports=ports,
                 concurrency=concurrency,
             )
@@ -241,6 +247,7 @@ def spec_for(
         image=settings.image_ref,
         count=options.machine_count,
         entries=options.machines,
+        warm=warm,
         # Fly places a Machine created without a region "near the caller", not surely in its
         # region: name the creating Machine's own region, as FLAME does.
         region=pool_region or options.region or environ.get("FLY_REGION") or None,

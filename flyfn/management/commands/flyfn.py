@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -19,8 +20,18 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.cost_report import (
+    COST_HEADER,
+    DEFAULT_WINDOW,
+    cost_row,
+    group_costs,
+    money,
+    seconds_text,
+)
 from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
+from flyfn.fly.pricing import PRICES_SOURCE
 from flyfn.fly.regions import parse_region_list
+from flyfn.machine_time import parse_window
 from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
     GONE_STATES,
@@ -41,6 +52,8 @@ T = TypeVar("T")
 # Seconds status, prepare and gc may spend on the Machines API: a release_command must end (the
 # client's own timeouts and retries would let an API that never answers hold it for 90 s and more).
 DEFAULT_DEADLINE = 60.0
+# The wall clock a status window ends at (tests drive the emulator's Machines on their own).
+CLOCK: Callable[[], float] = time.time
 
 
 class Command(BaseCommand):
@@ -67,6 +80,13 @@ class Command(BaseCommand):
                 help="seconds the whole command may spend on the Machines API before it gives up "
                 f"(default {DEFAULT_DEADLINE:g}: a release_command must not hang)",
             )
+        status.add_argument(
+            "--window",
+            type=_window,
+            default=DEFAULT_WINDOW,
+            help="the span of Machine time and cost: a duration (1h, 30m), days (1d, 7d) or "
+            f"'deploy' (since the current image's Machines were created; default {DEFAULT_WINDOW})",
+        )
         gc.add_argument(
             "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
         )
@@ -156,7 +176,12 @@ class Command(BaseCommand):
                 "  not on Fly (no FLYFN['APP_NAME'] / FLY_APP_NAME): every view runs locally"
             )
             return
-        machines = run(self._group_machines(settings, groups), options["timeout"])
+        listed = run(self._group_machines(settings, groups), options["timeout"])
+        # Destroyed Machines count for their cost, not among the group's Machines.
+        machines = {
+            group: [m for m in found if m.state not in GONE_STATES]
+            for group, found in listed.items()
+        }
         app_images = machines.pop("", [])
         live = {machine_image(m) for m in app_images}
         for group in groups:
@@ -200,6 +225,33 @@ class Command(BaseCommand):
                     ],
                     indent=4,
                 )
+
+        listed.pop("", None)
+        self._cost_status(listed, settings.image_ref, options["window"])
+
+    def _cost_status(
+        self, machines: dict[str, list[Machine]], image: str | None, window: str
+    ) -> None:
+        """Each group's Machine time and cost over the window, beside the same always on."""
+        self.stdout.write(
+            self.style.MIGRATE_HEADING(f"Machine time and cost (window {window}, estimates)")
+        )
+        costs = group_costs(machines, window, image, CLOCK())
+        self._table(COST_HEADER, [cost_row(cost) for cost in costs])
+        for cost in costs:
+            if len(cost.regions) > 1:  # Fly keeps min_machines_running in the primary one only
+                for region, spent in sorted(cost.regions.items()):
+                    self.stdout.write(
+                        f"  {cost.group} in {region}: started {seconds_text(spent.started)}, "
+                        f"stopped {seconds_text(spent.stopped)}, suspended "
+                        f"{seconds_text(spent.suspended)}, {spent.starts} starts"
+                    )
+            if cost.levers:
+                self.stdout.write(
+                    f"  {cost.group}: "
+                    + "; ".join(f"{lever.change} {money(lever.cost)}" for lever in cost.levers)
+                )
+        self.stdout.write(f"  prices: {PRICES_SOURCE}; ~ = events did not cover the whole window")
 
     def _metrics_status(self, settings: FlyfnSettings) -> None:
         """This Machine's web process's flyfn metrics per group, when it serves them."""
@@ -263,7 +315,9 @@ class Command(BaseCommand):
             result[""] = [m for m in own if machine_group(m) is None]
             for group in groups:
                 app = group_app(settings, group)
-                result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
+                result[group] = await client.list_machines(
+                    metadata={"flyfn_group": group}, app=app, include_deleted=True
+                )
             return result
 
     # ------------------------------------------------------------------ prepare
@@ -398,6 +452,17 @@ def _positive(what: str) -> Callable[[str], float]:
 
 
 _seconds = _positive("number of seconds")
+
+
+def _window(text: str) -> str:
+    """An argparse type: a window `parse_window` reads."""
+    try:
+        parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
 _time_scale = _positive("number")
 
 
