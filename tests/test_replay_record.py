@@ -22,6 +22,7 @@ from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_dir import default_base
 from flyfn.machine_role import MAIN, MachineEnv, override_role
 from flyfn.replay_record import (
+    ENTRY_SIZE,
     REPLAY_RECORD_LIMIT,
     SWEEP_INTERVAL,
     DirectoryRecord,
@@ -159,9 +160,10 @@ def test_a_machine_keeps_its_record_in_its_own_private_directory() -> None:
     assert record.root == os.path.join(default_base(), f"flyfn-{machine_id}", "replays")
     assert stat.S_IMODE(os.stat(record.root).st_mode) == 0o700
     assert record.add(key(), TTL)
-    (shard,) = os.listdir(record.root)
-    (entry,) = os.listdir(os.path.join(record.root, shard))
-    assert "receipts" not in entry  # named by an HMAC: no URL in the file names
+    (log,) = os.listdir(record.root)
+    entry = Path(record.root, log).read_text()
+    assert entry == key() + "\n"  # an HMAC: no URL in the record
+    assert "receipts" not in log + entry
     assert isinstance(machine_record(None), MemoryRecord)  # no Machine id: in-process
 
 
@@ -317,11 +319,11 @@ def test_a_fallback_with_another_query_or_body_is_refused(
     assert on_main.forgotten == []  # "reason=timeout" names no Machine
 
 
-def test_a_replay_records_itself_with_one_file(settings: SettingsWrapper) -> None:
+def test_a_replay_records_itself_with_one_entry(settings: SettingsWrapper) -> None:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     machine_id = a_machine_id()
     with installed(routing_manager()), override_role(MAIN, MachineEnv(machine_id=machine_id)):
         for _ in range(3):
             assert "fly-replay" in Client().get("/routing/pdf/")
     root = Path(default_base(), f"flyfn-{machine_id}", "replays")
-    assert len([p for p in root.rglob("*") if p.is_file()]) == 3
+    assert sum(p.stat().st_size for p in root.iterdir()) == 3 * ENTRY_SIZE
