@@ -312,8 +312,8 @@ class DirectoryRecord:
         """Remove expired seconds (their logs first, then their claims) and count the live
         entries; close this process's logs of expired seconds. Called with the lock held."""
         self._next_sweep = now + SWEEP_INTERVAL
-        for expiry in [e for e in self._files if now > e]:
-            os.close(self._files.pop(expiry))
+        for past in [second for second in self._files if now > second]:
+            os.close(self._files.pop(past))
         try:
             entries = list(os.scandir(self.root))
         except OSError:  # no record yet
