@@ -11,7 +11,7 @@ Django-free: callers pass the secret (the MAC is the one Django's `salted_hmac` 
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import hashlib
 import hmac
@@ -57,6 +57,8 @@ class StateCheck:
         return self.ok
 
 
+# Standard base64 to its url-safe alphabet.
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
 # SHA-256's block size: an HMAC key is padded to it (RFC 2104).
 _SHA256_BLOCK = 64
 
@@ -110,7 +112,9 @@ def _mac(secret: str | bytes, message: str) -> str:
     digest.update(message.encode())
     mac = outer.copy()
     mac.update(digest.digest())
-    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+    # `base64.urlsafe_b64encode`'s own two steps, without its two Python calls around them.
+    encoded = binascii.b2a_base64(mac.digest(), newline=False).translate(_URL_SAFE)
+    return encoded.rstrip(b"=").decode()
 
 
 def _unbindable(method: str, group: str, body: str) -> bool:

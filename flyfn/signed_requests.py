@@ -69,12 +69,12 @@ def issue_replay(
     secret = django_settings.SECRET_KEY
     method, path = request.method or "GET", request.path
     query = request.META.get("QUERY_STRING", "")
+    now = time.time()
     state = None
     if signed:
-        issued = int(time.time())
-        state = sign_state(secret, method, path, group, issued, query=query, body=body, hop=hop)
+        state = sign_state(secret, method, path, group, now, query=query, body=body, hop=hop)
     key = replay_key(secret, method, path, query, body)
-    _replay_record().add(key, timeout + FALLBACK_RETURN_MARGIN)
+    _replay_record().add(key, timeout + FALLBACK_RETURN_MARGIN, now)
     return state
 
 
