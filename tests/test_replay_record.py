@@ -17,7 +17,7 @@ import pytest
 from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from flyfn import machine_dir
+from flyfn import machine_dir, replay_record
 from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_dir import default_base
 from flyfn.machine_role import MAIN, MachineEnv, override_role
@@ -200,6 +200,35 @@ def test_a_sweep_removes_expired_entries_and_counts_the_rest(tmp_path: Path) -> 
     files = [name for _, _, names in os.walk(record.root) for name in names]
     assert len(files) == 1
     assert record.take(key("/new/"), now=NOW + 5)
+
+
+def test_a_torn_line_hides_no_entry_after_it(tmp_path: Path) -> None:
+    """A write cut short (no space left) leaves part of a line; the next entry still counts."""
+    record = open_record(a_machine_id(), str(tmp_path))
+    assert isinstance(record, DirectoryRecord)
+    assert record.add(key("/first/"), TTL, now=NOW)
+    (log,) = Path(record.root).iterdir()
+    with log.open("ab") as torn:
+        torn.write(key("/torn/")[:20].encode())
+    assert record.add(key(), TTL, now=NOW)
+    assert not record.take(key("/torn/"), now=NOW)
+    assert record.take(key(), now=NOW)
+    assert record.take(key("/first/"), now=NOW)
+
+
+def test_a_claim_made_after_the_entry_expired_explains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep removes an expired second's claims: a fallback that read the log just before, and
+    claims after, must not count as the entry's one explanation."""
+    record = open_record(a_machine_id(), str(tmp_path))
+    assert record.add(key(), TTL, now=NOW)
+    expiry = int(NOW) + int(TTL)
+    readings = [expiry - 0.5, expiry + 0.5]  # read while live, claimed once expired
+    monkeypatch.setattr(
+        replay_record.time, "time", lambda: readings.pop(0) if len(readings) > 1 else readings[0]
+    )
+    assert not record.take(key())
 
 
 def test_the_bound_counts_other_processes_entries_from_their_last_sweep(tmp_path: Path) -> None:
