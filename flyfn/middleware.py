@@ -2,7 +2,7 @@
 `flyfn.routing.decide` where its view runs, and carries out that one action on Django's public API.
 
 Sync and async capable in the django-cors-headers style: gathering and carrying out are shared sync
-helpers with no network I/O (a replay records itself with one file create, `flyfn.replay_record`);
+helpers with no network I/O (a replay records itself with one file write, `flyfn.replay_record`);
 only looking up a target on a cold cache differs (a blocking wait in the sync path, awaited in the
 async path). A request that runs here holding a place (its group's in-flight count, or a fallback
 slot) holds it until its response is closed: after its last byte, a streaming response's too.
