@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from django.test import Client
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from flyfn import machine_dir, replay_record
+from flyfn import machine_dir
 from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_dir import default_base
 from flyfn.machine_role import MAIN, MachineEnv, override_role
@@ -225,9 +226,7 @@ def test_a_claim_made_after_the_entry_expired_explains_nothing(
     assert record.add(key(), TTL, now=NOW)
     expiry = int(NOW) + int(TTL)
     readings = [expiry - 0.5, expiry + 0.5]  # read while live, claimed once expired
-    monkeypatch.setattr(
-        replay_record.time, "time", lambda: readings.pop(0) if len(readings) > 1 else readings[0]
-    )
+    monkeypatch.setattr(time, "time", lambda: readings.pop(0) if len(readings) > 1 else readings[0])
     assert not record.take(key())
 
 
