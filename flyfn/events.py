@@ -160,7 +160,8 @@ def pool_changed(
     group: str, action: PoolAction, machine_id: str, region: str | None = None
 ) -> None:
     """flyfn created, updated or destroyed a function Machine of `group` (of its pool in
-    `region`, when the group has one per region). INFO; `flyfn_pool_changes_total{group,action}`."""
+    `region`, when the group has one per region). INFO; `flyfn_pool_changes_total{group,action,region}`
+    (region "" for a group's one shared pool)."""
     _pool_log.info(
         "flyfn: %s Machine %s (group %r%s)",
         action,
@@ -172,7 +173,7 @@ def pool_changed(
     )  # fmt: skip
     recorded = metrics.recorded()
     if recorded is not None:
-        recorded.pool_changes.labels(group, action).inc()
+        recorded.pool_changes.labels(group, action, region or "").inc()
 
 
 def failed_over(group: str, home: str | None, region: str | None, reason: FailoverReason) -> None:

@@ -146,6 +146,7 @@ def _create(registry: CollectorRegistry) -> Recorded:
             "Function Machines created, updated or destroyed by flyfn.",
             "group",
             "action",
+            "region",
         ),
         region_failovers=counter(
             "flyfn_region_failovers",

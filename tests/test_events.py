@@ -88,7 +88,15 @@ CASES: dict[str, Case] = {
         logging.INFO,
         {"flyfn_event": "pool", "flyfn_action": "create", "flyfn_machine": "m9"},
         "flyfn_pool_changes_total",
-        {"group": "pdf", "action": "create"},
+        {"group": "pdf", "action": "create", "region": ""},
+    ),
+    "pool_regional": (
+        lambda: events.pool_changed("pdf", "destroy", "m8", "syd"),
+        "flyfn.events.pool",
+        logging.INFO,
+        {"flyfn_event": "pool", "flyfn_action": "destroy", "flyfn_region": "syd"},
+        "flyfn_pool_changes_total",
+        {"group": "pdf", "action": "destroy", "region": "syd"},
     ),
     "api_call": (
         lambda: events.api_called("create_machine", 201, 0.02),

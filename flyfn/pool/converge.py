@@ -194,7 +194,7 @@ async def converge(
     doomed = extras + [m for m in current if not is_usable(m)]
     for machine in doomed:
         try:
-            if await _destroy(client, spec.app, machine.id, spec.group):
+            if await _destroy(client, spec.app, machine.id, spec.group, _pool_region(spec)):
                 result.destroyed.append(machine.id)
         except MachinesError as exc:  # best effort: the next convergence tries again
             logger.warning("flyfn: could not destroy extra Machine %s: %s", machine.id, exc)
@@ -262,15 +262,19 @@ async def _create(
 
 
 async def _destroy(
-    client: AsyncMachinesClient, app: str, machine_id: str, group: str | None
+    client: AsyncMachinesClient,
+    app: str,
+    machine_id: str,
+    group: str | None,
+    region: str | None = None,
 ) -> bool:
-    """Destroy one Machine (of `group`, if known); False when it is already gone (someone else
-    destroyed it)."""
+    """Destroy one Machine (of `group`, if known; of its pool in `region`, for a regional pool);
+    False when it is already gone (someone else destroyed it)."""
     try:
         await client.destroy_machine(machine_id, force=True, app=app)
     except NotFound:
         return False
-    events.pool_changed(group or "", "destroy", machine_id)
+    events.pool_changed(group or "", "destroy", machine_id, region)
     return True
 
 
