@@ -160,8 +160,8 @@ def pool_changed(
     group: str, action: PoolAction, machine_id: str, region: str | None = None
 ) -> None:
     """flyfn created, updated or destroyed a function Machine of `group` (of its pool in
-    `region`, when the group has one per region). INFO; `flyfn_pool_changes_total{group,action,region}`
-    (region "" for a group's one shared pool)."""
+    `region`, when the group has one per region). INFO;
+    `flyfn_pool_changes_total{group,action,region}` (region "" for a group's one shared pool)."""
     _pool_log.info(
         "flyfn: %s Machine %s (group %r%s)",
         action,
