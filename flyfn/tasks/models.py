@@ -57,3 +57,32 @@ class TaskFailure(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.attempt} of {self.task_id}: {self.exception_class_path}"
+
+
+class ScheduledRun(models.Model):
+    """One slot of a periodic task (`OPTIONS["schedules"]`) that was enqueued: the unique
+    (backend, schedule, slot) makes every slot run at most once, however many Machines look."""
+
+    backend_name = models.CharField(max_length=32)
+    schedule = models.CharField(max_length=100)
+    slot = models.DateTimeField()
+    task = models.ForeignKey(
+        DBTaskResult,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="flyfn_scheduled_runs",
+    )
+    machine_id = models.CharField(max_length=64)
+    enqueued_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "scheduled run"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backend_name", "schedule", "slot"], name="flyfn_one_run_per_slot"
+            )
+        ]
+        indexes = [models.Index(fields=["backend_name", "schedule", "-slot"])]
+
+    def __str__(self) -> str:
+        return f"{self.schedule} at {self.slot:%Y-%m-%d %H:%M:%S} ({self.backend_name})"

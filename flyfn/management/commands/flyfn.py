@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.fly.schedule import INTERVALS
 from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
     PrepareReport,
@@ -25,6 +26,7 @@ from flyfn.pool.converge import (
     find_orphans,
     machine_group,
     machine_image,
+    machine_schedule,
     prepare_group,
 )
 from flyfn.pool.spec import PoolConfigError, group_app, new_client, spec_for
@@ -64,6 +66,12 @@ class Command(BaseCommand):
         gc.add_argument(
             "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
         )
+        tick = commands.add_parser(
+            "tick",
+            help="enqueue the due periodic tasks of a Fly schedule once per slot, deliver their "
+            "wakes and exit (what a scheduled Machine runs)",
+        )
+        tick.add_argument("interval", choices=list(INTERVALS), help="the Fly schedule")
         dev = commands.add_parser(
             "dev", help="the local Fly stack: Fly Proxy + Machines API + Machines as processes"
         )
@@ -128,6 +136,7 @@ class Command(BaseCommand):
         else:
             self.stdout.write("  (none: mark views with @fly_serverless or FLYFN['VIEWS'])")
         self._tasks_status()
+        self._schedules_status()
         self._metrics_status(settings)
         groups = all_groups(settings)
         self.stdout.write(self.style.MIGRATE_HEADING("Groups"))
@@ -138,6 +147,17 @@ class Command(BaseCommand):
             return
         machines = run(self._group_machines(settings, groups), options["timeout"])
         app_images = machines.pop("", [])
+        scheduled = machines.pop("scheduled", [])
+        if scheduled:
+            self.stdout.write("  scheduled Machines (periodic tasks):")
+            self._table(
+                ("ID", "NAME", "SCHEDULE", "STATE"),
+                [
+                    (m.id, m.name or "", m.config.schedule or "" if m.config else "", m.state or "")
+                    for m in scheduled
+                ],
+                indent=4,
+            )
         live = {machine_image(m) for m in app_images}
         for group in groups:
             options_ = settings.group(group)
@@ -226,6 +246,34 @@ class Command(BaseCommand):
         else:
             self.stdout.write("  (no flyfn.tasks.FlyMachinesBackend in TASKS)")
 
+    def _schedules_status(self) -> None:
+        """Every periodic task with its last and next slot (only with flyfn.tasks installed and
+        a schedule declared)."""
+        from django.apps import apps
+
+        if not apps.is_installed("flyfn.tasks"):
+            return
+        from flyfn.tasks.periodic import schedule_rows
+
+        rows = schedule_rows()
+        if not rows:
+            return
+        self.stdout.write(self.style.MIGRATE_HEADING("Schedules"))
+        self._table(
+            ("SCHEDULE", "TASK", "WHEN", "RUNS ON", "LAST SLOT", "NEXT SLOT"),
+            [
+                (
+                    r.name,
+                    r.task,
+                    r.when,
+                    r.runs_on,
+                    "-" if r.last_slot is None else f"{r.last_slot:%Y-%m-%d %H:%M:%S}",
+                    f"{r.next_slot:%Y-%m-%d %H:%M:%S}",
+                )
+                for r in rows
+            ],
+        )
+
     async def _group_machines(
         self, settings: FlyfnSettings, groups: Sequence[str]
     ) -> dict[str, list[Machine]]:
@@ -233,7 +281,10 @@ class Command(BaseCommand):
         async with new_client(settings) as client:
             result: dict[str, list[Machine]] = {}
             own = await client.list_machines()
-            result[""] = [m for m in own if machine_group(m) is None]
+            result[""] = [
+                m for m in own if machine_group(m) is None and machine_schedule(m) is None
+            ]
+            result["scheduled"] = [m for m in own if machine_schedule(m)]
             for group in groups:
                 app = group_app(settings, group)
                 result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
@@ -244,7 +295,8 @@ class Command(BaseCommand):
     def handle_prepare(self, **options: Any) -> None:
         settings = get_settings()
         specs = [spec_for(settings, group) for group in all_groups(settings)]
-        if not specs:
+        intervals = _schedule_intervals()
+        if not specs and not intervals:
             self.stdout.write("No serverless views and no groups declared: nothing to prepare.")
             return
 
@@ -258,6 +310,43 @@ class Command(BaseCommand):
                 + f"{len(report.machines)} Machine(s) in app {report.app} on the current image "
                 f"({_summary(report)})"
             )
+        if intervals:
+            self._prepare_scheduled(settings, intervals, options["timeout"])
+
+    def _prepare_scheduled(
+        self, settings: FlyfnSettings, intervals: list[str], deadline: float
+    ) -> None:
+        from flyfn.tasks.scheduled_machines import prepare_scheduled
+
+        async def prepare() -> Any:
+            async with new_client(settings) as client:
+                return await prepare_scheduled(client, settings, intervals)
+
+        report = run(prepare(), deadline)
+        for interval, machine_id in report.machines.items():
+            done = (
+                "created" if machine_id in report.created
+                else "updated" if machine_id in report.updated
+                else "up to date"
+            )  # fmt: skip
+            self.stdout.write(
+                self.style.SUCCESS(f"schedule {interval}: ")
+                + f"scheduled Machine {machine_id} ({done})"
+            )
+        for machine_id in report.destroyed:
+            self.stdout.write(f"destroyed duplicate scheduled Machine {machine_id}")
+
+    # ------------------------------------------------------------------ tick
+
+    def handle_tick(self, *, interval: str, **options: Any) -> None:
+        from flyfn.tasks.periodic import enqueue_due
+
+        runs = enqueue_due(lambda schedule: schedule.fly_interval == interval)
+        for each in runs:
+            what = f"enqueued task {each.task_id}" if each.task_id else "already run, nothing to do"
+            self.stdout.write(f"{each.schedule}: slot {each.slot:%Y-%m-%d %H:%M:%S}: {what}")
+        if not runs:
+            self.stdout.write(f"no schedule runs {interval}")
 
     # ------------------------------------------------------------------ dev
 
@@ -305,9 +394,20 @@ class Command(BaseCommand):
                         f"{machine_group(orphan.machine)}, app {orphan.app}, image "
                         f"{machine_image(orphan.machine)})"
                     )
+                unneeded = await _unneeded_scheduled(client)
+                for machine in unneeded:
+                    self.stdout.write(
+                        f"{'would destroy' if dry_run else 'destroying'} scheduled Machine "
+                        f"{machine.id} ({machine.name or '-'}): no schedule runs "
+                        f"{machine.config.schedule if machine.config else '?'} any more"
+                    )
                 if dry_run:
-                    return [o.machine.id for o in orphans]
-                return await destroy_orphans(client, orphans)
+                    return [o.machine.id for o in orphans] + [m.id for m in unneeded]
+                destroyed = await destroy_orphans(client, orphans)
+                for machine in unneeded:
+                    await client.destroy_machine(machine.id, force=True)
+                    destroyed.append(machine.id)
+                return destroyed
 
         ids = run(collect(), options["timeout"])
         if not ids:
@@ -408,6 +508,28 @@ def group_figures(text: str) -> dict[str, dict[str, float]]:
             row = figures.setdefault(group, {})
             row[column] = row.get(column, 0.0) + sample.value
     return figures
+
+
+def _schedule_intervals() -> list[str]:
+    """Fly's intervals the periodic tasks use (none without flyfn.tasks)."""
+    from django.apps import apps
+
+    if not apps.is_installed("flyfn.tasks"):
+        return []
+    from flyfn.tasks.scheduled_machines import intervals_in_use
+
+    return intervals_in_use()
+
+
+async def _unneeded_scheduled(client: Any) -> list[Machine]:
+    """Scheduled Machines no periodic task needs (none without flyfn.tasks)."""
+    from django.apps import apps
+
+    if not apps.is_installed("flyfn.tasks"):
+        return []
+    from flyfn.tasks.scheduled_machines import find_unneeded
+
+    return await find_unneeded(client, _schedule_intervals())
 
 
 def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:
