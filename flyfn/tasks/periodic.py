@@ -232,10 +232,11 @@ class ScheduleRow:
     next_slot: datetime
 
 
-def schedule_rows() -> list[ScheduleRow]:
-    """Every schedule of every flyfn backend, with its last enqueued slot and its next one."""
+def schedule_rows(scale: float | None = None) -> list[ScheduleRow]:
+    """Every schedule of every flyfn backend, with its last enqueued slot and its next one
+    (`scale`: the time scale of the Machines, default this process's)."""
     rows: list[ScheduleRow] = []
-    scale = time_scale()
+    scale = time_scale() if scale is None else scale
     for backend in flyfn_backends():
         if not backend.schedules:
             continue
