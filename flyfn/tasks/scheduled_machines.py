@@ -62,20 +62,21 @@ def machine_name(interval: str) -> str:
 
 def scheduled_config(settings: FlyfnSettings, interval: str) -> MachineConfig:
     """The scheduled Machine of `interval`: the current image running `python -m django flyfn
-    tick INTERVAL` with this process's settings module, no services (nothing is sent to it)."""
+    tick INTERVAL --settings <this process's>`, no services (nothing is sent to it)."""
     if not settings.image_ref:
         raise PoolConfigError(
             "no image for the scheduled Machines: set FLYFN['IMAGE_REF'] or FLY_IMAGE_REF "
             "(Fly sets it on the release command's Machine)"
         )
     settings_module = os.environ.get("DJANGO_SETTINGS_MODULE") or django_settings.SETTINGS_MODULE
+    # The image's Python (this process runs in the same image on Fly: the release command), in
+    # its WORKDIR, with this process's settings.
+    command = [sys.executable, "-m", "django", "flyfn", "tick", interval]
     return MachineConfig(
         image=settings.image_ref,
-        env={"DJANGO_SETTINGS_MODULE": settings_module},
         metadata={SCHEDULE_METADATA_KEY: interval},
         schedule=interval,
-        # The image's Python (this process runs in the same image on Fly: the release command).
-        init=MachineInit(cmd=[sys.executable, "-m", "django", "flyfn", "tick", interval]),
+        init=MachineInit(cmd=[*command, "--settings", settings_module]),
         guest=_GUEST,
         restart=_RESTART,
         auto_destroy=False,
