@@ -384,10 +384,10 @@ def test_prepare_keeps_one_scheduled_machine_per_interval_and_gc_removes_unneede
     assert hourly.config.init.cmd[-6:] == [
         "django",
         "flyfn",
-        "tick",
-        "hourly",
         "--settings",
         "tests.settings",
+        "tick",
+        "hourly",
     ]
     # A schedule goes: its Machine is gc's; the other stays.
     settings.TASKS = tasks_setting({"h": SCHEDULES["hourly-note"]})

@@ -43,6 +43,9 @@ __all__ = [
 
 # A tick enqueues a few rows and sends a wake: the smallest Machine Fly has does it.
 _GUEST = MachineGuest(cpu_kind="shared", cpus=1, memory_mb=256)
+# A release command shares the app's list limit (about 1/s) with the running Machines and has
+# listed each group just before: it waits out a burst of 429s (within the command's deadline).
+LIST_RETRIES = 10
 # A tick that fails (the database away a moment) runs again; its slots' rows keep it once.
 _RESTART = MachineRestart(policy="on-failure", max_retries=3)
 
@@ -62,7 +65,7 @@ def machine_name(interval: str) -> str:
 
 def scheduled_config(settings: FlyfnSettings, interval: str) -> MachineConfig:
     """The scheduled Machine of `interval`: the current image running `python -m django flyfn
-    tick INTERVAL --settings <this process's>`, no services (nothing is sent to it)."""
+    --settings <this process's> tick INTERVAL`, no services (nothing is sent to it)."""
     if not settings.image_ref:
         raise PoolConfigError(
             "no image for the scheduled Machines: set FLYFN['IMAGE_REF'] or FLY_IMAGE_REF "
@@ -71,12 +74,12 @@ def scheduled_config(settings: FlyfnSettings, interval: str) -> MachineConfig:
     settings_module = os.environ.get("DJANGO_SETTINGS_MODULE") or django_settings.SETTINGS_MODULE
     # The image's Python (this process runs in the same image on Fly: the release command), in
     # its WORKDIR, with this process's settings.
-    command = [sys.executable, "-m", "django", "flyfn", "tick", interval]
+    command = [sys.executable, "-m", "django", "flyfn", "--settings", settings_module]
     return MachineConfig(
         image=settings.image_ref,
         metadata={SCHEDULE_METADATA_KEY: interval},
         schedule=interval,
-        init=MachineInit(cmd=[*command, "--settings", settings_module]),
+        init=MachineInit(cmd=[*command, "tick", interval]),
         guest=_GUEST,
         restart=_RESTART,
         auto_destroy=False,
@@ -95,7 +98,7 @@ class ScheduledReport:
 
 async def list_scheduled(client: AsyncMachinesClient, app: str | None = None) -> list[Machine]:
     """The app's scheduled Machines that flyfn made (gone ones left out)."""
-    machines = await client.list_machines(app=app)
+    machines = await client.list_machines(app=app, max_retries=LIST_RETRIES)
     return [m for m in machines if machine_schedule(m) and m.state not in GONE_STATES]
 
 
