@@ -1,4 +1,5 @@
-"""`manage.py flyfn`: status, prepare and gc of the function Machines (and `dev`, the local Fly).
+"""`manage.py flyfn`: status, prepare and gc of the function Machines (and `dev`, the local Fly;
+`tick`, what a scheduled Machine runs for periodic tasks).
 
 Each subcommand is a parser in `add_arguments` and a `handle_<name>` method; API errors and missing
 settings end in a CommandError (a clear message, a non-zero exit), never a traceback.
