@@ -148,15 +148,12 @@ class Command(BaseCommand):
             return
         machines = run(self._group_machines(settings, groups), options["timeout"])
         app_images = machines.pop("", [])
-        scheduled = machines.pop("scheduled", [])
+        scheduled = machines.pop(SCHEDULED_KEY, [])
         if scheduled:
             self.stdout.write("  scheduled Machines (periodic tasks):")
             self._table(
                 ("ID", "NAME", "SCHEDULE", "STATE"),
-                [
-                    (m.id, m.name or "", m.config.schedule or "" if m.config else "", m.state or "")
-                    for m in scheduled
-                ],
+                [(m.id, m.name or "", machine_schedule(m) or "", m.state or "") for m in scheduled],
                 indent=4,
             )
         live = {machine_image(m) for m in app_images}
@@ -285,7 +282,7 @@ class Command(BaseCommand):
             result[""] = [
                 m for m in own if machine_group(m) is None and machine_schedule(m) is None
             ]
-            result["scheduled"] = [m for m in own if machine_schedule(m)]
+            result[SCHEDULED_KEY] = [m for m in own if machine_schedule(m)]
             for group in groups:
                 app = group_app(settings, group)
                 result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
@@ -340,6 +337,10 @@ class Command(BaseCommand):
     # ------------------------------------------------------------------ tick
 
     def handle_tick(self, *, interval: str, **options: Any) -> None:
+        from django.apps import apps
+
+        if not apps.is_installed("flyfn.tasks"):
+            raise CommandError("periodic tasks need 'flyfn.tasks' in INSTALLED_APPS")
         from flyfn.tasks.periodic import enqueue_due
 
         runs = enqueue_due(lambda schedule: schedule.fly_interval == interval)
@@ -472,6 +473,8 @@ def all_groups(settings: FlyfnSettings) -> list[str]:
     return sorted(routed | registry.groups() | declared | set(settings.groups))
 
 
+# Where `_group_machines` puts the scheduled Machines: no group has this name (no colon allowed).
+SCHEDULED_KEY = "flyfn:scheduled"
 # The metrics port answers from the same Machine: a short wait is plenty.
 METRICS_TIMEOUT = 2.0
 _GROUP_FIGURES = {
