@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from io import StringIO
@@ -19,13 +20,20 @@ from django.test import override_settings
 from django_tasks_db.compat import task_backends
 from django_tasks_db.models import DBTaskResult
 
+from flyfn import machine_role
 from flyfn.emulator.schedule import FlySchedules, scaled_period
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
 from flyfn.tasks import FlyMachinesBackend
 from flyfn.tasks.dispatch import Dispatcher, stop_all
 from flyfn.tasks.models import ScheduledRun
-from flyfn.tasks.periodic import enqueue_due, enqueue_slot, schedule_rows, stop_ticker
+from flyfn.tasks.periodic import (
+    enqueue_due,
+    enqueue_slot,
+    schedule_rows,
+    start_ticker,
+    stop_ticker,
+)
 from flyfn.tasks.schedule_checks import check_schedules
 from flyfn.tasks.schedules import SCALED_ORIGIN, Schedule, parse_schedules, time_scale
 from tests.support_machines_api import EMULATOR_APP, MachinesAPI
@@ -492,3 +500,41 @@ async def test_a_destroyed_scheduled_machine_is_forgotten() -> None:
     with pytest.raises(ValueError, match="time_scale"):
         FlySchedules(emulator, time_scale=0)
     await emulator.aclose()
+
+
+# --------------------------------------------------------------------------- the ticker
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_app_machine_s_ticker_runs_only_the_finer_schedules(
+    scheduled: FlyMachinesBackend, settings: Any
+) -> None:
+    with machine_role.override_role(machine_role.function("tasks")):
+        assert not start_ticker()  # function Machines never look
+    settings.TASKS = tasks_setting({"h": SCHEDULES["hourly-note"]})
+    with machine_role.override_role(machine_role.MAIN):
+        assert not start_ticker()  # the scheduled Machine runs it, not an app Machine
+    settings.TASKS = tasks_setting(SCHEDULES)
+    with machine_role.override_role(machine_role.MAIN):
+        assert start_ticker()
+        deadline = time.monotonic() + SAFETY_BOUND
+        while not ScheduledRun.objects.exists():
+            assert time.monotonic() < deadline, "the ticker did not run: too slow"
+            time.sleep(0.05)
+        stop_ticker()
+    assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["five-minutes"]
+
+
+@pytest.mark.django_db
+def test_status_on_fly_lists_the_scheduled_machines(
+    scheduled: FlyMachinesBackend, machines_api: MachinesAPI
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings("registry.fly.io/testapp:d-1")):
+        flyfn("prepare")
+        out = flyfn("status")
+    assert "scheduled Machines (periodic tasks):" in out
+    lines = [line.split() for line in out.splitlines() if "flyfn-schedule-" in line]
+    assert sorted((cells[1], cells[2]) for cells in lines) == [
+        ("flyfn-schedule-daily", "daily"),
+        ("flyfn-schedule-hourly", "hourly"),
+    ]
