@@ -3,10 +3,11 @@ schedules e2e runs `flyfn dev` time-scaled, so an hour lasts seconds)."""
 
 from __future__ import annotations
 
-from tasksproj.settings import *  # noqa: F403
-from tasksproj.settings import TASKS
+from typing import Any
 
-TASKS["default"]["OPTIONS"] = {
-    **TASKS["default"]["OPTIONS"],
-    "schedules": {"hourly-tick": {"task": "tasksproj.tasks.tick", "every": "hourly"}},
-}
+from .settings import *  # noqa: F403
+from .settings import TASKS
+
+_options: dict[str, Any] = dict(TASKS["default"]["OPTIONS"])  # type: ignore[arg-type]
+_options["schedules"] = {"hourly-tick": {"task": "tasksproj.tasks.tick", "every": "hourly"}}
+TASKS["default"]["OPTIONS"] = _options
