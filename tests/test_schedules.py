@@ -17,10 +17,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import connection
 from django.test import override_settings
+from django.utils import timezone
 from django_tasks_db.compat import task_backends
 from django_tasks_db.models import DBTaskResult
 
 from flyfn import machine_role
+from flyfn.emulator.dev import _task_figures
+from flyfn.emulator.live import LivePage
 from flyfn.emulator.schedule import FlySchedules, scaled_period
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
@@ -538,3 +541,34 @@ def test_status_on_fly_lists_the_scheduled_machines(
         ("flyfn-schedule-daily", "daily"),
         ("flyfn-schedule-hourly", "hourly"),
     ]
+
+
+# --------------------------------------------------------------------------- the live page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_live_page_lists_schedules_with_their_slots_at_the_stack_s_time_scale(
+    scheduled: FlyMachinesBackend,
+) -> None:
+    enqueue_due(lambda s: s.fly_interval == "hourly")
+    figures = _task_figures(3600.0)  # an hour lasts a second
+    hourly = figures["schedule hourly-note"]
+    assert hourly["task"] == "tests.testapp.tasks.note"
+    assert hourly["runs on"] == "scheduled Machine (hourly)"
+    assert hourly["last slot"] is not None
+    assert figures["schedule daily-sum"]["last slot"] is None
+    before = timezone.now()
+    (row,) = [r for r in schedule_rows(3600.0) if r.name == "hourly-note"]
+    after = timezone.now()
+    # At 3600 times the speed the next hourly slot is at most a second after the look.
+    assert before < row.next_slot <= after + timedelta(seconds=1)
+
+
+async def test_the_live_page_names_a_scheduled_machine_by_its_interval() -> None:
+    emulator = MachinesEmulator()
+    config = MachineConfig(image="img", schedule="daily", metadata={"flyfn_schedule": "daily"})
+    machine = await emulator.create("app", CreateMachineRequest(config=config, skip_launch=True))
+    page = LivePage(emulator, lambda: ["app"])
+    (shown,) = page.snapshot({})["machines"]
+    assert (shown["id"], shown["group"]) == (machine.id, "schedule daily")
+    await emulator.aclose()
