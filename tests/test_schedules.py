@@ -292,6 +292,20 @@ def test_checks_name_a_task_that_is_not_one_and_arguments_that_are_not_json(sett
 
 
 @pytest.mark.django_db
+def test_a_schedule_s_queue_must_be_one_of_the_backend_s(settings: Any) -> None:
+    found: dict[str, list[str]] = {}
+    for queues in (["default"], ["default", "reports"]):
+        setting = tasks_setting(SCHEDULES, beyond_horizon="app_machine")
+        setting["default"]["QUEUES"] = queues
+        settings.TASKS = setting
+        found[",".join(queues)] = [f"{m.id} {m.msg}" for m in check_schedules(backend())]
+    (error,) = found["default"]
+    assert error.startswith("flyfn.E022 TASKS['default']['OPTIONS']['schedules']['daily-sum']")
+    assert "['queue_name']: 'reports' is not one of TASKS['default']['QUEUES'] (default)" in error
+    assert found["default,reports"] == []
+
+
+@pytest.mark.django_db
 def test_a_schedule_finer_than_fly_s_warns_unless_an_app_machine_is_kept_running(
     settings: Any,
 ) -> None:

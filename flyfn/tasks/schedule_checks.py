@@ -1,5 +1,6 @@
 """The system checks of a backend's periodic tasks (`OPTIONS["schedules"]`): a task that does not
-import (`flyfn.E020`), arguments that cannot be stored (`flyfn.E021`), and a schedule finer than
+import (`flyfn.E020`), arguments that cannot be stored (`flyfn.E021`), a queue the backend does not
+have (`flyfn.E022`), and a schedule finer than
 Fly's intervals with no app Machine kept running to run it (`flyfn.W020`)."""
 
 from __future__ import annotations
@@ -20,8 +21,18 @@ def check_schedules(backend: FlyfnBackend) -> list[checks.CheckMessage]:
     """Every problem of `backend`'s schedules, each a message with an id and a hint."""
     messages: list[checks.CheckMessage] = []
     where = f"TASKS[{backend.alias!r}]['OPTIONS']['schedules']"
+    queues: set[str] = getattr(backend, "queues", set())
     for name, schedule in sorted(backend.schedules.items()):
         messages += _task_problems(f"{where}[{name!r}]", schedule)
+        if queues and schedule.queue_name is not None and schedule.queue_name not in queues:
+            messages.append(
+                checks.Error(
+                    f"{where}[{name!r}]['queue_name']: {schedule.queue_name!r} is not one of "
+                    f"TASKS[{backend.alias!r}]['QUEUES'] ({', '.join(sorted(queues))})",
+                    hint="name a queue of the backend, or add it to its QUEUES",
+                    id="flyfn.E022",
+                )
+            )
     finer = sorted(name for name, s in backend.schedules.items() if s.fly_interval is None)
     if finer and backend.flyfn.beyond_horizon != "app_machine":
         shown = ", ".join(f"{n!r} ({backend.schedules[n].when})" for n in finer)
