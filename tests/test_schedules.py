@@ -192,6 +192,18 @@ def test_a_slot_is_enqueued_once_with_the_schedules_arguments(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_slot_s_record_is_kept_a_week_after_later_slots_ran(
+    scheduled: FlyMachinesBackend,
+) -> None:
+    hourly = scheduled.schedules["hourly-note"]
+    start = at("2026-12-01 00:00")
+    for hours in (0, 1, 24 * 7, 24 * 7 + 1, 24 * 7 + 2):
+        assert enqueue_slot(scheduled, "hourly-note", hourly, start + timedelta(hours=hours))
+    kept = [run.slot - start for run in ScheduledRun.objects.order_by("slot")]
+    assert kept == [timedelta(hours=h) for h in (24 * 7, 24 * 7 + 1, 24 * 7 + 2)]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_slot_whose_task_cannot_be_enqueued_keeps_no_record(
     scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, close_old_connections, connections, router, transaction
 from django.db.models import Max
@@ -49,6 +49,10 @@ logger = logging.getLogger("flyfn.tasks")
 # that jumped), and never spins.
 MIN_TICK = 0.05
 MAX_TICK = 60.0
+
+# How long a slot's row is kept once a later slot has run (a schedule every minute keeps about
+# 10,000 rows).
+KEPT = timedelta(days=7)
 
 Selection = Callable[[Schedule], bool]
 
@@ -91,6 +95,10 @@ def enqueue_slot(
         result = task.using(**using).enqueue(*schedule.args, **schedule.kwargs)
         run.task_id = str(result.id)
         run.save(update_fields=["task"])
+        # Only the current slot is ever looked up: older rows are history, kept a while.
+        ScheduledRun.objects.using(database).filter(
+            backend_name=backend.alias, schedule=name, slot__lt=slot - KEPT
+        ).delete()
     return str(result.id)
 
 
