@@ -66,12 +66,9 @@ class ScheduledRun(models.Model):
     backend_name = models.CharField(max_length=32)
     schedule = models.CharField(max_length=100)
     slot = models.DateTimeField()
-    task = models.ForeignKey(
-        DBTaskResult,
-        on_delete=models.SET_NULL,
-        null=True,
-        related_name="flyfn_scheduled_runs",
-    )
+    # The enqueued task's id, not a foreign key: pruning task results (django-tasks-db's
+    # `prune_db_task_results`) must not have to touch these rows.
+    task_id = models.UUIDField(null=True)
     machine_id = models.CharField(max_length=64)
     enqueued_at = models.DateTimeField()
 

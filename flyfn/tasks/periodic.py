@@ -94,7 +94,7 @@ def enqueue_slot(
             return None
         result = task.using(**using).enqueue(*schedule.args, **schedule.kwargs)
         run.task_id = str(result.id)
-        run.save(update_fields=["task"])
+        run.save(update_fields=["task_id"])
         # Only the current slot is ever looked up: older rows are history, kept a while.
         ScheduledRun.objects.using(database).filter(
             backend_name=backend.alias, schedule=name, slot__lt=slot - KEPT
