@@ -33,8 +33,10 @@ AREA_MODULES: dict[str, tuple[str, float, float]] = {
     "blog_baseline": ("benchmarks.blog_vs_flyfn", 300, 60),
     "e2e": ("benchmarks.e2e", 300, 60),
     "elastic": ("benchmarks.elastic", 300, 120),
+    "keep_warm": ("benchmarks.keep_warm", 180, 90),
     "receipts": ("benchmarks.receipts", 600, 90),
     "tasks": ("benchmarks.tasks", 600, 150),
+    "regions": ("benchmarks.regions", 180, 90),
 }
 
 

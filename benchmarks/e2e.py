@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -160,12 +160,15 @@ class DevStack(NamedTuple):
 
 
 @contextmanager
-def dev_stack(log_path: Path, env: Mapping[str, str], time_scale: float) -> Iterator[DevStack]:
+def dev_stack(
+    log_path: Path, env: Mapping[str, str], time_scale: float, args: Sequence[str] = ()
+) -> Iterator[DevStack]:
     """`manage.py flyfn dev` of the bench project on a free port (autostop's pass every
-    300 / `time_scale` s), its output in `log_path`, once the app Machine answers."""
+    300 / `time_scale` s; `args`: more of its options), its output in `log_path`, once the app
+    Machine answers."""
     port = free_port()
     argv = [sys.executable, "-m", "django", "flyfn", "dev"]
-    argv += ["--port", str(port), "--time-scale", str(time_scale)]
+    argv += ["--port", str(port), "--time-scale", str(time_scale), *args]
     dev_log = DevLog(log_path)
     with (
         dev_log.path.open("ab") as out,

@@ -59,7 +59,21 @@ AREA_KEYS: dict[str, tuple[str, ...]] = {
         "trickle_machines",
         "all_stopped_after_s",
     ),
+    "keep_warm": (
+        "cold_first_request_s",
+        "warm_first_request_s",
+        "saved_s",
+        "warmth_usd_per_month",
+    ),
     "receipts": tuple(str(n) for n in RECEIPT_SIZES),
+    # Replays for a visitor in syd under `flyfn dev --regions iad,syd`: to a function Machine in
+    # syd (the group follows the caller) and in iad (the primary region), in the same run.
+    "regions": (
+        "same_region_replay_p50_ms",
+        "cross_region_replay_p50_ms",
+        "cross_minus_same_p50_ms",
+        "emulated_round_trip_ms",
+    ),
     # flyfn.tasks beside django-tasks-db's own worker (db_worker); the ratios are flyfn's figure
     # over the worker's, in the same run.
     "tasks": (

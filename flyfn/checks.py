@@ -12,6 +12,8 @@
 - flyfn.W002: the middleware placed after middleware that does per-request I/O
 - flyfn.W003: `REPLAY_BODY_LIMIT` above Fly's 1 MB replay limit
 - flyfn.W004: a class-based view marked for a method it has no handler for
+- flyfn.W006: a group's `region` or `regions` names a code that is not in Fly's region list
+- flyfn.W026: a group kept warm in a region other than the app's primary region
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flyfn.conf import (
 )
 from flyfn.fly.api_host import CLEAR_TEXT_HINT, clear_text_problem
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
+from flyfn.fly.regions import REGIONS, is_fly_region
 from flyfn.pool.spec import group_app, name_slug
 from flyfn.registry import iter_url_names, registry
 from flyfn.secret_env import secret_env_message, secret_like_env
@@ -98,6 +101,7 @@ def check_settings(
             )
         )
     messages.extend(_check_group_env(settings))
+    messages.extend(_check_group_regions(settings))
     problem = clear_text_problem(settings.api_hostname)
     if problem is not None:
         messages.append(
@@ -113,6 +117,27 @@ def check_settings(
                 id="flyfn.W003",
             )
         )
+    return messages
+
+
+def _check_group_regions(settings: FlyfnSettings) -> list[CheckMessage]:
+    """W006: region codes flyfn does not know (a typo, or a region Fly added since)."""
+    messages: list[CheckMessage] = []
+    for group, options in sorted(settings.groups.items()):
+        listed = options.regions if isinstance(options.regions, tuple) else ()
+        for code in (*([options.region] if options.region else []), *listed):
+            if not is_fly_region(code):
+                messages.append(
+                    Warning(
+                        f"FLYFN['GROUPS'][{group!r}] names region {code!r}, which is not in "
+                        "Fly's region list: Fly refuses to create Machines in an unknown "
+                        "region, and flyfn cannot tell how far it is from the others.",
+                        hint=f"Fly's regions: {', '.join(sorted(REGIONS))} (`fly platform "
+                        "regions`). A newer region: silence with SILENCED_SYSTEM_CHECKS = "
+                        '["flyfn.W006"].',
+                        id="flyfn.W006",
+                    )
+                )
     return messages
 
 
@@ -289,3 +314,33 @@ def check_machine_names(
         for (_app, slug), same in by_name.items()
         if len(same) > 1
     ]
+
+
+@register("flyfn")
+def check_keep_warm(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Warning]:
+    """W026: Fly applies `min_machines_running` in the app's primary region only."""
+    try:
+        settings = get_settings()
+    except SettingsError:
+        return []  # reported by check_settings
+    primary = os.environ.get("PRIMARY_REGION")
+    return [
+        Warning(
+            f"group {group!r} has keep_warm {options.keep_warm} in region {outside!r}, "
+            f"but Fly Proxy applies min_machines_running in the primary region ({primary!r}) "
+            "only: its Machines would still be stopped when idle.",
+            hint=f'Drop its "region" (Machines then go where the app Machine is) or set it to '
+            f'"{primary}", or set keep_warm to 0.',
+            id="flyfn.W026",
+        )
+        for group, options in sorted(settings.groups.items())
+        if options.keep_warm
+        and primary
+        and (outside := _outside_primary(options.region, options.regions, primary)) is not None
+    ]
+
+
+def _outside_primary(region: str | None, regions: object, primary: str) -> str | None:
+    """The group's `region`, or the first region of its `regions` list, that is not `primary`."""
+    listed = regions if isinstance(regions, tuple) else ()
+    return next((r for r in (region, *listed) if r and r != primary), None)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BounceReason",
+    "FailoverReason",
     "FallbackOutcome",
     "FallbackReason",
     "PoolAction",
@@ -29,6 +30,7 @@ __all__ = [
     "api_called",
     "bounced",
     "cold_waited",
+    "failed_over",
     "fell_back",
     "pool_changed",
     "replayed",
@@ -51,6 +53,13 @@ BounceReason = Literal[
     "unsigned",  # a request for this group's view that no app Machine replayed
 ]
 PoolAction = Literal["create", "update", "destroy"]
+FailoverReason = Literal[
+    "not_listed",  # the caller's region is not in the group's `regions`: the nearest listed one
+    "no_capacity",  # Fly had no capacity for a Machine in the home region
+    "refused",  # the API refused to create a Machine there (another 4xx status)
+    "unavailable",  # the home region's pool has no Machine for another reason (API down)
+    "recovered",  # back in the home region after a failover
+]
 TaskOutcome = Literal["enqueued", "started", "succeeded", "failed", "retried"]
 
 _replay_log = logging.getLogger("flyfn.events.replay")
@@ -61,6 +70,7 @@ _cold_log = logging.getLogger("flyfn.events.cold_wait")
 _pool_log = logging.getLogger("flyfn.events.pool")
 _api_log = logging.getLogger("flyfn.events.api")
 _task_log = logging.getLogger("flyfn.events.task")
+_region_log = logging.getLogger("flyfn.events.region")
 
 
 def replayed(group: str, machine_id: str | None, app: str | None) -> None:
@@ -146,20 +156,44 @@ def cold_waited(group: str, seconds: float, found: bool) -> None:
         recorded.cold_waits.labels(group, "true" if found else "false").observe(seconds)
 
 
-def pool_changed(group: str, action: PoolAction, machine_id: str) -> None:
-    """flyfn created, updated or destroyed a function Machine of `group`.
-    INFO; `flyfn_pool_changes_total{group,action}`."""
+def pool_changed(
+    group: str, action: PoolAction, machine_id: str, region: str | None = None
+) -> None:
+    """flyfn created, updated or destroyed a function Machine of `group` (of its pool in
+    `region`, when the group has one per region). INFO; `flyfn_pool_changes_total{group,action}`."""
     _pool_log.info(
-        "flyfn: %s Machine %s (group %r)",
+        "flyfn: %s Machine %s (group %r%s)",
         action,
         machine_id,
         group,
+        f", region {region}" if region else "",
         extra={"flyfn_event": "pool", "flyfn_group": group, "flyfn_action": action,
-               "flyfn_machine": machine_id},
+               "flyfn_machine": machine_id, "flyfn_region": region},
     )  # fmt: skip
     recorded = metrics.recorded()
     if recorded is not None:
         recorded.pool_changes.labels(group, action).inc()
+
+
+def failed_over(group: str, home: str | None, region: str | None, reason: FailoverReason) -> None:
+    """A multi-region group's requests from this Machine go to another region's Machines than
+    their home region's (`regions`), or back home (`recovered`); once per change, not per
+    request. WARNING when home has no Machine to be had (an operator may want to know), else
+    INFO; `flyfn_region_failovers_total{group,home,region,reason}`."""
+    level = logging.INFO if reason in ("not_listed", "recovered") else logging.WARNING
+    _region_log.log(
+        level,
+        "flyfn: group %r requests from home region %s go to region %s (%s)",
+        group,
+        home or "-",
+        region or "-",
+        reason,
+        extra={"flyfn_event": "failover", "flyfn_group": group, "flyfn_home": home,
+               "flyfn_region": region, "flyfn_reason": reason},
+    )  # fmt: skip
+    recorded = metrics.recorded()
+    if recorded is not None:
+        recorded.region_failovers.labels(group, home or "", region or "", reason).inc()
 
 
 def api_called(operation: str, outcome: ApiOutcome, seconds: float) -> None:

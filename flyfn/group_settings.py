@@ -48,6 +48,10 @@ MAX_REPLAY_TIMEOUT = MAX_STATE_AGE - STATE_VALIDITY_MARGIN
 
 Strategy = Literal["instance", "app"]
 Fallback = Literal["local", "error"]
+# Where a group's Machines live (docs/multi-region.md): near the calling app Machine, in the
+# primary region (near the database), in one pool for the whole app wherever it was first made
+# (flyfn before regions), or in a fixed list of regions.
+RegionsMode = Literal["caller", "primary", "shared"]
 
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _REGION_RE = re.compile(r"^[a-z0-9]{2,10}$")
@@ -231,6 +235,15 @@ class GroupSettings(Section):
     costs only its root file system) and started as load needs, when the Machines before them are
     at their `concurrency` soft limit (docs/elastic-groups.md)."""
 
+    keep_warm: int = Field(default=0, ge=0, le=100)
+    """Default 0: every Machine may stop when idle (scale to zero). N keeps N of the group's
+    Machines started: Fly Proxy's own `min_machines_running` on their service (Modal's
+    `min_containers`), so the first request after a quiet spell has no cold start; each costs an
+    always-on Machine (`manage.py flyfn status` shows the figure). The group then has at least N
+    Machines, and flyfn starts them. Fly applies it in the app's primary region only
+    (`PRIMARY_REGION`): a group whose `region` is another keeps nothing warm (flyfn.W026). A task
+    group's Machines stop themselves once drained: it is ignored there."""
+
     concurrency: ConcurrencySettings | None = None
     """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
     takes, e.g. `{"soft_limit": 10, "hard_limit": 15}`; written into the Machines' services."""
@@ -258,7 +271,20 @@ class GroupSettings(Section):
     Machines do not get it."""
 
     region: Annotated[str | None, matching(_REGION_RE, 'a Fly region code such as "iad"')] = None
-    """Default None: the region of the app Machine that creates them (Fly's own default)."""
+    """Default None (see `regions`): one pool for the whole app, in this region (as before
+    `regions` existed; the same as `regions: "shared"` placed here). Not together with
+    `regions`."""
+
+    regions: RegionsMode | tuple[str, ...] | None = None
+    """Default None: `"caller"` for a group of views, `"primary"` for a task group. Where the
+    group's Machines live, one pool per region (its own `max_machines` and concurrency):
+    `"caller"` in the region of the app Machine that replays the request (the view runs where it
+    would have run without flyfn, near the visitor; a single-region app keeps one pool there),
+    `"primary"` in `PRIMARY_REGION` (near the database: for views that make many queries),
+    a list of region codes (a caller outside it uses the nearest one), or `"shared"`: one pool for
+    the whole app, created in the region of whichever app Machine needs it first (flyfn before
+    regions). When a region's pool cannot have a Machine (creation refused, no capacity) a
+    request goes to the nearest region that has one (docs/multi-region.md)."""
 
     env: tuple[str, ...] = ()
     """Default none: names of environment variables whose values (in the creating process) are
@@ -305,6 +331,34 @@ class GroupSettings(Section):
                 names.append(name)
         return tuple(names)
 
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_list(cls, value: Any) -> Any:
+        if value is None or value in ("caller", "primary", "shared"):
+            return value
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise invalid(
+                'must be "caller", "primary", "shared" or a list of Fly region codes such as '
+                '["iad", "syd"] '
+                f"(got {show(value)})"
+            )
+        codes: list[str] = []
+        for code in value:
+            if not isinstance(code, str) or not _REGION_RE.fullmatch(code):
+                raise invalid(f'must list Fly region codes such as "iad" (got {show(code)})')
+            if code not in codes:
+                codes.append(code)
+        if not codes:
+            raise invalid("must name at least one region")
+        return tuple(codes)
+
+    @field_validator("regions")
+    @classmethod
+    def _not_with_region(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("region") is not None:
+            raise invalid('set either "region" or "regions", not both')
+        return value
+
     @field_validator("max_machines")
     @classmethod
     def _max_at_least_machines(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -319,8 +373,10 @@ class GroupSettings(Section):
 
     @property
     def machine_count(self) -> int:
-        """The Machines the group keeps created: `max_machines`, else `machines`."""
-        return self.max_machines if self.max_machines is not None else self.machines
+        """The Machines the group keeps created: `max_machines`, else `machines`, and at least
+        `keep_warm`."""
+        count = self.max_machines if self.max_machines is not None else self.machines
+        return max(count, self.keep_warm)
 
     # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
     @functools.cached_property

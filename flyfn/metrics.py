@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from flyfn import process_state
 
@@ -41,6 +42,7 @@ class Recorded:
     rejected_states: Counter
     cold_waits: Histogram
     pool_changes: Counter
+    region_failovers: Counter
     api_calls: Counter
     api_seconds: Histogram
     tasks: Counter
@@ -73,11 +75,12 @@ def disable() -> None:
         _recorded = None
 
 
-def serve(port: int, address: str = "::") -> bool:
+def serve(port: int, address: str = "::", *, extra: Collector | None = None) -> bool:
     """Serve the metrics on `address:port` (recording starts too). True when this process
     serves them; False when it cannot: the port is taken by another worker of the same
     multiprocess directory (which then serves every process's values), or by anything else
-    (logged as a warning). Calling it again after success is a no-op."""
+    (logged as a warning). Calling it again after success is a no-op. `extra` is served beside
+    them (metrics computed when scraped)."""
     global _served
     metrics = enable()
     with _lock:
@@ -87,6 +90,8 @@ def serve(port: int, address: str = "::") -> bool:
         if os.environ.get(MULTIPROCESS_ENV):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if extra is not None:
+            registry.register(extra)
         try:
             start_http_server(port, addr=address, registry=registry)
         except OSError as exc:
@@ -141,6 +146,14 @@ def _create(registry: CollectorRegistry) -> Recorded:
             "Function Machines created, updated or destroyed by flyfn.",
             "group",
             "action",
+        ),
+        region_failovers=counter(
+            "flyfn_region_failovers",
+            "Changes of the region a multi-region group's requests go to (failovers, returns).",
+            "group",
+            "home",
+            "region",
+            "reason",
         ),
         api_calls=counter(
             "flyfn_api_calls",

@@ -20,6 +20,7 @@ from flyfn import events, metrics, process_state
 from flyfn.answers import ELSEWHERE, replay_plan, replay_response, to_app_machine, unavailable
 from flyfn.conf import SettingsError, get_settings
 from flyfn.in_flight import Counters, InFlight, in_flight
+from flyfn.machine_metrics import MachineTimeCollector
 from flyfn.machine_role import current_role
 from flyfn.pool.manager import get_manager
 from flyfn.request_facts import RoutedRequest, ViewFunc, await_target, gather, wait_target
@@ -229,7 +230,7 @@ def _serve_metrics() -> None:
     except SettingsError:
         return  # the system checks report it; requests will fail with the same message
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port, settings.metrics_address)
+        metrics.serve(settings.metrics_port, settings.metrics_address, extra=MachineTimeCollector())
 
 
 def _learn_siblings() -> None:

@@ -72,12 +72,13 @@ def start_project(
     lines: list[str],
     secrets: Mapping[str, str] | None = None,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
     """`flyfn dev` on the test project in directory `project` (see `start`), with `secrets` as
     the app's secrets and `env` added to the command's own environment (not the Machines');
-    autostop's pass every 300 / `time_scale` seconds."""
+    autostop's pass every 300 / `time_scale` seconds; `args`: more options of the command."""
     command = [sys.executable, "-m", "django", "flyfn", "dev"]
-    command += ["--port", str(port), "--time-scale", str(time_scale)]
+    command += ["--port", str(port), "--time-scale", str(time_scale), *args]
     if secrets:
         command += ["--secrets-file", str(secrets_file(secrets))]
     environment = {**project_env(settings_module, token), **(env or {})}

@@ -7,7 +7,8 @@ import contextlib
 import re
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class MachinesAPI:
     url: str
     calls: list[tuple[str, str]]
     http: httpx.Client
+    emulator: MachinesEmulator | None = None  # in this process (regions refusing creates)
 
     def count(self, method: str, pattern: str = r"/v1/apps/[^/]+/machines") -> int:
         """How many calls with `method` had a path fully matching `pattern`."""
@@ -125,14 +127,19 @@ def _recording(app: Any, inspector: Any, calls: list[tuple[str, str]]) -> Any:
 
 @contextmanager
 def serve_machines_api(
-    token: str = EMULATOR_TOKEN, *, rate_limits: bool = True, on_socket: bool = False
+    token: str = EMULATOR_TOKEN,
+    *,
+    rate_limits: bool = True,
+    on_socket: bool = False,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Iterator[MachinesAPI]:
     """A fresh emulator accepting `token`, counting calls; within Fly's rate limits unless a focused
     test passes `rate_limits=False`. Its loopback URL is answered in process (every httpx client of
     this process reaches it, no server runs; the rate limits' time passes as flyfn's clients wait
-    out a 429), or with `on_socket` by uvicorn in a thread (for other processes: e2e tests only)."""
+    out a 429), or with `on_socket` by uvicorn in a thread (for other processes: e2e tests only).
+    `wall_clock` times its Machines' events (a test's own clock drives Machine time)."""
     calls: list[tuple[str, str]] = []
-    emulator = MachinesEmulator(default_app=EMULATOR_APP)
+    emulator = MachinesEmulator(default_app=EMULATOR_APP, clock=wall_clock)
     # In process, Fly's limits run on a clock the Machines clients' Retry-After waits advance.
     clock = None if on_socket else VirtualClock()
     limits = RateLimit(clock=clock.now) if clock else RateLimit()
@@ -154,4 +161,4 @@ def serve_machines_api(
                 timeout=10,
             )
         )
-        yield MachinesAPI(url, calls, http)
+        yield MachinesAPI(url, calls, http, emulator)

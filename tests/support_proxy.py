@@ -176,6 +176,7 @@ class Stack:
         soft_limit: int | None = None,
         hard_limit: int | None = None,
         ports: tuple[int, ...] = (80, 443),
+        region: str | None = None,
         **config: Any,
     ) -> Machine:
         concurrency = None
@@ -200,6 +201,7 @@ class Stack:
                 **{"image": "local/p:1", "env": env, "services": services, **config}
             ),
             skip_launch=not started,
+            region=region,
         )
         machine = await self.emulator.create(app, request)
         await self.emulator.settle()
@@ -219,10 +221,14 @@ class Stack:
 
 
 @asynccontextmanager
-async def proxy_stack(*, balance_function_machines: bool = True) -> AsyncIterator[Stack]:
-    """The proxy in process over a fake fleet, with a client that reaches it through ASGI."""
+async def proxy_stack(
+    *, balance_function_machines: bool = True, regions: tuple[str, ...] = ()
+) -> AsyncIterator[Stack]:
+    """The proxy in process over a fake fleet, with a client that reaches it through ASGI;
+    `regions`: the stack's regions (the first the primary), hops between them not delayed."""
     fleet = FakeFleet()
-    emulator = MachinesEmulator(runtime=fleet, region="local", default_app=APP)
+    primary = regions[0] if regions else "local"
+    emulator = MachinesEmulator(runtime=fleet, region=primary, default_app=APP)
     fleet.emulator = emulator
     logs: list[RequestLog] = []
     events: list[str] = []
@@ -235,6 +241,9 @@ async def proxy_stack(*, balance_function_machines: bool = True) -> AsyncIterato
         on_event=events.append,
         transport=fleet,
         balance_function_machines=balance_function_machines,
+        region=primary,
+        regions=regions,
+        emulate_latency=False,
     )
     transport = httpx.ASGITransport(app=proxy, client=("203.0.113.9", 40000))
     client = httpx.AsyncClient(transport=transport, base_url="http://myapp.local")

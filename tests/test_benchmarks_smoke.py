@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import benchmarks.__main__ as bench_main
-from benchmarks import harness
+from benchmarks import harness, keep_warm, regions
 from benchmarks.apiserver import CallCounter, Message, Receive, Scope, Send, route_of
 from benchmarks.e2e import DevLog
 from benchmarks.receipts import CanvasRecorder, replay_on_canvas
@@ -223,3 +224,55 @@ def test_dev_log_finds_route_lines_case_insensitively(tmp_path: Path) -> None:
     assert log.wait_for("GET /fn/", after=2, timeout=0, also="(cold") == 2
     with pytest.raises(TimeoutError):
         log.wait_for("autostop", after=2, timeout=0)
+
+
+def test_regions_area_states_its_emulated_latency_and_reads_route_lines() -> None:
+    # Ashburn-Sydney, ~15,700 km: 1.5 x distance / 200 km per ms, each way.
+    assert 230 < regions.emulated_round_trip_ms("syd", "iad") < 240
+    assert regions.emulated_round_trip_ms("syd", "syd") == 0
+    same = regions.route_pattern("/fn/", "syd")
+    assert same.match("[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@syd 200 2 B 8ms")
+    assert same.match(
+        "[syd] GET /fn/ main:0e1f@syd (cold 0.5s) → replay → fn:9a2c@syd (cold 1s) 200"
+    )
+    bounced = (
+        "[syd] GET /fn/ fn:9a2c@syd → elsewhere → main:0e1f@syd → replay → fn:9a2c@syd 200 2 B"
+    )
+    assert same.match(bounced)
+    fell_back = (
+        "[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@syd ✗ timeout → fallback → "
+        "main:0e1f@syd 200"
+    )
+    assert not same.match(fell_back)
+    assert not same.match("[syd] GET /fn/ main:0e1f@syd → replay → fn:9a2c@iad 200 2 B 8ms")
+    assert not same.match("[syd] GET /fn/ main:0e1f@syd 200 2 B 8ms")  # ran locally
+    assert not same.match("[iad] GET /fn/ main:0e1f@iad → replay → fn:9a2c@syd 200 2 B 8ms")
+    assert "regions" in bench_main.AREA_MODULES
+
+
+def test_keep_warm_rounds_need_exactly_the_cold_group_s_cold_start(tmp_path: Path) -> None:
+    log_file = tmp_path / "dev.log"
+    log_file.write_text("autostop: fn:c01d stopped after 3s idle (pass 2)\n")
+
+    def routes(cold_note: str, warm_note: str) -> httpx.Client:
+        def answer(request: httpx.Request) -> httpx.Response:
+            group = request.url.path.split("/")[2]
+            note = cold_note if group == "cold" else warm_note
+            with log_file.open("a") as out:
+                out.write(f"GET {request.url.path} main:0001 → replay → fn:{group}{note} 200\n")
+            return httpx.Response(200, text="m")
+
+        return httpx.Client(transport=httpx.MockTransport(answer), base_url="http://bench")
+
+    dev_log = DevLog(log_file)
+    cold, warm = keep_warm.one_round(routes(" (cold 1.2s)", ""), dev_log, "c01d0000", 0)
+    assert min(cold, warm) >= 0
+    log_file.write_text("autostop: fn:c01d stopped after 3s idle (pass 3)\n")
+    with pytest.raises(RuntimeError, match="expected one cold start"):
+        keep_warm.one_round(routes(" (cold 1.2s)", " (cold 0.4s)"), dev_log, "c01d0000", 0)
+
+
+def test_keep_warm_prices_the_warmth_from_the_table() -> None:
+    # One shared-cpu-1x 256 MB Machine always on, less the root file system it pays stopped.
+    assert keep_warm.warmth_per_month() == pytest.approx(1.945 - 0.15)
+    assert bench_main.AREA_MODULES["keep_warm"][0] == "benchmarks.keep_warm"

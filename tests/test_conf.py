@@ -529,7 +529,7 @@ SETTINGS_ERRORS: list[tuple[Any, Any, list[tuple[str, str, str]]]] = [
             (
                 'FLYFN["GROUPS"]["g"]["cpus"]',
                 "unknown_key",
-                'unknown option; known options: "guest", "machines", "max_machines", "concurrency", "autostop", "internal_port", "force_https", "http_options", "region", "env", "secrets", "strategy", "app", "replay_timeout", "fallback", "fallback_concurrency"',  # noqa: E501
+                'unknown option; known options: "guest", "machines", "max_machines", "keep_warm", "concurrency", "autostop", "internal_port", "force_https", "http_options", "region", "regions", "env", "secrets", "strategy", "app", "replay_timeout", "fallback", "fallback_concurrency"',  # noqa: E501
             )
         ],
     ),

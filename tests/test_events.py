@@ -238,13 +238,18 @@ async def test_no_event_or_metric_shows_the_token_or_secret_key(
 
 
 def test_middleware_serves_metrics_only_when_a_port_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    served: list[tuple[int, str]] = []
-    monkeypatch.setattr(metrics, "serve", lambda port, address: served.append((port, address)))
+    served: list[tuple[int, str, object]] = []
+
+    def serve(port: int, address: str, *, extra: object = None) -> None:
+        served.append((port, address, type(extra).__name__))
+
+    monkeypatch.setattr(metrics, "serve", serve)
     FlyReplayMiddleware(lambda request: httpx.Response(200))  # type: ignore[arg-type,return-value]
     assert served == []
     with override_settings(FLYFN={"METRICS_PORT": 9191, "METRICS_ADDRESS": "127.0.0.1"}):
         FlyReplayMiddleware(lambda request: httpx.Response(200))  # type: ignore[arg-type,return-value]
-    assert served == [(9191, "127.0.0.1")]
+    # With the Machine time and cost per group, computed when scraped.
+    assert served == [(9191, "127.0.0.1", "MachineTimeCollector")]
 
 
 @pytest.mark.e2e

@@ -26,6 +26,8 @@ DJANGO_FREE = sorted(
         *PACKAGE.glob("fly/**/*.py"),
         *PACKAGE.glob("replay*.py"),
         PACKAGE / "names.py",
+        PACKAGE / "machine_time.py",
+        PACKAGE / "cost_report.py",
         *PACKAGE.glob("machines/**/*.py"),
     ]
 )

@@ -83,6 +83,17 @@ async def test_routes_are_kept_newest_first_and_bounded() -> None:
     await emulator.aclose()
 
 
+async def test_a_route_of_a_multi_region_stack_says_where_it_entered() -> None:
+    emulator, page, _, fn_id = await _stack()
+    page.record_route(
+        RequestLog("GET", "/r/", hops=["main:abcd@syd"], status=200, machine_id=fn_id, region="syd")
+    )
+    [route] = (await _get(page, "/state.json")).json()["routes"]
+    assert route["region"] == "syd"
+    assert route["line"].startswith("[syd] GET /r/ main:abcd@syd 200")
+    await emulator.aclose()
+
+
 async def test_task_figures_are_shown_and_a_failing_source_does_not_break_the_page() -> None:
     emulator, page, _, _ = await _stack()
 
@@ -177,4 +188,24 @@ async def test_the_page_checks_the_port_it_was_given() -> None:
     page = LivePage(emulator, lambda: [APP], port=4242)
     assert (await _get(page, "/", host="127.0.0.1:4242")).status_code == 200
     assert (await _get(page, "/", host="127.0.0.1:8765")).status_code == 400
+    await emulator.aclose()
+
+
+async def test_each_group_s_machine_time_and_cost_since_the_stack_started() -> None:
+    now = [1_800_000_000.0]
+    emulator = MachinesEmulator(region="local", default_app=APP, clock=lambda: now[0])
+    page = LivePage(emulator, lambda: [APP])
+    config = MachineConfig(image=IMAGE, metadata={"flyfn_group": "pdf"})
+    now[0] += 10  # the stack is up before any Machine
+    function = await emulator.create(APP, CreateMachineRequest(config=config))
+    await emulator.settle()
+    now[0] += 90
+    await emulator.stop(APP, function.id)
+    await emulator.settle()
+    now[0] += 30
+    costs = (await _get(page, "/state.json")).json()["costs"]
+    assert costs["header"][:6] == ["GROUP", "MACHINES", "STARTED", "STOPPED", "SUSPENDED", "STARTS"]
+    # Started 90 s, stopped 30 s, one start; the app Machines are no group's.
+    assert [row[:6] for row in costs["rows"]] == [["pdf", "1", "1m30s", "30s", "0s", "1"]]
+    assert costs["window"] == "since flyfn dev started"
     await emulator.aclose()

@@ -1323,7 +1323,7 @@ def test_the_metrics_port_is_served_as_the_middleware_loads(
     settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served: list[tuple[int, str]] = []
-    monkeypatch.setattr(metrics, "serve", lambda port, address: served.append((port, address)))
+    monkeypatch.setattr(metrics, "serve", lambda port, address, **_: served.append((port, address)))
     settings.FLYFN = {"METRICS_PORT": 9191, "METRICS_ADDRESS": "127.0.0.1"}
     FlyReplayMiddleware(lambda request: HttpResponse())
     assert served == [(9191, "127.0.0.1")]

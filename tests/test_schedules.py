@@ -75,7 +75,6 @@ def backend() -> FlyMachinesBackend:
 def scheduled(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlyMachinesBackend]:
     """The test project with SCHEDULES; enqueued tasks are not delivered (no dispatcher runs)."""
     settings.TASKS = tasks_setting(SCHEDULES)
-    settings.ROOT_URLCONF = "tests.tasks_urls"
     monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
     yield backend()
     stop_ticker()

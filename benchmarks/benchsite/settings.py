@@ -36,5 +36,10 @@ FLYFN = {
         "elastic": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY, "replay_timeout": "60s"},
         "fixed": {"machines": 1, "concurrency": ELASTIC_CONCURRENCY, "replay_timeout": "60s"},
         "trickle": {"max_machines": 5, "concurrency": ELASTIC_CONCURRENCY},
+        # The regions benchmark: `default` follows the caller, this one stays in the primary.
+        "primary": {"machines": 1, "autostop": "stop", "regions": "primary"},
+        # The keep_warm benchmark: the same view scaled to zero, or with one Machine kept warm.
+        "cold": {"replay_timeout": "60s"},
+        "warm": {"replay_timeout": "60s", "keep_warm": 1},
     },
 }

@@ -39,6 +39,12 @@ ELASTIC = [
     path("wait/elastic/", views.wait_elastic, name="wait_elastic"),
     path("wait/fixed/", views.wait_fixed, name="wait_fixed"),
     path("wait/trickle/", views.wait_trickle, name="wait_trickle"),
+    # The keep_warm benchmark's: one group scaled to zero, one kept warm.
+    path("first/cold/", views.first_cold, name="first_cold"),
+    path("first/warm/", views.first_warm, name="first_warm"),
 ]
 
-urlpatterns = bench_urls(*PATTERNS.values(), *ELASTIC)
+# The regions benchmark's view: `fn` in a group whose Machines live in the primary region.
+REGIONS = [path("fn/primary/", views.fn_primary, name="fn_primary")]
+
+urlpatterns = bench_urls(*PATTERNS.values(), *ELASTIC, *REGIONS)

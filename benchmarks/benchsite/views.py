@@ -20,6 +20,11 @@ def fn(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"fn", content_type="text/plain")
 
 
+@fly_serverless(methods=["GET"], group="primary")
+def fn_primary(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(b"fn", content_type="text/plain")
+
+
 def direct_item(request: HttpRequest, n: int) -> HttpResponse:
     return HttpResponse(b"direct", content_type="text/plain")
 
@@ -47,6 +52,16 @@ async def wait_elastic(request: HttpRequest) -> HttpResponse:
 @fly_serverless(methods=["GET"], group="fixed")
 async def wait_fixed(request: HttpRequest) -> HttpResponse:
     return await _wait()
+
+
+@fly_serverless(methods=["GET"], group="cold")
+def first_cold(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(os.environ.get("FLY_MACHINE_ID", ""), content_type="text/plain")
+
+
+@fly_serverless(methods=["GET"], group="warm")
+def first_warm(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(os.environ.get("FLY_MACHINE_ID", ""), content_type="text/plain")
 
 
 @fly_serverless(methods=["GET"], group="trickle")

@@ -46,6 +46,7 @@ from flyfn.emulator.logline import RequestLog, machine_label
 from flyfn.emulator.proxy.app import FlyProxy
 from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL
 from flyfn.emulator.proxy.edge import IDLE_TIMEOUT, edge_protocol
+from flyfn.emulator.proxy.regions import FROM_REGION_HEADER
 from flyfn.emulator.schedule import FlySchedules
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
@@ -95,6 +96,12 @@ class DevOptions:
     config: Path | None = None
     # NAME=VALUE lines set as the app's secrets before any Machine starts (`fly secrets import`).
     secrets_file: Path | None = None
+    # Fly regions with an app Machine each (default: the primary region only); requests enter
+    # at the one their `flyfn-from-region` header names, and hops between regions take time.
+    regions: tuple[str, ...] = ()
+    # Regions where creating a Machine through the API fails for want of capacity.
+    full_regions: tuple[str, ...] = ()
+    emulate_latency: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.time_scale < float("inf"):
@@ -243,7 +250,11 @@ class DevStack:
         self.project = settings_module.partition(".")[0] or self.root.name
         self.app_name = app_name
         fly_toml = self.plan.fly_toml
-        self.region = options.region or (fly_toml.primary_region if fly_toml else None) or "local"
+        primary = options.region or (fly_toml.primary_region if fly_toml else None)
+        if options.regions and primary not in options.regions:
+            primary = options.regions[0]
+        self.region = primary or "local"  # the primary region
+        self.regions = (self.region, *(r for r in options.regions if r != self.region))
         # The image is built from fly.toml's directory (the build context) when there is one.
         self.image = image_ref(self.project, fly_toml.directory if fly_toml else self.root)
         self.asgi_app = options.asgi_app or project_asgi_app(settings_module)
@@ -325,6 +336,7 @@ class DevStack:
                 TIME_SCALE_ENV: f"{options.time_scale:g}",
             },
             region=self.region,
+            primary_region=self.region,
             cwd=self._workdir(),
             boot_timeout=options.boot_timeout,
             output=self.out,
@@ -349,6 +361,8 @@ class DevStack:
             runtime,
             app_name=self.app_name,
             region=self.region,
+            regions=self.regions,
+            emulate_latency=options.emulate_latency,
             autostop_interval=DEFAULT_AUTOSTOP_INTERVAL / options.time_scale,
             on_log=self._log,
             on_event=self._write,
@@ -367,6 +381,7 @@ class DevStack:
             if machine is None:
                 return 1
             self.app_machine = machine
+            emulator.full_regions.update(options.full_regions)  # API creates from now on
             await proxy.start()
             schedules.start()
             servers.append(asyncio.ensure_future(proxy_server.serve(sockets=[proxy_sock])))
@@ -472,11 +487,12 @@ class DevStack:
             else [self._default_app_config()]
         )
         first: Machine | None = None
-        for config in configs:
-            machine = await self._create_app_machine(emulator, config)
-            if machine is None:
-                return None
-            first = first or machine
+        for region in self.regions:  # `fly scale count N --region a,b`: one per region
+            for config in configs:
+                machine = await self._create_app_machine(emulator, config, region)
+                if machine is None:
+                    return None
+                first = first or machine
         return first
 
     def _default_app_config(self) -> MachineConfig:
@@ -501,14 +517,16 @@ class DevStack:
         )
 
     async def _create_app_machine(
-        self, emulator: MachinesEmulator, config: MachineConfig
+        self, emulator: MachinesEmulator, config: MachineConfig, region: str
     ) -> Machine | None:
         if config.restart is None:
             config = config.model_copy(
                 update={"restart": MachineRestart(policy="on-failure", max_retries=3)}
             )
-        created = await emulator.create(self.app_name, CreateMachineRequest(config=config))
-        self._write(f"flyfn dev: booting the app Machine {created.id} ({self._runs()}) ...")
+        request = CreateMachineRequest(config=config, region=region)
+        created = await emulator.create(self.app_name, request)
+        where = f" in {region}" if len(self.regions) > 1 else ""
+        self._write(f"flyfn dev: booting the app Machine {created.id}{where} ({self._runs()}) ...")
         waiter = asyncio.ensure_future(
             emulator.wait_for_state(
                 self.app_name, created.id, "settled", timeout=self.options.boot_timeout + 5
@@ -557,6 +575,7 @@ class DevStack:
             f"    secrets    python -m flyfn.emulator.secrets --app {self.app_name} set NAME=VALUE"
             + (f"   ({len(self.secrets)} from --secrets-file)" if self.secrets else ""),
             *self._deploy_lines(),
+            *self._region_lines(),
             "",
         ]
         # The proxy's address as a URL's host (an IPv6 address goes in brackets there).
@@ -567,6 +586,17 @@ class DevStack:
                 "anyone who can reach it can use the app (and its DEBUG pages).",
             ]
         self._write("\n".join(lines))
+
+    def _region_lines(self) -> list[str]:
+        if len(self.regions) < 2:
+            return []
+        full = self.options.full_regions
+        return [
+            f"    regions    {', '.join(self.regions)} (primary {self.region}); a request from a "
+            f"region: -H '{FROM_REGION_HEADER}: {self.regions[-1]}'"
+            + ("; hops between regions take their latency" if self.options.emulate_latency else ""),
+            *([f"    full       {', '.join(full)}: creating Machines there fails"] if full else []),
+        ]
 
     def _runs(self) -> str:
         image = self.plan.image

@@ -1,4 +1,5 @@
-"""`flyfn dev`'s live page: the emulated Machines, their starts and stops, recent routes and tasks.
+"""`flyfn dev`'s live page: the emulated Machines, their starts and stops, each group's Machine
+time and cost since the stack started, recent routes and tasks.
 
 A plain ASGI app served on a loopback port of its own (never in the app's URL space): `/` is one
 HTML page whose script polls `/state.json` twice a second and redraws, so it updates without
@@ -19,9 +20,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from flyfn.cost_report import COST_HEADER, cost_row
 from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.state import MachinesEmulator
+from flyfn.machine_time import Window, group_cost
 from flyfn.machines.models import Machine
 
 __all__ = ["MAX_ROUTES", "LivePage"]
@@ -61,6 +64,7 @@ class LivePage:
         self.tasks = tasks
         self._clock = clock
         self._routes: deque[dict[str, Any]] = deque(maxlen=MAX_ROUTES)
+        self._started = emulator.clock()
 
     def record_route(self, entry: RequestLog) -> None:
         """Keep one proxy route line (the same text as the terminal's) for the page."""
@@ -70,6 +74,7 @@ class LivePage:
                 "line": str(entry),
                 "machine": entry.machine_id,
                 "status": entry.status,
+                "region": entry.region,  # where it entered, in a stack of several regions
             }
         )
 
@@ -91,8 +96,29 @@ class LivePage:
         return {
             "now": self._clock(),
             "machines": machines,
+            "costs": self.costs(),
             "routes": list(self._routes),
             "tasks": dict(tasks) if tasks is not None else self.task_figures(),
+        }
+
+    def costs(self) -> dict[str, Any]:
+        """Each group's Machine time and cost since the stack started (`cost_row` cells)."""
+        groups: dict[str, list[Machine]] = {}
+        for app in sorted(set(self.apps())):
+            for machine in self.emulator.list(app, include_deleted=True):
+                group = ((machine.config.metadata if machine.config else None) or {}).get(
+                    _GROUP_METADATA
+                )
+                if group is not None:
+                    groups.setdefault(group, []).append(machine)
+        window = Window(self._started, self.emulator.clock(), "since flyfn dev started")
+        return {
+            "header": list(COST_HEADER),
+            "rows": [
+                list(cost_row(group_cost(group, found, window)))
+                for group, found in sorted(groups.items())
+            ],
+            "window": window.label,
         }
 
     def _machine(self, app: str, machine: Machine) -> dict[str, Any]:
@@ -208,6 +234,11 @@ _PAGE = """<!doctype html>
   <th>starts and stops (newest first)</th></tr></thead>
   <tbody id="machines"></tbody>
 </table>
+<h2>Machine time and cost <span class="muted" id="cost-window"></span></h2>
+<table id="costs-table">
+  <thead id="costs-head"></thead>
+  <tbody id="costs"></tbody>
+</table>
 <h2>Tasks</h2>
 <table>
   <thead><tr><th>group</th><th>figures</th></tr></thead>
@@ -239,6 +270,15 @@ function draw(state) {
       el("td", {}, m.region || ""),
       el("td", {}, el("div", {class: "strip"}, ...ticks)));
   }));
+  const costs = state.costs;
+  document.getElementById("cost-window").textContent =
+    `(${costs.window}; Fly's published prices, estimates)`;
+  document.getElementById("costs-head").replaceChildren(
+    el("tr", {}, ...costs.header.map((h) => el("th", {}, h.toLowerCase()))));
+  document.getElementById("costs").replaceChildren(...(costs.rows.length ? costs.rows.map((row) =>
+    el("tr", {"data-group": row[0]}, ...row.map((cell) => el("td", {class: "mono"}, cell))))
+    : [el("tr", {}, el("td", {colspan: String(costs.header.length), class: "muted"},
+      "no function Machines yet"))]));
   const tasks = document.getElementById("tasks");
   const groups = Object.entries(state.tasks);
   tasks.replaceChildren(...(groups.length ? groups.map(([group, figures]) =>

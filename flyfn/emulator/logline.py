@@ -60,10 +60,13 @@ class RequestLog:
     seconds: float = 0.0
     error: str | None = None
     machine_id: str | None = None  # the last Machine that answered
+    # The edge region it entered at, in a stack of several regions (then hops name theirs).
+    region: str | None = None
 
     def reached(self, machine: Machine, note: str = "") -> None:
         """A Machine got the request (`note`: its cold start, if any)."""
-        self.hops.append(machine_label(machine) + note)
+        where = f"@{machine.region}" if self.region and machine.region else ""
+        self.hops.append(machine_label(machine) + where + note)
         self.machine_id = machine.id
 
     def unreachable(self, label: str, reason: str) -> None:
@@ -96,8 +99,9 @@ class RequestLog:
         route = " → ".join(self.hops) if self.hops else "proxy"
         status = str(self.status) if self.status is not None else "---"
         tail = f" ({self.error})" if self.error else ""
+        edge = f"[{self.region}] " if self.region else ""
         return (
-            f"{self.method} {self.path} {route} {status} {_size_text(self.size)} "
+            f"{edge}{self.method} {self.path} {route} {status} {_size_text(self.size)} "
             f"{_seconds_text(self.seconds)}{tail}"
         )
 

@@ -290,6 +290,9 @@ class MachinesEmulator:
         self.runtime: MachineRuntime = runtime if runtime is not None else StateOnlyRuntime()
         self.region = region
         self.default_app = default_app
+        # Regions where creating a Machine fails as Fly answers when it has no capacity there
+        # (412 `insufficient_capacity`): what a multi-region app's failover is tested against.
+        self.full_regions: set[str] = set()
         self._clock = clock
         self.clock = clock  # the wall clock of its events' timestamps (autostop reads them)
         self._apps: dict[str, dict[str, _Record]] = {}
@@ -369,6 +372,14 @@ class MachinesEmulator:
     async def create(self, app: str, request: CreateMachineRequest) -> Machine:
         """Create a Machine (state `created`); unless `skip_launch`, start it in the background."""
         _require_image(request.config)
+        region = request.region or self.region
+        if region in self.full_regions:
+            raise EmulatorError(
+                412,
+                f"could not reserve resource for machine in {region}: insufficient memory "
+                "available to fulfill request",
+                error_status="insufficient_capacity",
+            )
         machines = self._apps.setdefault(app, {})
         live_names = {rec.name for rec in machines.values() if rec.live}
         if request.name:
@@ -392,7 +403,7 @@ class MachinesEmulator:
             app=app,
             id=machine_id,
             name=name,
-            region=request.region or self.region,
+            region=region,
             config=request.config.model_copy(deep=True),
             version=version,
             versions=[version],

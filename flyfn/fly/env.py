@@ -16,6 +16,7 @@ __all__ = [
     "FLY_REGION",
     "GROUP_ENV",
     "HOME_APP_ENV",
+    "PRIMARY_REGION",
     "SEED_ENV",
     "TIME_SCALE_ENV",
     "env_value",
@@ -27,6 +28,8 @@ FLY_ALLOC_ID = "FLY_ALLOC_ID"
 FLY_REGION = "FLY_REGION"
 FLY_IMAGE_REF = "FLY_IMAGE_REF"
 FLY_PRIVATE_IP = "FLY_PRIVATE_IP"
+# The app's primary region (fly.toml `primary_region`), where its database usually is.
+PRIMARY_REGION = "PRIMARY_REGION"
 # Not set by Fly: the Machines API's address and token, as `fly secrets set` gives them.
 FLY_API_HOSTNAME = "FLY_API_HOSTNAME"
 FLY_API_TOKEN = "FLY_API_TOKEN"  # noqa: S105 - a variable's name, not a secret

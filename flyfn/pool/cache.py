@@ -13,8 +13,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from flyfn.backoff import Backoff
+from flyfn.events import FailoverReason
 from flyfn.machine_role import Role, current_role
-from flyfn.machines import AsyncMachinesClient, RateLimited
+from flyfn.machines import AsyncMachinesClient, MachinesStatusError, RateLimited
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
 from flyfn.pool.listing import SHARED_LIST_MAX_AGE, MachineListing
@@ -83,6 +84,14 @@ class MachinePool:
         # After `forget`, a shared list taken before this (listing clock) is not good enough.
         self._fresh_after = float("-inf")
         self._clock = manager.clock
+        # Why the last convergence failed (None after a success): a multi-region group's
+        # requests go to another region's pool while this one has no Machine.
+        self._failure: FailoverReason | None = None
+
+    def unavailable(self) -> FailoverReason | None:
+        """Why the pool cannot give a target now (its last convergence failed and it has none),
+        or None: it has one, or may have one soon."""
+        return self._failure if not self._targets else None
 
     def members(self) -> tuple[str, ...]:
         """The group's Machine ids in rank order (`instance` strategy), from the cache: never an
@@ -198,11 +207,13 @@ class MachinePool:
             self._expires = self._clock() + max(0.0, ttl - age)
             recovered = self._backoff.succeeded()
             self._retry_at = 0.0
+            self._failure = None
         if recovered:
             logger.warning("flyfn: Machines API reachable again (group %r)", spec.group)
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
+            self._failure = _failure_reason(exc)
             first = self._backoff.failed()
             delay = self._backoff.delay
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
@@ -231,3 +242,15 @@ class MachinePool:
             logger.error(
                 "flyfn: cannot replay: %s; using the group's fallback", problem.rstrip(".")
             )
+
+
+def _failure_reason(exc: BaseException) -> FailoverReason:
+    if isinstance(exc, MachinesStatusError) and exc.insufficient_capacity:
+        return "no_capacity"
+    if (
+        isinstance(exc, MachinesStatusError)
+        and exc.status < 500
+        and not isinstance(exc, RateLimited)
+    ):
+        return "refused"
+    return "unavailable"

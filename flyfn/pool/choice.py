@@ -1,5 +1,6 @@
 """How a group's Machines are chosen: which ones a pool keeps, which ones the app Machines replay
-to, which one each request gets, and where a busy function Machine sends a replay on.
+to, which one each request gets, where a busy function Machine sends a replay on, and in which
+order a caller tries the regions of a multi-region group.
 
 The one file to change (or to give `PoolManager` another `MachineChoice`) to choose Machines
 differently, after FLAME's `Pool.Strategy`. Pure decisions: no I/O, no state of its own.
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from flyfn.elastic import SiblingReplay, sibling_target
+from flyfn.fly.regions import nearest_first
 from flyfn.machines import Machine
 
 if TYPE_CHECKING:
@@ -49,6 +51,11 @@ class MachineChoice(Protocol):
         here."""
         ...
 
+    def order_regions(self, origin: str, regions: Iterable[str]) -> list[str]:
+        """The order in which a caller in `origin` tries the pools of `regions` (a group's
+        listed regions, or those it fails over to): the first is its home."""
+        ...
+
 
 class RankOrder:
     """flyfn's choice: Machines ranked by name (fixed at creation), the first `entries` of them as
@@ -70,6 +77,10 @@ class RankOrder:
 
     def sibling(self, members: Sequence[str], me: str | None, hop: int) -> SiblingReplay | None:
         return sibling_target(members, me, hop)
+
+    def order_regions(self, origin: str, regions: Iterable[str]) -> list[str]:
+        # Nearest first by great-circle distance: the least latency added to a request.
+        return nearest_first(origin, regions)
 
 
 RANK_ORDER = RankOrder()

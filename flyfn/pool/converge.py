@@ -143,7 +143,11 @@ async def observe(
     """The group's usable Machines of the spec's image that `converge` keeps, in rank order,
     without changing anything (what a function Machine needs to know its siblings)."""
     listed = await (lister or _lister(client))(spec)
-    usable = choice.rank(m for m in listed if machine_image(m) == spec.image and is_usable(m))
+    usable = choice.rank(
+        m
+        for m in listed
+        if machine_image(m) == spec.image and spec.holds(m.region) and is_usable(m)
+    )
     return usable[: spec.count]
 
 
@@ -163,7 +167,7 @@ async def converge(
     list_machines = lister or _lister(client)
     result = Convergence(machines=[])
     listed = await list_machines(spec)
-    current = [m for m in listed if machine_image(m) == spec.image]
+    current = [m for m in listed if machine_image(m) == spec.image and spec.holds(m.region)]
     usable = [m for m in current if is_usable(m)]
     if len(usable) < spec.count:
         taken = {m.name for m in current}
@@ -172,7 +176,9 @@ async def converge(
         ]
         # Machines beyond the entries are created stopped (`skip_launch`): Fly Proxy starts them
         # when load reaches them, and until then they cost only their root file system.
-        entries = spec.entries or spec.count
+        # Kept-warm Machines are launched too: Fly Proxy keeps started ones started, never
+        # starts one for `min_machines_running`.
+        entries = max(spec.entries or spec.count, spec.warm)
         outcomes = await asyncio.gather(
             *(
                 _create(client, spec, name, launch=len(usable) + n < entries)
@@ -185,7 +191,7 @@ async def converge(
         listed = await list_machines(spec, fresh=True)
         # The list may lag behind a create: count what we created unless the list says otherwise.
         seen = {m.id for m in listed}
-        current = [m for m in listed if machine_image(m) == spec.image]
+        current = [m for m in listed if machine_image(m) == spec.image and spec.holds(m.region)]
         current += [m for m in created if m.id not in seen]
         usable = [m for m in current if is_usable(m)]
         errors = [e for e in outcomes if isinstance(e, BaseException)]
@@ -207,8 +213,25 @@ async def converge(
                     result.updated.append(machine.id)
             except MachinesError as exc:  # it keeps serving; the next convergence tries again
                 logger.warning("flyfn: could not update Machine %s: %s", machine.id, exc)
+    await _start_warm(client, spec, keep[: spec.warm], result)
     result.machines = keep
     return result
+
+
+async def _start_warm(
+    client: AsyncMachinesClient, spec: PoolSpec, warm: Sequence[Machine], result: Convergence
+) -> None:
+    """Start the kept-warm Machines that rest (stopped before `keep_warm` was set, updated while
+    stopped, exited): Fly's `min_machines_running` only keeps started Machines started."""
+    for machine in warm:
+        if machine.state not in RESTING_STATES or machine.id in result.created:
+            continue
+        try:
+            await client.start_machine(machine.id, app=spec.app)
+        except MachinesError as exc:  # the next convergence tries again
+            logger.warning("flyfn: could not start kept-warm Machine %s: %s", machine.id, exc)
+            continue
+        logger.info("flyfn: started Machine %s of group %s (keep_warm)", machine.id, spec.group)
 
 
 async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine) -> bool:
@@ -222,8 +245,12 @@ async def _update(client: AsyncMachinesClient, spec: PoolSpec, machine: Machine)
         await client.update_machine(machine.id, request, app=spec.app)
     except NotFound:  # destroyed meanwhile (another process converging): nothing to update
         return False
-    events.pool_changed(spec.group, "update", machine.id)
+    events.pool_changed(spec.group, "update", machine.id, _pool_region(spec))
     return True
+
+
+def _pool_region(spec: PoolSpec) -> str | None:
+    return spec.region if spec.regional else None
 
 
 async def _create(
@@ -238,7 +265,7 @@ async def _create(
         if exc.status in (409, 422) and not exc.insufficient_capacity:
             logger.debug("Machine %s already exists (another process created it)", name)
         raise
-    events.pool_changed(spec.group, "create", created.id)
+    events.pool_changed(spec.group, "create", created.id, _pool_region(spec))
     return created
 
 
@@ -292,6 +319,7 @@ class PrepareReport:
     created: list[str]
     updated: list[str]
     destroyed: list[str]
+    region: str | None = None  # a regional pool's region (None: the group's one shared pool)
 
 
 async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareReport:
@@ -310,6 +338,7 @@ async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareR
         created=done.created,
         updated=updated,
         destroyed=done.destroyed,
+        region=_pool_region(spec),
     )
 
 

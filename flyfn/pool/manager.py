@@ -1,11 +1,14 @@
 """The process's pools: `Pools`, what the request path asks of them; `PoolManager`, one pool per
-group with one background loop and one Machines client for all of them; and the process's
-manager (`get_manager`, replaced by tests with `set_manager`, forgotten in a forked child)."""
+group and region with one background loop and one Machines client for all of them, which sends a
+group's requests to the caller's region's pool or, when it has no Machine to be had, to the
+nearest other one; and the process's manager (`get_manager`, replaced by tests with
+`set_manager`, forgotten in a forked child)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import random
 import threading
 import time
@@ -14,9 +17,10 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from flyfn import process_state
+from flyfn import events, process_state
 from flyfn.conf import FlyfnSettings, get_settings
 from flyfn.elastic import SiblingReplay
+from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
 from flyfn.machine_role import current_env, current_role
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.pool.cache import MachinePool
@@ -24,7 +28,8 @@ from flyfn.pool.choice import RANK_ORDER, MachineChoice, ReplayTarget
 from flyfn.pool.converge import GONE_STATES, is_app_machine
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.loop import LoopThread
-from flyfn.pool.spec import PoolConfigError, new_client, spec_for
+from flyfn.pool.placement import Route, placement, route
+from flyfn.pool.spec import PoolConfigError, is_task_group, new_client, spec_for
 
 T = TypeVar("T")
 
@@ -80,7 +85,10 @@ class PoolManager:
     Settings are read live: when `get_settings()` returns another object (override_settings), the
     pools and the client are rebuilt. `listing` shares the app's Machine list between the pools and
     with the other processes of this Machine (default: by `FLY_MACHINE_ID`); `clock` (monotonic)
-    and `random` time the caches and their jitter (tests inject them).
+    and `random` time the caches and their jitter (tests inject them). `region` and
+    `primary_region` are this Machine's region and the app's primary one (default: `FLY_REGION`
+    and `PRIMARY_REGION`, read when the settings change): a group's requests go to the pool of
+    the region its `regions` option gives, or fail over to the nearest other one.
     """
 
     def __init__(
@@ -92,8 +100,12 @@ class PoolManager:
         listing: MachineListing | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = random.random,
+        region: str | None = None,
+        primary_region: str | None = None,
     ) -> None:
         self._transport = transport
+        self._region = region
+        self._primary_region = primary_region
         self.choice = choice
         self.listing = listing or MachineListing(current_env().machine_id)
         self.clock = clock
@@ -101,35 +113,136 @@ class PoolManager:
         self._get_settings = settings
         self._lock = threading.Lock()
         self._settings: FlyfnSettings | None = None
-        self._pools: dict[str, MachinePool] = {}
+        # Keyed by group and region (None: a group's one shared pool).
+        self._pools: dict[tuple[str, str | None], MachinePool] = {}
+        self._routes: dict[str, Route] = {}
+        # The hot path's one lookup: each group's route and home pool.
+        self._hot: dict[str, tuple[Route, MachinePool]] = {}
+        # Where a group's requests went when that was reported (a failover, a region outside
+        # its list), to report a change once; empty while nothing was.
+        self._went: dict[str, str | None] = {}
         self._loop: LoopThread | None = None
         self._client: AsyncMachinesClient | None = None
         self._closed = False
 
     def pool(self, group: str) -> MachinePool:
-        """The group's pool, made on first use (all of them again when the settings change)."""
+        """The group's pool in this caller's home region, made on first use (all of them again
+        when the settings change)."""
+        return self.regional_pool(group, self.route(group).home)
+
+    def regional_pool(self, group: str, region: str | None) -> MachinePool:
+        """The group's pool in `region` (None: its one shared pool), made on first use."""
         settings = self._get_settings()
         pools = self._pools
         if settings is not self._settings:
             pools = self._reset(settings)
-        pool = pools.get(group)
+        pool = pools.get((group, region))
         if pool is None:
             with self._lock:
-                pool = pools.get(group) or pools.setdefault(group, self._new_pool(settings, group))
+                pool = pools.get((group, region)) or pools.setdefault(
+                    (group, region), self._new_pool(settings, group, region)
+                )
         return pool
+
+    def route(self, group: str) -> Route:
+        """Where this process sends the group's requests: its home region's pool, then the
+        regions to fail over to (`flyfn.pool.placement`), computed once per settings."""
+        found = self._routes.get(group)
+        settings = self._get_settings()
+        if found is None or settings is not self._settings:
+            if settings is not self._settings:
+                self._reset(settings)
+            where = placement(settings, group, task_group=is_task_group(group))
+            caller = self._region or env_value(os.environ, FLY_REGION)
+            primary = self._primary_region or env_value(os.environ, PRIMARY_REGION)
+            found = route(where, caller, primary, order=self.choice.order_regions)
+            self._routes[group] = found
+            if found.reason is not None:  # the group's choice, said once: not per request
+                self._went_to(group, found, found.home, found.reason)
+        return found
 
     def get_target(self, group: str) -> ReplayTarget | None:
         """The hot path: the group's cached target, or None."""
-        pool = self._pools.get(group)
-        if pool is None or self._settings is not self._get_settings():
-            pool = self.pool(group)
-        return pool.target()
+        hot = self._hot.get(group)
+        if hot is None or self._settings is not self._get_settings():
+            way = self.route(group)
+            hot = self._hot[group] = (way, self.regional_pool(group, way.home))
+        way, pool = hot
+        target = pool.target()
+        if target is not None:
+            if self._went and self._went.get(group, way.home) != way.home:
+                self._went_to(group, way, way.home, "recovered")
+            return target
+        reason = pool.unavailable()
+        if reason is None:
+            return None
+        pool.refresh()  # home again once it has a Machine (not while it backs off)
+        for region in self._failover(way):
+            target = self.regional_pool(group, region).target()
+            if target is not None:
+                self._went_to(group, way, region, reason)
+                return target
+        return None
 
     def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return self.pool(group).wait_target(max_wait)
+        deadline = self.clock() + max_wait
+        way = self.route(group)
+        home = self.regional_pool(group, way.home)
+        target = home.wait_target(max_wait)
+        if target is not None:
+            return self.get_target(group) or target  # through get_target: a return is reported
+        reason = home.unavailable()
+        for region in self._failover(way) if reason is not None else ():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            target = self.regional_pool(group, region).wait_target(remaining)
+            if target is not None:
+                self._went_to(group, way, region, reason or "unavailable")
+                return target
+        return None
 
     async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
-        return await self.pool(group).aget_target(max_wait)
+        deadline = self.clock() + max_wait
+        way = self.route(group)
+        home = self.regional_pool(group, way.home)
+        target = await home.aget_target(max_wait)
+        if target is not None:
+            return self.get_target(group) or target  # through get_target: a return is reported
+        reason = home.unavailable()
+        for region in self._failover(way) if reason is not None else ():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            target = await self.regional_pool(group, region).aget_target(remaining)
+            if target is not None:
+                self._went_to(group, way, region, reason or "unavailable")
+                return target
+        return None
+
+    def _failover(self, way: Route) -> tuple[str, ...]:
+        """The regions to try after home: the route's, and for an open route every other region
+        with an app Machine in the app's shared list (nearest first, by the choice)."""
+        app = self._settings.app_name if self._settings is not None else None
+        shared = self.listing.read(app) if way.open and way.home and app else None
+        if shared is None:
+            return way.failover
+        known = {m.region for m in shared[1] if m.region and is_app_machine(m)}
+        extra = known - {way.home, *way.failover}
+        if not extra:
+            return way.failover
+        assert way.home is not None
+        return tuple(self.choice.order_regions(way.home, [*way.failover, *sorted(extra)]))
+
+    def _went_to(
+        self, group: str, way: Route, region: str | None, reason: events.FailoverReason
+    ) -> None:
+        """Report (once per change) that the group's requests go to `region`."""
+        with self._lock:
+            if self._went.get(group, way.home if way.reason is None else None) == region:
+                return
+            self._went[group] = region
+        events.failed_over(group, way.home, region, reason)
 
     def members(self, group: str) -> tuple[str, ...]:
         return self.pool(group).members()
@@ -138,7 +251,12 @@ class PoolManager:
         return self.choice.sibling(self.members(group), me, hop)
 
     def forget(self, group: str, machine_id: str) -> bool:
-        return self.pool(group).forget(machine_id)
+        self.pool(group)  # the pools are this settings' ones
+        forgot = False
+        for (of, _), pool in list(self._pools.items()):
+            if of == group:  # every pool of the group looks (a failover's target may be gone)
+                forgot = pool.forget(machine_id) or forgot
+        return forgot
 
     def refresh(self, group: str) -> None:
         self.pool(group).refresh()
@@ -171,6 +289,9 @@ class PoolManager:
         if shared is None:
             return None
         candidates = [m for m in shared[1] if is_app_machine(m) and m.state not in GONE_STATES]
+        # One of this region's when there is one: a request sent on should not cross the world.
+        here = self._region or env.region
+        candidates = [m for m in candidates if here and m.region == here] or candidates
         started = [m.id for m in candidates if m.state == "started"]
         ids = started or [m.id for m in candidates]
         return ids[int(self.random() * len(ids)) % len(ids)] if ids else None
@@ -209,20 +330,26 @@ class PoolManager:
                 loop.submit(client.aclose()).result(5)
         loop.stop()
 
-    def _new_pool(self, settings: FlyfnSettings, group: str) -> MachinePool:
+    def _new_pool(self, settings: FlyfnSettings, group: str, region: str | None) -> MachinePool:
         try:
-            spec, problem = spec_for(settings, group), None
+            # A shared pool is made where its first creator runs: this Machine's region.
+            environ = {**os.environ, FLY_REGION: self._region} if self._region else os.environ
+            spec = spec_for(settings, group, environ, pool_region=region)
+            problem = None
         except PoolConfigError as exc:
             spec, problem = None, str(exc)
         return MachinePool(self, spec, problem, settings.cache_ttl, self.choice)
 
-    def _reset(self, settings: FlyfnSettings) -> dict[str, MachinePool]:
+    def _reset(self, settings: FlyfnSettings) -> dict[tuple[str, str | None], MachinePool]:
         with self._lock:
             if settings is self._settings:
                 return self._pools
             old_client, self._client = self._client, None
             self._settings = settings
             self._pools = {}
+            self._routes = {}
+            self._hot = {}
+            self._went = {}
             loop = self._loop
         if old_client is not None and loop is not None:
             loop.submit(old_client.aclose())

@@ -70,11 +70,22 @@ class PoolSpec:
     # of them); the others take what those send on (`instance` strategy) or what Fly Proxy
     # balances to them (`app` strategy).
     entries: int = 0
+    # A pool of one region (`regions`): only the group's Machines in `region` are its own, and
+    # their names carry the region. False: the one pool of the whole app, as before regions.
+    regional: bool = False
+    # How many of them (the first in rank order) are kept started (`keep_warm`).
+    warm: int = 0
 
     @property
     def name_prefix(self) -> str:
-        """Names are deterministic per group and image, so racing creators collide on purpose."""
-        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-"
+        """Names are deterministic per group, image (and region), so racing creators collide on
+        purpose."""
+        where = f"{self.region}-" if self.regional and self.region else ""
+        return f"flyfn-{name_slug(self.group)}-{image_hash(self.image)}-{where}"
+
+    def holds(self, region: str | None) -> bool:
+        """Whether a Machine of the group in `region` belongs to this pool."""
+        return not self.regional or region == self.region
 
     def names(self) -> Iterator[str]:
         return (f"{self.name_prefix}{n}" for n in itertools.count())
@@ -134,10 +145,21 @@ def _task_groups() -> list[str]:
         return []
 
 
+def is_task_group(group: str) -> bool:
+    """Whether `group` runs a flyfn.tasks backend's tasks (their pools default to the primary
+    region, near the database)."""
+    return group in _task_groups()
+
+
 def spec_for(
-    settings: FlyfnSettings, group: str, environ: Mapping[str, str] = os.environ
+    settings: FlyfnSettings,
+    group: str,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    pool_region: str | None = None,
 ) -> PoolSpec:
-    """The pool specification of `group`, or PoolConfigError naming the missing setting."""
+    """The pool specification of `group` (of its pool in `pool_region`; None: the app's one
+    shared pool), or PoolConfigError naming the missing setting."""
     options = settings.group(group)
     own_app = settings.app_name
     if not own_app:
@@ -191,6 +213,10 @@ def spec_for(
     tasks = group in _task_groups()
     if tasks:
         depends["flyfn:tasks"] = "autostop=off;restart=no"
+    # A task group's Machines stop themselves once drained: none is kept warm.
+    warm = 0 if tasks else options.keep_warm
+    if warm:  # only then: Machines of groups without it keep their version
+        depends["flyfn:keep_warm"] = str(warm)
     version = pool_version(app, group, settings.image_ref, depends)
     config = MachineConfig(
         image=settings.image_ref,
@@ -203,7 +229,7 @@ def spec_for(
                 internal_port=options.internal_port,
                 autostart=True,
                 autostop="off" if tasks else options.autostop,
-                min_machines_running=0,
+                min_machines_running=warm,
                 ports=ports,
                 concurrency=concurrency,
             )
@@ -223,11 +249,13 @@ def spec_for(
         image=settings.image_ref,
         count=options.machine_count,
         entries=options.machines,
+        warm=warm,
         # Fly places a Machine created without a region "near the caller", not surely in its
         # region: name the creating Machine's own region, as FLAME does.
-        region=options.region or environ.get("FLY_REGION") or None,
+        region=pool_region or options.region or environ.get("FLY_REGION") or None,
         config=config,
         version=version,
+        regional=pool_region is not None,
     )
 
 

@@ -38,6 +38,8 @@ def test_live_page_follows_a_function_machine_through_start_and_stop(
     expect(page.locator("#routes")).to_contain_text(
         "/purchases/1/receipt.pdf", timeout=SHOWN_WITHIN_MS
     )
+    # Its group's Machine time and cost since the stack started.
+    expect(page.locator('#costs tr[data-group="default"]')).to_be_visible(timeout=SHOWN_WITHIN_MS)
     # The demo's background tasks: its `reports` group, counted from the database.
     expect(page.locator("#tasks")).to_contain_text("reports", timeout=SHOWN_WITHIN_MS)
     expect(page.locator("#tasks")).to_contain_text("ready", timeout=SHOWN_WITHIN_MS)

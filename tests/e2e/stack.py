@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,9 +37,11 @@ class Dev(DevProcess):
         return self.machines(**{"metadata.flyfn_group": group})
 
     def log_for(self, path: str, since: int) -> str:
-        """The proxy's log line of a request for `path` printed after line `since`."""
+        """The proxy's log line of a request for `path` printed after line `since` (in a stack of
+        several regions, after the region it entered at: `[syd] GET ...`)."""
+        line = re.compile(rf"(\[[a-z0-9]+\] )?GET {re.escape(path)} ")
         return wait_for(
-            lambda: next((ln for ln in self.lines[since:] if ln.startswith(f"GET {path} ")), ""),
+            lambda: next((ln for ln in self.lines[since:] if line.match(ln)), ""),
             60,
             f"the log line of {path}",
         )
@@ -59,7 +62,9 @@ class Dev(DevProcess):
         return self.process.wait(timeout=15)
 
 
-def start_stack(time_scale: float, secrets: Mapping[str, str] | None = None) -> Dev:
+def start_stack(
+    time_scale: float, secrets: Mapping[str, str] | None = None, args: Sequence[str] = ()
+) -> Dev:
     port = free_loopback_port()
     lines: list[str] = []
     process = start_project(
@@ -70,6 +75,7 @@ def start_stack(time_scale: float, secrets: Mapping[str, str] | None = None) -> 
         time_scale=time_scale,
         lines=lines,
         secrets=secrets,
+        args=args,
     )
     dev = Dev(process, port, lines)
     dev.api = banner_api(process, lines, cleanup=lambda: kill_stack(dev))
@@ -77,10 +83,13 @@ def start_stack(time_scale: float, secrets: Mapping[str, str] | None = None) -> 
 
 
 @contextlib.contextmanager
-def running_stack(time_scale: float, secrets: Mapping[str, str] | None = None) -> Iterator[Dev]:
+def running_stack(
+    time_scale: float, secrets: Mapping[str, str] | None = None, args: Sequence[str] = ()
+) -> Iterator[Dev]:
     """A started stack (autostop's pass every 300 / `time_scale` s; `secrets`: the app's
-    secrets), killed on the way out if it still runs (a test may have stopped it)."""
-    stack = start_stack(time_scale, secrets)
+    secrets; `args`: more options of `flyfn dev`), killed on the way out if it still runs (a
+    test may have stopped it)."""
+    stack = start_stack(time_scale, secrets, args)
     try:
         yield stack
     finally:

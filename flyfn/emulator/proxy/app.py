@@ -29,6 +29,7 @@ from flyfn.emulator.proxy.errors import (
     unbuffered,
 )
 from flyfn.emulator.proxy.load import Load
+from flyfn.emulator.proxy.regions import FROM_REGION_HEADER, EdgeRegions
 from flyfn.emulator.proxy.routing import Delivery, Destination
 from flyfn.emulator.state import EmulatorError, MachinesEmulator, new_ulid
 from flyfn.fly.headers import FLY_FORCE_INSTANCE_ID, FLY_FORWARDED_PORT
@@ -74,12 +75,18 @@ class FlyProxy:
         transport: httpx.AsyncBaseTransport | None = None,
         read_timeout: float = 300.0,
         balance_function_machines: bool = True,
+        regions: tuple[str, ...] = (),
+        emulate_latency: bool = True,
     ) -> None:
         self.machines = machines
         self.addresses = addresses
         self.app_name = app_name
         self.region = region
         self.primary_region = primary_region or region
+        # Where requests may enter (`region` first); a hop between regions takes their latency.
+        self.edge_regions = EdgeRegions(
+            (region, *(r for r in regions if r != region)), emulate_latency
+        )
         self.replay_timeout = replay_timeout
         self.replay_body_limit = replay_body_limit
         self.edge_buffer_limit = edge_buffer_limit
@@ -159,9 +166,13 @@ class FlyProxy:
         log = RequestLog(scope["method"], shown)
         request_id = f"{new_ulid()}-{self.region}"
         try:
+            edge = self.edge_regions.edge_of(forwarding.header(scope, FROM_REGION_HEADER))
+            request_id = f"{new_ulid()}-{edge}"
+            if len(self.edge_regions.regions) > 1:
+                log.region = edge
             routing.check_target(raw_path)
             body = await RequestBody.read(receive, self.edge_buffer_limit)
-            await self._route(scope, body, path, request_id, log, send)
+            await self._route(scope, body, path, request_id, log, send, edge)
         except ClientGone:
             log.client_gone()
         except HttpsRedirect as redirect:  # force_https
@@ -183,7 +194,9 @@ class FlyProxy:
         request_id: str,
         log: RequestLog,
         send: Send,
+        edge: str,
     ) -> None:
+        """Deliver the request entering at the `edge` region, following its replays."""
         method: str = scope["method"]
         dest = Destination(
             app=self.app_name,
@@ -197,14 +210,12 @@ class FlyProxy:
                 path,
             ),
         )
-        delivery = Delivery(
-            path=path, headers=forwarding.request_headers(scope, request_id, self.region)
-        )
+        delivery = Delivery(path=path, headers=forwarding.request_headers(scope, request_id, edge))
         replays = resends = 0
         while True:
             begun = time.monotonic()
             try:
-                machine, response, note = await self._deliver(dest, method, body, delivery)
+                machine, response, note = await self._deliver(dest, method, body, delivery, edge)
             except Unreachable as failure:
                 log.unreachable(self._label(dest.app, failure.target), failure.reason)
                 dest, delivery = routing.fallback_of(
@@ -212,7 +223,7 @@ class FlyProxy:
                     delivery,
                     failure,
                     elapsed=time.monotonic() - begun,
-                    region=self.region,
+                    region=edge,
                     home_app=self.app_name,
                     replay_timeout=self.replay_timeout,
                 )
@@ -286,14 +297,15 @@ class FlyProxy:
     # -- delivering ----------------------------------------------------------------------------
 
     async def _deliver(
-        self, dest: Destination, method: str, body: RequestBody, delivery: Delivery
+        self, dest: Destination, method: str, body: RequestBody, delivery: Delivery, edge: str
     ) -> tuple[Machine, httpx.Response, str]:
-        """Send the request to a Machine of `dest`; its response once the headers are in."""
+        """Send the request from the `edge` region to a Machine of `dest`; its response once the
+        headers are in (after the round trip between their regions)."""
         assert self._client is not None
         deadline = time.monotonic() + dest.timeout
         attempts = 0
         while True:
-            machine, note, preference = await self._acquire(dest, deadline)
+            machine, note, preference = await self._acquire(dest, deadline, edge)
             address = self.addresses.address(machine.id)
             if address is None:  # stopped between the check and now: look again
                 attempts += 1
@@ -313,6 +325,9 @@ class FlyProxy:
             )
             self._load.begin(machine.id)
             try:
+                hop = self.edge_regions.hop_seconds(edge, machine.region or self.region)
+                if hop:
+                    await asyncio.sleep(hop)
                 response = await self._client.send(request, stream=True)
             except httpx.HTTPError as exc:
                 self._load.end(machine.id)
@@ -336,7 +351,7 @@ class FlyProxy:
             return machine, response, note
 
     async def _acquire(
-        self, dest: Destination, deadline: float
+        self, dest: Destination, deadline: float, edge: str
     ) -> tuple[Machine, str, dict[str, str]]:
         """A started Machine for `dest` (starting one if needed), a log note, extra headers."""
         unavailable: set[str] = set()
@@ -346,7 +361,7 @@ class FlyProxy:
                     dest,
                     self.machines.list(dest.app),
                     home_app=self.app_name,
-                    region=self.region,
+                    region=edge,
                     load=self._load.of,
                     answering=lambda machine_id: self.addresses.address(machine_id) is not None,
                     unavailable=unavailable,

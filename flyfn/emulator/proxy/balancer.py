@@ -10,7 +10,7 @@ What Fly documents (fly.io/docs `reference/load-balancing`, `apps/concurrency`,
   at or above it (used only when every other Machine is too); at or above `hard_limit` (no new
   traffic). Defaults when absent: type `connections`, `soft_limit` 20, no `hard_limit`.
 - Least loaded, closest first (the proxy's own region before others, which are used only when
-  every local Machine is full); ties are broken at random.
+  every local Machine is full, nearest region first); ties are broken at random.
 - Started Machines first; a stopped or suspended one is autostarted (service `autostart` not
   false) when every started one is at its soft limit.
 
@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from flyfn.fly.regions import distance_km
 from flyfn.machines.models import Machine, MachineService
 
 __all__ = [
@@ -85,6 +86,7 @@ class Candidate:
     load: int
     limits: Limits
     local: bool  # in the proxy's own region
+    distance: float = 0.0  # km from the proxy's region (inf: not known)
 
     @property
     def band(self) -> int:
@@ -137,7 +139,13 @@ def candidate(
         load=load,
         limits=limits_of(service),
         local=(machine.region or region) == region,
+        distance=_distance(region, machine.region or region),
     )
+
+
+def _distance(here: str, there: str) -> float:
+    km = distance_km(here, there)
+    return float("inf") if km is None else km
 
 
 def _autostarts(machine: Machine, service: MachineService) -> bool:
@@ -173,8 +181,8 @@ def choose(
             return 1
         return 0 if c.band == 0 else 2
 
-    def rank(c: Candidate) -> tuple[int, int, int, float]:
+    def rank(c: Candidate) -> tuple[int, float, int, int, float]:
         ready = 0 if c.readiness is Readiness.READY else 1
-        return (0 if c.local else 1, tier(c), ready, pick.random())
+        return (0 if c.local else 1, c.distance, tier(c), ready, pick.random())
 
     return min(usable, key=rank, default=None)

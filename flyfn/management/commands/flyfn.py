@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -19,18 +21,33 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
+from flyfn.cost_report import (
+    COST_HEADER,
+    DEFAULT_WINDOW,
+    cost_row,
+    group_costs,
+    money,
+    seconds_text,
+)
+from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
+from flyfn.fly.pricing import PRICES_SOURCE
+from flyfn.fly.regions import parse_region_list
 from flyfn.fly.schedule import INTERVALS
+from flyfn.machine_time import parse_window
 from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
+    GONE_STATES,
     PrepareReport,
     destroy_orphans,
     find_orphans,
+    is_app_machine,
     machine_group,
     machine_image,
     machine_schedule,
     prepare_group,
 )
-from flyfn.pool.spec import PoolConfigError, group_app, new_client, spec_for
+from flyfn.pool.placement import Placement, placement, pool_regions
+from flyfn.pool.spec import PoolConfigError, group_app, is_task_group, new_client, spec_for
 from flyfn.registry import ServerlessView, iter_url_routes, registry
 
 T = TypeVar("T")
@@ -38,6 +55,8 @@ T = TypeVar("T")
 # Seconds status, prepare and gc may spend on the Machines API: a release_command must end (the
 # client's own timeouts and retries would let an API that never answers hold it for 90 s and more).
 DEFAULT_DEADLINE = 60.0
+# The wall clock a status window ends at (tests drive the emulator's Machines on their own).
+CLOCK: Callable[[], float] = time.time
 
 
 class Command(BaseCommand):
@@ -64,6 +83,13 @@ class Command(BaseCommand):
                 help="seconds the whole command may spend on the Machines API before it gives up "
                 f"(default {DEFAULT_DEADLINE:g}: a release_command must not hang)",
             )
+        status.add_argument(
+            "--window",
+            type=_window,
+            default=DEFAULT_WINDOW,
+            help="the span of Machine time and cost: a duration (1h, 30m), days (1d, 7d) or "
+            f"'deploy' (since the current image's Machines were created; default {DEFAULT_WINDOW})",
+        )
         gc.add_argument(
             "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
         )
@@ -102,6 +128,20 @@ class Command(BaseCommand):
             default=None,
             help="NAME=VALUE lines set as the app's secrets before any Machine starts (as "
             "`fly secrets import` reads them); the only way shell values reach the Machines",
+        )
+        dev.add_argument(
+            "--regions",
+            type=_regions,
+            default=(),
+            help="Fly regions with an app Machine each, e.g. iad,syd (default: fly.toml's "
+            "primary_region); the primary region is fly.toml's if listed, else the first",
+        )
+        dev.add_argument(
+            "--full-regions",
+            type=_regions,
+            default=(),
+            help="regions where creating a Machine fails for want of capacity, as Fly answers "
+            "(412 insufficient_capacity): to see a multi-region group fail over",
         )
         # More subcommands add a parser here and a handle_<name>.
 
@@ -146,7 +186,12 @@ class Command(BaseCommand):
                 "  not on Fly (no FLYFN['APP_NAME'] / FLY_APP_NAME): every view runs locally"
             )
             return
-        machines = run(self._group_machines(settings, groups), options["timeout"])
+        listed = run(self._group_machines(settings, groups), options["timeout"])
+        # Destroyed Machines count for their cost, not among the group's Machines.
+        machines = {
+            group: [m for m in found if m.state not in GONE_STATES]
+            for group, found in listed.items()
+        }
         app_images = machines.pop("", [])
         scheduled = machines.pop(SCHEDULED_KEY, [])
         if scheduled:
@@ -161,9 +206,11 @@ class Command(BaseCommand):
             options_ = settings.group(group)
             app = group_app(settings, group)
             found = machines[group]
+            where = placement(settings, group, task_group=is_task_group(group))
+            per = "per image" if where.mode == "shared" else "per image and region"
             self.stdout.write(
                 f"  {group}: app {app}, strategy {options_.strategy}, "
-                f"{options_.machines} per image, {len(found)} found"
+                f"{options_.machines} {per}, {len(found)} found, regions {_placed(where)}"
             )
             if found:
                 states = Counter(m.state or "unknown" for m in found)
@@ -176,13 +223,18 @@ class Command(BaseCommand):
                     + "; by image: "
                     + ", ".join(f"{kind} {n}" for kind, n in sorted(fresh.items()))
                 )
+                regions = Counter(_region(m) for m in found)
+                self.stdout.write(
+                    "    by region: " + ", ".join(f"{r} {n}" for r, n in sorted(regions.items()))
+                )
             if found:
                 self._table(
-                    ("ID", "NAME", "STATE", "IMAGE", "FRESHNESS"),
+                    ("ID", "NAME", "REGION", "STATE", "IMAGE", "FRESHNESS"),
                     [
                         (
                             m.id,
                             m.name or "",
+                            _region(m),
                             m.state or "",
                             machine_image(m) or "",
                             freshness(machine_image(m), settings.image_ref, live),
@@ -191,6 +243,34 @@ class Command(BaseCommand):
                     ],
                     indent=4,
                 )
+
+        listed.pop("", None)
+        listed.pop(SCHEDULED_KEY, None)  # not a group: no levers apply to it
+        self._cost_status(listed, settings.image_ref, options["window"])
+
+    def _cost_status(
+        self, machines: dict[str, list[Machine]], image: str | None, window: str
+    ) -> None:
+        """Each group's Machine time and cost over the window, beside the same always on."""
+        self.stdout.write(
+            self.style.MIGRATE_HEADING(f"Machine time and cost (window {window}, estimates)")
+        )
+        costs = group_costs(machines, window, image, CLOCK())
+        self._table(COST_HEADER, [cost_row(cost) for cost in costs])
+        for cost in costs:
+            if len(cost.regions) > 1:  # Fly keeps min_machines_running in the primary one only
+                for region, spent in sorted(cost.regions.items()):
+                    self.stdout.write(
+                        f"  {cost.group} in {region}: started {seconds_text(spent.started)}, "
+                        f"stopped {seconds_text(spent.stopped)}, suspended "
+                        f"{seconds_text(spent.suspended)}, {spent.starts} starts"
+                    )
+            if cost.levers:
+                self.stdout.write(
+                    f"  {cost.group}: "
+                    + "; ".join(f"{lever.change} {money(lever.cost)}" for lever in cost.levers)
+                )
+        self.stdout.write(f"  prices: {PRICES_SOURCE}; ~ = events did not cover the whole window")
 
     def _metrics_status(self, settings: FlyfnSettings) -> None:
         """This Machine's web process's flyfn metrics per group, when it serves them."""
@@ -285,27 +365,51 @@ class Command(BaseCommand):
             result[SCHEDULED_KEY] = [m for m in own if machine_schedule(m)]
             for group in groups:
                 app = group_app(settings, group)
-                result[group] = await client.list_machines(metadata={"flyfn_group": group}, app=app)
+                result[group] = await client.list_machines(
+                    metadata={"flyfn_group": group}, app=app, include_deleted=True
+                )
             return result
 
     # ------------------------------------------------------------------ prepare
 
     def handle_prepare(self, **options: Any) -> None:
         settings = get_settings()
-        specs = [spec_for(settings, group) for group in all_groups(settings)]
+        groups = all_groups(settings)
         intervals = _schedule_intervals()
-        if not specs and not intervals:
+        if not groups and not intervals:
             self.stdout.write("No serverless views and no groups declared: nothing to prepare.")
             return
 
+        for group in groups:  # the settings' problems before any API call
+            spec_for(settings, group)
+        caller = env_value(os.environ, FLY_REGION)
+        primary = env_value(os.environ, PRIMARY_REGION)
+        placements = {g: placement(settings, g, task_group=is_task_group(g)) for g in groups}
+
         async def prepare_all() -> list[PrepareReport]:
             async with new_client(settings) as client:
+                # A group that follows its callers has a pool where the app Machines run (off
+                # Fly, where no region is known, its one shared pool as before regions).
+                app_regions: list[str] = []
+                if caller and any(p.mode == "caller" for p in placements.values()):
+                    app_regions = [
+                        m.region
+                        for m in await client.list_machines()
+                        if m.region and is_app_machine(m) and m.state not in GONE_STATES
+                    ]
+                specs = [
+                    spec_for(settings, group, pool_region=region)
+                    for group, where in placements.items()
+                    for region in pool_regions(where, caller, primary, app_regions)
+                ]
                 return [await prepare_group(client, spec) for spec in specs]
 
         for report in run(prepare_all(), options["timeout"]):
+            where = f" in {report.region}" if report.region else ""
             self.stdout.write(
                 self.style.SUCCESS(f"{report.group}: ")
-                + f"{len(report.machines)} Machine(s) in app {report.app} on the current image "
+                + f"{len(report.machines)} Machine(s) in app {report.app}{where} on the current "
+                "image "
                 f"({_summary(report)})"
             )
         if intervals:
@@ -363,6 +467,8 @@ class Command(BaseCommand):
         live_port: int = 0,
         config: Path | None = None,
         secrets_file: Path | None = None,
+        regions: tuple[str, ...] = (),
+        full_regions: tuple[str, ...] = (),
         **options: Any,
     ) -> None:
         from flyfn.emulator.dev import DevOptions, run_dev  # uvicorn: the [emulator] extra
@@ -376,6 +482,8 @@ class Command(BaseCommand):
             live_port=live_port,
             config=config,
             secrets_file=secrets_file,
+            regions=regions,
+            full_regions=full_regions,
         )
         status = run_dev(dev_options)
         if status:
@@ -392,7 +500,8 @@ class Command(BaseCommand):
                 for orphan in orphans:
                     verb = "would destroy" if dry_run else "destroying"
                     self.stdout.write(
-                        f"{verb} {orphan.machine.id} ({orphan.machine.name or '-'}, group "
+                        f"{verb} {orphan.machine.id} ({orphan.machine.name or '-'}, "
+                        f"region {_region(orphan.machine)}, group "
                         f"{machine_group(orphan.machine)}, app {orphan.app}, image "
                         f"{machine_image(orphan.machine)})"
                     )
@@ -446,7 +555,36 @@ def _positive(what: str) -> Callable[[str], float]:
 
 
 _seconds = _positive("number of seconds")
+
+
+def _window(text: str) -> str:
+    """An argparse type: a window `parse_window` reads."""
+    try:
+        parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
 _time_scale = _positive("number")
+
+
+def _region(machine: Machine) -> str:
+    return machine.region or "-"
+
+
+def _placed(where: Placement) -> str:
+    """How `status` says where a group's Machines live."""
+    if where.mode == "listed":
+        return ",".join(where.listed)
+    return where.mode
+
+
+def _regions(text: str) -> tuple[str, ...]:
+    try:
+        return parse_region_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(work: Coroutine[Any, Any, T], deadline: float = DEFAULT_DEADLINE) -> T:

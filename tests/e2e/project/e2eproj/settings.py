@@ -23,6 +23,8 @@ FLYFN = {
             "max_machines": 3,
             "concurrency": {"soft_limit": 2, "hard_limit": 6},
         },
+        # One Machine kept started (Fly's min_machines_running): never stopped when idle.
+        "warm": {"replay_timeout": "30s", "keep_warm": 1},
         # Its Machines cannot boot (asgi.py refuses): requests fall back to the app Machine.
         "broken": {"replay_timeout": "10s", "fallback": "local"},
     }

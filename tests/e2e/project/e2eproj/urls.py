@@ -13,6 +13,7 @@ urlpatterns = [
     path("square/<int:n>/", views.square, name="square"),
     path("burst/<int:n>/", views.burst, name="burst"),
     path("elastic/<int:n>/", views.elastic, name="elastic"),
+    path("warm/", views.warm, name="warm"),
     path("broken/", views.broken, name="broken"),
     path("big/", views.big, name="big"),
     path("upload/", views.upload, name="upload"),

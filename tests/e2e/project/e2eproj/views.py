@@ -62,6 +62,11 @@ async def elastic(request: HttpRequest, n: int) -> HttpResponse:
     return JsonResponse({"view": "elastic", "result": n, **_where()})
 
 
+@fly_serverless(methods=["GET"], group="warm")
+def warm(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"view": "warm", **_where()})
+
+
 @fly_serverless(methods=["GET"], group="broken")
 def broken(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"view": "broken", **_where()})
