@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
@@ -358,6 +359,26 @@ def test_tick_enqueues_its_interval_s_due_slots_once(scheduled: FlyMachinesBacke
     assert list(DBTaskResult.objects.values_list("task_path", flat=True)) == [
         "tests.testapp.tasks.note"
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tick_enqueues_the_other_schedules_when_one_fails_and_exits_non_zero(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.TASKS = tasks_setting(
+        {
+            "broken": {"task": "tests.testapp.tasks.nowhere", "every": "daily"},
+            "fine": {"task": "tests.testapp.tasks.note", "every": "daily", "args": ["x"]},
+        }
+    )
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    out = StringIO()
+    with pytest.raises(CommandError, match=r"schedule\(s\) not enqueued: broken"):
+        call_command("flyfn", "tick", "daily", stdout=out, stderr=StringIO())
+    assert "broken: slot " in out.getvalue()
+    assert "cannot be enqueued: ImportError" in out.getvalue()
+    assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["fine"]
+    stop_all()
 
 
 @pytest.mark.django_db(transaction=True)

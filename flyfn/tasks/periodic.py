@@ -60,12 +60,13 @@ Selection = Callable[[Schedule], bool]
 @dataclass(frozen=True, slots=True)
 class SlotRun:
     """One look at a schedule's current slot: the task enqueued for it (None: the slot already
-    had its run, here or on another Machine)."""
+    had its run, here or on another Machine, or the enqueue failed: `error` says why)."""
 
     backend: str
     schedule: str
     slot: datetime
     task_id: str | None
+    error: str | None = None
 
 
 def enqueue_slot(
@@ -104,7 +105,8 @@ def enqueue_slot(
 
 def enqueue_due(which: Selection) -> list[SlotRun]:
     """Look at the current slot (on the database's clock) of every schedule `which` selects, of
-    every flyfn backend, and enqueue those that have no run yet."""
+    every flyfn backend, and enqueue those that have no run yet; a schedule whose enqueue fails
+    is logged and reported (its slot has no row: the next look tries again)."""
     scale = time_scale()
     done: list[SlotRun] = []
     for backend in flyfn_backends():
@@ -113,7 +115,13 @@ def enqueue_due(which: Selection) -> list[SlotRun]:
             if not which(schedule):
                 continue
             slot = schedule.slot_at(now, scale)
-            task_id = enqueue_slot(backend, name, schedule, slot)
+            try:
+                task_id = enqueue_slot(backend, name, schedule, slot)
+            except Exception as exc:  # one broken schedule must not hold up the others
+                error = f"{type(exc).__name__}: {exc}"
+                logger.error("flyfn tasks: schedule %r cannot be enqueued: %s", name, error)
+                done.append(SlotRun(backend.alias, name, slot, None, error))
+                continue
             if task_id is not None:
                 logger.info(
                     "flyfn tasks: schedule %r enqueued %s for its slot %s",

@@ -449,10 +449,17 @@ class Command(BaseCommand):
 
         runs = enqueue_due(lambda schedule: schedule.fly_interval == interval)
         for each in runs:
-            what = f"enqueued task {each.task_id}" if each.task_id else "already run, nothing to do"
+            what = (
+                f"cannot be enqueued: {each.error}" if each.error
+                else f"enqueued task {each.task_id}" if each.task_id
+                else "already run, nothing to do"
+            )  # fmt: skip
             self.stdout.write(f"{each.schedule}: slot {each.slot:%Y-%m-%d %H:%M:%S}: {what}")
         if not runs:
             self.stdout.write(f"no schedule runs {interval}")
+        failed = [each.schedule for each in runs if each.error]
+        if failed:  # a non-zero exit: Fly runs the scheduled Machine again (restart on-failure)
+            raise CommandError(f"schedule(s) not enqueued: {', '.join(failed)}")
 
     # ------------------------------------------------------------------ dev
 
