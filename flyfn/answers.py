@@ -1,5 +1,5 @@
 """The middleware's answers: `fly-replay` responses (their headers prebuilt per target) and the 503
-to retry, on Django's public `HttpResponse(headers=...)` and `log_response`."""
+to retry, on Django's public `HttpResponse` (and its `headers`) and `log_response`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.log import log_response
 
@@ -55,7 +56,13 @@ def unavailable(request: HttpRequest | None = None) -> HttpResponse:
 
 def replay_response(value: str) -> HttpResponse:
     """The empty response Fly Proxy acts on; never cached (it is per request, not per URL)."""
-    return HttpResponse(b"", headers={FLY_REPLAY: value, "Cache-Control": NO_STORE})
+    # Django's default content type, given: found missing, it costs a failed header lookup. The
+    # headers set one by one: `headers=` makes the constructor a fifth slower (it unpacks any
+    # mapping).
+    response = HttpResponse(content_type=f"text/html; charset={django_settings.DEFAULT_CHARSET}")
+    response.headers[FLY_REPLAY] = value
+    response.headers["Cache-Control"] = NO_STORE
+    return response
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,7 +2,7 @@
 `flyfn.routing.decide` where its view runs, and carries out that one action on Django's public API.
 
 Sync and async capable in the django-cors-headers style: gathering and carrying out are shared sync
-helpers with no network I/O (a replay records itself with one file create, `flyfn.replay_record`);
+helpers with no network I/O (a replay records itself with one file write, `flyfn.replay_record`);
 only looking up a target on a cold cache differs (a blocking wait in the sync path, awaited in the
 async path). A request that runs here holding a place (its group's in-flight count, or a fallback
 slot) holds it until its response is closed: after its last byte, a streaming response's too.
@@ -37,12 +37,7 @@ from flyfn.routing import (
     Target,
     decide,
 )
-from flyfn.signed_requests import (
-    record_replay,
-    report_unverified,
-    request_body_binding,
-    sign_request,
-)
+from flyfn.signed_requests import issue_replay, report_unverified, request_body_binding
 
 logger = logging.getLogger("flyfn.middleware")
 
@@ -186,11 +181,10 @@ def _replay(routed: RoutedRequest, target: Target) -> HttpResponseBase:
     """The replay to `target`, its state signed now, put on this Machine's record."""
     request, options = routed.request, routed.options
     plan = replay_plan(target.instance, target.app, options.replay_timeout)
-    header = plan.unsigned
     body = request_body_binding(request)
-    if routed.settings.sign_replays:
-        header = plan.head + sign_request(request, routed.group, body, target.hop) + plan.tail
-    record_replay(request, body, options.replay_timeout_seconds)
+    timeout, signed = options.replay_timeout_seconds, routed.settings.sign_replays
+    state = issue_replay(request, routed.group, body, target.hop, timeout, signed=signed)
+    header = plan.unsigned if state is None else plan.head + state + plan.tail
     events.replayed(routed.group, target.instance, target.app)
     return replay_response(header)
 

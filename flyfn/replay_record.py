@@ -2,27 +2,30 @@
 
 `fly-replay-failed` is a request header, so any client can send one, and it does not carry the
 replay's signed state. A Machine therefore runs a fallback only for a replay it issued itself: each
-replay it answers records one entry, keyed by `replay_key` (an HMAC of the request's method, path,
+replay it answers records one entry, keyed by `replay_key` (a MAC of the request's method, path,
 query string and body binding), and a fallback consumes one matching, unexpired entry. One replay
 explains one fallback; a fallback nothing explains is refused.
 
 The record is per Machine, not per process: on Fly a Machine runs several worker processes
 (`gunicorn -w 4`), and Fly Proxy may hand the fallback to any of them. A Machine with an id keeps
 its record in its Machine's directory (`flyfn.machine_dir`: `/dev/shm/flyfn-<machine id>/replays/`,
-or under the temp dir where there is no /dev/shm this user can write to):
+or under the temp dir where there is no /dev/shm this user can write to), one append-only file per
+second in which entries expire, `<expiry second>.log`:
 
-- issuing a replay creates one empty file, `<shard>/<key>.<expiry second>.<pid>.<n>`, with
-  `O_CREAT | O_EXCL` (one `open` and one `close`);
-- a fallback lists its key's shard (1/256 of the record) and `unlink`s one unexpired entry of its
-  key: the kernel lets exactly one process win an `unlink`, so across the Machine's processes one
-  replay explains one fallback;
-- each process sweeps expired entries, one shard at a time as it issues replays (every shard
-  about once a second while replays come often; a full record's shard takes about 80 µs), and
-  counts the rest: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep of each shard plus
-  its own since (other processes' entries are seen at the shard's next sweep, so the Machine may
+- issuing a replay appends one line, its key (`ENTRY_SIZE` bytes), to its expiry second's log: one
+  `write` to a file the process keeps open (`O_APPEND`: the kernel puts each process's whole line
+  at the end, one after the other);
+- a fallback reads the logs of the seconds not yet past and claims one line of its key by
+  creating `<expiry second>.<offset>.taken` with `O_CREAT | O_EXCL`: the kernel lets exactly one
+  process create it, so across the Machine's processes one replay explains one fallback. A
+  fallback costs a read of every unexpired entry (at most `REPLAY_RECORD_LIMIT` lines of
+  `ENTRY_SIZE` bytes); only replays, the frequent case, must be cheap;
+- each process sweeps once a second as it issues replays: it removes the past seconds' logs and
+  then their claims (expiry is deleting files), and counts the entries of the others, from the
+  logs' sizes less the claims: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep plus
+  its own since (another process's since then are seen at the next sweep, so the Machine may
   briefly hold about a second's worth of its other workers' replays more). When full, a replay
-  sweeps every shard first (at most once a second), and if there is still no room it goes
-  unrecorded: its fallback answers 503, and a log line says so once a minute.
+  goes unrecorded: its fallback answers 503, and a log line says so once a minute.
 
 Without a Machine id (off Fly, the tests) the record is in-process (`MemoryRecord`), with the same
 rules.
@@ -36,14 +39,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import hmac
-import itertools
 import logging
 import math
 import os
 import shutil
-import stat
-import sys
 import threading
 import time
 from typing import Protocol
@@ -52,6 +51,7 @@ from flyfn import process_state
 from flyfn.machine_dir import machine_dir
 
 __all__ = [
+    "ENTRY_SIZE",
     "FALLBACK_RETURN_MARGIN",
     "REPLAY_RECORD_LIMIT",
     "DirectoryRecord",
@@ -70,36 +70,32 @@ logger = logging.getLogger("flyfn.replay_record")
 REPLAY_RECORD_LIMIT = 16_384
 # Seconds a fallback may take to come back once the replay timed out, beyond the replay timeout.
 FALLBACK_RETURN_MARGIN = 6.0
-# Seconds in which a process sweeps every shard once (while it issues replays), and between two
-# full sweeps when the record is full.
+# Seconds between two sweeps of a process (while it issues replays).
 SWEEP_INTERVAL = 1.0
 # Seconds between two log lines saying the record is full (or cannot be written), per process.
 _REPORT_INTERVAL = 60.0
-# Key characters that name an entry's shard: 256 shards of hex digits.
-_SHARD_CHARS = 2
-_SHARDS = 16**_SHARD_CHARS
 _KEY_SALT = "flyfn.replay_record"
 
 
 @functools.lru_cache(maxsize=16)
-def _keyed_hmac(secret: str | bytes) -> hmac.HMAC:
-    """The HMAC-SHA256 keyed as Django's `salted_hmac(_KEY_SALT, ..., secret=secret)` keys it,
-    copied per key (cheaper than deriving the key per request)."""
+def _keyed_mac(secret: str | bytes) -> hashlib.blake2b:
+    """A keyed BLAKE2b (a MAC by design, one pass where an HMAC takes two) keyed from `secret`,
+    copied per key (cheaper than keying it per request)."""
     raw = secret.encode("utf-8", "surrogatepass") if isinstance(secret, str) else secret
     key = hashlib.sha256(_KEY_SALT.encode() + raw).digest()
-    return hmac.new(key, digestmod=hashlib.sha256)
+    return hashlib.blake2b(key=key, digest_size=16)
 
 
 def replay_key(secret: str | bytes, method: str, path: str, query: str, body: str) -> str:
-    """The record's key of a request: 32 hex digits of an HMAC (keyed from `secret`, i.e.
+    """The record's key of a request: 32 hex digits of a MAC (keyed from `secret`, i.e.
     `SECRET_KEY`) of its method, path, query string and body binding (`body_binding()`, as the
     signed state binds it). Keyed, so that no one without the key can name an entry, and the
-    record's file names do not tell which URLs were requested. Every field but the last is
-    length-prefixed: no two requests share a message."""
-    mac = _keyed_hmac(secret).copy()
+    record does not tell which URLs were requested. Every field but the last is length-prefixed:
+    no two requests share a message."""
+    mac = _keyed_mac(secret).copy()
     message = f"{len(method)}:{method}\n{len(query)}:{query}\n{len(body)}:{body}\n{path}"
     mac.update(message.encode("utf-8", "surrogatepass"))
-    return mac.hexdigest()[:32]
+    return mac.hexdigest()
 
 
 def _expiry(issued: float, ttl: float) -> int:
@@ -200,150 +196,180 @@ class MemoryRecord:
             self._entries, self._count, self._next_sweep = {}, 0, float("-inf")
 
 
-# Entry names: unique per process by its pid (reset in a forked child) and a counter.
-_pid = os.getpid()
-_serial = itertools.count()
-
-
 def _after_fork() -> None:
-    global _pid, _records_lock
-    _pid = os.getpid()
+    global _records_lock
     # A worker forked from a parent that opened records opens its own (a lock held at the fork
-    # would never be released in the child).
+    # would never be released in the child); the parent's files stay the parent's.
     _records_lock = threading.Lock()
+    for record in _records.values():
+        if isinstance(record, DirectoryRecord):
+            record.drop_files()
     _records.clear()
 
 
+# One entry: the key's 32 hex digits and a newline (its expiry second is its file's name).
+ENTRY_SIZE = 33
+_KEY_SIZE = ENTRY_SIZE - 1
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-
-
-def _create_entry(path: str) -> None:
-    """An empty file at `path`; FileExistsError if there is one."""
-    os.close(os.open(path, _CREATE, 0o600))
-
-
-def _mknod_entry(path: str) -> None:
-    # One syscall, no descriptor to open and close (about a quarter cheaper on the request
-    # path); like O_EXCL it fails on an existing name. Linux only: elsewhere it may need root.
-    os.mknod(path, 0o600 | stat.S_IFREG)
-
-
-make_entry = _mknod_entry if sys.platform.startswith("linux") else _create_entry
+# File names under the record's root: `<expiry>.log`, and `<expiry>.<offset>.taken`.
+_LOG, _TAKEN = ".log", ".taken"
 
 
 class DirectoryRecord:
-    """A Machine's record shared by its processes: one empty file per issued replay, in 256
-    shard directories under `root` (see the module docstring)."""
+    """A Machine's record shared by its processes: one append-only file per expiry second under
+    `root`, one line per issued replay (see the module docstring)."""
 
     def __init__(self, root: str, limit: int = REPLAY_RECORD_LIMIT) -> None:
         self.root = root
         self.limit = limit
-        # Per shard: the Machine's live entries at this process's last sweep of it, and this
-        # process's entries since; `_total` is their sum (a race between threads may miscount
-        # an entry or two until the shard's next sweep).
-        self._found = [0] * _SHARDS
-        self._added = [0] * _SHARDS
+        # The Machine's live entries at this process's last sweep plus its own since (another
+        # process's since then are counted at the next sweep).
         self._total = 0
-        self._next_shard = 0
-        self._next_sweep = float("-inf")  # of the next shard
-        self._next_full_sweep = float("-inf")
+        self._next_sweep = float("-inf")
+        # This process's open log of each expiry second it wrote to lately.
+        self._files: dict[int, int] = {}
+        # Held while writing, so that a sweep never closes a file another thread writes to.
+        self._lock = threading.Lock()
         self._report = _Reporter()
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        if now >= self._next_sweep:  # one shard at a time: all 256 about once a second
-            self._next_sweep = now + SWEEP_INTERVAL / _SHARDS
-            due, self._next_shard = self._next_shard, (self._next_shard + 1) % _SHARDS
-            self._sweep_shard(due, now)
-        if self._total >= self.limit and now >= self._next_full_sweep:
-            self.sweep(now)  # full: only expired entries can make room for this replay
-        if self._total >= self.limit:
-            self._report(_FULL, self.limit)
-            return False
-        shard_name = key[:_SHARD_CHARS]
-        shard = os.path.join(self.root, shard_name)
-        stem = f"{shard}/{key}.{_expiry(now, ttl)}.{_pid}."
-        for _ in range(4):
+        expiry = _expiry(now, ttl)
+        with self._lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            if self._total >= self.limit:
+                self._report(_FULL, self.limit)
+                return False
             try:
-                make_entry(f"{stem}{next(_serial)}")
-            except FileExistsError:  # a dead process's entry of the same pid: another number
-                continue
-            except FileNotFoundError:  # the shard's first entry (or /tmp was cleaned)
-                try:
-                    os.makedirs(shard, mode=0o700, exist_ok=True)
-                except OSError as exc:
-                    self._report("flyfn: cannot record issued replays in %s: %s", self.root, exc)
-                    return False
-                continue
+                fd = self._files.get(expiry)
+                if fd is None:
+                    fd = self._files[expiry] = self._open_log(expiry)
+                written = os.write(fd, key.encode("ascii") + b"\n")
             except OSError as exc:  # no space, no inode: the fallback will be refused
                 self._report("flyfn: cannot record issued replays in %s: %s", self.root, exc)
                 return False
-            self._added[int(shard_name, 16)] += 1
+            if written != ENTRY_SIZE:  # a torn line (no space left) explains nothing
+                return False
             self._total += 1
             return True
-        return False
+
+    def _open_log(self, expiry: int) -> int:
+        path = os.path.join(self.root, f"{expiry}{_LOG}")
+        try:
+            return os.open(path, _APPEND, 0o600)
+        except FileNotFoundError:  # the record's first entry (or /tmp was cleaned)
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            return os.open(path, _APPEND, 0o600)
 
     def take(self, key: str, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        shard = os.path.join(self.root, key[:_SHARD_CHARS])
-        prefix = key + "."
-        try:
-            with os.scandir(shard) as entries:
-                names = [entry.name for entry in entries if entry.name.startswith(prefix)]
-        except OSError:  # no shard: no entry
+        clock = time.time() if now is None else now
+        needle = key.encode("ascii")
+        if len(needle) != _KEY_SIZE:
             return False
-        for name in names:
-            expiry = _entry_expiry(name)
+        try:
+            names = os.listdir(self.root)
+        except OSError:  # no record yet: no entry
+            return False
+        live = sorted(e for e in map(_log_expiry, names) if e is not None and clock <= e)
+        for expiry in live:  # the entry closest to its expiry first
             try:
-                os.unlink(os.path.join(shard, name))
-            except FileNotFoundError:  # another process consumed (or swept) it first
+                with open(os.path.join(self.root, f"{expiry}{_LOG}"), "rb") as log:
+                    data = log.read()
+            except OSError:  # swept meanwhile
                 continue
-            except OSError:
-                return False
-            if expiry is not None and now <= expiry:
+            if self._take_from(data, needle, expiry, now):
                 return True
-            # An expired entry, removed on the way: it explains nothing any more.
         return False
 
-    def _sweep_shard(self, shard: int, now: float) -> None:
-        """Remove the shard's expired entries and count the others."""
-        path = os.path.join(self.root, f"{shard:0{_SHARD_CHARS}x}")
-        count = 0
-        try:
-            with os.scandir(path) as entries:
-                names = [entry.name for entry in entries]
-        except OSError:  # no shard yet
-            names = []
-        for name in names:
-            expiry = _entry_expiry(name)
-            if expiry is not None and now <= expiry:
-                count += 1
-                continue
-            with contextlib.suppress(OSError):  # consumed meanwhile
-                os.unlink(os.path.join(path, name))
-        self._total += count - self._found[shard] - self._added[shard]
-        self._found[shard], self._added[shard] = count, 0
+    def _take_from(self, data: bytes, key: bytes, expiry: int, now: float | None) -> bool:
+        """Consume one entry of `key` in `expiry`'s log (`data`)."""
+        at = data.find(key)
+        while at >= 0:
+            # A whole entry (a key ends its line; a torn line before it, written when the
+            # space ran out, leaves it whole) that this caller claims first.
+            whole = data[at + _KEY_SIZE : at + ENTRY_SIZE] == b"\n"
+            if whole and self._claim(expiry, at):
+                # A sweep that found the entry expired may have removed its claim just before
+                # this one: only a claim made by its expiry second counts.
+                return (time.time() if now is None else now) <= expiry
+            at = data.find(key, at + 1)
+        return False
 
-    def sweep(self, now: float | None = None) -> int:
-        """Sweep every shard now (the record is full, or a test); returns the live entries."""
-        now = time.time() if now is None else now
-        self._next_full_sweep = now + SWEEP_INTERVAL
-        for shard in range(_SHARDS):
-            self._sweep_shard(shard, now)
+    def _claim(self, expiry: int, offset: int) -> bool:
+        """Whether this caller is the one to consume the entry at `offset` of `expiry`'s log: the
+        kernel lets exactly one process create its claim (`O_CREAT | O_EXCL`)."""
+        try:
+            claim = os.path.join(self.root, f"{expiry}.{offset}{_TAKEN}")
+            os.close(os.open(claim, _CREATE, 0o600))
+        except OSError:  # claimed by another process (or the record cannot be written)
+            return False
+        return True
+
+    def _sweep(self, now: float) -> int:
+        """Remove expired seconds (their logs first, then their claims) and count the live
+        entries; close this process's logs of expired seconds. Called with the lock held."""
+        self._next_sweep = now + SWEEP_INTERVAL
+        for past in [second for second in self._files if now > second]:
+            os.close(self._files.pop(past))
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:  # no record yet
+            entries = []
+        live = 0
+        claims: list[str] = []
+        for entry in entries:
+            name = entry.name
+            expiry = _log_expiry(name)
+            if expiry is None:
+                if name.endswith(_TAKEN):
+                    claims.append(name)
+                continue
+            if now > expiry:
+                with contextlib.suppress(OSError):  # swept by another process meanwhile
+                    os.unlink(entry.path)
+                continue
+            with contextlib.suppress(OSError):
+                live += entry.stat().st_size // ENTRY_SIZE
+        for name in claims:
+            claimed = name.split(".", 1)[0]
+            if not claimed.isdigit():
+                continue
+            if now > int(claimed):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.root, name))
+            else:
+                live -= 1  # a consumed entry
+        self._total = max(live, 0)
         return self._total
 
+    def sweep(self, now: float | None = None) -> int:
+        """Sweep now (it happens once a second as replays are recorded; tests); returns the
+        Machine's live entries."""
+        with self._lock:
+            return self._sweep(time.time() if now is None else now)
+
+    def drop_files(self) -> None:
+        """Close this process's logs (a forked child: copies of its parent's descriptors)."""
+        for fd in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._files = {}
+
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        self._found, self._added = [0] * _SHARDS, [0] * _SHARDS
-        self._total, self._next_sweep, self._next_full_sweep = 0, float("-inf"), float("-inf")
+        with self._lock:
+            self.drop_files()
+            shutil.rmtree(self.root, ignore_errors=True)
+            self._total, self._next_sweep = 0, float("-inf")
 
 
-def _entry_expiry(name: str) -> int | None:
-    """The expiry second in an entry's name (`<key>.<expiry>.<pid>.<n>`), None if malformed."""
-    parts = name.split(".")
-    if len(parts) != 4 or not parts[1].isdigit():
+def _log_expiry(name: str) -> int | None:
+    """The expiry second a log's name (`<expiry>.log`) says, None for another name."""
+    if not name.endswith(_LOG):
         return None
-    return int(parts[1])
+    stem = name[: -len(_LOG)]
+    return int(stem) if stem.isdigit() else None
 
 
 def open_record(
@@ -388,5 +414,5 @@ def reset() -> None:
 
 
 process_state.register(
-    __name__, "issued-replay records and entry names", fork=_after_fork, tests=reset
+    __name__, "issued-replay records and open logs", fork=_after_fork, tests=reset
 )

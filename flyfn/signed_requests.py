@@ -25,11 +25,10 @@ from flyfn.replay_state import (
 
 __all__ = [
     "explained_fallback",
-    "record_replay",
+    "issue_replay",
     "report_unverified",
     "request_body_binding",
     "request_state",
-    "sign_request",
 ]
 
 logger = logging.getLogger("flyfn.middleware")
@@ -60,19 +59,23 @@ def request_body_binding(request: HttpRequest) -> str:
         return body_binding(size)
 
 
-def sign_request(request: HttpRequest, group: str, body: str, hop: int) -> str:
-    """A state for this request to `group` (`body`: its body binding), issued now, `hop`
-    function Machines far."""
-    return sign_state(
-        django_settings.SECRET_KEY,
-        request.method or "GET",
-        request.path,
-        group,
-        int(time.time()),
-        query=request.META.get("QUERY_STRING", ""),
-        body=body,
-        hop=hop,
-    )
+def issue_replay(
+    request: HttpRequest, group: str, body: str, hop: int, timeout: float, *, signed: bool
+) -> str | None:
+    """Put a replay of this request to `group` (`body`: its body binding) on this Machine's
+    record, where it explains one fallback for the replay's `timeout` and the way back; its state,
+    issued now and `hop` function Machines far, or None when replays are not `signed`. The key
+    and the request's fields are read once for both (each read of a setting costs)."""
+    secret = django_settings.SECRET_KEY
+    method, path = request.method or "GET", request.path
+    query = request.META.get("QUERY_STRING", "")
+    now = time.time()
+    state = None
+    if signed:
+        state = sign_state(secret, method, path, group, now, query=query, body=body, hop=hop)
+    key = replay_key(secret, method, path, query, body)
+    _replay_record().add(key, timeout + FALLBACK_RETURN_MARGIN, now)
+    return state
 
 
 def request_state(
@@ -130,12 +133,6 @@ def _record_key(request: HttpRequest, body: str) -> str:
         request.META.get("QUERY_STRING", ""),
         body,
     )
-
-
-def record_replay(request: HttpRequest, body: str, timeout: float) -> None:
-    """Record a replay of this request being issued: it explains one fallback, for the replay's
-    timeout and the way back."""
-    _replay_record().add(_record_key(request, body), timeout + FALLBACK_RETURN_MARGIN)
 
 
 def explained_fallback(request: HttpRequest, body: str) -> bool:

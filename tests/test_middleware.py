@@ -834,6 +834,20 @@ def test_replay_response_is_an_empty_uncached_answer_carrying_the_header() -> No
     assert response["Cache-Control"] == NO_STORE
 
 
+@pytest.mark.parametrize("charset", ["utf-8", "iso-8859-1"])
+def test_replay_response_has_djangos_default_content_type(
+    settings: SettingsWrapper, charset: str
+) -> None:
+    settings.DEFAULT_CHARSET = charset
+    response = replay_response("instance=abc")
+    assert (
+        response["Content-Type"]
+        == HttpResponse()["Content-Type"]
+        == f"text/html; charset={charset}"
+    )
+    assert response.charset == charset
+
+
 @pytest.mark.parametrize("value", ["a\nb", "a\rb"])
 def test_replay_response_refuses_a_header_split(value: str) -> None:
     with pytest.raises(BadHeaderError):

@@ -128,7 +128,7 @@ def test_the_process_pieces_reset_on_the_events_they_did_before() -> None:
             ["FLYFN", SEED_SETTING],
         ),
         ("flyfn.apps", "url names resolved by the registry"): (["settings"], ["ROOT_URLCONF"]),
-        ("flyfn.replay_record", "issued-replay records and entry names"): (["fork", "tests"], []),
+        ("flyfn.replay_record", "issued-replay records and open logs"): (["fork", "tests"], []),
         ("flyfn.pool.manager", "the pool manager"): (["fork"], []),
         ("flyfn.tasks.dispatch", "task dispatchers"): (["fork"], []),
         ("flyfn.tasks.periodic", "schedules' ticker"): (["fork", "tests"], []),
@@ -181,7 +181,6 @@ def test_a_forked_child_starts_without_its_parents_records_dispatchers_and_manag
             name
             for name, kept in (
                 ("records", bool(replay_record._records)),
-                ("entry names of the parent", replay_record._pid != os.getpid()),
                 ("dispatchers", bool(dispatch._dispatchers)),
                 ("manager", manager._manager is not None),
             )

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_dir import default_base
 from flyfn.machine_role import MAIN, MachineEnv, override_role
 from flyfn.replay_record import (
+    ENTRY_SIZE,
     REPLAY_RECORD_LIMIT,
     SWEEP_INTERVAL,
     DirectoryRecord,
@@ -159,9 +161,10 @@ def test_a_machine_keeps_its_record_in_its_own_private_directory() -> None:
     assert record.root == os.path.join(default_base(), f"flyfn-{machine_id}", "replays")
     assert stat.S_IMODE(os.stat(record.root).st_mode) == 0o700
     assert record.add(key(), TTL)
-    (shard,) = os.listdir(record.root)
-    (entry,) = os.listdir(os.path.join(record.root, shard))
-    assert "receipts" not in entry  # named by an HMAC: no URL in the file names
+    (log,) = os.listdir(record.root)
+    entry = Path(record.root, log).read_text()
+    assert entry == key() + "\n"  # an HMAC: no URL in the record
+    assert "receipts" not in log + entry
     assert isinstance(machine_record(None), MemoryRecord)  # no Machine id: in-process
 
 
@@ -198,6 +201,33 @@ def test_a_sweep_removes_expired_entries_and_counts_the_rest(tmp_path: Path) -> 
     files = [name for _, _, names in os.walk(record.root) for name in names]
     assert len(files) == 1
     assert record.take(key("/new/"), now=NOW + 5)
+
+
+def test_a_torn_line_hides_no_entry_after_it(tmp_path: Path) -> None:
+    """A write cut short (no space left) leaves part of a line; the next entry still counts."""
+    record = open_record(a_machine_id(), str(tmp_path))
+    assert isinstance(record, DirectoryRecord)
+    assert record.add(key("/first/"), TTL, now=NOW)
+    (log,) = Path(record.root).iterdir()
+    with log.open("ab") as torn:
+        torn.write(key("/torn/")[:20].encode())
+    assert record.add(key(), TTL, now=NOW)
+    assert not record.take(key("/torn/"), now=NOW)
+    assert record.take(key(), now=NOW)
+    assert record.take(key("/first/"), now=NOW)
+
+
+def test_a_claim_made_after_the_entry_expired_explains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep removes an expired second's claims: a fallback that read the log just before, and
+    claims after, must not count as the entry's one explanation."""
+    record = open_record(a_machine_id(), str(tmp_path))
+    assert record.add(key(), TTL, now=NOW)
+    expiry = int(NOW) + int(TTL)
+    readings = [expiry - 0.5, expiry + 0.5]  # read while live, claimed once expired
+    monkeypatch.setattr(time, "time", lambda: readings.pop(0) if len(readings) > 1 else readings[0])
+    assert not record.take(key())
 
 
 def test_the_bound_counts_other_processes_entries_from_their_last_sweep(tmp_path: Path) -> None:
@@ -317,11 +347,11 @@ def test_a_fallback_with_another_query_or_body_is_refused(
     assert on_main.forgotten == []  # "reason=timeout" names no Machine
 
 
-def test_a_replay_records_itself_with_one_file(settings: SettingsWrapper) -> None:
+def test_a_replay_records_itself_with_one_entry(settings: SettingsWrapper) -> None:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
     machine_id = a_machine_id()
     with installed(routing_manager()), override_role(MAIN, MachineEnv(machine_id=machine_id)):
         for _ in range(3):
             assert "fly-replay" in Client().get("/routing/pdf/")
     root = Path(default_base(), f"flyfn-{machine_id}", "replays")
-    assert len([p for p in root.rglob("*") if p.is_file()]) == 3
+    assert sum(p.stat().st_size for p in root.iterdir()) == 3 * ENTRY_SIZE
