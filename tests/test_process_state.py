@@ -115,6 +115,7 @@ def test_the_fork_hook_runs_the_fork_resets() -> None:
 
 def test_the_process_pieces_reset_on_the_events_they_did_before() -> None:
     importlib.import_module("flyfn.tasks.dispatch")  # the others are imported by Django's setup
+    importlib.import_module("flyfn.tasks.periodic")
     events = {
         (piece.owner, piece.name): (sorted(piece.resets), sorted(piece.watched))
         for piece in process_state.pieces()
@@ -130,6 +131,7 @@ def test_the_process_pieces_reset_on_the_events_they_did_before() -> None:
         ("flyfn.replay_record", "issued-replay records and open logs"): (["fork", "tests"], []),
         ("flyfn.pool.manager", "the pool manager"): (["fork"], []),
         ("flyfn.tasks.dispatch", "task dispatchers"): (["fork"], []),
+        ("flyfn.tasks.periodic", "schedules' ticker"): (["fork", "tests"], []),
     }
 
 

@@ -29,6 +29,8 @@ import sys
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,6 +47,7 @@ from flyfn.emulator.proxy.app import FlyProxy
 from flyfn.emulator.proxy.autostop import DEFAULT_AUTOSTOP_INTERVAL
 from flyfn.emulator.proxy.edge import IDLE_TIMEOUT, edge_protocol
 from flyfn.emulator.proxy.regions import FROM_REGION_HEADER
+from flyfn.emulator.schedule import FlySchedules
 from flyfn.emulator.secrets import DEV_TOKEN_ENV, DevStackInfo, write_stack_file
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.emulator.supervisor import (
@@ -55,6 +58,7 @@ from flyfn.emulator.supervisor import (
 )
 from flyfn.emulator.validation import check_secret_name
 from flyfn.fly.api_host import is_loopback_url
+from flyfn.fly.env import TIME_SCALE_ENV
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -326,7 +330,11 @@ class DevStack:
             api_token=self._token,
             base_env=self._image_base_env(),
             # flyfn.tasks sends its wakes through the proxy, as to the app's address on Fly.
-            fly_env={"FLYFN_PUBLIC_URL": f"http://{options.host}:{proxy_port}"},
+            fly_env={
+                "FLYFN_PUBLIC_URL": f"http://{options.host}:{proxy_port}",
+                # Schedules' slots pass as fast as the emulated Fly starts scheduled Machines.
+                TIME_SCALE_ENV: f"{options.time_scale:g}",
+            },
             region=self.region,
             primary_region=self.region,
             cwd=self._workdir(),
@@ -341,7 +349,7 @@ class DevStack:
         self.live = LivePage(
             emulator,
             emulator.app_names,
-            tasks=_task_figures,
+            tasks=partial(_task_figures, options.time_scale),
             port=live_sock.getsockname()[1],
         )
         live_server = _server(self.live)
@@ -360,6 +368,7 @@ class DevStack:
             on_event=self._write,
         )
         proxy_server = _server(proxy, edge=True)
+        schedules = FlySchedules(emulator, time_scale=options.time_scale, on_event=self._write)
         servers: list[asyncio.Task[None]] = []
         written: Path | None = None
         try:
@@ -374,6 +383,7 @@ class DevStack:
             self.app_machine = machine
             emulator.full_regions.update(options.full_regions)  # API creates from now on
             await proxy.start()
+            schedules.start()
             servers.append(asyncio.ensure_future(proxy_server.serve(sockets=[proxy_sock])))
             while not proxy_server.started:
                 if servers[-1].done() or self._stop.is_set():
@@ -392,6 +402,7 @@ class DevStack:
             proxy_server.should_exit = True
             api_server.should_exit = True
             live_server.should_exit = True
+            await schedules.aclose()
             await proxy.aclose()
             await emulator.aclose()
             await runtime.aclose(grace=SHUTDOWN_GRACE)
@@ -616,19 +627,21 @@ class DevStack:
         return lines
 
 
-def _task_figures() -> dict[str, dict[str, Any]]:
+def _task_figures(time_scale: float = 1.0) -> dict[str, dict[str, Any]]:
     """Per-group task figures for the live page when the project uses flyfn's tasks backend (the
-    same database as its Machines: `flyfn dev` runs in the project's settings)."""
+    same database as its Machines: `flyfn dev` runs in the project's settings), then each
+    periodic task's last and next slot (`time_scale`: the stack's)."""
     from django.apps import apps
 
     if not apps.ready or not apps.is_installed("flyfn.tasks"):
         return {}
     from django.db import connection
 
+    from flyfn.tasks.periodic import schedule_rows
     from flyfn.tasks.status import task_status
 
     try:
-        return {
+        figures: dict[str, dict[str, Any]] = {
             row.group: {
                 "ready": row.ready,
                 "scheduled": row.scheduled,
@@ -640,8 +653,21 @@ def _task_figures() -> dict[str, dict[str, Any]]:
             }
             for row in task_status()
         }
+        for schedule in schedule_rows(time_scale):
+            figures[f"schedule {schedule.name}"] = {
+                "task": schedule.task,
+                "when": schedule.when,
+                "runs on": schedule.runs_on,
+                "last slot": _clock_time(schedule.last_slot),
+                "next slot": _clock_time(schedule.next_slot),
+            }
+        return figures
     finally:
         connection.close()  # this worker thread's own connection: nothing left open
+
+
+def _clock_time(at: datetime | None) -> str | None:
+    return None if at is None else at.strftime("%H:%M:%S")
 
 
 def default_app_name(settings_module: str) -> str:

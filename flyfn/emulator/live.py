@@ -32,6 +32,7 @@ __all__ = ["MAX_ROUTES", "LivePage"]
 MAX_ROUTES = 200  # route lines kept for the page (the terminal has them all)
 _EVENTS_PER_MACHINE = 20
 _GROUP_METADATA = "flyfn_group"
+_SCHEDULE_METADATA = "flyfn_schedule"  # a scheduled Machine (periodic tasks): its interval
 _TEXT = "text/plain; charset=utf-8"
 # The names a browser on this computer reaches the page by (it listens on 127.0.0.1 only).
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -128,7 +129,12 @@ class LivePage:
             "app": app,
             "id": machine.id,
             "name": machine.name,
-            "group": metadata.get(_GROUP_METADATA),
+            "group": metadata.get(_GROUP_METADATA)
+            or (
+                f"schedule {metadata[_SCHEDULE_METADATA]}"
+                if _SCHEDULE_METADATA in metadata
+                else None
+            ),
             "state": machine.state,
             "image": config.image if config is not None else None,
             "region": machine.region,

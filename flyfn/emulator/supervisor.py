@@ -3,12 +3,13 @@
 A Machine runs the image's command (`ENTRYPOINT` + `CMD` of the project's Dockerfile, or its
 `init.cmd`: a fly.toml process), workers and all, with its listen address rewritten to a loopback
 port of its own (`flyfn.emulator.listen`); without a Dockerfile it is one uvicorn process serving
-the project's ASGI application. Each runs in its own process group, in the environment Fly gives
-a Machine and nothing else (`machine_env`). The runtime implements the
-`MachineRuntime` seam of `flyfn.emulator.state`: launch waits until the app accepts connections,
-stop is the configured signal then SIGKILL, suspend is SIGSTOP and resume SIGCONT. A watcher per
-process reports an unexpected exit to the emulator (`machine_exited`), so the Machine becomes
-stopped and the proxy starts it again on the next request.
+the project's ASGI application. A Machine without services (a scheduled Machine) runs its
+command and listens nowhere: it is started once its process is. Each runs in its own process
+group, in the environment Fly gives a Machine and nothing else (`machine_env`). The runtime
+implements the `MachineRuntime` seam of `flyfn.emulator.state`: launch waits until the app
+accepts connections, stop is the configured signal then SIGKILL, suspend is SIGSTOP and resume
+SIGCONT. A watcher per process reports an unexpected exit to the emulator (`machine_exited`), so
+the Machine becomes stopped and the proxy starts it again on the next request.
 
 Nothing is left behind: children die with their parent (PR_SET_PDEATHSIG on Linux, a stdin pipe
 that reaches EOF elsewhere), and an atexit hook kills every process group still alive.
@@ -119,6 +120,10 @@ class _Child:
         return self.process.pid
 
 
+def _has_services(machine: Machine) -> bool:
+    return bool(machine.config is not None and machine.config.services)
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to `host:port` (0: any free port), for uvicorn to serve on.
 
@@ -192,6 +197,8 @@ class ProcessRuntime:
         """Where a started Machine's app listens, or None when it has no live process."""
         child = self._children.get(machine_id)
         if child is None or child.process.returncode is not None or not child.ready:
+            return None
+        if not child.port:  # it listens nowhere (no services)
             return None
         return (self.host, child.port)
 
@@ -350,10 +357,14 @@ class ProcessRuntime:
         return env
 
     def _image_command(self, machine: Machine) -> list[str] | None:
-        """The argv the Machine's image runs (None: no image command, serve the ASGI app)."""
+        """The argv the Machine's image runs (None: no image command, serve the ASGI app). With
+        no Dockerfile, a Machine without services that names an `init.cmd` (a scheduled
+        Machine's command) runs that command."""
         config = machine.config
         init_cmd = config.init.cmd if config is not None and config.init is not None else None
-        if self.image is None or not (self.image.command(init_cmd)):
+        if self.image is None:
+            return list(init_cmd) if init_cmd and not _has_services(machine) else None
+        if not (self.image.command(init_cmd)):
             return None
         return self.image.command(init_cmd)
 
@@ -405,6 +416,9 @@ class ProcessRuntime:
     ) -> tuple[asyncio.subprocess.Process, int]:
         """Start the Machine's process; it and the loopback port it will listen on."""
         image_argv = self._image_command(machine)
+        if image_argv is not None and not _has_services(machine):
+            # Nothing is sent to it (a scheduled Machine's command): it listens on no port.
+            return await self._spawn(self._command(None, image_argv), app, machine), 0
         if image_argv is not None:
             # The image's server binds the port itself; the port is free a moment before.
             with listening_socket(self.host, 0) as probe:
@@ -437,7 +451,8 @@ class ProcessRuntime:
         self._children[machine.id] = child
         child.pump = asyncio.ensure_future(self._pump(child))
         try:
-            await self._wait_ready(child)
+            if port:  # a Machine without services is started once its process is
+                await self._wait_ready(child)
         except BaseException:
             child.stopping = True
             await self._terminate(child, signal.SIGKILL, 0)

@@ -18,6 +18,7 @@ __all__ = [
     "HOME_APP_ENV",
     "PRIMARY_REGION",
     "SEED_ENV",
+    "TIME_SCALE_ENV",
     "env_value",
 ]
 
@@ -39,6 +40,9 @@ GROUP_ENV = "FLYFN_GROUP"
 HOME_APP_ENV = "FLYFN_HOME_APP"
 # The seed's marker of a function Machine (group "default").
 SEED_ENV = "IS_FLY_MACHINE_SERVERLESS"
+# Set by `flyfn dev --time-scale N` on its Machines: schedules' slots last 1/N of their time, as
+# the emulated Fly starts scheduled Machines N times as often.
+TIME_SCALE_ENV = "FLYFN_TIME_SCALE"
 
 
 def env_value(environ: Mapping[str, str], name: str) -> str | None:

@@ -29,6 +29,7 @@ from flyfn.machines import (
 from flyfn.pool.choice import RANK_ORDER, MachineChoice
 from flyfn.pool.spec import (
     GROUP_METADATA_KEY,
+    SCHEDULE_METADATA_KEY,
     VERSION_METADATA_KEY,
     PoolConfigError,
     PoolSpec,
@@ -63,6 +64,13 @@ def machine_image(machine: Machine) -> str | None:
 def machine_group(machine: Machine) -> str | None:
     metadata = machine.config.metadata if machine.config is not None else None
     return (metadata or {}).get(GROUP_METADATA_KEY)
+
+
+def machine_schedule(machine: Machine) -> str | None:
+    """The interval of one of flyfn's scheduled Machines (periodic tasks), else None: such a
+    Machine is neither an app Machine nor a group's."""
+    metadata = machine.config.metadata if machine.config is not None else None
+    return (metadata or {}).get(SCHEDULE_METADATA_KEY)
 
 
 def machine_version(machine: Machine) -> str | None:
@@ -351,7 +359,9 @@ async def find_orphans(client: AsyncMachinesClient, settings: FlyfnSettings) -> 
         raise PoolConfigError("no Fly app: set FLYFN['APP_NAME'] or the FLY_APP_NAME env var")
     own = await client.list_machines(app=apps[0])
     live_images = {
-        machine_image(m) for m in own if machine_group(m) is None and m.state not in GONE_STATES
+        machine_image(m)
+        for m in own
+        if machine_group(m) is None and machine_schedule(m) is None and m.state not in GONE_STATES
     }
     if settings.image_ref:
         live_images.add(settings.image_ref)

@@ -38,6 +38,8 @@ GROUP_METADATA_KEY = "flyfn_group"
 # A digest of what a group's Machines depend on besides the image (SECRET_KEY, forwarded env, named
 # secrets): Machines of another version are updated, which gives them the app's current secrets.
 VERSION_METADATA_KEY = "flyfn_version"
+# Marks flyfn's scheduled Machines (periodic tasks, flyfn.tasks.scheduled_machines): its interval.
+SCHEDULE_METADATA_KEY = "flyfn_schedule"
 # PBKDF2 rounds of that digest: it sits in Machine metadata, so guessable values must be slow to
 # search for; computed once per process and group.
 VERSION_DIGEST_ROUNDS = 100_000

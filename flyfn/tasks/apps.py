@@ -12,9 +12,11 @@ def _start_dispatchers(**kwargs: Any) -> None:
     # An app Machine must wake groups with due work even if it never enqueues anything itself
     # (a wake by another Machine that died, a scheduled task): its first request starts that.
     from flyfn.tasks.dispatch import start_all
+    from flyfn.tasks.periodic import start_ticker
 
     request_started.disconnect(dispatch_uid="flyfn.tasks.start_dispatchers")
     start_all()
+    start_ticker()  # schedules finer than Fly's intervals (all of them off Fly)
 
 
 def _keep_up(**kwargs: Any) -> None:

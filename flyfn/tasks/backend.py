@@ -18,6 +18,8 @@ from flyfn import events
 from flyfn.tasks.configured import FlyfnBackend, wake_url_name
 from flyfn.tasks.options import HORIZON, TaskOptions
 from flyfn.tasks.results import earlier_errors, failures_of, with_earlier_errors
+from flyfn.tasks.schedule_checks import check_schedules
+from flyfn.tasks.schedules import parse_schedules
 
 __all__ = ["FlyMachinesBackend"]
 
@@ -35,6 +37,7 @@ class FlyMachinesBackend(DatabaseBackend, FlyfnBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.flyfn = TaskOptions.parse(alias, self.options)
+        self.schedules = parse_schedules(alias, self.options)
 
     def enqueue(
         self,
@@ -110,4 +113,5 @@ class FlyMachinesBackend(DatabaseBackend, FlyfnBackend):
                         id="flyfn.E013",
                     )
                 )
+        messages += check_schedules(self)
         return messages

@@ -13,16 +13,18 @@ from django.utils.module_loading import import_string
 from django_tasks_db.compat import task_backends
 
 from flyfn.tasks.options import TaskOptions
+from flyfn.tasks.schedules import Schedule
 
 __all__ = ["FlyfnBackend", "flyfn_backends", "task_groups", "wake_url_name"]
 
 
 class FlyfnBackend:
     """A task backend whose tasks run on flyfn's function Machines (`FlyMachinesBackend`): its
-    alias and its OPTIONS, parsed."""
+    alias, its OPTIONS and its periodic tasks (`OPTIONS["schedules"]`), parsed."""
 
     alias: str
     flyfn: TaskOptions
+    schedules: dict[str, Schedule]
 
 
 def flyfn_backends() -> list[FlyfnBackend]:

@@ -57,3 +57,29 @@ class TaskFailure(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.attempt} of {self.task_id}: {self.exception_class_path}"
+
+
+class ScheduledRun(models.Model):
+    """One slot of a periodic task (`OPTIONS["schedules"]`) that was enqueued: the unique
+    (backend, schedule, slot) makes every slot run at most once, however many Machines look."""
+
+    backend_name = models.CharField(max_length=32)
+    schedule = models.CharField(max_length=100)
+    slot = models.DateTimeField()
+    # The enqueued task's id, not a foreign key: pruning task results (django-tasks-db's
+    # `prune_db_task_results`) must not have to touch these rows.
+    task_id = models.UUIDField(null=True)
+    machine_id = models.CharField(max_length=64)
+    enqueued_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "scheduled run"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backend_name", "schedule", "slot"], name="flyfn_one_run_per_slot"
+            )
+        ]
+        indexes = [models.Index(fields=["backend_name", "schedule", "-slot"])]
+
+    def __str__(self) -> str:
+        return f"{self.schedule} at {self.slot:%Y-%m-%d %H:%M:%S} ({self.backend_name})"

@@ -170,8 +170,9 @@ class QueueOptions(_Options):
 class TaskOptions(_Options):
     """What one backend alias does; see docs/background-tasks.md for each option."""
 
-    # django-tasks-db's own option (how task ids are made), passed through to it.
-    _passed_through: ClassVar[tuple[str, ...]] = ("id_function",)
+    # django-tasks-db's own option (how task ids are made), passed through to it; the periodic
+    # tasks, parsed on their own (flyfn.tasks.schedules).
+    _passed_through: ClassVar[tuple[str, ...]] = ("id_function", "schedules")
 
     group: Annotated[str, BeforeValidator(_group_name)] = "tasks"
     queue_groups: Annotated[

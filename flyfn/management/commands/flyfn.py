@@ -1,4 +1,5 @@
-"""`manage.py flyfn`: status, prepare and gc of the function Machines (and `dev`, the local Fly).
+"""`manage.py flyfn`: status, prepare and gc of the function Machines (and `dev`, the local Fly;
+`tick`, what a scheduled Machine runs for periodic tasks).
 
 Each subcommand is a parser in `add_arguments` and a `handle_<name>` method; API errors and missing
 settings end in a CommandError (a clear message, a non-zero exit), never a traceback.
@@ -31,6 +32,7 @@ from flyfn.cost_report import (
 from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
 from flyfn.fly.pricing import PRICES_SOURCE
 from flyfn.fly.regions import parse_region_list
+from flyfn.fly.schedule import INTERVALS
 from flyfn.machine_time import parse_window
 from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
@@ -41,6 +43,7 @@ from flyfn.pool.converge import (
     is_app_machine,
     machine_group,
     machine_image,
+    machine_schedule,
     prepare_group,
 )
 from flyfn.pool.placement import Placement, placement, pool_regions
@@ -90,6 +93,12 @@ class Command(BaseCommand):
         gc.add_argument(
             "--dry-run", action="store_true", help="list what would be destroyed, destroy nothing"
         )
+        tick = commands.add_parser(
+            "tick",
+            help="enqueue the due periodic tasks of a Fly schedule once per slot, deliver their "
+            "wakes and exit (what a scheduled Machine runs)",
+        )
+        tick.add_argument("interval", choices=list(INTERVALS), help="the Fly schedule")
         dev = commands.add_parser(
             "dev", help="the local Fly stack: Fly Proxy + Machines API + Machines as processes"
         )
@@ -168,6 +177,7 @@ class Command(BaseCommand):
         else:
             self.stdout.write("  (none: mark views with @fly_serverless or FLYFN['VIEWS'])")
         self._tasks_status()
+        self._schedules_status()
         self._metrics_status(settings)
         groups = all_groups(settings)
         self.stdout.write(self.style.MIGRATE_HEADING("Groups"))
@@ -183,6 +193,14 @@ class Command(BaseCommand):
             for group, found in listed.items()
         }
         app_images = machines.pop("", [])
+        scheduled = machines.pop(SCHEDULED_KEY, [])
+        if scheduled:
+            self.stdout.write("  scheduled Machines (periodic tasks):")
+            self._table(
+                ("ID", "NAME", "SCHEDULE", "STATE"),
+                [(m.id, m.name or "", machine_schedule(m) or "", m.state or "") for m in scheduled],
+                indent=4,
+            )
         live = {machine_image(m) for m in app_images}
         for group in groups:
             options_ = settings.group(group)
@@ -227,6 +245,7 @@ class Command(BaseCommand):
                 )
 
         listed.pop("", None)
+        listed.pop(SCHEDULED_KEY, None)  # not a group: no levers apply to it
         self._cost_status(listed, settings.image_ref, options["window"])
 
     def _cost_status(
@@ -305,6 +324,34 @@ class Command(BaseCommand):
         else:
             self.stdout.write("  (no flyfn.tasks.FlyMachinesBackend in TASKS)")
 
+    def _schedules_status(self) -> None:
+        """Every periodic task with its last and next slot (only with flyfn.tasks installed and
+        a schedule declared)."""
+        from django.apps import apps
+
+        if not apps.is_installed("flyfn.tasks"):
+            return
+        from flyfn.tasks.periodic import schedule_rows
+
+        rows = schedule_rows()
+        if not rows:
+            return
+        self.stdout.write(self.style.MIGRATE_HEADING("Schedules"))
+        self._table(
+            ("SCHEDULE", "TASK", "WHEN", "RUNS ON", "LAST SLOT", "NEXT SLOT"),
+            [
+                (
+                    r.name,
+                    r.task,
+                    r.when,
+                    r.runs_on,
+                    "-" if r.last_slot is None else f"{r.last_slot:%Y-%m-%d %H:%M:%S}",
+                    f"{r.next_slot:%Y-%m-%d %H:%M:%S}",
+                )
+                for r in rows
+            ],
+        )
+
     async def _group_machines(
         self, settings: FlyfnSettings, groups: Sequence[str]
     ) -> dict[str, list[Machine]]:
@@ -312,7 +359,10 @@ class Command(BaseCommand):
         async with new_client(settings) as client:
             result: dict[str, list[Machine]] = {}
             own = await client.list_machines()
-            result[""] = [m for m in own if machine_group(m) is None]
+            result[""] = [
+                m for m in own if machine_group(m) is None and machine_schedule(m) is None
+            ]
+            result[SCHEDULED_KEY] = [m for m in own if machine_schedule(m)]
             for group in groups:
                 app = group_app(settings, group)
                 result[group] = await client.list_machines(
@@ -325,7 +375,8 @@ class Command(BaseCommand):
     def handle_prepare(self, **options: Any) -> None:
         settings = get_settings()
         groups = all_groups(settings)
-        if not groups:
+        intervals = _schedule_intervals()
+        if not groups and not intervals:
             self.stdout.write("No serverless views and no groups declared: nothing to prepare.")
             return
 
@@ -361,6 +412,54 @@ class Command(BaseCommand):
                 "image "
                 f"({_summary(report)})"
             )
+        if intervals:
+            self._prepare_scheduled(settings, intervals, options["timeout"])
+
+    def _prepare_scheduled(
+        self, settings: FlyfnSettings, intervals: list[str], deadline: float
+    ) -> None:
+        from flyfn.tasks.scheduled_machines import prepare_scheduled
+
+        async def prepare() -> Any:
+            async with new_client(settings) as client:
+                return await prepare_scheduled(client, settings, intervals)
+
+        report = run(prepare(), deadline)
+        for interval, machine_id in report.machines.items():
+            done = (
+                "created" if machine_id in report.created
+                else "updated" if machine_id in report.updated
+                else "up to date"
+            )  # fmt: skip
+            self.stdout.write(
+                self.style.SUCCESS(f"schedule {interval}: ")
+                + f"scheduled Machine {machine_id} ({done})"
+            )
+        for machine_id in report.destroyed:
+            self.stdout.write(f"destroyed duplicate scheduled Machine {machine_id}")
+
+    # ------------------------------------------------------------------ tick
+
+    def handle_tick(self, *, interval: str, **options: Any) -> None:
+        from django.apps import apps
+
+        if not apps.is_installed("flyfn.tasks"):
+            raise CommandError("periodic tasks need 'flyfn.tasks' in INSTALLED_APPS")
+        from flyfn.tasks.periodic import enqueue_due
+
+        runs = enqueue_due(lambda schedule: schedule.fly_interval == interval)
+        for each in runs:
+            what = (
+                f"cannot be enqueued: {each.error}" if each.error
+                else f"enqueued task {each.task_id}" if each.task_id
+                else "already run, nothing to do"
+            )  # fmt: skip
+            self.stdout.write(f"{each.schedule}: slot {each.slot:%Y-%m-%d %H:%M:%S}: {what}")
+        if not runs:
+            self.stdout.write(f"no schedule runs {interval}")
+        failed = [each.schedule for each in runs if each.error]
+        if failed:  # a non-zero exit: Fly runs the scheduled Machine again (restart on-failure)
+            raise CommandError(f"schedule(s) not enqueued: {', '.join(failed)}")
 
     # ------------------------------------------------------------------ dev
 
@@ -413,9 +512,20 @@ class Command(BaseCommand):
                         f"{machine_group(orphan.machine)}, app {orphan.app}, image "
                         f"{machine_image(orphan.machine)})"
                     )
+                unneeded = await _unneeded_scheduled(client)
+                for machine in unneeded:
+                    self.stdout.write(
+                        f"{'would destroy' if dry_run else 'destroying'} scheduled Machine "
+                        f"{machine.id} ({machine.name or '-'}): no schedule runs "
+                        f"{machine.config.schedule if machine.config else '?'} any more"
+                    )
                 if dry_run:
-                    return [o.machine.id for o in orphans]
-                return await destroy_orphans(client, orphans)
+                    return [o.machine.id for o in orphans] + [m.id for m in unneeded]
+                destroyed = await destroy_orphans(client, orphans)
+                for machine in unneeded:
+                    await client.destroy_machine(machine.id, force=True)
+                    destroyed.append(machine.id)
+                return destroyed
 
         ids = run(collect(), options["timeout"])
         if not ids:
@@ -508,6 +618,8 @@ def all_groups(settings: FlyfnSettings) -> list[str]:
     return sorted(routed | registry.groups() | declared | set(settings.groups))
 
 
+# Where `_group_machines` puts the scheduled Machines: no group has this name (no colon allowed).
+SCHEDULED_KEY = "flyfn:scheduled"
 # The metrics port answers from the same Machine: a short wait is plenty.
 METRICS_TIMEOUT = 2.0
 _GROUP_FIGURES = {
@@ -545,6 +657,28 @@ def group_figures(text: str) -> dict[str, dict[str, float]]:
             row = figures.setdefault(group, {})
             row[column] = row.get(column, 0.0) + sample.value
     return figures
+
+
+def _schedule_intervals() -> list[str]:
+    """Fly's intervals the periodic tasks use (none without flyfn.tasks)."""
+    from django.apps import apps
+
+    if not apps.is_installed("flyfn.tasks"):
+        return []
+    from flyfn.tasks.scheduled_machines import intervals_in_use
+
+    return intervals_in_use()
+
+
+async def _unneeded_scheduled(client: Any) -> list[Machine]:
+    """Scheduled Machines no periodic task needs (none without flyfn.tasks)."""
+    from django.apps import apps
+
+    if not apps.is_installed("flyfn.tasks"):
+        return []
+    from flyfn.tasks.scheduled_machines import find_unneeded
+
+    return await find_unneeded(client, _schedule_intervals())
 
 
 def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:

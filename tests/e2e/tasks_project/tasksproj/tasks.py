@@ -37,3 +37,11 @@ def nap(i: int) -> dict[str, object]:
     """300 ms of work: the scale-to-zero e2e's task."""
     time.sleep(0.3)
     return {"i": i, "machine": os.environ.get("FLY_MACHINE_ID", "?")}
+
+
+@task()
+def tick() -> dict[str, object]:
+    """The periodic task of the schedules e2e (settings_schedules): notes where it ran."""
+    machine = os.environ.get("FLY_MACHINE_ID", "?")
+    _note(f"tick {machine}")
+    return {"machine": machine}

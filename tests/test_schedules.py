@@ -1,0 +1,620 @@
+"""Periodic tasks: their declaration (`OPTIONS["schedules"]`), slots, the one run per slot (also
+under concurrency, on PostgreSQL), the checks, `manage.py flyfn tick | prepare | gc | status`, and
+the emulated Fly's starts of scheduled Machines on a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from django.test import override_settings
+from django.utils import timezone
+from django_tasks_db.compat import task_backends
+from django_tasks_db.models import DBTaskResult
+
+from flyfn import machine_role
+from flyfn.emulator.dev import _task_figures
+from flyfn.emulator.live import LivePage
+from flyfn.emulator.schedule import FlySchedules, scaled_period
+from flyfn.emulator.state import MachinesEmulator
+from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
+from flyfn.tasks import FlyMachinesBackend
+from flyfn.tasks.dispatch import Dispatcher, stop_all
+from flyfn.tasks.models import ScheduledRun
+from flyfn.tasks.periodic import (
+    enqueue_due,
+    enqueue_slot,
+    schedule_rows,
+    start_ticker,
+    stop_ticker,
+)
+from flyfn.tasks.schedule_checks import check_schedules
+from flyfn.tasks.schedules import SCALED_ORIGIN, Schedule, parse_schedules, time_scale
+from tests.support_machines_api import EMULATOR_APP, MachinesAPI
+
+SAFETY_BOUND = 60.0
+SCHEDULES = {
+    "hourly-note": {"task": "tests.testapp.tasks.note", "every": "hourly", "args": ["tick"]},
+    "daily-sum": {
+        "task": "tests.testapp.tasks.add",
+        "every": "daily",
+        "kwargs": {"a": 1, "b": 2},
+        "queue_name": "reports",
+        "priority": 5,
+    },
+    "five-minutes": {"task": "tests.testapp.tasks.note", "cron": "*/5 * * * *", "args": ["c"]},
+}
+
+
+def tasks_setting(schedules: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return {
+        "default": {
+            "BACKEND": "flyfn.tasks.FlyMachinesBackend",
+            "QUEUES": [],
+            "OPTIONS": {"group": "tasks", "schedules": schedules, **options},
+        }
+    }
+
+
+def backend() -> FlyMachinesBackend:
+    found = task_backends["default"]
+    assert isinstance(found, FlyMachinesBackend)
+    return found
+
+
+@pytest.fixture
+def scheduled(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlyMachinesBackend]:
+    """The test project with SCHEDULES; enqueued tasks are not delivered (no dispatcher runs)."""
+    settings.TASKS = tasks_setting(SCHEDULES)
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    yield backend()
+    stop_ticker()
+    stop_all()
+
+
+def parse(schedules: Any) -> dict[str, Schedule]:
+    return parse_schedules("default", {"schedules": schedules})
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- declaring
+
+
+def test_schedules_parse_with_their_defaults() -> None:
+    found = parse(SCHEDULES)
+    assert found["hourly-note"].fly_interval == "hourly"
+    assert found["hourly-note"].args == ["tick"]
+    assert found["daily-sum"].queue_name == "reports"
+    assert found["five-minutes"].fly_interval is None
+    assert found["five-minutes"].when == "cron '*/5 * * * *'"
+    assert parse({"n": {"task": "a.b", "every": 300}})["n"].when == "every 300 s"
+    assert parse_schedules("default", {}) == {}
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ({"n": {"task": "a.b"}}, r"\['n'\]: give exactly one of 'every' and 'cron'"),
+        (
+            {"n": {"task": "a.b", "every": "hourly", "cron": "* * * * *"}},
+            "give exactly one of 'every' and 'cron'",
+        ),
+        ({"n": {"task": "a.b", "every": "yearly"}}, r"\['every'\]: must be one of hourly, daily"),
+        ({"n": {"task": "a.b", "every": 59}}, r"whole number of seconds >= 60 \(got 59\)"),
+        ({"n": {"task": "a.b", "every": True}}, r"\(got True\)"),
+        ({"n": {"task": "a.b", "cron": "61 * * * *"}}, r"\['cron'\]: must be a cron expression"),
+        ({"n": {"task": "a.b", "cron": "* * * * * *"}}, "5 fields"),
+        ({"n": {"task": "nodots", "every": "daily"}}, r"\['task'\]: must be the dotted path"),
+        ({"n": {"task": "a.b", "every": "daily", "when": 1}}, "unknown key 'when'; known: task"),
+        ({"Bad Name": {"task": "a.b", "every": "daily"}}, "a schedule's name must be"),
+        ({"n": "daily"}, r"\['n'\]: must be a dict like"),
+        (["daily"], r"\['schedules'\]: must be a dict of schedule name"),
+    ],
+)
+def test_bad_schedules_name_the_key_and_the_problem(given: Any, problem: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"TASKS\['default'\]\[\"OPTIONS\"\]") as caught:
+        parse(given)
+    assert caught.match(problem)
+
+
+# --------------------------------------------------------------------------- slots
+
+
+@pytest.mark.parametrize(
+    ("when", "now", "slot", "following"),
+    [
+        ({"every": "hourly"}, "2026-12-07 02:41:30", "2026-12-07 02:00", "2026-12-07 03:00"),
+        ({"every": "hourly"}, "2026-12-07 03:00:00", "2026-12-07 03:00", "2026-12-07 04:00"),
+        ({"every": "daily"}, "2026-12-07 02:41:30", "2026-12-07 00:00", "2026-12-08 00:00"),
+        ({"every": "weekly"}, "2026-12-09 10:00:00", "2026-12-07 00:00", "2026-12-14 00:00"),
+        ({"every": "monthly"}, "2026-12-07 02:41:30", "2026-12-01 00:00", "2027-01-01 00:00"),
+        ({"every": 300}, "2026-12-07 02:41:30", "2026-12-07 02:40", "2026-12-07 02:45"),
+        ({"cron": "30 4 * * *"}, "2026-12-07 02:41:30", "2026-12-06 04:30", "2026-12-07 04:30"),
+    ],
+)
+def test_a_slot_is_the_latest_due_time_at_or_before_now(
+    when: dict[str, Any], now: str, slot: str, following: str
+) -> None:
+    schedule = parse({"n": {"task": "a.b", **when}})["n"]
+    assert schedule.slot_at(at(now)) == at(slot)
+    assert schedule.next_slot(at(now)) == at(following)
+
+
+def test_a_time_scale_makes_slots_that_much_shorter() -> None:
+    hourly = parse({"n": {"task": "a.b", "every": "hourly"}})["n"]
+    now = SCALED_ORIGIN + timedelta(seconds=1000.5)
+    # At 360 times the speed an hour lasts 10 s, counted from SCALED_ORIGIN.
+    assert hourly.slot_at(now, 360) == SCALED_ORIGIN + timedelta(seconds=1000)
+    assert hourly.next_slot(now, 360) == SCALED_ORIGIN + timedelta(seconds=1010)
+    assert time_scale({"FLYFN_TIME_SCALE": "360"}) == 360
+    for unset in ({}, {"FLYFN_TIME_SCALE": " "}, {"FLYFN_TIME_SCALE": "-2"}):
+        assert time_scale(unset) == 1
+
+
+# --------------------------------------------------------------------------- one run per slot
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slot_is_enqueued_once_with_the_schedules_arguments(
+    scheduled: FlyMachinesBackend,
+) -> None:
+    daily = scheduled.schedules["daily-sum"]
+    slot = at("2026-12-07 00:00")
+    first = enqueue_slot(scheduled, "daily-sum", daily, slot)
+    again = enqueue_slot(scheduled, "daily-sum", daily, slot)
+    following = enqueue_slot(scheduled, "daily-sum", daily, slot + timedelta(days=1))
+    assert first is not None
+    assert again is None
+    assert following not in (None, first)
+    row = DBTaskResult.objects.get(id=first)
+    assert row.task_path == "tests.testapp.tasks.add"
+    assert row.queue_name == "reports"
+    assert row.priority == 5
+    assert row.args_kwargs == {"args": [], "kwargs": {"a": 1, "b": 2}}
+    runs = ScheduledRun.objects.order_by("slot")
+    assert [(r.schedule, r.slot, str(r.task_id)) for r in runs] == [
+        ("daily-sum", slot, first),
+        ("daily-sum", slot + timedelta(days=1), following),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slot_s_record_is_kept_a_week_after_later_slots_ran(
+    scheduled: FlyMachinesBackend,
+) -> None:
+    hourly = scheduled.schedules["hourly-note"]
+    start = at("2026-12-01 00:00")
+    for hours in (0, 1, 24 * 7, 24 * 7 + 1, 24 * 7 + 2):
+        assert enqueue_slot(scheduled, "hourly-note", hourly, start + timedelta(hours=hours))
+    kept = [run.slot - start for run in ScheduledRun.objects.order_by("slot")]
+    assert kept == [timedelta(hours=h) for h in (24 * 7, 24 * 7 + 1, 24 * 7 + 2)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slot_whose_task_cannot_be_enqueued_keeps_no_record(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(FlyMachinesBackend, "enqueue", refuse)
+    with pytest.raises(RuntimeError):
+        enqueue_slot(scheduled, "hourly-note", scheduled.schedules["hourly-note"], at("2026-12-07"))
+    assert not ScheduledRun.objects.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    # The next look at the slot enqueues it: nothing was lost with the failed one.
+    assert enqueue_slot(
+        scheduled, "hourly-note", scheduled.schedules["hourly-note"], at("2026-12-07")
+    )
+
+
+# Two scheduled Machines at once: two connections, the same slot. Only PostgreSQL makes the second
+# insert wait for the first transaction (SQLite serialises whole transactions).
+@pytest.mark.django_db(transaction=True)
+def test_two_looks_at_the_same_slot_at_once_enqueue_once(scheduled: FlyMachinesBackend) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent transactions: PostgreSQL only")
+    hourly = scheduled.schedules["hourly-note"]
+    slot = at("2026-12-07 02:00")
+    inserted = threading.Barrier(2, timeout=SAFETY_BOUND)
+    results: list[str | None] = []
+    errors: list[BaseException] = []
+    original = ScheduledRun.objects.create
+
+    def create_then_wait(**fields: Any) -> ScheduledRun:
+        # Each Machine inserts (one of them waits there for the other's transaction) ...
+        inserted.wait()  # both at the insert together: the race itself
+        return original(**fields)
+
+    def machine() -> None:
+        try:
+            results.append(enqueue_slot(scheduled, "hourly-note", hourly, slot))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    ScheduledRun.objects.create = create_then_wait  # type: ignore[method-assign]
+    try:
+        threads = [threading.Thread(target=machine) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(SAFETY_BOUND)
+            assert not thread.is_alive(), "a look blocked: too slow (safety bound)"
+    finally:
+        del ScheduledRun.objects.create
+    assert errors == []
+    (enqueued,) = [r for r in results if r is not None]
+    assert results.count(None) == 1  # the other look found the slot's row and did nothing
+    assert [str(i) for i in DBTaskResult.objects.values_list("id", flat=True)] == [enqueued]
+    assert str(ScheduledRun.objects.get().task_id) == enqueued
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_due_runs_the_selected_schedules_current_slots_once(
+    scheduled: FlyMachinesBackend,
+) -> None:
+    hourly = enqueue_due(lambda s: s.fly_interval == "hourly")
+    assert [(r.schedule, r.task_id is not None) for r in hourly] == [("hourly-note", True)]
+    again = enqueue_due(lambda s: s.fly_interval == "hourly")
+    assert [(r.schedule, r.task_id) for r in again] == [("hourly-note", None)]
+    assert again[0].slot == hourly[0].slot
+    assert hourly[0].slot.minute == hourly[0].slot.second == 0
+    assert DBTaskResult.objects.count() == 1
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@pytest.mark.django_db
+def test_checks_name_a_task_that_is_not_one_and_arguments_that_are_not_json(settings: Any) -> None:
+    settings.TASKS = tasks_setting(
+        {
+            "missing": {"task": "tests.testapp.tasks.nowhere", "every": "daily"},
+            "not-a-task": {"task": "tests.testapp.tasks.ran", "every": "daily"},
+            "bad-args": {"task": "tests.testapp.tasks.note", "every": "daily", "args": [{1, 2}]},
+            "fine": {"task": "tests.testapp.tasks.note", "every": "daily", "args": ["x"]},
+        },
+        beyond_horizon="next_wake",
+    )
+    messages = check_schedules(backend())
+    assert [(m.id, m.msg.split(":")[0]) for m in messages] == [
+        ("flyfn.E021", "TASKS['default']['OPTIONS']['schedules']['bad-args']"),
+        ("flyfn.E020", "TASKS['default']['OPTIONS']['schedules']['missing']['task']"),
+        ("flyfn.E020", "TASKS['default']['OPTIONS']['schedules']['not-a-task']['task']"),
+    ]
+    assert "cannot be imported" in messages[1].msg
+    assert "is a list, not a task" in messages[2].msg
+    assert all(m.hint for m in messages)
+
+
+@pytest.mark.django_db
+def test_a_schedule_s_queue_must_be_one_of_the_backend_s(settings: Any) -> None:
+    found: dict[str, list[str]] = {}
+    for queues in (["default"], ["default", "reports"]):
+        setting = tasks_setting(SCHEDULES, beyond_horizon="app_machine")
+        setting["default"]["QUEUES"] = queues
+        settings.TASKS = setting
+        found[",".join(queues)] = [f"{m.id} {m.msg}" for m in check_schedules(backend())]
+    (error,) = found["default"]
+    assert error.startswith("flyfn.E022 TASKS['default']['OPTIONS']['schedules']['daily-sum']")
+    assert "['queue_name']: 'reports' is not one of TASKS['default']['QUEUES'] (default)" in error
+    assert found["default,reports"] == []
+
+
+@pytest.mark.django_db
+def test_a_schedule_finer_than_fly_s_warns_unless_an_app_machine_is_kept_running(
+    settings: Any,
+) -> None:
+    settings.TASKS = tasks_setting(SCHEDULES, beyond_horizon="next_wake")
+    (warning,) = check_schedules(backend())
+    assert warning.id == "flyfn.W020"
+    assert "'five-minutes' (cron '*/5 * * * *') is finer than Fly's schedules" in warning.msg
+    assert "min_machines_running = 1" in (warning.hint or "")
+    settings.TASKS = tasks_setting(SCHEDULES, beyond_horizon="app_machine")
+    assert check_schedules(backend()) == []
+    settings.TASKS = tasks_setting({"h": SCHEDULES["hourly-note"]}, beyond_horizon="next_wake")
+    assert check_schedules(backend()) == []
+
+
+def test_the_backend_refuses_bad_schedules_when_it_is_made(settings: Any) -> None:
+    settings.TASKS = tasks_setting({"n": {"task": "a.b", "every": "yearly"}})
+    with pytest.raises(ImproperlyConfigured, match="'every'"):
+        task_backends["default"]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def flyfn(*args: str) -> str:
+    out = StringIO()
+    call_command("flyfn", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tick_enqueues_its_interval_s_due_slots_once(scheduled: FlyMachinesBackend) -> None:
+    first = flyfn("tick", "hourly")
+    second = flyfn("tick", "hourly")
+    assert "hourly-note: slot " in first
+    assert "enqueued task" in first
+    assert "already run, nothing to do" in second
+    assert "daily-sum" not in first
+    assert "no schedule runs weekly" in flyfn("tick", "weekly")
+    assert list(DBTaskResult.objects.values_list("task_path", flat=True)) == [
+        "tests.testapp.tasks.note"
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tick_enqueues_the_other_schedules_when_one_fails_and_exits_non_zero(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.TASKS = tasks_setting(
+        {
+            "broken": {"task": "tests.testapp.tasks.nowhere", "every": "daily"},
+            "fine": {"task": "tests.testapp.tasks.note", "every": "daily", "args": ["x"]},
+        }
+    )
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    out = StringIO()
+    with pytest.raises(CommandError, match=r"schedule\(s\) not enqueued: broken"):
+        call_command("flyfn", "tick", "daily", stdout=out, stderr=StringIO())
+    assert "broken: slot " in out.getvalue()
+    assert "cannot be enqueued: ImportError" in out.getvalue()
+    assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["fine"]
+    stop_all()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_status_lists_schedules_with_their_last_and_next_slots(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLY_APP_NAME", raising=False)
+    flyfn("tick", "hourly")
+    rows = {row.name: row for row in schedule_rows()}
+    assert rows["hourly-note"].last_slot is not None
+    assert rows["hourly-note"].next_slot == rows["hourly-note"].last_slot + timedelta(hours=1)
+    assert rows["daily-sum"].last_slot is None
+    assert rows["five-minutes"].runs_on == "app Machine"
+    assert rows["daily-sum"].runs_on == "scheduled Machine (daily)"
+    with override_settings(FLYFN={}):
+        out = flyfn("status")
+    assert "Schedules" in out
+    line = next(line for line in out.splitlines() if "hourly-note" in line)
+    assert f"{rows['hourly-note'].last_slot:%Y-%m-%d %H:%M:%S}" in line
+    assert f"{rows['hourly-note'].next_slot:%Y-%m-%d %H:%M:%S}" in line
+
+
+def scheduled_only(api: MachinesAPI) -> list[Machine]:
+    return [
+        m
+        for m in api.machines()
+        if m.config is not None and (m.config.metadata or {}).get("flyfn_schedule")
+    ]
+
+
+def scheduled_machines(api: MachinesAPI) -> list[tuple[str, str | None, str | None]]:
+    return sorted(
+        (m.name or "", m.config.schedule if m.config else None, m.state)
+        for m in scheduled_only(api)
+    )
+
+
+@pytest.mark.django_db
+def test_prepare_keeps_one_scheduled_machine_per_interval_and_gc_removes_unneeded_ones(
+    scheduled: FlyMachinesBackend, machines_api: MachinesAPI, settings: Any
+) -> None:
+    image = "registry.fly.io/testapp:deployment-7"
+    with override_settings(FLYFN=machines_api.flyfn_settings(image)):
+        first = flyfn("prepare")
+        second = flyfn("prepare")
+    assert "schedule hourly: scheduled Machine" in first
+    assert "(created)" in first
+    assert second.count("(up to date)") == 2
+    assert [name for name, *_ in scheduled_machines(machines_api)] == [
+        "flyfn-schedule-daily",
+        "flyfn-schedule-hourly",
+    ]
+    (hourly,) = [m for m in machines_api.machines() if m.name == "flyfn-schedule-hourly"]
+    assert hourly.config is not None
+    assert hourly.config.schedule == "hourly"
+    assert hourly.config.image == image
+    assert not hourly.config.services  # nothing is sent to it
+    assert hourly.config.init is not None
+    assert hourly.config.init.cmd is not None
+    assert hourly.config.init.cmd[-6:] == [
+        "django",
+        "flyfn",
+        "--settings",
+        "tests.settings",
+        "tick",
+        "hourly",
+    ]
+    # A schedule goes: its Machine is gc's; the other stays.
+    settings.TASKS = tasks_setting({"h": SCHEDULES["hourly-note"]})
+    with override_settings(FLYFN=machines_api.flyfn_settings(image)):
+        dry = flyfn("gc", "--dry-run")
+        assert "would destroy scheduled Machine" in dry
+        assert len(scheduled_machines(machines_api)) == 2
+        out = flyfn("gc")
+    assert "no schedule runs daily any more" in out
+    assert [name for name, *_ in scheduled_machines(machines_api)] == ["flyfn-schedule-hourly"]
+
+
+@pytest.mark.django_db
+def test_prepare_updates_a_scheduled_machine_for_a_new_image_and_leaves_it_stopped(
+    scheduled: FlyMachinesBackend, machines_api: MachinesAPI
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings("registry.fly.io/testapp:d-1")):
+        flyfn("prepare")
+    for machine in scheduled_only(machines_api):
+        machines_api.http.post(f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}/stop")
+        machines_api.http.get(
+            f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}/wait", params={"state": "stopped"}
+        )
+    with override_settings(FLYFN=machines_api.flyfn_settings("registry.fly.io/testapp:d-2")):
+        out = flyfn("prepare")
+    assert out.count("(updated)") == 2
+    assert {
+        (m.config.image if m.config else None, m.state) for m in scheduled_only(machines_api)
+    } == {("registry.fly.io/testapp:d-2", "stopped")}
+
+
+# --------------------------------------------------------------------------- the emulated Fly
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def scheduled_machine(emulator: MachinesEmulator, schedule: str | None) -> str:
+    machine = await emulator.create(
+        "app", CreateMachineRequest(config=MachineConfig(image="img", schedule=schedule))
+    )
+    await emulator.wait_for_state("app", machine.id, "started", timeout=SAFETY_BOUND)
+    return machine.id
+
+
+async def stop(emulator: MachinesEmulator, machine_id: str) -> None:
+    await emulator.stop("app", machine_id)
+    await emulator.wait_for_state("app", machine_id, "stopped", timeout=SAFETY_BOUND)
+
+
+async def test_fly_starts_a_scheduled_machine_once_per_scaled_interval() -> None:
+    clock = Clock(1_000_000.0)
+    emulator = MachinesEmulator(clock=clock)
+    schedules = FlySchedules(emulator, time_scale=360)
+    hourly = await scheduled_machine(emulator, "hourly")
+    other = await scheduled_machine(emulator, None)
+    await stop(emulator, hourly)
+    await stop(emulator, other)
+    period = scaled_period("hourly", 360)
+    assert period == 10.0
+    assert await schedules.once() == []  # not yet: an interval counts from its creation
+    assert schedules.next_start("app", hourly) == clock.now + period
+    clock.now += period
+    assert await schedules.once() == [hourly]
+    await emulator.wait_for_state("app", hourly, "started", timeout=SAFETY_BOUND)
+    assert emulator.get("app", other).state == "stopped"
+    # Still running at its next time: Fly leaves it alone; the time after that it starts it.
+    clock.now += period
+    assert await schedules.once() == []
+    await stop(emulator, hourly)
+    clock.now += period
+    assert await schedules.once() == [hourly]
+    await stop(emulator, hourly)
+    # Five intervals missed (nothing could start it): one start, then one per interval again.
+    clock.now += 5 * period + 1
+    assert await schedules.once() == [hourly]
+    await stop(emulator, hourly)
+    assert await schedules.once() == []
+    clock.now += period
+    assert await schedules.once() == [hourly]
+    assert schedules.starts == 4
+    await emulator.aclose()
+
+
+async def test_a_destroyed_scheduled_machine_is_forgotten() -> None:
+    clock = Clock(2_000_000.0)
+    emulator = MachinesEmulator(clock=clock)
+    schedules = FlySchedules(emulator, time_scale=3600)
+    daily = await scheduled_machine(emulator, "daily")
+    await schedules.once()
+    assert schedules.next_start("app", daily) == clock.now + 24.0
+    await emulator.destroy("app", daily, force=True)
+    await asyncio.sleep(0)
+    clock.now += 24.0
+    assert await schedules.once() == []
+    assert schedules.next_start("app", daily) is None
+    with pytest.raises(ValueError, match="time_scale"):
+        FlySchedules(emulator, time_scale=0)
+    await emulator.aclose()
+
+
+# --------------------------------------------------------------------------- the ticker
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_app_machine_s_ticker_runs_only_the_finer_schedules(
+    scheduled: FlyMachinesBackend, settings: Any
+) -> None:
+    with machine_role.override_role(machine_role.function("tasks")):
+        assert not start_ticker()  # function Machines never look
+    settings.TASKS = tasks_setting({"h": SCHEDULES["hourly-note"]})
+    with machine_role.override_role(machine_role.MAIN):
+        assert not start_ticker()  # the scheduled Machine runs it, not an app Machine
+    settings.TASKS = tasks_setting(SCHEDULES)
+    with machine_role.override_role(machine_role.MAIN):
+        assert start_ticker()
+        deadline = time.monotonic() + SAFETY_BOUND
+        while not ScheduledRun.objects.exists():
+            assert time.monotonic() < deadline, "the ticker did not run: too slow"
+            time.sleep(0.05)
+        stop_ticker()
+    assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["five-minutes"]
+
+
+@pytest.mark.django_db
+def test_status_on_fly_lists_the_scheduled_machines(
+    scheduled: FlyMachinesBackend, machines_api: MachinesAPI
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings("registry.fly.io/testapp:d-1")):
+        flyfn("prepare")
+        out = flyfn("status")
+    assert "scheduled Machines (periodic tasks):" in out
+    lines = [line.split() for line in out.splitlines() if "flyfn-schedule-" in line]
+    assert sorted((cells[1], cells[2]) for cells in lines) == [
+        ("flyfn-schedule-daily", "daily"),
+        ("flyfn-schedule-hourly", "hourly"),
+    ]
+
+
+# --------------------------------------------------------------------------- the live page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_live_page_lists_schedules_with_their_slots_at_the_stack_s_time_scale(
+    scheduled: FlyMachinesBackend,
+) -> None:
+    enqueue_due(lambda s: s.fly_interval == "hourly")
+    figures = _task_figures(3600.0)  # an hour lasts a second
+    hourly = figures["schedule hourly-note"]
+    assert hourly["task"] == "tests.testapp.tasks.note"
+    assert hourly["runs on"] == "scheduled Machine (hourly)"
+    assert hourly["last slot"] is not None
+    assert figures["schedule daily-sum"]["last slot"] is None
+    before = timezone.now()
+    (row,) = [r for r in schedule_rows(3600.0) if r.name == "hourly-note"]
+    after = timezone.now()
+    # At 3600 times the speed the next hourly slot is at most a second after the look.
+    assert before < row.next_slot <= after + timedelta(seconds=1)
+
+
+async def test_the_live_page_names_a_scheduled_machine_by_its_interval() -> None:
+    emulator = MachinesEmulator()
+    config = MachineConfig(image="img", schedule="daily", metadata={"flyfn_schedule": "daily"})
+    machine = await emulator.create("app", CreateMachineRequest(config=config, skip_launch=True))
+    page = LivePage(emulator, lambda: ["app"])
+    (shown,) = page.snapshot({})["machines"]
+    assert (shown["id"], shown["group"]) == (machine.id, "schedule daily")
+    await emulator.aclose()
