@@ -304,6 +304,49 @@ def test_prepare_makes_a_pool_where_each_app_machine_runs_and_status_shows_regio
     assert row[2] == "syd"  # the REGION column
 
 
+def test_gc_destroys_a_groups_machines_in_regions_it_no_longer_lives_in(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app leaves syd and a listed group drops syd: gc destroys both groups' syd Machines,
+    on the current image, and keeps their iad ones; off Fly it destroys none for its region."""
+    monkeypatch.setenv("FLY_REGION", "iad")
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    app = {"image": IMAGE, "metadata": {"fly_process_group": "app"}}
+    machines_api.create(region="iad", config=app)
+    syd_app = machines_api.create(region="syd", config=app)
+    groups: dict[str, Any] = {"reports": {"regions": ["iad", "syd"]}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        command("prepare")
+        assert command("gc") == "No orphaned function Machines.\n"
+
+    def function_machines(region: str) -> dict[str, str | None]:
+        """Machine id -> group of the function Machines in `region`."""
+        return {
+            m.id: (m.config.metadata or {}).get("flyfn_group")
+            for m in machines_api.machines()
+            if m.region == region
+            and m.config is not None
+            and m.config.metadata
+            and "flyfn_group" in m.config.metadata
+        }
+
+    in_iad, in_syd = function_machines("iad"), function_machines("syd")
+    assert {"default", "reports"} <= set(in_syd.values()) == set(in_iad.values())
+
+    machines_api.destroy(syd_app.id)
+    groups["reports"]["regions"] = ["iad"]
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        monkeypatch.delenv("FLY_REGION")
+        assert command("gc") == "No orphaned function Machines.\n"  # off Fly: no region known
+        monkeypatch.setenv("FLY_REGION", "iad")
+        dry = command("gc", "--dry-run")
+        assert dry.count("its group no longer lives in that region") == len(in_syd)
+        assert f"{len(in_syd)} Machine(s) would be destroyed (dry run)." in dry
+        assert f"Destroyed {len(in_syd)} Machine(s)." in command("gc")
+    assert function_machines("syd") == {}
+    assert function_machines("iad") == in_iad
+
+
 def command(*args: str) -> str:
     out = StringIO()
     call_command("flyfn", *args, stdout=out, stderr=StringIO())

@@ -1,5 +1,6 @@
 """Convergence through the Machines API: make a group's Machines exist on the current image and
-version, observe them, prepare them at release, and find the orphans of old images.
+version, observe them, prepare them at release, and find the orphans of old images and of regions
+a group no longer lives in.
 
 Plain async functions over an `AsyncMachinesClient`, shared by the pools and `manage.py flyfn`.
 """
@@ -7,15 +8,18 @@ Plain async functions over an `AsyncMachinesClient`, shared by the pools and `ma
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from flyfn import events
 from flyfn.conf import FlyfnSettings
+from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
 from flyfn.machines import (
     AsyncMachinesClient,
     CreateMachineRequest,
@@ -27,6 +31,7 @@ from flyfn.machines import (
     UpdateMachineRequest,
 )
 from flyfn.pool.choice import RANK_ORDER, MachineChoice
+from flyfn.pool.placement import placement, pool_regions
 from flyfn.pool.spec import (
     GROUP_METADATA_KEY,
     SCHEDULE_METADATA_KEY,
@@ -34,6 +39,7 @@ from flyfn.pool.spec import (
     PoolConfigError,
     PoolSpec,
     function_apps,
+    is_task_group,
 )
 
 logger = logging.getLogger("flyfn.pool")
@@ -348,33 +354,56 @@ async def prepare_group(client: AsyncMachinesClient, spec: PoolSpec) -> PrepareR
 
 @dataclass(frozen=True, slots=True)
 class Orphan:
+    """A function Machine `gc` destroys, and why: its image no app Machine runs (`image`), or
+    its group no longer lives in its region (`region`)."""
+
     app: str
     machine: Machine
+    why: Literal["image", "region"] = "image"
 
 
-async def find_orphans(client: AsyncMachinesClient, settings: FlyfnSettings) -> list[Orphan]:
-    """Function Machines whose image no app Machine runs (nor this process: a release command)."""
+async def find_orphans(
+    client: AsyncMachinesClient,
+    settings: FlyfnSettings,
+    environ: Mapping[str, str] = os.environ,
+) -> list[Orphan]:
+    """Function Machines whose image no app Machine runs (nor this process: a release command),
+    and those of a group with a pool per region in a region the group no longer lives in: one
+    dropped from its `regions` list, other than the primary one for a group pinned there, or
+    where no app Machine runs any more for a group following its callers (`pool_regions`, as
+    `prepare` converges them). Off Fly (no `FLY_REGION`) no Machine is out of its region."""
     apps = function_apps(settings)
     if not apps:
         raise PoolConfigError("no Fly app: set FLYFN['APP_NAME'] or the FLY_APP_NAME env var")
     own = await client.list_machines(app=apps[0])
-    live_images = {
-        machine_image(m)
+    app_machines = [
+        m
         for m in own
         if machine_group(m) is None and machine_schedule(m) is None and m.state not in GONE_STATES
-    }
+    ]
+    live_images = {machine_image(m) for m in app_machines}
     if settings.image_ref:
         live_images.add(settings.image_ref)
+    caller = env_value(environ, FLY_REGION)
+    primary = env_value(environ, PRIMARY_REGION)
+    app_regions = [m.region for m in app_machines if m.region and is_app_machine(m)]
+
+    def lives_in(group: str) -> Collection[str | None]:
+        where = placement(settings, group, task_group=is_task_group(group))
+        return pool_regions(where, caller, primary, app_regions)
+
+    homes = functools.cache(lives_in)
     orphans: list[Orphan] = []
     for app in apps:
         machines = own if app == apps[0] else await client.list_machines(app=app)
-        orphans += [
-            Orphan(app, m)
-            for m in machines
-            if machine_group(m) is not None
-            and m.state not in GONE_STATES
-            and machine_image(m) not in live_images
-        ]
+        for m in machines:
+            group = machine_group(m)
+            if group is None or m.state in GONE_STATES:
+                continue
+            if machine_image(m) not in live_images:
+                orphans.append(Orphan(app, m))
+            elif caller is not None and None not in homes(group) and m.region not in homes(group):
+                orphans.append(Orphan(app, m, "region"))
     return orphans
 
 
@@ -382,5 +411,5 @@ async def destroy_orphans(client: AsyncMachinesClient, orphans: Sequence[Orphan]
     return [
         o.machine.id
         for o in orphans
-        if await _destroy(client, o.app, o.machine.id, machine_group(o.machine))
+        if await _destroy(client, o.app, o.machine.id, machine_group(o.machine), o.machine.region)
     ]

@@ -73,7 +73,9 @@ class Command(BaseCommand):
             "for fly.toml's release_command)",
         )
         gc = commands.add_parser(
-            "gc", help="destroy function Machines whose image no app Machine runs any more"
+            "gc",
+            help="destroy function Machines whose image no app Machine runs any more, or in a "
+            "region their group no longer lives in",
         )
         for api_command in (status, prepare, gc):
             api_command.add_argument(
@@ -506,11 +508,16 @@ class Command(BaseCommand):
                 orphans = await find_orphans(client, settings)
                 for orphan in orphans:
                     verb = "would destroy" if dry_run else "destroying"
+                    why = (
+                        ": its group no longer lives in that region"
+                        if orphan.why == "region"
+                        else ""
+                    )
                     self.stdout.write(
                         f"{verb} {orphan.machine.id} ({orphan.machine.name or '-'}, "
                         f"region {_region(orphan.machine)}, group "
                         f"{machine_group(orphan.machine)}, app {orphan.app}, image "
-                        f"{machine_image(orphan.machine)})"
+                        f"{machine_image(orphan.machine)}){why}"
                     )
                 unneeded = await _unneeded_scheduled(client)
                 for machine in unneeded:
