@@ -26,13 +26,12 @@ from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.state import MachinesEmulator
 from flyfn.machine_time import Window, group_cost
 from flyfn.machines.models import Machine
+from flyfn.pool.spec import GROUP_METADATA_KEY, SCHEDULE_METADATA_KEY
 
 __all__ = ["MAX_ROUTES", "LivePage"]
 
 MAX_ROUTES = 200  # route lines kept for the page (the terminal has them all)
 _EVENTS_PER_MACHINE = 20
-_GROUP_METADATA = "flyfn_group"
-_SCHEDULE_METADATA = "flyfn_schedule"  # a scheduled Machine (periodic tasks): its interval
 _TEXT = "text/plain; charset=utf-8"
 # The names a browser on this computer reaches the page by (it listens on 127.0.0.1 only).
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -107,7 +106,7 @@ class LivePage:
         for app in sorted(set(self.apps())):
             for machine in self.emulator.list(app, include_deleted=True):
                 group = ((machine.config.metadata if machine.config else None) or {}).get(
-                    _GROUP_METADATA
+                    GROUP_METADATA_KEY
                 )
                 if group is not None:
                     groups.setdefault(group, []).append(machine)
@@ -129,10 +128,10 @@ class LivePage:
             "app": app,
             "id": machine.id,
             "name": machine.name,
-            "group": metadata.get(_GROUP_METADATA)
+            "group": metadata.get(GROUP_METADATA_KEY)
             or (
-                f"schedule {metadata[_SCHEDULE_METADATA]}"
-                if _SCHEDULE_METADATA in metadata
+                f"schedule {metadata[SCHEDULE_METADATA_KEY]}"
+                if SCHEDULE_METADATA_KEY in metadata
                 else None
             ),
             "state": machine.state,

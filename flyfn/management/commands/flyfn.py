@@ -47,7 +47,14 @@ from flyfn.pool.converge import (
     prepare_group,
 )
 from flyfn.pool.placement import Placement, placement, pool_regions
-from flyfn.pool.spec import PoolConfigError, group_app, is_task_group, new_client, spec_for
+from flyfn.pool.spec import (
+    GROUP_METADATA_KEY,
+    PoolConfigError,
+    group_app,
+    is_task_group,
+    new_client,
+    spec_for,
+)
 from flyfn.registry import ServerlessView, iter_url_routes, registry
 
 T = TypeVar("T")
@@ -368,7 +375,7 @@ class Command(BaseCommand):
             for group in groups:
                 app = group_app(settings, group)
                 result[group] = await client.list_machines(
-                    metadata={"flyfn_group": group}, app=app, include_deleted=True
+                    metadata={GROUP_METADATA_KEY: group}, app=app, include_deleted=True
                 )
             return result
 
