@@ -56,8 +56,8 @@ PoolAction = Literal["create", "update", "destroy"]
 FailoverReason = Literal[
     "not_listed",  # the caller's region is not in the group's `regions`: the nearest listed one
     "no_capacity",  # Fly had no capacity for a Machine in the home region
-    "refused",  # the API refused to create a Machine there (another 4xx status)
-    "unavailable",  # the home region's pool has no Machine for another reason (API down)
+    "refused",  # the API refused to create a Machine there for a reason of the region (409/412/422)
+    "unavailable",  # the API failed (5xx, unreachable): only Machines known elsewhere take them
     "recovered",  # back in the home region after a failover
 ]
 TaskOutcome = Literal["enqueued", "started", "succeeded", "failed", "retried"]

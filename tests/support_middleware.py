@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from django.conf import settings
+from django.http import HttpResponseBase
 
 from flyfn.machine_role import current_env
 from flyfn.pool.choice import ReplayTarget
@@ -47,3 +48,10 @@ def issued(
     record = machine_record(current_env().machine_id)
     for _ in range(times):
         assert record.add(key, timeout + FALLBACK_RETURN_MARGIN, now=time.time() - ago)
+
+
+def ran_here(response: HttpResponseBase, body: bytes) -> bool:
+    """Whether the view ran on this Machine (answered `body`), nothing replayed."""
+    return (
+        response.status_code == 200 and "fly-replay" not in response and response.content == body  # type: ignore[attr-defined]
+    )

@@ -36,6 +36,7 @@ from tests.support_middleware import (
     DEFAULT_MACHINE,
     PDF_MACHINE,
     issued,
+    ran_here,
     routing_manager,
 )
 from tests.support_pools import StaticPools, installed
@@ -86,12 +87,6 @@ def replay_of(response: HttpResponseBase) -> FlyReplay:
 def signed_src(method: str, path: str, group: str, secret: str | None = None) -> str:
     state = sign_state(secret or django_settings.SECRET_KEY, method, path, group)
     return ReplaySource(instance="0e1f2a3b4c5d6e", region="iad", t=1, state=state).to_header()
-
-
-def ran_here(response: HttpResponseBase, body: bytes) -> bool:
-    return (
-        response.status_code == 200 and "fly-replay" not in response and response.content == body  # type: ignore[attr-defined]
-    )
 
 
 # ------------------------------------------------------------------------------------ local role

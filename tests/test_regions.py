@@ -4,34 +4,51 @@ and a region without capacity sends its requests to the nearest one that has a M
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from io import StringIO
 from typing import Any
 
+import httpx
 import pytest
 from django.core.management import call_command
-from django.test import override_settings
+from django.test import Client, override_settings
+from pytest_django.fixtures import Settings
 
 from flyfn.checks import check_keep_warm, check_settings
 from flyfn.conf import get_settings
 from flyfn.emulator.proxy.balancer import Candidate, Limits, Readiness, choose
 from flyfn.emulator.proxy.errors import ProxyError
 from flyfn.emulator.proxy.regions import FROM_REGION_HEADER, EdgeRegions
+from flyfn.events import FailoverReason
 from flyfn.fly.regions import distance_km, nearest_first, one_way_latency_ms, parse_region_list
-from flyfn.machine_role import MachineEnv, function, override_role
-from flyfn.machines import Machine, MachineConfig
+from flyfn.machine_role import MAIN, MachineEnv, function, override_role
+from flyfn.machines import (
+    Machine,
+    MachineConfig,
+    MachinesConnectionError,
+    MachinesTimeoutError,
+    error_for_status,
+)
+from flyfn.pool.cache import _failure_reason
 from flyfn.pool.choice import ReplayTarget
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.manager import PoolManager
 from flyfn.pool.placement import Placement, placement, pool_regions, route
-from flyfn.pool.spec import image_hash, spec_for
+from flyfn.pool.spec import PoolConfigError, image_hash, spec_for
 from flyfn.settings_errors import SettingsError
 from tests.support_machines_api import MachinesAPI
+from tests.support_middleware import ran_here
+from tests.support_pools import installed
 from tests.support_proxy import proxy_stack
 
 IMAGE = "registry.fly.io/testapp:deployment-1"
+APP_MACHINE = {"image": IMAGE, "metadata": {"fly_process_group": "app"}}
+LIST = "/v1/apps/testapp/machines"  # create is a POST to it
+FULL = "insufficient_capacity"
 
 
 def app_machine(region: str) -> PoolManager:
@@ -40,7 +57,10 @@ def app_machine(region: str) -> PoolManager:
 
 
 @pytest.fixture
-def iad_and_syd() -> Iterator[tuple[PoolManager, PoolManager]]:
+def iad_and_syd(machines_api: MachinesAPI) -> Iterator[tuple[PoolManager, PoolManager]]:
+    """The pools of the app Machines of an app that runs in iad and syd (both are listed)."""
+    for region in ("iad", "syd"):
+        machines_api.create(region=region, config=APP_MACHINE)
     iad, syd = app_machine("iad"), app_machine("syd")
     try:
         yield iad, syd
@@ -132,15 +152,283 @@ def test_the_primary_region_without_capacity_fails_over_where_the_app_runs(
 ) -> None:
     iad, _ = iad_and_syd
     assert machines_api.emulator is not None
-    for region in ("iad", "syd"):
-        machines_api.create(
-            region=region, config={"image": IMAGE, "metadata": {"fly_process_group": "app"}}
-        )
     machines_api.emulator.full_regions.add("iad")
     with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
         # Not the primary region (it is home), but where the app's other Machines run.
         assert region_of(machines_api, iad.wait_target("default", 30)) == "syd"
     assert [m.region for m in machines_api.machines(group="default")] == ["syd"]
+
+
+class Refusing(httpx.AsyncBaseTransport):
+    """The Machines API emulator (in process), except for the requests `refuse` picks: every one,
+    or only the creates in one region, answered with an error status as Fly gives it."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.answer: tuple[int, dict[str, str]] | None = None
+        self.creates_in: str | None = None
+
+    def refuse(
+        self,
+        status: int,
+        error: str,
+        *,
+        creates_in: str | None = None,
+        error_status: str = "unknown",
+    ) -> None:
+        self.answer = (status, {"error": error, "status": error_status})
+        self.creates_in = creates_in
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.answer is not None and self._picked(request):
+            status, body = self.answer
+            headers = {"retry-after": "1"} if status == 429 else {}
+            return httpx.Response(status, json=body, headers=headers, request=request)
+        return await self.inner.handle_async_request(request)
+
+    def _picked(self, request: httpx.Request) -> bool:
+        if self.creates_in is None:
+            return True
+        is_create = request.method == "POST" and request.url.path.endswith("/machines")
+        return is_create and json.loads(request.content).get("region") == self.creates_in
+
+
+@dataclass
+class SydMachine:
+    """The syd app Machine of an app that runs in iad and syd (primary iad): its pools, installed
+    as the process's, their API calls through `api`, their clock standing at `now` (no cache
+    expires and no back-off ends unless a test moves it)."""
+
+    pools: PoolManager
+    api: Refusing
+    now: float = 1000.0
+
+
+@pytest.fixture
+def syd_machine(machines_api: MachinesAPI) -> Iterator[SydMachine]:
+    for region in ("iad", "syd"):
+        machines_api.create(region=region, config=APP_MACHINE)
+    api = Refusing()
+    pools = PoolManager(
+        region="syd", primary_region="iad", transport=api, clock=lambda: machine.now
+    )
+    machine = SydMachine(pools, api)
+    try:
+        with installed(pools):
+            yield machine
+    finally:
+        pools.close()
+
+
+def failovers(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The failover events logged: (region, reason)."""
+    return [
+        (r.__dict__["flyfn_region"], r.__dict__["flyfn_reason"])
+        for r in caplog.records
+        if getattr(r, "flyfn_event", None) == "failover"
+    ]
+
+
+@pytest.fixture
+def main_role(settings: Settings) -> Iterator[None]:
+    settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
+    with override_role(MAIN):
+        yield
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (401, "unauthorized"),
+        (429, "rate limit exceeded"),
+        (422, "invalid guest: memory_mb must be a multiple of 256"),  # the same in every region
+    ],
+)
+@pytest.mark.usefixtures("main_role")
+def test_a_create_refused_for_no_reason_of_its_region_does_not_fail_over(
+    machines_api: MachinesAPI,
+    syd_machine: SydMachine,
+    caplog: pytest.LogCaptureFixture,
+    client: Client,
+    status: int,
+    error: str,
+) -> None:
+    """Another region would answer the same (or, after a 429, get more calls): no Machine is
+    created elsewhere for it, and the group's fallback answers."""
+    syd, api = syd_machine.pools, syd_machine.api
+    api.refuse(status, error, creates_in="syd")
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        assert syd.wait_target("pdf", 10) is None
+        assert ran_here(client.get("/routing/pdf/"), b"pdf")
+    assert machines_api.machines(group="pdf") == []
+    assert failovers(caplog) == []
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 429])
+@pytest.mark.usefixtures("main_role")
+def test_a_bad_token_a_missing_app_or_a_429_does_not_fail_over_to_a_known_machine(
+    machines_api: MachinesAPI,
+    syd_machine: SydMachine,
+    caplog: pytest.LogCaptureFixture,
+    client: Client,
+    status: int,
+) -> None:
+    """Every call fails the same way, whatever the region: the event would blame the region, and
+    the requests go to the group's fallback as before regions, not to an iad Machine known."""
+    syd, api = syd_machine.pools, syd_machine.api
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        known = syd.regional_pool("pdf", "iad").wait_target(10)
+        assert region_of(machines_api, known) == "iad"
+        api.refuse(status, "no")
+        assert syd.wait_target("pdf", 10) is None
+        assert ran_here(client.get("/routing/pdf/"), b"pdf")
+    assert [m.region for m in machines_api.machines(group="pdf")] == ["iad"]
+    assert failovers(caplog) == []
+
+
+def test_a_429_while_failed_over_keeps_the_failover_on_known_machines(
+    machines_api: MachinesAPI, syd_machine: SydMachine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """syd has no capacity, its requests go to iad; syd's next try is rate limited: a 429 says
+    nothing of syd, the requests stay on the iad Machine (no flapping to the fallback), and
+    nothing is created for them."""
+    syd, api = syd_machine.pools, syd_machine.api
+    assert machines_api.emulator is not None
+    machines_api.emulator.full_regions.add("syd")
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        failed_over = syd.wait_target("default", 30)
+        assert region_of(machines_api, failed_over) == "iad"
+        api.refuse(429, "rate limit exceeded", creates_in="syd")
+        syd_machine.now += 60  # home's back-off is over: it tries again, and is rate limited
+        retry = syd.regional_pool("default", "syd").refresh()
+        assert retry is not None
+        retry.result(10)
+        assert syd.get_target("default") == failed_over
+        assert syd.wait_target("default", 10) == failed_over
+    assert [m.region for m in machines_api.machines(group="default")] == ["iad"]
+    assert failovers(caplog) == [("iad", "no_capacity")]
+
+
+def test_the_api_failing_fails_over_to_a_known_machine_and_creates_none(
+    machines_api: MachinesAPI,
+    syd_machine: SydMachine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 5xx fails for every region's pool alike (one API): a Machine of another region already
+    known takes the requests, but none is created there for them."""
+    syd, api = syd_machine.pools, syd_machine.api
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    api.refuse(500, "internal error", creates_in="syd")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        assert syd.wait_target("default", 10) is None
+        assert machines_api.machines(group="default") == []
+        known = syd.regional_pool("default", "iad").wait_target(10)  # iad's own requests
+        assert syd.get_target("default") == known
+        assert syd.wait_target("default", 10) == known
+    assert [m.region for m in machines_api.machines(group="default")] == ["iad"]
+    assert failovers(caplog) == [("iad", "unavailable")]
+
+
+def test_a_create_refused_for_its_region_fails_over(
+    machines_api: MachinesAPI,
+    syd_machine: SydMachine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    syd, api = syd_machine.pools, syd_machine.api
+    caplog.set_level(logging.INFO, logger="flyfn.events.region")
+    error = "Region syd is deprecated and cannot have new resources provisioned"
+    api.refuse(422, error, creates_in="syd")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        assert region_of(machines_api, syd.wait_target("default", 10)) == "iad"
+    assert failovers(caplog) == [("iad", "refused")]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (MachinesConnectionError("refused", method="GET", path=LIST), "unavailable"),
+        (MachinesTimeoutError("timed out", method="POST", path=LIST), "unavailable"),
+        (error_for_status(500, method="POST", path=LIST), "unavailable"),
+        (error_for_status(503, method="GET", path=LIST), "unavailable"),
+        (error_for_status(412, method="POST", path=LIST, error_status=FULL), "no_capacity"),
+        (error_for_status(409, method="POST", path=LIST, error_status=FULL), "no_capacity"),
+        (error_for_status(422, method="POST", path=LIST, error="invalid region"), "refused"),
+        (error_for_status(412, method="POST", path=LIST, error="no room in region"), "refused"),
+        (
+            error_for_status(
+                409, method="POST", path=LIST, error="name in region", error_status="name_taken"
+            ),
+            None,
+        ),
+        (error_for_status(422, method="POST", path=LIST, error="invalid guest"), None),
+        (error_for_status(422, method="POST", path=f"{LIST}/m1", error="bad region"), None),
+        (error_for_status(400, method="GET", path=LIST), None),
+        (error_for_status(401, method="GET", path=LIST), None),
+        (error_for_status(403, method="GET", path=LIST), None),
+        (error_for_status(404, method="GET", path=LIST, error="app not found"), None),
+        (error_for_status(429, method="POST", path=LIST, retry_after=1.0), None),
+        (PoolConfigError("no Machines API token"), None),
+        (RuntimeError("a bug"), None),
+    ],
+)
+def test_which_failures_another_region_may_serve(
+    error: BaseException, reason: FailoverReason | None
+) -> None:
+    assert _failure_reason(error) == reason
+
+
+def test_an_app_in_one_region_never_fails_over_to_a_primary_region_it_does_not_run_in(
+    machines_api: MachinesAPI,
+) -> None:
+    """All app Machines run in ord, the primary region is iad (where the database is): ord's
+    pool without capacity does not create Machines in iad (nobody else would use them, and `gc`
+    would destroy them); the group's fallback answers."""
+    assert machines_api.emulator is not None
+    machines_api.create(region="ord", config=APP_MACHINE)
+    machines_api.emulator.full_regions.add("ord")
+    ord_ = PoolManager(region="ord", primary_region="iad")
+    try:
+        with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+            assert ord_.wait_target("default", 30) is None
+    finally:
+        ord_.close()
+    assert machines_api.machines(group="default") == []
+
+
+def test_a_failed_over_request_costs_a_lookup(
+    machines_api: MachinesAPI, syd_machine: SydMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While failed over, `get_target` neither reads the app's list nor orders the regions again:
+    both are kept for the pools' cache lifetime."""
+    syd = syd_machine.pools
+    assert machines_api.emulator is not None
+    machines_api.emulator.full_regions.add("syd")
+    with override_settings(FLYFN=machines_api.flyfn_settings(CACHE_TTL=3600)):
+        target = syd.wait_target("default", 30)
+        assert region_of(machines_api, target) == "iad"
+        reads: list[str] = []
+        orders: list[str] = []
+        read, order = syd.listing.read, syd.choice.order_regions
+
+        def counted_read(app: str) -> tuple[float, list[Machine]] | None:
+            reads.append(app)
+            return read(app)
+
+        def counted_order(origin: str, regions: Iterable[str]) -> list[str]:
+            orders.append(origin)
+            return order(origin, regions)
+
+        monkeypatch.setattr(syd.listing, "read", counted_read)
+        monkeypatch.setattr(syd.choice, "order_regions", counted_order)
+        calls = len(machines_api.calls)
+        assert {syd.get_target("default") for _ in range(50)} == {target}
+    assert (reads, orders, len(machines_api.calls)) == ([], [], calls)
 
 
 def test_a_caller_outside_the_groups_list_uses_the_nearest_listed_region(
@@ -186,7 +474,9 @@ def test_off_fly_and_shared_groups_keep_one_pool_named_as_before(
 def test_routes_per_mode() -> None:
     caller, primary, shared = Placement("caller"), Placement("primary"), Placement("shared")
     assert route(caller, "syd", "iad").home == "syd"
-    assert route(caller, "syd", "iad").failover == ("iad",)
+    # Not the primary region: only where the app runs (the manager reads that from its list).
+    assert route(caller, "syd", "iad").failover == ()
+    assert route(caller, "syd", "iad").open
     assert route(caller, None, "iad").home is None  # off Fly: the shared pool
     assert route(primary, "syd", "iad").home == "iad"
     assert route(primary, "syd", "iad").failover == ("syd",)
@@ -200,6 +490,9 @@ def test_routes_per_mode() -> None:
 
 def test_regions_to_prepare() -> None:
     assert pool_regions(Placement("caller"), "iad", "iad", ["syd", "iad", "syd"]) == ["iad", "syd"]
+    # A release command runs in the primary region: not a region where the app runs.
+    assert pool_regions(Placement("caller"), "iad", "iad", ["ord"]) == ["ord"]
+    assert pool_regions(Placement("caller"), "iad", "iad", []) == ["iad"]  # a first deploy
     assert pool_regions(Placement("primary"), "syd", "iad", ["syd"]) == ["iad"]
     assert pool_regions(Placement("shared"), "syd", "iad", ["syd"]) == [None]
     assert pool_regions(Placement("caller"), None, None, []) == [None]
@@ -345,6 +638,54 @@ def test_gc_destroys_a_groups_machines_in_regions_it_no_longer_lives_in(
         assert f"Destroyed {len(in_syd)} Machine(s)." in command("gc")
     assert function_machines("syd") == {}
     assert function_machines("iad") == in_iad
+
+
+def test_a_release_command_prepares_where_the_app_runs_not_where_it_runs_itself(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app whose Machines run in ord, its primary region iad: the release command runs in
+    iad (listed as a Machine of flyctl's `fly_app_release_command` group), and `prepare` makes
+    the group following its callers a pool in ord only, which `gc` keeps."""
+    monkeypatch.setenv("FLY_REGION", "iad")
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    machines_api.create(region="ord", config=APP_MACHINE)
+    release = {"image": IMAGE, "metadata": {"fly_process_group": "fly_app_release_command"}}
+    machines_api.create(region="iad", config=release)
+    with override_settings(FLYFN=machines_api.flyfn_settings()):
+        prepared = command("prepare")
+        assert command("gc") == "No orphaned function Machines.\n"
+    assert "default: 1 Machine(s) in app testapp in ord" in prepared
+    assert [m.region for m in machines_api.machines(group="default")] == ["ord"]
+
+
+def test_upgrading_a_single_region_app_creates_no_machine(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's Machines from before regions (one pool for the app, names without region) on
+    the current image are adopted by the pool of the app's only region: a pool holds the group's
+    Machines of its image and region, whatever their names, and creates only what it lacks."""
+    monkeypatch.setenv("FLY_REGION", "iad")
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    machines_api.create(region="iad", config=APP_MACHINE)
+    before, after = app_machine("iad"), app_machine("iad")
+    try:
+        shared = {"default": {"regions": "shared"}}  # flyfn's pools before regions
+        with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=shared)):
+            old = before.wait_target("default", 10)
+        [machine] = machines_api.machines(group="default")
+        assert machine.name == f"flyfn-default-{image_hash(IMAGE)}-0"
+        with override_settings(FLYFN=machines_api.flyfn_settings()):
+            assert after.wait_target("default", 10) == old
+            prepared = command("prepare")
+            assert command("gc") == "No orphaned function Machines.\n"
+    finally:
+        before.close()
+        after.close()
+    assert (
+        "default: 1 Machine(s) in app testapp in iad on the current image "
+        "(0 created, 0 updated, 0 destroyed)"
+    ) in prepared
+    assert machines_api.machines(group="default") == [machine]
 
 
 def command(*args: str) -> str:

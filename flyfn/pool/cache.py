@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -15,7 +16,13 @@ from typing import Any, Protocol
 from flyfn.backoff import Backoff
 from flyfn.events import FailoverReason
 from flyfn.machine_role import Role, current_role
-from flyfn.machines import AsyncMachinesClient, MachinesStatusError, RateLimited
+from flyfn.machines import (
+    AsyncMachinesClient,
+    MachinesError,
+    MachinesStatusError,
+    RateLimited,
+    ServerError,
+)
 from flyfn.pool.choice import MachineChoice, ReplayTarget
 from flyfn.pool.converge import converge, observe
 from flyfn.pool.listing import SHARED_LIST_MAX_AGE, MachineListing
@@ -84,14 +91,23 @@ class MachinePool:
         # After `forget`, a shared list taken before this (listing clock) is not good enough.
         self._fresh_after = float("-inf")
         self._clock = manager.clock
-        # Why the last convergence failed (None after a success): a multi-region group's
-        # requests go to another region's pool while this one has no Machine.
+        # Why another region may take the requests after the last convergence failed (None
+        # after a success, or a failure every region shares): a multi-region group's requests
+        # go to another region's pool while this one has no Machine.
         self._failure: FailoverReason | None = None
 
     def unavailable(self) -> FailoverReason | None:
-        """Why the pool cannot give a target now (its last convergence failed and it has none),
-        or None: it has one, or may have one soon."""
+        """Why another region's pool may take this one's requests now (its last convergence
+        failed, for a reason another region may not share, and it has no target), or None: it
+        has one, may have one soon, or failed as every region would (`_failure_reason`)."""
         return self._failure if not self._targets else None
+
+    def cached_target(self) -> ReplayTarget | None:
+        """A cached target or None, without refreshing a stale cache: no API call on this pool's
+        behalf (a failover while the API fails routes to a Machine already known, never creates
+        one)."""
+        targets = self._targets
+        return self.choice.pick(targets, next(self._turn)) if targets else None
 
     def members(self) -> tuple[str, ...]:
         """The group's Machine ids in rank order (`instance` strategy), from the cache: never an
@@ -103,12 +119,9 @@ class MachinePool:
 
     def target(self) -> ReplayTarget | None:
         """The hot path: a cached target or None; a stale cache is served and refreshed behind."""
-        targets = self._targets
-        if not targets:
-            return None
-        if self._clock() >= self._expires:
+        if self._targets and self._clock() >= self._expires:
             self.refresh()
-        return self.choice.pick(targets, next(self._turn))
+        return self.cached_target()
 
     def refresh(self) -> concurrent.futures.Future[None] | None:
         """Start, or join, the one in-flight convergence; None while backing off after a failure."""
@@ -213,7 +226,13 @@ class MachinePool:
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
-            self._failure = _failure_reason(exc)
+            reason = _failure_reason(exc)
+            if reason is None and self._failure is not None and isinstance(exc, RateLimited):
+                # Rate limited while failed over (home retrying a region without capacity, say):
+                # a 429 says nothing of the region, so the failover stands, on the Machines
+                # other regions already know only (no API call for them until it answers).
+                reason = "unavailable"
+            self._failure = reason
             first = self._backoff.failed()
             delay = self._backoff.delay
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
@@ -244,13 +263,39 @@ class MachinePool:
             )
 
 
-def _failure_reason(exc: BaseException) -> FailoverReason:
-    if isinstance(exc, MachinesStatusError) and exc.insufficient_capacity:
-        return "no_capacity"
-    if (
-        isinstance(exc, MachinesStatusError)
-        and exc.status < 500
-        and not isinstance(exc, RateLimited)
-    ):
-        return "refused"
-    return "unavailable"
+# A create refused with these statuses may be about the region (Fly answers 409, 412 or 422 when
+# it has no capacity there, or when the region takes no new Machines); a name already taken (409
+# `name_taken`) is not: the convergence re-lists and finds that Machine.
+_REGION_REFUSALS = frozenset({409, 412, 422})
+_MACHINES_PATH = re.compile(r"/v1/apps/[^/]+/machines/?")
+
+
+def _failure_reason(exc: BaseException) -> FailoverReason | None:
+    """Why another region's pool may take the requests of a pool whose convergence failed with
+    `exc`, or None when it may not: the failure is not the region's, and another region would
+    fail the same way (a bad token, a missing app: 401, 403, 404; a settings problem) or make it
+    worse (a 429: more calls to an API that asks for fewer). The group's fallback answers then."""
+    if isinstance(exc, MachinesStatusError):
+        if exc.insufficient_capacity:
+            return "no_capacity"
+        if isinstance(exc, ServerError):
+            return "unavailable"
+        if _refused_in_region(exc):
+            return "refused"
+        return None
+    if isinstance(exc, MachinesError):  # unreachable, timed out, an answer that is not JSON
+        return "unavailable"
+    return None
+
+
+def _refused_in_region(exc: MachinesStatusError) -> bool:
+    """Whether a create was refused for a reason of its region: Fly's answer says so (a
+    region that takes no new Machines, an unknown one: its text names the region). Other
+    refusals (a bad config, a name already taken) would be the same in every region."""
+    return (
+        exc.status in _REGION_REFUSALS
+        and exc.method == "POST"
+        and _MACHINES_PATH.fullmatch(exc.path) is not None
+        and exc.error_status != "name_taken"
+        and "region" in (exc.error or "").lower()
+    )

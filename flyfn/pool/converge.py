@@ -48,11 +48,20 @@ logger = logging.getLogger("flyfn.pool")
 GONE_STATES = frozenset({"destroying", "destroyed", "replaced", "migrated"})
 
 
+# The process groups flyctl gives its one-off Machines (fly-go's constants): a deploy's release
+# command (in the primary region, during `prepare`), `fly console`, a deploy's test command. They
+# serve no request: a region where only they run is not one where the app runs.
+ONE_OFF_PROCESS_GROUPS = frozenset(
+    {"fly_app_release_command", "fly_app_console", "fly_app_test_machine_command"}
+)
+
+
 def is_app_machine(machine: Machine) -> bool:
     """Whether `fly deploy` made the Machine for a process group (an app Machine): flyfn never
-    sets `fly_process_group` on function Machines."""
+    sets `fly_process_group` on function Machines; flyctl's one-off Machines are not."""
     metadata = (machine.config.metadata if machine.config is not None else None) or {}
-    return bool(metadata.get("fly_process_group"))
+    group = metadata.get("fly_process_group")
+    return bool(group) and group not in ONE_OFF_PROCESS_GROUPS
 
 
 # Still there but unable to serve: not routed to, destroyed when the pool converges.

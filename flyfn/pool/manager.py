@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -79,6 +80,17 @@ class Pools(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """Where a group's requests go while their home pool has no Machine to be had: `pools`,
+    nearest first, for `reason`; `creates`: whether those pools may converge (create Machines)
+    for them, else only the Machines they already know are used (the API is failing)."""
+
+    reason: events.FailoverReason
+    pools: tuple[tuple[str, MachinePool], ...]
+    creates: bool
+
+
 class PoolManager:
     """The pools of one process, one background loop and one Machines client for all of them.
 
@@ -118,6 +130,8 @@ class PoolManager:
         self._routes: dict[str, Route] = {}
         # The hot path's one lookup: each group's route and home pool.
         self._hot: dict[str, tuple[Route, MachinePool]] = {}
+        # Each group's pools to fail over to, nearest first, and until when (`clock`) they hold.
+        self._failovers: dict[str, tuple[float, tuple[tuple[str, MachinePool], ...]]] = {}
         # Where a group's requests went when that was reported (a failover, a region outside
         # its list), to report a change once; empty while nothing was.
         self._went: dict[str, str | None] = {}
@@ -163,83 +177,113 @@ class PoolManager:
 
     def get_target(self, group: str) -> ReplayTarget | None:
         """The hot path: the group's cached target, or None."""
-        hot = self._hot.get(group)
-        if hot is None or self._settings is not self._get_settings():
-            way = self.route(group)
-            hot = self._hot[group] = (way, self.regional_pool(group, way.home))
-        way, pool = hot
-        target = pool.target()
+        way, home = self._home(group)
+        target = home.target()
         if target is not None:
             if self._went and self._went.get(group, way.home) != way.home:
                 self._went_to(group, way, way.home, "recovered")
             return target
-        reason = pool.unavailable()
-        if reason is None:
+        failover = self._failover(group, way, home)
+        if failover is None:
             return None
-        pool.refresh()  # home again once it has a Machine (not while it backs off)
-        for region in self._failover(way):
-            target = self.regional_pool(group, region).target()
+        home.refresh()  # home again once it has a Machine (not while it backs off)
+        for region, pool in failover.pools:
+            target = pool.target() if failover.creates else pool.cached_target()
             if target is not None:
-                self._went_to(group, way, region, reason)
+                self._went_to(group, way, region, failover.reason)
                 return target
         return None
 
     def wait_target(self, group: str, max_wait: float) -> ReplayTarget | None:
         deadline = self.clock() + max_wait
-        way = self.route(group)
-        home = self.regional_pool(group, way.home)
+        way, home = self._home(group)
         target = home.wait_target(max_wait)
         if target is not None:
             return self.get_target(group) or target  # through get_target: a return is reported
-        reason = home.unavailable()
-        for region in self._failover(way) if reason is not None else ():
+        failover = self._failover(group, way, home)
+        if failover is None:
+            return None
+        for region, pool in failover.pools:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
-            target = self.regional_pool(group, region).wait_target(remaining)
+            target = pool.wait_target(remaining) if failover.creates else pool.cached_target()
             if target is not None:
-                self._went_to(group, way, region, reason or "unavailable")
+                self._went_to(group, way, region, failover.reason)
                 return target
         return None
 
     async def aget_target(self, group: str, max_wait: float) -> ReplayTarget | None:
         deadline = self.clock() + max_wait
-        way = self.route(group)
-        home = self.regional_pool(group, way.home)
+        way, home = self._home(group)
         target = await home.aget_target(max_wait)
         if target is not None:
             return self.get_target(group) or target  # through get_target: a return is reported
-        reason = home.unavailable()
-        for region in self._failover(way) if reason is not None else ():
+        failover = self._failover(group, way, home)
+        if failover is None:
+            return None
+        for region, pool in failover.pools:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
-            target = await self.regional_pool(group, region).aget_target(remaining)
+            target = await pool.aget_target(remaining) if failover.creates else pool.cached_target()
             if target is not None:
-                self._went_to(group, way, region, reason or "unavailable")
+                self._went_to(group, way, region, failover.reason)
                 return target
         return None
 
-    def _failover(self, way: Route) -> tuple[str, ...]:
-        """The regions to try after home: the route's, and for an open route every other region
-        with an app Machine in the app's shared list (nearest first, by the choice)."""
-        app = self._settings.app_name if self._settings is not None else None
+    def _home(self, group: str) -> tuple[Route, MachinePool]:
+        """The group's route and its home pool: the hot path's one lookup."""
+        hot = self._hot.get(group)
+        if hot is None or self._settings is not self._get_settings():
+            way = self.route(group)
+            hot = self._hot[group] = (way, self.regional_pool(group, way.home))
+        return hot
+
+    def _failover(self, group: str, way: Route, home: MachinePool) -> Failover | None:
+        """Where the group's requests go while `home` has no Machine to be had, or None when
+        home failed as every region would (`MachinePool.unavailable`): the fallback answers."""
+        reason = home.unavailable()
+        if reason is None:
+            return None
+        # The API failing (5xx, unreachable) fails for every region's pool: only a Machine
+        # another pool already knows takes the requests then, none is created for them.
+        return Failover(reason, self._failover_pools(group, way), reason != "unavailable")
+
+    def _failover_pools(self, group: str, way: Route) -> tuple[tuple[str, MachinePool], ...]:
+        """The pools to try after home, nearest first: the route's regions, and for an open
+        route every other region with an app Machine in the app's shared list (by the choice).
+        Kept for the pools' cache lifetime once that list is known: a failed-over request
+        neither reads the list nor sorts regions."""
+        now = self.clock()
+        kept = self._failovers.get(group)
+        if kept is not None and now < kept[0]:
+            return kept[1]
+        settings = self._settings
+        app = settings.app_name if settings is not None else None
         shared = self.listing.read(app) if way.open and way.home and app else None
-        if shared is None:
-            return way.failover
-        known = {m.region for m in shared[1] if m.region and is_app_machine(m)}
-        extra = known - {way.home, *way.failover}
-        if not extra:
-            return way.failover
-        assert way.home is not None
-        return tuple(self.choice.order_regions(way.home, [*way.failover, *sorted(extra)]))
+        regions = way.failover
+        if shared is not None:
+            known = {m.region for m in shared[1] if m.region and is_app_machine(m)}
+            extra = known - {way.home, *way.failover}
+            if extra:
+                assert way.home is not None
+                ordered = self.choice.order_regions(way.home, [*way.failover, *sorted(extra)])
+                regions = tuple(ordered)
+        pools = tuple((region, self.regional_pool(group, region)) for region in regions)
+        if settings is not None and (shared is not None or not way.open):
+            self._failovers[group] = (now + settings.cache_ttl, pools)
+        return pools
 
     def _went_to(
         self, group: str, way: Route, region: str | None, reason: events.FailoverReason
     ) -> None:
         """Report (once per change) that the group's requests go to `region`."""
+        last = way.home if way.reason is None else None
+        if self._went.get(group, last) == region:  # without the lock: the failed-over hot path
+            return
         with self._lock:
-            if self._went.get(group, way.home if way.reason is None else None) == region:
+            if self._went.get(group, last) == region:
                 return
             self._went[group] = region
         events.failed_over(group, way.home, region, reason)
@@ -349,6 +393,7 @@ class PoolManager:
             self._pools = {}
             self._routes = {}
             self._hot = {}
+            self._failovers = {}
             self._went = {}
             loop = self._loop
         if old_client is not None and loop is not None:

@@ -64,9 +64,11 @@ def route(
 ) -> Route:
     """The route of `caller`'s requests (`primary`: the app's primary region; `order`: the pool
     choice's order of regions, nearest first). A route that follows the caller or the primary
-    region is `open`: besides the one it names, any region the app runs in may take its requests
-    when home cannot (the manager knows those). Without a known caller region (off Fly) every
-    mode but a list is the shared pool."""
+    region is `open`: any region the app runs in may take its requests when home cannot (the
+    manager knows those from the app's list). A caller's route names no other region: the primary
+    one takes its requests only if app Machines run there (function Machines made there for an
+    app that does not run there would serve nobody else, and `gc` would destroy them). Without a
+    known caller region (off Fly) every mode but a list is the shared pool."""
     if where.mode == "shared":
         return Route(None)
     if where.mode == "listed":
@@ -79,15 +81,20 @@ def route(
     home = (primary or caller) if where.mode == "primary" else caller
     if home is None:
         return Route(None)
-    others = [r for r in (primary, caller) if r is not None and r != home]
-    return Route(home, tuple(order(home, others)), open=True)
+    if where.mode == "primary" and caller is not None and caller != home:
+        # A group pinned to the primary region may fail over to the caller's region: an app
+        # Machine runs there (this one), known before the app's list is.
+        return Route(home, (caller,), open=True)
+    return Route(home, open=True)
 
 
 def pool_regions(
     where: Placement, caller: str | None, primary: str | None, app_regions: Iterable[str]
 ) -> list[str | None]:
-    """The regions whose pools `manage.py flyfn prepare` converges (None: the shared pool):
-    a list's regions, the primary one, or where the app Machines run (and the caller's)."""
+    """The regions whose pools `manage.py flyfn prepare` converges and `gc` keeps (None: the
+    shared pool): a list's regions, the primary one, or where the app Machines run (the
+    caller's region before any does: a first deploy's release command runs in the primary
+    region, where `fly deploy` then creates the app Machines)."""
     if where.mode == "shared":
         return [None]
     if where.mode == "listed":
@@ -95,5 +102,5 @@ def pool_regions(
     if where.mode == "primary":
         home = primary or caller
         return [home] if home else [None]
-    found = sorted({*app_regions, *([caller] if caller else [])})
+    found = sorted(set(app_regions)) or ([caller] if caller else [])
     return list(found) or [None]
