@@ -640,6 +640,34 @@ def test_gc_destroys_a_groups_machines_in_regions_it_no_longer_lives_in(
     assert function_machines("iad") == in_iad
 
 
+def test_gc_keeps_a_pinned_groups_failover_machines_while_the_primary_has_none(
+    machines_api: MachinesAPI,
+    iad_and_syd: tuple[PoolManager, PoolManager],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A group pinned to the primary region that failed over for want of capacity there runs on
+    a syd Machine: `gc` keeps it (destroyed, the next request would create it again) until the
+    primary region has a Machine of the group again."""
+    _, syd = iad_and_syd
+    assert machines_api.emulator is not None
+    monkeypatch.setenv("FLY_REGION", "iad")
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    machines_api.emulator.full_regions.add("iad")
+    groups = {"reports": {"regions": "primary"}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups, CACHE_TTL=3600)):
+        assert region_of(machines_api, syd.wait_target("reports", 30)) == "syd"
+        assert command("gc") == "No orphaned function Machines.\n"
+        machines_api.emulator.full_regions.clear()
+        command("prepare")  # the primary region has room again
+        assert sorted(m.region or "" for m in machines_api.machines(group="reports")) == [
+            "iad",
+            "syd",
+        ]
+        assert "its group no longer lives in that region" in command("gc", "--dry-run")
+        assert "Destroyed 1 Machine(s)." in command("gc")
+    assert [m.region for m in machines_api.machines(group="reports")] == ["iad"]
+
+
 def test_a_release_command_prepares_where_the_app_runs_not_where_it_runs_itself(
     machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -31,7 +31,7 @@ from flyfn.machines import (
     UpdateMachineRequest,
 )
 from flyfn.pool.choice import RANK_ORDER, MachineChoice
-from flyfn.pool.placement import placement, pool_regions
+from flyfn.pool.placement import Placement, placement, pool_regions
 from flyfn.pool.spec import (
     GROUP_METADATA_KEY,
     SCHEDULE_METADATA_KEY,
@@ -380,7 +380,11 @@ async def find_orphans(
     and those of a group with a pool per region in a region the group no longer lives in: one
     dropped from its `regions` list, other than the primary one for a group pinned there, or
     where no app Machine runs any more for a group following its callers (`pool_regions`, as
-    `prepare` converges them). Off Fly (no `FLY_REGION`) no Machine is out of its region."""
+    `prepare` converges them). Off Fly (no `FLY_REGION`) no Machine is out of its region.
+
+    A group pinned to the primary region that has no usable Machine of an image there is failed
+    over: its Machines of that image where the app runs take its requests, and stay (destroyed,
+    the next failover would create them again)."""
     apps = function_apps(settings)
     if not apps:
         raise PoolConfigError("no Fly app: set FLYFN['APP_NAME'] or the FLY_APP_NAME env var")
@@ -395,24 +399,47 @@ async def find_orphans(
         live_images.add(settings.image_ref)
     caller = env_value(environ, FLY_REGION)
     primary = env_value(environ, PRIMARY_REGION)
-    app_regions = [m.region for m in app_machines if m.region and is_app_machine(m)]
+    app_regions = {m.region for m in app_machines if m.region and is_app_machine(m)}
 
-    def lives_in(group: str) -> Collection[str | None]:
-        where = placement(settings, group, task_group=is_task_group(group))
-        return pool_regions(where, caller, primary, app_regions)
+    @functools.cache
+    def where(group: str) -> Placement:
+        return placement(settings, group, task_group=is_task_group(group))
 
-    homes = functools.cache(lives_in)
+    @functools.cache
+    def homes(group: str) -> Collection[str | None]:
+        return pool_regions(where(group), caller, primary, app_regions)
+
+    functions = [
+        (app, m, group)
+        for app in apps
+        for m in (own if app == apps[0] else await client.list_machines(app=app))
+        if (group := machine_group(m)) is not None and m.state not in GONE_STATES
+    ]
+    # (app, group, image) of the Machines at home that can serve.
+    at_home = {
+        (app, group, machine_image(m))
+        for app, m, group in functions
+        if m.region in homes(group) and is_usable(m)
+    }
+
+    def failed_over(app: str, m: Machine, group: str) -> bool:
+        return (
+            where(group).mode == "primary"
+            and m.region in app_regions
+            and (app, group, machine_image(m)) not in at_home
+        )
+
     orphans: list[Orphan] = []
-    for app in apps:
-        machines = own if app == apps[0] else await client.list_machines(app=app)
-        for m in machines:
-            group = machine_group(m)
-            if group is None or m.state in GONE_STATES:
-                continue
-            if machine_image(m) not in live_images:
-                orphans.append(Orphan(app, m))
-            elif caller is not None and None not in homes(group) and m.region not in homes(group):
-                orphans.append(Orphan(app, m, "region"))
+    for app, m, group in functions:
+        if machine_image(m) not in live_images:
+            orphans.append(Orphan(app, m))
+        elif (
+            caller is not None
+            and None not in homes(group)
+            and m.region not in homes(group)
+            and not failed_over(app, m, group)
+        ):
+            orphans.append(Orphan(app, m, "region"))
     return orphans
 
 
