@@ -373,10 +373,9 @@ class GroupSettings(Section):
 
     @property
     def machine_count(self) -> int:
-        """The Machines the group keeps created: `max_machines`, else `machines`, and at least
-        `keep_warm`."""
-        count = self.max_machines if self.max_machines is not None else self.machines
-        return max(count, self.keep_warm)
+        """The Machines the group keeps created: `max_machines`, else `machines` (a pool that
+        keeps Machines warm has at least those: `flyfn.pool.spec.spec_for`)."""
+        return self.max_machines if self.max_machines is not None else self.machines
 
     # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
     @functools.cached_property

@@ -39,6 +39,28 @@ def test_keep_warm_is_the_services_min_machines_running_and_a_floor_on_the_count
     assert spec_of({"keep_warm": 0})[2] == cold_version
 
 
+def test_a_pool_outside_the_primary_region_keeps_nothing_warm() -> None:
+    # Fly applies min_machines_running in the primary region only: a pool elsewhere (a caller's
+    # region, a listed one, a pinned `region`) neither launches nor restarts Machines for it.
+    group = {"keep_warm": 2}
+    with override_settings(
+        FLYFN={**SETTINGS, "GROUPS": {"g": group, "p": {**group, "region": "syd"}}}
+    ):
+        settings = get_settings()
+        environ = {"PRIMARY_REGION": "iad", "FLY_REGION": "syd"}
+        far = spec_for(settings, "g", environ=environ, pool_region="syd")
+        near = spec_for(settings, "g", environ=environ, pool_region="iad")
+        pinned = spec_for(settings, "p", environ=environ)
+        unknown = spec_for(settings, "g", environ={}, pool_region="syd")
+    for spec in (far, pinned):
+        [service] = spec.config.services or []
+        assert (spec.warm, spec.count, service.min_machines_running) == (0, 1, 0)
+    [service] = near.config.services or []
+    assert (near.warm, near.count, service.min_machines_running) == (2, 2, 2)
+    # Without PRIMARY_REGION flyfn cannot tell: it keeps what was asked.
+    assert (unknown.warm, unknown.count) == (2, 2)
+
+
 def test_keep_warm_refuses_a_negative_count() -> None:
     with (
         override_settings(FLYFN={**SETTINGS, "GROUPS": {"g": {"keep_warm": -1}}}),
@@ -123,6 +145,8 @@ def test_w026_a_group_kept_warm_outside_the_primary_region(monkeypatch: pytest.M
     assert [m.id for m in messages] == ["flyfn.W026"]
     assert "'far'" in messages[0].msg
     assert "primary region ('ams')" in messages[0].msg
+    assert messages[0].hint is not None
+    assert 'Set its "region" to "ams"' in messages[0].hint
 
 
 def test_a_task_group_keeps_nothing_warm() -> None:
