@@ -17,6 +17,7 @@ from flyfn.machines.models import Machine
 __all__ = [
     "COST_HEADER",
     "DEFAULT_WINDOW",
+    "UNKNOWN",
     "cost_row",
     "group_costs",
     "money",
@@ -71,9 +72,15 @@ def group_costs(
     ]
 
 
-def money(dollars: float) -> str:
+UNKNOWN = "unknown"
+
+
+def money(dollars: float | None) -> str:
     """Dollars to a tenth of a cent; smaller figures to three significant digits (`$0.000123`),
-    down to a millionth of a cent (below that, float noise: `$0`)."""
+    down to a millionth of a cent (below that, float noise: `$0`); `unknown` for None (a size
+    the price table does not know)."""
+    if dollars is None:
+        return UNKNOWN
     size = abs(dollars)
     if size >= 0.01:
         return f"${dollars:,.3f}"
@@ -104,7 +111,7 @@ def cost_row(cost: GroupCost) -> tuple[str, ...]:
         approx + seconds_text(cost.time.stopped),
         approx + seconds_text(cost.time.suspended),
         str(cost.time.starts),
-        approx + money(cost.cost),
+        (approx if cost.cost is not None else "") + money(cost.cost),
         money(cost.always_on),
         money(cost.saved),
     )

@@ -246,6 +246,7 @@ def test_a_group_in_two_regions_is_split_by_region_and_could_do_with_one_machine
     assert cost.time == MachineTime(started=300, stopped=1700, starts=1)
     levers = {lever.change: lever.cost for lever in cost.levers}
     # Without the idle Machine: its 1000 s of root file system are saved.
+    assert cost.cost is not None
     assert math.isclose(levers["max_machines 1"], cost.cost - 1000 * storage_per_second())
     assert "guest shared-cpu-1x 256MB" not in levers  # already the smallest
 
@@ -260,3 +261,48 @@ def test_status_splits_a_group_in_several_regions(machines_api: MachinesAPI) -> 
         call_command("flyfn", "status", "--window", "1h", stdout=out)
     regions = [line.split(":")[0].strip() for line in out.getvalue().splitlines()]
     assert [line for line in regions if line.startswith("pdf in ")] == ["pdf in ams", "pdf in fra"]
+
+
+def test_an_update_or_restart_keeps_the_state_it_happens_in() -> None:
+    # Fly records an update of a stopped Machine too: its root file system only, no start.
+    stopped = Machine(
+        id="m1",
+        state="stopped",
+        events=[
+            event("update", "replacing", 300),
+            event("update", "updating", 200),
+            event("restart", "restarting", 100),
+            event("launch", "created", 0),
+        ],
+    )
+    assert machine_time(stopped, Window(0, 1000)) == MachineTime(stopped=1000)
+    # Of a started Machine: still started, and not a start.
+    started = Machine(
+        id="m2",
+        state="started",
+        events=[
+            event("update", "started", 300),
+            event("update", "updating", 200),
+            event("start", "started", 100),
+            event("launch", "created", 0),
+        ],
+    )
+    assert machine_time(started, Window(0, 1000)) == MachineTime(started=900, stopped=100, starts=1)
+
+
+def test_a_size_the_price_table_does_not_know_is_an_unknown_cost_not_an_error(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kind Fly has and the table lacks (the emulator accepts only the known ones): here
+    # `performance`, taken out of the table.
+    guest = {"cpu_kind": "performance", "cpus": 1, "memory_mb": 2048}
+    config = {"image": IMAGE, "metadata": {"flyfn_group": "gpu"}, "guest": guest}
+    machines_api.create(config=config, region="ams")
+    monkeypatch.delitem(PER_CPU_MONTHLY, "performance")
+    out = StringIO()
+    with override_settings(FLYFN=machines_api.flyfn_settings(IMAGE, GROUPS={"gpu": {}})):
+        call_command("flyfn", "status", "--window", "1h", stdout=out)
+    lines = out.getvalue().splitlines()
+    [row] = [line.split() for line in lines if line.strip().startswith("gpu ")]
+    assert row[-3:] == ["unknown", "unknown", "unknown"]
+    assert "  gpu: cost unknown: no price for cpu_kind 'performance'" in lines
