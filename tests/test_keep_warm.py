@@ -120,16 +120,19 @@ def test_autostop_leaves_an_idle_kept_warm_machine_started_in_the_primary_region
 
 
 def test_autostop_stops_the_machines_beyond_those_kept_warm() -> None:
+    # m0 took the last request (it is the pool's entry, first in rank order); m1, beyond the one
+    # kept warm, has been idle longer: Fly Proxy stops m1 and leaves m0 started.
     machines = [function_machine(f"m{n}", "ams", 1) for n in range(2)]
+    last_request = {"m0": 50.0, "m1": 10.0}
     stops = plan(
         machines,
         load=lambda _: 0,
         in_flight=lambda _: 0,
-        idle_since=lambda _: 0.0,
+        idle_since=last_request.__getitem__,
         region="ams",
         primary_region="ams",
     )
-    assert len(stops) == 1
+    assert [(stop.machine.id, stop.mode, stop.started) for stop in stops] == [("m1", "stop", 2)]
 
 
 def test_w026_a_group_kept_warm_outside_the_primary_region(monkeypatch: pytest.MonkeyPatch) -> None:
