@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machine_time import GroupCost, Window, group_cost, parse_window
 from flyfn.machines.models import Machine
 
@@ -39,15 +39,6 @@ COST_HEADER = (
 )
 
 
-def _created(machine: Machine) -> float | None:
-    if not machine.created_at:
-        return None
-    try:
-        return datetime.fromisoformat(machine.created_at.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def window_for(text: str, machines: Sequence[Machine], image: str | None, now: float) -> Window:
     """The window `text` names (`parse_window`), ending `now`; `deploy` starts when the first of
     `machines` on `image` (the deploy's) was created (an empty window without one)."""
@@ -57,7 +48,9 @@ def window_for(text: str, machines: Sequence[Machine], image: str | None, now: f
     created = [
         at
         for m in machines
-        if m.config is not None and m.config.image == image and (at := _created(m)) is not None
+        if m.config is not None
+        and m.config.image == image
+        and (at := unix_seconds(m.created_at)) is not None
     ]
     return Window(min(created, default=now), now, "deploy")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Literal
 
 from flyfn.fly.durations import DurationError, parse_go_duration
@@ -30,6 +29,7 @@ from flyfn.fly.pricing import (
     running_per_second,
     storage_per_second,
 )
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machines.models import Machine
 
 __all__ = [
@@ -133,15 +133,6 @@ class MachineTime:
         return self.started + self.stopped + self.suspended
 
 
-def _timestamp(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def machine_time(machine: Machine, window: Window) -> MachineTime:
     """The Machine's time in `window`, from its events (see the module's docstring)."""
     listed = list(machine.events or [])
@@ -158,7 +149,7 @@ def machine_time(machine: Machine, window: Window) -> MachineTime:
     if not changes:
         # No usable event: its state now, since it was created (or the whole window).
         now = _billed(machine.state)
-        created = _timestamp(machine.created_at) or window.start
+        created = unix_seconds(machine.created_at) or window.start
         if now is None or now == "gone":
             return MachineTime(exact=False)
         spent = max(0.0, window.end - max(window.start, created))

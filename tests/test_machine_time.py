@@ -25,6 +25,7 @@ from flyfn.fly.pricing import (
     running_per_second,
     storage_per_second,
 )
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machine_time import MachineTime, Window, group_cost, machine_time, parse_window
 from flyfn.machines.models import Machine, MachineEvent
 from flyfn.management.commands import flyfn as command
@@ -306,3 +307,9 @@ def test_a_size_the_price_table_does_not_know_is_an_unknown_cost_not_an_error(
     [row] = [line.split() for line in lines if line.strip().startswith("gpu ")]
     assert row[-3:] == ["unknown", "unknown", "unknown"]
     assert "  gpu: cost unknown: no price for cpu_kind 'performance'" in lines
+
+
+def test_api_timestamps_are_read_in_one_place_and_never_fail() -> None:
+    assert unix_seconds("2027-01-15T08:00:00Z") == datetime(2027, 1, 15, 8, tzinfo=UTC).timestamp()
+    assert unix_seconds("2027-01-15T09:00:00+01:00") == unix_seconds("2027-01-15T08:00:00Z")
+    assert [unix_seconds(text) for text in (None, "", "soon")] == [None, None, None]

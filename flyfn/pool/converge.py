@@ -14,12 +14,12 @@ import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal, Protocol
 
 from flyfn import events
 from flyfn.conf import FlyfnSettings
 from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machines import (
     AsyncMachinesClient,
     CreateMachineRequest,
@@ -86,13 +86,7 @@ def machine_version(machine: Machine) -> str | None:
 
 def _changed_at(machine: Machine) -> float | None:
     """When the Machine was last updated or changed state (Unix seconds), if the API says."""
-    stamp = machine.updated_at or machine.created_at
-    if not stamp:
-        return None
-    try:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+    return unix_seconds(machine.updated_at or machine.created_at)
 
 
 def needs_new_version(machine: Machine, spec: PoolSpec) -> bool:
