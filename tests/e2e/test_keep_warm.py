@@ -86,10 +86,10 @@ def test_a_group_kept_warm_is_never_stopped_idle_and_answers_without_a_cold_star
         if stopped < PASSES:
             start(dev, cold["id"])
     assert len(passes_stopping(dev, cold["id"])) >= PASSES
-    # At each moment autostop stopped the control (its Machine events), the warm Machine was
-    # started, and idle: no request reached it between the first and the one below.
-    stops = event_times(dev, "default", "stopped")
-    assert len(stops) >= PASSES, stops
+    # At each moment autostop stopped the control (its Machine's `stopping` events), the warm
+    # Machine was started, and idle: no request reached it between the first and the one below.
+    stops = event_times(dev, "default", "stopping")
+    assert len(stops) >= PASSES, _changes(dev, "default")
     for at in stops:
         assert state_at(dev, "warm", at) == "started", (at, dev.group_machines("warm"))
     assert sum(1 for line in dev.lines if " GET /warm/ " in f" {line}") == 1
