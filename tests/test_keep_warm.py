@@ -101,6 +101,33 @@ def function_machine(machine_id: str, region: str, keep_warm: int) -> Machine:
     return Machine(id=machine_id, state="started", region=region, config=config)
 
 
+def test_the_pool_counts_its_started_machines_rather_than_restart_the_one_fly_stopped(
+    machines_api: MachinesAPI,
+) -> None:
+    # Fly Proxy keeps `min_machines_running` started whichever they are: when it stopped the
+    # first Machine in rank order while another runs, one is up and the pool starts nothing
+    # (starting it again would have Fly stop one more at its next pass, over and over).
+    group = {"machines": 1, "max_machines": 2, "keep_warm": 1}
+    with override_settings(FLYFN=machines_api.flyfn_settings(IMAGE, GROUPS={"g": group})):
+        call_command("flyfn", "prepare", stdout=StringIO())
+        first, second = sorted(machines_api.machines(group="g"), key=lambda m: m.name or "")
+        for machine, action, state in ((second, "start", "started"), (first, "stop", "stopped")):
+            path = f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}"
+            machines_api.http.get(f"{path}/wait", params={"state": "settled", "timeout": 10})
+            machines_api.http.post(f"{path}/{action}").raise_for_status()
+            machines_api.http.get(f"{path}/wait", params={"state": state, "timeout": 10})
+        call_command("flyfn", "prepare", stdout=StringIO())
+        assert states(machines_api) == ["stopped", "started"]
+        # Once none is up, the first resting one in rank order is started.
+        path = f"/v1/apps/{EMULATOR_APP}/machines/{second.id}"
+        machines_api.http.post(f"{path}/stop").raise_for_status()
+        machines_api.http.get(f"{path}/wait", params={"state": "stopped", "timeout": 10})
+        call_command("flyfn", "prepare", stdout=StringIO())
+        path = f"/v1/apps/{EMULATOR_APP}/machines/{first.id}"
+        machines_api.http.get(f"{path}/wait", params={"state": "started", "timeout": 10})
+    assert states(machines_api) == ["started", "stopped"]
+
+
 @pytest.mark.parametrize(
     ("keep_warm", "region", "stopped"),
     [(0, "ams", ["m1"]), (1, "ams", []), (1, "fra", ["m1"])],

@@ -213,19 +213,21 @@ async def converge(
                     result.updated.append(machine.id)
             except MachinesError as exc:  # it keeps serving; the next convergence tries again
                 logger.warning("flyfn: could not update Machine %s: %s", machine.id, exc)
-    await _start_warm(client, spec, keep[: spec.warm], result)
+    await _start_warm(client, spec, keep, result)
     result.machines = keep
     return result
 
 
 async def _start_warm(
-    client: AsyncMachinesClient, spec: PoolSpec, warm: Sequence[Machine], result: Convergence
+    client: AsyncMachinesClient, spec: PoolSpec, keep: Sequence[Machine], result: Convergence
 ) -> None:
-    """Start the kept-warm Machines that rest (stopped before `keep_warm` was set, updated while
-    stopped, exited): Fly's `min_machines_running` only keeps started Machines started."""
-    for machine in warm:
-        if machine.state not in RESTING_STATES or machine.id in result.created:
-            continue
+    """Start resting Machines (stopped before `keep_warm` was set, updated while stopped, exited)
+    in rank order until `spec.warm` of the pool are up: Fly's `min_machines_running` only keeps
+    started Machines started. Counted, not the first `warm` by rank: Fly Proxy stops whichever
+    it likes beyond them, and starting that one again would only have it stop another."""
+    up = sum(1 for m in keep if m.state not in RESTING_STATES or m.id in result.created)
+    resting = [m for m in keep if m.state in RESTING_STATES and m.id not in result.created]
+    for machine in resting[: max(0, spec.warm - up)]:
         try:
             await client.start_machine(machine.id, app=spec.app)
         except MachinesError as exc:  # the next convergence tries again
