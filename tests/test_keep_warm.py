@@ -73,6 +73,20 @@ def states(api: MachinesAPI) -> list[str]:
     return [m.state or "" for m in sorted(api.machines(group="g"), key=lambda m: m.name or "")]
 
 
+def wait(api: MachinesAPI, machine_id: str, state: str) -> None:
+    api.http.get(
+        f"/v1/apps/{EMULATOR_APP}/machines/{machine_id}/wait",
+        params={"state": state, "timeout": 10},
+    )
+
+
+def act(api: MachinesAPI, machine_id: str, action: str, then: str) -> None:
+    """`action` (start, stop) on the Machine once it settled, and wait for it to be `then`."""
+    wait(api, machine_id, "settled")
+    api.http.post(f"/v1/apps/{EMULATOR_APP}/machines/{machine_id}/{action}").raise_for_status()
+    wait(api, machine_id, then)
+
+
 def test_the_pool_launches_the_kept_warm_machines_and_starts_them_again(
     machines_api: MachinesAPI,
 ) -> None:
@@ -80,18 +94,13 @@ def test_the_pool_launches_the_kept_warm_machines_and_starts_them_again(
     with override_settings(FLYFN=machines_api.flyfn_settings(IMAGE, GROUPS={"g": group})):
         call_command("flyfn", "prepare", stdout=StringIO())
         for machine in machines_api.machines(group="g"):
-            machines_api.http.get(
-                f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}/wait",
-                params={"state": "settled", "timeout": 10},
-            )
+            wait(machines_api, machine.id, "settled")
         # The entry and the second kept warm are started; the third waits for load, stopped.
         assert states(machines_api) == ["started", "started", "created"]
         warm = sorted(machines_api.machines(group="g"), key=lambda m: m.name or "")[1]
-        path = f"/v1/apps/{EMULATOR_APP}/machines/{warm.id}"
-        machines_api.http.post(f"{path}/stop").raise_for_status()
-        machines_api.http.get(f"{path}/wait", params={"state": "stopped", "timeout": 10})
+        act(machines_api, warm.id, "stop", "stopped")
         call_command("flyfn", "prepare", stdout=StringIO())
-        machines_api.http.get(f"{path}/wait", params={"state": "started", "timeout": 10})
+        wait(machines_api, warm.id, "started")
     assert states(machines_api) == ["started", "started", "created"]
 
 
@@ -111,20 +120,14 @@ def test_the_pool_counts_its_started_machines_rather_than_restart_the_one_fly_st
     with override_settings(FLYFN=machines_api.flyfn_settings(IMAGE, GROUPS={"g": group})):
         call_command("flyfn", "prepare", stdout=StringIO())
         first, second = sorted(machines_api.machines(group="g"), key=lambda m: m.name or "")
-        for machine, action, state in ((second, "start", "started"), (first, "stop", "stopped")):
-            path = f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}"
-            machines_api.http.get(f"{path}/wait", params={"state": "settled", "timeout": 10})
-            machines_api.http.post(f"{path}/{action}").raise_for_status()
-            machines_api.http.get(f"{path}/wait", params={"state": state, "timeout": 10})
+        act(machines_api, second.id, "start", "started")
+        act(machines_api, first.id, "stop", "stopped")
         call_command("flyfn", "prepare", stdout=StringIO())
         assert states(machines_api) == ["stopped", "started"]
         # Once none is up, the first resting one in rank order is started.
-        path = f"/v1/apps/{EMULATOR_APP}/machines/{second.id}"
-        machines_api.http.post(f"{path}/stop").raise_for_status()
-        machines_api.http.get(f"{path}/wait", params={"state": "stopped", "timeout": 10})
+        act(machines_api, second.id, "stop", "stopped")
         call_command("flyfn", "prepare", stdout=StringIO())
-        path = f"/v1/apps/{EMULATOR_APP}/machines/{first.id}"
-        machines_api.http.get(f"{path}/wait", params={"state": "started", "timeout": 10})
+        wait(machines_api, first.id, "started")
     assert states(machines_api) == ["started", "stopped"]
 
 
