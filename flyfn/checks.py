@@ -361,10 +361,10 @@ def check_keep_warm(app_configs: Sequence[AppConfig] | None = None, **kwargs: An
 def _outside_primary(
     where: Placement, region: str | None, here: str | None, primary: str
 ) -> str | None:
-    """A region, other than `primary`, where the group has a pool: its `region`, the first
-    such of its listed regions, or (for a pool that follows its callers) this Machine's own
-    region: an app Machine running there is a
-    caller, and off the primary region it says the app runs in several."""
+    """A region, other than `primary`, where the group has a pool: its `region`, the first such
+    of its listed regions, or (for a pool that follows its callers) this Machine's own region:
+    an app Machine there is a caller, and off the primary region it shows the app runs in
+    several (without an API call, the check cannot see the others)."""
     candidates: tuple[str | None, ...] = ()
     if where.mode == "listed":
         candidates = where.listed

@@ -73,7 +73,7 @@ class PoolSpec:
     # A pool of one region (`regions`): only the group's Machines in `region` are its own, and
     # their names carry the region. False: the one pool of the whole app, as before regions.
     regional: bool = False
-    # How many of them (the first in rank order) are kept started (`keep_warm`).
+    # How many of them are kept started (`keep_warm`; 0 outside the primary region).
     warm: int = 0
 
     @property
