@@ -59,6 +59,8 @@ _DAYS_RE = re.compile(r"^([0-9]{1,4})d$")
 def _billed(status: str | None) -> Billed | Literal["gone"] | None:
     """What a state is billed as; None for a status that is no state (e.g. an `error` event)
     or that keeps the state before it (`_KEPT`)."""
+    if status in _KEPT:
+        return None
     if status in _STARTED:
         return "started"
     if status in _STOPPED:
