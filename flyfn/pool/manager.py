@@ -264,7 +264,11 @@ class PoolManager:
         shared = self.listing.read(app) if way.open and way.home and app else None
         regions = way.failover
         if shared is not None:
-            known = {m.region for m in shared[1] if m.region and is_app_machine(m)}
+            known = {
+                m.region
+                for m in shared[1]
+                if m.region and is_app_machine(m) and m.state not in GONE_STATES
+            }
             extra = known - {way.home, *way.failover}
             if extra:
                 assert way.home is not None
