@@ -9,6 +9,11 @@ ticker runs the finer ones (`every` seconds, `cron`); off Fly (the local role) t
 them all. Whoever looks, a slot's row is inserted in the transaction that enqueues its task: a
 second look at the same slot, on any Machine and at the same moment, finds the row and enqueues
 nothing. The enqueued task is delivered as any other: its group is woken after the commit.
+
+A look runs the slot it falls in and, late, the slot just before it when that one has no row
+and the schedule has run before (Fly starts a scheduled Machine once per interval from its
+creation, at no stated minute: starts at 10:59:59 and 12:00:01 look at no moment of the 11:00
+slot). An older slot without a row is skipped.
 """
 
 from __future__ import annotations
@@ -20,12 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import IntegrityError, close_old_connections, connections, router, transaction
+from django.core.exceptions import ImproperlyConfigured
+from django.db import (
+    Error,
+    IntegrityError,
+    close_old_connections,
+    connections,
+    router,
+    transaction,
+)
 from django.db.models import Max
 from django.utils import timezone
 from django.utils.module_loading import import_string
+from django_tasks_db.models import DBTaskResult
 
 from flyfn import process_state
+from flyfn.backoff import Backoff
 from flyfn.machine_role import current_role
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.configured import FlyfnBackend, flyfn_backends
@@ -38,6 +53,8 @@ __all__ = [
     "SlotRun",
     "enqueue_due",
     "enqueue_slot",
+    "error_text",
+    "schedule_database",
     "schedule_rows",
     "start_ticker",
     "stop_ticker",
@@ -50,6 +67,11 @@ logger = logging.getLogger("flyfn.tasks")
 MIN_TICK = 0.05
 MAX_TICK = 60.0
 
+# The pause before a look retries a slot whose enqueue failed (doubling), well within an `every:
+# 60` slot: a failed slot is not left for the next one.
+RETRY_FIRST = 1.0
+RETRY_CAP = 15.0
+
 # How long a slot's row is kept once a later slot has run (a schedule every minute keeps about
 # 10,000 rows).
 KEPT = timedelta(days=7)
@@ -59,14 +81,46 @@ Selection = Callable[[Schedule], bool]
 
 @dataclass(frozen=True, slots=True)
 class SlotRun:
-    """One look at a schedule's current slot: the task enqueued for it (None: the slot already
-    had its run, here or on another Machine, or the enqueue failed: `error` says why)."""
+    """One look at a schedule's slot: the task enqueued for it (None: the slot already had its
+    run, here or on another Machine, or the enqueue failed: `error` says why). `late`: the slot
+    before the current one, caught up on."""
 
     backend: str
     schedule: str
     slot: datetime
     task_id: str | None
     error: str | None = None
+    late: bool = False
+
+
+# Modules of database drivers: their messages may name the host, the user or the database.
+_DRIVER_MODULES = ("psycopg", "psycopg2", "MySQLdb", "pymysql", "sqlite3", "oracledb", "cx_Oracle")
+
+
+def error_text(exc: BaseException) -> str:
+    """How a failed look names its error in logs and `tick`'s output: the exception's class, and
+    its message only when it cannot come from a database connection (a driver's message may
+    carry the host, user and database of the DSN)."""
+    kind = type(exc).__name__
+    from_driver = any(
+        klass.__module__.split(".")[0] in _DRIVER_MODULES for klass in type(exc).__mro__
+    )
+    if isinstance(exc, (Error, OSError)) or from_driver:
+        return f"{kind} (database or network error; message withheld)"
+    return f"{kind}: {exc}"
+
+
+def schedule_database() -> str:
+    """The database of the slots' rows, which must be the tasks' own: a slot's row and its task
+    are committed in one transaction (`flyfn.E024` checks the routers agree)."""
+    database = router.db_for_write(ScheduledRun) or "default"
+    tasks = router.db_for_write(DBTaskResult) or "default"
+    if database != tasks:
+        raise ImproperlyConfigured(
+            f"periodic tasks need ScheduledRun and DBTaskResult in one database (the router "
+            f"gives {database!r} and {tasks!r}): a slot's row and its task are committed together"
+        )
+    return database
 
 
 def enqueue_slot(
@@ -80,7 +134,7 @@ def enqueue_slot(
         using["queue_name"] = schedule.queue_name
     if schedule.priority is not None:
         using["priority"] = schedule.priority
-    database = router.db_for_write(ScheduledRun) or "default"
+    database = schedule_database()
     with transaction.atomic(using=database):
         try:
             with transaction.atomic(using=database):  # a savepoint: the insert may lose
@@ -96,7 +150,8 @@ def enqueue_slot(
         result = task.using(**using).enqueue(*schedule.args, **schedule.kwargs)
         run.task_id = str(result.id)
         run.save(update_fields=["task_id"])
-        # Only the current slot is ever looked up: older rows are history, kept a while.
+        # Only the latest slots are ever looked up: older rows are history, kept a while (the
+        # schedule's latest row always stays: it tells a catch-up the schedule ran before).
         ScheduledRun.objects.using(database).filter(
             backend_name=backend.alias, schedule=name, slot__lt=slot - KEPT
         ).delete()
@@ -104,33 +159,69 @@ def enqueue_slot(
 
 
 def enqueue_due(which: Selection) -> list[SlotRun]:
-    """Look at the current slot (on the database's clock) of every schedule `which` selects, of
-    every flyfn backend, and enqueue those that have no run yet; a schedule whose enqueue fails
-    is logged and reported (its slot has no row: the next look tries again)."""
+    """Look at the slots (on the database's clock) of every schedule `which` selects, of every
+    flyfn backend: the slot just before the current one, when it has no run and the schedule
+    ran before it (late), then the current slot, each enqueued unless it has its run. A slot
+    whose enqueue fails is logged and reported (it has no row: the next look tries again)."""
     scale = time_scale()
     done: list[SlotRun] = []
     for backend in flyfn_backends():
-        now = db_now(router.db_for_write(ScheduledRun) or "default")
+        database = schedule_database()
+        now = db_now(database)
         for name, schedule in sorted(backend.schedules.items()):
             if not which(schedule):
                 continue
-            slot = schedule.slot_at(now, scale)
+            current = schedule.slot_at(now, scale)
+            slots = [(current, False)]
             try:
-                task_id = enqueue_slot(backend, name, schedule, slot)
-            except Exception as exc:  # one broken schedule must not hold up the others
-                error = f"{type(exc).__name__}: {exc}"
-                logger.error("flyfn tasks: schedule %r cannot be enqueued: %s", name, error)
-                done.append(SlotRun(backend.alias, name, slot, None, error))
-                continue
-            if task_id is not None:
-                logger.info(
-                    "flyfn tasks: schedule %r enqueued %s for its slot %s",
+                previous = schedule.previous_slot(now, scale)
+                last = _last_slot(database, backend.alias, name)
+            except Exception as exc:  # the database is away: the current slot's look says so too
+                logger.warning(
+                    "flyfn tasks: schedule %r: cannot read its last slot: %s",
                     name,
-                    schedule.task,
-                    slot.isoformat(),
+                    error_text(exc),
                 )
-            done.append(SlotRun(backend.alias, name, slot, task_id))
+            else:
+                if last is not None and last < previous:
+                    slots.insert(0, (previous, True))
+            for slot, late in slots:
+                done.append(_look(backend, name, schedule, slot, late=late))
     return done
+
+
+def _last_slot(database: str, backend: str, name: str) -> datetime | None:
+    found = (
+        ScheduledRun.objects.using(database)
+        .filter(backend_name=backend, schedule=name)
+        .aggregate(last=Max("slot"))["last"]
+    )
+    return found if isinstance(found, datetime) else None
+
+
+def _look(
+    backend: FlyfnBackend, name: str, schedule: Schedule, slot: datetime, *, late: bool
+) -> SlotRun:
+    try:
+        task_id = enqueue_slot(backend, name, schedule, slot)
+    except Exception as exc:  # one broken schedule must not hold up the others
+        error = error_text(exc)
+        logger.error(
+            "flyfn tasks: schedule %r cannot be enqueued for its slot %s: %s",
+            name,
+            slot.isoformat(),
+            error,
+        )
+        return SlotRun(backend.alias, name, slot, None, error, late)
+    if task_id is not None:
+        logger.info(
+            "flyfn tasks: schedule %r enqueued %s for its slot %s%s",
+            name,
+            schedule.task,
+            slot.isoformat(),
+            " (late: no look in that slot)" if late else "",
+        )
+    return SlotRun(backend.alias, name, slot, task_id, late=late)
 
 
 def runs_on_app_machines(schedule: Schedule) -> bool:
@@ -165,13 +256,19 @@ class Ticker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        retry = Backoff(RETRY_FIRST, RETRY_CAP)
         while not self._stopped:
             try:
-                enqueue_due(self.which)
+                failed = any(run.error for run in enqueue_due(self.which))
                 sleep = self._until_next()
             except Exception as exc:  # the database is away: look again soon
-                logger.warning("flyfn tasks: cannot run schedules: %s: %s", type(exc).__name__, exc)
-                sleep = MAX_TICK / 6
+                logger.warning("flyfn tasks: cannot run schedules: %s", error_text(exc))
+                failed, sleep = True, MAX_TICK
+            if failed:  # a slot without its run: look again soon, not at the next slot
+                retry.failed()
+                sleep = min(sleep, retry.delay)
+            else:
+                retry.succeeded()
             with contextlib.suppress(Exception):
                 close_old_connections()
             self._wake.wait(sleep)
@@ -179,7 +276,7 @@ class Ticker:
 
     def _until_next(self) -> float:
         scale = time_scale()
-        now = db_now(router.db_for_read(ScheduledRun) or "default")
+        now = db_now(schedule_database())
         upcoming = [
             schedule.next_slot(now, scale)
             for backend in flyfn_backends()
@@ -256,9 +353,11 @@ def schedule_rows(scale: float | None = None) -> list[ScheduleRow]:
     for backend in flyfn_backends():
         if not backend.schedules:
             continue
-        now = db_now(router.db_for_read(ScheduledRun) or "default")
+        database = router.db_for_read(ScheduledRun) or "default"
+        now = db_now(database)
         last = dict(
-            ScheduledRun.objects.filter(backend_name=backend.alias)
+            ScheduledRun.objects.using(database)
+            .filter(backend_name=backend.alias)
             .values_list("schedule")
             .annotate(last=Max("slot"))
             .order_by()
