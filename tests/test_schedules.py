@@ -222,43 +222,48 @@ def test_a_slot_whose_task_cannot_be_enqueued_keeps_no_record(
     )
 
 
-# Two scheduled Machines at once: two connections, the same slot. Only PostgreSQL makes the second
-# insert wait for the first transaction (SQLite serialises whole transactions).
+# Two scheduled Machines at once: two connections, the same slot, both transactions open when
+# either inserts the slot's row. Only PostgreSQL makes the second insert wait for the first
+# transaction (SQLite serialises whole transactions). Without the unique constraint both looks
+# enqueue the slot, and the test fails.
 @pytest.mark.django_db(transaction=True)
 def test_two_looks_at_the_same_slot_at_once_enqueue_once(scheduled: FlyMachinesBackend) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("concurrent transactions: PostgreSQL only")
     hourly = scheduled.schedules["hourly-note"]
     slot = at("2026-12-07 02:00")
-    inserted = threading.Barrier(2, timeout=SAFETY_BOUND)
+    table = ScheduledRun._meta.db_table
+    at_insert = threading.Barrier(2, timeout=SAFETY_BOUND)
+    met: list[bool] = []
     results: list[str | None] = []
     errors: list[BaseException] = []
-    original = ScheduledRun.objects.create
 
-    def create_then_wait(**fields: Any) -> ScheduledRun:
-        # Each Machine inserts (one of them waits there for the other's transaction) ...
-        inserted.wait()  # both at the insert together: the race itself
-        return original(**fields)
+    def insert_together(
+        execute: Any, sql: str, params: Any, many: bool, context: dict[str, Any]
+    ) -> Any:
+        if sql.startswith(f'INSERT INTO "{table}"'):
+            assert connection.in_atomic_block  # this look's transaction is open ...
+            at_insert.wait()  # ... and so is the other's: the race itself
+            met.append(True)
+        return execute(sql, params, many, context)
 
     def machine() -> None:
         try:
-            results.append(enqueue_slot(scheduled, "hourly-note", hourly, slot))
+            with connection.execute_wrapper(insert_together):
+                results.append(enqueue_slot(scheduled, "hourly-note", hourly, slot))
         except BaseException as exc:
             errors.append(exc)
         finally:
             connection.close()
 
-    ScheduledRun.objects.create = create_then_wait  # type: ignore[method-assign]
-    try:
-        threads = [threading.Thread(target=machine) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(SAFETY_BOUND)
-            assert not thread.is_alive(), "a look blocked: too slow (safety bound)"
-    finally:
-        del ScheduledRun.objects.create
+    threads = [threading.Thread(target=machine) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SAFETY_BOUND)
+        assert not thread.is_alive(), "a look blocked: too slow (safety bound)"
     assert errors == []
+    assert met == [True, True]  # both inserts were sent with both transactions in flight
     (enqueued,) = [r for r in results if r is not None]
     assert results.count(None) == 1  # the other look found the slot's row and did nothing
     assert [str(i) for i in DBTaskResult.objects.values_list("id", flat=True)] == [enqueued]
