@@ -19,11 +19,14 @@ slot). An older slot without a row is skipped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import (
@@ -41,7 +44,8 @@ from django_tasks_db.models import DBTaskResult
 
 from flyfn import process_state
 from flyfn.backoff import Backoff
-from flyfn.machine_role import current_role
+from flyfn.machine_dir import machine_dir
+from flyfn.machine_role import current_env, current_role
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.configured import FlyfnBackend, flyfn_backends
 from flyfn.tasks.models import ScheduledRun
@@ -51,6 +55,8 @@ from flyfn.tasks.schedules import Schedule, time_scale
 __all__ = [
     "ScheduleRow",
     "SlotRun",
+    "Ticker",
+    "TickerLock",
     "enqueue_due",
     "enqueue_slot",
     "error_text",
@@ -66,6 +72,10 @@ logger = logging.getLogger("flyfn.tasks")
 # that jumped), and never spins.
 MIN_TICK = 0.05
 MAX_TICK = 60.0
+
+# How often a process whose Machine's ticker runs in another of its processes checks whether that
+# one is gone (it then takes over).
+LOCK_POLL = 10.0
 
 # The pause before a look retries a slot whose enqueue failed (doubling), well within an `every:
 # 60` slot: a failed slot is not left for the next one.
@@ -236,12 +246,47 @@ def _everything(schedule: Schedule) -> bool:
 # -- the ticker --------------------------------------------------------------------------------
 
 
+class TickerLock:
+    """The one ticker of a Machine: an exclusive `flock` on a file of the Machine's directory,
+    shared by its worker processes (each serves requests and starts a ticker; one looks). The
+    kernel drops it with its process, so another worker takes over. No path (off Fly, no
+    Machine id): every process holds it."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Whether this process holds the lock now (without waiting)."""
+        if self.path is None or self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process of the Machine holds it
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _machine_lock() -> TickerLock:
+    directory = machine_dir(current_env().machine_id, "schedules")
+    return TickerLock(None if directory is None else directory / "ticker.lock")
+
+
 class Ticker:
     """A daemon thread that enqueues the due slots of the schedules `which` selects, sleeping
-    until the next slot of any of them (or `MAX_TICK`)."""
+    until the next slot of any of them (or `MAX_TICK`), once it holds its Machine's `lock`."""
 
-    def __init__(self, which: Selection) -> None:
+    def __init__(self, which: Selection, lock: TickerLock | None = None) -> None:
         self.which = which
+        self.lock = lock or TickerLock(None)
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="flyfn-schedules", daemon=True)
@@ -256,6 +301,9 @@ class Ticker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        # Another process of the Machine looks: wait, quietly, until it is gone.
+        while not self._stopped and not self.lock.acquire():
+            self._wake.wait(LOCK_POLL)
         retry = Backoff(RETRY_FIRST, RETRY_CAP)
         while not self._stopped:
             try:
@@ -272,6 +320,7 @@ class Ticker:
             with contextlib.suppress(Exception):
                 close_old_connections()
             self._wake.wait(sleep)
+        self.lock.release()
         connections.close_all()
 
     def _until_next(self) -> float:
@@ -305,7 +354,7 @@ def start_ticker() -> bool:
         return False
     with _ticker_lock:
         if _ticker is None:
-            _ticker = Ticker(which)
+            _ticker = Ticker(which, _machine_lock())
             _ticker.start()
     return True
 
@@ -320,8 +369,11 @@ def stop_ticker() -> None:
 
 
 def _forget_after_fork() -> None:
-    # Threads do not survive fork(): a forked worker starts its own ticker.
+    # Threads do not survive fork(): a forked worker starts its own ticker. Its copy of the
+    # parent's lock is closed (the parent's still holds it).
     global _ticker, _ticker_lock
+    if _ticker is not None:
+        _ticker.lock.release()
     _ticker = None
     _ticker_lock = threading.Lock()
 
