@@ -23,16 +23,15 @@ from django_tasks_db.compat import task_backends
 from django_tasks_db.models import DBTaskResult
 
 from flyfn import machine_role
-from flyfn.machine_role import MachineEnv
 from flyfn.emulator.dev import _task_figures
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.schedule import FlySchedules, scaled_period
 from flyfn.emulator.state import MachinesEmulator
+from flyfn.machine_role import MachineEnv
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
-from flyfn.tasks import FlyMachinesBackend
+from flyfn.tasks import FlyMachinesBackend, periodic
 from flyfn.tasks.dispatch import Dispatcher, stop_all
 from flyfn.tasks.models import ScheduledRun
-from flyfn.tasks import periodic
 from flyfn.tasks.periodic import (
     Ticker,
     TickerLock,
@@ -320,7 +319,9 @@ def looks_at(monkeypatch: pytest.MonkeyPatch, now: datetime) -> None:
 
 
 def slots_run(name: str) -> list[datetime]:
-    return list(ScheduledRun.objects.filter(schedule=name).order_by("slot").values_list("slot", flat=True))
+    return list(
+        ScheduledRun.objects.filter(schedule=name).order_by("slot").values_list("slot", flat=True)
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -395,11 +396,18 @@ def test_a_failed_catch_up_is_reported_and_the_current_slot_still_runs(
 def test_error_text_withholds_what_a_database_driver_says() -> None:
     import psycopg
 
-    said = 'connection to server at "db.internal" (10.0.0.1), port 5432 failed: password for "admin"'
-    for exc in (OperationalError(said), psycopg.OperationalError(said), ConnectionRefusedError(said)):
+    said = (
+        'connection to server at "db.internal" (10.0.0.1), port 5432 failed: password for "admin"'
+    )
+    for exc in (
+        OperationalError(said),
+        psycopg.OperationalError(said),
+        ConnectionRefusedError(said),
+    ):
         text = error_text(exc)
         assert text.startswith(type(exc).__name__)
-        assert "db.internal" not in text and "admin" not in text
+        assert "db.internal" not in text
+        assert "admin" not in text
     assert error_text(ImportError("No module named 'app.nowhere'")) == (
         "ImportError: No module named 'app.nowhere'"
     )
@@ -412,14 +420,18 @@ def test_a_failed_look_logs_the_schedule_and_the_error_class_only(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise OperationalError('could not connect to "db.internal" as user "admin" password=hunter2')
+        raise OperationalError(
+            'could not connect to "db.internal" as user "admin" password=hunter2'
+        )
 
     monkeypatch.setattr(FlyMachinesBackend, "enqueue", refuse)
     (run,) = enqueue_due(lambda s: s.fly_interval == "daily")
-    assert run.error and run.error.startswith("OperationalError")
+    assert run.error
+    assert run.error.startswith("OperationalError")
     assert "'daily-sum'" in caplog.text
     assert "OperationalError" in caplog.text
-    assert "db.internal" not in caplog.text and "hunter2" not in caplog.text
+    assert "db.internal" not in caplog.text
+    assert "hunter2" not in caplog.text
 
 
 # --------------------------------------------------------------------------- checks
@@ -483,7 +495,8 @@ def test_a_backend_alias_longer_than_its_column_is_an_error(settings: Any) -> No
     found = task_backends[alias]
     assert isinstance(found, FlyMachinesBackend)
     (error,) = [m for m in check_schedules(found) if m.id == "flyfn.E023"]
-    assert "has 33 characters" in error.msg and "of 32" in error.msg
+    assert "has 33 characters" in error.msg
+    assert "of 32" in error.msg
     settings.TASKS = {"a" * 32: tasks_setting({})["default"]}
     assert [m.id for m in check_schedules(task_backends["a" * 32])] == []  # type: ignore[arg-type]
 
@@ -498,7 +511,9 @@ class SlotsElsewhere:
 
 
 @pytest.mark.django_db
-def test_slots_and_tasks_must_share_a_database(scheduled: FlyMachinesBackend, settings: Any) -> None:
+def test_slots_and_tasks_must_share_a_database(
+    scheduled: FlyMachinesBackend, settings: Any
+) -> None:
     settings.DATABASE_ROUTERS = [SlotsElsewhere()]
     (error,) = [m for m in check_schedules(backend()) if m.id == "flyfn.E024"]
     assert "ScheduledRun and DBTaskResult in one database" in error.msg
@@ -515,7 +530,8 @@ def test_a_worker_id_fits_its_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     with machine_role.override_role(machine_role.LOCAL):
         long = worker_id()
     assert len(long) == WORKER_ID_MAX
-    assert long.startswith("local-hhh") and long.endswith(f"-{os.getpid()}")
+    assert long.startswith("local-hhh")
+    assert long.endswith(f"-{os.getpid()}")
     monkeypatch.setattr(socket, "gethostname", lambda: "laptop")
     with machine_role.override_role(machine_role.LOCAL):
         assert worker_id() == f"local-laptop-{os.getpid()}"
@@ -668,7 +684,10 @@ def test_prepare_updates_a_scheduled_machine_for_a_new_image_and_leaves_it_stopp
 def scheduled_versions(api: MachinesAPI) -> dict[str, tuple[str | None, str | None]]:
     """Each scheduled Machine's version and state."""
     return {
-        m.name or "": ((m.config.metadata or {}).get("flyfn_version") if m.config else None, m.state)
+        m.name or "": (
+            (m.config.metadata or {}).get("flyfn_version") if m.config else None,
+            m.state,
+        )
         for m in scheduled_only(api)
     }
 
@@ -920,7 +939,8 @@ def test_a_machine_s_second_ticker_looks_only_once_the_first_is_gone(
     env = MachineEnv(machine_id="e286de4f711e86")
     with machine_role.override_role(machine_role.MAIN, env):
         held = periodic._machine_lock()
-        assert held.path is not None and held.path.name == "ticker.lock"
+        assert held.path is not None
+        assert held.path.name == "ticker.lock"
         assert held.acquire()  # another worker process's ticker
         assert start_ticker()
         assert periodic._ticker is not None
