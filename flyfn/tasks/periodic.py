@@ -5,8 +5,9 @@ and the live page show.
 
 Who looks for due slots: on Fly, the scheduled Machine of each interval in use runs `manage.py
 flyfn tick INTERVAL` when Fly starts it (`flyfn.tasks.scheduled_machines`); an app Machine's
-ticker runs the finer ones (`every` seconds, `cron`); off Fly (the local role) the ticker runs
-them all. Whoever looks, a slot's row is inserted in the transaction that enqueues its task: a
+ticker runs the finer ones (`every` seconds, `cron`): each process starts one with its first
+request, and the one that holds the Machine's lock looks; off Fly (the local role) every
+process's ticker runs them all. Whoever looks, a slot's row is inserted in the transaction that enqueues its task: a
 second look at the same slot, on any Machine and at the same moment, finds the row and enqueues
 nothing. The enqueued task is delivered as any other: its group is woken after the commit.
 
@@ -344,7 +345,7 @@ _ticker_lock = threading.Lock()
 def start_ticker() -> bool:
     """Start this process's ticker (an app Machine's first request; the local role's too) when
     a flyfn backend has schedules it runs: the finer ones on an app Machine, all of them off
-    Fly. Whether one runs."""
+    Fly. Whether one runs (on a Machine, it looks once it holds the Machine's lock)."""
     global _ticker
     role = current_role()
     if role.is_function:
