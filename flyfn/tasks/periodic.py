@@ -7,9 +7,10 @@ Who looks for due slots: on Fly, the scheduled Machine of each interval in use r
 flyfn tick INTERVAL` when Fly starts it (`flyfn.tasks.scheduled_machines`); an app Machine's
 ticker runs the finer ones (`every` seconds, `cron`): each process starts one with its first
 request, and the one that holds the Machine's lock looks; off Fly (the local role) every
-process's ticker runs them all. Whoever looks, a slot's row is inserted in the transaction that enqueues its task: a
-second look at the same slot, on any Machine and at the same moment, finds the row and enqueues
-nothing. The enqueued task is delivered as any other: its group is woken after the commit.
+process's ticker runs them all. Whoever looks, a slot's row is inserted in the transaction that
+enqueues its task: a second look at the same slot, on any Machine and at the same moment, finds
+the row and enqueues nothing. The enqueued task is delivered as any other: its group is woken
+after the commit.
 
 A look runs the slot it falls in and, late, the slot just before it when that one has no row
 and the schedule has run before (Fly starts a scheduled Machine once per interval from its
@@ -261,7 +262,10 @@ class TickerLock:
         """Whether this process holds the lock now (without waiting)."""
         if self.path is None or self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # no lock file to be had: look rather than never
+            return True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # another process of the Machine holds it

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
@@ -716,8 +717,6 @@ def within(deadline: float, work: Callable[[], T], message: str) -> T:
     failed: list[BaseException] = []
 
     def target() -> None:
-        from django.db import connections
-
         try:
             done.append(work())
         except BaseException as exc:
