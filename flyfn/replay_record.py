@@ -45,6 +45,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from flyfn import process_state
@@ -99,12 +100,19 @@ def replay_key(secret: str | bytes, method: str, path: str, query: str, body: st
 
 
 def _expiry(issued: float, ttl: float) -> int:
-    """The last whole second at which an entry issued at `issued` still explains a fallback."""
-    return int(issued) + math.ceil(ttl)
+    """The last whole second at which an entry issued at `issued` still explains a fallback:
+    rounded up, so that an entry lives at least `ttl` seconds (less than one more)."""
+    return math.ceil(issued + ttl)
+
+
+# Where a record reads the time when it is not given one (tests set a fixed one).
+Clock = Callable[[], float]
 
 
 class ReplayRecord(Protocol):
     """What the middleware needs of a record (per Machine or in-process)."""
+
+    clock: Clock
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
         """Record one replay of `key` explaining one fallback for `ttl` seconds; False when it
@@ -143,8 +151,9 @@ _FULL = (
 class MemoryRecord:
     """A process's own record (no Machine id): a list of expiry seconds per key, behind a lock."""
 
-    def __init__(self, limit: int = REPLAY_RECORD_LIMIT) -> None:
+    def __init__(self, limit: int = REPLAY_RECORD_LIMIT, clock: Clock = time.time) -> None:
         self.limit = limit
+        self.clock = clock
         self._entries: dict[str, list[int]] = {}
         self._count = 0
         self._next_sweep = float("-inf")
@@ -152,7 +161,7 @@ class MemoryRecord:
         self._report = _Reporter()
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
@@ -164,7 +173,7 @@ class MemoryRecord:
             return True
 
     def take(self, key: str, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             expiries = self._entries.get(key)
             if not expiries:
@@ -220,9 +229,12 @@ class DirectoryRecord:
     """A Machine's record shared by its processes: one append-only file per expiry second under
     `root`, one line per issued replay (see the module docstring)."""
 
-    def __init__(self, root: str, limit: int = REPLAY_RECORD_LIMIT) -> None:
+    def __init__(
+        self, root: str, limit: int = REPLAY_RECORD_LIMIT, clock: Clock = time.time
+    ) -> None:
         self.root = root
         self.limit = limit
+        self.clock = clock
         # The Machine's live entries at this process's last sweep plus its own since (another
         # process's since then are counted at the next sweep).
         self._total = 0
@@ -234,7 +246,7 @@ class DirectoryRecord:
         self._report = _Reporter()
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         expiry = _expiry(now, ttl)
         with self._lock:
             if now >= self._next_sweep:
@@ -264,7 +276,7 @@ class DirectoryRecord:
             return os.open(path, _APPEND, 0o600)
 
     def take(self, key: str, now: float | None = None) -> bool:
-        clock = time.time() if now is None else now
+        clock = self.clock() if now is None else now
         needle = key.encode("ascii")
         if len(needle) != _KEY_SIZE:
             return False
@@ -293,7 +305,7 @@ class DirectoryRecord:
             if whole and self._claim(expiry, at):
                 # A sweep that found the entry expired may have removed its claim just before
                 # this one: only a claim made by its expiry second counts.
-                return (time.time() if now is None else now) <= expiry
+                return (self.clock() if now is None else now) <= expiry
             at = data.find(key, at + 1)
         return False
 
@@ -327,7 +339,10 @@ class DirectoryRecord:
                     claims.append(name)
                 continue
             if now > expiry:
+                # Emptied first: a process that stopped replaying keeps its descriptor of the
+                # log until its next replay, and with it the log's data, were it only unlinked.
                 with contextlib.suppress(OSError):  # swept by another process meanwhile
+                    os.truncate(entry.path, 0)
                     os.unlink(entry.path)
                 continue
             with contextlib.suppress(OSError):
@@ -348,7 +363,7 @@ class DirectoryRecord:
         """Sweep now (it happens once a second as replays are recorded; tests); returns the
         Machine's live entries."""
         with self._lock:
-            return self._sweep(time.time() if now is None else now)
+            return self._sweep(self.clock() if now is None else now)
 
     def drop_files(self) -> None:
         """Close this process's logs (a forked child: copies of its parent's descriptors)."""
@@ -373,12 +388,16 @@ def _log_expiry(name: str) -> int | None:
 
 
 def open_record(
-    machine_id: str | None, base: str | None = None, limit: int = REPLAY_RECORD_LIMIT
+    machine_id: str | None,
+    base: str | None = None,
+    limit: int = REPLAY_RECORD_LIMIT,
+    clock: Clock = time.time,
 ) -> ReplayRecord:
     """A new record for `machine_id`: its Machine's directory `replays` (`flyfn.machine_dir`,
-    under `base`), or an in-process one without a usable Machine id or directory."""
+    under `base`), or an in-process one without a usable Machine id or directory; it reads the
+    time from `clock` when `add` or `take` is not given one."""
     if not machine_id:
-        return MemoryRecord(limit)
+        return MemoryRecord(limit, clock)
     root = machine_dir(machine_id, "replays", base=base)
     if root is None:
         logger.warning(
@@ -386,8 +405,8 @@ def open_record(
             "recorded per process (a fallback reaching another worker process answers 503).",
             machine_id,
         )
-        return MemoryRecord(limit)
-    return DirectoryRecord(str(root), limit)
+        return MemoryRecord(limit, clock)
+    return DirectoryRecord(str(root), limit, clock)
 
 
 _records: dict[str | None, ReplayRecord] = {}
