@@ -295,6 +295,7 @@ def test_an_idle_process_logs_are_emptied_by_another_process_sweep(tmp_path: Pat
     idle = open_record(machine_id, str(tmp_path))
     busy = open_record(machine_id, str(tmp_path))  # another worker of the Machine
     assert isinstance(idle, DirectoryRecord)
+    assert isinstance(busy, DirectoryRecord)
     before = open_descriptors()
     assert all(idle.add(key(f"/p{n}/"), TTL, now=NOW) for n in range(100))
     (held,) = open_descriptors() - before
