@@ -284,15 +284,33 @@ class DirectoryRecord:
             names = os.listdir(self.root)
         except OSError:  # no record yet: no entry
             return False
-        live = sorted(e for e in map(_log_expiry, names) if e is not None and clock <= e)
-        for expiry in live:  # the entry closest to its expiry first
+        live: list[int] = []
+        claimed: dict[int, int] = {}  # consumed entries per expiry second
+        for name in names:
+            expiry = _log_expiry(name)
+            if expiry is not None:
+                if clock <= expiry:
+                    live.append(expiry)
+            elif name.endswith(_TAKEN):
+                second = _claim_expiry(name)
+                claimed[second] = claimed.get(second, 0) + 1
+        # The Machine's first `limit` unconsumed entries, the closest to their expiry first: its
+        # workers may briefly have appended more (each counts the others' at its sweeps), and
+        # those explain nothing, so a fallback never reads more than the limit's worth (and the
+        # consumed lines among them).
+        room = self.limit
+        for expiry in sorted(live):
+            if room <= 0:
+                break
+            consumed = claimed.get(expiry, 0)
             try:
                 with open(os.path.join(self.root, f"{expiry}{_LOG}"), "rb") as log:
-                    data = log.read()
+                    data = log.read((room + consumed) * ENTRY_SIZE)
             except OSError:  # swept meanwhile
                 continue
             if self._take_from(data, needle, expiry, now):
                 return True
+            room -= len(data) // ENTRY_SIZE - consumed
         return False
 
     def _take_from(self, data: bytes, key: bytes, expiry: int, now: float | None) -> bool:
@@ -348,10 +366,7 @@ class DirectoryRecord:
             with contextlib.suppress(OSError):
                 live += entry.stat().st_size // ENTRY_SIZE
         for name in claims:
-            claimed = name.split(".", 1)[0]
-            if not claimed.isdigit():
-                continue
-            if now > int(claimed):
+            if now > _claim_expiry(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.root, name))
             else:
@@ -385,6 +400,12 @@ def _log_expiry(name: str) -> int | None:
         return None
     stem = name[: -len(_LOG)]
     return int(stem) if stem.isdigit() else None
+
+
+def _claim_expiry(name: str) -> int:
+    """The expiry second a claim's name (`<expiry>.<offset>.taken`) says (-1: not a claim's)."""
+    second = name.split(".", 1)[0]
+    return int(second) if second.isdigit() else -1
 
 
 def open_record(

@@ -310,6 +310,26 @@ def test_an_idle_process_logs_are_emptied_by_another_process_sweep(tmp_path: Pat
     assert open_descriptors() == before
 
 
+def test_the_bound_is_the_machines_when_its_workers_fill_it_at_once(tmp_path: Path) -> None:
+    """Two workers that both swept an empty record fill it before either sees the other's
+    entries: the Machine's first `limit` unconsumed entries explain fallbacks, no more (so a
+    fallback reads no more than the limit's worth of lines), as entries beyond a full record."""
+    machine_id = a_machine_id()
+    first = open_record(machine_id, str(tmp_path), limit=4)
+    second = open_record(machine_id, str(tmp_path), limit=4)
+    assert isinstance(first, DirectoryRecord)
+    assert isinstance(second, DirectoryRecord)
+    assert first.sweep(now=NOW) == second.sweep(now=NOW) == 0  # both saw it empty
+    firsts, seconds = [key(f"/a{n}/") for n in range(4)], [key(f"/b{n}/") for n in range(4)]
+    assert all(first.add(k, TTL, now=NOW) for k in firsts)
+    assert all(second.add(k, TTL, now=NOW) for k in seconds)  # 8 lines: 4 beyond the limit
+    assert not any(second.take(k, now=NOW) for k in seconds)
+    assert first.take(firsts[0], now=NOW)
+    assert second.take(seconds[0], now=NOW)  # one consumed: the next line is within the limit
+    assert not second.take(seconds[2], now=NOW)  # 4 unconsumed before it (a1 to a3, b1)
+    assert second.take(seconds[1], now=NOW)
+
+
 def test_a_cleaned_temp_dir_is_made_again(tmp_path: Path) -> None:
     record = open_record(a_machine_id(), str(tmp_path))
     record.clear()  # /tmp cleaned under the Machine's feet
