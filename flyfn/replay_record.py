@@ -10,22 +10,32 @@ The record is per Machine, not per process: on Fly a Machine runs several worker
 (`gunicorn -w 4`), and Fly Proxy may hand the fallback to any of them. A Machine with an id keeps
 its record in its Machine's directory (`flyfn.machine_dir`: `/dev/shm/flyfn-<machine id>/replays/`,
 or under the temp dir where there is no /dev/shm this user can write to), one append-only file per
-second in which entries expire, `<expiry second>.log`:
+second in which entries expire, `<expiry second>.log` (an entry lives its TTL rounded up to the
+next whole second: never less, less than a second more):
 
 - issuing a replay appends one line, its key (`ENTRY_SIZE` bytes), to its expiry second's log: one
   `write` to a file the process keeps open (`O_APPEND`: the kernel puts each process's whole line
   at the end, one after the other);
 - a fallback reads the logs of the seconds not yet past and claims one line of its key by
   creating `<expiry second>.<offset>.taken` with `O_CREAT | O_EXCL`: the kernel lets exactly one
-  process create it, so across the Machine's processes one replay explains one fallback. A
-  fallback costs a read of every unexpired entry (at most `REPLAY_RECORD_LIMIT` lines of
-  `ENTRY_SIZE` bytes); only replays, the frequent case, must be cheap;
-- each process sweeps once a second as it issues replays: it removes the past seconds' logs and
-  then their claims (expiry is deleting files), and counts the entries of the others, from the
-  logs' sizes less the claims: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep plus
-  its own since (another process's since then are seen at the next sweep, so the Machine may
-  briefly hold about a second's worth of its other workers' replays more). When full, a replay
-  goes unrecorded: its fallback answers 503, and a log line says so once a minute.
+  process create it, so across the Machine's processes one replay explains one fallback. Only
+  the Machine's first `REPLAY_RECORD_LIMIT` unconsumed entries (the closest to their expiry
+  first) explain a fallback, and a fallback reads no further: at most that many lines of
+  `ENTRY_SIZE` bytes, and the consumed lines among them (each a fallback this Machine ran). Only
+  replays, the frequent case, must
+  be cheap;
+- each process sweeps once a second as it issues replays: it empties and removes the past
+  seconds' logs, then their claims (expiry is deleting files), and counts the Machine's
+  unconsumed entries, from the logs' sizes less the claims. It records a replay while that count
+  plus its own since is below `REPLAY_RECORD_LIMIT`; others' since are seen at its next sweep, so
+  the workers may append up to about a second's replays beyond the limit (at most the limit
+  each, 528 KiB of /dev/shm), lines that explain nothing until entries before them are consumed
+  or expire. When a process finds the record full, a replay goes unrecorded: its fallback answers
+  503, and a log line says so once a minute;
+- a process that stops replaying stops sweeping, and keeps its logs open (one per second its
+  entries expire in) until it next replays: another process's sweep removes them, emptied first,
+  so they hold no data meanwhile. When no process replays, nothing is swept, and the logs stay
+  as they were, bounded as above, until one does.
 
 Without a Machine id (off Fly, the tests) the record is in-process (`MemoryRecord`), with the same
 rules.
@@ -66,10 +76,11 @@ __all__ = [
 
 logger = logging.getLogger("flyfn.replay_record")
 
-# The most entries a Machine's record holds (a flood of distinct requests then goes unrecorded,
-# and its fallbacks answer 503).
+# The most unconsumed entries of a Machine's record that explain fallbacks (a flood of distinct
+# requests then goes unrecorded, and its fallbacks answer 503).
 REPLAY_RECORD_LIMIT = 16_384
-# Seconds a fallback may take to come back once the replay timed out, beyond the replay timeout.
+# Seconds a fallback may take to come back once the replay timed out, beyond the replay timeout
+# (at least: an entry's expiry is rounded up to a whole second).
 FALLBACK_RETURN_MARGIN = 6.0
 # Seconds between two sweeps of a process (while it issues replays).
 SWEEP_INTERVAL = 1.0
