@@ -22,8 +22,7 @@ next whole second: never less, less than a second more):
   the Machine's first `REPLAY_RECORD_LIMIT` unconsumed entries (the closest to their expiry
   first) explain a fallback, and a fallback reads no further: at most that many lines of
   `ENTRY_SIZE` bytes, and the consumed lines among them (each a fallback this Machine ran). Only
-  replays, the frequent case, must
-  be cheap;
+  replays, the frequent case, must be cheap;
 - each process sweeps once a second as it issues replays: it empties and removes the past
   seconds' logs, then their claims (expiry is deleting files), and counts the Machine's
   unconsumed entries, from the logs' sizes less the claims. It records a replay while that count
