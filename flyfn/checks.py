@@ -13,7 +13,7 @@
 - flyfn.W003: `REPLAY_BODY_LIMIT` above Fly's 1 MB replay limit
 - flyfn.W004: a class-based view marked for a method it has no handler for
 - flyfn.W006: a group's `region` or `regions` names a code that is not in Fly's region list
-- flyfn.W026: a group kept warm in a region other than the app's primary region
+- flyfn.W026: a group kept warm with a pool in a region other than the app's primary region
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ from flyfn.conf import (
     get_settings,
 )
 from flyfn.fly.api_host import CLEAR_TEXT_HINT, clear_text_problem
+from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
 from flyfn.fly.limits import REPLAY_BODY_LIMIT
 from flyfn.fly.regions import REGIONS, is_fly_region
-from flyfn.pool.spec import group_app, name_slug
+from flyfn.pool.placement import Placement, placement
+from flyfn.pool.spec import group_app, is_task_group, name_slug
 from flyfn.registry import iter_url_names, registry
 from flyfn.secret_env import secret_env_message, secret_like_env
 
@@ -318,29 +320,56 @@ def check_machine_names(
 
 @register("flyfn")
 def check_keep_warm(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Warning]:
-    """W026: Fly applies `min_machines_running` in the app's primary region only."""
+    """W026: Fly applies `min_machines_running` in the app's primary region only, so a pool
+    elsewhere keeps nothing warm (`flyfn.pool.spec.spec_for` keeps none there)."""
     try:
         settings = get_settings()
     except SettingsError:
         return []  # reported by check_settings
-    primary = os.environ.get("PRIMARY_REGION")
-    return [
-        Warning(
-            f"group {group!r} has keep_warm {options.keep_warm} in region {outside!r}, "
-            f"but Fly Proxy applies min_machines_running in the primary region ({primary!r}) "
-            "only: its Machines would still be stopped when idle.",
-            hint=f'Drop its "region" (Machines then go where the app Machine is) or set it to '
-            f'"{primary}", or set keep_warm to 0.',
-            id="flyfn.W026",
+    primary = env_value(os.environ, PRIMARY_REGION)
+    if primary is None:
+        return []
+    here = env_value(os.environ, FLY_REGION)
+    warnings: list[Warning] = []
+    for group, options in sorted(settings.groups.items()):
+        if not options.keep_warm or is_task_group(group):
+            continue
+        where = placement(settings, group)
+        outside = _outside_primary(where, options.region, here, primary)
+        if outside is None:
+            continue
+        pinned = where.mode == "shared" and options.region is not None
+        warnings.append(
+            Warning(
+                f"group {group!r} has keep_warm {options.keep_warm}, but its pool in region "
+                f"{outside!r} keeps nothing warm: Fly Proxy applies min_machines_running in the "
+                f"primary region ({primary!r}) only, so its Machines there stop when idle and "
+                "each first request after a quiet spell waits for a cold start. Only the "
+                "primary region's pool is kept warm.",
+                hint=(
+                    f'Set its "region" to "{primary}"'
+                    if pinned
+                    else 'Set its "regions" to "primary" (one pool, in the primary region)'
+                )
+                + ", accept the cold starts outside the primary region, or set keep_warm to 0.",
+                id="flyfn.W026",
+            )
         )
-        for group, options in sorted(settings.groups.items())
-        if options.keep_warm
-        and primary
-        and (outside := _outside_primary(options.region, options.regions, primary)) is not None
-    ]
+    return warnings
 
 
-def _outside_primary(region: str | None, regions: object, primary: str) -> str | None:
-    """The group's `region`, or the first region of its `regions` list, that is not `primary`."""
-    listed = regions if isinstance(regions, tuple) else ()
-    return next((r for r in (region, *listed) if r and r != primary), None)
+def _outside_primary(
+    where: Placement, region: str | None, here: str | None, primary: str
+) -> str | None:
+    """A region, other than `primary`, where the group has a pool: its `region`, the first such
+    of its listed regions, or (for a pool that follows its callers) this Machine's own region:
+    an app Machine there is a caller, and off the primary region it shows the app runs in
+    several (without an API call, the check cannot see the others)."""
+    candidates: tuple[str | None, ...] = ()
+    if where.mode == "listed":
+        candidates = where.listed
+    elif where.mode == "shared":
+        candidates = (region,)
+    elif where.mode == "caller":
+        candidates = (here,)
+    return next((r for r in candidates if r and r != primary), None)

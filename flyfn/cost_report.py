@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machine_time import GroupCost, Window, group_cost, parse_window
 from flyfn.machines.models import Machine
 
 __all__ = [
     "COST_HEADER",
     "DEFAULT_WINDOW",
+    "UNKNOWN",
     "cost_row",
     "group_costs",
     "money",
@@ -38,15 +39,6 @@ COST_HEADER = (
 )
 
 
-def _created(machine: Machine) -> float | None:
-    if not machine.created_at:
-        return None
-    try:
-        return datetime.fromisoformat(machine.created_at.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def window_for(text: str, machines: Sequence[Machine], image: str | None, now: float) -> Window:
     """The window `text` names (`parse_window`), ending `now`; `deploy` starts when the first of
     `machines` on `image` (the deploy's) was created (an empty window without one)."""
@@ -56,7 +48,9 @@ def window_for(text: str, machines: Sequence[Machine], image: str | None, now: f
     created = [
         at
         for m in machines
-        if m.config is not None and m.config.image == image and (at := _created(m)) is not None
+        if m.config is not None
+        and m.config.image == image
+        and (at := unix_seconds(m.created_at)) is not None
     ]
     return Window(min(created, default=now), now, "deploy")
 
@@ -71,9 +65,15 @@ def group_costs(
     ]
 
 
-def money(dollars: float) -> str:
+UNKNOWN = "unknown"
+
+
+def money(dollars: float | None) -> str:
     """Dollars to a tenth of a cent; smaller figures to three significant digits (`$0.000123`),
-    down to a millionth of a cent (below that, float noise: `$0`)."""
+    down to a millionth of a cent (below that, float noise: `$0`); `unknown` for None (a size
+    the price table does not know)."""
+    if dollars is None:
+        return UNKNOWN
     size = abs(dollars)
     if size >= 0.01:
         return f"${dollars:,.3f}"
@@ -104,7 +104,7 @@ def cost_row(cost: GroupCost) -> tuple[str, ...]:
         approx + seconds_text(cost.time.stopped),
         approx + seconds_text(cost.time.suspended),
         str(cost.time.starts),
-        approx + money(cost.cost),
+        (approx if cost.cost is not None else "") + money(cost.cost),
         money(cost.always_on),
         money(cost.saved),
     )

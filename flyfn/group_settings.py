@@ -240,9 +240,11 @@ class GroupSettings(Section):
     Machines started: Fly Proxy's own `min_machines_running` on their service (Modal's
     `min_containers`), so the first request after a quiet spell has no cold start; each costs an
     always-on Machine (`manage.py flyfn status` shows the figure). The group then has at least N
-    Machines, and flyfn starts them. Fly applies it in the app's primary region only
-    (`PRIMARY_REGION`): a group whose `region` is another keeps nothing warm (flyfn.W026). A task
-    group's Machines stop themselves once drained: it is ignored there."""
+    Machines there, and flyfn starts them. Fly applies it in the app's primary region only
+    (`PRIMARY_REGION`): only the pool there is kept warm. A pool elsewhere (a caller's region
+    under the default `regions: "caller"`, a listed region, a `region` that is another) keeps
+    nothing warm and gets no extra Machines (flyfn.W026). A task group's Machines stop themselves
+    once drained: it is ignored there."""
 
     concurrency: ConcurrencySettings | None = None
     """Default None: Fly's defaults (a soft limit of 20, no hard limit). The requests one Machine
@@ -373,10 +375,9 @@ class GroupSettings(Section):
 
     @property
     def machine_count(self) -> int:
-        """The Machines the group keeps created: `max_machines`, else `machines`, and at least
-        `keep_warm`."""
-        count = self.max_machines if self.max_machines is not None else self.machines
-        return max(count, self.keep_warm)
+        """The Machines the group keeps created: `max_machines`, else `machines` (a pool that
+        keeps Machines warm has at least those: `flyfn.pool.spec.spec_for`)."""
+        return self.max_machines if self.max_machines is not None else self.machines
 
     # Cached (the model is frozen): read on the hot path of cold replays and of every signed check.
     @functools.cached_property

@@ -5,9 +5,10 @@ Gauges over the last hour (a rolling window, not counters: Fly keeps only a Mach
 events, and a destroyed Machine leaves the list, so totals since some start could go down):
 
 - `flyfn_machine_seconds{group,region,state}`: seconds started, stopped and suspended;
-- `flyfn_machine_starts{group}`: starts (resumes included);
+- `flyfn_machine_starts{group,region}`: starts (resumes included);
 - `flyfn_machine_cost_dollars{group,kind}`: `kind="actual"` at Fly's published prices
-  (`flyfn.fly.pricing`), `kind="always_on"` what the same Machines never stopped would cost.
+  (`flyfn.fly.pricing`), `kind="always_on"` what the same Machines never stopped would cost; NaN
+  when a Machine's size is not in the price table.
 
 An app Machine lists its function Machines as it routes to them: a process that has not routed to
 a group yet has no figures for it.
@@ -15,6 +16,7 @@ a group yet has no figures for it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -75,9 +77,10 @@ class MachineTimeCollector(Collector):
                 seconds.add_metric([group, region, "started"], spent.started)
                 seconds.add_metric([group, region, "stopped"], spent.stopped)
                 seconds.add_metric([group, region, "suspended"], spent.suspended)
-            starts.add_metric([group], figures.time.starts)
-            cost.add_metric([group, "actual"], figures.cost)
-            cost.add_metric([group, "always_on"], figures.always_on)
+                starts.add_metric([group, region], spent.starts)
+            # NaN (Prometheus's unknown) when the price table does not know a Machine's size.
+            cost.add_metric([group, "actual"], _or_nan(figures.cost))
+            cost.add_metric([group, "always_on"], _or_nan(figures.always_on))
         yield from (seconds, starts, cost)
 
 
@@ -91,7 +94,7 @@ def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
         GaugeMetricFamily(
             "flyfn_machine_starts",
             "Starts of the group's Machines over the last hour (Machine events).",
-            labels=["group"],
+            labels=["group", "region"],
         ),
         GaugeMetricFamily(
             "flyfn_machine_cost_dollars",
@@ -100,3 +103,7 @@ def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
             labels=["group", "kind"],
         ),
     )
+
+
+def _or_nan(dollars: float | None) -> float:
+    return math.nan if dollars is None else dollars

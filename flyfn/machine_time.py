@@ -5,7 +5,8 @@ with `flyfn.fly.pricing`, beside what the same Machines always on would cost.
 Django-free and pure: Machines (as the API lists them) and a window in, figures out. Each event's
 `status` is the state the Machine entered at its `timestamp` (ms); the seconds between two events
 belong to the state the first one entered. Fly bills a Machine per second while it runs, so the
-transitional states around `started` (starting, stopping, suspending, updating) count as started;
+transitional states around `started` (starting, stopping, suspending) count as started; updating,
+restarting and replacing leave the state as it was (a stopped Machine updated stays stopped);
 a created, stopped or failed Machine pays for its root file system, and so (as priced here) does
 a suspended one. Fly keeps a Machine's latest events only: when they do not reach back to the
 window's start (or to the Machine's creation), the figure covers what they do reach and is marked
@@ -16,18 +17,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from flyfn.fly.durations import DurationError, parse_go_duration
 from flyfn.fly.pricing import (
     DEFAULT_ROOTFS_GB,
     Guest,
+    has_price,
     preset_name,
     running_per_second,
     storage_per_second,
 )
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machines.models import Machine
 
 __all__ = [
@@ -43,9 +45,10 @@ __all__ = [
 
 Billed = Literal["started", "stopped", "suspended"]
 
-_STARTED = frozenset(
-    {"starting", "started", "stopping", "suspending", "updating", "restarting", "replacing"}
-)
+_STARTED = frozenset({"starting", "started", "stopping", "suspending"})
+# An update or restart happens to a stopped Machine as well as to a running one: the state it
+# names is the one before it (started stays started, no start; stopped stays stopped).
+_KEPT = frozenset({"updating", "restarting", "replacing"})
 _STOPPED = frozenset({"created", "stopped", "failed", "launch_failed"})
 _SUSPENDED = frozenset({"suspended"})
 _GONE = frozenset({"destroying", "destroyed", "replaced", "migrated"})
@@ -54,7 +57,10 @@ _DAYS_RE = re.compile(r"^([0-9]{1,4})d$")
 
 
 def _billed(status: str | None) -> Billed | Literal["gone"] | None:
-    """What a state is billed as; None for a status that is no state (e.g. an `error` event)."""
+    """What a state is billed as; None for a status that is no state (e.g. an `error` event)
+    or that keeps the state before it (`_KEPT`)."""
+    if status in _KEPT:
+        return None
     if status in _STARTED:
         return "started"
     if status in _STOPPED:
@@ -129,15 +135,6 @@ class MachineTime:
         return self.started + self.stopped + self.suspended
 
 
-def _timestamp(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def machine_time(machine: Machine, window: Window) -> MachineTime:
     """The Machine's time in `window`, from its events (see the module's docstring)."""
     listed = list(machine.events or [])
@@ -154,7 +151,7 @@ def machine_time(machine: Machine, window: Window) -> MachineTime:
     if not changes:
         # No usable event: its state now, since it was created (or the whole window).
         now = _billed(machine.state)
-        created = _timestamp(machine.created_at) or window.start
+        created = unix_seconds(machine.created_at) or window.start
         if now is None or now == "gone":
             return MachineTime(exact=False)
         spent = max(0.0, window.end - max(window.start, created))
@@ -222,14 +219,18 @@ class GroupCost:
     window: Window
     machines: int
     time: MachineTime
-    cost: float
-    always_on: float
+    # None: unknown, a Machine's size is not in the price table (`unpriced` names its cpu_kind).
+    cost: float | None
+    always_on: float | None
     regions: dict[str, MachineTime] = field(default_factory=dict)
     levers: tuple[Lever, ...] = ()
+    unpriced: tuple[str, ...] = ()
 
     @property
-    def saved(self) -> float:
+    def saved(self) -> float | None:
         """What scaling to zero saved against always on (negative: it cost more)."""
+        if self.cost is None or self.always_on is None:
+            return None
         return self.always_on - self.cost
 
 
@@ -254,16 +255,26 @@ def group_cost(
     for machine, t in times:
         region = machine.region or "-"
         regions[region] = regions.get(region, MachineTime()) + t
-    cost = sum(_cost(t, guest_of(m), rootfs_gb) for m, t in times)
-    always_on = sum(t.existed * running_per_second(guest_of(m)) for m, t in times)
-    return GroupCost(
+    figures = GroupCost(
         group=group,
         window=window,
         machines=sum(1 for _, t in times if t.existed > 0),
         time=total,
+        cost=None,
+        always_on=None,
+        regions=regions,
+    )
+    # One Machine the table cannot price makes the group's cost unknown, not an error: the
+    # seconds still stand, and a /metrics scrape or `flyfn status` must not fail on it.
+    unpriced = sorted({g.cpu_kind for m, _ in times if not has_price(g := guest_of(m))})
+    if unpriced:
+        return replace(figures, unpriced=tuple(unpriced))
+    cost = sum(_cost(t, guest_of(m), rootfs_gb) for m, t in times)
+    always_on = sum(t.existed * running_per_second(guest_of(m)) for m, t in times)
+    return replace(
+        figures,
         cost=cost,
         always_on=always_on,
-        regions=regions,
         levers=tuple(_levers(times, cost, always_on, rootfs_gb)),
     )
 

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,7 @@ class DemoStack:
     app: str = ""
     app_machine: str = ""
     live: str = ""  # the live page, e.g. http://127.0.0.1:PORT/
+    env: dict[str, str] = field(default_factory=dict)  # its environment (its database's too)
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -216,7 +217,7 @@ def _demo_stack(
     command += ["--secrets-file", str(secrets_file(secrets))]
     lines: list[str] = []
     process = start(command, cwd=DEMO, env=env, lines=lines)  # its own process group
-    stack = DemoStack(process, lines)
+    stack = DemoStack(process, lines, env=env)
     try:
         _read_banner(stack, timeout)
         yield stack

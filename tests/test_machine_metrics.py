@@ -9,9 +9,8 @@ from django.test import override_settings
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flyfn.fly.pricing import Guest, running_per_second, storage_per_second
-from flyfn.machine_metrics import WINDOW_SECONDS, MachineTimeCollector, pool_lists
-from flyfn.machines.models import Machine, MachineEvent
+from flyfn.machine_metrics import MachineTimeCollector, pool_lists
+from flyfn.machines.models import Machine, MachineEvent, MachineGuest
 from flyfn.pool.manager import PoolManager
 
 NOW = 1_800_000_000.0
@@ -72,14 +71,36 @@ def test_each_group_s_seconds_starts_and_cost_over_the_last_hour() -> None:
         ]
         == 1800
     )
-    assert values[("flyfn_machine_starts", (("group", "pdf"),))] == 1
-    running, storage = running_per_second(Guest()), storage_per_second()
+    assert values[("flyfn_machine_starts", (("group", "pdf"), ("region", "ams")))] == 1
+    assert values[("flyfn_machine_starts", (("group", "pdf"), ("region", "fra")))] == 0
+    # By hand: shared-cpu-1x 256 MB runs at $1.945 per 30 days (2,592,000 s); a stopped or
+    # suspended Machine keeps 1 GB of root file system at $0.15 per 30 days.
     actual = values[("flyfn_machine_cost_dollars", (("group", "pdf"), ("kind", "actual")))]
-    assert math.isclose(actual, 900 * running + (2700 + 3600) * storage)
+    assert math.isclose(actual, (900 * 1.945 + (2700 + 3600) * 0.15) / 2_592_000)
+    assert math.isclose(actual, 0.001039930555, rel_tol=1e-9)
     always_on = values[("flyfn_machine_cost_dollars", (("group", "pdf"), ("kind", "always_on")))]
-    assert math.isclose(always_on, 2 * WINDOW_SECONDS * running)
-    assert values[("flyfn_machine_starts", (("group", "mail"),))] == 0
+    assert math.isclose(always_on, 2 * 3600 * 1.945 / 2_592_000)
+    assert values[("flyfn_machine_starts", (("group", "mail"), ("region", "ams")))] == 0
     assert not any(labels and ("group", "") in labels for _, labels in values)
+
+
+@override_settings(FLYFN={"APP_NAME": "shop", "API_TOKEN": "tok"})
+def test_a_machine_size_without_a_price_makes_its_group_s_cost_unknown_not_the_scrape_fail() -> (
+    None
+):
+    odd = function_machine("g", "gpu", "ams", ("created", 7200), ("started", 600))
+    assert odd.config is not None
+    odd.config.guest = MachineGuest(cpu_kind="a100-pcie-40gb", cpus=8, memory_mb=32768)
+    machines = [odd, function_machine("c", "mail", "ams", ("created", 7200))]
+    values = scrape({"shop": machines})
+    for kind in ("actual", "always_on"):
+        assert math.isnan(
+            values[("flyfn_machine_cost_dollars", (("group", "gpu"), ("kind", kind)))]
+        )
+    started = ("flyfn_machine_seconds", (("group", "gpu"), ("region", "ams"), ("state", "started")))
+    assert values[started] == 600
+    mail = values[("flyfn_machine_cost_dollars", (("group", "mail"), ("kind", "actual")))]
+    assert math.isclose(mail, 3600 * 0.15 / 2_592_000)
 
 
 def test_without_settings_or_lists_it_has_no_figures() -> None:

@@ -445,4 +445,28 @@ def test_keep_warm_in_a_listed_region_outside_the_primary_is_a_warning(
     groups = {"w": {"keep_warm": 1, "regions": ["iad", "syd"]}, "p": {"keep_warm": 1}}
     with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
         warnings = [m for m in check_keep_warm(None) if m.id == "flyfn.W026"]
-    assert [m.msg.split(",")[0] for m in warnings] == ["group 'w' has keep_warm 1 in region 'syd'"]
+    assert [m.msg.split(":")[0] for m in warnings] == [
+        "group 'w' has keep_warm 1, but its pool in region 'syd' keeps nothing warm"
+    ]
+
+
+def test_keep_warm_of_a_group_that_follows_its_callers_outside_the_primary_is_a_warning(
+    machines_api: MachinesAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default `regions: "caller"` has a pool wherever the app runs: an app Machine in syd
+    # (FLY_REGION) says the app runs outside the primary region, where nothing is kept warm.
+    monkeypatch.setenv("PRIMARY_REGION", "iad")
+    monkeypatch.setenv("FLY_REGION", "syd")
+    groups = {"c": {"keep_warm": 1}, "p": {"keep_warm": 1, "regions": "primary"}}
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        warnings = [m for m in check_keep_warm(None) if m.id == "flyfn.W026"]
+    assert [m.msg.split(":")[0] for m in warnings] == [
+        "group 'c' has keep_warm 1, but its pool in region 'syd' keeps nothing warm"
+    ]
+    assert warnings[0].hint is not None
+    assert '"regions" to "primary"' in warnings[0].hint
+    assert "where the app Machine is" not in warnings[0].hint
+    # In the primary region the same app Machine cannot tell: no warning.
+    monkeypatch.setenv("FLY_REGION", "iad")
+    with override_settings(FLYFN=machines_api.flyfn_settings(GROUPS=groups)):
+        assert [m for m in check_keep_warm(None) if m.id == "flyfn.W026"] == []

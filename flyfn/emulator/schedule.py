@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from datetime import datetime
 
 from flyfn.emulator.state import EmulatorError, MachinesEmulator
 from flyfn.fly.schedule import INTERVALS
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machines.models import Machine
 
 __all__ = ["FlySchedules", "scaled_period"]
@@ -118,9 +118,5 @@ class FlySchedules:
 
 
 def _created(machine: Machine, default: float) -> float:
-    if not machine.created_at:
-        return default
-    try:
-        return datetime.fromisoformat(machine.created_at.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return default
+    created = unix_seconds(machine.created_at)
+    return default if created is None else created

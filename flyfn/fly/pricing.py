@@ -28,6 +28,7 @@ __all__ = [
     "ROOTFS_GB_MONTHLY",
     "SECONDS_PER_MONTH",
     "Guest",
+    "has_price",
     "preset_name",
     "running_per_second",
     "storage_per_second",
@@ -62,6 +63,11 @@ class Guest:
     cpu_kind: str = "shared"
     cpus: int = 1
     memory_mb: int = 256
+
+
+def has_price(guest: Guest) -> bool:
+    """Whether the table prices this size (its `cpu_kind` is one it knows)."""
+    return guest.cpu_kind in PER_CPU_MONTHLY
 
 
 def running_per_second(guest: Guest) -> float:

@@ -14,12 +14,12 @@ import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal, Protocol
 
 from flyfn import events
 from flyfn.conf import FlyfnSettings
 from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
+from flyfn.fly.timestamps import unix_seconds
 from flyfn.machines import (
     AsyncMachinesClient,
     CreateMachineRequest,
@@ -86,13 +86,7 @@ def machine_version(machine: Machine) -> str | None:
 
 def _changed_at(machine: Machine) -> float | None:
     """When the Machine was last updated or changed state (Unix seconds), if the API says."""
-    stamp = machine.updated_at or machine.created_at
-    if not stamp:
-        return None
-    try:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+    return unix_seconds(machine.updated_at or machine.created_at)
 
 
 def needs_new_version(machine: Machine, spec: PoolSpec) -> bool:
@@ -219,19 +213,21 @@ async def converge(
                     result.updated.append(machine.id)
             except MachinesError as exc:  # it keeps serving; the next convergence tries again
                 logger.warning("flyfn: could not update Machine %s: %s", machine.id, exc)
-    await _start_warm(client, spec, keep[: spec.warm], result)
+    await _start_warm(client, spec, keep, result)
     result.machines = keep
     return result
 
 
 async def _start_warm(
-    client: AsyncMachinesClient, spec: PoolSpec, warm: Sequence[Machine], result: Convergence
+    client: AsyncMachinesClient, spec: PoolSpec, keep: Sequence[Machine], result: Convergence
 ) -> None:
-    """Start the kept-warm Machines that rest (stopped before `keep_warm` was set, updated while
-    stopped, exited): Fly's `min_machines_running` only keeps started Machines started."""
-    for machine in warm:
-        if machine.state not in RESTING_STATES or machine.id in result.created:
-            continue
+    """Start resting Machines (stopped before `keep_warm` was set, updated while stopped, exited)
+    in rank order until `spec.warm` of the pool are up: Fly's `min_machines_running` only keeps
+    started Machines started. Counted, not the first `warm` by rank: Fly Proxy stops whichever
+    it likes beyond them, and starting that one again would only have it stop another."""
+    up = sum(1 for m in keep if m.state not in RESTING_STATES or m.id in result.created)
+    resting = [m for m in keep if m.state in RESTING_STATES and m.id not in result.created]
+    for machine in resting[: max(0, spec.warm - up)]:
         try:
             await client.start_machine(machine.id, app=spec.app)
         except MachinesError as exc:  # the next convergence tries again

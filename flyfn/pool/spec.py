@@ -21,7 +21,7 @@ from django.conf import settings as django_settings
 from flyfn import events
 from flyfn.conf import FlyfnSettings
 from flyfn.fly.api_host import clear_text_problem
-from flyfn.fly.env import GROUP_ENV, HOME_APP_ENV
+from flyfn.fly.env import GROUP_ENV, HOME_APP_ENV, PRIMARY_REGION, env_value
 from flyfn.machines import (
     AsyncMachinesClient,
     InsecureApiHostError,
@@ -73,7 +73,7 @@ class PoolSpec:
     # A pool of one region (`regions`): only the group's Machines in `region` are its own, and
     # their names carry the region. False: the one pool of the whole app, as before regions.
     regional: bool = False
-    # How many of them (the first in rank order) are kept started (`keep_warm`).
+    # How many of them are kept started (`keep_warm`; 0 outside the primary region).
     warm: int = 0
 
     @property
@@ -213,8 +213,13 @@ def spec_for(
     tasks = group in _task_groups()
     if tasks:
         depends["flyfn:tasks"] = "autostop=off;restart=no"
-    # A task group's Machines stop themselves once drained: none is kept warm.
-    warm = 0 if tasks else options.keep_warm
+    # Kept warm only where Fly applies min_machines_running: not for a task group (its Machines
+    # stop themselves once drained), not outside the app's primary region (Fly Proxy would stop
+    # them again while the pool kept starting them; flyfn.W026).
+    placed = pool_region or options.region
+    primary = env_value(environ, PRIMARY_REGION)
+    outside = placed is not None and primary is not None and placed != primary
+    warm = 0 if tasks or outside else options.keep_warm
     if warm:  # only then: Machines of groups without it keep their version
         depends["flyfn:keep_warm"] = str(warm)
     version = pool_version(app, group, settings.image_ref, depends)
@@ -247,7 +252,7 @@ def spec_for(
         app=app,
         strategy=strategy,
         image=settings.image_ref,
-        count=options.machine_count,
+        count=max(options.machine_count, warm),
         entries=options.machines,
         warm=warm,
         # Fly places a Machine created without a region "near the caller", not surely in its

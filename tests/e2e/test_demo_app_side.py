@@ -8,10 +8,13 @@
   issued the replay would have a chance of 1 in 1,024).
 - fly.toml says `min_machines_running = 0` and `auto_stop_machines = "stop"`: the idle app Machine
   is stopped by autostop, and the next request starts it again.
+- `manage.py flyfn status` against the running stack's Machines API shows each group's Machine
+  time and cost beside the same Machines always on, as priced by hand from Fly's table.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.demo_support import DEV_TOKEN, DemoStack, demo_stack
+from tests.demo_support import DEV_TOKEN, DemoStack, demo_stack, manage
 from tests.support_postgres import Postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -142,3 +145,59 @@ def test_the_idle_app_machine_is_stopped_by_autostop_and_started_by_a_request(
     assert response.status_code == 200, response.text[:300]
     assert _machine(demo, app_machine)["state"] == "started"
     assert len(_workers(app_machine)) == 2
+
+
+# shared-cpu-1x with 1 GB (the demo's groups): $1.945 per 30 days for the CPU and its 256 MB,
+# $5 per 30 days for each GB beyond; a stopped Machine's 1 GB root file system $0.15.
+RUNNING_PER_SECOND = (1.945 + 0.75 * 5.00) / 2_592_000
+STORED_PER_SECOND = 0.15 / 2_592_000
+_SECONDS = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def _seconds(text: str) -> float:
+    """`12m05s`, `3h07m`, `42s` (as the table writes them) in seconds."""
+    match = _SECONDS.fullmatch(text)
+    assert match is not None, text
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3600.0 + minutes * 60.0 + seconds
+
+
+def _dollars(text: str) -> float:
+    return float(text.removeprefix("$"))
+
+
+def test_status_shows_each_group_s_machine_time_cost_and_always_on(demo: DemoStack) -> None:
+    with httpx.Client(base_url=demo.url, timeout=120) as client:  # the group has run
+        assert client.get("/purchases/1/receipt.pdf").status_code == 200
+    env = {
+        **demo.env,
+        "FLY_APP_NAME": demo.app,
+        "FLY_API_HOSTNAME": demo.api,
+        "FLY_API_TOKEN": DEV_TOKEN,
+    }
+    out = manage(env, "flyfn", "status", "--window", "1h", timeout=120)
+    section = out[out.index("Machine time and cost (window 1h, estimates)") :].splitlines()
+    print("\n".join(section[:8]))
+    header = section[1].split()
+    assert header[:2] == ["GROUP", "MACHINES"]
+    assert header[-4:] == ["COST", "ALWAYS", "ON", "SAVED"]
+    rows = {line.split()[0]: line.split() for line in section[2:4]}
+    assert set(rows) == {"default", "reports"}, section
+    # Both groups have run (the task group's Machine wakes at boot); each priced by hand (the
+    # columns are rounded: a second each, three significant digits).
+    for group, row in rows.items():
+        _, machines, started, stopped, suspended, starts, cost, always_on, saved = row
+        assert (machines, suspended) == ("1", "0s"), row
+        assert int(starts) >= 1, row
+        running, resting = _seconds(started), _seconds(stopped)
+        assert running > 0, row
+        expected = running * RUNNING_PER_SECOND + resting * STORED_PER_SECOND
+        assert math.isclose(_dollars(cost), expected, rel_tol=0.1, abs_tol=2e-7), (group, expected)
+        always = (running + resting) * RUNNING_PER_SECOND
+        assert math.isclose(_dollars(always_on), always, rel_tol=0.1, abs_tol=2e-7), (group, always)
+        assert math.isclose(
+            _dollars(saved), _dollars(always_on) - _dollars(cost), rel_tol=0.05, abs_tol=2e-7
+        ), row
+    for group in rows:
+        assert any(line.startswith(f'  {group}: autostop "off" $') for line in section), section
+    assert any(line.startswith("  prices: ") for line in section), section

@@ -45,6 +45,22 @@ def stopped_times(dev: Dev, machine_id: str, times: int) -> bool:
     return len(passes_stopping(dev, machine_id)) >= times
 
 
+def _changes(dev: Dev, group: str) -> list[tuple[int, str]]:
+    """The group's one Machine's state changes `(timestamp ms, status)`, oldest first."""
+    [machine] = dev.group_machines(group)
+    return sorted((e["timestamp"], e["status"]) for e in machine.get("events") or [])
+
+
+def event_times(dev: Dev, group: str, status: str) -> list[int]:
+    return [at for at, entered in _changes(dev, group) if entered == status]
+
+
+def state_at(dev: Dev, group: str, at: int) -> str | None:
+    """The state the group's Machine had entered last at `at` (ms), from its events."""
+    entered = [status for when, status in _changes(dev, group) if when <= at]
+    return entered[-1] if entered else None
+
+
 def state_is(dev: Dev, group: str, state: str) -> bool:
     return [m["state"] for m in dev.group_machines(group)] == [state]
 
@@ -69,8 +85,14 @@ def test_a_group_kept_warm_is_never_stopped_idle_and_answers_without_a_cold_star
         )
         if stopped < PASSES:
             start(dev, cold["id"])
-    passes = passes_stopping(dev, cold["id"])
-    assert passes == sorted(set(passes)), passes  # distinct passes, the warm Machine idle at each
+    assert len(passes_stopping(dev, cold["id"])) >= PASSES
+    # At each moment autostop stopped the control (its Machine's `stopping` events), the warm
+    # Machine was started, and idle: no request reached it between the first and the one below.
+    stops = event_times(dev, "default", "stopping")
+    assert len(stops) >= PASSES, _changes(dev, "default")
+    for at in stops:
+        assert state_at(dev, "warm", at) == "started", (at, dev.group_machines("warm"))
+    assert sum(1 for line in dev.lines if " GET /warm/ " in f" {line}") == 1
 
     assert passes_stopping(dev, warm["id"]) == []
     assert not dev.was_stopped(warm["id"], 0)

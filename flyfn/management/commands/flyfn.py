@@ -24,6 +24,7 @@ from flyfn.conf import FlyfnSettings, SettingsError, get_settings
 from flyfn.cost_report import (
     COST_HEADER,
     DEFAULT_WINDOW,
+    UNKNOWN,
     cost_row,
     group_costs,
     money,
@@ -260,13 +261,21 @@ class Command(BaseCommand):
         costs = group_costs(machines, window, image, CLOCK())
         self._table(COST_HEADER, [cost_row(cost) for cost in costs])
         for cost in costs:
-            if len(cost.regions) > 1:  # Fly keeps min_machines_running in the primary one only
+            # The table sums a group's regions; Machines in different regions behave apart
+            # (each region's pool starts and stops its own; keep_warm holds in the primary one
+            # only), so a group in several gets its time per region too.
+            if len(cost.regions) > 1:
                 for region, spent in sorted(cost.regions.items()):
                     self.stdout.write(
                         f"  {cost.group} in {region}: started {seconds_text(spent.started)}, "
                         f"stopped {seconds_text(spent.stopped)}, suspended "
                         f"{seconds_text(spent.suspended)}, {spent.starts} starts"
                     )
+            if cost.unpriced:
+                self.stdout.write(
+                    f"  {cost.group}: cost {UNKNOWN}: no price for cpu_kind "
+                    + ", ".join(repr(kind) for kind in cost.unpriced)
+                )
             if cost.levers:
                 self.stdout.write(
                     f"  {cost.group}: "
