@@ -1,4 +1,4 @@
-"""End-to-end: an hourly periodic task under `flyfn dev --time-scale 600` (an hour lasts 6 s).
+"""End-to-end: an hourly periodic task under `flyfn dev --time-scale 400` (an hour lasts 9 s).
 
 `manage.py flyfn prepare` creates the scheduled Machine; every app Machine is stopped through the
 Machines API; the emulated Fly starts the scheduled Machine once per (scaled) hour, its `flyfn
@@ -38,7 +38,9 @@ SETTINGS = "tasksproj.settings_schedules"
 TOKEN = "e2e-schedules-token-Wc4"
 APP = "tasksproj"
 GROUP = "work"
-TIME_SCALE = 600.0  # an hour lasts 6 s
+# An hour lasts 9 s: a look must end within two of them for every slot to run (the one before
+# its own is caught up), a generous bound for a Django process under load.
+TIME_SCALE = 400.0
 PERIOD = 3600.0 / TIME_SCALE
 RUNS_BEFORE = 3  # runs before the freeze
 # More than three intervals: the first look after it is at least three slots after the last one
