@@ -1,5 +1,6 @@
 """A Machine's own directory, shared by its worker processes: where they keep what must hold per
-Machine rather than per process (the record of issued replays, the app's Machine list).
+Machine rather than per process (the record of issued replays, the app's Machine list, the lock
+of the schedules' one ticker).
 
 It is `<base>/flyfn-<machine id>/`, `<base>` being `/dev/shm` when this user can write there (RAM:
 a file create costs about 4 µs, against 18 µs on a disk's ext4 /tmp and hundreds while other

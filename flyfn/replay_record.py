@@ -10,22 +10,31 @@ The record is per Machine, not per process: on Fly a Machine runs several worker
 (`gunicorn -w 4`), and Fly Proxy may hand the fallback to any of them. A Machine with an id keeps
 its record in its Machine's directory (`flyfn.machine_dir`: `/dev/shm/flyfn-<machine id>/replays/`,
 or under the temp dir where there is no /dev/shm this user can write to), one append-only file per
-second in which entries expire, `<expiry second>.log`:
+second in which entries expire, `<expiry second>.log` (an entry lives its TTL rounded up to the
+next whole second: never less, less than a second more):
 
 - issuing a replay appends one line, its key (`ENTRY_SIZE` bytes), to its expiry second's log: one
   `write` to a file the process keeps open (`O_APPEND`: the kernel puts each process's whole line
   at the end, one after the other);
 - a fallback reads the logs of the seconds not yet past and claims one line of its key by
   creating `<expiry second>.<offset>.taken` with `O_CREAT | O_EXCL`: the kernel lets exactly one
-  process create it, so across the Machine's processes one replay explains one fallback. A
-  fallback costs a read of every unexpired entry (at most `REPLAY_RECORD_LIMIT` lines of
-  `ENTRY_SIZE` bytes); only replays, the frequent case, must be cheap;
-- each process sweeps once a second as it issues replays: it removes the past seconds' logs and
-  then their claims (expiry is deleting files), and counts the entries of the others, from the
-  logs' sizes less the claims: at most `REPLAY_RECORD_LIMIT` entries as of its last sweep plus
-  its own since (another process's since then are seen at the next sweep, so the Machine may
-  briefly hold about a second's worth of its other workers' replays more). When full, a replay
-  goes unrecorded: its fallback answers 503, and a log line says so once a minute.
+  process create it, so across the Machine's processes one replay explains one fallback. Only
+  the Machine's first `REPLAY_RECORD_LIMIT` unconsumed entries (the closest to their expiry
+  first) explain a fallback, and a fallback reads no further: at most that many lines of
+  `ENTRY_SIZE` bytes, and the consumed lines among them (each a fallback this Machine ran). Only
+  replays, the frequent case, must be cheap;
+- each process sweeps once a second as it issues replays: it empties and removes the past
+  seconds' logs, then their claims (expiry is deleting files), and counts the Machine's
+  unconsumed entries, from the logs' sizes less the claims. It records a replay while that count
+  plus its own since is below `REPLAY_RECORD_LIMIT`; others' since are seen at its next sweep, so
+  the workers may append up to about a second's replays beyond the limit (at most the limit
+  each, 528 KiB of /dev/shm), lines that explain nothing until entries before them are consumed
+  or expire. When a process finds the record full, a replay goes unrecorded: its fallback answers
+  503, and a log line says so once a minute;
+- a process that stops replaying stops sweeping, and keeps its logs open (one per second its
+  entries expire in) until it next replays: another process's sweep removes them, emptied first,
+  so they hold no data meanwhile. When no process replays, nothing is swept, and the logs stay
+  as they were, bounded as above, until one does.
 
 Without a Machine id (off Fly, the tests) the record is in-process (`MemoryRecord`), with the same
 rules.
@@ -45,6 +54,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from flyfn import process_state
@@ -65,10 +75,11 @@ __all__ = [
 
 logger = logging.getLogger("flyfn.replay_record")
 
-# The most entries a Machine's record holds (a flood of distinct requests then goes unrecorded,
-# and its fallbacks answer 503).
+# The most unconsumed entries of a Machine's record that explain fallbacks (a flood of distinct
+# requests then goes unrecorded, and its fallbacks answer 503).
 REPLAY_RECORD_LIMIT = 16_384
-# Seconds a fallback may take to come back once the replay timed out, beyond the replay timeout.
+# Seconds a fallback may take to come back once the replay timed out, beyond the replay timeout
+# (at least: an entry's expiry is rounded up to a whole second).
 FALLBACK_RETURN_MARGIN = 6.0
 # Seconds between two sweeps of a process (while it issues replays).
 SWEEP_INTERVAL = 1.0
@@ -99,12 +110,19 @@ def replay_key(secret: str | bytes, method: str, path: str, query: str, body: st
 
 
 def _expiry(issued: float, ttl: float) -> int:
-    """The last whole second at which an entry issued at `issued` still explains a fallback."""
-    return int(issued) + math.ceil(ttl)
+    """The last whole second at which an entry issued at `issued` still explains a fallback:
+    rounded up, so that an entry lives at least `ttl` seconds (less than one more)."""
+    return math.ceil(issued + ttl)
+
+
+# Where a record reads the time when it is not given one (tests set a fixed one).
+Clock = Callable[[], float]
 
 
 class ReplayRecord(Protocol):
     """What the middleware needs of a record (per Machine or in-process)."""
+
+    clock: Clock
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
         """Record one replay of `key` explaining one fallback for `ttl` seconds; False when it
@@ -143,8 +161,9 @@ _FULL = (
 class MemoryRecord:
     """A process's own record (no Machine id): a list of expiry seconds per key, behind a lock."""
 
-    def __init__(self, limit: int = REPLAY_RECORD_LIMIT) -> None:
+    def __init__(self, limit: int = REPLAY_RECORD_LIMIT, clock: Clock = time.time) -> None:
         self.limit = limit
+        self.clock = clock
         self._entries: dict[str, list[int]] = {}
         self._count = 0
         self._next_sweep = float("-inf")
@@ -152,7 +171,7 @@ class MemoryRecord:
         self._report = _Reporter()
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
@@ -164,7 +183,7 @@ class MemoryRecord:
             return True
 
     def take(self, key: str, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             expiries = self._entries.get(key)
             if not expiries:
@@ -220,9 +239,12 @@ class DirectoryRecord:
     """A Machine's record shared by its processes: one append-only file per expiry second under
     `root`, one line per issued replay (see the module docstring)."""
 
-    def __init__(self, root: str, limit: int = REPLAY_RECORD_LIMIT) -> None:
+    def __init__(
+        self, root: str, limit: int = REPLAY_RECORD_LIMIT, clock: Clock = time.time
+    ) -> None:
         self.root = root
         self.limit = limit
+        self.clock = clock
         # The Machine's live entries at this process's last sweep plus its own since (another
         # process's since then are counted at the next sweep).
         self._total = 0
@@ -234,7 +256,7 @@ class DirectoryRecord:
         self._report = _Reporter()
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         expiry = _expiry(now, ttl)
         with self._lock:
             if now >= self._next_sweep:
@@ -264,7 +286,7 @@ class DirectoryRecord:
             return os.open(path, _APPEND, 0o600)
 
     def take(self, key: str, now: float | None = None) -> bool:
-        clock = time.time() if now is None else now
+        clock = self.clock() if now is None else now
         needle = key.encode("ascii")
         if len(needle) != _KEY_SIZE:
             return False
@@ -272,15 +294,33 @@ class DirectoryRecord:
             names = os.listdir(self.root)
         except OSError:  # no record yet: no entry
             return False
-        live = sorted(e for e in map(_log_expiry, names) if e is not None and clock <= e)
-        for expiry in live:  # the entry closest to its expiry first
+        live: list[int] = []
+        claimed: dict[int, int] = {}  # consumed entries per expiry second
+        for name in names:
+            expiry = _log_expiry(name)
+            if expiry is not None:
+                if clock <= expiry:
+                    live.append(expiry)
+            elif name.endswith(_TAKEN):
+                second = _claim_expiry(name)
+                claimed[second] = claimed.get(second, 0) + 1
+        # The Machine's first `limit` unconsumed entries, the closest to their expiry first: its
+        # workers may briefly have appended more (each counts the others' at its sweeps), and
+        # those explain nothing, so a fallback never reads more than the limit's worth (and the
+        # consumed lines among them).
+        room = self.limit
+        for expiry in sorted(live):
+            if room <= 0:
+                break
+            consumed = claimed.get(expiry, 0)
             try:
                 with open(os.path.join(self.root, f"{expiry}{_LOG}"), "rb") as log:
-                    data = log.read()
+                    data = log.read((room + consumed) * ENTRY_SIZE)
             except OSError:  # swept meanwhile
                 continue
             if self._take_from(data, needle, expiry, now):
                 return True
+            room -= len(data) // ENTRY_SIZE - consumed
         return False
 
     def _take_from(self, data: bytes, key: bytes, expiry: int, now: float | None) -> bool:
@@ -293,7 +333,7 @@ class DirectoryRecord:
             if whole and self._claim(expiry, at):
                 # A sweep that found the entry expired may have removed its claim just before
                 # this one: only a claim made by its expiry second counts.
-                return (time.time() if now is None else now) <= expiry
+                return (self.clock() if now is None else now) <= expiry
             at = data.find(key, at + 1)
         return False
 
@@ -327,16 +367,16 @@ class DirectoryRecord:
                     claims.append(name)
                 continue
             if now > expiry:
+                # Emptied first: a process that stopped replaying keeps its descriptor of the
+                # log until its next replay, and with it the log's data, were it only unlinked.
                 with contextlib.suppress(OSError):  # swept by another process meanwhile
+                    os.truncate(entry.path, 0)
                     os.unlink(entry.path)
                 continue
             with contextlib.suppress(OSError):
                 live += entry.stat().st_size // ENTRY_SIZE
         for name in claims:
-            claimed = name.split(".", 1)[0]
-            if not claimed.isdigit():
-                continue
-            if now > int(claimed):
+            if now > _claim_expiry(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.root, name))
             else:
@@ -348,7 +388,7 @@ class DirectoryRecord:
         """Sweep now (it happens once a second as replays are recorded; tests); returns the
         Machine's live entries."""
         with self._lock:
-            return self._sweep(time.time() if now is None else now)
+            return self._sweep(self.clock() if now is None else now)
 
     def drop_files(self) -> None:
         """Close this process's logs (a forked child: copies of its parent's descriptors)."""
@@ -372,13 +412,23 @@ def _log_expiry(name: str) -> int | None:
     return int(stem) if stem.isdigit() else None
 
 
+def _claim_expiry(name: str) -> int:
+    """The expiry second a claim's name (`<expiry>.<offset>.taken`) says (-1: not a claim's)."""
+    second = name.split(".", 1)[0]
+    return int(second) if second.isdigit() else -1
+
+
 def open_record(
-    machine_id: str | None, base: str | None = None, limit: int = REPLAY_RECORD_LIMIT
+    machine_id: str | None,
+    base: str | None = None,
+    limit: int = REPLAY_RECORD_LIMIT,
+    clock: Clock = time.time,
 ) -> ReplayRecord:
     """A new record for `machine_id`: its Machine's directory `replays` (`flyfn.machine_dir`,
-    under `base`), or an in-process one without a usable Machine id or directory."""
+    under `base`), or an in-process one without a usable Machine id or directory; it reads the
+    time from `clock` when `add` or `take` is not given one."""
     if not machine_id:
-        return MemoryRecord(limit)
+        return MemoryRecord(limit, clock)
     root = machine_dir(machine_id, "replays", base=base)
     if root is None:
         logger.warning(
@@ -386,8 +436,8 @@ def open_record(
             "recorded per process (a fallback reaching another worker process answers 503).",
             machine_id,
         )
-        return MemoryRecord(limit)
-    return DirectoryRecord(str(root), limit)
+        return MemoryRecord(limit, clock)
+    return DirectoryRecord(str(root), limit, clock)
 
 
 _records: dict[str | None, ReplayRecord] = {}

@@ -3,7 +3,9 @@ Machine across its worker processes, bounded and expiring; and the middleware's 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import multiprocessing
 import os
 import stat
@@ -115,6 +117,19 @@ def test_an_expired_entry_explains_nothing(make: Callable[..., ReplayRecord]) ->
     assert record.take(key(), now=int(NOW) + TTL)  # the last whole second of its window
 
 
+def test_an_entry_issued_late_in_a_second_lives_its_whole_ttl(
+    make: Callable[..., ReplayRecord],
+) -> None:
+    """The margin the fallback has (`FALLBACK_RETURN_MARGIN`) is all of it, never up to a second
+    less: an entry expires at the end of its TTL rounded up to a whole second."""
+    record = make()
+    issued = int(NOW) + 0.9
+    assert record.add(key(), TTL, now=issued)
+    assert record.take(key(), now=issued + TTL - 0.01)
+    assert record.add(key(), TTL, now=issued)
+    assert not record.take(key(), now=issued + TTL + 1)  # and less than a second more
+
+
 def test_the_bound_holds_and_frees_as_entries_expire(make: Callable[..., ReplayRecord]) -> None:
     record = make(limit=3)
     added = [record.add(key(f"/p{n}/"), TTL, now=NOW) for n in range(5)]
@@ -146,11 +161,11 @@ def test_a_full_record_says_so_once_a_minute(
 def test_entries_of_another_machine_are_not_seen(tmp_path: Path) -> None:
     mine = open_record("m0a1b2c3d4e5f6", str(tmp_path))
     other = open_record("m9f8e7d6c5b4a3", str(tmp_path))
-    assert mine.add(key(), TTL)
-    assert not other.take(key())
+    assert mine.add(key(), TTL, now=NOW)
+    assert not other.take(key(), now=NOW)
     again = open_record("m0a1b2c3d4e5f6", str(tmp_path))  # another process of the same Machine
-    assert again.take(key())
-    assert not mine.take(key())
+    assert again.take(key(), now=NOW)
+    assert not mine.take(key(), now=NOW)
 
 
 def test_a_machine_keeps_its_record_in_its_own_private_directory() -> None:
@@ -224,7 +239,7 @@ def test_a_claim_made_after_the_entry_expired_explains_nothing(
     claims after, must not count as the entry's one explanation."""
     record = open_record(a_machine_id(), str(tmp_path))
     assert record.add(key(), TTL, now=NOW)
-    expiry = int(NOW) + int(TTL)
+    expiry = math.ceil(NOW + TTL)
     readings = [expiry - 0.5, expiry + 0.5]  # read while live, claimed once expired
     monkeypatch.setattr(time, "time", lambda: readings.pop(0) if len(readings) > 1 else readings[0])
     assert not record.take(key())
@@ -243,11 +258,83 @@ def test_the_bound_counts_other_processes_entries_from_their_last_sweep(tmp_path
     assert second.sweep(now=NOW) == 3
 
 
+def open_descriptors() -> set[int]:
+    """This process's open file descriptors (the listing's own is closed once it is read)."""
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd")
+
+
+@needs_proc
+def test_a_sweep_closes_the_logs_of_past_seconds(tmp_path: Path) -> None:
+    record = open_record(a_machine_id(), str(tmp_path))
+    assert isinstance(record, DirectoryRecord)
+    before = open_descriptors()
+    for ttl in (1.0, 2.0, 3.0):  # three seconds' logs, each kept open
+        assert record.add(key(), ttl, now=NOW)
+    assert len(open_descriptors() - before) == 3
+    record.sweep(now=NOW + 10)
+    assert open_descriptors() == before
+    assert os.listdir(record.root) == []
+
+
+@needs_proc
+def test_an_idle_process_logs_are_emptied_by_another_process_sweep(tmp_path: Path) -> None:
+    """A process that stops replaying keeps its logs open until it next replays (it sweeps only
+    then): another's sweep removes them and empties them, so they hold no data meanwhile."""
+    machine_id = a_machine_id()
+    idle = open_record(machine_id, str(tmp_path))
+    busy = open_record(machine_id, str(tmp_path))  # another worker of the Machine
+    assert isinstance(idle, DirectoryRecord)
+    assert isinstance(busy, DirectoryRecord)
+    before = open_descriptors()
+    assert all(idle.add(key(f"/p{n}/"), TTL, now=NOW) for n in range(100))
+    (held,) = open_descriptors() - before
+    assert busy.add(key("/later/"), TTL, now=NOW + TTL + 2)  # its sweep, once idle's expired
+    assert os.listdir(idle.root) == [f"{math.ceil(NOW + TTL + 2 + TTL)}.log"]
+    assert (os.fstat(held).st_nlink, os.fstat(held).st_size) == (0, 0)
+    busy.drop_files()
+    assert idle.add(key("/back/"), TTL, now=NOW + TTL + 3)  # idle again: it closes its old log
+    (log,) = open_descriptors() - before
+    assert os.fstat(log).st_nlink == 1  # its new one
+    idle.drop_files()
+    assert open_descriptors() == before
+
+
+def test_the_bound_is_the_machines_when_its_workers_fill_it_at_once(tmp_path: Path) -> None:
+    """Two workers that both swept an empty record fill it before either sees the other's
+    entries: the Machine's first `limit` unconsumed entries explain fallbacks, no more (so a
+    fallback reads no more than the limit's worth of lines), as entries beyond a full record."""
+    machine_id = a_machine_id()
+    first = open_record(machine_id, str(tmp_path), limit=4)
+    second = open_record(machine_id, str(tmp_path), limit=4)
+    assert isinstance(first, DirectoryRecord)
+    assert isinstance(second, DirectoryRecord)
+    assert first.sweep(now=NOW) == second.sweep(now=NOW) == 0  # both saw it empty
+    firsts, seconds = [key(f"/a{n}/") for n in range(4)], [key(f"/b{n}/") for n in range(4)]
+    assert all(first.add(k, TTL, now=NOW) for k in firsts)
+    assert all(second.add(k, TTL, now=NOW) for k in seconds)  # 8 lines: 4 beyond the limit
+    assert not any(second.take(k, now=NOW) for k in seconds)
+    assert first.take(firsts[0], now=NOW)
+    assert second.take(seconds[0], now=NOW)  # one consumed: the next line is within the limit
+    assert not second.take(seconds[2], now=NOW)  # 4 unconsumed before it (a1 to a3, b1)
+    assert second.take(seconds[1], now=NOW)
+
+
 def test_a_cleaned_temp_dir_is_made_again(tmp_path: Path) -> None:
     record = open_record(a_machine_id(), str(tmp_path))
     record.clear()  # /tmp cleaned under the Machine's feet
-    assert record.add(key(), TTL)
-    assert record.take(key())
+    assert record.add(key(), TTL, now=NOW)
+    assert record.take(key(), now=NOW)
 
 
 # ------------------------------------------------------------------------ across OS processes
@@ -279,8 +366,55 @@ def test_each_replay_explains_one_fallback_whichever_worker_receives_it(tmp_path
 
 
 @pytest.mark.e2e
+def test_workers_appending_at_once_tear_no_line_and_each_entry_is_taken_once(
+    tmp_path: Path,
+) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    machine_id, base, workers, count = a_machine_id(), str(tmp_path), 3, 2000
+    start, results = spawn.Barrier(workers), spawn.Queue()
+    appenders = [
+        run(procs.append, base, machine_id, n * count, count, start, results)
+        for n in range(workers)
+    ]
+    assert [results.get(timeout=60) for _ in appenders] == [True] * workers
+    for appender in appenders:
+        appender.join(60)
+    record = open_record(machine_id, base)
+    assert isinstance(record, DirectoryRecord)
+    (log,) = Path(record.root).iterdir()  # all of the same second
+    lines = log.read_bytes().split(b"\n")
+    assert lines.pop() == b""
+    keys = [procs.key_of(n) for n in range(workers * count)]
+    assert sorted(line.decode() for line in lines) == sorted(keys)  # each line whole, once
+    assert all(record.take(k, now=procs.NOW) for k in keys)
+    assert not any(record.take(k, now=procs.NOW) for k in keys)
+
+
+@pytest.mark.e2e
+@needs_proc
+def test_a_forked_worker_holds_none_of_its_parents_logs() -> None:
+    record = machine_record(a_machine_id())
+    before = open_descriptors()
+    assert record.add(key(), TTL, now=NOW)
+    (log,) = open_descriptors() - before
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its descriptors, then leave without pytest's teardown
+        try:
+            os.write(write, json.dumps(sorted(open_descriptors())).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        held = set(json.loads(answer.read()))
+    os.waitpid(pid, 0)
+    assert log not in held
+    assert held <= before | {read, write}
+
+
+@pytest.mark.e2e
 def test_a_fallback_reaching_another_worker_of_the_machine_runs_there(
-    settings: SettingsWrapper,
+    settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue A: the worker that issued the replay is not the one Fly Proxy brings it back to."""
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
@@ -288,7 +422,7 @@ def test_a_fallback_reaching_another_worker_of_the_machine_runs_there(
     results = multiprocessing.get_context("spawn").Queue()
     base = default_base()  # this test session's, shared with the worker as /dev/shm would be
     worker = run(procs.replay_through_the_middleware, base, machine_id, results)
-    header = results.get(timeout=120)
+    issued_after, header = results.get(timeout=120)
     worker.join(60)
     assert FlyReplay.parse(header).instance == PDF_MACHINE
     failed = {"fly-replay-failed": ReplayFailed(instance=PDF_MACHINE, reason="timeout").to_header()}
@@ -296,6 +430,8 @@ def test_a_fallback_reaching_another_worker_of_the_machine_runs_there(
         installed(routing_manager()),
         override_role(MAIN, MachineEnv(machine_id=machine_id)),
     ):
+        # The fallbacks come back while the entry lives, however slowly the worker ran.
+        monkeypatch.setattr(machine_record(machine_id), "clock", lambda: issued_after)
         back = Client().get("/routing/pdf/", headers=failed)
         forged = Client().get("/routing/pdf/", headers=failed)
     assert (back.status_code, back.content) == (200, b"pdf")

@@ -16,8 +16,8 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
-from django.test import override_settings
+from django.db import OperationalError, connection
+from django.test import modify_settings, override_settings
 from django.utils import timezone
 from django_tasks_db.compat import task_backends
 from django_tasks_db.models import DBTaskResult
@@ -27,17 +27,23 @@ from flyfn.emulator.dev import _task_figures
 from flyfn.emulator.live import LivePage
 from flyfn.emulator.schedule import FlySchedules, scaled_period
 from flyfn.emulator.state import MachinesEmulator
+from flyfn.machine_role import MachineEnv
 from flyfn.machines.models import CreateMachineRequest, Machine, MachineConfig
-from flyfn.tasks import FlyMachinesBackend
+from flyfn.tasks import FlyMachinesBackend, periodic
 from flyfn.tasks.dispatch import Dispatcher, stop_all
 from flyfn.tasks.models import ScheduledRun
 from flyfn.tasks.periodic import (
+    Ticker,
+    TickerLock,
     enqueue_due,
     enqueue_slot,
+    error_text,
+    runs_on_app_machines,
     schedule_rows,
     start_ticker,
     stop_ticker,
 )
+from flyfn.tasks.runner import WORKER_ID_MAX, worker_id
 from flyfn.tasks.schedule_checks import check_schedules
 from flyfn.tasks.schedules import SCALED_ORIGIN, Schedule, parse_schedules, time_scale
 from tests.support_machines_api import EMULATOR_APP, MachinesAPI
@@ -54,6 +60,9 @@ SCHEDULES = {
     },
     "five-minutes": {"task": "tests.testapp.tasks.note", "cron": "*/5 * * * *", "args": ["c"]},
 }
+
+
+SCHEDULES_PARSED = parse_schedules("default", {"schedules": SCHEDULES})
 
 
 def tasks_setting(schedules: dict[str, Any], **options: Any) -> dict[str, Any]:
@@ -164,6 +173,28 @@ def test_a_time_scale_makes_slots_that_much_shorter() -> None:
         assert time_scale(unset) == 1
 
 
+@pytest.mark.parametrize(
+    ("when", "now", "previous"),
+    [
+        ({"every": "hourly"}, "2026-12-07 12:00:01", "2026-12-07 11:00"),
+        ({"every": "hourly"}, "2026-12-07 12:00:00", "2026-12-07 11:00"),
+        ({"every": "daily"}, "2026-12-07 02:41:30", "2026-12-06 00:00"),
+        ({"every": "weekly"}, "2026-12-09 10:00:00", "2026-11-30 00:00"),
+        ({"every": "monthly"}, "2026-03-02 10:00:00", "2026-02-01 00:00"),
+        ({"every": 300}, "2026-12-07 02:41:30", "2026-12-07 02:35"),
+        ({"cron": "30 4 * * *"}, "2026-12-07 02:41:30", "2026-12-05 04:30"),
+    ],
+)
+def test_the_previous_slot_is_the_one_just_before_now_s(
+    when: dict[str, Any], now: str, previous: str
+) -> None:
+    schedule = parse({"n": {"task": "a.b", **when}})["n"]
+    assert schedule.previous_slot(at(now)) == at(previous)
+    hourly = parse({"n": {"task": "a.b", "every": "hourly"}})["n"]
+    scaled = SCALED_ORIGIN + timedelta(seconds=1000.5)  # an hour lasts 10 s
+    assert hourly.previous_slot(scaled, 360) == SCALED_ORIGIN + timedelta(seconds=990)
+
+
 # --------------------------------------------------------------------------- one run per slot
 
 
@@ -222,43 +253,48 @@ def test_a_slot_whose_task_cannot_be_enqueued_keeps_no_record(
     )
 
 
-# Two scheduled Machines at once: two connections, the same slot. Only PostgreSQL makes the second
-# insert wait for the first transaction (SQLite serialises whole transactions).
+# Two scheduled Machines at once: two connections, the same slot, both transactions open when
+# either inserts the slot's row. Only PostgreSQL makes the second insert wait for the first
+# transaction (SQLite serialises whole transactions). Without the unique constraint both looks
+# enqueue the slot, and the test fails.
 @pytest.mark.django_db(transaction=True)
 def test_two_looks_at_the_same_slot_at_once_enqueue_once(scheduled: FlyMachinesBackend) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("concurrent transactions: PostgreSQL only")
     hourly = scheduled.schedules["hourly-note"]
     slot = at("2026-12-07 02:00")
-    inserted = threading.Barrier(2, timeout=SAFETY_BOUND)
+    table = ScheduledRun._meta.db_table
+    at_insert = threading.Barrier(2, timeout=SAFETY_BOUND)
+    met: list[bool] = []
     results: list[str | None] = []
     errors: list[BaseException] = []
-    original = ScheduledRun.objects.create
 
-    def create_then_wait(**fields: Any) -> ScheduledRun:
-        # Each Machine inserts (one of them waits there for the other's transaction) ...
-        inserted.wait()  # both at the insert together: the race itself
-        return original(**fields)
+    def insert_together(
+        execute: Any, sql: str, params: Any, many: bool, context: dict[str, Any]
+    ) -> Any:
+        if sql.startswith(f'INSERT INTO "{table}"'):
+            assert connection.in_atomic_block  # this look's transaction is open ...
+            at_insert.wait()  # ... and so is the other's: the race itself
+            met.append(True)
+        return execute(sql, params, many, context)
 
     def machine() -> None:
         try:
-            results.append(enqueue_slot(scheduled, "hourly-note", hourly, slot))
+            with connection.execute_wrapper(insert_together):
+                results.append(enqueue_slot(scheduled, "hourly-note", hourly, slot))
         except BaseException as exc:
             errors.append(exc)
         finally:
             connection.close()
 
-    ScheduledRun.objects.create = create_then_wait  # type: ignore[method-assign]
-    try:
-        threads = [threading.Thread(target=machine) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(SAFETY_BOUND)
-            assert not thread.is_alive(), "a look blocked: too slow (safety bound)"
-    finally:
-        del ScheduledRun.objects.create
+    threads = [threading.Thread(target=machine) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SAFETY_BOUND)
+        assert not thread.is_alive(), "a look blocked: too slow (safety bound)"
     assert errors == []
+    assert met == [True, True]  # both inserts were sent with both transactions in flight
     (enqueued,) = [r for r in results if r is not None]
     assert results.count(None) == 1  # the other look found the slot's row and did nothing
     assert [str(i) for i in DBTaskResult.objects.values_list("id", flat=True)] == [enqueued]
@@ -276,6 +312,126 @@ def test_enqueue_due_runs_the_selected_schedules_current_slots_once(
     assert again[0].slot == hourly[0].slot
     assert hourly[0].slot.minute == hourly[0].slot.second == 0
     assert DBTaskResult.objects.count() == 1
+
+
+def looks_at(monkeypatch: pytest.MonkeyPatch, now: datetime) -> None:
+    monkeypatch.setattr(periodic, "db_now", lambda using="default": now)
+
+
+def slots_run(name: str) -> list[datetime]:
+    return list(
+        ScheduledRun.objects.filter(schedule=name).order_by("slot").values_list("slot", flat=True)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_look_catches_up_on_the_slot_just_before_its_own_and_skips_older_ones(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def look(now: str) -> list[tuple[str, bool, bool]]:
+        looks_at(monkeypatch, at(now))
+        found = enqueue_due(lambda s: s.fly_interval == "hourly")
+        return [(f"{r.slot:%H:%M}", r.late, r.task_id is not None) for r in found]
+
+    # A new schedule: only its current slot, nothing before it.
+    assert look("2026-12-07 10:59:59") == [("10:00", False, True)]
+    # Fly's next start a little more than an hour later: the 11:00 slot had no look in it.
+    assert look("2026-12-07 12:00:01") == [("11:00", True, True), ("12:00", False, True)]
+    assert look("2026-12-07 12:30:00") == [("12:00", False, False)]
+    # Two starts lost (13:00, 14:00): 14:00 runs late, 13:00 is skipped.
+    assert look("2026-12-07 15:10:00") == [("14:00", True, True), ("15:00", False, True)]
+    assert [f"{s:%H:%M}" for s in slots_run("hourly-note")] == [
+        "10:00",
+        "11:00",
+        "12:00",
+        "14:00",
+        "15:00",
+    ]
+    assert DBTaskResult.objects.count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_monthly_starts_thirty_days_apart_miss_no_month(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.TASKS = tasks_setting({"m": {"task": "tests.testapp.tasks.note", "every": "monthly"}})
+    monkeypatch.setattr(Dispatcher, "notify", lambda self, group=None: None)
+    enqueued: list[str] = []
+    for now in ("2026-01-31 10:00", "2026-03-02 10:00", "2026-04-01 10:00"):
+        looks_at(monkeypatch, at(now))
+        enqueued += [f"{r.slot:%m-%d}" for r in enqueue_due(lambda s: True) if r.task_id]
+    # February had no start in it (31 January, then 2 March): it runs late, on 2 March.
+    assert enqueued == ["01-01", "02-01", "03-01", "04-01"]
+    assert DBTaskResult.objects.count() == 4
+    stop_all()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_catch_up_is_reported_and_the_current_slot_still_runs(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hourly = scheduled.schedules["hourly-note"]
+    assert enqueue_slot(scheduled, "hourly-note", hourly, at("2026-12-07 09:00"))
+    original = periodic.enqueue_slot
+
+    def refuse_late(backend: Any, name: str, schedule: Schedule, slot: datetime) -> str | None:
+        if slot == at("2026-12-07 10:00"):
+            raise OperationalError('connection to server at "db.internal", user "admin" failed')
+        return original(backend, name, schedule, slot)
+
+    monkeypatch.setattr(periodic, "enqueue_slot", refuse_late)
+    looks_at(monkeypatch, at("2026-12-07 11:05"))
+    late, current = enqueue_due(lambda s: s.fly_interval == "hourly")
+    assert (late.late, late.task_id, late.error) == (
+        True,
+        None,
+        "OperationalError (database or network error; message withheld)",
+    )
+    assert (current.late, current.task_id is not None) == (False, True)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_text_withholds_what_a_database_driver_says() -> None:
+    import psycopg
+
+    said = (
+        'connection to server at "db.internal" (10.0.0.1), port 5432 failed: password for "admin"'
+    )
+    for exc in (
+        OperationalError(said),
+        psycopg.OperationalError(said),
+        ConnectionRefusedError(said),
+    ):
+        text = error_text(exc)
+        assert text.startswith(type(exc).__name__)
+        assert "db.internal" not in text
+        assert "admin" not in text
+    assert error_text(ImportError("No module named 'app.nowhere'")) == (
+        "ImportError: No module named 'app.nowhere'"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_look_logs_the_schedule_and_the_error_class_only(
+    scheduled: FlyMachinesBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError(
+            'could not connect to "db.internal" as user "admin" password=hunter2'
+        )
+
+    monkeypatch.setattr(FlyMachinesBackend, "enqueue", refuse)
+    (run,) = enqueue_due(lambda s: s.fly_interval == "daily")
+    assert run.error
+    assert run.error.startswith("OperationalError")
+    assert "'daily-sum'" in caplog.text
+    assert "OperationalError" in caplog.text
+    assert "db.internal" not in caplog.text
+    assert "hunter2" not in caplog.text
 
 
 # --------------------------------------------------------------------------- checks
@@ -330,6 +486,55 @@ def test_a_schedule_finer_than_fly_s_warns_unless_an_app_machine_is_kept_running
     assert check_schedules(backend()) == []
     settings.TASKS = tasks_setting({"h": SCHEDULES["hourly-note"]}, beyond_horizon="next_wake")
     assert check_schedules(backend()) == []
+
+
+@pytest.mark.django_db
+def test_a_backend_alias_longer_than_its_column_is_an_error(settings: Any) -> None:
+    alias = "a" * 33
+    settings.TASKS = {alias: tasks_setting({})["default"]}
+    found = task_backends[alias]
+    assert isinstance(found, FlyMachinesBackend)
+    (error,) = [m for m in check_schedules(found) if m.id == "flyfn.E023"]
+    assert "has 33 characters" in error.msg
+    assert "of 32" in error.msg
+    settings.TASKS = {"a" * 32: tasks_setting({})["default"]}
+    assert [m.id for m in check_schedules(task_backends["a" * 32])] == []  # type: ignore[arg-type]
+
+
+class SlotsElsewhere:
+    """A router that puts the slots' rows in another database than the tasks."""
+
+    def db_for_write(self, model: type, **hints: Any) -> str | None:
+        return "other" if model is ScheduledRun else None
+
+    db_for_read = db_for_write
+
+
+@pytest.mark.django_db
+def test_slots_and_tasks_must_share_a_database(
+    scheduled: FlyMachinesBackend, settings: Any
+) -> None:
+    settings.DATABASE_ROUTERS = [SlotsElsewhere()]
+    (error,) = [m for m in check_schedules(backend()) if m.id == "flyfn.E024"]
+    assert "ScheduledRun and DBTaskResult in one database" in error.msg
+    assert "'other' and 'default'" in error.msg
+    with pytest.raises(ImproperlyConfigured, match="committed together"):
+        enqueue_slot(backend(), "hourly-note", SCHEDULES_PARSED["hourly-note"], at("2026-12-07"))
+
+
+def test_a_worker_id_fits_its_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 253)
+    with machine_role.override_role(machine_role.LOCAL):
+        long = worker_id()
+    assert len(long) == WORKER_ID_MAX
+    assert long.startswith("local-hhh")
+    assert long.endswith(f"-{os.getpid()}")
+    monkeypatch.setattr(socket, "gethostname", lambda: "laptop")
+    with machine_role.override_role(machine_role.LOCAL):
+        assert worker_id() == f"local-laptop-{os.getpid()}"
 
 
 def test_the_backend_refuses_bad_schedules_when_it_is_made(settings: Any) -> None:
@@ -476,6 +681,109 @@ def test_prepare_updates_a_scheduled_machine_for_a_new_image_and_leaves_it_stopp
     } == {("registry.fly.io/testapp:d-2", "stopped")}
 
 
+def scheduled_versions(api: MachinesAPI) -> dict[str, tuple[str | None, str | None]]:
+    """Each scheduled Machine's version and state."""
+    return {
+        m.name or "": (
+            (m.config.metadata or {}).get("flyfn_version") if m.config else None,
+            m.state,
+        )
+        for m in scheduled_only(api)
+    }
+
+
+def stop_scheduled(api: MachinesAPI) -> None:
+    for machine in scheduled_only(api):
+        api.http.post(f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}/stop")
+        api.http.get(
+            f"/v1/apps/{EMULATOR_APP}/machines/{machine.id}/wait", params={"state": "stopped"}
+        )
+
+
+@pytest.mark.django_db
+def test_prepare_updates_a_scheduled_machine_whose_secrets_changed_and_leaves_it_stopped(
+    scheduled: FlyMachinesBackend,
+    machines_api: MachinesAPI,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = "registry.fly.io/testapp:d-1"
+    groups = {"tasks": {"env": ["REPORT_LOCALE"], "secrets": ["PARTNER_TOKEN"]}}
+    monkeypatch.setenv("REPORT_LOCALE", "fr")
+    monkeypatch.setenv("PARTNER_TOKEN", "partner-secret-1")
+    with override_settings(FLYFN=machines_api.flyfn_settings(image, GROUPS=groups)):
+        flyfn("prepare")
+        stop_scheduled(machines_api)
+        first = scheduled_versions(machines_api)
+        (hourly,) = [m for m in scheduled_only(machines_api) if m.name == "flyfn-schedule-hourly"]
+        assert hourly.config is not None
+        assert (hourly.config.env or {}).get("REPORT_LOCALE") == "fr"  # the group's env
+        assert "partner-secret-1" not in hourly.model_dump_json()
+        assert "up to date" in flyfn("prepare")  # nothing changed: nothing updated
+        # SECRET_KEY rotated (fly secrets set), same image: the wakes would be signed with it.
+        settings.SECRET_KEY = "rotated-" + settings.SECRET_KEY
+        assert flyfn("prepare").count("(updated)") == 2
+        rotated = scheduled_versions(machines_api)
+        # One of the group's named secrets changed.
+        monkeypatch.setenv("PARTNER_TOKEN", "partner-secret-2")
+        assert flyfn("prepare").count("(updated)") == 2
+        renamed = scheduled_versions(machines_api)
+    assert {state for _, state in [*first.values(), *rotated.values(), *renamed.values()]} == {
+        "stopped"
+    }
+    for name in first:
+        assert len({first[name][0], rotated[name][0], renamed[name][0]}) == 3
+    assert settings.SECRET_KEY not in str(rotated)
+
+
+@pytest.mark.django_db
+def test_gc_destroys_scheduled_machines_once_flyfn_tasks_is_not_installed(
+    scheduled: FlyMachinesBackend, machines_api: MachinesAPI
+) -> None:
+    with override_settings(FLYFN=machines_api.flyfn_settings("registry.fly.io/testapp:d-1")):
+        flyfn("prepare")
+        assert len(scheduled_machines(machines_api)) == 2
+        with modify_settings(INSTALLED_APPS={"remove": ["flyfn.tasks"]}):
+            out = flyfn("gc")
+    assert out.count("destroying scheduled Machine") == 2
+    assert scheduled_machines(machines_api) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tick_that_hangs_fails_within_its_deadline(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hung = threading.Event()
+    release = threading.Event()
+
+    def hang(which: Any) -> list[Any]:
+        hung.set()
+        release.wait(SAFETY_BOUND)  # a database connect that never answers
+        return []
+
+    monkeypatch.setattr(periodic, "enqueue_due", hang)
+    try:
+        with pytest.raises(CommandError, match=r"tick hourly did not finish within 0\.2 s"):
+            flyfn("tick", "hourly", "--timeout", "0.2")
+        assert hung.is_set()
+    finally:
+        release.set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tick_whose_database_is_away_fails_without_its_address(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def away(using: str = "default") -> datetime:
+        raise OperationalError('connection to server at "db.internal" failed for user "admin"')
+
+    monkeypatch.setattr(periodic, "db_now", away)
+    with pytest.raises(CommandError) as caught:
+        flyfn("tick", "hourly")
+    assert "tick hourly failed: OperationalError" in str(caught.value)
+    assert "db.internal" not in str(caught.value)
+
+
 # --------------------------------------------------------------------------- the emulated Fly
 
 
@@ -572,6 +880,83 @@ def test_an_app_machine_s_ticker_runs_only_the_finer_schedules(
             time.sleep(0.05)
         stop_ticker()
     assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["five-minutes"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_ticker_looks_again_soon_after_a_failed_enqueue_not_at_the_next_slot(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = FlyMachinesBackend.enqueue
+    failures: list[int] = []
+
+    def fail_once(self: FlyMachinesBackend, *args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise OperationalError("the database went away")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlyMachinesBackend, "enqueue", fail_once)
+    # The next slot is an hour away: only a retry can enqueue this one within the bound.
+    monkeypatch.setattr(Ticker, "_until_next", lambda self: 3600.0)
+    ticker = Ticker(runs_on_app_machines)
+    ticker.start()
+    try:
+        deadline = time.monotonic() + SAFETY_BOUND
+        while not ScheduledRun.objects.exists():
+            assert time.monotonic() < deadline, "no retry: the failed slot waits for the next"
+            time.sleep(0.05)
+    finally:
+        ticker.stop()
+    assert failures == [1]
+    assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["five-minutes"]
+
+
+def test_one_process_of_a_machine_holds_its_ticker_lock(tmp_path: Any) -> None:
+    path = tmp_path / "ticker.lock"
+    first, second = TickerLock(path), TickerLock(path)
+    assert first.acquire()
+    assert first.acquire()  # held already
+    assert not second.acquire()  # another worker process of the Machine: it waits
+    first.release()  # its process ended: the kernel drops the lock
+    assert second.acquire()
+    second.release()
+    assert TickerLock(None).acquire()  # off Fly (no Machine): every process looks
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_machine_s_second_ticker_looks_only_once_the_first_is_gone(
+    scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setattr(periodic, "LOCK_POLL", 0.05)
+    tries: list[bool] = []
+    acquire = TickerLock.acquire
+
+    def counted(self: TickerLock) -> bool:
+        tries.append(acquire(self))
+        return tries[-1]
+
+    monkeypatch.setattr(TickerLock, "acquire", counted)
+    env = MachineEnv(machine_id="e286de4f711e86")
+    with machine_role.override_role(machine_role.MAIN, env):
+        held = periodic._machine_lock()
+        assert held.path is not None
+        assert held.path.name == "ticker.lock"
+        assert held.acquire()  # another worker process's ticker
+        assert start_ticker()
+        assert periodic._ticker is not None
+        assert periodic._ticker.lock.path == held.path
+        deadline = time.monotonic() + SAFETY_BOUND
+        while tries.count(False) < 3:  # the ticker found the lock held, and again
+            assert time.monotonic() < deadline, "the ticker does not try the lock"
+            time.sleep(0.05)
+        looked = ScheduledRun.objects.exists()
+        held.release()
+        deadline = time.monotonic() + SAFETY_BOUND
+        while not ScheduledRun.objects.exists():
+            assert time.monotonic() < deadline, "the second ticker did not take over"
+            time.sleep(0.05)
+        stop_ticker()
+    assert not looked
 
 
 @pytest.mark.django_db

@@ -151,6 +151,31 @@ def is_task_group(group: str) -> bool:
     return group in _task_groups()
 
 
+def forwarded_env(
+    settings: FlyfnSettings, group: str, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The variables of this process's environment a group's Machines get (its `env`); a name
+    that looks like a secret is refused (PoolConfigError) unless flyfn.E010 is silenced."""
+    options = settings.group(group)
+    if "flyfn.E010" not in getattr(django_settings, "SILENCED_SYSTEM_CHECKS", ()):
+        # Checks do not run under uvicorn or gunicorn: refuse here what flyfn.E010 reports.
+        secret = secret_like_env(options.env, environ)
+        if secret:
+            raise PoolConfigError(secret_env_message(group, secret[0]))
+    return {name: environ[name] for name in options.env if name in environ}
+
+
+def secret_inputs(
+    settings: FlyfnSettings, group: str, environ: Mapping[str, str] = os.environ
+) -> dict[str, str | None]:
+    """What a group's Machines depend on besides their image and config, for their version:
+    SECRET_KEY, the group's forwarded env and its named secrets (digested, never stored)."""
+    options = settings.group(group)
+    depends: dict[str, str | None] = {"SECRET_KEY": str(django_settings.SECRET_KEY)}
+    depends.update((name, environ.get(name)) for name in (*options.env, *options.secrets))
+    return depends
+
+
 def spec_for(
     settings: FlyfnSettings,
     group: str,
@@ -179,12 +204,7 @@ def spec_for(
         if options.concurrency is not None
         else None
     )
-    if "flyfn.E010" not in getattr(django_settings, "SILENCED_SYSTEM_CHECKS", ()):
-        # Checks do not run under uvicorn or gunicorn: refuse here what flyfn.E010 reports.
-        secret = secret_like_env(options.env, environ)
-        if secret:
-            raise PoolConfigError(secret_env_message(group, secret[0]))
-    env = {name: environ[name] for name in options.env if name in environ}
+    env = forwarded_env(settings, group, environ)
     env[GROUP_ENV] = group
     if app != own_app:  # their FLY_APP_NAME is `app`: say where their requests come in
         env[HOME_APP_ENV] = own_app
@@ -201,8 +221,7 @@ def spec_for(
         ),
         MachinePort(port=443, handlers=["tls", "http"], http_options=http_options),
     ]
-    depends: dict[str, str | None] = {"SECRET_KEY": str(django_settings.SECRET_KEY)}
-    depends.update((name, environ.get(name)) for name in (*options.env, *options.secrets))
+    depends = secret_inputs(settings, group, environ)
     # How Fly Proxy serves the Machines: a change must reach them too, and `_contains` cannot
     # see an option that was removed (no env var name has a colon).
     depends["flyfn:ports"] = json.dumps(

@@ -66,12 +66,19 @@ _LOCKED_PAUSE = 0.05
 LOCKED_WAIT = 60.0
 
 
+# The columns a worker id is stored in (a lease's, a retried run's, a slot's) are this long.
+WORKER_ID_MAX = 64
+
+
 def worker_id() -> str:
-    """What this process writes into a task's `worker_ids`: its Machine's id on Fly."""
+    """What this process writes into a task's `worker_ids`: its Machine's id on Fly, else
+    `local-<host>-<pid>` with the host name cut to fit `WORKER_ID_MAX` (a host name may have 253
+    characters; the pid, which tells processes apart, is kept whole)."""
     machine = current_env().machine_id
     if machine and not current_role().is_local:
-        return machine
-    return f"local-{socket.gethostname()}-{os.getpid()}"
+        return machine[:WORKER_ID_MAX]
+    pid = f"-{os.getpid()}"
+    return f"local-{socket.gethostname()}"[: WORKER_ID_MAX - len(pid)] + pid
 
 
 def _rows(backend: FlyfnBackend, group: str) -> DBTaskResultQuerySet:

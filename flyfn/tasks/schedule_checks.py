@@ -1,13 +1,16 @@
 """The system checks of a backend's periodic tasks (`OPTIONS["schedules"]`): a task that does not
 import (`flyfn.E020`), arguments that cannot be stored (`flyfn.E021`), a queue the backend does not
-have (`flyfn.E022`), and a schedule finer than
-Fly's intervals with no app Machine kept running to run it (`flyfn.W020`)."""
+have (`flyfn.E022`), a backend alias longer than the tasks' column (`flyfn.E023`), slots' rows
+and tasks routed to different databases (`flyfn.E024`), and a schedule finer than Fly's
+intervals with no app Machine kept running to run it (`flyfn.W020`)."""
 
 from __future__ import annotations
 
 import json
 
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db.models import CharField
 from django.utils.module_loading import import_string
 from django_tasks_db.compat import Task
 
@@ -21,6 +24,31 @@ def check_schedules(backend: FlyfnBackend) -> list[checks.CheckMessage]:
     """Every problem of `backend`'s schedules, each a message with an id and a hint."""
     messages: list[checks.CheckMessage] = []
     where = f"TASKS[{backend.alias!r}]['OPTIONS']['schedules']"
+    longest = _alias_limit()
+    if len(backend.alias) > longest:
+        messages.append(
+            checks.Error(
+                f"TASKS[{backend.alias!r}]: the alias has {len(backend.alias)} characters; "
+                f"tasks and periodic tasks store it in a column of {longest}",
+                hint=f"give the backend an alias of at most {longest} characters",
+                id="flyfn.E023",
+            )
+        )
+    if backend.schedules:
+        # Models load after this module (the backend imports it while apps load).
+        from flyfn.tasks.periodic import schedule_database
+
+        try:
+            schedule_database()
+        except ImproperlyConfigured as exc:
+            messages.append(
+                checks.Error(
+                    f"{where}: {exc}",
+                    hint="route flyfn_tasks' ScheduledRun to the database of "
+                    "django_tasks_database's DBTaskResult (DATABASE_ROUTERS)",
+                    id="flyfn.E024",
+                )
+            )
     queues: set[str] = getattr(backend, "queues", set())
     for name, schedule in sorted(backend.schedules.items()):
         messages += _task_problems(f"{where}[{name!r}]", schedule)
@@ -43,13 +71,28 @@ def check_schedules(backend: FlyfnBackend) -> list[checks.CheckMessage]:
                 "is running: with fly.toml's min_machines_running = 0 every app Machine may be "
                 "stopped at a slot, and the slot is not run",
                 hint="keep an app Machine running (fly.toml [http_service] "
-                "min_machines_running = 1) and say so with OPTIONS['beyond_horizon'] = "
-                "'app_machine'; or use 'every': 'hourly' (a scheduled Machine runs it, nothing "
-                "else need be up)",
+                "min_machines_running = 1) with an HTTP health check ([[http_service.checks]]): "
+                "a process's ticker starts with its first request, which the check sends after "
+                "each deploy; say so with OPTIONS['beyond_horizon'] = 'app_machine'. Or use "
+                "'every': 'hourly' (a scheduled Machine runs it, nothing else need be up)",
                 id="flyfn.W020",
             )
         )
     return messages
+
+
+def _alias_limit() -> int:
+    from django_tasks_db.models import DBTaskResult
+
+    from flyfn.tasks.models import ScheduledRun
+
+    lengths = [
+        field.max_length
+        for model in (DBTaskResult, ScheduledRun)
+        if isinstance(field := model._meta.get_field("backend_name"), CharField)
+        and field.max_length
+    ]
+    return min(lengths)
 
 
 def _task_problems(where: str, schedule: Schedule) -> list[checks.CheckMessage]:

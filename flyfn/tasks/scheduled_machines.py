@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings as django_settings
@@ -28,7 +28,14 @@ from flyfn.machines.models import (
     UpdateMachineRequest,
 )
 from flyfn.pool.converge import GONE_STATES, RESTING_STATES, is_outdated, machine_schedule
-from flyfn.pool.spec import SCHEDULE_METADATA_KEY, PoolConfigError
+from flyfn.pool.spec import (
+    SCHEDULE_METADATA_KEY,
+    VERSION_METADATA_KEY,
+    PoolConfigError,
+    forwarded_env,
+    pool_version,
+    secret_inputs,
+)
 from flyfn.tasks.configured import flyfn_backends
 
 __all__ = [
@@ -63,9 +70,25 @@ def machine_name(interval: str) -> str:
     return f"flyfn-schedule-{interval}"
 
 
-def scheduled_config(settings: FlyfnSettings, interval: str) -> MachineConfig:
+def _groups_of(interval: str) -> list[str]:
+    """The task groups of the backends that have a schedule on `interval`: a tick enqueues into
+    them and runs the same settings as their Machines."""
+    groups: set[str] = set()
+    for backend in flyfn_backends():
+        if any(s.fly_interval == interval for s in backend.schedules.values()):
+            groups |= backend.flyfn.groups
+    return sorted(groups)
+
+
+def scheduled_config(
+    settings: FlyfnSettings, interval: str, environ: Mapping[str, str] = os.environ
+) -> MachineConfig:
     """The scheduled Machine of `interval`: the current image running `python -m django flyfn
-    --settings <this process's> tick INTERVAL`, no services (nothing is sent to it)."""
+    --settings <this process's> tick INTERVAL`, no services (nothing is sent to it), with the env
+    its task groups' Machines get and a version digest of what they depend on (SECRET_KEY, that
+    env, their named secrets): a rotated secret makes it outdated, and its update gives it the
+    app's current secrets (an API-created Machine keeps the old ones until then, and would sign
+    its wakes with an old SECRET_KEY)."""
     if not settings.image_ref:
         raise PoolConfigError(
             "no image for the scheduled Machines: set FLYFN['IMAGE_REF'] or FLY_IMAGE_REF "
@@ -75,9 +98,19 @@ def scheduled_config(settings: FlyfnSettings, interval: str) -> MachineConfig:
     # The image's Python (this process runs in the same image on Fly: the release command), in
     # its WORKDIR, with this process's settings.
     command = [sys.executable, "-m", "django", "flyfn", "--settings", settings_module]
+    env: dict[str, str] = {}
+    depends: dict[str, str | None] = {}
+    # An interval in use has a backend, so at least its default group: SECRET_KEY always counts.
+    for group in _groups_of(interval):
+        env.update(forwarded_env(settings, group, environ))
+        depends.update(secret_inputs(settings, group, environ))
+    version = pool_version(
+        settings.app_name or "", machine_name(interval), settings.image_ref, depends
+    )
     return MachineConfig(
         image=settings.image_ref,
-        metadata={SCHEDULE_METADATA_KEY: interval},
+        env=env or None,
+        metadata={SCHEDULE_METADATA_KEY: interval, VERSION_METADATA_KEY: version},
         schedule=interval,
         init=MachineInit(cmd=[*command, "tick", interval]),
         guest=_GUEST,

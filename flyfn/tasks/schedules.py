@@ -6,7 +6,9 @@ a scheduled Machine runs it, nothing else need be up) or a number of seconds, or
 `cron` expression (both finer: an app Machine kept running runs them). Slots are on the UTC
 calendar: `hourly` at each hour, `daily` at midnight, `weekly` on Monday at midnight, `monthly`
 on the 1st at midnight; `every: 300` at each multiple of 300 s since the Unix epoch; cron at the
-expression's times. Under `flyfn dev --time-scale N` (env `FLYFN_TIME_SCALE`) a slot lasts 1/N of
+expression's times. A look runs the slot it falls in and catches up on the one just before it
+(flyfn.tasks.periodic): Fly starts a scheduled Machine once per interval from its creation, not
+on the hour. Under `flyfn dev --time-scale N` (env `FLYFN_TIME_SCALE`) a slot lasts 1/N of
 its time, counted from `SCALED_ORIGIN`, as the emulated Fly starts scheduled Machines N times as
 often.
 """
@@ -132,6 +134,12 @@ class Schedule(_Options):
     def slot_at(self, now: datetime, scale: float = 1.0) -> datetime:
         """The slot `now` falls in: the latest time the schedule is due at, at or before `now`."""
         return self._real(self._slot(self._virtual(now, scale), previous=True), scale)
+
+    def previous_slot(self, now: datetime, scale: float = 1.0) -> datetime:
+        """The slot just before the one `now` falls in (the one a look catches up on)."""
+        current = self._slot(self._virtual(now, scale), previous=True)
+        # Every slot is a whole second: a second before one lies in the slot before it.
+        return self._real(self._slot(current - timedelta(seconds=1), previous=True), scale)
 
     def next_slot(self, now: datetime, scale: float = 1.0) -> datetime:
         """The first time after `now` the schedule is due at."""

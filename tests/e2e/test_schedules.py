@@ -1,11 +1,12 @@
-"""End-to-end: an hourly periodic task under `flyfn dev --time-scale 600` (an hour lasts 6 s).
+"""End-to-end: an hourly periodic task under `flyfn dev --time-scale 400` (an hour lasts 9 s).
 
 `manage.py flyfn prepare` creates the scheduled Machine; every app Machine is stopped through the
 Machines API; the emulated Fly starts the scheduled Machine once per (scaled) hour, its `flyfn
-tick` enqueues the slot's task and wakes the group, and the task runs on a function Machine. Then
-the whole emulated platform is frozen (SIGSTOP) for more than two intervals: the scheduled
-Machine cannot start, and the slots of the freeze are skipped; at its next start the Machine runs
-its own slot once. Every slot is run at most once and every run's task ran exactly once.
+tick` enqueues the slot's task and wakes the group, and the task runs on a function Machine: one
+run for each consecutive slot (a start that misses a slot is caught up by the next). Then the
+whole emulated platform is frozen (SIGSTOP) for more than three intervals: the scheduled Machine
+cannot start; at its next start it runs the slot before its own late and its own, and the slots
+between are skipped, as documented. Every run's task ran exactly once.
 The only time limits are generous safety bounds.
 """
 
@@ -37,10 +38,14 @@ SETTINGS = "tasksproj.settings_schedules"
 TOKEN = "e2e-schedules-token-Wc4"
 APP = "tasksproj"
 GROUP = "work"
-TIME_SCALE = 600.0  # an hour lasts 6 s
+# An hour lasts 9 s: a look must end within two of them for every slot to run (the one before
+# its own is caught up), a generous bound for a Django process under load.
+TIME_SCALE = 400.0
 PERIOD = 3600.0 / TIME_SCALE
 RUNS_BEFORE = 3  # runs before the freeze
-FREEZE = 2.5 * PERIOD  # longer than two intervals: at least one slot passes without a start
+# More than three intervals: the first look after it is at least three slots after the last one
+# before it, so at least one slot is skipped (the one before the look's own runs late).
+FREEZE = 3.5 * PERIOD
 SAFETY_BOUND = 240.0
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(SAFETY_BOUND + 120)]
@@ -105,14 +110,19 @@ def is_app_machine(machine: dict[str, Any]) -> bool:
 
 def runs(database: Database) -> list[tuple[datetime, str, list[str]]]:
     """Every slot's run: its slot, its task's status and the Machines that ran it."""
+    return [(slot, status, workers) for slot, status, workers, _ in enqueued(database)]
+
+
+def enqueued(database: Database) -> list[tuple[datetime, str, list[str], datetime]]:
+    """Every slot's run as `runs` gives it, and when it was enqueued."""
     import psycopg
 
     with psycopg.connect(database.url) as connection:
         found = connection.execute(
-            "SELECT r.slot, t.status, t.worker_ids FROM flyfn_tasks_scheduledrun r "
-            "JOIN django_tasks_database_dbtaskresult t ON t.id = r.task_id ORDER BY r.slot"
+            "SELECT r.slot, t.status, t.worker_ids, r.enqueued_at FROM flyfn_tasks_scheduledrun r"
+            " JOIN django_tasks_database_dbtaskresult t ON t.id = r.task_id ORDER BY r.slot"
         ).fetchall()
-    return [(slot, str(status), list(workers)) for slot, status, workers in found]
+    return [(slot, str(status), list(workers), at) for slot, status, workers, at in found]
 
 
 def wait_for_runs(dev: DevProcess, database: Database, count: int, deadline: float) -> list[Any]:
@@ -191,32 +201,41 @@ def test_an_hourly_schedule_runs_once_per_slot_on_function_machines_with_app_mac
         assert time.monotonic() < deadline, "the scheduled Machine does not stop"
         time.sleep(0.05)
     before = runs(postgres_database)
-    frozen_at = datetime.now().astimezone()
     try:
         time.sleep(FREEZE)
     finally:
         os.kill(dev.process.pid, signal.SIGCONT)
     thawed_at = datetime.now().astimezone()
 
-    after = wait_for_runs(dev, postgres_database, len(before) + 1, deadline)
+    # The first look after the thaw enqueues two slots: the one before its own (late), its own.
+    after = wait_for_runs(dev, postgres_database, len(before) + 2, deadline)
     new = after[len(before) :]
     functions = {
         m["id"] for m in list_machines(dev.api, APP, TOKEN, **{"metadata.flyfn_group": GROUP})
     }
 
-    slots = [slot for slot, _, _ in after]
-    assert len(set(slots)) == len(slots)  # at most once per slot (the table's constraint)
     assert all(status == "SUCCESSFUL" for _, status, _ in after), after
     assert all(workers and workers[-1] in functions for _, _, workers in after), after
     # Exactly once: each slot's task ran one time (the task notes every run).
     ticks = [line for line in (directory / "runs.log").read_text().splitlines() if "tick" in line]
     assert len(ticks) == len(after)
-    # The slots of the freeze were skipped; the first run after it is for the slot of its start.
-    missed = [s for s in slots if HOURLY.slot_at(frozen_at, TIME_SCALE) < s < new[0][0]]
-    assert missed == []
-    assert new[0][0] >= HOURLY.slot_at(thawed_at, TIME_SCALE)
-    skipped = round((new[0][0] - before[-1][0]).total_seconds() / PERIOD) - 1
+    # Before the freeze, every slot from the first on ran: consecutive slots.
+    hours = [round((slot - before[0][0]).total_seconds() / PERIOD) for slot, _, _ in before]
+    assert hours == list(range(len(before))), before
+    # After it: the first look's slot is at or after the thaw's, the slot before it ran late with
+    # it, and the slots between the last run before the freeze and that one were skipped.
+    late, own = new[0][0], new[1][0]
+    assert own >= HOURLY.slot_at(thawed_at, TIME_SCALE)
+    assert late == HOURLY.previous_slot(own, TIME_SCALE)
+    # `late` was enqueued after its slot had passed (by the look that enqueued `own`): a look
+    # that ran only its own slot would have enqueued it within it.
+    when = {slot: at for slot, _, _, at in enqueued(postgres_database)}
+    assert HOURLY.slot_at(when[late], TIME_SCALE) >= own
+    skipped = round((late - before[-1][0]).total_seconds() / PERIOD) - 1
     assert skipped >= 1
+    # And on from there, consecutive slots again.
+    hours = [round((slot - late).total_seconds() / PERIOD) for slot, _, _ in new]
+    assert hours == list(range(len(new))), new
     # Each wake goes through Fly Proxy to an app Machine, which it starts, and autostop stops.
     app_starts = sum(
         1
@@ -228,7 +247,7 @@ def test_an_hourly_schedule_runs_once_per_slot_on_function_machines_with_app_mac
     print(
         f"\ne2e schedules: {len(after)} runs, one per slot, on function Machine(s) "
         f"{sorted({w[-1] for _, _, w in after})}; {skipped} slot(s) skipped during a "
-        f"{FREEZE:g}s freeze, then one run for slot {new[0][0]:%H:%M:%S}; "
+        f"{FREEZE:g}s freeze, then slot {late:%H:%M:%S} late and {own:%H:%M:%S}; "
         f"the app Machine was started {app_starts} time(s) by the wakes (Fly Proxy), and "
         "stopped again by autostop"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
 from prometheus_client.parser import text_string_to_metric_families
 
 from flyfn.conf import FlyfnSettings, SettingsError, get_settings
@@ -63,6 +65,9 @@ T = TypeVar("T")
 # Seconds status, prepare and gc may spend on the Machines API: a release_command must end (the
 # client's own timeouts and retries would let an API that never answers hold it for 90 s and more).
 DEFAULT_DEADLINE = 60.0
+# Seconds `tick` may spend on its look (the database): generous, but a tick that hangs keeps its
+# scheduled Machine started, and Fly starts no running Machine, so every later slot would be lost.
+TICK_DEADLINE = 180.0
 # The wall clock a status window ends at (tests drive the emulator's Machines on their own).
 CLOCK: Callable[[], float] = time.time
 
@@ -109,6 +114,14 @@ class Command(BaseCommand):
             "wakes and exit (what a scheduled Machine runs)",
         )
         tick.add_argument("interval", choices=list(INTERVALS), help="the Fly schedule")
+        tick.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=TICK_DEADLINE,
+            help=f"seconds the look may take before the command fails (default {TICK_DEADLINE:g}:"
+            " a hung database must not keep the scheduled Machine started, as Fly does not start"
+            " a running Machine at its next time)",
+        )
         dev = commands.add_parser(
             "dev", help="the local Fly stack: Fly Proxy + Machines API + Machines as processes"
         )
@@ -317,9 +330,7 @@ class Command(BaseCommand):
     def _tasks_status(self) -> None:
         """Per group: tasks ready, scheduled, running, failed and the oldest waiting (only with
         flyfn.tasks installed)."""
-        from django.apps import apps
-
-        if not apps.is_installed("flyfn.tasks"):
+        if not tasks_installed():
             return
         from flyfn.tasks.status import task_status
 
@@ -345,9 +356,7 @@ class Command(BaseCommand):
     def _schedules_status(self) -> None:
         """Every periodic task with its last and next slot (only with flyfn.tasks installed and
         a schedule declared)."""
-        from django.apps import apps
-
-        if not apps.is_installed("flyfn.tasks"):
+        if not tasks_installed():
             return
         from flyfn.tasks.periodic import schedule_rows
 
@@ -458,24 +467,34 @@ class Command(BaseCommand):
 
     # ------------------------------------------------------------------ tick
 
-    def handle_tick(self, *, interval: str, **options: Any) -> None:
-        from django.apps import apps
-
-        if not apps.is_installed("flyfn.tasks"):
+    def handle_tick(self, *, interval: str, timeout: float = TICK_DEADLINE, **options: Any) -> None:
+        if not tasks_installed():
             raise CommandError("periodic tasks need 'flyfn.tasks' in INSTALLED_APPS")
-        from flyfn.tasks.periodic import enqueue_due
+        from flyfn.tasks.periodic import enqueue_due, error_text
 
-        runs = enqueue_due(lambda schedule: schedule.fly_interval == interval)
+        try:
+            runs = within(
+                timeout,
+                lambda: enqueue_due(lambda schedule: schedule.fly_interval == interval),
+                f"tick {interval} did not finish within {timeout:g} s (the database does not "
+                "answer?): the slots it did not enqueue have no run, the next look catches up on "
+                "the one before its own",
+            )
+        except CommandError:
+            raise
+        except Exception as exc:  # the database is away: say so without its address
+            raise CommandError(f"tick {interval} failed: {error_text(exc)}") from None
         for each in runs:
             what = (
                 f"cannot be enqueued: {each.error}" if each.error
                 else f"enqueued task {each.task_id}" if each.task_id
                 else "already run, nothing to do"
             )  # fmt: skip
-            self.stdout.write(f"{each.schedule}: slot {each.slot:%Y-%m-%d %H:%M:%S}: {what}")
+            late = " (late)" if each.late else ""
+            self.stdout.write(f"{each.schedule}: slot {each.slot:%Y-%m-%d %H:%M:%S}{late}: {what}")
         if not runs:
             self.stdout.write(f"no schedule runs {interval}")
-        failed = [each.schedule for each in runs if each.error]
+        failed = sorted({each.schedule for each in runs if each.error})
         if failed:  # a non-zero exit: Fly runs the scheduled Machine again (restart on-failure)
             raise CommandError(f"schedule(s) not enqueued: {', '.join(failed)}")
 
@@ -682,11 +701,16 @@ def group_figures(text: str) -> dict[str, dict[str, float]]:
     return figures
 
 
-def _schedule_intervals() -> list[str]:
-    """Fly's intervals the periodic tasks use (none without flyfn.tasks)."""
+def tasks_installed() -> bool:
+    """Whether `flyfn.tasks` (tasks, periodic tasks) is in INSTALLED_APPS."""
     from django.apps import apps
 
-    if not apps.is_installed("flyfn.tasks"):
+    return apps.is_installed("flyfn.tasks")
+
+
+def _schedule_intervals() -> list[str]:
+    """Fly's intervals the periodic tasks use (none without flyfn.tasks)."""
+    if not tasks_installed():
         return []
     from flyfn.tasks.scheduled_machines import intervals_in_use
 
@@ -694,14 +718,36 @@ def _schedule_intervals() -> list[str]:
 
 
 async def _unneeded_scheduled(client: Any) -> list[Machine]:
-    """Scheduled Machines no periodic task needs (none without flyfn.tasks)."""
-    from django.apps import apps
-
-    if not apps.is_installed("flyfn.tasks"):
-        return []
+    """Scheduled Machines no periodic task needs: found by their metadata, so that those of a
+    project that dropped flyfn.tasks go too (left, each would fail its tick every interval)."""
     from flyfn.tasks.scheduled_machines import find_unneeded
 
     return await find_unneeded(client, _schedule_intervals())
+
+
+def within(deadline: float, work: Callable[[], T], message: str) -> T:
+    """`work()`'s result, run on a thread of its own, or CommandError(`message`) once `deadline`
+    seconds have passed (a hung connect cannot be interrupted; the thread is a daemon, and the
+    process exits without it)."""
+    done: list[T] = []
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            done.append(work())
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            connections.close_all()  # the thread's own connections
+
+    thread = threading.Thread(target=target, name="flyfn-tick", daemon=True)
+    thread.start()
+    thread.join(deadline)
+    if thread.is_alive():
+        raise CommandError(message)
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 def freshness(image: str | None, own: str | None, live: set[str | None]) -> str:
