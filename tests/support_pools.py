@@ -3,13 +3,19 @@ without any API."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
+import httpx
+
+from flyfn.conf import FlyfnSettings
 from flyfn.elastic import SiblingReplay
+from flyfn.machines import AsyncMachinesClient
 from flyfn.pool.choice import MachineChoice, RankOrder, ReplayTarget
 from flyfn.pool.manager import Pools, set_manager
+from flyfn.pool.spec import new_client
 
 Manager = TypeVar("Manager", bound=Pools)
 
@@ -22,6 +28,23 @@ def installed(manager: Manager) -> Iterator[Manager]:
         yield manager
     finally:
         set_manager(previous)
+
+
+def quick_client(
+    settings: FlyfnSettings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncMachinesClient:
+    """flyfn's Machines client whose retry sleeps take no time (patch it in as
+    `flyfn.pool.manager.new_client`): for tests of what requests get, not how long flyfn waits."""
+    client = new_client(settings, transport=transport)
+
+    async def no_sleep(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    # On an in-process API's virtual clock (tests/support_emulator.py) its waits take no real
+    # time already, and let the API's rate limits refill as if they had.
+    if client._sleep is asyncio.sleep:
+        client._sleep = no_sleep
+    return client
 
 
 class StaticPools:

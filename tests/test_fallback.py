@@ -20,6 +20,7 @@ from flyfn.fly.replay import FlyReplay, ReplayFailed
 from flyfn.machine_role import MAIN, override_role
 from flyfn.pool.manager import PoolManager
 from tests.support_machines_api import EMULATOR_APP, MachinesAPI
+from tests.support_pools import quick_client
 from tests.testapp.routing import Hold
 from tests.urls import urlpatterns as test_urlpatterns
 
@@ -41,8 +42,12 @@ urlpatterns = [path("streamed/", streamed), *test_urlpatterns]
 
 
 @pytest.fixture(autouse=True)
-def main_role(settings: Settings, pool_manager: PoolManager) -> Iterator[None]:
+def main_role(
+    settings: Settings, pool_manager: PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     settings.MIDDLEWARE = ["flyfn.middleware.FlyReplayMiddleware"]
+    # What requests get while the API is down, not how long the client retries it.
+    monkeypatch.setattr("flyfn.pool.manager.new_client", quick_client)
     Hold.reset()
     with override_role(MAIN):
         yield

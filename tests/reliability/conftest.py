@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from flyfn.conf import FlyfnSettings
-from flyfn.machines import AsyncMachinesClient
 from flyfn.pool.manager import PoolManager
-from flyfn.pool.spec import new_client
 from tests.reliability.faults import FaultTransport
 from tests.support_machines_api import MachinesAPI, serve_machines_api
-from tests.support_pools import installed
+from tests.support_pools import installed, quick_client
 
 # Distinctive, so a leak into any log line, page or header cannot go unnoticed.
 SENTINEL_TOKEN = "fm2_Reliability-Sentinel-Q7x9Zk"
@@ -36,20 +32,6 @@ def faulty_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PoolManager, 
     """
     inner = httpx.AsyncHTTPTransport()
     faults = FaultTransport(inner)
-
-    def quick_client(
-        settings: FlyfnSettings, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> AsyncMachinesClient:
-        client = new_client(settings, transport=transport)
-
-        async def no_sleep(seconds: float) -> None:
-            await asyncio.sleep(0)
-
-        # On an in-process API's virtual clock (tests/support_emulator.py) its waits take no real
-        # time already, and let the API's rate limits refill as if they had.
-        if client._sleep is asyncio.sleep:
-            client._sleep = no_sleep
-        return client
 
     # Where the pools look them up.
     monkeypatch.setattr("flyfn.pool.manager.new_client", quick_client)

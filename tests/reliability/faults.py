@@ -70,7 +70,7 @@ class FaultTransport(httpx.AsyncBaseTransport):
         if fault == "429":
             return httpx.Response(
                 429,
-                headers={"retry-after": "2"},
+                headers={"retry-after": "1"},  # honoured after the heal: kept short
                 json={"error": "rate limit exceeded", "status": "unknown"},
                 request=request,
             )
