@@ -12,7 +12,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -62,6 +62,14 @@ def is_app_machine(machine: Machine) -> bool:
     metadata = (machine.config.metadata if machine.config is not None else None) or {}
     group = metadata.get("fly_process_group")
     return bool(group) and group not in ONE_OFF_PROCESS_GROUPS
+
+
+def app_regions(machines: Iterable[Machine]) -> set[str]:
+    """The regions the app runs in: those of its app Machines that are not gone (a stopped one
+    counts: the app still runs there, scaled to zero)."""
+    return {
+        m.region for m in machines if m.region and is_app_machine(m) and m.state not in GONE_STATES
+    }
 
 
 # Still there but unable to serve: not routed to, destroyed when the pool converges.
@@ -395,7 +403,7 @@ async def find_orphans(
         live_images.add(settings.image_ref)
     caller = env_value(environ, FLY_REGION)
     primary = env_value(environ, PRIMARY_REGION)
-    app_regions = {m.region for m in app_machines if m.region and is_app_machine(m)}
+    where_app_runs = app_regions(own)
 
     @functools.cache
     def where(group: str) -> Placement:
@@ -403,7 +411,7 @@ async def find_orphans(
 
     @functools.cache
     def homes(group: str) -> Collection[str | None]:
-        return pool_regions(where(group), caller, primary, app_regions)
+        return pool_regions(where(group), caller, primary, where_app_runs)
 
     functions = [
         (app, m, group)
@@ -421,7 +429,7 @@ async def find_orphans(
     def failed_over(app: str, m: Machine, group: str) -> bool:
         return (
             where(group).mode == "primary"
-            and m.region in app_regions
+            and m.region in where_app_runs
             and (app, group, machine_image(m)) not in at_home
         )
 

@@ -26,7 +26,7 @@ from flyfn.machine_role import current_env, current_role
 from flyfn.machines import AsyncMachinesClient, MachinesError
 from flyfn.pool.cache import MachinePool
 from flyfn.pool.choice import RANK_ORDER, MachineChoice, ReplayTarget
-from flyfn.pool.converge import GONE_STATES, is_app_machine
+from flyfn.pool.converge import GONE_STATES, app_regions, is_app_machine
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.loop import LoopThread
 from flyfn.pool.placement import Route, placement, route
@@ -264,12 +264,7 @@ class PoolManager:
         shared = self.listing.read(app) if way.open and way.home and app else None
         regions = way.failover
         if shared is not None:
-            known = {
-                m.region
-                for m in shared[1]
-                if m.region and is_app_machine(m) and m.state not in GONE_STATES
-            }
-            extra = known - {way.home, *way.failover}
+            extra = app_regions(shared[1]) - {way.home, *way.failover}
             if extra:
                 assert way.home is not None
                 ordered = self.choice.order_regions(way.home, [*way.failover, *sorted(extra)])

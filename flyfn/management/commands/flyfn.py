@@ -41,9 +41,9 @@ from flyfn.machines import Machine, MachinesError
 from flyfn.pool.converge import (
     GONE_STATES,
     PrepareReport,
+    app_regions,
     destroy_orphans,
     find_orphans,
-    is_app_machine,
     machine_group,
     machine_image,
     machine_schedule,
@@ -417,17 +417,13 @@ class Command(BaseCommand):
             async with new_client(settings) as client:
                 # A group that follows its callers has a pool where the app Machines run (off
                 # Fly, where no region is known, its one shared pool as before regions).
-                app_regions: list[str] = []
+                where_app_runs: set[str] = set()
                 if caller and any(p.mode == "caller" for p in placements.values()):
-                    app_regions = [
-                        m.region
-                        for m in await client.list_machines()
-                        if m.region and is_app_machine(m) and m.state not in GONE_STATES
-                    ]
+                    where_app_runs = app_regions(await client.list_machines())
                 specs = [
                     spec_for(settings, group, pool_region=region)
                     for group, where in placements.items()
-                    for region in pool_regions(where, caller, primary, app_regions)
+                    for region in pool_regions(where, caller, primary, where_app_runs)
                 ]
                 return [await prepare_group(client, spec) for spec in specs]
 
