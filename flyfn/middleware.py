@@ -37,6 +37,7 @@ from flyfn.routing import (
     Target,
     decide,
 )
+from flyfn.serving import serving_started
 from flyfn.signed_requests import issue_replay, report_unverified, request_body_binding
 
 logger = logging.getLogger("flyfn.middleware")
@@ -75,6 +76,7 @@ class FlyReplayMiddleware:
         self.async_mode = iscoroutinefunction(get_response)
         _serve_metrics()
         _learn_siblings()
+        serving_started.send(sender=FlyReplayMiddleware)
         if self.async_mode:
             markcoroutinefunction(self)
 

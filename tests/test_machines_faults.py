@@ -14,6 +14,8 @@ import pytest
 
 from flyfn.machines import (
     BACKOFF_MAX,
+    COMMAND_RATE_LIMIT_RETRIES,
+    DEFAULT_MAX_RETRIES,
     MAX_RETRY_AFTER,
     ApiOutcome,
     AsyncMachinesClient,
@@ -151,6 +153,32 @@ async def test_429_exhausted_carries_retry_after(faulty: Callable[..., FaultClie
     assert info.value.retry_after == 1.0
     assert info.value.request_id == "req-9"
     assert info.value.status == 429
+
+
+async def test_429s_count_apart_against_rate_limit_retries(
+    faulty: Callable[..., FaultClient],
+) -> None:
+    # A command's client (COMMAND_RATE_LIMIT_RETRIES) outlasts a burst of 429s...
+    limited = err(429, **{"Retry-After": "1"})
+    fc = faulty(
+        *[limited] * COMMAND_RATE_LIMIT_RETRIES,
+        ok(),
+        rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES,
+    )
+    assert (await fc.client.get_machine("m1")).id == "m1"
+    assert fc.delays == [1.0] * COMMAND_RATE_LIMIT_RETRIES
+    # ...and one more is an error;
+    fc = faulty(limited, rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES)
+    with pytest.raises(RateLimited):
+        await fc.client.list_machines()
+    assert fc.script.calls == 1 + COMMAND_RATE_LIMIT_RETRIES
+    # ...while a broken API still fails it after DEFAULT_MAX_RETRIES, 429s between or not.
+    fc = faulty(err(500), limited, err(500), limited, err(500), ok(), rate_limit_retries=9)
+    with pytest.raises(ServerError):
+        await fc.client.get_machine("m1")
+    assert fc.script.calls == 1 + DEFAULT_MAX_RETRIES + 2  # the 500s, and the two 429s between
+    with pytest.raises(ValueError, match="rate_limit_retries"):
+        AsyncMachinesClient("shop", api_token=TOKEN, rate_limit_retries=-1)
 
 
 async def test_429_retried_even_for_non_idempotent_update(

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError, transaction
+from django.http import HttpResponse
 from django.test import AsyncClient, Client, override_settings
 from django.utils import timezone
 from django_tasks_db.compat import TaskResultStatus, task_backends
@@ -741,6 +742,42 @@ def test_the_keeper_runs_what_comes_due_waits_within_the_horizon_then_stops_the_
     assert keeper.step() == float("inf")  # only a task beyond the horizon is left
     assert stops == ["stop"]
     assert keeper.stopping
+
+
+def test_a_task_group_s_machine_keeps_itself_from_its_first_moment_not_its_first_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pool launches the Machines it creates: one may never get a request, and with autostop off
+    # only its keeper would stop it. The keeper starts as a web process loads the middleware.
+    from flyfn.middleware import FlyReplayMiddleware
+    from flyfn.tasks import keeper as keeper_module
+
+    started: list[str] = []
+    monkeypatch.setattr(keeper_module._keeper, "start", started.append)
+    monkeypatch.setattr(keeper_module, "_tracked", {})
+    with machine_role.override_role(machine_role.function("tasks")):
+        FlyReplayMiddleware(lambda request: HttpResponse())
+    assert started == ["tasks"]
+    with machine_role.override_role(machine_role.function("receipts")):  # views only
+        FlyReplayMiddleware(lambda request: HttpResponse())
+    with machine_role.override_role(machine_role.MAIN):
+        FlyReplayMiddleware(lambda request: HttpResponse())
+    assert started == ["tasks"]
+
+
+def test_a_keeper_that_never_saw_a_request_stops_its_machine_once_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flyfn.tasks import keeper as keeper_module
+
+    stops: list[str] = []
+    monkeypatch.setattr(keeper_module, "seconds_until_due", lambda group: None)  # nothing due
+    keeper = keeper_module.Keeper(stop_machine=lambda: stops.append("stop"), live=True)
+    keeper.group = "tasks"
+    assert 0 < keeper.step() <= keeper_module.IDLE_EXIT  # just booted: it waits a moment
+    monkeypatch.setattr(keeper_module, "IDLE_EXIT", 0.0)
+    assert keeper.step() == float("inf")
+    assert stops == ["stop"]
 
 
 @pytest.mark.django_db

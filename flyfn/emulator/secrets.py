@@ -35,7 +35,7 @@ from typing import TextIO
 import httpx
 
 from flyfn.machine_dir import private_dir
-from flyfn.machines.client import AsyncMachinesClient
+from flyfn.machines.client import COMMAND_RATE_LIMIT_RETRIES, AsyncMachinesClient
 from flyfn.machines.errors import MachinesError
 from flyfn.machines.models import Machine, UpdateMachineRequest
 
@@ -53,9 +53,6 @@ DEV_TOKEN_ENV = "FLYFN_DEV_TOKEN"  # noqa: S105 (the name of an env var)
 FLY_LAUNCH_METADATA = ("fly_platform_version", "v2")
 # Long enough for a Django app Machine to boot again after its update.
 RESTART_WAIT_SECONDS = 60
-# A command someone waits for, sharing the app's rate limits with its running Machines' own list
-# calls: it outlasts a burst of 429s (each retry after the API's Retry-After) instead of failing.
-API_MAX_RETRIES = 10
 # An app's name names a file: Fly's are lowercase letters, digits and dashes.
 _APP_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _MAX_STACK_FILE = 64 * 1024
@@ -232,7 +229,10 @@ async def _restart_fly_launch_machines(info: DevStackInfo, app: str, out: TextIO
     one restarts (and boots with the new values), a stopped one stays stopped."""
     key, value = FLY_LAUNCH_METADATA
     async with AsyncMachinesClient(
-        app, api_token=info.token, api_hostname=info.api, max_retries=API_MAX_RETRIES
+        app,
+        api_token=info.token,
+        api_hostname=info.api,
+        rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES,
     ) as client:
         launched: list[Machine] = await client.list_machines(metadata={key: value})
         for machine in launched:

@@ -1,6 +1,7 @@
 """AsyncMachinesClient: the typed async Fly Machines API client (configuration, retries, errors).
 
-Retry policy (`DEFAULT_MAX_RETRIES` extra attempts, overridable per client and per call):
+Retry policy (`DEFAULT_MAX_RETRIES` extra attempts, overridable per client and per call; 429s
+count apart, against `rate_limit_retries`, which defaults to the same number):
 
 * Always safe, so retried for every operation: HTTP 429 (the request was rejected before doing
   anything; `Retry-After` is honoured, capped at `MAX_RETRY_AFTER`), and failures to connect
@@ -70,6 +71,7 @@ from flyfn.machines.models import (
 __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_MAX",
+    "COMMAND_RATE_LIMIT_RETRIES",
     "DEFAULT_API_HOSTNAME",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
@@ -90,6 +92,11 @@ logger = logging.getLogger("flyfn.machines")
 
 DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=10.0)
 DEFAULT_MAX_RETRIES: Final = 2
+COMMAND_RATE_LIMIT_RETRIES: Final = 10
+"""429 retries for a command someone waits for (a deploy's release command, `status`, `gc`): it
+shares the app's rate limits (about 1 request/s per action) with the running Machines, so it
+outlasts a burst of 429s, each retried after the API's `Retry-After`, instead of failing the
+deploy. Other failures keep `DEFAULT_MAX_RETRIES`: a broken API fails the command quickly."""
 BACKOFF_BASE: Final = 0.5
 """Seconds before the first retry (doubled per attempt, then jittered)."""
 BACKOFF_MAX: Final = 8.0
@@ -126,6 +133,7 @@ class MachinesClientConfig:
     api_token: str | None = field(repr=False)
     timeout: httpx.Timeout
     max_retries: int
+    rate_limit_retries: int
 
     @property
     def has_token(self) -> bool:
@@ -140,12 +148,16 @@ class MachinesClientConfig:
         api_hostname: str | None = None,
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
+        rate_limit_retries: int | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> MachinesClientConfig:
         """Argument > environment (FLY_APP_NAME, FLY_API_TOKEN, FLY_API_HOSTNAME) > default."""
         env = os.environ if environ is None else environ
         if max_retries is not None and max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if rate_limit_retries is not None and rate_limit_retries < 0:
+            raise ValueError("rate_limit_retries must be >= 0")
+        retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
         return cls(
             app_name=app_name or env_value(env, FLY_APP_NAME),
             api_hostname=api_url(
@@ -153,7 +165,8 @@ class MachinesClientConfig:
             ),
             api_token=api_token or env_value(env, FLY_API_TOKEN),
             timeout=_as_timeout(timeout) or DEFAULT_TIMEOUT,
-            max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
+            max_retries=retries,
+            rate_limit_retries=retries if rate_limit_retries is None else rate_limit_retries,
         )
 
 
@@ -203,7 +216,8 @@ class AsyncMachinesClient:
 
     Use as `async with AsyncMachinesClient("my-app") as client: ...` (or call `aclose()`).
     Every operation accepts keyword-only `app` (another app than the client's), `timeout` and
-    `max_retries` overrides. `on_api_call` is told of every request sent (see `ApiCallHook`).
+    `max_retries` overrides (a call's override counts its 429s too). `on_api_call` is told of
+    every request sent (see `ApiCallHook`).
     """
 
     def __init__(
@@ -214,6 +228,7 @@ class AsyncMachinesClient:
         api_hostname: str | None = None,
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
+        rate_limit_retries: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         on_api_call: ApiCallHook | None = None,
     ) -> None:
@@ -223,6 +238,7 @@ class AsyncMachinesClient:
             api_hostname=api_hostname,
             timeout=timeout,
             max_retries=max_retries,
+            rate_limit_retries=rate_limit_retries,
         )
         # A transport of the caller's own that is not httpx's network one (httpx.ASGITransport,
         # MockTransport: tests, the emulator in process) sends nothing over a network.
@@ -613,11 +629,13 @@ class AsyncMachinesClient:
         max_retries: int | None = None,
     ) -> httpx.Response:
         retries = self.config.max_retries if max_retries is None else max(0, max_retries)
+        rate_limit_retries = self.config.rate_limit_retries if max_retries is None else retries
         request_timeout: httpx.Timeout = _as_timeout(timeout) or self.config.timeout
-        attempt = 0
+        attempt = rate_limited = 0  # retries spent on other failures, and on 429s
         while True:
             error: MachinesError
             delay: float | None = None
+            limited = False
             started = time.monotonic()
             try:
                 response = await self._http.request(
@@ -648,23 +666,28 @@ class AsyncMachinesClient:
                     return response
                 status_error = self._status_error(response, method, path)
                 error = cause = status_error
+                limited = response.status_code == 429
                 retryable = (
-                    response.status_code == 429
+                    limited
                     or (response.status_code >= 500 and retry.idempotent)
                     or (retry.capacity and status_error.insufficient_capacity)
                 )
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 if retry_after is not None:
                     delay = min(retry_after, self.max_retry_after)
-            if not retryable or attempt >= retries:
+            spent, allowed = (rate_limited, rate_limit_retries) if limited else (attempt, retries)
+            if not retryable or spent >= allowed:
                 if error is cause:
                     raise error
                 raise error from cause
             if delay is None:
-                delay = self._backoff(attempt)
-            attempt += 1
+                delay = self._backoff(spent)
+            if limited:
+                rate_limited += 1
+            else:
+                attempt += 1
             logger.warning(
-                "%s failed (%s); retry %d/%d in %.2fs", operation, error, attempt, retries, delay
+                "%s failed (%s); retry %d/%d in %.2fs", operation, error, spent + 1, allowed, delay
             )
             await self._sleep(delay)
 

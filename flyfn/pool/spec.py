@@ -284,10 +284,14 @@ def spec_for(
 
 
 def new_client(
-    settings: FlyfnSettings, *, transport: httpx.AsyncBaseTransport | None = None
+    settings: FlyfnSettings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    rate_limit_retries: int | None = None,
 ) -> AsyncMachinesClient:
     """The Machines client the settings describe, its requests reported as `flyfn.events.api_called`
-    events; PoolConfigError without a token."""
+    events; PoolConfigError without a token. A command passes
+    `rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES`."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
     if not token:
         raise PoolConfigError("no Machines API token: set FLYFN['API_TOKEN'] or FLY_API_TOKEN")
@@ -297,6 +301,7 @@ def new_client(
             api_token=token,
             api_hostname=settings.api_hostname,
             transport=transport,
+            rate_limit_retries=rate_limit_retries,
             on_api_call=events.api_called,
         )
     except InsecureApiHostError:  # the message of system check flyfn.E011

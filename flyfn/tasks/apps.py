@@ -7,6 +7,8 @@ from typing import Any
 from django.apps import AppConfig
 from django.core.signals import request_started
 
+from flyfn.serving import serving_started
+
 
 def _start_dispatchers(**kwargs: Any) -> None:
     # An app Machine must wake groups with due work even if it never enqueues anything itself
@@ -17,6 +19,14 @@ def _start_dispatchers(**kwargs: Any) -> None:
     request_started.disconnect(dispatch_uid="flyfn.tasks.start_dispatchers")
     start_all()
     start_ticker()  # schedules finer than Fly's intervals (all of them off Fly)
+
+
+def _keep_from_start(**kwargs: Any) -> None:
+    # A task group's function Machine keeps itself from the moment it serves, so that one launched
+    # without a request stops once idle too (flyfn.tasks.keeper).
+    from flyfn.tasks.keeper import on_serving
+
+    on_serving()
 
 
 def _keep_up(**kwargs: Any) -> None:
@@ -42,3 +52,4 @@ class FlyfnTasksConfig(AppConfig):
     def ready(self) -> None:
         request_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")
         request_started.connect(_keep_up, dispatch_uid="flyfn.tasks.keep_up")
+        serving_started.connect(_keep_from_start, dispatch_uid="flyfn.tasks.keep_from_start")

@@ -38,7 +38,7 @@ from flyfn.tasks.configured import flyfn_backends, task_groups
 from flyfn.tasks.options import HORIZON
 from flyfn.tasks.runner import run_until_idle
 
-__all__ = ["IDLE_EXIT", "Keeper", "keeper", "main_process"]
+__all__ = ["IDLE_EXIT", "Keeper", "keeper", "main_process", "on_request", "on_serving"]
 
 logger = logging.getLogger("flyfn.tasks")
 
@@ -198,15 +198,31 @@ def keeper() -> Keeper:
     return _keeper
 
 
-def on_request(**kwargs: Any) -> None:
-    """`request_started` receiver: keeps a task group's function Machine up while requests come,
-    and starts its keeper (a Machine started by any request stops itself once drained)."""
+def _task_group() -> str | None:
+    """The task group this process's function Machine belongs to, if any."""
     role = current_role()
     if not role.is_function or role.group is None:
-        return
+        return None
     tracked = _tracked.get(role.group)
     if tracked is None:
         tracked = _tracked[role.group] = role.group in task_groups()
-    if tracked:
+    return role.group if tracked else None
+
+
+def on_serving(**kwargs: Any) -> None:
+    """`flyfn.serving.serving_started` receiver: a task group's function Machine keeps itself from
+    its first moment, so one launched without a request (a pool launches its entries as it
+    creates them; a wake's connection may be cut before Django sees it) stops once idle too:
+    its services run with autostop off, so nothing else would stop it."""
+    group = _task_group()
+    if group is not None:
+        _keeper.start(group)
+
+
+def on_request(**kwargs: Any) -> None:
+    """`request_started` receiver: keeps a task group's function Machine up while requests come,
+    and starts its keeper (a Machine started by any request stops itself once drained)."""
+    group = _task_group()
+    if group is not None:
         _keeper.request()
-        _keeper.start(role.group)
+        _keeper.start(group)

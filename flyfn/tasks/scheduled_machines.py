@@ -50,9 +50,6 @@ __all__ = [
 
 # A tick enqueues a few rows and sends a wake: the smallest Machine Fly has does it.
 _GUEST = MachineGuest(cpu_kind="shared", cpus=1, memory_mb=256)
-# A release command shares the app's list limit (about 1/s) with the running Machines and has
-# listed each group just before: it waits out a burst of 429s (within the command's deadline).
-LIST_RETRIES = 10
 # A tick that fails (the database away a moment) runs again; its slots' rows keep it once.
 _RESTART = MachineRestart(policy="on-failure", max_retries=3)
 
@@ -131,7 +128,7 @@ class ScheduledReport:
 
 async def list_scheduled(client: AsyncMachinesClient, app: str | None = None) -> list[Machine]:
     """The app's scheduled Machines that flyfn made (gone ones left out)."""
-    machines = await client.list_machines(app=app, max_retries=LIST_RETRIES)
+    machines = await client.list_machines(app=app)
     return [m for m in machines if machine_schedule(m) and m.state not in GONE_STATES]
 
 
