@@ -52,6 +52,8 @@ class TestClock:
     [
         (Guest("shared", 1, 256), 1.94),
         (Guest("shared", 1, 1024), 5.70),
+        (Guest("shared", 1, 2048), 10.70),
+        (Guest("performance", 1, 4096), 41.01),
         (Guest("shared", 2, 1024), 6.39),
         (Guest("shared", 4, 8192), 42.79),
         (Guest("performance", 1, 2048), 31.00),

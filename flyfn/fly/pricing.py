@@ -4,8 +4,13 @@ and what a stopped or suspended one costs for its root file system.
 Source and date, honestly: Fly's pricing page (fly.io/docs/about/pricing, "Machines", the
 per-30-days prices of its presets in its cheapest regions, e.g. iad, ams) as it read in 2024-2025,
 written down from that page; the sandbox this table was written in could not reach fly.io to read
-it again on `PRICES_AS_OF`. Third-party pages dated 2025-2026 agree on the smallest preset
-($1.94 per 30 days; one quotes $2.02, a dearer region). The root file system price ($0.15 per GB
+it again on `PRICES_AS_OF`. Checked on 2026-12-07 against Fly's own price list in its blog post
+"New VMs: more RAM, extra CPU, and a dollar menu" (fly.io/blog, read from a stored copy):
+shared-cpu-1x with 256 MB $1.94, 1 GB $5.70, 2 GB $10.70; 1 dedicated (now "performance") CPU
+with 2 GB $31.00, 4 GB $41.01; the table gives each within a cent (a test holds it). That post
+priced memory beyond 2 GB per CPU higher on 2 to 8 dedicated CPUs than the $5 per GB used here.
+Third-party pages dated 2025-2026 agree on the smallest preset ($1.94 per 30 days; one quotes
+$2.02, a dearer region). The root file system price ($0.15 per GB
 per 30 days of a stopped Machine) is from Fly's announcement of that charge (April 2024). Fly
 prices some regions higher; a figure from this table is an estimate, never an invoice.
 
