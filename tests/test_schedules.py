@@ -882,6 +882,35 @@ def test_an_app_machine_s_ticker_runs_only_the_finer_schedules(
     assert list(ScheduledRun.objects.values_list("schedule", flat=True)) == ["five-minutes"]
 
 
+def test_a_web_process_starts_its_dispatchers_and_ticker_as_it_boots_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An app Machine kept running may get no request after a deploy: its schedules and due tasks
+    # must not wait for one. Loading flyfn's middleware (a web worker booting) starts them.
+    from django.apps import apps
+    from django.core.signals import request_started
+    from django.http import HttpResponse
+
+    from flyfn.middleware import FlyReplayMiddleware
+    from flyfn.tasks import dispatch, periodic
+
+    started: list[str] = []
+    monkeypatch.setattr(dispatch, "start_all", lambda: started.append("dispatchers"))
+
+    def start_ticker() -> bool:
+        started.append("ticker")
+        return True
+
+    monkeypatch.setattr(periodic, "start_ticker", start_ticker)
+    apps.get_app_config("flyfn_tasks").ready()  # connected again, as in a fresh process
+    with machine_role.override_role(machine_role.MAIN):
+        FlyReplayMiddleware(lambda request: HttpResponse())
+        assert started == ["dispatchers", "ticker"]
+        FlyReplayMiddleware(lambda request: HttpResponse())  # another handler of the process
+        request_started.send(sender=None)  # and its first request
+    assert started == ["dispatchers", "ticker"]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_ticker_looks_again_soon_after_a_failed_enqueue_not_at_the_next_slot(
     scheduled: FlyMachinesBackend, monkeypatch: pytest.MonkeyPatch

@@ -1,4 +1,5 @@
-"""flyfn.tasks' AppConfig: the lease model's app, and the dispatcher started on app Machines."""
+"""flyfn.tasks' AppConfig: the lease model's app, and what a web process starts as it boots (the
+dispatchers and the ticker on app Machines, the keeper on a task group's function Machines)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from flyfn.serving import serving_started
 
 def _start_dispatchers(**kwargs: Any) -> None:
     # An app Machine must wake groups with due work even if it never enqueues anything itself
-    # (a wake by another Machine that died, a scheduled task): its first request starts that.
+    # (a wake by another Machine that died, a scheduled task): a web process starts that as it
+    # boots (flyfn.serving), or with its first request if its handler has no flyfn middleware.
     from flyfn.tasks.dispatch import start_all
     from flyfn.tasks.periodic import start_ticker
 
+    serving_started.disconnect(dispatch_uid="flyfn.tasks.start_dispatchers")
     request_started.disconnect(dispatch_uid="flyfn.tasks.start_dispatchers")
     start_all()
     start_ticker()  # schedules finer than Fly's intervals (all of them off Fly)
@@ -50,6 +53,7 @@ class FlyfnTasksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        serving_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")
         request_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")
         request_started.connect(_keep_up, dispatch_uid="flyfn.tasks.keep_up")
         serving_started.connect(_keep_from_start, dispatch_uid="flyfn.tasks.keep_from_start")

@@ -367,7 +367,7 @@ def stop_all() -> None:
 
 
 def start_all() -> None:
-    """Start the dispatcher of every flyfn backend (an app Machine's first request)."""
+    """Start the dispatcher of every flyfn backend (as a web process of an app Machine boots)."""
     if not current_role().is_main:
         return
     for backend in flyfn_backends():

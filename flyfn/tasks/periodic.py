@@ -347,7 +347,8 @@ _ticker_lock = threading.Lock()
 
 
 def start_ticker() -> bool:
-    """Start this process's ticker (an app Machine's first request; the local role's too) when
+    """Start this process's ticker (as a web process of an app Machine boots; the local role's
+    too) when
     a flyfn backend has schedules it runs: the finer ones on an app Machine, all of them off
     Fly. Whether one runs (on a Machine, it looks once it holds the Machine's lock)."""
     global _ticker

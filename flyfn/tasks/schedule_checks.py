@@ -71,10 +71,9 @@ def check_schedules(backend: FlyfnBackend) -> list[checks.CheckMessage]:
                 "is running: with fly.toml's min_machines_running = 0 every app Machine may be "
                 "stopped at a slot, and the slot is not run",
                 hint="keep an app Machine running (fly.toml [http_service] "
-                "min_machines_running = 1) with an HTTP health check ([[http_service.checks]]): "
-                "a process's ticker starts with its first request, which the check sends after "
-                "each deploy; say so with OPTIONS['beyond_horizon'] = 'app_machine'. Or use "
-                "'every': 'hourly' (a scheduled Machine runs it, nothing else need be up)",
+                "min_machines_running = 1): each web process's ticker starts as it boots; say so "
+                "with OPTIONS['beyond_horizon'] = 'app_machine'. Or use 'every': 'hourly' (a "
+                "scheduled Machine runs it, nothing else need be up)",
                 id="flyfn.W020",
             )
         )
