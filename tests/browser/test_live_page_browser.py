@@ -40,6 +40,11 @@ def test_live_page_follows_a_function_machine_through_start_and_stop(
     )
     # Its group's Machine time and cost since the stack started.
     expect(page.locator('#costs tr[data-group="default"]')).to_be_visible(timeout=SHOWN_WITHIN_MS)
+    # Its pool: one region here, so the cost rows have none but the pool rows name it.
+    expect(page.locator('#pools tr[data-group="default"][data-region]')).to_be_visible(
+        timeout=SHOWN_WITHIN_MS
+    )
+    expect(page.locator("#costs tr[data-region]")).to_have_count(0)
     # The demo's background tasks: its `reports` group, counted from the database.
     expect(page.locator("#tasks")).to_contain_text("reports", timeout=SHOWN_WITHIN_MS)
     expect(page.locator("#tasks")).to_contain_text("ready", timeout=SHOWN_WITHIN_MS)
