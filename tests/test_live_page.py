@@ -283,12 +283,3 @@ async def test_a_stack_in_one_region_keeps_the_cost_table_per_group() -> None:
     # The pools still name their region (one row per group here).
     assert state["pools"] == [{"group": "pdf", "region": "iad", "machines": 2, "started": 2}]
     await emulator.aclose()
-
-
-async def test_the_page_marks_cost_rows_with_their_region_when_the_table_has_one() -> None:
-    emulator, page, _, _ = await _stack()
-    html = (await _get(page, "/")).text
-    assert 'costs.header.indexOf("REGION")' in html
-    assert '"data-region": row[regionAt]' in html
-    assert '"data-region": p.region' in html
-    await emulator.aclose()
