@@ -1,6 +1,6 @@
 """What each group's Machines cost over a window, as `manage.py flyfn status` and the `flyfn dev`
 live page show it: the window from its text, the figures per group (`flyfn.machine_time`), and
-their table rows.
+their table rows (per group, or per group and region: `region_cost_rows`).
 
 Django-free: the callers list the Machines (destroyed ones included: they ran too).
 """
@@ -11,16 +11,18 @@ import math
 from collections.abc import Mapping, Sequence
 
 from flyfn.fly.timestamps import unix_seconds
-from flyfn.machine_time import GroupCost, Window, group_cost, parse_window
+from flyfn.machine_time import GroupCost, Window, by_region, group_cost, parse_window
 from flyfn.machines.models import Machine
 
 __all__ = [
     "COST_HEADER",
     "DEFAULT_WINDOW",
+    "REGION_COST_HEADER",
     "UNKNOWN",
     "cost_row",
     "group_costs",
     "money",
+    "region_cost_rows",
     "seconds_text",
     "window_for",
 ]
@@ -37,6 +39,8 @@ COST_HEADER = (
     "ALWAYS ON",
     "SAVED",
 )
+# The same columns with the region after the group: a row per group and region.
+REGION_COST_HEADER = (COST_HEADER[0], "REGION", *COST_HEADER[1:])
 
 
 def window_for(text: str, machines: Sequence[Machine], image: str | None, now: float) -> Window:
@@ -108,3 +112,15 @@ def cost_row(cost: GroupCost) -> tuple[str, ...]:
         money(cost.always_on),
         money(cost.saved),
     )
+
+
+def region_cost_rows(
+    group: str, machines: Sequence[Machine], window: Window
+) -> list[tuple[str, ...]]:
+    """The group's rows under `REGION_COST_HEADER`, one per region (`by_region`), each priced
+    from that region's Machines alone."""
+    rows = []
+    for region, found in by_region(machines).items():
+        name, *cells = cost_row(group_cost(group, found, window))
+        rows.append((name, region, *cells))
+    return rows

@@ -8,9 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
+from flyfn.cost_report import COST_HEADER, REGION_COST_HEADER, money
 from flyfn.emulator.live import MAX_ROUTES, LivePage
 from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.state import MachinesEmulator
+from flyfn.fly.pricing import Guest, running_per_second, storage_per_second
 from flyfn.machines.models import CreateMachineRequest, MachineConfig
 
 APP = "shop"
@@ -144,7 +146,7 @@ async def test_the_page_polls_the_state_it_draws() -> None:
     emulator, page, _, _ = await _stack()
     html = (await _get(page, "/")).text
     assert 'fetch("state.json"' in html
-    for table in ("machines", "routes", "tasks"):
+    for table in ("machines", "pools", "costs", "routes", "tasks"):
         assert f'id="{table}"' in html
     await emulator.aclose()
 
@@ -208,4 +210,76 @@ async def test_each_group_s_machine_time_and_cost_since_the_stack_started() -> N
     # Started 90 s, stopped 30 s, one start; the app Machines are no group's.
     assert [row[:6] for row in costs["rows"]] == [["pdf", "1", "1m30s", "30s", "0s", "1"]]
     assert costs["window"] == "since flyfn dev started"
+    await emulator.aclose()
+
+
+async def _function_machine(emulator: MachinesEmulator, group: str, region: str) -> str:
+    config = MachineConfig(image=IMAGE, metadata={"flyfn_group": group})
+    created = await emulator.create(APP, CreateMachineRequest(config=config, region=region))
+    return created.id
+
+
+async def test_a_stack_in_two_regions_splits_pools_and_costs_by_group_and_region() -> None:
+    now = [1_800_000_000.0]
+    emulator = MachinesEmulator(region="iad", default_app=APP, clock=lambda: now[0])
+    page = LivePage(emulator, lambda: [APP])
+    for region in ("iad", "syd"):  # the app's Machines: no group's, but the stack's regions
+        await emulator.create(
+            APP, CreateMachineRequest(config=MachineConfig(image=IMAGE), region=region)
+        )
+    now[0] += 10
+    await _function_machine(emulator, "pdf", "iad")
+    idle = await _function_machine(emulator, "pdf", "iad")
+    await _function_machine(emulator, "pdf", "syd")
+    gone = await _function_machine(emulator, "search", "syd")
+    await emulator.settle()
+    now[0] += 30
+    await emulator.destroy(APP, gone, force=True)
+    await emulator.settle()
+    now[0] += 30
+    await emulator.stop(APP, idle)
+    await emulator.settle()
+    now[0] += 30
+    await _function_machine(emulator, "search", "syd")
+    await emulator.settle()
+    now[0] += 30
+    state = (await _get(page, "/state.json")).json()
+
+    # Pools: the Machines there now (the destroyed one is gone), started or not.
+    assert state["pools"] == [
+        {"group": "pdf", "region": "iad", "machines": 2, "started": 1},
+        {"group": "pdf", "region": "syd", "machines": 1, "started": 1},
+        {"group": "search", "region": "syd", "machines": 1, "started": 1},
+    ]
+    # Costs: a row per group and region, each from that region's Machines alone (the destroyed
+    # one included: it ran 30 s); a group only in syd has no iad row.
+    costs = state["costs"]
+    assert costs["header"] == list(REGION_COST_HEADER)
+    assert [row[:7] for row in costs["rows"]] == [
+        ["pdf", "iad", "2", "3m00s", "1m00s", "0s", "2"],
+        ["pdf", "syd", "1", "2m00s", "0s", "0s", "1"],
+        ["search", "syd", "2", "1m00s", "0s", "0s", "2"],
+    ]
+    started, stored = running_per_second(Guest()), storage_per_second()
+    cost_at = REGION_COST_HEADER.index("COST")
+    assert [row[cost_at] for row in costs["rows"]] == [
+        money(180 * started + 60 * stored),
+        money(120 * started),
+        money(60 * started),
+    ]
+    await emulator.aclose()
+
+
+async def test_a_stack_in_one_region_keeps_the_cost_table_per_group() -> None:
+    emulator = MachinesEmulator(region="iad", default_app=APP)
+    page = LivePage(emulator, lambda: [APP])
+    await emulator.create(APP, CreateMachineRequest(config=MachineConfig(image=IMAGE)))
+    await _function_machine(emulator, "pdf", "iad")
+    await _function_machine(emulator, "pdf", "iad")
+    await emulator.settle()
+    state = (await _get(page, "/state.json")).json()
+    assert state["costs"]["header"] == list(COST_HEADER)
+    assert [row[:2] for row in state["costs"]["rows"]] == [["pdf", "2"]]
+    # The pools still name their region (one row per group here).
+    assert state["pools"] == [{"group": "pdf", "region": "iad", "machines": 2, "started": 2}]
     await emulator.aclose()

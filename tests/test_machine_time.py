@@ -15,7 +15,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import override_settings
 
-from flyfn.cost_report import money, seconds_text, window_for
+from flyfn.cost_report import REGION_COST_HEADER, money, region_cost_rows, seconds_text, window_for
 from flyfn.fly.pricing import (
     PER_CPU_MONTHLY,
     PER_EXTRA_GB_MONTHLY,
@@ -26,7 +26,14 @@ from flyfn.fly.pricing import (
     storage_per_second,
 )
 from flyfn.fly.timestamps import unix_seconds
-from flyfn.machine_time import MachineTime, Window, group_cost, machine_time, parse_window
+from flyfn.machine_time import (
+    MachineTime,
+    Window,
+    by_region,
+    group_cost,
+    machine_time,
+    parse_window,
+)
 from flyfn.machines.models import Machine, MachineEvent
 from flyfn.management.commands import flyfn as command
 from tests.support_machines_api import EMULATOR_APP, MachinesAPI, serve_machines_api
@@ -255,6 +262,34 @@ def test_a_group_in_two_regions_is_split_by_region_and_could_do_with_one_machine
     assert cost.cost is not None
     assert math.isclose(levers["max_machines 1"], cost.cost - 1000 * storage_per_second())
     assert "guest shared-cpu-1x 256MB" not in levers  # already the smallest
+
+
+def test_machines_by_region_sorted_in_the_order_given_and_dash_for_none() -> None:
+    a, b, c, d = (
+        Machine(id=i, region=r) for i, r in (("a", "syd"), ("b", None), ("c", "iad"), ("d", "syd"))
+    )
+    split = by_region([a, b, c, d])
+    assert list(split) == ["-", "iad", "syd"]
+    assert [[m.id for m in found] for found in split.values()] == [["b"], ["c"], ["a", "d"]]
+
+
+def test_region_cost_rows_price_each_region_from_its_own_machines() -> None:
+    busy = Machine(
+        id="a",
+        region="ams",
+        events=[event("start", "started", 100), event("launch", "created", 0)],
+    )
+    idle = Machine(id="b", region="fra", events=[event("launch", "created", 0)])
+    rows = region_cost_rows("pdf", [idle, busy], Window(0, 1000))
+    assert [row[:7] for row in rows] == [
+        ("pdf", "ams", "1", "15m00s", "1m40s", "0s", "1"),
+        ("pdf", "fra", "1", "0s", "16m40s", "0s", "0"),
+    ]
+    cost_at = REGION_COST_HEADER.index("COST")
+    assert [row[cost_at] for row in rows] == [
+        money(900 * running_per_second(Guest()) + 100 * storage_per_second()),
+        money(1000 * storage_per_second()),
+    ]
 
 
 def test_status_splits_a_group_in_several_regions(machines_api: MachinesAPI) -> None:

@@ -1,5 +1,6 @@
-"""`flyfn dev`'s live page: the emulated Machines, their starts and stops, each group's Machine
-time and cost since the stack started, recent routes and tasks.
+"""`flyfn dev`'s live page: the emulated Machines, their starts and stops, each group's pools
+(Machines and started ones per region), each group's Machine time and cost since the stack started
+(per region too when the stack has Machines in several), recent routes and tasks.
 
 A plain ASGI app served on a loopback port of its own (never in the app's URL space): `/` is one
 HTML page whose script polls `/state.json` twice a second and redraws, so it updates without
@@ -20,11 +21,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flyfn.cost_report import COST_HEADER, cost_row
+from flyfn.cost_report import COST_HEADER, REGION_COST_HEADER, cost_row, region_cost_rows
 from flyfn.emulator.asgi import Receive, Scope, Send
 from flyfn.emulator.logline import RequestLog
 from flyfn.emulator.state import MachinesEmulator
-from flyfn.machine_time import Window, group_cost
+from flyfn.machine_time import Window, by_region, group_cost
 from flyfn.machines.models import Machine
 from flyfn.pool.spec import GROUP_METADATA_KEY, SCHEDULE_METADATA_KEY
 
@@ -95,30 +96,65 @@ class LivePage:
         return {
             "now": self._clock(),
             "machines": machines,
+            "pools": self.pools(),
             "costs": self.costs(),
             "routes": list(self._routes),
             "tasks": dict(tasks) if tasks is not None else self.task_figures(),
         }
 
+    def pools(self) -> list[dict[str, Any]]:
+        """Each group's Machines per region (`by_region`), and how many of them are started."""
+        return [
+            {
+                "group": group,
+                "region": region,
+                "machines": len(found),
+                "started": sum(1 for m in found if m.state == "started"),
+            }
+            for group, machines in sorted(self._groups(include_deleted=False).items())
+            for region, found in by_region(machines).items()
+        ]
+
     def costs(self) -> dict[str, Any]:
-        """Each group's Machine time and cost since the stack started (`cost_row` cells)."""
+        """Each group's Machine time and cost since the stack started (`cost_row` cells); per
+        group and region (`region_cost_rows`) when the stack has Machines in more than one
+        region, as pools in different regions start and stop apart."""
+        groups = self._groups(include_deleted=True)
+        window = Window(self._started, self.emulator.clock(), "since flyfn dev started")
+        # The stack's regions, the app's Machines included: the table keeps its columns while a
+        # group has Machines in one region so far.
+        listed = (
+            machine
+            for app in sorted(set(self.apps()))
+            for machine in self.emulator.list(app, include_deleted=True)
+        )
+        header: tuple[str, ...]
+        if len(by_region(listed)) > 1:
+            header = REGION_COST_HEADER
+            rows = [
+                list(row)
+                for group, found in sorted(groups.items())
+                for row in region_cost_rows(group, found, window)
+            ]
+        else:
+            header = COST_HEADER
+            rows = [
+                list(cost_row(group_cost(group, found, window)))
+                for group, found in sorted(groups.items())
+            ]
+        return {"header": list(header), "rows": rows, "window": window.label}
+
+    def _groups(self, *, include_deleted: bool) -> dict[str, list[Machine]]:
+        """The function Machines of the shown apps by group (destroyed ones too if asked)."""
         groups: dict[str, list[Machine]] = {}
         for app in sorted(set(self.apps())):
-            for machine in self.emulator.list(app, include_deleted=True):
+            for machine in self.emulator.list(app, include_deleted=include_deleted):
                 group = ((machine.config.metadata if machine.config else None) or {}).get(
                     GROUP_METADATA_KEY
                 )
                 if group is not None:
                     groups.setdefault(group, []).append(machine)
-        window = Window(self._started, self.emulator.clock(), "since flyfn dev started")
-        return {
-            "header": list(COST_HEADER),
-            "rows": [
-                list(cost_row(group_cost(group, found, window)))
-                for group, found in sorted(groups.items())
-            ],
-            "window": window.label,
-        }
+        return groups
 
     def _machine(self, app: str, machine: Machine) -> dict[str, Any]:
         config = machine.config
@@ -233,6 +269,11 @@ _PAGE = """<!doctype html>
   <th>starts and stops (newest first)</th></tr></thead>
   <tbody id="machines"></tbody>
 </table>
+<h2>Pools <span class="muted">(function Machines per group and region)</span></h2>
+<table>
+  <thead><tr><th>group</th><th>region</th><th>Machines</th><th>started</th></tr></thead>
+  <tbody id="pools"></tbody>
+</table>
 <h2>Machine time and cost <span class="muted" id="cost-window"></span></h2>
 <table id="costs-table">
   <thead id="costs-head"></thead>
@@ -269,13 +310,20 @@ function draw(state) {
       el("td", {}, m.region || ""),
       el("td", {}, el("div", {class: "strip"}, ...ticks)));
   }));
+  document.getElementById("pools").replaceChildren(...(state.pools.length ? state.pools.map((p) =>
+    el("tr", {"data-group": p.group, "data-region": p.region},
+      el("td", {}, p.group), el("td", {}, p.region),
+      el("td", {class: "mono"}, String(p.machines)), el("td", {class: "mono"}, String(p.started))))
+    : [el("tr", {}, el("td", {colspan: "4", class: "muted"}, "no function Machines yet"))]));
   const costs = state.costs;
+  const regionAt = costs.header.indexOf("REGION");  // a column only in a multi-region stack
   document.getElementById("cost-window").textContent =
     `(${costs.window}; Fly's published prices, estimates)`;
   document.getElementById("costs-head").replaceChildren(
     el("tr", {}, ...costs.header.map((h) => el("th", {}, h.toLowerCase()))));
   document.getElementById("costs").replaceChildren(...(costs.rows.length ? costs.rows.map((row) =>
-    el("tr", {"data-group": row[0]}, ...row.map((cell) => el("td", {class: "mono"}, cell))))
+    el("tr", {"data-group": row[0], ...(regionAt < 0 ? {} : {"data-region": row[regionAt]})},
+      ...row.map((cell) => el("td", {class: "mono"}, cell))))
     : [el("tr", {}, el("td", {colspan: String(costs.header.length), class: "muted"},
       "no function Machines yet"))]));
   const tasks = document.getElementById("tasks");
