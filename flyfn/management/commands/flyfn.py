@@ -36,7 +36,7 @@ from flyfn.fly.env import FLY_REGION, PRIMARY_REGION, env_value
 from flyfn.fly.pricing import PRICES_SOURCE
 from flyfn.fly.regions import parse_region_list
 from flyfn.fly.schedule import INTERVALS
-from flyfn.machine_time import parse_window
+from flyfn.machine_time import by_region, parse_window
 from flyfn.machines import COMMAND_RATE_LIMIT_RETRIES, Machine, MachinesError
 from flyfn.pool.converge import (
     GONE_STATES,
@@ -246,9 +246,9 @@ class Command(BaseCommand):
                     + "; by image: "
                     + ", ".join(f"{kind} {n}" for kind, n in sorted(fresh.items()))
                 )
-                regions = Counter(_region(m) for m in found)
                 self.stdout.write(
-                    "    by region: " + ", ".join(f"{r} {n}" for r, n in sorted(regions.items()))
+                    "    by region: "
+                    + ", ".join(f"{r} {len(ms)}" for r, ms in by_region(found).items())
                 )
             if found:
                 self._table(
