@@ -17,11 +17,13 @@ next whole second: never less, less than a second more):
   `write` to a file the process keeps open (`O_APPEND`: the kernel puts each process's whole line
   at the end, one after the other);
 - a fallback reads the logs of the seconds not yet past and claims one line of its key by
-  creating `<expiry second>.<offset>.taken` with `O_CREAT | O_EXCL`: the kernel lets exactly one
+  creating `<expiry second>.taken/<offset>` with `O_CREAT | O_EXCL`: the kernel lets exactly one
   process create it, so across the Machine's processes one replay explains one fallback. Only
   the Machine's first `REPLAY_RECORD_LIMIT` unconsumed entries (the closest to their expiry
   first) explain a fallback, and a fallback reads no further: at most that many lines of
-  `ENTRY_SIZE` bytes, and the consumed lines among them (each a fallback this Machine ran). Only
+  `ENTRY_SIZE` bytes, and the consumed lines among them (each a fallback this Machine ran).
+  Claims have a directory per second, and are counted only when the logs hold more lines than
+  the limit, so that in a burst of fallbacks each does not list all the others' claims. Only
   replays, the frequent case, must be cheap;
 - each process sweeps once a second as it issues replays: it empties and removes the past
   seconds' logs, then their claims (expiry is deleting files), and counts the Machine's
@@ -231,7 +233,8 @@ ENTRY_SIZE = 33
 _KEY_SIZE = ENTRY_SIZE - 1
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-# File names under the record's root: `<expiry>.log`, and `<expiry>.<offset>.taken`.
+# Names under the record's root: `<expiry>.log`, and the directory `<expiry>.taken` of that
+# second's claims, one empty file per consumed entry, named by its line's offset.
 _LOG, _TAKEN = ".log", ".taken"
 
 
@@ -294,25 +297,19 @@ class DirectoryRecord:
             names = os.listdir(self.root)
         except OSError:  # no record yet: no entry
             return False
-        live: list[int] = []
-        claimed: dict[int, int] = {}  # consumed entries per expiry second
-        for name in names:
-            expiry = _log_expiry(name)
-            if expiry is not None:
-                if clock <= expiry:
-                    live.append(expiry)
-            elif name.endswith(_TAKEN):
-                second = _claim_expiry(name)
-                claimed[second] = claimed.get(second, 0) + 1
+        live = [e for e in map(_log_expiry, names) if e is not None and clock <= e]
         # The Machine's first `limit` unconsumed entries, the closest to their expiry first: its
         # workers may briefly have appended more (each counts the others' at its sweeps), and
         # those explain nothing, so a fallback never reads more than the limit's worth (and the
         # consumed lines among them).
         room = self.limit
+        # Within the limit altogether (the usual case), every line is read and the claims need
+        # not be counted: listing them for each fallback of a burst would cost more than reading.
+        at_limit = self._entries(live) > room
         for expiry in sorted(live):
             if room <= 0:
                 break
-            consumed = claimed.get(expiry, 0)
+            consumed = self._claims(expiry) if at_limit else 0
             try:
                 with open(os.path.join(self.root, f"{expiry}{_LOG}"), "rb") as log:
                     data = log.read((room + consumed) * ENTRY_SIZE)
@@ -340,12 +337,32 @@ class DirectoryRecord:
     def _claim(self, expiry: int, offset: int) -> bool:
         """Whether this caller is the one to consume the entry at `offset` of `expiry`'s log: the
         kernel lets exactly one process create its claim (`O_CREAT | O_EXCL`)."""
+        claims = os.path.join(self.root, f"{expiry}{_TAKEN}")
+        claim = os.path.join(claims, str(offset))
         try:
-            claim = os.path.join(self.root, f"{expiry}.{offset}{_TAKEN}")
-            os.close(os.open(claim, _CREATE, 0o600))
+            try:
+                os.close(os.open(claim, _CREATE, 0o600))
+            except FileNotFoundError:  # the second's first claim
+                os.makedirs(claims, mode=0o700, exist_ok=True)
+                os.close(os.open(claim, _CREATE, 0o600))
         except OSError:  # claimed by another process (or the record cannot be written)
             return False
         return True
+
+    def _entries(self, expiries: list[int]) -> int:
+        """How many lines (consumed or not) the logs of `expiries` hold."""
+        total = 0
+        for expiry in expiries:
+            with contextlib.suppress(OSError):  # swept meanwhile
+                total += os.stat(os.path.join(self.root, f"{expiry}{_LOG}")).st_size // ENTRY_SIZE
+        return total
+
+    def _claims(self, expiry: int) -> int:
+        """How many entries of `expiry`'s log are consumed."""
+        try:
+            return len(os.listdir(os.path.join(self.root, f"{expiry}{_TAKEN}")))
+        except OSError:  # none yet (or swept)
+            return 0
 
     def _sweep(self, now: float) -> int:
         """Remove expired seconds (their logs first, then their claims) and count the live
@@ -358,13 +375,14 @@ class DirectoryRecord:
         except OSError:  # no record yet
             entries = []
         live = 0
-        claims: list[str] = []
+        claims: list[tuple[int, str]] = []
         for entry in entries:
             name = entry.name
             expiry = _log_expiry(name)
             if expiry is None:
-                if name.endswith(_TAKEN):
-                    claims.append(name)
+                second = _claims_expiry(name)
+                if second is not None:
+                    claims.append((second, entry.path))
                 continue
             if now > expiry:
                 # Emptied first: a process that stopped replaying keeps its descriptor of the
@@ -375,12 +393,11 @@ class DirectoryRecord:
                 continue
             with contextlib.suppress(OSError):
                 live += entry.stat().st_size // ENTRY_SIZE
-        for name in claims:
-            if now > _claim_expiry(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.root, name))
+        for second, path in claims:
+            if now > second:
+                shutil.rmtree(path, ignore_errors=True)
             else:
-                live -= 1  # a consumed entry
+                live -= self._claims(second)  # consumed entries
         self._total = max(live, 0)
         return self._total
 
@@ -412,10 +429,12 @@ def _log_expiry(name: str) -> int | None:
     return int(stem) if stem.isdigit() else None
 
 
-def _claim_expiry(name: str) -> int:
-    """The expiry second a claim's name (`<expiry>.<offset>.taken`) says (-1: not a claim's)."""
-    second = name.split(".", 1)[0]
-    return int(second) if second.isdigit() else -1
+def _claims_expiry(name: str) -> int | None:
+    """The expiry second a claims directory's name (`<expiry>.taken`) says, None for another."""
+    if not name.endswith(_TAKEN):
+        return None
+    stem = name[: -len(_TAKEN)]
+    return int(stem) if stem.isdigit() else None
 
 
 def open_record(

@@ -218,6 +218,18 @@ def test_a_sweep_removes_expired_entries_and_counts_the_rest(tmp_path: Path) -> 
     assert record.take(key("/new/"), now=NOW + 5)
 
 
+def test_claims_are_counted_against_the_bound_and_swept_with_their_second(tmp_path: Path) -> None:
+    record = open_record(a_machine_id(), str(tmp_path), limit=3)
+    assert isinstance(record, DirectoryRecord)
+    keys = [key(f"/{n}/") for n in range(3)]
+    assert all(record.add(k, TTL, now=NOW) for k in keys)
+    assert record.take(keys[0], now=NOW)
+    assert record.sweep(now=NOW) == 2  # three lines, one consumed
+    assert record.add(key("/3/"), TTL, now=NOW)  # so there is room for one more
+    assert record.sweep(now=NOW + TTL + 2) == 0
+    assert list(Path(record.root).iterdir()) == []  # the log and its claims are gone
+
+
 def test_a_torn_line_hides_no_entry_after_it(tmp_path: Path) -> None:
     """A write cut short (no space left) leaves part of a line; the next entry still counts."""
     record = open_record(a_machine_id(), str(tmp_path))
