@@ -61,6 +61,8 @@ class StateCheck:
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
 # SHA-256's block size: an HMAC key is padded to it (RFC 2104).
 _SHA256_BLOCK = 64
+# The state's MAC: a SHA-256 digest in unpadded base64.
+_MAC_CHARS = 43
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,9 +114,10 @@ def _mac(secret: str | bytes, message: str) -> str:
     digest.update(message.encode())
     mac = outer.copy()
     mac.update(digest.digest())
-    # `base64.urlsafe_b64encode`'s own two steps, without its two Python calls around them.
-    encoded = binascii.b2a_base64(mac.digest(), newline=False).translate(_URL_SAFE)
-    return encoded.rstrip(b"=").decode()
+    # `base64.urlsafe_b64encode`'s own two steps, without its two Python calls around them; a
+    # digest's 32 bytes are 43 characters and one "=" of padding, cut off.
+    encoded = binascii.b2a_base64(mac.digest(), newline=False)[:_MAC_CHARS]
+    return encoded.translate(_URL_SAFE).decode()
 
 
 def _unbindable(method: str, group: str, body: str) -> bool:
