@@ -15,9 +15,10 @@ import binascii
 import functools
 import hashlib
 import hmac
+import importlib
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -65,6 +66,26 @@ _SHA256_BLOCK = 64
 _MAC_CHARS = 43
 
 
+_Sha256 = Callable[[bytes], "hashlib._Hash"]
+
+
+def _own_sha256() -> _Sha256:
+    """Python's own SHA-256 (`_sha2`, `_sha256` before 3.12), else hashlib's (OpenSSL's): the
+    same digests. Copying one of its states is a plain copy, where OpenSSL's allocates and
+    copies a context (each MAC copies two states and takes two digests, each a copy too)."""
+    for name in ("_sha2", "_sha256"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        constructor: _Sha256 = module.sha256
+        return constructor
+    return hashlib.sha256
+
+
+_SHA256 = _own_sha256()
+
+
 @functools.lru_cache(maxsize=16)
 def _keyed_hmac(secret: str | bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     """The HMAC-SHA256 keyed as `salted_hmac(_STATE_SALT, ..., secret=secret)` keys it, as its two
@@ -74,8 +95,8 @@ def _keyed_hmac(secret: str | bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     SECRET_KEY (or a fallback) gets its own."""
     raw = secret if isinstance(secret, bytes) else secret.encode()
     key = hashlib.sha256(_STATE_SALT.encode() + raw).digest().ljust(_SHA256_BLOCK, b"\0")
-    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
-    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+    inner = _SHA256(bytes(byte ^ 0x36 for byte in key))
+    outer = _SHA256(bytes(byte ^ 0x5C for byte in key))
     return inner, outer
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import importlib
 import json
 import string
 import time
@@ -1041,6 +1042,28 @@ def test_mac_is_djangos_salted_hmac_for_any_input(secret: str, path: str, issued
         return
     expected = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     assert _mac(secret, message) == expected
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_mac_is_djangos_salted_hmac_with_pythons_own_sha256_or_without_it(
+    monkeypatch: pytest.MonkeyPatch, own: bool
+) -> None:
+    if not own:  # a Python built without its own SHA-256: hashlib's (OpenSSL's)
+
+        def missing(name: str) -> None:
+            raise ImportError(name)
+
+        monkeypatch.setattr(importlib, "import_module", missing)
+    sha256 = state_module._own_sha256()
+    if own and sha256 is hashlib.sha256:
+        pytest.skip("this Python has no SHA-256 of its own")
+    assert (sha256 is hashlib.sha256) is not own
+    monkeypatch.setattr(state_module, "_SHA256", sha256)
+    state_module._keyed_hmac.cache_clear()
+    message = _message(1_700_000_000, "GET", "/x", "pdf", "", "")
+    digest = salted_hmac("flyfn.replay.state", message, secret="s", algorithm="sha256").digest()
+    assert _mac("s", message) == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    state_module._keyed_hmac.cache_clear()  # no other test gets this one's keyed states
 
 
 def test_each_secret_signs_with_its_own_key() -> None:
