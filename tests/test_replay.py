@@ -36,6 +36,7 @@ from flyfn.fly.replay import (
 from flyfn.replay_state import (
     MAX_CLOCK_SKEW,
     MAX_STATE_AGE,
+    MAX_STATE_HOP,
     STATE_BODY_DIGEST_LIMIT,
     StateCheck,
     _mac,
@@ -1042,6 +1043,36 @@ def test_mac_is_djangos_salted_hmac_for_any_input(secret: str, path: str, issued
         return
     expected = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     assert _mac(secret, message) == expected
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "post", "DELETE"]),
+    path=st.text(max_size=120),
+    group=st.sampled_from(["default", "pdf", "a-b_1"]),
+    query=st.text(max_size=40),
+    body=st.sampled_from(["", "17", "sha256:" + "ab" * 32]),
+    issued=st.integers(min_value=0, max_value=10**12 - 1),  # 12 digits, as a state holds
+    hop=st.integers(min_value=0, max_value=MAX_STATE_HOP),
+)
+def test_sign_state_is_the_mac_of_the_message_verify_state_checks(
+    method: str, path: str, group: str, query: str, body: str, issued: int, hop: int
+) -> None:
+    """`sign_state` computes the MAC inline; `verify_state` with `_message` and `_mac`."""
+    message = _message(issued, method, path, group, query, body, hop)
+    try:
+        mac = _mac("s", message)
+    except UnicodeEncodeError:  # lone surrogates: sign_state refuses them too
+        with pytest.raises(UnicodeEncodeError):
+            sign_state("s", method, path, group, issued, query=query, body=body, hop=hop)
+        return
+    state = sign_state("s", method, path, group, issued, query=query, body=body, hop=hop)
+    assert state == (f"flyfn2.{issued}.h{hop}.{mac}" if hop else f"flyfn2.{issued}.{mac}")
+    check = verify_state(
+        state, "s", method, path, group, max_age=60, now=issued, query=query, body=body
+    )
+    assert check.ok, check.reason
+    assert check.hop == hop
 
 
 @pytest.mark.parametrize("own", [True, False])
