@@ -15,11 +15,18 @@ time; each ratio is the median over rounds of that round's own ratio (paired: a 
 shared machine hits both sides of a ratio alike, where a ratio of two medians takes it from one
 side only). The pool talks to the Machines API emulator in another process (loopback) only to
 warm up.
+
+Every decision writes its entry on the Machine's record of issued replays (`flyfn.replay_record`):
+the benchmark issues thousands of replays a second, more than the record's limit holds within the
+16 s an entry lives, and a full record skips the write (the replay goes unrecorded), which would
+time a cheaper decision than a Machine pays below its limit. So each process raises the limit to
+`RECORD_LIMIT` before the record opens, and fails should the record still report itself full.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import os
 import random
@@ -37,6 +44,9 @@ from benchmarks.runner import area_main, log, require
 from benchmarks.wsgi import APP_MACHINE_ID, Handler, bench_environ, call, call_quietly, wsgi_environ
 
 BENCH_APP = "bench-middleware"
+# The record's limit in the benchmark: never reached (each process issues about 50,000 replays
+# within an entry's life; 33 bytes each in /dev/shm), so every decision writes its entry.
+RECORD_LIMIT = 10_000_000
 
 
 @dataclass
@@ -194,7 +204,12 @@ def measure(api_url: str, token: str, rounds: int, per_round: int, seed: int) ->
     import django
 
     from benchmarks.apiserver import ApiServer
+    from flyfn import replay_record
 
+    # Read as the record opens (its first replay): every decision writes its entry.
+    replay_record.REPLAY_RECORD_LIMIT = RECORD_LIMIT
+    refused = _RecordRefusals()
+    logging.getLogger(replay_record.__name__).addHandler(refused)
     django.setup()
     handlers = build_handlers()
     check_answers(handlers)
@@ -214,7 +229,24 @@ def measure(api_url: str, token: str, rounds: int, per_round: int, seed: int) ->
             wall[name].append(wall_us)
     calls = api.calls()
     api.close()
-    return {"cpu": samples, "wall": wall, "api_calls": calls}
+    if refused.count:  # a replay went unrecorded: the figures would time a cheaper decision
+        raise RuntimeError(f"the record of issued replays refused entries: {refused.last}")
+    record = replay_record.machine_record(APP_MACHINE_ID)
+    live = record.sweep() if isinstance(record, replay_record.DirectoryRecord) else None
+    return {"cpu": samples, "wall": wall, "api_calls": calls, "record_live_entries": live}
+
+
+class _RecordRefusals(logging.Handler):
+    """Counts the record's warnings: full, or not writable (each a replay left unrecorded)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.last = record.getMessage()
 
 
 def run(quick: bool) -> JSONDict:
@@ -226,6 +258,7 @@ def run(quick: bool) -> JSONDict:
     samples: dict[str, list[float]] = {}
     wall: dict[str, list[float]] = {}
     api_calls = 0
+    record_live: list[int | None] = []
     per_process: list[dict[str, float | None]] = []
     with api_server() as api:
         log(f"middleware: {processes} processes x {rounds} rounds x {per_round} requests")
@@ -237,6 +270,7 @@ def run(quick: bool) -> JSONDict:
             for name, values in part["wall"].items():
                 wall.setdefault(name, []).extend(values)
             api_calls += part["api_calls"]
+            record_live.append(part["record_live_entries"])
             per_process.append(
                 {pair: rounded(median(_paired(part["cpu"], pair)), 4) for pair in PAIRS}
             )
@@ -298,6 +332,9 @@ def run(quick: bool) -> JSONDict:
         "rounds": rounds * processes,
         "requests_per_round": per_round,
         "api_calls_during_timing": api_calls,
+        # Every replay written to the Machine's record (its limit raised out of reach; a refused
+        # entry fails the run); its live entries at each process's end.
+        "replay_record": {"limit": RECORD_LIMIT, "live_entries_at_end": record_live},
         "handler": "django.core.handlers.wsgi.WSGIHandler, GET, body read and closed",
     }
 

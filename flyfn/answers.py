@@ -11,6 +11,7 @@ from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.log import log_response
 
+from flyfn import process_state
 from flyfn.fly.headers import FLY_REPLAY
 from flyfn.fly.replay import FlyReplay
 
@@ -54,14 +55,37 @@ def unavailable(request: HttpRequest | None = None) -> HttpResponse:
     return response
 
 
+# Django's default content type, as last built from DEFAULT_CHARSET: a read through Django's
+# lazy settings costs about a third of a microsecond, on every replay otherwise.
+_content_type: str | None = None
+
+
+def _forget_content_type() -> None:
+    global _content_type
+    _content_type = None
+
+
+process_state.register(
+    __name__,
+    "the replay responses' content type",
+    settings=_forget_content_type,
+    watched={"DEFAULT_CHARSET"},
+)
+
+
 def replay_response(value: str) -> HttpResponse:
     """The empty response Fly Proxy acts on; never cached (it is per request, not per URL)."""
+    global _content_type
     # Django's default content type, given: found missing, it costs a failed header lookup. The
     # headers set one by one: `headers=` makes the constructor a fifth slower (it unpacks any
     # mapping).
-    response = HttpResponse(content_type=f"text/html; charset={django_settings.DEFAULT_CHARSET}")
-    response.headers[FLY_REPLAY] = value
-    response.headers["Cache-Control"] = NO_STORE
+    content_type = _content_type
+    if content_type is None:
+        content_type = _content_type = f"text/html; charset={django_settings.DEFAULT_CHARSET}"
+    response = HttpResponse(content_type=content_type)
+    headers = response.headers
+    headers[FLY_REPLAY] = value
+    headers["Cache-Control"] = NO_STORE
     return response
 
 

@@ -15,9 +15,10 @@ import binascii
 import functools
 import hashlib
 import hmac
+import importlib
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -61,6 +62,28 @@ class StateCheck:
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
 # SHA-256's block size: an HMAC key is padded to it (RFC 2104).
 _SHA256_BLOCK = 64
+# The state's MAC: a SHA-256 digest in unpadded base64.
+_MAC_CHARS = 43
+
+
+_Sha256 = Callable[[bytes], "hashlib._Hash"]
+
+
+def _own_sha256() -> _Sha256:
+    """Python's own SHA-256 (`_sha2`, `_sha256` before 3.12), else hashlib's (OpenSSL's): the
+    same digests. Copying one of its states is a plain copy, where OpenSSL's allocates and
+    copies a context (each MAC copies two states and takes two digests, each a copy too)."""
+    for name in ("_sha2", "_sha256"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        constructor: _Sha256 = module.sha256
+        return constructor
+    return hashlib.sha256
+
+
+_SHA256 = _own_sha256()
 
 
 @functools.lru_cache(maxsize=16)
@@ -72,8 +95,8 @@ def _keyed_hmac(secret: str | bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     SECRET_KEY (or a fallback) gets its own."""
     raw = secret if isinstance(secret, bytes) else secret.encode()
     key = hashlib.sha256(_STATE_SALT.encode() + raw).digest().ljust(_SHA256_BLOCK, b"\0")
-    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
-    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+    inner = _SHA256(bytes(byte ^ 0x36 for byte in key))
+    outer = _SHA256(bytes(byte ^ 0x5C for byte in key))
     return inner, outer
 
 
@@ -112,9 +135,10 @@ def _mac(secret: str | bytes, message: str) -> str:
     digest.update(message.encode())
     mac = outer.copy()
     mac.update(digest.digest())
-    # `base64.urlsafe_b64encode`'s own two steps, without its two Python calls around them.
-    encoded = binascii.b2a_base64(mac.digest(), newline=False).translate(_URL_SAFE)
-    return encoded.rstrip(b"=").decode()
+    # `base64.urlsafe_b64encode`'s own two steps, without its two Python calls around them; a
+    # digest's 32 bytes are 43 characters and one "=" of padding, cut off.
+    encoded = binascii.b2a_base64(mac.digest(), newline=False)[:_MAC_CHARS]
+    return encoded.translate(_URL_SAFE).decode()
 
 
 def _unbindable(method: str, group: str, body: str) -> bool:
@@ -141,13 +165,22 @@ def sign_state(
     """
     if not secret:
         raise ValueError("sign_state needs a non-empty secret (settings.SECRET_KEY)")
-    if _unbindable(method, group, body):
+    if "\n" in method or "\n" in group or "\n" in body:  # `_unbindable`, inline: every replay
         raise ValueError("sign_state: method, group and body binding cannot contain newlines")
     if not 0 <= hop <= MAX_STATE_HOP:
         raise ValueError(f"sign_state: hop must be 0 to {MAX_STATE_HOP} (got {hop})")
     issued = int(time.time() if now is None else now)
-    mac = _mac(secret, _message(issued, method, path, group, query, body, hop))
-    return f"{STATE_PREFIX}.{issued}.h{hop}.{mac}" if hop else f"{STATE_PREFIX}.{issued}.{mac}"
+    # `_mac(secret, _message(...))`, inline: every replay signs here (two calls less), and
+    # `verify_state` checks it with those two (the tests hold the three equal).
+    message = f"{issued}\n{method.upper()}\n{group}\n{body}\n{len(query)}:{query}\n{path}"
+    inner, outer = _keyed_hmac(secret)
+    digest = inner.copy()
+    digest.update((f"h{hop}\n{message}" if hop else message).encode())
+    mac = outer.copy()
+    mac.update(digest.digest())
+    encoded = binascii.b2a_base64(mac.digest(), newline=False)[:_MAC_CHARS]
+    state = encoded.translate(_URL_SAFE).decode()
+    return f"{STATE_PREFIX}.{issued}.h{hop}.{state}" if hop else f"{STATE_PREFIX}.{issued}.{state}"
 
 
 def verify_state(

@@ -38,6 +38,30 @@ _UNVERIFIED_LOG_INTERVAL = 60.0
 _unverified_logged_at = float("-inf")
 process_state.register(__name__, "when an unverified replayed state was last logged")
 
+# SECRET_KEY as last read: a read through Django's lazy settings costs about a third of a
+# microsecond, on every replay (and every record look-up) otherwise.
+_secret_key: str | bytes | None = None
+
+
+def _forget_secret_key() -> None:
+    global _secret_key
+    _secret_key = None
+
+
+process_state.register(
+    __name__, "SECRET_KEY as last read", settings=_forget_secret_key, watched={"SECRET_KEY"}
+)
+
+
+def _secret() -> str | bytes:
+    """`settings.SECRET_KEY`, read again once it changes (Django's `setting_changed`); Django
+    refuses an empty one, and an empty one is never kept."""
+    global _secret_key
+    secret = _secret_key
+    if secret is None:
+        secret = _secret_key = django_settings.SECRET_KEY
+    return secret
+
 
 def request_body_binding(request: HttpRequest) -> str:
     """What a signed state binds of this request's body (`body_binding`): its digest when small,
@@ -65,8 +89,8 @@ def issue_replay(
     """Put a replay of this request to `group` (`body`: its body binding) on this Machine's
     record, where it explains one fallback for the replay's `timeout` and the way back; its state,
     issued now and `hop` function Machines far, or None when replays are not `signed`. The key
-    and the request's fields are read once for both (each read of a setting costs)."""
-    secret = django_settings.SECRET_KEY
+    and the request's fields are read once for both."""
+    secret = _secret()
     method, path = request.method or "GET", request.path
     query = request.META.get("QUERY_STRING", "")
     now = time.time()
@@ -74,7 +98,7 @@ def issue_replay(
     if signed:
         state = sign_state(secret, method, path, group, now, query=query, body=body, hop=hop)
     key = replay_key(secret, method, path, query, body)
-    _replay_record().add(key, timeout + FALLBACK_RETURN_MARGIN, now)
+    machine_record(current_env().machine_id).add(key, timeout + FALLBACK_RETURN_MARGIN, now)
     return state
 
 
@@ -127,7 +151,7 @@ def _replay_record() -> ReplayRecord:
 def _record_key(request: HttpRequest, body: str) -> str:
     """The record's key of this request (method, path, query string, body binding)."""
     return replay_key(
-        django_settings.SECRET_KEY,
+        _secret(),
         request.method or "GET",
         request.path,
         request.META.get("QUERY_STRING", ""),

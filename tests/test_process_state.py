@@ -129,6 +129,11 @@ def test_the_process_pieces_reset_on_the_events_they_did_before() -> None:
         ),
         ("flyfn.apps", "url names resolved by the registry"): (["settings"], ["ROOT_URLCONF"]),
         ("flyfn.replay_record", "issued-replay records and open logs"): (["fork", "tests"], []),
+        ("flyfn.signed_requests", "SECRET_KEY as last read"): (["settings"], ["SECRET_KEY"]),
+        ("flyfn.answers", "the replay responses' content type"): (
+            ["settings"],
+            ["DEFAULT_CHARSET"],
+        ),
         ("flyfn.pool.manager", "the pool manager"): (["fork"], []),
         ("flyfn.tasks.dispatch", "task dispatchers"): (["fork"], []),
         ("flyfn.tasks.periodic", "schedules' ticker"): (["fork", "tests"], []),

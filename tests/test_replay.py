@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import importlib
 import json
 import string
 import time
@@ -35,6 +36,7 @@ from flyfn.fly.replay import (
 from flyfn.replay_state import (
     MAX_CLOCK_SKEW,
     MAX_STATE_AGE,
+    MAX_STATE_HOP,
     STATE_BODY_DIGEST_LIMIT,
     StateCheck,
     _mac,
@@ -1041,6 +1043,58 @@ def test_mac_is_djangos_salted_hmac_for_any_input(secret: str, path: str, issued
         return
     expected = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     assert _mac(secret, message) == expected
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "post", "DELETE"]),
+    path=st.text(max_size=120),
+    group=st.sampled_from(["default", "pdf", "a-b_1"]),
+    query=st.text(max_size=40),
+    body=st.sampled_from(["", "17", "sha256:" + "ab" * 32]),
+    issued=st.integers(min_value=0, max_value=10**12 - 1),  # 12 digits, as a state holds
+    hop=st.integers(min_value=0, max_value=MAX_STATE_HOP),
+)
+def test_sign_state_is_the_mac_of_the_message_verify_state_checks(
+    method: str, path: str, group: str, query: str, body: str, issued: int, hop: int
+) -> None:
+    """`sign_state` computes the MAC inline; `verify_state` with `_message` and `_mac`."""
+    message = _message(issued, method, path, group, query, body, hop)
+    try:
+        mac = _mac("s", message)
+    except UnicodeEncodeError:  # lone surrogates: sign_state refuses them too
+        with pytest.raises(UnicodeEncodeError):
+            sign_state("s", method, path, group, issued, query=query, body=body, hop=hop)
+        return
+    state = sign_state("s", method, path, group, issued, query=query, body=body, hop=hop)
+    assert state == (f"flyfn2.{issued}.h{hop}.{mac}" if hop else f"flyfn2.{issued}.{mac}")
+    check = verify_state(
+        state, "s", method, path, group, max_age=60, now=issued, query=query, body=body
+    )
+    assert check.ok, check.reason
+    assert check.hop == hop
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_mac_is_djangos_salted_hmac_with_pythons_own_sha256_or_without_it(
+    monkeypatch: pytest.MonkeyPatch, own: bool
+) -> None:
+    if not own:  # a Python built without its own SHA-256: hashlib's (OpenSSL's)
+
+        def missing(name: str) -> None:
+            raise ImportError(name)
+
+        monkeypatch.setattr(importlib, "import_module", missing)
+    sha256 = state_module._own_sha256()
+    if own and sha256 is hashlib.sha256:
+        pytest.skip("this Python has no SHA-256 of its own")
+    assert (sha256 is hashlib.sha256) is not own
+    monkeypatch.setattr(state_module, "_SHA256", sha256)
+    state_module._keyed_hmac.cache_clear()
+    message = _message(1_700_000_000, "GET", "/x", "pdf", "", "")
+    digest = salted_hmac("flyfn.replay.state", message, secret="s", algorithm="sha256").digest()
+    assert _mac("s", message) == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    state_module._keyed_hmac.cache_clear()  # no other test gets this one's keyed states
 
 
 def test_each_secret_signs_with_its_own_key() -> None:
