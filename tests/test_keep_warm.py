@@ -61,6 +61,23 @@ def test_a_pool_outside_the_primary_region_keeps_nothing_warm() -> None:
     assert (unknown.warm, unknown.count) == (2, 2)
 
 
+def test_the_app_s_one_pool_kept_warm_is_made_in_the_primary_region() -> None:
+    # A group sharing one pool across the app ("shared", no `region`) used to be made wherever its
+    # first caller ran; outside the primary region Fly would not keep it warm.
+    with override_settings(
+        FLYFN={**SETTINGS, "GROUPS": {"g": {"keep_warm": 1, "regions": "shared"}, "c": {}}}
+    ):
+        settings = get_settings()
+        environ = {"PRIMARY_REGION": "iad", "FLY_REGION": "syd"}
+        warm = spec_for(settings, "g", environ=environ)
+        cold = spec_for(settings, "c", environ=environ)
+        off_fly = spec_for(settings, "g", environ={"FLY_REGION": "syd"})
+    assert (warm.region, warm.warm) == ("iad", 1)
+    assert not warm.regional  # its Machines elsewhere stay its own; new ones go to iad
+    assert cold.region == "syd"  # nothing kept warm: near its caller, as before
+    assert off_fly.region == "syd"  # no primary region known: where it was asked
+
+
 def test_keep_warm_refuses_a_negative_count() -> None:
     with (
         override_settings(FLYFN={**SETTINGS, "GROUPS": {"g": {"keep_warm": -1}}}),

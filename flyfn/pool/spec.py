@@ -275,8 +275,13 @@ def spec_for(
         entries=options.machines,
         warm=warm,
         # Fly places a Machine created without a region "near the caller", not surely in its
-        # region: name the creating Machine's own region, as FLAME does.
-        region=pool_region or options.region or environ.get("FLY_REGION") or None,
+        # region: name the creating Machine's own region, as FLAME does. A pool of the whole app
+        # kept warm is made in the primary region, the one where Fly applies its warmth.
+        region=pool_region
+        or options.region
+        or (primary if warm and pool_region is None else None)
+        or environ.get("FLY_REGION")
+        or None,
         config=config,
         version=version,
         regional=pool_region is not None,
