@@ -7,7 +7,7 @@ Without /usr/bin/chromium the tests skip on a developer's machine but fail on CI
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +59,20 @@ def page(browser_context: BrowserContext) -> Iterator[Page]:
         yield page
     finally:
         page.close()
+
+
+# The demo stack's last lines of output beside a failing test's report: the route lines and the
+# Machines' logs say why a request was answered as it was.
+_OUTPUT_LINES = 150
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    running = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(running, DemoStack):
+        tail = "\n".join(running.lines[-_OUTPUT_LINES:])
+        report.sections.append(("flyfn dev output (last lines)", tail))
+    return report

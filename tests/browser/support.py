@@ -104,7 +104,10 @@ def follow_pdf_link(link: Locator, *, timeout: float = PDF_TIMEOUT) -> ReceivedP
     finally:
         page.remove_listener("download", on_download)
     machine = response.headers.get("x-flyfn-machine")
-    assert response.status == 200, f"{response.url}: {response.status}"
+    assert response.status == 200, (
+        f"{response.url}: {response.status} from Machine {machine} "
+        f"(headers {dict(response.headers)})"
+    )
     if downloads:
         path = downloads[0].path()
         return ReceivedPdf(response.url, Path(path).read_bytes(), machine, downloaded=True)
