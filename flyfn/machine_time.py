@@ -262,10 +262,11 @@ def group_cost(
     list has them: they ran and cost too), with the levers that would change them."""
     times = [(machine, machine_time(machine, window)) for machine in machines]
     total = sum((t for _, t in times), MachineTime())
-    # Each Machine's time again, region by region: pure and cheap, and the split stays the one
-    # `by_region` makes for every caller.
+    # Region by region through `by_region`, the one split of every caller, each Machine's time
+    # computed once (by identity: a Machine model is not hashable).
+    time_of = {id(m): t for m, t in times}
     regions = {
-        region: sum((machine_time(m, window) for m in found), MachineTime())
+        region: sum((time_of[id(m)] for m in found), MachineTime())
         for region, found in by_region(machines).items()
     }
     figures = GroupCost(
