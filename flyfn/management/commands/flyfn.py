@@ -37,7 +37,12 @@ from flyfn.fly.pricing import PRICES_SOURCE
 from flyfn.fly.regions import parse_region_list
 from flyfn.fly.schedule import INTERVALS
 from flyfn.machine_time import by_region, parse_window
-from flyfn.machines import COMMAND_RATE_LIMIT_RETRIES, Machine, MachinesError
+from flyfn.machines import (
+    COMMAND_RATE_LIMIT_RETRIES,
+    AsyncMachinesClient,
+    Machine,
+    MachinesError,
+)
 from flyfn.pool.converge import (
     GONE_STATES,
     PrepareReport,
@@ -383,7 +388,7 @@ class Command(BaseCommand):
         self, settings: FlyfnSettings, groups: Sequence[str]
     ) -> dict[str, list[Machine]]:
         """Each group's Machines, plus the app Machines under the key ""."""
-        async with new_client(settings, rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES) as client:
+        async with _client(settings) as client:
             result: dict[str, list[Machine]] = {}
             own = await client.list_machines()
             result[""] = [
@@ -414,9 +419,7 @@ class Command(BaseCommand):
         placements = {g: placement(settings, g, task_group=is_task_group(g)) for g in groups}
 
         async def prepare_all() -> list[PrepareReport]:
-            async with new_client(
-                settings, rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES
-            ) as client:
+            async with _client(settings) as client:
                 # A group that follows its callers has a pool where the app Machines run (off
                 # Fly, where no region is known, its one shared pool as before regions).
                 where_app_runs: set[str] = set()
@@ -446,9 +449,7 @@ class Command(BaseCommand):
         from flyfn.tasks.scheduled_machines import prepare_scheduled
 
         async def prepare() -> Any:
-            async with new_client(
-                settings, rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES
-            ) as client:
+            async with _client(settings) as client:
                 return await prepare_scheduled(client, settings, intervals)
 
         report = run(prepare(), deadline)
@@ -539,9 +540,7 @@ class Command(BaseCommand):
         settings = get_settings()
 
         async def collect() -> list[str]:
-            async with new_client(
-                settings, rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES
-            ) as client:
+            async with _client(settings) as client:
                 orphans = await find_orphans(client, settings)
                 for orphan in orphans:
                     verb = "would destroy" if dry_run else "destroying"
@@ -618,6 +617,12 @@ def _window(text: str) -> str:
 
 
 _time_scale = _positive("number")
+
+
+def _client(settings: FlyfnSettings) -> AsyncMachinesClient:
+    """The commands' Machines client: someone waits for a command, so it outlasts a burst of
+    429s shared with the running Machines (`COMMAND_RATE_LIMIT_RETRIES`)."""
+    return new_client(settings, rate_limit_retries=COMMAND_RATE_LIMIT_RETRIES)
 
 
 def _region(machine: Machine) -> str:
