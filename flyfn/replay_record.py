@@ -260,7 +260,7 @@ class DirectoryRecord:
 
     def add(self, key: str, ttl: float, now: float | None = None) -> bool:
         now = self.clock() if now is None else now
-        expiry = math.ceil(now + ttl)  # `_expiry`, inline: every replay comes here
+        expiry = _expiry(now, ttl)
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)

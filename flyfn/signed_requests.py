@@ -98,7 +98,7 @@ def issue_replay(
     if signed:
         state = sign_state(secret, method, path, group, now, query=query, body=body, hop=hop)
     key = replay_key(secret, method, path, query, body)
-    machine_record(current_env().machine_id).add(key, timeout + FALLBACK_RETURN_MARGIN, now)
+    _replay_record().add(key, timeout + FALLBACK_RETURN_MARGIN, now)
     return state
 
 
