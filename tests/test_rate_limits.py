@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from asgiref.sync import async_to_sync
 from django.test import override_settings
 
 from flyfn.emulator.api import MachinesEmulator, create_app
@@ -100,9 +101,10 @@ def test_a_429_on_refresh_delays_the_next_attempt_by_retry_after() -> None:
             future.result(SAFETY)
             assert slept == [2.0, 2.0]
             assert len(calls) == 3  # one call and the client's two retries
-            # A cold request now gets the fallback at once, with no API call, until Retry-After.
+            # A cold request whose wait ends before Retry-After gets the fallback at once, with no
+            # API call.
             clock.now += 1.9
-            assert pool.wait_target(5) is None
+            assert pool.wait_target(0.05) is None
             assert pool.refresh() is None
             assert len(calls) == 3
             clock.now += 0.2
@@ -110,6 +112,63 @@ def test_a_429_on_refresh_delays_the_next_attempt_by_retry_after() -> None:
             assert future is not None
             future.result(SAFETY)
             assert len(calls) == 6
+    finally:
+        manager.close()
+
+
+class LimitedAtFirst(httpx.AsyncBaseTransport):
+    """The emulator (in process) behind a rate limit that answers the first `limited` calls with
+    a 429 and `Retry-After: 1`, recording when each call came (monotonic)."""
+
+    def __init__(self, limited: int) -> None:
+        emulator = MachinesEmulator(default_app=EMULATOR_APP)
+        app = create_app(emulator, token=EMULATOR_TOKEN, rate_limit=None)
+        self.inner = httpx.ASGITransport(app=app)
+        self.limited = limited
+        self.calls: list[tuple[float, int]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if len([c for c in self.calls if c[1] == 429]) < self.limited:
+            self.calls.append((time.monotonic(), 429))
+            body = {"error": "rate limit exceeded"}
+            return httpx.Response(429, json=body, headers={"retry-after": "1"}, request=request)
+        response = await self.inner.handle_async_request(request)
+        self.calls.append((time.monotonic(), response.status_code))
+        return response
+
+
+@pytest.mark.parametrize("waiter", ["sync", "async"])
+def test_a_cold_request_waits_out_a_429_that_ends_within_its_wait(waiter: str) -> None:
+    """Machines booting together (a deploy) list at once and some get a 429: a cold request
+    waits the API's Retry-After when it ends in time, and gets its target, not the fallback."""
+    api = LimitedAtFirst(limited=3)  # the first call and the client's two retries
+    manager = PoolManager(transport=api, listing=MachineListing(None), random=lambda: 0.0)
+    flyfn = {
+        "APP_NAME": EMULATOR_APP,
+        "API_HOSTNAME": EMULATOR_BASE_URL,
+        "API_TOKEN": EMULATOR_TOKEN,
+        "IMAGE_REF": IMAGE,
+    }
+    try:
+        with override_settings(FLYFN=flyfn):
+            pool = manager.pool("default")
+
+            async def no_sleep(seconds: float) -> None:
+                pass
+
+            manager.client()._sleep = no_sleep  # the client's own retries: at once
+            if waiter == "sync":
+                target = pool.wait_target(SAFETY)
+            else:
+                target = async_to_sync(pool.aget_target)(SAFETY)
+            assert target is not None
+            assert target.instance
+            statuses = [status for _, status in api.calls]
+            assert statuses[:3] == [429, 429, 429]
+            assert len(statuses) > 3, statuses
+            assert all(s < 400 for s in statuses[3:]), statuses
+            # The pool asked again only after Retry-After (the client's retries did not wait).
+            assert api.calls[3][0] - api.calls[2][0] >= 1.0
     finally:
         manager.close()
 

@@ -5,11 +5,13 @@ and read the app's shared Machine list (`flyfn.pool.listing`) to stay within Fly
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -86,6 +88,8 @@ class MachinePool:
         self._turn = itertools.count()
         self._inflight: concurrent.futures.Future[None] | None = None
         self._retry_at = 0.0
+        # The last convergence was rate limited: `_retry_at` is the API's own `Retry-After`.
+        self._rate_limited = False
         self._backoff = Backoff(FAILURE_BACKOFF, MAX_FAILURE_BACKOFF)
         self._forgot_at = float("-inf")
         # After `forget`, a shared list taken before this (listing clock) is not good enough.
@@ -142,28 +146,59 @@ class MachinePool:
         return future
 
     def wait_target(self, max_wait: float) -> ReplayTarget | None:
-        """A target, waiting at most `max_wait` seconds for the API on a cold cache (sync)."""
-        target = self.target()
-        if target is not None:
-            return target
-        future = self.refresh()
-        if future is None:
-            return None
-        try:
-            future.result(max_wait)
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-            return None
-        return self.target()
+        """A target, waiting at most `max_wait` seconds for the API on a cold cache (sync). A 429
+        is waited out when its `Retry-After` ends within that time: the API is up and said when
+        to come back (a deploy's Machines booting together list at once); after any other failure
+        the cold request falls back at once."""
+        deadline = self._clock() + max_wait
+        paused = False
+        while (target := self.target()) is None:
+            future = self.refresh()
+            remaining = deadline - self._clock()
+            if future is None:
+                pause = self._rate_limit_pause()
+                if paused or pause is None or pause >= remaining:
+                    return None
+                time.sleep(pause)
+                paused = True  # one pause per refresh: a clock that stands still cannot loop
+                continue
+            paused = False
+            try:
+                future.result(max(0.0, remaining))
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                return None
+            if self._rate_limit_pause() is None:
+                return self.target()
+        return target
 
     async def aget_target(self, max_wait: float) -> ReplayTarget | None:
         """`wait_target` for async callers: the event loop is never blocked."""
-        target = self.target()
-        if target is not None:
-            return target
-        future = self.refresh()
-        if future is None or not await wait_done(future, max_wait):
-            return None
-        return self.target()
+        deadline = self._clock() + max_wait
+        paused = False
+        while (target := self.target()) is None:
+            future = self.refresh()
+            remaining = deadline - self._clock()
+            if future is None:
+                pause = self._rate_limit_pause()
+                if paused or pause is None or pause >= remaining:
+                    return None
+                await asyncio.sleep(pause)
+                paused = True
+                continue
+            paused = False
+            if not await wait_done(future, max(0.0, remaining)):
+                return None
+            if self._rate_limit_pause() is None:
+                return self.target()
+        return target
+
+    def _rate_limit_pause(self) -> float | None:
+        """Seconds until a pool whose last convergence was rate limited may ask again, or None
+        when it was not (it succeeded, or failed otherwise)."""
+        with self._lock:
+            if not self._rate_limited:
+                return None
+            return max(0.0, self._retry_at - self._clock())
 
     def forget(self, machine_id: str) -> bool:
         """Drop a Machine that vanished from the cache at once and look again behind the request."""
@@ -220,6 +255,7 @@ class MachinePool:
             self._expires = self._clock() + max(0.0, ttl - age)
             recovered = self._backoff.succeeded()
             self._retry_at = 0.0
+            self._rate_limited = False
             self._failure = None
         if recovered:
             logger.warning("flyfn: Machines API reachable again (group %r)", spec.group)
@@ -233,6 +269,7 @@ class MachinePool:
                 # other regions already know only (no API call for them until it answers).
                 reason = "unavailable"
             self._failure = reason
+            self._rate_limited = isinstance(exc, RateLimited)
             first = self._backoff.failed()
             delay = self._backoff.delay
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
