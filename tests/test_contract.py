@@ -156,11 +156,15 @@ class Tracked:
         return getattr(self._client, name)
 
 
+# The client's coroutines that call no API: closing it, and a caller's wait after a 429.
+_NOT_API_CALLS = frozenset({"aclose", "wait_retry_after"})
+
+
 def client_operations() -> set[str]:
     return {
         name
         for name, member in inspect.getmembers(AsyncMachinesClient, inspect.iscoroutinefunction)
-        if not name.startswith("_") and name != "aclose"
+        if not name.startswith("_") and name not in _NOT_API_CALLS
     }
 
 

@@ -20,6 +20,7 @@ from asgiref.sync import async_to_sync
 from django.test import override_settings
 
 from flyfn.emulator.api import MachinesEmulator, create_app
+from flyfn.pool.cache import RATE_LIMIT_WAITS
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.manager import PoolManager
 from tests.support_deploy import WorkerReport, run_worker
@@ -118,30 +119,33 @@ def test_a_429_on_refresh_delays_the_next_attempt_by_retry_after() -> None:
 
 class LimitedAtFirst(httpx.AsyncBaseTransport):
     """The emulator (in process) behind a rate limit that answers the first `limited` calls with
-    a 429 and `Retry-After: 1`, recording when each call came (monotonic)."""
+    a 429 and `Retry-After: 1`; `events` records each call's status and each wait, in order."""
 
     def __init__(self, limited: int) -> None:
         emulator = MachinesEmulator(default_app=EMULATOR_APP)
         app = create_app(emulator, token=EMULATOR_TOKEN, rate_limit=None)
         self.inner = httpx.ASGITransport(app=app)
         self.limited = limited
-        self.calls: list[tuple[float, int]] = []
+        self.events: list[tuple[str, float]] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if len([c for c in self.calls if c[1] == 429]) < self.limited:
-            self.calls.append((time.monotonic(), 429))
+        if sum(1 for e in self.events if e == ("call", 429)) < self.limited:
+            self.events.append(("call", 429))
             body = {"error": "rate limit exceeded"}
             return httpx.Response(429, json=body, headers={"retry-after": "1"}, request=request)
         response = await self.inner.handle_async_request(request)
-        self.calls.append((time.monotonic(), response.status_code))
+        self.events.append(("call", response.status_code))
         return response
 
 
 @pytest.mark.parametrize("waiter", ["sync", "async"])
-def test_a_cold_request_waits_out_a_429_that_ends_within_its_wait(waiter: str) -> None:
+@pytest.mark.parametrize("limited", [3, 6])  # one 429 round (a call, two retries) or two
+def test_a_cold_request_waits_out_a_429_that_ends_within_its_wait(
+    waiter: str, limited: int
+) -> None:
     """Machines booting together (a deploy) list at once and some get a 429: a cold request
     waits the API's Retry-After when it ends in time, and gets its target, not the fallback."""
-    api = LimitedAtFirst(limited=3)  # the first call and the client's two retries
+    api = LimitedAtFirst(limited)
     manager = PoolManager(transport=api, listing=MachineListing(None), random=lambda: 0.0)
     flyfn = {
         "APP_NAME": EMULATOR_APP,
@@ -153,22 +157,60 @@ def test_a_cold_request_waits_out_a_429_that_ends_within_its_wait(waiter: str) -
         with override_settings(FLYFN=flyfn):
             pool = manager.pool("default")
 
-            async def no_sleep(seconds: float) -> None:
-                pass
+            async def recorded_wait(seconds: float) -> None:
+                api.events.append(("wait", seconds))
 
-            manager.client()._sleep = no_sleep  # the client's own retries: at once
+            manager.client()._sleep = recorded_wait  # every wait, the client's and the pool's
             if waiter == "sync":
                 target = pool.wait_target(SAFETY)
             else:
                 target = async_to_sync(pool.aget_target)(SAFETY)
             assert target is not None
             assert target.instance
-            statuses = [status for _, status in api.calls]
-            assert statuses[:3] == [429, 429, 429]
-            assert len(statuses) > 3, statuses
-            assert all(s < 400 for s in statuses[3:]), statuses
-            # The pool asked again only after Retry-After (the client's retries did not wait).
-            assert api.calls[3][0] - api.calls[2][0] >= 1.0
+            one_round = [("call", 429), ("wait", 1.0), ("call", 429), ("wait", 1.0), ("call", 429)]
+            rounds = limited // 3
+            events = api.events
+            for n in range(rounds):
+                start = n * 6
+                assert events[start : start + 5] == one_round, events
+                # The pool's own wait: the rest of the Retry-After, taken from its clock.
+                kind, seconds = events[start + 5]
+                assert kind == "wait", events
+                assert 0.5 < seconds <= 1.0, events
+            rest = events[rounds * 6 :]
+            assert rest, events
+            assert all(kind == "call" and status < 400 for kind, status in rest), events
+    finally:
+        manager.close()
+
+
+def test_a_cold_request_waits_out_no_more_than_its_wait() -> None:
+    """A 429 whose Retry-After ends after the request's wait: the fallback at once, one round of
+    calls (the client's), no wait of the pool's; a wait of the pool's only so many times."""
+    api = LimitedAtFirst(limited=100)
+    manager = PoolManager(transport=api, listing=MachineListing(None), random=lambda: 0.0)
+    flyfn = {
+        "APP_NAME": EMULATOR_APP,
+        "API_HOSTNAME": EMULATOR_BASE_URL,
+        "API_TOKEN": EMULATOR_TOKEN,
+        "IMAGE_REF": IMAGE,
+    }
+    try:
+        with override_settings(FLYFN=flyfn):
+            pool = manager.pool("default")
+
+            async def recorded_wait(seconds: float) -> None:
+                api.events.append(("wait", seconds))
+
+            manager.client()._sleep = recorded_wait
+            assert pool.wait_target(0.5) is None
+            assert [e for e in api.events if e[0] == "call"] == [("call", 429)] * 3
+            assert [e for e in api.events if e[0] == "wait"] == [("wait", 1.0)] * 2
+            # With time to spare, an API that keeps answering 429: RATE_LIMIT_WAITS rounds more.
+            api.events.clear()
+            assert pool.wait_target(SAFETY) is None
+            calls = [e for e in api.events if e[0] == "call"]
+            assert calls == [("call", 429)] * 3 * RATE_LIMIT_WAITS
     finally:
         manager.close()
 

@@ -288,6 +288,11 @@ class AsyncMachinesClient:
     def is_closed(self) -> bool:
         return self._http.is_closed
 
+    async def wait_retry_after(self, seconds: float) -> None:
+        """Wait out a 429's `Retry-After` outside a call (a caller's own back-off), as the client
+        waits between its retries."""
+        await self._sleep(seconds)
+
     # -- machines -----------------------------------------------------------------------------
 
     async def list_machines(

@@ -5,13 +5,11 @@ and read the app's shared Machine list (`flyfn.pool.listing`) to stay within Fly
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -45,6 +43,8 @@ FORGET_MIN_INTERVAL = 1.0
 TTL_JITTER = 0.2
 # After a 429 the pool waits the API's Retry-After plus up to this fraction of it (not all at once).
 RATE_LIMIT_JITTER = 0.25
+# How many 429s in a row a cold request waits out (each after its Retry-After) within its wait.
+RATE_LIMIT_WAITS = 3
 
 
 class PoolOwner(Protocol):
@@ -127,8 +127,9 @@ class MachinePool:
             self.refresh()
         return self.cached_target()
 
-    def refresh(self) -> concurrent.futures.Future[None] | None:
-        """Start, or join, the one in-flight convergence; None while backing off after a failure."""
+    def refresh(self, *, waited: bool = False) -> concurrent.futures.Future[None] | None:
+        """Start, or join, the one in-flight convergence; None while backing off after a failure
+        (unless the caller `waited` out the back-off's `Retry-After` itself)."""
         if self.spec is None:
             self._report_problem()
             return None
@@ -137,7 +138,7 @@ class MachinePool:
             # joined: it may have listed before whatever made the caller ask again.
             if self._inflight is not None and not self._inflight.done():
                 return self._inflight
-            if self._clock() < self._retry_at:
+            if self._clock() < self._retry_at and not waited:
                 return None
             # The role is read here, on the caller's thread: the one a refresh was asked under.
             future = self.manager.submit(self._refresh(self.spec, current_role()))
@@ -147,24 +148,28 @@ class MachinePool:
 
     def wait_target(self, max_wait: float) -> ReplayTarget | None:
         """A target, waiting at most `max_wait` seconds for the API on a cold cache (sync). A 429
-        is waited out when its `Retry-After` ends within that time: the API is up and said when
-        to come back (a deploy's Machines booting together list at once); after any other failure
-        the cold request falls back at once."""
+        is waited out (at most `RATE_LIMIT_WAITS` times) when its `Retry-After` ends within that
+        time: the API is up and said when to come back (a deploy's Machines booting together list
+        at once); after any other failure the cold request falls back at once."""
         deadline = self._clock() + max_wait
-        paused = False
+        waits = 0
         while (target := self.target()) is None:
             future = self.refresh()
-            remaining = deadline - self._clock()
             if future is None:
                 pause = self._rate_limit_pause()
-                if paused or pause is None or pause >= remaining:
+                remaining = deadline - self._clock()
+                if pause is None or pause >= remaining or waits >= RATE_LIMIT_WAITS:
                     return None
-                time.sleep(pause)
-                paused = True  # one pause per refresh: a clock that stands still cannot loop
-                continue
-            paused = False
+                waits += 1
+                try:
+                    self.manager.submit(self._wait_out(pause)).result(remaining)
+                except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                    return None
+                future = self.refresh(waited=True)
+                if future is None:
+                    return None
             try:
-                future.result(max(0.0, remaining))
+                future.result(max(0.0, deadline - self._clock()))
             except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                 return None
             if self._rate_limit_pause() is None:
@@ -174,19 +179,21 @@ class MachinePool:
     async def aget_target(self, max_wait: float) -> ReplayTarget | None:
         """`wait_target` for async callers: the event loop is never blocked."""
         deadline = self._clock() + max_wait
-        paused = False
+        waits = 0
         while (target := self.target()) is None:
             future = self.refresh()
-            remaining = deadline - self._clock()
             if future is None:
                 pause = self._rate_limit_pause()
-                if paused or pause is None or pause >= remaining:
+                remaining = deadline - self._clock()
+                if pause is None or pause >= remaining or waits >= RATE_LIMIT_WAITS:
                     return None
-                await asyncio.sleep(pause)
-                paused = True
-                continue
-            paused = False
-            if not await wait_done(future, max(0.0, remaining)):
+                waits += 1
+                if not await wait_done(self.manager.submit(self._wait_out(pause)), remaining):
+                    return None
+                future = self.refresh(waited=True)
+                if future is None:
+                    return None
+            if not await wait_done(future, max(0.0, deadline - self._clock())):
                 return None
             if self._rate_limit_pause() is None:
                 return self.target()
@@ -199,6 +206,10 @@ class MachinePool:
             if not self._rate_limited:
                 return None
             return max(0.0, self._retry_at - self._clock())
+
+    async def _wait_out(self, seconds: float) -> None:
+        # On the background loop, as the client waits between its own retries.
+        await self.manager.client().wait_retry_after(seconds)
 
     def forget(self, machine_id: str) -> bool:
         """Drop a Machine that vanished from the cache at once and look again behind the request."""
