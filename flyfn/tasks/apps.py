@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.apps import AppConfig
-from django.core.signals import request_started
+from django.core.signals import request_finished, request_started
 
 from flyfn.serving import serving_started
 
@@ -40,8 +40,17 @@ def _keep_up(**kwargs: Any) -> None:
 
     if not current_role().is_function:
         request_started.disconnect(dispatch_uid="flyfn.tasks.keep_up")
+        request_finished.disconnect(dispatch_uid="flyfn.tasks.keep_up_done")
         return
     on_request()
+
+
+def _keep_up_done(**kwargs: Any) -> None:
+    # The request `_keep_up` counted is over: the keeper counts a Machine's requests in flight
+    # across its worker processes (flyfn.tasks.activity).
+    from flyfn.tasks.keeper import on_request_finished
+
+    on_request_finished()
 
 
 class FlyfnTasksConfig(AppConfig):
@@ -56,4 +65,5 @@ class FlyfnTasksConfig(AppConfig):
         serving_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")
         request_started.connect(_start_dispatchers, dispatch_uid="flyfn.tasks.start_dispatchers")
         request_started.connect(_keep_up, dispatch_uid="flyfn.tasks.keep_up")
+        request_finished.connect(_keep_up_done, dispatch_uid="flyfn.tasks.keep_up_done")
         serving_started.connect(_keep_from_start, dispatch_uid="flyfn.tasks.keep_from_start")

@@ -10,9 +10,10 @@ stopped nobody would wake it again. So a task group's Machines run with autostop
   whether or not a wake is open (the connection that woke the Machine may be gone);
 - when the group's next scheduled task or lease expiry is within `HORIZON` (on the database's
   clock), it sleeps until then;
-- otherwise, once no request has come for `IDLE_EXIT` seconds, it sends the Machine's main process
-  its stop signal (SIGINT, as Fly does): the server finishes its requests and exits, and the
-  Machine stops (restart policy "no"). The next wake starts it again through Fly Proxy.
+- otherwise, once no request of the Machine (in any of its worker processes: `flyfn.tasks.activity`)
+  has been in flight for `IDLE_EXIT` seconds, it sends the Machine's main process its stop signal
+  (SIGINT, as Fly does): the server exits, and the Machine stops (restart policy "no"). The next
+  wake starts it again through Fly Proxy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,13 +32,23 @@ from django_tasks_db.compat import TaskResultStatus
 from django_tasks_db.models import DBTaskResult, get_date_max
 
 from flyfn import process_state
-from flyfn.machine_role import RoleError, current_role, detect_role
+from flyfn.machine_dir import machine_dir
+from flyfn.machine_role import RoleError, current_env, current_role, detect_role
+from flyfn.tasks.activity import MachineActivity
 from flyfn.tasks.clock import db_now
 from flyfn.tasks.configured import flyfn_backends, task_groups
 from flyfn.tasks.options import HORIZON
 from flyfn.tasks.runner import run_until_idle
 
-__all__ = ["IDLE_EXIT", "Keeper", "keeper", "main_process", "on_request", "on_serving"]
+__all__ = [
+    "IDLE_EXIT",
+    "Keeper",
+    "keeper",
+    "main_process",
+    "on_request",
+    "on_request_finished",
+    "on_serving",
+]
 
 logger = logging.getLogger("flyfn.tasks")
 
@@ -46,6 +56,8 @@ logger = logging.getLogger("flyfn.tasks")
 IDLE_EXIT = 10.0
 # The longest sleep between two looks at the database while the Machine is up.
 LOOK = 30.0
+# How often a keeper looks again while a request of the Machine is in flight (a lock's try).
+BUSY_LOOK = 1.0
 
 
 def main_process() -> int:
@@ -63,12 +75,19 @@ class Keeper:
     """The keeper of one process; `start(group)` on a function Machine of a task group."""
 
     def __init__(
-        self, *, stop_machine: Callable[[], None] = _stop_machine, live: bool | None = None
+        self,
+        *,
+        stop_machine: Callable[[], None] = _stop_machine,
+        live: bool | None = None,
+        activity: MachineActivity | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._runs = 0
-        self._last_request = time.monotonic()
+        # The requests of this process until the keeper goes live, then of the whole Machine
+        # (its directory is the Machine's), unless a test gave its own.
+        self.activity = activity or MachineActivity(None)
+        self._machine_wide = activity is not None
         self._thread: threading.Thread | None = None
         self._stop_machine = stop_machine
         self.group: str | None = None
@@ -87,6 +106,10 @@ class Keeper:
                     self._live = False
             if not self._live:
                 return
+            if not self._machine_wide:
+                directory = machine_dir(current_env().machine_id, "activity")
+                self.activity = MachineActivity(directory)
+                self._machine_wide = True
             self.group = group
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -95,9 +118,14 @@ class Keeper:
                 self._thread.start()
 
     def request(self) -> None:
-        """A request came in (a wake, or a view of the group)."""
-        with self._lock:
-            self._last_request = time.monotonic()
+        """A request of this process began (a wake, or a view of the group)."""
+        if self._live:
+            self.activity.started()
+
+    def request_finished(self) -> None:
+        """A request of this process ended (its response closed)."""
+        if self._live:
+            self.activity.finished()
 
     def run(self, group: str, work: Callable[[], int]) -> int:
         """`work()` (a run of the group's tasks) with the Machine kept up meanwhile."""
@@ -112,7 +140,7 @@ class Keeper:
         finally:
             with self._lock:
                 self._runs -= 1
-                self._last_request = time.monotonic()
+            self.activity.touch()
             self._event.set()
 
     # ------------------------------------------------------------------ the loop
@@ -145,8 +173,9 @@ class Keeper:
             return 0.0
         if wait is not None:
             return min(LOOK, wait)
-        with self._lock:
-            idle = time.monotonic() - self._last_request
+        if self.activity.busy():
+            return BUSY_LOOK  # a request in flight in some process: its end is activity
+        idle = self.activity.idle_for()
         if idle < IDLE_EXIT:
             return IDLE_EXIT - idle
         logger.warning(
@@ -224,5 +253,11 @@ def on_request(**kwargs: Any) -> None:
     and starts its keeper (a Machine started by any request stops itself once drained)."""
     group = _task_group()
     if group is not None:
-        _keeper.request()
         _keeper.start(group)
+        _keeper.request()
+
+
+def on_request_finished(**kwargs: Any) -> None:
+    """`request_finished` receiver: the request `on_request` counted is over."""
+    if _task_group() is not None:
+        _keeper.request_finished()
