@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import re
 import time
@@ -20,7 +21,7 @@ from asgiref.sync import async_to_sync
 from django.test import override_settings
 
 from flyfn.emulator.api import MachinesEmulator, create_app
-from flyfn.pool.cache import RATE_LIMIT_WAITS
+from flyfn.pool.cache import RATE_LIMIT_WAITS, MachinePool
 from flyfn.pool.listing import MachineListing
 from flyfn.pool.manager import PoolManager
 from tests.support_deploy import WorkerReport, run_worker
@@ -138,6 +139,30 @@ class LimitedAtFirst(httpx.AsyncBaseTransport):
         return response
 
 
+@contextlib.contextmanager
+def pool_behind(api: LimitedAtFirst) -> Iterator[MachinePool]:
+    """The `default` group's pool of a manager reaching `api`, every wait of its client (the
+    client's retries, the pool's own) recorded in `api.events` instead of passing."""
+    manager = PoolManager(transport=api, listing=MachineListing(None), random=lambda: 0.0)
+    flyfn = {
+        "APP_NAME": EMULATOR_APP,
+        "API_HOSTNAME": EMULATOR_BASE_URL,
+        "API_TOKEN": EMULATOR_TOKEN,
+        "IMAGE_REF": IMAGE,
+    }
+
+    async def recorded_wait(seconds: float) -> None:
+        api.events.append(("wait", seconds))
+
+    try:
+        with override_settings(FLYFN=flyfn):
+            pool = manager.pool("default")  # made first: settings it sees anew make a new client
+            manager.client()._sleep = recorded_wait
+            yield pool
+    finally:
+        manager.close()
+
+
 @pytest.mark.parametrize("waiter", ["sync", "async"])
 @pytest.mark.parametrize("limited", [3, 6])  # one 429 round (a call, two retries) or two
 def test_a_cold_request_waits_out_a_429_that_ends_within_its_wait(
@@ -146,73 +171,41 @@ def test_a_cold_request_waits_out_a_429_that_ends_within_its_wait(
     """Machines booting together (a deploy) list at once and some get a 429: a cold request
     waits the API's Retry-After when it ends in time, and gets its target, not the fallback."""
     api = LimitedAtFirst(limited)
-    manager = PoolManager(transport=api, listing=MachineListing(None), random=lambda: 0.0)
-    flyfn = {
-        "APP_NAME": EMULATOR_APP,
-        "API_HOSTNAME": EMULATOR_BASE_URL,
-        "API_TOKEN": EMULATOR_TOKEN,
-        "IMAGE_REF": IMAGE,
-    }
-    try:
-        with override_settings(FLYFN=flyfn):
-            pool = manager.pool("default")
-
-            async def recorded_wait(seconds: float) -> None:
-                api.events.append(("wait", seconds))
-
-            manager.client()._sleep = recorded_wait  # every wait, the client's and the pool's
-            if waiter == "sync":
-                target = pool.wait_target(SAFETY)
-            else:
-                target = async_to_sync(pool.aget_target)(SAFETY)
-            assert target is not None
-            assert target.instance
-            one_round = [("call", 429), ("wait", 1.0), ("call", 429), ("wait", 1.0), ("call", 429)]
-            rounds = limited // 3
-            events = api.events
-            for n in range(rounds):
-                start = n * 6
-                assert events[start : start + 5] == one_round, events
-                # The pool's own wait: the rest of the Retry-After, taken from its clock.
-                kind, seconds = events[start + 5]
-                assert kind == "wait", events
-                assert 0.5 < seconds <= 1.0, events
-            rest = events[rounds * 6 :]
-            assert rest, events
-            assert all(kind == "call" and status < 400 for kind, status in rest), events
-    finally:
-        manager.close()
+    with pool_behind(api) as pool:
+        if waiter == "sync":
+            target = pool.wait_target(SAFETY)
+        else:
+            target = async_to_sync(pool.aget_target)(SAFETY)
+    assert target is not None
+    assert target.instance
+    one_round = [("call", 429), ("wait", 1.0), ("call", 429), ("wait", 1.0), ("call", 429)]
+    rounds = limited // 3
+    events = api.events
+    for n in range(rounds):
+        start = n * 6
+        assert events[start : start + 5] == one_round, events
+        # The pool's own wait: the rest of the Retry-After, taken from its clock.
+        kind, seconds = events[start + 5]
+        assert kind == "wait", events
+        assert 0.5 < seconds <= 1.0, events
+    rest = events[rounds * 6 :]
+    assert rest, events
+    assert all(kind == "call" and status < 400 for kind, status in rest), events
 
 
 def test_a_cold_request_waits_out_no_more_than_its_wait() -> None:
     """A 429 whose Retry-After ends after the request's wait: the fallback at once, one round of
     calls (the client's), no wait of the pool's; a wait of the pool's only so many times."""
     api = LimitedAtFirst(limited=100)
-    manager = PoolManager(transport=api, listing=MachineListing(None), random=lambda: 0.0)
-    flyfn = {
-        "APP_NAME": EMULATOR_APP,
-        "API_HOSTNAME": EMULATOR_BASE_URL,
-        "API_TOKEN": EMULATOR_TOKEN,
-        "IMAGE_REF": IMAGE,
-    }
-    try:
-        with override_settings(FLYFN=flyfn):
-            pool = manager.pool("default")
-
-            async def recorded_wait(seconds: float) -> None:
-                api.events.append(("wait", seconds))
-
-            manager.client()._sleep = recorded_wait
-            assert pool.wait_target(0.5) is None
-            assert [e for e in api.events if e[0] == "call"] == [("call", 429)] * 3
-            assert [e for e in api.events if e[0] == "wait"] == [("wait", 1.0)] * 2
-            # With time to spare, an API that keeps answering 429: RATE_LIMIT_WAITS rounds more.
-            api.events.clear()
-            assert pool.wait_target(SAFETY) is None
-            calls = [e for e in api.events if e[0] == "call"]
-            assert calls == [("call", 429)] * 3 * RATE_LIMIT_WAITS
-    finally:
-        manager.close()
+    with pool_behind(api) as pool:
+        assert pool.wait_target(0.5) is None
+        assert [e for e in api.events if e[0] == "call"] == [("call", 429)] * 3
+        assert [e for e in api.events if e[0] == "wait"] == [("wait", 1.0)] * 2
+        # With time to spare, an API that keeps answering 429: RATE_LIMIT_WAITS rounds more.
+        api.events.clear()
+        assert pool.wait_target(SAFETY) is None
+        calls = [e for e in api.events if e[0] == "call"]
+        assert calls == [("call", 429)] * 3 * RATE_LIMIT_WAITS
 
 
 # -- the deploy -------------------------------------------------------------------------------

@@ -156,13 +156,12 @@ class MachinePool:
         while (target := self.target()) is None:
             future = self.refresh()
             if future is None:
-                pause = self._rate_limit_pause()
-                remaining = deadline - self._clock()
-                if pause is None or pause >= remaining or waits >= RATE_LIMIT_WAITS:
+                pause = self._pause_before_asking_again(deadline, waits)
+                if pause is None:
                     return None
                 waits += 1
                 try:
-                    self.manager.submit(self._wait_out(pause)).result(remaining)
+                    self.manager.submit(self._wait_out(pause)).result(deadline - self._clock())
                 except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                     return None
                 future = self.refresh(waited=True)
@@ -183,12 +182,12 @@ class MachinePool:
         while (target := self.target()) is None:
             future = self.refresh()
             if future is None:
-                pause = self._rate_limit_pause()
-                remaining = deadline - self._clock()
-                if pause is None or pause >= remaining or waits >= RATE_LIMIT_WAITS:
+                pause = self._pause_before_asking_again(deadline, waits)
+                if pause is None:
                     return None
                 waits += 1
-                if not await wait_done(self.manager.submit(self._wait_out(pause)), remaining):
+                waited = self.manager.submit(self._wait_out(pause))
+                if not await wait_done(waited, deadline - self._clock()):
                     return None
                 future = self.refresh(waited=True)
                 if future is None:
@@ -206,6 +205,15 @@ class MachinePool:
             if not self._rate_limited:
                 return None
             return max(0.0, self._retry_at - self._clock())
+
+    def _pause_before_asking_again(self, deadline: float, waits: int) -> float | None:
+        """How long a cold request that found the pool backing off waits before asking again
+        (`_clock` time), or None when it takes the fallback now: the pool failed otherwise than
+        by a 429, its `Retry-After` ends after `deadline`, or the request waited enough."""
+        pause = self._rate_limit_pause()
+        if pause is None or pause >= deadline - self._clock() or waits >= RATE_LIMIT_WAITS:
+            return None
+        return pause
 
     async def _wait_out(self, seconds: float) -> None:
         # On the background loop, as the client waits between its own retries.
