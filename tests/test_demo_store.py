@@ -21,6 +21,7 @@ import httpx
 import pytest
 from pypdf import PdfReader
 
+from flyfn.machine_dir import remove_machine_dir
 from tests.demo_support import BIN, DEMO, PYTHON, ROOT, demo_env, manage, serving
 from tests.support_machines_api import free_loopback_port
 from tests.support_postgres import Database
@@ -191,3 +192,27 @@ def test_the_development_secret_key_is_refused_on_fly(
     # Under `flyfn dev` (FLY_APP_NAME too, but the Machines API on this computer) it is allowed.
     local = check_demo({**env, "FLY_API_HOSTNAME": "http://127.0.0.1:4280"})
     assert local.returncode == 0, local.stdout + local.stderr
+
+
+@pytest.mark.e2e
+def test_the_demo_sums_its_workers_metrics_in_one_directory_per_machine(
+    tmp_path: Path, postgres_database: Database
+) -> None:
+    # Two uvicorn workers per Machine: with metrics on, prometheus-client's multiprocess
+    # directory is the Machine's own, set before any worker imports prometheus-client.
+    machine_id = f"test{secrets.token_hex(5)}"
+    show = ["shell", "-c", "import os; print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))"]
+    base = demo_env(tmp_path, postgres_database, FLY_MACHINE_ID=machine_id)
+    on = manage({**base, "FLYFN_METRICS_PORT": "9091"}, *show).strip().splitlines()[-1]
+    machine = Path(on).parent
+    try:
+        assert machine.name == f"flyfn-{machine_id}", on
+        assert Path(on).name == "metrics"
+        assert Path(on).is_dir()
+        off = manage(base, *show).strip().splitlines()[-1]
+        assert off == "None"  # metrics off: prometheus-client as it comes
+        own = str(tmp_path / "mine")
+        chosen = {**base, "FLYFN_METRICS_PORT": "9091", "PROMETHEUS_MULTIPROC_DIR": own}
+        assert manage(chosen, *show).strip().splitlines()[-1] == own  # the user's choice stands
+    finally:
+        remove_machine_dir(machine_id, base=str(machine.parent))

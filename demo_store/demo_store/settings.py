@@ -10,6 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from demo_store.database_url import parse_database_url
 from flyfn.fly.api_host import is_loopback_url
+from flyfn.machine_dir import machine_dir
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -176,6 +177,16 @@ FLYFN = {
         },
     },
 }
+
+# Two uvicorn workers per Machine (the Dockerfile's CMD): prometheus-client records each worker's
+# values in one directory per Machine, and the worker that binds the metrics port serves their sum
+# (otherwise Fly's scraper would see one worker's). Set before prometheus-client is imported; the
+# Machine's own directory is fresh at each boot (/dev/shm is a tmpfs; `flyfn dev` removes it when
+# the Machine stops).
+if FLYFN["METRICS_PORT"] and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    METRICS_DIR = machine_dir(os.environ.get("FLY_MACHINE_ID"), "metrics")
+    if METRICS_DIR is not None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
 
 # Background tasks (the monthly sales report) run on function Machines of the "reports" group.
 TASKS = {
