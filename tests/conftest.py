@@ -165,12 +165,15 @@ def _no_child_process(request: pytest.FixtureRequest) -> Iterator[None]:
 def _replay_records_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Machines' directories (records of issued replays, shared lists) live in this session's own
     temp dir, never in the shared /dev/shm or /tmp (other test runs may use the same Machine ids
-    at the same time)."""
+    at the same time): this process's, and through `FLYFN_MACHINE_DIRS` those of the processes it
+    starts (`flyfn dev` and its Machines, worker processes), so a killed stack leaves nothing in
+    /dev/shm."""
     from flyfn import machine_dir
 
     base = str(tmp_path_factory.mktemp("machines-shm"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(machine_dir, "base_dir", base)
+        patch.setenv(machine_dir.MACHINE_DIRS_ENV, base)
         yield
 
 

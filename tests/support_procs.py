@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import psutil
 
+from flyfn.machine_dir import MACHINE_DIRS_ENV
+
 # A process is identified by (pid, creation time) so a reused pid is never mistaken for it.
 Proc = tuple[int, float]
 
@@ -21,9 +23,11 @@ INHERITED_IDENTITY = ("FLY_", "FLYFN_")
 def child_env(
     drop: tuple[str, ...] = INHERITED_IDENTITY, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """This process's environment (or `environ`) without the variables named `drop*`."""
+    """This process's environment (or `environ`) without the variables named `drop*`, except
+    `FLYFN_MACHINE_DIRS` (not an identity: where this test session's Machines keep their
+    directories)."""
     source = os.environ if environ is None else environ
-    return {k: v for k, v in source.items() if not k.startswith(drop)}
+    return {k: v for k, v in source.items() if k == MACHINE_DIRS_ENV or not k.startswith(drop)}
 
 
 def identity(pid: int) -> Proc | None:

@@ -24,8 +24,10 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -59,6 +61,7 @@ from flyfn.emulator.supervisor import (
 from flyfn.emulator.validation import check_secret_name
 from flyfn.fly.api_host import is_loopback_url
 from flyfn.fly.env import TIME_SCALE_ENV
+from flyfn.machine_dir import default_base
 from flyfn.machines.models import (
     CreateMachineRequest,
     Machine,
@@ -322,6 +325,9 @@ class DevStack:
         api_url = f"http://127.0.0.1:{api_sock.getsockname()[1]}"
         live_url = f"http://127.0.0.1:{live_sock.getsockname()[1]}/"
         proxy_port = proxy_sock.getsockname()[1]
+        # The Machines' own directories, in one of this run's: on this computer they share one
+        # /dev/shm, which no boot empties as each Fly Machine's; removed as the stack stops.
+        machine_dirs = tempfile.mkdtemp(prefix="flyfn-dev-", dir=default_base())
         runtime = ProcessRuntime(
             self.asgi_app,
             image=self.plan.image,
@@ -340,6 +346,7 @@ class DevStack:
             cwd=self._workdir(),
             boot_timeout=options.boot_timeout,
             output=self.out,
+            machine_dirs=machine_dirs,
         )
         self.runtime = runtime
         emulator = MachinesEmulator(runtime=runtime, region=self.region, default_app=self.app_name)
@@ -407,6 +414,7 @@ class DevStack:
             await emulator.aclose()
             await runtime.aclose(grace=SHUTDOWN_GRACE)
             runtime.kill_all()
+            shutil.rmtree(machine_dirs, ignore_errors=True)
             if servers:
                 await asyncio.wait(servers, timeout=SHUTDOWN_GRACE)
             for sock in (proxy_sock, api_sock, live_sock):

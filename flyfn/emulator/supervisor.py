@@ -48,7 +48,7 @@ from flyfn.emulator.process_groups import (
 from flyfn.emulator.state import stop_params
 from flyfn.emulator.validation import RUNTIME_ENV_NAMES
 from flyfn.fly import env as fly_env
-from flyfn.machine_dir import remove_machine_dir
+from flyfn.machine_dir import MACHINE_DIRS_ENV, remove_machine_dir
 
 if TYPE_CHECKING:
     from flyfn.machines.models import Machine
@@ -163,8 +163,11 @@ class ProcessRuntime:
         output: TextIO | None = None,
         log_level: str = "warning",
         reporter: ExitReporter | None = None,
+        machine_dirs: str | None = None,
     ) -> None:
         self.asgi_app = asgi_app
+        # Where the Machines' own directories live (`flyfn.machine_dir`; None: its default).
+        self.machine_dirs = machine_dirs
         self.api_hostname = api_hostname
         self._api_token = api_token
         self.region = region
@@ -286,7 +289,7 @@ class ProcessRuntime:
         if child is not None:
             await self._terminate(child, signal.SIGTERM, DEFAULT_STOP_TIMEOUT)
         # Fly drops a destroyed Machine's file system; here its /dev/shm or /tmp files go.
-        remove_machine_dir(machine.id)
+        remove_machine_dir(machine.id, base=self.machine_dirs)
         self._launched.discard(machine.id)
 
     async def aclose(self, grace: float = 3.0) -> None:
@@ -299,7 +302,7 @@ class ProcessRuntime:
             return_exceptions=True,
         )
         for machine_id in self._launched:
-            remove_machine_dir(machine_id)
+            remove_machine_dir(machine_id, base=self.machine_dirs)
         self._launched.clear()
 
     def kill_all(self) -> None:
@@ -351,6 +354,8 @@ class ProcessRuntime:
         guest = config.guest if config is not None else None
         if guest is not None and guest.memory_mb:
             env["FLY_VM_MEMORY_MB"] = str(guest.memory_mb)
+        if self.machine_dirs is not None:
+            env[MACHINE_DIRS_ENV] = self.machine_dirs
         # The project must stay importable from the child however the parent was started.
         paths = [str(self.cwd), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

@@ -11,12 +11,14 @@ import asyncio
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
 
+from flyfn.machine_dir import MACHINE_DIRS_ENV
 from tests.e2e.stack import Dev, running_stack
 from tests.support_procs import alive, identity, machine_pid
 from tests.support_wait import wait_for
@@ -162,12 +164,18 @@ def test_fifty_megabytes_stream_through_the_proxy(dev: Dev) -> None:
 def _assert_stops_cleanly(dev: Dev, sig: signal.Signals) -> None:
     machines = dev.descendants()
     assert len(machines) >= 2  # the app Machine and at least one function Machine
+    # The Machines keep their own directories in one of the run's (under this session's
+    # FLYFN_MACHINE_DIRS, as under /dev/shm by default), which goes as the stack stops.
+    app_machine = dev.app_machine()["id"]
+    base = Path(os.environ[MACHINE_DIRS_ENV])
+    (run_dir,) = [d for d in base.glob("flyfn-dev-*") if (d / f"flyfn-{app_machine}").is_dir()]
     assert dev.stop(sig) == 0
     left = wait_for(
         lambda: not any(alive(proc) for proc in machines) or None, 60, "the Machines to exit"
     )
     assert left
     assert "flyfn dev: stopping" in "\n".join(dev.lines)
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.rglob("*"))
 
 
 def test_sigterm_to_the_command_leaves_nothing_behind(dev: Dev) -> None:
