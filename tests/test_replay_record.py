@@ -187,10 +187,14 @@ def test_machine_dirs_live_in_ram_when_there_is_a_dev_shm_else_in_the_temp_dir(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(machine_dir, "base_dir", None)
+    monkeypatch.delenv(machine_dir.MACHINE_DIRS_ENV, raising=False)
     monkeypatch.setattr(machine_dir, "_SHM", str(tmp_path))
     assert default_base() == str(tmp_path)
     monkeypatch.setattr(machine_dir, "_SHM", str(tmp_path / "none"))
     assert default_base() == tempfile.gettempdir()
+    # `flyfn dev` (and the tests) name where Machines keep their directories.
+    monkeypatch.setenv(machine_dir.MACHINE_DIRS_ENV, str(tmp_path / "run"))
+    assert default_base() == str(tmp_path / "run")
 
 
 @pytest.mark.parametrize("machine_id", ["../escape", "a/b", "x" * 65])
