@@ -10,7 +10,7 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 from flyfn.backoff import Backoff
@@ -151,32 +151,37 @@ class MachinePool:
         is waited out (at most `RATE_LIMIT_WAITS` times) when its `Retry-After` ends within that
         time: the API is up and said when to come back (a deploy's Machines booting together list
         at once); after any other failure the cold request falls back at once."""
-        deadline = self._clock() + max_wait
-        waits = 0
-        while (target := self.target()) is None:
-            future = self.refresh()
-            if future is None:
-                pause = self._pause_before_asking_again(deadline, waits)
-                if pause is None:
-                    return None
-                waits += 1
+        steps = self._cold_wait(max_wait)
+        try:
+            future, timeout = next(steps)
+            while True:
                 try:
-                    self.manager.submit(self._wait_out(pause)).result(deadline - self._clock())
+                    future.result(timeout)
+                    ended = True
                 except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                    return None
-                future = self.refresh(waited=True)
-                if future is None:
-                    return None
-            try:
-                future.result(max(0.0, deadline - self._clock()))
-            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                return None
-            if self._rate_limit_pause() is None:
-                return self.target()
-        return target
+                    ended = False
+                future, timeout = steps.send(ended)
+        except StopIteration as done:
+            target: ReplayTarget | None = done.value
+            return target
 
     async def aget_target(self, max_wait: float) -> ReplayTarget | None:
         """`wait_target` for async callers: the event loop is never blocked."""
+        steps = self._cold_wait(max_wait)
+        try:
+            future, timeout = next(steps)
+            while True:
+                future, timeout = steps.send(await wait_done(future, timeout))
+        except StopIteration as done:
+            target: ReplayTarget | None = done.value
+            return target
+
+    def _cold_wait(
+        self, max_wait: float
+    ) -> Generator[tuple[concurrent.futures.Future[None], float], bool, ReplayTarget | None]:
+        """The steps of `wait_target` for sync and async callers alike: each yields a future of the
+        background loop and the seconds to wait for it, and is sent whether it ended in time; the
+        target (or None) is what it returns."""
         deadline = self._clock() + max_wait
         waits = 0
         while (target := self.target()) is None:
@@ -187,12 +192,12 @@ class MachinePool:
                     return None
                 waits += 1
                 waited = self.manager.submit(self._wait_out(pause))
-                if not await wait_done(waited, deadline - self._clock()):
+                if not (yield waited, max(0.0, deadline - self._clock())):
                     return None
                 future = self.refresh(waited=True)
                 if future is None:
                     return None
-            if not await wait_done(future, max(0.0, deadline - self._clock())):
+            if not (yield future, max(0.0, deadline - self._clock())):
                 return None
             if self._rate_limit_pause() is None:
                 return self.target()
